@@ -1,0 +1,106 @@
+//! JSON bodies of the apprepo HTTP API (`/v1`, DESIGN.md §3.2), shared by the service and its clients.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::AppManifest;
+
+/// Header carrying the SHA-256 (lowercase hex) the client computed over the bundle it uploads.
+pub const HEADER_BUNDLE_SHA256: &str = "x-px-bundle-sha256";
+/// Header carrying a one-line description of an upload, shown in `em releases`.
+pub const HEADER_DESCRIPTION: &str = "x-px-description";
+
+/// An app as the repository knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct App {
+    pub name: String,
+    /// RFC 3339 time of creation.
+    pub created_at: String,
+    /// Name of the token that created it.
+    pub created_by: String,
+    /// The newest release, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<Release>,
+}
+
+/// Body of `POST /v1/apps`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApp {
+    pub name: String,
+}
+
+/// Where a release's code lives: a content-addressed bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleRef {
+    /// Lowercase hex SHA-256 of the compressed bundle; also its storage key and ETag.
+    pub sha256: String,
+    /// Compressed size in bytes.
+    pub size: u64,
+}
+
+/// Why a release was made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ReleaseCause {
+    /// A new bundle was uploaded.
+    Deploy,
+    /// Config vars changed.
+    Config { set: Vec<String>, unset: Vec<String> },
+    /// An earlier release's code and config were restored.
+    Rollback { to: u64 },
+}
+
+/// One immutable release of an app: code (bundle), manifest and config vars.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub app: String,
+    /// Per-app number, starting at 1 (shown as v1, v2, …).
+    pub version: u64,
+    pub bundle: BundleRef,
+    /// The manifest inside the bundle, so consumers need not unpack to read it.
+    pub manifest: AppManifest,
+    /// Config vars set with `em config set` (they override `manifest.env`).
+    pub config: BTreeMap<String, String>,
+    pub cause: ReleaseCause,
+    pub description: String,
+    /// RFC 3339 time of the commit.
+    pub created_at: String,
+    /// Name of the token that made it.
+    pub created_by: String,
+}
+
+impl Release {
+    /// The environment an instance gets from this release: manifest defaults, then config vars.
+    pub fn environment(&self) -> BTreeMap<String, String> {
+        let mut env = self.manifest.env.clone();
+        env.extend(self.config.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env
+    }
+}
+
+/// Body of `PATCH /v1/apps/{app}/config`: vars to set and to remove, in one new release.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigChange {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub unset: Vec<String>,
+}
+
+/// Body of `POST /v1/apps/{app}/rollback`; without `to`, the release before the current one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollback {
+    #[serde(default)]
+    pub to: Option<u64>,
+}
+
+/// Every error answer: a stable machine code and a sentence saying what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}

@@ -1,0 +1,11 @@
+//! Platform.X shared vocabulary: names, the `app.toml` manifest schema, the HTTP API types
+//! and the framed messages of the TCP control links. Nothing here does I/O.
+
+pub mod api;
+pub mod codec;
+pub mod link;
+pub mod manifest;
+pub mod names;
+
+/// Version of this software, reported in handshakes and `--version`.
+pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");

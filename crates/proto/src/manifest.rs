@@ -1,0 +1,310 @@
+//! The `app.toml` manifest at the root of every bundle (DESIGN.md §3.1): schema, parsing and
+//! validation with errors that name the field and say what to fix.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::names;
+
+/// File name of the manifest at the bundle root.
+pub const MANIFEST_FILE: &str = "app.toml";
+/// Name of the executable AppRunner a bundle may carry instead of a `run` command.
+pub const APPRUNNER_FILE: &str = "apprunner";
+/// Largest manifest accepted; a real one is a few hundred bytes.
+pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
+/// Most instances of one app on one web server; more is a typo or belongs on more servers.
+pub const MAX_INSTANCES: u32 = 64;
+/// Longest health check timeout: a release that takes longer to become healthy is broken.
+pub const MAX_HEALTH_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default health check timeout (DESIGN.md §3.1).
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most domains per app, and most static path mappings; both are looked up per request.
+pub const MAX_DOMAINS: usize = 32;
+pub const MAX_STATIC_MAPPINGS: usize = 32;
+/// Most env defaults in a manifest.
+pub const MAX_ENV_VARS: usize = 256;
+
+/// A parsed, validated `app.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppManifest {
+    /// The app's name, a lowercase DNS label.
+    pub name: String,
+    /// Shell command that starts one instance; `None` means the bundle has an `apprunner`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
+    /// Processes per web server.
+    #[serde(default = "default_instances")]
+    pub instances: u32,
+    #[serde(default)]
+    pub health: HealthCheck,
+    #[serde(default)]
+    pub http: HttpSettings,
+    /// Default environment; `em config set` overrides it per app.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn default_instances() -> u32 {
+    1
+}
+
+/// How Maestro decides a new instance may take traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// HTTP path answered with 2xx when healthy; without it, a TCP connect is the check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// How long a new instance has to become healthy.
+    #[serde(default = "default_health_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self { path: None, timeout: DEFAULT_HEALTH_TIMEOUT }
+    }
+}
+
+fn default_health_timeout() -> Duration {
+    DEFAULT_HEALTH_TIMEOUT
+}
+
+/// How Maestro routes to the app.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Host names served; empty means `<name>.<platform domain>`.
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// URL path prefix → directory in the release, served by Maestro itself.
+    #[serde(default, rename = "static")]
+    pub static_dirs: BTreeMap<String, String>,
+}
+
+/// What is wrong with a manifest: the field (dotted path) and what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("app.toml: {}{message}", field.as_deref().map(|f| format!("field `{f}`: ")).unwrap_or_default())]
+pub struct ManifestError {
+    /// Dotted path of the offending field, when one can be named.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl ManifestError {
+    fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: Some(field.into()), message: message.into() }
+    }
+}
+
+impl AppManifest {
+    /// Parses and validates manifest text.
+    pub fn parse(text: &str) -> Result<Self, ManifestError> {
+        if text.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(ManifestError {
+                field: None,
+                message: format!("is larger than {MAX_MANIFEST_BYTES} bytes; keep it small"),
+            });
+        }
+        let deserializer = toml::Deserializer::new(text);
+        let manifest: AppManifest = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            // toml's message carries a source excerpt; the last line is the reason itself.
+            let message = inner.message().trim().to_string();
+            let where_ = inner.span().map(|s| line_of(text, s.start));
+            let message = match where_ {
+                Some(line) => format!("{message} (line {line})"),
+                None => message,
+            };
+            if path == "." || path.is_empty() {
+                ManifestError { field: None, message }
+            } else {
+                ManifestError { field: Some(path), message }
+            }
+        })?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Checks the rules serde cannot express.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        names::check_app_name(&self.name).map_err(|m| ManifestError::field("name", m))?;
+        if let Some(run) = &self.run
+            && run.trim().is_empty()
+        {
+            return Err(ManifestError::field(
+                "run",
+                "is empty; give the command that starts the app, e.g. \"python3 server.py\", or remove it and ship an executable `apprunner`",
+            ));
+        }
+        if self.instances == 0 || self.instances > MAX_INSTANCES {
+            return Err(ManifestError::field(
+                "instances",
+                format!("must be between 1 and {MAX_INSTANCES}, got {}", self.instances),
+            ));
+        }
+        if let Some(path) = &self.health.path
+            && (!path.starts_with('/') || path.contains(char::is_whitespace))
+        {
+            return Err(ManifestError::field(
+                "health.path",
+                format!("{path:?} must be a URL path starting with '/', e.g. \"/healthz\""),
+            ));
+        }
+        let timeout = self.health.timeout;
+        if timeout < Duration::from_secs(1) || timeout > MAX_HEALTH_TIMEOUT {
+            return Err(ManifestError::field(
+                "health.timeout",
+                format!(
+                    "must be between 1s and {}s, e.g. \"30s\"",
+                    MAX_HEALTH_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+        if self.http.domains.len() > MAX_DOMAINS {
+            return Err(ManifestError::field(
+                "http.domains",
+                format!("has more than {MAX_DOMAINS} entries"),
+            ));
+        }
+        for (i, domain) in self.http.domains.iter().enumerate() {
+            names::check_domain(domain)
+                .map_err(|m| ManifestError::field(format!("http.domains[{i}]"), m))?;
+        }
+        if self.http.static_dirs.len() > MAX_STATIC_MAPPINGS {
+            return Err(ManifestError::field(
+                "http.static",
+                format!("has more than {MAX_STATIC_MAPPINGS} entries"),
+            ));
+        }
+        for (prefix, dir) in &self.http.static_dirs {
+            let field = format!("http.static.{prefix:?}");
+            if !prefix.starts_with('/') || prefix.contains("..") {
+                return Err(ManifestError::field(
+                    field,
+                    "the URL prefix must start with '/', e.g. \"/assets\"",
+                ));
+            }
+            if !is_relative_inside(dir) {
+                return Err(ManifestError::field(
+                    field,
+                    format!("{dir:?} must be a directory inside the bundle, e.g. \"public\""),
+                ));
+            }
+        }
+        if self.env.len() > MAX_ENV_VARS {
+            return Err(ManifestError::field("env", format!("has more than {MAX_ENV_VARS} entries")));
+        }
+        for key in self.env.keys() {
+            names::check_config_key(key).map_err(|m| ManifestError::field(format!("env.{key}"), m))?;
+        }
+        Ok(())
+    }
+}
+
+/// A relative path that stays inside its root: no leading '/', no '..' component.
+fn is_relative_inside(path: &str) -> bool {
+    !path.is_empty()
+        && !path.starts_with('/')
+        && path.split('/').all(|c| c != ".." && !c.contains('\\'))
+}
+
+fn line_of(text: &str, byte: usize) -> usize {
+    text.as_bytes()[..byte.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+name = "hello"
+run = "python3 server.py"
+instances = 2
+[health]
+path = "/healthz"
+timeout = "10s"
+[http]
+domains = ["hello.example.com"]
+static = { "/assets" = "public" }
+[env]
+GREETING = "hello"
+"#;
+
+    #[test]
+    fn parses_the_design_example() {
+        let m = AppManifest::parse(FULL).unwrap();
+        assert_eq!(m.name, "hello");
+        assert_eq!(m.run.as_deref(), Some("python3 server.py"));
+        assert_eq!(m.instances, 2);
+        assert_eq!(m.health.path.as_deref(), Some("/healthz"));
+        assert_eq!(m.health.timeout, Duration::from_secs(10));
+        assert_eq!(m.http.static_dirs["/assets"], "public");
+        assert_eq!(m.env["GREETING"], "hello");
+    }
+
+    #[test]
+    fn minimal_manifest_gets_defaults() {
+        let m = AppManifest::parse("name = \"x\"").unwrap();
+        assert_eq!(m.instances, 1);
+        assert_eq!(m.health, HealthCheck::default());
+        assert!(m.run.is_none());
+    }
+
+    fn error_of(text: &str) -> ManifestError {
+        AppManifest::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            ("name = \"Hello\"", "name"),
+            ("name = \"x\"\ninstances = 0", "instances"),
+            ("name = \"x\"\ninstances = \"two\"", "instances"),
+            ("name = \"x\"\n[health]\npath = \"healthz\"", "health.path"),
+            ("name = \"x\"\n[health]\ntimeout = \"soon\"", "health.timeout"),
+            ("name = \"x\"\n[health]\ntimeout = \"0s\"", "health.timeout"),
+            ("name = \"x\"\n[http]\ndomains = [\"a..b\"]", "http.domains[0]"),
+            ("name = \"x\"\n[http]\nstatic = { \"/a\" = \"../etc\" }", "http.static.\"/a\""),
+            ("name = \"x\"\n[env]\nPORT = \"1\"", "env.PORT"),
+            ("name = \"x\"\nrun = \" \"", "run"),
+        ];
+        for (text, field) in cases {
+            let e = error_of(text);
+            assert_eq!(e.field.as_deref(), Some(*field), "{text}: {e}");
+            assert!(e.to_string().contains(field), "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_place() {
+        let e = error_of("name = \"x\"\n[health]\npaht = \"/h\"");
+        assert!(e.to_string().contains("paht"), "{e}");
+        assert!(e.to_string().contains("health"), "{e}");
+    }
+
+    #[test]
+    fn missing_name_and_syntax_errors_are_reported() {
+        let e = error_of("run = \"x\"");
+        assert!(e.message.contains("name"), "{e}");
+        let e = error_of("name = ");
+        assert!(e.message.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn oversized_manifest_is_refused() {
+        let text = format!("name = \"x\"\n#{}", "a".repeat(MAX_MANIFEST_BYTES as usize));
+        assert!(error_of(&text).message.contains("larger"));
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let m = AppManifest::parse(FULL).unwrap();
+        let text = toml::to_string(&m).unwrap();
+        assert_eq!(AppManifest::parse(&text).unwrap(), m);
+    }
+}

@@ -1,0 +1,1 @@
+//! Helpers for Platform.X integration tests.
