@@ -1,1 +1,14 @@
-//! placeholder
+//! What every Platform.X service shares at run time: layered config, tracing, the shutdown
+//! signal, secret files, tokens and TLS configs. Only this crate reads process-wide state
+//! (signals, environment), so services stay testable through their `run` functions.
+
+pub mod config;
+pub mod secrets;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tls;
+pub mod tokens;
+
+/// Exit code for a bad configuration (sysexits.h `EX_CONFIG`); systemd units use it in
+/// `RestartPreventExitStatus=` so a broken config is not restarted in a loop.
+pub const EX_CONFIG: i32 = 78;

@@ -1,0 +1,113 @@
+//! Layered configuration: defaults < TOML file < `PX_<SERVICE>_*` environment variables,
+//! with every bad key reported with the place it came from.
+
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Serialize, de::DeserializeOwned};
+
+/// Every problem found in a configuration, one per line, each naming the key and its source.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n{}", .problems.join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    pub fn one(problem: impl Into<String>) -> Self {
+        Self { problems: vec![problem.into()] }
+    }
+}
+
+/// Loads `T` from its defaults, then `file` (when given; a missing file is an error), then
+/// environment variables named `<env_prefix><KEY>`, where `__` separates nested keys
+/// (`PX_APPREPO_STORAGE__BUCKET`).
+pub fn load<T>(defaults: &T, file: Option<&Path>, env_prefix: &str) -> Result<T, ConfigError>
+where
+    T: Serialize + DeserializeOwned,
+{
+    let mut figment = Figment::from(Serialized::defaults(defaults));
+    if let Some(file) = file {
+        if !file.is_file() {
+            return Err(ConfigError::one(format!(
+                "config file {} does not exist or is not a file",
+                file.display()
+            )));
+        }
+        figment = figment.merge(Toml::file_exact(file));
+    }
+    figment = figment.merge(Env::prefixed(env_prefix).split("__"));
+    figment.extract::<T>().map_err(|error| ConfigError {
+        problems: error.into_iter().map(|e| format!("  - {}", describe(&e))).collect(),
+    })
+}
+
+fn describe(error: &figment::Error) -> String {
+    let key = if error.path.is_empty() { None } else { Some(error.path.join(".")) };
+    let source = error.metadata.as_ref().map(|m| match &m.source {
+        Some(source) => format!("{} ({source})", m.name),
+        None => m.name.to_string(),
+    });
+    match (key, source) {
+        (Some(key), Some(source)) => format!("`{key}`: {} [from {source}]", error.kind),
+        (Some(key), None) => format!("`{key}`: {}", error.kind),
+        (None, Some(source)) => format!("{} [from {source}]", error.kind),
+        (None, None) => error.kind.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Sample {
+        listen: String,
+        limit: u64,
+        nested: Nested,
+    }
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Nested {
+        flag: bool,
+    }
+
+    fn defaults() -> Sample {
+        Sample { listen: "127.0.0.1:1".into(), limit: 5, nested: Nested { flag: false } }
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_env_overrides_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "limit = 7\n[nested]\nflag = true\n").unwrap();
+        let loaded = load(&defaults(), Some(&file), "PX_RUNTIME_TEST_A_").unwrap();
+        assert_eq!(loaded.limit, 7);
+        assert!(loaded.nested.flag);
+        assert_eq!(loaded.listen, "127.0.0.1:1");
+    }
+
+    #[test]
+    fn bad_keys_are_named_with_their_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "limt = 7\n").unwrap();
+        let text = load(&defaults(), Some(&file), "PX_RUNTIME_TEST_B_").unwrap_err().to_string();
+        assert!(text.contains("limt"), "{text}");
+        assert!(text.contains("c.toml"), "{text}");
+        std::fs::write(&file, "limit = \"many\"\n").unwrap();
+        let text = load(&defaults(), Some(&file), "PX_RUNTIME_TEST_B_").unwrap_err().to_string();
+        assert!(text.contains("`limit`") && text.contains("u64"), "{text}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = load(&defaults(), Some(Path::new("/nonexistent/x.toml")), "PX_RUNTIME_TEST_C_")
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/x.toml"));
+    }
+}

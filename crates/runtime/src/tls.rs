@@ -1,0 +1,144 @@
+//! TLS configurations for the control links, on rustls with the ring provider: servers present
+//! a certificate, clients verify it against the cluster's own CA (never the system roots).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} from {path}: {detail}")]
+    Pem { what: &'static str, path: String, detail: String },
+    #[error("{path} holds no {what}")]
+    Empty { what: &'static str, path: String },
+    #[error("tls set-up: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("invalid server name {0:?}")]
+    ServerName(String),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let shown = path.display().to_string();
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Pem { what: "certificates", path: shown.clone(), detail: e.to_string() })?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty { what: "certificate", path: shown });
+    }
+    Ok(certs)
+}
+
+/// A server config presenting the certificate chain in `cert` with the key in `key` (PEM files).
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let certs = read_certs(cert)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Pem {
+        what: "private key",
+        path: key.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    Ok(Arc::new(config))
+}
+
+/// A client config that trusts only the CA certificates in `ca` (PEM).
+pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_certs(ca)? {
+        roots.add(cert)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Parses the name a client expects in the server's certificate.
+pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(name.to_string()).map_err(|_| TlsError::ServerName(name.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Pki {
+        dir: tempfile::TempDir,
+    }
+
+    fn make_pki() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["beacon.test".to_string()]).unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+        Pki { dir }
+    }
+
+    #[tokio::test]
+    async fn client_trusting_the_ca_talks_to_the_server() {
+        let pki = make_pki();
+        let p = |n: &str| pki.dir.path().join(n);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&p("cert.pem"), &p("key.pem")).unwrap());
+        let connector = tokio_rustls::TlsConnector::from(client_config(&p("ca.pem")).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            tls.write_all(b"hi").await.unwrap();
+            tls.shutdown().await.unwrap();
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut tls = connector.connect(server_name("beacon.test").unwrap(), tcp).await.unwrap();
+        let mut got = Vec::new();
+        tls.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hi");
+        server.await.unwrap();
+
+        // The wrong name is refused.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let _ = tokio_rustls::TlsAcceptor::from(server_config(&p_owned(&pki), &key_owned(&pki)).unwrap()).accept(tcp).await;
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(connector.connect(server_name("other.test").unwrap(), tcp).await.is_err());
+    }
+
+    fn p_owned(pki: &Pki) -> std::path::PathBuf {
+        pki.dir.path().join("cert.pem")
+    }
+    fn key_owned(pki: &Pki) -> std::path::PathBuf {
+        pki.dir.path().join("key.pem")
+    }
+
+    #[test]
+    fn missing_and_empty_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let err = client_config(&empty).unwrap_err().to_string();
+        assert!(err.contains("empty.pem"), "{err}");
+        let err = client_config(&dir.path().join("none.pem")).unwrap_err().to_string();
+        assert!(err.contains("none.pem"), "{err}");
+    }
+}

@@ -1,0 +1,108 @@
+//! Bearer tokens: generated at random, stored only as SHA-256 hashes, checked in constant time.
+//! SHA-256 (not a slow password hash) is enough because tokens carry 256 random bits; nobody
+//! can guess one from its hash.
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// Prefix of every token, so leaked ones are easy to spot by secret scanners.
+pub const TOKEN_PREFIX: &str = "pxt_";
+/// Longest token accepted on the wire; longer headers are refused before hashing.
+pub const MAX_TOKEN_LEN: usize = 256;
+
+/// A new random token (256 bits, hex).
+pub fn generate() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("{TOKEN_PREFIX}{}", hex::encode(bytes))
+}
+
+/// The stored form of a token: lowercase hex SHA-256.
+pub fn hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// One accepted token, as it is configured: a name for logs and audit, a role, and the hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry<R> {
+    pub name: String,
+    pub role: R,
+    pub sha256: String,
+}
+
+/// The tokens a service accepts.
+#[derive(Debug, Clone)]
+pub struct TokenTable<R> {
+    entries: Vec<(TokenEntry<R>, [u8; 32])>,
+}
+
+impl<R: Clone> TokenTable<R> {
+    /// Builds the table; an entry whose hash is not 64 hex characters is an error naming it.
+    pub fn new(entries: Vec<TokenEntry<R>>) -> Result<Self, String> {
+        let mut table = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let mut digest = [0u8; 32];
+            hex::decode_to_slice(&entry.sha256, &mut digest).map_err(|_| {
+                format!(
+                    "token {:?}: sha256 must be 64 hex characters (the output of `apprepo token hash`)",
+                    entry.name
+                )
+            })?;
+            table.push((entry, digest));
+        }
+        Ok(Self { entries: table })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Finds the entry for a presented token. Every entry is compared, in constant time, so
+    /// timing says nothing about which or how many tokens exist.
+    pub fn verify(&self, presented: &str) -> Option<&TokenEntry<R>> {
+        if presented.len() > MAX_TOKEN_LEN {
+            return None;
+        }
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let mut found = None;
+        for (entry, stored) in &self.entries {
+            if bool::from(stored.ct_eq(&digest)) {
+                found = Some(entry);
+            }
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifies_only_the_right_token() {
+        let deploy = generate();
+        let read = generate();
+        assert_ne!(deploy, read);
+        assert!(deploy.starts_with(TOKEN_PREFIX));
+        let table = TokenTable::new(vec![
+            TokenEntry { name: "ci".into(), role: "deploy", sha256: hash(&deploy) },
+            TokenEntry { name: "maestro".into(), role: "read", sha256: hash(&read) },
+        ])
+        .unwrap();
+        assert_eq!(table.verify(&deploy).unwrap().name, "ci");
+        assert_eq!(table.verify(&read).unwrap().role, "read");
+        assert!(table.verify("pxt_wrong").is_none());
+        assert!(table.verify("").is_none());
+        assert!(table.verify(&"a".repeat(MAX_TOKEN_LEN + 1)).is_none());
+    }
+
+    #[test]
+    fn malformed_hash_is_refused_by_name() {
+        let err = TokenTable::new(vec![TokenEntry { name: "bad".into(), role: (), sha256: "xyz".into() }])
+            .unwrap_err();
+        assert!(err.contains("bad"), "{err}");
+    }
+}
