@@ -47,7 +47,10 @@ pub enum ReleaseCause {
     /// A new bundle was uploaded.
     Deploy,
     /// Config vars changed.
-    Config { set: Vec<String>, unset: Vec<String> },
+    Config {
+        set: Vec<String>,
+        unset: Vec<String>,
+    },
     /// An earlier release's code and config were restored.
     Rollback { to: u64 },
 }

@@ -36,7 +36,10 @@ impl<In, Out> FrameCodec<In, Out> {
     }
 
     pub fn with_max(max: usize) -> Self {
-        Self { max, _types: PhantomData }
+        Self {
+            max,
+            _types: PhantomData,
+        }
     }
 }
 
@@ -87,7 +90,10 @@ impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), FrameError> {
         let body = serde_json::to_vec(&item)?;
         if body.len() > self.max {
-            return Err(FrameError::TooLarge { len: body.len(), max: self.max });
+            return Err(FrameError::TooLarge {
+                len: body.len(),
+                max: self.max,
+            });
         }
         dst.reserve(LENGTH_BYTES + body.len());
         dst.put_u32(body.len() as u32);
@@ -165,7 +171,11 @@ mod tests {
 
     #[test]
     fn garbage_and_unknown_messages_are_malformed() {
-        for body in [&b"\xff\xfe garbage"[..], br#"{"type":"format_disk"}"#, b"{}"] {
+        for body in [
+            &b"\xff\xfe garbage"[..],
+            br#"{"type":"format_disk"}"#,
+            b"{}",
+        ] {
             let mut buf = BytesMut::new();
             buf.put_u32(body.len() as u32);
             buf.extend_from_slice(body);

@@ -42,9 +42,14 @@ pub enum ToBeacon {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromBeacon {
-    Welcome { protocol: u32, beacon: String },
+    Welcome {
+        protocol: u32,
+        beacon: String,
+    },
     /// The handshake failed; the peer should log `reason` and back off.
-    Rejected { reason: String },
+    Rejected {
+        reason: String,
+    },
     Heartbeat,
 }
 

@@ -65,7 +65,10 @@ pub struct HealthCheck {
 
 impl Default for HealthCheck {
     fn default() -> Self {
-        Self { path: None, timeout: DEFAULT_HEALTH_TIMEOUT }
+        Self {
+            path: None,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+        }
     }
 }
 
@@ -96,7 +99,10 @@ pub struct ManifestError {
 
 impl ManifestError {
     fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: Some(field.into()), message: message.into() }
+        Self {
+            field: Some(field.into()),
+            message: message.into(),
+        }
     }
 }
 
@@ -110,22 +116,29 @@ impl AppManifest {
             });
         }
         let deserializer = toml::Deserializer::new(text);
-        let manifest: AppManifest = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            // toml's message carries a source excerpt; the last line is the reason itself.
-            let message = inner.message().trim().to_string();
-            let where_ = inner.span().map(|s| line_of(text, s.start));
-            let message = match where_ {
-                Some(line) => format!("{message} (line {line})"),
-                None => message,
-            };
-            if path == "." || path.is_empty() {
-                ManifestError { field: None, message }
-            } else {
-                ManifestError { field: Some(path), message }
-            }
-        })?;
+        let manifest: AppManifest =
+            serde_path_to_error::deserialize(deserializer).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                // toml's message carries a source excerpt; the last line is the reason itself.
+                let message = inner.message().trim().to_string();
+                let where_ = inner.span().map(|s| line_of(text, s.start));
+                let message = match where_ {
+                    Some(line) => format!("{message} (line {line})"),
+                    None => message,
+                };
+                if path == "." || path.is_empty() {
+                    ManifestError {
+                        field: None,
+                        message,
+                    }
+                } else {
+                    ManifestError {
+                        field: Some(path),
+                        message,
+                    }
+                }
+            })?;
         manifest.validate()?;
         Ok(manifest)
     }
@@ -144,7 +157,10 @@ impl AppManifest {
         if self.instances == 0 || self.instances > MAX_INSTANCES {
             return Err(ManifestError::field(
                 "instances",
-                format!("must be between 1 and {MAX_INSTANCES}, got {}", self.instances),
+                format!(
+                    "must be between 1 and {MAX_INSTANCES}, got {}",
+                    self.instances
+                ),
             ));
         }
         if let Some(path) = &self.health.path
@@ -197,10 +213,14 @@ impl AppManifest {
             }
         }
         if self.env.len() > MAX_ENV_VARS {
-            return Err(ManifestError::field("env", format!("has more than {MAX_ENV_VARS} entries")));
+            return Err(ManifestError::field(
+                "env",
+                format!("has more than {MAX_ENV_VARS} entries"),
+            ));
         }
         for key in self.env.keys() {
-            names::check_config_key(key).map_err(|m| ManifestError::field(format!("env.{key}"), m))?;
+            names::check_config_key(key)
+                .map_err(|m| ManifestError::field(format!("env.{key}"), m))?;
         }
         Ok(())
     }
@@ -214,7 +234,11 @@ fn is_relative_inside(path: &str) -> bool {
 }
 
 fn line_of(text: &str, byte: usize) -> usize {
-    text.as_bytes()[..byte.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1
+    text.as_bytes()[..byte.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
 }
 
 #[cfg(test)]
@@ -266,10 +290,19 @@ GREETING = "hello"
             ("name = \"x\"\ninstances = 0", "instances"),
             ("name = \"x\"\ninstances = \"two\"", "instances"),
             ("name = \"x\"\n[health]\npath = \"healthz\"", "health.path"),
-            ("name = \"x\"\n[health]\ntimeout = \"soon\"", "health.timeout"),
+            (
+                "name = \"x\"\n[health]\ntimeout = \"soon\"",
+                "health.timeout",
+            ),
             ("name = \"x\"\n[health]\ntimeout = \"0s\"", "health.timeout"),
-            ("name = \"x\"\n[http]\ndomains = [\"a..b\"]", "http.domains[0]"),
-            ("name = \"x\"\n[http]\nstatic = { \"/a\" = \"../etc\" }", "http.static.\"/a\""),
+            (
+                "name = \"x\"\n[http]\ndomains = [\"a..b\"]",
+                "http.domains[0]",
+            ),
+            (
+                "name = \"x\"\n[http]\nstatic = { \"/a\" = \"../etc\" }",
+                "http.static.\"/a\"",
+            ),
             ("name = \"x\"\n[env]\nPORT = \"1\"", "env.PORT"),
             ("name = \"x\"\nrun = \" \"", "run"),
         ];

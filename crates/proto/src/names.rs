@@ -16,7 +16,10 @@ pub fn check_app_name(name: &str) -> Result<(), String> {
     if name.len() > MAX_APP_NAME_LEN {
         return Err(format!("must be at most {MAX_APP_NAME_LEN} characters"));
     }
-    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         return Err(format!(
             "{name:?} may contain only lowercase letters, digits and '-' (it becomes a host name)"
         ));
@@ -36,14 +39,18 @@ pub fn check_config_key(key: &str) -> Result<(), String> {
         return Err(format!("must be 1 to {MAX_CONFIG_KEY_LEN} characters"));
     }
     let mut bytes = key.bytes();
-    let first_ok = bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+    let first_ok = bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
     if !first_ok || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         return Err(format!(
             "{key:?} is not an environment variable name (letters, digits and '_', not starting with a digit)"
         ));
     }
     if RESERVED_ENV_KEYS.contains(&key) || key.starts_with("PX_") {
-        return Err(format!("{key:?} is set by Platform.X itself; choose another name"));
+        return Err(format!(
+            "{key:?} is set by Platform.X itself; choose another name"
+        ));
     }
     Ok(())
 }
@@ -51,12 +58,16 @@ pub fn check_config_key(key: &str) -> Result<(), String> {
 /// Checks a host name such as `hello.example.com` (letters, digits, '-' and dots).
 pub fn check_domain(domain: &str) -> Result<(), String> {
     if domain.is_empty() || domain.len() > MAX_DOMAIN_LEN {
-        return Err(format!("{domain:?} must be 1 to {MAX_DOMAIN_LEN} characters"));
+        return Err(format!(
+            "{domain:?} must be 1 to {MAX_DOMAIN_LEN} characters"
+        ));
     }
     for label in domain.split('.') {
         let ok = !label.is_empty()
             && label.len() <= 63
-            && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !ok {
@@ -70,11 +81,16 @@ pub fn check_domain(domain: &str) -> Result<(), String> {
 
 /// Checks that a string is a lowercase hex SHA-256 digest (64 characters).
 pub fn check_sha256_hex(digest: &str) -> Result<(), String> {
-    if digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    if digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     {
         Ok(())
     } else {
-        Err(format!("{digest:?} is not a SHA-256 digest (64 lowercase hex characters)"))
+        Err(format!(
+            "{digest:?} is not a SHA-256 digest (64 lowercase hex characters)"
+        ))
     }
 }
 

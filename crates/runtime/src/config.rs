@@ -16,7 +16,9 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn one(problem: impl Into<String>) -> Self {
-        Self { problems: vec![problem.into()] }
+        Self {
+            problems: vec![problem.into()],
+        }
     }
 }
 
@@ -39,12 +41,19 @@ where
     }
     figment = figment.merge(Env::prefixed(env_prefix).split("__"));
     figment.extract::<T>().map_err(|error| ConfigError {
-        problems: error.into_iter().map(|e| format!("  - {}", describe(&e))).collect(),
+        problems: error
+            .into_iter()
+            .map(|e| format!("  - {}", describe(&e)))
+            .collect(),
     })
 }
 
 fn describe(error: &figment::Error) -> String {
-    let key = if error.path.is_empty() { None } else { Some(error.path.join(".")) };
+    let key = if error.path.is_empty() {
+        None
+    } else {
+        Some(error.path.join("."))
+    };
     let source = error.metadata.as_ref().map(|m| match &m.source {
         Some(source) => format!("{} ({source})", m.name),
         None => m.name.to_string(),
@@ -77,7 +86,11 @@ mod tests {
     }
 
     fn defaults() -> Sample {
-        Sample { listen: "127.0.0.1:1".into(), limit: 5, nested: Nested { flag: false } }
+        Sample {
+            listen: "127.0.0.1:1".into(),
+            limit: 5,
+            nested: Nested { flag: false },
+        }
     }
 
     #[test]
@@ -96,18 +109,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "limt = 7\n").unwrap();
-        let text = load(&defaults(), Some(&file), "PX_RUNTIME_TEST_B_").unwrap_err().to_string();
+        let text = load(&defaults(), Some(&file), "PX_RUNTIME_TEST_B_")
+            .unwrap_err()
+            .to_string();
         assert!(text.contains("limt"), "{text}");
         assert!(text.contains("c.toml"), "{text}");
         std::fs::write(&file, "limit = \"many\"\n").unwrap();
-        let text = load(&defaults(), Some(&file), "PX_RUNTIME_TEST_B_").unwrap_err().to_string();
+        let text = load(&defaults(), Some(&file), "PX_RUNTIME_TEST_B_")
+            .unwrap_err()
+            .to_string();
         assert!(text.contains("`limit`") && text.contains("u64"), "{text}");
     }
 
     #[test]
     fn missing_file_is_an_error() {
-        let err = load(&defaults(), Some(Path::new("/nonexistent/x.toml")), "PX_RUNTIME_TEST_C_")
-            .unwrap_err();
+        let err = load(
+            &defaults(),
+            Some(Path::new("/nonexistent/x.toml")),
+            "PX_RUNTIME_TEST_C_",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/x.toml"));
     }
 }

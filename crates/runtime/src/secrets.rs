@@ -10,8 +10,13 @@ pub const MAX_SECRET_BYTES: u64 = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     #[error("cannot read secret file {path}: {source}")]
-    Io { path: String, source: std::io::Error },
-    #[error("secret file {path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "secret file {path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`"
+    )]
     WorldReadable { path: String, mode: u32 },
     #[error("secret file {path} is larger than {MAX_SECRET_BYTES} bytes")]
     TooLarge { path: String },
@@ -22,7 +27,10 @@ pub enum SecretError {
 /// Reads a secret, trimming surrounding whitespace.
 pub fn read_secret_file(path: &Path) -> Result<String, SecretError> {
     let shown = path.display().to_string();
-    let io = |source| SecretError::Io { path: shown.clone(), source };
+    let io = |source| SecretError::Io {
+        path: shown.clone(),
+        source,
+    };
     let meta = std::fs::metadata(path).map_err(io)?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o007 != 0 {
@@ -75,7 +83,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
         write_secret_file(&path, "  ").unwrap();
-        assert!(matches!(read_secret_file(&path), Err(SecretError::Empty { .. })));
-        assert!(matches!(read_secret_file(&dir.path().join("nope")), Err(SecretError::Io { .. })));
+        assert!(matches!(
+            read_secret_file(&path),
+            Err(SecretError::Empty { .. })
+        ));
+        assert!(matches!(
+            read_secret_file(&dir.path().join("nope")),
+            Err(SecretError::Io { .. })
+        ));
     }
 }

@@ -10,7 +10,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {what} from {path}: {detail}")]
-    Pem { what: &'static str, path: String, detail: String },
+    Pem {
+        what: &'static str,
+        path: String,
+        detail: String,
+    },
     #[error("{path} holds no {what}")]
     Empty { what: &'static str, path: String },
     #[error("tls set-up: {0}")]
@@ -27,9 +31,16 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let shown = path.display().to_string();
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::Pem { what: "certificates", path: shown.clone(), detail: e.to_string() })?;
+        .map_err(|e| TlsError::Pem {
+            what: "certificates",
+            path: shown.clone(),
+            detail: e.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err(TlsError::Empty { what: "certificate", path: shown });
+        return Err(TlsError::Empty {
+            what: "certificate",
+            path: shown,
+        });
     }
     Ok(certs)
 }
@@ -96,7 +107,8 @@ mod tests {
     async fn client_trusting_the_ca_talks_to_the_server() {
         let pki = make_pki();
         let p = |n: &str| pki.dir.path().join(n);
-        let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&p("cert.pem"), &p("key.pem")).unwrap());
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(server_config(&p("cert.pem"), &p("key.pem")).unwrap());
         let connector = tokio_rustls::TlsConnector::from(client_config(&p("ca.pem")).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -107,7 +119,10 @@ mod tests {
             tls.shutdown().await.unwrap();
         });
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut tls = connector.connect(server_name("beacon.test").unwrap(), tcp).await.unwrap();
+        let mut tls = connector
+            .connect(server_name("beacon.test").unwrap(), tcp)
+            .await
+            .unwrap();
         let mut got = Vec::new();
         tls.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"hi");
@@ -118,10 +133,19 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let _ = tokio_rustls::TlsAcceptor::from(server_config(&p_owned(&pki), &key_owned(&pki)).unwrap()).accept(tcp).await;
+            let _ = tokio_rustls::TlsAcceptor::from(
+                server_config(&p_owned(&pki), &key_owned(&pki)).unwrap(),
+            )
+            .accept(tcp)
+            .await;
         });
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        assert!(connector.connect(server_name("other.test").unwrap(), tcp).await.is_err());
+        assert!(
+            connector
+                .connect(server_name("other.test").unwrap(), tcp)
+                .await
+                .is_err()
+        );
     }
 
     fn p_owned(pki: &Pki) -> std::path::PathBuf {
@@ -138,7 +162,9 @@ mod tests {
         std::fs::write(&empty, "").unwrap();
         let err = client_config(&empty).unwrap_err().to_string();
         assert!(err.contains("empty.pem"), "{err}");
-        let err = client_config(&dir.path().join("none.pem")).unwrap_err().to_string();
+        let err = client_config(&dir.path().join("none.pem"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("none.pem"), "{err}");
     }
 }

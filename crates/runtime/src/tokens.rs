@@ -88,8 +88,16 @@ mod tests {
         assert_ne!(deploy, read);
         assert!(deploy.starts_with(TOKEN_PREFIX));
         let table = TokenTable::new(vec![
-            TokenEntry { name: "ci".into(), role: "deploy", sha256: hash(&deploy) },
-            TokenEntry { name: "maestro".into(), role: "read", sha256: hash(&read) },
+            TokenEntry {
+                name: "ci".into(),
+                role: "deploy",
+                sha256: hash(&deploy),
+            },
+            TokenEntry {
+                name: "maestro".into(),
+                role: "read",
+                sha256: hash(&read),
+            },
         ])
         .unwrap();
         assert_eq!(table.verify(&deploy).unwrap().name, "ci");
@@ -101,8 +109,12 @@ mod tests {
 
     #[test]
     fn malformed_hash_is_refused_by_name() {
-        let err = TokenTable::new(vec![TokenEntry { name: "bad".into(), role: (), sha256: "xyz".into() }])
-            .unwrap_err();
+        let err = TokenTable::new(vec![TokenEntry {
+            name: "bad".into(),
+            role: (),
+            sha256: "xyz".into(),
+        }])
+        .unwrap_err();
         assert!(err.contains("bad"), "{err}");
     }
 }

@@ -1,0 +1,60 @@
+//! What the `apprepo` binary does besides parsing: token helpers and the serve loop.
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use crate::config::Config;
+
+pub fn token_new(name: &str, role: &str) -> ExitCode {
+    if !matches!(role, "deploy" | "read") {
+        eprintln!("apprepo: --role must be `deploy` or `read`");
+        return ExitCode::from(2);
+    }
+    let token = px_runtime::tokens::generate();
+    println!("{token}");
+    eprintln!(
+        "add this to the tokens file:\n[[token]]\nname = {name:?}\nrole = {role:?}\nsha256 = {:?}",
+        px_runtime::tokens::hash(&token)
+    );
+    ExitCode::SUCCESS
+}
+
+pub fn token_hash() -> ExitCode {
+    let mut token = String::new();
+    if std::io::stdin()
+        .take(px_runtime::tokens::MAX_TOKEN_LEN as u64 + 2)
+        .read_to_string(&mut token)
+        .is_err()
+    {
+        eprintln!("apprepo: could not read a token from stdin");
+        return ExitCode::from(2);
+    }
+    println!("{}", px_runtime::tokens::hash(token.trim()));
+    ExitCode::SUCCESS
+}
+
+pub fn serve(config: Config) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("apprepo: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let shutdown = px_runtime::shutdown::on_signals()?;
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        crate::run(config, listener, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(crate::StartError::Config(e)) => {
+            eprintln!("apprepo: {e}");
+            ExitCode::from(px_runtime::EX_CONFIG as u8)
+        }
+        Err(e) => {
+            eprintln!("apprepo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! apprepo's configuration: one typed struct, layered defaults < TOML file < `PX_APPREPO_*`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use px_runtime::tokens::TokenEntry;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Role;
+
+/// Environment prefix; nested keys use `__`, e.g. `PX_APPREPO_STORAGE__BACKEND=s3`.
+pub const ENV_PREFIX: &str = "PX_APPREPO_";
+
+/// Default listen address: loopback, so a fresh install exposes nothing until the operator
+/// chooses an address (Ansible sets the control network's one).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+/// Default data directory, as the systemd unit's `StateDirectory=platformx/apprepo` creates it.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/platformx/apprepo";
+/// Default largest bundle: 2 GiB compressed holds any web app with its dependencies; bigger
+/// uploads are almost always a data directory packed by mistake.
+pub const DEFAULT_MAX_BUNDLE_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+/// Default uploads processed at once; each holds a spool file and, while inspected, a zstd
+/// window (16 MiB at most), so this bounds disk and memory under a burst of deploys.
+pub const DEFAULT_MAX_CONCURRENT_UPLOADS: usize = 8;
+
+/// The whole apprepo configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address of the HTTP API. Default: `127.0.0.1:7070`.
+    pub listen: SocketAddr,
+    /// Spool files for uploads live here (`tmp/`), and with the `fs` backend the storage too
+    /// (`storage/`). Default: `/var/lib/platformx/apprepo`.
+    pub data_dir: PathBuf,
+    /// Where bundles and release records are kept. Default: the local filesystem.
+    pub storage: StorageConfig,
+    /// Size and count limits on uploads.
+    pub limits: LimitsConfig,
+    /// A TOML file of `[[token]]` entries (`name`, `role`, `sha256`), the usual place for
+    /// tokens. Default: none.
+    pub tokens_file: Option<PathBuf>,
+    /// Tokens given inline, same fields as in `tokens_file`. Default: none.
+    pub tokens: Vec<TokenEntry<Role>>,
+    /// The Beacon to notify of committed releases. Default: none (no notifications; Beacon
+    /// still learns of releases when it reconciles).
+    pub beacon: Option<BeaconConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            #[allow(clippy::unwrap_used)] // a constant that parses
+            listen: DEFAULT_LISTEN.parse().unwrap(),
+            data_dir: DEFAULT_DATA_DIR.into(),
+            storage: StorageConfig::default(),
+            limits: LimitsConfig::default(),
+            tokens_file: None,
+            tokens: Vec::new(),
+            beacon: None,
+        }
+    }
+}
+
+/// Which storage backend holds bundles and release records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Files under `data_dir/storage`.
+    #[default]
+    Fs,
+    /// An S3 bucket (`[storage.s3]`).
+    S3,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `fs` or `s3`. Default: `fs`.
+    pub backend: Backend,
+    /// Required when `backend = "s3"`.
+    pub s3: Option<S3Config>,
+}
+
+/// `[storage.s3]`: any S3-compatible service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Bucket name (3 to 63 characters). No default.
+    pub bucket: String,
+    /// Region. Default: `us-east-1`.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Endpoint URL for S3-compatible servers, e.g. `http://127.0.0.1:8014`. Default: AWS.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`), which most self-hosted servers need.
+    /// Default: false.
+    #[serde(default)]
+    pub path_style: bool,
+    /// Key prefix inside the bucket, so one bucket can hold several platforms. Default: none.
+    #[serde(default)]
+    pub prefix: String,
+    /// Access key id. Default: none, which means the standard AWS chain (environment,
+    /// instance profile) supplies credentials.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    /// File holding the secret access key (mode 0600). Required with `access_key_id`.
+    #[serde(default)]
+    pub secret_access_key_file: Option<PathBuf>,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest compressed bundle, in bytes. Default: 2 GiB.
+    pub max_bundle_bytes: u64,
+    /// Largest unpacked bundle, in bytes (decompression bombs). Default: 4 GiB.
+    pub max_unpacked_bytes: u64,
+    /// Most files, directories and links in a bundle. Default: 100 000.
+    pub max_entries: u64,
+    /// Uploads processed at once; more wait. Default: 8.
+    pub max_concurrent_uploads: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_bundle_bytes: DEFAULT_MAX_BUNDLE_BYTES,
+            max_unpacked_bytes: px_bundle::DEFAULT_MAX_UNPACKED_BYTES,
+            max_entries: px_bundle::DEFAULT_MAX_ENTRIES,
+            max_concurrent_uploads: DEFAULT_MAX_CONCURRENT_UPLOADS,
+        }
+    }
+}
+
+/// `[beacon]`: where to send release notifications.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BeaconConfig {
+    /// Beacon's control address, `host:port`.
+    pub addr: String,
+    /// Name in Beacon's certificate. Default: the host part of `addr`.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// PEM file of the CA that signed Beacon's certificate.
+    pub ca_file: PathBuf,
+    /// File holding this repository's link token (mode 0600).
+    pub token_file: PathBuf,
+    /// Name this repository gives itself on the link. Default: `apprepo`.
+    #[serde(default = "default_peer_name")]
+    pub name: String,
+}
+
+fn default_peer_name() -> String {
+    "apprepo".into()
+}
+
+/// The file format of `tokens_file`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensFile {
+    #[serde(default)]
+    pub token: Vec<TokenEntry<Role>>,
+}

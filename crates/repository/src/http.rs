@@ -1,0 +1,418 @@
+//! The `/v1` HTTP API (DESIGN.md §3.2), `/healthz` and `/metrics`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use px_bundle::Limits;
+use px_proto::api::{
+    self, App, BundleRef, ConfigChange, CreateApp, Release, ReleaseCause, Rollback,
+};
+use tokio::sync::Semaphore;
+
+use crate::auth::{Caller, Role, Tokens};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::notify::Notifier;
+use crate::releases::{Draft, Releases};
+use crate::upload;
+
+/// Largest JSON request body (app creation, config changes): config vars are small, and a
+/// bound keeps a hostile client from making the service buffer much.
+pub const MAX_JSON_BODY_BYTES: usize = 256 * 1024;
+/// Longest upload description kept.
+pub const MAX_DESCRIPTION_LEN: usize = 200;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub releases: Releases,
+    pub tokens: Tokens,
+    pub metrics: Arc<Metrics>,
+    pub notifier: Notifier,
+    pub spool_dir: PathBuf,
+    pub max_bundle_bytes: u64,
+    pub bundle_limits: Limits,
+    pub uploads: Arc<Semaphore>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/apps", get(list_apps).post(create_app))
+        .route("/v1/apps/{app}", get(get_app))
+        .route(
+            "/v1/apps/{app}/releases",
+            get(list_releases).post(upload_release),
+        )
+        .route("/v1/apps/{app}/releases/current", get(current_release))
+        .route("/v1/apps/{app}/releases/{version}", get(get_release))
+        .route(
+            "/v1/apps/{app}/config",
+            get(get_config).patch(change_config),
+        )
+        .route("/v1/apps/{app}/rollback", post(rollback))
+        .route("/v1/bundles/{sha256}", get(download_bundle))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    match state.releases.storage().check().await {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("storage unavailable: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+async fn list_apps(
+    caller: Caller,
+    State(state): State<AppState>,
+) -> Result<Json<Vec<App>>, ApiError> {
+    caller.require(Role::Read)?;
+    Ok(Json(state.releases.apps().await?))
+}
+
+async fn create_app(
+    caller: Caller,
+    State(state): State<AppState>,
+    body: Result<Json<CreateApp>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<App>), ApiError> {
+    caller.require(Role::Deploy)?;
+    let Json(body) =
+        body.map_err(|e| ApiError::BadRequest(format!("expected {{\"name\": \"<app>\"}}: {e}")))?;
+    let app = state.releases.create_app(&body.name, &caller.name).await?;
+    tracing::info!(app = %app.name, by = %caller.name, "app created");
+    Ok((StatusCode::CREATED, Json(app)))
+}
+
+async fn get_app(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+) -> Result<Json<App>, ApiError> {
+    caller.require(Role::Read)?;
+    Ok(Json(state.releases.app(&app).await?))
+}
+
+async fn list_releases(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+) -> Result<Json<Vec<Release>>, ApiError> {
+    caller.require(Role::Read)?;
+    Ok(Json(state.releases.list(&app).await?))
+}
+
+async fn current_release(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+) -> Result<Json<Release>, ApiError> {
+    caller.require(Role::Read)?;
+    Ok(Json(state.releases.current(&app).await?))
+}
+
+async fn get_release(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path((app, version)): Path<(String, String)>,
+) -> Result<Json<Release>, ApiError> {
+    caller.require(Role::Read)?;
+    let number = parse_version(&version)?;
+    Ok(Json(state.releases.release(&app, number).await?))
+}
+
+/// Accepts `7` and `v7`.
+fn parse_version(text: &str) -> Result<u64, ApiError> {
+    text.strip_prefix('v').unwrap_or(text).parse().map_err(|_| {
+        ApiError::BadRequest(format!("{text:?} is not a release number such as 7 or v7"))
+    })
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn upload_release(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Release>), ApiError> {
+    let result = receive_release(caller, &state, &app, &headers, body).await;
+    match &result {
+        Ok(_) => state.metrics.uploads_accepted.inc(),
+        Err(e) => {
+            state.metrics.uploads_rejected.inc();
+            tracing::info!(%app, error = %e, "upload refused");
+        }
+    }
+    result
+}
+
+async fn receive_release(
+    caller: Caller,
+    state: &AppState,
+    app: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Release>), ApiError> {
+    caller.require(Role::Deploy)?;
+    let declared = header_str(headers, api::HEADER_BUNDLE_SHA256).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "send the bundle's SHA-256 (lowercase hex) in the {} header",
+            api::HEADER_BUNDLE_SHA256
+        ))
+    })?;
+    px_proto::names::check_sha256_hex(declared)
+        .map_err(|m| ApiError::BadRequest(format!("{}: {m}", api::HEADER_BUNDLE_SHA256)))?;
+    // Refuse a declared oversize before reading a byte of it.
+    if let Some(length) =
+        header_str(headers, header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<u64>().ok())
+        && length > state.max_bundle_bytes
+    {
+        return Err(ApiError::TooLarge {
+            max: state.max_bundle_bytes,
+        });
+    }
+    let description: String = header_str(headers, api::HEADER_DESCRIPTION)
+        .unwrap_or("")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_DESCRIPTION_LEN)
+        .collect();
+    // The app must exist before we spend disk on its upload.
+    state.releases.app(app).await?;
+
+    let _permit = state
+        .uploads
+        .acquire()
+        .await
+        .map_err(|_| ApiError::Unavailable("the repository is shutting down".into()))?;
+    let spooled = upload::spool(body, &state.spool_dir, declared, state.max_bundle_bytes).await?;
+    state.metrics.upload_bytes.add(spooled.size);
+    let info = upload::inspect(&spooled.file, state.bundle_limits.clone()).await?;
+    if info.manifest.name != app {
+        return Err(ApiError::InvalidBundle(format!(
+            "app.toml: field `name`: is {:?} but this upload is for app {app:?}; fix the name or deploy to {:?}",
+            info.manifest.name, info.manifest.name
+        )));
+    }
+    let storage = state.releases.storage();
+    if storage.has_bundle(&spooled.sha256).await? {
+        state.metrics.bundles_deduplicated.inc();
+    } else {
+        storage
+            .put_bundle(&spooled.sha256, &spooled.file, spooled.size)
+            .await?;
+    }
+    let bundle = BundleRef {
+        sha256: spooled.sha256.clone(),
+        size: spooled.size,
+    };
+    let release = state
+        .releases
+        .commit(app, &caller.name, |current| {
+            Ok(Draft {
+                bundle: bundle.clone(),
+                manifest: info.manifest.clone(),
+                config: current.map(|r| r.config.clone()).unwrap_or_default(),
+                cause: ReleaseCause::Deploy,
+                description: if description.is_empty() {
+                    "deploy".into()
+                } else {
+                    description.clone()
+                },
+            })
+        })
+        .await?;
+    state.notifier.release_committed(&release);
+    Ok((StatusCode::CREATED, Json(release)))
+}
+
+async fn get_config(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+) -> Result<Json<std::collections::BTreeMap<String, String>>, ApiError> {
+    caller.require(Role::Read)?;
+    Ok(Json(state.releases.current(&app).await?.config))
+}
+
+async fn change_config(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+    body: Result<Json<ConfigChange>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Release>), ApiError> {
+    caller.require(Role::Deploy)?;
+    let Json(change) = body.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "expected {{\"set\": {{\"KEY\": \"value\"}}, \"unset\": [\"KEY\"]}}: {e}"
+        ))
+    })?;
+    if change.set.is_empty() && change.unset.is_empty() {
+        return Err(ApiError::BadRequest(
+            "nothing to change: give vars to set or unset".into(),
+        ));
+    }
+    for key in change.set.keys().chain(change.unset.iter()) {
+        px_proto::names::check_config_key(key)
+            .map_err(|m| ApiError::BadRequest(format!("config var: {m}")))?;
+    }
+    if change.set.len() + change.unset.len() > px_proto::manifest::MAX_ENV_VARS {
+        return Err(ApiError::BadRequest(format!(
+            "at most {} config vars per change",
+            px_proto::manifest::MAX_ENV_VARS
+        )));
+    }
+    let release = state
+        .releases
+        .commit(&app, &caller.name, |current| {
+            let current = current.ok_or_else(|| {
+                ApiError::Conflict(format!(
+                    "app {app:?} has no release yet; deploy it before setting config"
+                ))
+            })?;
+            let mut config = current.config.clone();
+            for key in &change.unset {
+                config.remove(key);
+            }
+            config.extend(change.set.iter().map(|(k, v)| (k.clone(), v.clone())));
+            if config.len() > px_proto::manifest::MAX_ENV_VARS {
+                return Err(ApiError::BadRequest(format!(
+                    "an app may have at most {} config vars",
+                    px_proto::manifest::MAX_ENV_VARS
+                )));
+            }
+            let set: Vec<String> = change.set.keys().cloned().collect();
+            Ok(Draft {
+                bundle: current.bundle.clone(),
+                manifest: current.manifest.clone(),
+                config,
+                description: describe_config_change(&set, &change.unset),
+                cause: ReleaseCause::Config {
+                    set,
+                    unset: change.unset.clone(),
+                },
+            })
+        })
+        .await?;
+    state.notifier.release_committed(&release);
+    Ok((StatusCode::CREATED, Json(release)))
+}
+
+fn describe_config_change(set: &[String], unset: &[String]) -> String {
+    let mut parts = Vec::new();
+    if !set.is_empty() {
+        parts.push(format!("set {}", set.join(", ")));
+    }
+    if !unset.is_empty() {
+        parts.push(format!("unset {}", unset.join(", ")));
+    }
+    parts.join("; ")
+}
+
+async fn rollback(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+    body: Option<Json<Rollback>>,
+) -> Result<(StatusCode, Json<Release>), ApiError> {
+    caller.require(Role::Deploy)?;
+    let to = body.and_then(|Json(b)| b.to);
+    // Read the target first (outside the retry loop): releases are immutable.
+    let current = state.releases.current(&app).await?;
+    let target_version = match to {
+        Some(v) => v,
+        None if current.version > 1 => current.version - 1,
+        None => {
+            return Err(ApiError::Conflict(format!(
+                "app {app:?} has only v1; there is nothing to roll back to"
+            )));
+        }
+    };
+    if target_version == 0 || target_version >= current.version {
+        return Err(ApiError::BadRequest(format!(
+            "v{target_version} is not an earlier release of {app:?} (current is v{})",
+            current.version
+        )));
+    }
+    let target = state.releases.release(&app, target_version).await?;
+    let release = state
+        .releases
+        .commit(&app, &caller.name, |_| {
+            Ok(Draft {
+                bundle: target.bundle.clone(),
+                manifest: target.manifest.clone(),
+                config: target.config.clone(),
+                cause: ReleaseCause::Rollback { to: target.version },
+                description: format!("rollback to v{}", target.version),
+            })
+        })
+        .await?;
+    state.notifier.release_committed(&release);
+    Ok((StatusCode::CREATED, Json(release)))
+}
+
+async fn download_bundle(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(sha256): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Read)?;
+    px_proto::names::check_sha256_hex(&sha256).map_err(ApiError::BadRequest)?;
+    let etag = format!("\"{sha256}\"");
+    let matches = header_str(&headers, header::IF_NONE_MATCH.as_str())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let cache = HeaderValue::from_static("public, max-age=31536000, immutable");
+    let etag_value = HeaderValue::from_str(&etag).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if matches {
+        // Content-addressed: if the client has this digest, it has these bytes, but only
+        // answer 304 for a bundle we actually hold.
+        if !state.releases.storage().has_bundle(&sha256).await? {
+            return Err(ApiError::NotFound(format!("no bundle {sha256}")));
+        }
+        state.metrics.bundle_not_modified.inc();
+        return Ok((
+            StatusCode::NOT_MODIFIED,
+            [(header::ETAG, etag_value), (header::CACHE_CONTROL, cache)],
+        )
+            .into_response());
+    }
+    let bundle = state
+        .releases
+        .storage()
+        .get_bundle(&sha256)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no bundle {sha256}")))?;
+    state.metrics.bundle_downloads.inc();
+    let mut response = Response::new(Body::from_stream(bundle.body));
+    let h = response.headers_mut();
+    h.insert(header::ETAG, etag_value);
+    h.insert(header::CACHE_CONTROL, cache);
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(px_bundle::BUNDLE_MEDIA_TYPE),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(bundle.size));
+    Ok(response)
+}

@@ -1,0 +1,112 @@
+//! Counters exposed at `/metrics` in the Prometheus text format. Plain atomics: the set is
+//! small and fixed, so a metrics library would add more than it saves.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub uploads_accepted: Counter,
+    pub uploads_rejected: Counter,
+    pub upload_bytes: Counter,
+    pub bundles_deduplicated: Counter,
+    pub releases_committed: Counter,
+    pub commit_conflicts: Counter,
+    pub bundle_downloads: Counter,
+    pub bundle_not_modified: Counter,
+    pub auth_failures: Counter,
+    pub storage_errors: Counter,
+    pub notifications_sent: Counter,
+    pub notifications_dropped: Counter,
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let rows: [(&str, &str, &Counter); 12] = [
+            (
+                "apprepo_uploads_accepted_total",
+                "Uploads that became releases.",
+                &self.uploads_accepted,
+            ),
+            (
+                "apprepo_uploads_rejected_total",
+                "Uploads refused (auth, limits, digest, bundle content).",
+                &self.uploads_rejected,
+            ),
+            (
+                "apprepo_upload_bytes_total",
+                "Bundle bytes received.",
+                &self.upload_bytes,
+            ),
+            (
+                "apprepo_bundles_deduplicated_total",
+                "Uploads whose bundle was already stored.",
+                &self.bundles_deduplicated,
+            ),
+            (
+                "apprepo_releases_committed_total",
+                "Releases committed (deploys, config changes, rollbacks).",
+                &self.releases_committed,
+            ),
+            (
+                "apprepo_commit_conflicts_total",
+                "Commits retried because a concurrent one took the number.",
+                &self.commit_conflicts,
+            ),
+            (
+                "apprepo_bundle_downloads_total",
+                "Bundles served.",
+                &self.bundle_downloads,
+            ),
+            (
+                "apprepo_bundle_not_modified_total",
+                "Bundle requests answered 304.",
+                &self.bundle_not_modified,
+            ),
+            (
+                "apprepo_auth_failures_total",
+                "Requests with a missing or unknown token.",
+                &self.auth_failures,
+            ),
+            (
+                "apprepo_storage_errors_total",
+                "Storage operations that failed.",
+                &self.storage_errors,
+            ),
+            (
+                "apprepo_notifications_sent_total",
+                "Release notices sent to Beacon.",
+                &self.notifications_sent,
+            ),
+            (
+                "apprepo_notifications_dropped_total",
+                "Release notices dropped while Beacon was away (it reconciles).",
+                &self.notifications_dropped,
+            ),
+        ];
+        let mut out = String::new();
+        for (name, help, counter) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                counter.get()
+            );
+        }
+        out
+    }
+}

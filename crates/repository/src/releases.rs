@@ -1,0 +1,266 @@
+//! Apps and their immutable, numbered releases on top of [`Storage`].
+//!
+//! Commit protocol: a release is committed when its record `apps/<app>/releases/<n>.json` is
+//! created, which succeeds only if that number is free (create-if-absent). The pointer
+//! `apps/<app>/app.json` then advances to `n` by compare-and-swap. The pointer is a lower bound
+//! that readers probe forward from, so a crash between the two steps, or a lost race on the
+//! pointer, loses nothing; two concurrent commits that pick the same number see one of them
+//! refused, and the loser retries with the next number.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use px_proto::api::{App, BundleRef, Release, ReleaseCause};
+use px_proto::manifest::AppManifest;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::storage::{Storage, StorageError};
+
+/// Attempts at taking a release number before giving up; each failure means another commit
+/// to the same app succeeded, so reaching this takes dozens of simultaneous deploys.
+pub const MAX_COMMIT_ATTEMPTS: usize = 32;
+/// Most releases listed in one answer, newest first.
+pub const MAX_LISTED_RELEASES: usize = 100;
+
+/// The stored form of `apps/<app>/app.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AppRecord {
+    name: String,
+    created_at: String,
+    created_by: String,
+    /// A release number known to be committed (0: none yet); newer ones may exist.
+    latest: u64,
+}
+
+fn app_key(app: &str) -> String {
+    format!("apps/{app}/app.json")
+}
+
+fn release_key(app: &str, version: u64) -> String {
+    format!("apps/{app}/releases/{version}.json")
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// What a new release is made of, decided from the current one.
+pub struct Draft {
+    pub bundle: BundleRef,
+    pub manifest: AppManifest,
+    pub config: BTreeMap<String, String>,
+    pub cause: ReleaseCause,
+    pub description: String,
+}
+
+#[derive(Clone)]
+pub struct Releases {
+    storage: Arc<dyn Storage>,
+    metrics: Arc<Metrics>,
+}
+
+fn corrupt(key: &str, e: serde_json::Error) -> ApiError {
+    ApiError::Internal(format!("{key} is not valid JSON: {e}"))
+}
+
+impl Releases {
+    pub fn new(storage: Arc<dyn Storage>, metrics: Arc<Metrics>) -> Self {
+        Self { storage, metrics }
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    fn count_storage_error<T>(&self, r: Result<T, StorageError>) -> Result<T, StorageError> {
+        if r.is_err() {
+            self.metrics.storage_errors.inc();
+        }
+        r
+    }
+
+    pub async fn create_app(&self, name: &str, by: &str) -> Result<App, ApiError> {
+        px_proto::names::check_app_name(name)
+            .map_err(|m| ApiError::BadRequest(format!("app name: {m}")))?;
+        let record = AppRecord {
+            name: name.into(),
+            created_at: now_rfc3339(),
+            created_by: by.into(),
+            latest: 0,
+        };
+        let bytes =
+            serde_json::to_vec_pretty(&record).map_err(|e| ApiError::Internal(e.to_string()))?;
+        match self.count_storage_error(self.storage.create(&app_key(name), bytes.into()).await) {
+            Ok(()) => Ok(App {
+                name: record.name,
+                created_at: record.created_at,
+                created_by: record.created_by,
+                current: None,
+            }),
+            Err(StorageError::AlreadyExists(_)) => {
+                Err(ApiError::Conflict(format!("app {name:?} already exists")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn record(&self, app: &str) -> Result<(AppRecord, String), ApiError> {
+        px_proto::names::check_app_name(app)
+            .map_err(|m| ApiError::NotFound(format!("no app {app:?}: {m}")))?;
+        let key = app_key(app);
+        let stored = self
+            .count_storage_error(self.storage.read(&key).await)?
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "no app {app:?}; create it with `em apps create {app}`"
+                ))
+            })?;
+        let record = serde_json::from_slice(&stored.bytes).map_err(|e| corrupt(&key, e))?;
+        Ok((record, stored.version))
+    }
+
+    async fn release_at(&self, app: &str, version: u64) -> Result<Option<Release>, ApiError> {
+        let key = release_key(app, version);
+        match self.count_storage_error(self.storage.read(&key).await)? {
+            Some(stored) => Ok(Some(
+                serde_json::from_slice(&stored.bytes).map_err(|e| corrupt(&key, e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// The newest committed release, probing forward from the pointer.
+    async fn newest(&self, app: &str, mut version: u64) -> Result<Option<Release>, ApiError> {
+        let mut newest = if version == 0 {
+            None
+        } else {
+            self.release_at(app, version).await?
+        };
+        while let Some(next) = self.release_at(app, version + 1).await? {
+            version += 1;
+            newest = Some(next);
+        }
+        Ok(newest)
+    }
+
+    pub async fn app(&self, app: &str) -> Result<App, ApiError> {
+        let (record, _) = self.record(app).await?;
+        let current = self.newest(app, record.latest).await?;
+        Ok(App {
+            name: record.name,
+            created_at: record.created_at,
+            created_by: record.created_by,
+            current,
+        })
+    }
+
+    pub async fn apps(&self) -> Result<Vec<App>, ApiError> {
+        let names = self.count_storage_error(self.storage.list("apps/").await)?;
+        let mut apps = Vec::with_capacity(names.len());
+        for name in names {
+            match self.app(&name).await {
+                Ok(app) => apps.push(app),
+                // A directory without app.json: an app whose creation did not finish.
+                Err(ApiError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(apps)
+    }
+
+    pub async fn current(&self, app: &str) -> Result<Release, ApiError> {
+        self.app(app).await?.current.ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "app {app:?} has no releases yet; deploy it with `em deploy`"
+            ))
+        })
+    }
+
+    pub async fn release(&self, app: &str, version: u64) -> Result<Release, ApiError> {
+        self.record(app).await?;
+        self.release_at(app, version)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("app {app:?} has no release v{version}")))
+    }
+
+    /// Releases, newest first, at most [`MAX_LISTED_RELEASES`].
+    pub async fn list(&self, app: &str) -> Result<Vec<Release>, ApiError> {
+        self.record(app).await?;
+        let names =
+            self.count_storage_error(self.storage.list(&format!("apps/{app}/releases/")).await)?;
+        let mut versions: Vec<u64> = names
+            .iter()
+            .filter_map(|n| n.strip_suffix(".json")?.parse().ok())
+            .collect();
+        versions.sort_unstable_by(|a, b| b.cmp(a));
+        let mut releases = Vec::new();
+        for version in versions.into_iter().take(MAX_LISTED_RELEASES) {
+            if let Some(release) = self.release_at(app, version).await? {
+                releases.push(release);
+            }
+        }
+        Ok(releases)
+    }
+
+    /// Commits a new release built by `draft` from the current release (if any).
+    pub async fn commit<F>(&self, app: &str, by: &str, mut draft: F) -> Result<Release, ApiError>
+    where
+        F: FnMut(Option<&Release>) -> Result<Draft, ApiError>,
+    {
+        for _ in 0..MAX_COMMIT_ATTEMPTS {
+            let (mut record, pointer_version) = self.record(app).await?;
+            let current = self.newest(app, record.latest).await?;
+            let number = current.as_ref().map_or(0, |r| r.version) + 1;
+            let parts = draft(current.as_ref())?;
+            let release = Release {
+                app: app.into(),
+                version: number,
+                bundle: parts.bundle,
+                manifest: parts.manifest,
+                config: parts.config,
+                cause: parts.cause,
+                description: parts.description,
+                created_at: now_rfc3339(),
+                created_by: by.into(),
+            };
+            let bytes = serde_json::to_vec_pretty(&release)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            match self.count_storage_error(
+                self.storage
+                    .create(&release_key(app, number), bytes.into())
+                    .await,
+            ) {
+                Ok(()) => {}
+                Err(StorageError::AlreadyExists(_)) => {
+                    self.metrics.commit_conflicts.inc();
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            self.metrics.releases_committed.inc();
+            record.latest = number;
+            let pointer = serde_json::to_vec_pretty(&record)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            // Losing this race is harmless: the pointer only has to be a lower bound.
+            match self
+                .storage
+                .replace(&app_key(app), Bytes::from(pointer), &pointer_version)
+                .await
+            {
+                Ok(()) | Err(StorageError::Conflict(_)) => {}
+                Err(e) => {
+                    tracing::warn!(%app, error = %e, "release committed but pointer not advanced; readers probe forward")
+                }
+            }
+            tracing::info!(%app, version = number, bundle = %release.bundle.sha256, by, "release committed");
+            return Ok(release);
+        }
+        Err(ApiError::Conflict(format!(
+            "too many concurrent releases of {app:?}; retry in a moment"
+        )))
+    }
+}

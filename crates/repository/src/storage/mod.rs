@@ -1,0 +1,78 @@
+//! Storage of bundles and release records behind one trait, with a local filesystem backend and
+//! an S3 backend. Keys are the same on both (DESIGN.md §3.4):
+//! `bundles/sha256/<digest>` (immutable), `apps/<app>/releases/<n>.json` (immutable, created only
+//! if absent), `apps/<app>/app.json` (replaced by compare-and-swap).
+
+use std::path::Path;
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::Stream;
+
+pub mod fs;
+pub mod s3;
+
+/// A stream of bundle bytes, as served to downloaders.
+pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
+
+/// A stored bundle opened for reading.
+pub struct StoredBundle {
+    pub size: u64,
+    pub body: ByteStream,
+}
+
+/// A small object read together with its version, for compare-and-swap.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    pub bytes: Bytes,
+    /// Opaque version: a content hash on disk, the ETag in S3.
+    pub version: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// `create` found the key already there.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// `replace` found another version than expected.
+    #[error("{0} changed concurrently")]
+    Conflict(String),
+    /// The backend cannot be reached (S3 down, network); the request may be retried.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else: a bug, a full disk, a permissions problem.
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub type Result<T> = std::result::Result<T, StorageError>;
+
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// One line for logs: where the data lives.
+    fn describe(&self) -> String;
+    /// Cheap check that the backend answers, for `/healthz` and start-up.
+    async fn check(&self) -> Result<()>;
+    /// Whether a bundle with this digest is stored.
+    async fn has_bundle(&self, sha256: &str) -> Result<bool>;
+    /// Stores the verified bundle in `file` under its digest, unless already there. The file
+    /// may be moved (filesystem) or read (S3); the caller removes it afterwards if it remains.
+    async fn put_bundle(&self, sha256: &str, file: &Path, size: u64) -> Result<()>;
+    /// Opens a bundle for streaming, or `None` if it is not stored.
+    async fn get_bundle(&self, sha256: &str) -> Result<Option<StoredBundle>>;
+    /// Reads a small object, or `None` if absent.
+    async fn read(&self, key: &str) -> Result<Option<Versioned>>;
+    /// Writes a small object only if the key is absent, atomically.
+    async fn create(&self, key: &str, bytes: Bytes) -> Result<()>;
+    /// Replaces a small object only if its version is still `expected`, atomically.
+    async fn replace(&self, key: &str, bytes: Bytes, expected: &str) -> Result<()>;
+    /// Names directly under `prefix` (which ends with '/'): object names and sub-"directories"
+    /// (without the trailing '/'), sorted.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>>;
+}
+
+/// Key of a bundle.
+pub fn bundle_key(sha256: &str) -> String {
+    format!("bundles/sha256/{sha256}")
+}
