@@ -1,0 +1,339 @@
+//! apprepo over HTTP with the filesystem backend: the deploy flow, concurrency, and every kind
+//! of bad input with proof that nothing was stored.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::{Raw, Repo, bomb_bundle, raw_bundle, sample_bundle, sha256_hex, suite};
+use px_proto::api::ErrorBody;
+use reqwest::StatusCode;
+
+#[tokio::test]
+async fn deploy_flow() {
+    let repo = Repo::start_fs().await;
+    suite::deploy_flow(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_uploads_all_become_releases() {
+    let repo = Repo::start_fs().await;
+    suite::concurrent_uploads(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn digest_mismatch_stores_nothing() {
+    let repo = Repo::start_fs().await;
+    suite::digest_mismatch_stores_nothing(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn identical_bundles_are_stored_once() {
+    let repo = Repo::start_fs().await;
+    repo.create_app("hello").await;
+    let bundle = sample_bundle("hello", "same");
+    let v1 = repo.deploy("hello", &bundle).await;
+    let v2 = repo.deploy("hello", &bundle).await;
+    assert_eq!((v1.version, v2.version), (1, 2));
+    assert_eq!(v1.bundle, v2.bundle);
+    let stored = std::fs::read_dir(repo.data.path().join("storage/bundles/sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(stored, 1);
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_are_required_and_roles_enforced() {
+    let repo = Repo::start_fs().await;
+    repo.create_app("hello").await;
+    let bundle = sample_bundle("hello", "x");
+    let anonymous = repo
+        .http
+        .post(format!("{}/v1/apps/hello/releases", repo.url))
+        .header(px_proto::api::HEADER_BUNDLE_SHA256, sha256_hex(&bundle))
+        .body(bundle.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
+    let wrong = repo
+        .upload_request("hello", &bundle, "pxt_not-a-real-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let read_only = repo
+        .upload_request("hello", &bundle, &repo.read_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read_only.status(), StatusCode::FORBIDDEN);
+    let r = repo.get("/v1/apps", "pxt_nope").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = repo
+        .http
+        .post(format!("{}/v1/apps", repo.url))
+        .bearer_auth(&repo.read_token)
+        .json(&serde_json::json!({"name": "other"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert!(
+        repo.releases("hello").await.is_empty(),
+        "nothing was stored"
+    );
+    assert!(!repo.data.path().join("storage/bundles").exists());
+    repo.assert_spool_empties().await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn app_names_and_duplicates_are_checked() {
+    let repo = Repo::start_fs().await;
+    repo.create_app("hello").await;
+    let post = |name: &str| {
+        repo.http
+            .post(format!("{}/v1/apps", repo.url))
+            .bearer_auth(&repo.deploy_token)
+            .json(&serde_json::json!({ "name": name }))
+            .send()
+    };
+    assert_eq!(post("hello").await.unwrap().status(), StatusCode::CONFLICT);
+    let bad = post("Not_A_Label").await.unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    assert!(bad.text().await.unwrap().contains("lowercase"));
+    let r = repo
+        .upload("nosuchapp", &sample_bundle("nosuchapp", "x"))
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(r.text().await.unwrap().contains("em apps create"));
+    repo.stop().await;
+}
+
+async fn refused(repo: &Repo, bundle: &[u8]) -> ErrorBody {
+    let r = repo.upload("hello", bundle).await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    r.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn hostile_bundles_are_refused_naming_the_path() {
+    let repo = Repo::start_with(|c| c.limits.max_unpacked_bytes = 1024 * 1024).await;
+    repo.create_app("hello").await;
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (raw_bundle(&[Raw::File("../x", b"escape")]), "../x"),
+        (
+            raw_bundle(&[Raw::File("a/../../x", b"escape")]),
+            "a/../../x",
+        ),
+        (
+            raw_bundle(&[Raw::File("/etc/cron.d/x", b"escape")]),
+            "/etc/cron.d/x",
+        ),
+        (
+            raw_bundle(&[Raw::Symlink("link", "../../etc/passwd")]),
+            "link",
+        ),
+        (raw_bundle(&[Raw::Symlink("abs", "/etc/passwd")]), "abs"),
+        (raw_bundle(&[Raw::CharDevice("dev/null")]), "dev/null"),
+        (bomb_bundle(64 * 1024 * 1024), "1048576"),
+    ];
+    for (bundle, named) in cases {
+        let body = refused(&repo, &bundle).await;
+        assert_eq!(body.code, "invalid_bundle");
+        assert!(body.message.contains(named), "{named}: {}", body.message);
+    }
+    assert!(repo.releases("hello").await.is_empty());
+    assert!(!repo.data.path().join("storage/bundles").exists());
+    repo.assert_spool_empties().await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn bad_manifests_are_refused_naming_the_field() {
+    let repo = Repo::start_fs().await;
+    repo.create_app("hello").await;
+    let cases: Vec<(&[u8], &str)> = vec![
+        (
+            b"name = \"hello\"\nrun = \"x\"\ninstances = 0\n",
+            "instances",
+        ),
+        (
+            b"name = \"hello\"\nrun = \"x\"\n[health]\ntimeout = \"soon\"\n",
+            "health.timeout",
+        ),
+        (
+            b"name = \"hello\"\nrun = \"x\"\n[http]\nstatic = { \"/a\" = \"../../etc\" }\n",
+            "http.static",
+        ),
+        (b"name = \"other\"\nrun = \"x\"\n", "name"),
+        (b"name = \"hello\"\n", "apprunner"),
+    ];
+    for (manifest, field) in cases {
+        let body = refused(&repo, &raw_bundle(&[Raw::File("app.toml", manifest)])).await;
+        assert!(body.message.contains(field), "{field}: {}", body.message);
+    }
+    let body = refused(&repo, &raw_bundle(&[Raw::File("app.toml", b"name = ")])).await;
+    assert!(body.message.contains("app.toml"), "{}", body.message);
+    let body = refused(&repo, b"definitely not zstd").await;
+    assert!(
+        body.message.contains("not a valid bundle"),
+        "{}",
+        body.message
+    );
+    assert!(repo.releases("hello").await.is_empty());
+    repo.stop().await;
+}
+
+// Multi-threaded: the test reads with a blocking socket while the server runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_upload_is_refused_early_and_the_connection_closed() {
+    let repo = Repo::start_with(|c| c.limits.max_bundle_bytes = 64 * 1024).await;
+    repo.create_app("hello").await;
+    let addr = repo.url.trim_start_matches("http://").to_string();
+
+    // Declared too large: answered before the body is sent, then the connection closes.
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "POST /v1/apps/hello/releases HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n{}: {}\r\nContent-Length: {}\r\n\r\n",
+        repo.deploy_token,
+        px_proto::api::HEADER_BUNDLE_SHA256,
+        "a".repeat(64),
+        100 * 1024 * 1024
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+
+    // Undeclared (chunked) and too large: refused once the limit is crossed.
+    let big = vec![7u8; 256 * 1024];
+    let chunks = futures_util::stream::iter(
+        big.chunks(8 * 1024)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
+    let r = repo
+        .http
+        .post(format!("{}/v1/apps/hello/releases", repo.url))
+        .bearer_auth(&repo.deploy_token)
+        .header(px_proto::api::HEADER_BUNDLE_SHA256, sha256_hex(&big))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await;
+    // The server may close before reqwest finishes sending; either way nothing is stored.
+    if let Ok(r) = r {
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(r.text().await.unwrap().contains("max_bundle_bytes"));
+    }
+    assert!(repo.releases("hello").await.is_empty());
+    repo.assert_spool_empties().await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn client_disconnect_mid_upload_leaves_nothing() {
+    let repo = Repo::start_fs().await;
+    repo.create_app("hello").await;
+    let addr = repo.url.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    let head = format!(
+        "POST /v1/apps/hello/releases HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n{}: {}\r\nContent-Length: {}\r\n\r\n",
+        repo.deploy_token,
+        px_proto::api::HEADER_BUNDLE_SHA256,
+        "a".repeat(64),
+        10 * 1024 * 1024
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&vec![1u8; 512 * 1024]).await.unwrap();
+    stream.flush().await.unwrap();
+    // Let the server spool what arrived, then vanish.
+    for _ in 0..100 {
+        if std::fs::read_dir(repo.spool_dir()).unwrap().count() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(stream);
+    repo.assert_spool_empties().await;
+    assert!(repo.releases("hello").await.is_empty());
+    // The next upload works.
+    assert_eq!(
+        repo.deploy("hello", &sample_bundle("hello", "after"))
+            .await
+            .version,
+        1
+    );
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn config_changes_need_a_release_and_valid_keys() {
+    let repo = Repo::start_fs().await;
+    repo.create_app("hello").await;
+    let patch = |body: serde_json::Value| {
+        repo.http
+            .patch(format!("{}/v1/apps/hello/config", repo.url))
+            .bearer_auth(&repo.deploy_token)
+            .json(&body)
+            .send()
+    };
+    assert_eq!(
+        patch(serde_json::json!({"set": {"A": "1"}}))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::CONFLICT
+    );
+    repo.deploy("hello", &sample_bundle("hello", "x")).await;
+    assert_eq!(
+        patch(serde_json::json!({})).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        patch(serde_json::json!({"set": {"1BAD": "x"}}))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        patch(serde_json::json!({"sett": {}}))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::BAD_REQUEST
+    );
+    let r = repo
+        .http
+        .post(format!("{}/v1/apps/hello/rollback", repo.url))
+        .bearer_auth(&repo.deploy_token)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::CONFLICT,
+        "only v1: nothing to roll back to"
+    );
+    assert_eq!(repo.releases("hello").await.len(), 1);
+    repo.stop().await;
+}

@@ -1,0 +1,291 @@
+//! Shared set-up for apprepo's integration tests: the real service on `127.0.0.1:0` (in-process
+//! through `run`, or as the `apprepo` binary), a client, and bundles good and hostile.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use px_proto::api::{self, App, Release};
+use px_repository::auth::Role;
+use px_repository::config::{Backend, Config, S3Config, StorageConfig};
+use px_runtime::tokens::{TokenEntry, generate, hash};
+use px_test_support::{S3_ACCESS_KEY, S3_SECRET_KEY, S3Server};
+use reqwest::StatusCode;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+pub const BUCKET: &str = "px-bundles";
+
+pub struct Repo {
+    pub url: String,
+    pub deploy_token: String,
+    pub read_token: String,
+    pub data: tempfile::TempDir,
+    pub config: Config,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub http: reqwest::Client,
+}
+
+/// A config with a deploy and a read token, storage under a fresh directory.
+pub fn test_config(data: &Path) -> (Config, String, String) {
+    let deploy = generate();
+    let read = generate();
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data.to_path_buf(),
+        tokens: vec![
+            TokenEntry {
+                name: "ci".into(),
+                role: Role::Deploy,
+                sha256: hash(&deploy),
+            },
+            TokenEntry {
+                name: "maestro".into(),
+                role: Role::Read,
+                sha256: hash(&read),
+            },
+        ],
+        ..Config::default()
+    };
+    (config, deploy, read)
+}
+
+/// Points a config at an S3 server, writing the secret key file it needs.
+pub fn use_s3(config: &mut Config, s3: &S3Server) {
+    let secret_file = config.data_dir.join("s3-secret");
+    std::fs::create_dir_all(&config.data_dir).unwrap();
+    px_runtime::secrets::write_secret_file(&secret_file, S3_SECRET_KEY).unwrap();
+    config.storage = StorageConfig {
+        backend: Backend::S3,
+        s3: Some(S3Config {
+            bucket: BUCKET.into(),
+            region: "us-east-1".into(),
+            endpoint: Some(s3.endpoint()),
+            path_style: true,
+            prefix: String::new(),
+            access_key_id: Some(S3_ACCESS_KEY.into()),
+            secret_access_key_file: Some(secret_file),
+        }),
+    };
+}
+
+impl Repo {
+    pub async fn start_fs() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_s3(s3: &S3Server) -> Self {
+        Self::start_with(|c| use_s3(c, s3)).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let (mut config, deploy_token, read_token) = test_config(data.path());
+        adjust(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let run_config = config.clone();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            px_repository::run(run_config, listener, token)
+                .await
+                .unwrap();
+        });
+        Self {
+            url,
+            deploy_token,
+            read_token,
+            data,
+            config,
+            shutdown,
+            task: Some(task),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.data.path().join("tmp")
+    }
+
+    pub fn get(&self, path: &str, token: &str) -> reqwest::RequestBuilder {
+        self.http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(token)
+    }
+
+    pub async fn create_app(&self, name: &str) -> App {
+        let r = self
+            .http
+            .post(format!("{}/v1/apps", self.url))
+            .bearer_auth(&self.deploy_token)
+            .json(&serde_json::json!({ "name": name }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "{}",
+            r.text().await.unwrap()
+        );
+        r.json().await.unwrap()
+    }
+
+    pub fn upload_request(&self, app: &str, bundle: &[u8], token: &str) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}/v1/apps/{app}/releases", self.url))
+            .bearer_auth(token)
+            .header(api::HEADER_BUNDLE_SHA256, sha256_hex(bundle))
+            .body(bundle.to_vec())
+    }
+
+    pub async fn upload(&self, app: &str, bundle: &[u8]) -> reqwest::Response {
+        self.upload_request(app, bundle, &self.deploy_token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn deploy(&self, app: &str, bundle: &[u8]) -> Release {
+        let r = self.upload(app, bundle).await;
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "{}",
+            r.text().await.unwrap()
+        );
+        r.json().await.unwrap()
+    }
+
+    pub async fn releases(&self, app: &str) -> Vec<Release> {
+        let r = self
+            .get(&format!("/v1/apps/{app}/releases"), &self.read_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json().await.unwrap()
+    }
+
+    /// Waits until the spool directory is empty: nothing half-received is left behind.
+    pub async fn assert_spool_empties(&self) {
+        for _ in 0..100 {
+            if std::fs::read_dir(self.spool_dir()).unwrap().count() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "spool directory still holds files: {:?}",
+            std::fs::read_dir(self.spool_dir())
+                .unwrap()
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Packs the sample app named `name`, with `extra` written into it so bundles differ.
+pub fn sample_bundle(name: &str, extra: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    px_test_support::write_sample_app(dir.path(), name).unwrap();
+    std::fs::write(dir.path().join("extra.txt"), extra).unwrap();
+    let mut out = Vec::new();
+    px_bundle::pack_dir(dir.path(), &mut out).unwrap();
+    out
+}
+
+/// One entry of a hand-made (possibly hostile) bundle.
+pub enum Raw<'a> {
+    File(&'a str, &'a [u8]),
+    Symlink(&'a str, &'a str),
+    CharDevice(&'a str),
+}
+
+const GOOD_MANIFEST: &[u8] = b"name = \"hello\"\nrun = \"python3 server.py\"\n";
+
+/// Builds a zstd tar from raw entries, writing names byte for byte (no sanitising), after a
+/// valid `app.toml` unless one is given.
+pub fn raw_bundle(entries: &[Raw<'_>]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let has_manifest = entries
+        .iter()
+        .any(|e| matches!(e, Raw::File("app.toml", _)));
+    let manifest = [Raw::File("app.toml", GOOD_MANIFEST)];
+    let all = if has_manifest { &[][..] } else { &manifest[..] };
+    for entry in all.iter().chain(entries) {
+        let mut header = tar::Header::new_gnu();
+        let (name, data): (&str, &[u8]) = match entry {
+            Raw::File(name, data) => {
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_size(data.len() as u64);
+                (name, data)
+            }
+            Raw::Symlink(name, target) => {
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                header.as_gnu_mut().unwrap().linkname[..target.len()]
+                    .copy_from_slice(target.as_bytes());
+                (name, &[])
+            }
+            Raw::CharDevice(name) => {
+                header.set_entry_type(tar::EntryType::Char);
+                header.set_size(0);
+                (name, &[])
+            }
+        };
+        header.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append(&header, data).unwrap();
+    }
+    let tar = builder.into_inner().unwrap();
+    zstd::encode_all(&tar[..], 3).unwrap()
+}
+
+/// A zstd tar holding one file of `size` zero bytes: tiny compressed, huge unpacked.
+pub fn bomb_bundle(size: u64) -> Vec<u8> {
+    let mut encoder = zstd::Encoder::new(Vec::new(), 19).unwrap();
+    {
+        let mut builder = tar::Builder::new(&mut encoder);
+        let mut header = tar::Header::new_gnu();
+        header.set_path("app.toml").unwrap();
+        header.set_size(GOOD_MANIFEST.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append(&header, GOOD_MANIFEST).unwrap();
+        let mut header = tar::Header::new_gnu();
+        header.set_path("zeros.bin").unwrap();
+        header.set_size(size);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append(&header, std::io::repeat(0).take_bytes(size))
+            .unwrap();
+        builder.finish().unwrap();
+    }
+    encoder.finish().unwrap()
+}
+
+trait TakeBytes: std::io::Read + Sized {
+    fn take_bytes(self, n: u64) -> std::io::Take<Self> {
+        std::io::Read::take(self, n)
+    }
+}
+impl<R: std::io::Read> TakeBytes for R {}
+pub mod suite;
