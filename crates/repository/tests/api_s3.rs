@@ -1,0 +1,166 @@
+//! apprepo with the S3 backend against a real S3-compatible server (s3s-fs on loopback, one per
+//! test), checked through an independent client (the AWS CLI), and S3 outages.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::{BUCKET, Repo, sample_bundle, sha256_hex, suite};
+use px_proto::api::{ErrorBody, Release};
+use px_test_support::{S3_ACCESS_KEY, S3_SECRET_KEY, S3Server};
+use reqwest::StatusCode;
+
+fn server() -> Option<S3Server> {
+    S3Server::start(BUCKET)
+}
+
+#[tokio::test]
+async fn deploy_flow_on_s3() {
+    let Some(s3) = server() else { return };
+    let repo = Repo::start_s3(&s3).await;
+    suite::deploy_flow(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_uploads_on_s3_all_become_releases() {
+    let Some(s3) = server() else { return };
+    let repo = Repo::start_s3(&s3).await;
+    suite::concurrent_uploads(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn digest_mismatch_on_s3_stores_nothing() {
+    let Some(s3) = server() else { return };
+    let repo = Repo::start_s3(&s3).await;
+    suite::digest_mismatch_stores_nothing(&repo).await;
+    repo.stop().await;
+}
+
+/// Runs the AWS CLI against the test server.
+fn aws(s3: &S3Server, args: &[&str]) -> std::process::Output {
+    Command::new("aws")
+        .args(["--endpoint-url", &s3.endpoint()])
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("the AWS CLI is needed for this test (`pip install awscli`): {e}")
+        })
+}
+
+#[tokio::test]
+async fn what_apprepo_stores_is_what_an_independent_client_reads() {
+    let Some(s3) = server() else { return };
+    // Over the multipart threshold, so both upload paths are covered.
+    let big = {
+        let dir = tempfile::tempdir().unwrap();
+        px_test_support::write_sample_app(dir.path(), "big").unwrap();
+        let mut noise = vec![0u8; 80 * 1024 * 1024];
+        let mut state = 0x9e3779b97f4a7c15u64;
+        for chunk in noise.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+        }
+        std::fs::write(dir.path().join("noise.bin"), &noise).unwrap();
+        let mut out = Vec::new();
+        px_bundle::pack_dir(dir.path(), &mut out).unwrap();
+        out
+    };
+    assert!(big.len() as u64 > px_repository::storage::s3::MULTIPART_THRESHOLD);
+    let repo = Repo::start_with(|c| {
+        common::use_s3(c, &s3);
+    })
+    .await;
+    repo.create_app("big").await;
+    let release = repo.deploy("big", &big).await;
+    repo.create_app("hello").await;
+    let small = repo.deploy("hello", &sample_bundle("hello", "small")).await;
+
+    let fetched = tempfile::tempdir().unwrap();
+    for r in [&release, &small] {
+        let dest = fetched.path().join(&r.bundle.sha256);
+        let key = format!("s3://{BUCKET}/bundles/sha256/{}", r.bundle.sha256);
+        let out = aws(&s3, &["s3", "cp", &key, dest.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bytes = std::fs::read(&dest).unwrap();
+        assert_eq!(sha256_hex(&bytes), r.bundle.sha256);
+        assert_eq!(bytes.len() as u64, r.bundle.size);
+    }
+    let out = aws(
+        &s3,
+        &[
+            "s3",
+            "cp",
+            &format!("s3://{BUCKET}/apps/big/releases/1.json"),
+            "-",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored: Release = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stored, release);
+    let out = aws(&s3, &["s3", "ls", &format!("s3://{BUCKET}/apps/")]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("big/") && listing.contains("hello/"),
+        "{listing}"
+    );
+    // Downloads through apprepo stream the same bytes back.
+    let r = repo
+        .get(
+            &format!("/v1/bundles/{}", release.bundle.sha256),
+            &repo.read_token,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sha256_hex(&r.bytes().await.unwrap()), release.bundle.sha256);
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn s3_outage_answers_503_and_retries_succeed_once_it_returns() {
+    let Some(mut s3) = server() else { return };
+    let repo = Repo::start_s3(&s3).await;
+    repo.create_app("hello").await;
+    s3.pause();
+    let bundle = sample_bundle("hello", "during outage");
+    let r = repo.upload("hello", &bundle).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: ErrorBody = r.json().await.unwrap();
+    assert_eq!(body.code, "storage_unavailable");
+    assert!(body.message.contains("retry"), "{}", body.message);
+    let health = repo
+        .http
+        .get(format!("{}/healthz", repo.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::SERVICE_UNAVAILABLE);
+    repo.assert_spool_empties().await;
+
+    s3.resume().unwrap();
+    let release = repo.deploy("hello", &bundle).await;
+    assert_eq!(
+        release.version, 1,
+        "the failed attempt left no release behind"
+    );
+    assert_eq!(repo.releases("hello").await.len(), 1);
+    repo.stop().await;
+}

@@ -1,0 +1,171 @@
+//! apprepo tells Beacon about committed releases over the TLS link, and an absent Beacon never
+//! holds up an upload. Beacon's side is played by a listener speaking the real codec.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Repo, sample_bundle};
+use futures_util::{SinkExt, StreamExt};
+use px_proto::codec::FrameCodec;
+use px_proto::link::{FromBeacon, PROTOCOL_VERSION, PeerRole, ReleaseCommitted, ToBeacon};
+use px_repository::config::BeaconConfig;
+use px_test_support::Pki;
+use tokio_util::codec::Framed;
+
+const LINK_TOKEN: &str = "pxt_link-token-for-tests";
+
+fn beacon_config(dir: &std::path::Path, pki: &Pki, port: u16) -> BeaconConfig {
+    let token_file = dir.join("beacon-token");
+    px_runtime::secrets::write_secret_file(&token_file, LINK_TOKEN).unwrap();
+    BeaconConfig {
+        addr: format!("127.0.0.1:{port}"),
+        server_name: Some("beacon.test".into()),
+        ca_file: pki.ca(),
+        token_file,
+        name: "repo-test".into(),
+    }
+}
+
+#[tokio::test]
+async fn committed_releases_reach_beacon_over_tls() {
+    let pki = Pki::new(&["beacon.test"]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        px_runtime::tls::server_config(&pki.cert(), &pki.key()).unwrap(),
+    );
+    let secrets = tempfile::tempdir().unwrap();
+    let beacon = beacon_config(secrets.path(), &pki, port);
+    let repo = Repo::start_with(|c| c.beacon = Some(beacon)).await;
+
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let tls = acceptor.accept(tcp).await.unwrap();
+    let mut link = Framed::new(tls, FrameCodec::<ToBeacon, FromBeacon>::new());
+    let Some(Ok(ToBeacon::Hello(hello))) = link.next().await else {
+        panic!("expected hello")
+    };
+    assert_eq!(hello.protocol, PROTOCOL_VERSION);
+    assert_eq!(hello.role, PeerRole::Repository);
+    assert_eq!(hello.token, LINK_TOKEN);
+    assert_eq!(hello.name, "repo-test");
+    link.send(FromBeacon::Welcome {
+        protocol: PROTOCOL_VERSION,
+        beacon: "test".into(),
+    })
+    .await
+    .unwrap();
+
+    repo.create_app("hello").await;
+    let release = repo.deploy("hello", &sample_bundle("hello", "x")).await;
+    let notice = loop {
+        match tokio::time::timeout(Duration::from_secs(10), link.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(ToBeacon::ReleaseCommitted(n))) => break n,
+            Some(Ok(ToBeacon::Heartbeat)) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(
+        notice,
+        ReleaseCommitted {
+            app: "hello".into(),
+            version: release.version,
+            bundle_sha256: release.bundle.sha256
+        }
+    );
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn uploads_succeed_while_beacon_is_away_and_news_arrives_when_it_returns() {
+    let pki = Pki::new(&["beacon.test"]).unwrap();
+    let port = px_test_support::free_port();
+    let secrets = tempfile::tempdir().unwrap();
+    let beacon = beacon_config(secrets.path(), &pki, port);
+    let repo = Repo::start_with(|c| c.beacon = Some(beacon)).await;
+    repo.create_app("hello").await;
+    let started = std::time::Instant::now();
+    let release = tokio::time::timeout(
+        Duration::from_secs(10),
+        repo.deploy("hello", &sample_bundle("hello", "x")),
+    )
+    .await
+    .expect("an upload must not wait for beacon");
+    assert_eq!(release.version, 1);
+    eprintln!("upload with beacon away took {:?}", started.elapsed());
+
+    // Beacon comes up: the notifier reconnects and delivers what it kept.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        px_runtime::tls::server_config(&pki.cert(), &pki.key()).unwrap(),
+    );
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut link = Framed::new(
+        acceptor.accept(tcp).await.unwrap(),
+        FrameCodec::<ToBeacon, FromBeacon>::new(),
+    );
+    assert!(matches!(link.next().await, Some(Ok(ToBeacon::Hello(_)))));
+    link.send(FromBeacon::Welcome {
+        protocol: PROTOCOL_VERSION,
+        beacon: "test".into(),
+    })
+    .await
+    .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), link.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(next, Some(Ok(ToBeacon::ReleaseCommitted(ref n))) if n.version == 1),
+        "{next:?}"
+    );
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn a_rejected_link_is_retried_without_affecting_uploads() {
+    let pki = Pki::new(&["beacon.test"]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        px_runtime::tls::server_config(&pki.cert(), &pki.key()).unwrap(),
+    );
+    let secrets = tempfile::tempdir().unwrap();
+    let repo =
+        Repo::start_with(|c| c.beacon = Some(beacon_config(secrets.path(), &pki, port))).await;
+    for _ in 0..2 {
+        let (tcp, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut link = Framed::new(
+            acceptor.accept(tcp).await.unwrap(),
+            FrameCodec::<ToBeacon, FromBeacon>::new(),
+        );
+        assert!(matches!(link.next().await, Some(Ok(ToBeacon::Hello(_)))));
+        link.send(FromBeacon::Rejected {
+            reason: "unknown token".into(),
+        })
+        .await
+        .unwrap();
+    }
+    repo.create_app("hello").await;
+    assert_eq!(
+        repo.deploy("hello", &sample_bundle("hello", "x"))
+            .await
+            .version,
+        1
+    );
+    repo.stop().await;
+}
