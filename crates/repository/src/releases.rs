@@ -7,7 +7,7 @@
 //! pointer, loses nothing; two concurrent commits that pick the same number see one of them
 //! refused, and the loser retries with the next number.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -61,6 +61,11 @@ pub struct Draft {
 pub struct Releases {
     storage: Arc<dyn Storage>,
     metrics: Arc<Metrics>,
+    /// One lock per app, so commits from this process take numbers one after the other
+    /// instead of racing through the storage's conditional writes. Several repositories
+    /// sharing a bucket still rely on those (atomic on AWS S3); some S3-compatible servers
+    /// check then write, and this lock keeps a single repository correct on them too.
+    commit_locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 fn corrupt(key: &str, e: serde_json::Error) -> ApiError {
@@ -69,7 +74,11 @@ fn corrupt(key: &str, e: serde_json::Error) -> ApiError {
 
 impl Releases {
     pub fn new(storage: Arc<dyn Storage>, metrics: Arc<Metrics>) -> Self {
-        Self { storage, metrics }
+        Self {
+            storage,
+            metrics,
+            commit_locks: Arc::default(),
+        }
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
@@ -211,6 +220,14 @@ impl Releases {
     where
         F: FnMut(Option<&Release>) -> Result<Draft, ApiError>,
     {
+        let lock = {
+            let mut locks = self
+                .commit_locks
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            locks.entry(app.to_string()).or_default().clone()
+        };
+        let _serialised = lock.lock().await;
         for _ in 0..MAX_COMMIT_ATTEMPTS {
             let (mut record, pointer_version) = self.record(app).await?;
             let current = self.newest(app, record.latest).await?;

@@ -337,3 +337,58 @@ async fn config_changes_need_a_release_and_valid_keys() {
     assert_eq!(repo.releases("hello").await.len(), 1);
     repo.stop().await;
 }
+
+#[tokio::test]
+async fn two_repositories_sharing_storage_never_lose_a_release() {
+    // Two apprepo services over one storage directory: their per-process commit locks do not
+    // see each other, so only the create-if-absent release records keep numbers unique.
+    let first = Repo::start_fs().await;
+    let shared = first.data.path().to_path_buf();
+    let deploy = first.deploy_token.clone();
+    let read = first.read_token.clone();
+    let second = Repo::start_with(|c| {
+        c.data_dir = shared;
+        c.tokens = first.config.tokens.clone();
+    })
+    .await;
+    first.create_app("shared").await;
+    let bundles: Vec<Vec<u8>> = (0..12)
+        .map(|i| sample_bundle("shared", &format!("b{i}")))
+        .collect();
+    let uploads = bundles.iter().enumerate().map(|(i, b)| {
+        let repo = if i % 2 == 0 { &first } else { &second };
+        repo.upload_request("shared", b, &deploy).send()
+    });
+    let mut versions = Vec::new();
+    for r in futures_util::future::join_all(uploads).await {
+        let r = r.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        versions.push(r.json::<px_proto::api::Release>().await.unwrap().version);
+    }
+    versions.sort_unstable();
+    assert_eq!(versions, (1..=12).collect::<Vec<u64>>());
+    let listed: Vec<px_proto::api::Release> = second
+        .get("/v1/apps/shared/releases", &read)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut digests: Vec<_> = listed.iter().map(|r| r.bundle.sha256.clone()).collect();
+    digests.sort();
+    let mut expected: Vec<_> = bundles.iter().map(|b| sha256_hex(b)).collect();
+    expected.sort();
+    assert_eq!(digests, expected);
+    let current: px_proto::api::Release = first
+        .get("/v1/apps/shared/releases/current", &read)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(current.version, 12);
+    second.stop().await;
+    first.stop().await;
+}

@@ -164,3 +164,64 @@ async fn s3_outage_answers_503_and_retries_succeed_once_it_returns() {
     assert_eq!(repo.releases("hello").await.len(), 1);
     repo.stop().await;
 }
+
+#[tokio::test]
+async fn s3_conditional_writes_refuse_taken_keys_and_stale_versions() {
+    use bytes::Bytes;
+    use px_repository::storage::{Storage, StorageError, s3::S3Storage};
+    let Some(s3) = server() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::test_config(dir.path()).0;
+    common::use_s3(&mut config, &s3);
+    let s3_config = config.storage.s3.clone().unwrap();
+    let storage = S3Storage::connect(&s3_config, Some(S3_SECRET_KEY.into()))
+        .await
+        .unwrap();
+    storage
+        .create("apps/x/releases/1.json", Bytes::from_static(b"first"))
+        .await
+        .unwrap();
+    let taken = storage
+        .create("apps/x/releases/1.json", Bytes::from_static(b"second"))
+        .await
+        .unwrap_err();
+    assert!(matches!(taken, StorageError::AlreadyExists(_)), "{taken}");
+    let v1 = storage
+        .read("apps/x/releases/1.json")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&v1.bytes[..], b"first", "a refused create changes nothing");
+    storage
+        .replace(
+            "apps/x/releases/1.json",
+            Bytes::from_static(b"third"),
+            &v1.version,
+        )
+        .await
+        .unwrap();
+    let stale = storage
+        .replace(
+            "apps/x/releases/1.json",
+            Bytes::from_static(b"fourth"),
+            &v1.version,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(stale, StorageError::Conflict(_)), "{stale}");
+    assert_eq!(
+        &storage
+            .read("apps/x/releases/1.json")
+            .await
+            .unwrap()
+            .unwrap()
+            .bytes[..],
+        b"third"
+    );
+    assert_eq!(storage.list("apps/").await.unwrap(), vec!["x"]);
+    assert_eq!(
+        storage.list("apps/x/releases/").await.unwrap(),
+        vec!["1.json"]
+    );
+    assert!(storage.read("apps/y/app.json").await.unwrap().is_none());
+}

@@ -80,6 +80,10 @@ impl Repo {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        // Service logs on stderr when asked for (`PX_LOG=debug cargo test ...`).
+        if std::env::var_os("PX_LOG").is_some() {
+            px_runtime::telemetry::init();
+        }
         let data = tempfile::tempdir().unwrap();
         let (mut config, deploy_token, read_token) = test_config(data.path());
         adjust(&mut config);
@@ -93,7 +97,7 @@ impl Repo {
                 .await
                 .unwrap();
         });
-        Self {
+        let repo = Self {
             url,
             deploy_token,
             read_token,
@@ -102,7 +106,26 @@ impl Repo {
             shutdown,
             task: Some(task),
             http: reqwest::Client::new(),
+        };
+        repo.wait_until_serving().await;
+        repo
+    }
+
+    /// Waits until `run` has finished starting (storage opened, routes served).
+    async fn wait_until_serving(&self) {
+        for _ in 0..200 {
+            if self
+                .http
+                .get(format!("{}/healthz", self.url))
+                .send()
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
+        panic!("apprepo at {} did not start", self.url);
     }
 
     pub async fn stop(mut self) {
