@@ -52,14 +52,11 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
     }
     if entries.is_empty() && problems.is_empty() {
         problems.push(
-            "no tokens configured: add `[[tokens]]` entries or `tokens_file` (create one with `apprepo token new`)"
+            "no tokens configured: add `[[tokens]]` entries or `tokens_file` (create one with `apprepo token-new`)"
                 .into(),
         );
     }
-    let tokens = auth::table(entries).unwrap_or_else(|m| {
-        problems.push(m);
-        Arc::new(px_runtime::tokens::TokenTable::new(Vec::new()).unwrap_or_else(|_| unreachable!()))
-    });
+    let tokens = auth::table(entries).map_err(|m| problems.push(m)).ok();
     let mut s3_secret = None;
     match (&config.storage.backend, &config.storage.s3) {
         (Backend::S3, None) => problems.push(
@@ -113,14 +110,13 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
             .map_err(|m| problems.push(format!("beacon: {m}")))
             .ok()
     });
-    if problems.is_empty() {
-        Ok(Checked {
+    match tokens {
+        Some(tokens) if problems.is_empty() => Ok(Checked {
             tokens,
             s3_secret,
             beacon,
-        })
-    } else {
-        Err(ConfigError { problems })
+        }),
+        _ => Err(ConfigError { problems }),
     }
 }
 

@@ -77,7 +77,7 @@ fn check_config_accepts_good_and_names_bad_keys() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("apprepo token new"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("apprepo token-new"));
 
     // Environment variables override the file, and are checked too.
     let out = Command::new(BIN)

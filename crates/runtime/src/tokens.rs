@@ -47,7 +47,7 @@ impl<R: Clone> TokenTable<R> {
             let mut digest = [0u8; 32];
             hex::decode_to_slice(&entry.sha256, &mut digest).map_err(|_| {
                 format!(
-                    "token {:?}: sha256 must be 64 hex characters (the output of `apprepo token hash`)",
+                    "token {:?}: sha256 must be 64 hex characters (the output of `apprepo token-hash`)",
                     entry.name
                 )
             })?;
