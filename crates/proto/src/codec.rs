@@ -118,6 +118,8 @@ mod tests {
             name: "repo-1".into(),
             token: "t".into(),
             software: "0.1.0".into(),
+            labels: Default::default(),
+            state: None,
         })
     }
 

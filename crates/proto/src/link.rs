@@ -1,10 +1,37 @@
-//! Messages of the TCP control links (DESIGN.md §3.2): the handshake every peer starts with,
-//! and what the repository tells Beacon. Carried as frames by [`crate::codec`].
+//! Messages of the TCP control links (DESIGN.md §3.2). Every link is TLS over TCP carrying
+//! frames of [`crate::codec`]; the peer speaks first with [`Hello`], Beacon answers
+//! [`FromBeacon::Welcome`] or [`FromBeacon::Rejected`], then both sides send heartbeats and
+//! whatever their role calls for:
+//!
+//! - repository → Beacon: [`ToBeacon::ReleaseCommitted`];
+//! - Maestro → Beacon: its full actual state in the `Hello` and in every
+//!   [`ToBeacon::Heartbeat`], and [`ToBeacon::Event`]s as things happen;
+//! - Beacon → Maestro: [`FromBeacon::Assign`] (the node's full desired state, with a
+//!   generation number), [`FromBeacon::Restart`] and [`FromBeacon::Stop`].
+//!
+//! State is sent whole, never as deltas, so a lost frame or a reconnect is repaired by the
+//! next one (level-triggered).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::manifest::AppManifest;
+
 /// Version of the link protocol; a peer with another version is refused with a reason.
 pub const PROTOCOL_VERSION: u32 = 1;
+/// How often each side sends a heartbeat on an otherwise quiet link.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+/// A link silent for this long is dead: three missed heartbeats.
+pub const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(15);
+/// How long a peer has to complete the handshake after connecting.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest peer name accepted in a `Hello`.
+pub const MAX_PEER_NAME_LEN: usize = 253;
+/// Most labels a node may carry, and most instances it may report.
+pub const MAX_NODE_LABELS: usize = 64;
+pub const MAX_REPORTED_INSTANCES: usize = 4096;
 
 /// What kind of peer opens a link to Beacon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,12 +46,95 @@ pub enum PeerRole {
 pub struct Hello {
     pub protocol: u32,
     pub role: PeerRole,
-    /// Host or instance name, for logs and the status page.
+    /// Host or node name: unique per Maestro, shown on the status page.
     pub name: String,
     /// The peer's token; Beacon compares its hash.
     pub token: String,
     /// Software version, for the status page.
     pub software: String,
+    /// Node labels (`role = "web"`, `zone = "a"`) that apps may require. Maestro only.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The node's full actual state. Maestro only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<NodeReport>,
+}
+
+/// A node's full actual state: the assignment it last applied and every instance it runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// Generation of the last assignment the node applied (0: none yet).
+    pub generation: u64,
+    pub instances: Vec<InstanceStatus>,
+}
+
+/// Lifecycle of one app instance on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    /// Started, health check not passed yet.
+    Starting,
+    /// Passing its health check and taking traffic.
+    Healthy,
+    /// Running but failing its health check.
+    Unhealthy,
+    /// Exited; waiting for its restart backoff.
+    Crashed,
+    /// Being stopped (draining).
+    Stopping,
+}
+
+/// How an instance last ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// RFC 3339 time of the exit.
+    pub at: String,
+}
+
+/// One instance as its node reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub app: String,
+    pub release: u64,
+    pub state: InstanceState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<ExitInfo>,
+}
+
+/// Something that happened on a node, reported as it happens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEvent {
+    pub kind: NodeEventKind,
+    pub app: String,
+    pub release: u64,
+    /// One human sentence.
+    pub message: String,
+    /// Supporting text, such as the last lines of a failed instance's stderr.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeEventKind {
+    InstanceStarted,
+    InstanceCrashed,
+    InstanceUnhealthy,
+    /// An instance keeps crashing; restarts are backing off.
+    CrashLoop,
+    /// The node switched traffic to the release.
+    DeployFinished,
+    /// The release never became healthy on this node; the previous one keeps serving.
+    DeployFailed,
 }
 
 /// A frame from a peer (repository or Maestro) to Beacon.
@@ -32,10 +142,12 @@ pub struct Hello {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToBeacon {
     Hello(Hello),
-    /// Keeps the link alive and proves the peer is responsive.
-    Heartbeat,
+    /// Keeps the link alive; Maestro includes its full actual state (the repository sends
+    /// an empty report).
+    Heartbeat(NodeReport),
     /// A release was committed; Beacon should assign it.
     ReleaseCommitted(ReleaseCommitted),
+    Event(NodeEvent),
 }
 
 /// A frame from Beacon to a peer.
@@ -51,6 +163,16 @@ pub enum FromBeacon {
         reason: String,
     },
     Heartbeat,
+    /// The node's full desired state; replaces any earlier assignment.
+    Assign(Assignment),
+    /// Restart every instance of an app (rolling, as for a deploy).
+    Restart {
+        app: String,
+    },
+    /// Stop every instance of an app until the next assignment that includes it.
+    Stop {
+        app: String,
+    },
 }
 
 /// Notice that a release of an app is committed in the repository.
@@ -59,4 +181,52 @@ pub struct ReleaseCommitted {
     pub app: String,
     pub version: u64,
     pub bundle_sha256: String,
+}
+
+/// Everything one node should run. Generations only grow; a node ignores an assignment
+/// older than the one it applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub generation: u64,
+    pub apps: Vec<AppAssignment>,
+}
+
+/// One app as a node should run it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppAssignment {
+    pub app: String,
+    pub release: u64,
+    pub bundle_sha256: String,
+    pub bundle_size: u64,
+    /// Where to download the bundle (apprepo's `/v1/bundles/<sha256>`).
+    pub bundle_url: String,
+    pub manifest: AppManifest,
+    /// The instance environment: manifest defaults overridden by config vars.
+    pub env: BTreeMap<String, String>,
+    pub instances: u32,
+    /// Host names routed to the app.
+    pub domains: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_have_a_stable_tagged_shape() {
+        let hb = serde_json::to_value(ToBeacon::Heartbeat(NodeReport::default())).unwrap();
+        assert_eq!(
+            hb,
+            serde_json::json!({"type": "heartbeat", "generation": 0, "instances": []})
+        );
+        let stop = serde_json::to_value(FromBeacon::Stop { app: "a".into() }).unwrap();
+        assert_eq!(stop, serde_json::json!({"type": "stop", "app": "a"}));
+        let hello: ToBeacon = serde_json::from_value(serde_json::json!({
+            "type": "hello", "protocol": 1, "role": "repository", "name": "r", "token": "t", "software": "0.1.0"
+        }))
+        .unwrap();
+        assert!(
+            matches!(hello, ToBeacon::Hello(Hello { labels, state: None, .. }) if labels.is_empty())
+        );
+    }
 }

@@ -23,6 +23,8 @@ pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most domains per app, and most static path mappings; both are looked up per request.
 pub const MAX_DOMAINS: usize = 32;
 pub const MAX_STATIC_MAPPINGS: usize = 32;
+/// Most node labels an app may require.
+pub const MAX_PLACEMENT_LABELS: usize = 16;
 /// Most env defaults in a manifest.
 pub const MAX_ENV_VARS: usize = 256;
 
@@ -45,6 +47,28 @@ pub struct AppManifest {
     /// Default environment; `em config set` overrides it per app.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Which web servers run the app; by default, all of them.
+    #[serde(default, skip_serializing_if = "Placement::is_everywhere")]
+    pub placement: Placement,
+}
+
+/// Where an app runs: on every node whose labels include all of these.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Placement {
+    pub fn is_everywhere(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Whether a node with `labels` should run the app.
+    pub fn admits(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
 }
 
 fn default_instances() -> u32 {
@@ -218,6 +242,12 @@ impl AppManifest {
                 format!("has more than {MAX_ENV_VARS} entries"),
             ));
         }
+        if self.placement.labels.len() > MAX_PLACEMENT_LABELS {
+            return Err(ManifestError::field(
+                "placement.labels",
+                format!("has more than {MAX_PLACEMENT_LABELS} entries"),
+            ));
+        }
         for key in self.env.keys() {
             names::check_config_key(key)
                 .map_err(|m| ManifestError::field(format!("env.{key}"), m))?;
@@ -257,6 +287,8 @@ domains = ["hello.example.com"]
 static = { "/assets" = "public" }
 [env]
 GREETING = "hello"
+[placement]
+labels = { role = "web" }
 "#;
 
     #[test]
@@ -269,6 +301,10 @@ GREETING = "hello"
         assert_eq!(m.health.timeout, Duration::from_secs(10));
         assert_eq!(m.http.static_dirs["/assets"], "public");
         assert_eq!(m.env["GREETING"], "hello");
+        let web = BTreeMap::from([("role".to_string(), "web".to_string())]);
+        assert!(m.placement.admits(&web));
+        assert!(!m.placement.admits(&BTreeMap::new()));
+        assert!(Placement::default().admits(&BTreeMap::new()));
     }
 
     #[test]

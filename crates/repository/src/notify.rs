@@ -9,7 +9,10 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use px_proto::api::Release;
 use px_proto::codec::FrameCodec;
-use px_proto::link::{FromBeacon, Hello, PROTOCOL_VERSION, PeerRole, ReleaseCommitted, ToBeacon};
+use px_proto::link::{
+    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, Hello, PROTOCOL_VERSION, PeerRole,
+    ReleaseCommitted, ToBeacon,
+};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
@@ -23,10 +26,6 @@ use crate::metrics::Metrics;
 pub const NOTIFY_QUEUE: usize = 1024;
 /// Notices kept across a reconnect.
 pub const PENDING_MAX: usize = 256;
-/// How long connecting plus the handshake may take.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Heartbeat period on an idle link; Beacon drops links silent for three periods.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// Reconnect backoff bounds; each failure doubles the wait, with ±50% jitter so many
 /// repositories do not reconnect in step.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -104,6 +103,8 @@ async fn connect(settings: &LinkSettings) -> Result<Link, String> {
         name: settings.name.clone(),
         token: settings.token.clone(),
         software: px_proto::SOFTWARE_VERSION.into(),
+        labels: Default::default(),
+        state: None,
     }))
     .await
     .map_err(|e| format!("hello: {e}"))?;
@@ -186,7 +187,7 @@ async fn link_task(
                     None => return,
                 },
                 _ = heartbeat.tick() => {
-                    if let Err(e) = link.send(ToBeacon::Heartbeat).await {
+                    if let Err(e) = link.send(ToBeacon::Heartbeat(Default::default())).await {
                         break 'link e.to_string();
                     }
                 }

@@ -68,7 +68,7 @@ async fn committed_releases_reach_beacon_over_tls() {
             .unwrap()
         {
             Some(Ok(ToBeacon::ReleaseCommitted(n))) => break n,
-            Some(Ok(ToBeacon::Heartbeat)) => continue,
+            Some(Ok(ToBeacon::Heartbeat(_))) => continue,
             other => panic!("unexpected {other:?}"),
         }
     };
