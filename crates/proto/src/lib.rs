@@ -2,6 +2,7 @@
 //! and the framed messages of the TCP control links. Nothing here does I/O.
 
 pub mod api;
+pub mod beacon;
 pub mod codec;
 pub mod link;
 pub mod manifest;

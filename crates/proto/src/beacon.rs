@@ -1,0 +1,133 @@
+//! JSON bodies of Beacon's HTTP API (`/v1`, DESIGN.md §3.2): nodes, apps and their rollouts,
+//! and the platform event stream that `em deploy` and `em logs -f` follow.
+
+use serde::{Deserialize, Serialize};
+
+use crate::link::{InstanceStatus, NodeEventKind};
+
+/// How serious an event is; `error` and above alert sysadmins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    Info,
+    Warning,
+    Error,
+}
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    NodeJoined,
+    NodeLost,
+    NodeRecovered,
+    InstanceStarted,
+    InstanceCrashed,
+    InstanceUnhealthy,
+    CrashLoop,
+    DeployStarted,
+    DeployFinished,
+    DeployFailed,
+    /// The repository could not be reached; Beacon keeps the last known desired state.
+    RepositoryUnreachable,
+    RepositoryRecovered,
+}
+
+impl EventKind {
+    pub fn level(self) -> Level {
+        match self {
+            EventKind::NodeLost | EventKind::CrashLoop | EventKind::DeployFailed => Level::Error,
+            EventKind::InstanceCrashed
+            | EventKind::InstanceUnhealthy
+            | EventKind::RepositoryUnreachable => Level::Warning,
+            _ => Level::Info,
+        }
+    }
+}
+
+impl From<NodeEventKind> for EventKind {
+    fn from(kind: NodeEventKind) -> Self {
+        match kind {
+            NodeEventKind::InstanceStarted => EventKind::InstanceStarted,
+            NodeEventKind::InstanceCrashed => EventKind::InstanceCrashed,
+            NodeEventKind::InstanceUnhealthy => EventKind::InstanceUnhealthy,
+            NodeEventKind::CrashLoop => EventKind::CrashLoop,
+            NodeEventKind::DeployFinished => EventKind::DeployFinished,
+            NodeEventKind::DeployFailed => EventKind::DeployFailed,
+        }
+    }
+}
+
+/// One entry of Beacon's append-only event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in the log, strictly increasing; page with `?after=<seq>`.
+    pub seq: u64,
+    /// RFC 3339 time Beacon recorded it.
+    pub at: String,
+    pub kind: EventKind,
+    pub level: Level,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<u64>,
+    /// One human sentence.
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Whether a node's link is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeHealth {
+    Connected,
+    /// Missed heartbeats past the deadline, or disconnected for longer than that.
+    Lost,
+}
+
+/// A Maestro node as Beacon sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub health: NodeHealth,
+    pub software: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// RFC 3339 time of the last frame received.
+    pub last_seen: String,
+    /// Generation of the last assignment sent, and of the last one the node applied.
+    pub assigned_generation: u64,
+    pub applied_generation: u64,
+    pub instances: Vec<InstanceStatus>,
+}
+
+/// Where a release's rollout stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    /// Assigned; not every node reports it healthy yet.
+    RollingOut,
+    /// Every assigned node runs it healthy.
+    RolledOut,
+    /// A node reported that it never became healthy.
+    Failed,
+    /// No node is eligible to run it (placement labels match none).
+    Unplaced,
+}
+
+/// An app with its desired release and rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct App {
+    pub name: String,
+    pub release: u64,
+    pub bundle_sha256: String,
+    pub rollout: RolloutState,
+    /// Nodes assigned the app, and how many of them run the desired release healthy.
+    pub nodes: Vec<String>,
+    pub healthy_nodes: usize,
+    /// Seconds from assignment to rolled out, once it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_seconds: Option<f64>,
+}
