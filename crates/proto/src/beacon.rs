@@ -118,7 +118,7 @@ pub enum RolloutState {
 }
 
 /// An app with its desired release and rollout.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct App {
     pub name: String,
     pub release: u64,
