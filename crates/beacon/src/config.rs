@@ -1,0 +1,123 @@
+//! Beacon's configuration: one typed struct, layered defaults < TOML file < `PX_BEACON_*`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use px_runtime::tokens::TokenEntry;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Role;
+
+/// Environment prefix; nested keys use `__`, e.g. `PX_BEACON_REPOSITORY__URL`.
+pub const ENV_PREFIX: &str = "PX_BEACON_";
+/// Default HTTP address (API, status page): loopback until the operator opens it.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7080";
+/// Default control-link address (TLS): loopback until the operator opens it.
+pub const DEFAULT_CONTROL_LISTEN: &str = "127.0.0.1:7443";
+/// Default data directory, as the systemd unit's `StateDirectory=platformx/beacon` makes it.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/platformx/beacon";
+/// How often Beacon re-reads the desired state even without a notification: a missed
+/// notification is repaired within this time.
+pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
+/// A node silent this long is lost: three missed heartbeats.
+pub const DEFAULT_NODE_LOST_AFTER: Duration = px_proto::link::HEARTBEAT_DEADLINE;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// HTTP API and status page. Default: `127.0.0.1:7080`.
+    pub http_listen: SocketAddr,
+    /// TLS control links from Maestros and repositories. Default: `127.0.0.1:7443`.
+    pub control_listen: SocketAddr,
+    /// Event log and the persisted assignment generation. Default: `/var/lib/platformx/beacon`.
+    pub data_dir: PathBuf,
+    /// Certificate chain (PEM) Beacon presents on control links. Required.
+    pub tls_cert_file: PathBuf,
+    /// Its private key (PEM, mode 0600). Required.
+    pub tls_key_file: PathBuf,
+    /// A TOML file of `[[token]]` entries (`name`, `role`, `sha256`). Default: none.
+    pub tokens_file: Option<PathBuf>,
+    /// Tokens given inline. Roles: `read`, `deploy` (HTTP API), `maestro`, `repository` (links).
+    pub tokens: Vec<TokenEntry<Role>>,
+    /// Where the desired state comes from.
+    pub repository: RepositoryConfig,
+    /// Domain apps are served under when their manifest names none: `<app>.<domain>`.
+    /// Default: `localhost`.
+    pub domain: String,
+    /// Re-read the desired state this often. Default: 30s.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+    /// Mark a node lost after this long without a frame. Default: 15s.
+    #[serde(with = "humantime_serde")]
+    pub node_lost_after: Duration,
+    /// Sysadmin alerts.
+    pub alerts: AlertsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        #[allow(clippy::unwrap_used)] // constants that parse
+        Self {
+            http_listen: DEFAULT_HTTP_LISTEN.parse().unwrap(),
+            control_listen: DEFAULT_CONTROL_LISTEN.parse().unwrap(),
+            data_dir: DEFAULT_DATA_DIR.into(),
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
+            tokens_file: None,
+            tokens: Vec::new(),
+            repository: RepositoryConfig::default(),
+            domain: "localhost".into(),
+            reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
+            node_lost_after: DEFAULT_NODE_LOST_AFTER,
+            alerts: AlertsConfig::default(),
+        }
+    }
+}
+
+/// `[repository]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryConfig {
+    /// apprepo's base URL; Maestros download bundles from it too. Default: `http://127.0.0.1:7070`.
+    pub url: String,
+    /// File holding a `read` token for apprepo (mode 0600). Required.
+    pub token_file: PathBuf,
+}
+
+impl Default for RepositoryConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:7070".into(),
+            token_file: PathBuf::new(),
+        }
+    }
+}
+
+/// `[alerts]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// URLs that receive a JSON POST (`{"text": ..., "event": ...}`) per alert. Default: none.
+    pub webhooks: Vec<String>,
+    /// The same alert (node, app, kind) is sent at most once per window. Default: 10m.
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            webhooks: Vec::new(),
+            dedup_window: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The file format of `tokens_file`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensFile {
+    #[serde(default)]
+    pub token: Vec<TokenEntry<Role>>,
+}

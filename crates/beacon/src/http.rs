@@ -1,0 +1,233 @@
+//! The `/v1` HTTP API (DESIGN.md §3.2), the event stream, `/healthz`, `/metrics` and the
+//! status page at `/`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::Stream;
+use px_proto::api::ErrorBody;
+use px_proto::beacon::{App, Event, Node};
+use px_proto::link::{AppAssignment, FromBeacon};
+use serde::Deserialize;
+use tokio::sync::broadcast;
+
+use crate::auth::{Reader, Tokens};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+/// Events per page when the client does not say.
+pub const DEFAULT_PAGE: usize = 100;
+/// How often the SSE stream sends a keep-alive comment, so proxies do not cut it.
+pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+#[derive(Clone)]
+pub struct AppState {
+    pub hub: Arc<Hub>,
+    pub tokens: Tokens,
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+        };
+        let body = ErrorBody {
+            code: code.into(),
+            message: self.to_string(),
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(status_page))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/apps", get(apps))
+        .route("/v1/apps/{app}", get(app))
+        .route("/v1/apps/{app}/config", get(app_config))
+        .route("/v1/apps/{app}/restart", post(restart))
+        .route("/v1/events", get(events))
+        .route("/v1/events/stream", get(event_stream))
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(state.hub.events().last_seq()),
+    )
+}
+
+async fn status_page(State(state): State<AppState>) -> Html<String> {
+    Html(crate::status::render(&state.hub))
+}
+
+async fn nodes(_: Reader, State(state): State<AppState>) -> Json<Vec<Node>> {
+    Json(state.hub.nodes())
+}
+
+async fn apps(_: Reader, State(state): State<AppState>) -> Json<Vec<App>> {
+    Json(state.hub.apps())
+}
+
+async fn app(
+    _: Reader,
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+) -> Result<Json<App>, ApiError> {
+    state
+        .hub
+        .apps()
+        .into_iter()
+        .find(|a| a.name == app)
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no app {app:?} is deployed")))
+}
+
+async fn app_config(
+    _: Reader,
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+) -> Result<Json<AppAssignment>, ApiError> {
+    state
+        .hub
+        .app_config(&app)
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no app {app:?} is deployed")))
+}
+
+async fn restart(
+    reader: Reader,
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+) -> Result<Response, ApiError> {
+    let nodes = state
+        .hub
+        .command(&app, FromBeacon::Restart { app: app.clone() });
+    tracing::info!(%app, nodes, by = %reader.name, "restart requested");
+    if state.hub.app_config(&app).is_none() {
+        return Err(ApiError::NotFound(format!("no app {app:?} is deployed")));
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "app": app, "nodes": nodes })),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+    app: Option<String>,
+}
+
+async fn events(
+    _: Reader,
+    State(state): State<AppState>,
+    query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<Event>>, ApiError> {
+    let Query(q) = query.map_err(|e| {
+        ApiError::BadRequest(format!("expected ?after=<seq>&limit=<n>&app=<name>: {e}"))
+    })?;
+    Ok(Json(state.hub.events().page(
+        q.after,
+        q.limit.unwrap_or(DEFAULT_PAGE),
+        q.app.as_deref(),
+    )))
+}
+
+/// Server-Sent Events: first what the client missed (after `Last-Event-ID` or `?after=`),
+/// then every new event as it is recorded, filtered by `?app=`.
+async fn event_stream(
+    _: Reader,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let Query(q) = query
+        .map_err(|e| ApiError::BadRequest(format!("expected ?after=<seq>&app=<name>: {e}")))?;
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .or(q.after);
+    let log = state.hub.events().clone();
+    // Subscribe before reading the backlog, so nothing falls between the two.
+    let live = log.subscribe();
+    let backlog = match resume {
+        Some(after) => log.page(Some(after), crate::events::MAX_PAGE, q.app.as_deref()),
+        None => Vec::new(),
+    };
+    let last = backlog.last().map(|e| e.seq).or(resume).unwrap_or(0);
+    let app = q.app;
+    let stream = futures_util::stream::unfold(
+        (backlog.into_iter(), live, last, app),
+        |(mut backlog, mut live, mut last, app)| async move {
+            if let Some(event) = backlog.next() {
+                return Some((Ok(to_sse(&event)), (backlog, live, event.seq, app)));
+            }
+            loop {
+                match live.recv().await {
+                    Ok(event) if event.seq <= last => continue,
+                    Ok(event) if app.as_ref().is_some_and(|a| event.app.as_ref() != Some(a)) => {
+                        last = event.seq;
+                        continue;
+                    }
+                    Ok(event) => {
+                        return Some((Ok(to_sse(&event)), (backlog, live, event.seq, app)));
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        let note = SseEvent::default().event("lagged").data(format!(
+                            "{missed} events were skipped; fetch /v1/events?after={last} to catch up"
+                        ));
+                        return Some((Ok(note), (backlog, live, last, app)));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE)))
+}
+
+fn to_sse(event: &Event) -> SseEvent {
+    SseEvent::default()
+        .id(event.seq.to_string())
+        .event("event")
+        .data(serde_json::to_string(event).unwrap_or_default())
+}

@@ -1,0 +1,698 @@
+//! The hub: Beacon's view of the cluster (nodes and what they report), the desired state read
+//! from the repository, the assignment generation, and rollouts. Link tasks, the reconciler
+//! and the HTTP API all go through it.
+//!
+//! One `std::sync::Mutex` guards the state; every method holds it briefly and never across an
+//! await. Events and alerts a change causes are collected while locked and recorded after.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use px_proto::api::Release;
+use px_proto::beacon::{self, EventKind, NodeHealth, RolloutState};
+use px_proto::link::{
+    AppAssignment, Assignment, FromBeacon, Hello, InstanceState, NodeEvent, NodeEventKind,
+    NodeReport,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::alerts::{Alert, Alerter};
+use crate::events::{EventDraft, EventLog};
+use crate::metrics::Metrics;
+
+/// Commands (restart, stop) queued per link; a node that cannot take this many is too slow
+/// and gets the next ones dropped (the operator can repeat them).
+pub const COMMAND_QUEUE: usize = 16;
+/// File, in the data directory, that keeps the generation across restarts.
+const GENERATION_FILE: &str = "generation.json";
+
+pub struct HubSettings {
+    pub domain: String,
+    pub repository_url: String,
+    pub node_lost_after: Duration,
+    pub data_dir: PathBuf,
+}
+
+struct NodeEntry {
+    labels: BTreeMap<String, String>,
+    software: String,
+    /// Identifies the current connection; a replaced connection's late calls are ignored.
+    conn: u64,
+    connected: bool,
+    lost: bool,
+    last_seen: Instant,
+    last_seen_wall: SystemTime,
+    report: NodeReport,
+    assigned_generation: u64,
+    assign_tx: watch::Sender<Option<Arc<Assignment>>>,
+    commands: mpsc::Sender<FromBeacon>,
+    closed: CancellationToken,
+}
+
+struct Rollout {
+    release: u64,
+    state: RolloutState,
+    started: Instant,
+    seconds: Option<f64>,
+    healthy: BTreeSet<String>,
+}
+
+/// What survives a restart, so generations only grow and an unchanged desired state is not
+/// assigned twice.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Persisted {
+    generation: u64,
+    /// `app@version` of every desired release at that generation.
+    desired: Vec<String>,
+}
+
+struct State {
+    desired: BTreeMap<String, Release>,
+    /// Whether `desired` has been read from the repository since start-up.
+    desired_known: bool,
+    persisted: Persisted,
+    nodes: BTreeMap<String, NodeEntry>,
+    rollouts: BTreeMap<String, Rollout>,
+    next_conn: u64,
+    repository_reachable: bool,
+}
+
+/// An event to record after the lock is released, maybe with an alert.
+struct Effect {
+    draft: EventDraft,
+    alert: Option<(String, String)>,
+}
+
+fn effect(
+    kind: EventKind,
+    node: Option<&str>,
+    app: Option<&str>,
+    release: Option<u64>,
+    message: String,
+) -> Effect {
+    Effect {
+        draft: EventDraft {
+            kind,
+            node: node.map(str::to_string),
+            app: app.map(str::to_string),
+            release,
+            message,
+            detail: None,
+        },
+        alert: None,
+    }
+}
+
+impl Effect {
+    fn alert(mut self, key: String) -> Self {
+        self.alert = Some((key, self.draft.message.clone()));
+        self
+    }
+}
+
+/// What a link task gets when its node attaches.
+pub struct Attached {
+    pub conn: u64,
+    pub assignments: watch::Receiver<Option<Arc<Assignment>>>,
+    pub commands: mpsc::Receiver<FromBeacon>,
+    /// Cancelled when a newer connection of the same node replaces this one.
+    pub closed: CancellationToken,
+}
+
+pub struct Hub {
+    state: Mutex<State>,
+    settings: HubSettings,
+    events: Arc<EventLog>,
+    alerts: Alerter,
+    metrics: Arc<Metrics>,
+}
+
+fn fingerprint(desired: &BTreeMap<String, Release>) -> Vec<String> {
+    desired
+        .values()
+        .map(|r| format!("{}@{}", r.app, r.version))
+        .collect()
+}
+
+impl Hub {
+    pub fn new(
+        settings: HubSettings,
+        events: Arc<EventLog>,
+        alerts: Alerter,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let path = settings.data_dir.join(GENERATION_FILE);
+        let persisted = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        Self {
+            state: Mutex::new(State {
+                desired: BTreeMap::new(),
+                desired_known: false,
+                persisted,
+                nodes: BTreeMap::new(),
+                rollouts: BTreeMap::new(),
+                next_conn: 1,
+                repository_reachable: true,
+            }),
+            settings,
+            events,
+            alerts,
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn apply(&self, effects: Vec<Effect>) {
+        for effect in effects {
+            let event = self.events.record(effect.draft);
+            if let Some((key, text)) = effect.alert {
+                self.alerts.raise(Alert { key, text, event });
+            }
+        }
+    }
+
+    pub fn events(&self) -> &Arc<EventLog> {
+        &self.events
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.lock().persisted.generation
+    }
+
+    fn persist(&self, persisted: &Persisted) {
+        let path = self.settings.data_dir.join(GENERATION_FILE);
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec(persisted)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::error!(path = %path.display(), error = %e, "cannot persist the assignment generation");
+        }
+    }
+
+    /// The assignment for a node with `labels` at the current generation.
+    fn assignment_for(&self, state: &State, labels: &BTreeMap<String, String>) -> Arc<Assignment> {
+        let apps = state
+            .desired
+            .values()
+            .filter(|r| r.manifest.placement.admits(labels))
+            .map(|r| self.app_assignment(r))
+            .collect();
+        Arc::new(Assignment {
+            generation: state.persisted.generation,
+            apps,
+        })
+    }
+
+    fn app_assignment(&self, release: &Release) -> AppAssignment {
+        let domains = if release.manifest.http.domains.is_empty() {
+            vec![format!("{}.{}", release.app, self.settings.domain)]
+        } else {
+            release.manifest.http.domains.clone()
+        };
+        AppAssignment {
+            app: release.app.clone(),
+            release: release.version,
+            bundle_sha256: release.bundle.sha256.clone(),
+            bundle_size: release.bundle.size,
+            bundle_url: format!(
+                "{}/v1/bundles/{}",
+                self.settings.repository_url.trim_end_matches('/'),
+                release.bundle.sha256
+            ),
+            manifest: release.manifest.clone(),
+            env: release.environment(),
+            instances: release.manifest.instances,
+            domains,
+        }
+    }
+
+    /// The configuration a node runs an app with, for `/v1/apps/{app}/config`.
+    pub fn app_config(&self, app: &str) -> Option<AppAssignment> {
+        let state = self.lock();
+        state.desired.get(app).map(|r| self.app_assignment(r))
+    }
+
+    /// Takes the desired state read from the repository. When it differs from the current
+    /// one, the generation grows and every node gets its new assignment.
+    pub fn set_desired(&self, desired: BTreeMap<String, Release>) {
+        let mut effects = Vec::new();
+        let started = Instant::now();
+        let mut state = self.lock();
+        if !state.repository_reachable {
+            state.repository_reachable = true;
+            effects.push(effect(
+                EventKind::RepositoryRecovered,
+                None,
+                None,
+                None,
+                "repository reachable again".into(),
+            ));
+        }
+        let first_read = !state.desired_known;
+        state.desired_known = true;
+        if !first_read && state.desired == desired {
+            drop(state);
+            self.apply(effects);
+            return;
+        }
+        let fingerprint = fingerprint(&desired);
+        for release in desired.values() {
+            let changed = state
+                .rollouts
+                .get(&release.app)
+                .is_none_or(|r| r.release != release.version);
+            if changed {
+                state.rollouts.insert(
+                    release.app.clone(),
+                    Rollout {
+                        release: release.version,
+                        state: RolloutState::RollingOut,
+                        started: Instant::now(),
+                        seconds: None,
+                        healthy: BTreeSet::new(),
+                    },
+                );
+                if !(first_read
+                    && state
+                        .persisted
+                        .desired
+                        .contains(&format!("{}@{}", release.app, release.version)))
+                {
+                    effects.push(effect(
+                        EventKind::DeployStarted,
+                        None,
+                        Some(&release.app),
+                        Some(release.version),
+                        format!("rolling out {} v{}", release.app, release.version),
+                    ));
+                }
+            }
+        }
+        state.rollouts.retain(|app, _| desired.contains_key(app));
+        state.desired = desired;
+        // After a restart, an unchanged desired state keeps its generation: nodes that
+        // applied it are not sent it again.
+        if state.persisted.desired != fingerprint || state.persisted.generation == 0 {
+            state.persisted = Persisted {
+                generation: state.persisted.generation + 1,
+                desired: fingerprint,
+            };
+            self.persist(&state.persisted);
+        }
+        let generation = state.persisted.generation;
+        let shared = self.assignment_for(&state, &BTreeMap::new());
+        let everywhere = state
+            .desired
+            .values()
+            .all(|r| r.manifest.placement.is_everywhere());
+        let names: Vec<String> = state.nodes.keys().cloned().collect();
+        for name in names {
+            let Some(node) = state.nodes.get(&name) else {
+                continue;
+            };
+            if node.report.generation == generation {
+                continue;
+            }
+            let assignment = if everywhere {
+                shared.clone()
+            } else {
+                self.assignment_for(&state, &node.labels)
+            };
+            if let Some(node) = state.nodes.get(&name) {
+                node.assign_tx.send_replace(Some(assignment));
+            }
+        }
+        let app_names: Vec<String> = state.desired.keys().cloned().collect();
+        for app in app_names {
+            effects.extend(self.evaluate_rollout(&mut state, &app));
+        }
+        tracing::info!(generation, apps = state.desired.len(), nodes = state.nodes.len(), elapsed = ?started.elapsed(), "desired state changed; assignments queued");
+        drop(state);
+        self.apply(effects);
+    }
+
+    pub fn repository_unreachable(&self, error: &str) {
+        let mut state = self.lock();
+        if !state.repository_reachable {
+            return;
+        }
+        state.repository_reachable = false;
+        drop(state);
+        let mut e = effect(
+            EventKind::RepositoryUnreachable,
+            None,
+            None,
+            None,
+            "repository unreachable; keeping the last known desired state".into(),
+        );
+        e.draft.detail = Some(error.to_string());
+        self.apply(vec![e]);
+    }
+
+    pub fn repository_reachable(&self) -> bool {
+        self.lock().repository_reachable
+    }
+
+    /// Registers a Maestro that completed its handshake, replacing an older link of the same
+    /// name. Its assignment is queued unless its report shows it already applied it.
+    pub fn attach(&self, hello: &Hello) -> Attached {
+        let mut effects = Vec::new();
+        let mut state = self.lock();
+        let conn = state.next_conn;
+        state.next_conn += 1;
+        let report = hello.state.clone().unwrap_or_default();
+        let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+        let closed = CancellationToken::new();
+        let needs_assignment =
+            state.desired_known && report.generation != state.persisted.generation;
+        let assignment = needs_assignment.then(|| self.assignment_for(&state, &hello.labels));
+        let (assign_tx, assign_rx) = watch::channel(assignment);
+        let now = Instant::now();
+        let entry = NodeEntry {
+            labels: hello.labels.clone(),
+            software: hello.software.clone(),
+            conn,
+            connected: true,
+            lost: false,
+            last_seen: now,
+            last_seen_wall: SystemTime::now(),
+            assigned_generation: report.generation,
+            report,
+            assign_tx,
+            commands: commands_tx,
+            closed: closed.clone(),
+        };
+        match state.nodes.insert(hello.name.clone(), entry) {
+            Some(old) => {
+                if old.connected {
+                    tracing::warn!(node = %hello.name, "a new link replaces this node's previous one");
+                    old.closed.cancel();
+                }
+                if old.lost {
+                    effects.push(
+                        effect(
+                            EventKind::NodeRecovered,
+                            Some(&hello.name),
+                            None,
+                            None,
+                            format!("node {} is back", hello.name),
+                        )
+                        .alert(format!("node_recovered:{}", hello.name)),
+                    );
+                }
+            }
+            None => effects.push(effect(
+                EventKind::NodeJoined,
+                Some(&hello.name),
+                None,
+                None,
+                format!("node {} joined ({})", hello.name, hello.software),
+            )),
+        }
+        self.metrics
+            .nodes_connected
+            .set(state.nodes.values().filter(|n| n.connected).count() as u64);
+        let apps: Vec<String> = state.desired.keys().cloned().collect();
+        for app in apps {
+            effects.extend(self.evaluate_rollout(&mut state, &app));
+        }
+        drop(state);
+        self.apply(effects);
+        Attached {
+            conn,
+            assignments: assign_rx,
+            commands: commands_rx,
+            closed,
+        }
+    }
+
+    /// Records that the link sent an assignment.
+    pub fn assigned(&self, node: &str, conn: u64, generation: u64) {
+        let mut state = self.lock();
+        if let Some(entry) = state.nodes.get_mut(node).filter(|n| n.conn == conn) {
+            entry.assigned_generation = generation;
+        }
+    }
+
+    /// Records any frame from a node (heartbeats carry a report).
+    pub fn seen(&self, node: &str, conn: u64, report: Option<NodeReport>) {
+        let mut effects = Vec::new();
+        let mut state = self.lock();
+        let Some(entry) = state.nodes.get_mut(node).filter(|n| n.conn == conn) else {
+            return;
+        };
+        entry.last_seen = Instant::now();
+        entry.last_seen_wall = SystemTime::now();
+        if entry.lost {
+            entry.lost = false;
+            effects.push(
+                effect(
+                    EventKind::NodeRecovered,
+                    Some(node),
+                    None,
+                    None,
+                    format!("node {node} is back"),
+                )
+                .alert(format!("node_recovered:{node}")),
+            );
+        }
+        if let Some(report) = report {
+            let apps: BTreeSet<String> = report
+                .instances
+                .iter()
+                .map(|i| i.app.clone())
+                .chain(entry.report.instances.iter().map(|i| i.app.clone()))
+                .collect();
+            entry.report = report;
+            for app in apps {
+                effects.extend(self.evaluate_rollout(&mut state, &app));
+            }
+        }
+        drop(state);
+        self.apply(effects);
+    }
+
+    /// Records an event a node reported.
+    pub fn node_event(&self, node: &str, event: NodeEvent) {
+        let mut effects = Vec::new();
+        let mut state = self.lock();
+        let kind = EventKind::from(event.kind);
+        let mut e = effect(
+            kind,
+            Some(node),
+            Some(&event.app),
+            Some(event.release),
+            event.message.clone(),
+        );
+        e.draft.detail = event.detail.clone();
+        match event.kind {
+            NodeEventKind::CrashLoop => e = e.alert(format!("crash_loop:{node}:{}", event.app)),
+            NodeEventKind::DeployFailed => {
+                e = e.alert(format!("deploy_failed:{}:{}", event.app, event.release));
+                if let Some(rollout) = state
+                    .rollouts
+                    .get_mut(&event.app)
+                    .filter(|r| r.release == event.release)
+                {
+                    rollout.state = RolloutState::Failed;
+                }
+            }
+            _ => {}
+        }
+        effects.push(e);
+        drop(state);
+        self.apply(effects);
+    }
+
+    /// The link of `node` ended. The node stays known; it is lost if it does not return in time.
+    pub fn detach(&self, node: &str, conn: u64) {
+        let mut state = self.lock();
+        if let Some(entry) = state.nodes.get_mut(node).filter(|n| n.conn == conn) {
+            entry.connected = false;
+        }
+        self.metrics
+            .nodes_connected
+            .set(state.nodes.values().filter(|n| n.connected).count() as u64);
+    }
+
+    /// Marks nodes silent for too long as lost (once), and re-evaluates rollouts they were in.
+    pub fn sweep(&self) {
+        let mut effects = Vec::new();
+        let mut state = self.lock();
+        let deadline = self.settings.node_lost_after;
+        let mut lost = Vec::new();
+        for (name, node) in state.nodes.iter_mut() {
+            if !node.lost && node.last_seen.elapsed() > deadline {
+                node.lost = true;
+                node.closed.cancel();
+                lost.push(name.clone());
+            }
+        }
+        for name in &lost {
+            effects.push(
+                effect(
+                    EventKind::NodeLost,
+                    Some(name),
+                    None,
+                    None,
+                    format!(
+                        "node {name} lost: nothing heard for {}s",
+                        deadline.as_secs()
+                    ),
+                )
+                .alert(format!("node_lost:{name}")),
+            );
+        }
+        if !lost.is_empty() {
+            let apps: Vec<String> = state.desired.keys().cloned().collect();
+            for app in apps {
+                effects.extend(self.evaluate_rollout(&mut state, &app));
+            }
+        }
+        drop(state);
+        self.apply(effects);
+    }
+
+    /// Nodes that should run `release`: not lost, and admitted by its placement.
+    fn eligible<'a>(
+        state: &'a State,
+        release: &'a Release,
+    ) -> impl Iterator<Item = &'a String> + 'a {
+        state
+            .nodes
+            .iter()
+            .filter(move |(_, n)| !n.lost && release.manifest.placement.admits(&n.labels))
+            .map(|(name, _)| name)
+    }
+
+    fn evaluate_rollout(&self, state: &mut State, app: &str) -> Vec<Effect> {
+        let Some(release) = state.desired.get(app) else {
+            return Vec::new();
+        };
+        let wanted = release.manifest.instances as usize;
+        let version = release.version;
+        let eligible: Vec<String> = Self::eligible(state, release).cloned().collect();
+        let healthy: BTreeSet<String> = eligible
+            .iter()
+            .filter(|name| {
+                state.nodes.get(*name).is_some_and(|n| {
+                    n.report
+                        .instances
+                        .iter()
+                        .filter(|i| {
+                            i.app == app
+                                && i.release == version
+                                && i.state == InstanceState::Healthy
+                        })
+                        .count()
+                        >= wanted
+                })
+            })
+            .cloned()
+            .collect();
+        let Some(rollout) = state.rollouts.get_mut(app) else {
+            return Vec::new();
+        };
+        rollout.healthy = healthy;
+        let mut effects = Vec::new();
+        match rollout.state {
+            RolloutState::RollingOut | RolloutState::Unplaced => {
+                if eligible.is_empty() {
+                    rollout.state = RolloutState::Unplaced;
+                } else if rollout.healthy.len() == eligible.len() {
+                    let seconds = rollout.started.elapsed().as_secs_f64();
+                    rollout.state = RolloutState::RolledOut;
+                    rollout.seconds = Some(seconds);
+                    self.metrics.rollouts_finished.inc();
+                    self.metrics.rollout_seconds_total.add_f64(seconds);
+                    effects.push(effect(
+                        EventKind::DeployFinished,
+                        None,
+                        Some(app),
+                        Some(version),
+                        format!(
+                            "{app} v{version} rolled out to {} node(s) in {seconds:.1}s",
+                            eligible.len()
+                        ),
+                    ));
+                } else {
+                    rollout.state = RolloutState::RollingOut;
+                }
+            }
+            RolloutState::RolledOut | RolloutState::Failed => {}
+        }
+        effects
+    }
+
+    /// Queues a command for every connected node that runs `app`; returns how many.
+    pub fn command(&self, app: &str, command: FromBeacon) -> usize {
+        let state = self.lock();
+        let Some(release) = state.desired.get(app) else {
+            return 0;
+        };
+        let mut sent = 0;
+        for name in Self::eligible(&state, release) {
+            if let Some(node) = state.nodes.get(name).filter(|n| n.connected)
+                && node.commands.try_send(command.clone()).is_ok()
+            {
+                sent += 1;
+            }
+        }
+        sent
+    }
+
+    pub fn nodes(&self) -> Vec<beacon::Node> {
+        let state = self.lock();
+        state
+            .nodes
+            .iter()
+            .map(|(name, n)| beacon::Node {
+                name: name.clone(),
+                health: if n.lost {
+                    NodeHealth::Lost
+                } else {
+                    NodeHealth::Connected
+                },
+                software: n.software.clone(),
+                labels: n.labels.clone(),
+                last_seen: humantime::format_rfc3339_seconds(n.last_seen_wall).to_string(),
+                assigned_generation: n.assigned_generation,
+                applied_generation: n.report.generation,
+                instances: n.report.instances.clone(),
+            })
+            .collect()
+    }
+
+    pub fn apps(&self) -> Vec<beacon::App> {
+        let state = self.lock();
+        state
+            .desired
+            .values()
+            .map(|release| {
+                let rollout = state.rollouts.get(&release.app);
+                beacon::App {
+                    name: release.app.clone(),
+                    release: release.version,
+                    bundle_sha256: release.bundle.sha256.clone(),
+                    rollout: rollout.map_or(RolloutState::RollingOut, |r| r.state),
+                    nodes: Self::eligible(&state, release).cloned().collect(),
+                    healthy_nodes: rollout.map_or(0, |r| r.healthy.len()),
+                    rollout_seconds: rollout.and_then(|r| r.seconds),
+                }
+            })
+            .collect()
+    }
+}

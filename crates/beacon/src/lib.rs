@@ -1,0 +1,205 @@
+//! beacon, the Platform.X AppMonitor: accepts the control links of Maestros and repositories,
+//! reads the desired state from the repository, pushes each node its assignment, tracks
+//! rollouts, records events, alerts sysadmins, and serves an HTTP API and a status page.
+//! [`run`] is the whole service; `main.rs` only wires it up.
+
+pub mod alerts;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod events;
+pub mod http;
+pub mod hub;
+pub mod links;
+pub mod metrics;
+pub mod reconcile;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use px_runtime::config::ConfigError;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, TokensFile};
+
+/// How often lost nodes are looked for.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How long open requests and links get to finish at shutdown.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The already-bound sockets Beacon serves on.
+pub struct Listeners {
+    pub http: TcpListener,
+    pub control: TcpListener,
+}
+
+/// Everything in the config that can be checked without the network.
+pub struct Checked {
+    pub tokens: auth::Tokens,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub repository_token: String,
+}
+
+pub fn check(config: &Config) -> Result<Checked, ConfigError> {
+    let mut problems = Vec::new();
+    let mut entries = config.tokens.clone();
+    if let Some(path) = &config.tokens_file {
+        match std::fs::read_to_string(path) {
+            Ok(text) => match toml::from_str::<TokensFile>(&text) {
+                Ok(file) => entries.extend(file.token),
+                Err(e) => problems.push(format!("tokens_file {}: {}", path.display(), e.message())),
+            },
+            Err(e) => problems.push(format!("tokens_file {}: {e}", path.display())),
+        }
+    }
+    if entries.is_empty() && problems.is_empty() {
+        problems.push("no tokens configured: add `[[tokens]]` entries or a `tokens_file`".into());
+    }
+    let tokens = px_runtime::tokens::TokenTable::new(entries)
+        .map_err(|m| problems.push(m))
+        .ok();
+    let tls = if config.tls_cert_file.as_os_str().is_empty()
+        || config.tls_key_file.as_os_str().is_empty()
+    {
+        problems.push("tls_cert_file and tls_key_file are required (Beacon's certificate for the control links)".into());
+        None
+    } else {
+        px_runtime::tls::server_config(&config.tls_cert_file, &config.tls_key_file)
+            .map_err(|e| problems.push(format!("tls: {e}")))
+            .ok()
+    };
+    let repository_token = if config.repository.token_file.as_os_str().is_empty() {
+        problems.push("repository.token_file is required (a read token for apprepo)".into());
+        None
+    } else {
+        px_runtime::secrets::read_secret_file(&config.repository.token_file)
+            .map_err(|e| problems.push(format!("repository.token_file: {e}")))
+            .ok()
+    };
+    if !config.repository.url.starts_with("http://")
+        && !config.repository.url.starts_with("https://")
+    {
+        problems.push(format!(
+            "repository.url {:?} must start with http:// or https://",
+            config.repository.url
+        ));
+    }
+    if let Err(m) = px_proto::names::check_domain(&config.domain) {
+        problems.push(format!("domain: {m}"));
+    }
+    for url in &config.alerts.webhooks {
+        if !url.starts_with("http://") && !url.starts_with("https://") {
+            problems.push(format!(
+                "alerts.webhooks: {url:?} must start with http:// or https://"
+            ));
+        }
+    }
+    match (tokens, tls, repository_token) {
+        (Some(tokens), Some(tls), Some(repository_token)) if problems.is_empty() => Ok(Checked {
+            tokens: Arc::new(tokens),
+            tls,
+            repository_token,
+        }),
+        _ => Err(ConfigError { problems }),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Runs Beacon on already-bound listeners until `shutdown` is cancelled.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let checked = check(&config)?;
+    tokio::fs::create_dir_all(&config.data_dir).await?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let tracker = TaskTracker::new();
+    let events = Arc::new(events::EventLog::open(&config.data_dir)?);
+    let alerter = alerts::Alerter::start(
+        alerts::AlertSettings {
+            webhooks: config.alerts.webhooks.clone(),
+            dedup_window: config.alerts.dedup_window,
+            backoff_base: Duration::from_secs(1),
+        },
+        &tracker,
+        shutdown.clone(),
+    );
+    let hub = Arc::new(hub::Hub::new(
+        hub::HubSettings {
+            domain: config.domain.clone(),
+            repository_url: config.repository.url.clone(),
+            node_lost_after: config.node_lost_after,
+            data_dir: config.data_dir.clone(),
+        },
+        events,
+        alerter,
+        metrics.clone(),
+    ));
+    let (reconcile_tx, reconcile_rx) = tokio::sync::mpsc::channel(links::RECONCILE_TRIGGERS);
+    let client = reconcile::RepositoryClient::new(&config.repository.url, checked.repository_token)
+        .map_err(StartError::Other)?;
+    tracker.spawn(reconcile::run(
+        client,
+        hub.clone(),
+        metrics.clone(),
+        config.reconcile_interval,
+        reconcile_rx,
+        shutdown.clone(),
+    ));
+    let sweeper_hub = hub.clone();
+    let sweeper_shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = sweeper_shutdown.cancelled() => return,
+                _ = tick.tick() => sweeper_hub.sweep(),
+            }
+        }
+    });
+    let link_server = Arc::new(links::LinkServer {
+        hub: hub.clone(),
+        tokens: checked.tokens.clone(),
+        tls: tokio_rustls::TlsAcceptor::from(checked.tls),
+        metrics: metrics.clone(),
+        reconcile: reconcile_tx,
+        name: "beacon".into(),
+    });
+    let control_addr = listeners.control.local_addr()?;
+    tracker.spawn(link_server.serve(listeners.control, tracker.clone(), shutdown.clone()));
+    let http_addr = listeners.http.local_addr()?;
+    tracing::info!(http = %http_addr, control = %control_addr, "beacon listening");
+    let state = http::AppState {
+        hub,
+        tokens: checked.tokens,
+        metrics,
+    };
+    let server = axum::serve(listeners.http, http::router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let served = server.into_future();
+    tokio::pin!(served);
+    tokio::select! {
+        r = &mut served => r?,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(DRAIN_DEADLINE).await } => {
+            tracing::warn!("drain deadline passed; closing remaining connections");
+        }
+    }
+    tracker.close();
+    let _ = tokio::time::timeout(DRAIN_DEADLINE, tracker.wait()).await;
+    tracing::info!("beacon stopped");
+    Ok(())
+}

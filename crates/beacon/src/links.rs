@@ -1,0 +1,273 @@
+//! The control-link server: TLS over TCP, the `Hello`/`Welcome` handshake, then one task per
+//! link that owns its connection and selects over frames, assignments, commands and timers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use px_proto::codec::FrameCodec;
+use px_proto::link::{
+    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, HEARTBEAT_INTERVAL, Hello, MAX_NODE_LABELS,
+    MAX_PEER_NAME_LEN, MAX_REPORTED_INSTANCES, PROTOCOL_VERSION, PeerRole, ToBeacon,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{Role, Tokens};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+/// Most links at once; 10 000 Maestros is the design goal, so leave twice that.
+pub const MAX_LINKS: usize = 20_000;
+/// Notices queued from repository links to the reconciler; more are coalesced away, since one
+/// reconcile reads everything.
+pub const RECONCILE_TRIGGERS: usize = 64;
+
+type Link = Framed<tokio_rustls::server::TlsStream<TcpStream>, FrameCodec<ToBeacon, FromBeacon>>;
+
+pub struct LinkServer {
+    pub hub: Arc<Hub>,
+    pub tokens: Tokens,
+    pub tls: tokio_rustls::TlsAcceptor,
+    pub metrics: Arc<Metrics>,
+    pub reconcile: mpsc::Sender<()>,
+    pub name: String,
+}
+
+impl LinkServer {
+    /// Accepts links until `shutdown`; each runs on `tracker`.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) {
+        let slots = Arc::new(Semaphore::new(MAX_LINKS));
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
+            };
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait instead of spinning.
+                        tracing::warn!(error = %e, "accepting a link failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let server = self.clone();
+            let shutdown = shutdown.clone();
+            tracker.spawn(async move {
+                let _permit = permit;
+                if let Err(reason) = server.handle(tcp, shutdown).await {
+                    server.metrics.links_rejected.inc();
+                    tracing::info!(%peer, %reason, "link closed");
+                }
+            });
+        }
+    }
+
+    async fn handle(&self, tcp: TcpStream, shutdown: CancellationToken) -> Result<(), String> {
+        let _ = tcp.set_nodelay(true);
+        let (mut link, hello) = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(tcp))
+            .await
+            .map_err(|_| "handshake timed out".to_string())??;
+        self.metrics.links_accepted.inc();
+        match hello.role {
+            PeerRole::Repository => self.repository_link(&mut link, &hello, shutdown).await,
+            PeerRole::Maestro => self.maestro_link(&mut link, &hello, shutdown).await,
+        }
+    }
+
+    /// TLS, then the `Hello`. A refused peer gets `Rejected` with the reason before the close.
+    async fn handshake(&self, tcp: TcpStream) -> Result<(Link, Hello), String> {
+        let tls = self
+            .tls
+            .accept(tcp)
+            .await
+            .map_err(|e| format!("tls: {e}"))?;
+        let mut link = Framed::new(tls, FrameCodec::new());
+        let hello = match link.next().await {
+            Some(Ok(ToBeacon::Hello(hello))) => hello,
+            Some(Ok(other)) => {
+                return Err(reject(
+                    &mut link,
+                    format!("expected hello first, got {}", frame_name(&other)),
+                )
+                .await);
+            }
+            Some(Err(e)) => return Err(reject(&mut link, format!("bad frame: {e}")).await),
+            None => return Err("closed before hello".into()),
+        };
+        if hello.protocol != PROTOCOL_VERSION {
+            let reason = format!(
+                "protocol version {} is not supported (this beacon speaks {PROTOCOL_VERSION}); upgrade the peer",
+                hello.protocol
+            );
+            return Err(reject(&mut link, reason).await);
+        }
+        let wanted = match hello.role {
+            PeerRole::Maestro => Role::Maestro,
+            PeerRole::Repository => Role::Repository,
+        };
+        match self.tokens.verify(&hello.token) {
+            Some(entry) if entry.role == wanted => {}
+            Some(entry) => {
+                let reason = format!("token {:?} is not a {:?} token", entry.name, wanted);
+                return Err(reject(&mut link, reason).await);
+            }
+            None => return Err(reject(&mut link, "unknown token".into()).await),
+        }
+        if hello.name.is_empty()
+            || hello.name.len() > MAX_PEER_NAME_LEN
+            || hello
+                .name
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(reject(&mut link, format!("invalid peer name {:?}", hello.name)).await);
+        }
+        if hello.labels.len() > MAX_NODE_LABELS
+            || hello
+                .state
+                .as_ref()
+                .is_some_and(|s| s.instances.len() > MAX_REPORTED_INSTANCES)
+        {
+            return Err(reject(&mut link, "too many labels or instances in hello".into()).await);
+        }
+        link.send(FromBeacon::Welcome {
+            protocol: PROTOCOL_VERSION,
+            beacon: self.name.clone(),
+        })
+        .await
+        .map_err(|e| format!("welcome: {e}"))?;
+        Ok((link, hello))
+    }
+
+    async fn repository_link(
+        &self,
+        link: &mut Link,
+        hello: &Hello,
+        shutdown: CancellationToken,
+    ) -> Result<(), String> {
+        tracing::info!(peer = %hello.name, "repository linked");
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let silence = tokio::time::sleep(HEARTBEAT_DEADLINE);
+        tokio::pin!(silence);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = &mut silence => return Err(format!("repository {} silent past the deadline", hello.name)),
+                _ = heartbeat.tick() => link.send(FromBeacon::Heartbeat).await.map_err(|e| e.to_string())?,
+                frame = link.next() => match frame.inspect(|_| silence.as_mut().reset(tokio::time::Instant::now() + HEARTBEAT_DEADLINE)) {
+                    None => return Ok(()),
+                    Some(Err(e)) => return Err(format!("bad frame from repository {}: {e}", hello.name)),
+                    Some(Ok(ToBeacon::ReleaseCommitted(notice))) => {
+                        self.metrics.releases_notified.inc();
+                        tracing::info!(app = %notice.app, version = notice.version, "release committed");
+                        // A full queue already holds a pending reconcile, which reads everything.
+                        let _ = self.reconcile.try_send(());
+                    }
+                    Some(Ok(ToBeacon::Heartbeat(_))) => {}
+                    Some(Ok(other)) => return Err(format!("unexpected {} from a repository", frame_name(&other))),
+                },
+            }
+        }
+    }
+
+    async fn maestro_link(
+        &self,
+        link: &mut Link,
+        hello: &Hello,
+        shutdown: CancellationToken,
+    ) -> Result<(), String> {
+        let node = hello.name.as_str();
+        let mut attached = self.hub.attach(hello);
+        let conn = attached.conn;
+        tracing::info!(%node, "maestro linked");
+        let result = async {
+            let initial = attached.assignments.borrow_and_update().clone();
+            if let Some(assignment) = initial {
+                let generation = assignment.generation;
+                link.send(FromBeacon::Assign((*assignment).clone())).await.map_err(|e| e.to_string())?;
+                self.metrics.assignments_sent.inc();
+                self.hub.assigned(node, conn, generation);
+            }
+            let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+            heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let silence = tokio::time::sleep(HEARTBEAT_DEADLINE);
+            tokio::pin!(silence);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = &mut silence => return Err(format!("node {node} silent past the deadline")),
+                    _ = attached.closed.cancelled() => return Err(format!("node {node} replaced or lost")),
+                    _ = heartbeat.tick() => link.send(FromBeacon::Heartbeat).await.map_err(|e| e.to_string())?,
+                    changed = attached.assignments.changed() => {
+                        if changed.is_err() {
+                            return Ok(());
+                        }
+                        let latest = attached.assignments.borrow_and_update().clone();
+                        if let Some(assignment) = latest {
+                            let generation = assignment.generation;
+                            link.send(FromBeacon::Assign((*assignment).clone())).await.map_err(|e| e.to_string())?;
+                            self.metrics.assignments_sent.inc();
+                            self.hub.assigned(node, conn, generation);
+                        }
+                    }
+                    command = attached.commands.recv() => match command {
+                        Some(command) => link.send(command).await.map_err(|e| e.to_string())?,
+                        None => return Ok(()),
+                    },
+                    frame = link.next() => match frame.inspect(|_| silence.as_mut().reset(tokio::time::Instant::now() + HEARTBEAT_DEADLINE)) {
+                        None => return Ok(()),
+                        Some(Err(e)) => return Err(format!("bad frame from node {node}: {e}")),
+                        Some(Ok(ToBeacon::Heartbeat(report))) => {
+                            if report.instances.len() > MAX_REPORTED_INSTANCES {
+                                return Err(format!("node {node} reported too many instances"));
+                            }
+                            self.metrics.heartbeats.inc();
+                            self.hub.seen(node, conn, Some(report));
+                        }
+                        Some(Ok(ToBeacon::Event(event))) => {
+                            self.hub.seen(node, conn, None);
+                            self.hub.node_event(node, event);
+                        }
+                        Some(Ok(other)) => return Err(format!("unexpected {} from node {node}", frame_name(&other))),
+                    },
+                }
+            }
+        }
+        .await;
+        self.hub.detach(node, conn);
+        result
+    }
+}
+
+async fn reject(link: &mut Link, reason: String) -> String {
+    let _ = link
+        .send(FromBeacon::Rejected {
+            reason: reason.clone(),
+        })
+        .await;
+    let _ = link.close().await;
+    reason
+}
+
+fn frame_name(frame: &ToBeacon) -> &'static str {
+    match frame {
+        ToBeacon::Hello(_) => "hello",
+        ToBeacon::Heartbeat(_) => "heartbeat",
+        ToBeacon::ReleaseCommitted(_) => "release_committed",
+        ToBeacon::Event(_) => "event",
+    }
+}

@@ -1,0 +1,135 @@
+//! Counters and gauges exposed at `/metrics` in the Prometheus text format.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A float sum, kept as microunits so it fits an atomic integer.
+#[derive(Debug, Default)]
+pub struct Sum(AtomicU64);
+
+impl Sum {
+    pub fn add_f64(&self, v: f64) {
+        self.0.fetch_add((v * 1e6) as u64, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> f64 {
+        self.0.load(Ordering::Relaxed) as f64 / 1e6
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub nodes_connected: Gauge,
+    pub links_accepted: Counter,
+    pub links_rejected: Counter,
+    pub heartbeats: Counter,
+    pub assignments_sent: Counter,
+    pub releases_notified: Counter,
+    pub reconciles: Counter,
+    pub reconcile_failures: Counter,
+    pub rollouts_finished: Counter,
+    pub rollout_seconds_total: Sum,
+}
+
+impl Metrics {
+    pub fn render(&self, events: u64) -> String {
+        let mut out = String::new();
+        let mut row = |name: &str, kind: &str, help: &str, value: String| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        row(
+            "beacon_nodes_connected",
+            "gauge",
+            "Maestro links up now.",
+            self.nodes_connected.get().to_string(),
+        );
+        row(
+            "beacon_links_accepted_total",
+            "counter",
+            "Links that completed the handshake.",
+            self.links_accepted.get().to_string(),
+        );
+        row(
+            "beacon_links_rejected_total",
+            "counter",
+            "Links refused (token, version, garbage, TLS).",
+            self.links_rejected.get().to_string(),
+        );
+        row(
+            "beacon_heartbeats_total",
+            "counter",
+            "Heartbeats received.",
+            self.heartbeats.get().to_string(),
+        );
+        row(
+            "beacon_assignments_sent_total",
+            "counter",
+            "Assign frames sent.",
+            self.assignments_sent.get().to_string(),
+        );
+        row(
+            "beacon_releases_notified_total",
+            "counter",
+            "ReleaseCommitted notices received.",
+            self.releases_notified.get().to_string(),
+        );
+        row(
+            "beacon_reconciles_total",
+            "counter",
+            "Reads of the desired state.",
+            self.reconciles.get().to_string(),
+        );
+        row(
+            "beacon_reconcile_failures_total",
+            "counter",
+            "Failed reads of the desired state.",
+            self.reconcile_failures.get().to_string(),
+        );
+        row(
+            "beacon_rollout_seconds_count",
+            "counter",
+            "Rollouts that finished.",
+            self.rollouts_finished.get().to_string(),
+        );
+        row(
+            "beacon_rollout_seconds_sum",
+            "counter",
+            "Seconds from assignment to rolled out, summed.",
+            format!("{:.3}", self.rollout_seconds_total.get()),
+        );
+        row(
+            "beacon_events_total",
+            "counter",
+            "Events recorded.",
+            events.to_string(),
+        );
+        out
+    }
+}

@@ -1,0 +1,355 @@
+//! Shared set-up for Beacon's integration tests: Beacon itself on `127.0.0.1:0` (through
+//! `run`), a stand-in repository serving the real `/v1/apps` JSON over HTTP (apprepo is a
+//! separate service; the end-to-end path with the real one is tested by `em up`), Maestro and
+//! repository links speaking the real protocol over TLS, and a webhook receiver.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use futures_util::{SinkExt, StreamExt};
+use px_beacon::auth::Role;
+use px_beacon::config::Config;
+use px_proto::api::{App, BundleRef, Release, ReleaseCause};
+use px_proto::codec::FrameCodec;
+use px_proto::link::{FromBeacon, Hello, NodeReport, PROTOCOL_VERSION, PeerRole, ToBeacon};
+use px_proto::manifest::AppManifest;
+use px_runtime::tokens::{TokenEntry, generate, hash};
+use px_test_support::Pki;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A repository stand-in whose app list the test edits; it can also be made to fail.
+#[derive(Clone, Default)]
+pub struct RepoStub {
+    pub apps: Arc<Mutex<BTreeMap<String, Release>>>,
+    pub down: Arc<std::sync::atomic::AtomicBool>,
+    pub requests: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl RepoStub {
+    pub async fn start(token: String) -> (Self, String) {
+        let stub = RepoStub::default();
+        let s = stub.clone();
+        let app = axum::Router::new().route(
+            "/v1/apps",
+            get(move |headers: axum::http::HeaderMap| {
+                let s = s.clone();
+                let token = token.clone();
+                async move {
+                    s.requests
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if s.down.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Err(axum::http::StatusCode::SERVICE_UNAVAILABLE);
+                    }
+                    if headers.get("authorization").and_then(|v| v.to_str().ok())
+                        != Some(&format!("Bearer {token}"))
+                    {
+                        return Err(axum::http::StatusCode::UNAUTHORIZED);
+                    }
+                    let apps: Vec<App> = s
+                        .apps
+                        .lock()
+                        .unwrap()
+                        .values()
+                        .map(|r| App {
+                            name: r.app.clone(),
+                            created_at: r.created_at.clone(),
+                            created_by: "ci".into(),
+                            current: Some(r.clone()),
+                        })
+                        .collect();
+                    Ok(axum::Json(apps))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (stub, url)
+    }
+
+    pub fn release(&self, app: &str, version: u64, manifest_extra: &str) {
+        let manifest = AppManifest::parse(&format!(
+            "name = \"{app}\"\nrun = \"python3 server.py\"\n{manifest_extra}"
+        ))
+        .unwrap();
+        let release = Release {
+            app: app.into(),
+            version,
+            bundle: BundleRef {
+                sha256: format!("{version:064x}"),
+                size: 1000 + version,
+            },
+            manifest,
+            config: BTreeMap::from([("DATABASE_URL".to_string(), "postgres://db".to_string())]),
+            cause: ReleaseCause::Deploy,
+            description: "deploy".into(),
+            created_at: "2026-11-25T00:00:00Z".into(),
+            created_by: "ci".into(),
+        };
+        self.apps.lock().unwrap().insert(app.into(), release);
+    }
+}
+
+pub struct Beacon {
+    pub http_url: String,
+    pub control_addr: String,
+    pub pki: Arc<Pki>,
+    pub read_token: String,
+    pub maestro_token: String,
+    pub repository_token: String,
+    pub data_dir: PathBuf,
+    pub config: Config,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub http: reqwest::Client,
+}
+
+pub struct Tokens {
+    pub read: String,
+    pub maestro: String,
+    pub repository: String,
+    pub repo_read: String,
+}
+
+impl Tokens {
+    pub fn new() -> Self {
+        Self {
+            read: generate(),
+            maestro: generate(),
+            repository: generate(),
+            repo_read: generate(),
+        }
+    }
+}
+
+/// Writes a Beacon config into `dir`.
+pub fn config(dir: &Path, pki: &Pki, tokens: &Tokens, repo_url: &str) -> Config {
+    let repo_token_file = dir.join("repo-token");
+    px_runtime::secrets::write_secret_file(&repo_token_file, &tokens.repo_read).unwrap();
+    let mut config = Config {
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        control_listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.join("data"),
+        tls_cert_file: pki.cert(),
+        tls_key_file: pki.key(),
+        tokens: vec![
+            TokenEntry {
+                name: "em".into(),
+                role: Role::Read,
+                sha256: hash(&tokens.read),
+            },
+            TokenEntry {
+                name: "web".into(),
+                role: Role::Maestro,
+                sha256: hash(&tokens.maestro),
+            },
+            TokenEntry {
+                name: "apprepo".into(),
+                role: Role::Repository,
+                sha256: hash(&tokens.repository),
+            },
+        ],
+        ..Config::default()
+    };
+    config.repository.url = repo_url.into();
+    config.repository.token_file = repo_token_file;
+    config
+}
+
+impl Beacon {
+    /// Starts Beacon with `config` (whose listen addresses are ignored: it binds port 0, or
+    /// `control_port` when given so a restarted Beacon keeps its address).
+    pub async fn start(config: Config, pki: Arc<Pki>, tokens: &Tokens, control_port: u16) -> Self {
+        if std::env::var_os("PX_LOG").is_some() {
+            px_runtime::telemetry::init();
+        }
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let control = tokio::net::TcpListener::bind(("127.0.0.1", control_port))
+            .await
+            .unwrap();
+        let http_url = format!("http://{}", http.local_addr().unwrap());
+        let control_addr = control.local_addr().unwrap().to_string();
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let run_config = config.clone();
+        let task = tokio::spawn(async move {
+            px_beacon::run(run_config, px_beacon::Listeners { http, control }, token)
+                .await
+                .unwrap();
+        });
+        let beacon = Self {
+            http_url,
+            control_addr,
+            pki,
+            read_token: tokens.read.clone(),
+            maestro_token: tokens.maestro.clone(),
+            repository_token: tokens.repository.clone(),
+            data_dir: config.data_dir.clone(),
+            config,
+            shutdown,
+            task: Some(task),
+            http: reqwest::Client::new(),
+        };
+        for _ in 0..200 {
+            if beacon
+                .http
+                .get(format!("{}/healthz", beacon.http_url))
+                .send()
+                .await
+                .is_ok()
+            {
+                return beacon;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("beacon did not start");
+    }
+
+    pub fn control_port(&self) -> u16 {
+        self.control_addr
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.http_url))
+            .bearer_auth(&self.read_token)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    /// Polls `check` on the API until it holds.
+    pub async fn wait_for<T, F>(&self, path: &str, what: &str, check: F) -> T
+    where
+        T: serde::de::DeserializeOwned + std::fmt::Debug,
+        F: Fn(&T) -> bool,
+    {
+        let start = std::time::Instant::now();
+        loop {
+            let value: T = self.get(path).await;
+            if check(&value) {
+                return value;
+            }
+            if start.elapsed() > WAIT {
+                panic!("timed out waiting for {what}; last {path}: {value:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn events(&self) -> Vec<px_proto::beacon::Event> {
+        self.get("/v1/events?limit=1000").await
+    }
+
+    pub async fn wait_for_event(
+        &self,
+        kind: px_proto::beacon::EventKind,
+        what: &str,
+    ) -> px_proto::beacon::Event {
+        let events: Vec<px_proto::beacon::Event> = self
+            .wait_for(
+                "/v1/events?limit=1000",
+                what,
+                |events: &Vec<px_proto::beacon::Event>| events.iter().any(|e| e.kind == kind),
+            )
+            .await;
+        events.into_iter().find(|e| e.kind == kind).unwrap()
+    }
+}
+
+pub type Link = Framed<
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    FrameCodec<FromBeacon, ToBeacon>,
+>;
+
+/// Opens a TLS link trusting `ca` and sends `hello`; returns the link and Beacon's answer.
+pub async fn open_link(addr: &str, ca: &Path, hello: Hello) -> (Link, FromBeacon) {
+    let tls = px_runtime::tls::client_config(ca).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(px_runtime::tls::server_name("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut link = Framed::new(stream, FrameCodec::new());
+    link.send(ToBeacon::Hello(hello)).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, link.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    (link, answer)
+}
+
+pub fn maestro_hello(name: &str, token: &str, generation: u64) -> Hello {
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        role: PeerRole::Maestro,
+        name: name.into(),
+        token: token.into(),
+        software: "test".into(),
+        labels: BTreeMap::new(),
+        state: Some(NodeReport {
+            generation,
+            instances: Vec::new(),
+        }),
+    }
+}
+
+/// Reads frames until an `Assign` arrives (heartbeats are skipped).
+pub async fn next_assign(link: &mut Link) -> px_proto::link::Assignment {
+    loop {
+        match tokio::time::timeout(WAIT, link.next())
+            .await
+            .expect("no assignment in time")
+        {
+            Some(Ok(FromBeacon::Assign(a))) => return a,
+            Some(Ok(FromBeacon::Heartbeat)) => continue,
+            other => panic!("expected an assignment, got {other:?}"),
+        }
+    }
+}
+
+/// A webhook receiver recording every body it gets.
+pub async fn webhook_receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let r = received.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+            let r = r.clone();
+            async move {
+                r.lock().unwrap().push(body);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, received)
+}
