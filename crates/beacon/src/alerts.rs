@@ -231,7 +231,7 @@ impl Alerter {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(at) = last_raised.get(&alert.key)
-            && now.duration_since(*at) < Duration::ZERO
+            && now.duration_since(*at) < inner.dedup_window
         {
             bump(&inner.counters.suppressed);
             tracing::debug!(key = %alert.key, "alert suppressed: raised within the dedup window");

@@ -132,7 +132,7 @@ pub async fn run(
         alerts::AlertSettings {
             webhooks: config.alerts.webhooks.clone(),
             dedup_window: config.alerts.dedup_window,
-            backoff_base: Duration::from_secs(1),
+            backoff_base: alerts::DEFAULT_BACKOFF_BASE,
         },
         &tracker,
         shutdown.clone(),

@@ -1,0 +1,281 @@
+//! Beacon's HTTP side over real sockets: token checks, event paging and the SSE stream, metrics,
+//! and the status page rendered by a real browser (headless Chromium).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Beacon, RepoStub, Tokens, WAIT, config, maestro_hello, next_assign, open_link};
+use futures_util::{SinkExt, StreamExt};
+use px_proto::beacon::{Event, EventKind};
+use px_proto::link::{InstanceState, InstanceStatus, NodeReport, ToBeacon};
+use px_test_support::Pki;
+use reqwest::StatusCode;
+
+async fn start() -> (tempfile::TempDir, Tokens, Beacon) {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = Tokens::new();
+    let (repo, url) = RepoStub::start(tokens.repo_read.clone()).await;
+    repo.release("hello", 3, "");
+    let pki = Arc::new(Pki::new(&["localhost"]).unwrap());
+    let beacon = Beacon::start(config(dir.path(), &pki, &tokens, &url), pki, &tokens, 0).await;
+    (dir, tokens, beacon)
+}
+
+#[tokio::test]
+async fn the_api_needs_a_reading_token() {
+    let (_dir, tokens, beacon) = start().await;
+    let url = format!("{}/v1/nodes", beacon.http_url);
+    assert_eq!(
+        beacon.http.get(&url).send().await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        beacon
+            .http
+            .get(&url)
+            .bearer_auth("pxt_nope")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    // A link-only token may not read the API.
+    let r = beacon
+        .http
+        .get(&url)
+        .bearer_auth(&tokens.repository)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        beacon
+            .http
+            .get(&url)
+            .bearer_auth(&tokens.read)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    let r = beacon
+        .http
+        .get(format!("{}/v1/apps/nosuch", beacon.http_url))
+        .bearer_auth(&tokens.read)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = beacon
+        .http
+        .get(format!("{}/v1/events?after=x", beacon.http_url))
+        .bearer_auth(&tokens.read)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    beacon.stop().await;
+}
+
+#[tokio::test]
+async fn events_page_and_stream_filtered_by_app() {
+    let (_dir, tokens, beacon) = start().await;
+    beacon
+        .wait_for_event(EventKind::DeployStarted, "deploy started")
+        .await;
+    let all: Vec<Event> = beacon.get("/v1/events").await;
+    let first = all[0].seq;
+    let after_first: Vec<Event> = beacon.get(&format!("/v1/events?after={first}")).await;
+    assert!(after_first.iter().all(|e| e.seq > first));
+    assert_eq!(after_first.len(), all.len() - 1);
+    let only_hello: Vec<Event> = beacon.get("/v1/events?app=hello").await;
+    assert!(!only_hello.is_empty() && only_hello.iter().all(|e| e.app.as_deref() == Some("hello")));
+    let config: px_proto::link::AppAssignment = beacon.get("/v1/apps/hello/config").await;
+    assert_eq!(config.release, 3);
+
+    // Follow the stream for app hello from the start; a node joining (no app) is filtered out,
+    // its deploy finishing is not.
+    let mut stream = beacon
+        .http
+        .get(format!(
+            "{}/v1/events/stream?app=hello&after=0",
+            beacon.http_url
+        ))
+        .bearer_auth(&tokens.read)
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    let (mut link, _) = open_link(
+        &beacon.control_addr,
+        &beacon.pki.ca(),
+        maestro_hello("web-1", &tokens.maestro, 0),
+    )
+    .await;
+    let generation = next_assign(&mut link).await.generation;
+    link.send(ToBeacon::Heartbeat(NodeReport {
+        generation,
+        instances: vec![InstanceStatus {
+            app: "hello".into(),
+            release: 3,
+            state: InstanceState::Healthy,
+            pid: None,
+            port: None,
+            restarts: 0,
+            last_exit: None,
+        }],
+    }))
+    .await
+    .unwrap();
+    let mut text = String::new();
+    let found = tokio::time::timeout(WAIT, async {
+        while let Some(chunk) = stream.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if text.contains("deploy_finished") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "stream so far: {text}");
+    assert!(
+        text.contains("deploy_started"),
+        "the backlog comes first: {text}"
+    );
+    assert!(
+        !text.contains("node_joined"),
+        "other apps' and node events are filtered: {text}"
+    );
+    assert!(
+        text.contains("id: "),
+        "events carry ids for Last-Event-ID: {text}"
+    );
+    beacon.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_count_links_and_assignments() {
+    let (_dir, tokens, beacon) = start().await;
+    let (mut link, _) = open_link(
+        &beacon.control_addr,
+        &beacon.pki.ca(),
+        maestro_hello("web-1", &tokens.maestro, 0),
+    )
+    .await;
+    next_assign(&mut link).await;
+    link.send(ToBeacon::Heartbeat(NodeReport::default()))
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let m = beacon
+            .http
+            .get(format!("{}/metrics", beacon.http_url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.contains("beacon_nodes_connected 1")
+            && m.contains("beacon_assignments_sent_total 1")
+            && m.contains("beacon_heartbeats_total 1")
+        {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    beacon.stop().await;
+}
+
+fn chromium() -> Option<String> {
+    for name in ["chromium", "chromium-browser"] {
+        if let Ok(out) = std::process::Command::new("which").arg(name).output()
+            && out.status.success()
+        {
+            return Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        }
+    }
+    if std::env::var_os("PX_REQUIRE_CHROMIUM").is_some() {
+        panic!(
+            "PX_REQUIRE_CHROMIUM is set but chromium is not installed (apt-get install chromium)"
+        );
+    }
+    eprintln!(
+        "SKIPPING status page browser test: chromium not found (set PX_REQUIRE_CHROMIUM=1 to make this fail)"
+    );
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_nodes_and_apps_in_a_browser() {
+    let Some(browser) = chromium() else { return };
+    let (_dir, tokens, beacon) = start().await;
+    let (mut link, _) = open_link(
+        &beacon.control_addr,
+        &beacon.pki.ca(),
+        maestro_hello("web-7", &tokens.maestro, 0),
+    )
+    .await;
+    next_assign(&mut link).await;
+    beacon
+        .wait_for("/v1/nodes", "node", |n: &Vec<px_proto::beacon::Node>| {
+            !n.is_empty()
+        })
+        .await;
+    let profile = tempfile::tempdir().unwrap();
+    let shots = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let shot = shots.join("beacon-status.png");
+    let flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ];
+    let page = format!("{}/", beacon.http_url);
+    let run = |extra: Vec<String>| {
+        let browser = browser.clone();
+        let profile = profile.path().to_path_buf();
+        let page = page.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(browser)
+                .args(flags)
+                .arg(format!("--user-data-dir={}", profile.display()))
+                .args(extra)
+                .arg(page)
+                .output()
+                .unwrap()
+        })
+    };
+    let dom = run(vec!["--dump-dom".into()]).await.unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(dom.contains("web-7"), "node missing from the page: {dom}");
+    assert!(dom.contains("hello"), "app missing from the page: {dom}");
+    assert!(dom.contains("connected"), "{dom}");
+    let out = run(vec![
+        format!("--screenshot={}", shot.display()),
+        "--window-size=1200,900".into(),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        shot.exists(),
+        "no screenshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = std::fs::read(&shot).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    eprintln!("status page screenshot: {}", shot.display());
+    beacon.stop().await;
+}
