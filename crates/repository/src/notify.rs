@@ -10,8 +10,8 @@ use futures_util::{SinkExt, StreamExt};
 use px_proto::api::Release;
 use px_proto::codec::FrameCodec;
 use px_proto::link::{
-    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, Hello, PROTOCOL_VERSION, PeerRole,
-    ReleaseCommitted, ToBeacon,
+    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, HEARTBEAT_INTERVAL, Hello, PROTOCOL_VERSION,
+    PeerRole, ReleaseCommitted, ToBeacon,
 };
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -169,6 +169,9 @@ async fn link_task(
         };
         let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Beacon heartbeats too; a link silent past the deadline is dead even if TCP says not.
+        let silence = tokio::time::sleep(HEARTBEAT_DEADLINE);
+        tokio::pin!(silence);
         let error = 'link: loop {
             while let Some(notice) = pending.pop_front() {
                 if let Err(e) = link.send(ToBeacon::ReleaseCommitted(notice.clone())).await {
@@ -191,7 +194,8 @@ async fn link_task(
                         break 'link e.to_string();
                     }
                 }
-                frame = link.next() => match frame {
+                _ = &mut silence => break 'link "beacon silent past the heartbeat deadline".to_string(),
+                frame = link.next() => match frame.inspect(|_| silence.as_mut().reset(tokio::time::Instant::now() + HEARTBEAT_DEADLINE)) {
                     Some(Ok(FromBeacon::Heartbeat)) => {}
                     Some(Ok(other)) => tracing::debug!(?other, "unexpected frame from beacon"),
                     Some(Err(e)) => break 'link e.to_string(),

@@ -169,3 +169,42 @@ async fn a_rejected_link_is_retried_without_affecting_uploads() {
     );
     repo.stop().await;
 }
+
+#[tokio::test]
+async fn a_silent_beacon_is_left_and_linked_again() {
+    // A Beacon that welcomes the repository and then never speaks: after the heartbeat deadline
+    // the notifier gives the link up and connects again.
+    let pki = Pki::new(&["beacon.test"]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        px_runtime::tls::server_config(&pki.cert(), &pki.key()).unwrap(),
+    );
+    let secrets = tempfile::tempdir().unwrap();
+    let repo =
+        Repo::start_with(|c| c.beacon = Some(beacon_config(secrets.path(), &pki, port))).await;
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut silent = Framed::new(
+        acceptor.accept(tcp).await.unwrap(),
+        FrameCodec::<ToBeacon, FromBeacon>::new(),
+    );
+    assert!(matches!(silent.next().await, Some(Ok(ToBeacon::Hello(_)))));
+    silent
+        .send(FromBeacon::Welcome {
+            protocol: PROTOCOL_VERSION,
+            beacon: "test".into(),
+        })
+        .await
+        .unwrap();
+    let deadline = px_proto::link::HEARTBEAT_DEADLINE + Duration::from_secs(15);
+    let second = tokio::time::timeout(deadline, listener.accept()).await;
+    assert!(
+        second.is_ok(),
+        "the notifier never reconnected after beacon went silent"
+    );
+    drop(silent);
+    repo.stop().await;
+}
