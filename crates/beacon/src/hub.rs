@@ -79,6 +79,8 @@ struct State {
     rollouts: BTreeMap<String, Rollout>,
     next_conn: u64,
     repository_reachable: bool,
+    /// Apps whose rollout must be re-evaluated at the next sweep.
+    dirty: BTreeSet<String>,
 }
 
 /// An event to record after the lock is released, maybe with an alert.
@@ -159,6 +161,7 @@ impl Hub {
                 rollouts: BTreeMap::new(),
                 next_conn: 1,
                 repository_reachable: true,
+                dirty: BTreeSet::new(),
             }),
             settings,
             events,
@@ -422,13 +425,18 @@ impl Hub {
                 format!("node {} joined ({})", hello.name, hello.software),
             )),
         }
-        self.metrics
-            .nodes_connected
-            .set(state.nodes.values().filter(|n| n.connected).count() as u64);
         let apps: Vec<String> = state.desired.keys().cloned().collect();
-        for app in apps {
+        // An app waiting for its first eligible node may have one now: say so at once.
+        let unplaced: Vec<String> = state
+            .rollouts
+            .iter()
+            .filter(|(_, r)| r.state == RolloutState::Unplaced)
+            .map(|(app, _)| app.clone())
+            .collect();
+        for app in unplaced {
             effects.extend(self.evaluate_rollout(&mut state, &app));
         }
+        state.dirty.extend(apps);
         drop(state);
         self.apply(effects);
         Attached {
@@ -477,9 +485,7 @@ impl Hub {
                 .chain(entry.report.instances.iter().map(|i| i.app.clone()))
                 .collect();
             entry.report = report;
-            for app in apps {
-                effects.extend(self.evaluate_rollout(&mut state, &app));
-            }
+            state.dirty.extend(apps);
         }
         drop(state);
         self.apply(effects);
@@ -523,9 +529,6 @@ impl Hub {
         if let Some(entry) = state.nodes.get_mut(node).filter(|n| n.conn == conn) {
             entry.connected = false;
         }
-        self.metrics
-            .nodes_connected
-            .set(state.nodes.values().filter(|n| n.connected).count() as u64);
     }
 
     /// Marks nodes silent for too long as lost (once), and re-evaluates rollouts they were in.
@@ -558,10 +561,18 @@ impl Hub {
         }
         if !lost.is_empty() {
             let apps: Vec<String> = state.desired.keys().cloned().collect();
-            for app in apps {
-                effects.extend(self.evaluate_rollout(&mut state, &app));
-            }
+            state.dirty.extend(apps);
         }
+        // Rollouts are evaluated here, for the apps whose reports changed since the last
+        // sweep, rather than on every heartbeat: one pass over the nodes per app per sweep
+        // instead of one per heartbeat, which is what lets one Beacon hold 10 000 links.
+        let dirty = std::mem::take(&mut state.dirty);
+        for app in dirty {
+            effects.extend(self.evaluate_rollout(&mut state, &app));
+        }
+        self.metrics
+            .nodes_connected
+            .set(state.nodes.values().filter(|n| n.connected).count() as u64);
         drop(state);
         self.apply(effects);
     }

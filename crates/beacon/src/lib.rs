@@ -25,8 +25,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, TokensFile};
 
-/// How often lost nodes are looked for.
-pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often lost nodes are looked for and changed rollouts evaluated: short enough that a
+/// finished rollout shows within a quarter second, long enough that the pass over all nodes
+/// stays a small share of one core at 10 000 links.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// How long open requests and links get to finish at shutdown.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
