@@ -1,0 +1,1 @@
+//! App and access logs on disk.

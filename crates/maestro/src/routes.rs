@@ -1,0 +1,168 @@
+//! The routing table: which host goes to which app, and to which instances. The supervisor
+//! builds a new table whenever instances change and swaps it in whole; the proxy reads the
+//! current one per request. A switch of release is therefore one atomic pointer swap.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// One running instance the proxy may send requests to.
+#[derive(Debug)]
+pub struct Backend {
+    pub app: String,
+    pub release: u64,
+    pub addr: SocketAddr,
+    /// Requests (and upgraded connections) in progress on this instance; the supervisor waits
+    /// for it to reach zero before stopping a drained instance.
+    in_flight: AtomicUsize,
+}
+
+impl Backend {
+    pub fn new(app: &str, release: u64, addr: SocketAddr) -> Arc<Self> {
+        Arc::new(Self {
+            app: app.to_string(),
+            release,
+            addr,
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    /// Counts a request as in flight until the returned guard drops.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.clone())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// Guard for one in-flight request; hold it until the response body (or the upgraded
+/// connection) is finished.
+#[derive(Debug)]
+pub struct InFlight(Arc<Backend>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How one app is served.
+#[derive(Debug)]
+pub struct AppRoute {
+    pub app: String,
+    pub release: u64,
+    /// Healthy instances of the serving release; empty while none is up (the proxy answers 503).
+    pub backends: Vec<Arc<Backend>>,
+    /// URL path prefix (starting with '/', no trailing '/') → absolute directory in the
+    /// release, served by the proxy itself. Longest prefix wins.
+    pub static_dirs: Vec<(String, PathBuf)>,
+    next: AtomicUsize,
+}
+
+impl AppRoute {
+    pub fn new(
+        app: &str,
+        release: u64,
+        backends: Vec<Arc<Backend>>,
+        static_dirs: Vec<(String, PathBuf)>,
+    ) -> Self {
+        Self {
+            app: app.to_string(),
+            release,
+            backends,
+            static_dirs,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The next backend, round robin; `None` when there is none.
+    pub fn pick(&self) -> Option<Arc<Backend>> {
+        if self.backends.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.backends.len();
+        Some(self.backends[i].clone())
+    }
+}
+
+/// Host name (lowercase, without port) → app route.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    pub by_host: HashMap<String, Arc<AppRoute>>,
+}
+
+impl RouteTable {
+    /// Looks up a `Host` header value: case-insensitive, port ignored.
+    pub fn lookup(&self, host: &str) -> Option<&Arc<AppRoute>> {
+        let host = host
+            .rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(host, |(h, _)| h);
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        self.by_host.get(&host)
+    }
+}
+
+/// The current table, swapped whole.
+#[derive(Debug, Default)]
+pub struct Routes {
+    current: RwLock<Arc<RouteTable>>,
+}
+
+impl Routes {
+    pub fn load(&self) -> Arc<RouteTable> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn store(&self, table: RouteTable) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_ignores_case_port_and_trailing_dot() {
+        let mut table = RouteTable::default();
+        table.by_host.insert(
+            "hello.localhost".into(),
+            Arc::new(AppRoute::new("hello", 1, Vec::new(), Vec::new())),
+        );
+        for host in [
+            "hello.localhost",
+            "HELLO.localhost:8080",
+            "hello.localhost.",
+        ] {
+            assert!(table.lookup(host).is_some(), "{host}");
+        }
+        assert!(table.lookup("other.localhost").is_none());
+    }
+
+    #[test]
+    fn round_robin_and_in_flight_guards() {
+        let a = Backend::new("x", 1, "127.0.0.1:1".parse().unwrap());
+        let b = Backend::new("x", 1, "127.0.0.1:2".parse().unwrap());
+        let route = AppRoute::new("x", 1, vec![a.clone(), b.clone()], Vec::new());
+        let picks: Vec<u16> = (0..4).map(|_| route.pick().unwrap().addr.port()).collect();
+        assert_eq!(picks, [1, 2, 1, 2]);
+        let guard = a.begin();
+        assert_eq!(a.in_flight(), 1);
+        drop(guard);
+        assert_eq!(a.in_flight(), 0);
+        assert!(
+            AppRoute::new("y", 1, Vec::new(), Vec::new())
+                .pick()
+                .is_none()
+        );
+    }
+}
