@@ -478,11 +478,23 @@ impl Hub {
             );
         }
         if let Some(report) = report {
+            // Only apps whose instances on this node changed need their rollout looked at;
+            // most heartbeats change nothing.
             let apps: BTreeSet<String> = report
                 .instances
                 .iter()
                 .map(|i| i.app.clone())
                 .chain(entry.report.instances.iter().map(|i| i.app.clone()))
+                .filter(|app| {
+                    let of = |r: &NodeReport| {
+                        r.instances
+                            .iter()
+                            .filter(|i| &i.app == app)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                    };
+                    of(&report) != of(&entry.report)
+                })
                 .collect();
             entry.report = report;
             state.dirty.extend(apps);
