@@ -1,1 +1,192 @@
-//! The reverse proxy.
+//! The reverse proxy: routes requests by `Host` to the healthy instances of each app (round
+//! robin), serves static paths itself, terminates TLS, and records metrics and access logs.
+//!
+//! The hot path per request is one read of the route table (an `Arc` clone), a header rewrite,
+//! and a pooled keep-alive connection to the instance; bodies stream both ways, never buffered.
+
+mod access;
+mod body;
+mod handle;
+mod headers;
+mod metrics;
+mod pages;
+mod server;
+mod static_files;
+mod tls;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use access::{AccessLog, AccessRecord};
+pub use body::STATIC_CHUNK_BYTES;
+pub use headers::MAX_REQUEST_ID_BYTES;
+pub use metrics::{LATENCY_BUCKETS, ProxyMetrics};
+pub use tls::CertStore;
+
+use crate::routes::Routes;
+use body::UpstreamBody;
+
+/// Default for [`ProxySettings::request_timeout`]: as nginx's `proxy_read_timeout`, long enough
+/// for a slow report page, short enough that a hung instance shows up as 504s quickly.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default for [`ProxySettings::idle_timeout`]: nginx's `keepalive_timeout`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// Default for [`ProxySettings::header_read_timeout`]: a real client sends its headers in one
+/// round trip; ten seconds allow for a bad mobile link while a slow-loris client holding many
+/// connections open is cut off quickly.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default for [`ProxySettings::max_header_bytes`]: above the 8–16 KiB most servers allow, so
+/// large cookies pass, and small enough that a connection's buffer stays small.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Default for [`ProxySettings::drain`]: requests still running this long after shutdown
+/// was asked are cut; matches the supervisor's drain of an old instance.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
+/// Smallest header limit hyper accepts for its read buffer.
+const MIN_HEADER_BYTES: usize = 8 * 1024;
+
+/// Open client connections per listener; beyond it, new connections wait in the kernel's
+/// accept backlog. Each proxied connection holds two file descriptors, so Maestro's unit needs a
+/// `LimitNOFILE` of at least twice this (the default soft limit of 1024 would fail first).
+pub const MAX_CONNECTIONS: usize = 16 * 1024;
+/// Connecting to an instance on loopback is immediate unless its accept queue is full; after
+/// this long the instance counts as unreachable (504).
+pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// An idle pooled connection to an instance is closed after this long: below the keep-alive
+/// timeouts of common app servers (Node.js and uvicorn use 5 s), so the proxy never sends a
+/// request on a connection the app is closing at the same moment.
+pub const UPSTREAM_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Idle pooled connections kept per instance: enough for the concurrency of a busy app
+/// between bursts, bounded so a spike does not leave thousands of sockets open.
+pub const UPSTREAM_MAX_IDLE_PER_INSTANCE: usize = 1024;
+
+/// How the proxy behaves; see the `DEFAULT_*` constants for the defaults and why.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// The whole response head of the instance must arrive within this, or the client gets a
+    /// 504 (default 60 s).
+    pub request_timeout: Duration,
+    /// A client connection on which no byte moves for this long is closed (default 75 s).
+    /// This covers stalled bodies and upgraded connections; keep it above `request_timeout`.
+    /// A keep-alive connection waiting for its next request is closed after
+    /// `header_read_timeout` already, since hyper's header timer runs from the end of the
+    /// previous response.
+    pub idle_timeout: Duration,
+    /// A client must send a complete request head within this (slow loris), default 10 s;
+    /// also the limit for a TLS handshake.
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted (default 64 KiB, at least 8 KiB); beyond it the client
+    /// gets a 431 and the connection is closed.
+    pub max_header_bytes: usize,
+    /// On the plain listener, redirect every request for a known host to
+    /// `https://host/path` with a 308 (default false).
+    pub https_redirect: bool,
+    /// Trust `X-Forwarded-*` and `X-Request-Id` from clients, extending them instead of
+    /// replacing them (default false): only when Maestro sits behind the operator's own load
+    /// balancer.
+    pub trusted_forwarded: bool,
+    /// On shutdown, open requests (and upgraded connections) get this long to finish
+    /// (default 30 s).
+    pub drain: Duration,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            https_redirect: false,
+            trusted_forwarded: false,
+            drain: DEFAULT_DRAIN,
+        }
+    }
+}
+
+/// What can go wrong setting the proxy up.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot read the certificate directory {path}: {source}")]
+    CertDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("certificate {path}: {detail}")]
+    Cert { path: String, detail: String },
+    #[error("tls set-up: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// The reverse proxy. One per Maestro, shared by its plain and TLS listeners.
+pub struct Proxy {
+    routes: Arc<Routes>,
+    settings: ProxySettings,
+    metrics: Arc<ProxyMetrics>,
+    access: AccessLog,
+    client: Client<HttpConnector, UpstreamBody>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    pub fn new(
+        routes: Arc<Routes>,
+        settings: ProxySettings,
+        metrics: Arc<ProxyMetrics>,
+        access: AccessLog,
+    ) -> Arc<Self> {
+        let mut connector = HttpConnector::new();
+        // Small requests and responses must not wait for Nagle's delayed ACK dance.
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(UPSTREAM_POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(UPSTREAM_MAX_IDLE_PER_INSTANCE)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Arc::new(Self {
+            routes,
+            settings,
+            metrics,
+            access,
+            client,
+        })
+    }
+
+    pub fn settings(&self) -> &ProxySettings {
+        &self.settings
+    }
+
+    pub fn metrics(&self) -> &Arc<ProxyMetrics> {
+        &self.metrics
+    }
+
+    /// Serves plain HTTP on `listener` until `shutdown`; then stops accepting and lets open
+    /// requests finish, giving up after [`ProxySettings::drain`].
+    pub async fn serve_http(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        server::serve(self, listener, None, shutdown).await;
+    }
+
+    /// Same over TLS, with certificates chosen by SNI from `certs`.
+    pub async fn serve_https(
+        self: Arc<Self>,
+        listener: TcpListener,
+        certs: Arc<CertStore>,
+        shutdown: CancellationToken,
+    ) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(certs.server_config());
+        server::serve(self, listener, Some(acceptor), shutdown).await;
+    }
+}

@@ -1,0 +1,102 @@
+//! Maestro's configuration: one typed struct, layered defaults < TOML file < `PX_MAESTRO_*`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub const ENV_PREFIX: &str = "PX_MAESTRO_";
+/// Default proxy address; `em up` and single machines use 8080, Ansible sets 80 (or systemd
+/// passes the sockets).
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
+/// Default local status endpoint (`/healthz`, `/metrics`): loopback only.
+pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:7090";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/platformx/maestro";
+pub const DEFAULT_LOG_DIR: &str = "/var/log/platformx";
+/// Ports handed to instances: 10 000 of them, far above ephemeral-port ranges' usual start
+/// (32768), so outgoing connections never take an instance's port.
+pub const DEFAULT_PORT_RANGE: (u16, u16) = (20000, 29999);
+/// How long an instance has to exit after SIGTERM before SIGKILL; web frameworks finish
+/// their requests well within this.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long in-flight requests on a replaced release may take before it is stopped anyway.
+pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's name on the control link and status page. Default: the host name.
+    pub node_name: String,
+    /// Labels apps may require (`[placement] labels` in app.toml). Default: none.
+    pub labels: BTreeMap<String, String>,
+    /// Plain HTTP proxy address. Default: `127.0.0.1:8080`.
+    pub http_listen: SocketAddr,
+    /// HTTPS proxy address; needs `certs_dir`. Default: none.
+    pub https_listen: Option<SocketAddr>,
+    /// Certificates per domain (`<domain>.crt` + `<domain>.key`). Default: none.
+    pub certs_dir: Option<PathBuf>,
+    /// Redirect plain HTTP to HTTPS. Default: false.
+    pub https_redirect: bool,
+    /// Local `/healthz` and `/metrics`. Default: `127.0.0.1:7090`.
+    pub status_listen: SocketAddr,
+    /// Releases and the persisted assignment. Default: `/var/lib/platformx/maestro`.
+    pub state_dir: PathBuf,
+    /// App logs and the access log. Default: `/var/log/platformx`.
+    pub log_dir: PathBuf,
+    /// First and last port handed to instances. Default: 20000-29999.
+    pub port_range: (u16, u16),
+    /// SIGTERM → SIGKILL grace. Default: 10s.
+    #[serde(with = "humantime_serde")]
+    pub stop_grace: Duration,
+    /// Drain deadline for replaced instances. Default: 30s.
+    #[serde(with = "humantime_serde")]
+    pub drain_deadline: Duration,
+    /// File with a `read` token for apprepo, to download bundles. Default: none (bundles
+    /// must then be served without auth, which apprepo never does).
+    pub repository_token_file: Option<PathBuf>,
+    /// The Beacon to link to. Default: none (serve the persisted assignment only).
+    pub beacon: Option<BeaconConfig>,
+}
+
+/// `[beacon]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BeaconConfig {
+    /// Beacon's control address, `host:port`.
+    pub addr: String,
+    /// Name in Beacon's certificate. Default: the host part of `addr`.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// PEM file of the cluster CA.
+    pub ca_file: PathBuf,
+    /// File with this node's `maestro` token (mode 0600).
+    pub token_file: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        #[allow(clippy::unwrap_used)] // constants that parse
+        Self {
+            node_name: std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "maestro".into()),
+            labels: BTreeMap::new(),
+            http_listen: DEFAULT_HTTP_LISTEN.parse().unwrap(),
+            https_listen: None,
+            certs_dir: None,
+            https_redirect: false,
+            status_listen: DEFAULT_STATUS_LISTEN.parse().unwrap(),
+            state_dir: DEFAULT_STATE_DIR.into(),
+            log_dir: DEFAULT_LOG_DIR.into(),
+            port_range: DEFAULT_PORT_RANGE,
+            stop_grace: DEFAULT_STOP_GRACE,
+            drain_deadline: DEFAULT_DRAIN_DEADLINE,
+            repository_token_file: None,
+            beacon: None,
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! One app instance as an operating-system process: started through the AppRunner contract
+//! (DESIGN.md §3.1) in its own process group, health-checked, and stopped with SIGTERM, a
+//! grace period, then SIGKILL to the whole group, so nothing it spawned is left behind.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use px_proto::manifest::{APPRUNNER_FILE, HealthCheck};
+use tokio::process::{Child, Command};
+
+/// How often a starting instance is probed.
+pub const HEALTH_POLL: Duration = Duration::from_millis(50);
+/// How long one health probe may take.
+pub const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Environment variables passed through from Maestro's own environment; everything else an
+/// instance sees comes from its release, so apps behave the same on every node.
+pub const PASSED_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ", "HOME"];
+
+/// What to start.
+pub struct Launch<'a> {
+    pub app: &'a str,
+    pub release: u64,
+    pub dir: &'a Path,
+    pub run: Option<&'a str>,
+    pub env: &'a BTreeMap<String, String>,
+    pub port: u16,
+    /// Extra variables set by Maestro (e.g. the instance number).
+    pub extra_env: Vec<(String, String)>,
+}
+
+/// Starts an instance. Its stdout and stderr are piped for the caller to attach to the logs.
+pub fn spawn(launch: &Launch<'_>) -> std::io::Result<Child> {
+    let port = launch.port.to_string();
+    let mut command = match launch.run {
+        Some(run) => {
+            let mut c = Command::new("/bin/sh");
+            // `sh -c CMD NAME ARG`: the port is also `$1`, as the AppRunner contract says.
+            c.arg("-c").arg(run).arg(launch.app).arg(&port);
+            c
+        }
+        None => {
+            let mut c = Command::new(launch.dir.join(APPRUNNER_FILE));
+            c.arg(&port);
+            c
+        }
+    };
+    command.current_dir(launch.dir).env_clear();
+    for key in PASSED_ENV {
+        if let Some(value) = std::env::var_os(key) {
+            command.env(key, value);
+        }
+    }
+    command
+        .envs(launch.env)
+        .env("PORT", &port)
+        .env("PX_APP", launch.app)
+        .env("PX_RELEASE", launch.release.to_string())
+        .envs(launch.extra_env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so a stop reaches everything it started.
+        .process_group(0)
+        .kill_on_drop(true);
+    command.spawn()
+}
+
+/// Sends `signal` to the process group led by `pid`. A group that is already gone is fine.
+pub fn signal_group(pid: u32, signal: Signal) {
+    let _ = killpg(Pid::from_raw(pid as i32), signal);
+}
+
+/// Stops an instance: SIGTERM to its group, up to `grace` for it to exit, then SIGKILL.
+/// Returns how it ended.
+pub async fn stop(child: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
+    let Some(pid) = child.id() else {
+        return child.try_wait().ok().flatten();
+    };
+    signal_group(pid, Signal::SIGTERM);
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => {
+            // The leader is gone; make sure nothing else of the group stays.
+            signal_group(pid, Signal::SIGKILL);
+            status.ok()
+        }
+        Err(_) => {
+            tracing::warn!(pid, "instance ignored SIGTERM for {grace:?}; killing it");
+            signal_group(pid, Signal::SIGKILL);
+            child.wait().await.ok()
+        }
+    }
+}
+
+/// Why an instance did not become healthy.
+#[derive(Debug, thiserror::Error)]
+pub enum StartFailure {
+    #[error("exited before becoming healthy ({0})")]
+    Exited(String),
+    #[error("not healthy after {0:?}: {1}")]
+    TimedOut(Duration, String),
+}
+
+/// Waits until the instance passes its health check (HTTP GET 2xx on `path`, or a TCP
+/// connect), fails if it exits first or the manifest's timeout passes.
+pub async fn wait_healthy(
+    child: &mut Child,
+    port: u16,
+    check: &HealthCheck,
+    http: &reqwest::Client,
+) -> Result<(), StartFailure> {
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(StartFailure::Exited(describe_exit(&status)));
+        }
+        let last = match probe(port, check, http).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if started.elapsed() >= check.timeout {
+            return Err(StartFailure::TimedOut(check.timeout, last));
+        }
+        tokio::time::sleep(HEALTH_POLL).await;
+    }
+}
+
+/// One health probe.
+pub async fn probe(port: u16, check: &HealthCheck, http: &reqwest::Client) -> Result<(), String> {
+    match &check.path {
+        Some(path) => {
+            let url = format!("http://127.0.0.1:{port}{path}");
+            match http.get(&url).timeout(HEALTH_PROBE_TIMEOUT).send().await {
+                Ok(r) if r.status().is_success() => Ok(()),
+                Ok(r) => Err(format!("GET {path} answered {}", r.status())),
+                Err(e) if e.is_connect() => Err(format!("nothing listening on port {port}")),
+                Err(e) => Err(format!("GET {path}: {e}")),
+            }
+        }
+        None => match tokio::time::timeout(
+            HEALTH_PROBE_TIMEOUT,
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(format!("nothing listening on port {port}")),
+        },
+    }
+}
+
+pub fn describe_exit(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        _ => "unknown exit".into(),
+    }
+}
+
+/// Process groups Maestro started, kept on disk so that after a crash of Maestro itself the
+/// next start can end what the previous one left running.
+pub struct GroupFile {
+    path: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GroupRecord {
+    pub pid: u32,
+    /// Process start time (clock ticks since boot, /proc/<pid>/stat field 22), so a reused
+    /// pid is never mistaken for ours.
+    pub start_ticks: u64,
+}
+
+/// A process's start time, if it exists.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl GroupFile {
+    pub fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+
+    pub fn load(&self) -> Vec<GroupRecord> {
+        std::fs::read(&self.path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn save(&self, records: &[GroupRecord]) {
+        let tmp = self.path.with_extension("tmp");
+        let result = serde_json::to_vec(records)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = result {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot record instance process groups");
+        }
+    }
+
+    /// Kills every recorded group whose leader is still the process we started; returns how many.
+    pub fn kill_leftovers(&self) -> usize {
+        let mut killed = 0;
+        for record in self.load() {
+            if start_ticks(record.pid) == Some(record.start_ticks) {
+                signal_group(record.pid, Signal::SIGKILL);
+                killed += 1;
+            }
+        }
+        self.save(&[]);
+        killed
+    }
+}

@@ -1,0 +1,221 @@
+//! Body types: what the proxy sends upstream, and what it answers with. The answer body carries
+//! the backend's in-flight guard and the pending access record, so both end exactly when the
+//! last byte has gone out or the client went away.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::io::AsyncReadExt as _;
+
+use super::access::{AccessLog, AccessRecord};
+use crate::routes::InFlight;
+
+/// Bytes read from a static file per frame: large enough that a big file streams in few
+/// reads on the blocking pool, small enough that many concurrent downloads stay cheap.
+pub const STATIC_CHUNK_BYTES: usize = 64 * 1024;
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body sent to an instance: the client's own stream, or nothing (which lets a
+/// bodiless GET be sent again to another instance).
+pub(crate) enum UpstreamBody {
+    Client(Incoming),
+    Empty,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Client(body) => Pin::new(body).poll_frame(cx),
+            Self::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Client(body) => body.is_end_stream(),
+            Self::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Client(body) => body.size_hint(),
+            Self::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+enum Kind {
+    Empty,
+    Full(Option<Bytes>),
+    Upstream(Incoming),
+    File {
+        file: tokio::io::Take<tokio::fs::File>,
+        remaining: u64,
+        buf: BytesMut,
+    },
+}
+
+/// An access record waiting for the body to end, with what it needs to complete itself.
+pub(crate) struct PendingRecord {
+    pub(crate) record: AccessRecord,
+    pub(crate) started: Instant,
+    pub(crate) log: AccessLog,
+}
+
+/// The body of every response the proxy sends.
+pub struct ProxyBody {
+    kind: Kind,
+    guard: Option<InFlight>,
+    pending: Option<Box<PendingRecord>>,
+    sent: u64,
+}
+
+impl ProxyBody {
+    fn of(kind: Kind) -> Self {
+        Self {
+            kind,
+            guard: None,
+            pending: None,
+            sent: 0,
+        }
+    }
+
+    pub(crate) fn empty() -> Self {
+        Self::of(Kind::Empty)
+    }
+
+    pub(crate) fn full(bytes: Bytes) -> Self {
+        Self::of(Kind::Full(Some(bytes)))
+    }
+
+    pub(crate) fn upstream(body: Incoming) -> Self {
+        Self::of(Kind::Upstream(body))
+    }
+
+    /// Streams the first `len` bytes of `file`.
+    pub(crate) fn file(file: tokio::fs::File, len: u64) -> Self {
+        Self::of(Kind::File {
+            file: file.take(len),
+            remaining: len,
+            buf: BytesMut::new(),
+        })
+    }
+
+    /// Keeps `guard` until the body has been sent or dropped.
+    pub(crate) fn hold(&mut self, guard: InFlight) {
+        self.guard = Some(guard);
+    }
+
+    /// Sends `pending` to the access log when the body has been sent or dropped.
+    pub(crate) fn log_on_end(&mut self, pending: Box<PendingRecord>) {
+        self.pending = Some(pending);
+    }
+
+    /// Releases the guard and writes the access record: the response is over.
+    fn finish(&mut self) {
+        self.guard = None;
+        if let Some(pending) = self.pending.take() {
+            let PendingRecord {
+                mut record,
+                started,
+                log,
+            } = *pending;
+            record.bytes = self.sent;
+            record.duration = started.elapsed();
+            log.send(record);
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled: Option<Result<Frame<Bytes>, BoxError>> = match &mut this.kind {
+            Kind::Empty => None,
+            Kind::Full(bytes) => bytes.take().map(|b| Ok(Frame::data(b))),
+            Kind::Upstream(body) => {
+                ready!(Pin::new(body).poll_frame(cx)).map(|r| r.map_err(BoxError::from))
+            }
+            Kind::File {
+                file,
+                remaining,
+                buf,
+            } => {
+                if *remaining == 0 {
+                    None
+                } else {
+                    if buf.capacity() == 0 {
+                        let want = usize::try_from(*remaining)
+                            .unwrap_or(STATIC_CHUNK_BYTES)
+                            .min(STATIC_CHUNK_BYTES);
+                        buf.reserve(want);
+                    }
+                    match ready!(tokio_util::io::poll_read_buf(Pin::new(file), cx, buf)) {
+                        Ok(0) => Some(Err(BoxError::from(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "static file shrank while it was being sent",
+                        )))),
+                        Ok(n) => {
+                            *remaining = remaining.saturating_sub(n as u64);
+                            Some(Ok(Frame::data(buf.split().freeze())))
+                        }
+                        Err(e) => Some(Err(BoxError::from(e))),
+                    }
+                }
+            }
+        };
+        match &polled {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.sent += data.len() as u64;
+                }
+                if this.is_end_stream() {
+                    this.finish();
+                }
+            }
+            Some(Err(_)) | None => this.finish(),
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Empty => true,
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Upstream(body) => body.is_end_stream(),
+            Kind::File { remaining, .. } => *remaining == 0,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream(body) => body.size_hint(),
+            Kind::File { remaining, .. } => SizeHint::with_exact(*remaining),
+        }
+    }
+}

@@ -1,0 +1,402 @@
+//! One request: find the app by host, answer redirects, static files and failures itself, or
+//! forward to an instance (retrying a bodiless GET/HEAD once), pass upgrades through, and
+//! record the outcome in metrics and the access log.
+
+use std::convert::Infallible;
+use std::error::Error as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use hyper::body::{Body as _, Incoming};
+use hyper::header::{EXPECT, HOST, HeaderValue, LOCATION};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
+use hyper::upgrade::OnUpgrade;
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+use tracing::{debug, warn};
+
+use super::access::AccessRecord;
+use super::body::{PendingRecord, ProxyBody, UpstreamBody};
+use super::headers::{self, X_REQUEST_ID};
+use super::pages::{Failure, page};
+use super::server::Conn;
+use super::static_files;
+use crate::routes::{AppRoute, InFlight};
+
+pub(crate) async fn handle(
+    conn: Arc<Conn>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    Ok(respond(&conn, req).await)
+}
+
+/// What finishing a response needs to know about its request.
+struct Exchange<'a> {
+    conn: &'a Arc<Conn>,
+    started: Instant,
+    request_id: HeaderValue,
+    host: &'a str,
+    pending: Option<Box<PendingRecord>>,
+}
+
+impl Exchange<'_> {
+    fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("")
+    }
+
+    /// Stamps the request id, counts the response, and hands the body what must live as long
+    /// as it: the instance's in-flight guard and the access record.
+    fn finish(
+        self,
+        mut response: Response<ProxyBody>,
+        app: &str,
+        upstream: Option<SocketAddr>,
+        guard: Option<InFlight>,
+    ) -> Response<ProxyBody> {
+        let status = response.status().as_u16();
+        response
+            .headers_mut()
+            .insert(&X_REQUEST_ID, self.request_id);
+        self.conn
+            .listener
+            .proxy
+            .metrics
+            .record(app, status, self.started.elapsed());
+        let body = response.body_mut();
+        if let Some(mut pending) = self.pending {
+            pending.record.status = status;
+            pending.record.upstream = upstream;
+            body.log_on_end(pending);
+        }
+        if let Some(guard) = guard {
+            body.hold(guard);
+        }
+        response
+    }
+}
+
+async fn respond(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let started = Instant::now();
+    conn.activity.touch();
+    let proxy = &conn.listener.proxy;
+    let settings = &proxy.settings;
+    let request_id = headers::request_id(req.headers(), settings.trusted_forwarded);
+
+    // RFC 9112 §3.2.2: for an absolute-form target, its authority is the host.
+    if let Some(authority) = req.uri().authority()
+        && let Ok(value) = HeaderValue::from_str(authority.as_str())
+    {
+        req.headers_mut().insert(HOST, value);
+    }
+    let host_value = req.headers().get(HOST).cloned();
+    let host = host_value
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let table = proxy.routes.load();
+    let route = table.lookup(host);
+
+    let pending = proxy.access.enabled().then(|| {
+        Box::new(PendingRecord {
+            record: AccessRecord {
+                at: SystemTime::now(),
+                host: host.to_string(),
+                method: req.method().to_string(),
+                path: req
+                    .uri()
+                    .path_and_query()
+                    .map_or_else(|| req.uri().to_string(), |pq| pq.as_str().to_string()),
+                status: 0,
+                bytes: 0,
+                duration: Duration::ZERO,
+                upstream: None,
+                request_id: request_id.to_str().unwrap_or("").to_string(),
+                app: route.map(|r| r.app.clone()),
+            },
+            started,
+            log: proxy.access.clone(),
+        })
+    });
+    let exchange = Exchange {
+        conn,
+        started,
+        request_id,
+        host,
+        pending,
+    };
+
+    let Some(route) = route else {
+        let response = page(Failure::UnknownHost, host, "", exchange.request_id());
+        return exchange.finish(response, "", None, None);
+    };
+    let app = route.app.as_str();
+    // Only origin-form targets reach an app: no CONNECT tunnels, no `OPTIONS *`.
+    if req.method() == Method::CONNECT || !req.uri().path().starts_with('/') {
+        let response = page(Failure::BadRequest, host, app, exchange.request_id());
+        return exchange.finish(response, app, None, None);
+    }
+    if settings.https_redirect && !conn.listener.https {
+        let response = redirect_to_https(host, req.uri());
+        return exchange.finish(response, app, None, None);
+    }
+    if let Some((dir, rest)) = static_files::matching(&route.static_dirs, req.uri().path()) {
+        let target = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
+        let response =
+            match static_files::serve(dir, rest, target, req.method(), req.headers()).await {
+                Ok(response) => response,
+                Err(failure) => page(failure, host, app, exchange.request_id()),
+            };
+        return exchange.finish(response, app, None, None);
+    }
+    forward(exchange, route, req, host_value.as_ref()).await
+}
+
+/// `https://host/path?query`, without the port of the plain listener.
+fn redirect_to_https(host: &str, uri: &Uri) -> Response<ProxyBody> {
+    let host = host
+        .rsplit_once(':')
+        .filter(|(name, port)| !name.ends_with(':') && port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(host, |(name, _)| name);
+    let target = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+    let mut response = Response::new(ProxyBody::empty());
+    // 308 rather than 301: the method and body are kept.
+    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(location) = HeaderValue::try_from(format!("https://{host}{target}")) {
+        response.headers_mut().insert(LOCATION, location);
+    }
+    response
+}
+
+/// Sends the request to an instance of `route` and answers with what it says.
+async fn forward(
+    exchange: Exchange<'_>,
+    route: &AppRoute,
+    mut req: Request<Incoming>,
+    host_value: Option<&HeaderValue>,
+) -> Response<ProxyBody> {
+    let conn = exchange.conn;
+    let proxy = &conn.listener.proxy;
+    let settings = &proxy.settings;
+    let app = route.app.as_str();
+    let Some(mut backend) = route.pick() else {
+        let response = page(
+            Failure::NoInstance,
+            exchange.host,
+            app,
+            exchange.request_id(),
+        );
+        return exchange.finish(response, app, None, None);
+    };
+
+    let upgrade = if req.version() == Version::HTTP_11 {
+        headers::upgrade_request(req.headers())
+    } else {
+        None
+    };
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let method = parts.method;
+    let mut headers = parts.headers;
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    headers::strip_hop_by_hop(&mut headers, upgrade);
+    // The proxy's own HTTP server answers `100-continue` when the body is first read.
+    headers.remove(EXPECT);
+    let proto = if conn.listener.https { "https" } else { "http" };
+    headers::set_forwarded(
+        &mut headers,
+        conn.peer.ip(),
+        proto,
+        host_value,
+        settings.trusted_forwarded,
+    );
+    headers.insert(&X_REQUEST_ID, exchange.request_id.clone());
+
+    // A GET or HEAD without a body can be sent again if the first instance fails before
+    // answering: keep a copy of its headers for that.
+    let bodiless = (method == Method::GET || method == Method::HEAD)
+        && body.is_end_stream()
+        && client_upgrade.is_none();
+    let mut body = if bodiless {
+        UpstreamBody::Empty
+    } else {
+        UpstreamBody::Client(body)
+    };
+    let mut spare = bodiless.then(|| headers.clone());
+    let deadline = tokio::time::Instant::from_std(exchange.started) + settings.request_timeout;
+
+    loop {
+        let addr = backend.addr;
+        let Some(uri) = upstream_uri(addr, path_and_query.clone()) else {
+            let response = page(
+                Failure::BadRequest,
+                exchange.host,
+                app,
+                exchange.request_id(),
+            );
+            return exchange.finish(response, app, Some(addr), None);
+        };
+        let mut upstream = Request::new(body);
+        *upstream.method_mut() = method.clone();
+        *upstream.uri_mut() = uri;
+        *upstream.headers_mut() = headers;
+        let guard = backend.begin();
+        let failure = match tokio::time::timeout_at(deadline, proxy.client.request(upstream)).await
+        {
+            Ok(Ok(response)) => {
+                return answer(exchange, app, response, client_upgrade, guard, addr);
+            }
+            Err(_) => {
+                warn!(app, backend = %addr, "instance did not answer within {:?}", settings.request_timeout);
+                Failure::Timeout
+            }
+            Ok(Err(e)) => {
+                let failure = classify(&e);
+                if failure == Failure::Unreachable
+                    && let Some(copy) = spare.take()
+                {
+                    debug!(app, backend = %addr, error = %error_chain(&e), "retrying on the next instance");
+                    drop(guard);
+                    headers = copy;
+                    body = UpstreamBody::Empty;
+                    // Round robin may hand the same instance back under concurrency.
+                    for _ in 0..route.backends.len() {
+                        if let Some(next) = route.pick()
+                            && next.addr != addr
+                        {
+                            backend = next;
+                            break;
+                        }
+                    }
+                    continue;
+                }
+                if failure != Failure::BodyAborted {
+                    warn!(app, backend = %addr, error = %error_chain(&e), "request to instance failed");
+                }
+                failure
+            }
+        };
+        let response = page(failure, exchange.host, app, exchange.request_id());
+        return exchange.finish(response, app, Some(addr), None);
+    }
+}
+
+/// The instance's answer, passed on: hop-by-hop headers go, the body streams with the guard;
+/// a 101 to an upgrade request joins the two connections.
+fn answer(
+    exchange: Exchange<'_>,
+    app: &str,
+    mut response: Response<Incoming>,
+    client_upgrade: Option<OnUpgrade>,
+    guard: InFlight,
+    addr: SocketAddr,
+) -> Response<ProxyBody> {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upgrade = response.headers().get(hyper::header::UPGRADE).cloned();
+        let (Some(client), Some(protocol)) = (client_upgrade, upgrade) else {
+            warn!(app, backend = %addr, "instance switched protocols unasked");
+            let page = page(
+                Failure::BadAnswer,
+                exchange.host,
+                app,
+                exchange.request_id(),
+            );
+            return exchange.finish(page, app, Some(addr), None);
+        };
+        let upstream = hyper::upgrade::on(&mut response);
+        let (mut parts, _) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, Some(protocol));
+        exchange
+            .conn
+            .listener
+            .tasks
+            .spawn(tunnel(client, upstream, guard, exchange.conn.clone()));
+        let response = Response::from_parts(parts, ProxyBody::empty());
+        return exchange.finish(response, app, Some(addr), None);
+    }
+    let (mut parts, body) = response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, None);
+    parts.version = Version::HTTP_11;
+    let response = Response::from_parts(parts, ProxyBody::upstream(body));
+    exchange.finish(response, app, Some(addr), Some(guard))
+}
+
+/// Copies bytes both ways between an upgraded client and instance until either closes, the
+/// connection idles out, or the drain deadline passes; the instance counts it as in flight
+/// all along, and it keeps its client connection's slot.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, guard: InFlight, conn: Arc<Conn>) {
+    let _guard = guard;
+    let idle = conn.listener.proxy.settings.idle_timeout;
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(e) = copied {
+                debug!(error = %e, "upgraded connection ended with an error");
+            }
+        }
+        () = conn.activity.idle(idle) => debug!("closing an upgraded connection idle for {idle:?}"),
+        () = conn.listener.force.cancelled() => {}
+    }
+}
+
+/// `http://<instance><path?query>`: the absolute form the pooled client needs to pick a
+/// connection (it sends the origin form on the wire).
+fn upstream_uri(addr: SocketAddr, path_and_query: PathAndQuery) -> Option<Uri> {
+    let authority = Authority::try_from(addr.to_string()).ok()?;
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts).ok()
+}
+
+/// What a failed exchange with an instance means for the client.
+fn classify(error: &hyper_util::client::legacy::Error) -> Failure {
+    let mut source = error.source();
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return Failure::Timeout;
+        }
+        if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
+            if hyper.is_user() && hyper.source().is_some() {
+                // A user error with a cause is the request body stream failing: the client
+                // went away or sent a broken chunked body.
+                return Failure::BodyAborted;
+            }
+            if hyper.is_timeout() {
+                return Failure::Timeout;
+            }
+            if hyper.is_parse() {
+                return Failure::BadAnswer;
+            }
+        }
+        source = cause.source();
+    }
+    Failure::Unreachable
+}
+
+/// The error with its causes, for logs.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,944 @@
+//! The supervisor: turns assignments into running instances. One task per app owns that
+//! app's instances; it prepares a release (download, verify, unpack), starts the new
+//! instances beside the old ones, switches the route once they are healthy, drains and stops
+//! the old ones, and restarts crashed instances with backoff. Apps never wait on each other.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use px_proto::link::{
+    AppAssignment, Assignment, ExitInfo, InstanceState, InstanceStatus, NodeEvent, NodeEventKind,
+    NodeReport,
+};
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::logs::AppLogs;
+use crate::process::{self, GroupFile, GroupRecord, Launch};
+use crate::routes::{AppRoute, Backend, RouteTable, Routes};
+
+/// Events queued for the Beacon link; when Beacon is away and this fills, the oldest news
+/// is dropped (heartbeats still carry the full state).
+pub const EVENT_QUEUE: usize = 256;
+/// Restart backoff: doubling from the minimum to the cap, reset after a stable period.
+pub const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(500);
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+pub const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// Restarts in a row (without a stable period) that make a crash loop.
+pub const CRASH_LOOP_RESTARTS: u32 = 5;
+/// Stderr lines sent with a failed deploy.
+pub const FAILED_STDERR_LINES: usize = 20;
+/// How long a failed instance's output may take to reach the logs after it stopped.
+pub const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+/// Largest bundle downloaded; apprepo's own limit is lower.
+pub const MAX_BUNDLE_BYTES: u64 = 8 * 1024 * 1024 * 1024;
+
+pub struct Settings {
+    pub state_dir: PathBuf,
+    pub port_range: (u16, u16),
+    pub stop_grace: Duration,
+    pub drain_deadline: Duration,
+    pub repository_token: Option<String>,
+}
+
+/// Ports in use by live instances; a port is never handed to two.
+struct Ports {
+    range: (u16, u16),
+    used: BTreeSet<u16>,
+    next: u16,
+}
+
+impl Ports {
+    fn take(&mut self) -> Option<u16> {
+        let span = u32::from(self.range.1 - self.range.0) + 1;
+        for _ in 0..span {
+            let port = self.next;
+            self.next = if self.next >= self.range.1 {
+                self.range.0
+            } else {
+                self.next + 1
+            };
+            // Also skip ports something else on the machine holds.
+            if !self.used.contains(&port)
+                && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            {
+                self.used.insert(port);
+                return Some(port);
+            }
+        }
+        None
+    }
+
+    fn give_back(&mut self, port: u16) {
+        self.used.remove(&port);
+    }
+}
+
+/// An app as the proxy serves it: its host names and route.
+type Served = (Vec<String>, Arc<AppRoute>);
+
+struct Shared {
+    settings: Settings,
+    routes: Arc<Routes>,
+    logs: Arc<AppLogs>,
+    events: mpsc::Sender<NodeEvent>,
+    http: reqwest::Client,
+    ports: Mutex<Ports>,
+    /// app → (domains, route) as currently served.
+    served: Mutex<BTreeMap<String, Served>>,
+    /// app → instance statuses for reports.
+    statuses: Mutex<BTreeMap<String, Vec<InstanceStatus>>>,
+    groups: GroupFile,
+    live_groups: Mutex<HashMap<u32, GroupRecord>>,
+    generation: Mutex<u64>,
+    /// Bumped whenever an instance changes, so the link reports at once.
+    changes: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn publish_routes(&self) {
+        let served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table = RouteTable::default();
+        for (domains, route) in served.values() {
+            for domain in domains {
+                table
+                    .by_host
+                    .insert(domain.to_ascii_lowercase(), route.clone());
+            }
+        }
+        drop(served);
+        self.routes.store(table);
+    }
+
+    fn serve(&self, app: &str, domains: Vec<String>, route: AppRoute) {
+        self.served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(app.to_string(), (domains, Arc::new(route)));
+        self.publish_routes();
+    }
+
+    fn unserve(&self, app: &str) {
+        self.served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(app);
+        self.publish_routes();
+    }
+
+    fn event(
+        &self,
+        kind: NodeEventKind,
+        app: &str,
+        release: u64,
+        message: String,
+        detail: Option<String>,
+    ) {
+        tracing::info!(%app, release, ?kind, %message, "app event");
+        let _ = self.events.try_send(NodeEvent {
+            kind,
+            app: app.into(),
+            release,
+            message,
+            detail,
+        });
+    }
+
+    fn take_port(&self) -> Option<u16> {
+        self.ports.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn give_back(&self, port: u16) {
+        self.ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .give_back(port);
+    }
+
+    fn record_group(&self, pid: u32) {
+        let mut live = self.live_groups.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(start_ticks) = process::start_ticks(pid) {
+            live.insert(pid, GroupRecord { pid, start_ticks });
+        }
+        self.groups
+            .save(&live.values().cloned().collect::<Vec<_>>());
+    }
+
+    fn forget_group(&self, pid: u32) {
+        let mut live = self.live_groups.lock().unwrap_or_else(|p| p.into_inner());
+        live.remove(&pid);
+        self.groups
+            .save(&live.values().cloned().collect::<Vec<_>>());
+    }
+}
+
+/// Handle to the supervisor.
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    apps: Mutex<HashMap<String, AppHandle>>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+struct AppHandle {
+    desired: watch::Sender<Option<AppAssignment>>,
+    restart: mpsc::Sender<()>,
+    stop: CancellationToken,
+}
+
+impl Supervisor {
+    /// Creates the supervisor, first ending any instance a previous Maestro left running.
+    pub fn new(
+        settings: Settings,
+        routes: Arc<Routes>,
+        logs: Arc<AppLogs>,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> (Arc<Self>, mpsc::Receiver<NodeEvent>) {
+        let groups = GroupFile::new(settings.state_dir.join("instances.json"));
+        let killed = groups.kill_leftovers();
+        if killed > 0 {
+            tracing::warn!(killed, "ended instances a previous maestro left running");
+        }
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(2)
+            .build()
+            .unwrap_or_default();
+        let range = settings.port_range;
+        let shared = Arc::new(Shared {
+            settings,
+            routes,
+            logs,
+            events: events_tx,
+            http,
+            ports: Mutex::new(Ports {
+                range,
+                used: BTreeSet::new(),
+                next: range.0,
+            }),
+            served: Mutex::new(BTreeMap::new()),
+            statuses: Mutex::new(BTreeMap::new()),
+            groups,
+            live_groups: Mutex::new(HashMap::new()),
+            generation: Mutex::new(0),
+            changes: watch::channel(0).0,
+        });
+        (
+            Arc::new(Self {
+                shared,
+                apps: Mutex::new(HashMap::new()),
+                tracker,
+                shutdown,
+            }),
+            events_rx,
+        )
+    }
+
+    /// The generation of the last assignment applied.
+    pub fn generation(&self) -> u64 {
+        *self
+            .shared
+            .generation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies a whole assignment: new and changed apps are (re)deployed, missing ones stopped.
+    pub fn apply(&self, assignment: &Assignment) {
+        *self
+            .shared
+            .generation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = assignment.generation;
+        let mut apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
+        let wanted: BTreeSet<&str> = assignment.apps.iter().map(|a| a.app.as_str()).collect();
+        apps.retain(|name, handle| {
+            let keep = wanted.contains(name.as_str());
+            if !keep {
+                tracing::info!(app = %name, "app no longer assigned; stopping it");
+                handle.stop.cancel();
+            }
+            keep
+        });
+        for app in &assignment.apps {
+            match apps.get(&app.app) {
+                Some(handle) => {
+                    handle.desired.send_if_modified(|current| {
+                        if current.as_ref() == Some(app) {
+                            false
+                        } else {
+                            *current = Some(app.clone());
+                            true
+                        }
+                    });
+                }
+                None => {
+                    let (desired_tx, desired_rx) = watch::channel(Some(app.clone()));
+                    let (restart_tx, restart_rx) = mpsc::channel(1);
+                    let stop = self.shutdown.child_token();
+                    let task = AppTask::new(self.shared.clone(), app.app.clone());
+                    self.tracker
+                        .spawn(task.run(desired_rx, restart_rx, stop.clone()));
+                    apps.insert(
+                        app.app.clone(),
+                        AppHandle {
+                            desired: desired_tx,
+                            restart: restart_tx,
+                            stop,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Restarts an app's instances (rolling, like a deploy of the same release).
+    pub fn restart(&self, app: &str) -> bool {
+        let apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
+        apps.get(app).is_some_and(|h| {
+            let _ = h.restart.try_send(());
+            true
+        })
+    }
+
+    /// Stops an app until an assignment brings it back.
+    pub fn stop_app(&self, app: &str) -> bool {
+        let mut apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
+        match apps.remove(app) {
+            Some(handle) => {
+                handle.stop.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A receiver that changes whenever an instance starts, stops or crashes.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
+    }
+
+    /// The node's full actual state.
+    pub fn report(&self) -> NodeReport {
+        let statuses = self
+            .shared
+            .statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        NodeReport {
+            generation: self.generation(),
+            instances: statuses.values().flatten().cloned().collect(),
+        }
+    }
+}
+
+/// One running instance.
+struct Instance {
+    number: u32,
+    port: u16,
+    pid: u32,
+    backend: Arc<Backend>,
+    restarts: u32,
+    started: Instant,
+    last_exit: Option<ExitInfo>,
+    /// Resolves with the exit status when the process ends.
+    exited: tokio::sync::oneshot::Receiver<Option<std::process::ExitStatus>>,
+    /// Asks the waiter to stop the process.
+    stop: Option<tokio::sync::oneshot::Sender<Duration>>,
+}
+
+/// A release as it runs: its assignment, directory and instances.
+struct Running {
+    assignment: AppAssignment,
+    dir: PathBuf,
+    instances: Vec<Instance>,
+}
+
+struct AppTask {
+    shared: Arc<Shared>,
+    app: String,
+    /// A release that failed to deploy is not retried until the assignment changes or a
+    /// restart is asked for; this keeps a broken release from looping.
+    failed: Option<AppAssignment>,
+    crash_streak: u32,
+    crash_loop_reported: bool,
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+impl AppTask {
+    fn new(shared: Arc<Shared>, app: String) -> Self {
+        Self {
+            shared,
+            app,
+            failed: None,
+            crash_streak: 0,
+            crash_loop_reported: false,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut desired: watch::Receiver<Option<AppAssignment>>,
+        mut restart: mpsc::Receiver<()>,
+        stop: CancellationToken,
+    ) {
+        let mut running: Option<Running> = None;
+        let mut pending_restart: Option<(usize, Instant)> = None;
+        // The first value counts as a change.
+        let mut changed = true;
+        loop {
+            if changed {
+                changed = false;
+                let target = desired.borrow_and_update().clone();
+                if let Some(target) = target
+                    && running.as_ref().is_none_or(|r| r.assignment != target)
+                    && self.failed.as_ref() != Some(&target)
+                {
+                    running = self.deploy(running, target, &stop).await;
+                    self.report(&running);
+                }
+            }
+            let crash = wait_crash(&mut running, pending_restart);
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                r = desired.changed() => {
+                    if r.is_err() { break; }
+                    changed = true;
+                }
+                r = restart.recv() => {
+                    if r.is_none() { break; }
+                    self.failed = None;
+                    if let Some(current) = running.as_ref().map(|r| r.assignment.clone()) {
+                        // Redeploy the same release: new instances, then switch and drain.
+                        running = self.deploy(running, current, &stop).await;
+                    } else {
+                        changed = true;
+                    }
+                    self.report(&running);
+                }
+                event = crash => match event {
+                    CrashEvent::Exited(index, status) => {
+                        pending_restart = self.on_exit(&mut running, index, status);
+                        self.report(&running);
+                    }
+                    CrashEvent::RestartDue(index) => {
+                        pending_restart = None;
+                        self.restart_instance(&mut running, index).await;
+                        self.report(&running);
+                    }
+                },
+            }
+        }
+        // Stopping: no more traffic to this app, then stop its instances.
+        self.shared.unserve(&self.app);
+        if let Some(running) = running.take() {
+            self.stop_all(running.instances).await;
+        }
+        self.shared
+            .statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.app);
+        tracing::info!(app = %self.app, "app stopped");
+    }
+
+    fn report(&self, running: &Option<Running>) {
+        let statuses = running
+            .as_ref()
+            .map(|r| {
+                r.instances
+                    .iter()
+                    .map(|i| InstanceStatus {
+                        app: self.app.clone(),
+                        release: r.assignment.release,
+                        state: if i.stop.is_some() {
+                            InstanceState::Healthy
+                        } else {
+                            InstanceState::Crashed
+                        },
+                        pid: (i.stop.is_some()).then_some(i.pid),
+                        port: Some(i.port),
+                        restarts: i.restarts,
+                        last_exit: i.last_exit.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.shared
+            .statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.app.clone(), statuses);
+        self.shared.changes.send_modify(|n| *n += 1);
+    }
+
+    fn publish(&self, running: &Running) {
+        let backends = running
+            .instances
+            .iter()
+            .filter(|i| i.stop.is_some())
+            .map(|i| i.backend.clone())
+            .collect();
+        let static_dirs = running
+            .assignment
+            .manifest
+            .http
+            .static_dirs
+            .iter()
+            .map(|(prefix, dir)| {
+                (
+                    prefix.trim_end_matches('/').to_string(),
+                    running.dir.join(dir),
+                )
+            })
+            .collect();
+        let route = AppRoute::new(&self.app, running.assignment.release, backends, static_dirs);
+        self.shared
+            .serve(&self.app, running.assignment.domains.clone(), route);
+    }
+
+    /// Deploys `target` beside `current`; returns what runs afterwards (the new release, or
+    /// the old one untouched when the new one fails).
+    async fn deploy(
+        &mut self,
+        current: Option<Running>,
+        target: AppAssignment,
+        stop: &CancellationToken,
+    ) -> Option<Running> {
+        let release = target.release;
+        let dir = match self.prepare(&target).await {
+            Ok(dir) => dir,
+            Err(reason) => {
+                self.shared.event(
+                    NodeEventKind::DeployFailed,
+                    &self.app,
+                    release,
+                    format!("{} v{release} not deployed: {reason}", self.app),
+                    None,
+                );
+                self.failed = Some(target);
+                return current;
+            }
+        };
+        let mut started = Vec::new();
+        for number in 1..=target.instances {
+            if stop.is_cancelled() {
+                break;
+            }
+            match self.start_instance(&target, &dir, number).await {
+                Ok(instance) => started.push(instance),
+                Err(reason) => {
+                    let detail =
+                        self.shared
+                            .logs
+                            .stderr_tail(&self.app, release, FAILED_STDERR_LINES);
+                    self.shared.event(
+                        NodeEventKind::DeployFailed,
+                        &self.app,
+                        release,
+                        format!(
+                            "{} v{release} never became healthy: {reason}; v{} keeps serving",
+                            self.app,
+                            current.as_ref().map_or(0, |c| c.assignment.release)
+                        ),
+                        (!detail.is_empty()).then_some(detail),
+                    );
+                    self.stop_all(started).await;
+                    self.failed = Some(target);
+                    return current;
+                }
+            }
+        }
+        let next = Running {
+            assignment: target,
+            dir,
+            instances: started,
+        };
+        // The switch: one swap of the routing table.
+        self.publish(&next);
+        self.failed = None;
+        self.crash_streak = 0;
+        self.crash_loop_reported = false;
+        self.shared.event(
+            NodeEventKind::DeployFinished,
+            &self.app,
+            release,
+            format!(
+                "{} v{release} serving with {} instance(s)",
+                self.app,
+                next.instances.len()
+            ),
+            None,
+        );
+        if let Some(old) = current {
+            self.drain_and_stop(old.instances).await;
+        }
+        Some(next)
+    }
+
+    /// Makes sure the release directory exists: download, verify, unpack (once per release).
+    async fn prepare(&self, target: &AppAssignment) -> Result<PathBuf, String> {
+        let releases = self
+            .shared
+            .settings
+            .state_dir
+            .join("apps")
+            .join(&self.app)
+            .join("releases");
+        let dir = releases.join(target.release.to_string());
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        tokio::fs::create_dir_all(&releases)
+            .await
+            .map_err(|e| format!("creating {}: {e}", releases.display()))?;
+        let download = releases.join(format!(".download-{}", target.release));
+        let fetched = self.download(target, &download).await;
+        if let Err(e) = fetched {
+            let _ = tokio::fs::remove_file(&download).await;
+            return Err(e);
+        }
+        let unpack_dir = dir.clone();
+        let bundle_path = download.clone();
+        let unpacked = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&bundle_path).map_err(|e| e.to_string())?;
+            px_bundle::unpack(
+                std::io::BufReader::new(file),
+                &unpack_dir,
+                &px_bundle::Limits::default(),
+            )
+            .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let _ = tokio::fs::remove_file(&download).await;
+        unpacked.map_err(|e| format!("unpacking: {e}"))?;
+        Ok(dir)
+    }
+
+    async fn download(&self, target: &AppAssignment, path: &Path) -> Result<(), String> {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let mut request = self.shared.http.get(&target.bundle_url);
+        if let Some(token) = &self.shared.settings.repository_token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("downloading {}: {e}", target.bundle_url))?;
+        if !response.status().is_success() {
+            return Err(format!(
+                "downloading {}: {}",
+                target.bundle_url,
+                response.status()
+            ));
+        }
+        let mut file = tokio::fs::File::create(path)
+            .await
+            .map_err(|e| format!("creating {}: {e}", path.display()))?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| format!("downloading {}: {e}", target.bundle_url))?;
+            size += chunk.len() as u64;
+            if size > MAX_BUNDLE_BYTES {
+                return Err(format!("bundle larger than {MAX_BUNDLE_BYTES} bytes"));
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        }
+        file.sync_all()
+            .await
+            .map_err(|e| format!("syncing {}: {e}", path.display()))?;
+        let digest = hex::encode(hasher.finalize());
+        if digest != target.bundle_sha256 {
+            return Err(format!(
+                "bundle digest mismatch: expected {}, got {digest}",
+                target.bundle_sha256
+            ));
+        }
+        Ok(())
+    }
+
+    async fn start_instance(
+        &self,
+        target: &AppAssignment,
+        dir: &Path,
+        number: u32,
+    ) -> Result<Instance, String> {
+        let port = self
+            .shared
+            .take_port()
+            .ok_or("no free port in the configured range")?;
+        let launch = Launch {
+            app: &self.app,
+            release: target.release,
+            dir,
+            run: target.manifest.run.as_deref(),
+            env: &target.env,
+            port,
+            extra_env: vec![("PX_INSTANCE".into(), number.to_string())],
+        };
+        let mut child = match process::spawn(&launch) {
+            Ok(child) => child,
+            Err(e) => {
+                self.shared.give_back(port);
+                return Err(format!("cannot start: {e}"));
+            }
+        };
+        let pid = child.id().unwrap_or_default();
+        self.shared.record_group(pid);
+        let output = match (child.stdout.take(), child.stderr.take()) {
+            (Some(stdout), Some(stderr)) => {
+                Some(
+                    self.shared
+                        .logs
+                        .attach(&self.app, target.release, number, stdout, stderr),
+                )
+            }
+            _ => None,
+        };
+        if let Err(failure) =
+            process::wait_healthy(&mut child, port, &target.manifest.health, &self.shared.http)
+                .await
+        {
+            process::stop(&mut child, self.shared.settings.stop_grace).await;
+            // Let the log readers reach the end of its output, so the failed-deploy event can
+            // carry its last stderr lines.
+            if let Some(output) = output {
+                let _ = tokio::time::timeout(OUTPUT_DRAIN, output.wait()).await;
+            }
+            self.shared.forget_group(pid);
+            self.shared.give_back(port);
+            return Err(failure.to_string());
+        }
+        tracing::info!(app = %self.app, release = target.release, number, port, pid, "instance healthy");
+        self.shared.event(
+            NodeEventKind::InstanceStarted,
+            &self.app,
+            target.release,
+            format!(
+                "{} v{} instance {number} up on port {port}",
+                self.app, target.release
+            ),
+            None,
+        );
+        Ok(self.watch(child, target, number, port, pid, 0, None))
+    }
+
+    /// Hands the child to a waiter task that reports its exit or stops it on request.
+    #[allow(clippy::too_many_arguments)]
+    fn watch(
+        &self,
+        mut child: tokio::process::Child,
+        target: &AppAssignment,
+        number: u32,
+        port: u16,
+        pid: u32,
+        restarts: u32,
+        last_exit: Option<ExitInfo>,
+    ) -> Instance {
+        let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Duration>();
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                status = child.wait() => status.ok(),
+                grace = stop_rx => match grace {
+                    Ok(grace) => process::stop(&mut child, grace).await,
+                    // The instance handle is gone (Maestro stopping): stop it anyway.
+                    Err(_) => process::stop(&mut child, Duration::from_secs(2)).await,
+                },
+            };
+            let _ = exit_tx.send(status);
+        });
+        Instance {
+            number,
+            port,
+            pid,
+            backend: Backend::new(
+                &self.app,
+                target.release,
+                std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            ),
+            restarts,
+            started: Instant::now(),
+            last_exit,
+            exited: exit_rx,
+            stop: Some(stop_tx),
+        }
+    }
+
+    /// An instance exited on its own: take it out of the route, report, schedule a restart.
+    fn on_exit(
+        &mut self,
+        running: &mut Option<Running>,
+        index: usize,
+        status: Option<std::process::ExitStatus>,
+    ) -> Option<(usize, Instant)> {
+        let running = running.as_mut()?;
+        let release = running.assignment.release;
+        let instance = running.instances.get_mut(index)?;
+        instance.stop = None;
+        let how = status
+            .as_ref()
+            .map(process::describe_exit)
+            .unwrap_or_else(|| "unknown exit".into());
+        instance.last_exit = Some(ExitInfo {
+            code: status.and_then(|s| s.code()),
+            signal: status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
+            at: now_rfc3339(),
+        });
+        self.shared.forget_group(instance.pid);
+        self.shared.give_back(instance.port);
+        let stable = instance.started.elapsed() >= STABLE_AFTER;
+        if stable {
+            self.crash_streak = 0;
+            self.crash_loop_reported = false;
+        }
+        self.crash_streak += 1;
+        let number = instance.number;
+        let detail = self
+            .shared
+            .logs
+            .stderr_tail(&self.app, release, FAILED_STDERR_LINES);
+        self.shared.event(
+            NodeEventKind::InstanceCrashed,
+            &self.app,
+            release,
+            format!("{} v{release} instance {number} exited ({how})", self.app),
+            (!detail.is_empty()).then_some(detail.clone()),
+        );
+        if self.crash_streak >= CRASH_LOOP_RESTARTS && !self.crash_loop_reported {
+            self.crash_loop_reported = true;
+            self.shared.event(
+                NodeEventKind::CrashLoop,
+                &self.app,
+                release,
+                format!(
+                    "{} v{release} keeps crashing ({} exits in a row); restarts are backing off",
+                    self.app, self.crash_streak
+                ),
+                (!detail.is_empty()).then_some(detail),
+            );
+        }
+        self.publish(running);
+        let exponent = self.crash_streak.saturating_sub(1).min(16);
+        let backoff = RESTART_BACKOFF_MIN
+            .saturating_mul(1 << exponent)
+            .min(RESTART_BACKOFF_MAX);
+        let jittered = backoff.mul_f64(rand::rng().random_range(0.8..1.2));
+        Some((index, Instant::now() + jittered))
+    }
+
+    async fn restart_instance(&mut self, running: &mut Option<Running>, index: usize) {
+        let Some(run) = running.as_mut() else { return };
+        let target = run.assignment.clone();
+        let dir = run.dir.clone();
+        let Some(old) = run.instances.get(index) else {
+            return;
+        };
+        let (number, restarts, last_exit) = (old.number, old.restarts + 1, old.last_exit.clone());
+        match self.start_instance(&target, &dir, number).await {
+            Ok(mut instance) => {
+                instance.restarts = restarts;
+                instance.last_exit = last_exit;
+                run.instances[index] = instance;
+                self.publish(run);
+            }
+            Err(reason) => {
+                tracing::warn!(app = %self.app, number, %reason, "restart failed");
+                // Count it as another exit, so backoff keeps growing.
+                if let Some(instance) = run.instances.get_mut(index) {
+                    instance.restarts = restarts;
+                    instance.started = Instant::now();
+                }
+                self.crash_streak += 1;
+            }
+        }
+    }
+
+    /// Waits for in-flight requests on `instances` to finish (up to the deadline), then stops them.
+    async fn drain_and_stop(&self, instances: Vec<Instance>) {
+        let deadline = Instant::now() + self.shared.settings.drain_deadline;
+        while instances.iter().any(|i| i.backend.in_flight() > 0) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left: usize = instances.iter().map(|i| i.backend.in_flight()).sum();
+        if left > 0 {
+            tracing::warn!(app = %self.app, left, "drain deadline passed; stopping with requests in flight");
+        }
+        self.stop_all(instances).await;
+    }
+
+    async fn stop_all(&self, instances: Vec<Instance>) {
+        let grace = self.shared.settings.stop_grace;
+        let mut waits = Vec::new();
+        for mut instance in instances {
+            if let Some(stop) = instance.stop.take() {
+                let _ = stop.send(grace);
+                waits.push(instance);
+            }
+        }
+        for instance in waits {
+            let _ = instance.exited.await;
+            self.shared.forget_group(instance.pid);
+            self.shared.give_back(instance.port);
+        }
+    }
+}
+
+enum CrashEvent {
+    Exited(usize, Option<std::process::ExitStatus>),
+    RestartDue(usize),
+}
+
+/// Resolves when a live instance exits, or when a scheduled restart is due.
+async fn wait_crash(
+    running: &mut Option<Running>,
+    pending: Option<(usize, Instant)>,
+) -> CrashEvent {
+    let Some(run) = running.as_mut() else {
+        return std::future::pending().await;
+    };
+    let exits = run
+        .instances
+        .iter_mut()
+        .enumerate()
+        .filter(|(_, i)| i.stop.is_some())
+        .map(|(index, instance)| {
+            Box::pin(async move {
+                let status = (&mut instance.exited).await.ok().flatten();
+                CrashEvent::Exited(index, status)
+            })
+        });
+    let exits: Vec<_> = exits.collect();
+    let restart = async move {
+        match pending {
+            Some((index, at)) => {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                CrashEvent::RestartDue(index)
+            }
+            None => std::future::pending().await,
+        }
+    };
+    if exits.is_empty() {
+        return restart.await;
+    }
+    tokio::select! {
+        (event, _, _) = futures_util::future::select_all(exits) => event,
+        event = restart => event,
+    }
+}

@@ -1,0 +1,366 @@
+//! Maestro with real app processes and real sockets: deploys, zero-downtime switches, failed
+//! releases that leave the old one serving, crashes and restarts, apps that ignore SIGTERM,
+//! and the persisted assignment served before Beacon answers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{
+    BundleServer, FakeBeacon, Maestro, alive, assign, config, manifest, wait_event, wait_gone,
+};
+use px_proto::link::{InstanceState, NodeEventKind};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_release_switch_under_load_fails_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundles = BundleServer::start().await;
+    let beacon = FakeBeacon::start().await;
+    let maestro = Maestro::start(config(dir.path(), Some(&beacon))).await;
+    let (mut link, state) = beacon.accept().await;
+    assert_eq!(state.generation, 0);
+    assign(
+        &mut link,
+        1,
+        vec![bundles.python_app("hello", 1, "one", "")],
+    )
+    .await;
+    wait_event(&mut link, |e| {
+        e.kind == NodeEventKind::DeployFinished && e.release == 1
+    })
+    .await;
+    maestro.wait_body("hello.localhost", "one").await;
+    let old_pid: u32 = maestro
+        .get("hello.localhost", "/pid")
+        .await
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+
+    // Steady load while the release switches.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let url = maestro.http_url.clone();
+        clients.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                let outcome = match http
+                    .get(&url)
+                    .header("host", "hello.localhost")
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == 200 => {
+                        r.text().await.map(|_| ()).map_err(|e| e.to_string())
+                    }
+                    Ok(r) => Err(format!("status {}", r.status())),
+                    Err(e) => Err(e.to_string()),
+                };
+                match outcome {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("failed request: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assign(
+        &mut link,
+        2,
+        vec![bundles.python_app("hello", 2, "two", "")],
+    )
+    .await;
+    wait_event(&mut link, |e| {
+        e.kind == NodeEventKind::DeployFinished && e.release == 2
+    })
+    .await;
+    maestro.wait_body("hello.localhost", "two").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("during the switch: {ok} requests served, {failed} failed");
+    assert!(ok > 20, "too little load to mean anything: {ok}");
+    assert_eq!(failed, 0);
+    // The old release's process is stopped once drained.
+    wait_gone(old_pid).await;
+    let state = maestro.state().await;
+    assert_eq!(state.generation, 2);
+    assert_eq!(state.instances.len(), 1);
+    assert_eq!(
+        (state.instances[0].release, state.instances[0].state),
+        (2, InstanceState::Healthy)
+    );
+    // Static files come from the release directory without touching the app.
+    let (status, css) = maestro
+        .get("hello.localhost", "/assets/site.css")
+        .await
+        .unwrap();
+    assert_eq!((status, css.as_str()), (200, "body{}"));
+    // App output is in the app's log directory.
+    let stdout = std::fs::read_to_string(maestro.log_dir.join("hello/stdout.log")).unwrap();
+    assert!(stdout.contains("request"), "{stdout}");
+    maestro.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_never_becomes_healthy_leaves_the_old_one_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundles = BundleServer::start().await;
+    let beacon = FakeBeacon::start().await;
+    let maestro = Maestro::start(config(dir.path(), Some(&beacon))).await;
+    let (mut link, _) = beacon.accept().await;
+    assign(
+        &mut link,
+        1,
+        vec![bundles.python_app("hello", 1, "one", "")],
+    )
+    .await;
+    maestro.wait_body("hello.localhost", "one").await;
+
+    // Crashes at start, with something on stderr.
+    let crashing = bundles.app(
+        "hello",
+        2,
+        &manifest(
+            "hello",
+            "echo 'ImportError: no module named flask' >&2; exit 3",
+            "5s",
+        ),
+        &[],
+        &[],
+    );
+    assign(&mut link, 2, vec![crashing]).await;
+    let failed = wait_event(&mut link, |e| {
+        e.kind == NodeEventKind::DeployFailed && e.release == 2
+    })
+    .await;
+    assert!(failed.message.contains("exit code 3"), "{}", failed.message);
+    assert!(
+        failed
+            .detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("ImportError"),
+        "{failed:?}"
+    );
+    assert_eq!(
+        maestro.get("hello.localhost", "/").await.unwrap(),
+        (200, "one".into())
+    );
+
+    // Listens on the wrong port: never healthy within its timeout.
+    let wrong_port = bundles.app(
+        "hello",
+        3,
+        &manifest(
+            "hello",
+            "exec python3 -m http.server --bind 127.0.0.1 0",
+            "2s",
+        ),
+        &[],
+        &[],
+    );
+    assign(&mut link, 3, vec![wrong_port]).await;
+    let failed = wait_event(&mut link, |e| {
+        e.kind == NodeEventKind::DeployFailed && e.release == 3
+    })
+    .await;
+    assert!(
+        failed.message.contains("not healthy after"),
+        "{}",
+        failed.message
+    );
+    assert_eq!(
+        maestro.get("hello.localhost", "/").await.unwrap(),
+        (200, "one".into())
+    );
+
+    // A bundle whose digest does not match what Beacon assigned.
+    let mut tampered = bundles.python_app("hello", 4, "four", "");
+    tampered.bundle_sha256 = "0".repeat(64);
+    tampered.bundle_url = format!(
+        "{}/v1/bundles/{}",
+        bundles.url,
+        bundles.python_app("hello", 4, "four", "").bundle_sha256
+    );
+    assign(&mut link, 4, vec![tampered]).await;
+    let failed = wait_event(&mut link, |e| {
+        e.kind == NodeEventKind::DeployFailed && e.release == 4
+    })
+    .await;
+    assert!(
+        failed.message.contains("digest mismatch"),
+        "{}",
+        failed.message
+    );
+    assert_eq!(
+        maestro.get("hello.localhost", "/").await.unwrap(),
+        (200, "one".into())
+    );
+    let state = maestro.state().await;
+    assert_eq!(
+        state.instances.len(),
+        1,
+        "failed releases leave no instance behind: {state:?}"
+    );
+    maestro.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_instance_is_restarted_and_other_apps_are_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundles = BundleServer::start().await;
+    let beacon = FakeBeacon::start().await;
+    let maestro = Maestro::start(config(dir.path(), Some(&beacon))).await;
+    let (mut link, _) = beacon.accept().await;
+    assign(
+        &mut link,
+        1,
+        vec![
+            bundles.python_app("hello", 1, "hello", ""),
+            bundles.python_app("other", 1, "other", ""),
+        ],
+    )
+    .await;
+    maestro.wait_body("hello.localhost", "hello").await;
+    maestro.wait_body("other.localhost", "other").await;
+    let victim: u32 = maestro
+        .get("hello.localhost", "/pid")
+        .await
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    let bystander: u32 = maestro
+        .get("other.localhost", "/pid")
+        .await
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let crashed = wait_event(&mut link, |e| e.kind == NodeEventKind::InstanceCrashed).await;
+    assert_eq!(crashed.app, "hello");
+    assert!(crashed.message.contains("signal 9"), "{}", crashed.message);
+    // Back, as a new process, after its backoff.
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok((200, pid)) = maestro.get("hello.localhost", "/pid").await
+            && pid.parse::<u32>().unwrap() != victim
+        {
+            break;
+        }
+        assert!(start.elapsed() < common::WAIT, "hello never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let state = maestro.state().await;
+    let hello = state.instances.iter().find(|i| i.app == "hello").unwrap();
+    assert_eq!(hello.restarts, 1);
+    assert_eq!(hello.last_exit.as_ref().and_then(|e| e.signal), Some(9));
+    assert_eq!(
+        maestro
+            .get("other.localhost", "/pid")
+            .await
+            .unwrap()
+            .1
+            .parse::<u32>()
+            .unwrap(),
+        bystander
+    );
+    maestro.stop().await;
+    wait_gone(bystander).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundles = BundleServer::start().await;
+    let beacon = FakeBeacon::start().await;
+    let maestro = Maestro::start(config(dir.path(), Some(&beacon))).await;
+    let (mut link, _) = beacon.accept().await;
+    // SIG_IGN survives exec, so the Python server ignores SIGTERM too.
+    let stubborn = bundles.app(
+        "stubborn",
+        1,
+        &manifest(
+            "stubborn",
+            "trap '' TERM; exec python3 server.py \"$1\"",
+            "20s",
+        ),
+        &[("server.py", common::SERVER_PY)],
+        &[("GREETING", "still here")],
+    );
+    assign(&mut link, 1, vec![stubborn]).await;
+    maestro.wait_body("stubborn.localhost", "still here").await;
+    let pid: u32 = maestro
+        .get("stubborn.localhost", "/pid")
+        .await
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    // Unassigned: stopped with SIGTERM, ignored, then SIGKILL after the 2 s grace.
+    let started = std::time::Instant::now();
+    assign(&mut link, 2, vec![]).await;
+    wait_gone(pid).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "it was killed before the grace period ended"
+    );
+    let (status, _) = maestro.get("stubborn.localhost", "/").await.unwrap();
+    assert_eq!(status, 404, "an unassigned app is no longer routed");
+    maestro.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_persisted_assignment_is_served_without_beacon_and_reconnects_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundles = BundleServer::start().await;
+    let beacon = FakeBeacon::start().await;
+    let cfg = config(dir.path(), Some(&beacon));
+    let maestro = Maestro::start(cfg.clone()).await;
+    let (mut link, _) = beacon.accept().await;
+    assign(
+        &mut link,
+        7,
+        vec![bundles.python_app("hello", 1, "persisted", "")],
+    )
+    .await;
+    maestro.wait_body("hello.localhost", "persisted").await;
+    let first_pid: u32 = maestro
+        .get("hello.localhost", "/pid")
+        .await
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    maestro.stop().await;
+    drop(link);
+    assert!(!alive(first_pid), "a stopped maestro leaves no app running");
+
+    // Beacon is away (nothing accepts on its address any more), the bundle server too.
+    let _pki = beacon.pki.clone();
+    drop(beacon);
+    bundles.bundles.lock().unwrap().clear();
+    let maestro = Maestro::start(cfg).await;
+    maestro.wait_body("hello.localhost", "persisted").await;
+    assert_eq!(maestro.state().await.generation, 7);
+    maestro.stop().await;
+}
