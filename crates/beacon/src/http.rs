@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::Stream;
 use px_proto::api::ErrorBody;
-use px_proto::beacon::{App, Event, Node};
+use px_proto::beacon::{App, Event, LogEntry, Node};
 use px_proto::link::{AppAssignment, FromBeacon};
 use serde::Deserialize;
 use tokio::sync::broadcast;
@@ -32,6 +32,7 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub tokens: Tokens,
     pub metrics: Arc<Metrics>,
+    pub logs: Arc<crate::logstore::LogStore>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +80,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/apps/{app}", get(app))
         .route("/v1/apps/{app}/config", get(app_config))
         .route("/v1/apps/{app}/restart", post(restart))
+        .route("/v1/apps/{app}/logs", get(app_logs))
+        .route("/v1/apps/{app}/logs/stream", get(app_log_stream))
         .route("/v1/events", get(events))
         .route("/v1/events/stream", get(event_stream))
         .with_state(state)
@@ -223,6 +226,73 @@ async fn event_stream(
         },
     );
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    lines: Option<usize>,
+}
+
+/// Lines shown when the client does not say how many.
+pub const DEFAULT_LOG_LINES: usize = 100;
+
+async fn app_logs(
+    _: Reader,
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+    query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<LogEntry>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("expected ?lines=<n>: {e}")))?;
+    Ok(Json(
+        state
+            .logs
+            .recent(&app, q.lines.unwrap_or(DEFAULT_LOG_LINES)),
+    ))
+}
+
+/// Server-Sent Events: the app's last `?lines=` lines, then every new one as nodes forward it.
+async fn app_log_stream(
+    _: Reader,
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+    query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("expected ?lines=<n>: {e}")))?;
+    let live = state.logs.subscribe();
+    let backlog = state
+        .logs
+        .recent(&app, q.lines.unwrap_or(DEFAULT_LOG_LINES));
+    let stream = futures_util::stream::unfold(
+        (backlog.into_iter(), live, app),
+        |(mut backlog, mut live, app)| async move {
+            if let Some(entry) = backlog.next() {
+                return Some((Ok(log_sse(&entry)), (backlog, live, app)));
+            }
+            loop {
+                match live.recv().await {
+                    Ok(entry) if entry.app == app => {
+                        return Some((Ok(log_sse(&entry)), (backlog, live, app)));
+                    }
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        let note = SseEvent::default()
+                            .event("lagged")
+                            .data(format!("{missed} lines were skipped"));
+                        return Some((Ok(note), (backlog, live, app)));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE)))
+}
+
+fn log_sse(entry: &LogEntry) -> SseEvent {
+    SseEvent::default()
+        .event("log")
+        .data(serde_json::to_string(entry).unwrap_or_default())
 }
 
 fn to_sse(event: &Event) -> SseEvent {

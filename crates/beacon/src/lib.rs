@@ -11,6 +11,7 @@ pub mod events;
 pub mod http;
 pub mod hub;
 pub mod links;
+pub mod logstore;
 pub mod metrics;
 pub mod reconcile;
 pub mod status;
@@ -173,12 +174,14 @@ pub async fn run(
             }
         }
     });
+    let app_logs = Arc::new(logstore::LogStore::default());
     let link_server = Arc::new(links::LinkServer {
         hub: hub.clone(),
         tokens: checked.tokens.clone(),
         tls: tokio_rustls::TlsAcceptor::from(checked.tls),
         metrics: metrics.clone(),
         reconcile: reconcile_tx,
+        logs: app_logs.clone(),
         name: "beacon".into(),
     });
     let control_addr = listeners.control.local_addr()?;
@@ -189,6 +192,7 @@ pub async fn run(
         hub,
         tokens: checked.tokens,
         metrics,
+        logs: app_logs,
     };
     let server = axum::serve(listeners.http, http::router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());

@@ -34,6 +34,7 @@ pub struct LinkServer {
     pub tls: tokio_rustls::TlsAcceptor,
     pub metrics: Arc<Metrics>,
     pub reconcile: mpsc::Sender<()>,
+    pub logs: Arc<crate::logstore::LogStore>,
     pub name: String,
 }
 
@@ -238,6 +239,13 @@ impl LinkServer {
                             self.metrics.heartbeats.inc();
                             self.hub.seen(node, conn, Some(report));
                         }
+                        Some(Ok(ToBeacon::Logs(batch))) => {
+                            if batch.lines.len() > px_proto::link::MAX_LOG_BATCH {
+                                return Err(format!("node {node} sent more than {} log lines in one frame", px_proto::link::MAX_LOG_BATCH));
+                            }
+                            self.hub.seen(node, conn, None);
+                            self.logs.push(node, batch);
+                        }
                         Some(Ok(ToBeacon::Event(event))) => {
                             self.hub.seen(node, conn, None);
                             self.hub.node_event(node, event);
@@ -269,5 +277,6 @@ fn frame_name(frame: &ToBeacon) -> &'static str {
         ToBeacon::Heartbeat(_) => "heartbeat",
         ToBeacon::ReleaseCommitted(_) => "release_committed",
         ToBeacon::Event(_) => "event",
+        ToBeacon::Logs(_) => "logs",
     }
 }

@@ -279,3 +279,91 @@ async fn the_status_page_shows_nodes_and_apps_in_a_browser() {
     eprintln!("status page screenshot: {}", shot.display());
     beacon.stop().await;
 }
+
+#[tokio::test]
+async fn app_output_forwarded_by_nodes_can_be_read_and_followed() {
+    use px_proto::link::{LogBatch, LogLine, LogStream};
+    let (_dir, tokens, beacon) = start().await;
+    let (mut link, _) = open_link(
+        &beacon.control_addr,
+        &beacon.pki.ca(),
+        maestro_hello("web-1", &tokens.maestro, 0),
+    )
+    .await;
+    next_assign(&mut link).await;
+    let line = |text: &str| LogLine {
+        app: "hello".into(),
+        release: 3,
+        instance: 1,
+        stream: LogStream::Stderr,
+        at: "2026-11-25T00:00:00.000Z".into(),
+        line: text.into(),
+    };
+    link.send(ToBeacon::Logs(LogBatch {
+        lines: vec![line("first"), line("second")],
+        dropped: 0,
+    }))
+    .await
+    .unwrap();
+    let entries: Vec<px_proto::beacon::LogEntry> = beacon
+        .wait_for(
+            "/v1/apps/hello/logs",
+            "log lines",
+            |e: &Vec<px_proto::beacon::LogEntry>| e.len() == 2,
+        )
+        .await;
+    assert_eq!(
+        (entries[0].node.as_str(), entries[1].line.as_str()),
+        ("web-1", "second")
+    );
+    let mut stream = beacon
+        .http
+        .get(format!(
+            "{}/v1/apps/hello/logs/stream?lines=1",
+            beacon.http_url
+        ))
+        .bearer_auth(&tokens.read)
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    link.send(ToBeacon::Logs(LogBatch {
+        lines: vec![line("third")],
+        dropped: 0,
+    }))
+    .await
+    .unwrap();
+    let mut text = String::new();
+    let done = tokio::time::timeout(WAIT, async {
+        while let Some(chunk) = stream.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if text.contains("third") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(done.is_ok(), "{text}");
+    assert!(
+        text.contains("second") && !text.contains("first"),
+        "backlog of one line, then live: {text}"
+    );
+    // A frame with too many lines ends the link.
+    let lines = (0..=px_proto::link::MAX_LOG_BATCH)
+        .map(|i| line(&i.to_string()))
+        .collect();
+    link.send(ToBeacon::Logs(LogBatch { lines, dropped: 0 }))
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(WAIT, async {
+        loop {
+            match link.next().await {
+                Some(Ok(_)) => continue,
+                _ => return,
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "an oversized log batch must close the link");
+    beacon.stop().await;
+}

@@ -213,6 +213,32 @@ async fn deploy_and_reconfigure_through_every_service() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // `em logs`: the app's output reaches Beacon from the node (http.server logs each request
+    // on stderr).
+    let start = std::time::Instant::now();
+    loop {
+        let lines: Vec<px_proto::beacon::LogEntry> = http
+            .get(format!("{beacon_url}/v1/apps/hello/logs?lines=50"))
+            .bearer_auth(&deploy)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if lines
+            .iter()
+            .any(|l| l.node == "web-1" && l.line.contains("GET / "))
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "no request line reached beacon: {lines:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // `em config set GREETING=bonjour` under steady traffic: no request fails.
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicU64::new(0));

@@ -159,7 +159,7 @@ pub async fn run(
             repository_token: checked.repository_token,
         },
         routes.clone(),
-        app_logs,
+        app_logs.clone(),
         tracker.clone(),
         apps_stop.clone(),
     );
@@ -235,6 +235,7 @@ pub async fn run(
             supervisor.clone(),
             events,
             changes,
+            app_logs,
             config.state_dir.clone(),
             shutdown.clone(),
         ));

@@ -27,6 +27,12 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Least time between two state reports sent because something changed; heartbeats still
 /// go every interval.
 pub const MIN_REPORT_GAP: Duration = Duration::from_millis(50);
+/// How often forwarded log lines are sent, batched.
+pub const LOG_FLUSH: Duration = Duration::from_millis(200);
+/// Log lines forwarded per flush (10 000 a second): enough for `em logs -f` on a busy app,
+/// bounded so a runaway app cannot flood the control link; the rest is counted as dropped
+/// (the full output is always in the node's log files).
+pub const LOG_LINES_PER_FLUSH: usize = 2000;
 /// The persisted assignment, in the state directory.
 pub const ASSIGNMENT_FILE: &str = "assignment.json";
 
@@ -140,6 +146,7 @@ pub async fn run(
     supervisor: Arc<Supervisor>,
     mut events: mpsc::Receiver<NodeEvent>,
     mut changes: watch::Receiver<u64>,
+    app_logs: Arc<crate::logs::AppLogs>,
     state_dir: PathBuf,
     shutdown: CancellationToken,
 ) {
@@ -170,6 +177,12 @@ pub async fn run(
         let silence = tokio::time::sleep(HEARTBEAT_DEADLINE);
         tokio::pin!(silence);
         changes.borrow_and_update();
+        let mut lines = app_logs.follow();
+        let mut batch: Vec<px_proto::link::LogLine> = Vec::new();
+        let mut dropped = 0u64;
+        let mut budget = LOG_LINES_PER_FLUSH;
+        let mut flush = tokio::time::interval(LOG_FLUSH);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let error: String = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -190,6 +203,30 @@ pub async fn run(
                     changes.borrow_and_update();
                     if let Err(e) = link.send(ToBeacon::Heartbeat(supervisor.report())).await {
                         break e.to_string();
+                    }
+                }
+                line = lines.recv() => match line {
+                    Ok(line) if budget > 0 => {
+                        budget -= 1;
+                        batch.push(line);
+                        if batch.len() >= px_proto::link::MAX_LOG_BATCH {
+                            let lines = std::mem::take(&mut batch);
+                            if let Err(e) = link.send(ToBeacon::Logs(px_proto::link::LogBatch { lines, dropped: std::mem::take(&mut dropped) })).await {
+                                break e.to_string();
+                            }
+                        }
+                    }
+                    Ok(_) => dropped += 1,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => dropped += n,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
+                },
+                _ = flush.tick() => {
+                    budget = LOG_LINES_PER_FLUSH;
+                    if !batch.is_empty() || dropped > 0 {
+                        let lines = std::mem::take(&mut batch);
+                        if let Err(e) = link.send(ToBeacon::Logs(px_proto::link::LogBatch { lines, dropped: std::mem::take(&mut dropped) })).await {
+                            break e.to_string();
+                        }
                     }
                 }
                 event = events.recv() => match event {

@@ -294,35 +294,8 @@ fn annotate(e: io::Error, what: &str, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
 
-/// Which pipe of an instance a line came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stream {
-    Stdout,
-    Stderr,
-}
-
-impl Stream {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Stdout => "stdout",
-            Self::Stderr => "stderr",
-        }
-    }
-}
-
-/// One line an instance printed.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct LogLine {
-    pub app: String,
-    pub release: u64,
-    pub instance: u32,
-    pub stream: Stream,
-    /// When Maestro read the line: RFC 3339, UTC, with milliseconds.
-    pub at: String,
-    /// The line without its newline (and without a trailing `\r`).
-    pub line: String,
-}
+// The line types are wire types: Maestro forwards lines to Beacon, which streams them to `em logs`.
+pub use px_proto::link::{LogLine, LogStream as Stream};
 
 /// All app logs of one Maestro. Share it with `Arc`; every method takes `&self`.
 pub struct AppLogs {

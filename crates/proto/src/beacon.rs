@@ -131,3 +131,15 @@ pub struct App {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_seconds: Option<f64>,
 }
+
+/// One line of app output as Beacon serves it: which node, then the line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub node: String,
+    pub app: String,
+    pub release: u64,
+    pub instance: u32,
+    pub stream: crate::link::LogStream,
+    pub at: String,
+    pub line: String,
+}

@@ -137,6 +137,48 @@ pub enum NodeEventKind {
     DeployFailed,
 }
 
+/// Most log lines in one `Logs` frame; Maestro batches lines and sends at most this many.
+pub const MAX_LOG_BATCH: usize = 512;
+
+/// Which pipe of an instance a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+impl LogStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+        }
+    }
+}
+
+/// One line an instance printed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub app: String,
+    pub release: u64,
+    pub instance: u32,
+    pub stream: LogStream,
+    /// When Maestro read the line: RFC 3339, UTC, with milliseconds.
+    pub at: String,
+    /// The line without its newline.
+    pub line: String,
+}
+
+/// App output forwarded by a Maestro, so `em logs -f` can follow an app across nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogBatch {
+    pub lines: Vec<LogLine>,
+    /// Lines this node dropped since its last batch (rate limit, or a lagging reader).
+    #[serde(default)]
+    pub dropped: u64,
+}
+
 /// A frame from a peer (repository or Maestro) to Beacon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -148,6 +190,7 @@ pub enum ToBeacon {
     /// A release was committed; Beacon should assign it.
     ReleaseCommitted(ReleaseCommitted),
     Event(NodeEvent),
+    Logs(LogBatch),
 }
 
 /// A frame from Beacon to a peer.
