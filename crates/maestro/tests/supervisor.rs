@@ -364,3 +364,55 @@ async fn the_persisted_assignment_is_served_without_beacon_and_reconnects_later(
     assert_eq!(maestro.state().await.generation, 7);
     maestro.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_beacon_drops_the_link_apps_keep_serving_and_maestro_links_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundles = BundleServer::start().await;
+    let beacon = FakeBeacon::start().await;
+    let maestro = Maestro::start(config(dir.path(), Some(&beacon))).await;
+    let (mut link, _) = beacon.accept().await;
+    assign(&mut link, 4, vec![bundles.python_app("hello", 1, "up", "")]).await;
+    wait_event(&mut link, |e| e.kind == NodeEventKind::DeployFinished).await;
+    // Beacon goes away mid-link.
+    drop(link);
+    maestro.wait_body("hello.localhost", "up").await;
+    // It comes back: Maestro links again and reports what it runs, by generation.
+    let (_link, state) = beacon.accept().await;
+    assert_eq!(state.generation, 4);
+    assert_eq!(state.instances.len(), 1);
+    assert_eq!(state.instances[0].state, InstanceState::Healthy);
+    maestro.wait_body("hello.localhost", "up").await;
+    maestro.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_keeps_crashing_raises_one_crash_loop_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundles = BundleServer::start().await;
+    let beacon = FakeBeacon::start().await;
+    let maestro = Maestro::start(config(dir.path(), Some(&beacon))).await;
+    let (mut link, _) = beacon.accept().await;
+    // Healthy at once (it listens), then dies a moment later, every time.
+    let flaky = bundles.app(
+        "flaky",
+        1,
+        &manifest("flaky", "python3 -c 'import socket,sys,time; s=socket.socket(); s.bind((\"127.0.0.1\", int(sys.argv[1]))); s.listen(); time.sleep(0.3); sys.stderr.write(\"fatal: lost the database\\n\"); sys.exit(2)' \"$1\"", "10s"),
+        &[],
+        &[],
+    );
+    assign(&mut link, 1, vec![flaky]).await;
+    let event = wait_event(&mut link, |e| e.kind == NodeEventKind::CrashLoop).await;
+    assert_eq!(event.app, "flaky");
+    assert!(
+        event
+            .detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("lost the database"),
+        "{event:?}"
+    );
+    let state = maestro.state().await;
+    assert!(state.instances[0].restarts >= 4, "{state:?}");
+    maestro.stop().await;
+}
