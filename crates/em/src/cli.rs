@@ -1,0 +1,171 @@
+//! The command line of `em`: every command, its flags, help text and examples.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "em",
+    version,
+    about = "Enginemill: create, run and deploy web apps on Platform.X",
+    long_about = "Enginemill (em) is the Platform.X developer tool.\n\n\
+        Start the whole platform on this machine with `em up`, create an app with `em init`,\n\
+        and ship it with `em deploy`. Against a cluster, `em login --remote URL` first.",
+    after_help = "Examples:\n  em up                      # the platform on this machine\n  em init hello && cd hello  # a new app\n  em deploy                  # ship it; open http://hello.localhost:8080/\n  em logs -f                 # follow its output"
+)]
+pub struct Cli {
+    /// Print machine-readable JSON instead of text (where it applies).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the whole platform (apprepo, Beacon, Maestro) on this machine
+    #[command(
+        after_help = "Examples:\n  em up\n  em up --http-port 9090 --data-dir /tmp/px\n\nApps are served at http://<app>.localhost:<http-port>/. Ctrl-C stops everything,\napps included; the next `em up` brings the same apps and releases back."
+    )]
+    Up {
+        /// Where the platform keeps its state (default: $XDG_DATA_HOME/platformx).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Port of the proxy that serves the apps.
+        #[arg(long, default_value_t = 8080)]
+        http_port: u16,
+        /// First of four ports for the platform's own services (apprepo, Beacon API, Beacon
+        /// links, Maestro status).
+        #[arg(long, default_value_t = 7070)]
+        port_base: u16,
+    },
+    /// Create a new app: app.toml, a server with a health endpoint, and a public/ asset
+    #[command(
+        after_help = "Examples:\n  em init hello\n  em init site --template static\n  em init api --name my-api --template node"
+    )]
+    Init {
+        /// Directory to create (default: the current one, which must be empty).
+        dir: Option<PathBuf>,
+        /// App name (default: the directory's name); a lowercase DNS label.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, value_enum, default_value_t = Template::Python)]
+        template: Template,
+    },
+    /// Run an app locally the way Maestro would, restarting it when files change
+    #[command(after_help = "Examples:\n  em dev\n  em dev examples/python-hello --port 5000")]
+    Dev {
+        /// The app directory (default: the current one).
+        dir: Option<PathBuf>,
+        /// Port of the local proxy in front of the app.
+        #[arg(long, default_value_t = 5000)]
+        port: u16,
+    },
+    /// Pack, upload and roll out an app; waits until every node serves it
+    #[command(
+        after_help = "Examples:\n  em deploy\n  em deploy examples/python-hello\n  em deploy --app staging-hello --no-wait\n\nExit status: 0 when every node serves the new release, 1 when the rollout failed\n(the failing node and the app's last stderr lines are printed)."
+    )]
+    Deploy {
+        /// The app directory (default: the current one).
+        dir: Option<PathBuf>,
+        /// App to deploy to (default: `name` in app.toml).
+        #[arg(long)]
+        app: Option<String>,
+        /// Return once the release is committed, without waiting for the rollout.
+        #[arg(long)]
+        no_wait: bool,
+        /// A note shown in `em releases`.
+        #[arg(long, short)]
+        message: Option<String>,
+    },
+    /// Nodes and apps as Beacon sees them
+    Status,
+    /// Apps in the repository
+    Apps,
+    /// Releases of an app, newest first
+    #[command(after_help = "Examples:\n  em releases --app hello")]
+    Releases {
+        #[arg(long)]
+        app: Option<String>,
+    },
+    /// Roll an app back to an earlier release (as a new release)
+    #[command(
+        after_help = "Examples:\n  em rollback            # to the release before the current one\n  em rollback v3 --app hello"
+    )]
+    Rollback {
+        /// Release to go back to (`7` or `v7`; default: the previous one).
+        release: Option<String>,
+        #[arg(long)]
+        app: Option<String>,
+    },
+    /// Show or change an app's config vars (each change is a new release)
+    #[command(
+        after_help = "Examples:\n  em config\n  em config set DATABASE_URL=postgres://db/app MODE=prod\n  em config unset MODE"
+    )]
+    Config {
+        #[arg(long, global = true)]
+        app: Option<String>,
+        #[command(subcommand)]
+        change: Option<ConfigChange>,
+    },
+    /// Show an app's output from every node
+    #[command(after_help = "Examples:\n  em logs\n  em logs -f --app hello\n  em logs --lines 500")]
+    Logs {
+        #[arg(long)]
+        app: Option<String>,
+        /// Keep following new lines.
+        #[arg(long, short)]
+        follow: bool,
+        /// How many recent lines to show first.
+        #[arg(long, default_value_t = 100)]
+        lines: usize,
+    },
+    /// Point em at a cluster; the token is read from stdin or a file, never an argument
+    #[command(
+        after_help = "Examples:\n  em login --remote https://apprepo.example.com --beacon https://beacon.example.com < token\n  em login --remote http://10.0.0.5:7070 --token-file ~/px-token"
+    )]
+    Login {
+        /// apprepo's URL.
+        #[arg(long)]
+        remote: String,
+        /// Beacon's API URL (default: the remote's host, port 7071).
+        #[arg(long)]
+        beacon: Option<String>,
+        /// Read the token from this file instead of stdin.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+    /// Print shell completions
+    #[command(
+        after_help = "Examples:\n  em completions bash > /etc/bash_completion.d/em\n  em completions zsh > \"${fpath[1]}/_em\""
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigChange {
+    /// Set vars: KEY=VALUE …
+    Set {
+        #[arg(required = true)]
+        pairs: Vec<String>,
+    },
+    /// Remove vars: KEY …
+    Unset {
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Template {
+    /// Python 3, standard library only.
+    Python,
+    /// Node.js, built-in `http` only.
+    Node,
+    /// A static site.
+    Static,
+}

@@ -1,0 +1,108 @@
+//! Talking to apprepo and Beacon over HTTP, with every failure turned into a sentence that
+//! says what to do.
+
+use std::time::Duration;
+
+use px_proto::api::ErrorBody;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::failure::{EXIT_REFUSED, EXIT_UNREACHABLE, Failure, Result};
+use crate::settings::EmConfig;
+
+/// How long a plain API call may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Client {
+    pub http: reqwest::Client,
+    pub config: EmConfig,
+}
+
+impl Client {
+    pub fn new(config: EmConfig) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            config,
+        }
+    }
+
+    pub fn repo(&self, path: &str) -> String {
+        format!("{}{path}", self.config.remote.trim_end_matches('/'))
+    }
+
+    pub fn beacon(&self, path: &str) -> String {
+        format!("{}{path}", self.config.beacon.trim_end_matches('/'))
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, url: &str) -> Result<T> {
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(&self.config.token)
+            .timeout(CALL_TIMEOUT)
+            .send()
+            .await;
+        decode(url, response).await
+    }
+
+    pub async fn send_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        body: &B,
+    ) -> Result<T> {
+        let response = self
+            .http
+            .request(method, url)
+            .bearer_auth(&self.config.token)
+            .json(body)
+            .timeout(CALL_TIMEOUT)
+            .send()
+            .await;
+        decode(url, response).await
+    }
+}
+
+/// Turns a transport error into a failure naming the service and the fix.
+pub fn unreachable(url: &str, error: &reqwest::Error) -> Failure {
+    Failure::new(
+        EXIT_UNREACHABLE,
+        format!(
+            "cannot reach {url} ({error}); is `em up` running, or is the remote in `em login` right?"
+        ),
+    )
+}
+
+/// Reads a response: the JSON body on success, else a failure with the server's message.
+pub async fn decode<T: DeserializeOwned>(
+    url: &str,
+    response: reqwest::Result<reqwest::Response>,
+) -> Result<T> {
+    let response = response.map_err(|e| unreachable(url, &e))?;
+    let status = response.status();
+    if status.is_success() {
+        return response
+            .json()
+            .await
+            .map_err(|e| Failure::failed(format!("unexpected answer from {url}: {e}")));
+    }
+    Err(refusal(status, response.text().await.unwrap_or_default()))
+}
+
+/// A failure for a non-2xx answer.
+pub fn refusal(status: reqwest::StatusCode, body: String) -> Failure {
+    let message = serde_json::from_str::<ErrorBody>(&body)
+        .map(|b| b.message)
+        .unwrap_or(body);
+    match status.as_u16() {
+        401 => Failure::new(
+            EXIT_REFUSED,
+            format!(
+                "the platform refused the token ({message}); run `em login` again, or `em up` for a local platform"
+            ),
+        ),
+        403 => Failure::new(EXIT_REFUSED, format!("not allowed: {message}")),
+        404 | 409 | 413 | 422 | 400 => Failure::new(EXIT_REFUSED, message),
+        _ => Failure::failed(format!("the platform answered {status}: {message}")),
+    }
+}

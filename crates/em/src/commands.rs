@@ -1,0 +1,329 @@
+//! The everyday commands: status, apps, releases, rollback, config, logs, login.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+use futures_util::StreamExt;
+use px_proto::api::{self, Release};
+use px_proto::beacon::{App, LogEntry, Node, NodeHealth};
+use px_proto::manifest::{AppManifest, MANIFEST_FILE};
+
+use crate::cli::ConfigChange;
+use crate::client::{Client, refusal, unreachable};
+use crate::failure::{EXIT_NOT_CONFIGURED, Failure, Result};
+use crate::settings::{self, EmConfig};
+
+/// The app a command is about: `--app`, else the `name` in `./app.toml`.
+pub fn app_name(flag: Option<String>) -> Result<String> {
+    if let Some(app) = flag {
+        return Ok(app);
+    }
+    let text = std::fs::read_to_string(Path::new(MANIFEST_FILE)).map_err(|_| {
+        Failure::usage(
+            "which app? pass --app NAME, or run this in an app's directory (one with an app.toml)",
+        )
+    })?;
+    Ok(AppManifest::parse(&text)
+        .map_err(|e| Failure::bad_app(e.to_string()))?
+        .name)
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+pub async fn status(client: &Client, json: bool) -> Result<()> {
+    let nodes: Vec<Node> = client.get(&client.beacon("/v1/nodes")).await?;
+    let apps: Vec<App> = client.get(&client.beacon("/v1/apps")).await?;
+    if json {
+        print_json(&serde_json::json!({ "nodes": nodes, "apps": apps }));
+        return Ok(());
+    }
+    println!("nodes:");
+    if nodes.is_empty() {
+        println!("  (none linked yet)");
+    }
+    for node in &nodes {
+        let health = match node.health {
+            NodeHealth::Connected => "connected",
+            NodeHealth::Lost => "LOST",
+        };
+        println!(
+            "  {:<20} {:<10} {} instance(s), generation {}",
+            node.name,
+            health,
+            node.instances.len(),
+            node.applied_generation
+        );
+    }
+    println!("apps:");
+    if apps.is_empty() {
+        println!("  (none deployed yet; `em deploy`)");
+    }
+    for app in &apps {
+        println!(
+            "  {:<20} v{:<5} {:?} on {}/{} node(s)",
+            app.name,
+            app.release,
+            app.rollout,
+            app.healthy_nodes,
+            app.nodes.len()
+        );
+    }
+    Ok(())
+}
+
+pub async fn apps(client: &Client, json: bool) -> Result<()> {
+    let apps: Vec<api::App> = client.get(&client.repo("/v1/apps")).await?;
+    if json {
+        print_json(&apps);
+        return Ok(());
+    }
+    if apps.is_empty() {
+        println!("no apps yet; `em init` then `em deploy`");
+    }
+    for app in apps {
+        let current = app
+            .current
+            .map(|r| format!("v{} ({})", r.version, r.created_at))
+            .unwrap_or_else(|| "no release".into());
+        println!("{:<24} {current}", app.name);
+    }
+    Ok(())
+}
+
+pub async fn releases(client: &Client, app: &str, json: bool) -> Result<()> {
+    let releases: Vec<Release> = client
+        .get(&client.repo(&format!("/v1/apps/{app}/releases")))
+        .await?;
+    if json {
+        print_json(&releases);
+        return Ok(());
+    }
+    for r in releases {
+        println!(
+            "v{:<5} {}  {:<12} {}  by {}",
+            r.version,
+            r.created_at,
+            &r.bundle.sha256[..12],
+            r.description,
+            r.created_by
+        );
+    }
+    Ok(())
+}
+
+pub async fn rollback(
+    client: &Client,
+    app: &str,
+    release: Option<String>,
+    json: bool,
+) -> Result<()> {
+    let to = release
+        .map(|r| {
+            r.trim_start_matches('v')
+                .parse::<u64>()
+                .map_err(|_| Failure::usage(format!("{r:?} is not a release such as 7 or v7")))
+        })
+        .transpose()?;
+    let release: Release = client
+        .send_json(
+            reqwest::Method::POST,
+            &client.repo(&format!("/v1/apps/{app}/rollback")),
+            &api::Rollback { to },
+        )
+        .await?;
+    if json {
+        print_json(&release);
+    } else {
+        println!(
+            "{app} rolled back: v{} ({}); it rolls out now, `em status` to watch",
+            release.version, release.description
+        );
+    }
+    Ok(())
+}
+
+pub async fn config(
+    client: &Client,
+    app: &str,
+    change: Option<ConfigChange>,
+    json: bool,
+) -> Result<()> {
+    let change = match change {
+        None => {
+            let vars: BTreeMap<String, String> = client
+                .get(&client.repo(&format!("/v1/apps/{app}/config")))
+                .await?;
+            if json {
+                print_json(&vars);
+            } else if vars.is_empty() {
+                println!("{app} has no config vars; `em config set KEY=VALUE`");
+            } else {
+                for (k, v) in vars {
+                    println!("{k}={v}");
+                }
+            }
+            return Ok(());
+        }
+        Some(ConfigChange::Set { pairs }) => {
+            let mut set = BTreeMap::new();
+            for pair in pairs {
+                let (k, v) = pair
+                    .split_once('=')
+                    .ok_or_else(|| Failure::usage(format!("{pair:?} is not KEY=VALUE")))?;
+                set.insert(k.to_string(), v.to_string());
+            }
+            api::ConfigChange {
+                set,
+                unset: Vec::new(),
+            }
+        }
+        Some(ConfigChange::Unset { keys }) => api::ConfigChange {
+            set: BTreeMap::new(),
+            unset: keys,
+        },
+    };
+    let release: Release = client
+        .send_json(
+            reqwest::Method::PATCH,
+            &client.repo(&format!("/v1/apps/{app}/config")),
+            &change,
+        )
+        .await?;
+    if json {
+        print_json(&release);
+    } else {
+        println!(
+            "{app} v{}: {}; it rolls out now",
+            release.version, release.description
+        );
+    }
+    Ok(())
+}
+
+fn print_log(entry: &LogEntry, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(entry).unwrap_or_default());
+    } else {
+        println!(
+            "{} {} v{}#{} {}: {}",
+            entry.at,
+            entry.node,
+            entry.release,
+            entry.instance,
+            entry.stream.as_str(),
+            entry.line
+        );
+    }
+}
+
+pub async fn logs(
+    client: &Client,
+    app: &str,
+    follow: bool,
+    lines: usize,
+    json: bool,
+) -> Result<()> {
+    if !follow {
+        let entries: Vec<LogEntry> = client
+            .get(&client.beacon(&format!("/v1/apps/{app}/logs?lines={lines}")))
+            .await?;
+        for entry in &entries {
+            print_log(entry, json);
+        }
+        return Ok(());
+    }
+    let url = client.beacon(&format!("/v1/apps/{app}/logs/stream?lines={lines}"));
+    let response = client
+        .http
+        .get(&url)
+        .bearer_auth(&client.config.token)
+        .send()
+        .await
+        .map_err(|e| unreachable(&client.config.beacon, &e))?;
+    if !response.status().is_success() {
+        let status = response.status();
+        return Err(refusal(status, response.text().await.unwrap_or_default()));
+    }
+    let mut stream = response.bytes_stream();
+    let mut buffer = String::new();
+    loop {
+        let chunk = tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            chunk = stream.next() => chunk,
+        };
+        match chunk {
+            Some(Ok(bytes)) => buffer.push_str(&String::from_utf8_lossy(&bytes)),
+            Some(Err(e)) => return Err(Failure::failed(format!("lost the log stream: {e}"))),
+            None => return Ok(()),
+        }
+        while let Some(end) = buffer.find("\n\n") {
+            let message: String = buffer.drain(..end + 2).collect();
+            if let Some(data) = message.lines().find_map(|l| l.strip_prefix("data:"))
+                && let Ok(entry) = serde_json::from_str::<LogEntry>(data.trim())
+            {
+                print_log(&entry, json);
+            }
+        }
+    }
+}
+
+pub async fn login(
+    remote: String,
+    beacon: Option<String>,
+    token_file: Option<&Path>,
+) -> Result<()> {
+    let token = match token_file {
+        Some(path) => px_runtime::secrets::read_secret_file(path)
+            .map_err(|e| Failure::usage(e.to_string()))?,
+        None => {
+            let mut text = String::new();
+            std::io::stdin()
+                .take(px_runtime::tokens::MAX_TOKEN_LEN as u64 + 2)
+                .read_to_string(&mut text)?;
+            text.trim().to_string()
+        }
+    };
+    if token.is_empty() {
+        return Err(Failure::usage(
+            "no token given; pipe it in (`em login --remote URL < token`) or pass --token-file",
+        ));
+    }
+    let beacon = match beacon {
+        Some(b) => b,
+        None => {
+            let url = reqwest::Url::parse(&remote)
+                .map_err(|e| Failure::usage(format!("--remote {remote:?} is not a URL: {e}")))?;
+            let port = url.port_or_known_default().unwrap_or(7070) + 1;
+            format!(
+                "{}://{}:{port}",
+                url.scheme(),
+                url.host_str().unwrap_or("localhost")
+            )
+        }
+    };
+    let config = EmConfig {
+        remote: remote.clone(),
+        beacon,
+        token,
+        app_url: None,
+    };
+    // Check before saving: the remote answers and takes the token.
+    let client = Client::new(config.clone());
+    let _: Vec<api::App> = client.get(&client.repo("/v1/apps")).await?;
+    let path = settings::save(&config)?;
+    println!("logged in to {remote}; settings in {}", path.display());
+    Ok(())
+}
+
+/// Loads the settings, or explains how to get some.
+pub fn client() -> Result<Client> {
+    settings::load()
+        .map(Client::new)
+        .map_err(|f| Failure::new(EXIT_NOT_CONFIGURED, f.message))
+}

@@ -1,0 +1,132 @@
+//! The `em` binary: parse the command line and run the command; failures print one paragraph
+//! naming the problem and the fix, and exit with a code from [`failure`].
+
+mod cli;
+mod client;
+mod commands;
+mod deploy;
+mod dev;
+mod failure;
+mod init;
+mod settings;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::failure::Failure;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("em: {failure}");
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn run(cli: Cli) -> failure::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| Failure::failed(format!("cannot start: {e}")))?;
+    let json = cli.json;
+    match cli.command {
+        Command::Up {
+            data_dir,
+            http_port,
+            port_base,
+        } => {
+            px_runtime::telemetry::init();
+            let data_dir = data_dir.unwrap_or_else(settings::default_data_dir);
+            runtime.block_on(up::up(up::Up {
+                data_dir,
+                http_port,
+                port_base,
+            }))
+        }
+        Command::Init {
+            dir,
+            name,
+            template,
+        } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+            let app = init::init(&dir, name.as_deref(), template)?;
+            if json {
+                println!("{}", serde_json::json!({ "app": app, "dir": dir }));
+            } else {
+                println!(
+                    "created app {app} in {}\nnext: cd {} && em deploy",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            Ok(())
+        }
+        Command::Dev { dir, port } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+            runtime.block_on(dev::dev(&dir, port))
+        }
+        Command::Deploy {
+            dir,
+            app,
+            no_wait,
+            message,
+        } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+            let client = commands::client()?;
+            runtime.block_on(deploy::deploy(
+                &client,
+                deploy::Options {
+                    dir: &dir,
+                    app: app.as_deref(),
+                    wait: !no_wait,
+                    message: message.as_deref(),
+                    json,
+                },
+            ))
+        }
+        Command::Status => runtime.block_on(commands::status(&commands::client()?, json)),
+        Command::Apps => runtime.block_on(commands::apps(&commands::client()?, json)),
+        Command::Releases { app } => {
+            let app = commands::app_name(app)?;
+            runtime.block_on(commands::releases(&commands::client()?, &app, json))
+        }
+        Command::Rollback { release, app } => {
+            let app = commands::app_name(app)?;
+            runtime.block_on(commands::rollback(
+                &commands::client()?,
+                &app,
+                release,
+                json,
+            ))
+        }
+        Command::Config { app, change } => {
+            let app = commands::app_name(app)?;
+            runtime.block_on(commands::config(&commands::client()?, &app, change, json))
+        }
+        Command::Logs { app, follow, lines } => {
+            let app = commands::app_name(app)?;
+            runtime.block_on(commands::logs(
+                &commands::client()?,
+                &app,
+                follow,
+                lines,
+                json,
+            ))
+        }
+        Command::Login {
+            remote,
+            beacon,
+            token_file,
+        } => runtime.block_on(commands::login(remote, beacon, token_file.as_deref())),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "em", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Where `em` keeps things: its config (`$XDG_CONFIG_HOME/em/config.toml`, mode 0600, with the
+//! remote and the token) and `em up`'s data directory (`$XDG_DATA_HOME/platformx`).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::failure::{EXIT_NOT_CONFIGURED, Failure, Result};
+
+/// What `em` needs to talk to a platform.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmConfig {
+    /// apprepo's base URL.
+    pub remote: String,
+    /// Beacon's API base URL.
+    pub beacon: String,
+    /// A deploy token.
+    pub token: String,
+    /// How apps are reached, with `{app}` for the name (set by `em up`). Default: none, and
+    /// `em deploy` shows the app's domains instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_url: Option<String>,
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+pub fn config_dir() -> PathBuf {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".config"))
+        .join("em")
+}
+
+pub fn config_file() -> PathBuf {
+    config_dir().join("config.toml")
+}
+
+pub fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".local/share"))
+        .join("platformx")
+}
+
+pub fn load() -> Result<EmConfig> {
+    let path = config_file();
+    let text = std::fs::read_to_string(&path).map_err(|_| {
+        Failure::new(
+            EXIT_NOT_CONFIGURED,
+            format!(
+                "em has no platform to talk to ({} is missing); run `em up` for one on this machine, or `em login --remote URL` for a cluster",
+                path.display()
+            ),
+        )
+    })?;
+    toml::from_str(&text).map_err(|e| {
+        Failure::new(
+            EXIT_NOT_CONFIGURED,
+            format!(
+                "{} is not valid ({}); run `em login` again to rewrite it",
+                path.display(),
+                e.message()
+            ),
+        )
+    })
+}
+
+pub fn save(config: &EmConfig) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = config_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
+    let path = config_file();
+    let text = toml::to_string(config).map_err(|e| Failure::failed(e.to_string()))?;
+    px_runtime::secrets::write_secret_file(&path, &text)?;
+    Ok(path)
+}

@@ -1,0 +1,293 @@
+//! `em up`: apprepo, Beacon and Maestro in one process on this machine, wired exactly as a
+//! cluster is (the same services, TLS control links, tokens), with state under one data
+//! directory so the next `em up` comes back with the same apps and releases.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use px_runtime::tokens::{TokenEntry, generate, hash};
+use tokio::net::TcpListener;
+
+use crate::failure::{Failure, Result};
+use crate::settings::{self, EmConfig};
+
+/// Ports of the platform's own services, counted from `--port-base`.
+pub const APPREPO_OFFSET: u16 = 0;
+pub const BEACON_HTTP_OFFSET: u16 = 1;
+pub const BEACON_CONTROL_OFFSET: u16 = 2;
+pub const MAESTRO_STATUS_OFFSET: u16 = 3;
+
+pub struct Up {
+    pub data_dir: PathBuf,
+    pub http_port: u16,
+    pub port_base: u16,
+}
+
+/// Tokens of the local platform, kept in `data_dir/secrets` (mode 0600) across runs.
+struct Secrets {
+    deploy: String,
+    read: String,
+    maestro_link: String,
+    repository_link: String,
+    dir: PathBuf,
+}
+
+fn secret(dir: &Path, name: &str) -> Result<String> {
+    let path = dir.join(name);
+    if path.exists() {
+        return px_runtime::secrets::read_secret_file(&path)
+            .map_err(|e| Failure::failed(e.to_string()));
+    }
+    let token = generate();
+    px_runtime::secrets::write_secret_file(&path, &token)?;
+    Ok(token)
+}
+
+fn secrets(data_dir: &Path) -> Result<Secrets> {
+    let dir = data_dir.join("secrets");
+    create_private_dir(&dir)?;
+    Ok(Secrets {
+        deploy: secret(&dir, "deploy-token")?,
+        read: secret(&dir, "read-token")?,
+        maestro_link: secret(&dir, "maestro-link-token")?,
+        repository_link: secret(&dir, "repository-link-token")?,
+        dir,
+    })
+}
+
+fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    Ok(())
+}
+
+/// A throwaway CA and Beacon's certificate (for `localhost`), made once per data directory.
+fn pki(data_dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let dir = data_dir.join("pki");
+    create_private_dir(&dir)?;
+    let (ca, cert, key) = (
+        dir.join("ca.pem"),
+        dir.join("beacon.pem"),
+        dir.join("beacon.key"),
+    );
+    if ca.exists() && cert.exists() && key.exists() {
+        return Ok((ca, cert, key));
+    }
+    let fail = |e: rcgen::Error| Failure::failed(format!("cannot make certificates: {e}"));
+    let ca_key = rcgen::KeyPair::generate().map_err(fail)?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Platform.X em up CA");
+    let ca_cert = ca_params.self_signed(&ca_key).map_err(fail)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let beacon_key = rcgen::KeyPair::generate().map_err(fail)?;
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .map_err(fail)?;
+    let beacon_cert = params.signed_by(&beacon_key, &issuer).map_err(fail)?;
+    std::fs::write(&ca, ca_cert.pem())?;
+    std::fs::write(&cert, beacon_cert.pem())?;
+    px_runtime::secrets::write_secret_file(&key, &beacon_key.serialize_pem())?;
+    Ok((ca, cert, key))
+}
+
+async fn bind(port: u16, what: &str, flag: &str) -> Result<TcpListener> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpListener::bind(addr).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            Failure::failed(format!(
+                "port {port} ({what}) is taken; is another `em up` running? Stop it, or pass {flag} to use other ports"
+            ))
+        } else {
+            Failure::failed(format!("cannot listen on {addr} ({what}): {e}"))
+        }
+    })
+}
+
+pub async fn up(options: Up) -> Result<()> {
+    let data = &options.data_dir;
+    create_private_dir(data)?;
+    let base = options.port_base;
+    let port = |offset: u16| {
+        base.checked_add(offset)
+            .ok_or_else(|| Failure::usage("--port-base is too high"))
+    };
+    // Bind everything first: a taken port fails before anything starts.
+    let repo_listener = bind(port(APPREPO_OFFSET)?, "apprepo", "--port-base").await?;
+    let beacon_http = bind(port(BEACON_HTTP_OFFSET)?, "Beacon API", "--port-base").await?;
+    let beacon_control = bind(port(BEACON_CONTROL_OFFSET)?, "Beacon links", "--port-base").await?;
+    let maestro_status = bind(
+        port(MAESTRO_STATUS_OFFSET)?,
+        "Maestro status",
+        "--port-base",
+    )
+    .await?;
+    let proxy = bind(options.http_port, "the app proxy", "--http-port").await?;
+
+    let secrets = secrets(data)?;
+    let (ca, cert, key) = pki(data)?;
+    let repo_url = format!("http://127.0.0.1:{}", port(APPREPO_OFFSET)?);
+    let beacon_url = format!("http://127.0.0.1:{}", port(BEACON_HTTP_OFFSET)?);
+    let control_addr = format!("127.0.0.1:{}", port(BEACON_CONTROL_OFFSET)?);
+
+    let repo_config = px_repository::config::Config {
+        listen: repo_listener.local_addr()?,
+        data_dir: data.join("apprepo"),
+        tokens: vec![
+            TokenEntry {
+                name: "em".into(),
+                role: px_repository::auth::Role::Deploy,
+                sha256: hash(&secrets.deploy),
+            },
+            TokenEntry {
+                name: "cluster".into(),
+                role: px_repository::auth::Role::Read,
+                sha256: hash(&secrets.read),
+            },
+        ],
+        beacon: Some(px_repository::config::BeaconConfig {
+            addr: control_addr.clone(),
+            server_name: Some("localhost".into()),
+            ca_file: ca.clone(),
+            token_file: secrets.dir.join("repository-link-token"),
+            name: "apprepo".into(),
+        }),
+        ..Default::default()
+    };
+    let mut beacon_config = px_beacon::config::Config {
+        http_listen: beacon_http.local_addr()?,
+        control_listen: beacon_control.local_addr()?,
+        data_dir: data.join("beacon"),
+        tls_cert_file: cert,
+        tls_key_file: key,
+        tokens: vec![
+            TokenEntry {
+                name: "em".into(),
+                role: px_beacon::auth::Role::Deploy,
+                sha256: hash(&secrets.deploy),
+            },
+            TokenEntry {
+                name: "local".into(),
+                role: px_beacon::auth::Role::Maestro,
+                sha256: hash(&secrets.maestro_link),
+            },
+            TokenEntry {
+                name: "apprepo".into(),
+                role: px_beacon::auth::Role::Repository,
+                sha256: hash(&secrets.repository_link),
+            },
+        ],
+        domain: "localhost".into(),
+        ..Default::default()
+    };
+    beacon_config.repository.url = repo_url.clone();
+    beacon_config.repository.token_file = secrets.dir.join("read-token");
+    let maestro_config = px_maestro::config::Config {
+        node_name: "local".into(),
+        http_listen: proxy.local_addr()?,
+        status_listen: maestro_status.local_addr()?,
+        state_dir: data.join("maestro/state"),
+        log_dir: data.join("maestro/logs"),
+        // Locally, waiting is what a developer notices; apps stop fast or not at all.
+        stop_grace: Duration::from_secs(5),
+        drain_deadline: Duration::from_secs(10),
+        repository_token_file: Some(secrets.dir.join("read-token")),
+        beacon: Some(px_maestro::config::BeaconConfig {
+            addr: control_addr,
+            server_name: Some("localhost".into()),
+            ca_file: ca,
+            token_file: secrets.dir.join("maestro-link-token"),
+        }),
+        ..Default::default()
+    };
+
+    let app_url = format!("http://{{app}}.localhost:{}/", options.http_port);
+    let config_path = settings::save(&EmConfig {
+        remote: repo_url.clone(),
+        beacon: beacon_url.clone(),
+        token: secrets.deploy.clone(),
+        app_url: Some(app_url.clone()),
+    })?;
+
+    let shutdown = px_runtime::shutdown::on_signals()?;
+    let repo = tokio::spawn(px_repository::run(
+        repo_config,
+        repo_listener,
+        shutdown.clone(),
+    ));
+    let beacon = tokio::spawn(px_beacon::run(
+        beacon_config,
+        px_beacon::Listeners {
+            http: beacon_http,
+            control: beacon_control,
+        },
+        shutdown.clone(),
+    ));
+    let maestro = tokio::spawn(px_maestro::run(
+        maestro_config,
+        px_maestro::Listeners {
+            http: proxy,
+            https: None,
+            status: maestro_status,
+        },
+        shutdown.clone(),
+    ));
+    println!(
+        "Platform.X is up on this machine.\n\n  apps:        {}\n  status page: {beacon_url}/\n  apprepo:     {repo_url}\n  data:        {}\n  em config:   {}\n\nDeploy something:  em deploy examples/python-hello\nStop everything:   Ctrl-C",
+        app_url.replace("{app}", "<app>"),
+        data.display(),
+        config_path.display()
+    );
+
+    // Any service ending on its own is a failure: stop the others too, and wait for all of
+    // them, so Maestro stops the apps before the process exits.
+    let services: Vec<tokio::task::JoinHandle<std::result::Result<(), String>>> = vec![
+        tokio::spawn(async move {
+            repo.await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("apprepo: {e}"))
+        }),
+        tokio::spawn(async move {
+            beacon
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("beacon: {e}"))
+        }),
+        tokio::spawn(async move {
+            maestro
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("maestro: {e}"))
+        }),
+    ];
+    let (first, _, rest) = futures_util::future::select_all(services).await;
+    let stopped_by_user = shutdown.is_cancelled();
+    shutdown.cancel();
+    let mut failures = Vec::new();
+    for result in std::iter::once(first).chain(futures_util::future::join_all(rest).await) {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(e),
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    if !failures.is_empty() {
+        return Err(Failure::failed(format!(
+            "the platform stopped: {}",
+            failures.join("; ")
+        )));
+    }
+    if !stopped_by_user {
+        return Err(Failure::failed(
+            "a service stopped on its own; see the log above",
+        ));
+    }
+    println!("Platform.X stopped; `em up` brings the same apps back.");
+    Ok(())
+}
