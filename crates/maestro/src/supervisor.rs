@@ -220,7 +220,10 @@ impl Supervisor {
             ports: Mutex::new(Ports {
                 range,
                 used: BTreeSet::new(),
-                next: range.0,
+                // Start somewhere random in the range: a restarted Maestro does not reach for
+                // ports its previous run just left in TIME_WAIT, and several Maestros on one
+                // machine (tests, `em up` beside a node) rarely race for the same port.
+                next: range.0 + rand::rng().random_range(0..=(range.1 - range.0)),
             }),
             served: Mutex::new(BTreeMap::new()),
             statuses: Mutex::new(BTreeMap::new()),
@@ -546,9 +549,12 @@ impl AppTask {
                         &self.app,
                         release,
                         format!(
-                            "{} v{release} never became healthy: {reason}; v{} keeps serving",
+                            "{} v{release} never became healthy: {reason}; {}",
                             self.app,
-                            current.as_ref().map_or(0, |c| c.assignment.release)
+                            current.as_ref().map_or(
+                                "nothing was serving before".to_string(),
+                                |c| format!("v{} keeps serving", c.assignment.release)
+                            )
                         ),
                         (!detail.is_empty()).then_some(detail),
                     );

@@ -1,0 +1,283 @@
+//! The developer's day against the real platform: `em up` (the real binary, all three services)
+//! and the real `em`: init → deploy → the app through the proxy → change a file → deploy again
+//! with a client polling throughout and no failed request → config set → rollback → logs;
+//! then Ctrl-C, and `em up` again brings the same app back.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_em");
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Env {
+    home: tempfile::TempDir,
+    http_port: u16,
+    port_base: u16,
+}
+
+impl Env {
+    fn new() -> Self {
+        // Four consecutive free ports for the platform's services.
+        let port_base = loop {
+            let base = px_test_support::free_port();
+            if base < 60000
+                && (1..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+            {
+                break base;
+            }
+        };
+        Self {
+            home: tempfile::tempdir().unwrap(),
+            http_port: px_test_support::free_port(),
+            port_base,
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .env("XDG_CONFIG_HOME", self.home.path().join("config"))
+            .env("XDG_DATA_HOME", self.home.path().join("data"))
+            .env("HOME", self.home.path())
+            .env("PX_LOG", "warn");
+        command
+    }
+
+    fn em(&self, args: &[&str]) -> Output {
+        let out = self.command(args).output().unwrap();
+        if !out.status.success() {
+            eprintln!(
+                "em {args:?} failed:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        out
+    }
+
+    fn up(&self) -> Child {
+        let child = self
+            .command(&[
+                "up",
+                "--http-port",
+                &self.http_port.to_string(),
+                "--port-base",
+                &self.port_base.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        px_test_support::wait_for_port(self.http_port, Duration::from_secs(30)).unwrap();
+        px_test_support::wait_for_port(self.port_base, Duration::from_secs(30)).unwrap();
+        child
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.http_port)
+    }
+}
+
+fn stop(mut child: Child) {
+    nix_kill(child.id(), "INT");
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "em up exited with {status:?}");
+            return;
+        }
+        assert!(start.elapsed() < WAIT, "em up did not stop on Ctrl-C");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn nix_kill(pid: u32, signal: &str) {
+    assert!(
+        Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+async fn body(http: &reqwest::Client, url: &str, host: &str) -> Option<String> {
+    let r = http.get(url).header("host", host).send().await.ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    r.text().await.ok()
+}
+
+async fn wait_for(http: &reqwest::Client, url: &str, host: &str, needle: &str) -> String {
+    let start = Instant::now();
+    loop {
+        if let Some(text) = body(http, url, host).await
+            && text.contains(needle)
+        {
+            return text;
+        }
+        assert!(start.elapsed() < WAIT, "{host} never showed {needle:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn replace_in(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{} has no {from:?}", path.display());
+    std::fs::write(path, text.replace(from, to)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_deploy_change_configure_roll_back_and_read_logs() {
+    let env = Env::new();
+    let up = env.up();
+    let http = reqwest::Client::new();
+    let app_dir = env.home.path().join("shop");
+    let app_dir_s = app_dir.to_str().unwrap();
+    let host = "shop.localhost";
+
+    let out = env.em(&["init", app_dir_s, "--template", "python"]);
+    assert!(out.status.success());
+    let out = env.em(&["deploy", app_dir_s, "--json"]);
+    assert!(out.status.success());
+    let deployed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(deployed["app"], "shop");
+    assert_eq!(deployed["release"], 1);
+    assert_eq!(deployed["rolled_out"], true);
+    assert_eq!(
+        deployed["url"],
+        format!("http://shop.localhost:{}/", env.http_port)
+    );
+    let first = wait_for(&http, &env.url(), host, "Platform.X").await;
+
+    // Change a file and deploy again while a client polls: no request may fail.
+    let server = app_dir.join("server.py");
+    let greeting_file = app_dir.join("app.toml");
+    replace_in(
+        &greeting_file,
+        "Hello from Platform.X",
+        "Hello again from Platform.X",
+    );
+    let stop_polling = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let poller = {
+        let (stop, served, failed, url) = (
+            stop_polling.clone(),
+            served.clone(),
+            failed.clone(),
+            env.url(),
+        );
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                match body(&http, &url, host).await {
+                    Some(_) => served.fetch_add(1, Ordering::Relaxed),
+                    None => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    let out = env.em(&["deploy", app_dir_s]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("shop v2 is live"), "{stdout}");
+    let second = wait_for(&http, &env.url(), host, "Hello again").await;
+    assert_ne!(first, second);
+    stop_polling.store(true, Ordering::Relaxed);
+    poller.await.unwrap();
+    assert!(served.load(Ordering::Relaxed) > 10, "the poller barely ran");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the redeploy"
+    );
+    assert!(server.exists());
+
+    // Config vars are a new release; rollback is another.
+    let out = env.em(&[
+        "config",
+        "set",
+        "GREETING=Configured greeting",
+        "--app",
+        "shop",
+    ]);
+    assert!(out.status.success());
+    wait_for(&http, &env.url(), host, "Configured greeting").await;
+    let out = env.em(&["config", "--app", "shop", "--json"]);
+    let vars: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(vars["GREETING"], "Configured greeting");
+    let out = env.em(&["rollback", "--app", "shop"]);
+    assert!(out.status.success());
+    wait_for(&http, &env.url(), host, "Hello again").await;
+    let out = env.em(&["releases", "--app", "shop", "--json"]);
+    let releases: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(releases.len(), 4);
+    assert_eq!(releases[0]["cause"]["kind"], "rollback");
+
+    // Logs: the app's request lines, from the node.
+    let start = Instant::now();
+    loop {
+        let out = env.em(&["logs", "--app", "shop", "--lines", "200"]);
+        let text = String::from_utf8(out.stdout).unwrap();
+        if text.contains("GET /") {
+            assert!(text.contains("local"), "{text}");
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "no request lines in em logs: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = env.em(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["nodes"][0]["name"], "local");
+
+    // Ctrl-C stops everything, apps included; `em up` again serves the same release.
+    stop(up);
+    assert!(
+        body(&http, &env.url(), host).await.is_none(),
+        "nothing serves after Ctrl-C"
+    );
+    let up = env.up();
+    wait_for(&http, &env.url(), host, "Hello again").await;
+    stop(up);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_release_makes_deploy_fail_and_the_old_one_keeps_serving() {
+    let env = Env::new();
+    let up = env.up();
+    let http = reqwest::Client::new();
+    let app_dir = env.home.path().join("fragile");
+    let app_dir_s = app_dir.to_str().unwrap();
+    assert!(env.em(&["init", app_dir_s]).status.success());
+    assert!(env.em(&["deploy", app_dir_s]).status.success());
+    wait_for(&http, &env.url(), "fragile.localhost", "Platform.X").await;
+    // Break the server: it dies at start with a traceback.
+    let server = app_dir.join("server.py");
+    let text = std::fs::read_to_string(&server).unwrap();
+    std::fs::write(
+        &server,
+        format!("raise SystemExit('fragile: cannot connect to the database')\n{text}"),
+    )
+    .unwrap();
+    let out = env.em(&["deploy", app_dir_s]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("failed on local"), "{err}");
+    assert!(
+        err.contains("cannot connect to the database"),
+        "the app's stderr is shown: {err}"
+    );
+    // v1 still serves.
+    wait_for(&http, &env.url(), "fragile.localhost", "Platform.X").await;
+    stop(up);
+}
