@@ -281,3 +281,28 @@ async fn a_failing_release_makes_deploy_fail_and_the_old_one_keeps_serving() {
     wait_for(&http, &env.url(), "fragile.localhost", "Platform.X").await;
     stop(up);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_examples_deploy_as_they_are() {
+    let env = Env::new();
+    let up = env.up();
+    let http = reqwest::Client::new();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    for (name, needle) in [
+        ("python-hello", "Hello from Platform.X"),
+        ("node-chat", "<html"),
+        ("static-site", "<html"),
+    ] {
+        let dir = examples.join(name);
+        let out = env.em(&["deploy", dir.to_str().unwrap()]);
+        assert!(out.status.success(), "{name}");
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let url = format!("http://{name}.localhost:{}/", env.http_port);
+        assert!(
+            stdout.contains(&format!("{name} v1 is live at {url}")),
+            "{stdout}"
+        );
+        wait_for(&http, &env.url(), &format!("{name}.localhost"), needle).await;
+    }
+    stop(up);
+}
