@@ -395,7 +395,8 @@ impl AppTask {
         stop: CancellationToken,
     ) {
         let mut running: Option<Running> = None;
-        let mut pending_restart: Option<(usize, Instant)> = None;
+        // Restarts waiting for their backoff: (instance index, when).
+        let mut pending: Vec<(usize, Instant)> = Vec::new();
         // The first value counts as a change.
         let mut changed = true;
         loop {
@@ -407,10 +408,12 @@ impl AppTask {
                     && self.failed.as_ref() != Some(&target)
                 {
                     running = self.deploy(running, target, &stop).await;
+                    pending.clear();
                     self.report(&running);
                 }
             }
-            let crash = wait_crash(&mut running, pending_restart);
+            let next_restart = pending.iter().min_by_key(|(_, at)| *at).copied();
+            let crash = wait_crash(&mut running, next_restart);
             tokio::select! {
                 _ = stop.cancelled() => break,
                 r = desired.changed() => {
@@ -423,6 +426,7 @@ impl AppTask {
                     if let Some(current) = running.as_ref().map(|r| r.assignment.clone()) {
                         // Redeploy the same release: new instances, then switch and drain.
                         running = self.deploy(running, current, &stop).await;
+                        pending.clear();
                     } else {
                         changed = true;
                     }
@@ -430,12 +434,12 @@ impl AppTask {
                 }
                 event = crash => match event {
                     CrashEvent::Exited(index, status) => {
-                        pending_restart = self.on_exit(&mut running, index, status);
+                        pending.extend(self.on_exit(&mut running, index, status));
                         self.report(&running);
                     }
                     CrashEvent::RestartDue(index) => {
-                        pending_restart = None;
-                        self.restart_instance(&mut running, index).await;
+                        pending.retain(|(i, _)| *i != index);
+                        pending.extend(self.restart_instance(&mut running, index).await);
                         self.report(&running);
                     }
                 },
@@ -455,8 +459,12 @@ impl AppTask {
     }
 
     fn report(&self, running: &Option<Running>) {
+        self.report_instances(running.as_ref());
+    }
+
+    /// Publishes the app's instances for the next state report, and asks the link to send it.
+    fn report_instances(&self, running: Option<&Running>) {
         let statuses = running
-            .as_ref()
             .map(|r| {
                 r.instances
                     .iter()
@@ -585,6 +593,9 @@ impl AppTask {
             ),
             None,
         );
+        // Report the switch now: Beacon counts the rollout done when nodes say so, and
+        // draining the old instances can take a while.
+        self.report_instances(Some(&next));
         if let Some(old) = current {
             self.drain_and_stop(old.instances).await;
         }
@@ -810,11 +821,6 @@ impl AppTask {
         self.shared.forget_group(instance.pid);
         self.shared.give_back(instance.port);
         let stable = instance.started.elapsed() >= STABLE_AFTER;
-        if stable {
-            self.crash_streak = 0;
-            self.crash_loop_reported = false;
-        }
-        self.crash_streak += 1;
         let number = instance.number;
         let detail = self
             .shared
@@ -827,6 +833,24 @@ impl AppTask {
             format!("{} v{release} instance {number} exited ({how})", self.app),
             (!detail.is_empty()).then_some(detail.clone()),
         );
+        self.publish(running);
+        Some(self.schedule_restart(index, release, stable, detail))
+    }
+
+    /// Counts one more exit (or failed restart) and says when to try again: capped
+    /// exponential backoff, reset after a stable period; a crash loop is reported once.
+    fn schedule_restart(
+        &mut self,
+        index: usize,
+        release: u64,
+        stable: bool,
+        detail: String,
+    ) -> (usize, Instant) {
+        if stable {
+            self.crash_streak = 0;
+            self.crash_loop_reported = false;
+        }
+        self.crash_streak += 1;
         if self.crash_streak >= CRASH_LOOP_RESTARTS && !self.crash_loop_reported {
             self.crash_loop_reported = true;
             self.shared.event(
@@ -840,22 +864,24 @@ impl AppTask {
                 (!detail.is_empty()).then_some(detail),
             );
         }
-        self.publish(running);
         let exponent = self.crash_streak.saturating_sub(1).min(16);
         let backoff = RESTART_BACKOFF_MIN
             .saturating_mul(1 << exponent)
             .min(RESTART_BACKOFF_MAX);
         let jittered = backoff.mul_f64(rand::rng().random_range(0.8..1.2));
-        Some((index, Instant::now() + jittered))
+        (index, Instant::now() + jittered)
     }
 
-    async fn restart_instance(&mut self, running: &mut Option<Running>, index: usize) {
-        let Some(run) = running.as_mut() else { return };
+    /// Starts a crashed instance again; when that fails too, returns when to retry.
+    async fn restart_instance(
+        &mut self,
+        running: &mut Option<Running>,
+        index: usize,
+    ) -> Option<(usize, Instant)> {
+        let run = running.as_mut()?;
         let target = run.assignment.clone();
         let dir = run.dir.clone();
-        let Some(old) = run.instances.get(index) else {
-            return;
-        };
+        let old = run.instances.get(index)?;
         let (number, restarts, last_exit) = (old.number, old.restarts + 1, old.last_exit.clone());
         match self.start_instance(&target, &dir, number).await {
             Ok(mut instance) => {
@@ -863,15 +889,18 @@ impl AppTask {
                 instance.last_exit = last_exit;
                 run.instances[index] = instance;
                 self.publish(run);
+                None
             }
             Err(reason) => {
-                tracing::warn!(app = %self.app, number, %reason, "restart failed");
-                // Count it as another exit, so backoff keeps growing.
+                tracing::warn!(app = %self.app, number, %reason, "restart failed; trying again after a backoff");
                 if let Some(instance) = run.instances.get_mut(index) {
                     instance.restarts = restarts;
-                    instance.started = Instant::now();
                 }
-                self.crash_streak += 1;
+                let detail =
+                    self.shared
+                        .logs
+                        .stderr_tail(&self.app, target.release, FAILED_STDERR_LINES);
+                Some(self.schedule_restart(index, target.release, false, detail))
             }
         }
     }
