@@ -205,6 +205,8 @@ pub async fn wait_event(link: &mut BeaconLink, want: impl Fn(&NodeEvent) -> bool
             .expect("no such event in time");
         match frame {
             Some(Ok(ToBeacon::Event(event))) if want(&event) => return event,
+            // Answer heartbeats as Beacon does, or Maestro leaves a silent link after 15 s.
+            Some(Ok(ToBeacon::Heartbeat(_))) => link.send(FromBeacon::Heartbeat).await.unwrap(),
             Some(Ok(_)) => continue,
             other => panic!("link ended: {other:?}"),
         }
