@@ -306,3 +306,57 @@ async fn the_examples_deploy_as_they_are() {
     }
     stop(up);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_and_a_wrong_token_are_explained() {
+    let env = Env::new();
+    // Something else holds the proxy port: em up says which and what to pass.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", env.http_port)).unwrap();
+    let out = env.em(&[
+        "up",
+        "--http-port",
+        &env.http_port.to_string(),
+        "--port-base",
+        &env.port_base.to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(&format!("port {}", env.http_port)) && err.contains("--http-port"),
+        "{err}"
+    );
+    drop(squatter);
+
+    // A token the platform does not know: refused, with the way out.
+    let up = env.up();
+    let config = env.home.path().join("config/em/config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let token_line = text
+        .lines()
+        .find(|l| l.starts_with("token"))
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &config,
+        text.replace(&token_line, "token = \"pxt_not-the-token\""),
+    )
+    .unwrap();
+    let out = env.em(&["apps"]);
+    assert_eq!(out.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("em login"));
+    // `em login` with the right token (from a file, never an argument) fixes it.
+    let token_file = env.home.path().join("token");
+    let token = env.home.path().join("data/platformx/secrets/deploy-token");
+    std::fs::copy(&token, &token_file).unwrap();
+    let remote = format!("http://127.0.0.1:{}", env.port_base);
+    let out = env.em(&[
+        "login",
+        "--remote",
+        &remote,
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    assert!(env.em(&["apps"]).status.success());
+    stop(up);
+}
