@@ -113,11 +113,3 @@ impl Default for AlertsConfig {
         }
     }
 }
-
-/// The file format of `tokens_file`.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokensFile {
-    #[serde(default)]
-    pub token: Vec<TokenEntry<Role>>,
-}

@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, TokensFile};
+use crate::config::Config;
 
 /// How often lost nodes are looked for and changed rollouts evaluated: short enough that a
 /// finished rollout shows within a quarter second, long enough that the pass over all nodes
@@ -48,19 +48,13 @@ pub struct Checked {
 
 pub fn check(config: &Config) -> Result<Checked, ConfigError> {
     let mut problems = Vec::new();
-    let mut entries = config.tokens.clone();
-    if let Some(path) = &config.tokens_file {
-        match std::fs::read_to_string(path) {
-            Ok(text) => match toml::from_str::<TokensFile>(&text) {
-                Ok(file) => entries.extend(file.token),
-                Err(e) => problems.push(format!("tokens_file {}: {}", path.display(), e.message())),
-            },
-            Err(e) => problems.push(format!("tokens_file {}: {e}", path.display())),
-        }
-    }
-    if entries.is_empty() && problems.is_empty() {
-        problems.push("no tokens configured: add `[[tokens]]` entries or a `tokens_file`".into());
-    }
+    let entries = px_runtime::tokens::gather(
+        &config.tokens,
+        config.tokens_file.as_deref(),
+        "hash a token with `apprepo token-hash`",
+    )
+    .map_err(|m| problems.push(m))
+    .unwrap_or_default();
     let tokens = px_runtime::tokens::TokenTable::new(entries)
         .map_err(|m| problems.push(m))
         .ok();

@@ -160,11 +160,3 @@ pub struct BeaconConfig {
 fn default_peer_name() -> String {
     "apprepo".into()
 }
-
-/// The file format of `tokens_file`.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokensFile {
-    #[serde(default)]
-    pub token: Vec<TokenEntry<Role>>,
-}

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Backend, Config, TokensFile};
+use crate::config::{Backend, Config};
 use crate::metrics::Metrics;
 use crate::notify::{LinkSettings, Notifier};
 use crate::storage::Storage;
@@ -40,22 +40,13 @@ pub struct Checked {
 
 pub fn check(config: &Config) -> Result<Checked, ConfigError> {
     let mut problems = Vec::new();
-    let mut entries = config.tokens.clone();
-    if let Some(path) = &config.tokens_file {
-        match std::fs::read_to_string(path) {
-            Ok(text) => match toml::from_str::<TokensFile>(&text) {
-                Ok(file) => entries.extend(file.token),
-                Err(e) => problems.push(format!("tokens_file {}: {}", path.display(), e.message())),
-            },
-            Err(e) => problems.push(format!("tokens_file {}: {e}", path.display())),
-        }
-    }
-    if entries.is_empty() && problems.is_empty() {
-        problems.push(
-            "no tokens configured: add `[[tokens]]` entries or `tokens_file` (create one with `apprepo token-new`)"
-                .into(),
-        );
-    }
+    let entries = px_runtime::tokens::gather(
+        &config.tokens,
+        config.tokens_file.as_deref(),
+        "create one with `apprepo token-new`",
+    )
+    .map_err(|m| problems.push(m))
+    .unwrap_or_default();
     let tokens = auth::table(entries).map_err(|m| problems.push(m)).ok();
     let mut s3_secret = None;
     match (&config.storage.backend, &config.storage.s3) {

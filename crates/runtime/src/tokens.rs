@@ -33,6 +33,38 @@ pub struct TokenEntry<R> {
     pub sha256: String,
 }
 
+/// The format of a tokens file: `[[token]]` entries with `name`, `role` and `sha256`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile<R> {
+    #[serde(default = "Vec::new")]
+    token: Vec<TokenEntry<R>>,
+}
+
+/// Gathers a service's tokens: the inline entries of its config, then those of its tokens
+/// file. Problems (an unreadable or malformed file, no tokens at all) are returned as
+/// sentences naming the file and the fix.
+pub fn gather<R: Clone + serde::de::DeserializeOwned>(
+    inline: &[TokenEntry<R>],
+    file: Option<&std::path::Path>,
+    how_to_make_one: &str,
+) -> Result<Vec<TokenEntry<R>>, String> {
+    let mut entries = inline.to_vec();
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("tokens_file {}: {e}", path.display()))?;
+        let parsed: TokensFile<R> = toml::from_str(&text)
+            .map_err(|e| format!("tokens_file {}: {}", path.display(), e.message()))?;
+        entries.extend(parsed.token);
+    }
+    if entries.is_empty() {
+        return Err(format!(
+            "no tokens configured: add `[[tokens]]` entries or a `tokens_file` ({how_to_make_one})"
+        ));
+    }
+    Ok(entries)
+}
+
 /// The tokens a service accepts.
 #[derive(Debug, Clone)]
 pub struct TokenTable<R> {
@@ -105,6 +137,38 @@ mod tests {
         assert!(table.verify("pxt_wrong").is_none());
         assert!(table.verify("").is_none());
         assert!(table.verify(&"a".repeat(MAX_TOKEN_LEN + 1)).is_none());
+    }
+
+    #[test]
+    fn gather_joins_inline_and_file_entries_and_names_bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[[token]]\nname = \"ci\"\nrole = \"deploy\"\nsha256 = \"{}\"\n",
+                hash("x")
+            ),
+        )
+        .unwrap();
+        let inline = vec![TokenEntry {
+            name: "me".to_string(),
+            role: "read".to_string(),
+            sha256: hash("y"),
+        }];
+        let all = gather(&inline, Some(&file), "make one").unwrap();
+        assert_eq!(
+            all.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            ["me", "ci"]
+        );
+        std::fs::write(&file, "[[token]]\nname = 1\n").unwrap();
+        let err = gather(&inline, Some(&file), "make one").unwrap_err();
+        assert!(err.contains("tokens.toml"), "{err}");
+        let err = gather::<String>(&[], None, "make one").unwrap_err();
+        assert!(
+            err.contains("no tokens configured") && err.contains("make one"),
+            "{err}"
+        );
     }
 
     #[test]
