@@ -114,6 +114,12 @@ pub enum StartError {
     Other(String),
 }
 
+impl px_runtime::service::StartFailure for StartError {
+    fn is_config(&self) -> bool {
+        matches!(self, StartError::Config(_))
+    }
+}
+
 /// Runs Beacon on already-bound listeners until `shutdown` is cancelled.
 pub async fn run(
     config: Config,

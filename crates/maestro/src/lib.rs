@@ -118,6 +118,12 @@ pub enum StartError {
     Io(#[from] std::io::Error),
 }
 
+impl px_runtime::service::StartFailure for StartError {
+    fn is_config(&self) -> bool {
+        matches!(self, StartError::Config(_))
+    }
+}
+
 /// Runs Maestro on already-bound listeners until `shutdown`, then drains and stops its apps.
 pub async fn run(
     config: Config,

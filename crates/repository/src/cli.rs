@@ -34,27 +34,8 @@ pub fn token_hash() -> ExitCode {
 }
 
 pub fn serve(config: Config) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("apprepo: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async move {
-        let shutdown = px_runtime::shutdown::on_signals()?;
+    px_runtime::service::serve("apprepo", |shutdown| async move {
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         crate::run(config, listener, shutdown).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(crate::StartError::Config(e)) => {
-            eprintln!("apprepo: {e}");
-            ExitCode::from(px_runtime::EX_CONFIG as u8)
-        }
-        Err(e) => {
-            eprintln!("apprepo: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }

@@ -121,6 +121,12 @@ pub enum StartError {
     Io(#[from] std::io::Error),
 }
 
+impl px_runtime::service::StartFailure for StartError {
+    fn is_config(&self) -> bool {
+        matches!(self, StartError::Config(_))
+    }
+}
+
 /// Opens the configured storage backend.
 pub async fn open_storage(
     config: &Config,

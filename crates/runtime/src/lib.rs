@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod secrets;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
