@@ -30,6 +30,19 @@ async fn wait_body(http: &reqwest::Client, url: &str, body: &str) {
     }
 }
 
+/// Waits until the load has had `at_least` answers, so it runs before and after the change.
+async fn wait_count(counter: &AtomicU64, at_least: u64) {
+    let start = std::time::Instant::now();
+    while counter.load(Ordering::Relaxed) < at_least {
+        assert!(
+            start.elapsed() < WAIT,
+            "the load got only {} answers",
+            counter.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deploy_and_reconfigure_through_every_service() {
     let dir = tempfile::tempdir().unwrap();
@@ -262,6 +275,7 @@ async fn deploy_and_reconfigure_through_every_service() {
             }
         })
     };
+    wait_count(&served, 5).await;
     let r = http
         .patch(format!("{repo_url}/v1/apps/hello/config"))
         .bearer_auth(&deploy)
@@ -271,9 +285,9 @@ async fn deploy_and_reconfigure_through_every_service() {
         .unwrap();
     assert_eq!(r.status(), 201);
     wait_body(&http, &proxy_url, "bonjour").await;
+    wait_count(&served, served.load(Ordering::Relaxed) + 5).await;
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
-    assert!(served.load(Ordering::Relaxed) > 10);
     assert_eq!(
         failed.load(Ordering::Relaxed),
         0,
