@@ -82,16 +82,14 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
         );
     }
     let beacon = config.beacon.as_ref().and_then(|b| {
-        let host = b.addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(&b.addr);
-        let name = b
-            .server_name
-            .clone()
-            .unwrap_or_else(|| host.trim_matches(['[', ']']).to_string());
         let resolved = (|| {
+            let (server_name, tls) =
+                px_runtime::tls::link_client(&b.addr, b.server_name.as_deref(), &b.ca_file)
+                    .map_err(|e| e.to_string())?;
             Ok::<_, String>(LinkSettings {
                 addr: b.addr.clone(),
-                server_name: px_runtime::tls::server_name(&name).map_err(|e| e.to_string())?,
-                tls: px_runtime::tls::client_config(&b.ca_file).map_err(|e| e.to_string())?,
+                server_name,
+                tls,
                 token: px_runtime::secrets::read_secret_file(&b.token_file)
                     .map_err(|e| e.to_string())?,
                 name: b.name.clone(),

@@ -73,6 +73,23 @@ pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// The TLS side of a control link to `addr` (`host:port`): the name expected in the server's
+/// certificate (`server_name`, else the host part of `addr`) and a client config trusting `ca`.
+pub fn link_client(
+    addr: &str,
+    server_name: Option<&str>,
+    ca: &Path,
+) -> Result<(ServerName<'static>, Arc<rustls::ClientConfig>), TlsError> {
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_matches(['[', ']']);
+    Ok((
+        self::server_name(server_name.unwrap_or(host))?,
+        client_config(ca)?,
+    ))
+}
+
 /// Parses the name a client expects in the server's certificate.
 pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(name.to_string()).map_err(|_| TlsError::ServerName(name.into()))
