@@ -45,6 +45,26 @@ impl Client {
         decode(url, response).await
     }
 
+    /// Opens a Server-Sent Events stream from Beacon.
+    pub async fn open_stream(
+        &self,
+        url: &str,
+    ) -> Result<impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin + use<>>
+    {
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(&self.config.token)
+            .send()
+            .await
+            .map_err(|e| unreachable(&self.config.beacon, &e))?;
+        if !response.status().is_success() {
+            let status = response.status();
+            return Err(refusal(status, response.text().await.unwrap_or_default()));
+        }
+        Ok(response.bytes_stream())
+    }
+
     pub async fn send_json<B: Serialize, T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
@@ -104,5 +124,31 @@ pub fn refusal(status: reqwest::StatusCode, body: String) -> Failure {
         403 => Failure::new(EXIT_REFUSED, format!("not allowed: {message}")),
         404 | 409 | 413 | 422 | 400 => Failure::new(EXIT_REFUSED, message),
         _ => Failure::failed(format!("the platform answered {status}: {message}")),
+    }
+}
+
+/// Takes every complete Server-Sent Events message out of `buffer` and parses its `data:` line
+/// as `T` (messages without one, or that do not parse, are skipped); a partial message stays.
+pub fn take_sse<T: DeserializeOwned>(buffer: &mut String) -> Vec<T> {
+    let mut parsed = Vec::new();
+    while let Some(end) = buffer.find("\n\n") {
+        let message: String = buffer.drain(..end + 2).collect();
+        if let Some(data) = message.lines().find_map(|l| l.strip_prefix("data:"))
+            && let Ok(value) = serde_json::from_str(data.trim())
+        {
+            parsed.push(value);
+        }
+    }
+    parsed
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sse_messages_are_split_and_partial_ones_kept() {
+        let mut buffer =
+            "id: 1\nevent: e\ndata: 7\n\n: keep-alive\n\ndata: 8\n\ndata: 9".to_string();
+        assert_eq!(super::take_sse::<u32>(&mut buffer), [7, 8]);
+        assert_eq!(buffer, "data: 9");
     }
 }

@@ -10,7 +10,7 @@ use px_proto::beacon::{App, LogEntry, Node, NodeHealth};
 use px_proto::manifest::{AppManifest, MANIFEST_FILE};
 
 use crate::cli::ConfigChange;
-use crate::client::{Client, refusal, unreachable};
+use crate::client::{Client, take_sse};
 use crate::failure::{EXIT_NOT_CONFIGURED, Failure, Result};
 use crate::settings::{self, EmConfig};
 
@@ -239,18 +239,7 @@ pub async fn logs(
         return Ok(());
     }
     let url = client.beacon(&format!("/v1/apps/{app}/logs/stream?lines={lines}"));
-    let response = client
-        .http
-        .get(&url)
-        .bearer_auth(&client.config.token)
-        .send()
-        .await
-        .map_err(|e| unreachable(&client.config.beacon, &e))?;
-    if !response.status().is_success() {
-        let status = response.status();
-        return Err(refusal(status, response.text().await.unwrap_or_default()));
-    }
-    let mut stream = response.bytes_stream();
+    let mut stream = client.open_stream(&url).await?;
     let mut buffer = String::new();
     loop {
         let chunk = tokio::select! {
@@ -262,13 +251,8 @@ pub async fn logs(
             Some(Err(e)) => return Err(Failure::failed(format!("lost the log stream: {e}"))),
             None => return Ok(()),
         }
-        while let Some(end) = buffer.find("\n\n") {
-            let message: String = buffer.drain(..end + 2).collect();
-            if let Some(data) = message.lines().find_map(|l| l.strip_prefix("data:"))
-                && let Ok(entry) = serde_json::from_str::<LogEntry>(data.trim())
-            {
-                print_log(&entry, json);
-            }
+        for entry in take_sse::<LogEntry>(&mut buffer) {
+            print_log(&entry, json);
         }
     }
 }

@@ -93,18 +93,7 @@ pub async fn deploy(client: &Client, options: Options<'_>) -> Result<()> {
     // Follow the rollout from before the upload, so no event is missed.
     let events = if options.wait {
         let url = client.beacon(&format!("/v1/events/stream?app={app}"));
-        let response = client
-            .http
-            .get(&url)
-            .bearer_auth(&client.config.token)
-            .send()
-            .await
-            .map_err(|e| unreachable(&client.config.beacon, &e))?;
-        if !response.status().is_success() {
-            let status = response.status();
-            return Err(refusal(status, response.text().await.unwrap_or_default()));
-        }
-        Some(response.bytes_stream())
+        Some(client.open_stream(&url).await?)
     } else {
         None
     };
@@ -246,14 +235,7 @@ where
             }
         };
         buffer.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buffer.find("\n\n") {
-            let message: String = buffer.drain(..end + 2).collect();
-            let Some(data) = message.lines().find_map(|l| l.strip_prefix("data:")) else {
-                continue;
-            };
-            let Ok(event) = serde_json::from_str::<Event>(data.trim()) else {
-                continue;
-            };
+        for event in crate::client::take_sse::<Event>(&mut buffer) {
             if event.release != Some(version) {
                 continue;
             }
