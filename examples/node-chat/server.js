@@ -5,6 +5,10 @@
 // GET  /messages?after=N   messages newer than N; waits up to 25 s for one (long polling)
 // GET  /healthz            200 "ok"
 //
+// It reports events to Maestro (`report`: shown by `em logs` and on Beacon's status page;
+// "error" and above alert the sysadmins) and sends heartbeats from its event loop, so a
+// wedged loop gets the instance restarted. Both are plain HTTP POSTs to $PX_EVENTS_URL.
+//
 // Messages live in memory (the last 100), so each release starts an empty room. On SIGTERM
 // the server stops accepting, answers waiting polls with 503 and Retry-After so browsers
 // reconnect (to the new release, once Maestro has switched), and exits.
@@ -21,6 +25,8 @@ const MAX_MESSAGES = 100;
 const MAX_TEXT_CHARS = 1000;
 const POLL_WAIT_MS = 25 * 1000;
 const FORCE_EXIT_MS = 10 * 1000;
+const EVENTS_URL = process.env.PX_EVENTS_URL;
+const HEARTBEAT_SECONDS = Number(process.env.PX_HEARTBEAT_INTERVAL || 0);
 
 const messages = []; // {id, text, at}, oldest first
 let lastId = 0;
@@ -29,6 +35,26 @@ let stopping = false;
 
 function log(line) {
   process.stdout.write(line + '\n');
+}
+
+// POSTs one JSON body to Maestro's events endpoint. Best effort: the app never fails for it.
+function postEvent(body) {
+  if (!EVENTS_URL) return;
+  const data = JSON.stringify(body);
+  const req = http.request(EVENTS_URL, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(data) },
+    timeout: 2000,
+  });
+  req.on('response', (res) => res.resume());
+  req.on('timeout', () => req.destroy());
+  req.on('error', (e) => process.stderr.write(`cannot report to maestro: ${e.message}\n`));
+  req.end(data);
+}
+
+// An event: level is "info", "warning", "error" or "critical"; fields are optional key/values.
+function report(level, message, fields = {}) {
+  postEvent({ level, message, fields });
 }
 
 function send(res, status, contentType, body, headers = {}) {
@@ -171,6 +197,12 @@ process.on('SIGINT', () => stop('SIGINT'));
 
 server.listen(PORT, '127.0.0.1', () => {
   log(`${APP} release ${RELEASE} listening on http://127.0.0.1:${PORT}`);
+  report('info', 'chat room open', { release: RELEASE });
+  if (HEARTBEAT_SECONDS > 0) {
+    // Runs on the event loop: if the loop wedges, heartbeats stop and Maestro restarts us.
+    postEvent({ heartbeat: true });
+    setInterval(() => postEvent({ heartbeat: true }), HEARTBEAT_SECONDS * 1000).unref();
+  }
 });
 
 function escapeHtml(text) {

@@ -5,15 +5,21 @@ Run it by hand with `python3 server.py 8000`; on Platform.X the port comes as $1
 """
 
 import html
+import json
 import os
 import signal
 import sys
 import threading
+import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 GREETING = os.environ.get("GREETING", "Hello from Platform.X")
 APP = os.environ.get("PX_APP") or os.path.basename(os.getcwd())
 RELEASE = os.environ.get("PX_RELEASE", "dev")
+# Where Maestro takes this instance's events and heartbeats (unset outside Platform.X).
+EVENTS_URL = os.environ.get("PX_EVENTS_URL")
+HEARTBEAT_SECONDS = float(os.environ.get("PX_HEARTBEAT_INTERVAL") or 0)
 
 PAGE = """<!DOCTYPE html>
 <html lang="en">
@@ -38,6 +44,42 @@ def log(line):
     """One line per event on stdout; Maestro timestamps it and `em logs` shows it."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def post_event(body):
+    """POSTs one JSON body to Maestro's events endpoint. Best effort: never fails the app."""
+    if not EVENTS_URL:
+        return
+    request = urllib.request.Request(
+        EVENTS_URL,
+        data=json.dumps(body).encode("utf-8"),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        urllib.request.urlopen(request, timeout=2).close()
+    except OSError as e:
+        sys.stderr.write(f"cannot report to maestro: {e}\n")
+
+
+def report(level, message, **fields):
+    """An event for `em logs` and Beacon's status page; "error" and "critical" alert the
+    sysadmins. level is "info", "warning", "error" or "critical"."""
+    post_event({"level": level, "message": message, "fields": fields})
+
+
+class Server(ThreadingHTTPServer):
+    """Sends heartbeats from the serving loop itself, so a wedged loop stops them and Maestro
+    restarts the instance (after three missed intervals)."""
+
+    daemon_threads = True
+    next_heartbeat = 0.0
+
+    def service_actions(self):
+        # Called by serve_forever() between requests, about twice a second.
+        if HEARTBEAT_SECONDS > 0 and time.monotonic() >= self.next_heartbeat:
+            self.next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
+            post_event({"heartbeat": True})
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -82,8 +124,7 @@ class Handler(BaseHTTPRequestHandler):
 
 def main():
     port = int(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("PORT", "8000"))
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", port), Handler)
 
     def stop(signum, _frame):
         log(f"got {signal.Signals(signum).name}, stopping")
@@ -93,6 +134,7 @@ def main():
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log(f"{APP} release {RELEASE} listening on http://127.0.0.1:{port}")
+    report("info", "started", release=RELEASE)
     server.serve_forever()
     server.server_close()
     log("stopped")

@@ -240,7 +240,9 @@ impl Alerter {
 
         // The journal gets every alert, webhooks or not.
         match alert.event.level {
-            Level::Error => tracing::error!(key = %alert.key, "alert: {}", alert.text),
+            Level::Error | Level::Critical => {
+                tracing::error!(key = %alert.key, "alert: {}", alert.text)
+            }
             Level::Warning => tracing::warn!(key = %alert.key, "alert: {}", alert.text),
             Level::Info => tracing::info!(key = %alert.key, "alert: {}", alert.text),
         }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
-use px_proto::beacon::{Event, EventKind};
+use px_proto::beacon::{Event, EventKind, Level};
 use tokio::sync::broadcast;
 
 /// Size at which `events.jsonl` is rotated to `events.jsonl.1` (replacing the previous one), so
@@ -50,6 +50,8 @@ pub struct EventDraft {
     pub release: Option<u64>,
     pub message: String,
     pub detail: Option<String>,
+    /// Overrides the kind's level (an app gives its own events theirs).
+    pub level: Option<Level>,
 }
 
 impl EventDraft {
@@ -62,6 +64,7 @@ impl EventDraft {
             release: None,
             message: message.into(),
             detail: None,
+            level: None,
         }
     }
 }
@@ -148,7 +151,7 @@ impl EventLog {
             seq: inner.last_seq + 1,
             at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             kind: draft.kind,
-            level: draft.kind.level(),
+            level: draft.level.unwrap_or_else(|| draft.kind.level()),
             node: draft.node,
             app: draft.app,
             release: draft.release,
@@ -410,6 +413,7 @@ mod tests {
         assert_eq!(log.last_seq(), 0);
 
         let first = log.record(EventDraft {
+            level: None,
             node: Some("web-1".into()),
             release: Some(7),
             detail: Some("exit status 1".into()),
@@ -622,6 +626,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = EventLog::open(dir.path()).unwrap();
         let event = log.record(EventDraft {
+            level: None,
             detail: Some("é".repeat(MAX_DETAIL_BYTES)),
             ..draft(
                 EventKind::InstanceCrashed,

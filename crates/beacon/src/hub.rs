@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use px_proto::api::Release;
-use px_proto::beacon::{self, EventKind, NodeHealth, RolloutState};
+use px_proto::beacon::{self, EventKind, Level, NodeHealth, RolloutState};
 use px_proto::link::{
     AppAssignment, Assignment, FromBeacon, Hello, InstanceState, NodeEvent, NodeEventKind,
     NodeReport,
@@ -39,6 +39,8 @@ pub struct HubSettings {
 
 struct NodeEntry {
     labels: BTreeMap<String, String>,
+    /// Runtimes the node found on its host (`python3` → `3.11.7`).
+    runtimes: BTreeMap<String, String>,
     software: String,
     /// Identifies the current connection; a replaced connection's late calls are ignored.
     conn: u64,
@@ -104,9 +106,54 @@ fn effect(
             release,
             message,
             detail: None,
+            level: None,
         },
         alert: None,
     }
+}
+
+/// What placement looks at on a node.
+struct Fit<'a> {
+    labels: &'a BTreeMap<String, String>,
+    runtimes: &'a BTreeMap<String, String>,
+    report: Option<&'a NodeReport>,
+}
+
+impl<'a> Fit<'a> {
+    fn of(node: &'a NodeEntry) -> Self {
+        Self {
+            labels: &node.labels,
+            runtimes: &node.runtimes,
+            report: Some(&node.report),
+        }
+    }
+}
+
+/// Whether the node has the runtime `release` needs: found on its host in a version that
+/// satisfies it, or shipped in the bundle itself. An app without a `runtime` runs anywhere.
+fn has_runtime(release: &Release, runtimes: &BTreeMap<String, String>) -> bool {
+    let Some(runtime) = &release.manifest.runtime else {
+        return true;
+    };
+    if release.bundle.bundled_commands.contains(&runtime.command) {
+        return true;
+    }
+    let found = runtimes
+        .get(&runtime.command)
+        .and_then(|v| px_proto::runtime::Version::parse(v));
+    runtime.admits(found.as_ref())
+}
+
+/// Whether a node should run `release`: its labels admit it and it has the runtime. A node
+/// that already runs the app stays assigned even without the runtime, so that its Maestro
+/// refuses the new release with a clear event and keeps the old one serving, rather than the
+/// app vanishing from it.
+fn places(release: &Release, fit: &Fit<'_>) -> bool {
+    release.manifest.placement.admits(fit.labels)
+        && (has_runtime(release, fit.runtimes)
+            || fit
+                .report
+                .is_some_and(|r| r.instances.iter().any(|i| i.app == release.app)))
 }
 
 impl Effect {
@@ -205,12 +252,12 @@ impl Hub {
         }
     }
 
-    /// The assignment for a node with `labels` at the current generation.
-    fn assignment_for(&self, state: &State, labels: &BTreeMap<String, String>) -> Arc<Assignment> {
+    /// The assignment for a node at the current generation.
+    fn assignment_for(&self, state: &State, fit: &Fit<'_>) -> Arc<Assignment> {
         let apps = state
             .desired
             .values()
-            .filter(|r| r.manifest.placement.admits(labels))
+            .filter(|r| places(r, fit))
             .map(|r| self.app_assignment(r))
             .collect();
         Arc::new(Assignment {
@@ -316,11 +363,19 @@ impl Hub {
             self.persist(&state.persisted);
         }
         let generation = state.persisted.generation;
-        let shared = self.assignment_for(&state, &BTreeMap::new());
+        let none = BTreeMap::new();
+        let shared = self.assignment_for(
+            &state,
+            &Fit {
+                labels: &none,
+                runtimes: &none,
+                report: None,
+            },
+        );
         let everywhere = state
             .desired
             .values()
-            .all(|r| r.manifest.placement.is_everywhere());
+            .all(|r| r.manifest.placement.is_everywhere() && r.manifest.runtime.is_none());
         let names: Vec<String> = state.nodes.keys().cloned().collect();
         for name in names {
             let Some(node) = state.nodes.get(&name) else {
@@ -332,7 +387,7 @@ impl Hub {
             let assignment = if everywhere {
                 shared.clone()
             } else {
-                self.assignment_for(&state, &node.labels)
+                self.assignment_for(&state, &Fit::of(node))
             };
             if let Some(node) = state.nodes.get(&name) {
                 node.assign_tx.send_replace(Some(assignment));
@@ -381,11 +436,21 @@ impl Hub {
         let closed = CancellationToken::new();
         let needs_assignment =
             state.desired_known && report.generation != state.persisted.generation;
-        let assignment = needs_assignment.then(|| self.assignment_for(&state, &hello.labels));
+        let assignment = needs_assignment.then(|| {
+            self.assignment_for(
+                &state,
+                &Fit {
+                    labels: &hello.labels,
+                    runtimes: &hello.runtimes,
+                    report: Some(&report),
+                },
+            )
+        });
         let (assign_tx, assign_rx) = watch::channel(assignment);
         let now = Instant::now();
         let entry = NodeEntry {
             labels: hello.labels.clone(),
+            runtimes: hello.runtimes.clone(),
             software: hello.software.clone(),
             conn,
             connected: true,
@@ -516,6 +581,18 @@ impl Hub {
             event.message.clone(),
         );
         e.draft.detail = event.detail.clone();
+        if event.kind == NodeEventKind::AppEvent {
+            let level = event.level.unwrap_or(Level::Info);
+            e.draft.level = Some(level);
+            if let Some(instance) = event.instance {
+                e.draft.message = format!("{} #{instance}: {}", event.app, event.message);
+            }
+            if level >= Level::Error {
+                // One alert per app and message within the dedup window, however often the
+                // app repeats it.
+                e = e.alert(format!("app_event:{}:{}", event.app, event.message));
+            }
+        }
         match event.kind {
             NodeEventKind::CrashLoop => e = e.alert(format!("crash_loop:{node}:{}", event.app)),
             NodeEventKind::DeployFailed => {
@@ -597,7 +674,7 @@ impl Hub {
         state
             .nodes
             .iter()
-            .filter(move |(_, n)| !n.lost && release.manifest.placement.admits(&n.labels))
+            .filter(move |(_, n)| !n.lost && places(release, &Fit::of(n)))
             .map(|(name, _)| name)
     }
 
@@ -631,9 +708,11 @@ impl Hub {
         };
         rollout.healthy = healthy;
         let mut effects = Vec::new();
+        let mut newly_unplaced = false;
         match rollout.state {
             RolloutState::RollingOut | RolloutState::Unplaced => {
                 if eligible.is_empty() {
+                    newly_unplaced = rollout.state == RolloutState::RollingOut;
                     rollout.state = RolloutState::Unplaced;
                 } else if rollout.healthy.len() == eligible.len() {
                     let seconds = rollout.started.elapsed().as_secs_f64();
@@ -657,7 +736,57 @@ impl Hub {
             }
             RolloutState::RolledOut | RolloutState::Failed => {}
         }
+        if newly_unplaced && !state.nodes.is_empty() {
+            effects.push(self.unplaced_event(state, app));
+        }
         effects
+    }
+
+    /// Says why no node can run an app's desired release, naming what each node lacks, so
+    /// `em deploy` can stop waiting and tell the user.
+    fn unplaced_event(&self, state: &State, app: &str) -> Effect {
+        let Some(release) = state.desired.get(app) else {
+            return effect(
+                EventKind::DeployFailed,
+                None,
+                Some(app),
+                None,
+                String::new(),
+            );
+        };
+        let version = release.version;
+        let mut reasons = Vec::new();
+        for (name, node) in &state.nodes {
+            if node.lost {
+                reasons.push(format!("{name} is lost"));
+            } else if !release.manifest.placement.admits(&node.labels) {
+                reasons.push(format!("{name} lacks the placement labels"));
+            } else if let Some(runtime) = &release.manifest.runtime {
+                let found = node.runtimes.get(&runtime.command).map_or_else(
+                    || "none".to_string(),
+                    |v| format!("{} {v}", runtime.command),
+                );
+                reasons.push(format!("{name} has {found}"));
+            }
+        }
+        let needs = release
+            .manifest
+            .runtime
+            .as_ref()
+            .map(|r| format!(" it needs {r};"))
+            .unwrap_or_default();
+        let mut e = effect(
+            EventKind::DeployFailed,
+            None,
+            Some(app),
+            Some(version),
+            format!(
+                "{app} v{version} has no node to run on:{needs} {}",
+                reasons.join(", ")
+            ),
+        );
+        e = e.alert(format!("deploy_failed:{app}:{version}"));
+        e
     }
 
     /// Queues a command for every connected node that runs `app`; returns how many.
@@ -691,6 +820,7 @@ impl Hub {
                 },
                 software: n.software.clone(),
                 labels: n.labels.clone(),
+                runtimes: n.runtimes.clone(),
                 last_seen: humantime::format_rfc3339_seconds(n.last_seen_wall).to_string(),
                 assigned_generation: n.assigned_generation,
                 applied_generation: n.report.generation,

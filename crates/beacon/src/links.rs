@@ -137,12 +137,17 @@ impl LinkServer {
             return Err(reject(&mut link, format!("invalid peer name {:?}", hello.name)).await);
         }
         if hello.labels.len() > MAX_NODE_LABELS
+            || hello.runtimes.len() > px_proto::link::MAX_REPORTED_RUNTIMES
             || hello
                 .state
                 .as_ref()
                 .is_some_and(|s| s.instances.len() > MAX_REPORTED_INSTANCES)
         {
-            return Err(reject(&mut link, "too many labels or instances in hello".into()).await);
+            return Err(reject(
+                &mut link,
+                "too many labels, runtimes or instances in hello".into(),
+            )
+            .await);
         }
         link.send(FromBeacon::Welcome {
             protocol: PROTOCOL_VERSION,

@@ -109,7 +109,7 @@ pub fn render(hub: &Hub) -> String {
         let class = match event.level {
             px_proto::beacon::Level::Info => "ok",
             px_proto::beacon::Level::Warning => "warn",
-            px_proto::beacon::Level::Error => "bad",
+            px_proto::beacon::Level::Error | px_proto::beacon::Level::Critical => "bad",
         };
         let _ = write!(
             html,

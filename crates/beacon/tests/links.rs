@@ -143,6 +143,7 @@ async fn a_release_notice_reaches_every_maestro_without_waiting_for_reconciliati
     }
     s.repo.release("hello", 2, "");
     let hello = Hello {
+        runtimes: Default::default(),
         protocol: PROTOCOL_VERSION,
         role: PeerRole::Repository,
         name: "apprepo".into(),
@@ -445,6 +446,8 @@ async fn node_events_are_recorded_and_a_failed_deploy_fails_the_rollout() {
             release: 1,
             message: "hello v1 keeps crashing".into(),
             detail: Some("Traceback: boom".into()),
+            instance: None,
+            level: None,
         }))
         .await
         .unwrap();
@@ -455,6 +458,8 @@ async fn node_events_are_recorded_and_a_failed_deploy_fails_the_rollout() {
         release: 1,
         message: "hello v1 never became healthy".into(),
         detail: Some("ImportError".into()),
+        instance: None,
+        level: None,
     }))
     .await
     .unwrap();

@@ -236,6 +236,7 @@ pub fn node_name(index: usize) -> String {
 
 fn maestro_hello(name: String, token: &str) -> Hello {
     Hello {
+        runtimes: Default::default(),
         protocol: PROTOCOL_VERSION,
         role: PeerRole::Maestro,
         name,
@@ -380,6 +381,7 @@ async fn steady(
 /// Opens a link as a repository (apprepo) does.
 pub async fn open_repository_link(dialer: &Dialer, token: &str) -> Result<Link> {
     let hello = Hello {
+        runtimes: Default::default(),
         protocol: PROTOCOL_VERSION,
         role: PeerRole::Repository,
         name: "bench-repository".into(),

@@ -76,6 +76,7 @@ impl RepoStub {
             bundle: BundleRef {
                 sha256: format!("{version:064x}"),
                 size: 4096,
+                bundled_commands: Vec::new(),
             },
             manifest,
             config: BTreeMap::from([("DATABASE_URL".to_string(), "postgres://db".to_string())]),

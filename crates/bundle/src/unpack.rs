@@ -39,7 +39,13 @@ pub struct BundleInfo {
     pub entries: u64,
     /// Bytes of file content.
     pub unpacked_bytes: u64,
+    /// Names of the executables (or symlinks) directly in `bin/`, at most
+    /// `MAX_BIN_COMMANDS`: what the bundle ships on the instances' `PATH`.
+    pub bin_commands: std::collections::BTreeSet<String>,
 }
+
+/// Most `bin/` entries [`BundleInfo::bin_commands`] lists; the rest are not listed.
+pub const MAX_BIN_COMMANDS: usize = 256;
 
 /// Reads a compressed bundle stream and checks every entry exactly as [`unpack`] would,
 /// without writing anything; reads and validates `app.toml` and checks the runner rule. For
@@ -188,6 +194,7 @@ struct Reading<'a> {
     root: Option<&'a Path>,
     manifest: Option<Vec<u8>>,
     runner_executable: bool,
+    bin_commands: std::collections::BTreeSet<String>,
     buffer: Vec<u8>,
 }
 
@@ -206,6 +213,7 @@ fn read_bundle<R: Read>(
         root,
         manifest: None,
         runner_executable: false,
+        bin_commands: Default::default(),
         buffer: vec![0; COPY_BUFFER_BYTES],
     };
     {
@@ -234,6 +242,7 @@ fn read_bundle<R: Read>(
         manifest,
         entries: reading.checker.entries(),
         unpacked_bytes: reading.checker.bytes(),
+        bin_commands: reading.bin_commands,
     })
 }
 
@@ -376,6 +385,16 @@ impl Reading<'_> {
         }
         if at_root(APPRUNNER_FILE) {
             self.runner_executable = matches!(checked.kind, Kind::File { exec: true });
+        }
+        if let Some(name) = checked.path.strip_prefix("bin/")
+            && !name.contains('/')
+            && matches!(
+                checked.kind,
+                Kind::File { exec: true } | Kind::Symlink { .. }
+            )
+            && self.bin_commands.len() < MAX_BIN_COMMANDS
+        {
+            self.bin_commands.insert(name.to_string());
         }
         if let Some(root) = self.root {
             for dir in &checked.new_parents {
@@ -603,6 +622,7 @@ mod tests {
             root: None,
             manifest: None,
             runner_executable: false,
+            bin_commands: Default::default(),
             buffer: vec![0; COPY_BUFFER_BYTES],
         };
         let checked = reading

@@ -142,6 +142,7 @@ async fn an_upload_reaches_a_maestro_through_beacon() {
         Framed::new(stream, FrameCodec::new())
     };
     link.send(ToBeacon::Hello(Hello {
+        runtimes: Default::default(),
         protocol: PROTOCOL_VERSION,
         role: PeerRole::Maestro,
         name: "web-1".into(),

@@ -39,6 +39,10 @@ pub enum Command {
         /// links, Maestro status).
         #[arg(long, default_value_t = 7070)]
         port_base: u16,
+        /// URL that receives a JSON POST for every alert (a crash loop, a failed deploy, an
+        /// app's error event); repeat for several.
+        #[arg(long = "webhook", value_name = "URL")]
+        webhooks: Vec<String>,
     },
     /// Create a new app: app.toml, a server with a health endpoint, and a public/ asset
     #[command(

@@ -635,7 +635,7 @@ async fn print_output(mut lines: broadcast::Receiver<LogLine>) {
             Ok(line) => {
                 // A closed terminal must not take `em dev` down (`println!` would panic).
                 let _ = match line.stream {
-                    Stream::Stdout => {
+                    Stream::Stdout | Stream::Event => {
                         writeln!(std::io::stdout().lock(), "{APP_PREFIX} {}", line.line)
                     }
                     Stream::Stderr => {

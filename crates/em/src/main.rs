@@ -39,6 +39,7 @@ fn run(cli: Cli) -> failure::Result<()> {
             data_dir,
             http_port,
             port_base,
+            webhooks,
         } => {
             px_runtime::telemetry::init();
             let data_dir = data_dir.unwrap_or_else(settings::default_data_dir);
@@ -46,6 +47,7 @@ fn run(cli: Cli) -> failure::Result<()> {
                 data_dir,
                 http_port,
                 port_base,
+                webhooks,
             }))
         }
         Command::Init {

@@ -22,6 +22,8 @@ pub struct Up {
     pub data_dir: PathBuf,
     pub http_port: u16,
     pub port_base: u16,
+    /// Alert webhooks for Beacon.
+    pub webhooks: Vec<String>,
 }
 
 /// Tokens of the local platform, kept in `data_dir/secrets` (mode 0600) across runs.
@@ -184,6 +186,10 @@ pub async fn up(options: Up) -> Result<()> {
             },
         ],
         domain: "localhost".into(),
+        alerts: px_beacon::config::AlertsConfig {
+            webhooks: options.webhooks.clone(),
+            ..Default::default()
+        },
         ..Default::default()
     };
     beacon_config.repository.url = repo_url.clone();

@@ -13,6 +13,9 @@ pub const ENV_PREFIX: &str = "PX_MAESTRO_";
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
 /// Default local status endpoint (`/healthz`, `/metrics`): loopback only.
 pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:7090";
+/// Default address of the app events endpoint (`PX_EVENTS_URL`): loopback, any free port, as
+/// only the instances this Maestro starts (and is told the port) post to it.
+pub const DEFAULT_EVENTS_LISTEN: &str = "127.0.0.1:0";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/platformx/maestro";
 pub const DEFAULT_LOG_DIR: &str = "/var/log/platformx";
 /// Ports handed to instances: 10 000 of them, far above ephemeral-port ranges' usual start
@@ -41,6 +44,9 @@ pub struct Config {
     pub https_redirect: bool,
     /// Local `/healthz` and `/metrics`. Default: `127.0.0.1:7090`.
     pub status_listen: SocketAddr,
+    /// Where instances post events and heartbeats (`PX_EVENTS_URL`); keep it on loopback.
+    /// Default: `127.0.0.1:0` (a free port).
+    pub events_listen: SocketAddr,
     /// Releases and the persisted assignment. Default: `/var/lib/platformx/maestro`.
     pub state_dir: PathBuf,
     /// App logs and the access log. Default: `/var/log/platformx`.
@@ -90,6 +96,7 @@ impl Default for Config {
             certs_dir: None,
             https_redirect: false,
             status_listen: DEFAULT_STATUS_LISTEN.parse().unwrap(),
+            events_listen: DEFAULT_EVENTS_LISTEN.parse().unwrap(),
             state_dir: DEFAULT_STATE_DIR.into(),
             log_dir: DEFAULT_LOG_DIR.into(),
             port_range: DEFAULT_PORT_RANGE,

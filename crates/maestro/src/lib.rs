@@ -4,6 +4,7 @@
 //! assignment at once on start-up, so web traffic never waits for the control plane.
 //! [`run`] is the whole service; `main.rs` only wires it up.
 
+pub mod app_events;
 pub mod cli;
 pub mod config;
 pub mod link;
@@ -11,6 +12,7 @@ pub mod logs;
 pub mod process;
 pub mod proxy;
 pub mod routes;
+pub mod runtimes;
 pub mod supervisor;
 
 use std::sync::Arc;
@@ -81,6 +83,7 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
                     .map_err(|e| e.to_string())?,
                 name: config.node_name.clone(),
                 labels: config.labels.clone(),
+                runtimes: Default::default(),
             })
         })();
         resolved
@@ -152,10 +155,20 @@ pub async fn run(
         }
     });
 
+    // Events for Beacon, from the supervisor and from the apps themselves.
+    let (events_tx, events) = tokio::sync::mpsc::channel(supervisor::EVENT_QUEUE);
+    let events_listener = TcpListener::bind(config.events_listen).await?;
+    let app_events = Arc::new(app_events::AppEvents::new(
+        events_listener.local_addr()?,
+        app_logs.clone(),
+        events_tx.clone(),
+    ));
     // Apps stop when the service does, after the proxy stopped accepting.
     let apps_stop = CancellationToken::new();
-    let (supervisor, events) = supervisor::Supervisor::new(
+    tracker.spawn(app_events.clone().serve(events_listener, apps_stop.clone()));
+    let supervisor = supervisor::Supervisor::new(
         supervisor::Settings {
+            node_name: config.node_name.clone(),
             state_dir: config.state_dir.clone(),
             port_range: config.port_range,
             stop_grace: config.stop_grace,
@@ -164,6 +177,8 @@ pub async fn run(
         },
         routes.clone(),
         app_logs.clone(),
+        app_events.clone(),
+        events_tx,
         tracker.clone(),
         apps_stop.clone(),
     );
@@ -207,13 +222,14 @@ pub async fn run(
             "/metrics",
             axum::routing::get(move || {
                 let metrics = metrics.clone();
+                let app_events = app_events.clone();
                 async move {
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
                             "text/plain; version=0.0.4",
                         )],
-                        metrics.render(),
+                        metrics.render() + &app_events.render_metrics(),
                     )
                         .into_response()
                 }
@@ -232,7 +248,10 @@ pub async fn run(
             .await;
     });
 
-    if let Some(settings) = checked.link {
+    if let Some(mut settings) = checked.link {
+        settings.runtimes =
+            runtimes::probe_host(&std::env::var_os("PATH").unwrap_or_default()).await;
+        tracing::info!(runtimes = ?settings.runtimes, "runtimes found on this host");
         let changes = supervisor.changes();
         tracker.spawn(link::run(
             settings,

@@ -43,6 +43,8 @@ pub struct LinkSettings {
     pub token: String,
     pub name: String,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Runtimes found on this host (`python3` → `3.11.7`), for Beacon's placement.
+    pub runtimes: std::collections::BTreeMap<String, String>,
 }
 
 type Link = Framed<
@@ -92,6 +94,7 @@ async fn connect(settings: &LinkSettings, supervisor: &Supervisor) -> Result<Lin
         software: px_proto::SOFTWARE_VERSION.into(),
         labels: settings.labels.clone(),
         state: Some(supervisor.report()),
+        runtimes: settings.runtimes.clone(),
     }))
     .await
     .map_err(|e| format!("hello: {e}"))?;

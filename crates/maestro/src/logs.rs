@@ -89,6 +89,8 @@ pub const READ_BUFFER_BYTES: usize = 64 * 1024;
 pub const STDOUT_FILE: &str = "stdout.log";
 /// Name of the stderr log inside `log_dir/<app>/`.
 pub const STDERR_FILE: &str = "stderr.log";
+/// Events the app posted to `PX_EVENTS_URL`.
+pub const EVENTS_FILE: &str = "events.log";
 /// Name of the access log inside `log_dir`.
 pub const ACCESS_LOG_FILE: &str = "access.log";
 
@@ -318,6 +320,7 @@ struct AppState {
 struct Files {
     stdout: mpsc::Sender<Write>,
     stderr: mpsc::Sender<Write>,
+    events: mpsc::Sender<Write>,
 }
 
 /// What a reader sends to a file's writer task.
@@ -341,8 +344,9 @@ impl Tail {
     fn push(&mut self, line: LogLine) {
         let seq = self.next_seq;
         self.next_seq += 1;
+        // Events are few and read like output, so they share the stdout ring.
         let ring = match line.stream {
-            Stream::Stdout => &mut self.stdout,
+            Stream::Stdout | Stream::Event => &mut self.stdout,
             Stream::Stderr => &mut self.stderr,
         };
         if ring.len() >= TAIL_LINES {
@@ -403,6 +407,7 @@ impl AppLogs {
             file: state.files.as_ref().map(|files| match stream {
                 Stream::Stdout => files.stdout.clone(),
                 Stream::Stderr => files.stderr.clone(),
+                Stream::Event => files.events.clone(),
             }),
             follow: self.follow.clone(),
         };
@@ -411,6 +416,35 @@ impl AppLogs {
             tokio::spawn(reader(Stream::Stderr).run(stderr)),
         ];
         LogTasks { handles }
+    }
+
+    /// Logs one event an instance posted: to `events.log`, the tail and followers, like a line
+    /// of output. Never waits: when the file's queue is full the line is counted as dropped
+    /// (it still reached the tail and followers). Must be called inside a Tokio runtime.
+    pub fn record_event(&self, app: &str, release: u64, instance: u32, text: String) {
+        let state = self.app_state(app);
+        let at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let mut text = text;
+        cut_line(&mut text);
+        let text = text.replace(['\n', '\r'], " ");
+        if let Some(files) = &state.files {
+            let file_line = format!("{at} v{release} #{instance} {text}");
+            if files.events.try_send(Write::Line(file_line)).is_err() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let line = LogLine {
+            app: app.to_string(),
+            release,
+            instance,
+            stream: Stream::Event,
+            at,
+            line: text,
+        };
+        if self.follow.receiver_count() > 0 {
+            let _ = self.follow.send(line.clone());
+        }
+        state.tail().push(line);
     }
 
     /// The last `n` lines (at most `TAIL_LINES`) of an app, oldest first, both streams
@@ -500,6 +534,7 @@ impl AppLogs {
                 Some(Files {
                     stdout: self.spawn_writer(dir.join(STDOUT_FILE)),
                     stderr: self.spawn_writer(dir.join(STDERR_FILE)),
+                    events: self.spawn_writer(dir.join(EVENTS_FILE)),
                 })
             }
             Err(e) => {

@@ -18,7 +18,20 @@ pub const HEALTH_POLL: Duration = Duration::from_millis(50);
 pub const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Environment variables passed through from Maestro's own environment; everything else an
 /// instance sees comes from its release, so apps behave the same on every node.
-pub const PASSED_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ", "HOME"];
+pub const PASSED_ENV: &[&str] = &["LANG", "LC_ALL", "TZ", "HOME"];
+/// `PATH` when Maestro itself has none.
+pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// Directory of a release whose commands come first on its instances' `PATH`: a bundle that
+/// ships its own interpreter or static binaries puts them here.
+pub const BUNDLE_BIN_DIR: &str = "bin";
+
+/// The `PATH` of a release's instances: the release's own `bin/`, then Maestro's `PATH`.
+pub fn instance_path(release_dir: &Path) -> std::ffi::OsString {
+    let host = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
+    let mut dirs = vec![release_dir.join(BUNDLE_BIN_DIR)];
+    dirs.extend(std::env::split_paths(&host));
+    std::env::join_paths(dirs).unwrap_or(host)
+}
 
 /// What to start.
 pub struct Launch<'a> {
@@ -48,7 +61,10 @@ pub fn spawn(launch: &Launch<'_>) -> std::io::Result<Child> {
             c
         }
     };
-    command.current_dir(launch.dir).env_clear();
+    command
+        .current_dir(launch.dir)
+        .env_clear()
+        .env("PATH", instance_path(launch.dir));
     for key in PASSED_ENV {
         if let Some(value) = std::env::var_os(key) {
             command.env(key, value);

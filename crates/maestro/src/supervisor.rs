@@ -18,9 +18,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::app_events::{AppEvents, Registration};
 use crate::logs::AppLogs;
 use crate::process::{self, GroupFile, GroupRecord, Launch};
 use crate::routes::{AppRoute, Backend, RouteTable, Routes};
+use crate::runtimes;
 
 /// Events queued for the Beacon link; when Beacon is away and this fills, the oldest news
 /// is dropped (heartbeats still carry the full state).
@@ -39,6 +41,8 @@ pub const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 pub const MAX_BUNDLE_BYTES: u64 = 8 * 1024 * 1024 * 1024;
 
 pub struct Settings {
+    /// This node's name, for events a person reads.
+    pub node_name: String,
     pub state_dir: PathBuf,
     pub port_range: (u16, u16),
     pub stop_grace: Duration,
@@ -86,6 +90,7 @@ struct Shared {
     settings: Settings,
     routes: Arc<Routes>,
     logs: Arc<AppLogs>,
+    app_events: Arc<AppEvents>,
     events: mpsc::Sender<NodeEvent>,
     http: reqwest::Client,
     ports: Mutex<Ports>,
@@ -146,6 +151,8 @@ impl Shared {
             release,
             message,
             detail,
+            instance: None,
+            level: None,
         });
     }
 
@@ -193,19 +200,22 @@ struct AppHandle {
 
 impl Supervisor {
     /// Creates the supervisor, first ending any instance a previous Maestro left running.
+    /// Events for Beacon go to `events` (bounded: news is dropped when it is full).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: Settings,
         routes: Arc<Routes>,
         logs: Arc<AppLogs>,
+        app_events: Arc<AppEvents>,
+        events: mpsc::Sender<NodeEvent>,
         tracker: TaskTracker,
         shutdown: CancellationToken,
-    ) -> (Arc<Self>, mpsc::Receiver<NodeEvent>) {
+    ) -> Arc<Self> {
         let groups = GroupFile::new(settings.state_dir.join("instances.json"));
         let killed = groups.kill_leftovers();
         if killed > 0 {
             tracing::warn!(killed, "ended instances a previous maestro left running");
         }
-        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(2)
             .build()
@@ -215,7 +225,8 @@ impl Supervisor {
             settings,
             routes,
             logs,
-            events: events_tx,
+            app_events,
+            events,
             http,
             ports: Mutex::new(Ports {
                 range,
@@ -232,15 +243,12 @@ impl Supervisor {
             generation: Mutex::new(0),
             changes: watch::channel(0).0,
         });
-        (
-            Arc::new(Self {
-                shared,
-                apps: Mutex::new(HashMap::new()),
-                tracker,
-                shutdown,
-            }),
-            events_rx,
-        )
+        Arc::new(Self {
+            shared,
+            apps: Mutex::new(HashMap::new()),
+            tracker,
+            shutdown,
+        })
     }
 
     /// The generation of the last assignment applied.
@@ -350,11 +358,15 @@ struct Instance {
     restarts: u32,
     started: Instant,
     last_exit: Option<ExitInfo>,
-    /// Resolves with the exit status when the process ends.
-    exited: tokio::sync::oneshot::Receiver<Option<std::process::ExitStatus>>,
+    /// Resolves when the process ends: its exit status, and why Maestro ended it, if it did.
+    exited: tokio::sync::oneshot::Receiver<Exit>,
     /// Asks the waiter to stop the process.
     stop: Option<tokio::sync::oneshot::Sender<Duration>>,
 }
+
+/// How an instance ended: its exit status, and the reason when Maestro stopped it on its
+/// own account (a missed heartbeat).
+type Exit = (Option<std::process::ExitStatus>, Option<String>);
 
 /// A release as it runs: its assignment, directory and instances.
 struct Running {
@@ -540,6 +552,27 @@ impl AppTask {
                 return current;
             }
         };
+        if let Err(unmet) = runtimes::check(&target.manifest, &process::instance_path(&dir)).await {
+            self.shared.event(
+                NodeEventKind::DeployFailed,
+                &self.app,
+                release,
+                format!(
+                    "{} v{release} not started on {}: {unmet}; {}",
+                    self.app,
+                    self.shared.settings.node_name,
+                    current
+                        .as_ref()
+                        .map_or("nothing was serving before".to_string(), |c| format!(
+                            "v{} keeps serving",
+                            c.assignment.release
+                        ))
+                ),
+                None,
+            );
+            self.failed = Some(target);
+            return current;
+        }
         let mut started = Vec::new();
         for number in 1..=target.instances {
             if stop.is_cancelled() {
@@ -700,6 +733,11 @@ impl AppTask {
             .shared
             .take_port()
             .ok_or("no free port in the configured range")?;
+        let registration = self
+            .shared
+            .app_events
+            .register(&self.app, target.release, number);
+        let heartbeat = target.manifest.health.heartbeat_interval;
         let launch = Launch {
             app: &self.app,
             release: target.release,
@@ -707,7 +745,11 @@ impl AppTask {
             run: target.manifest.run.as_deref(),
             env: &target.env,
             port,
-            extra_env: vec![("PX_INSTANCE".into(), number.to_string())],
+            extra_env: vec![
+                ("PX_INSTANCE".into(), number.to_string()),
+                ("PX_EVENTS_URL".into(), registration.url.clone()),
+                ("PX_HEARTBEAT_INTERVAL".into(), format_seconds(heartbeat)),
+            ],
         };
         let mut child = match process::spawn(&launch) {
             Ok(child) => child,
@@ -753,7 +795,7 @@ impl AppTask {
             ),
             None,
         );
-        Ok(self.watch(child, target, number, port, pid, 0, None))
+        Ok(self.watch(child, registration, target, number, port, pid, 0, None))
     }
 
     /// Hands the child to a waiter task that reports its exit or stops it on request.
@@ -761,6 +803,7 @@ impl AppTask {
     fn watch(
         &self,
         mut child: tokio::process::Child,
+        registration: Registration,
         target: &AppAssignment,
         number: u32,
         port: u16,
@@ -770,16 +813,29 @@ impl AppTask {
     ) -> Instance {
         let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Duration>();
+        let heartbeat_interval = target.manifest.health.heartbeat_interval;
+        let stop_grace = self.shared.settings.stop_grace;
         tokio::spawn(async move {
-            let status = tokio::select! {
-                status = child.wait() => status.ok(),
+            // The secret stays valid exactly as long as the process runs.
+            let registration = registration;
+            let exit: Exit = tokio::select! {
+                status = child.wait() => (status.ok(), None),
+                silence = registration.heartbeat.lost(heartbeat_interval) => {
+                    let reason = format!(
+                        "sent no heartbeat for {}s (PX_HEARTBEAT_INTERVAL={})",
+                        silence.as_secs(),
+                        format_seconds(heartbeat_interval)
+                    );
+                    (process::stop(&mut child, stop_grace).await, Some(reason))
+                }
                 grace = stop_rx => match grace {
-                    Ok(grace) => process::stop(&mut child, grace).await,
+                    Ok(grace) => (process::stop(&mut child, grace).await, None),
                     // The instance handle is gone (Maestro stopping): stop it anyway.
-                    Err(_) => process::stop(&mut child, Duration::from_secs(2)).await,
+                    Err(_) => (process::stop(&mut child, Duration::from_secs(2)).await, None),
                 },
             };
-            let _ = exit_tx.send(status);
+            drop(registration);
+            let _ = exit_tx.send(exit);
         });
         Instance {
             number,
@@ -803,7 +859,7 @@ impl AppTask {
         &mut self,
         running: &mut Option<Running>,
         index: usize,
-        status: Option<std::process::ExitStatus>,
+        (status, reason): Exit,
     ) -> Option<(usize, Instant)> {
         let running = running.as_mut()?;
         let release = running.assignment.release;
@@ -826,13 +882,25 @@ impl AppTask {
             .shared
             .logs
             .stderr_tail(&self.app, release, FAILED_STDERR_LINES);
-        self.shared.event(
-            NodeEventKind::InstanceCrashed,
-            &self.app,
-            release,
-            format!("{} v{release} instance {number} exited ({how})", self.app),
-            (!detail.is_empty()).then_some(detail.clone()),
-        );
+        match reason {
+            Some(reason) => self.shared.event(
+                NodeEventKind::InstanceUnhealthy,
+                &self.app,
+                release,
+                format!(
+                    "{} v{release} instance {number} {reason}; restarted it",
+                    self.app
+                ),
+                None,
+            ),
+            None => self.shared.event(
+                NodeEventKind::InstanceCrashed,
+                &self.app,
+                release,
+                format!("{} v{release} instance {number} exited ({how})", self.app),
+                (!detail.is_empty()).then_some(detail.clone()),
+            ),
+        }
         self.publish(running);
         Some(self.schedule_restart(index, release, stable, detail))
     }
@@ -935,8 +1003,20 @@ impl AppTask {
     }
 }
 
+/// Seconds as `PX_HEARTBEAT_INTERVAL` gives them: `10`, or `1.5`.
+fn format_seconds(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(1000) {
+        (ms / 1000).to_string()
+    } else {
+        format!("{:.3}", d.as_secs_f64())
+            .trim_end_matches('0')
+            .to_string()
+    }
+}
+
 enum CrashEvent {
-    Exited(usize, Option<std::process::ExitStatus>),
+    Exited(usize, Exit),
     RestartDue(usize),
 }
 
@@ -955,8 +1035,8 @@ async fn wait_crash(
         .filter(|(_, i)| i.stop.is_some())
         .map(|(index, instance)| {
             Box::pin(async move {
-                let status = (&mut instance.exited).await.ok().flatten();
-                CrashEvent::Exited(index, status)
+                let exit = (&mut instance.exited).await.unwrap_or((None, None));
+                CrashEvent::Exited(index, exit)
             })
         });
     let exits: Vec<_> = exits.collect();

@@ -38,6 +38,10 @@ pub struct BundleRef {
     pub sha256: String,
     /// Compressed size in bytes.
     pub size: u64,
+    /// Commands of the app's requirements that the bundle ships itself in `bin/` (a vendored
+    /// interpreter, a static binary): they need not be installed on the web servers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bundled_commands: Vec<String>,
 }
 
 /// Why a release was made.

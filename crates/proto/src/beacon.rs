@@ -10,8 +10,21 @@ use crate::link::{InstanceStatus, NodeEventKind};
 #[serde(rename_all = "snake_case")]
 pub enum Level {
     Info,
+    #[serde(alias = "warn")]
     Warning,
     Error,
+    Critical,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Info => "info",
+            Level::Warning => "warning",
+            Level::Error => "error",
+            Level::Critical => "critical",
+        }
+    }
 }
 
 /// What happened.
@@ -31,6 +44,8 @@ pub enum EventKind {
     /// The repository could not be reached; Beacon keeps the last known desired state.
     RepositoryUnreachable,
     RepositoryRecovered,
+    /// An app reported something itself (through `PX_EVENTS_URL`); its level is the app's.
+    AppEvent,
 }
 
 impl EventKind {
@@ -54,6 +69,7 @@ impl From<NodeEventKind> for EventKind {
             NodeEventKind::CrashLoop => EventKind::CrashLoop,
             NodeEventKind::DeployFinished => EventKind::DeployFinished,
             NodeEventKind::DeployFailed => EventKind::DeployFailed,
+            NodeEventKind::AppEvent => EventKind::AppEvent,
         }
     }
 }
@@ -95,6 +111,9 @@ pub struct Node {
     pub health: NodeHealth,
     pub software: String,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Language runtimes the node found on its host, with their versions.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub runtimes: std::collections::BTreeMap<String, String>,
     /// RFC 3339 time of the last frame received.
     pub last_seen: String,
     /// Generation of the last assignment sent, and of the last one the node applied.

@@ -113,6 +113,7 @@ mod tests {
 
     fn hello() -> ToBeacon {
         ToBeacon::Hello(Hello {
+            runtimes: Default::default(),
             protocol: PROTOCOL_VERSION,
             role: PeerRole::Repository,
             name: "repo-1".into(),

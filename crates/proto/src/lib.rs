@@ -7,6 +7,7 @@ pub mod codec;
 pub mod link;
 pub mod manifest;
 pub mod names;
+pub mod runtime;
 
 /// Version of this software, reported in handshakes and `--version`.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");

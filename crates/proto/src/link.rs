@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::beacon::Level;
 use crate::manifest::AppManifest;
 
 /// Version of the link protocol; a peer with another version is refused with a reason.
@@ -32,6 +33,8 @@ pub const MAX_PEER_NAME_LEN: usize = 253;
 /// Most labels a node may carry, and most instances it may report.
 pub const MAX_NODE_LABELS: usize = 64;
 pub const MAX_REPORTED_INSTANCES: usize = 4096;
+/// Most runtimes a node may report in its `Hello`.
+pub const MAX_REPORTED_RUNTIMES: usize = 64;
 
 /// What kind of peer opens a link to Beacon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +61,9 @@ pub struct Hello {
     /// The node's full actual state. Maestro only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<NodeReport>,
+    /// Language runtimes found on the node (`python3` → `3.11.7`), for placement. Maestro only.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub runtimes: BTreeMap<String, String>,
 }
 
 /// A node's full actual state: the assignment it last applied and every instance it runs.
@@ -121,6 +127,12 @@ pub struct NodeEvent {
     /// Supporting text, such as the last lines of a failed instance's stderr.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The instance it concerns, when one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<u32>,
+    /// The level the app gave an `AppEvent`; other kinds have a level of their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<Level>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -135,6 +147,8 @@ pub enum NodeEventKind {
     DeployFinished,
     /// The release never became healthy on this node; the previous one keeps serving.
     DeployFailed,
+    /// An instance reported an event of its own through `PX_EVENTS_URL`.
+    AppEvent,
 }
 
 /// Most log lines in one `Logs` frame; Maestro batches lines and sends at most this many.
@@ -146,6 +160,8 @@ pub const MAX_LOG_BATCH: usize = 512;
 pub enum LogStream {
     Stdout,
     Stderr,
+    /// An event the instance posted to `PX_EVENTS_URL`, logged beside its output.
+    Event,
 }
 
 impl LogStream {
@@ -153,6 +169,7 @@ impl LogStream {
         match self {
             Self::Stdout => "stdout",
             Self::Stderr => "stderr",
+            Self::Event => "event",
         }
     }
 }

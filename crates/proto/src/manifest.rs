@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::names;
+use crate::runtime::Requirement;
 
 /// File name of the manifest at the bundle root.
 pub const MANIFEST_FILE: &str = "app.toml";
@@ -27,6 +28,13 @@ pub const MAX_STATIC_MAPPINGS: usize = 32;
 pub const MAX_PLACEMENT_LABELS: usize = 16;
 /// Most env defaults in a manifest.
 pub const MAX_ENV_VARS: usize = 256;
+/// Most commands in `requires`.
+pub const MAX_REQUIRES: usize = 16;
+/// Default heartbeat interval handed to instances as `PX_HEARTBEAT_INTERVAL`.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// Bounds of `health.heartbeat_interval`.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// A parsed, validated `app.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,9 +55,24 @@ pub struct AppManifest {
     /// Default environment; `em config set` overrides it per app.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// The language runtime the app needs on the web server (or in its bundle's `bin/`),
+    /// e.g. `"python3>=3.11"`; Beacon places the app only where it is found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<Requirement>,
+    /// Other commands the app runs, e.g. `["ffmpeg"]` or `["ffmpeg>=5"]`; Maestro checks them
+    /// before it starts a release.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<Requirement>,
     /// Which web servers run the app; by default, all of them.
     #[serde(default, skip_serializing_if = "Placement::is_everywhere")]
     pub placement: Placement,
+}
+
+impl AppManifest {
+    /// Every requirement: the runtime first, then `requires`.
+    pub fn requirements(&self) -> impl Iterator<Item = &Requirement> {
+        self.runtime.iter().chain(self.requires.iter())
+    }
 }
 
 /// Where an app runs: on every node whose labels include all of these.
@@ -85,6 +108,11 @@ pub struct HealthCheck {
     /// How long a new instance has to become healthy.
     #[serde(default = "default_health_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Handed to instances as `PX_HEARTBEAT_INTERVAL`. An instance that sends one heartbeat
+    /// to `PX_EVENTS_URL` has opted in: if it then stays silent for
+    /// `MISSED_HEARTBEATS` intervals, Maestro restarts it.
+    #[serde(default = "default_heartbeat_interval", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
 }
 
 impl Default for HealthCheck {
@@ -92,8 +120,13 @@ impl Default for HealthCheck {
         Self {
             path: None,
             timeout: DEFAULT_HEALTH_TIMEOUT,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
         }
     }
+}
+
+fn default_heartbeat_interval() -> Duration {
+    DEFAULT_HEARTBEAT_INTERVAL
 }
 
 fn default_health_timeout() -> Duration {
@@ -205,6 +238,22 @@ impl AppManifest {
                 ),
             ));
         }
+        let heartbeat = self.health.heartbeat_interval;
+        if !(MIN_HEARTBEAT_INTERVAL..=MAX_HEARTBEAT_INTERVAL).contains(&heartbeat) {
+            return Err(ManifestError::field(
+                "health.heartbeat_interval",
+                format!(
+                    "must be between 1s and {}s, e.g. \"10s\"",
+                    MAX_HEARTBEAT_INTERVAL.as_secs()
+                ),
+            ));
+        }
+        if self.requires.len() > MAX_REQUIRES {
+            return Err(ManifestError::field(
+                "requires",
+                format!("has more than {MAX_REQUIRES} entries"),
+            ));
+        }
         if self.http.domains.len() > MAX_DOMAINS {
             return Err(ManifestError::field(
                 "http.domains",
@@ -279,6 +328,8 @@ mod tests {
 name = "hello"
 run = "python3 server.py"
 instances = 2
+runtime = "python3>=3.11"
+requires = ["ffmpeg"]
 [health]
 path = "/healthz"
 timeout = "10s"
@@ -301,6 +352,9 @@ labels = { role = "web" }
         assert_eq!(m.health.timeout, Duration::from_secs(10));
         assert_eq!(m.http.static_dirs["/assets"], "public");
         assert_eq!(m.env["GREETING"], "hello");
+        assert_eq!(m.runtime.as_ref().unwrap().to_string(), "python3>=3.11");
+        assert_eq!(m.requires[0].command, "ffmpeg");
+        assert_eq!(m.requirements().count(), 2);
         let web = BTreeMap::from([("role".to_string(), "web".to_string())]);
         assert!(m.placement.admits(&web));
         assert!(!m.placement.admits(&BTreeMap::new()));
@@ -341,6 +395,16 @@ labels = { role = "web" }
             ),
             ("name = \"x\"\n[env]\nPORT = \"1\"", "env.PORT"),
             ("name = \"x\"\nrun = \" \"", "run"),
+            ("name = \"x\"\nruntime = \"python3>=three\"", "runtime"),
+            ("name = \"x\"\nruntime = 3", "runtime"),
+            (
+                "name = \"x\"\nrequires = [\"ffmpeg\", \"rm -rf\"]",
+                "requires[1]",
+            ),
+            (
+                "name = \"x\"\n[health]\nheartbeat_interval = \"0s\"",
+                "health.heartbeat_interval",
+            ),
         ];
         for (text, field) in cases {
             let e = error_of(text);

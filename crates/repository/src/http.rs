@@ -226,6 +226,12 @@ async fn receive_release(
     let bundle = BundleRef {
         sha256: spooled.sha256.clone(),
         size: spooled.size,
+        bundled_commands: info
+            .manifest
+            .requirements()
+            .map(|r| r.command.clone())
+            .filter(|c| info.bin_commands.contains(c))
+            .collect(),
     };
     let release = state
         .releases

@@ -98,6 +98,7 @@ async fn connect(settings: &LinkSettings) -> Result<Link, String> {
         .map_err(|e| format!("tls: {e}"))?;
     let mut link = Framed::new(tls, FrameCodec::new());
     link.send(ToBeacon::Hello(Hello {
+        runtimes: Default::default(),
         protocol: PROTOCOL_VERSION,
         role: PeerRole::Repository,
         name: settings.name.clone(),

@@ -85,6 +85,7 @@ impl RepoStub {
             bundle: BundleRef {
                 sha256: format!("{version:064x}"),
                 size: 1000 + version,
+                bundled_commands: Vec::new(),
             },
             manifest,
             config: BTreeMap::from([("DATABASE_URL".to_string(), "postgres://db".to_string())]),
@@ -307,6 +308,7 @@ pub async fn open_link(addr: &str, ca: &Path, hello: Hello) -> (Link, FromBeacon
 
 pub fn maestro_hello(name: &str, token: &str, generation: u64) -> Hello {
     Hello {
+        runtimes: Default::default(),
         protocol: PROTOCOL_VERSION,
         role: PeerRole::Maestro,
         name: name.into(),

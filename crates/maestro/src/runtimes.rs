@@ -1,0 +1,166 @@
+//! What this host can run: the language runtimes found on `PATH` (reported to Beacon in the
+//! `Hello`, for placement), and the check of a release's `runtime` and `requires` against the
+//! `PATH` its instances will have (the release's own `bin/` first), made before it starts.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use px_proto::manifest::AppManifest;
+use px_proto::runtime::{KNOWN_RUNTIMES, Requirement, Version};
+
+/// How long `<command> --version` may take; a JVM starting cold takes about a second.
+pub const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes of `--version` output read.
+pub const MAX_VERSION_OUTPUT: usize = 4096;
+
+/// The first executable file called `command` in the directories of `path`.
+pub fn find(command: &str, path: &OsStr) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(path)
+        .map(|dir| dir.join(command))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// Runs `<exe> --version` (with `path` as its `PATH`) and reads the version it prints, on
+/// stdout or stderr.
+pub async fn version_of(exe: &Path, path: &OsStr) -> Option<Version> {
+    use tokio::io::AsyncReadExt;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("--version")
+        .env_clear()
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .ok()?;
+    let (mut stdout, mut stderr) = (child.stdout.take()?, child.stderr.take()?);
+    let read = async {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let limit = MAX_VERSION_OUTPUT as u64;
+        let mut stdout = (&mut stdout).take(limit);
+        let mut stderr = (&mut stderr).take(limit);
+        let _ = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+        let _ = child.wait().await;
+        out.extend_from_slice(b"\n");
+        out.extend_from_slice(&err);
+        out
+    };
+    let output = tokio::time::timeout(VERSION_TIMEOUT, read).await.ok()?;
+    Version::find_in(&String::from_utf8_lossy(&output))
+}
+
+/// The known runtimes found on `path`, with their versions (`"?"` when the version could not
+/// be read), for the node's `Hello`.
+pub async fn probe_host(path: &OsStr) -> BTreeMap<String, String> {
+    let mut found = BTreeMap::new();
+    for command in KNOWN_RUNTIMES {
+        if let Some(exe) = find(command, path) {
+            let version = version_of(&exe, path)
+                .await
+                .map_or_else(|| "?".to_string(), |v| v.to_string());
+            found.insert((*command).to_string(), version);
+        }
+    }
+    found
+}
+
+/// Checks every requirement of `manifest` against `path` (the instances' `PATH`). The error
+/// names each unmet requirement and what was found instead.
+pub async fn check(manifest: &AppManifest, path: &OsStr) -> Result<(), String> {
+    let mut unmet = Vec::new();
+    for requirement in manifest.requirements() {
+        if let Err(problem) = check_one(requirement, path).await {
+            unmet.push(problem);
+        }
+    }
+    if unmet.is_empty() {
+        Ok(())
+    } else {
+        Err(unmet.join("; "))
+    }
+}
+
+async fn check_one(requirement: &Requirement, path: &OsStr) -> Result<(), String> {
+    let Some(exe) = find(&requirement.command, path) else {
+        return Err(format!(
+            "needs {requirement}, but `{}` is not installed (not on PATH)",
+            requirement.command
+        ));
+    };
+    if requirement.constraints.is_empty() {
+        return Ok(());
+    }
+    let found = version_of(&exe, path).await;
+    if requirement.admits(found.as_ref()) {
+        return Ok(());
+    }
+    Err(match found {
+        Some(v) => format!(
+            "needs {requirement}, found {} {v} ({})",
+            requirement.command,
+            exe.display()
+        ),
+        None => format!(
+            "needs {requirement}, but `{} --version` printed no version",
+            exe.display()
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(extra: &str) -> AppManifest {
+        AppManifest::parse(&format!("name = \"x\"\n{extra}")).unwrap()
+    }
+
+    /// A directory with a fake `tool` that prints `output` for `--version`.
+    fn fake_tool(dir: &Path, name: &str, output: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\necho '{output}'\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_host_python_is_found_with_its_version() {
+        let path = std::env::var_os("PATH").unwrap();
+        let found = probe_host(&path).await;
+        let python = found
+            .get("python3")
+            .expect("python3 is on every test machine");
+        assert!(Version::parse(python).is_some(), "{python}");
+    }
+
+    #[tokio::test]
+    async fn requirements_are_checked_against_the_first_match_on_path() {
+        let bundle_bin = tempfile::tempdir().unwrap();
+        let host_bin = tempfile::tempdir().unwrap();
+        fake_tool(host_bin.path(), "tool", "tool 1.4.2");
+        fake_tool(bundle_bin.path(), "tool", "tool version 2.0.1");
+        let host_only = host_bin.path().as_os_str().to_owned();
+        let bundle_first = std::env::join_paths([bundle_bin.path(), host_bin.path()]).unwrap();
+
+        let wants_two = manifest("runtime = \"tool>=2\"");
+        let e = check(&wants_two, &host_only).await.unwrap_err();
+        assert!(e.contains("needs tool>=2, found tool 1.4.2"), "{e}");
+        // The bundled copy earlier on PATH wins.
+        check(&wants_two, &bundle_first).await.unwrap();
+
+        let missing = manifest("requires = [\"ffmpeg-not-installed\", \"tool\"]");
+        let e = check(&missing, &host_only).await.unwrap_err();
+        assert!(e.contains("`ffmpeg-not-installed` is not installed"), "{e}");
+        assert!(!e.contains("tool"), "{e}");
+        check(&manifest(""), &host_only).await.unwrap();
+    }
+}
