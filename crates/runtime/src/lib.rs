@@ -1,11 +1,13 @@
 //! What every Platform.X service shares at run time: layered config, tracing, the shutdown
-//! signal, secret files, tokens and TLS configs. Only this crate reads process-wide state
-//! (signals, environment), so services stay testable through their `run` functions.
+//! signal, systemd integration, secret files, tokens and TLS configs. Only this crate reads
+//! process-wide state (signals, environment), so services stay testable through their `run`
+//! functions.
 
 pub mod config;
 pub mod secrets;
 pub mod service;
 pub mod shutdown;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod tokens;
