@@ -251,13 +251,17 @@ where
                     return Ok(phases);
                 }
                 EventKind::DeployFailed => {
-                    let node = event.node.as_deref().unwrap_or("a node");
                     let detail = event
                         .detail
                         .map(|d| format!("\nlast lines of its stderr:\n{d}"))
                         .unwrap_or_default();
+                    // Without a node, Beacon itself found no node able to run the release.
+                    let failed = match event.node.as_deref() {
+                        Some(node) => format!("v{version} failed on {node}"),
+                        None => format!("v{version} cannot be placed"),
+                    };
                     return Err(Failure::failed(format!(
-                        "v{version} failed on {node}: {}{detail}\nthe previous release keeps serving; fix the app and run `em deploy` again",
+                        "{failed}: {}{detail}\nthe previous release keeps serving; fix the app and run `em deploy` again",
                         event.message
                     )));
                 }

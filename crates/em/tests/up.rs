@@ -61,14 +61,15 @@ impl Env {
     }
 
     fn up(&self) -> Child {
+        self.up_with(&[])
+    }
+
+    fn up_with(&self, extra: &[&str]) -> Child {
+        let (http_port, port_base) = (self.http_port.to_string(), self.port_base.to_string());
+        let mut args = vec!["up", "--http-port", &http_port, "--port-base", &port_base];
+        args.extend_from_slice(extra);
         let child = self
-            .command(&[
-                "up",
-                "--http-port",
-                &self.http_port.to_string(),
-                "--port-base",
-                &self.port_base.to_string(),
-            ])
+            .command(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -373,5 +374,149 @@ async fn a_taken_port_and_a_wrong_token_are_explained() {
     ]);
     assert!(out.status.success());
     assert!(env.em(&["apps"]).status.success());
+    stop(up);
+}
+
+/// Collects the JSON bodies POSTed to it, like a chat webhook would.
+async fn webhook_receiver() -> (String, Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    let received: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let store = received.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+            let store = store.clone();
+            async move {
+                store.lock().unwrap().push(body);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, received)
+}
+
+/// `em logs` until its output contains `needle`.
+async fn wait_logs(env: &Env, app: &str, needle: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let out = env.em(&["logs", "--app", app, "--lines", "200"]);
+        let text = String::from_utf8(out.stdout).unwrap();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "em logs never showed {needle:?}: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_events_reach_em_logs_and_the_webhook_and_a_missing_runtime_refuses_the_deploy() {
+    let env = Env::new();
+    let (hook, received) = webhook_receiver().await;
+    let up = env.up_with(&["--webhook", &hook]);
+    let http = reqwest::Client::new();
+    let app_dir = env.home.path().join("billing");
+    let app_dir_s = app_dir.to_str().unwrap();
+    assert!(
+        env.em(&["init", app_dir_s, "--template", "python"])
+            .status
+            .success()
+    );
+    // The app reports a problem of its own as it starts, with the template's `report`.
+    replace_in(
+        &app_dir.join("server.py"),
+        "    report(\"info\", \"started\", release=RELEASE)\n",
+        "    report(\"info\", \"started\", release=RELEASE)\n    report(\"error\", \"payment provider unreachable\", provider=\"acme\")\n",
+    );
+    assert!(env.em(&["deploy", app_dir_s]).status.success());
+    wait_for(&http, &env.url(), "billing.localhost", "Platform.X").await;
+
+    // Beside the app's output in `em logs`, with its level and fields.
+    let logs = wait_logs(&env, "billing", "payment provider unreachable").await;
+    let line = logs
+        .lines()
+        .find(|l| l.contains("payment provider unreachable"))
+        .unwrap();
+    assert!(line.contains("event"), "{line}");
+    assert!(
+        line.contains("[error]") && line.contains("provider=acme"),
+        "{line}"
+    );
+    assert!(logs.contains("[info] started"), "{logs}");
+
+    // An error event alerts the sysadmins' webhook; the info one does not.
+    let start = Instant::now();
+    loop {
+        let texts: Vec<String> = received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| b.to_string())
+            .collect();
+        if texts
+            .iter()
+            .any(|t| t.contains("payment provider unreachable"))
+        {
+            assert!(!texts.iter().any(|t| t.contains("started")), "{texts:?}");
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "no alert reached the webhook: {texts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A release that needs a Python this machine lacks is refused; v1 keeps serving.
+    replace_in(
+        &app_dir.join("app.toml"),
+        "runtime = \"python3>=3.9\"",
+        "runtime = \"python3>=99\"",
+    );
+    let out = env.em(&["deploy", app_dir_s]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("v2 failed on local"), "{err}");
+    assert!(err.contains("needs python3>=99, found python3 3."), "{err}");
+    assert!(err.contains("v1 keeps serving"), "{err}");
+    let page = wait_for(&http, &env.url(), "billing.localhost", "Platform.X").await;
+    assert!(page.contains("<code>1</code>"), "v1 serves: {page}");
+
+    // A new app whose runtime no node has is never placed, and deploy says why.
+    let other = env.home.path().join("future");
+    let other_s = other.to_str().unwrap();
+    assert!(
+        env.em(&["init", other_s, "--template", "python"])
+            .status
+            .success()
+    );
+    replace_in(
+        &other.join("app.toml"),
+        "runtime = \"python3>=3.9\"",
+        "runtime = \"node>=99\"",
+    );
+    let out = env.em(&["deploy", other_s]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("v1 cannot be placed"), "{err}");
+    assert!(
+        err.contains("needs node>=99") && err.contains("local has node"),
+        "{err}"
+    );
+
+    // A requirement that does not parse is refused at upload, naming the field.
+    replace_in(&other.join("app.toml"), "node>=99", "node>=ninety");
+    let out = env.em(&["deploy", other_s]);
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("runtime") && err.contains("not a version"),
+        "{err}"
+    );
     stop(up);
 }
