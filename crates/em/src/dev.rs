@@ -39,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use px_maestro::app_events::{AppEvents, Registration};
 use px_maestro::logs::{AppLogs, LogLine, LogTasks, Rotation, Stream};
 use px_maestro::process::{self, Launch};
 use px_maestro::proxy::{AccessLog, Proxy, ProxyMetrics, ProxySettings};
@@ -190,6 +191,27 @@ pub async fn dev(dir: &Path, port: u16) -> Result<()> {
         .build()
         .map_err(|e| Failure::failed(format!("cannot set up the health check client: {e}")))?;
 
+    // The same events endpoint as on a web server, so `report(...)` in the app prints here.
+    // Heartbeats are accepted but not enforced: a breakpoint in a debugger would trip them.
+    let events_listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .map_err(|e| Failure::failed(format!("cannot open the app events endpoint: {e}")))?;
+    let (events_tx, mut events_rx) = mpsc::channel(px_maestro::supervisor::EVENT_QUEUE);
+    let events = Arc::new(AppEvents::new(
+        events_listener
+            .local_addr()
+            .map_err(|e| Failure::failed(format!("app events endpoint: {e}")))?,
+        logs.clone(),
+        events_tx,
+    ));
+    // Events are printed through the logs; there is no Beacon to forward them to.
+    tokio::spawn(async move { while events_rx.recv().await.is_some() {} });
+    tokio::spawn(
+        events
+            .clone()
+            .serve(events_listener, shutdown.child_token()),
+    );
+
     let routes = Arc::new(Routes::default());
     let proxy = Proxy::new(
         routes.clone(),
@@ -220,6 +242,7 @@ pub async fn dev(dir: &Path, port: u16) -> Result<()> {
         dir,
         port,
         logs: logs.clone(),
+        events,
         http,
         routes,
         shutdown: shutdown.clone(),
@@ -341,6 +364,8 @@ struct Instance {
     generation: u64,
     /// The readers of its output, to wait for before quoting its last lines.
     output: Option<LogTasks>,
+    /// Its `PX_EVENTS_URL` secret, valid while the instance is kept.
+    _events: Registration,
 }
 
 /// How an attempt to start an instance ended.
@@ -362,6 +387,7 @@ struct Session {
     dir: PathBuf,
     port: u16,
     logs: Arc<AppLogs>,
+    events: Arc<AppEvents>,
     http: reqwest::Client,
     routes: Arc<Routes>,
     shutdown: CancellationToken,
@@ -467,6 +493,26 @@ impl Session {
             Ok(port) => port,
             Err(e) => return Started::Failed(format!("no free port for the app: {e}")),
         };
+        // A missing runtime is worth a warning here, and fails the deploy on a web server.
+        if let Err(unmet) =
+            px_maestro::runtimes::check(manifest, &process::instance_path(&self.dir)).await
+        {
+            warn(format!(
+                "{app} {unmet}; it may not start here, and web servers without it refuse it"
+            ));
+        }
+        let registration = self.events.register(app, generation, 1);
+        let mut extra_env: Vec<(String, String)> = DEV_DEFAULT_ENV
+            .iter()
+            .filter(|(k, _)| !manifest.env.contains_key(*k))
+            .chain([&PX_DEV, &("PX_INSTANCE", "1")])
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect();
+        extra_env.push(("PX_EVENTS_URL".into(), registration.url.clone()));
+        extra_env.push((
+            "PX_HEARTBEAT_INTERVAL".into(),
+            manifest.health.heartbeat_interval.as_secs_f64().to_string(),
+        ));
         let launch = Launch {
             app,
             release: generation,
@@ -474,12 +520,7 @@ impl Session {
             run: manifest.run.as_deref(),
             env: &manifest.env,
             port,
-            extra_env: DEV_DEFAULT_ENV
-                .iter()
-                .filter(|(k, _)| !manifest.env.contains_key(*k))
-                .chain([&PX_DEV, &("PX_INSTANCE", "1")])
-                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
-                .collect(),
+            extra_env,
         };
         let mut child = match process::spawn(&launch) {
             Ok(child) => child,
@@ -513,6 +554,7 @@ impl Session {
                 ),
                 generation,
                 output,
+                _events: registration,
             })),
             Ok(Err(failure)) => {
                 process::stop(&mut child, STOP_GRACE).await;

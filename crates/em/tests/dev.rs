@@ -508,3 +508,34 @@ fn a_taken_port_says_to_pass_another() {
     // It failed before starting the app.
     assert!(!dev.stdout().contains("[app]"), "{}", dev.stdout());
 }
+
+#[test]
+fn an_app_event_prints_in_the_terminal_and_a_missing_runtime_is_a_warning() {
+    let app = tempfile::tempdir().unwrap();
+    let dir = app.path();
+    write_app(dir);
+    let manifest = std::fs::read_to_string(dir.join("app.toml")).unwrap();
+    std::fs::write(
+        dir.join("app.toml"),
+        manifest.replace("run = ", "requires = [\"px-not-on-this-machine\"]\nrun = "),
+    )
+    .unwrap();
+    // Report an event through PX_EVENTS_URL with the standard library, as the examples do.
+    let server = server_py("");
+    let reporting = server.replace(
+        "print(\"listening on\"",
+        "import json, urllib.request\n\
+         urllib.request.urlopen(urllib.request.Request(os.environ[\"PX_EVENTS_URL\"], \
+         data=json.dumps({\"level\": \"warning\", \"message\": \"cache is cold\", \
+         \"fields\": {\"entries\": 0}}).encode(), method=\"POST\"), timeout=5).close()\n\
+         print(\"listening on\"",
+    );
+    assert_ne!(server, reporting);
+    std::fs::write(dir.join("server.py"), reporting).unwrap();
+    let port = free_port();
+    let mut dev = Dev::start(dir, port);
+    dev.wait_for_stdout("[warning] cache is cold entries=0");
+    dev.wait_for_stderr("`px-not-on-this-machine` is not installed");
+    wait_for_body(port, "/", "one");
+    assert!(dev.terminate().success());
+}
