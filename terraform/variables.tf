@@ -1,0 +1,223 @@
+# variables.tf: everything a user may set, with the defaults a small cluster starts from.
+# Only `ssh_public_key` has no default; `admin_cidrs` is worth setting too (see README.md).
+
+# --- Where and what it is called -------------------------------------------------------------
+
+variable "region" {
+  description = "AWS region to build the cluster in, e.g. eu-west-1."
+  type        = string
+  default     = "eu-west-1"
+
+  validation {
+    condition     = can(regex("^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-[0-9]+$", var.region))
+    error_message = "region must be an AWS region name such as eu-west-1 or us-east-1."
+  }
+}
+
+variable "name_prefix" {
+  description = "Prefix of every resource name and value of the Cluster tag: a lowercase DNS label of at most 24 characters (bucket, load balancer and target group names are built from it and have length limits)."
+  type        = string
+  default     = "platformx"
+
+  validation {
+    condition     = can(regex("^[a-z]([a-z0-9-]{0,22}[a-z0-9])?$", var.name_prefix))
+    error_message = "name_prefix must be 1-24 characters of a-z, 0-9 and '-', start with a letter and not end with '-'."
+  }
+}
+
+variable "tags" {
+  description = "Extra tags for every resource (Project, Cluster and ManagedBy are always set)."
+  type        = map(string)
+  default     = {}
+}
+
+# --- Network ----------------------------------------------------------------------------------
+
+variable "vpc_cidr" {
+  description = "CIDR block of the VPC created when vpc_id is not set (a /16 to /24); the two public subnets take its first two /(n+4) blocks."
+  type        = string
+  default     = "10.42.0.0/16"
+
+  validation {
+    condition = (
+      can(cidrhost(var.vpc_cidr, 0)) &&
+      can(regex("^[0-9.]+/[0-9]+$", var.vpc_cidr)) &&
+      try(tonumber(split("/", var.vpc_cidr)[1]) >= 16 && tonumber(split("/", var.vpc_cidr)[1]) <= 24, false)
+    )
+    error_message = "vpc_cidr must be an IPv4 CIDR block from /16 to /24, e.g. 10.42.0.0/16."
+  }
+}
+
+variable "vpc_id" {
+  description = "An existing VPC to build in instead of creating one; then subnet_ids must be set too."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.vpc_id == null || can(regex("^vpc-[0-9a-f]{8,17}$", var.vpc_id))
+    error_message = "vpc_id must look like vpc-0123456789abcdef0."
+  }
+}
+
+variable "subnet_ids" {
+  description = "With vpc_id: public subnets (a route to an internet gateway) of that VPC to put the instances in, round robin; at least two in different AZs when enable_load_balancer is true."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for id in var.subnet_ids : can(regex("^subnet-[0-9a-f]{8,17}$", id))])
+    error_message = "subnet_ids must look like subnet-0123456789abcdef0."
+  }
+}
+
+variable "admin_cidrs" {
+  description = "CIDR blocks (your workstation's address as x.x.x.x/32) that may reach SSH (22) on every host and the apprepo (7070) and Beacon (7080) APIs on the control hosts. Empty: nothing outside the VPC reaches them."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for c in var.admin_cidrs : can(cidrhost(c, 0)) && can(regex("^[0-9.]+/[0-9]+$", c))])
+    error_message = "admin_cidrs must be IPv4 CIDR blocks such as 203.0.113.7/32."
+  }
+}
+
+# --- Instances --------------------------------------------------------------------------------
+
+variable "ssh_public_key" {
+  description = "OpenSSH public key (the line in ~/.ssh/id_ed25519.pub) installed for the admin user on every host."
+  type        = string
+
+  validation {
+    condition     = can(regex("^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+=*( .*)?$", trimspace(var.ssh_public_key)))
+    error_message = "ssh_public_key must be one OpenSSH public key line (ssh-ed25519, ssh-rsa or ecdsa-sha2-*)."
+  }
+}
+
+variable "ami_id" {
+  description = "AMI for every host. Default: the newest official Debian 12 amd64 AMI (owner 136693071363, name debian-12-amd64-*), looked up at plan time."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.ami_id == null || can(regex("^ami-[0-9a-f]{8,17}$", var.ami_id))
+    error_message = "ami_id must look like ami-0123456789abcdef0."
+  }
+}
+
+variable "control_count" {
+  description = "Control hosts: each runs apprepo; the first also runs Beacon (there is one Beacon per cluster)."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.control_count >= 1 && var.control_count <= 5 && floor(var.control_count) == var.control_count
+    error_message = "control_count must be a whole number from 1 to 5."
+  }
+}
+
+variable "web_count" {
+  description = "Web servers, each running Maestro and every app's instances."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = var.web_count >= 1 && var.web_count <= 50 && floor(var.web_count) == var.web_count
+    error_message = "web_count must be a whole number from 1 to 50."
+  }
+}
+
+variable "control_instance_type" {
+  description = "EC2 instance type of the control hosts (apprepo and Beacon are small Rust services)."
+  type        = string
+  default     = "t3.small"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]*\\.[a-z0-9]+$", var.control_instance_type))
+    error_message = "control_instance_type must be an instance type such as t3.small."
+  }
+}
+
+variable "web_instance_type" {
+  description = "EC2 instance type of the web servers (Maestro plus the apps: size it for the apps)."
+  type        = string
+  default     = "t3.small"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]*\\.[a-z0-9]+$", var.web_instance_type))
+    error_message = "web_instance_type must be an instance type such as t3.small."
+  }
+}
+
+variable "control_root_volume_size" {
+  description = "Root volume of each control host, GiB (gp3, encrypted). apprepo spools each upload there (up to 2 GiB by default) before it goes to S3."
+  type        = number
+  default     = 20
+
+  validation {
+    condition     = var.control_root_volume_size >= 8 && var.control_root_volume_size <= 16384 && floor(var.control_root_volume_size) == var.control_root_volume_size
+    error_message = "control_root_volume_size must be a whole number of GiB from 8 to 16384."
+  }
+}
+
+variable "web_root_volume_size" {
+  description = "Root volume of each web server, GiB (gp3, encrypted): unpacked releases and logs live there."
+  type        = number
+  default     = 20
+
+  validation {
+    condition     = var.web_root_volume_size >= 8 && var.web_root_volume_size <= 16384 && floor(var.web_root_volume_size) == var.web_root_volume_size
+    error_message = "web_root_volume_size must be a whole number of GiB from 8 to 16384."
+  }
+}
+
+# --- Bundles bucket ---------------------------------------------------------------------------
+
+variable "bundles_bucket_name" {
+  description = "Name of the S3 bucket apprepo stores bundles and releases in. Default: a unique name starting with <name_prefix>-bundles-."
+  type        = string
+  default     = null
+
+  validation {
+    condition = var.bundles_bucket_name == null || (
+      can(regex("^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", var.bundles_bucket_name)) &&
+      !can(regex("\\.\\.|^[0-9.]+$|^xn--|-s3alias$", var.bundles_bucket_name))
+    )
+    error_message = "bundles_bucket_name must follow S3's bucket naming rules (3-63 characters of a-z, 0-9, '.', '-')."
+  }
+}
+
+variable "bundles_kms_key_arn" {
+  description = "KMS key to encrypt bundles with (SSE-KMS, with an S3 bucket key). Default: SSE-S3 (AES256), which costs nothing."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.bundles_kms_key_arn == null || can(regex("^arn:aws[a-z-]*:kms:", var.bundles_kms_key_arn))
+    error_message = "bundles_kms_key_arn must be a KMS key ARN (arn:aws:kms:...)."
+  }
+}
+
+variable "bundles_noncurrent_version_days" {
+  description = "Days an overwritten or deleted object version is kept before S3 expires it. Bundles and releases are immutable, so only the app pointers (apps/<app>/app.json) make such versions."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = var.bundles_noncurrent_version_days >= 1 && var.bundles_noncurrent_version_days <= 3650 && floor(var.bundles_noncurrent_version_days) == var.bundles_noncurrent_version_days
+    error_message = "bundles_noncurrent_version_days must be a whole number from 1 to 3650."
+  }
+}
+
+variable "bundles_force_destroy" {
+  description = "Let `terraform destroy` delete the bundles bucket with everything in it. Off by default, so a destroy never deletes deployed releases unless asked to."
+  type        = bool
+  default     = false
+}
+
+# --- Load balancer ----------------------------------------------------------------------------
+
+variable "enable_load_balancer" {
+  description = "Put an Application Load Balancer in front of the web servers on port 80 (about 20 USD a month more; see README.md). Without it, point DNS at the web servers' addresses."
+  type        = bool
+  default     = false
+}
