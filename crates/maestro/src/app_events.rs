@@ -3,16 +3,19 @@
 //! cannot speak for another). Accepted events go to the app's logs beside its output and to
 //! Beacon over the link; a heartbeat arms a watchdog on that instance. The endpoint has its
 //! own listener, connection limit, timeouts and per-instance rate limit, so a noisy or hostile
-//! app can never stall the proxy or other apps.
+//! app can never stall the proxy or other apps. When the connection limit is reached, the
+//! connection idle the longest is cut to make room, and each instance may have only a few
+//! requests in progress at once: holding connections open, or posts half sent, never locks
+//! other apps out (their heartbeats would stop arriving, and Maestro would restart them).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -23,7 +26,7 @@ use px_proto::link::{NodeEvent, NodeEventKind};
 use rand::Rng;
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::logs::AppLogs;
@@ -37,8 +40,19 @@ pub const MAX_FIELDS: usize = 32;
 /// Sustained events per second per instance, and the burst above it.
 pub const EVENTS_PER_SECOND: f64 = 10.0;
 pub const EVENT_BURST: f64 = 50.0;
-/// Connections served at once; further ones wait in the kernel's backlog.
+/// Connections open at once. A new one beyond this cuts the connection idle the longest
+/// (before its first request or between two); only when every one is answering a request do
+/// new ones wait in the kernel's backlog.
 pub const MAX_CONNECTIONS: usize = 128;
+/// Requests one instance may have in progress at once; more are answered 429 at once. A post
+/// is answered in well under a millisecond, so an app needs one at a time, eight leave room for
+/// a multi-threaded one; the bound keeps one app's posts from filling `MAX_CONNECTIONS`.
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 8;
+/// How much of an oversized body is read and thrown away before answering 413. A client that
+/// sends its whole body before reading the answer (Python's urllib, Ruby's Net::HTTP) would
+/// otherwise see a reset connection instead of the 413 that says what to do. Beyond this the
+/// connection is cut: a megabyte is already far more than anyone posts by mistake.
+pub const MAX_DRAIN_BYTES: u64 = 1024 * 1024;
 /// Time to send the request head, and to send the whole request.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -163,6 +177,8 @@ struct Channel {
     number: u32,
     heartbeat: Arc<Heartbeat>,
     bucket: Mutex<Bucket>,
+    /// `MAX_REQUESTS_IN_FLIGHT` permits.
+    in_flight: Arc<Semaphore>,
 }
 
 /// The endpoint's state: live instances by secret, counters, and where events go.
@@ -221,6 +237,7 @@ impl AppEvents {
                 tokens: EVENT_BURST,
                 at: Instant::now(),
             }),
+            in_flight: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
         });
         self.lock().insert(secret.clone(), channel);
         Registration {
@@ -253,15 +270,8 @@ impl AppEvents {
 
     /// Serves the endpoint until `shutdown`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let connections = Arc::new(Connections::new());
         loop {
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                permit = slots.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-            };
             let stream = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 accepted = listener.accept() => match accepted {
@@ -273,22 +283,40 @@ impl AppEvents {
                     }
                 },
             };
+            let connection = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                connection = connections.admit() => connection,
+            };
             let events = self.clone();
+            let connections = connections.clone();
             tokio::spawn(async move {
-                let _permit = permit;
                 let mut builder = http1::Builder::new();
                 builder
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
                     .keep_alive(true);
-                let service = service_fn(move |request| {
-                    let events = events.clone();
-                    async move { Ok::<_, std::convert::Infallible>(events.handle(request).await) }
-                });
-                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                let service = {
+                    let (connections, connection) = (connections.clone(), connection.clone());
+                    service_fn(move |request| {
+                        let (events, connections, connection) =
+                            (events.clone(), connections.clone(), connection.clone());
+                        async move {
+                            connections.busy(&connection);
+                            let response = events.handle(request).await;
+                            connections.idle(&connection);
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    })
+                };
+                let serving = builder.serve_connection(TokioIo::new(stream), service);
                 // A connection is for a handful of small requests; a client that holds one
-                // open without finishing is cut.
-                let _ = tokio::time::timeout(REQUEST_TIMEOUT * 6, connection).await;
+                // open without finishing is cut, and so is one idle the longest when the
+                // endpoint is full.
+                tokio::select! {
+                    _ = connection.cut.cancelled() => {}
+                    _ = tokio::time::timeout(REQUEST_TIMEOUT * 6, serving) => {}
+                }
+                connections.close(&connection);
             });
         }
     }
@@ -333,11 +361,38 @@ impl AppEvents {
             .get(hyper::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > MAX_EVENT_BYTES as u64) {
+        // Held until the answer: one instance cannot fill the endpoint with posts half sent.
+        let Ok(_in_flight) = channel.in_flight.clone().try_acquire_owned() else {
+            return (
+                Outcome::RateLimited,
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "more than {MAX_REQUESTS_IN_FLIGHT} posts at once from one instance; wait for an answer before sending more"
+                ),
+            );
+        };
+        let mut body = request.into_body();
+        if let Some(declared) = declared
+            && declared > MAX_EVENT_BYTES as u64
+        {
+            if declared <= MAX_DRAIN_BYTES {
+                drain(&mut body, declared).await;
+            }
             return too_large();
         }
-        let body = Limited::new(request.into_body(), MAX_EVENT_BYTES);
-        let bytes = match tokio::time::timeout(REQUEST_TIMEOUT, body.collect()).await {
+        let read = async {
+            let mut bytes = Vec::new();
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame?.into_data() {
+                    if bytes.len() + data.len() > MAX_EVENT_BYTES {
+                        return Ok(None);
+                    }
+                    bytes.extend_from_slice(&data);
+                }
+            }
+            Ok::<_, hyper::Error>(Some(bytes))
+        };
+        let bytes = match tokio::time::timeout(REQUEST_TIMEOUT, read).await {
             Err(_) => {
                 return (
                     Outcome::Malformed,
@@ -345,7 +400,6 @@ impl AppEvents {
                     format!("the body did not arrive within {REQUEST_TIMEOUT:?}"),
                 );
             }
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
             Ok(Err(e)) => {
                 return (
                     Outcome::Malformed,
@@ -353,7 +407,11 @@ impl AppEvents {
                     format!("reading the body: {e}"),
                 );
             }
-            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Ok(None)) => {
+                drain(&mut body, MAX_DRAIN_BYTES).await;
+                return too_large();
+            }
+            Ok(Ok(Some(bytes))) => bytes,
         };
         if !channel
             .bucket
@@ -416,6 +474,126 @@ impl AppEvents {
             );
         }
         (Outcome::Accepted, StatusCode::ACCEPTED, "accepted".into())
+    }
+}
+
+/// Reads and throws away the rest of an oversized body, up to `limit` bytes (at most
+/// `MAX_DRAIN_BYTES`) and `REQUEST_TIMEOUT`, so that a client still sending it reads the 413
+/// rather than a reset connection.
+async fn drain(body: &mut Incoming, limit: u64) {
+    let mut left = limit.min(MAX_DRAIN_BYTES);
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                match left.checked_sub(data.len() as u64) {
+                    Some(rest) => left = rest,
+                    None => return,
+                }
+            }
+        }
+    })
+    .await;
+}
+
+/// The endpoint's open connections, so that a full endpoint can make room.
+struct Connections {
+    epoch: Instant,
+    open: Mutex<OpenConnections>,
+    /// Signalled when a connection closes or finishes a request.
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct OpenConnections {
+    next_id: u64,
+    by_id: HashMap<u64, Arc<Connection>>,
+}
+
+struct Connection {
+    id: u64,
+    /// Milliseconds after `Connections::epoch` since it has been idle (opened, or finished
+    /// its last request); `BUSY` while it answers one. Changed only under the `open` lock, so
+    /// the choice of which connection to cut never races with one starting to answer.
+    idle_since: AtomicU64,
+    /// Cancelled to cut the connection.
+    cut: CancellationToken,
+}
+
+const BUSY: u64 = u64::MAX;
+
+impl Connections {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            open: Mutex::new(OpenConnections::default()),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OpenConnections> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(BUSY - 1)
+    }
+
+    /// Room for one more connection: at once while there are fewer than `MAX_CONNECTIONS`,
+    /// else by cutting the connection idle the longest; when every connection is answering a
+    /// request, waits for one to finish.
+    async fn admit(&self) -> Arc<Connection> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(connection) = self.try_admit() {
+                return connection;
+            }
+            changed.await;
+        }
+    }
+
+    fn try_admit(&self) -> Option<Arc<Connection>> {
+        let mut open = self.lock();
+        if open.by_id.len() >= MAX_CONNECTIONS {
+            let (_, idlest) = open
+                .by_id
+                .values()
+                .map(|c| (c.idle_since.load(Ordering::Relaxed), c.id))
+                .filter(|(since, _)| *since != BUSY)
+                .min()?;
+            if let Some(cut) = open.by_id.remove(&idlest) {
+                tracing::debug!("app events endpoint full; cutting its longest idle connection");
+                cut.cut.cancel();
+            }
+        }
+        let id = open.next_id;
+        open.next_id += 1;
+        let connection = Arc::new(Connection {
+            id,
+            idle_since: AtomicU64::new(self.now()),
+            cut: CancellationToken::new(),
+        });
+        open.by_id.insert(id, connection.clone());
+        Some(connection)
+    }
+
+    fn busy(&self, connection: &Connection) {
+        let _open = self.lock();
+        connection.idle_since.store(BUSY, Ordering::Relaxed);
+    }
+
+    fn idle(&self, connection: &Connection) {
+        {
+            let _open = self.lock();
+            connection.idle_since.store(self.now(), Ordering::Relaxed);
+        }
+        self.changed.notify_waiters();
+    }
+
+    fn close(&self, connection: &Connection) {
+        self.lock().by_id.remove(&connection.id);
+        self.changed.notify_waiters();
     }
 }
 

@@ -15,6 +15,9 @@ use px_proto::runtime::{KNOWN_RUNTIMES, Requirement, Version};
 pub const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most bytes of `--version` output read.
 pub const MAX_VERSION_OUTPUT: usize = 4096;
+/// How long the output of a `--version` that has exited may take to end: a background
+/// process it started may hold the pipes open long after.
+pub const OUTPUT_GRACE: Duration = Duration::from_millis(200);
 
 /// The first executable file called `command` in the directories of `path`.
 pub fn find(command: &str, path: &OsStr) -> Option<PathBuf> {
@@ -27,35 +30,58 @@ pub fn find(command: &str, path: &OsStr) -> Option<PathBuf> {
         })
 }
 
-/// Runs `<exe> --version` (with `path` as its `PATH`) and reads the version it prints, on
-/// stdout or stderr.
+/// Runs `<exe> --version` in the environment its instances will have (`path` as `PATH`, and
+/// the variables `process::PASSED_ENV` passes through: some runtimes print nothing without
+/// `HOME`) and reads the version it prints, on stdout or stderr. It runs in a process group of
+/// its own, ended afterwards, so nothing it started is left behind; once it has exited, whatever
+/// it started cannot hold the check up by keeping its output open.
 pub async fn version_of(exe: &Path, path: &OsStr) -> Option<Version> {
     use tokio::io::AsyncReadExt;
-    let mut child = tokio::process::Command::new(exe)
-        .arg("--version")
-        .env_clear()
-        .env("PATH", path)
+    let mut command = tokio::process::Command::new(exe);
+    command.arg("--version").env_clear().env("PATH", path);
+    for key in crate::process::PASSED_ENV {
+        if let Some(value) = std::env::var_os(key) {
+            command.env(key, value);
+        }
+    }
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .ok()?;
+    let pid = child.id();
     let (mut stdout, mut stderr) = (child.stdout.take()?, child.stderr.take()?);
-    let read = async {
-        let mut out = Vec::new();
-        let mut err = Vec::new();
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    {
         let limit = MAX_VERSION_OUTPUT as u64;
         let mut stdout = (&mut stdout).take(limit);
         let mut stderr = (&mut stderr).take(limit);
-        let _ = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
-        let _ = child.wait().await;
-        out.extend_from_slice(b"\n");
-        out.extend_from_slice(&err);
-        out
-    };
-    let output = tokio::time::timeout(VERSION_TIMEOUT, read).await.ok()?;
-    Version::find_in(&String::from_utf8_lossy(&output))
+        let read = async {
+            let _ = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+        };
+        let exited = async {
+            let _ = child.wait().await;
+            tokio::time::sleep(OUTPUT_GRACE).await;
+        };
+        // What was read by then counts, even when it is cut short.
+        let _ = tokio::time::timeout(VERSION_TIMEOUT, async {
+            tokio::select! {
+                () = read => {}
+                () = exited => {}
+            }
+        })
+        .await;
+    }
+    if let Some(pid) = pid {
+        crate::process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    out.extend_from_slice(b"\n");
+    out.extend_from_slice(&err);
+    Version::find_in(&String::from_utf8_lossy(&out))
 }
 
 /// The known runtimes found on `path`, with their versions (`"?"` when the version could not
@@ -140,6 +166,75 @@ mod tests {
             .get("python3")
             .expect("python3 is on every test machine");
         assert!(Version::parse(python).is_some(), "{python}");
+    }
+
+    /// A fake `tool` with its own shell script.
+    fn script_tool(dir: &Path, name: &str, script: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_version_is_read_in_the_environment_instances_get() {
+        let bin = tempfile::tempdir().unwrap();
+        let home = std::env::var("HOME").expect("HOME is set on every test machine");
+        // Like runtimes that cannot start without a home directory.
+        script_tool(
+            bin.path(),
+            "homebound",
+            &format!("[ \"$HOME\" = '{home}' ] || exit 1\necho 'homebound 1.2.3'"),
+        );
+        let found = version_of(&bin.path().join("homebound"), bin.path().as_os_str()).await;
+        assert_eq!(found.map(|v| v.to_string()).as_deref(), Some("1.2.3"));
+    }
+
+    #[tokio::test]
+    async fn what_a_version_command_leaves_running_neither_delays_the_check_nor_survives_it() {
+        let bin = tempfile::tempdir().unwrap();
+        let pid_file = bin.path().join("helper.pid");
+        // Prints its version, then leaves a helper that holds the output open.
+        script_tool(
+            bin.path(),
+            "chatty",
+            &format!(
+                "echo 'chatty 4.5.6'\nsleep 60 &\necho $! > '{}'",
+                pid_file.display()
+            ),
+        );
+        let host = std::env::var_os("PATH").unwrap();
+        let path = std::env::join_paths(
+            std::iter::once(bin.path().to_path_buf()).chain(std::env::split_paths(&host)),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let found = version_of(&bin.path().join("chatty"), &path).await;
+        assert_eq!(found.map(|v| v.to_string()).as_deref(), Some("4.5.6"));
+        assert!(
+            started.elapsed() < VERSION_TIMEOUT / 2,
+            "{:?}",
+            started.elapsed()
+        );
+        let helper: u32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Gone, or a zombie waiting for whoever adopted it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(format!("/proc/{helper}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the helper {helper} outlived the check"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]

@@ -1003,13 +1003,14 @@ impl AppTask {
     }
 }
 
-/// Seconds as `PX_HEARTBEAT_INTERVAL` gives them: `10`, or `1.5`.
+/// Seconds as `PX_HEARTBEAT_INTERVAL` gives them, to the millisecond: `10`, or `1.5`. Written
+/// from whole milliseconds rather than rounded from a float, which turned 1.9999 s into `2.`.
 fn format_seconds(d: Duration) -> String {
     let ms = d.as_millis();
     if ms.is_multiple_of(1000) {
         (ms / 1000).to_string()
     } else {
-        format!("{:.3}", d.as_secs_f64())
+        format!("{}.{:03}", ms / 1000, ms % 1000)
             .trim_end_matches('0')
             .to_string()
     }
@@ -1055,5 +1056,29 @@ async fn wait_crash(
     tokio::select! {
         (event, _, _) = futures_util::future::select_all(exits) => event,
         event = restart => event,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_intervals_are_given_as_seconds_an_app_can_parse() {
+        for (interval, text) in [
+            (Duration::from_secs(10), "10"),
+            (Duration::from_millis(1500), "1.5"),
+            (Duration::from_millis(1250), "1.25"),
+            (Duration::from_millis(1001), "1.001"),
+            (Duration::from_micros(1_999_900), "1.999"),
+            (Duration::from_micros(2_000_400), "2"),
+        ] {
+            let formatted = format_seconds(interval);
+            assert_eq!(formatted, text, "{interval:?}");
+            assert!(
+                formatted.parse::<f64>().is_ok_and(|s| s > 0.0),
+                "{formatted}"
+            );
+        }
     }
 }
