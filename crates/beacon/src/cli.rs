@@ -1,15 +1,28 @@
-//! What the `beacon` binary does besides parsing: the serve loop.
+//! What the `beacon` binary does besides parsing: the serve loop, with the listeners systemd
+//! passed (`api` for the HTTP API, `control` for the links) or else bound from the config.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::config::Config;
+use px_runtime::systemd::{self, Activation, Systemd};
 
-pub fn serve(config: Config) -> ExitCode {
+use crate::config::{Config, ENV_PREFIX};
+
+/// Reads the configuration as `main` did: defaults, then `file`, then `PX_BEACON_*`.
+pub fn load_config(file: Option<&Path>) -> Result<Config, px_runtime::config::ConfigError> {
+    px_runtime::config::load(&Config::default(), file, ENV_PREFIX)
+}
+
+pub fn serve(config: Config, file: Option<PathBuf>) -> ExitCode {
     px_runtime::service::serve("beacon", |shutdown| async move {
+        let mut activation = Activation::from_env().map_err(std::io::Error::from)?;
         let listeners = crate::Listeners {
-            http: tokio::net::TcpListener::bind(config.http_listen).await?,
-            control: tokio::net::TcpListener::bind(config.control_listen).await?,
+            http: systemd::listener(&mut activation, "api", config.http_listen).await?,
+            control: systemd::listener(&mut activation, "control", config.control_listen).await?,
         };
-        crate::run(config, listeners, shutdown).await
+        // Any socket systemd passed that Beacon does not take is closed here, with a warning.
+        drop(activation);
+        let systemd = Systemd::from_env(move || load_config(file.as_deref()))?;
+        crate::run_with(config, listeners, shutdown, systemd).await
     })
 }

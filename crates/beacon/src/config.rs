@@ -1,4 +1,16 @@
 //! Beacon's configuration: one typed struct, layered defaults < TOML file < `PX_BEACON_*`.
+//!
+//! Under systemd, sockets passed as `api` and `control` (`FileDescriptorName=`) replace
+//! `http_listen` and `control_listen`.
+//!
+//! Reload (SIGHUP, `systemctl reload beacon`): the file and environment are read again and
+//! must pass the same checks as at start-up, else the reload fails, is logged, and Beacon
+//! keeps running as it was. What a reload applies: `tokens` and `tokens_file` (the file is
+//! read again even when its name did not change), checked from the next API request and the
+//! next link handshake on; links already open stay open. Every other setting takes effect
+//! only after a restart, among them the listen addresses, `data_dir`, the TLS certificate and
+//! key, `[repository]` and `[alerts]` (the webhooks' delivery queues are built at start-up);
+//! a reload that finds one changed logs it and says so in the status line.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,9 +38,11 @@ pub const DEFAULT_NODE_LOST_AFTER: Duration = px_proto::link::HEARTBEAT_DEADLINE
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// HTTP API and status page. Default: `127.0.0.1:7080`.
+    /// HTTP API and status page, unless systemd passes a socket named `api`. Default:
+    /// `127.0.0.1:7080`.
     pub http_listen: SocketAddr,
-    /// TLS control links from Maestros and repositories. Default: `127.0.0.1:7443`.
+    /// TLS control links from Maestros and repositories, unless systemd passes a socket named
+    /// `control`. Default: `127.0.0.1:7443`.
     pub control_listen: SocketAddr,
     /// Event log and the persisted assignment generation. Default: `/var/lib/platformx/beacon`.
     pub data_dir: PathBuf,
@@ -36,7 +50,8 @@ pub struct Config {
     pub tls_cert_file: PathBuf,
     /// Its private key (PEM, mode 0600). Required.
     pub tls_key_file: PathBuf,
-    /// A TOML file of `[[token]]` entries (`name`, `role`, `sha256`). Default: none.
+    /// A TOML file of `[[token]]` entries (`name`, `role`, `sha256`), read again on each
+    /// reload. Default: none.
     pub tokens_file: Option<PathBuf>,
     /// Tokens given inline. Roles: `read`, `deploy` (HTTP API), `maestro`, `repository` (links).
     pub tokens: Vec<TokenEntry<Role>>,

@@ -17,9 +17,12 @@ pub mod reconcile;
 pub mod status;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use px_runtime::config::ConfigError;
+use px_runtime::systemd::{Reloaded, Systemd};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -120,11 +123,27 @@ impl px_runtime::service::StartFailure for StartError {
     }
 }
 
-/// Runs Beacon on already-bound listeners until `shutdown` is cancelled.
+/// Settings a reload applies (see `config.rs`); any other change needs a restart.
+pub const RELOADABLE: &[&str] = &["tokens", "tokens_file"];
+
+/// Runs Beacon on already-bound listeners until `shutdown` is cancelled; without a service
+/// manager (`em up`, tests).
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    run_with(config, listeners, shutdown, Systemd::none()).await
+}
+
+/// [`run`], telling `systemd` when Beacon is ready (listeners open, event log and persisted
+/// generation loaded), how many nodes and apps it has, that it is alive, and answering its
+/// reload requests.
+pub async fn run_with(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    systemd: Systemd<Config>,
 ) -> Result<(), StartError> {
     let checked = check(&config)?;
     tokio::fs::create_dir_all(&config.data_dir).await?;
@@ -164,13 +183,20 @@ pub async fn run(
     ));
     let sweeper_hub = hub.clone();
     let sweeper_shutdown = shutdown.clone();
+    // When the sweeper last finished a pass, for the watchdog's liveness probe.
+    let swept = Arc::new(AtomicU64::new(0));
+    let sweeper_swept = swept.clone();
+    let epoch = Instant::now();
     tracker.spawn(async move {
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = sweeper_shutdown.cancelled() => return,
-                _ = tick.tick() => sweeper_hub.sweep(),
+                _ = tick.tick() => {
+                    sweeper_hub.sweep();
+                    sweeper_swept.store(millis_since(epoch), Ordering::Relaxed);
+                }
             }
         }
     });
@@ -189,11 +215,37 @@ pub async fn run(
     let http_addr = listeners.http.local_addr()?;
     tracing::info!(http = %http_addr, control = %control_addr, "beacon listening");
     let state = http::AppState {
-        hub,
-        tokens: checked.tokens,
-        metrics,
+        hub: hub.clone(),
+        tokens: checked.tokens.clone(),
+        metrics: metrics.clone(),
         logs: app_logs,
     };
+    let probe_hub = hub.clone();
+    systemd.ready(
+        &tracker,
+        &shutdown,
+        move || status_line(&hub, &metrics),
+        move || {
+            let hub = probe_hub.clone();
+            let swept = swept.clone();
+            Box::pin(async move {
+                let since_sweep = millis_since(epoch).saturating_sub(swept.load(Ordering::Relaxed));
+                if Duration::from_millis(since_sweep) > SWEEPER_SILENCE {
+                    return Err(format!(
+                        "the sweeper has not finished a pass for {since_sweep} ms"
+                    ));
+                }
+                tokio::spawn(async move { hub.generation() })
+                    .await
+                    .map_err(|e| format!("the hub did not answer: {e}"))?;
+                px_runtime::systemd::http_answers(http_addr, "/healthz").await
+            }) as BoxFuture<'static, Result<(), String>>
+        },
+        move |new: Config| {
+            let reloaded = reload(&config, &new, &checked.tokens);
+            std::future::ready(reloaded)
+        },
+    );
     let server = axum::serve(listeners.http, http::router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let served = server.into_future();
@@ -208,4 +260,43 @@ pub async fn run(
     let _ = tokio::time::timeout(DRAIN_DEADLINE, tracker.wait()).await;
     tracing::info!("beacon stopped");
     Ok(())
+}
+
+/// Longest the sweeper may go without finishing a pass before the liveness probe fails: many
+/// times its interval, so only a sweeper that is stuck (not merely late under load) fails it.
+pub const SWEEPER_SILENCE: Duration = Duration::from_secs(10);
+
+fn millis_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Beacon's STATUS= line, e.g. `3 nodes connected, 2 apps, generation 14; apprepo reachable`.
+fn status_line(hub: &hub::Hub, metrics: &metrics::Metrics) -> String {
+    let nodes = metrics.nodes_connected.get();
+    let apps = hub.apps().len();
+    let repository = if hub.repository_reachable() {
+        "apprepo reachable"
+    } else {
+        "apprepo unreachable, keeping the last known desired state"
+    };
+    format!(
+        "{nodes} node{} connected, {apps} app{}, generation {}; {repository}",
+        if nodes == 1 { "" } else { "s" },
+        if apps == 1 { "" } else { "s" },
+        hub.generation()
+    )
+}
+
+/// A reload: the new configuration must pass [`check`]; its tokens (inline and `tokens_file`)
+/// replace the accepted ones at once, for new requests and links (open links stay); any other
+/// changed setting needs a restart.
+fn reload(running: &Config, new: &Config, tokens: &auth::Tokens) -> Result<Reloaded, String> {
+    let checked = check(new).map_err(|e| e.to_string())?;
+    let table = Arc::try_unwrap(checked.tokens).unwrap_or_else(|shared| (*shared).clone());
+    let count = table.len();
+    tokens.replace(table);
+    Ok(Reloaded {
+        applied: format!("{count} token{}", if count == 1 { "" } else { "s" }),
+        needs_restart: px_runtime::config::restart_needed(running, new, RELOADABLE),
+    })
 }

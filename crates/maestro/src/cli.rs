@@ -1,20 +1,32 @@
-//! What the `maestro` binary does besides parsing: the serve loop.
+//! What the `maestro` binary does besides parsing: the serve loop, with the listeners systemd
+//! passed (`http`, `https`, `status`) or else bound from the config.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::Config;
+use px_runtime::systemd::{self, Activation, Systemd};
 
-pub fn serve(config: Config) -> ExitCode {
+use crate::config::{Config, ENV_PREFIX};
+
+/// Reads the configuration as `main` did: defaults, then `file`, then `PX_MAESTRO_*`.
+pub fn load_config(
+    file: Option<&std::path::Path>,
+) -> Result<Config, px_runtime::config::ConfigError> {
+    px_runtime::config::load(&Config::default(), file, ENV_PREFIX)
+}
+
+pub fn serve(config: Config, file: Option<PathBuf>) -> ExitCode {
     px_runtime::service::serve("maestro", |shutdown| async move {
-        let https = match config.https_listen {
-            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
-            None => None,
-        };
+        let mut activation = Activation::from_env().map_err(std::io::Error::from)?;
         let listeners = crate::Listeners {
-            http: tokio::net::TcpListener::bind(config.http_listen).await?,
-            https,
-            status: tokio::net::TcpListener::bind(config.status_listen).await?,
+            http: systemd::listener(&mut activation, "http", config.http_listen).await?,
+            https: systemd::optional_listener(&mut activation, "https", config.https_listen)
+                .await?,
+            status: systemd::listener(&mut activation, "status", config.status_listen).await?,
         };
-        crate::run(config, listeners, shutdown).await
+        // Any socket systemd passed that Maestro does not take is closed here, with a warning.
+        drop(activation);
+        let systemd = Systemd::from_env(move || load_config(file.as_deref()))?;
+        crate::run_with(config, listeners, shutdown, systemd).await
     })
 }

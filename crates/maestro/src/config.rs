@@ -1,4 +1,16 @@
 //! Maestro's configuration: one typed struct, layered defaults < TOML file < `PX_MAESTRO_*`.
+//!
+//! Under systemd, the sockets passed as `http`, `https` and `status` (`FileDescriptorName=`)
+//! replace `http_listen`, `https_listen` and `status_listen`; an `https` socket turns HTTPS
+//! on (with `certs_dir`) even without `https_listen`.
+//!
+//! Reload (SIGHUP, `systemctl reload maestro`): the file and environment are read again and
+//! must pass the same checks as at start-up, else the reload fails, is logged, and Maestro
+//! keeps running as it was. What a reload applies: the TLS certificates in `certs_dir`,
+//! read again whether or not a setting changed (renewed certificates serve from the next
+//! handshake; open connections are not touched). Every other setting (listen addresses,
+//! directories, `certs_dir` itself, the Beacon link, timings) takes effect only after a
+//! restart; a reload that finds one changed logs it and says so in the status line.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -34,15 +46,19 @@ pub struct Config {
     pub node_name: String,
     /// Labels apps may require (`[placement] labels` in app.toml). Default: none.
     pub labels: BTreeMap<String, String>,
-    /// Plain HTTP proxy address. Default: `127.0.0.1:8080`.
+    /// Plain HTTP proxy address, unless systemd passes a socket named `http`. Default:
+    /// `127.0.0.1:8080`.
     pub http_listen: SocketAddr,
-    /// HTTPS proxy address; needs `certs_dir`. Default: none.
+    /// HTTPS proxy address, unless systemd passes a socket named `https`; needs `certs_dir`.
+    /// Default: none.
     pub https_listen: Option<SocketAddr>,
-    /// Certificates per domain (`<domain>.crt` + `<domain>.key`). Default: none.
+    /// Certificates per domain (`<domain>.crt` + `<domain>.key`), read again on each reload.
+    /// Default: none.
     pub certs_dir: Option<PathBuf>,
     /// Redirect plain HTTP to HTTPS. Default: false.
     pub https_redirect: bool,
-    /// Local `/healthz` and `/metrics`. Default: `127.0.0.1:7090`.
+    /// Local `/healthz` and `/metrics`, unless systemd passes a socket named `status`.
+    /// Default: `127.0.0.1:7090`.
     pub status_listen: SocketAddr,
     /// Where instances post events and heartbeats (`PX_EVENTS_URL`); keep it on loopback.
     /// Default: `127.0.0.1:0` (a free port).

@@ -15,11 +15,16 @@ pub mod routes;
 pub mod runtimes;
 pub mod supervisor;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::response::IntoResponse;
+use futures_util::future::BoxFuture;
+use px_proto::link::InstanceState;
 use px_runtime::config::ConfigError;
+use px_runtime::systemd::{Reloaded, Systemd};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -84,6 +89,7 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
                 name: config.node_name.clone(),
                 labels: config.labels.clone(),
                 runtimes: Default::default(),
+                linked: Default::default(),
             })
         })();
         resolved
@@ -125,13 +131,38 @@ impl px_runtime::service::StartFailure for StartError {
     }
 }
 
-/// Runs Maestro on already-bound listeners until `shutdown`, then drains and stops its apps.
+/// Settings a reload applies (see `config.rs`): none, since TLS certificates are read again
+/// from `certs_dir` on every reload whether or not a setting changed.
+pub const RELOADABLE: &[&str] = &[];
+
+/// Runs Maestro on already-bound listeners until `shutdown`, then drains and stops its apps;
+/// without a service manager (`em up`, tests).
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
-    let checked = check(&config)?;
+    run_with(config, listeners, shutdown, Systemd::none()).await
+}
+
+/// [`run`], telling `systemd` when Maestro is ready (its listeners open and the persisted
+/// assignment applied), what it serves, that it is alive, and answering its reload requests.
+pub async fn run_with(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    systemd: Systemd<Config>,
+) -> Result<(), StartError> {
+    let mut checked = check(&config)?;
+    // A socket systemd passed as `https` turns HTTPS on even without `https_listen`.
+    if listeners.https.is_some() && checked.certs.is_none() {
+        let dir = config.certs_dir.as_ref().ok_or_else(|| {
+            ConfigError::one("systemd passed an https socket, which needs certs_dir")
+        })?;
+        checked.certs = Some(
+            proxy::CertStore::load(dir).map_err(|e| ConfigError::one(format!("certs_dir: {e}")))?,
+        );
+    }
     tokio::fs::create_dir_all(&config.state_dir).await?;
     tokio::fs::create_dir_all(&config.log_dir).await?;
     let tracker = TaskTracker::new();
@@ -204,6 +235,7 @@ pub async fn run(
     let http_addr = listeners.http.local_addr()?;
     let serving = TaskTracker::new();
     serving.spawn(proxy.clone().serve_http(listeners.http, proxy_stop.clone()));
+    let certs = listeners.https.as_ref().and(checked.certs.clone());
     if let (Some(listener), Some(certs)) = (listeners.https, checked.certs) {
         serving.spawn(
             proxy
@@ -248,6 +280,7 @@ pub async fn run(
             .await;
     });
 
+    let linked = checked.link.as_ref().map(|l| l.linked.clone());
     if let Some(mut settings) = checked.link {
         settings.runtimes =
             runtimes::probe_host(&std::env::var_os("PATH").unwrap_or_default()).await;
@@ -267,6 +300,13 @@ pub async fn run(
         drop(events);
     }
     tracing::info!(http = %http_addr, status = %status_addr, node = %config.node_name, "maestro ready");
+    systemd.ready(
+        &tracker,
+        &shutdown,
+        status_line(supervisor.clone(), linked, certs.clone()),
+        liveness_probe(supervisor.clone(), serving.clone()),
+        move |new: Config| reload(config.clone(), new, certs.clone()),
+    );
 
     shutdown.cancelled().await;
     tracing::info!("stopping: draining the proxy, then the apps");
@@ -284,4 +324,99 @@ pub async fn run(
     }
     tracing::info!("maestro stopped");
     Ok(())
+}
+
+/// Maestro's STATUS= line: what it serves and whether Beacon is linked, e.g. `serving 3 apps
+/// (5 instances); beacon linked`.
+fn status_line(
+    supervisor: Arc<supervisor::Supervisor>,
+    linked: Option<Arc<AtomicBool>>,
+    certs: Option<Arc<proxy::CertStore>>,
+) -> impl FnMut() -> String + Send + 'static {
+    let started = std::time::Instant::now();
+    move || {
+        let report = supervisor.report();
+        let apps: BTreeSet<&str> = report.instances.iter().map(|i| i.app.as_str()).collect();
+        let not_healthy = report
+            .instances
+            .iter()
+            .filter(|i| i.state != InstanceState::Healthy)
+            .count();
+        let mut line = format!(
+            "serving {} ({}",
+            plural(apps.len(), "app"),
+            plural(report.instances.len(), "instance")
+        );
+        if not_healthy > 0 {
+            line += &format!(", {not_healthy} not healthy");
+        }
+        line += ")";
+        if let Some(certs) = &certs {
+            line += &format!(", {} over HTTPS", plural(certs.len(), "certificate"));
+        }
+        line += match &linked {
+            None => "; no beacon configured",
+            Some(linked) if linked.load(Ordering::Relaxed) => "; beacon linked",
+            // The first attempt has not had its time yet.
+            Some(_) if started.elapsed() < px_proto::link::HANDSHAKE_TIMEOUT => {
+                "; connecting to beacon"
+            }
+            Some(_) => "; beacon unreachable, serving the persisted assignment",
+        };
+        line
+    }
+}
+
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// Maestro is alive while the proxy still accepts and the supervisor answers from a freshly
+/// spawned task (so the runtime schedules work and the supervisor's state lock is free).
+fn liveness_probe(
+    supervisor: Arc<supervisor::Supervisor>,
+    serving: TaskTracker,
+) -> impl FnMut() -> BoxFuture<'static, Result<(), String>> + Send + 'static {
+    move || {
+        let supervisor = supervisor.clone();
+        let serving = serving.clone();
+        Box::pin(async move {
+            if serving.is_empty() {
+                return Err("the proxy no longer accepts connections".into());
+            }
+            tokio::spawn(async move { supervisor.report().generation })
+                .await
+                .map(drop)
+                .map_err(|e| format!("the supervisor did not answer: {e}"))
+        })
+    }
+}
+
+/// A reload: the new configuration must pass [`check`]; the TLS certificates are read again
+/// from `certs_dir` (served from the next handshake; open connections keep theirs); any other
+/// changed setting needs a restart.
+async fn reload(
+    running: Config,
+    new: Config,
+    certs: Option<Arc<proxy::CertStore>>,
+) -> Result<Reloaded, String> {
+    check(&new).map_err(|e| e.to_string())?;
+    let applied = match certs {
+        Some(certs) => {
+            let count = tokio::task::spawn_blocking(move || certs.reload())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("certs_dir: {e}; still serving the previous certificates"))?;
+            format!("{} read again", plural(count, "TLS certificate"))
+        }
+        None => "nothing to read again (no HTTPS)".into(),
+    };
+    Ok(Reloaded {
+        applied,
+        needs_restart: px_runtime::config::restart_needed(&running, &new, RELOADABLE),
+    })
 }

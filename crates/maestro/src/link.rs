@@ -45,6 +45,8 @@ pub struct LinkSettings {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Runtimes found on this host (`python3` → `3.11.7`), for Beacon's placement.
     pub runtimes: std::collections::BTreeMap<String, String>,
+    /// Whether the link is up now, for the status systemd shows; set by [`run`].
+    pub linked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 type Link = Framed<
@@ -162,6 +164,9 @@ pub async fn run(
         let mut link = match connected {
             Ok(link) => {
                 failures = 0;
+                settings
+                    .linked
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 link
             }
             Err(reason) => {
@@ -260,6 +265,9 @@ pub async fn run(
                 }
             }
         };
+        settings
+            .linked
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(addr = %settings.addr, %error, "beacon link lost; reconnecting, apps keep serving");
     }
 }

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use px_maestro::config::{Config, ENV_PREFIX};
 
 #[derive(Parser)]
 #[command(
@@ -24,19 +23,18 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     px_runtime::telemetry::init();
-    let config =
-        match px_runtime::config::load(&Config::default(), args.config.as_deref(), ENV_PREFIX)
-            .and_then(|c| px_maestro::check(&c).map(|_| c))
-        {
-            Ok(config) => config,
-            Err(e) => {
-                eprintln!("maestro: {e}");
-                return ExitCode::from(px_runtime::EX_CONFIG as u8);
-            }
-        };
+    let config = match px_maestro::cli::load_config(args.config.as_deref())
+        .and_then(|c| px_maestro::check(&c).map(|_| c))
+    {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("maestro: {e}");
+            return ExitCode::from(px_runtime::EX_CONFIG as u8);
+        }
+    };
     if args.check_config {
         println!("maestro: configuration is valid");
         return ExitCode::SUCCESS;
     }
-    px_maestro::cli::serve(config)
+    px_maestro::cli::serve(config, args.config)
 }

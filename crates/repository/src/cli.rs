@@ -1,9 +1,13 @@
-//! What the `apprepo` binary does besides parsing: token helpers and the serve loop.
+//! What the `apprepo` binary does besides parsing: token helpers and the serve loop, on the
+//! socket systemd passed (`api`) or else the configured address.
 
 use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::config::Config;
+use px_runtime::systemd::{self, Activation, Systemd};
+
+use crate::config::{Config, ENV_PREFIX};
 
 pub fn token_new(name: &str, role: &str) -> ExitCode {
     if !matches!(role, "deploy" | "read") {
@@ -33,9 +37,19 @@ pub fn token_hash() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-pub fn serve(config: Config) -> ExitCode {
+/// Reads the configuration as `main` did: defaults, then `file`, then `PX_APPREPO_*`.
+pub fn load_config(file: Option<&Path>) -> Result<Config, px_runtime::config::ConfigError> {
+    px_runtime::config::load(&Config::default(), file, ENV_PREFIX)
+}
+
+/// Serves on the socket systemd passed as `api`, or else on `listen`.
+pub fn serve(config: Config, file: Option<PathBuf>) -> ExitCode {
     px_runtime::service::serve("apprepo", |shutdown| async move {
-        let listener = tokio::net::TcpListener::bind(config.listen).await?;
-        crate::run(config, listener, shutdown).await
+        let mut activation = Activation::from_env().map_err(std::io::Error::from)?;
+        let listener = systemd::listener(&mut activation, "api", config.listen).await?;
+        // Any socket systemd passed that apprepo does not take is closed here, with a warning.
+        drop(activation);
+        let systemd = Systemd::from_env(move || load_config(file.as_deref()))?;
+        crate::run_with(config, listener, shutdown, systemd).await
     })
 }

@@ -1,4 +1,14 @@
 //! apprepo's configuration: one typed struct, layered defaults < TOML file < `PX_APPREPO_*`.
+//!
+//! Under systemd, a socket passed as `api` (`FileDescriptorName=`) replaces `listen`.
+//!
+//! Reload (SIGHUP, `systemctl reload apprepo`): the file and environment are read again and
+//! must pass the same checks as at start-up, else the reload fails, is logged, and apprepo
+//! keeps running as it was. What a reload applies: `tokens` and `tokens_file` (the file is
+//! read again even when its name did not change), checked from the next request on. Every
+//! other setting takes effect only after a restart, among them `listen`, `data_dir`,
+//! `[storage]`, `[limits]` and `[beacon]`; a reload that finds one changed logs it and says
+//! so in the status line.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,7 +37,8 @@ pub const DEFAULT_MAX_CONCURRENT_UPLOADS: usize = 8;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Address of the HTTP API. Default: `127.0.0.1:7070`.
+    /// Address of the HTTP API, unless systemd passes a socket named `api`. Default:
+    /// `127.0.0.1:7070`.
     pub listen: SocketAddr,
     /// Spool files for uploads live here (`tmp/`), and with the `fs` backend the storage too
     /// (`storage/`). Default: `/var/lib/platformx/apprepo`.
@@ -37,7 +48,7 @@ pub struct Config {
     /// Size and count limits on uploads.
     pub limits: LimitsConfig,
     /// A TOML file of `[[token]]` entries (`name`, `role`, `sha256`), the usual place for
-    /// tokens. Default: none.
+    /// tokens; read again on each reload. Default: none.
     pub tokens_file: Option<PathBuf>,
     /// Tokens given inline, same fields as in `tokens_file`. Default: none.
     pub tokens: Vec<TokenEntry<Role>>,

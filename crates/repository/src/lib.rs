@@ -13,10 +13,12 @@ pub mod releases;
 pub mod storage;
 pub mod upload;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use px_runtime::config::ConfigError;
+use px_runtime::systemd::{Reloaded, Systemd};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -136,11 +138,31 @@ pub async fn open_storage(
     })
 }
 
-/// Runs apprepo on an already-bound listener until `shutdown` is cancelled, then drains.
+/// Settings a reload applies (see `config.rs`); any other change needs a restart.
+pub const RELOADABLE: &[&str] = &["tokens", "tokens_file"];
+
+/// How often the storage is checked again for the status systemd shows: S3 bills requests,
+/// and a minute-old answer is fresh enough for a person reading `systemctl status`.
+pub const STORAGE_RECHECK: Duration = Duration::from_secs(60);
+
+/// Runs apprepo on an already-bound listener until `shutdown` is cancelled, then drains;
+/// without a service manager (`em up`, tests).
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    run_with(config, listener, shutdown, Systemd::none()).await
+}
+
+/// [`run`], telling `systemd` when apprepo is ready (listening, storage opened and checked),
+/// how its storage and Beacon notices fare, that it is alive, and answering its reload
+/// requests.
+pub async fn run_with(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    systemd: Systemd<Config>,
 ) -> Result<(), StartError> {
     let checked = check(&config)?;
     let spool_dir = config.data_dir.join("tmp");
@@ -150,15 +172,28 @@ pub async fn run(
     }
     tokio::fs::create_dir_all(&spool_dir).await?;
     let storage = open_storage(&config, checked.s3_secret).await?;
-    match storage.check().await {
-        Ok(()) => tracing::info!(storage = %storage.describe(), "storage ready"),
+    let storage_state = match storage.check().await {
+        Ok(()) => {
+            tracing::info!(storage = %storage.describe(), "storage ready");
+            Ok(())
+        }
         // Keep serving: reads of cached data and /healthz stay useful, uploads answer 503.
         Err(e) => {
-            tracing::warn!(storage = %storage.describe(), error = %e, "storage not reachable yet")
+            tracing::warn!(storage = %storage.describe(), error = %e, "storage not reachable yet");
+            Err(e.to_string())
         }
-    }
+    };
+    let storage_state = Arc::new(Mutex::new(storage_state));
     let metrics = Arc::new(Metrics::default());
     let tracker = TaskTracker::new();
+    if systemd.notifier.is_enabled() {
+        tracker.spawn(recheck_storage(
+            storage.clone(),
+            storage_state.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let beacon_addr = checked.beacon.as_ref().map(|b| b.addr.clone());
     let notifier = match checked.beacon {
         Some(settings) => Notifier::start(settings, metrics.clone(), &tracker, shutdown.clone()),
         None => {
@@ -166,10 +201,11 @@ pub async fn run(
             Notifier::disabled(metrics.clone())
         }
     };
+    let storage_name = storage.describe();
     let state = http::AppState {
         releases: releases::Releases::new(storage, metrics.clone()),
-        tokens: checked.tokens,
-        metrics,
+        tokens: checked.tokens.clone(),
+        metrics: metrics.clone(),
         notifier,
         spool_dir,
         max_bundle_bytes: config.limits.max_bundle_bytes,
@@ -184,6 +220,29 @@ pub async fn run(
     };
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "apprepo listening");
+    systemd.ready(
+        &tracker,
+        &shutdown,
+        move || {
+            status_line(
+                &storage_name,
+                &storage_state,
+                beacon_addr.as_deref(),
+                &metrics,
+            )
+        },
+        move || {
+            Box::pin(async move {
+                // The blocking pool runs the filesystem storage and bundle inspection.
+                tokio::task::spawn_blocking(|| ())
+                    .await
+                    .map_err(|e| format!("the blocking pool did not answer: {e}"))?;
+                // `/metrics` answers without touching storage or asking for a token.
+                px_runtime::systemd::http_answers(addr, "/metrics").await
+            }) as BoxFuture<'static, Result<(), String>>
+        },
+        move |new: Config| std::future::ready(reload(&config, &new, &checked.tokens)),
+    );
     let server = axum::serve(listener, http::router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let served = server.into_future();
@@ -198,4 +257,63 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
     tracing::info!("apprepo stopped");
     Ok(())
+}
+
+/// Checks the storage every [`STORAGE_RECHECK`] for the status line.
+async fn recheck_storage(
+    storage: Arc<dyn Storage>,
+    state: Arc<Mutex<Result<(), String>>>,
+    shutdown: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(STORAGE_RECHECK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // The first tick is now, and start-up just checked.
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let checked = storage.check().await.map_err(|e| e.to_string());
+        *state.lock().unwrap_or_else(PoisonError::into_inner) = checked;
+    }
+}
+
+/// apprepo's STATUS= line, e.g. `storage filesystem at /var/lib/platformx/apprepo/storage ok;
+/// beacon notices to 10.0.0.2:7443: 12 sent, 0 dropped`.
+fn status_line(
+    storage: &str,
+    state: &Mutex<Result<(), String>>,
+    beacon: Option<&str>,
+    metrics: &Metrics,
+) -> String {
+    let storage = match &*state.lock().unwrap_or_else(PoisonError::into_inner) {
+        Ok(()) => format!("storage {storage} ok"),
+        Err(e) => format!("storage {storage} unreachable: {e}"),
+    };
+    let beacon = match beacon {
+        Some(addr) => format!(
+            "beacon notices to {addr}: {} sent, {} dropped",
+            metrics.notifications_sent.get(),
+            metrics.notifications_dropped.get()
+        ),
+        None => "no beacon configured".into(),
+    };
+    format!(
+        "{storage}; {} releases committed; {beacon}",
+        metrics.releases_committed.get()
+    )
+}
+
+/// A reload: the new configuration must pass [`check`]; its tokens (inline and `tokens_file`)
+/// replace the accepted ones from the next request on; any other changed setting needs a
+/// restart.
+fn reload(running: &Config, new: &Config, tokens: &auth::Tokens) -> Result<Reloaded, String> {
+    let checked = check(new).map_err(|e| e.to_string())?;
+    let table = Arc::try_unwrap(checked.tokens).unwrap_or_else(|shared| (*shared).clone());
+    let count = table.len();
+    tokens.replace(table);
+    Ok(Reloaded {
+        applied: format!("{count} token{}", if count == 1 { "" } else { "s" }),
+        needs_restart: px_runtime::config::restart_needed(running, new, RELOADABLE),
+    })
 }

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use px_repository::config::{Config, ENV_PREFIX};
 
 #[derive(Parser)]
 #[command(
@@ -47,19 +46,18 @@ fn main() -> ExitCode {
         Some(Command::TokenHash) => return px_repository::cli::token_hash(),
         None => {}
     }
-    let config =
-        match px_runtime::config::load(&Config::default(), args.config.as_deref(), ENV_PREFIX)
-            .and_then(|c| px_repository::check(&c).map(|_| c))
-        {
-            Ok(config) => config,
-            Err(e) => {
-                eprintln!("apprepo: {e}");
-                return ExitCode::from(px_runtime::EX_CONFIG as u8);
-            }
-        };
+    let config = match px_repository::cli::load_config(args.config.as_deref())
+        .and_then(|c| px_repository::check(&c).map(|_| c))
+    {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("apprepo: {e}");
+            return ExitCode::from(px_runtime::EX_CONFIG as u8);
+        }
+    };
     if args.check_config {
         println!("apprepo: configuration is valid");
         return ExitCode::SUCCESS;
     }
-    px_repository::cli::serve(config)
+    px_repository::cli::serve(config, args.config)
 }

@@ -3,8 +3,11 @@
 
 use std::path::Path;
 
+use std::collections::BTreeSet;
+
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::Value;
 use serde::{Serialize, de::DeserializeOwned};
 
 /// Every problem found in a configuration, one per line, each naming the key and its source.
@@ -46,6 +49,50 @@ where
             .map(|e| format!("  - {}", describe(&e)))
             .collect(),
     })
+}
+
+/// The settings that differ between the configuration a service runs with and one read again
+/// on a reload, as dotted keys (`storage.s3.bucket`), leaving out those at or under a key of
+/// `reloadable`: what a reload cannot apply, so the service logs that it needs a restart.
+/// Only key names are returned, never values, which may be secrets (webhook URLs, tokens).
+pub fn restart_needed<T: Serialize>(running: &T, new: &T, reloadable: &[&str]) -> Vec<String> {
+    let (running, new) = match (Value::serialize(running), Value::serialize(new)) {
+        (Ok(running), Ok(new)) => (running, new),
+        // Both are the same type, which serialized when it was loaded; this does not happen.
+        _ => return vec!["(configuration)".into()],
+    };
+    let mut changed = Vec::new();
+    diff_values("", &running, &new, &mut changed);
+    changed.retain(|key| {
+        !reloadable.iter().any(|r| {
+            key == r
+                || key
+                    .strip_prefix(r)
+                    .is_some_and(|rest| rest.starts_with('.'))
+        })
+    });
+    changed
+}
+
+fn diff_values(key: &str, old: &Value, new: &Value, changed: &mut Vec<String>) {
+    match (old, new) {
+        (Value::Dict(_, old), Value::Dict(_, new)) => {
+            let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+            for name in keys {
+                let path = if key.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{key}.{name}")
+                };
+                match (old.get(name), new.get(name)) {
+                    (Some(o), Some(n)) => diff_values(&path, o, n, changed),
+                    _ => changed.push(path),
+                }
+            }
+        }
+        (old, new) if old != new => changed.push(key.to_owned()),
+        _ => {}
+    }
 }
 
 fn describe(error: &figment::Error) -> String {
@@ -119,6 +166,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(text.contains("`limit`") && text.contains("u64"), "{text}");
+    }
+
+    #[test]
+    fn restart_needed_names_changed_keys_outside_the_reloadable_ones() {
+        let running = defaults();
+        assert!(restart_needed(&running, &defaults(), &[]).is_empty());
+        let new = Sample {
+            listen: "0.0.0.0:1".into(),
+            limit: 6,
+            nested: Nested { flag: true },
+        };
+        assert_eq!(
+            restart_needed(&running, &new, &[]),
+            ["limit", "listen", "nested.flag"]
+        );
+        assert_eq!(
+            restart_needed(&running, &new, &["limit", "nested"]),
+            ["listen"]
+        );
+        // A key that merely starts like a reloadable one is not one.
+        assert_eq!(
+            restart_needed(&running, &new, &["list", "nested.fl"]),
+            ["limit", "listen", "nested.flag"]
+        );
+        let optional = |v: Option<u8>| std::collections::BTreeMap::from([("tls", v)]);
+        assert_eq!(
+            restart_needed(&optional(None), &optional(Some(1)), &[]),
+            ["tls"]
+        );
     }
 
     #[test]

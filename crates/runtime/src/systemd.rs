@@ -3,6 +3,12 @@
 //! pings (`WATCHDOG_USEC`) and reload requests (SIGHUP). Outside systemd every part is a no-op
 //! or a fallback, so the same binaries run under `em up`, in tests and as units.
 //!
+//! A service binary takes its sockets by name ([`Activation`], [`listener`]), then hands
+//! [`Systemd::from_env`] to its `run_with`, which calls [`Systemd::ready`] once its listeners
+//! and state are good: READY=1, a STATUS= line kept current, watchdog pings while the service's
+//! own liveness probe passes, RELOADING=1 … READY=1 around each reload, STOPPING=1 at
+//! shutdown. `em up` runs the three services in one process with [`Systemd::none`].
+//!
 //! The environment variables are read but not unset: `std::env::remove_var` is `unsafe` in
 //! edition 2024 and the workspace forbids `unsafe_code`. That is harmless here because the
 //! sockets themselves never reach a child (each is re-opened close-on-exec and its inherited
@@ -20,12 +26,15 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr as UnixSocketAddr, UnixDatagram};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ConfigError;
 
 /// The variables systemd sets for this service alone. A child started without a cleared
 /// environment should not see them (`Command::env_remove`); see the module comment.
@@ -307,6 +316,27 @@ pub async fn listener(
     Ok(listener)
 }
 
+/// The listener named `name` when there is one: the socket systemd passed under that name,
+/// or else `fallback` bound now, or else none (an optional listener, such as HTTPS, that is
+/// neither configured nor passed). Call within a tokio runtime.
+pub async fn optional_listener(
+    activation: &mut Activation,
+    name: &str,
+    fallback: Option<SocketAddr>,
+) -> io::Result<Option<tokio::net::TcpListener>> {
+    match fallback {
+        Some(fallback) => listener(activation, name, fallback).await.map(Some),
+        None => match activation.take(name)? {
+            Some(passed) => {
+                let listener = tokio::net::TcpListener::from_std(passed)?;
+                tracing::info!(socket = name, addr = %listener.local_addr()?, "listening on the socket systemd passed");
+                Ok(Some(listener))
+            }
+            None => Ok(None),
+        },
+    }
+}
+
 /// Sends sd_notify(3) messages to systemd; every method is a no-op when `NOTIFY_SOCKET` was
 /// unset. Failures are logged, never returned: a lost notification must not stop a service.
 /// Cheap to clone.
@@ -521,7 +551,27 @@ pub fn spawn_watchdog(
 /// [`Notifier::reload`].
 #[derive(Debug)]
 pub struct ReloadRequests {
-    hangups: tokio::signal::unix::Signal,
+    source: ReloadSource,
+}
+
+#[derive(Debug)]
+enum ReloadSource {
+    Hangup(tokio::signal::unix::Signal),
+    Trigger(tokio::sync::mpsc::Receiver<()>),
+}
+
+/// Asks for reloads without a signal (tests, which share one process); see
+/// [`ReloadRequests::manual`].
+#[derive(Debug, Clone)]
+pub struct ReloadTrigger {
+    tx: tokio::sync::mpsc::Sender<()>,
+}
+
+impl ReloadTrigger {
+    /// Asks for one reload; requests made while one waits count once, as SIGHUPs do.
+    pub fn request(&self) {
+        let _ = self.tx.try_send(());
+    }
 }
 
 impl ReloadRequests {
@@ -529,13 +579,326 @@ impl ReloadRequests {
     /// tokio runtime, once per process.
     pub fn listen() -> io::Result<Self> {
         let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-        Ok(Self { hangups })
+        Ok(Self {
+            source: ReloadSource::Hangup(hangups),
+        })
     }
 
-    /// Waits for the next request; SIGHUPs that arrive before it is handled count once.
-    /// `None` if signals can no longer be received.
+    /// Requests that come from the returned trigger rather than from a signal.
+    pub fn manual() -> (ReloadTrigger, Self) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let requests = Self {
+            source: ReloadSource::Trigger(rx),
+        };
+        (ReloadTrigger { tx }, requests)
+    }
+
+    /// Waits for the next request; requests that arrive before it is handled count once.
+    /// `None` if no more can come (signals cannot be received, or every trigger is gone).
     pub async fn recv(&mut self) -> Option<()> {
-        self.hangups.recv().await
+        match &mut self.source {
+            ReloadSource::Hangup(hangups) => hangups.recv().await,
+            ReloadSource::Trigger(rx) => rx.recv().await,
+        }
+    }
+}
+
+/// How often a running service's STATUS= line is recomputed. It is sent only when it changed,
+/// so systemd gets at most one status message per interval (and one after each reload), and a
+/// person reading `systemctl status` sees a change within five seconds.
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What a service's `run` gets from the service manager: where to send notifications, how
+/// often to ping the watchdog, and reload requests with the way to read the configuration
+/// again. [`Systemd::none`] (`em up`, tests) sends nothing and never reloads.
+pub struct Systemd<C> {
+    pub notifier: Notifier,
+    /// Ping interval: half of `WatchdogSec=`; `None` without a watchdog.
+    pub watchdog: Option<Duration>,
+    pub reload: Option<Reload<C>>,
+}
+
+/// Reload requests, and how to read the configuration again when one comes (the same file and
+/// environment the service started with).
+pub struct Reload<C> {
+    pub requests: ReloadRequests,
+    pub load: Box<dyn FnMut() -> Result<C, ConfigError> + Send>,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// For the log: what was read again and is in effect now, e.g. `3 tokens`.
+    pub applied: String,
+    /// Settings that differ from the running ones but take effect only after a restart
+    /// (listen addresses, directories), as dotted keys; see
+    /// [`crate::config::restart_needed`].
+    pub needs_restart: Vec<String>,
+}
+
+impl<C: Send + 'static> Systemd<C> {
+    /// No service manager: nothing is sent, the watchdog is off, reloads never come.
+    pub fn none() -> Self {
+        Self {
+            notifier: Notifier::disabled(),
+            watchdog: None,
+            reload: None,
+        }
+    }
+
+    /// The service manager this process runs under, as its environment says (nothing outside
+    /// systemd), with SIGHUP as the reload request and `load` to read the configuration
+    /// again. Call within a tokio runtime, once per process (it takes over SIGHUP).
+    pub fn from_env(
+        load: impl FnMut() -> Result<C, ConfigError> + Send + 'static,
+    ) -> io::Result<Self> {
+        let notifier = Notifier::from_env();
+        let watchdog = watchdog_interval();
+        if let Some(target) = &notifier.target {
+            tracing::info!(socket = %target.shown, watchdog_ping = ?watchdog, "notifying systemd");
+        }
+        Ok(Self {
+            notifier,
+            watchdog,
+            reload: Some(Reload {
+                requests: ReloadRequests::listen()?,
+                load: Box::new(load),
+            }),
+        })
+    }
+
+    /// Call once the service is ready: its listeners are open and its state is loaded. Sends
+    /// `READY=1`, then, on `tracker` until `shutdown`:
+    /// - keeps `STATUS=` at what `status()` says (checked every [`STATUS_INTERVAL`]), with a
+    ///   note after a reload that failed or changed settings that need a restart;
+    /// - pings the watchdog while `probe()` keeps passing: it runs every half ping interval
+    ///   and must answer within that time, and a ping is sent only if it passed within the
+    ///   last interval. It should prove the service's own loops work (a task it spawns runs, a
+    ///   lock it takes is free, its server answers), and do any blocking inside the future;
+    /// - answers each reload request with `RELOADING=1`, the configuration read again and
+    ///   given to `apply`, then `READY=1`; a configuration that does not load, or that `apply`
+    ///   refuses, is logged and the service keeps running as it was;
+    /// - sends `STOPPING=1` when `shutdown` is cancelled.
+    pub fn ready<S, P, PF, A, AF>(
+        self,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+        status: S,
+        probe: P,
+        apply: A,
+    ) where
+        S: FnMut() -> String + Send + 'static,
+        P: FnMut() -> PF + Send + 'static,
+        PF: Future<Output = Result<(), String>> + Send + 'static,
+        A: FnMut(C) -> AF + Send + 'static,
+        AF: Future<Output = Result<Reloaded, String>> + Send + 'static,
+    {
+        let notifier = self.notifier;
+        notifier.ready();
+        let note: Arc<Mutex<Option<String>>> = Arc::default();
+        let poke = Arc::new(tokio::sync::Notify::new());
+        if notifier.is_enabled() {
+            tracker.spawn(keep_status(
+                notifier.clone(),
+                status,
+                note.clone(),
+                poke.clone(),
+                shutdown.clone(),
+            ));
+            let stopping = notifier.clone();
+            let stop = shutdown.clone();
+            tracker.spawn(async move {
+                stop.cancelled().await;
+                stopping.stopping();
+                stopping.status("stopping");
+            });
+            if let Some(interval) = self.watchdog {
+                let last_pass = Arc::new(AtomicU64::new(monotonic_usec()));
+                tracker.spawn(run_probes(
+                    probe,
+                    interval / 2,
+                    last_pass.clone(),
+                    shutdown.clone(),
+                ));
+                let fresh = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
+                let pinging = spawn_watchdog(
+                    notifier.clone(),
+                    interval,
+                    move || {
+                        monotonic_usec().saturating_sub(last_pass.load(Ordering::SeqCst)) <= fresh
+                    },
+                    shutdown.clone(),
+                );
+                tracker.spawn(async move {
+                    let _ = pinging.await;
+                });
+            }
+        }
+        if let Some(reload) = self.reload {
+            tracker.spawn(answer_reloads(
+                notifier,
+                reload,
+                apply,
+                note,
+                poke,
+                shutdown.clone(),
+            ));
+        }
+    }
+}
+
+/// Sends `status()` (and the reload note) whenever it changed, until `shutdown`.
+async fn keep_status(
+    notifier: Notifier,
+    mut status: impl FnMut() -> String,
+    note: Arc<Mutex<Option<String>>>,
+    poke: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(STATUS_INTERVAL);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut sent = String::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+            () = poke.notified() => {}
+        }
+        let mut line = status();
+        if let Some(note) = note.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            line = format!("{line}; {note}");
+        }
+        if line != sent {
+            notifier.status(&line);
+            sent = line;
+        }
+    }
+}
+
+/// Runs `probe` every `every` (each given as long to answer) and records when it last passed.
+async fn run_probes<P, PF>(
+    mut probe: P,
+    every: Duration,
+    last_pass: Arc<AtomicU64>,
+    shutdown: CancellationToken,
+) where
+    P: FnMut() -> PF,
+    PF: Future<Output = Result<(), String>>,
+{
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let outcome = tokio::time::timeout(every, probe())
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {every:?}")));
+        match outcome {
+            Ok(()) => {
+                last_pass.store(monotonic_usec(), Ordering::SeqCst);
+                if failing {
+                    tracing::info!("liveness probe passes again");
+                }
+                failing = false;
+            }
+            Err(reason) => {
+                if !failing {
+                    tracing::warn!(%reason, "liveness probe failed");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+/// Answers reload requests until `shutdown` (or until none can come).
+async fn answer_reloads<C, A, AF>(
+    notifier: Notifier,
+    mut reload: Reload<C>,
+    mut apply: A,
+    note: Arc<Mutex<Option<String>>>,
+    poke: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) where
+    A: FnMut(C) -> AF,
+    AF: Future<Output = Result<Reloaded, String>>,
+{
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            request = reload.requests.recv() => if request.is_none() { return },
+        }
+        tracing::info!("reload requested: reading the configuration again");
+        let outcome = notifier
+            .reload(async {
+                match (reload.load)() {
+                    Ok(config) => apply(config).await,
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+            .await;
+        let new_note = match outcome {
+            Ok(reloaded) => {
+                tracing::info!(applied = %reloaded.applied, "configuration reloaded");
+                for key in &reloaded.needs_restart {
+                    tracing::warn!(
+                        setting = %key,
+                        "changed in the configuration, but it takes effect only after a restart; still running with the previous value"
+                    );
+                }
+                (!reloaded.needs_restart.is_empty()).then(|| {
+                    format!(
+                        "restart needed to apply {}",
+                        reloaded.needs_restart.join(", ")
+                    )
+                })
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload failed; still running the previous configuration");
+                Some(format!("reload failed, previous configuration kept: {e}"))
+            }
+        };
+        *note.lock().unwrap_or_else(PoisonError::into_inner) = new_note;
+        poke.notify_one();
+    }
+}
+
+/// Whether an HTTP server answers on `addr` (an unspecified address stands for this host): a
+/// `GET path` whose response starts with a status line. Any status counts: a liveness probe
+/// asks whether the accept loop and the router run, not whether the service is healthy.
+pub async fn http_answers(addr: SocketAddr, path: &str) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("asking {addr}: {e}"))?;
+    // "HTTP/1.1 200": the version and the status code.
+    let mut head = [0u8; 12];
+    stream
+        .read_exact(&mut head)
+        .await
+        .map_err(|e| format!("reading the answer of {addr}: {e}"))?;
+    if head.starts_with(b"HTTP/1.") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{addr} answered {:?}, not HTTP",
+            String::from_utf8_lossy(&head)
+        ))
     }
 }
 
@@ -949,6 +1312,172 @@ mod tests {
         nix::sys::signal::raise(nix::sys::signal::Signal::SIGHUP).unwrap();
         let request = tokio::time::timeout(ARRIVAL_TIMEOUT, requests.recv()).await;
         assert_eq!(request, Ok(Some(())));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ready_service_reports_reloads_pings_and_stops_in_order() {
+        // Short enough to see pings quickly; no assertion depends on its timing.
+        const PING_INTERVAL: Duration = Duration::from_millis(40);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let systemd = tokio::net::UnixDatagram::bind(&path).unwrap();
+        // Watchdog pings are counted as they come; every other notification is queued.
+        let pings = Arc::new(AtomicU64::new(0));
+        let (queue, mut others) = tokio::sync::mpsc::unbounded_channel();
+        let counted = pings.clone();
+        let reader = tokio::spawn(async move {
+            let mut buf = [0; 512];
+            while let Ok(n) = systemd.recv(&mut buf).await {
+                let message = String::from_utf8(buf[..n].to_vec()).unwrap();
+                if message == "WATCHDOG=1" {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                } else if queue.send(message).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut next = async || {
+            tokio::time::timeout(ARRIVAL_TIMEOUT, others.recv())
+                .await
+                .expect("a notification")
+                .unwrap()
+        };
+        let wait_for_pings = async |more: u64| {
+            let from = pings.load(Ordering::SeqCst);
+            let since = Instant::now();
+            while pings.load(Ordering::SeqCst) < from + more {
+                assert!(since.elapsed() < ARRIVAL_TIMEOUT, "no watchdog pings");
+                tokio::time::sleep(PING_INTERVAL / 4).await;
+            }
+        };
+
+        // Configurations are numbers here; 0 does not load and 13 is refused by `apply`.
+        let (trigger, requests) = ReloadRequests::manual();
+        let next_config = Arc::new(AtomicU64::new(0));
+        let load_config = next_config.clone();
+        let manager = Systemd {
+            notifier: notifier_for(&path),
+            watchdog: Some(PING_INTERVAL),
+            reload: Some(Reload {
+                requests,
+                load: Box::new(move || match load_config.load(Ordering::SeqCst) {
+                    0 => Err(ConfigError::one("`listen`: invalid socket address")),
+                    n => Ok(n),
+                }),
+            }),
+        };
+        let alive = Arc::new(AtomicBool::new(true));
+        let probe_alive = alive.clone();
+        let applied = Arc::new(AtomicU64::new(1));
+        let apply_to = applied.clone();
+        let tracker = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        manager.ready(
+            &tracker,
+            &shutdown,
+            || "serving 2 apps".to_owned(),
+            move || {
+                std::future::ready(if probe_alive.load(Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err("stuck".to_owned())
+                })
+            },
+            move |config: u64| {
+                let apply_to = apply_to.clone();
+                async move {
+                    if config == 13 {
+                        return Err("certs_dir: no such directory".to_owned());
+                    }
+                    apply_to.store(config, Ordering::SeqCst);
+                    Ok(Reloaded {
+                        applied: format!("config {config}"),
+                        needs_restart: if config == 3 {
+                            vec!["listen".into()]
+                        } else {
+                            Vec::new()
+                        },
+                    })
+                }
+            },
+        );
+
+        assert_eq!(next().await, "READY=1");
+        assert_eq!(next().await, "STATUS=serving 2 apps");
+        wait_for_pings(2).await;
+
+        // A configuration that does not load: the previous one stays, and the status says so.
+        trigger.request();
+        assert!(next().await.starts_with("RELOADING=1\nMONOTONIC_USEC="));
+        let failed = "reload failed, previous configuration kept";
+        assert!(next().await.contains("`listen`: invalid socket address"));
+        assert_eq!(next().await, "READY=1");
+        let status = next().await;
+        assert!(
+            status.starts_with(&format!(
+                "STATUS=serving 2 apps; {failed}: invalid configuration:"
+            )),
+            "{status}"
+        );
+        assert_eq!(applied.load(Ordering::SeqCst), 1);
+
+        // One `apply` refuses.
+        next_config.store(13, Ordering::SeqCst);
+        trigger.request();
+        assert!(next().await.starts_with("RELOADING=1\n"));
+        assert!(next().await.ends_with("certs_dir: no such directory"));
+        assert_eq!(next().await, "READY=1");
+        assert_eq!(
+            next().await,
+            format!("STATUS=serving 2 apps; {failed}: certs_dir: no such directory")
+        );
+
+        // A good one, with a setting that needs a restart, then a good one without.
+        next_config.store(3, Ordering::SeqCst);
+        trigger.request();
+        assert!(next().await.starts_with("RELOADING=1\n"));
+        assert_eq!(next().await, "READY=1");
+        assert_eq!(
+            next().await,
+            "STATUS=serving 2 apps; restart needed to apply listen"
+        );
+        assert_eq!(applied.load(Ordering::SeqCst), 3);
+        next_config.store(4, Ordering::SeqCst);
+        trigger.request();
+        assert!(next().await.starts_with("RELOADING=1\n"));
+        assert_eq!(next().await, "READY=1");
+        assert_eq!(next().await, "STATUS=serving 2 apps");
+
+        // A failing probe stops the pings; they come back once it passes.
+        alive.store(false, Ordering::SeqCst);
+        tokio::time::sleep(PING_INTERVAL * 3).await;
+        let before = pings.load(Ordering::SeqCst);
+        tokio::time::sleep(PING_INTERVAL * 5).await;
+        assert!(
+            pings.load(Ordering::SeqCst) <= before + 1,
+            "pinged while the probe failed"
+        );
+        alive.store(true, Ordering::SeqCst);
+        let resumed = pings.load(Ordering::SeqCst);
+        let probe_back = Instant::now();
+        while pings.load(Ordering::SeqCst) == resumed {
+            assert!(
+                probe_back.elapsed() < ARRIVAL_TIMEOUT,
+                "pings never resumed"
+            );
+            tokio::time::sleep(PING_INTERVAL).await;
+        }
+
+        shutdown.cancel();
+        tracker.close();
+        tokio::time::timeout(ARRIVAL_TIMEOUT, tracker.wait())
+            .await
+            .expect("every task ends on shutdown");
+        assert_eq!(next().await, "STOPPING=1");
+        assert_eq!(next().await, "STATUS=stopping");
+        assert!(others.try_recv().is_err(), "nothing after stopping");
+        reader.abort();
     }
 
     /// Set in the child of the test below, which then plays the activated service.

@@ -2,6 +2,8 @@
 //! SHA-256 (not a slow password hash) is enough because tokens carry 256 random bits; nobody
 //! can guess one from its hash.
 
+use std::sync::{Arc, PoisonError, RwLock};
+
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -65,10 +67,14 @@ pub fn gather<R: Clone + serde::de::DeserializeOwned>(
     Ok(entries)
 }
 
-/// The tokens a service accepts.
-#[derive(Debug, Clone)]
+/// One accepted token with its decoded digest.
+type Stored<R> = (Arc<TokenEntry<R>>, [u8; 32]);
+
+/// The tokens a service accepts. The set can be replaced while requests are checked against
+/// it ([`TokenTable::replace`], on a reload): each check sees the old set or the new one whole.
+#[derive(Debug)]
 pub struct TokenTable<R> {
-    entries: Vec<(TokenEntry<R>, [u8; 32])>,
+    entries: RwLock<Arc<Vec<Stored<R>>>>,
 }
 
 impl<R: Clone> TokenTable<R> {
@@ -83,29 +89,64 @@ impl<R: Clone> TokenTable<R> {
                     entry.name
                 )
             })?;
-            table.push((entry, digest));
+            table.push((Arc::new(entry), digest));
         }
-        Ok(Self { entries: table })
+        Ok(Self {
+            entries: RwLock::new(Arc::new(table)),
+        })
+    }
+
+    /// The entries checked now; cheap (one reference count).
+    fn current(&self) -> Arc<Vec<Stored<R>>> {
+        self.entries
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Accepts `other`'s tokens from now on, and no longer the ones accepted before.
+    pub fn replace(&self, other: TokenTable<R>) {
+        let new = other.current();
+        *self.entries.write().unwrap_or_else(PoisonError::into_inner) = new;
+    }
+
+    /// How many tokens are accepted.
+    pub fn len(&self) -> usize {
+        self.current().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.current().is_empty()
     }
 
     /// Finds the entry for a presented token. Every entry is compared, in constant time, so
     /// timing says nothing about which or how many tokens exist.
-    pub fn verify(&self, presented: &str) -> Option<&TokenEntry<R>> {
+    pub fn verify(&self, presented: &str) -> Option<Arc<TokenEntry<R>>> {
         if presented.len() > MAX_TOKEN_LEN {
             return None;
         }
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let mut found = None;
-        for (entry, stored) in &self.entries {
+        for (entry, stored) in self.current().iter() {
             if bool::from(stored.ct_eq(&digest)) {
-                found = Some(entry);
+                found = Some(entry.clone());
             }
         }
         found
+    }
+}
+
+impl<R> Clone for TokenTable<R> {
+    /// A table with the same tokens, replaced independently of this one.
+    fn clone(&self) -> Self {
+        let entries = self
+            .entries
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        Self {
+            entries: RwLock::new(entries),
+        }
     }
 }
 
@@ -169,6 +210,25 @@ mod tests {
             err.contains("no tokens configured") && err.contains("make one"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn replaced_tables_accept_only_the_new_tokens() {
+        let (old, new) = (generate(), generate());
+        let entry = |name: &str, token: &str| TokenEntry {
+            name: name.into(),
+            role: "read",
+            sha256: hash(token),
+        };
+        let table = TokenTable::new(vec![entry("old", &old)]).unwrap();
+        let copy = table.clone();
+        table.replace(TokenTable::new(vec![entry("new", &new), entry("other", "x")]).unwrap());
+        assert!(table.verify(&old).is_none());
+        assert_eq!(table.verify(&new).unwrap().name, "new");
+        assert_eq!(table.len(), 2);
+        // A clone taken before is a table of its own.
+        assert_eq!(copy.verify(&old).unwrap().name, "old");
+        assert!(copy.verify(&new).is_none());
     }
 
     #[test]
