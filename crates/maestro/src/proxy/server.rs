@@ -24,6 +24,11 @@ use super::{MAX_CONNECTIONS, MIN_HEADER_BYTES, Proxy, handle};
 /// Pause after a failed `accept` (typically out of file descriptors) so the loop does not spin
 /// while connections close.
 pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// On shutdown, how long a connection that has not been answered yet may take to send its
+/// first request. A client that connected just before the drain began has a request on the
+/// way; closing its connection unanswered would fail that request, and under socket activation
+/// Maestro's restart is meant to fail none.
+pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
 /// What every connection of one listener shares.
 pub(crate) struct Listener {
@@ -152,6 +157,7 @@ where
     tokio::pin!(conn);
     let idle = ctx.proxy.settings.idle_timeout;
     let mut draining = false;
+    let mut closing = false;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -161,8 +167,16 @@ where
                 return;
             }
             () = ctx.shutdown.cancelled(), if !draining => {
-                // Idle connections close now; busy ones after their current response.
                 draining = true;
+                // Idle connections close now; busy ones after their current response.
+                if activity.answered() {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            () = activity.first_answer(FIRST_REQUEST_GRACE), if draining && !closing => {
+                // Answered its first request (or never sent one): close after it.
+                closing = true;
                 conn.as_mut().graceful_shutdown();
             }
             () = ctx.force.cancelled() => return,
@@ -180,6 +194,8 @@ pub(crate) struct Activity {
     epoch: Instant,
     /// Milliseconds since `epoch` of the last read or write.
     last_ms: AtomicU64,
+    /// Whether anything was ever written to the client (a response has begun).
+    wrote: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
@@ -187,6 +203,19 @@ impl Activity {
         Self {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
+            wrote: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn answered(&self) -> bool {
+        self.wrote.load(Ordering::Relaxed)
+    }
+
+    /// Completes once a response has begun on the connection, or after `limit`.
+    async fn first_answer(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.answered() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -245,6 +274,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
         let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             this.activity.touch();
+            this.activity.wrote.store(true, Ordering::Relaxed);
         }
         polled
     }
@@ -258,6 +288,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             this.activity.touch();
+            this.activity.wrote.store(true, Ordering::Relaxed);
         }
         polled
     }
