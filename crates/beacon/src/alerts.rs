@@ -121,12 +121,61 @@ pub struct Alerter {
 }
 
 struct Inner {
-    lanes: Vec<Lane>,
+    /// One lane per webhook; replaced whole by [`Alerter::set_webhooks`].
+    lanes: Mutex<Vec<Lane>>,
+    /// What starting a lane takes, kept for reloads.
+    spawner: Spawner,
     dedup_window: Duration,
     /// When each key last alerted. Checked and updated under one lock, so two concurrent
     /// raises of one key send it once.
     last_raised: Mutex<HashMap<String, Instant>>,
     counters: Arc<Counters>,
+}
+
+/// Starts delivery tasks; `client` is `None` when it could not be built (alerts are then
+/// only logged).
+struct Spawner {
+    client: Option<reqwest::Client>,
+    backoff_base: Duration,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Spawner {
+    /// One lane and delivery task per webhook.
+    fn lanes(&self, webhooks: Vec<String>, counters: &Arc<Counters>) -> Vec<Lane> {
+        let Some(client) = &self.client else {
+            return Vec::new();
+        };
+        let mut lanes = Vec::with_capacity(webhooks.len());
+        for url in webhooks {
+            let label = redact(&url);
+            if reqwest::Url::parse(&url).is_err() {
+                tracing::error!(
+                    webhook = %label,
+                    "alert webhook is not a valid url; every alert to it will fail"
+                );
+            }
+            let (tx, rx) = mpsc::channel(ALERT_QUEUE);
+            let worker = Worker {
+                client: client.clone(),
+                url,
+                label: label.clone(),
+                backoff_base: self.backoff_base,
+                counters: counters.clone(),
+                shutdown: self.shutdown.clone(),
+            };
+            self.tracker.spawn(worker.run(rx));
+            lanes.push(Lane { label, tx });
+        }
+        if lanes.is_empty() {
+            tracing::info!("no alert webhooks; alerts are only logged");
+        } else {
+            let labels: Vec<&str> = lanes.iter().map(|l| l.label.as_str()).collect();
+            tracing::info!(webhooks = ?labels, "alerts go to {} webhook(s)", lanes.len());
+        }
+        lanes
+    }
 }
 
 /// The queue in front of one webhook's delivery task.
@@ -169,50 +218,30 @@ impl Alerter {
         shutdown: CancellationToken,
     ) -> Self {
         let counters = Arc::new(Counters::default());
-        let mut lanes = Vec::with_capacity(settings.webhooks.len());
         let client = reqwest::Client::builder()
             .timeout(WEBHOOK_TIMEOUT)
             // A redirected POST may turn into a GET without the body; a webhook URL that
             // redirects is a configuration error to report, not to follow.
             .redirect(reqwest::redirect::Policy::none())
-            .build();
-        match client {
-            Err(e) => tracing::error!(
-                "cannot build the webhook client, alerts will only be logged: {}",
-                error_chain(&e)
-            ),
-            Ok(client) => {
-                for url in settings.webhooks {
-                    let label = redact(&url);
-                    if reqwest::Url::parse(&url).is_err() {
-                        tracing::error!(
-                            webhook = %label,
-                            "alert webhook is not a valid url; every alert to it will fail"
-                        );
-                    }
-                    let (tx, rx) = mpsc::channel(ALERT_QUEUE);
-                    let worker = Worker {
-                        client: client.clone(),
-                        url,
-                        label: label.clone(),
-                        backoff_base: settings.backoff_base,
-                        counters: counters.clone(),
-                        shutdown: shutdown.clone(),
-                    };
-                    tracker.spawn(worker.run(rx));
-                    lanes.push(Lane { label, tx });
-                }
-            }
-        }
-        if lanes.is_empty() {
-            tracing::info!("no alert webhooks; alerts are only logged");
-        } else {
-            let labels: Vec<&str> = lanes.iter().map(|l| l.label.as_str()).collect();
-            tracing::info!(webhooks = ?labels, "alerts go to {} webhook(s)", lanes.len());
-        }
+            .build()
+            .inspect_err(|e| {
+                tracing::error!(
+                    "cannot build the webhook client, alerts will only be logged: {}",
+                    error_chain(e)
+                )
+            })
+            .ok();
+        let spawner = Spawner {
+            client,
+            backoff_base: settings.backoff_base,
+            tracker: tracker.clone(),
+            shutdown,
+        };
+        let lanes = spawner.lanes(settings.webhooks, &counters);
         Self {
             inner: Arc::new(Inner {
-                lanes,
+                lanes: Mutex::new(lanes),
+                spawner,
                 dedup_window: settings.dedup_window,
                 last_raised: Mutex::new(HashMap::new()),
                 counters,
@@ -248,8 +277,9 @@ impl Alerter {
         }
 
         let alert = Arc::new(alert);
-        let mut accepted = inner.lanes.is_empty();
-        for lane in &inner.lanes {
+        let lanes = inner.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut accepted = lanes.is_empty();
+        for lane in lanes.iter() {
             match lane.tx.try_send(alert.clone()) {
                 Ok(()) => accepted = true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -269,6 +299,17 @@ impl Alerter {
         if accepted {
             remember(&mut last_raised, &alert.key, now, inner.dedup_window);
         }
+    }
+
+    /// Replaces the webhooks (a config reload): new alerts go to the new set at once; the
+    /// old webhooks' tasks deliver what they already queued, then end.
+    pub fn set_webhooks(&self, webhooks: Vec<String>) {
+        let lanes = self.inner.spawner.lanes(webhooks, &self.inner.counters);
+        *self
+            .inner
+            .lanes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = lanes;
     }
 
     pub fn stats(&self) -> AlertStats {
@@ -615,6 +656,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn new_webhooks_take_the_next_alerts_and_the_old_ones_stop() {
+        let old = receiver(0, StatusCode::OK).await;
+        let new = receiver(0, StatusCode::OK).await;
+        let h = start(vec![old.url.clone()], DEFAULT_DEDUP_WINDOW, FAST);
+        h.alerter.raise(alert("a", "before the reload"));
+        eventually("the first delivery", || h.alerter.stats().sent == 1).await;
+        h.alerter.set_webhooks(vec![new.url.clone()]);
+        h.alerter.raise(alert("b", "after the reload"));
+        eventually("the second delivery", || h.alerter.stats().sent == 2).await;
+        assert_eq!(old.texts(), ["before the reload"]);
+        assert_eq!(new.texts(), ["after the reload"]);
+        // No webhooks at all: alerts are only logged, and nothing more is sent.
+        h.alerter.set_webhooks(Vec::new());
+        h.alerter.raise(alert("c", "logged only"));
+        assert_eq!(h.alerter.stats().sent, 2);
+        assert_eq!(old.attempts() + new.attempts(), 2);
+        h.stop().await;
+    }
+
+    #[tokio::test]
     async fn the_same_key_is_suppressed_within_the_window_but_other_keys_are_sent() {
         let rx = receiver(0, StatusCode::OK).await;
         let h = start(vec![rx.url.clone()], DEFAULT_DEDUP_WINDOW, FAST);
@@ -701,8 +762,9 @@ mod tests {
         h.alerter.raise(alert("a", "one"));
         h.alerter.raise(alert("b", "two"));
         h.alerter.raise(alert("c", "three"));
+        // The receiver records a body before the sender has read the answer and counted it.
         eventually("deliveries to the working webhook", || {
-            rx.texts().len() == 3
+            rx.texts().len() == 3 && h.alerter.stats().sent == 3
         })
         .await;
         assert_eq!(rx.texts(), ["one", "two", "three"]);

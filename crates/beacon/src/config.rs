@@ -7,10 +7,11 @@
 //! must pass the same checks as at start-up, else the reload fails, is logged, and Beacon
 //! keeps running as it was. What a reload applies: `tokens` and `tokens_file` (the file is
 //! read again even when its name did not change), checked from the next API request and the
-//! next link handshake on; links already open stay open. Every other setting takes effect
-//! only after a restart, among them the listen addresses, `data_dir`, the TLS certificate and
-//! key, `[repository]` and `[alerts]` (the webhooks' delivery queues are built at start-up);
-//! a reload that finds one changed logs it and says so in the status line.
+//! next link handshake on (links already open stay open), and `alerts.webhooks` (new alerts
+//! go to the new set; alerts already queued for a removed webhook are still delivered). Every
+//! other setting takes effect only after a restart, among them the listen addresses,
+//! `data_dir`, the TLS certificate and key, `[repository]` and `alerts.dedup_window`; a
+//! reload that finds one changed logs it and says so in the status line.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

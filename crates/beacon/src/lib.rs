@@ -124,7 +124,7 @@ impl px_runtime::service::StartFailure for StartError {
 }
 
 /// Settings a reload applies (see `config.rs`); any other change needs a restart.
-pub const RELOADABLE: &[&str] = &["tokens", "tokens_file"];
+pub const RELOADABLE: &[&str] = &["tokens", "tokens_file", "alerts.webhooks"];
 
 /// Runs Beacon on already-bound listeners until `shutdown` is cancelled; without a service
 /// manager (`em up`, tests).
@@ -167,7 +167,7 @@ pub async fn run_with(
             data_dir: config.data_dir.clone(),
         },
         events,
-        alerter,
+        alerter.clone(),
         metrics.clone(),
     ));
     let (reconcile_tx, reconcile_rx) = tokio::sync::mpsc::channel(links::RECONCILE_TRIGGERS);
@@ -242,7 +242,7 @@ pub async fn run_with(
             }) as BoxFuture<'static, Result<(), String>>
         },
         move |new: Config| {
-            let reloaded = reload(&config, &new, &checked.tokens);
+            let reloaded = reload(&config, &new, &checked.tokens, &alerter);
             std::future::ready(reloaded)
         },
     );
@@ -288,15 +288,26 @@ fn status_line(hub: &hub::Hub, metrics: &metrics::Metrics) -> String {
 }
 
 /// A reload: the new configuration must pass [`check`]; its tokens (inline and `tokens_file`)
-/// replace the accepted ones at once, for new requests and links (open links stay); any other
-/// changed setting needs a restart.
-fn reload(running: &Config, new: &Config, tokens: &auth::Tokens) -> Result<Reloaded, String> {
+/// replace the accepted ones at once, for new requests and links (open links stay), and its
+/// alert webhooks the old ones; any other changed setting needs a restart.
+fn reload(
+    running: &Config,
+    new: &Config,
+    tokens: &auth::Tokens,
+    alerter: &alerts::Alerter,
+) -> Result<Reloaded, String> {
     let checked = check(new).map_err(|e| e.to_string())?;
     let table = Arc::try_unwrap(checked.tokens).unwrap_or_else(|shared| (*shared).clone());
     let count = table.len();
     tokens.replace(table);
+    let webhooks = new.alerts.webhooks.len();
+    alerter.set_webhooks(new.alerts.webhooks.clone());
     Ok(Reloaded {
-        applied: format!("{count} token{}", if count == 1 { "" } else { "s" }),
+        applied: format!(
+            "{count} token{}, {webhooks} webhook{}",
+            if count == 1 { "" } else { "s" },
+            if webhooks == 1 { "" } else { "s" }
+        ),
         needs_restart: px_runtime::config::restart_needed(running, new, RELOADABLE),
     })
 }

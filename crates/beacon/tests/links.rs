@@ -196,7 +196,9 @@ async fn reconciliation_repairs_a_missed_notice() {
 
 #[tokio::test]
 async fn placement_labels_choose_the_nodes() {
-    let s = setup(|_| {}).await;
+    // Beacon may read the repository before the second release is in it; a short reconcile
+    // interval lets it see the release soon after, rather than at the default interval.
+    let s = setup(|c| c.reconcile_interval = Duration::from_millis(300)).await;
     s.repo
         .release("api", 1, "[placement]\nlabels = { role = \"api\" }\n");
     tokio::time::sleep(Duration::from_millis(10)).await;
