@@ -81,6 +81,9 @@ pub fn save(config: &EmConfig) -> Result<PathBuf> {
         .create(&dir)?;
     let path = config_file();
     let text = toml::to_string(config).map_err(|e| Failure::failed(e.to_string()))?;
-    px_runtime::secrets::write_secret_file(&path, &text)?;
+    // Written aside and renamed, so a command reading it meanwhile sees the old or the new one.
+    let tmp = path.with_extension("toml.tmp");
+    px_runtime::secrets::write_secret_file(&tmp, &text)?;
+    std::fs::rename(&tmp, &path)?;
     Ok(path)
 }

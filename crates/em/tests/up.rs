@@ -76,6 +76,17 @@ impl Env {
             .unwrap();
         px_test_support::wait_for_port(self.http_port, Duration::from_secs(30)).unwrap();
         px_test_support::wait_for_port(self.port_base, Duration::from_secs(30)).unwrap();
+        // The ports are bound before the services start; the em config comes once they run.
+        let config = self.home.path().join("config/em/config.toml");
+        let start = Instant::now();
+        while !config.exists() {
+            assert!(
+                start.elapsed() < WAIT,
+                "em up never wrote {}",
+                config.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         child
     }
 
