@@ -8,7 +8,9 @@ failed, where each VM's console log is and how it ends.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -21,10 +23,11 @@ import image
 import vm
 
 # The cluster: name, private IP, and the guest ports forwarded to the host (each to a free host
-# port, see Vm.ports). control runs apprepo and Beacon (API, status page, Maestro links); the web
+# port, see Vm.ports). control runs apprepo (7070, its API) and Beacon (7080, its HTTP API and
+# status page; 7443, the Maestros' TLS links), the ports of ansible/roles/platformx; the web
 # servers run Maestro (HTTP, status). SCRATCH_PORT is added to every VM.
 CLUSTER = (
-    ("control", "10.77.0.10", (7070, 7071, 7072)),
+    ("control", "10.77.0.10", (7070, 7080, 7443)),
     ("web-1", "10.77.0.11", (80, 7090)),
     ("web-2", "10.77.0.12", (80, 7090)),
 )
@@ -52,6 +55,21 @@ REQUIRED_TOOLS = (
     "ansible-playbook",
 )
 
+# The repository (for ansible/ and systemd/) and the Cargo build the platform comes from.
+REPO = Path(__file__).resolve().parents[2]
+SITE_PLAYBOOK = REPO / "ansible" / "site.yml"
+ANSIBLE_CONFIG = REPO / "ansible" / "ansible.cfg"
+TARGET_DIR = Path(os.environ.get("CARGO_TARGET_DIR") or "/root/.cache/platformx/target")
+SERVICE_BINARIES = ("apprepo", "beacon", "maestro")
+# Building the binaries when they are missing (a debug build from scratch on 2 busy cores).
+CARGO_BUILD_TIMEOUT_S = 60 * 60
+# Stripping one debug binary (hundreds of MB) into the staging directory.
+STRIP_TIMEOUT_S = 120
+# The apps' domain the tests give Beacon: apps answer as <app>.<PLATFORM_DOMAIN> on port 80.
+PLATFORM_DOMAIN = "apps.test"
+# One em command (a deploy waits for the rollout on both web servers under emulation).
+EM_TIMEOUT_S = 10 * 60
+
 _report = pytest.StashKey[dict]()
 
 
@@ -71,10 +89,14 @@ class Cluster:
         return iter(self.vms.values())
 
     def ansible_playbook(
-        self, playbook: str | Path, *args: str, timeout: float = ANSIBLE_TIMEOUT_S
+        self,
+        playbook: str | Path,
+        *args: str,
+        timeout: float = ANSIBLE_TIMEOUT_S,
+        env: dict[str, str] | None = None,
     ):
         """Runs `ansible-playbook -i <inventory> playbook args...`; a failure raises with the
-        end of its output."""
+        end of its output. `env` adds environment variables (ANSIBLE_CONFIG, ...)."""
         command = ["ansible-playbook", "-i", str(self.inventory), str(playbook), *args]
         proc = subprocess.run(
             command,
@@ -82,12 +104,148 @@ class Cluster:
             capture_output=True,
             text=True,
             timeout=timeout,
-            env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_HOST_KEY_CHECKING": "False"},
+            env={
+                **os.environ,
+                "ANSIBLE_NOCOLOR": "1",
+                "ANSIBLE_HOST_KEY_CHECKING": "False",
+                **(env or {}),
+            },
         )
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-ANSIBLE_OUTPUT_TAIL_LINES:])
             raise AssertionError(f"{shlex.join(command)} exited with {proc.returncode}\n{tail}")
         return proc
+
+
+_RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
+
+
+def play_recap(output: str) -> dict[str, dict[str, int]]:
+    """The PLAY RECAP of ansible-playbook's output: host -> {ok, changed, unreachable, failed}."""
+    recap = {}
+    for line in output[output.rfind("PLAY RECAP") :].splitlines():
+        match = _RECAP.match(line.strip())
+        if match:
+            host, *counts = match.groups()
+            recap[host] = dict(zip(("ok", "changed", "unreachable", "failed"), map(int, counts)))
+    return recap
+
+
+class Platform:
+    """Platform.X as site.yml installed it on the cluster, and the host's `em` configured for
+    it (through control's forwarded ports)."""
+
+    def __init__(self, cluster: Cluster, em: Path, em_config_home: Path, timings: dict):
+        self.cluster = cluster
+        self.em_binary = em
+        self.em_config_home = em_config_home  # XDG_CONFIG_HOME holding em/config.toml
+        self.domain = PLATFORM_DOMAIN
+        self.timings = timings
+
+    def em(self, *args: str, timeout: float = EM_TIMEOUT_S, check: bool = True):
+        """Runs the host's em with the cluster's config; a failure raises with its output."""
+        command = [str(self.em_binary), *args]
+        proc = subprocess.run(
+            command,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "XDG_CONFIG_HOME": str(self.em_config_home), "NO_COLOR": "1"},
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{shlex.join(command)} exited with {proc.returncode}\n"
+                f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+            )
+        return proc
+
+    def host_header(self, app: str) -> str:
+        return f"{app}.{self.domain}"
+
+
+def _built_binaries() -> Path:
+    """target/debug with apprepo, beacon, maestro and em, built when one is missing."""
+    debug = TARGET_DIR / "debug"
+    if not all((debug / name).exists() for name in (*SERVICE_BINARIES, "em")):
+        command = ["nice", "cargo", "build", "--locked"]
+        for name in (*SERVICE_BINARIES, "em"):
+            command += ["--bin", name]
+        subprocess.run(
+            command,
+            cwd=REPO,
+            check=True,
+            timeout=CARGO_BUILD_TIMEOUT_S,
+            env={**os.environ, "CARGO_TARGET_DIR": str(TARGET_DIR)},
+        )
+    return debug
+
+
+def _stage_binaries(debug: Path, staging: Path) -> None:
+    """Stripped copies of the service binaries: a debug build is hundreds of MB, which SSH
+    to an emulated guest copies slowly; without debug info and symbols it is a tenth of it."""
+    staging.mkdir(parents=True, exist_ok=True)
+    for name in SERVICE_BINARIES:
+        subprocess.run(
+            ["strip", "-o", str(staging / name), str(debug / name)],
+            check=True,
+            timeout=STRIP_TIMEOUT_S,
+        )
+
+
+def _site_vars(cluster: Cluster, staging: Path) -> dict:
+    control = cluster["control"]
+    return {
+        # The binaries from the local (stripped) debug build; the units from ../systemd.
+        "platformx_bin_dir": str(staging),
+        # No time sync: the hypervisor keeps the guests' clocks, the image has no
+        # systemd-timesyncd and the guests have no route out to a mirror or a time server.
+        "common_time_sync": False,
+        "common_time_sync_install": False,
+        "beacon_domain": PLATFORM_DOMAIN,
+        # em runs on the host and reaches control through its forwarded ports.
+        "pki_em_apprepo_url": f"http://127.0.0.1:{control.ports[7070]}",
+        "pki_em_beacon_url": f"http://127.0.0.1:{control.ports[7080]}",
+    }
+
+
+@pytest.fixture(scope="session")
+def platform(request: pytest.FixtureRequest, cluster: Cluster) -> Platform:
+    """Runs the real ansible/site.yml on the cluster twice (the second run must change
+    nothing) and configures the host's em for it. The times go to the run's summary."""
+    report = request.config.stash.setdefault(_report, {})
+    debug = _built_binaries()
+    staging = cluster.workdir / "bin"
+    _stage_binaries(debug, staging)
+    extra_vars = cluster.workdir / "site-vars.json"
+    extra_vars.write_text(json.dumps(_site_vars(cluster, staging), indent=2) + "\n")
+    env = {
+        "ANSIBLE_CONFIG": str(ANSIBLE_CONFIG),
+        # Each task's time at the end of the output (kept in site-<n>.log).
+        "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks",
+        "PROFILE_TASKS_TASK_OUTPUT_LIMIT": "100",
+    }
+    timings = {}
+    for run in ("first", "second"):
+        started = time.monotonic()
+        try:
+            proc = cluster.ansible_playbook(SITE_PLAYBOOK, "-e", f"@{extra_vars}", env=env)
+        finally:
+            timings[f"site.yml {run} run"] = time.monotonic() - started
+            report["platform"] = timings
+        (cluster.workdir / f"site-{run}.log").write_text(proc.stdout + proc.stderr)
+        recap = play_recap(proc.stdout)
+        assert set(recap) == {machine.name for machine in cluster}, proc.stdout[-3000:]
+        assert all(counts["failed"] == 0 for counts in recap.values()), recap
+    changed = {host: counts["changed"] for host, counts in recap.items() if counts["changed"]}
+    assert not changed, f"the second site.yml run changed something: {changed}\n{proc.stdout}"
+
+    em_config_home = cluster.workdir / "em-config-home"
+    (em_config_home / "em").mkdir(parents=True, exist_ok=True, mode=0o700)
+    em_config = em_config_home / "em" / "config.toml"
+    shutil.copyfile(cluster.workdir / ".secrets" / "em-config.toml", em_config)
+    em_config.chmod(0o600)
+    return Platform(cluster, debug / "em", em_config_home, timings)
 
 
 def write_inventory(path: Path, vms: dict[str, vm.Vm]) -> None:
@@ -202,6 +360,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     vms = report.get("vms", [])
     image_state, accel = report.get("image", "not built"), report.get("accel", "not chosen")
     write(f"image: {image_state}; accel: {accel}; {len(vms)} VMs booted to ready: {boot}")
+    for what, seconds in report.get("platform", {}).items():
+        write(f"{what}: {seconds:.1f} s")
+    for what, seconds in report.get("timings", {}).items():
+        write(f"{what}: {seconds:.1f} s")
     if exitstatus != 0:
         for machine in vms:
             write(
@@ -219,3 +381,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
             )
         write(f"  Ansible: ansible-playbook -i {workdir / 'inventory.ini'} PLAYBOOK")
         write("  End them with: kill " + " ".join(str(machine.pid) for machine in running))
+
+
+@pytest.fixture(scope="session")
+def vm_timings(request: pytest.FixtureRequest) -> dict[str, float]:
+    """What -> seconds, printed in the run's summary (a test's own measurements)."""
+    return request.config.stash.setdefault(_report, {}).setdefault("timings", {})
