@@ -1,0 +1,211 @@
+# Platform.X container images: one per service, picked with --target.
+#
+#   docker build --target apprepo -t platformx/apprepo .
+#   docker build --target beacon  -t platformx/beacon .
+#   docker build --target maestro -t platformx/maestro .
+#   docker build --target init    -t platformx/init .     # compose's one-shot secrets maker
+#
+# Where the binaries come from is the BINARIES build argument:
+# - `build` (the default): the `build` stage compiles the workspace in release mode, once for
+#   all images (dependencies in a layer of their own, so a source change rebuilds only the
+#   workspace's crates);
+# - `prebuilt`: they are taken from dist/bin/ in the build context, as CI does with the
+#   binaries `cargo build` already made (scripts/check-images), skipping the Rust toolchain.
+# Stages a target does not need are skipped (BuildKit, and buildah's --skip-unused-stages,
+# on by default), so `prebuilt` builds never pull the Rust image.
+#
+# Each service image runs its binary (as PID 1; Maestro's under tini) with a fixed non-root
+# uid (apprepo 10001, Beacon 10002, Maestro 10003; images/init-secrets uses the same numbers;
+# above the ranges hosts allocate from, so a bind-mounted directory is never shared with a host
+# user by accident), reads /etc/platformx/<service>.toml (images/<service>.toml) and its
+# secrets from /run/secrets.
+# HEALTHCHECK is part of the Docker image format: with buildah or podman, build with
+# `--format docker` to keep it. images/README.md says how to run them.
+
+ARG RUST_VERSION=1.94
+ARG DEBIAN_IMAGE=debian:bookworm-slim
+ARG BINARIES=build
+
+# --- Binaries, compiled here ----------------------------------------------------------------
+# The workspace's rust-version (Cargo.toml), on the Debian release the runtime images use, so
+# the binaries link against the same glibc.
+FROM rust:${RUST_VERSION}-bookworm AS build
+WORKDIR /src
+# Dependencies first: the manifests with empty sources build every dependency into a layer that
+# only a Cargo.toml or Cargo.lock change invalidates.
+COPY Cargo.toml Cargo.lock ./
+COPY crates/beacon/Cargo.toml crates/beacon/
+COPY crates/bench/Cargo.toml crates/bench/
+COPY crates/bundle/Cargo.toml crates/bundle/
+COPY crates/e2e/Cargo.toml crates/e2e/
+COPY crates/em/Cargo.toml crates/em/
+COPY crates/maestro/Cargo.toml crates/maestro/
+COPY crates/proto/Cargo.toml crates/proto/
+COPY crates/repository/Cargo.toml crates/repository/
+COPY crates/runtime/Cargo.toml crates/runtime/
+COPY crates/test-support/Cargo.toml crates/test-support/
+# A stub lib.rs and main.rs per crate, plus every target path a manifest names (bench's
+# src/bin/*.rs), so cargo can load the workspace; the stubs go again before the real sources.
+RUN set -eu; \
+    for manifest in crates/*/Cargo.toml; do \
+      dir=${manifest%/Cargo.toml}; \
+      mkdir -p "$dir/src"; \
+      : > "$dir/src/lib.rs"; \
+      echo 'fn main() {}' > "$dir/src/main.rs"; \
+      for path in $(sed -n 's/^path = "\(.*\)"$/\1/p' "$manifest"); do \
+        mkdir -p "$dir/$(dirname "$path")"; \
+        echo 'fn main() {}' > "$dir/$path"; \
+      done; \
+    done; \
+    cargo build --release --locked -p px-repository -p px-beacon -p px-maestro -p px-em; \
+    rm -rf crates/*/src
+COPY crates crates
+# em embeds the example apps (`em init` templates).
+COPY examples examples
+# The copied sources keep the build context's modification times, which may be older than the
+# stub build: touching them makes cargo rebuild every workspace crate from the real sources.
+RUN set -eu; \
+    find crates -name '*.rs' -exec touch {} +; \
+    cargo build --release --locked -p px-repository -p px-beacon -p px-maestro -p px-em; \
+    mkdir /out; \
+    for bin in apprepo beacon maestro em; do cp "target/release/$bin" /out/; done
+
+# --- Binaries, built elsewhere ----------------------------------------------------------------
+# dist/bin/{apprepo,beacon,maestro} from the build context (scripts/check-images fills a
+# temporary context with stripped copies of the binaries cargo built).
+FROM scratch AS prebuilt
+COPY dist/bin/ /out/
+
+FROM ${BINARIES} AS binaries
+
+# --- init: the cluster's secrets for compose ----------------------------------------------------
+# Runs once as root before the services (images/compose.yaml): makes the CA, Beacon's key and
+# certificate, the tokens and the tokens files in /run/secrets, each owned by the uid of the
+# service that reads it; keeps whatever already exists.
+FROM ${DEBIAN_IMAGE} AS init
+RUN set -eux; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends openssl; \
+    rm -rf /var/lib/apt/lists/*
+COPY images/init-secrets /usr/local/bin/px-init-secrets
+ENTRYPOINT ["/usr/local/bin/px-init-secrets"]
+CMD ["/run/secrets"]
+ARG VERSION=dev
+ARG REVISION=unknown
+ARG SOURCE=https://example.invalid/platform-x
+LABEL org.opencontainers.image.title="Platform.X compose init" \
+      org.opencontainers.image.description="Makes a single-host Platform.X cluster's CA, certificate and tokens" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}"
+
+# --- apprepo ----------------------------------------------------------------------------------
+FROM ${DEBIAN_IMAGE} AS apprepo
+# ca-certificates: with the S3 backend, apprepo verifies the S3 endpoint against the system
+# roots. The data directory belongs to the service user (mode 0700, as StateDirectory= makes it).
+RUN set -eux; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends ca-certificates; \
+    rm -rf /var/lib/apt/lists/*; \
+    groupadd --gid 10001 px-apprepo; \
+    useradd --no-log-init --uid 10001 --gid px-apprepo --home-dir /var/lib/platformx/apprepo \
+      --no-create-home --shell /usr/sbin/nologin px-apprepo; \
+    install -d -o px-apprepo -g px-apprepo -m 0700 /var/lib/platformx/apprepo
+COPY images/healthcheck /usr/local/bin/px-healthcheck
+COPY images/apprepo.toml /etc/platformx/apprepo.toml
+COPY --from=binaries /out/apprepo /usr/bin/apprepo
+ENV PX_HEALTHCHECK_URL=http://127.0.0.1:7070/healthz
+USER 10001:10001
+WORKDIR /var/lib/platformx/apprepo
+EXPOSE 7070
+# apprepo finishes uploads in flight for up to 30 s after SIGTERM: give `docker stop` -t 40.
+STOPSIGNAL SIGTERM
+# /healthz answers 200 when storage answers.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
+    CMD ["/usr/local/bin/px-healthcheck"]
+# --config rather than PX_APPREPO_CONFIG, which the PX_APPREPO_* overrides would also read as a
+# (refused) `config` key. Arguments go after it: `docker run IMAGE --check-config`.
+ENTRYPOINT ["/usr/bin/apprepo", "--config", "/etc/platformx/apprepo.toml"]
+# Labels last: they change with every commit, and nothing after them needs rebuilding.
+ARG VERSION=dev
+ARG REVISION=unknown
+ARG SOURCE=https://example.invalid/platform-x
+LABEL org.opencontainers.image.title="Platform.X apprepo" \
+      org.opencontainers.image.description="Receives app bundles, stores them and commits numbered releases" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}"
+
+# --- Beacon -----------------------------------------------------------------------------------
+FROM ${DEBIAN_IMAGE} AS beacon
+# Beacon needs no package: webhooks verify against roots built into the binary, and control
+# links against the cluster CA.
+RUN set -eux; \
+    groupadd --gid 10002 px-beacon; \
+    useradd --no-log-init --uid 10002 --gid px-beacon --home-dir /var/lib/platformx/beacon \
+      --no-create-home --shell /usr/sbin/nologin px-beacon; \
+    install -d -o px-beacon -g px-beacon -m 0700 /var/lib/platformx/beacon
+COPY images/healthcheck /usr/local/bin/px-healthcheck
+COPY images/beacon.toml /etc/platformx/beacon.toml
+COPY --from=binaries /out/beacon /usr/bin/beacon
+ENV PX_HEALTHCHECK_URL=http://127.0.0.1:7080/healthz
+USER 10002:10002
+WORKDIR /var/lib/platformx/beacon
+# 7080: API and status page; 7443: TLS control links from Maestros and apprepo.
+EXPOSE 7080 7443
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
+    CMD ["/usr/local/bin/px-healthcheck"]
+ENTRYPOINT ["/usr/bin/beacon", "--config", "/etc/platformx/beacon.toml"]
+ARG VERSION=dev
+ARG REVISION=unknown
+ARG SOURCE=https://example.invalid/platform-x
+LABEL org.opencontainers.image.title="Platform.X Beacon" \
+      org.opencontainers.image.description="Control plane: tells every Maestro what to run, tracks rollouts, events and alerts" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}"
+
+# --- Maestro ----------------------------------------------------------------------------------
+FROM ${DEBIAN_IMAGE} AS maestro
+# What apps get: /bin/sh (an app's `run` is `sh -c "<run>"`, and dash is in every Debian
+# image), python3 with its standard library (the python examples and `em init --template
+# python` need nothing else) and the system CA roots for apps that call out over HTTPS. Other
+# runtimes (node, ruby, ...) go into an image derived from this one (images/README.md), or
+# into the app's bundle (`bin/`). tini is PID 1: it reaps the orphans an app's processes may
+# leave behind, and passes signals on to Maestro, which stops the apps itself.
+RUN set -eux; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends ca-certificates python3 tini; \
+    rm -rf /var/lib/apt/lists/*; \
+    groupadd --gid 10003 px-maestro; \
+    useradd --no-log-init --uid 10003 --gid px-maestro --home-dir /var/lib/platformx/maestro \
+      --no-create-home --shell /usr/sbin/nologin px-maestro; \
+    install -d -o px-maestro -g px-maestro -m 0700 /var/lib/platformx/maestro /var/log/platformx
+COPY images/healthcheck /usr/local/bin/px-healthcheck
+COPY images/maestro.toml /etc/platformx/maestro.toml
+COPY --from=binaries /out/maestro /usr/bin/maestro
+ENV PX_HEALTHCHECK_URL=http://127.0.0.1:7090/healthz
+USER 10003:10003
+WORKDIR /var/lib/platformx/maestro
+# The proxy: plain HTTP on 8080 (an unprivileged port: publish it as 80), HTTPS on 8443 when
+# `https_listen` and `certs_dir` are set. The status port (7090) stays on loopback.
+EXPOSE 8080 8443
+# Maestro drains requests (drain_deadline, 30 s) then stops its apps (stop_grace, 10 s) after
+# SIGTERM: give `docker stop` -t 60, as the systemd unit's TimeoutStopSec=.
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 \
+    CMD ["/usr/local/bin/px-healthcheck"]
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/bin/maestro", "--config", "/etc/platformx/maestro.toml"]
+ARG VERSION=dev
+ARG REVISION=unknown
+ARG SOURCE=https://example.invalid/platform-x
+LABEL org.opencontainers.image.title="Platform.X Maestro" \
+      org.opencontainers.image.description="Runs app instances, switches releases with zero downtime, proxies HTTP" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}"

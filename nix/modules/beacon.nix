@@ -1,0 +1,166 @@
+# services.platformx.beacon: Beacon under systemd, with the settings of systemd/beacon.service.
+# Every key of beacon.toml goes under `settings` (README.md, crates/beacon/src/config.rs); the
+# TLS key and the repository token are given as paths under `credentials` and reach Beacon
+# through LoadCredential=.
+self:
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.services.platformx.beacon;
+  common = import ./common.nix { inherit lib pkgs; };
+  credentials = common.credentialsDir "beacon";
+in
+{
+  options.services.platformx.beacon = {
+    enable = lib.mkEnableOption "Platform.X Beacon, the control plane";
+
+    package = lib.mkOption {
+      type = lib.types.package;
+      default = self.packages.${pkgs.stdenv.hostPlatform.system}.beacon;
+      defaultText = lib.literalExpression "platformx.packages.\${system}.beacon";
+      description = "The package whose bin/beacon runs.";
+    };
+
+    settings = lib.mkOption {
+      default = { };
+      description = ''
+        beacon.toml, rendered from this attribute set: any key Beacon knows (unknown keys make
+        it refuse to start). It lands in the world-readable Nix store, so secrets never go
+        here; their paths go in `credentials`.
+      '';
+      example = lib.literalExpression ''
+        {
+          http_listen = "0.0.0.0:7080";
+          control_listen = "0.0.0.0:7443";
+          tls_cert_file = "/etc/platformx/beacon.pem";
+          tokens_file = "/etc/platformx/beacon-tokens.toml";
+          domain = "example.com";
+          repository.url = "http://apprepo.internal:7070";
+          alerts.webhooks = [ "https://hooks.example.com/platformx" ];
+        }
+      '';
+      type = lib.types.submodule {
+        freeformType = common.settingsFormat.type;
+        options = {
+          http_listen = lib.mkOption {
+            type = lib.types.str;
+            default = "127.0.0.1:7080";
+            description = "Address of the API and status page.";
+          };
+          control_listen = lib.mkOption {
+            type = lib.types.str;
+            default = "127.0.0.1:7443";
+            description = "Address of the TLS control links from the Maestros and apprepo.";
+          };
+          data_dir = lib.mkOption {
+            type = lib.types.str;
+            default = "/var/lib/platformx/beacon";
+            readOnly = true;
+            description = "The event log and the assignment generation: the unit's StateDirectory=.";
+          };
+          tls_cert_file = lib.mkOption {
+            type = lib.types.str;
+            description = "Beacon's certificate chain (PEM), signed by the cluster CA; public, so it may be in the store.";
+          };
+          tokens_file = lib.mkOption {
+            type = lib.types.nullOr lib.types.str;
+            default = null;
+            description = "A TOML file of `[[token]]` entries (roles read, deploy, maestro, repository): hashes only.";
+          };
+          domain = lib.mkOption {
+            type = lib.types.str;
+            default = "localhost";
+            description = "Apps without domains of their own are served as <app>.<domain>.";
+          };
+          repository = lib.mkOption {
+            default = { };
+            description = "`[repository]`: where the desired state comes from.";
+            type = lib.types.submodule {
+              freeformType = common.settingsFormat.type;
+              options.url = lib.mkOption {
+                type = lib.types.str;
+                default = "http://127.0.0.1:7070";
+                description = "apprepo's base URL as Beacon and the Maestros reach it.";
+              };
+            };
+          };
+        };
+      };
+    };
+
+    credentials = {
+      tlsKey = common.secretPath "Beacon's TLS private key (PEM).";
+      repositoryToken = common.secretPath "Beacon's `read` token for apprepo.";
+    };
+
+    openFirewall = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = "Open the ports of `settings.http_listen` and `settings.control_listen` in the firewall.";
+    };
+  };
+
+  config = lib.mkIf cfg.enable (
+    lib.mkMerge [
+      (common.user "beacon" "Platform.X Beacon")
+      {
+        assertions = [
+          {
+            assertion = cfg.credentials.tlsKey != null || cfg.settings ? tls_key_file;
+            message = "services.platformx.beacon: set credentials.tlsKey (Beacon's TLS key)";
+          }
+          {
+            assertion = cfg.credentials.repositoryToken != null || cfg.settings.repository ? token_file;
+            message = "services.platformx.beacon: set credentials.repositoryToken (a read token for apprepo)";
+          }
+        ];
+
+        services.platformx.beacon.settings = lib.mkMerge [
+          (lib.mkIf (cfg.credentials.tlsKey != null) { tls_key_file = "${credentials}/tls-key"; })
+          (lib.mkIf (cfg.credentials.repositoryToken != null) {
+            repository.token_file = "${credentials}/repo-token";
+          })
+        ];
+
+        systemd.services.beacon = {
+          description = "Platform.X Beacon (control plane)";
+          wantedBy = [ "multi-user.target" ];
+          wants = [ "network-online.target" ];
+          after = [ "network-online.target" ];
+          serviceConfig =
+            common.serviceConfig {
+              name = "beacon";
+              inherit (cfg) package;
+              configFile = common.configFile "beacon" cfg.settings;
+              # HTTP requests and control links drain for up to 10 s (DRAIN_DEADLINE).
+              stopTimeout = "30s";
+              credentials = {
+                tls-key = cfg.credentials.tlsKey;
+                repo-token = cfg.credentials.repositoryToken;
+              };
+            }
+            // import ./hardening.nix
+            // {
+              # One descriptor per control link, API client and event-stream follower.
+              LimitNOFILE = 65536;
+              ProcSubset = "pid";
+              MemoryDenyWriteExecute = true;
+              SystemCallFilter = [
+                "@system-service"
+                "~@privileged @resources"
+              ];
+            };
+        };
+
+        networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [
+          (common.port cfg.settings.http_listen)
+          (common.port cfg.settings.control_listen)
+        ];
+      }
+    ]
+  );
+}

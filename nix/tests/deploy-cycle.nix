@@ -1,0 +1,146 @@
+# checks.<system>.vm-deploy-cycle: the deploy cycle on NixOS machines run from the flake's
+# modules. `control` runs apprepo and Beacon, `web1` and `web2` a Maestro each (socket-activated
+# on port 80); em on `control` deploys python-hello as release 1, then a changed one as
+# release 2, and both web servers must serve each release, asked locally and over the network.
+#
+# The cluster's secrets are made at build time by images/init-secrets, the script compose's
+# init container runs, so they sit in the world-readable Nix store: right for a throwaway test
+# cluster only. The services get the private ones as credentials from /etc/platformx.
+{ self, pkgs }:
+let
+  inherit (pkgs) lib;
+  system = pkgs.stdenv.hostPlatform.system;
+  secrets =
+    pkgs.runCommand "platformx-test-secrets"
+      {
+        nativeBuildInputs = [ pkgs.openssl ];
+        # Beacon's certificate names the host the others dial.
+        BEACON_NAMES = "control";
+        # The build user cannot give files away; the services get them through root anyway.
+        SET_OWNERS = "0";
+      }
+      ''
+        bash ${../../images/init-secrets} $out
+      '';
+  # Private files as root-only copies under /etc/platformx, where LoadCredential= reads them.
+  privateFiles =
+    names:
+    lib.genAttrs (map (name: "platformx/${name}") names) (path: {
+      source = "${secrets}/${lib.removePrefix "platformx/" path}";
+      mode = "0600";
+    });
+  webServer = name: {
+    imports = [ self.nixosModules.maestro ];
+    environment.etc = privateFiles [
+      "maestro-link-token"
+      "maestro-repo-token"
+    ];
+    environment.systemPackages = [ pkgs.curl ];
+    services.platformx.maestro = {
+      enable = true;
+      openFirewall = true;
+      settings = {
+        node_name = name;
+        beacon = {
+          addr = "control:7443";
+          ca_file = "${secrets}/ca.pem";
+        };
+      };
+      credentials = {
+        linkToken = "/etc/platformx/maestro-link-token";
+        repositoryToken = "/etc/platformx/maestro-repo-token";
+      };
+    };
+  };
+in
+{
+  name = "platformx-vm-deploy-cycle";
+
+  nodes = {
+    control = {
+      imports = [
+        self.nixosModules.apprepo
+        self.nixosModules.beacon
+      ];
+      environment.etc = privateFiles [
+        "apprepo-link-token"
+        "beacon.key"
+        "beacon-repo-token"
+        "em-deploy-token"
+      ];
+      environment.systemPackages = [
+        self.packages.${system}.em
+        pkgs.curl
+      ];
+      services.platformx.apprepo = {
+        enable = true;
+        openFirewall = true;
+        settings = {
+          listen = "0.0.0.0:7070";
+          tokens_file = "${secrets}/apprepo-tokens.toml";
+          beacon = {
+            addr = "control:7443";
+            ca_file = "${secrets}/ca.pem";
+          };
+        };
+        credentials.linkToken = "/etc/platformx/apprepo-link-token";
+      };
+      services.platformx.beacon = {
+        enable = true;
+        openFirewall = true;
+        settings = {
+          http_listen = "0.0.0.0:7080";
+          control_listen = "0.0.0.0:7443";
+          tls_cert_file = "${secrets}/beacon.pem";
+          tokens_file = "${secrets}/beacon-tokens.toml";
+          domain = "example.test";
+          repository.url = "http://control:7070";
+        };
+        credentials = {
+          tlsKey = "/etc/platformx/beacon.key";
+          repositoryToken = "/etc/platformx/beacon-repo-token";
+        };
+      };
+    };
+    web1 = webServer "web1";
+    web2 = webServer "web2";
+  };
+
+  testScript = ''
+    webs = [web1, web2]
+
+    def em(args):
+        return control.succeed(f"HOME=/root em {args}")
+
+    def serves(release, greeting):
+        """Each web server answers with the release, on its own port 80 and from control."""
+        page = "curl -fsS -H 'Host: python-hello.example.test' http://{}/"
+        for web in webs:
+            for out in [web.succeed(page.format("localhost")), control.succeed(page.format(web.name))]:
+                assert f"release <code>{release}</code>" in out, out
+                assert greeting in out, out
+
+    start_all()
+    control.wait_for_unit("apprepo.service")
+    control.wait_for_unit("beacon.service")
+    for web in webs:
+        web.wait_for_unit("maestro-http.socket")
+        web.wait_for_unit("maestro.service")
+
+    em("login --remote http://localhost:7070 --beacon http://localhost:7080 --token-file /etc/platformx/em-deploy-token")
+    for web in webs:
+        control.wait_until_succeeds(f"HOME=/root em status | grep -E '{web.name} +connected'", timeout=60)
+
+    with subtest("release 1 reaches both web servers"):
+        control.succeed("cp -r ${../../examples/python-hello} /root/app && chmod -R u+w /root/app")
+        control.succeed("sed -i 's/^GREETING = .*/GREETING = \"first of two\"/' /root/app/app.toml")
+        em("deploy /root/app")
+        serves(1, "first of two")
+
+    with subtest("release 2 replaces it on both"):
+        control.succeed("sed -i 's/^GREETING = .*/GREETING = \"second of two\"/' /root/app/app.toml")
+        em("deploy /root/app")
+        serves(2, "second of two")
+        assert "v2" in em("releases --app python-hello")
+  '';
+}
