@@ -511,7 +511,7 @@ impl Session {
         extra_env.push(("PX_EVENTS_URL".into(), registration.url.clone()));
         extra_env.push((
             "PX_HEARTBEAT_INTERVAL".into(),
-            manifest.health.heartbeat_interval.as_secs_f64().to_string(),
+            px_maestro::supervisor::format_seconds(manifest.health.heartbeat_interval),
         ));
         let launch = Launch {
             app,

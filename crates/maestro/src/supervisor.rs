@@ -1005,7 +1005,7 @@ impl AppTask {
 
 /// Seconds as `PX_HEARTBEAT_INTERVAL` gives them, to the millisecond: `10`, or `1.5`. Written
 /// from whole milliseconds rather than rounded from a float, which turned 1.9999 s into `2.`.
-fn format_seconds(d: Duration) -> String {
+pub fn format_seconds(d: Duration) -> String {
     let ms = d.as_millis();
     if ms.is_multiple_of(1000) {
         (ms / 1000).to_string()

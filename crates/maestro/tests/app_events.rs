@@ -153,7 +153,7 @@ const OUTCOMES: [&str; 7] = [
 ];
 
 /// Packs an app (files with their modes), stores it on the bundle server, and returns its
-/// assignment entry, like `BundleServer::app` but able to ship executables.
+/// assignment entry.
 fn pack(
     bundles: &BundleServer,
     name: &str,
@@ -162,35 +162,7 @@ fn pack(
     files: &[(&str, &str, u32)],
     env: &[(&str, &str)],
 ) -> AppAssignment {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("app.toml"), manifest).unwrap();
-    for (path, content, mode) in files {
-        let p = dir.path().join(path);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, content).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).unwrap();
-    }
-    let mut bundle = Vec::new();
-    let (summary, parsed) = px_bundle::pack_dir(dir.path(), &mut bundle).unwrap();
-    bundles
-        .bundles
-        .lock()
-        .unwrap()
-        .insert(summary.sha256.clone(), bundle);
-    let mut environment = parsed.env.clone();
-    environment.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    AppAssignment {
-        app: name.into(),
-        release,
-        bundle_sha256: summary.sha256.clone(),
-        bundle_size: summary.size,
-        bundle_url: format!("{}/v1/bundles/{}", bundles.url, summary.sha256),
-        instances: parsed.instances,
-        manifest: parsed,
-        env: environment,
-        domains: vec![format!("{name}.localhost")],
-    }
+    bundles.app_with_modes(name, release, manifest, files, env)
 }
 
 /// The events app with `top` as top-level manifest keys, `health` inside `[health]`, and

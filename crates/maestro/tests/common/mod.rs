@@ -87,12 +87,27 @@ impl BundleServer {
         files: &[(&str, &str)],
         env: &[(&str, &str)],
     ) -> AppAssignment {
+        let files: Vec<(&str, &str, u32)> = files.iter().map(|(p, c)| (*p, *c, 0o644)).collect();
+        self.app_with_modes(name, release, manifest, &files, env)
+    }
+
+    /// [`BundleServer::app`] with a mode per file, so a bundle can ship executables.
+    pub fn app_with_modes(
+        &self,
+        name: &str,
+        release: u64,
+        manifest: &str,
+        files: &[(&str, &str, u32)],
+        env: &[(&str, &str)],
+    ) -> AppAssignment {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("app.toml"), manifest).unwrap();
-        for (path, content) in files {
+        for (path, content, mode) in files {
             let p = dir.path().join(path);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, content).unwrap();
+            std::fs::write(&p, content).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).unwrap();
         }
         let mut bundle = Vec::new();
         let (summary, parsed) = px_bundle::pack_dir(dir.path(), &mut bundle).unwrap();
