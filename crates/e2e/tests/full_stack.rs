@@ -266,12 +266,20 @@ async fn deploy_and_reconfigure_through_every_service() {
         tokio::spawn(async move {
             let http = reqwest::Client::new();
             while !stop.load(Ordering::Relaxed) {
-                let ok = matches!(http.get(&url).header("host", "hello.localhost").send().await, Ok(r) if r.status() == 200);
-                if ok {
-                    served.fetch_add(1, Ordering::Relaxed)
-                } else {
-                    failed.fetch_add(1, Ordering::Relaxed)
-                };
+                match http
+                    .get(&url)
+                    .header("host", "hello.localhost")
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == 200 => {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                    outcome => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("failed request during the rollout: {outcome:?}");
+                    }
+                }
             }
         })
     };

@@ -38,6 +38,14 @@ impl Backend {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
     }
+
+    /// Whether anything besides its owner still holds this backend: a route a request looked
+    /// up before the switch and may still pick it from, a request that picked it, or an
+    /// in-flight guard. Once the backend is out of the current table and this is false, no
+    /// request can reach it any more, so its instance may stop.
+    pub fn held_elsewhere(this: &Arc<Self>) -> bool {
+        Arc::strong_count(this) > 1
+    }
 }
 
 /// Guard for one in-flight request; hold it until the response body (or the upgraded

@@ -973,10 +973,15 @@ impl AppTask {
         }
     }
 
-    /// Waits for in-flight requests on `instances` to finish (up to the deadline), then stops them.
+    /// Waits until no request holds `instances` any more (in flight, or about to pick them from
+    /// a route looked up before the switch), up to the deadline, then stops them.
     async fn drain_and_stop(&self, instances: Vec<Instance>) {
         let deadline = Instant::now() + self.shared.settings.drain_deadline;
-        while instances.iter().any(|i| i.backend.in_flight() > 0) && Instant::now() < deadline {
+        while instances
+            .iter()
+            .any(|i| Backend::held_elsewhere(&i.backend))
+            && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let left: usize = instances.iter().map(|i| i.backend.in_flight()).sum();

@@ -16,13 +16,14 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
+use super::Proxy;
 use super::access::AccessRecord;
 use super::body::{PendingRecord, ProxyBody, UpstreamBody};
 use super::headers::{self, X_REQUEST_ID};
 use super::pages::{Failure, page};
 use super::server::Conn;
 use super::static_files;
-use crate::routes::{AppRoute, InFlight};
+use crate::routes::{AppRoute, Backend, InFlight};
 
 pub(crate) async fn handle(
     conn: Arc<Conn>,
@@ -94,8 +95,9 @@ async fn respond(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<Proxy
         .as_ref()
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let table = proxy.routes.load();
-    let route = table.lookup(host);
+    // Keep only this app's route, not the whole table: the supervisor stops an old instance
+    // once nothing holds its backend, so a request must not pin every app's old routes.
+    let route = proxy.routes.load().lookup(host).cloned();
 
     let pending = proxy.access.enabled().then(|| {
         Box::new(PendingRecord {
@@ -112,7 +114,7 @@ async fn respond(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<Proxy
                 duration: Duration::ZERO,
                 upstream: None,
                 request_id: request_id.to_str().unwrap_or("").to_string(),
-                app: route.map(|r| r.app.clone()),
+                app: route.as_ref().map(|r| r.app.clone()),
             },
             started,
             log: proxy.access.clone(),
@@ -149,7 +151,7 @@ async fn respond(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<Proxy
             };
         return exchange.finish(response, app, None, None);
     }
-    forward(exchange, route, req, host_value.as_ref()).await
+    forward(exchange, &route, req, host_value.as_ref()).await
 }
 
 /// `https://host/path?query`, without the port of the plain listener.
@@ -263,14 +265,8 @@ async fn forward(
                     drop(guard);
                     headers = copy;
                     body = UpstreamBody::Empty;
-                    // Round robin may hand the same instance back under concurrency.
-                    for _ in 0..route.backends.len() {
-                        if let Some(next) = route.pick()
-                            && next.addr != addr
-                        {
-                            backend = next;
-                            break;
-                        }
+                    if let Some(next) = retry_backend(proxy, exchange.host, route, addr) {
+                        backend = next;
                     }
                     continue;
                 }
@@ -283,6 +279,35 @@ async fn forward(
         let response = page(failure, exchange.host, app, exchange.request_id());
         return exchange.finish(response, app, Some(addr), None);
     }
+}
+
+/// Another instance for a retry after `failed` could not be reached: from the current route
+/// table first, since the failure is often a release switch that happened after this request
+/// looked up its route (the old instance stopping), then from the request's own route. `None`
+/// when only `failed` is left.
+fn retry_backend(
+    proxy: &Proxy,
+    host: &str,
+    route: &AppRoute,
+    failed: SocketAddr,
+) -> Option<Arc<Backend>> {
+    let current = proxy
+        .routes
+        .load()
+        .lookup(host)
+        .filter(|r| r.app == route.app)
+        .cloned();
+    for candidate in current.iter().map(|r| &**r).chain([route]) {
+        // Round robin may hand the same instance back under concurrency.
+        for _ in 0..candidate.backends.len() {
+            if let Some(next) = candidate.pick()
+                && next.addr != failed
+            {
+                return Some(next);
+            }
+        }
+    }
+    None
 }
 
 /// The instance's answer, passed on: hop-by-hop headers go, the body streams with the guard;
