@@ -36,6 +36,9 @@ use crate::config::Config;
 pub const ACCESS_LOG_QUEUE: usize = 8192;
 /// How long stopping may take in all: drain plus instance stops.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(45);
+/// How long a starting Maestro waits for its persisted apps to serve before it accepts
+/// connections anyway; well inside the unit's `TimeoutStartSec=`.
+pub const RESTORE_WAIT: Duration = Duration::from_secs(30);
 
 /// The already-bound sockets Maestro serves on.
 pub struct Listeners {
@@ -223,6 +226,14 @@ pub async fn run_with(
             supervisor.apply(&assignment);
         }
         None => tracing::info!("no persisted assignment; waiting for beacon"),
+    }
+
+    // Open the doors only once the persisted apps serve (or failed): until then connections
+    // wait in the listen backlog (the kernel's, and under socket activation systemd's) rather
+    // than meeting a 404 for an app that is a second away from serving.
+    let starting = supervisor.wait_first_deploys(RESTORE_WAIT).await;
+    if !starting.is_empty() {
+        tracing::warn!(apps = ?starting, "opening before these apps serve: they took longer than {RESTORE_WAIT:?}");
     }
 
     let metrics = Arc::new(proxy::ProxyMetrics::default());

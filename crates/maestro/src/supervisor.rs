@@ -101,6 +101,8 @@ struct Shared {
     groups: GroupFile,
     live_groups: Mutex<HashMap<u32, GroupRecord>>,
     generation: Mutex<u64>,
+    /// Apps whose first deploy in this run has been tried (serving or failed).
+    tried: Mutex<BTreeSet<String>>,
     /// Bumped whenever an instance changes, so the link reports at once.
     changes: watch::Sender<u64>,
 }
@@ -241,6 +243,7 @@ impl Supervisor {
             groups,
             live_groups: Mutex::new(HashMap::new()),
             generation: Mutex::new(0),
+            tried: Mutex::new(BTreeSet::new()),
             changes: watch::channel(0).0,
         });
         Arc::new(Self {
@@ -327,6 +330,31 @@ impl Supervisor {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Waits, up to `limit`, until every app assigned so far has had its first deploy tried,
+    /// so that a restarted Maestro opens its doors with its apps already serving. Returns the
+    /// apps still starting when `limit` passed.
+    pub async fn wait_first_deploys(&self, limit: Duration) -> Vec<String> {
+        let mut changes = self.changes();
+        let deadline = Instant::now() + limit;
+        loop {
+            let waiting: Vec<String> = {
+                let apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
+                let tried = self.shared.tried.lock().unwrap_or_else(|p| p.into_inner());
+                apps.keys()
+                    .filter(|a| !tried.contains(*a))
+                    .cloned()
+                    .collect()
+            };
+            if waiting.is_empty() {
+                return waiting;
+            }
+            match tokio::time::timeout_at(deadline.into(), changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return waiting,
+            }
         }
     }
 
@@ -421,6 +449,11 @@ impl AppTask {
                 {
                     running = self.deploy(running, target, &stop).await;
                     pending.clear();
+                    self.shared
+                        .tried
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(self.app.clone());
                     self.report(&running);
                 }
             }

@@ -1,5 +1,6 @@
 //! The `maestro` binary: `--check-config`, and SIGKILL of Maestro itself — on restart it ends
-//! what the killed one left running and serves its persisted assignment again.
+//! what the killed one left running and serves its persisted assignment again, from the first
+//! request on.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -85,9 +86,19 @@ async fn after_sigkill_a_restarted_maestro_leaves_nothing_stale_and_serves_again
     );
 
     let mut second = spawn(&config, http);
-    wait_gone(orphan).await;
-    let fresh = pid_of(http).await;
+    // The very first request after the restart is answered by the app, not with a 404 for a
+    // host Maestro does not know yet: it accepts connections once the persisted apps serve.
+    let first = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{http}/pid"))
+        .header("host", "hello.localhost")
+        .timeout(common::WAIT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200, "the first request after a restart");
+    let fresh: u32 = first.text().await.unwrap().parse().unwrap();
     assert_ne!(fresh, orphan);
+    wait_gone(orphan).await;
     // SIGTERM: a clean stop takes the apps with it.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(second.id() as i32),
