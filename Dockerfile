@@ -124,8 +124,8 @@ STOPSIGNAL SIGTERM
 # /healthz answers 200 when storage answers.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
     CMD ["/usr/local/bin/px-healthcheck"]
-# --config rather than PX_APPREPO_CONFIG, which the PX_APPREPO_* overrides would also read as a
-# (refused) `config` key. Arguments go after it: `docker run IMAGE --check-config`.
+# The config file is an argument, so further arguments go after it:
+# `docker run IMAGE --check-config`.
 ENTRYPOINT ["/usr/bin/apprepo", "--config", "/etc/platformx/apprepo.toml"]
 # Labels last: they change with every commit, and nothing after them needs rebuilding.
 ARG VERSION=dev

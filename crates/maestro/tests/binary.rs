@@ -127,6 +127,18 @@ fn check_config_names_the_problems() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The file named by PX_MAESTRO_CONFIG instead of --config, as containers and shells set
+    // it: the variable names the file and is not read as a setting of its own.
+    let out = Command::new(BIN)
+        .env("PX_MAESTRO_CONFIG", &config)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::write(
         &config,
         "port_range = [30000, 20000]\nhttps_listen = \"127.0.0.1:8443\"\n",

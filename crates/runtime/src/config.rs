@@ -25,9 +25,12 @@ impl ConfigError {
     }
 }
 
+/// The variable after the prefix that names the config file (`PX_MAESTRO_CONFIG`), not a key.
+pub const CONFIG_FILE_VAR: &str = "CONFIG";
+
 /// Loads `T` from its defaults, then `file` (when given; a missing file is an error), then
 /// environment variables named `<env_prefix><KEY>`, where `__` separates nested keys
-/// (`PX_APPREPO_STORAGE__BUCKET`).
+/// (`PX_APPREPO_STORAGE__BUCKET`), except `<env_prefix>CONFIG`.
 pub fn load<T>(defaults: &T, file: Option<&Path>, env_prefix: &str) -> Result<T, ConfigError>
 where
     T: Serialize + DeserializeOwned,
@@ -42,7 +45,12 @@ where
         }
         figment = figment.merge(Toml::file_exact(file));
     }
-    figment = figment.merge(Env::prefixed(env_prefix).split("__"));
+    // `<prefix>CONFIG` names the file (the binaries' `--config` reads it) and is no setting.
+    figment = figment.merge(
+        Env::prefixed(env_prefix)
+            .ignore(&[CONFIG_FILE_VAR])
+            .split("__"),
+    );
     figment.extract::<T>().map_err(|error| ConfigError {
         problems: error
             .into_iter()
