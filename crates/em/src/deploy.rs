@@ -11,7 +11,7 @@ use px_proto::beacon::{Event, EventKind};
 use px_proto::manifest::{AppManifest, MANIFEST_FILE};
 
 use crate::client::{Client, refusal, unreachable};
-use crate::failure::{Failure, Result};
+use crate::failure::{EXIT_UNREACHABLE, Failure, Result};
 
 /// How long past the app's own health timeout a rollout may take before `em deploy` gives up.
 pub const ROLLOUT_SLACK: Duration = Duration::from_secs(60);
@@ -93,7 +93,19 @@ pub async fn deploy(client: &Client, options: Options<'_>) -> Result<()> {
     // Follow the rollout from before the upload, so no event is missed.
     let events = if options.wait {
         let url = client.beacon(&format!("/v1/events/stream?app={app}"));
-        Some(client.open_stream(&url).await?)
+        Some(client.open_stream(&url).await.map_err(|f| {
+            if f.code == EXIT_UNREACHABLE {
+                Failure::new(
+                    f.code,
+                    format!(
+                        "cannot reach Beacon, which follows the rollout: {}. Nothing was uploaded; `em deploy --no-wait` commits the release to apprepo anyway, and Beacon rolls it out when it is back",
+                        f.message
+                    ),
+                )
+            } else {
+                f
+            }
+        })?)
     } else {
         None
     };
