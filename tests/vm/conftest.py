@@ -61,7 +61,7 @@ SITE_PLAYBOOK = REPO / "ansible" / "site.yml"
 ANSIBLE_CONFIG = REPO / "ansible" / "ansible.cfg"
 TARGET_DIR = Path(os.environ.get("CARGO_TARGET_DIR") or "/root/.cache/platformx/target")
 SERVICE_BINARIES = ("apprepo", "beacon", "maestro")
-# Building the binaries when they are missing (a debug build from scratch on 2 busy cores).
+# Building the binaries (a debug build from scratch on 2 busy cores; seconds when up to date).
 CARGO_BUILD_TIMEOUT_S = 60 * 60
 # Stripping one debug binary (hundreds of MB) into the staging directory.
 STRIP_TIMEOUT_S = 120
@@ -69,6 +69,37 @@ STRIP_TIMEOUT_S = 120
 PLATFORM_DOMAIN = "apps.test"
 # One em command (a deploy waits for the rollout on both web servers under emulation).
 EM_TIMEOUT_S = 10 * 60
+
+# Mitogen, which tests/vm/install-tools installs: site.yml runs with its strategy, which keeps
+# one Python interpreter per VM for the whole run instead of starting one per task (seconds
+# each under emulation). PX_VM_ANSIBLE_STRATEGY=linear runs Ansible's stock strategy instead.
+MITOGEN_VERSION = re.search(
+    r"^MITOGEN_VERSION=(\S+)$", (Path(__file__).parent / "install-tools").read_text(), re.M
+).group(1)
+MITOGEN_DIR = Path(
+    os.environ.get("PX_VM_MITOGEN")
+    or Path.home() / ".cache" / "platformx" / f"mitogen-{MITOGEN_VERSION}"
+)
+
+
+def ansible_strategy() -> str:
+    return os.environ.get("PX_VM_ANSIBLE_STRATEGY", "mitogen_linear")
+
+
+def _strategy_env() -> dict[str, str]:
+    """The environment that selects the strategy ansible_strategy() names."""
+    strategy = ansible_strategy()
+    if not strategy.startswith("mitogen"):
+        return {"ANSIBLE_STRATEGY": strategy}
+    plugins = MITOGEN_DIR / "ansible_mitogen" / "plugins" / "strategy"
+    if not plugins.is_dir():
+        pytest.fail(f"no Mitogen in {MITOGEN_DIR}: run tests/vm/install-tools, or set PX_VM_ANSIBLE_STRATEGY=linear")
+    return {
+        "ANSIBLE_STRATEGY": strategy,
+        "ANSIBLE_STRATEGY_PLUGINS": str(plugins),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(MITOGEN_DIR), os.environ.get("PYTHONPATH")) if p),
+    }
+
 
 _report = pytest.StashKey[dict]()
 
@@ -108,6 +139,7 @@ class Cluster:
                 **os.environ,
                 "ANSIBLE_NOCOLOR": "1",
                 "ANSIBLE_HOST_KEY_CHECKING": "False",
+                **_strategy_env(),
                 **(env or {}),
             },
         )
@@ -165,20 +197,19 @@ class Platform:
 
 
 def _built_binaries() -> Path:
-    """target/debug with apprepo, beacon, maestro and em, built when one is missing."""
-    debug = TARGET_DIR / "debug"
-    if not all((debug / name).exists() for name in (*SERVICE_BINARIES, "em")):
-        command = ["nice", "cargo", "build", "--locked"]
-        for name in (*SERVICE_BINARIES, "em"):
-            command += ["--bin", name]
-        subprocess.run(
-            command,
-            cwd=REPO,
-            check=True,
-            timeout=CARGO_BUILD_TIMEOUT_S,
-            env={**os.environ, "CARGO_TARGET_DIR": str(TARGET_DIR)},
-        )
-    return debug
+    """target/debug with apprepo, beacon, maestro and em as the working tree has them: cargo
+    builds what changed (a second or two when nothing did, as after `cargo test`)."""
+    command = ["nice", "cargo", "build", "--locked"]
+    for name in (*SERVICE_BINARIES, "em"):
+        command += ["--bin", name]
+    subprocess.run(
+        command,
+        cwd=REPO,
+        check=True,
+        timeout=CARGO_BUILD_TIMEOUT_S,
+        env={**os.environ, "CARGO_TARGET_DIR": str(TARGET_DIR)},
+    )
+    return TARGET_DIR / "debug"
 
 
 def _stage_binaries(debug: Path, staging: Path) -> None:
@@ -351,17 +382,23 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    write = terminalreporter.write_line
+    terminalreporter.section("VM tier")
+    # One line scripts/test adds to the suite's total. A skipped scenario counts as failed: in
+    # a whole run every scenario must run.
+    stats = terminalreporter.stats
+    passed = len([r for r in stats.get("passed", []) if r.when == "call"])
+    failed = sum(len(stats.get(kind, [])) for kind in ("failed", "error", "skipped"))
+    write(f"vm: {passed} passed, {failed} failed")
     report = config.stash.get(_report, None)
     if not report:
         return
-    write = terminalreporter.write_line
-    terminalreporter.section("VM tier")
     boot = f"{report['boot']:.1f} s" if "boot" in report else "did not finish"
     vms = report.get("vms", [])
     image_state, accel = report.get("image", "not built"), report.get("accel", "not chosen")
     write(f"image: {image_state}; accel: {accel}; {len(vms)} VMs booted to ready: {boot}")
     for what, seconds in report.get("platform", {}).items():
-        write(f"{what}: {seconds:.1f} s")
+        write(f"{what} (strategy {ansible_strategy()}): {seconds:.1f} s")
     for what, seconds in report.get("timings", {}).items():
         write(f"{what}: {seconds:.1f} s")
     if exitstatus != 0:
