@@ -5,6 +5,7 @@
                                            be; writes its ids to FILE, one per line
   assert_cluster.py existing PLAN_JSON FILE   the plan into that VPC
   assert_cluster.py present OUTPUTS_JSON   what the apply made, read back from moto with boto3
+  assert_cluster.py ansible OUTPUTS_JSON   the generated inventory, as ansible/site.yml sees it
   assert_cluster.py clean PLAN_JSON        a second plan after the apply changes nothing
   assert_cluster.py gone OUTPUTS_JSON      after the destroy, nothing of the cluster is left
 
@@ -16,6 +17,8 @@ server's URL comes from MOTO_ENDPOINT. Every check is printed; the exit code is 
 import ipaddress
 import json
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -364,6 +367,85 @@ def cmd_present(outputs_json):
     check(out["apprepo_url"] == f"http://{instances[control[0]]['PublicIpAddress']}:{APPREPO_API}", "apprepo_url output")
 
 
+# --- ansible: the generated inventory through Ansible itself -----------------------------------
+
+REPO = HERE.parents[1]
+SITE = REPO / "ansible" / "site.yml"
+ROLES = REPO / "ansible" / "roles"
+# One Ansible command that only reads the inventory and the playbook (no host is contacted).
+ANSIBLE_TIMEOUT_S = 120
+
+
+def ansible(*args):
+    proc = subprocess.run(
+        list(args), cwd=REPO / "ansible", capture_output=True, text=True, timeout=ANSIBLE_TIMEOUT_S,
+        env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} exited with {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def plays_and_hosts(listing):
+    """`ansible-playbook --list-hosts` output → {play name: [hosts]}."""
+    plays, current = {}, None
+    for line in listing.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("play #"):
+            current = stripped.split(": ", 1)[1].split("\t")[0].strip()
+            plays[current] = []
+        elif current and line.startswith("      ") and stripped:
+            plays[current].append(stripped)
+    return plays
+
+
+def cmd_ansible(outputs_json):
+    out = {k: v["value"] for k, v in json.loads(Path(outputs_json).read_text()).items()}
+    prefix = TFVARS["name_prefix"]
+    control = [f"{prefix}-control-{i}" for i in range(1, TFVARS["control_count"] + 1)]
+    web = [f"{prefix}-web-{i}" for i in range(1, TFVARS["web_count"] + 1)]
+    inventory = Path(outputs_json).with_name("inventory.yml")
+    inventory.write_text(out["ansible_inventory"])
+    print("the inventory through Ansible (nothing contacted):")
+
+    # Ansible reads it as Terraform meant it: every host with its addresses and user.
+    listed = json.loads(ansible("ansible-inventory", "-i", str(inventory), "--list"))
+    hostvars = listed["_meta"]["hostvars"]
+    check(sorted(hostvars) == sorted(control + web), "ansible-inventory reads every instance", sorted(hostvars))
+    check(all(v.get("ansible_user") == "admin" and v.get("ansible_host") and v.get("private_ip") for v in hostvars.values()),
+          "every host has ansible_host, ansible_user admin and private_ip")
+
+    # site.yml run with it: each play gets the hosts its role is for.
+    plays = plays_and_hosts(ansible("ansible-playbook", "-i", str(inventory), str(SITE), "--list-hosts"))
+    expected = {
+        "Make the cluster's secrets on the controller": control + web,
+        "Prepare every Platform.X host": control + web,
+        "Run apprepo on the repository hosts": control,
+        "Run Beacon on the beacon host": control[:1],
+        "Run Maestro on every web server": web,
+    }
+    check(set(plays) == set(expected), "site.yml's plays", sorted(plays))
+    for play, hosts in expected.items():
+        check(sorted(plays.get(play, [])) == sorted(hosts), f"site.yml: {play}: {len(hosts)} host(s)", plays.get(play))
+
+    # The variables Terraform sets are the ones the roles read (a renamed role variable would
+    # otherwise be ignored without a word), and resolve on the hosts that use them.
+    inv = yaml.safe_load(out["ansible_inventory"])
+    set_vars = set(inv["all"].get("vars", {}))
+    for group in inv["all"]["children"].values():
+        set_vars |= set(group.get("vars", {}))
+    role_text = "\n".join(p.read_text() for p in ROLES.rglob("*") if p.is_file() and p.suffix in (".yml", ".j2"))
+    for name in sorted(set_vars | {"private_ip"}):
+        check(re.search(rf"\b{re.escape(name)}\b", role_text) is not None, f"a role reads {name}")
+    bucket = out["bundles_bucket"]["name"]
+    for name in control:
+        check(hostvars[name].get("platformx_s3_bucket") == bucket,
+              f"{name}: apprepo's host gets the bundles bucket", hostvars[name].get("platformx_s3_bucket"))
+    first = hostvars[control[0]]["private_ip"]
+    check(all(hostvars[n].get("platformx_beacon_address") == f"{first}:{BEACON_CONTROL}" for n in web),
+          "web servers link to Beacon at control-1's private IP", {n: hostvars[n].get("platformx_beacon_address") for n in web})
+
+
 # --- clean: a second plan right after the apply ------------------------------------------------
 
 # Differences that come from moto, not from the configuration (see README.md, "Checks"):
@@ -425,7 +507,7 @@ def cmd_gone(outputs_json):
 
 
 def main():
-    commands = {"defaults": 1, "make-vpc": 1, "existing": 2, "present": 1, "clean": 1, "gone": 1}
+    commands = {"defaults": 1, "make-vpc": 1, "existing": 2, "present": 1, "ansible": 1, "clean": 1, "gone": 1}
     if len(sys.argv) < 2 or commands.get(sys.argv[1]) != len(sys.argv) - 2:
         sys.exit(__doc__)
     try:
