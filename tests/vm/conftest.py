@@ -41,6 +41,8 @@ GROUPS = {
 }
 # One ansible-playbook run (a whole site.yml on three emulated machines included).
 ANSIBLE_TIMEOUT_S = 20 * 60
+# Ansible's connection timeout (its `timeout` setting) for the VMs.
+ANSIBLE_CONNECT_TIMEOUT_S = 60
 # Lines of ansible-playbook's output kept in a failure's message.
 ANSIBLE_OUTPUT_TAIL_LINES = 60
 
@@ -139,6 +141,9 @@ class Cluster:
                 **os.environ,
                 "ANSIBLE_NOCOLOR": "1",
                 "ANSIBLE_HOST_KEY_CHECKING": "False",
+                # Connecting (SSH, and Mitogen's bootstrap over it) to an emulated guest on a
+                # busy host can take longer than Ansible's default 10 s.
+                "ANSIBLE_TIMEOUT": str(ANSIBLE_CONNECT_TIMEOUT_S),
                 **_strategy_env(),
                 **(env or {}),
             },

@@ -72,7 +72,9 @@ pub struct Config {
     /// SIGTERM → SIGKILL grace. Default: 10s.
     #[serde(with = "humantime_serde")]
     pub stop_grace: Duration,
-    /// Drain deadline for replaced instances. Default: 30s.
+    /// How long a stopping Maestro lets requests in flight finish, closing long-lived
+    /// connections one by one across it; a release switch drains over the app's own
+    /// `deploy.drain` instead. Default: 30s.
     #[serde(with = "humantime_serde")]
     pub drain_deadline: Duration,
     /// File with a `read` token for apprepo, to download bundles. Default: none (bundles

@@ -206,7 +206,6 @@ pub async fn run_with(
             state_dir: config.state_dir.clone(),
             port_range: config.port_range,
             stop_grace: config.stop_grace,
-            drain_deadline: config.drain_deadline,
             repository_token: checked.repository_token,
         },
         routes.clone(),
@@ -239,6 +238,7 @@ pub async fn run_with(
     let metrics = Arc::new(proxy::ProxyMetrics::default());
     let settings = proxy::ProxySettings {
         https_redirect: config.https_redirect,
+        drain: config.drain_deadline,
         ..Default::default()
     };
     let proxy = proxy::Proxy::new(routes, settings, metrics.clone(), access);

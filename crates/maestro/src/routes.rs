@@ -5,8 +5,12 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// One running instance the proxy may send requests to.
 #[derive(Debug)]
@@ -17,6 +21,32 @@ pub struct Backend {
     /// Requests (and upgraded connections) in progress on this instance; the supervisor waits
     /// for it to reach zero before stopping a drained instance.
     in_flight: AtomicUsize,
+    /// Set once when the instance leaves the route for good: long-lived connections watch it
+    /// and close themselves across the drain budget.
+    drain: watch::Sender<Option<Drain>>,
+    /// Long-lived connections (upgraded, or server-sent events) open now, and how the drain
+    /// ended them: closed with a reconnect hint before its deadline, or cut at it.
+    long_lived: AtomicUsize,
+    closed_for_drain: AtomicU64,
+    cut_at_deadline: AtomicU64,
+}
+
+/// A drain order: long-lived connections close at a moment of their own, spread over the
+/// first part of `budget` (see `proxy::drain`), and none outlives `deadline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drain {
+    pub started: Instant,
+    pub budget: Duration,
+    pub deadline: Instant,
+}
+
+/// How one drained instance's long-lived connections ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainOutcome {
+    /// Closed before the deadline with a reconnect hint (WebSocket 1012, SSE `retry:`).
+    pub closed: u64,
+    /// Still open at the deadline, and cut.
+    pub cut: u64,
 }
 
 impl Backend {
@@ -26,7 +56,50 @@ impl Backend {
             release,
             addr,
             in_flight: AtomicUsize::new(0),
+            drain: watch::channel(None).0,
+            long_lived: AtomicUsize::new(0),
+            closed_for_drain: AtomicU64::new(0),
+            cut_at_deadline: AtomicU64::new(0),
         })
+    }
+
+    /// Orders the instance's long-lived connections to close within `budget` (once; a second
+    /// order is ignored).
+    pub fn start_drain(&self, budget: Duration) {
+        let started = Instant::now();
+        self.drain.send_if_modified(|drain| {
+            if drain.is_some() {
+                return false;
+            }
+            *drain = Some(Drain {
+                started,
+                budget,
+                deadline: started + budget,
+            });
+            true
+        });
+    }
+
+    /// The drain order, for a long-lived connection to wait on.
+    pub fn drain_order(&self) -> watch::Receiver<Option<Drain>> {
+        self.drain.subscribe()
+    }
+
+    /// Counts a long-lived connection as open until the returned guard says how it ended.
+    pub fn long_lived(self: &Arc<Self>) -> LongLived {
+        self.long_lived.fetch_add(1, Ordering::SeqCst);
+        LongLived(self.clone())
+    }
+
+    pub fn long_lived_open(&self) -> usize {
+        self.long_lived.load(Ordering::SeqCst)
+    }
+
+    pub fn drain_outcome(&self) -> DrainOutcome {
+        DrainOutcome {
+            closed: self.closed_for_drain.load(Ordering::SeqCst),
+            cut: self.cut_at_deadline.load(Ordering::SeqCst),
+        }
     }
 
     /// Counts a request as in flight until the returned guard drops.
@@ -53,9 +126,36 @@ impl Backend {
 #[derive(Debug)]
 pub struct InFlight(Arc<Backend>);
 
+impl InFlight {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One open long-lived connection of a backend; say how it ended with `closed_for_drain` or
+/// `cut`, or just drop it when the client or the instance ended it.
+#[derive(Debug)]
+pub struct LongLived(Arc<Backend>);
+
+impl LongLived {
+    pub fn closed_for_drain(self) {
+        self.0.closed_for_drain.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn cut(self) {
+        self.0.cut_at_deadline.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for LongLived {
+    fn drop(&mut self) {
+        self.0.long_lived.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

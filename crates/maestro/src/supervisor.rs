@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::app_events::{AppEvents, Registration};
 use crate::logs::AppLogs;
 use crate::process::{self, GroupFile, GroupRecord, Launch};
+use crate::proxy;
 use crate::routes::{AppRoute, Backend, RouteTable, Routes};
 use crate::runtimes;
 
@@ -46,7 +47,6 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub port_range: (u16, u16),
     pub stop_grace: Duration,
-    pub drain_deadline: Duration,
     pub repository_token: Option<String>,
 }
 
@@ -663,7 +663,8 @@ impl AppTask {
         // draining the old instances can take a while.
         self.report_instances(Some(&next));
         if let Some(old) = current {
-            self.drain_and_stop(old.instances).await;
+            self.drain_and_stop(old.instances, next.assignment.manifest.deploy.drain)
+                .await;
         }
         Some(next)
     }
@@ -1006,10 +1007,16 @@ impl AppTask {
         }
     }
 
-    /// Waits until no request holds `instances` any more (in flight, or about to pick them from
-    /// a route looked up before the switch), up to the deadline, then stops them.
-    async fn drain_and_stop(&self, instances: Vec<Instance>) {
-        let deadline = Instant::now() + self.shared.settings.drain_deadline;
+    /// Drains `instances` over `budget` (the new release's `deploy.drain`): requests in flight
+    /// finish, long-lived connections close one by one with a reconnect hint (see
+    /// `proxy::drain`). Waits until no request holds them any more (in flight, or about to
+    /// pick them from a route looked up before the switch), up to the deadline, then stops
+    /// them.
+    async fn drain_and_stop(&self, instances: Vec<Instance>, budget: Duration) {
+        for instance in &instances {
+            instance.backend.start_drain(budget);
+        }
+        let deadline = Instant::now() + budget + proxy::drain::DEADLINE_SLACK;
         while instances
             .iter()
             .any(|i| Backend::held_elsewhere(&i.backend))
@@ -1020,6 +1027,13 @@ impl AppTask {
         let left: usize = instances.iter().map(|i| i.backend.in_flight()).sum();
         if left > 0 {
             tracing::warn!(app = %self.app, left, "drain deadline passed; stopping with requests in flight");
+        }
+        let (closed, cut) = instances.iter().fold((0, 0), |(closed, cut), i| {
+            let outcome = i.backend.drain_outcome();
+            (closed + outcome.closed, cut + outcome.cut)
+        });
+        if closed + cut > 0 {
+            tracing::info!(app = %self.app, closed, cut, ?budget, "long-lived connections of the old release: closed with a reconnect hint, or cut at the deadline");
         }
         self.stop_all(instances).await;
     }

@@ -429,3 +429,143 @@ async fn an_app_that_keeps_crashing_raises_one_crash_loop_event() {
     assert!(state.instances[0].restarts >= 4, "{state:?}");
     maestro.stop().await;
 }
+
+/// An app that streams server-sent events at `/events`: `data: $GREETING <n>` every 100 ms.
+const EVENTS_PY: &str = r#"import os, sys, time, http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path != "/events":
+            body = b"ok"
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        n = 0
+        try:
+            while True:
+                self.wfile.write(f"data: {os.environ['GREETING']} {n}\n\n".encode())
+                self.wfile.flush()
+                n += 1
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// What one event-stream client saw across a deploy.
+#[derive(Debug, Default)]
+struct StreamHistory {
+    /// How each stream ended: the `retry:` hint it carried (`None`: ended without one).
+    endings: Vec<Option<u64>>,
+    /// The greetings of the events, in order.
+    greetings: Vec<String>,
+    /// When the awaited greeting first came.
+    arrived: Option<std::time::Instant>,
+}
+
+/// Follows `/events` through Maestro, reconnecting after each end, until it sees `until`.
+async fn follow_events(url: String, until: &'static str) -> StreamHistory {
+    use futures_util::StreamExt as _;
+    let http = reqwest::Client::new();
+    let mut history = StreamHistory::default();
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while !history.greetings.iter().any(|g| g == until) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never saw {until}: {history:?}"
+        );
+        let response = http
+            .get(&url)
+            .header("host", "events.localhost")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut text = String::new();
+        let mut body = response.bytes_stream();
+        let mut ended = true;
+        while let Some(chunk) = body.next().await {
+            text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+            if text.contains(&format!("data: {until} ")) {
+                history.arrived = Some(std::time::Instant::now());
+                ended = false;
+                break;
+            }
+        }
+        let mut retry = None;
+        for event in text.split("\n\n").filter(|e| !e.is_empty()) {
+            if let Some(ms) = event.strip_prefix("retry: ") {
+                retry = Some(ms.parse().unwrap());
+            } else if let Some(data) = event.strip_prefix("data: ") {
+                history
+                    .greetings
+                    .push(data.split(' ').next().unwrap().to_string());
+            }
+        }
+        if ended {
+            history.endings.push(retry);
+        }
+    }
+    history
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn event_streams_move_to_the_new_release_over_the_drain_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundles = BundleServer::start().await;
+    let beacon = FakeBeacon::start().await;
+    let maestro = Maestro::start(config(dir.path(), Some(&beacon))).await;
+    let (mut link, _) = beacon.accept().await;
+    let release = |n: u64, greeting: &str| {
+        bundles.app(
+            "events",
+            n,
+            "name = \"events\"\nrun = \"exec python3 server.py \\\"$1\\\"\"\n[health]\npath = \"/healthz\"\ntimeout = \"20s\"\n[deploy]\ndrain = \"2s\"\n",
+            &[("server.py", EVENTS_PY)],
+            &[("GREETING", greeting)],
+        )
+    };
+    assign(&mut link, 1, vec![release(1, "one")]).await;
+    wait_event(&mut link, |e| {
+        e.kind == NodeEventKind::DeployFinished && e.release == 1
+    })
+    .await;
+    let url = format!("{}/events", maestro.http_url);
+    let clients: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(follow_events(url.clone(), "two")))
+        .collect();
+    // Every client is streaming from release 1 before the deploy.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let switched = std::time::Instant::now();
+    assign(&mut link, 2, vec![release(2, "two")]).await;
+    let mut reconnected = Vec::new();
+    for client in clients {
+        let history = tokio::time::timeout(common::WAIT * 2, client)
+            .await
+            .unwrap()
+            .unwrap();
+        reconnected.push(history.arrived.unwrap() - switched);
+        assert!(!history.endings.is_empty(), "{history:?}");
+        // One stream from release 1, ended by a retry hint; then release 2.
+        let first_two = history.greetings.iter().position(|g| g == "two").unwrap();
+        assert!(first_two > 0, "{history:?}");
+        assert!(history.greetings[..first_two].iter().all(|g| g == "one"));
+        assert!(history.greetings[first_two..].iter().all(|g| g == "two"));
+        assert!(
+            history.endings.iter().all(Option::is_some),
+            "every stream of the old release ended with a retry hint: {history:?}"
+        );
+    }
+    // The old release is stopped once the budget has passed, not before its streams moved.
+    let state = maestro.state().await;
+    assert!(state.instances.iter().all(|i| i.release == 2), "{state:?}");
+    eprintln!("clients on release 2 after {reconnected:?} (drain budget 2s)");
+    assert!(reconnected.iter().all(|t| *t < common::WAIT));
+}

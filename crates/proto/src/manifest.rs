@@ -32,6 +32,10 @@ pub const MAX_ENV_VARS: usize = 256;
 pub const MAX_REQUIRES: usize = 16;
 /// Default heartbeat interval handed to instances as `PX_HEARTBEAT_INTERVAL`.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// Default drain budget of a release switch (`deploy.drain`).
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
+/// Longest drain budget: long-lived connections get at most this to move to a new release.
+pub const MAX_DRAIN: Duration = Duration::from_secs(15 * 60);
 /// Bounds of `health.heartbeat_interval`.
 pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
@@ -66,6 +70,39 @@ pub struct AppManifest {
     /// Which web servers run the app; by default, all of them.
     #[serde(default, skip_serializing_if = "Placement::is_everywhere")]
     pub placement: Placement,
+    /// How a new release takes over from the old one.
+    #[serde(default, skip_serializing_if = "DeploySettings::is_default")]
+    pub deploy: DeploySettings,
+}
+
+/// How a new release takes over from the old one (`[deploy]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploySettings {
+    /// The old release's time after the switch: its requests in flight finish, its long-lived
+    /// connections (WebSocket, server-sent events) are closed one by one across this budget,
+    /// each with a hint to reconnect (to the new release), and what is still open at its end
+    /// is cut.
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    pub drain: Duration,
+}
+
+impl Default for DeploySettings {
+    fn default() -> Self {
+        Self {
+            drain: DEFAULT_DRAIN,
+        }
+    }
+}
+
+impl DeploySettings {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+fn default_drain() -> Duration {
+    DEFAULT_DRAIN
 }
 
 impl AppManifest {
@@ -248,6 +285,12 @@ impl AppManifest {
                 ),
             ));
         }
+        if self.deploy.drain > MAX_DRAIN {
+            return Err(ManifestError::field(
+                "deploy.drain",
+                format!("must be at most {}s, e.g. \"30s\"", MAX_DRAIN.as_secs()),
+            ));
+        }
         if self.requires.len() > MAX_REQUIRES {
             return Err(ManifestError::field(
                 "requires",
@@ -340,6 +383,8 @@ static = { "/assets" = "public" }
 GREETING = "hello"
 [placement]
 labels = { role = "web" }
+[deploy]
+drain = "2m"
 "#;
 
     #[test]
@@ -359,6 +404,7 @@ labels = { role = "web" }
         assert!(m.placement.admits(&web));
         assert!(!m.placement.admits(&BTreeMap::new()));
         assert!(Placement::default().admits(&BTreeMap::new()));
+        assert_eq!(m.deploy.drain, Duration::from_secs(120));
     }
 
     #[test]
@@ -367,6 +413,10 @@ labels = { role = "web" }
         assert_eq!(m.instances, 1);
         assert_eq!(m.health, HealthCheck::default());
         assert!(m.run.is_none());
+        assert_eq!(m.deploy.drain, DEFAULT_DRAIN);
+        // Defaults are left out when the manifest travels, so nodes that predate a section
+        // still read manifests that do not use it.
+        assert!(!serde_json::to_string(&m).unwrap().contains("deploy"));
     }
 
     fn error_of(text: &str) -> ManifestError {
@@ -405,6 +455,8 @@ labels = { role = "web" }
                 "name = \"x\"\n[health]\nheartbeat_interval = \"0s\"",
                 "health.heartbeat_interval",
             ),
+            ("name = \"x\"\n[deploy]\ndrain = \"1h\"", "deploy.drain"),
+            ("name = \"x\"\n[deploy]\ndrian = \"1s\"", "deploy.drian"),
         ];
         for (text, field) in cases {
             let e = error_of(text);

@@ -2,7 +2,9 @@
 //! the backend's in-flight guard and the pending access record, so both end exactly when the
 //! last byte has gone out or the client went away.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
@@ -11,7 +13,8 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::AsyncReadExt as _;
 
 use super::access::{AccessLog, AccessRecord};
-use crate::routes::InFlight;
+use super::drain;
+use crate::routes::{Backend, InFlight, LongLived};
 
 /// Bytes read from a static file per frame: large enough that a big file streams in few
 /// reads on the blocking pool, small enough that many concurrent downloads stay cheap.
@@ -59,11 +62,67 @@ enum Kind {
     Empty,
     Full(Option<Bytes>),
     Upstream(Incoming),
+    EventStream(Box<EventStream>),
     File {
         file: tokio::io::Take<tokio::fs::File>,
         remaining: u64,
         buf: BytesMut,
     },
+}
+
+/// An instance's server-sent events, passed on until the instance is drained: then, at this
+/// stream's moment of the drain budget and between two events, a `retry:` event ends it (the
+/// client reconnects, to the new release); still open at the deadline, it is cut.
+struct EventStream {
+    body: Incoming,
+    boundary: drain::EventBoundary,
+    turn: Pin<Box<dyn Future<Output = tokio::time::Instant> + Send + Sync>>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    long_lived: Option<LongLived>,
+    done: bool,
+}
+
+impl EventStream {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if self.deadline.is_none()
+            && let Poll::Ready(at) = self.turn.as_mut().poll(cx)
+        {
+            self.deadline = Some(Box::pin(tokio::time::sleep_until(at)));
+        }
+        if let Some(deadline) = &mut self.deadline {
+            if self.boundary.at_boundary() {
+                self.done = true;
+                if let Some(open) = self.long_lived.take() {
+                    open.closed_for_drain();
+                }
+                let retry = Bytes::from(drain::sse_retry_event());
+                return Poll::Ready(Some(Ok(Frame::data(retry))));
+            }
+            if deadline.as_mut().poll(cx).is_ready() {
+                self.done = true;
+                if let Some(open) = self.long_lived.take() {
+                    open.cut();
+                }
+                return Poll::Ready(None);
+            }
+        }
+        match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    self.boundary.feed(data);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(BoxError::from(e)))),
+            None => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+        }
+    }
 }
 
 /// An access record waiting for the body to end, with what it needs to complete itself.
@@ -101,6 +160,18 @@ impl ProxyBody {
 
     pub(crate) fn upstream(body: Incoming) -> Self {
         Self::of(Kind::Upstream(body))
+    }
+
+    /// An instance's `text/event-stream` answer, which `backend`'s drain ends gracefully.
+    pub(crate) fn event_stream(body: Incoming, backend: &Arc<Backend>) -> Self {
+        Self::of(Kind::EventStream(Box::new(EventStream {
+            body,
+            boundary: drain::EventBoundary::default(),
+            turn: Box::pin(drain::turn(backend.drain_order())),
+            deadline: None,
+            long_lived: Some(backend.long_lived()),
+            done: false,
+        })))
     }
 
     /// Streams the first `len` bytes of `file`.
@@ -159,6 +230,7 @@ impl Body for ProxyBody {
             Kind::Upstream(body) => {
                 ready!(Pin::new(body).poll_frame(cx)).map(|r| r.map_err(BoxError::from))
             }
+            Kind::EventStream(stream) => ready!(stream.poll_frame(cx)),
             Kind::File {
                 file,
                 remaining,
@@ -206,6 +278,7 @@ impl Body for ProxyBody {
             Kind::Empty => true,
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Upstream(body) => body.is_end_stream(),
+            Kind::EventStream(stream) => stream.done || stream.body.is_end_stream(),
             Kind::File { remaining, .. } => *remaining == 0,
         }
     }
@@ -215,6 +288,8 @@ impl Body for ProxyBody {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Upstream(body) => body.size_hint(),
+            // It may end early, with a retry event of its own.
+            Kind::EventStream(_) => SizeHint::default(),
             Kind::File { remaining, .. } => SizeHint::with_exact(*remaining),
         }
     }

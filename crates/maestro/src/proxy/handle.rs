@@ -9,21 +9,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{EXPECT, HOST, HeaderValue, LOCATION};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, HeaderValue, LOCATION};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::{debug, warn};
 
 use super::Proxy;
 use super::access::AccessRecord;
 use super::body::{PendingRecord, ProxyBody, UpstreamBody};
+use super::drain;
 use super::headers::{self, X_REQUEST_ID};
 use super::pages::{Failure, page};
 use super::server::Conn;
 use super::static_files;
 use crate::routes::{AppRoute, Backend, InFlight};
+
+/// Bytes read from an instance per read on an upgraded connection.
+const TUNNEL_BUFFER_BYTES: usize = 16 * 1024;
 
 pub(crate) async fn handle(
     conn: Arc<Conn>,
@@ -334,27 +339,55 @@ fn answer(
         };
         let upstream = hyper::upgrade::on(&mut response);
         let (mut parts, _) = response.into_parts();
+        let websocket = protocol.as_bytes().eq_ignore_ascii_case(b"websocket");
         headers::strip_hop_by_hop(&mut parts.headers, Some(protocol));
-        exchange
-            .conn
-            .listener
-            .tasks
-            .spawn(tunnel(client, upstream, guard, exchange.conn.clone()));
+        exchange.conn.listener.tasks.spawn(tunnel(
+            client,
+            upstream,
+            guard,
+            exchange.conn.clone(),
+            websocket,
+        ));
         let response = Response::from_parts(parts, ProxyBody::empty());
         return exchange.finish(response, app, Some(addr), None);
     }
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, None);
     parts.version = Version::HTTP_11;
-    let response = Response::from_parts(parts, ProxyBody::upstream(body));
+    let event_stream = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+        });
+    // A stream with a length cannot end early with an event of its own.
+    let body = if event_stream && !parts.headers.contains_key(CONTENT_LENGTH) {
+        ProxyBody::event_stream(body, guard.backend())
+    } else {
+        ProxyBody::upstream(body)
+    };
+    let response = Response::from_parts(parts, body);
     exchange.finish(response, app, Some(addr), Some(guard))
 }
 
 /// Copies bytes both ways between an upgraded client and instance until either closes, the
-/// connection idles out, or the drain deadline passes; the instance counts it as in flight
-/// all along, and it keeps its client connection's slot.
-async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, guard: InFlight, conn: Arc<Conn>) {
+/// connection idles out, or the instance is drained; the instance counts it as in flight all
+/// along, and it keeps its client connection's slot. On a drain it closes at its own moment
+/// of the budget: a WebSocket with a 1012 close frame sent to the client between two frames
+/// of the instance, anything else by closing both sides; still open at the deadline, it is cut.
+async fn tunnel(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    guard: InFlight,
+    conn: Arc<Conn>,
+    websocket: bool,
+) {
+    let backend = guard.backend().clone();
     let _guard = guard;
+    let long_lived = backend.long_lived();
     let idle = conn.listener.proxy.settings.idle_timeout;
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
@@ -363,16 +396,65 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, guard: InFlight, conn: A
             return;
         }
     };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-            if let Err(e) = copied {
-                debug!(error = %e, "upgraded connection ended with an error");
+    let (mut client_read, mut client_write) = tokio::io::split(TokioIo::new(client));
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(TokioIo::new(upstream));
+    let to_upstream = tokio::io::copy(&mut client_read, &mut upstream_write);
+    tokio::pin!(to_upstream);
+    let turn = drain::turn(backend.drain_order());
+    tokio::pin!(turn);
+    let mut frames = drain::WebSocketFrames::default();
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let mut buf = vec![0u8; TUNNEL_BUFFER_BYTES];
+    loop {
+        if deadline.is_some() && (!websocket || frames.at_boundary()) {
+            if websocket {
+                let _ = client_write
+                    .write_all(&drain::websocket_close_frame())
+                    .await;
             }
+            let _ = client_write.shutdown().await;
+            long_lived.closed_for_drain();
+            return;
         }
-        () = conn.activity.idle(idle) => debug!("closing an upgraded connection idle for {idle:?}"),
-        () = conn.listener.force.cancelled() => {}
+        tokio::select! {
+            read = upstream_read.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if client_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    if websocket {
+                        frames.feed(&buf[..n]);
+                    }
+                }
+            },
+            copied = &mut to_upstream => {
+                if let Err(e) = copied {
+                    debug!(error = %e, "upgraded connection ended with an error");
+                }
+                break;
+            }
+            at = &mut turn, if deadline.is_none() => deadline = Some(at),
+            () = sleep_until_some(deadline) => {
+                debug!("cutting an upgraded connection still open at the drain deadline");
+                long_lived.cut();
+                return;
+            }
+            () = conn.activity.idle(idle) => {
+                debug!("closing an upgraded connection idle for {idle:?}");
+                break;
+            }
+            () = conn.listener.force.cancelled() => break,
+        }
+    }
+    let _ = client_write.shutdown().await;
+}
+
+/// Sleeps until `deadline`, or for ever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod access;
 mod body;
+pub mod drain;
 mod handle;
 mod headers;
 mod metrics;

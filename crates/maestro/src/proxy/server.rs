@@ -124,6 +124,13 @@ pub(crate) async fn serve(
         }
     }
     drop(listener);
+    // Long-lived connections close one by one across the drain, each with its reconnect hint
+    // (see `drain.rs`), rather than all at once when it ends.
+    for route in proxy.routes.load().by_host.values() {
+        for backend in &route.backends {
+            backend.start_drain(drain);
+        }
+    }
     ctx.tasks.close();
     if tokio::time::timeout(drain, ctx.tasks.wait()).await.is_err() {
         warn!(

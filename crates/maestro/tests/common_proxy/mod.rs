@@ -1,6 +1,7 @@
 //! Helpers for the proxy tests: real upstream servers on loopback, a proxy on `127.0.0.1:0`,
 //! and a raw HTTP/1.1 client for what reqwest would refuse to send.
 
+#![allow(dead_code)] // each test binary uses a part of these helpers
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
