@@ -169,7 +169,35 @@ pub struct AppRoute {
     /// URL path prefix (starting with '/', no trailing '/') → absolute directory in the
     /// release, served by the proxy itself. Longest prefix wins.
     pub static_dirs: Vec<(String, PathBuf)>,
+    pub bodies: BodyPolicy,
     next: AtomicUsize,
+}
+
+/// How the proxy takes an app's request bodies (`[http]` of its manifest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyPolicy {
+    /// Larger bodies get 413.
+    pub max_bytes: u64,
+    /// Read each body whole before the app sees the request.
+    pub buffer: bool,
+}
+
+impl Default for BodyPolicy {
+    fn default() -> Self {
+        Self {
+            max_bytes: px_proto::manifest::DEFAULT_MAX_REQUEST_BODY.0,
+            buffer: false,
+        }
+    }
+}
+
+impl BodyPolicy {
+    pub fn of(http: &px_proto::manifest::HttpSettings) -> Self {
+        Self {
+            max_bytes: http.max_request_body.0,
+            buffer: http.buffer_requests,
+        }
+    }
 }
 
 impl AppRoute {
@@ -184,8 +212,15 @@ impl AppRoute {
             release,
             backends,
             static_dirs,
+            bodies: BodyPolicy::default(),
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// The route with `bodies` instead of the default body policy.
+    pub fn with_bodies(mut self, bodies: BodyPolicy) -> Self {
+        self.bodies = bodies;
+        self
     }
 
     /// The next backend, round robin; `None` when there is none.

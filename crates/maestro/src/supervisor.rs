@@ -22,7 +22,7 @@ use crate::app_events::{AppEvents, Registration};
 use crate::logs::AppLogs;
 use crate::process::{self, GroupFile, GroupRecord, Launch};
 use crate::proxy;
-use crate::routes::{AppRoute, Backend, RouteTable, Routes};
+use crate::routes::{AppRoute, Backend, BodyPolicy, RouteTable, Routes};
 use crate::runtimes;
 
 /// Events queued for the Beacon link; when Beacon is away and this fills, the oldest news
@@ -557,7 +557,8 @@ impl AppTask {
                 )
             })
             .collect();
-        let route = AppRoute::new(&self.app, running.assignment.release, backends, static_dirs);
+        let route = AppRoute::new(&self.app, running.assignment.release, backends, static_dirs)
+            .with_bodies(BodyPolicy::of(&running.assignment.manifest.http));
         self.shared
             .serve(&self.app, running.assignment.domains.clone(), route);
     }

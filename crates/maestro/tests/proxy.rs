@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common_proxy::*;
 use px_maestro::proxy::{AccessLog, CertStore, ProxySettings};
-use px_maestro::routes::Backend;
+use px_maestro::routes::{AppRoute, Backend, BodyPolicy};
 use sha2::{Digest, Sha256};
 
 fn settings() -> ProxySettings {
@@ -1137,4 +1137,131 @@ async fn an_upload_cut_short_is_logged_as_a_client_error() {
         .unwrap();
     assert_eq!(record.status, 400, "{record:?}");
     eventually("in_flight back to 0", || instance.in_flight() == 0).await;
+}
+
+/// A chunked request body (no length declared) of `pieces` × `piece` bytes, `gap` apart.
+fn chunked_body(pieces: usize, piece: usize, gap: Duration) -> reqwest::Body {
+    let stream = futures_util::stream::unfold(0, move |sent| async move {
+        if sent == pieces {
+            return None;
+        }
+        if sent > 0 {
+            tokio::time::sleep(gap).await;
+        }
+        Some((Ok::<_, std::io::Error>(vec![b'b'; piece]), sent + 1))
+    });
+    reqwest::Body::wrap_stream(stream)
+}
+
+#[tokio::test]
+async fn request_bodies_over_the_apps_limit_get_413() {
+    let app = Upstream::start("app").await;
+    let limited = Arc::new(
+        AppRoute::new("app", 1, vec![backend("app", &app)], vec![]).with_bodies(BodyPolicy {
+            max_bytes: 1024,
+            buffer: false,
+        }),
+    );
+    let proxy = Harness::start(table(&[("app.localhost", limited)]), settings()).await;
+    let client = proxy.client(&["app.localhost"]);
+    let url = proxy.url("app.localhost", "/upload");
+
+    // Declared too large: refused before the app sees anything.
+    let r = client
+        .post(&url)
+        .body(vec![b'a'; 1025])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert!(text(r).await.contains("max_request_body"));
+    assert!(!app.saw("/upload"), "the app never saw the refused request");
+
+    // Sent without a length: cut off at the limit, and the client is told why.
+    let r = client
+        .post(&url)
+        .body(chunked_body(4, 512, Duration::from_millis(10)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+
+    // At the limit: passed on whole.
+    let r = client
+        .post(&url)
+        .body(vec![b'a'; 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(answer["len"], 1024);
+    let r = client
+        .post(&url)
+        .body(chunked_body(2, 512, Duration::from_millis(10)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn a_buffering_app_gets_whole_bodies_and_slow_clients_get_408() {
+    let app = Upstream::start("app").await;
+    let buffered = Arc::new(
+        AppRoute::new("app", 1, vec![backend("app", &app)], vec![]).with_bodies(BodyPolicy {
+            max_bytes: 1 << 20,
+            buffer: true,
+        }),
+    );
+    let proxy = Harness::start(
+        table(&[("app.localhost", buffered)]),
+        ProxySettings {
+            body_read_timeout: Duration::from_millis(600),
+            ..settings()
+        },
+    )
+    .await;
+    let client = proxy.client(&["app.localhost"]);
+
+    // A body trickling in pieces reaches the app whole, with its length declared.
+    let r = client
+        .post(proxy.url("app.localhost", "/headers"))
+        .body(chunked_body(3, 1000, Duration::from_millis(50)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(seen["headers"]["content-length"], "3000");
+    assert!(seen["headers"].get("transfer-encoding").is_none(), "{seen}");
+    let r = client
+        .post(proxy.url("app.localhost", "/upload"))
+        .body(chunked_body(3, 1000, Duration::from_millis(50)))
+        .send()
+        .await
+        .unwrap();
+    let answer: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(answer["len"], 3000);
+
+    // A client that stops sending its body gets 408, and the app never hears of it.
+    let mut raw = proxy.raw().await;
+    raw.send(
+        b"POST /slow HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 100\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    let response = raw.response().await.unwrap();
+    assert_eq!(response.status, 408);
+    assert!(!app.saw("/slow"));
+
+    // Over the limit while buffering: 413, and the app never hears of it either.
+    let r = client
+        .post(proxy.url("app.localhost", "/big"))
+        .body(chunked_body(3, 512 * 1024, Duration::from_millis(1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert!(!app.saw("/big"));
 }

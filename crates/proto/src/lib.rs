@@ -8,6 +8,7 @@ pub mod link;
 pub mod manifest;
 pub mod names;
 pub mod runtime;
+pub mod size;
 
 /// Version of this software, reported in handshakes and `--version`.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");

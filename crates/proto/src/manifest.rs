@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::names;
 use crate::runtime::Requirement;
+use crate::size::ByteSize;
 
 /// File name of the manifest at the bundle root.
 pub const MANIFEST_FILE: &str = "app.toml";
@@ -32,6 +33,11 @@ pub const MAX_ENV_VARS: usize = 256;
 pub const MAX_REQUIRES: usize = 16;
 /// Default heartbeat interval handed to instances as `PX_HEARTBEAT_INTERVAL`.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// Default and largest request bodies (`http.max_request_body`), and the largest when the
+/// proxy buffers them in memory (`http.buffer_requests`).
+pub const DEFAULT_MAX_REQUEST_BODY: ByteSize = ByteSize::mib(100);
+pub const MAX_REQUEST_BODY: ByteSize = ByteSize::mib(10 * 1024);
+pub const MAX_BUFFERED_REQUEST_BODY: ByteSize = ByteSize::mib(64);
 /// Default drain budget of a release switch (`deploy.drain`).
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 /// Longest drain budget: long-lived connections get at most this to move to a new release.
@@ -171,7 +177,7 @@ fn default_health_timeout() -> Duration {
 }
 
 /// How Maestro routes to the app.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     /// Host names served; empty means `<name>.<platform domain>`.
@@ -180,6 +186,37 @@ pub struct HttpSettings {
     /// URL path prefix → directory in the release, served by Maestro itself.
     #[serde(default, rename = "static")]
     pub static_dirs: BTreeMap<String, String>,
+    /// Largest request body the proxy passes to the app; a larger one gets 413 before the app
+    /// sees it (or, sent without a length, is cut off at the limit).
+    #[serde(
+        default = "default_max_request_body",
+        skip_serializing_if = "is_default_max_request_body"
+    )]
+    pub max_request_body: ByteSize,
+    /// Read every request body whole before the app sees the request, so slow uploads hold a
+    /// proxy task rather than one of the app's workers; bodies are held in memory, so
+    /// `max_request_body` is then at most [`MAX_BUFFERED_REQUEST_BODY`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub buffer_requests: bool,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            domains: Vec::new(),
+            static_dirs: BTreeMap::new(),
+            max_request_body: DEFAULT_MAX_REQUEST_BODY,
+            buffer_requests: false,
+        }
+    }
+}
+
+fn default_max_request_body() -> ByteSize {
+    DEFAULT_MAX_REQUEST_BODY
+}
+
+fn is_default_max_request_body(size: &ByteSize) -> bool {
+    *size == DEFAULT_MAX_REQUEST_BODY
 }
 
 /// What is wrong with a manifest: the field (dotted path) and what to fix.
@@ -285,6 +322,20 @@ impl AppManifest {
                 ),
             ));
         }
+        if self.http.max_request_body > MAX_REQUEST_BODY {
+            return Err(ManifestError::field(
+                "http.max_request_body",
+                format!("must be at most {MAX_REQUEST_BODY}, e.g. \"100MiB\""),
+            ));
+        }
+        if self.http.buffer_requests && self.http.max_request_body > MAX_BUFFERED_REQUEST_BODY {
+            return Err(ManifestError::field(
+                "http.max_request_body",
+                format!(
+                    "must be at most {MAX_BUFFERED_REQUEST_BODY} with buffer_requests = true, since buffered bodies are held in memory; lower it or stop buffering"
+                ),
+            ));
+        }
         if self.deploy.drain > MAX_DRAIN {
             return Err(ManifestError::field(
                 "deploy.drain",
@@ -379,6 +430,8 @@ timeout = "10s"
 [http]
 domains = ["hello.example.com"]
 static = { "/assets" = "public" }
+max_request_body = "8MiB"
+buffer_requests = true
 [env]
 GREETING = "hello"
 [placement]
@@ -405,6 +458,8 @@ drain = "2m"
         assert!(!m.placement.admits(&BTreeMap::new()));
         assert!(Placement::default().admits(&BTreeMap::new()));
         assert_eq!(m.deploy.drain, Duration::from_secs(120));
+        assert_eq!(m.http.max_request_body, ByteSize::mib(8));
+        assert!(m.http.buffer_requests);
     }
 
     #[test]
@@ -414,9 +469,12 @@ drain = "2m"
         assert_eq!(m.health, HealthCheck::default());
         assert!(m.run.is_none());
         assert_eq!(m.deploy.drain, DEFAULT_DRAIN);
+        assert_eq!(m.http.max_request_body, DEFAULT_MAX_REQUEST_BODY);
+        assert!(!m.http.buffer_requests);
         // Defaults are left out when the manifest travels, so nodes that predate a section
         // still read manifests that do not use it.
-        assert!(!serde_json::to_string(&m).unwrap().contains("deploy"));
+        let travelling = serde_json::to_string(&m).unwrap();
+        assert!(!travelling.contains("deploy") && !travelling.contains("max_request_body"));
     }
 
     fn error_of(text: &str) -> ManifestError {
@@ -456,6 +514,18 @@ drain = "2m"
                 "health.heartbeat_interval",
             ),
             ("name = \"x\"\n[deploy]\ndrain = \"1h\"", "deploy.drain"),
+            (
+                "name = \"x\"\n[http]\nmax_request_body = \"20 parsecs\"",
+                "http.max_request_body",
+            ),
+            (
+                "name = \"x\"\n[http]\nmax_request_body = \"11GiB\"",
+                "http.max_request_body",
+            ),
+            (
+                "name = \"x\"\n[http]\nbuffer_requests = true\nmax_request_body = \"65MiB\"",
+                "http.max_request_body",
+            ),
             ("name = \"x\"\n[deploy]\ndrian = \"1s\"", "deploy.drian"),
         ];
         for (text, field) in cases {

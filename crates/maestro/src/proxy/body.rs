@@ -22,39 +22,92 @@ pub const STATIC_CHUNK_BYTES: usize = 64 * 1024;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A request body sent to an instance: the client's own stream, or nothing (which lets a
-/// bodiless GET be sent again to another instance).
+/// A request body sent to an instance: the client's own stream (cut off with
+/// [`BodyTooLarge`] past the app's limit), a body the proxy read whole first, or nothing
+/// (which lets a bodiless GET be sent again to another instance).
 pub(crate) enum UpstreamBody {
-    Client(Incoming),
+    Client { body: Incoming, left: u64 },
+    Buffered(Option<Bytes>),
     Empty,
 }
 
+/// The request body went past the app's `http.max_request_body`.
+#[derive(Debug)]
+pub(crate) struct BodyTooLarge;
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body is larger than the app accepts")
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            Self::Client(body) => Pin::new(body).poll_frame(cx),
+            Self::Client { body, left } => match ready!(Pin::new(body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if len > *left {
+                        return Poll::Ready(Some(Err(BoxError::from(BodyTooLarge))));
+                    }
+                    *left -= len;
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Some(Err(e)) => Poll::Ready(Some(Err(BoxError::from(e)))),
+                None => Poll::Ready(None),
+            },
+            Self::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Self::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Client(body) => body.is_end_stream(),
+            Self::Client { body, .. } => body.is_end_stream(),
+            Self::Buffered(bytes) => bytes.is_none(),
             Self::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Client(body) => body.size_hint(),
+            Self::Client { body, .. } => body.size_hint(),
+            Self::Buffered(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
             Self::Empty => SizeHint::with_exact(0),
         }
+    }
+}
+
+/// Why a body could not be read whole.
+pub(crate) enum ReadWholeError {
+    TooLarge,
+    TimedOut,
+    Aborted,
+}
+
+/// Reads a request body whole, refusing one over `max` bytes or slower than `timeout`.
+pub(crate) async fn read_whole(
+    body: Incoming,
+    max: u64,
+    timeout: std::time::Duration,
+) -> Result<Bytes, ReadWholeError> {
+    use http_body_util::BodyExt as _;
+    let limited = http_body_util::Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX));
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Err(_) => Err(ReadWholeError::TimedOut),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ReadWholeError::TooLarge),
+        Ok(Err(_)) => Err(ReadWholeError::Aborted),
     }
 }
 

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, HeaderValue, LOCATION};
+use hyper::header::{
+    CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, HeaderValue, LOCATION, TRANSFER_ENCODING,
+};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
@@ -19,7 +21,9 @@ use tracing::{debug, warn};
 
 use super::Proxy;
 use super::access::AccessRecord;
-use super::body::{PendingRecord, ProxyBody, UpstreamBody};
+use super::body::{
+    BodyTooLarge, PendingRecord, ProxyBody, ReadWholeError, UpstreamBody, read_whole,
+};
 use super::drain;
 use super::headers::{self, X_REQUEST_ID};
 use super::pages::{Failure, page};
@@ -223,15 +227,51 @@ async fn forward(
     );
     headers.insert(&X_REQUEST_ID, exchange.request_id.clone());
 
+    // A body over the app's limit is refused before the app sees the request when its length
+    // is declared, and cut off at the limit when it is not.
+    let policy = route.bodies;
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > policy.max_bytes) {
+        let response = page(
+            Failure::BodyTooLarge,
+            exchange.host,
+            app,
+            exchange.request_id(),
+        );
+        return exchange.finish(response, app, None, None);
+    }
     // A GET or HEAD without a body can be sent again if the first instance fails before
     // answering: keep a copy of its headers for that.
     let bodiless = (method == Method::GET || method == Method::HEAD)
         && body.is_end_stream()
         && client_upgrade.is_none();
-    let mut body = if bodiless {
+    let mut body = if bodiless || body.is_end_stream() {
         UpstreamBody::Empty
+    } else if policy.buffer && client_upgrade.is_none() {
+        match read_whole(body, policy.max_bytes, settings.body_read_timeout).await {
+            Ok(bytes) => {
+                headers.remove(TRANSFER_ENCODING);
+                headers.insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+                UpstreamBody::Buffered(Some(bytes))
+            }
+            Err(error) => {
+                let failure = match error {
+                    ReadWholeError::TooLarge => Failure::BodyTooLarge,
+                    ReadWholeError::TimedOut => Failure::BodyTimeout,
+                    ReadWholeError::Aborted => Failure::BodyAborted,
+                };
+                let response = page(failure, exchange.host, app, exchange.request_id());
+                return exchange.finish(response, app, None, None);
+            }
+        }
     } else {
-        UpstreamBody::Client(body)
+        UpstreamBody::Client {
+            body,
+            left: policy.max_bytes,
+        }
     };
     let mut spare = bodiless.then(|| headers.clone());
     let deadline = tokio::time::Instant::from_std(exchange.started) + settings.request_timeout;
@@ -275,7 +315,8 @@ async fn forward(
                     }
                     continue;
                 }
-                if failure != Failure::BodyAborted {
+                // The client's own doing: not the instance's failure.
+                if !matches!(failure, Failure::BodyAborted | Failure::BodyTooLarge) {
                     warn!(app, backend = %addr, error = %error_chain(&e), "request to instance failed");
                 }
                 failure
@@ -471,6 +512,13 @@ fn upstream_uri(addr: SocketAddr, path_and_query: PathAndQuery) -> Option<Uri> {
 
 /// What a failed exchange with an instance means for the client.
 fn classify(error: &hyper_util::client::legacy::Error) -> Failure {
+    let mut source = error.source();
+    while let Some(cause) = source {
+        if cause.is::<BodyTooLarge>() {
+            return Failure::BodyTooLarge;
+        }
+        source = cause.source();
+    }
     let mut source = error.source();
     while let Some(cause) = source {
         if let Some(io) = cause.downcast_ref::<std::io::Error>()

@@ -45,6 +45,8 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default for [`ProxySettings::max_header_bytes`]: above the 8–16 KiB most servers allow, so
 /// large cookies pass, and small enough that a connection's buffer stays small.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Default for [`ProxySettings::body_read_timeout`].
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default for [`ProxySettings::drain`]: requests still running this long after shutdown
 /// was asked are cut; matches the supervisor's drain of an old instance.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
@@ -94,6 +96,9 @@ pub struct ProxySettings {
     /// On shutdown, open requests (and upgraded connections) get this long to finish
     /// (default 30 s).
     pub drain: Duration,
+    /// For an app that buffers requests (`[http] buffer_requests`), the whole body must
+    /// arrive within this, or the client gets a 408 (default 30 s): slow-client protection.
+    pub body_read_timeout: Duration,
 }
 
 impl Default for ProxySettings {
@@ -106,6 +111,7 @@ impl Default for ProxySettings {
             https_redirect: false,
             trusted_forwarded: false,
             drain: DEFAULT_DRAIN,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
         }
     }
 }

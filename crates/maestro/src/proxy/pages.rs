@@ -23,6 +23,10 @@ pub(crate) enum Failure {
     BadRequest,
     /// The client stopped sending the request body.
     BodyAborted,
+    /// The request body is larger than the app's `http.max_request_body`.
+    BodyTooLarge,
+    /// A buffered request body did not arrive within the body read timeout.
+    BodyTimeout,
     /// A static path got a method other than GET or HEAD.
     MethodNotAllowed,
     /// A static path that names no file (or one outside the static directory).
@@ -38,6 +42,8 @@ impl Failure {
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::BadRequest | Self::BodyAborted => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -60,6 +66,10 @@ impl Failure {
             }
             Self::BadRequest => "The request is malformed.".to_string(),
             Self::BodyAborted => "The request body ended before it was complete.".to_string(),
+            Self::BodyTooLarge => format!(
+                "The request body is larger than <b>{app}</b> accepts (its <code>http.max_request_body</code>)."
+            ),
+            Self::BodyTimeout => "The request body did not arrive in time.".to_string(),
             Self::MethodNotAllowed => "Static files answer only GET and HEAD requests.".to_string(),
             Self::NotFound => format!("There is no such file in <b>{app}</b>."),
         }
