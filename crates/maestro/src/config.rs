@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use px_proto::size::ByteSize;
 use serde::{Deserialize, Serialize};
 
 pub const ENV_PREFIX: &str = "PX_MAESTRO_";
@@ -38,6 +39,10 @@ pub const DEFAULT_PORT_RANGE: (u16, u16) = (20000, 29999);
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long in-flight requests on a replaced release may take before it is stopped anyway.
 pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+/// Default for [`Config::keep_releases`].
+pub const DEFAULT_KEEP_RELEASES: usize = 3;
+/// Default for [`Config::min_free_disk`].
+pub const DEFAULT_MIN_FREE_DISK: ByteSize = ByteSize::mib(512);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,6 +82,13 @@ pub struct Config {
     /// `deploy.drain` instead. Default: 30s.
     #[serde(with = "humantime_serde")]
     pub drain_deadline: Duration,
+    /// Unpacked releases kept per app (the serving one included), so that rolling back to
+    /// one of them starts at once, with no download. Older ones are removed after each
+    /// switch. Default: 3.
+    pub keep_releases: usize,
+    /// Free space Maestro keeps on the disk of `state_dir`: a release whose download and
+    /// unpacking would leave less is refused (the serving one stays). Default: 512MiB.
+    pub min_free_disk: ByteSize,
     /// File with a `read` token for apprepo, to download bundles. Default: none (bundles
     /// must then be served without auth, which apprepo never does).
     pub repository_token_file: Option<PathBuf>,
@@ -120,6 +132,8 @@ impl Default for Config {
             port_range: DEFAULT_PORT_RANGE,
             stop_grace: DEFAULT_STOP_GRACE,
             drain_deadline: DEFAULT_DRAIN_DEADLINE,
+            keep_releases: DEFAULT_KEEP_RELEASES,
+            min_free_disk: DEFAULT_MIN_FREE_DISK,
             repository_token_file: None,
             beacon: None,
         }

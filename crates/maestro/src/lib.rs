@@ -36,6 +36,8 @@ use crate::config::Config;
 pub const ACCESS_LOG_QUEUE: usize = 8192;
 /// How long stopping may take in all: drain plus instance stops.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(45);
+/// Most unpacked releases kept per app (`keep_releases`).
+pub const MAX_KEEP_RELEASES: usize = 100;
 /// How long a starting Maestro waits for its persisted apps to serve before it accepts
 /// connections anyway; well inside the unit's `TimeoutStartSec=`.
 pub const RESTORE_WAIT: Duration = Duration::from_secs(30);
@@ -71,6 +73,12 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
         problems.push(format!(
             "port_range {:?} must be two ports, the first not above the second",
             config.port_range
+        ));
+    }
+    if !(1..=MAX_KEEP_RELEASES).contains(&config.keep_releases) {
+        problems.push(format!(
+            "keep_releases {} must be from 1 (the serving release) to {MAX_KEEP_RELEASES}",
+            config.keep_releases
         ));
     }
     let repository_token = config.repository_token_file.as_ref().and_then(|path| {
@@ -206,6 +214,8 @@ pub async fn run_with(
             state_dir: config.state_dir.clone(),
             port_range: config.port_range,
             stop_grace: config.stop_grace,
+            keep_releases: config.keep_releases,
+            min_free_disk: config.min_free_disk.0,
             repository_token: checked.repository_token,
         },
         routes.clone(),
@@ -259,6 +269,7 @@ pub async fn run_with(
     let status_addr = listeners.status.local_addr()?;
     let status_stop = shutdown.clone();
     let status_supervisor = supervisor.clone();
+    let metrics_supervisor = supervisor.clone();
     let status = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .route(
@@ -266,13 +277,16 @@ pub async fn run_with(
             axum::routing::get(move || {
                 let metrics = metrics.clone();
                 let app_events = app_events.clone();
+                let metrics_supervisor = metrics_supervisor.clone();
                 async move {
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
                             "text/plain; version=0.0.4",
                         )],
-                        metrics.render() + &app_events.render_metrics(),
+                        metrics.render()
+                            + &app_events.render_metrics()
+                            + &metrics_supervisor.render_disk_metrics(),
                     )
                         .into_response()
                 }

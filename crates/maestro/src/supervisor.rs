@@ -18,6 +18,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use px_proto::size::ByteSize;
+
 use crate::app_events::{AppEvents, Registration};
 use crate::logs::AppLogs;
 use crate::process::{self, GroupFile, GroupRecord, Launch};
@@ -47,6 +49,10 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub port_range: (u16, u16),
     pub stop_grace: Duration,
+    /// Unpacked releases kept per app, the serving one included.
+    pub keep_releases: usize,
+    /// Bytes of free disk a new release must leave under `state_dir`.
+    pub min_free_disk: u64,
     pub repository_token: Option<String>,
 }
 
@@ -103,6 +109,8 @@ struct Shared {
     generation: Mutex<u64>,
     /// Apps whose first deploy in this run has been tried (serving or failed).
     tried: Mutex<BTreeSet<String>>,
+    /// Bytes of each app's kept releases, measured after its last switch.
+    release_bytes: Mutex<BTreeMap<String, u64>>,
     /// Bumped whenever an instance changes, so the link reports at once.
     changes: watch::Sender<u64>,
 }
@@ -244,6 +252,7 @@ impl Supervisor {
             live_groups: Mutex::new(HashMap::new()),
             generation: Mutex::new(0),
             tried: Mutex::new(BTreeSet::new()),
+            release_bytes: Mutex::new(BTreeMap::new()),
             changes: watch::channel(0).0,
         });
         Arc::new(Self {
@@ -356,6 +365,33 @@ impl Supervisor {
                 Ok(Err(_)) | Err(_) => return waiting,
             }
         }
+    }
+
+    /// Prometheus lines on the disk of `state_dir`: free bytes, the floor, and the bytes of
+    /// each app's unpacked releases as of its last switch.
+    pub fn render_disk_metrics(&self) -> String {
+        let mut out = String::new();
+        if let Some(free) = free_disk(&self.shared.settings.state_dir) {
+            out.push_str("# TYPE maestro_disk_free_bytes gauge\n");
+            out.push_str(&format!("maestro_disk_free_bytes {free}\n"));
+        }
+        out.push_str("# TYPE maestro_disk_floor_bytes gauge\n");
+        out.push_str(&format!(
+            "maestro_disk_floor_bytes {}\n",
+            self.shared.settings.min_free_disk
+        ));
+        let kept = self
+            .shared
+            .release_bytes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !kept.is_empty() {
+            out.push_str("# TYPE maestro_release_bytes gauge\n");
+        }
+        for (app, bytes) in kept.iter() {
+            out.push_str(&format!("maestro_release_bytes{{app=\"{app}\"}} {bytes}\n"));
+        }
+        out
     }
 
     /// A receiver that changes whenever an instance starts, stops or crashes.
@@ -579,7 +615,12 @@ impl AppTask {
                     NodeEventKind::DeployFailed,
                     &self.app,
                     release,
-                    format!("{} v{release} not deployed: {reason}", self.app),
+                    format!(
+                        "{} v{release} not deployed on {}: {reason}; {}",
+                        self.app,
+                        self.shared.settings.node_name,
+                        what_keeps_serving(current.as_ref())
+                    ),
                     None,
                 );
                 self.failed = Some(target);
@@ -595,12 +636,7 @@ impl AppTask {
                     "{} v{release} not started on {}: {unmet}; {}",
                     self.app,
                     self.shared.settings.node_name,
-                    current
-                        .as_ref()
-                        .map_or("nothing was serving before".to_string(), |c| format!(
-                            "v{} keeps serving",
-                            c.assignment.release
-                        ))
+                    what_keeps_serving(current.as_ref())
                 ),
                 None,
             );
@@ -626,10 +662,7 @@ impl AppTask {
                         format!(
                             "{} v{release} never became healthy: {reason}; {}",
                             self.app,
-                            current.as_ref().map_or(
-                                "nothing was serving before".to_string(),
-                                |c| format!("v{} keeps serving", c.assignment.release)
-                            )
+                            what_keeps_serving(current.as_ref())
                         ),
                         (!detail.is_empty()).then_some(detail),
                     );
@@ -667,6 +700,7 @@ impl AppTask {
             self.drain_and_stop(old.instances, next.assignment.manifest.deploy.drain)
                 .await;
         }
+        self.prune_releases(release).await;
         Some(next)
     }
 
@@ -686,6 +720,20 @@ impl AppTask {
         tokio::fs::create_dir_all(&releases)
             .await
             .map_err(|e| format!("creating {}: {e}", releases.display()))?;
+        // The bundle is downloaded, then unpacked beside it (at least as large again).
+        let needed = target.bundle_size.saturating_mul(2);
+        let floor = self.shared.settings.min_free_disk;
+        if let Some(free) = free_disk(&releases)
+            && free.saturating_sub(needed) < floor
+        {
+            return Err(format!(
+                "not enough disk: {} free under {}, this release needs about {} and Maestro keeps {} free (min_free_disk); free some space (old releases, logs) or lower min_free_disk",
+                ByteSize(free),
+                releases.display(),
+                ByteSize(needed),
+                ByteSize(floor)
+            ));
+        }
         let download = releases.join(format!(".download-{}", target.release));
         let fetched = self.download(target, &download).await;
         if let Err(e) = fetched {
@@ -708,6 +756,48 @@ impl AppTask {
         let _ = tokio::fs::remove_file(&download).await;
         unpacked.map_err(|e| format!("unpacking: {e}"))?;
         Ok(dir)
+    }
+
+    /// Keeps the newest `keep_releases` unpacked releases of the app (and always `serving`),
+    /// removes the others, and records what the kept ones weigh.
+    async fn prune_releases(&self, serving: u64) {
+        let releases = self
+            .shared
+            .settings
+            .state_dir
+            .join("apps")
+            .join(&self.app)
+            .join("releases");
+        let keep = self.shared.settings.keep_releases;
+        let app = self.app.clone();
+        let measured = tokio::task::spawn_blocking(move || {
+            let mut numbers: Vec<u64> = std::fs::read_dir(&releases)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect();
+            numbers.sort_unstable_by(|a, b| b.cmp(a));
+            let mut kept = 0u64;
+            for (rank, number) in numbers.iter().enumerate() {
+                let dir = releases.join(number.to_string());
+                if rank < keep || *number == serving {
+                    kept += dir_bytes(&dir);
+                } else if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    tracing::warn!(app = %app, release = number, error = %e, "removing an old release failed");
+                } else {
+                    tracing::info!(app = %app, release = number, "removed an old release");
+                }
+            }
+            kept
+        })
+        .await
+        .unwrap_or_default();
+        self.shared
+            .release_bytes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.app.clone(), measured);
     }
 
     async fn download(&self, target: &AppAssignment, path: &Path) -> Result<(), String> {
@@ -1054,6 +1144,34 @@ impl AppTask {
             self.shared.give_back(instance.port);
         }
     }
+}
+
+/// The end of a failed deploy's event: which release still serves.
+fn what_keeps_serving(current: Option<&Running>) -> String {
+    current.map_or("nothing was serving before".to_string(), |c| {
+        format!("v{} keeps serving", c.assignment.release)
+    })
+}
+
+/// Free bytes for an unprivileged user on the file system of `path`.
+fn free_disk(path: &Path) -> Option<u64> {
+    let stats = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(stats.blocks_available().saturating_mul(stats.fragment_size()))
+}
+
+/// Bytes of the regular files under `dir` (symlinks not followed).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&entry.path()),
+            Ok(t) if t.is_file() => entry.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Seconds as `PX_HEARTBEAT_INTERVAL` gives them, to the millisecond: `10`, or `1.5`. Written

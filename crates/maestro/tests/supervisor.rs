@@ -569,3 +569,117 @@ async fn event_streams_move_to_the_new_release_over_the_drain_budget() {
     eprintln!("clients on release 2 after {reconnected:?} (drain budget 2s)");
     assert!(reconnected.iter().all(|t| *t < common::WAIT));
 }
+
+/// The release directories of `app` under a Maestro's state directory, in order.
+fn release_dirs(state_dir: &std::path::Path, app: &str) -> Vec<u64> {
+    let mut numbers: Vec<u64> =
+        std::fs::read_dir(state_dir.join("apps").join(app).join("releases"))
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().to_str()?.parse().ok())
+            .collect();
+    numbers.sort_unstable();
+    numbers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_releases_are_removed_and_a_kept_one_rolls_back_without_a_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundles = BundleServer::start().await;
+    let beacon = FakeBeacon::start().await;
+    let mut cfg = config(dir.path(), Some(&beacon));
+    cfg.keep_releases = 2;
+    let maestro = Maestro::start(cfg).await;
+    let (mut link, _) = beacon.accept().await;
+    let mut assignments = Vec::new();
+    for n in 1..=4u64 {
+        let app = bundles.python_app("hello", n, &format!("v{n}"), "");
+        assignments.push(app.clone());
+        assign(&mut link, n, vec![app]).await;
+        wait_event(&mut link, |e| {
+            e.kind == NodeEventKind::DeployFinished && e.release == n
+        })
+        .await;
+    }
+    maestro.wait_body("hello.localhost", "v4").await;
+    assert_eq!(release_dirs(&maestro.state_dir, "hello"), [3, 4]);
+    let metrics = reqwest::get(format!("{}/metrics", maestro.status_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("maestro_disk_free_bytes "), "{metrics}");
+    assert!(
+        metrics.contains("maestro_release_bytes{app=\"hello\"} "),
+        "{metrics}"
+    );
+
+    // Back to release 3: it is still unpacked, so it starts with apprepo's copy gone.
+    bundles.bundles.lock().unwrap().clear();
+    assign(&mut link, 5, vec![assignments[2].clone()]).await;
+    wait_event(&mut link, |e| {
+        e.kind == NodeEventKind::DeployFinished && e.release == 3
+    })
+    .await;
+    maestro.wait_body("hello.localhost", "v3").await;
+    assert_eq!(release_dirs(&maestro.state_dir, "hello"), [3, 4]);
+    maestro.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_would_fill_the_disk_is_refused_and_the_old_one_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundles = BundleServer::start().await;
+    let beacon = FakeBeacon::start().await;
+    let cfg = config(dir.path(), Some(&beacon));
+    let maestro = Maestro::start(cfg.clone()).await;
+    let (mut link, _) = beacon.accept().await;
+    assign(
+        &mut link,
+        1,
+        vec![bundles.python_app("hello", 1, "one", "")],
+    )
+    .await;
+    maestro.wait_body("hello.localhost", "one").await;
+    maestro.stop().await;
+    drop(link);
+
+    // The same node, now asked to keep more free space than any disk has.
+    let maestro = Maestro::start(px_maestro::config::Config {
+        min_free_disk: px_proto::size::ByteSize(u64::MAX / 2),
+        ..cfg
+    })
+    .await;
+    let (mut link, _) = beacon.accept().await;
+    maestro.wait_body("hello.localhost", "one").await;
+    assign(
+        &mut link,
+        2,
+        vec![bundles.python_app("hello", 2, "two", "")],
+    )
+    .await;
+    let failed = wait_event(&mut link, |e| {
+        e.kind == NodeEventKind::DeployFailed && e.release == 2
+    })
+    .await;
+    assert!(
+        failed.message.contains("not enough disk") && failed.message.contains("min_free_disk"),
+        "{}",
+        failed.message
+    );
+    assert!(
+        failed.message.contains("v1 keeps serving"),
+        "{}",
+        failed.message
+    );
+    assert_eq!(
+        maestro.get("hello.localhost", "/").await.unwrap(),
+        (200, "one".into())
+    );
+    assert_eq!(
+        release_dirs(&maestro.state_dir, "hello"),
+        [1],
+        "nothing half-written"
+    );
+    maestro.stop().await;
+}
