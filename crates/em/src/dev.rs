@@ -522,7 +522,9 @@ impl Session {
             port,
             extra_env,
         };
-        let mut child = match process::spawn(&launch) {
+        // The app's [limits] as rlimits, as a web server without delegated cgroups gives them.
+        let prefix = px_maestro::limits::Enforcer::Rlimits.command_prefix(&manifest.limits);
+        let mut child = match process::spawn(&launch, &prefix) {
             Ok(child) => child,
             Err(e) => {
                 let fix = match &manifest.run {

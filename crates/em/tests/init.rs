@@ -98,15 +98,18 @@ struct Instance {
 impl Instance {
     async fn start(manifest: &AppManifest, dir: &Path) -> Self {
         let port = free_port();
-        let mut child = spawn(&Launch {
-            app: &manifest.name,
-            release: RELEASE,
-            dir,
-            run: manifest.run.as_deref(),
-            env: &manifest.env,
-            port,
-            extra_env: Vec::new(),
-        })
+        let mut child = spawn(
+            &Launch {
+                app: &manifest.name,
+                release: RELEASE,
+                dir,
+                run: manifest.run.as_deref(),
+                env: &manifest.env,
+                port,
+                extra_env: Vec::new(),
+            },
+            &[],
+        )
         .unwrap();
         let stdout = collect(child.stdout.take().unwrap());
         let stderr = collect(child.stderr.take().unwrap());

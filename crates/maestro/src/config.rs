@@ -89,6 +89,10 @@ pub struct Config {
     /// Free space Maestro keeps on the disk of `state_dir`: a release whose download and
     /// unpacking would leave less is refused (the serving one stays). Default: 512MiB.
     pub min_free_disk: ByteSize,
+    /// Give each instance a cgroup of its own under Maestro's (which systemd must delegate:
+    /// `Delegate=yes`, as `maestro.service` does and sets this with), for its `[limits]` and
+    /// to tell OOM kills apart. Off: limits are rlimits. Default: false.
+    pub cgroup_limits: bool,
     /// File with a `read` token for apprepo, to download bundles. Default: none (bundles
     /// must then be served without auth, which apprepo never does).
     pub repository_token_file: Option<PathBuf>,
@@ -134,6 +138,7 @@ impl Default for Config {
             drain_deadline: DEFAULT_DRAIN_DEADLINE,
             keep_releases: DEFAULT_KEEP_RELEASES,
             min_free_disk: DEFAULT_MIN_FREE_DISK,
+            cgroup_limits: false,
             repository_token_file: None,
             beacon: None,
         }

@@ -7,6 +7,7 @@
 pub mod app_events;
 pub mod cli;
 pub mod config;
+pub mod limits;
 pub mod link;
 pub mod logs;
 pub mod process;
@@ -216,6 +217,7 @@ pub async fn run_with(
             stop_grace: config.stop_grace,
             keep_releases: config.keep_releases,
             min_free_disk: config.min_free_disk.0,
+            cgroup_limits: config.cgroup_limits,
             repository_token: checked.repository_token,
         },
         routes.clone(),

@@ -45,22 +45,22 @@ pub struct Launch<'a> {
     pub extra_env: Vec<(String, String)>,
 }
 
-/// Starts an instance. Its stdout and stderr are piped for the caller to attach to the logs.
-pub fn spawn(launch: &Launch<'_>) -> std::io::Result<Child> {
+/// Starts an instance, its command after `prefix` (a `prlimit ... --` for its rlimits, or
+/// nothing). Its stdout and stderr are piped for the caller to attach to the logs.
+pub fn spawn(launch: &Launch<'_>, prefix: &[String]) -> std::io::Result<Child> {
     let port = launch.port.to_string();
-    let mut command = match launch.run {
-        Some(run) => {
-            let mut c = Command::new("/bin/sh");
-            // `sh -c CMD NAME ARG`: the port is also `$1`, as the AppRunner contract says.
-            c.arg("-c").arg(run).arg(launch.app).arg(&port);
-            c
-        }
-        None => {
-            let mut c = Command::new(launch.dir.join(APPRUNNER_FILE));
-            c.arg(&port);
-            c
-        }
-    };
+    let mut words: Vec<std::ffi::OsString> = prefix.iter().map(Into::into).collect();
+    match launch.run {
+        // `sh -c CMD NAME ARG`: the port is also `$1`, as the AppRunner contract says.
+        Some(run) => words.extend(
+            ["/bin/sh", "-c", run, launch.app, port.as_str()]
+                .iter()
+                .map(Into::into),
+        ),
+        None => words.extend([launch.dir.join(APPRUNNER_FILE).into(), port.clone().into()]),
+    }
+    let mut command = Command::new(&words[0]);
+    command.args(&words[1..]);
     command
         .current_dir(launch.dir)
         .env_clear()

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use px_proto::size::ByteSize;
 
 use crate::app_events::{AppEvents, Registration};
+use crate::limits::{Enforcer, InstanceCgroup};
 use crate::logs::AppLogs;
 use crate::process::{self, GroupFile, GroupRecord, Launch};
 use crate::proxy;
@@ -53,6 +54,8 @@ pub struct Settings {
     pub keep_releases: usize,
     /// Bytes of free disk a new release must leave under `state_dir`.
     pub min_free_disk: u64,
+    /// Instances get cgroups of their own (see `limits.rs`).
+    pub cgroup_limits: bool,
     pub repository_token: Option<String>,
 }
 
@@ -111,6 +114,8 @@ struct Shared {
     tried: Mutex<BTreeSet<String>>,
     /// Bytes of each app's kept releases, measured after its last switch.
     release_bytes: Mutex<BTreeMap<String, u64>>,
+    /// How instances get their `[limits]`.
+    limits: Enforcer,
     /// Bumped whenever an instance changes, so the link reports at once.
     changes: watch::Sender<u64>,
 }
@@ -231,6 +236,7 @@ impl Supervisor {
             .build()
             .unwrap_or_default();
         let range = settings.port_range;
+        let limits = Enforcer::detect(settings.cgroup_limits);
         let shared = Arc::new(Shared {
             settings,
             routes,
@@ -253,6 +259,7 @@ impl Supervisor {
             generation: Mutex::new(0),
             tried: Mutex::new(BTreeSet::new()),
             release_bytes: Mutex::new(BTreeMap::new()),
+            limits,
             changes: watch::channel(0).0,
         });
         Arc::new(Self {
@@ -428,9 +435,9 @@ struct Instance {
     stop: Option<tokio::sync::oneshot::Sender<Duration>>,
 }
 
-/// How an instance ended: its exit status, and the reason when Maestro stopped it on its
-/// own account (a missed heartbeat).
-type Exit = (Option<std::process::ExitStatus>, Option<String>);
+/// How an instance ended: its exit status, the reason when Maestro stopped it on its own
+/// account (a missed heartbeat), and whether the kernel's OOM killer ended it.
+type Exit = (Option<std::process::ExitStatus>, Option<String>, bool);
 
 /// A release as it runs: its assignment, directory and instances.
 struct Running {
@@ -876,7 +883,10 @@ impl AppTask {
                 ("PX_HEARTBEAT_INTERVAL".into(), format_seconds(heartbeat)),
             ],
         };
-        let mut child = match process::spawn(&launch) {
+        let mut child = match process::spawn(
+            &launch,
+            &self.shared.limits.command_prefix(&target.manifest.limits),
+        ) {
             Ok(child) => child,
             Err(e) => {
                 self.shared.give_back(port);
@@ -885,6 +895,10 @@ impl AppTask {
         };
         let pid = child.id().unwrap_or_default();
         self.shared.record_group(pid);
+        let cgroup = self
+            .shared
+            .limits
+            .place(&self.app, pid, &target.manifest.limits);
         let output = match (child.stdout.take(), child.stderr.take()) {
             (Some(stdout), Some(stderr)) => {
                 Some(
@@ -907,6 +921,15 @@ impl AppTask {
             }
             self.shared.forget_group(pid);
             self.shared.give_back(port);
+            let oom = cgroup.as_ref().is_some_and(InstanceCgroup::oom_killed);
+            if let Some(cgroup) = cgroup {
+                tokio::task::spawn_blocking(move || cgroup.remove());
+            }
+            if oom {
+                return Err(format!(
+                    "{failure}: it ran out of memory (the kernel's OOM killer ended it at its [limits] memory)"
+                ));
+            }
             return Err(failure.to_string());
         }
         tracing::info!(app = %self.app, release = target.release, number, port, pid, "instance healthy");
@@ -920,7 +943,17 @@ impl AppTask {
             ),
             None,
         );
-        Ok(self.watch(child, registration, target, number, port, pid, 0, None))
+        Ok(self.watch(
+            child,
+            registration,
+            cgroup,
+            target,
+            number,
+            port,
+            pid,
+            0,
+            None,
+        ))
     }
 
     /// Hands the child to a waiter task that reports its exit or stops it on request.
@@ -929,6 +962,7 @@ impl AppTask {
         &self,
         mut child: tokio::process::Child,
         registration: Registration,
+        cgroup: Option<InstanceCgroup>,
         target: &AppAssignment,
         number: u32,
         port: u16,
@@ -943,7 +977,7 @@ impl AppTask {
         tokio::spawn(async move {
             // The secret stays valid exactly as long as the process runs.
             let registration = registration;
-            let exit: Exit = tokio::select! {
+            let (status, reason) = tokio::select! {
                 status = child.wait() => (status.ok(), None),
                 silence = registration.heartbeat.lost(heartbeat_interval) => {
                     let reason = format!(
@@ -960,7 +994,12 @@ impl AppTask {
                 },
             };
             drop(registration);
-            let _ = exit_tx.send(exit);
+            let oom = cgroup.as_ref().is_some_and(InstanceCgroup::oom_killed);
+            if let Some(cgroup) = cgroup {
+                // Its process group was ended; the cgroup empties a moment later.
+                tokio::task::spawn_blocking(move || cgroup.remove());
+            }
+            let _ = exit_tx.send((status, reason, oom));
         });
         Instance {
             number,
@@ -984,19 +1023,32 @@ impl AppTask {
         &mut self,
         running: &mut Option<Running>,
         index: usize,
-        (status, reason): Exit,
+        (status, reason, oom): Exit,
     ) -> Option<(usize, Instant)> {
         let running = running.as_mut()?;
         let release = running.assignment.release;
         let instance = running.instances.get_mut(index)?;
         instance.stop = None;
-        let how = status
-            .as_ref()
-            .map(process::describe_exit)
-            .unwrap_or_else(|| "unknown exit".into());
+        let how = if oom {
+            let limit = running
+                .assignment
+                .manifest
+                .limits
+                .memory
+                .map_or_else(|| "?".to_string(), |m| m.to_string());
+            format!(
+                "out of memory: the kernel's OOM killer ended it at its [limits] memory of {limit}"
+            )
+        } else {
+            status
+                .as_ref()
+                .map(process::describe_exit)
+                .unwrap_or_else(|| "unknown exit".into())
+        };
         instance.last_exit = Some(ExitInfo {
             code: status.and_then(|s| s.code()),
             signal: status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
+            oom,
             at: now_rfc3339(),
         });
         self.shared.forget_group(instance.pid);
@@ -1156,7 +1208,11 @@ fn what_keeps_serving(current: Option<&Running>) -> String {
 /// Free bytes for an unprivileged user on the file system of `path`.
 fn free_disk(path: &Path) -> Option<u64> {
     let stats = nix::sys::statvfs::statvfs(path).ok()?;
-    Some(stats.blocks_available().saturating_mul(stats.fragment_size()))
+    Some(
+        stats
+            .blocks_available()
+            .saturating_mul(stats.fragment_size()),
+    )
 }
 
 /// Bytes of the regular files under `dir` (symlinks not followed).
@@ -1207,7 +1263,7 @@ async fn wait_crash(
         .filter(|(_, i)| i.stop.is_some())
         .map(|(index, instance)| {
             Box::pin(async move {
-                let exit = (&mut instance.exited).await.unwrap_or((None, None));
+                let exit = (&mut instance.exited).await.unwrap_or((None, None, false));
                 CrashEvent::Exited(index, exit)
             })
         });

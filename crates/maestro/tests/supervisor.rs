@@ -683,3 +683,55 @@ async fn a_release_that_would_fill_the_disk_is_refused_and_the_old_one_keeps_ser
     );
     maestro.stop().await;
 }
+
+/// An app that answers `/limits` with its open-files and data-segment limits.
+const LIMITS_PY: &str = r#"import resource, sys, http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        data = resource.getrlimit(resource.RLIMIT_DATA)[0]
+        body = f"{files} {data}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_delegated_cgroup_an_apps_limits_are_rlimits() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundles = BundleServer::start().await;
+    let beacon = FakeBeacon::start().await;
+    let maestro = Maestro::start(config(dir.path(), Some(&beacon))).await;
+    let (mut link, _) = beacon.accept().await;
+    let limited = bundles.app(
+        "limited",
+        1,
+        "name = \"limited\"\nrun = \"exec python3 server.py \\\"$1\\\"\"\n[limits]\nopen_files = 64\nmemory = \"256MiB\"\n",
+        &[("server.py", LIMITS_PY)],
+        &[],
+    );
+    let free = bundles.app(
+        "free",
+        1,
+        "name = \"free\"\nrun = \"exec python3 server.py \\\"$1\\\"\"\n",
+        &[("server.py", LIMITS_PY)],
+        &[],
+    );
+    assign(&mut link, 1, vec![limited, free]).await;
+    let mut finished = std::collections::BTreeSet::new();
+    while finished.len() < 2 {
+        let event = wait_event(&mut link, |e| e.kind == NodeEventKind::DeployFinished).await;
+        finished.insert(event.app);
+    }
+    let (status, body) = maestro.get("limited.localhost", "/limits").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body, format!("64 {}", 256u64 << 20));
+    // An app without [limits] keeps the web server's own.
+    let (_, body) = maestro.get("free.localhost", "/limits").await.unwrap();
+    assert_ne!(body.split(' ').next(), Some("64"), "{body}");
+    maestro.stop().await;
+}

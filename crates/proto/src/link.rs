@@ -97,6 +97,9 @@ pub struct ExitInfo {
     pub code: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
+    /// The kernel's OOM killer ended it (over its `[limits] memory`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub oom: bool,
     /// RFC 3339 time of the exit.
     pub at: String,
 }

@@ -38,6 +38,13 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_REQUEST_BODY: ByteSize = ByteSize::mib(100);
 pub const MAX_REQUEST_BODY: ByteSize = ByteSize::mib(10 * 1024);
 pub const MAX_BUFFERED_REQUEST_BODY: ByteSize = ByteSize::mib(64);
+/// Bounds of `[limits]`: below these an app cannot start at all, above them the limit means
+/// nothing.
+pub const MIN_MEMORY_LIMIT: ByteSize = ByteSize::mib(16);
+pub const MAX_MEMORY_LIMIT: ByteSize = ByteSize::mib(1024 * 1024);
+pub const MAX_PROCESSES_LIMIT: u32 = 65_536;
+pub const MIN_OPEN_FILES_LIMIT: u32 = 16;
+pub const MAX_OPEN_FILES_LIMIT: u32 = 1_048_576;
 /// Default drain budget of a release switch (`deploy.drain`).
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 /// Longest drain budget: long-lived connections get at most this to move to a new release.
@@ -79,6 +86,34 @@ pub struct AppManifest {
     /// How a new release takes over from the old one.
     #[serde(default, skip_serializing_if = "DeploySettings::is_default")]
     pub deploy: DeploySettings,
+    /// What each instance may use, so apps on one web server cannot starve each other.
+    #[serde(default, skip_serializing_if = "ResourceLimits::is_unlimited")]
+    pub limits: ResourceLimits,
+}
+
+/// Per-instance limits (`[limits]`); unset means the web server's own limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceLimits {
+    /// Memory (RAM; no swap) the instance and its children may use; beyond it the kernel's
+    /// OOM killer ends the instance, and Maestro reports it as out of memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ByteSize>,
+    /// Share of CPU under contention, 1 to 10000 (100 is every app's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
+    /// Processes and threads the instance may have at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<u32>,
+    /// Open files and sockets per process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_files: Option<u32>,
+}
+
+impl ResourceLimits {
+    pub fn is_unlimited(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// How a new release takes over from the old one (`[deploy]`).
@@ -336,6 +371,43 @@ impl AppManifest {
                 ),
             ));
         }
+        let limits = &self.limits;
+        if limits
+            .memory
+            .is_some_and(|m| m < MIN_MEMORY_LIMIT || m > MAX_MEMORY_LIMIT)
+        {
+            return Err(ManifestError::field(
+                "limits.memory",
+                format!("must be from {MIN_MEMORY_LIMIT} to {MAX_MEMORY_LIMIT}, e.g. \"512MiB\""),
+            ));
+        }
+        if limits
+            .cpu_weight
+            .is_some_and(|w| !(1..=10_000).contains(&w))
+        {
+            return Err(ManifestError::field(
+                "limits.cpu_weight",
+                "must be from 1 to 10000 (100 is the default share)",
+            ));
+        }
+        if limits
+            .processes
+            .is_some_and(|p| !(1..=MAX_PROCESSES_LIMIT).contains(&p))
+        {
+            return Err(ManifestError::field(
+                "limits.processes",
+                format!("must be from 1 to {MAX_PROCESSES_LIMIT}"),
+            ));
+        }
+        if limits
+            .open_files
+            .is_some_and(|f| !(MIN_OPEN_FILES_LIMIT..=MAX_OPEN_FILES_LIMIT).contains(&f))
+        {
+            return Err(ManifestError::field(
+                "limits.open_files",
+                format!("must be from {MIN_OPEN_FILES_LIMIT} to {MAX_OPEN_FILES_LIMIT}"),
+            ));
+        }
         if self.deploy.drain > MAX_DRAIN {
             return Err(ManifestError::field(
                 "deploy.drain",
@@ -438,6 +510,11 @@ GREETING = "hello"
 labels = { role = "web" }
 [deploy]
 drain = "2m"
+[limits]
+memory = "256MiB"
+cpu_weight = 50
+processes = 64
+open_files = 1024
 "#;
 
     #[test]
@@ -459,6 +536,11 @@ drain = "2m"
         assert!(Placement::default().admits(&BTreeMap::new()));
         assert_eq!(m.deploy.drain, Duration::from_secs(120));
         assert_eq!(m.http.max_request_body, ByteSize::mib(8));
+        assert_eq!(m.limits.memory, Some(ByteSize::mib(256)));
+        assert_eq!(
+            (m.limits.cpu_weight, m.limits.processes, m.limits.open_files),
+            (Some(50), Some(64), Some(1024))
+        );
         assert!(m.http.buffer_requests);
     }
 
@@ -514,6 +596,17 @@ drain = "2m"
                 "health.heartbeat_interval",
             ),
             ("name = \"x\"\n[deploy]\ndrain = \"1h\"", "deploy.drain"),
+            ("name = \"x\"\n[limits]\nmemory = \"1MiB\"", "limits.memory"),
+            (
+                "name = \"x\"\n[limits]\ncpu_weight = 0",
+                "limits.cpu_weight",
+            ),
+            ("name = \"x\"\n[limits]\nprocesses = 0", "limits.processes"),
+            (
+                "name = \"x\"\n[limits]\nopen_files = 3",
+                "limits.open_files",
+            ),
+            ("name = \"x\"\n[limits]\nswap = 1", "limits.swap"),
             (
                 "name = \"x\"\n[http]\nmax_request_body = \"20 parsecs\"",
                 "http.max_request_body",
