@@ -711,15 +711,19 @@ impl AppTask {
         Some(next)
     }
 
-    /// Makes sure the release directory exists: download, verify, unpack (once per release).
-    async fn prepare(&self, target: &AppAssignment) -> Result<PathBuf, String> {
-        let releases = self
-            .shared
+    /// `state_dir/apps/<app>/releases`: one directory per unpacked release, by number.
+    fn releases_dir(&self) -> PathBuf {
+        self.shared
             .settings
             .state_dir
             .join("apps")
             .join(&self.app)
-            .join("releases");
+            .join("releases")
+    }
+
+    /// Makes sure the release directory exists: download, verify, unpack (once per release).
+    async fn prepare(&self, target: &AppAssignment) -> Result<PathBuf, String> {
+        let releases = self.releases_dir();
         let dir = releases.join(target.release.to_string());
         if dir.is_dir() {
             return Ok(dir);
@@ -768,13 +772,7 @@ impl AppTask {
     /// Keeps the newest `keep_releases` unpacked releases of the app (and always `serving`),
     /// removes the others, and records what the kept ones weigh.
     async fn prune_releases(&self, serving: u64) {
-        let releases = self
-            .shared
-            .settings
-            .state_dir
-            .join("apps")
-            .join(&self.app)
-            .join("releases");
+        let releases = self.releases_dir();
         let keep = self.shared.settings.keep_releases;
         let app = self.app.clone();
         let measured = tokio::task::spawn_blocking(move || {
