@@ -1,6 +1,7 @@
 # The sandbox the three services share, as in systemd/*.service: a NixOS `serviceConfig`
 # fragment. Each module adds what differs (apprepo and Beacon: ProcSubset=, MemoryDenyWriteExecute=,
-# no @resources; Maestro, whose apps share its sandbox: neither, and pidfd_getfd for its sockets).
+# no @resources; Maestro, whose apps share its sandbox: neither, pidfd_getfd for its sockets,
+# and a delegated, writable cgroup for its apps' limits).
 {
   UMask = "0077";
   NoNewPrivileges = true;

@@ -162,6 +162,8 @@ in
           ++ lib.optional cfg.https.enable "maestro-https.socket";
           # The apps' PATH, after each release's bin/.
           path = cfg.runtimes;
+          # Each app instance in a cgroup of its own with its [limits] (see Delegate= below).
+          environment.PX_MAESTRO_CGROUP_LIMITS = "true";
           serviceConfig =
             common.serviceConfig {
               name = "maestro";
@@ -179,6 +181,10 @@ in
               # SIGTERM to Maestro alone, which drains and stops its apps itself; whatever is
               # left when it exits gets SIGKILL, so no app outlives it.
               KillMode = "mixed";
+              # Maestro manages its own cgroup: a leaf for itself, one cgroup per app instance
+              # with memory.max, pids.max and cpu.weight; so the hierarchy cannot be read-only.
+              Delegate = true;
+              ProtectControlGroups = false;
               # One descriptor per proxied and per upstream connection.
               LimitNOFILE = 65536;
               # Only Maestro writes log files: the apps' output and the access log.
