@@ -248,7 +248,7 @@ async fn forward(
     let bodiless = (method == Method::GET || method == Method::HEAD)
         && body.is_end_stream()
         && client_upgrade.is_none();
-    let mut body = if bodiless || body.is_end_stream() {
+    let mut body = if body.is_end_stream() {
         UpstreamBody::Empty
     } else if policy.buffer && client_upgrade.is_none() {
         match read_whole(body, policy.max_bytes, settings.body_read_timeout).await {
