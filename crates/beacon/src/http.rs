@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::Stream;
 use px_proto::api::ErrorBody;
-use px_proto::beacon::{App, Event, LogEntry, Node};
+use px_proto::beacon::{App, Event, LogEntry, Node, RolloutRecord};
 use px_proto::link::{AppAssignment, FromBeacon};
 use serde::Deserialize;
 use tokio::sync::broadcast;
@@ -79,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/apps", get(apps))
         .route("/v1/apps/{app}", get(app))
         .route("/v1/apps/{app}/config", get(app_config))
+        .route("/v1/apps/{app}/rollouts", get(app_rollouts))
         .route("/v1/apps/{app}/restart", post(restart))
         .route("/v1/apps/{app}/logs", get(app_logs))
         .route("/v1/apps/{app}/logs/stream", get(app_log_stream))
@@ -118,6 +119,19 @@ async fn app(
         .find(|a| a.name == app)
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no app {app:?} is deployed")))
+}
+
+/// The app's recent rollouts with their figures, newest first.
+async fn app_rollouts(
+    _: Reader,
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+) -> Result<Json<Vec<RolloutRecord>>, ApiError> {
+    state
+        .hub
+        .rollouts(&app)
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no rollouts of {app:?} are known")))
 }
 
 async fn app_config(

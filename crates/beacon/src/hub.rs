@@ -5,16 +5,16 @@
 //! One `std::sync::Mutex` guards the state; every method holds it briefly and never across an
 //! await. Events and alerts a change causes are collected while locked and recorded after.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use px_proto::api::Release;
-use px_proto::beacon::{self, EventKind, Level, NodeHealth, RolloutState};
+use px_proto::api::{Release, ReleaseCause};
+use px_proto::beacon::{self, EventKind, Level, NodeHealth, RolloutRecord, RolloutState};
 use px_proto::link::{
-    AppAssignment, Assignment, FromBeacon, Hello, InstanceState, NodeEvent, NodeEventKind,
-    NodeReport,
+    AppAssignment, Assignment, DeployFigures, FromBeacon, Hello, InstanceState, NodeEvent,
+    NodeEventKind, NodeReport, RollbackOrder,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -29,6 +29,13 @@ use crate::metrics::Metrics;
 pub const COMMAND_QUEUE: usize = 16;
 /// File, in the data directory, that keeps the generation across restarts.
 const GENERATION_FILE: &str = "generation.json";
+/// Directory, in the data directory, of each app's rollout history (`<app>.json`).
+const ROLLOUTS_DIR: &str = "rollouts";
+/// Rollouts remembered per app for `em releases`.
+pub const MAX_ROLLOUT_HISTORY: usize = 20;
+/// Fewest answers of a new release before its error rate is judged, so one unlucky request
+/// out of two is not a 50% error rate.
+pub const MIN_JUDGED_REQUESTS: u64 = 10;
 
 pub struct HubSettings {
     pub domain: String,
@@ -57,10 +64,55 @@ struct NodeEntry {
 
 struct Rollout {
     release: u64,
+    /// The desired release it replaced, when Beacon saw that one.
+    previous: Option<u64>,
     state: RolloutState,
     started: Instant,
+    started_wall: SystemTime,
     seconds: Option<f64>,
     healthy: BTreeSet<String>,
+    /// The nodes' figures for this switch, summed.
+    figures: DeployFigures,
+    /// Every node's watch window is over.
+    verified: bool,
+    /// The verdict in one sentence: verified with its figures, or rolled back and why.
+    outcome: Option<String>,
+}
+
+impl Rollout {
+    fn new(release: u64, previous: Option<u64>) -> Self {
+        Self {
+            release,
+            previous,
+            state: RolloutState::RollingOut,
+            started: Instant::now(),
+            started_wall: SystemTime::now(),
+            seconds: None,
+            healthy: BTreeSet::new(),
+            figures: DeployFigures::default(),
+            verified: false,
+            outcome: None,
+        }
+    }
+
+    fn judged(&self) -> bool {
+        self.outcome.is_some()
+    }
+
+    fn record(&self, release: &Release) -> RolloutRecord {
+        RolloutRecord {
+            release: self.release,
+            previous: self.previous,
+            state: self.state,
+            started_at: humantime::format_rfc3339_seconds(self.started_wall).to_string(),
+            rollout_seconds: self.seconds,
+            figures: self.figures,
+            watch_seconds: release.manifest.deploy.watch.as_secs(),
+            max_error_rate: release.manifest.deploy.max_error_rate,
+            verified: self.verified,
+            outcome: self.outcome.clone(),
+        }
+    }
 }
 
 /// What survives a restart, so generations only grow and an unchanged desired state is not
@@ -83,6 +135,10 @@ struct State {
     repository_reachable: bool,
     /// Apps whose rollout must be re-evaluated at the next sweep.
     dirty: BTreeSet<String>,
+    /// Each app's recent rollouts, newest first, as persisted under `rollouts/`.
+    history: BTreeMap<String, VecDeque<RolloutRecord>>,
+    /// Automatic rollbacks asked of the repository and not yet seen in the desired state.
+    rollbacks: BTreeMap<String, RollbackOrder>,
 }
 
 /// An event to record after the lock is released, maybe with an alert.
@@ -156,6 +212,40 @@ fn places(release: &Release, fit: &Fit<'_>) -> bool {
                 .is_some_and(|r| r.instances.iter().any(|i| i.app == release.app)))
 }
 
+/// Reads every app's rollout history; a file that does not parse is skipped with a warning
+/// (the history is a record for people, not state anything depends on).
+fn load_history(dir: &std::path::Path) -> BTreeMap<String, VecDeque<RolloutRecord>> {
+    let mut history = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return history;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(app) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".json"))
+            .filter(|n| px_proto::names::check_app_name(n).is_ok())
+        else {
+            continue;
+        };
+        match std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                serde_json::from_slice::<VecDeque<RolloutRecord>>(&b).map_err(|e| e.to_string())
+            }) {
+            Ok(mut records) => {
+                records.truncate(MAX_ROLLOUT_HISTORY);
+                history.insert(app.to_string(), records);
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable rollout history")
+            }
+        }
+    }
+    history
+}
+
 impl Effect {
     fn alert(mut self, key: String) -> Self {
         self.alert = Some((key, self.draft.message.clone()));
@@ -174,6 +264,8 @@ pub struct Attached {
 
 pub struct Hub {
     state: Mutex<State>,
+    /// The pending rollbacks, for the repository links to send (whole, on every change).
+    rollback_orders: watch::Sender<Arc<Vec<RollbackOrder>>>,
     settings: HubSettings,
     events: Arc<EventLog>,
     alerts: Alerter,
@@ -199,7 +291,9 @@ impl Hub {
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
+        let history = load_history(&settings.data_dir.join(ROLLOUTS_DIR));
         Self {
+            rollback_orders: watch::channel(Arc::new(Vec::new())).0,
             state: Mutex::new(State {
                 desired: BTreeMap::new(),
                 desired_known: false,
@@ -209,6 +303,8 @@ impl Hub {
                 next_conn: 1,
                 repository_reachable: true,
                 dirty: BTreeSet::new(),
+                history,
+                rollbacks: BTreeMap::new(),
             }),
             settings,
             events,
@@ -325,16 +421,27 @@ impl Hub {
                 .get(&release.app)
                 .is_none_or(|r| r.release != release.version);
             if changed {
-                state.rollouts.insert(
-                    release.app.clone(),
-                    Rollout {
-                        release: release.version,
-                        state: RolloutState::RollingOut,
-                        started: Instant::now(),
-                        seconds: None,
-                        healthy: BTreeSet::new(),
-                    },
-                );
+                let previous = state.desired.get(&release.app).map(|r| r.version);
+                let replaced = state.rollouts.get(&release.app).map(|r| r.release);
+                if let Some(old) = replaced {
+                    self.remember(&mut state, &release.app, old);
+                }
+                let mut rollout = Rollout::new(release.version, previous);
+                // After a restart, a rollout already judged keeps its verdict.
+                if let Some(known) = state
+                    .history
+                    .get(&release.app)
+                    .and_then(|h| h.iter().find(|r| r.release == release.version))
+                {
+                    rollout.previous = known.previous.or(previous);
+                    rollout.figures = known.figures;
+                    rollout.verified = known.verified;
+                    rollout.outcome = known.outcome.clone();
+                    if known.state == RolloutState::RolledBack {
+                        rollout.state = RolloutState::RolledBack;
+                    }
+                }
+                state.rollouts.insert(release.app.clone(), rollout);
                 if !(first_read
                     && state
                         .persisted
@@ -352,6 +459,14 @@ impl Hub {
             }
         }
         state.rollouts.retain(|app, _| desired.contains_key(app));
+        // A rollback is done once the desired release moved past the one it undoes.
+        let before = state.rollbacks.len();
+        state
+            .rollbacks
+            .retain(|app, order| desired.get(app).is_some_and(|r| r.version == order.from));
+        if state.rollbacks.len() != before {
+            self.publish_rollbacks(&state);
+        }
         state.desired = desired;
         // After a restart, an unchanged desired state keeps its generation: nodes that
         // applied it are not sent it again.
@@ -558,7 +673,14 @@ impl Hub {
                             .cloned()
                             .collect::<Vec<_>>()
                     };
-                    of(&report) != of(&entry.report)
+                    let figures = |r: &NodeReport| {
+                        r.rollouts
+                            .iter()
+                            .filter(|f| &f.app == app)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                    };
+                    of(&report) != of(&entry.report) || figures(&report) != figures(&entry.report)
                 })
                 .collect();
             entry.report = report;
@@ -734,12 +856,204 @@ impl Hub {
                     rollout.state = RolloutState::RollingOut;
                 }
             }
-            RolloutState::RolledOut | RolloutState::Failed => {}
+            RolloutState::RolledOut | RolloutState::Failed | RolloutState::RolledBack => {}
         }
         if newly_unplaced && !state.nodes.is_empty() {
             effects.push(self.unplaced_event(state, app));
         }
+        effects.extend(self.judge(state, app));
         effects
+    }
+
+    /// Sums the nodes' figures for the app's rollout and judges them: over its error budget
+    /// → ask the repository for a rollback to the previous release; every node's watch over
+    /// → verified. Judged once.
+    fn judge(&self, state: &mut State, app: &str) -> Vec<Effect> {
+        let Some(release) = state.desired.get(app) else {
+            return Vec::new();
+        };
+        let version = release.version;
+        let eligible: BTreeSet<String> = Self::eligible(state, release).cloned().collect();
+        let mut sum = DeployFigures::default();
+        let mut done = BTreeSet::new();
+        for (name, node) in &state.nodes {
+            for f in node
+                .report
+                .rollouts
+                .iter()
+                .filter(|f| f.app == app && f.release == version)
+            {
+                sum += f.figures;
+                if f.done {
+                    done.insert(name.clone());
+                }
+            }
+        }
+        let budget = release.manifest.deploy.max_error_rate;
+        let watch = release.manifest.deploy.watch.as_secs();
+        let rollback_of_rollback = matches!(release.cause, ReleaseCause::Rollback { .. });
+        let Some(rollout) = state.rollouts.get_mut(app).filter(|r| r.release == version) else {
+            return Vec::new();
+        };
+        if rollout.judged() {
+            return Vec::new();
+        }
+        rollout.figures = sum;
+        let share = |part: u64, whole: u64| {
+            if whole == 0 {
+                "0%".to_string()
+            } else {
+                format!("{:.1}%", part as f64 * 100.0 / whole as f64)
+            }
+        };
+        let breached = budget.filter(|rate| {
+            sum.new_requests >= MIN_JUDGED_REQUESTS
+                && rate.exceeded_by(sum.new_errors, sum.new_requests)
+        });
+        let mut effects = Vec::new();
+        if let Some(rate) = breached {
+            let reason = format!(
+                "{} of {} requests ({}) answered 5xx, over its error budget of {rate}",
+                sum.new_errors,
+                sum.new_requests,
+                share(sum.new_errors, sum.new_requests)
+            );
+            let target = rollout.previous.or((version > 1).then(|| version - 1));
+            let (kind, outcome) = match target {
+                Some(to) if !rollback_of_rollback => {
+                    self.metrics.rollbacks_ordered.inc();
+                    rollout.state = RolloutState::RolledBack;
+                    state.rollbacks.insert(
+                        app.to_string(),
+                        RollbackOrder {
+                            app: app.to_string(),
+                            from: version,
+                            to: rollout.previous,
+                            reason: format!("automatic rollback of v{version}: {reason}"),
+                        },
+                    );
+                    (
+                        EventKind::DeployRolledBack,
+                        format!("{app} v{version} rolled back to v{to}: {reason}"),
+                    )
+                }
+                _ => {
+                    rollout.state = RolloutState::Failed;
+                    let why = if rollback_of_rollback {
+                        "it is itself a rollback; fix the app and deploy again"
+                    } else {
+                        "there is no earlier release"
+                    };
+                    (
+                        EventKind::DeployFailed,
+                        format!(
+                            "{app} v{version} is over its error budget: {reason}; not rolled back: {why}"
+                        ),
+                    )
+                }
+            };
+            rollout.outcome = Some(outcome.clone());
+            let mut e = effect(kind, None, Some(app), Some(version), outcome);
+            e.draft.detail = Some(format!(
+                "figures so far: {} requests to v{version} ({} 5xx), {} to the previous release after the switch, {} long-lived connections moved, {} cut",
+                sum.new_requests, sum.new_errors, sum.old_requests, sum.closed, sum.cut
+            ));
+            effects.push(e.alert(format!("deploy_rolled_back:{app}:{version}")));
+            self.publish_rollbacks(state);
+        } else if !eligible.is_empty()
+            && rollout.state == RolloutState::RolledOut
+            && eligible.iter().all(|n| done.contains(n))
+        {
+            rollout.verified = true;
+            let within = budget
+                .map(|rate| format!(", within its error budget of {rate}"))
+                .unwrap_or_default();
+            let outcome = format!(
+                "{app} v{version} verified: {} requests, {} answered 5xx ({}) in its first {watch}s{within}; {} long-lived connections moved, {} cut",
+                sum.new_requests,
+                sum.new_errors,
+                share(sum.new_errors, sum.new_requests),
+                sum.closed,
+                sum.cut
+            );
+            rollout.outcome = Some(outcome.clone());
+            effects.push(effect(
+                EventKind::DeployVerified,
+                None,
+                Some(app),
+                Some(version),
+                outcome,
+            ));
+        } else {
+            return effects;
+        }
+        self.remember(state, app, version);
+        effects
+    }
+
+    /// Records the app's rollout of `version` in its history (replacing an older record of
+    /// the same release) and writes the history file.
+    fn remember(&self, state: &mut State, app: &str, version: u64) {
+        let Some(record) = state
+            .rollouts
+            .get(app)
+            .filter(|r| r.release == version)
+            .zip(state.desired.get(app))
+            .map(|(rollout, release)| rollout.record(release))
+        else {
+            return;
+        };
+        let history = state.history.entry(app.to_string()).or_default();
+        history.retain(|r| r.release != version);
+        history.push_front(record);
+        history
+            .make_contiguous()
+            .sort_by_key(|r| std::cmp::Reverse(r.release));
+        history.truncate(MAX_ROLLOUT_HISTORY);
+        let dir = self.settings.data_dir.join(ROLLOUTS_DIR);
+        let path = dir.join(format!("{app}.json"));
+        let tmp = path.with_extension("json.tmp");
+        let written = std::fs::create_dir_all(&dir)
+            .and_then(|()| serde_json::to_vec(&history).map_err(std::io::Error::other))
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::error!(path = %path.display(), error = %e, "cannot persist the rollout history");
+        }
+    }
+
+    fn publish_rollbacks(&self, state: &State) {
+        self.rollback_orders
+            .send_replace(Arc::new(state.rollbacks.values().cloned().collect()));
+    }
+
+    /// The rollbacks to ask of the repository, for its links to follow.
+    pub fn rollback_orders(&self) -> watch::Receiver<Arc<Vec<RollbackOrder>>> {
+        self.rollback_orders.subscribe()
+    }
+
+    /// The app's rollouts, newest first: the current one as it stands, then the history.
+    pub fn rollouts(&self, app: &str) -> Option<Vec<RolloutRecord>> {
+        let state = self.lock();
+        let current = state
+            .rollouts
+            .get(app)
+            .zip(state.desired.get(app))
+            .map(|(rollout, release)| rollout.record(release));
+        let history = state.history.get(app);
+        if current.is_none() && history.is_none() {
+            return None;
+        }
+        let current_release = current.as_ref().map(|c| c.release);
+        let mut records: Vec<RolloutRecord> = current.into_iter().collect();
+        records.extend(
+            history
+                .into_iter()
+                .flatten()
+                .filter(|r| Some(r.release) != current_release)
+                .cloned(),
+        );
+        Some(records)
     }
 
     /// Says why no node can run an app's desired release, naming what each node lacks, so
@@ -844,6 +1158,8 @@ impl Hub {
                     nodes: Self::eligible(&state, release).cloned().collect(),
                     healthy_nodes: rollout.map_or(0, |r| r.healthy.len()),
                     rollout_seconds: rollout.and_then(|r| r.seconds),
+                    figures: rollout.map(|r| r.figures).unwrap_or_default(),
+                    outcome: rollout.and_then(|r| r.outcome.clone()),
                 }
             })
             .collect()

@@ -165,6 +165,10 @@ impl LinkServer {
         shutdown: CancellationToken,
     ) -> Result<(), String> {
         tracing::info!(peer = %hello.name, "repository linked");
+        // Pending rollbacks go out whole now and on every change: the repository ignores
+        // one it already carried out.
+        let mut rollbacks = self.hub.rollback_orders();
+        rollbacks.mark_changed();
         let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let silence = tokio::time::sleep(HEARTBEAT_DEADLINE);
@@ -174,6 +178,16 @@ impl LinkServer {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = &mut silence => return Err(format!("repository {} silent past the deadline", hello.name)),
                 _ = heartbeat.tick() => link.send(FromBeacon::Heartbeat).await.map_err(|e| e.to_string())?,
+                r = rollbacks.changed() => {
+                    if r.is_err() {
+                        return Ok(());
+                    }
+                    let orders = rollbacks.borrow_and_update().clone();
+                    for order in orders.iter() {
+                        tracing::info!(app = %order.app, from = order.from, "asking the repository for a rollback");
+                        link.send(FromBeacon::Rollback(order.clone())).await.map_err(|e| e.to_string())?;
+                    }
+                }
                 frame = link.next() => match frame.inspect(|_| silence.as_mut().reset(tokio::time::Instant::now() + HEARTBEAT_DEADLINE)) {
                     None => return Ok(()),
                     Some(Err(e)) => return Err(format!("bad frame from repository {}: {e}", hello.name)),

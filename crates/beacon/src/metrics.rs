@@ -53,6 +53,7 @@ pub struct Metrics {
     pub reconcile_failures: Counter,
     pub rollouts_finished: Counter,
     pub rollout_seconds_total: Sum,
+    pub rollbacks_ordered: Counter,
 }
 
 impl Metrics {
@@ -123,6 +124,12 @@ impl Metrics {
             "counter",
             "Seconds from assignment to rolled out, summed.",
             format!("{:.3}", self.rollout_seconds_total.get()),
+        );
+        row(
+            "beacon_rollbacks_total",
+            "counter",
+            "Automatic rollbacks of releases over their error budget.",
+            self.rollbacks_ordered.get().to_string(),
         );
         row(
             "beacon_events_total",

@@ -83,25 +83,34 @@ pub fn render(hub: &Hub) -> String {
             escape(&node.last_seen),
         );
     }
-    html.push_str("</table><h2>Apps</h2><table id=apps><tr><th>app</th><th>release</th><th>rollout</th><th>healthy nodes</th></tr>");
+    html.push_str("</table><h2>Apps</h2><table id=apps><tr><th>app</th><th>release</th><th>rollout</th><th>healthy nodes</th><th>last deploy</th></tr>");
     for app in &apps {
         let (class, rollout) = match app.rollout {
             RolloutState::RolledOut => ("ok", "rolled out".to_string()),
             RolloutState::RollingOut => ("warn", "rolling out".to_string()),
             RolloutState::Failed => ("bad", "failed".to_string()),
             RolloutState::Unplaced => ("bad", "no eligible node".to_string()),
+            RolloutState::RolledBack => ("bad", "rolled back".to_string()),
         };
         let took = app
             .rollout_seconds
             .map(|s| format!(" <small>in {s:.1}s</small>"))
             .unwrap_or_default();
+        let f = app.figures;
+        let deploy = app.outcome.clone().unwrap_or_else(|| {
+            format!(
+                "watching: {} requests, {} 5xx; {} to the previous release; {} connections moved, {} cut",
+                f.new_requests, f.new_errors, f.old_requests, f.closed, f.cut
+            )
+        });
         let _ = write!(
             html,
-            "<tr><td>{}</td><td>v{}</td><td class={class}>{rollout}{took}</td><td>{} / {}</td></tr>",
+            "<tr><td>{}</td><td>v{}</td><td class={class}>{rollout}{took}</td><td>{} / {}</td><td><small>{}</small></td></tr>",
             escape(&app.name),
             app.release,
             app.healthy_nodes,
             app.nodes.len(),
+            escape(&deploy),
         );
     }
     html.push_str("</table><h2>Recent events</h2><table id=events><tr><th>time</th><th>level</th><th>event</th></tr>");

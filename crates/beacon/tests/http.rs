@@ -129,6 +129,7 @@ async fn events_page_and_stream_filtered_by_app() {
             restarts: 0,
             last_exit: None,
         }],
+        rollouts: Vec::new(),
     }))
     .await
     .unwrap();

@@ -12,10 +12,12 @@ use common::{
     Beacon, RepoStub, Tokens, WAIT, config, maestro_hello, next_assign, open_link, webhook_receiver,
 };
 use futures_util::{SinkExt, StreamExt};
-use px_proto::beacon::{App, EventKind, Node, NodeHealth, RolloutState};
+use px_proto::api::ReleaseCause;
+use px_proto::beacon::{App, EventKind, Node, NodeHealth, RolloutRecord, RolloutState};
 use px_proto::link::{
-    FromBeacon, Hello, InstanceState, InstanceStatus, NodeEvent, NodeEventKind, NodeReport,
-    PROTOCOL_VERSION, PeerRole, ReleaseCommitted, ToBeacon,
+    DeployFigures, FromBeacon, Hello, InstanceState, InstanceStatus, NodeEvent, NodeEventKind,
+    NodeReport, PROTOCOL_VERSION, PeerRole, ReleaseCommitted, RollbackOrder, RolloutFigures,
+    ToBeacon,
 };
 use px_test_support::Pki;
 
@@ -55,6 +57,7 @@ fn healthy(app: &str, release: u64, generation: u64) -> NodeReport {
             restarts: 0,
             last_exit: None,
         }],
+        rollouts: Vec::new(),
     }
 }
 
@@ -588,4 +591,217 @@ async fn with_the_repository_away_beacon_keeps_the_last_desired_state() {
         .await;
     assert_eq!(next_assign(&mut link).await.apps[0].release, 2);
     s.beacon.stop().await;
+}
+
+/// A node's report: `app` healthy at `release`, with the switch's figures so far.
+fn watched(
+    app: &str,
+    release: u64,
+    generation: u64,
+    figures: DeployFigures,
+    done: bool,
+) -> NodeReport {
+    let mut report = healthy(app, release, generation);
+    report.rollouts = vec![RolloutFigures {
+        app: app.into(),
+        release,
+        previous: release.checked_sub(1).filter(|p| *p > 0),
+        watched_ms: if done { 2000 } else { 500 },
+        watch_ms: 2000,
+        done,
+        figures,
+    }];
+    report
+}
+
+/// Reads repository-link frames for `within`, returning the rollback orders among them.
+async fn rollback_orders(link: &mut common::Link, within: Duration) -> Vec<RollbackOrder> {
+    let mut orders = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(Some(frame)) = tokio::time::timeout_at(deadline, link.next()).await {
+        if let FromBeacon::Rollback(order) = frame.unwrap() {
+            orders.push(order);
+        }
+    }
+    orders
+}
+
+#[tokio::test]
+async fn an_error_budget_spent_orders_one_rollback_and_a_rollback_is_never_rolled_back() {
+    let budget = "[deploy]\nwatch = \"2s\"\nmax_error_rate = \"5%\"";
+    let s = setup(|c| c.reconcile_interval = Duration::from_millis(200)).await;
+    s.repo.release("hello", 1, budget);
+    let repo_hello = Hello {
+        runtimes: Default::default(),
+        protocol: PROTOCOL_VERSION,
+        role: PeerRole::Repository,
+        name: "apprepo".into(),
+        token: s.tokens.repository.clone(),
+        software: "test".into(),
+        labels: Default::default(),
+        state: None,
+    };
+    let (mut repo_link, _) =
+        open_link(&s.beacon.control_addr, &s.beacon.pki.ca(), repo_hello).await;
+    let (mut link, _) = open_link(
+        &s.beacon.control_addr,
+        &s.beacon.pki.ca(),
+        maestro_hello("web-1", &s.tokens.maestro, 0),
+    )
+    .await;
+    let fine = DeployFigures {
+        new_requests: 100,
+        new_errors: 2,
+        ..Default::default()
+    };
+    let broken = DeployFigures {
+        new_requests: 40,
+        new_errors: 30,
+        old_requests: 3,
+        closed: 2,
+        cut: 0,
+    };
+
+    // v1 stays within its budget (2%): verified once its watch is over, nothing rolled back.
+    let a = next_assign(&mut link).await;
+    link.send(ToBeacon::Heartbeat(watched(
+        "hello",
+        1,
+        a.generation,
+        fine,
+        true,
+    )))
+    .await
+    .unwrap();
+    let verified = s
+        .beacon
+        .wait_for_event(EventKind::DeployVerified, "v1 verified")
+        .await;
+    assert!(
+        verified.message.contains("within its error budget of 5%"),
+        "{verified:?}"
+    );
+
+    // v2 answers 5xx to 75%: Beacon asks the repository for a rollback to v1, alerts, and
+    // says why.
+    s.repo.release("hello", 2, budget);
+    let a = next_assign(&mut link).await;
+    assert_eq!(a.apps[0].release, 2);
+    link.send(ToBeacon::Heartbeat(watched(
+        "hello",
+        2,
+        a.generation,
+        broken,
+        false,
+    )))
+    .await
+    .unwrap();
+    let rolled = s
+        .beacon
+        .wait_for_event(EventKind::DeployRolledBack, "v2 rolled back")
+        .await;
+    assert_eq!(rolled.release, Some(2));
+    assert!(rolled.message.contains("hello v2 rolled back to v1: 30 of 40 requests (75.0%) answered 5xx, over its error budget of 5%"), "{rolled:?}");
+    let orders = rollback_orders(&mut repo_link, Duration::from_millis(500)).await;
+    assert_eq!(orders.len(), 1, "{orders:?}");
+    assert_eq!(
+        (orders[0].app.as_str(), orders[0].from, orders[0].to),
+        ("hello", 2, Some(1))
+    );
+    // Later reports of the same switch change nothing: one verdict, one order.
+    link.send(ToBeacon::Heartbeat(watched(
+        "hello",
+        2,
+        a.generation,
+        broken,
+        true,
+    )))
+    .await
+    .unwrap();
+    assert!(
+        rollback_orders(&mut repo_link, Duration::from_millis(800))
+            .await
+            .is_empty()
+    );
+
+    // The repository commits v3, a rollback to v1. Over budget too, it is not rolled back again.
+    s.repo.release("hello", 3, budget);
+    s.repo.apps.lock().unwrap().get_mut("hello").unwrap().cause = ReleaseCause::Rollback { to: 1 };
+    let a = next_assign(&mut link).await;
+    assert_eq!(a.apps[0].release, 3);
+    link.send(ToBeacon::Heartbeat(watched(
+        "hello",
+        3,
+        a.generation,
+        broken,
+        false,
+    )))
+    .await
+    .unwrap();
+    let failed = s
+        .beacon
+        .wait_for(
+            "/v1/events?limit=1000",
+            "v3 judged",
+            |events: &Vec<px_proto::beacon::Event>| {
+                events
+                    .iter()
+                    .any(|e| e.kind == EventKind::DeployFailed && e.release == Some(3))
+            },
+        )
+        .await
+        .into_iter()
+        .find(|e| e.kind == EventKind::DeployFailed && e.release == Some(3))
+        .unwrap();
+    assert!(
+        failed
+            .message
+            .contains("not rolled back: it is itself a rollback"),
+        "{failed:?}"
+    );
+    assert!(
+        rollback_orders(&mut repo_link, Duration::from_millis(800))
+            .await
+            .is_empty()
+    );
+
+    // The history, newest first, with each rollout's figures and verdict.
+    let rollouts: Vec<RolloutRecord> = s.beacon.get("/v1/apps/hello/rollouts").await;
+    let summary: Vec<(u64, RolloutState)> = rollouts.iter().map(|r| (r.release, r.state)).collect();
+    assert_eq!(
+        summary,
+        [
+            (3, RolloutState::Failed),
+            (2, RolloutState::RolledBack),
+            (1, RolloutState::RolledOut)
+        ]
+    );
+    assert_eq!(rollouts[1].figures, broken);
+    assert!(rollouts[2].verified);
+    let metrics = s
+        .beacon
+        .http
+        .get(format!("{}/metrics", s.beacon.http_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("beacon_rollbacks_total 1"), "{metrics}");
+
+    // A restarted Beacon remembers the verdicts.
+    let Setup {
+        _dir,
+        repo: _repo,
+        tokens,
+        beacon,
+    } = s;
+    let (config, pki) = (beacon.config.clone(), beacon.pki.clone());
+    beacon.stop().await;
+    let beacon = Beacon::start(config, pki, &tokens, 0).await;
+    let rollouts: Vec<RolloutRecord> = beacon.get("/v1/apps/hello/rollouts").await;
+    assert_eq!(rollouts.len(), 3, "{rollouts:?}");
+    assert_eq!(rollouts[1].state, RolloutState::RolledBack);
+    beacon.stop().await;
 }

@@ -271,6 +271,7 @@ fn report_for(assignment: &Assignment, reports: Reports, index: usize) -> NodeRe
     NodeReport {
         generation: assignment.generation,
         instances,
+        rollouts: Vec::new(),
     }
 }
 

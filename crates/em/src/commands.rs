@@ -6,7 +6,7 @@ use std::path::Path;
 
 use futures_util::StreamExt;
 use px_proto::api::{self, Release};
-use px_proto::beacon::{App, LogEntry, Node, NodeHealth};
+use px_proto::beacon::{App, LogEntry, Node, NodeHealth, RolloutRecord, RolloutState};
 use px_proto::manifest::{AppManifest, MANIFEST_FILE};
 
 use crate::cli::ConfigChange;
@@ -96,12 +96,40 @@ pub async fn apps(client: &Client, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Releases from the repository, each with what its rollout cost as Beacon recorded it
+/// (requests to the old and new release, 5xx, connections moved and cut, the verdict).
 pub async fn releases(client: &Client, app: &str, json: bool) -> Result<()> {
     let releases: Vec<Release> = client
         .get(&client.repo(&format!("/v1/apps/{app}/releases")))
         .await?;
+    // The figures are Beacon's; without them the list is still worth showing.
+    let rollouts: BTreeMap<u64, RolloutRecord> = match client
+        .get::<Vec<RolloutRecord>>(&client.beacon(&format!("/v1/apps/{app}/rollouts")))
+        .await
+    {
+        Ok(records) => records.into_iter().map(|r| (r.release, r)).collect(),
+        Err(e) => {
+            if !json {
+                eprintln!("(no rollout figures: {e})");
+            }
+            BTreeMap::new()
+        }
+    };
     if json {
-        print_json(&releases);
+        let listed: Vec<serde_json::Value> = releases
+            .iter()
+            .map(|r| {
+                let mut value = serde_json::to_value(r).unwrap_or_default();
+                if let Some(object) = value.as_object_mut() {
+                    object.insert(
+                        "rollout".into(),
+                        serde_json::to_value(rollouts.get(&r.version)).unwrap_or_default(),
+                    );
+                }
+                value
+            })
+            .collect();
+        print_json(&listed);
         return Ok(());
     }
     for r in releases {
@@ -113,8 +141,30 @@ pub async fn releases(client: &Client, app: &str, json: bool) -> Result<()> {
             r.description,
             r.created_by
         );
+        if let Some(rollout) = rollouts.get(&r.version) {
+            println!("       {}", rollout_line(rollout));
+        }
     }
     Ok(())
+}
+
+/// One line on what a rollout cost: its verdict when there is one, its figures so far if not.
+fn rollout_line(r: &RolloutRecord) -> String {
+    if let Some(outcome) = &r.outcome {
+        return outcome.clone();
+    }
+    let f = r.figures;
+    let state = match r.state {
+        RolloutState::RollingOut => "rolling out",
+        RolloutState::RolledOut => "watching",
+        RolloutState::Failed => "failed",
+        RolloutState::Unplaced => "no eligible node",
+        RolloutState::RolledBack => "rolled back",
+    };
+    format!(
+        "{state}: {} requests, {} answered 5xx; {} to the previous release after the switch; {} long-lived connections moved, {} cut",
+        f.new_requests, f.new_errors, f.old_requests, f.closed, f.cut
+    )
 }
 
 pub async fn rollback(

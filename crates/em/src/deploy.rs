@@ -1,5 +1,7 @@
 //! `em deploy`: pack the app, upload it with a progress line, then follow the rollout on
-//! Beacon's event stream until every node serves the new release (or one fails).
+//! Beacon's event stream until every node serves the new release (or one fails). An app with
+//! an error budget (`[deploy] max_error_rate`) is followed through its watch window too, and
+//! `em deploy` fails if Beacon rolls it back.
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -15,6 +17,8 @@ use crate::failure::{EXIT_UNREACHABLE, Failure, Result};
 
 /// How long past the app's own health timeout a rollout may take before `em deploy` gives up.
 pub const ROLLOUT_SLACK: Duration = Duration::from_secs(60);
+/// How long past the watch window `em deploy` waits for Beacon's verdict on the release.
+pub const WATCH_SLACK: Duration = Duration::from_secs(30);
 /// How often the progress line is redrawn.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 /// Upload chunk size.
@@ -148,7 +152,18 @@ pub async fn deploy(client: &Client, options: Options<'_>) -> Result<()> {
         return Ok(());
     };
     let budget = manifest.health.timeout + ROLLOUT_SLACK;
-    let phases = follow(events, release.version, budget).await?;
+    let deploy = &release.manifest.deploy;
+    let watch = deploy.max_error_rate.map(|rate| {
+        if !options.json {
+            eprintln!(
+                "once live, v{} is watched for {}s against its error budget of {rate} (Ctrl-C stops following; the budget still applies)",
+                release.version,
+                deploy.watch.as_secs()
+            );
+        }
+        deploy.watch + WATCH_SLACK
+    });
+    let phases = follow(events, release.version, budget, watch).await?;
     report(
         &options,
         &app,
@@ -214,9 +229,18 @@ pub struct Phases {
     pub healthy: Option<Duration>,
     pub switched: Option<Duration>,
     pub rolled_out: Duration,
+    /// Beacon's verdict after the watch window, when `em deploy` waited for it.
+    pub verdict: Option<String>,
 }
 
-async fn follow<S>(mut events: S, version: u64, budget: Duration) -> Result<Phases>
+/// Follows the rollout of `version` until it serves everywhere, or, with `watch`, until
+/// Beacon's verdict on its error budget (waiting at most `watch` past the rollout).
+async fn follow<S>(
+    mut events: S,
+    version: u64,
+    budget: Duration,
+    watch: Option<Duration>,
+) -> Result<Phases>
 where
     S: futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
 {
@@ -225,12 +249,17 @@ where
     let mut buffer = String::new();
     let deadline = tokio::time::sleep(budget);
     tokio::pin!(deadline);
+    let mut live = false;
     loop {
         let chunk = tokio::select! {
-            _ = &mut deadline => return Err(Failure::failed(format!(
-                "v{version} is not serving everywhere after {}s; see `em status` and `em logs`",
-                budget.as_secs()
-            ))),
+            _ = &mut deadline => return Err(Failure::failed(if live {
+                format!("v{version} serves everywhere, but Beacon gave no verdict on its error budget in time; see `em releases`")
+            } else {
+                format!(
+                    "v{version} is not serving everywhere after {}s; see `em status` and `em logs`",
+                    budget.as_secs()
+                )
+            })),
             chunk = events.next() => chunk,
         };
         let chunk = match chunk {
@@ -260,7 +289,26 @@ where
                 }
                 EventKind::DeployFinished => {
                     phases.rolled_out = at;
+                    let Some(watch) = watch else {
+                        return Ok(phases);
+                    };
+                    live = true;
+                    deadline.as_mut().reset(tokio::time::Instant::now() + watch);
+                }
+                EventKind::DeployVerified => {
+                    phases.verdict = Some(event.message);
                     return Ok(phases);
+                }
+                EventKind::DeployRolledBack => {
+                    let detail = event.detail.map(|d| format!("\n{d}")).unwrap_or_default();
+                    return Err(Failure::failed(format!(
+                        "{}{detail}\nthe previous release serves again; fix the app and run `em deploy` again",
+                        event.message
+                    )));
+                }
+                EventKind::DeployFailed if live => {
+                    // Serving everywhere, then judged over its budget but not rolled back.
+                    return Err(Failure::failed(event.message));
                 }
                 EventKind::DeployFailed => {
                     let detail = event
@@ -310,6 +358,7 @@ fn report(
                     "switched": secs(phases.and_then(|p| p.switched)),
                     "rolled_out": secs(phases.map(|p| p.rolled_out)),
                 },
+                "verdict": phases.and_then(|p| p.verdict.as_deref()),
             })
         );
         return;
@@ -334,6 +383,9 @@ fn report(
                 show(p.switched),
                 p.rolled_out.as_secs_f64()
             );
+            if let Some(verdict) = &p.verdict {
+                println!("{verdict}");
+            }
         }
         None => println!(
             "{app} v{} committed; it rolls out in the background (`em status` to watch)",

@@ -310,6 +310,89 @@ async fn a_failing_release_makes_deploy_fail_and_the_old_one_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_over_its_error_budget_is_rolled_back_and_deploy_says_why() {
+    let env = Env::new();
+    let up = env.up();
+    let http = reqwest::Client::new();
+    let app_dir = env.home.path().join("budget");
+    let app_dir_s = app_dir.to_str().unwrap();
+    let host = "budget.localhost";
+    assert!(env.em(&["init", app_dir_s]).status.success());
+    let manifest = app_dir.join("app.toml");
+    let mut text = std::fs::read_to_string(&manifest).unwrap();
+    text.push_str("\n[deploy]\nwatch = \"3s\"\nmax_error_rate = \"10%\"\n");
+    std::fs::write(&manifest, text).unwrap();
+
+    // v1 is healthy: `em deploy` waits through the watch and reports the verdict.
+    let out = env.em(&["deploy", app_dir_s]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("budget v1 verified"), "{stdout}");
+    assert!(
+        stdout.contains("within its error budget of 10%"),
+        "{stdout}"
+    );
+    wait_for(&http, &env.url(), host, "Platform.X").await;
+
+    // v2 passes its health check but answers 500 on every page, under steady traffic.
+    replace_in(
+        &app_dir.join("server.py"),
+        "self.reply(200, \"text/html; charset=utf-8\", body)",
+        "self.reply(500, \"text/plain; charset=utf-8\", \"broken\\n\")",
+    );
+    let stop_polling = Arc::new(AtomicBool::new(false));
+    let (ok, broken) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let poller = {
+        let (stop, ok, broken, url) = (stop_polling.clone(), ok.clone(), broken.clone(), env.url());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                match http.get(&url).header("host", host).send().await {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => broken.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    wait_count(&ok, 5).await;
+    let out = env.em(&["deploy", app_dir_s]);
+    assert_eq!(out.status.code(), Some(1), "em deploy must fail");
+    let err = String::from_utf8(out.stderr).unwrap();
+    eprintln!("em deploy of v2 said:\n{err}");
+    assert!(err.contains("budget v2 rolled back to v1"), "{err}");
+    assert!(err.contains("over its error budget of 10%"), "{err}");
+    assert!(err.contains("answered 5xx"), "{err}");
+
+    // v1's code serves again, as v3, and the rollback is in the releases with its figures.
+    let served_before = ok.load(Ordering::Relaxed);
+    wait_for(&http, &env.url(), host, "Platform.X").await;
+    wait_count(&ok, served_before + 5).await;
+    stop_polling.store(true, Ordering::Relaxed);
+    poller.await.unwrap();
+    assert!(broken.load(Ordering::Relaxed) > 0, "v2 never answered 500");
+    let out = env.em(&["releases", "--app", "budget", "--json"]);
+    let releases: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(releases[0]["version"], 3);
+    assert_eq!(releases[0]["cause"]["kind"], "rollback");
+    assert_eq!(releases[0]["created_by"], "beacon");
+    let v2 = &releases[1]["rollout"];
+    assert_eq!(v2["state"], "rolled_back", "{v2}");
+    let figures = &v2["figures"];
+    assert!(figures["new_errors"].as_u64().unwrap() >= 1, "{figures}");
+    assert!(
+        figures["new_errors"].as_u64() <= figures["new_requests"].as_u64(),
+        "{figures}"
+    );
+    assert_eq!(releases[2]["rollout"]["verified"], true);
+    let out = env.em(&["releases", "--app", "budget"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("rolled back to v1"), "{text}");
+    assert!(text.contains("by beacon"), "{text}");
+    stop(up);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_examples_deploy_as_they_are() {
     let env = Env::new();
     let up = env.up();

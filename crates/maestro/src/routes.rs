@@ -29,6 +29,36 @@ pub struct Backend {
     long_lived: AtomicUsize,
     closed_for_drain: AtomicU64,
     cut_at_deadline: AtomicU64,
+    /// The answers of the release this instance belongs to (shared by its instances).
+    pub stats: Arc<ReleaseStats>,
+}
+
+/// Answers one release gave on this node, counted by the proxy when the answer's head is
+/// sent: the figures of a deploy and its error budget. A release's instances share one, so a
+/// restarted instance keeps counting into it.
+#[derive(Debug, Default)]
+pub struct ReleaseStats {
+    requests: AtomicU64,
+    server_errors: AtomicU64,
+}
+
+impl ReleaseStats {
+    /// Counts one answer; a status of 500 or more (the proxy's own 502/504 for an instance
+    /// that failed included) counts against the release.
+    pub fn record(&self, status: u16) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.server_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (answers, of which 5xx) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.server_errors.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// A drain order: long-lived connections close at a moment of their own, spread over the
@@ -51,6 +81,16 @@ pub struct DrainOutcome {
 
 impl Backend {
     pub fn new(app: &str, release: u64, addr: SocketAddr) -> Arc<Self> {
+        Self::with_stats(app, release, addr, Arc::default())
+    }
+
+    /// A backend counting its answers into its release's `stats`.
+    pub fn with_stats(
+        app: &str,
+        release: u64,
+        addr: SocketAddr,
+        stats: Arc<ReleaseStats>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             app: app.to_string(),
             release,
@@ -60,6 +100,7 @@ impl Backend {
             long_lived: AtomicUsize::new(0),
             closed_for_drain: AtomicU64::new(0),
             cut_at_deadline: AtomicU64::new(0),
+            stats,
         })
     }
 

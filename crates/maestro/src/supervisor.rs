@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use px_proto::link::{
-    AppAssignment, Assignment, ExitInfo, InstanceState, InstanceStatus, NodeEvent, NodeEventKind,
-    NodeReport,
+    AppAssignment, Assignment, DeployFigures, ExitInfo, InstanceState, InstanceStatus, NodeEvent,
+    NodeEventKind, NodeReport, RolloutFigures,
 };
 use rand::Rng;
 use sha2::{Digest, Sha256};
@@ -25,7 +25,7 @@ use crate::limits::{Enforcer, InstanceCgroup};
 use crate::logs::AppLogs;
 use crate::process::{self, GroupFile, GroupRecord, Launch};
 use crate::proxy;
-use crate::routes::{AppRoute, Backend, BodyPolicy, RouteTable, Routes};
+use crate::routes::{AppRoute, Backend, BodyPolicy, ReleaseStats, RouteTable, Routes};
 use crate::runtimes;
 
 /// Events queued for the Beacon link; when Beacon is away and this fills, the oldest news
@@ -41,6 +41,8 @@ pub const CRASH_LOOP_RESTARTS: u32 = 5;
 pub const FAILED_STDERR_LINES: usize = 20;
 /// How long a failed instance's output may take to reach the logs after it stopped.
 pub const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+/// How often a watched release's figures are brought up to date (and reported if changed).
+pub const WATCH_TICK: Duration = Duration::from_secs(1);
 /// Largest bundle downloaded; apprepo's own limit is lower.
 pub const MAX_BUNDLE_BYTES: u64 = 8 * 1024 * 1024 * 1024;
 
@@ -114,6 +116,8 @@ struct Shared {
     tried: Mutex<BTreeSet<String>>,
     /// Bytes of each app's kept releases, measured after its last switch.
     release_bytes: Mutex<BTreeMap<String, u64>>,
+    /// app → the figures of its latest release switch, reported to Beacon.
+    rollouts: Mutex<BTreeMap<String, WatchedRollout>>,
     /// How instances get their `[limits]`.
     limits: Enforcer,
     /// Bumped whenever an instance changes, so the link reports at once.
@@ -259,6 +263,7 @@ impl Supervisor {
             generation: Mutex::new(0),
             tried: Mutex::new(BTreeSet::new()),
             release_bytes: Mutex::new(BTreeMap::new()),
+            rollouts: Mutex::new(BTreeMap::new()),
             limits,
             changes: watch::channel(0).0,
         });
@@ -413,9 +418,20 @@ impl Supervisor {
             .statuses
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        let instances = statuses.values().flatten().cloned().collect();
+        drop(statuses);
+        let rollouts = self
+            .shared
+            .rollouts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|w| w.figures.clone())
+            .collect();
         NodeReport {
             generation: self.generation(),
-            instances: statuses.values().flatten().cloned().collect(),
+            instances,
+            rollouts,
         }
     }
 }
@@ -444,6 +460,15 @@ struct Running {
     assignment: AppAssignment,
     dir: PathBuf,
     instances: Vec<Instance>,
+    /// What the proxy counted for this release's answers.
+    stats: Arc<ReleaseStats>,
+}
+
+/// A release switch being watched: its figures so far, and whether the release it replaced
+/// has finished draining.
+struct WatchedRollout {
+    figures: RolloutFigures,
+    drained: bool,
 }
 
 struct AppTask {
@@ -540,6 +565,11 @@ impl AppTask {
         }
         self.shared
             .statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.app);
+        self.shared
+            .rollouts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.app);
@@ -650,12 +680,13 @@ impl AppTask {
             self.failed = Some(target);
             return current;
         }
+        let stats = Arc::new(ReleaseStats::default());
         let mut started = Vec::new();
         for number in 1..=target.instances {
             if stop.is_cancelled() {
                 break;
             }
-            match self.start_instance(&target, &dir, number).await {
+            match self.start_instance(&target, &dir, number, &stats).await {
                 Ok(instance) => started.push(instance),
                 Err(reason) => {
                     let detail =
@@ -683,6 +714,7 @@ impl AppTask {
             assignment: target,
             dir,
             instances: started,
+            stats,
         };
         // The switch: one swap of the routing table.
         self.publish(&next);
@@ -703,9 +735,21 @@ impl AppTask {
         // Report the switch now: Beacon counts the rollout done when nodes say so, and
         // draining the old instances can take a while.
         self.report_instances(Some(&next));
+        let previous = current
+            .as_ref()
+            .map(|c| (c.assignment.release, c.stats.clone()));
+        // A restart of the same release is not a rollout: its first switch keeps its figures.
+        let watched = previous.as_ref().is_none_or(|(p, _)| *p != release);
+        if watched {
+            self.watch_rollout(&next, previous);
+        }
         if let Some(old) = current {
-            self.drain_and_stop(old.instances, next.assignment.manifest.deploy.drain)
+            let (closed, cut) = self
+                .drain_and_stop(old.instances, next.assignment.manifest.deploy.drain)
                 .await;
+            if watched {
+                self.drained(release, closed, cut);
+            }
         }
         self.prune_releases(release).await;
         Some(next)
@@ -858,6 +902,7 @@ impl AppTask {
         target: &AppAssignment,
         dir: &Path,
         number: u32,
+        stats: &Arc<ReleaseStats>,
     ) -> Result<Instance, String> {
         let port = self
             .shared
@@ -949,8 +994,7 @@ impl AppTask {
             number,
             port,
             pid,
-            0,
-            None,
+            stats.clone(),
         ))
     }
 
@@ -965,8 +1009,7 @@ impl AppTask {
         number: u32,
         port: u16,
         pid: u32,
-        restarts: u32,
-        last_exit: Option<ExitInfo>,
+        stats: Arc<ReleaseStats>,
     ) -> Instance {
         let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Duration>();
@@ -1003,14 +1046,15 @@ impl AppTask {
             number,
             port,
             pid,
-            backend: Backend::new(
+            backend: Backend::with_stats(
                 &self.app,
                 target.release,
                 std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                stats,
             ),
-            restarts,
+            restarts: 0,
             started: Instant::now(),
-            last_exit,
+            last_exit: None,
             exited: exit_rx,
             stop: Some(stop_tx),
         }
@@ -1124,9 +1168,10 @@ impl AppTask {
         let run = running.as_mut()?;
         let target = run.assignment.clone();
         let dir = run.dir.clone();
+        let stats = run.stats.clone();
         let old = run.instances.get(index)?;
         let (number, restarts, last_exit) = (old.number, old.restarts + 1, old.last_exit.clone());
-        match self.start_instance(&target, &dir, number).await {
+        match self.start_instance(&target, &dir, number, &stats).await {
             Ok(mut instance) => {
                 instance.restarts = restarts;
                 instance.last_exit = last_exit;
@@ -1153,7 +1198,7 @@ impl AppTask {
     /// `proxy::drain`). Waits until no request holds them any more (in flight, or about to
     /// pick them from a route looked up before the switch), up to the deadline, then stops
     /// them.
-    async fn drain_and_stop(&self, instances: Vec<Instance>, budget: Duration) {
+    async fn drain_and_stop(&self, instances: Vec<Instance>, budget: Duration) -> (u64, u64) {
         for instance in &instances {
             instance.backend.start_drain(budget);
         }
@@ -1177,6 +1222,100 @@ impl AppTask {
             tracing::info!(app = %self.app, closed, cut, ?budget, "long-lived connections of the old release: closed with a reconnect hint, or cut at the deadline");
         }
         self.stop_all(instances).await;
+        (closed, cut)
+    }
+
+    /// Starts counting what the switch to `next` costs: answers of the release it replaced
+    /// from now on, and answers (5xx among them) of the new one during its watch window. The
+    /// figures travel in every report until the next switch; Beacon sums them over the nodes
+    /// and judges them against the app's error budget.
+    fn watch_rollout(&self, next: &Running, previous: Option<(u64, Arc<ReleaseStats>)>) {
+        let window = next.assignment.manifest.deploy.watch;
+        let release = next.assignment.release;
+        let figures = RolloutFigures {
+            app: self.app.clone(),
+            release,
+            previous: previous.as_ref().map(|(p, _)| *p),
+            watched_ms: 0,
+            watch_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
+            done: false,
+            figures: DeployFigures::default(),
+        };
+        self.shared
+            .rollouts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                self.app.clone(),
+                WatchedRollout {
+                    figures,
+                    drained: previous.is_none(),
+                },
+            );
+        let shared = self.shared.clone();
+        let app = self.app.clone();
+        // The new release's stats are fresh: it has answered nothing before its switch.
+        let new = next.stats.clone();
+        let old = previous.map(|(_, stats)| {
+            let (base, _) = stats.counts();
+            (stats, base)
+        });
+        let started = Instant::now();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(WATCH_TICK).await;
+                let elapsed = started.elapsed();
+                let mut rollouts = shared.rollouts.lock().unwrap_or_else(|p| p.into_inner());
+                // A newer switch of the app replaced this one, or the app went.
+                let Some(watched) = rollouts
+                    .get_mut(&app)
+                    .filter(|w| w.figures.release == release && !w.figures.done)
+                else {
+                    return;
+                };
+                let before = watched.figures.clone();
+                let f = &mut watched.figures;
+                if elapsed < window {
+                    let (requests, errors) = new.counts();
+                    f.figures.new_requests = requests;
+                    f.figures.new_errors = errors;
+                    f.watched_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+                } else {
+                    f.watched_ms = f.watch_ms;
+                }
+                if let Some((old, base)) = &old {
+                    f.figures.old_requests = old.counts().0 - base;
+                }
+                f.done = elapsed >= window && watched.drained;
+                let changed = watched.figures != before;
+                let done = watched.figures.done;
+                drop(rollouts);
+                if changed {
+                    shared.changes.send_modify(|n| *n += 1);
+                }
+                if done {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// The release `release` replaced has stopped: record how its long-lived connections
+    /// ended, and let the watch finish.
+    fn drained(&self, release: u64, closed: u64, cut: u64) {
+        let mut rollouts = self
+            .shared
+            .rollouts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(watched) = rollouts
+            .get_mut(&self.app)
+            .filter(|w| w.figures.release == release)
+        {
+            watched.drained = true;
+            watched.figures.figures.closed = closed;
+            watched.figures.figures.cut = cut;
+        }
     }
 
     async fn stop_all(&self, instances: Vec<Instance>) {

@@ -527,7 +527,7 @@ async fn event_streams_move_to_the_new_release_over_the_drain_budget() {
         bundles.app(
             "events",
             n,
-            "name = \"events\"\nrun = \"exec python3 server.py \\\"$1\\\"\"\n[health]\npath = \"/healthz\"\ntimeout = \"20s\"\n[deploy]\ndrain = \"2s\"\n",
+            "name = \"events\"\nrun = \"exec python3 server.py \\\"$1\\\"\"\n[health]\npath = \"/healthz\"\ntimeout = \"20s\"\n[deploy]\ndrain = \"2s\"\nwatch = \"5s\"\n",
             &[("server.py", EVENTS_PY)],
             &[("GREETING", greeting)],
         )
@@ -575,6 +575,26 @@ async fn event_streams_move_to_the_new_release_over_the_drain_budget() {
     }
     eprintln!("clients on release 2 after {reconnected:?} (drain budget 2s)");
     assert!(reconnected.iter().all(|t| *t < common::WAIT));
+    // The switch's figures, as Beacon gets them: every stream moved with a hint, none cut,
+    // and the new release answered the reconnections without a 5xx.
+    let start = std::time::Instant::now();
+    let figures = loop {
+        let state = maestro.state().await;
+        if let Some(f) = state.rollouts.iter().find(|f| f.release == 2 && f.done) {
+            break f.clone();
+        }
+        assert!(start.elapsed() < common::WAIT, "{state:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("figures of the switch: {figures:?}");
+    assert_eq!(
+        (figures.app.as_str(), figures.previous),
+        ("events", Some(1))
+    );
+    assert_eq!((figures.figures.closed, figures.figures.cut), (4, 0));
+    assert!(figures.figures.new_requests >= 4, "{figures:?}");
+    assert_eq!(figures.figures.new_errors, 0);
+    assert_eq!(figures.watched_ms, 5000);
 }
 
 /// The release directories of `app` under a Maestro's state directory, in order.

@@ -41,6 +41,10 @@ pub enum EventKind {
     DeployStarted,
     DeployFinished,
     DeployFailed,
+    /// The new release went over its error budget during its watch; Beacon rolls it back.
+    DeployRolledBack,
+    /// The new release's watch window ended; its figures are final.
+    DeployVerified,
     /// The repository could not be reached; Beacon keeps the last known desired state.
     RepositoryUnreachable,
     RepositoryRecovered,
@@ -51,7 +55,10 @@ pub enum EventKind {
 impl EventKind {
     pub fn level(self) -> Level {
         match self {
-            EventKind::NodeLost | EventKind::CrashLoop | EventKind::DeployFailed => Level::Error,
+            EventKind::NodeLost
+            | EventKind::CrashLoop
+            | EventKind::DeployFailed
+            | EventKind::DeployRolledBack => Level::Error,
             EventKind::InstanceCrashed
             | EventKind::InstanceUnhealthy
             | EventKind::RepositoryUnreachable => Level::Warning,
@@ -134,6 +141,34 @@ pub enum RolloutState {
     Failed,
     /// No node is eligible to run it (placement labels match none).
     Unplaced,
+    /// It went over its error budget and is being (or was) rolled back.
+    RolledBack,
+}
+
+/// One rollout of an app as Beacon recorded it, for `em releases` (newest first in
+/// `GET /v1/apps/{app}/rollouts`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub release: u64,
+    /// The desired release before it, when Beacon knew one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<u64>,
+    pub state: RolloutState,
+    /// RFC 3339 time Beacon assigned it.
+    pub started_at: String,
+    /// Seconds from assignment to rolled out, once it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_seconds: Option<f64>,
+    /// Summed over the nodes that reported.
+    pub figures: crate::link::DeployFigures,
+    pub watch_seconds: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<crate::rate::Rate>,
+    /// Whether the watch window is over on every node.
+    pub verified: bool,
+    /// The verdict in one sentence, once there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
 }
 
 /// An app with its desired release and rollout.
@@ -149,6 +184,12 @@ pub struct App {
     /// Seconds from assignment to rolled out, once it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_seconds: Option<f64>,
+    /// What the switch cost so far, summed over the nodes (see `RolloutRecord`).
+    #[serde(default)]
+    pub figures: crate::link::DeployFigures,
+    /// The rollout's verdict once its watch is over or its error budget spent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
 }
 
 /// One line of app output as Beacon serves it: which node, then the line.

@@ -7,6 +7,7 @@ pub mod codec;
 pub mod link;
 pub mod manifest;
 pub mod names;
+pub mod rate;
 pub mod runtime;
 pub mod size;
 

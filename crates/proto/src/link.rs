@@ -72,6 +72,51 @@ pub struct NodeReport {
     /// Generation of the last assignment the node applied (0: none yet).
     pub generation: u64,
     pub instances: Vec<InstanceStatus>,
+    /// What each app's latest release switch on this node cost so far (one per app).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollouts: Vec<RolloutFigures>,
+}
+
+/// What a release switch cost, counted by the proxy: the figures of `em releases`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployFigures {
+    /// Requests the previous release answered after the switch (those in flight finishing).
+    pub old_requests: u64,
+    /// Requests the new release answered in its watch window, and how many of them were 5xx
+    /// (the proxy's own 502/504 for it included).
+    pub new_requests: u64,
+    pub new_errors: u64,
+    /// Long-lived connections of the previous release closed with a reconnect hint, and cut
+    /// at the drain deadline.
+    pub closed: u64,
+    pub cut: u64,
+}
+
+impl std::ops::AddAssign for DeployFigures {
+    fn add_assign(&mut self, other: Self) {
+        self.old_requests += other.old_requests;
+        self.new_requests += other.new_requests;
+        self.new_errors += other.new_errors;
+        self.closed += other.closed;
+        self.cut += other.cut;
+    }
+}
+
+/// One node's figures for the switch to `release` of `app`, updated while it is watched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutFigures {
+    pub app: String,
+    pub release: u64,
+    /// The release it replaced on this node; none for a first deploy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<u64>,
+    /// Milliseconds since the switch that these figures cover, out of the watch window.
+    pub watched_ms: u64,
+    pub watch_ms: u64,
+    /// The window is over (and the old release drained): these figures are final.
+    pub done: bool,
+    #[serde(flatten)]
+    pub figures: DeployFigures,
 }
 
 /// Lifecycle of one app instance on a node.
@@ -236,6 +281,21 @@ pub enum FromBeacon {
     Stop {
         app: String,
     },
+    /// To the repository: commit a rollback of `app` to `to` (the release before `from` when
+    /// none), only if `from` is still its current release. Sent again on every reconnect
+    /// until the desired state moves past `from`, so the repository must ignore a stale one.
+    Rollback(RollbackOrder),
+}
+
+/// An automatic rollback Beacon asks the repository for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackOrder {
+    pub app: String,
+    pub from: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u64>,
+    /// Why, for the new release's description.
+    pub reason: String,
 }
 
 /// Notice that a release of an app is committed in the repository.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::names;
+use crate::rate::Rate;
 use crate::runtime::Requirement;
 use crate::size::ByteSize;
 
@@ -49,6 +50,12 @@ pub const MAX_OPEN_FILES_LIMIT: u32 = 1_048_576;
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 /// Longest drain budget: long-lived connections get at most this to move to a new release.
 pub const MAX_DRAIN: Duration = Duration::from_secs(15 * 60);
+/// Default time a new release is watched after its switch (`deploy.watch`): its requests and
+/// 5xx answers in this window are its deploy's figures, and its error budget applies in it.
+pub const DEFAULT_WATCH: Duration = Duration::from_secs(60);
+/// Bounds of `deploy.watch`.
+pub const MIN_WATCH: Duration = Duration::from_secs(1);
+pub const MAX_WATCH: Duration = Duration::from_secs(3600);
 /// Bounds of `health.heartbeat_interval`.
 pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
@@ -126,12 +133,23 @@ pub struct DeploySettings {
     /// is cut.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain: Duration,
+    /// How long after its switch a new release is watched: the 5xx answers it gives in this
+    /// window count against `max_error_rate`, and are the deploy's figures in `em releases`.
+    #[serde(default = "default_watch", with = "humantime_serde")]
+    pub watch: Duration,
+    /// The error budget: when more than this share of the new release's answers are 5xx
+    /// during `watch`, Beacon rolls back to the previous release and `em deploy` fails.
+    /// `"5%"` or `0.05`. Default: none (figures are recorded, nothing is rolled back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<Rate>,
 }
 
 impl Default for DeploySettings {
     fn default() -> Self {
         Self {
             drain: DEFAULT_DRAIN,
+            watch: DEFAULT_WATCH,
+            max_error_rate: None,
         }
     }
 }
@@ -144,6 +162,10 @@ impl DeploySettings {
 
 fn default_drain() -> Duration {
     DEFAULT_DRAIN
+}
+
+fn default_watch() -> Duration {
+    DEFAULT_WATCH
 }
 
 impl AppManifest {
@@ -414,6 +436,16 @@ impl AppManifest {
                 format!("must be at most {}s, e.g. \"30s\"", MAX_DRAIN.as_secs()),
             ));
         }
+        if !(MIN_WATCH..=MAX_WATCH).contains(&self.deploy.watch) {
+            return Err(ManifestError::field(
+                "deploy.watch",
+                format!(
+                    "must be from {}s to {}s, e.g. \"60s\"",
+                    MIN_WATCH.as_secs(),
+                    MAX_WATCH.as_secs()
+                ),
+            ));
+        }
         if self.requires.len() > MAX_REQUIRES {
             return Err(ManifestError::field(
                 "requires",
@@ -510,6 +542,8 @@ GREETING = "hello"
 labels = { role = "web" }
 [deploy]
 drain = "2m"
+watch = "90s"
+max_error_rate = "5%"
 [limits]
 memory = "256MiB"
 cpu_weight = 50
@@ -535,6 +569,8 @@ open_files = 1024
         assert!(!m.placement.admits(&BTreeMap::new()));
         assert!(Placement::default().admits(&BTreeMap::new()));
         assert_eq!(m.deploy.drain, Duration::from_secs(120));
+        assert_eq!(m.deploy.watch, Duration::from_secs(90));
+        assert_eq!(m.deploy.max_error_rate, Some(Rate::per_million(50_000)));
         assert_eq!(m.http.max_request_body, ByteSize::mib(8));
         assert_eq!(m.limits.memory, Some(ByteSize::mib(256)));
         assert_eq!(
@@ -551,6 +587,8 @@ open_files = 1024
         assert_eq!(m.health, HealthCheck::default());
         assert!(m.run.is_none());
         assert_eq!(m.deploy.drain, DEFAULT_DRAIN);
+        assert_eq!(m.deploy.watch, DEFAULT_WATCH);
+        assert_eq!(m.deploy.max_error_rate, None);
         assert_eq!(m.http.max_request_body, DEFAULT_MAX_REQUEST_BODY);
         assert!(!m.http.buffer_requests);
         // Defaults are left out when the manifest travels, so nodes that predate a section
@@ -596,6 +634,11 @@ open_files = 1024
                 "health.heartbeat_interval",
             ),
             ("name = \"x\"\n[deploy]\ndrain = \"1h\"", "deploy.drain"),
+            ("name = \"x\"\n[deploy]\nwatch = \"0s\"", "deploy.watch"),
+            (
+                "name = \"x\"\n[deploy]\nmax_error_rate = \"150%\"",
+                "deploy.max_error_rate",
+            ),
             ("name = \"x\"\n[limits]\nmemory = \"1MiB\"", "limits.memory"),
             (
                 "name = \"x\"\n[limits]\ncpu_weight = 0",

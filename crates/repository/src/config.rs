@@ -7,11 +7,12 @@
 //! keeps running as it was. What a reload applies: `tokens` and `tokens_file` (the file is
 //! read again even when its name did not change), checked from the next request on. Every
 //! other setting takes effect only after a restart, among them `listen`, `data_dir`,
-//! `[storage]`, `[limits]` and `[beacon]`; a reload that finds one changed logs it and says
-//! so in the status line.
+//! `[storage]`, `[limits]`, `[retention]` and `[beacon]`; a reload that finds one changed logs
+//! it and says so in the status line.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use px_runtime::tokens::TokenEntry;
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,21 @@ pub const DEFAULT_MAX_BUNDLE_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 /// Default uploads processed at once; each holds a spool file and, while inspected, a zstd
 /// window (16 MiB at most), so this bounds disk and memory under a burst of deploys.
 pub const DEFAULT_MAX_CONCURRENT_UPLOADS: usize = 8;
+/// Default release records kept per app whatever their age: enough to roll back through a
+/// bad week of deploys, few enough that listing and sweeping an app stay cheap.
+pub const DEFAULT_KEEP_RELEASES: usize = 20;
+/// Default age under which a release is kept even beyond `keep_releases`: a month covers the
+/// time a regression takes to be noticed in a quiet app.
+pub const DEFAULT_KEEP_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default age under which an unreferenced bundle is kept: an upload stores its bundle before
+/// it commits the release that points to it, and an hour is far beyond any upload's commit.
+pub const DEFAULT_BUNDLE_GRACE: Duration = Duration::from_secs(3600);
+/// Default time between sweeps: garbage only costs disk, so there is no hurry, and each sweep
+/// reads every release record (S3 bills requests).
+pub const DEFAULT_RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+/// Fewest releases `keep_releases` may keep: the current one and the one before it, which a
+/// rollback with no target goes to.
+pub const MIN_KEEP_RELEASES: usize = 2;
 
 /// The whole apprepo configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,6 +63,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Size and count limits on uploads.
     pub limits: LimitsConfig,
+    /// Which releases are kept, and when bundles no release points to are collected.
+    pub retention: RetentionConfig,
     /// A TOML file of `[[token]]` entries (`name`, `role`, `sha256`), the usual place for
     /// tokens; read again on each reload. Default: none.
     pub tokens_file: Option<PathBuf>,
@@ -65,6 +83,7 @@ impl Default for Config {
             data_dir: DEFAULT_DATA_DIR.into(),
             storage: StorageConfig::default(),
             limits: LimitsConfig::default(),
+            retention: RetentionConfig::default(),
             tokens_file: None,
             tokens: Vec::new(),
             beacon: None,
@@ -150,6 +169,79 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `[retention]`: a release record is collected only when it is outside the newest
+/// `keep_releases` of its app *and* older than `keep_for`; an app's current release, the one
+/// before it and the one the current release rolled back to are kept whatever the policy.
+/// Bundles no remaining release points to are collected once older than `bundle_grace`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Whether sweeps run at all. Default: true.
+    pub enabled: bool,
+    /// Release records kept per app whatever their age (at least 2). Default: 20.
+    pub keep_releases: usize,
+    /// Releases younger than this are kept even beyond `keep_releases`, e.g. `"30d"`.
+    /// Default: 30 days.
+    #[serde(with = "humantime_duration")]
+    pub keep_for: Duration,
+    /// Bundles younger than this are never collected, referenced or not, because an upload
+    /// stores its bundle before it commits the release. Default: 1h.
+    #[serde(with = "humantime_duration")]
+    pub bundle_grace: Duration,
+    /// Time between sweeps; the first runs shortly after start. Default: 1h.
+    #[serde(with = "humantime_duration")]
+    pub interval: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            keep_releases: DEFAULT_KEEP_RELEASES,
+            keep_for: DEFAULT_KEEP_FOR,
+            bundle_grace: DEFAULT_BUNDLE_GRACE,
+            interval: DEFAULT_RETENTION_INTERVAL,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// What is wrong with these settings, one sentence per problem.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.keep_releases < MIN_KEEP_RELEASES {
+            problems.push(format!(
+                "retention.keep_releases is {} but must be at least {MIN_KEEP_RELEASES} (the current release and the one before it)",
+                self.keep_releases
+            ));
+        }
+        if self.interval.is_zero() {
+            problems.push("retention.interval must be above 0, e.g. \"1h\"".into());
+        }
+        problems
+    }
+}
+
+/// Durations written the human way (`"90s"`, `"1h"`, `"30d"`), as `humantime` parses them.
+mod humantime_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a duration such as \"90s\", \"1h\" or \"30d\": {e}"
+            ))
+        })
+    }
+}
+
 /// `[beacon]`: where to send release notifications.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -170,4 +262,51 @@ pub struct BeaconConfig {
 
 fn default_peer_name() -> String {
     "apprepo".into()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn retention_durations_read_the_human_way_and_bad_settings_are_named() {
+        let defaults = Config::default();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("apprepo.toml");
+        std::fs::write(
+            &file,
+            "[retention]\nkeep_releases = 5\nkeep_for = \"7d\"\nbundle_grace = \"10m\"\n",
+        )
+        .unwrap();
+        let loaded = px_runtime::config::load(&defaults, Some(&file), "PX_APPREPO_TEST_").unwrap();
+        assert_eq!(
+            loaded.retention,
+            RetentionConfig {
+                keep_releases: 5,
+                keep_for: Duration::from_secs(7 * 24 * 3600),
+                bundle_grace: Duration::from_secs(600),
+                ..RetentionConfig::default()
+            }
+        );
+        assert!(loaded.retention.problems().is_empty());
+
+        std::fs::write(&file, "[retention]\nkeep_for = \"a while\"\n").unwrap();
+        let err = px_runtime::config::load(&defaults, Some(&file), "PX_APPREPO_TEST_").unwrap_err();
+        assert!(err.to_string().contains("a while"), "{err}");
+        std::fs::write(&file, "[retention]\nkeep_everything = true\n").unwrap();
+        assert!(px_runtime::config::load(&defaults, Some(&file), "PX_APPREPO_TEST_").is_err());
+
+        let bad = RetentionConfig {
+            keep_releases: 1,
+            interval: Duration::ZERO,
+            ..RetentionConfig::default()
+        };
+        let problems = bad.problems();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].contains("retention.keep_releases"),
+            "{problems:?}"
+        );
+    }
 }

@@ -344,36 +344,13 @@ async fn rollback(
 ) -> Result<(StatusCode, Json<Release>), ApiError> {
     caller.require(Role::Deploy)?;
     let to = body.and_then(|Json(b)| b.to);
-    // Read the target first (outside the retry loop): releases are immutable.
-    let current = state.releases.current(&app).await?;
-    let target_version = match to {
-        Some(v) => v,
-        None if current.version > 1 => current.version - 1,
-        None => {
-            return Err(ApiError::Conflict(format!(
-                "app {app:?} has only v1; there is nothing to roll back to"
-            )));
-        }
+    let request = crate::rollback::RollbackRequest {
+        app: &app,
+        to,
+        only_from: None,
+        reason: None,
     };
-    if target_version == 0 || target_version >= current.version {
-        return Err(ApiError::BadRequest(format!(
-            "v{target_version} is not an earlier release of {app:?} (current is v{})",
-            current.version
-        )));
-    }
-    let target = state.releases.release(&app, target_version).await?;
-    let release = state
-        .releases
-        .commit(&app, &caller.name, |_| {
-            Ok(Draft {
-                bundle: target.bundle.clone(),
-                manifest: target.manifest.clone(),
-                config: target.config.clone(),
-                cause: ReleaseCause::Rollback { to: target.version },
-                description: format!("rollback to v{}", target.version),
-            })
-        })
-        .await?;
+    let release = crate::rollback::commit(&state.releases, &caller.name, request).await?;
     state.notifier.release_committed(&release);
     Ok((StatusCode::CREATED, Json(release)))
 }

@@ -10,6 +10,8 @@ pub mod http;
 pub mod metrics;
 pub mod notify;
 pub mod releases;
+pub mod retention;
+pub mod rollback;
 pub mod storage;
 pub mod upload;
 
@@ -83,6 +85,7 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
             "limits.max_bundle_bytes and limits.max_concurrent_uploads must be above 0".into(),
         );
     }
+    problems.extend(config.retention.problems());
     let beacon = config.beacon.as_ref().and_then(|b| {
         let resolved = (|| {
             let (server_name, tls) =
@@ -194,16 +197,29 @@ pub async fn run_with(
         ));
     }
     let beacon_addr = checked.beacon.as_ref().map(|b| b.addr.clone());
+    let releases = releases::Releases::new(storage.clone(), metrics.clone());
     let notifier = match checked.beacon {
-        Some(settings) => Notifier::start(settings, metrics.clone(), &tracker, shutdown.clone()),
+        Some(settings) => Notifier::start(
+            settings,
+            releases.clone(),
+            metrics.clone(),
+            &tracker,
+            shutdown.clone(),
+        ),
         None => {
             tracing::info!("no beacon configured; releases are picked up when beacon reconciles");
             Notifier::disabled(metrics.clone())
         }
     };
     let storage_name = storage.describe();
+    retention::start(
+        releases.clone(),
+        &config.retention,
+        &tracker,
+        shutdown.clone(),
+    );
     let state = http::AppState {
-        releases: releases::Releases::new(storage, metrics.clone()),
+        releases,
         tokens: checked.tokens.clone(),
         metrics: metrics.clone(),
         notifier,

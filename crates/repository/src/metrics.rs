@@ -1,5 +1,5 @@
-//! Counters exposed at `/metrics` in the Prometheus text format. Plain atomics: the set is
-//! small and fixed, so a metrics library would add more than it saves.
+//! Counters and gauges exposed at `/metrics` in the Prometheus text format. Plain atomics: the
+//! set is small and fixed, so a metrics library would add more than it saves.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +13,19 @@ impl Counter {
     }
     pub fn add(&self, n: u64) {
         self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down, such as what is stored now.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn set(&self, n: u64) {
+        self.0.store(n, Ordering::Relaxed);
     }
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -33,11 +46,19 @@ pub struct Metrics {
     pub storage_errors: Counter,
     pub notifications_sent: Counter,
     pub notifications_dropped: Counter,
+    pub retention_sweeps: Counter,
+    pub releases_collected: Counter,
+    pub bundles_collected: Counter,
+    pub bundle_bytes_collected: Counter,
+    /// Bundles stored, as of the last sweep that listed them.
+    pub bundles: Gauge,
+    /// Bytes of bundles stored, as of the last sweep that listed them.
+    pub bundle_bytes: Gauge,
 }
 
 impl Metrics {
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &Counter); 12] = [
+        let rows: [(&str, &str, &Counter); 16] = [
             (
                 "apprepo_uploads_accepted_total",
                 "Uploads that became releases.",
@@ -98,6 +119,38 @@ impl Metrics {
                 "Release notices dropped while Beacon was away (it reconciles).",
                 &self.notifications_dropped,
             ),
+            (
+                "apprepo_retention_sweeps_total",
+                "Retention sweeps run (failed ones included).",
+                &self.retention_sweeps,
+            ),
+            (
+                "apprepo_releases_collected_total",
+                "Release records deleted by retention.",
+                &self.releases_collected,
+            ),
+            (
+                "apprepo_bundles_collected_total",
+                "Bundles deleted because no release pointed to them.",
+                &self.bundles_collected,
+            ),
+            (
+                "apprepo_bundle_bytes_collected_total",
+                "Bytes of the bundles deleted by retention.",
+                &self.bundle_bytes_collected,
+            ),
+        ];
+        let gauges: [(&str, &str, &Gauge); 2] = [
+            (
+                "apprepo_bundles",
+                "Bundles stored, as of the last retention sweep.",
+                &self.bundles,
+            ),
+            (
+                "apprepo_bundle_bytes",
+                "Bytes of bundles stored, as of the last retention sweep.",
+                &self.bundle_bytes,
+            ),
         ];
         let mut out = String::new();
         for (name, help, counter) in rows {
@@ -105,6 +158,13 @@ impl Metrics {
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
                 counter.get()
+            );
+        }
+        for (name, help, gauge) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                gauge.get()
             );
         }
         out

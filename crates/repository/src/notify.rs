@@ -1,6 +1,9 @@
 //! Tells Beacon about committed releases over the TLS control link. Never blocks or fails an
 //! upload: notices go through a bounded queue, and when it is full or Beacon is away they are
 //! dropped, because Beacon re-reads the desired state from storage when it reconciles.
+//!
+//! The link also carries Beacon's automatic rollbacks (a release over its error budget):
+//! each is committed here, once, and announced like any release.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -11,7 +14,7 @@ use px_proto::api::Release;
 use px_proto::codec::FrameCodec;
 use px_proto::link::{
     FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, HEARTBEAT_INTERVAL, Hello, PROTOCOL_VERSION,
-    PeerRole, ReleaseCommitted, ToBeacon,
+    PeerRole, ReleaseCommitted, RollbackOrder, ToBeacon,
 };
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -19,13 +22,18 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::releases::Releases;
+use crate::rollback::{self, RollbackRequest};
 
 /// Notices waiting for the link; a burst of deploys larger than this drops the oldest news,
 /// which reconciliation repairs.
 pub const NOTIFY_QUEUE: usize = 1024;
 /// Notices kept across a reconnect.
 pub const PENDING_MAX: usize = 256;
+/// Who commits Beacon's automatic rollbacks, as the release's `created_by`.
+pub const ROLLBACK_AUTHOR: &str = "beacon";
 /// Reconnect backoff bounds; each failure doubles the wait, with ±50% jitter so many
 /// repositories do not reconnect in step.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -56,16 +64,24 @@ impl Notifier {
     /// Starts the link task on `tracker`; it stops when `shutdown` is cancelled.
     pub fn start(
         settings: LinkSettings,
+        releases: Releases,
         metrics: Arc<Metrics>,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
         let (tx, rx) = mpsc::channel(NOTIFY_QUEUE);
-        tracker.spawn(link_task(settings, rx, metrics.clone(), shutdown));
-        Self {
+        let notifier = Self {
             tx: Some(tx),
-            metrics,
-        }
+            metrics: metrics.clone(),
+        };
+        let rollbacks = Rollbacks {
+            releases,
+            notifier: notifier.clone(),
+            tracker: tracker.clone(),
+            in_progress: Arc::default(),
+        };
+        tracker.spawn(link_task(settings, rx, rollbacks, metrics, shutdown));
+        notifier
     }
 
     /// Queues a notice without waiting.
@@ -79,6 +95,52 @@ impl Notifier {
         if tx.try_send(notice).is_err() {
             self.metrics.notifications_dropped.inc();
         }
+    }
+}
+
+/// Carries out Beacon's rollback orders, each in a task of its own so the link never waits on
+/// storage, and one at a time per app.
+#[derive(Clone)]
+struct Rollbacks {
+    releases: Releases,
+    notifier: Notifier,
+    tracker: TaskTracker,
+    /// Apps with an order being committed; a repeat of the order meanwhile is ignored.
+    in_progress: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+}
+
+impl Rollbacks {
+    fn carry_out(&self, order: RollbackOrder) {
+        let fresh = self
+            .in_progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(order.app.clone());
+        if !fresh {
+            return;
+        }
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            let request = RollbackRequest {
+                app: &order.app,
+                to: order.to,
+                only_from: Some(order.from),
+                reason: Some(&order.reason),
+            };
+            match rollback::commit(&this.releases, ROLLBACK_AUTHOR, request).await {
+                Ok(release) => {
+                    tracing::warn!(app = %order.app, from = order.from, version = release.version, reason = %order.reason, "automatic rollback committed");
+                    this.notifier.release_committed(&release);
+                }
+                // Already rolled back, or a newer deploy: nothing to do.
+                Err(ApiError::Conflict(why)) => tracing::info!(app = %order.app, %why, "rollback order not needed"),
+                Err(e) => tracing::error!(app = %order.app, from = order.from, error = %e, "cannot carry out a rollback order; beacon sends it again"),
+            }
+            this.in_progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&order.app);
+        });
     }
 }
 
@@ -133,6 +195,7 @@ fn backoff(failures: u32) -> Duration {
 async fn link_task(
     settings: LinkSettings,
     mut rx: mpsc::Receiver<ReleaseCommitted>,
+    rollbacks: Rollbacks,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -198,6 +261,7 @@ async fn link_task(
                 _ = &mut silence => break 'link "beacon silent past the heartbeat deadline".to_string(),
                 frame = link.next() => match frame.inspect(|_| silence.as_mut().reset(tokio::time::Instant::now() + HEARTBEAT_DEADLINE)) {
                     Some(Ok(FromBeacon::Heartbeat)) => {}
+                    Some(Ok(FromBeacon::Rollback(order))) => rollbacks.carry_out(order),
                     Some(Ok(other)) => tracing::debug!(?other, "unexpected frame from beacon"),
                     Some(Err(e)) => break 'link e.to_string(),
                     None => break 'link "beacon closed the link".to_string(),

@@ -6,8 +6,14 @@
 //! that readers probe forward from, so a crash between the two steps, or a lost race on the
 //! pointer, loses nothing; two concurrent commits that pick the same number see one of them
 //! refused, and the loser retries with the next number.
+//!
+//! Retention (`retention.rs`) deletes old records but never the newest one, nor the one the
+//! pointer names or any above it, so the forward probe from the pointer always finds the
+//! current release. While it collects bundles, commits check that their bundle is still stored
+//! and announce it to the collection (see [`Collection`]), so a bundle is never deleted under a
+//! release being committed to it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -18,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::storage::{Storage, StorageError};
+use crate::storage::{Storage, StorageError, bundle_key};
 
 /// Attempts at taking a release number before giving up; each failure means another commit
 /// to the same app succeeded, so reaching this takes dozens of simultaneous deploys.
@@ -66,6 +72,54 @@ pub struct Releases {
     /// sharing a bucket still rely on those (atomic on AWS S3); some S3-compatible servers
     /// check then write, and this lock keeps a single repository correct on them too.
     commit_locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// Commits hold it shared from checking that their bundle is stored until their record is
+    /// created; a collection holds it exclusively while it deletes one bundle.
+    collection_lock: Arc<tokio::sync::RwLock<()>>,
+    /// Digests of bundles committed since the running collection began (`None`: none runs).
+    /// Bounded by the commits of one sweep.
+    committed_during_collection: Arc<std::sync::Mutex<Option<HashSet<String>>>>,
+    /// One collection at a time: a second would reset the first one's set.
+    collections: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A bundle collection in progress, from before it lists the release records until it has
+/// deleted what it found unreferenced. A commit that creates its record after that listing
+/// began has its bundle noted here, and [`Collection::delete_bundle`] spares it; a commit that
+/// comes after a deletion finds its bundle gone and is refused instead of pointing at nothing.
+pub(crate) struct Collection<'a> {
+    releases: &'a Releases,
+    _one_at_a_time: tokio::sync::MutexGuard<'a, ()>,
+}
+
+impl Collection<'_> {
+    /// Deletes the bundle unless a release was committed to it since the collection began;
+    /// returns whether it was deleted.
+    pub(crate) async fn delete_bundle(&self, sha256: &str) -> Result<bool, StorageError> {
+        let _exclusive = self.releases.collection_lock.write().await;
+        let committed = self
+            .releases
+            .committed_during_collection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .is_some_and(|set| set.contains(sha256));
+        if committed {
+            return Ok(false);
+        }
+        self.releases
+            .count_storage_error(self.releases.storage.delete(&bundle_key(sha256)).await)?;
+        Ok(true)
+    }
+}
+
+impl Drop for Collection<'_> {
+    fn drop(&mut self) {
+        *self
+            .releases
+            .committed_during_collection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+    }
 }
 
 fn corrupt(key: &str, e: serde_json::Error) -> ApiError {
@@ -78,6 +132,30 @@ impl Releases {
             storage,
             metrics,
             commit_locks: Arc::default(),
+            collection_lock: Arc::default(),
+            committed_during_collection: Arc::default(),
+            collections: Arc::default(),
+        }
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Begins a bundle collection; call it before listing the release records. Waits for a
+    /// running one to finish.
+    pub(crate) async fn begin_collection(&self) -> Collection<'_> {
+        let one_at_a_time = self.collections.lock().await;
+        // Exclusive, so every commit either created its record before this (and the listing
+        // that follows sees it) or notes its bundle in the set.
+        let _exclusive = self.collection_lock.write().await;
+        *self
+            .committed_during_collection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(HashSet::new());
+        Collection {
+            releases: self,
+            _one_at_a_time: one_at_a_time,
         }
     }
 
@@ -132,7 +210,44 @@ impl Releases {
         Ok((record, stored.version))
     }
 
-    async fn release_at(&self, app: &str, version: u64) -> Result<Option<Release>, ApiError> {
+    /// The pointer's `latest` (a lower bound on the current release), or `None` when the app
+    /// has no `app.json` (never created, or its creation did not finish).
+    pub(crate) async fn pointer(&self, app: &str) -> Result<Option<u64>, ApiError> {
+        match self.record(app).await {
+            Ok((record, _)) => Ok(Some(record.latest)),
+            Err(ApiError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Names under `apps/`: every app, and directories of apps whose creation did not finish.
+    pub(crate) async fn app_names(&self) -> Result<Vec<String>, ApiError> {
+        Ok(self.count_storage_error(self.storage.list("apps/").await)?)
+    }
+
+    /// Numbers of the release records stored for `app`, oldest first.
+    pub(crate) async fn versions(&self, app: &str) -> Result<Vec<u64>, ApiError> {
+        let names =
+            self.count_storage_error(self.storage.list(&format!("apps/{app}/releases/")).await)?;
+        let mut versions: Vec<u64> = names
+            .iter()
+            .filter_map(|n| n.strip_suffix(".json")?.parse().ok())
+            .collect();
+        versions.sort_unstable();
+        Ok(versions)
+    }
+
+    /// Deletes one release record; only retention calls this, and never for a record the
+    /// forward probe needs.
+    pub(crate) async fn delete_release(&self, app: &str, version: u64) -> Result<(), ApiError> {
+        Ok(self.count_storage_error(self.storage.delete(&release_key(app, version)).await)?)
+    }
+
+    pub(crate) async fn release_at(
+        &self,
+        app: &str,
+        version: u64,
+    ) -> Result<Option<Release>, ApiError> {
         let key = release_key(app, version);
         match self.count_storage_error(self.storage.read(&key).await)? {
             Some(stored) => Ok(Some(
@@ -143,7 +258,11 @@ impl Releases {
     }
 
     /// The newest committed release, probing forward from the pointer.
-    async fn newest(&self, app: &str, mut version: u64) -> Result<Option<Release>, ApiError> {
+    pub(crate) async fn newest(
+        &self,
+        app: &str,
+        mut version: u64,
+    ) -> Result<Option<Release>, ApiError> {
         let mut newest = if version == 0 {
             None
         } else {
@@ -196,18 +315,14 @@ impl Releases {
             .ok_or_else(|| ApiError::NotFound(format!("app {app:?} has no release v{version}")))
     }
 
-    /// Releases, newest first, at most [`MAX_LISTED_RELEASES`].
+    /// Releases, newest first, at most [`MAX_LISTED_RELEASES`]: those stored, so the ones
+    /// retention collected are simply absent.
     pub async fn list(&self, app: &str) -> Result<Vec<Release>, ApiError> {
         self.record(app).await?;
-        let names =
-            self.count_storage_error(self.storage.list(&format!("apps/{app}/releases/")).await)?;
-        let mut versions: Vec<u64> = names
-            .iter()
-            .filter_map(|n| n.strip_suffix(".json")?.parse().ok())
-            .collect();
-        versions.sort_unstable_by(|a, b| b.cmp(a));
+        let versions = self.versions(app).await?;
         let mut releases = Vec::new();
-        for version in versions.into_iter().take(MAX_LISTED_RELEASES) {
+        for version in versions.into_iter().rev().take(MAX_LISTED_RELEASES) {
+            // Gone between the listing and the read: collected by retention just now.
             if let Some(release) = self.release_at(app, version).await? {
                 releases.push(release);
             }
@@ -246,11 +361,31 @@ impl Releases {
             };
             let bytes = serde_json::to_vec_pretty(&release)
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
-            match self.count_storage_error(
+            let shared = self.collection_lock.read().await;
+            // An upload that found its bundle already stored skipped storing it, and the bundle
+            // may be old and unreferenced: make sure a collection has not just deleted it, and
+            // tell a running one that it is referenced now.
+            if !self.count_storage_error(self.storage.has_bundle(&release.bundle.sha256).await)? {
+                return Err(ApiError::Conflict(format!(
+                    "bundle {} is no longer stored (retention collects bundles no release points to); upload it again",
+                    release.bundle.sha256
+                )));
+            }
+            if let Some(set) = self
+                .committed_during_collection
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .as_mut()
+            {
+                set.insert(release.bundle.sha256.clone());
+            }
+            let created = self.count_storage_error(
                 self.storage
                     .create(&release_key(app, number), bytes.into())
                     .await,
-            ) {
+            );
+            drop(shared);
+            match created {
                 Ok(()) => {}
                 Err(StorageError::AlreadyExists(_)) => {
                     self.metrics.commit_conflicts.inc();

@@ -33,6 +33,57 @@ async fn digest_mismatch_stores_nothing() {
 }
 
 #[tokio::test]
+async fn retention_keeps_what_the_policy_says() {
+    let repo = Repo::start_with(common::no_periodic_retention).await;
+    suite::retention_keeps_what_the_policy_says(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn retention_never_breaks_the_pointer_probe() {
+    let repo = Repo::start_with(common::no_periodic_retention).await;
+    suite::retention_never_breaks_the_pointer_probe(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn unreferenced_bundles_are_collected_after_the_grace() {
+    let repo = Repo::start_with(common::no_periodic_retention).await;
+    suite::unreferenced_bundles_are_collected_after_the_grace(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn bundles_stay_when_a_release_record_cannot_be_read() {
+    let repo = Repo::start_with(common::no_periodic_retention).await;
+    suite::bundles_stay_when_a_release_record_cannot_be_read(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn commits_refuse_a_bundle_that_is_gone() {
+    let repo = Repo::start_with(common::no_periodic_retention).await;
+    suite::commits_refuse_a_bundle_that_is_gone(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn periodic_sweeps_report_in_metrics() {
+    let repo = Repo::start_with(suite::frequent_retention).await;
+    suite::periodic_sweeps_report_in_metrics(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn retention_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut config, _, _) = common::test_config(dir.path());
+    config.retention.keep_releases = 1;
+    let err = px_repository::check(&config).err().unwrap();
+    assert!(err.to_string().contains("retention.keep_releases"), "{err}");
+}
+
+#[tokio::test]
 async fn identical_bundles_are_stored_once() {
     let repo = Repo::start_fs().await;
     repo.create_app("hello").await;

@@ -39,6 +39,78 @@ async fn digest_mismatch_on_s3_stores_nothing() {
     repo.stop().await;
 }
 
+#[tokio::test]
+async fn retention_on_s3_keeps_what_the_policy_says() {
+    let Some(s3) = server() else { return };
+    let repo = Repo::start_with(|c| {
+        common::use_s3(c, &s3);
+        common::no_periodic_retention(c);
+    })
+    .await;
+    suite::retention_keeps_what_the_policy_says(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn retention_on_s3_never_breaks_the_pointer_probe() {
+    let Some(s3) = server() else { return };
+    let repo = Repo::start_with(|c| {
+        common::use_s3(c, &s3);
+        common::no_periodic_retention(c);
+    })
+    .await;
+    suite::retention_never_breaks_the_pointer_probe(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn unreferenced_bundles_on_s3_are_collected_after_the_grace() {
+    let Some(s3) = server() else { return };
+    let repo = Repo::start_with(|c| {
+        common::use_s3(c, &s3);
+        common::no_periodic_retention(c);
+    })
+    .await;
+    suite::unreferenced_bundles_are_collected_after_the_grace(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn bundles_on_s3_stay_when_a_release_record_cannot_be_read() {
+    let Some(s3) = server() else { return };
+    let repo = Repo::start_with(|c| {
+        common::use_s3(c, &s3);
+        common::no_periodic_retention(c);
+    })
+    .await;
+    suite::bundles_stay_when_a_release_record_cannot_be_read(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn commits_on_s3_refuse_a_bundle_that_is_gone() {
+    let Some(s3) = server() else { return };
+    let repo = Repo::start_with(|c| {
+        common::use_s3(c, &s3);
+        common::no_periodic_retention(c);
+    })
+    .await;
+    suite::commits_refuse_a_bundle_that_is_gone(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn periodic_sweeps_on_s3_report_in_metrics() {
+    let Some(s3) = server() else { return };
+    let repo = Repo::start_with(|c| {
+        common::use_s3(c, &s3);
+        suite::frequent_retention(c);
+    })
+    .await;
+    suite::periodic_sweeps_report_in_metrics(&repo).await;
+    repo.stop().await;
+}
+
 /// Runs the AWS CLI against the test server.
 fn aws(s3: &S3Server, args: &[&str]) -> std::process::Output {
     Command::new("aws")
@@ -224,4 +296,63 @@ async fn s3_conditional_writes_refuse_taken_keys_and_stale_versions() {
         vec!["1.json"]
     );
     assert!(storage.read("apps/y/app.json").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn s3_lists_bundles_with_their_times_and_deletes_idempotently() {
+    use px_repository::storage::{Storage, bundle_key, s3::S3Storage};
+    let Some(s3) = server() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::test_config(dir.path()).0;
+    common::use_s3(&mut config, &s3);
+    let s3_config = config.storage.s3.clone().unwrap();
+    let storage = S3Storage::connect(&s3_config, Some(S3_SECRET_KEY.into()))
+        .await
+        .unwrap();
+    assert!(storage.list_bundles().await.unwrap().is_empty());
+    let bundle = sample_bundle("hello", "listed");
+    let digest = sha256_hex(&bundle);
+    let spool = dir.path().join("spooled");
+    std::fs::write(&spool, &bundle).unwrap();
+    // S3 keeps whole seconds: allow for the rounding.
+    let before = std::time::SystemTime::now() - std::time::Duration::from_secs(5);
+    storage
+        .put_bundle(&digest, &spool, bundle.len() as u64)
+        .await
+        .unwrap();
+    // Under the bundle prefix but not a digest: never listed, so never collected.
+    let out = aws(
+        &s3,
+        &[
+            "s3",
+            "cp",
+            spool.to_str().unwrap(),
+            &format!("s3://{BUCKET}/bundles/sha256/notes.txt"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = storage.list_bundles().await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        (listed[0].sha256.as_str(), listed[0].size),
+        (digest.as_str(), bundle.len() as u64)
+    );
+    assert!(listed[0].modified >= before, "{listed:?}");
+    storage.delete(&bundle_key(&digest)).await.unwrap();
+    storage.delete(&bundle_key(&digest)).await.unwrap();
+    assert!(!storage.has_bundle(&digest).await.unwrap());
+    assert!(storage.list_bundles().await.unwrap().is_empty());
+    let out = aws(
+        &s3,
+        &["s3", "ls", &format!("s3://{BUCKET}/bundles/sha256/")],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("notes.txt"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

@@ -318,6 +318,7 @@ pub fn maestro_hello(name: &str, token: &str, generation: u64) -> Hello {
         state: Some(NodeReport {
             generation,
             instances: Vec::new(),
+            rollouts: Vec::new(),
         }),
     }
 }

@@ -295,6 +295,7 @@ async fn forward(
         let failure = match tokio::time::timeout_at(deadline, proxy.client.request(upstream)).await
         {
             Ok(Ok(response)) => {
+                backend.stats.record(response.status().as_u16());
                 return answer(exchange, app, response, client_upgrade, guard, addr);
             }
             Err(_) => {
@@ -323,6 +324,7 @@ async fn forward(
             }
         };
         let response = page(failure, exchange.host, app, exchange.request_id());
+        backend.stats.record(response.status().as_u16());
         return exchange.finish(response, app, Some(addr), None);
     }
 }

@@ -1,6 +1,7 @@
 //! The filesystem backend: every write goes to a temporary file that is fsynced and then
 //! renamed (or hard-linked, for create-only writes) into place, and the directory is fsynced,
-//! so a crash leaves either the old or the new object, never a torn one.
+//! so a crash leaves either the old or the new object, never a torn one. Deletes fsync the
+//! directory too, so a collected object does not reappear after a crash.
 
 use std::path::{Path, PathBuf};
 
@@ -10,7 +11,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use tokio_util::io::ReaderStream;
 
-use super::{Result, Storage, StorageError, StoredBundle, Versioned, bundle_key};
+use super::{
+    BUNDLES_PREFIX, BundleEntry, Result, Storage, StorageError, StoredBundle, Versioned,
+    bundle_key, is_digest,
+};
 
 /// Directory under the root for temporary files; emptied at start-up.
 const TMP_DIR: &str = ".tmp";
@@ -229,6 +233,56 @@ impl Storage for FsStorage {
         names.sort();
         Ok(names)
     }
+
+    async fn list_bundles(&self) -> Result<Vec<BundleEntry>> {
+        let dir = self.path(BUNDLES_PREFIX);
+        let mut entries = match tokio::fs::read_dir(&dir).await {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(failed("listing", &dir, e)),
+        };
+        let mut bundles = Vec::new();
+        while let Some(entry) = entries
+            .next_entry()
+            .await
+            .map_err(|e| failed("listing", &dir, e))?
+        {
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if !is_digest(&name) {
+                continue;
+            }
+            let metadata = match entry.metadata().await {
+                Ok(metadata) => metadata,
+                // Deleted since the directory was read (another sweep): not stored any more.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(failed("reading", &entry.path(), e)),
+            };
+            if !metadata.is_file() {
+                continue;
+            }
+            let modified = metadata
+                .modified()
+                .map_err(|e| failed("reading the mtime of", &entry.path(), e))?;
+            bundles.push(BundleEntry {
+                sha256: name,
+                modified,
+                size: metadata.len(),
+            });
+        }
+        bundles.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+        Ok(bundles)
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => sync_dir(&path).await,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(failed("deleting", &path, e)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -275,6 +329,29 @@ mod tests {
             std::fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(),
             0
         );
+    }
+
+    #[tokio::test]
+    async fn bundles_are_listed_with_their_mtime_and_deleted_idempotently() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = FsStorage::open(dir.path()).await.unwrap();
+        assert!(storage.list_bundles().await.unwrap().is_empty());
+        let digest = "ab".repeat(32);
+        let spool = dir.path().join("spooled");
+        std::fs::write(&spool, b"bundle bytes").unwrap();
+        let before = std::time::SystemTime::now() - std::time::Duration::from_secs(5);
+        storage.put_bundle(&digest, &spool, 12).await.unwrap();
+        // Not a digest: never listed, so never collected.
+        std::fs::write(dir.path().join(BUNDLES_PREFIX).join("notes.txt"), b"x").unwrap();
+        let listed = storage.list_bundles().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].sha256.as_str(), listed[0].size), (&*digest, 12));
+        assert!(listed[0].modified >= before);
+        storage.delete(&bundle_key(&digest)).await.unwrap();
+        storage.delete(&bundle_key(&digest)).await.unwrap();
+        assert!(!storage.has_bundle(&digest).await.unwrap());
+        assert!(storage.list_bundles().await.unwrap().is_empty());
+        assert!(dir.path().join(BUNDLES_PREFIX).join("notes.txt").exists());
     }
 
     #[tokio::test]

@@ -1,10 +1,12 @@
 //! Storage of bundles and release records behind one trait, with a local filesystem backend and
 //! an S3 backend. Keys are the same on both (DESIGN.md §3.4):
 //! `bundles/sha256/<digest>` (immutable), `apps/<app>/releases/<n>.json` (immutable, created only
-//! if absent), `apps/<app>/app.json` (replaced by compare-and-swap).
+//! if absent), `apps/<app>/app.json` (replaced by compare-and-swap). Only retention
+//! (`retention.rs`) deletes: old release records and bundles no release points to.
 
 use std::path::Path;
 use std::pin::Pin;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -48,6 +50,15 @@ pub enum StorageError {
 
 pub type Result<T> = std::result::Result<T, StorageError>;
 
+/// A stored bundle as listed for garbage collection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleEntry {
+    pub sha256: String,
+    /// When the object was written: the file's mtime on disk, `LastModified` in S3.
+    pub modified: SystemTime,
+    pub size: u64,
+}
+
 #[async_trait]
 pub trait Storage: Send + Sync + 'static {
     /// One line for logs: where the data lives.
@@ -70,9 +81,24 @@ pub trait Storage: Send + Sync + 'static {
     /// Names directly under `prefix` (which ends with '/'): object names and sub-"directories"
     /// (without the trailing '/'), sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Every stored bundle with its modification time and size, sorted by digest. Objects under
+    /// `bundles/sha256/` whose name is not a digest are no bundles and are left out.
+    async fn list_bundles(&self) -> Result<Vec<BundleEntry>>;
+    /// Removes an object. Idempotent: an absent key is not an error, so a sweep that was
+    /// interrupted, or two repositories sweeping at once, can simply delete again.
+    async fn delete(&self, key: &str) -> Result<()>;
 }
 
 /// Key of a bundle.
 pub fn bundle_key(sha256: &str) -> String {
-    format!("bundles/sha256/{sha256}")
+    format!("{BUNDLES_PREFIX}{sha256}")
+}
+
+/// Where bundles live, listed whole by [`Storage::list_bundles`].
+pub const BUNDLES_PREFIX: &str = "bundles/sha256/";
+
+/// Whether a name under [`BUNDLES_PREFIX`] is a bundle's digest (and not, say, a temporary
+/// file some tool left there, which garbage collection must not touch).
+pub fn is_digest(name: &str) -> bool {
+    px_proto::names::check_sha256_hex(name).is_ok()
 }

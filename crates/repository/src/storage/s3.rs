@@ -1,9 +1,10 @@
 //! The S3 backend (aws-sdk-s3): bundles stream to and from the bucket (multipart above a
 //! threshold), release records are created with `If-None-Match: *`, and the app pointer is
 //! replaced with `If-Match: <etag>`, so concurrent repositories never lose a release.
+//! Retention lists bundles with their `LastModified` and removes objects with `DeleteObject`.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
@@ -17,7 +18,10 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 
-use super::{Result, Storage, StorageError, StoredBundle, Versioned, bundle_key};
+use super::{
+    BUNDLES_PREFIX, BundleEntry, Result, Storage, StorageError, StoredBundle, Versioned,
+    bundle_key, is_digest,
+};
 use crate::config::S3Config;
 
 /// Bundles at least this large go up in parts: a single PUT of several GiB cannot resume a
@@ -367,6 +371,57 @@ impl Storage for S3Storage {
         }
         names.sort();
         Ok(names)
+    }
+
+    async fn list_bundles(&self) -> Result<Vec<BundleEntry>> {
+        let full = self.key(BUNDLES_PREFIX);
+        let mut bundles = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.error("listing bundles", e))?;
+            for object in page.contents() {
+                let Some(sha256) = object.key().and_then(|k| k.strip_prefix(&full)) else {
+                    continue;
+                };
+                if !is_digest(sha256) {
+                    continue;
+                }
+                // Without a time the object's age is unknown: call it new, so it is kept.
+                let modified = object
+                    .last_modified()
+                    .and_then(|t| SystemTime::try_from(*t).ok())
+                    .unwrap_or_else(SystemTime::now);
+                bundles.push(BundleEntry {
+                    sha256: sha256.to_string(),
+                    modified,
+                    size: object.size().unwrap_or_default().max(0) as u64,
+                });
+            }
+        }
+        bundles.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+        Ok(bundles)
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        // S3 answers 204 for an absent key; some compatible servers answer 404 instead.
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("NoSuchKey") || status_of(&e) == Some(404) => Ok(()),
+            Err(e) => Err(self.error("deleting", e)),
+        }
     }
 }
 

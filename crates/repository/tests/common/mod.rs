@@ -3,11 +3,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use px_proto::api::{self, App, Release};
 use px_repository::auth::Role;
 use px_repository::config::{Backend, Config, S3Config, StorageConfig};
+use px_repository::metrics::Metrics;
 use px_runtime::tokens::{TokenEntry, generate, hash};
 use px_test_support::{S3_ACCESS_KEY, S3_SECRET_KEY, S3Server};
 use reqwest::StatusCode;
@@ -312,3 +314,56 @@ trait TakeBytes: std::io::Read + Sized {
 }
 impl<R: std::io::Read> TakeBytes for R {}
 pub mod suite;
+
+/// Retention off: the test runs its sweeps itself, at the moments (and `now`) it chooses.
+pub fn no_periodic_retention(config: &mut Config) {
+    config.retention.enabled = false;
+}
+
+impl Repo {
+    /// A second handle on the storage this repository uses (the same directory or bucket),
+    /// with its own metrics, for sweeping it directly.
+    pub async fn sweeper(&self) -> (px_repository::releases::Releases, Arc<Metrics>) {
+        let secret = px_repository::check(&self.config).unwrap().s3_secret;
+        let storage = px_repository::open_storage(&self.config, secret)
+            .await
+            .unwrap();
+        let metrics = Arc::new(Metrics::default());
+        (
+            px_repository::releases::Releases::new(storage, metrics.clone()),
+            metrics,
+        )
+    }
+
+    /// The status of a bundle download, and its bytes.
+    pub async fn download(&self, sha256: &str) -> (StatusCode, Vec<u8>) {
+        let r = self
+            .get(&format!("/v1/bundles/{sha256}"), &self.read_token)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.bytes().await.unwrap().to_vec())
+    }
+
+    /// `/metrics` as text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    pub async fn rollback(&self, app: &str, body: serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/apps/{app}/rollback", self.url))
+            .bearer_auth(&self.deploy_token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+}

@@ -1,7 +1,12 @@
 //! Scenarios every storage backend must pass, run by `api_fs.rs` and `api_s3.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
+use std::time::{Duration, SystemTime};
+
 use px_proto::api::{App, Release, ReleaseCause};
+use px_repository::config::{Config, RetentionConfig};
+use px_repository::retention::{Policy, sweep};
+use px_repository::storage::bundle_key;
 use reqwest::StatusCode;
 use reqwest::header::{ETAG, IF_NONE_MATCH};
 
@@ -268,4 +273,361 @@ pub async fn digest_mismatch_stores_nothing(repo: &Repo) {
         "the bundle must not be stored"
     );
     repo.assert_spool_empties().await;
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+fn policy(keep_releases: usize, keep_for: Duration, bundle_grace: Duration) -> Policy {
+    Policy {
+        keep_releases,
+        keep_for,
+        bundle_grace,
+    }
+}
+
+/// Release numbers as the API lists them, newest first.
+async fn versions(repo: &Repo, app: &str) -> Vec<u64> {
+    repo.releases(app).await.iter().map(|r| r.version).collect()
+}
+
+async fn current_version(repo: &Repo, app: &str) -> u64 {
+    let r = repo
+        .get(
+            &format!("/v1/apps/{app}/releases/current"),
+            &repo.read_token,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    r.json::<Release>().await.unwrap().version
+}
+
+/// The value of one metric in `/metrics` text.
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Release records go by the policy: outside the newest `keep_releases` *and* older than
+/// `keep_for`; the current release, the one before it and its rollback target always stay.
+pub async fn retention_keeps_what_the_policy_says(repo: &Repo) {
+    repo.create_app("keep").await;
+    for i in 1..=8 {
+        repo.deploy("keep", &sample_bundle("keep", &format!("v{i}")))
+            .await;
+    }
+    let (sweeper, _) = repo.sweeper().await;
+    let now = SystemTime::now();
+
+    // Young releases are kept beyond keep_releases.
+    let report = sweep(&sweeper, &policy(2, DAY, HOUR), now).await;
+    assert_eq!(report.releases_deleted, 0, "{report:?}");
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(versions(repo, "keep").await, [8, 7, 6, 5, 4, 3, 2, 1]);
+
+    // Exactly the newest three stay, and the list shows them.
+    let report = sweep(&sweeper, &policy(3, Duration::ZERO, HOUR), now).await;
+    assert_eq!(report.releases_deleted, 5, "{report:?}");
+    assert_eq!(versions(repo, "keep").await, [8, 7, 6]);
+    let r = repo
+        .get("/v1/apps/keep/releases/5", &repo.read_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // A rollback's target stays beside the current and previous releases.
+    let r = repo.rollback("keep", serde_json::json!({"to": 6})).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let v9: Release = r.json().await.unwrap();
+    assert_eq!(
+        (v9.version, v9.cause),
+        (9, ReleaseCause::Rollback { to: 6 })
+    );
+    let report = sweep(&sweeper, &policy(2, Duration::ZERO, HOUR), now).await;
+    assert_eq!(report.releases_deleted, 1, "{report:?}");
+    assert_eq!(versions(repo, "keep").await, [9, 8, 6]);
+    let report = sweep(&sweeper, &policy(2, Duration::ZERO, HOUR), now).await;
+    assert_eq!(
+        report.releases_deleted, 0,
+        "a second sweep finds nothing more"
+    );
+
+    // Once a deploy follows, the old target is just old; keep_releases = 2 still keeps the
+    // current release and the one before it.
+    let v10 = repo.deploy("keep", &sample_bundle("keep", "v10")).await;
+    assert_eq!(v10.version, 10);
+    let report = sweep(&sweeper, &policy(2, Duration::ZERO, HOUR), now).await;
+    assert_eq!(report.releases_deleted, 2, "{report:?}");
+    assert_eq!(versions(repo, "keep").await, [10, 9]);
+    assert_eq!(current_version(repo, "keep").await, 10);
+    // A rollback without a target still finds the previous release.
+    let r = repo.rollback("keep", serde_json::json!({})).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let v11: Release = r.json().await.unwrap();
+    assert_eq!(v11.cause, ReleaseCause::Rollback { to: 9 });
+}
+
+/// The pointer in `app.json` is a lower bound readers probe forward from: the record it names
+/// and those above it stay, even outside the newest `keep_releases`.
+pub async fn retention_never_breaks_the_pointer_probe(repo: &Repo) {
+    repo.create_app("probe").await;
+    let mut last = None;
+    for i in 1..=3 {
+        last = Some(
+            repo.deploy("probe", &sample_bundle("probe", &format!("v{i}")))
+                .await,
+        );
+    }
+    let v3 = last.unwrap();
+    let (sweeper, _) = repo.sweeper().await;
+    // Records 4 to 6 as commits leave them when they crash before advancing the pointer.
+    for version in 4..=6 {
+        let record = Release {
+            version,
+            ..v3.clone()
+        };
+        sweeper
+            .storage()
+            .create(
+                &format!("apps/probe/releases/{version}.json"),
+                serde_json::to_vec(&record).unwrap().into(),
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(current_version(repo, "probe").await, 6);
+    let report = sweep(
+        &sweeper,
+        &policy(2, Duration::ZERO, HOUR),
+        SystemTime::now(),
+    )
+    .await;
+    assert_eq!(report.releases_deleted, 2, "{report:?}");
+    assert_eq!(versions(repo, "probe").await, [6, 5, 4, 3]);
+    assert_eq!(current_version(repo, "probe").await, 6);
+    let v7 = repo.deploy("probe", &sample_bundle("probe", "v7")).await;
+    assert_eq!(v7.version, 7);
+}
+
+/// Bundles: kept while a release points to them or while younger than the grace (an upload
+/// stores its bundle before committing), collected otherwise; the app stays deployable,
+/// readable and can roll back to a kept release; the metrics count it all.
+pub async fn unreferenced_bundles_are_collected_after_the_grace(repo: &Repo) {
+    repo.create_app("gc").await;
+    let [a, b, c, d, e] = ["a", "b", "c", "d", "e"].map(|x| sample_bundle("gc", x));
+    for bundle in [&a, &b, &a, &c, &d] {
+        repo.deploy("gc", bundle).await;
+    }
+    let (sweeper, metrics) = repo.sweeper().await;
+    // `e` as an upload leaves it between storing the bundle and committing its release.
+    let spool = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(spool.path(), &e).unwrap();
+    sweeper
+        .storage()
+        .put_bundle(&sha256_hex(&e), spool.path(), e.len() as u64)
+        .await
+        .unwrap();
+
+    let start = SystemTime::now();
+    let report = sweep(&sweeper, &policy(2, Duration::ZERO, HOUR), start).await;
+    assert!(
+        report.bundles_swept && report.errors.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(
+        (
+            report.releases_deleted,
+            report.bundles_deleted,
+            report.bundles_kept
+        ),
+        (3, 0, 5),
+        "young bundles stay, referenced or not"
+    );
+    for bundle in [&a, &b, &e] {
+        assert_eq!(repo.download(&sha256_hex(bundle)).await.0, StatusCode::OK);
+    }
+    // The upload of `e` commits, finding its bundle stored.
+    let v6 = repo.deploy("gc", &e).await;
+    assert_eq!(v6.version, 6);
+
+    // Two hours on: v4 goes (outside the newest two), and with it the last reference to `c`.
+    let report = sweep(&sweeper, &policy(2, Duration::ZERO, HOUR), start + 2 * HOUR).await;
+    assert!(
+        report.bundles_swept && report.errors.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(report.releases_deleted, 1, "{report:?}");
+    assert_eq!(report.bundles_deleted, 3, "{report:?}");
+    let freed = (a.len() + b.len() + c.len()) as u64;
+    let kept = (d.len() + e.len()) as u64;
+    assert_eq!(report.bytes_freed, freed);
+    assert_eq!((report.bundles_kept, report.bytes_kept), (2, kept));
+    for bundle in [&a, &b, &c] {
+        assert_eq!(
+            repo.download(&sha256_hex(bundle)).await.0,
+            StatusCode::NOT_FOUND
+        );
+    }
+    for bundle in [&d, &e] {
+        assert_eq!(
+            repo.download(&sha256_hex(bundle)).await,
+            (StatusCode::OK, bundle.clone())
+        );
+    }
+
+    // A collected bundle is stored anew when deployed again; a kept release rolls back.
+    let v7 = repo.deploy("gc", &a).await;
+    assert_eq!(v7.version, 7);
+    assert_eq!(
+        repo.download(&sha256_hex(&a)).await,
+        (StatusCode::OK, a.clone())
+    );
+    let r = repo.rollback("gc", serde_json::json!({"to": 5})).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let v8: Release = r.json().await.unwrap();
+    assert_eq!(
+        (v8.version, v8.cause, v8.bundle.sha256),
+        (8, ReleaseCause::Rollback { to: 5 }, sha256_hex(&d))
+    );
+    assert_eq!(current_version(repo, "gc").await, 8);
+    assert_eq!(versions(repo, "gc").await, [8, 7, 6, 5]);
+
+    let text = metrics.render();
+    assert_eq!(metric(&text, "apprepo_retention_sweeps_total"), 2);
+    assert_eq!(metric(&text, "apprepo_releases_collected_total"), 4);
+    assert_eq!(metric(&text, "apprepo_bundles_collected_total"), 3);
+    assert_eq!(metric(&text, "apprepo_bundle_bytes_collected_total"), freed);
+    assert_eq!(metric(&text, "apprepo_bundles"), 2);
+    assert_eq!(metric(&text, "apprepo_bundle_bytes"), kept);
+}
+
+/// A release record that cannot be read stops the bundle phase: no bundle is collected on
+/// partial knowledge, though release records of other apps still go by the policy.
+pub async fn bundles_stay_when_a_release_record_cannot_be_read(repo: &Repo) {
+    repo.create_app("whole").await;
+    let [a, b, c] = ["a", "b", "c"].map(|x| sample_bundle("whole", x));
+    for bundle in [&a, &b, &c] {
+        repo.deploy("whole", bundle).await;
+    }
+    let (sweeper, metrics) = repo.sweeper().await;
+    sweeper
+        .storage()
+        .create("apps/orphan/releases/1.json", "{ not json".into())
+        .await
+        .unwrap();
+    let later = SystemTime::now() + 2 * HOUR;
+    let report = sweep(&sweeper, &policy(2, Duration::ZERO, HOUR), later).await;
+    assert_eq!(report.releases_deleted, 1, "{report:?}");
+    assert!(!report.bundles_swept, "{report:?}");
+    assert_eq!(report.bundles_deleted, 0);
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|e| e.contains("apps/orphan/releases/1.json")),
+        "{report:?}"
+    );
+    assert_eq!(repo.download(&sha256_hex(&a)).await.0, StatusCode::OK);
+    assert_eq!(versions(repo, "whole").await, [3, 2]);
+    assert_eq!(
+        metric(&metrics.render(), "apprepo_bundles_collected_total"),
+        0
+    );
+
+    // Once the record is readable again (here: gone), the bundle phase runs.
+    sweeper
+        .storage()
+        .delete("apps/orphan/releases/1.json")
+        .await
+        .unwrap();
+    let report = sweep(&sweeper, &policy(2, Duration::ZERO, HOUR), later).await;
+    assert!(report.bundles_swept, "{report:?}");
+    assert_eq!(report.bundles_deleted, 1, "{report:?}");
+    assert_eq!(
+        repo.download(&sha256_hex(&a)).await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+/// A commit never points at a bundle that is gone: it is refused with a sentence saying to
+/// upload again, and the upload that follows stores the bundle anew.
+pub async fn commits_refuse_a_bundle_that_is_gone(repo: &Repo) {
+    repo.create_app("gone").await;
+    let a = sample_bundle("gone", "a");
+    repo.deploy("gone", &a).await;
+    repo.deploy("gone", &sample_bundle("gone", "b")).await;
+    let (sweeper, _) = repo.sweeper().await;
+    sweeper
+        .storage()
+        .delete(&bundle_key(&sha256_hex(&a)))
+        .await
+        .unwrap();
+    let r = repo.rollback("gone", serde_json::json!({"to": 1})).await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let body: px_proto::api::ErrorBody = r.json().await.unwrap();
+    assert!(body.message.contains("upload it again"), "{}", body.message);
+    assert_eq!(versions(repo, "gone").await, [2, 1]);
+    assert_eq!(repo.deploy("gone", &a).await.version, 3);
+    assert_eq!(repo.download(&sha256_hex(&a)).await, (StatusCode::OK, a));
+}
+
+/// Settings for [`periodic_sweeps_report_in_metrics`]: a sweep every second, keeping two
+/// releases of any age, and bundles for the default grace.
+pub fn frequent_retention(config: &mut Config) {
+    config.retention = RetentionConfig {
+        keep_releases: 2,
+        keep_for: Duration::ZERO,
+        interval: Duration::from_secs(1),
+        ..RetentionConfig::default()
+    };
+}
+
+/// The service sweeps on its own and reports it at `/metrics`, disk use included.
+pub async fn periodic_sweeps_report_in_metrics(repo: &Repo) {
+    repo.create_app("tick").await;
+    let bundles: Vec<Vec<u8>> = (1..=4)
+        .map(|i| sample_bundle("tick", &format!("v{i}")))
+        .collect();
+    for bundle in &bundles {
+        repo.deploy("tick", bundle).await;
+    }
+    let stored: u64 = bundles.iter().map(|b| b.len() as u64).sum();
+    // Sweeps run whenever they do; wait (boundedly) for one that saw all four deploys.
+    let mut text = String::new();
+    for _ in 0..600 {
+        text = repo.metrics().await;
+        if metric(&text, "apprepo_releases_collected_total") == 2
+            && metric(&text, "apprepo_bundles") == 4
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        metric(&text, "apprepo_releases_collected_total"),
+        2,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "apprepo_bundles"), 4, "{text}");
+    assert_eq!(metric(&text, "apprepo_bundle_bytes"), stored, "{text}");
+    assert!(
+        metric(&text, "apprepo_retention_sweeps_total") >= 1,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "apprepo_bundles_collected_total"),
+        0,
+        "{text}"
+    );
+    assert_eq!(versions(repo, "tick").await, [4, 3]);
+    // Within the grace, the bundles of the collected releases are still served.
+    for bundle in &bundles {
+        assert_eq!(repo.download(&sha256_hex(bundle)).await.0, StatusCode::OK);
+    }
 }
