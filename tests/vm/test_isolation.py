@@ -82,6 +82,7 @@ def test_an_app_over_its_memory_limit_is_oom_killed_alone(platform, tmp_path):
 
         exits = wait_until("web-1 reports the hog's OOM kill", reported_oom, SERVE_TIMEOUT_S)
         print(f"hog exit as reported: {exits}")
+        assert exits[0].get("kind") == "out_of_memory", exits
         # It is restarted, and the neighbour never noticed.
         wait_until("the hog serves again", lambda: get(web.ports[80], hog_host) == (200, "hog"), SERVE_TIMEOUT_S)
         neighbour.wait_served(len(neighbour.seen) + REQUESTS_PER_STEP)

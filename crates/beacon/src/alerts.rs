@@ -582,6 +582,7 @@ mod tests {
                 release: None,
                 message: text.to_owned(),
                 detail: None,
+                failure: None,
             },
         }
     }

@@ -52,6 +52,7 @@ pub struct EventDraft {
     pub detail: Option<String>,
     /// Overrides the kind's level (an app gives its own events theirs).
     pub level: Option<Level>,
+    pub failure: Option<px_proto::link::FailureKind>,
 }
 
 impl EventDraft {
@@ -65,6 +66,7 @@ impl EventDraft {
             message: message.into(),
             detail: None,
             level: None,
+            failure: None,
         }
     }
 }
@@ -157,6 +159,7 @@ impl EventLog {
             release: draft.release,
             message: clip(draft.message, MAX_MESSAGE_BYTES),
             detail: draft.detail.map(|d| clip(d, MAX_DETAIL_BYTES)),
+            failure: draft.failure,
         };
         inner.last_seq = event.seq;
         self.append(&mut inner, &event);

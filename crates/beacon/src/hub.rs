@@ -163,6 +163,7 @@ fn effect(
             message,
             detail: None,
             level: None,
+            failure: None,
         },
         alert: None,
     }
@@ -703,6 +704,7 @@ impl Hub {
             event.message.clone(),
         );
         e.draft.detail = event.detail.clone();
+        e.draft.failure = event.failure;
         if event.kind == NodeEventKind::AppEvent {
             let level = event.level.unwrap_or(Level::Info);
             e.draft.level = Some(level);

@@ -453,6 +453,7 @@ async fn node_events_are_recorded_and_a_failed_deploy_fails_the_rollout() {
             detail: Some("Traceback: boom".into()),
             instance: None,
             level: None,
+            failure: None,
         }))
         .await
         .unwrap();
@@ -465,6 +466,7 @@ async fn node_events_are_recorded_and_a_failed_deploy_fails_the_rollout() {
         detail: Some("ImportError".into()),
         instance: None,
         level: None,
+        failure: None,
     }))
     .await
     .unwrap();

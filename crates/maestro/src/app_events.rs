@@ -465,6 +465,7 @@ impl AppEvents {
             detail: (!fields.is_empty()).then_some(fields),
             instance: Some(channel.number),
             level: Some(level),
+            failure: None,
         });
         if forwarded.is_err() {
             return (

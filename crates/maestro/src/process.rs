@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use px_proto::link::FailureKind;
 use px_proto::manifest::{APPRUNNER_FILE, HealthCheck};
 use tokio::process::{Child, Command};
 
@@ -115,9 +116,31 @@ pub async fn stop(child: &mut Child, grace: Duration) -> Option<std::process::Ex
 #[derive(Debug, thiserror::Error)]
 pub enum StartFailure {
     #[error("exited before becoming healthy ({0})")]
-    Exited(String),
+    Exited(String, FailureKind),
+    #[error("never listened on its port {1} within {0:?}")]
+    NeverListened(Duration, u16),
     #[error("not healthy after {0:?}: {1}")]
-    TimedOut(Duration, String),
+    Unhealthy(Duration, String),
+}
+
+impl StartFailure {
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            Self::Exited(_, kind) => *kind,
+            Self::NeverListened(..) => FailureKind::NeverListened,
+            Self::Unhealthy(..) => FailureKind::HealthFailing,
+        }
+    }
+}
+
+/// How an exit status is classified.
+pub fn exit_kind(status: &std::process::ExitStatus) -> FailureKind {
+    use std::os::unix::process::ExitStatusExt;
+    if status.signal().is_some() {
+        FailureKind::Signal
+    } else {
+        FailureKind::ExitCode
+    }
 }
 
 /// Waits until the instance passes its health check (HTTP GET 2xx on `path`, or a TCP
@@ -131,29 +154,60 @@ pub async fn wait_healthy(
     let started = Instant::now();
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(StartFailure::Exited(describe_exit(&status)));
+            return Err(StartFailure::Exited(
+                describe_exit(&status),
+                exit_kind(&status),
+            ));
         }
         let last = match probe(port, check, http).await {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
         if started.elapsed() >= check.timeout {
-            return Err(StartFailure::TimedOut(check.timeout, last));
+            return Err(match last {
+                ProbeFailure::NotListening => StartFailure::NeverListened(check.timeout, port),
+                ProbeFailure::Answered(why) => StartFailure::Unhealthy(check.timeout, why),
+            });
         }
         tokio::time::sleep(HEALTH_POLL).await;
     }
 }
 
+/// Why one health probe failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeFailure {
+    /// Nothing accepted the connection.
+    NotListening,
+    /// Something listened, and answered wrong (or too slowly): what it said.
+    Answered(String),
+}
+
+impl std::fmt::Display for ProbeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotListening => f.write_str("nothing listening on its port"),
+            Self::Answered(why) => f.write_str(why),
+        }
+    }
+}
+
 /// One health probe.
-pub async fn probe(port: u16, check: &HealthCheck, http: &reqwest::Client) -> Result<(), String> {
+pub async fn probe(
+    port: u16,
+    check: &HealthCheck,
+    http: &reqwest::Client,
+) -> Result<(), ProbeFailure> {
     match &check.path {
         Some(path) => {
             let url = format!("http://127.0.0.1:{port}{path}");
             match http.get(&url).timeout(HEALTH_PROBE_TIMEOUT).send().await {
                 Ok(r) if r.status().is_success() => Ok(()),
-                Ok(r) => Err(format!("GET {path} answered {}", r.status())),
-                Err(e) if e.is_connect() => Err(format!("nothing listening on port {port}")),
-                Err(e) => Err(format!("GET {path}: {e}")),
+                Ok(r) => Err(ProbeFailure::Answered(format!(
+                    "GET {path} answered {}",
+                    r.status()
+                ))),
+                Err(e) if e.is_connect() => Err(ProbeFailure::NotListening),
+                Err(e) => Err(ProbeFailure::Answered(format!("GET {path}: {e}"))),
             }
         }
         None => match tokio::time::timeout(
@@ -163,7 +217,7 @@ pub async fn probe(port: u16, check: &HealthCheck, http: &reqwest::Client) -> Re
         .await
         {
             Ok(Ok(_)) => Ok(()),
-            _ => Err(format!("nothing listening on port {port}")),
+            _ => Err(ProbeFailure::NotListening),
         },
     }
 }

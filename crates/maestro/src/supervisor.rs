@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use px_proto::link::{
-    AppAssignment, Assignment, DeployFigures, ExitInfo, InstanceState, InstanceStatus, NodeEvent,
-    NodeEventKind, NodeReport, RolloutFigures,
+    AppAssignment, Assignment, DeployFigures, ExitInfo, FailureKind, InstanceState, InstanceStatus,
+    NodeEvent, NodeEventKind, NodeReport, RolloutFigures,
 };
 use rand::Rng;
 use sha2::{Digest, Sha256};
@@ -163,7 +163,32 @@ impl Shared {
         message: String,
         detail: Option<String>,
     ) {
-        tracing::info!(%app, release, ?kind, %message, "app event");
+        self.send_event(kind, app, release, message, detail, None);
+    }
+
+    /// An event about an instance that failed, with the failure classified.
+    fn failure_event(
+        &self,
+        kind: NodeEventKind,
+        app: &str,
+        release: u64,
+        message: String,
+        detail: Option<String>,
+        failure: FailureKind,
+    ) {
+        self.send_event(kind, app, release, message, detail, Some(failure));
+    }
+
+    fn send_event(
+        &self,
+        kind: NodeEventKind,
+        app: &str,
+        release: u64,
+        message: String,
+        detail: Option<String>,
+        failure: Option<FailureKind>,
+    ) {
+        tracing::info!(%app, release, ?kind, ?failure, %message, "app event");
         let _ = self.events.try_send(NodeEvent {
             kind,
             app: app.into(),
@@ -172,6 +197,7 @@ impl Shared {
             detail,
             instance: None,
             level: None,
+            failure,
         });
     }
 
@@ -693,7 +719,7 @@ impl AppTask {
                         self.shared
                             .logs
                             .stderr_tail(&self.app, release, FAILED_STDERR_LINES);
-                    self.shared.event(
+                    self.shared.failure_event(
                         NodeEventKind::DeployFailed,
                         &self.app,
                         release,
@@ -703,6 +729,7 @@ impl AppTask {
                             what_keeps_serving(current.as_ref())
                         ),
                         (!detail.is_empty()).then_some(detail),
+                        reason.kind,
                     );
                     self.stop_all(started).await;
                     self.failed = Some(target);
@@ -903,11 +930,11 @@ impl AppTask {
         dir: &Path,
         number: u32,
         stats: &Arc<ReleaseStats>,
-    ) -> Result<Instance, String> {
-        let port = self
-            .shared
-            .take_port()
-            .ok_or("no free port in the configured range")?;
+    ) -> Result<Instance, StartError> {
+        let port = self.shared.take_port().ok_or_else(|| StartError {
+            message: "no free port in the configured range".into(),
+            kind: FailureKind::CannotStart,
+        })?;
         let registration = self
             .shared
             .app_events
@@ -933,7 +960,10 @@ impl AppTask {
             Ok(child) => child,
             Err(e) => {
                 self.shared.give_back(port);
-                return Err(format!("cannot start: {e}"));
+                return Err(StartError {
+                    message: format!("cannot start: {e}"),
+                    kind: FailureKind::CannotStart,
+                });
             }
         };
         let pid = child.id().unwrap_or_default();
@@ -969,11 +999,17 @@ impl AppTask {
                 tokio::task::spawn_blocking(move || cgroup.remove());
             }
             if oom {
-                return Err(format!(
-                    "{failure}: it ran out of memory (the kernel's OOM killer ended it at its [limits] memory)"
-                ));
+                return Err(StartError {
+                    message: format!(
+                        "{failure}: it ran out of memory (the kernel's OOM killer ended it at its [limits] memory)"
+                    ),
+                    kind: FailureKind::OutOfMemory,
+                });
             }
-            return Err(failure.to_string());
+            return Err(StartError {
+                message: failure.to_string(),
+                kind: failure.kind(),
+            });
         }
         tracing::info!(app = %self.app, release = target.release, number, port, pid, "instance healthy");
         self.shared.event(
@@ -1087,10 +1123,20 @@ impl AppTask {
                 .map(process::describe_exit)
                 .unwrap_or_else(|| "unknown exit".into())
         };
+        let kind = if oom {
+            FailureKind::OutOfMemory
+        } else if reason.is_some() {
+            FailureKind::MissedHeartbeats
+        } else {
+            status
+                .as_ref()
+                .map_or(FailureKind::Signal, process::exit_kind)
+        };
         instance.last_exit = Some(ExitInfo {
             code: status.and_then(|s| s.code()),
             signal: status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
             oom,
+            kind: Some(kind),
             at: now_rfc3339(),
         });
         self.shared.forget_group(instance.pid);
@@ -1102,7 +1148,7 @@ impl AppTask {
             .logs
             .stderr_tail(&self.app, release, FAILED_STDERR_LINES);
         match reason {
-            Some(reason) => self.shared.event(
+            Some(reason) => self.shared.failure_event(
                 NodeEventKind::InstanceUnhealthy,
                 &self.app,
                 release,
@@ -1111,13 +1157,15 @@ impl AppTask {
                     self.app
                 ),
                 None,
+                kind,
             ),
-            None => self.shared.event(
+            None => self.shared.failure_event(
                 NodeEventKind::InstanceCrashed,
                 &self.app,
                 release,
                 format!("{} v{release} instance {number} exited ({how})", self.app),
                 (!detail.is_empty()).then_some(detail.clone()),
+                kind,
             ),
         }
         self.publish(running);
@@ -1332,6 +1380,19 @@ impl AppTask {
             self.shared.forget_group(instance.pid);
             self.shared.give_back(instance.port);
         }
+    }
+}
+
+/// Why an instance could not be started: the sentence for events, and its class.
+#[derive(Debug)]
+struct StartError {
+    message: String,
+    kind: FailureKind,
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
 }
 

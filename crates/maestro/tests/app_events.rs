@@ -20,7 +20,8 @@ use px_maestro::app_events::{
 };
 use px_proto::beacon::Level;
 use px_proto::link::{
-    AppAssignment, Assignment, FromBeacon, LogStream, NodeEvent, NodeEventKind, ToBeacon,
+    AppAssignment, Assignment, FailureKind, FromBeacon, LogStream, NodeEvent, NodeEventKind,
+    ToBeacon,
 };
 use tokio::sync::mpsc;
 
@@ -434,6 +435,7 @@ async fn an_event_posted_by_an_instance_reaches_beacon_its_log_file_and_follower
             detail: Some(rendered.into()),
             instance: Some(1),
             level: Some(Level::Error),
+            failure: None,
         }
     );
 
@@ -860,6 +862,7 @@ async fn an_instance_whose_heartbeats_stop_is_restarted_and_one_that_never_sent_
         .await;
     let silence = stopped.elapsed();
     assert_eq!((unhealthy.app.as_str(), unhealthy.release), ("beats", 1));
+    assert_eq!(unhealthy.failure, Some(FailureKind::MissedHeartbeats));
     assert!(
         unhealthy.message.contains("instance 1 sent no heartbeat")
             && unhealthy.message.contains("PX_HEARTBEAT_INTERVAL=1)"),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{
     BundleServer, FakeBeacon, Maestro, alive, assign, config, manifest, wait_event, wait_gone,
 };
-use px_proto::link::{InstanceState, NodeEventKind};
+use px_proto::link::{FailureKind, InstanceState, NodeEventKind};
 
 /// Waits until the load has had `at_least` answers.
 async fn wait_count(counter: &AtomicU64, at_least: u64) {
@@ -161,6 +161,7 @@ async fn a_release_that_never_becomes_healthy_leaves_the_old_one_serving() {
     })
     .await;
     assert!(failed.message.contains("exit code 3"), "{}", failed.message);
+    assert_eq!(failed.failure, Some(FailureKind::ExitCode));
     assert!(
         failed
             .detail
@@ -192,26 +193,60 @@ async fn a_release_that_never_becomes_healthy_leaves_the_old_one_serving() {
     })
     .await;
     assert!(
-        failed.message.contains("not healthy after"),
+        failed.message.contains("never listened on its port"),
         "{}",
         failed.message
     );
+    assert_eq!(failed.failure, Some(FailureKind::NeverListened));
+    assert_eq!(
+        maestro.get("hello.localhost", "/").await.unwrap(),
+        (200, "one".into())
+    );
+
+    // Listens, but its health check answers 404 until the timeout.
+    let unhealthy = bundles.app(
+        "hello",
+        4,
+        &format!(
+            "{}path = \"/no-such-page\"\n",
+            manifest(
+                "hello",
+                "exec python3 -m http.server --bind 127.0.0.1 \"$1\"",
+                "2s",
+            )
+        ),
+        &[],
+        &[],
+    );
+    assign(&mut link, 4, vec![unhealthy]).await;
+    let failed = wait_event(&mut link, |e| {
+        e.kind == NodeEventKind::DeployFailed && e.release == 4
+    })
+    .await;
+    assert!(
+        failed
+            .message
+            .contains("not healthy after 2s: GET /no-such-page answered 404"),
+        "{}",
+        failed.message
+    );
+    assert_eq!(failed.failure, Some(FailureKind::HealthFailing));
     assert_eq!(
         maestro.get("hello.localhost", "/").await.unwrap(),
         (200, "one".into())
     );
 
     // A bundle whose digest does not match what Beacon assigned.
-    let mut tampered = bundles.python_app("hello", 4, "four", "");
+    let mut tampered = bundles.python_app("hello", 5, "five", "");
     tampered.bundle_sha256 = "0".repeat(64);
     tampered.bundle_url = format!(
         "{}/v1/bundles/{}",
         bundles.url,
-        bundles.python_app("hello", 4, "four", "").bundle_sha256
+        bundles.python_app("hello", 5, "five", "").bundle_sha256
     );
-    assign(&mut link, 4, vec![tampered]).await;
+    assign(&mut link, 5, vec![tampered]).await;
     let failed = wait_event(&mut link, |e| {
-        e.kind == NodeEventKind::DeployFailed && e.release == 4
+        e.kind == NodeEventKind::DeployFailed && e.release == 5
     })
     .await;
     assert!(
@@ -272,6 +307,7 @@ async fn a_crashed_instance_is_restarted_and_other_apps_are_untouched() {
     let crashed = wait_event(&mut link, |e| e.kind == NodeEventKind::InstanceCrashed).await;
     assert_eq!(crashed.app, "hello");
     assert!(crashed.message.contains("signal 9"), "{}", crashed.message);
+    assert_eq!(crashed.failure, Some(FailureKind::Signal));
     // Back, as a new process, after its backoff.
     let start = std::time::Instant::now();
     loop {
@@ -287,6 +323,10 @@ async fn a_crashed_instance_is_restarted_and_other_apps_are_untouched() {
     let hello = state.instances.iter().find(|i| i.app == "hello").unwrap();
     assert_eq!(hello.restarts, 1);
     assert_eq!(hello.last_exit.as_ref().and_then(|e| e.signal), Some(9));
+    assert_eq!(
+        hello.last_exit.as_ref().and_then(|e| e.kind),
+        Some(FailureKind::Signal)
+    );
     assert_eq!(
         maestro
             .get("other.localhost", "/pid")

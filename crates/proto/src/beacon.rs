@@ -100,6 +100,9 @@ pub struct Event {
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// For a crash, an unhealthy instance or a failed deploy: why, classified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<crate::link::FailureKind>,
 }
 
 /// Whether a node's link is up.

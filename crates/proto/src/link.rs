@@ -135,6 +135,41 @@ pub enum InstanceState {
     Stopping,
 }
 
+/// Why an instance stopped serving, or never started to, classified so that alerts and
+/// dashboards need not parse sentences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// It exited with a status code.
+    ExitCode,
+    /// A signal ended it (not the OOM killer).
+    Signal,
+    /// The kernel's OOM killer ended it at its `[limits] memory`.
+    OutOfMemory,
+    /// It never accepted connections on its port within the health timeout.
+    NeverListened,
+    /// It listened, but its health check kept failing until the timeout.
+    HealthFailing,
+    /// It opted in to heartbeats (`PX_EVENTS_URL`) and stopped sending them.
+    MissedHeartbeats,
+    /// It could not be started at all (no free port, the command failed to spawn).
+    CannotStart,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ExitCode => "exit_code",
+            Self::Signal => "signal",
+            Self::OutOfMemory => "out_of_memory",
+            Self::NeverListened => "never_listened",
+            Self::HealthFailing => "health_failing",
+            Self::MissedHeartbeats => "missed_heartbeats",
+            Self::CannotStart => "cannot_start",
+        }
+    }
+}
+
 /// How an instance last ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitInfo {
@@ -145,6 +180,9 @@ pub struct ExitInfo {
     /// The kernel's OOM killer ended it (over its `[limits] memory`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub oom: bool,
+    /// The exit, classified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<FailureKind>,
     /// RFC 3339 time of the exit.
     pub at: String,
 }
@@ -181,6 +219,9 @@ pub struct NodeEvent {
     /// The level the app gave an `AppEvent`; other kinds have a level of their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub level: Option<Level>,
+    /// For a crash, an unhealthy instance or a failed deploy: why, classified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureKind>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
