@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::Stream;
 use px_proto::api::ErrorBody;
-use px_proto::beacon::{App, Event, LogEntry, Node, RolloutRecord};
+use px_proto::beacon::{App, Event, LogEntry, Node, Repository, RolloutRecord};
 use px_proto::link::{AppAssignment, FromBeacon};
 use serde::Deserialize;
 use tokio::sync::broadcast;
@@ -76,6 +76,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/repositories", get(repositories))
         .route("/v1/apps", get(apps))
         .route("/v1/apps/{app}", get(app))
         .route("/v1/apps/{app}/config", get(app_config))
@@ -101,6 +102,10 @@ async fn status_page(State(state): State<AppState>) -> Html<String> {
 
 async fn nodes(_: Reader, State(state): State<AppState>) -> Json<Vec<Node>> {
     Json(state.hub.nodes())
+}
+
+async fn repositories(_: Reader, State(state): State<AppState>) -> Json<Vec<Repository>> {
+    Json(state.hub.repositories())
 }
 
 async fn apps(_: Reader, State(state): State<AppState>) -> Json<Vec<App>> {

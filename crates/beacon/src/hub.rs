@@ -139,6 +139,15 @@ struct State {
     history: BTreeMap<String, VecDeque<RolloutRecord>>,
     /// Automatic rollbacks asked of the repository and not yet seen in the desired state.
     rollbacks: BTreeMap<String, RollbackOrder>,
+    /// Repositories that linked since start-up, by name, for the status page.
+    repositories: BTreeMap<String, RepositoryEntry>,
+}
+
+struct RepositoryEntry {
+    /// Links of this name open now (several apprepo processes may share a name).
+    links: usize,
+    last_seen_wall: SystemTime,
+    disk: Option<px_proto::link::DiskReport>,
 }
 
 /// An event to record after the lock is released, maybe with an alert.
@@ -306,6 +315,7 @@ impl Hub {
                 dirty: BTreeSet::new(),
                 history,
                 rollbacks: BTreeMap::new(),
+                repositories: BTreeMap::new(),
             }),
             settings,
             events,
@@ -538,6 +548,50 @@ impl Hub {
 
     pub fn repository_reachable(&self) -> bool {
         self.lock().repository_reachable
+    }
+
+    /// A repository linked (`up`), or its link ended.
+    pub fn repository_link(&self, name: &str, up: bool) {
+        let mut state = self.lock();
+        let entry = state
+            .repositories
+            .entry(name.to_string())
+            .or_insert(RepositoryEntry {
+                links: 0,
+                last_seen_wall: SystemTime::now(),
+                disk: None,
+            });
+        if up {
+            entry.links += 1;
+        } else {
+            entry.links = entry.links.saturating_sub(1);
+        }
+        entry.last_seen_wall = SystemTime::now();
+    }
+
+    /// A repository's heartbeat, with its storage figures when it has them.
+    pub fn repository_seen(&self, name: &str, report: &NodeReport) {
+        let mut state = self.lock();
+        if let Some(entry) = state.repositories.get_mut(name) {
+            entry.last_seen_wall = SystemTime::now();
+            if report.disk.is_some() {
+                entry.disk = report.disk;
+            }
+        }
+    }
+
+    pub fn repositories(&self) -> Vec<beacon::Repository> {
+        let state = self.lock();
+        state
+            .repositories
+            .iter()
+            .map(|(name, r)| beacon::Repository {
+                name: name.clone(),
+                connected: r.links > 0,
+                last_seen: humantime::format_rfc3339_seconds(r.last_seen_wall).to_string(),
+                disk: r.disk,
+            })
+            .collect()
     }
 
     /// Registers a Maestro that completed its handshake, replacing an older link of the same
@@ -1141,6 +1195,7 @@ impl Hub {
                 assigned_generation: n.assigned_generation,
                 applied_generation: n.report.generation,
                 instances: n.report.instances.clone(),
+                disk: n.report.disk,
             })
             .collect()
     }

@@ -165,6 +165,18 @@ impl LinkServer {
         shutdown: CancellationToken,
     ) -> Result<(), String> {
         tracing::info!(peer = %hello.name, "repository linked");
+        self.hub.repository_link(&hello.name, true);
+        let result = self.repository_frames(link, hello, shutdown).await;
+        self.hub.repository_link(&hello.name, false);
+        result
+    }
+
+    async fn repository_frames(
+        &self,
+        link: &mut Link,
+        hello: &Hello,
+        shutdown: CancellationToken,
+    ) -> Result<(), String> {
         // Pending rollbacks go out whole now and on every change: the repository ignores
         // one it already carried out.
         let mut rollbacks = self.hub.rollback_orders();
@@ -197,7 +209,7 @@ impl LinkServer {
                         // A full queue already holds a pending reconcile, which reads everything.
                         let _ = self.reconcile.try_send(());
                     }
-                    Some(Ok(ToBeacon::Heartbeat(_))) => {}
+                    Some(Ok(ToBeacon::Heartbeat(report))) => self.hub.repository_seen(&hello.name, &report),
                     Some(Ok(other)) => return Err(format!("unexpected {} from a repository", frame_name(&other))),
                 },
             }

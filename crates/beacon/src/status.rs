@@ -1,9 +1,10 @@
-//! The status page at `/`: nodes, apps with their rollouts, and recent events, rendered on the
-//! server. A few lines of script refresh the content every few seconds without a reload.
+//! The status page at `/`: nodes (with their disk), apps with their rollouts, repositories
+//! (with their storage), and recent events, rendered on the server. A few lines of script refresh the content every few seconds without a reload.
 
 use std::fmt::Write;
 
 use px_proto::beacon::{NodeHealth, RolloutState};
+use px_proto::link::DiskReport;
 
 use crate::hub::Hub;
 
@@ -33,6 +34,45 @@ const REFRESH: &str = "setInterval(async()=>{try{const r=await fetch(location.pa
 const d=new DOMParser().parseFromString(await r.text(),'text/html');\
 document.querySelector('main').replaceWith(d.querySelector('main'));}catch(e){}},3000);";
 
+/// A byte count for people: `512 MiB`, `12.3 GiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || value >= 100.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// One cell on a peer's disk: what its data takes, and what is left (red near the floor).
+fn disk_cell(disk: Option<&DiskReport>, what: &str) -> String {
+    let Some(d) = disk else {
+        return "<td><small>-</small></td>".into();
+    };
+    let objects = d.objects.map(|n| format!(" in {n}")).unwrap_or_default();
+    let mut cell = format!("{}{objects} {what}", bytes(d.used_bytes));
+    let mut class = "";
+    if let Some(free) = d.free_bytes {
+        let floor = d.floor_bytes.unwrap_or(0);
+        class = if free <= floor.saturating_mul(2) {
+            " class=bad"
+        } else {
+            ""
+        };
+        let _ = write!(cell, " · {} free", bytes(free));
+        if floor > 0 {
+            let _ = write!(cell, " (floor {})", bytes(floor));
+        }
+    }
+    format!("<td{class}>{cell}</td>")
+}
+
 pub fn render(hub: &Hub) -> String {
     let nodes = hub.nodes();
     let apps = hub.apps();
@@ -56,7 +96,7 @@ pub fn render(hub: &Hub) -> String {
             "<span class=bad>unreachable</span>"
         },
     );
-    html.push_str("<h2>Nodes</h2><table id=nodes><tr><th>node</th><th>link</th><th>instances</th><th>generation</th><th>labels</th><th>last seen</th></tr>");
+    html.push_str("<h2>Nodes</h2><table id=nodes><tr><th>node</th><th>link</th><th>instances</th><th>generation</th><th>labels</th><th>disk</th><th>last seen</th></tr>");
     for node in &nodes {
         let (class, health) = match node.health {
             NodeHealth::Connected => ("ok", "connected"),
@@ -74,12 +114,13 @@ pub fn render(hub: &Hub) -> String {
             .collect();
         let _ = write!(
             html,
-            "<tr><td>{}</td><td class={class}>{health}</td><td>{}</td><td>{} / {}</td><td>{}</td><td><small>{}</small></td></tr>",
+            "<tr><td>{}</td><td class={class}>{health}</td><td>{}</td><td>{} / {}</td><td>{}</td>{}<td><small>{}</small></td></tr>",
             escape(&node.name),
             instances.join(", "),
             node.applied_generation,
             node.assigned_generation,
             labels.join(" "),
+            disk_cell(node.disk.as_ref(), "of releases"),
             escape(&node.last_seen),
         );
     }
@@ -112,6 +153,24 @@ pub fn render(hub: &Hub) -> String {
             app.nodes.len(),
             escape(&deploy),
         );
+    }
+    let repositories = hub.repositories();
+    if !repositories.is_empty() {
+        html.push_str("</table><h2>Repositories</h2><table id=repositories><tr><th>repository</th><th>link</th><th>storage</th><th>last seen</th></tr>");
+        for repo in &repositories {
+            let (class, link) = if repo.connected {
+                ("ok", "connected")
+            } else {
+                ("warn", "away")
+            };
+            let _ = write!(
+                html,
+                "<tr><td>{}</td><td class={class}>{link}</td>{}<td><small>{}</small></td></tr>",
+                escape(&repo.name),
+                disk_cell(repo.disk.as_ref(), "bundles"),
+                escape(&repo.last_seen),
+            );
+        }
     }
     html.push_str("</table><h2>Recent events</h2><table id=events><tr><th>time</th><th>level</th><th>event</th></tr>");
     for event in &events {

@@ -130,6 +130,7 @@ async fn events_page_and_stream_filtered_by_app() {
             last_exit: None,
         }],
         rollouts: Vec::new(),
+        disk: None,
     }))
     .await
     .unwrap();
@@ -224,11 +225,56 @@ async fn the_status_page_shows_nodes_and_apps_in_a_browser() {
         maestro_hello("web-7", &tokens.maestro, 0),
     )
     .await;
-    next_assign(&mut link).await;
+    let assignment = next_assign(&mut link).await;
+    // The node's disk, and a repository's storage, as their heartbeats carry them.
+    let node_disk = px_proto::link::DiskReport {
+        used_bytes: 45 << 20,
+        objects: None,
+        free_bytes: Some(20 << 30),
+        floor_bytes: Some(512 << 20),
+    };
+    link.send(ToBeacon::Heartbeat(NodeReport {
+        generation: assignment.generation,
+        instances: Vec::new(),
+        rollouts: Vec::new(),
+        disk: Some(node_disk),
+    }))
+    .await
+    .unwrap();
+    let repo_hello = px_proto::link::Hello {
+        runtimes: Default::default(),
+        protocol: px_proto::link::PROTOCOL_VERSION,
+        role: px_proto::link::PeerRole::Repository,
+        name: "apprepo-1".into(),
+        token: tokens.repository.clone(),
+        software: "test".into(),
+        labels: Default::default(),
+        state: None,
+    };
+    let (mut repo_link, _) = open_link(&beacon.control_addr, &beacon.pki.ca(), repo_hello).await;
+    repo_link
+        .send(ToBeacon::Heartbeat(NodeReport {
+            disk: Some(px_proto::link::DiskReport {
+                used_bytes: 3 << 29,
+                objects: Some(34),
+                free_bytes: None,
+                floor_bytes: None,
+            }),
+            ..NodeReport::default()
+        }))
+        .await
+        .unwrap();
     beacon
         .wait_for("/v1/nodes", "node", |n: &Vec<px_proto::beacon::Node>| {
-            !n.is_empty()
+            n.first().is_some_and(|n| n.disk == Some(node_disk))
         })
+        .await;
+    beacon
+        .wait_for(
+            "/v1/repositories",
+            "repository storage",
+            |r: &Vec<px_proto::beacon::Repository>| r.first().is_some_and(|r| r.disk.is_some()),
+        )
         .await;
     let profile = tempfile::tempdir().unwrap();
     let shots = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
@@ -264,6 +310,14 @@ async fn the_status_page_shows_nodes_and_apps_in_a_browser() {
     assert!(dom.contains("web-7"), "node missing from the page: {dom}");
     assert!(dom.contains("hello"), "app missing from the page: {dom}");
     assert!(dom.contains("connected"), "{dom}");
+    assert!(
+        dom.contains("45.0 MiB of releases · 20.0 GiB free (floor 512 MiB)"),
+        "node disk missing: {dom}"
+    );
+    assert!(
+        dom.contains("1.5 GiB in 34 bundles"),
+        "repository storage missing: {dom}"
+    );
     let out = run(vec![
         format!("--screenshot={}", shot.display()),
         "--window-size=1200,900".into(),

@@ -58,6 +58,7 @@ fn healthy(app: &str, release: u64, generation: u64) -> NodeReport {
             last_exit: None,
         }],
         rollouts: Vec::new(),
+        disk: None,
     }
 }
 

@@ -272,6 +272,7 @@ fn report_for(assignment: &Assignment, reports: Reports, index: usize) -> NodeRe
         generation: assignment.generation,
         instances,
         rollouts: Vec::new(),
+        disk: None,
     }
 }
 

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use px_proto::link::{
-    AppAssignment, Assignment, DeployFigures, ExitInfo, FailureKind, InstanceState, InstanceStatus,
-    NodeEvent, NodeEventKind, NodeReport, RolloutFigures,
+    AppAssignment, Assignment, DeployFigures, DiskReport, ExitInfo, FailureKind, InstanceState,
+    InstanceStatus, NodeEvent, NodeEventKind, NodeReport, RolloutFigures,
 };
 use rand::Rng;
 use sha2::{Digest, Sha256};
@@ -454,10 +454,23 @@ impl Supervisor {
             .values()
             .map(|w| w.figures.clone())
             .collect();
+        let used_bytes = self
+            .shared
+            .release_bytes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .sum();
         NodeReport {
             generation: self.generation(),
             instances,
             rollouts,
+            disk: Some(DiskReport {
+                used_bytes,
+                objects: None,
+                free_bytes: free_disk(&self.shared.settings.state_dir),
+                floor_bytes: Some(self.shared.settings.min_free_disk),
+            }),
         }
     }
 }

@@ -130,6 +130,19 @@ pub struct Node {
     pub assigned_generation: u64,
     pub applied_generation: u64,
     pub instances: Vec<InstanceStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<crate::link::DiskReport>,
+}
+
+/// A repository linked to Beacon, with its storage figures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Repository {
+    pub name: String,
+    pub connected: bool,
+    /// RFC 3339 time of the last frame received.
+    pub last_seen: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<crate::link::DiskReport>,
 }
 
 /// Where a release's rollout stands.

@@ -75,6 +75,26 @@ pub struct NodeReport {
     /// What each app's latest release switch on this node cost so far (one per app).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rollouts: Vec<RolloutFigures>,
+    /// Disk use, for the status page: a Maestro's releases, a repository's bundles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskReport>,
+}
+
+/// How much disk a peer uses and has left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskReport {
+    /// Bytes the peer's data takes: a Maestro's unpacked releases, a repository's bundles (as
+    /// of its last retention sweep).
+    pub used_bytes: u64,
+    /// Objects behind `used_bytes`, when counted (a repository's bundles).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objects: Option<u64>,
+    /// Free bytes on the file system holding the data (none for S3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_bytes: Option<u64>,
+    /// Free space below which a Maestro refuses new releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor_bytes: Option<u64>,
 }
 
 /// What a release switch cost, counted by the proxy: the figures of `em releases`.

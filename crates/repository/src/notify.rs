@@ -13,8 +13,8 @@ use futures_util::{SinkExt, StreamExt};
 use px_proto::api::Release;
 use px_proto::codec::FrameCodec;
 use px_proto::link::{
-    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, HEARTBEAT_INTERVAL, Hello, PROTOCOL_VERSION,
-    PeerRole, ReleaseCommitted, RollbackOrder, ToBeacon,
+    DiskReport, FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, HEARTBEAT_INTERVAL, Hello,
+    NodeReport, PROTOCOL_VERSION, PeerRole, ReleaseCommitted, RollbackOrder, ToBeacon,
 };
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -254,7 +254,7 @@ async fn link_task(
                     None => return,
                 },
                 _ = heartbeat.tick() => {
-                    if let Err(e) = link.send(ToBeacon::Heartbeat(Default::default())).await {
+                    if let Err(e) = link.send(ToBeacon::Heartbeat(report(&metrics))).await {
                         break 'link e.to_string();
                     }
                 }
@@ -269,6 +269,21 @@ async fn link_task(
             }
         };
         tracing::warn!(addr = %settings.addr, %error, "beacon link lost; reconnecting");
+    }
+}
+
+/// The heartbeat's report: no instances, and the bundles stored as of the last retention
+/// sweep (none before the first), for Beacon's status page.
+fn report(metrics: &Metrics) -> NodeReport {
+    let swept = metrics.retention_sweeps.get() > 0;
+    NodeReport {
+        disk: swept.then(|| DiskReport {
+            used_bytes: metrics.bundle_bytes.get(),
+            objects: Some(metrics.bundles.get()),
+            free_bytes: None,
+            floor_bytes: None,
+        }),
+        ..NodeReport::default()
     }
 }
 

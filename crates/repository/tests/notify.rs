@@ -8,8 +8,11 @@ use std::time::Duration;
 
 use common::{Repo, sample_bundle};
 use futures_util::{SinkExt, StreamExt};
+use px_proto::api::ReleaseCause;
 use px_proto::codec::FrameCodec;
-use px_proto::link::{FromBeacon, PROTOCOL_VERSION, PeerRole, ReleaseCommitted, ToBeacon};
+use px_proto::link::{
+    FromBeacon, PROTOCOL_VERSION, PeerRole, ReleaseCommitted, RollbackOrder, ToBeacon,
+};
 use px_repository::config::BeaconConfig;
 use px_test_support::Pki;
 use tokio_util::codec::Framed;
@@ -206,5 +209,96 @@ async fn a_silent_beacon_is_left_and_linked_again() {
         "the notifier never reconnected after beacon went silent"
     );
     drop(silent);
+    repo.stop().await;
+}
+
+/// Accepts apprepo's link as Beacon would, answering its hello.
+async fn accept_link(
+    listener: &tokio::net::TcpListener,
+    pki: &Pki,
+) -> Framed<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, FrameCodec<ToBeacon, FromBeacon>>
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        px_runtime::tls::server_config(&pki.cert(), &pki.key()).unwrap(),
+    );
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut link = Framed::new(acceptor.accept(tcp).await.unwrap(), FrameCodec::new());
+    let Some(Ok(ToBeacon::Hello(_))) = link.next().await else {
+        panic!("expected hello")
+    };
+    link.send(FromBeacon::Welcome {
+        protocol: PROTOCOL_VERSION,
+        beacon: "test".into(),
+    })
+    .await
+    .unwrap();
+    link
+}
+
+#[tokio::test]
+async fn beacons_rollback_orders_are_committed_once_and_stale_ones_ignored() {
+    let pki = Pki::new(&["beacon.test"]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let secrets = tempfile::tempdir().unwrap();
+    let beacon = beacon_config(secrets.path(), &pki, port);
+    let repo = Repo::start_with(|c| c.beacon = Some(beacon)).await;
+    let mut link = accept_link(&listener, &pki).await;
+    repo.create_app("hello").await;
+    let good = repo.deploy("hello", &sample_bundle("hello", "good")).await;
+    let bad = repo.deploy("hello", &sample_bundle("hello", "bad")).await;
+    assert_eq!((good.version, bad.version), (1, 2));
+
+    // The order arrives twice (Beacon repeats pending orders on every change and reconnect).
+    let order = RollbackOrder {
+        app: "hello".into(),
+        from: 2,
+        to: Some(1),
+        reason: "automatic rollback of v2: 30 of 40 requests (75.0%) answered 5xx".into(),
+    };
+    for _ in 0..2 {
+        link.send(FromBeacon::Rollback(order.clone()))
+            .await
+            .unwrap();
+    }
+    let notice = loop {
+        match tokio::time::timeout(Duration::from_secs(10), link.next())
+            .await
+            .unwrap()
+        {
+            // The deploys' own notices come first.
+            Some(Ok(ToBeacon::ReleaseCommitted(n))) if n.version > 2 => break n,
+            Some(Ok(ToBeacon::ReleaseCommitted(_) | ToBeacon::Heartbeat(_))) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!((notice.app.as_str(), notice.version), ("hello", 3));
+    assert_eq!(notice.bundle_sha256, good.bundle.sha256);
+    // Once more, after it was carried out: v2 is no longer current, so nothing happens.
+    link.send(FromBeacon::Rollback(order)).await.unwrap();
+    // And an order about a release that was never current changes nothing either.
+    link.send(FromBeacon::Rollback(RollbackOrder {
+        app: "hello".into(),
+        from: 7,
+        to: None,
+        reason: "stale".into(),
+    }))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let releases = repo.releases("hello").await;
+    assert_eq!(releases.len(), 3, "{releases:?}");
+    let rollback = &releases[0];
+    assert_eq!(rollback.version, 3);
+    assert_eq!(rollback.cause, ReleaseCause::Rollback { to: 1 });
+    assert_eq!(rollback.created_by, "beacon");
+    assert!(
+        rollback.description.contains("75.0%"),
+        "{}",
+        rollback.description
+    );
     repo.stop().await;
 }

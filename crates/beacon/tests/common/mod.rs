@@ -319,6 +319,7 @@ pub fn maestro_hello(name: &str, token: &str, generation: u64) -> Hello {
             generation,
             instances: Vec::new(),
             rollouts: Vec::new(),
+            disk: None,
         }),
     }
 }
