@@ -86,6 +86,9 @@ class Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 keeps connections open between requests; every response sets Content-Length.
     protocol_version = "HTTP/1.1"
     server_version = "platformx-python"
+    # The head and the body go out in two writes; without this, each keep-alive answer waits
+    # for the client's delayed acknowledgement (about 40 ms).
+    disable_nagle_algorithm = True
 
     def do_GET(self):
         path = self.path.split("?", 1)[0]

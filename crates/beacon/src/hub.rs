@@ -71,6 +71,9 @@ struct Rollout {
     started_wall: SystemTime,
     seconds: Option<f64>,
     healthy: BTreeSet<String>,
+    /// Eligible nodes at the last evaluation: when a report brings `healthy` up to this, the
+    /// rollout is evaluated at once instead of at the next sweep.
+    eligible: usize,
     /// The nodes' figures for this switch, summed.
     figures: DeployFigures,
     /// Every node's watch window is over.
@@ -89,6 +92,7 @@ impl Rollout {
             started_wall: SystemTime::now(),
             seconds: None,
             healthy: BTreeSet::new(),
+            eligible: 0,
             figures: DeployFigures::default(),
             verified: false,
             outcome: None,
@@ -208,6 +212,17 @@ fn has_runtime(release: &Release, runtimes: &BTreeMap<String, String>) -> bool {
         .get(&runtime.command)
         .and_then(|v| px_proto::runtime::Version::parse(v));
     runtime.admits(found.as_ref())
+}
+
+/// Whether a report shows `app` at `release` with all its instances healthy.
+fn runs_healthy(report: &NodeReport, app: &str, release: u64, desired: Option<&Release>) -> bool {
+    let wanted = desired.map_or(1, |r| r.manifest.instances as usize);
+    report
+        .instances
+        .iter()
+        .filter(|i| i.app == app && i.release == release && i.state == InstanceState::Healthy)
+        .count()
+        >= wanted
 }
 
 /// Whether a node should run `release`: its labels admit it and it has the runtime. A node
@@ -738,8 +753,32 @@ impl Hub {
                     of(&report) != of(&entry.report) || figures(&report) != figures(&entry.report)
                 })
                 .collect();
-            entry.report = report;
-            state.dirty.extend(apps);
+            // A node whose report may complete a rollout has it evaluated now: the last
+            // node's switch ends `em deploy` without waiting for the sweep. Checking that is
+            // cheap (this node against the last evaluation's counts); the full evaluation, one
+            // pass over the nodes, then runs once per rollout.
+            let completing: Vec<String> = apps
+                .iter()
+                .filter(|app| {
+                    state.rollouts.get(*app).is_some_and(|rollout| {
+                        rollout.state == RolloutState::RollingOut
+                            && rollout.eligible > 0
+                            && !rollout.healthy.contains(node)
+                            && rollout.healthy.len() + 1 >= rollout.eligible
+                            && runs_healthy(&report, app, rollout.release, state.desired.get(*app))
+                    })
+                })
+                .cloned()
+                .collect();
+            if let Some(entry) = state.nodes.get_mut(node) {
+                entry.report = report;
+            }
+            for app in &completing {
+                effects.extend(self.evaluate_rollout(&mut state, app));
+            }
+            state
+                .dirty
+                .extend(apps.into_iter().filter(|a| !completing.contains(a)));
         }
         drop(state);
         self.apply(effects);
@@ -885,6 +924,7 @@ impl Hub {
             return Vec::new();
         };
         rollout.healthy = healthy;
+        rollout.eligible = eligible.len();
         let mut effects = Vec::new();
         let mut newly_unplaced = false;
         match rollout.state {
