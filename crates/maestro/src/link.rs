@@ -145,6 +145,30 @@ fn apply(supervisor: &Supervisor, state_dir: &Path, assignment: &Assignment) {
     supervisor.apply(assignment);
 }
 
+/// Sends the node's state, after every event queued before it was read: the supervisor queues
+/// an event before it changes the state, so Beacon never sees a state (a release serving
+/// everywhere) ahead of the events that led to it (`instance_started`, `deploy_finished`),
+/// which `em deploy` reads as its phases.
+async fn send_report<S>(
+    link: &mut S,
+    supervisor: &Supervisor,
+    events: &mut mpsc::Receiver<NodeEvent>,
+) -> Result<(), String>
+where
+    S: futures_util::Sink<ToBeacon> + Unpin,
+    S::Error: std::fmt::Display,
+{
+    let report = supervisor.report();
+    while let Ok(event) = events.try_recv() {
+        link.send(ToBeacon::Event(event))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    link.send(ToBeacon::Heartbeat(report))
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Runs the link until `shutdown`.
 pub async fn run(
     settings: LinkSettings,
@@ -199,8 +223,8 @@ pub async fn run(
                 }
                 _ = &mut silence => break "beacon silent past the heartbeat deadline".into(),
                 _ = heartbeat.tick() => {
-                    if let Err(e) = link.send(ToBeacon::Heartbeat(supervisor.report())).await {
-                        break e.to_string();
+                    if let Err(e) = send_report(&mut link, &supervisor, &mut events).await {
+                        break e;
                     }
                 }
                 r = changes.changed() => {
@@ -209,8 +233,8 @@ pub async fn run(
                     }
                     tokio::time::sleep(MIN_REPORT_GAP).await;
                     changes.borrow_and_update();
-                    if let Err(e) = link.send(ToBeacon::Heartbeat(supervisor.report())).await {
-                        break e.to_string();
+                    if let Err(e) = send_report(&mut link, &supervisor, &mut events).await {
+                        break e;
                     }
                 }
                 line = lines.recv() => match line {
