@@ -241,16 +241,7 @@ async fn the_status_page_shows_nodes_and_apps_in_a_browser() {
     }))
     .await
     .unwrap();
-    let repo_hello = px_proto::link::Hello {
-        runtimes: Default::default(),
-        protocol: px_proto::link::PROTOCOL_VERSION,
-        role: px_proto::link::PeerRole::Repository,
-        name: "apprepo-1".into(),
-        token: tokens.repository.clone(),
-        software: "test".into(),
-        labels: Default::default(),
-        state: None,
-    };
+    let repo_hello = common::repository_hello("apprepo-1", &tokens.repository);
     let (mut repo_link, _) = open_link(&beacon.control_addr, &beacon.pki.ca(), repo_hello).await;
     repo_link
         .send(ToBeacon::Heartbeat(NodeReport {

@@ -9,15 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    Beacon, RepoStub, Tokens, WAIT, config, maestro_hello, next_assign, open_link, webhook_receiver,
+    Beacon, RepoStub, Tokens, WAIT, config, maestro_hello, next_assign, open_link,
+    repository_hello, webhook_receiver,
 };
 use futures_util::{SinkExt, StreamExt};
 use px_proto::api::ReleaseCause;
 use px_proto::beacon::{App, EventKind, Node, NodeHealth, RolloutRecord, RolloutState};
 use px_proto::link::{
-    DeployFigures, FromBeacon, Hello, InstanceState, InstanceStatus, NodeEvent, NodeEventKind,
-    NodeReport, PROTOCOL_VERSION, PeerRole, ReleaseCommitted, RollbackOrder, RolloutFigures,
-    ToBeacon,
+    DeployFigures, FromBeacon, InstanceState, InstanceStatus, NodeEvent, NodeEventKind, NodeReport,
+    PROTOCOL_VERSION, PeerRole, ReleaseCommitted, RollbackOrder, RolloutFigures, ToBeacon,
 };
 use px_test_support::Pki;
 
@@ -146,16 +146,7 @@ async fn a_release_notice_reaches_every_maestro_without_waiting_for_reconciliati
         links.push((link, first.generation));
     }
     s.repo.release("hello", 2, "");
-    let hello = Hello {
-        runtimes: Default::default(),
-        protocol: PROTOCOL_VERSION,
-        role: PeerRole::Repository,
-        name: "apprepo".into(),
-        token: s.tokens.repository.clone(),
-        software: "test".into(),
-        labels: Default::default(),
-        state: None,
-    };
+    let hello = repository_hello("apprepo", &s.tokens.repository);
     let (mut repo_link, answer) =
         open_link(&s.beacon.control_addr, &s.beacon.pki.ca(), hello).await;
     assert!(matches!(answer, FromBeacon::Welcome { .. }));
@@ -634,16 +625,7 @@ async fn an_error_budget_spent_orders_one_rollback_and_a_rollback_is_never_rolle
     let budget = "[deploy]\nwatch = \"2s\"\nmax_error_rate = \"5%\"";
     let s = setup(|c| c.reconcile_interval = Duration::from_millis(200)).await;
     s.repo.release("hello", 1, budget);
-    let repo_hello = Hello {
-        runtimes: Default::default(),
-        protocol: PROTOCOL_VERSION,
-        role: PeerRole::Repository,
-        name: "apprepo".into(),
-        token: s.tokens.repository.clone(),
-        software: "test".into(),
-        labels: Default::default(),
-        state: None,
-    };
+    let repo_hello = repository_hello("apprepo", &s.tokens.repository);
     let (mut repo_link, _) =
         open_link(&s.beacon.control_addr, &s.beacon.pki.ca(), repo_hello).await;
     let (mut link, _) = open_link(

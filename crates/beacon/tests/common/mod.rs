@@ -306,6 +306,19 @@ pub async fn open_link(addr: &str, ca: &Path, hello: Hello) -> (Link, FromBeacon
     (link, answer)
 }
 
+pub fn repository_hello(name: &str, token: &str) -> Hello {
+    Hello {
+        runtimes: Default::default(),
+        protocol: PROTOCOL_VERSION,
+        role: PeerRole::Repository,
+        name: name.into(),
+        token: token.into(),
+        software: "test".into(),
+        labels: BTreeMap::new(),
+        state: None,
+    }
+}
+
 pub fn maestro_hello(name: &str, token: &str, generation: u64) -> Hello {
     Hello {
         runtimes: Default::default(),
