@@ -899,24 +899,15 @@ impl Hub {
         let Some(release) = state.desired.get(app) else {
             return Vec::new();
         };
-        let wanted = release.manifest.instances as usize;
         let version = release.version;
         let eligible: Vec<String> = Self::eligible(state, release).cloned().collect();
         let healthy: BTreeSet<String> = eligible
             .iter()
             .filter(|name| {
-                state.nodes.get(*name).is_some_and(|n| {
-                    n.report
-                        .instances
-                        .iter()
-                        .filter(|i| {
-                            i.app == app
-                                && i.release == version
-                                && i.state == InstanceState::Healthy
-                        })
-                        .count()
-                        >= wanted
-                })
+                state
+                    .nodes
+                    .get(*name)
+                    .is_some_and(|n| runs_healthy(&n.report, app, version, Some(release)))
             })
             .cloned()
             .collect();
