@@ -183,20 +183,14 @@ pub async fn run_with(
     let app_logs = Arc::new(logs::AppLogs::new(&config.log_dir, rotation));
 
     // Access log: records → lines → rotating file.
-    let (access, mut records) = proxy::AccessLog::new(ACCESS_LOG_QUEUE);
+    let (access, records) = proxy::AccessLog::new(ACCESS_LOG_QUEUE);
     let (lines_tx, lines_rx) = tokio::sync::mpsc::channel(ACCESS_LOG_QUEUE);
     tracker.spawn(logs::write_access_log(
         config.log_dir.clone(),
         rotation,
         lines_rx,
     ));
-    tracker.spawn(async move {
-        while let Some(record) = records.recv().await {
-            if lines_tx.send(record.to_line()).await.is_err() {
-                return;
-            }
-        }
-    });
+    tracker.spawn(logs::format_access_records(records, lines_tx));
 
     // Events for Beacon, from the supervisor and from the apps themselves.
     let (events_tx, events) = tokio::sync::mpsc::channel(supervisor::EVENT_QUEUE);

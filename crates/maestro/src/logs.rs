@@ -78,6 +78,11 @@ pub const WRITE_QUEUE_LINES: usize = 256;
 /// Most lines written in one blocking call: amortises the hop to the blocking pool while
 /// keeping each call short.
 pub const WRITE_BATCH_LINES: usize = 256;
+/// How long the access log's stages let records gather after the first one before they
+/// handle them: under load one wake-up and one write per batch rather than per request, which
+/// the proxy benchmark showed costing a fifth of its throughput; lines reach the file this much
+/// later.
+pub const ACCESS_LOG_GATHER: Duration = Duration::from_millis(20);
 /// A log file not written for this long is closed (and reopened on the next line), so a
 /// quiet or removed app does not hold file descriptors, and a log file an operator moved or
 /// deleted is recreated.
@@ -905,9 +910,42 @@ pub async fn write_access_log(
     let mut sink = FileSink::new(log_dir.join(ACCESS_LOG_FILE), rotation, dropped);
     let mut batch = Vec::with_capacity(WRITE_BATCH_LINES);
     while next_batch(&mut rx, &mut batch, &mut sink).await {
+        gather(&mut rx, &mut batch).await;
         let mut lines = std::mem::take(&mut batch);
         lines.iter_mut().for_each(cut_line);
         sink.write(lines).await;
+    }
+}
+
+/// Waits `ACCESS_LOG_GATHER`, then takes what arrived meanwhile (up to a full batch) without
+/// waiting again: senders do not wake a receiver that is not waiting.
+async fn gather<M>(rx: &mut mpsc::Receiver<M>, batch: &mut Vec<M>) {
+    if batch.len() >= WRITE_BATCH_LINES {
+        return;
+    }
+    tokio::time::sleep(ACCESS_LOG_GATHER).await;
+    while batch.len() < WRITE_BATCH_LINES {
+        match rx.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+}
+
+/// The access log's first stage: formats the proxy's records into lines for
+/// [`write_access_log`], a batch at a time. Ends when the proxy is gone or the writer is.
+pub async fn format_access_records(
+    mut records: mpsc::Receiver<crate::proxy::AccessRecord>,
+    lines: mpsc::Sender<String>,
+) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH_LINES);
+    while records.recv_many(&mut batch, WRITE_BATCH_LINES).await > 0 {
+        gather(&mut records, &mut batch).await;
+        for record in batch.drain(..) {
+            if lines.send(record.to_line()).await.is_err() {
+                return;
+            }
+        }
     }
 }
 

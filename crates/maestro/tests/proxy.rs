@@ -1265,3 +1265,70 @@ async fn a_buffering_app_gets_whole_bodies_and_slow_clients_get_408() {
     assert_eq!(r.status(), 413);
     assert!(!app.saw("/big"));
 }
+
+/// Threads of this process named as the workers of the proxy listening on `port`.
+fn proxy_worker_threads(port: u16) -> usize {
+    let prefix = format!("proxy-{port}-");
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(&prefix))
+        .count()
+}
+
+#[tokio::test]
+async fn worker_threads_serve_the_listener_and_end_after_the_drain() {
+    let app = Upstream::start("app").await;
+    let mut proxy = Harness::start(
+        table(&[(
+            "app.localhost",
+            route("app", vec![backend("app", &app)], vec![]),
+        )]),
+        ProxySettings {
+            workers: 3,
+            ..settings()
+        },
+    )
+    .await;
+    let port = proxy.addr.port();
+    eventually("three proxy worker threads", || {
+        proxy_worker_threads(port) == 3
+    })
+    .await;
+    // Many connections at once: each is accepted by one of the workers, all are answered.
+    let mut requests = Vec::new();
+    for _ in 0..24 {
+        let client = proxy.client(&["app.localhost"]);
+        let url = proxy.url("app.localhost", "/");
+        requests.push(tokio::spawn(async move {
+            client.get(url).send().await.unwrap().text().await.unwrap()
+        }));
+    }
+    for request in requests {
+        assert_eq!(request.await.unwrap(), "hello from app");
+    }
+    // A request in flight when shutdown begins still completes; then the workers end.
+    let client = proxy.client(&["app.localhost"]);
+    let mut r = client
+        .get(proxy.url("app.localhost", "/stream"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.chunk().await.unwrap().unwrap().as_ref(), b"first chunk\n");
+    proxy.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        proxy_worker_threads(port),
+        3,
+        "workers ended with a request open"
+    );
+    app.release();
+    assert_eq!(r.chunk().await.unwrap().unwrap().as_ref(), b"last chunk\n");
+    assert!(r.chunk().await.unwrap().is_none());
+    let task = proxy.task.take().unwrap();
+    tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap();
+    eventually("the proxy's worker threads ended", || {
+        proxy_worker_threads(port) == 0
+    })
+    .await;
+}

@@ -2,8 +2,9 @@
 //! `ProxySettings`) with a fixed routing table sending one host to one upstream, so the proxy
 //! can be benchmarked against nginx `proxy_pass` (`benches/proxy`). It is exactly Maestro's
 //! data path minus the supervisor: the same `Proxy`, the same `Routes`/`RouteTable`/`AppRoute`
-//! /`Backend` types the supervisor fills in, the same multi-threaded tokio runtime (one worker
-//! per core unless `--threads` says otherwise), and the same access-log pipeline.
+//! /`Backend` types the supervisor fills in, the same runtimes (a multi-threaded tokio runtime for
+//! the rest, and the proxy's own worker threads, one per core unless `--threads` says
+//! otherwise), and the same access-log pipeline.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -58,7 +59,7 @@ struct Args {
     /// Backends in the route, all at `--upstream` (round robin over them, as over instances).
     #[arg(long, default_value_t = 1)]
     instances: u32,
-    /// Tokio worker threads; default one per core, as the `maestro` binary's runtime.
+    /// Proxy worker threads (`ProxySettings::workers`); default one per core, as in Maestro.
     #[arg(long)]
     threads: Option<usize>,
     /// What happens to access records.
@@ -84,7 +85,6 @@ fn main() -> Result<()> {
         .unwrap_or(1)
         .max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
@@ -123,20 +123,14 @@ async fn serve(args: Args, threads: usize) -> Result<()> {
                 .await
                 .with_context(|| format!("creating {}", dir.display()))?;
             // The same two stages as `px_maestro::run`: records → lines → rotating file.
-            let (access, mut records) = AccessLog::new(px_maestro::ACCESS_LOG_QUEUE);
+            let (access, records) = AccessLog::new(px_maestro::ACCESS_LOG_QUEUE);
             let (lines_tx, lines_rx) = tokio::sync::mpsc::channel(px_maestro::ACCESS_LOG_QUEUE);
             tasks.spawn(px_maestro::logs::write_access_log(
                 dir,
                 px_maestro::logs::Rotation::default(),
                 lines_rx,
             ));
-            tasks.spawn(async move {
-                while let Some(record) = records.recv().await {
-                    if lines_tx.send(record.to_line()).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            tasks.spawn(px_maestro::logs::format_access_records(records, lines_tx));
             access
         }
     };
@@ -147,13 +141,16 @@ async fn serve(args: Args, threads: usize) -> Result<()> {
     let local = listener.local_addr()?;
     let proxy = Proxy::new(
         routes,
-        ProxySettings::default(),
+        ProxySettings {
+            workers: threads,
+            ..ProxySettings::default()
+        },
         Arc::new(ProxyMetrics::default()),
         access.clone(),
     );
     println!(
         "proxy-only: Maestro's data path minus the supervisor (px_maestro::proxy::Proxy::serve_http, \
-         default ProxySettings) on {local}: host {} -> {} backend(s) at {}; {threads} tokio worker \
+         default ProxySettings) on {local}: host {} -> {} backend(s) at {}; {threads} proxy worker \
          thread(s); access log {}",
         args.host,
         args.instances,

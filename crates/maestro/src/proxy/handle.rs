@@ -69,7 +69,7 @@ impl Exchange<'_> {
             .headers_mut()
             .insert(&X_REQUEST_ID, self.request_id);
         self.conn
-            .listener
+            .worker
             .proxy
             .metrics
             .record(app, status, self.started.elapsed());
@@ -89,7 +89,7 @@ impl Exchange<'_> {
 async fn respond(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
     conn.activity.touch();
-    let proxy = &conn.listener.proxy;
+    let proxy = &conn.worker.proxy;
     let settings = &proxy.settings;
     let request_id = headers::request_id(req.headers(), settings.trusted_forwarded);
 
@@ -147,7 +147,7 @@ async fn respond(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<Proxy
         let response = page(Failure::BadRequest, host, app, exchange.request_id());
         return exchange.finish(response, app, None, None);
     }
-    if settings.https_redirect && !conn.listener.https {
+    if settings.https_redirect && !conn.worker.https {
         let response = redirect_to_https(host, req.uri());
         return exchange.finish(response, app, None, None);
     }
@@ -187,7 +187,7 @@ async fn forward(
     host_value: Option<&HeaderValue>,
 ) -> Response<ProxyBody> {
     let conn = exchange.conn;
-    let proxy = &conn.listener.proxy;
+    let proxy = &conn.worker.proxy;
     let settings = &proxy.settings;
     let app = route.app.as_str();
     let Some(mut backend) = route.pick() else {
@@ -217,7 +217,7 @@ async fn forward(
     headers::strip_hop_by_hop(&mut headers, upgrade);
     // The proxy's own HTTP server answers `100-continue` when the body is first read.
     headers.remove(EXPECT);
-    let proto = if conn.listener.https { "https" } else { "http" };
+    let proto = if conn.worker.https { "https" } else { "http" };
     headers::set_forwarded(
         &mut headers,
         conn.peer.ip(),
@@ -292,7 +292,8 @@ async fn forward(
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = headers;
         let guard = backend.begin();
-        let failure = match tokio::time::timeout_at(deadline, proxy.client.request(upstream)).await
+        let failure = match tokio::time::timeout_at(deadline, conn.worker.client.request(upstream))
+            .await
         {
             Ok(Ok(response)) => {
                 backend.stats.record(response.status().as_u16());
@@ -384,7 +385,7 @@ fn answer(
         let (mut parts, _) = response.into_parts();
         let websocket = protocol.as_bytes().eq_ignore_ascii_case(b"websocket");
         headers::strip_hop_by_hop(&mut parts.headers, Some(protocol));
-        exchange.conn.listener.tasks.spawn(tunnel(
+        exchange.conn.worker.tasks.spawn(tunnel(
             client,
             upstream,
             guard,
@@ -431,7 +432,7 @@ async fn tunnel(
     let backend = guard.backend().clone();
     let _guard = guard;
     let long_lived = backend.long_lived();
-    let idle = conn.listener.proxy.settings.idle_timeout;
+    let idle = conn.worker.proxy.settings.idle_timeout;
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => {
@@ -487,7 +488,7 @@ async fn tunnel(
                 debug!("closing an upgraded connection idle for {idle:?}");
                 break;
             }
-            () = conn.listener.force.cancelled() => break,
+            () = conn.worker.force.cancelled() => break,
         }
     }
     let _ = client_write.shutdown().await;

@@ -3,6 +3,8 @@
 //!
 //! The hot path per request is one read of the route table (an `Arc` clone), a header rewrite,
 //! and a pooled keep-alive connection to the instance; bodies stream both ways, never buffered.
+//! Each listener runs [`ProxySettings::workers`] threads, each with its own event loop and
+//! pool of connections to instances (see `server.rs` for why).
 
 mod access;
 mod body;
@@ -68,9 +70,36 @@ pub const UPSTREAM_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// between bursts, bounded so a spike does not leave thousands of sockets open.
 pub const UPSTREAM_MAX_IDLE_PER_INSTANCE: usize = 1024;
 
+/// The client for instances: one per worker thread, with its pool of keep-alive connections.
+pub(crate) type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+
+/// A client for instances with the proxy's connect timeout and pool limits. Its connections'
+/// tasks run on the runtime that first uses it, so each worker thread builds its own.
+pub(crate) fn upstream_client() -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    // Small requests and responses must not wait for Nagle's delayed ACK dance.
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(UPSTREAM_POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(UPSTREAM_MAX_IDLE_PER_INSTANCE)
+        .pool_timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// Default for [`ProxySettings::workers`]: one per core the process may run on, as nginx's
+/// `worker_processes auto`.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 /// How the proxy behaves; see the `DEFAULT_*` constants for the defaults and why.
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
+    /// Threads accepting and serving each listener's connections, each with its own event
+    /// loop and connections to instances (default: one per core). With 1, the listener is
+    /// served by tasks on the caller's runtime.
+    pub workers: usize,
     /// The whole response head of the instance must arrive within this, or the client gets a
     /// 504 (default 60 s).
     pub request_timeout: Duration,
@@ -104,6 +133,7 @@ pub struct ProxySettings {
 impl Default for ProxySettings {
     fn default() -> Self {
         Self {
+            workers: default_workers(),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
@@ -136,7 +166,6 @@ pub struct Proxy {
     settings: ProxySettings,
     metrics: Arc<ProxyMetrics>,
     access: AccessLog,
-    client: Client<HttpConnector, UpstreamBody>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -154,21 +183,11 @@ impl Proxy {
         metrics: Arc<ProxyMetrics>,
         access: AccessLog,
     ) -> Arc<Self> {
-        let mut connector = HttpConnector::new();
-        // Small requests and responses must not wait for Nagle's delayed ACK dance.
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(UPSTREAM_POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(UPSTREAM_MAX_IDLE_PER_INSTANCE)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         Arc::new(Self {
             routes,
             settings,
             metrics,
             access,
-            client,
         })
     }
 

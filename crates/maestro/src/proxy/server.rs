@@ -1,8 +1,16 @@
-//! Listening: the accept loop, one task per client connection (TLS handshake, hyper's HTTP/1
-//! connection, idle watch), and the graceful drain on shutdown.
+//! Listening: worker threads, each with its own event loop, accept loop and pool of connections
+//! to instances; one task per client connection (TLS handshake, hyper's HTTP/1 connection, idle
+//! watch); and the graceful drain on shutdown.
+//!
+//! Why threads of their own rather than tasks on Maestro's work-stealing runtime: a proxied
+//! request hops between the client connection's task and the pooled instance connection's task
+//! several times. On one thread each hop is a queue push; across threads it is a wake-up of a
+//! parked thread (a futex and a context switch), which profiles showed as most of the proxy's
+//! CPU. nginx's workers avoid the same cost the same way.
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,12 +22,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::{MAX_CONNECTIONS, MIN_HEADER_BYTES, Proxy, handle};
+use super::{MAX_CONNECTIONS, MIN_HEADER_BYTES, Proxy, UpstreamClient, handle, upstream_client};
 
 /// Pause after a failed `accept` (typically out of file descriptors) so the loop does not spin
 /// while connections close.
@@ -30,21 +38,26 @@ pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// Maestro's restart is meant to fail none.
 pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
-/// What every connection of one listener shares.
-pub(crate) struct Listener {
+/// One worker thread of a listener, as its connections see it.
+pub(crate) struct Worker {
     pub(crate) proxy: Arc<Proxy>,
     pub(crate) https: bool,
+    /// This worker's connections to instances, so that a request and the instance connection
+    /// it uses run on the same thread.
+    pub(crate) client: UpstreamClient,
     http1: http1::Builder,
     shutdown: CancellationToken,
-    /// Cancelled when the drain deadline has passed: whatever still runs is cut.
+    /// Cancelled when the drain deadline has passed: whatever still runs is cut (shared by
+    /// the listener's workers).
     pub(crate) force: CancellationToken,
-    /// Connection and upgraded-tunnel tasks, waited for on shutdown.
+    /// Connection and upgraded-tunnel tasks of every worker of the listener, waited for on
+    /// shutdown.
     pub(crate) tasks: TaskTracker,
 }
 
 /// One client connection, as the request handler sees it.
 pub(crate) struct Conn {
-    pub(crate) listener: Arc<Listener>,
+    pub(crate) worker: Arc<Worker>,
     pub(crate) peer: SocketAddr,
     pub(crate) activity: Arc<Activity>,
     /// The connection's slot under [`MAX_CONNECTIONS`], held by the connection and, after an
@@ -66,19 +79,131 @@ pub(crate) async fn serve(
         .max_header_size(settings.max_header_bytes.max(MIN_HEADER_BYTES))
         .keep_alive(true);
     let drain = settings.drain;
-    let handshake_timeout = settings.header_read_timeout;
-    let ctx = Arc::new(Listener {
-        https: tls.is_some(),
-        proxy: proxy.clone(),
-        http1,
-        shutdown: shutdown.clone(),
-        force: CancellationToken::new(),
-        tasks: TaskTracker::new(),
-    });
+    let https = tls.is_some();
+    // Dropping this future (an aborted task) stops the workers' accept loops as well.
+    let stop = shutdown.child_token();
+    let _stop_on_drop = stop.clone().drop_guard();
+    let force = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let new_worker = || {
+        Arc::new(Worker {
+            proxy: proxy.clone(),
+            https,
+            client: upstream_client(),
+            http1: http1.clone(),
+            shutdown: stop.clone(),
+            force: force.clone(),
+            tasks: tasks.clone(),
+        })
+    };
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let workers = settings.workers.max(1);
     if let Ok(addr) = listener.local_addr() {
-        info!(%addr, tls = ctx.https, "proxy listening");
+        info!(%addr, tls = https, workers, "proxy listening");
     }
+    if workers == 1 {
+        accept_loop(new_worker(), listener, tls, slots).await;
+    } else {
+        match spawn_workers(workers, &listener, &tls, &slots, new_worker) {
+            Ok(finished) => {
+                drop(listener);
+                for done in finished {
+                    let _ = done.await;
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot start the proxy's worker threads; serving from one task");
+                accept_loop(new_worker(), listener, tls, slots).await;
+            }
+        }
+    }
+    // Long-lived connections close one by one across the drain, each with its reconnect hint
+    // (see `drain.rs`), rather than all at once when it ends.
+    for route in proxy.routes.load().by_host.values() {
+        for backend in &route.backends {
+            backend.start_drain(drain);
+        }
+    }
+    tasks.close();
+    if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
+        warn!(
+            remaining = tasks.len(),
+            "drain deadline passed, closing the remaining connections"
+        );
+        force.cancel();
+        tasks.wait().await;
+    }
+    info!(tls = https, "proxy stopped");
+}
+
+/// Starts `count` worker threads, each with a single-threaded runtime accepting on its own
+/// handle of `listener`; each receiver completes when that worker has stopped accepting. A
+/// worker thread ends once every connection of the listener has (its runtime drives its own).
+fn spawn_workers(
+    count: usize,
+    listener: &TcpListener,
+    tls: &Option<tokio_rustls::TlsAcceptor>,
+    slots: &Arc<Semaphore>,
+    new_worker: impl Fn() -> Arc<Worker>,
+) -> io::Result<Vec<oneshot::Receiver<()>>> {
+    // A duplicate of the descriptor per worker: the kernel hands each connection to one of
+    // the threads waiting in accept.
+    let handles = (0..count)
+        .map(|_| {
+            let fd = listener.as_fd().try_clone_to_owned()?;
+            Ok(std::net::TcpListener::from(fd))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let runtimes = (0..count)
+        .map(|_| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    // `proxy-<port>-<n>`: within the 15 bytes Linux keeps of a thread's name, and it tells
+    // the listeners apart in `top -H`.
+    let port = listener.local_addr().map_or(0, |addr| addr.port());
+    let mut finished = Vec::with_capacity(count);
+    for (index, (handle, runtime)) in handles.into_iter().zip(runtimes).enumerate() {
+        let (done, finished_rx) = oneshot::channel();
+        let worker = new_worker();
+        let tls = tls.clone();
+        let slots = slots.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("proxy-{port}-{index}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match TcpListener::from_std(handle) {
+                        Ok(listener) => accept_loop(worker.clone(), listener, tls, slots).await,
+                        Err(e) => warn!(error = %e, "a proxy worker cannot listen"),
+                    }
+                    let _ = done.send(());
+                    worker.tasks.wait().await;
+                });
+            });
+        match spawned {
+            Ok(_) => finished.push(finished_rx),
+            // The workers already running serve the listener alone.
+            Err(e) if !finished.is_empty() => {
+                warn!(error = %e, started = finished.len(), "cannot start every proxy worker thread");
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(finished)
+}
+
+/// Accepts connections on `listener` until shutdown, one task each on the current runtime.
+async fn accept_loop(
+    worker: Arc<Worker>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    slots: Arc<Semaphore>,
+) {
+    let shutdown = worker.shutdown.clone();
+    let handshake_timeout = worker.proxy.settings.header_read_timeout;
     loop {
         let permit = tokio::select! {
             permit = slots.clone().acquire_owned() => match permit {
@@ -102,20 +227,20 @@ pub(crate) async fn serve(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let ctx2 = ctx.clone();
+        let worker2 = worker.clone();
         match &tls {
             None => {
-                ctx.tasks.spawn(connection(ctx2, tcp, peer, permit));
+                worker.tasks.spawn(connection(worker2, tcp, peer, permit));
             }
             Some(acceptor) => {
                 let accept = acceptor.accept(tcp);
-                ctx.tasks.spawn(async move {
+                worker.tasks.spawn(async move {
                     let stream = tokio::select! {
                         stream = tokio::time::timeout(handshake_timeout, accept) => stream,
-                        () = ctx2.force.cancelled() => return,
+                        () = worker2.force.cancelled() => return,
                     };
                     match stream {
-                        Ok(Ok(stream)) => connection(ctx2, stream, peer, permit).await,
+                        Ok(Ok(stream)) => connection(worker2, stream, peer, permit).await,
                         Ok(Err(e)) => debug!(%peer, error = %e, "tls handshake failed"),
                         Err(_) => debug!(%peer, "tls handshake timed out"),
                     }
@@ -123,34 +248,16 @@ pub(crate) async fn serve(
             }
         }
     }
-    drop(listener);
-    // Long-lived connections close one by one across the drain, each with its reconnect hint
-    // (see `drain.rs`), rather than all at once when it ends.
-    for route in proxy.routes.load().by_host.values() {
-        for backend in &route.backends {
-            backend.start_drain(drain);
-        }
-    }
-    ctx.tasks.close();
-    if tokio::time::timeout(drain, ctx.tasks.wait()).await.is_err() {
-        warn!(
-            remaining = ctx.tasks.len(),
-            "drain deadline passed, closing the remaining connections"
-        );
-        ctx.force.cancel();
-        ctx.tasks.wait().await;
-    }
-    info!(tls = ctx.https, "proxy stopped");
 }
 
 /// Serves one client connection until it closes, is idle too long, or shutdown ends it.
-async fn connection<IO>(ctx: Arc<Listener>, io: IO, peer: SocketAddr, slot: OwnedSemaphorePermit)
+async fn connection<IO>(ctx: Arc<Worker>, io: IO, peer: SocketAddr, slot: OwnedSemaphorePermit)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
     let state = Arc::new(Conn {
-        listener: ctx.clone(),
+        worker: ctx.clone(),
         peer,
         activity: activity.clone(),
         _slot: slot,
