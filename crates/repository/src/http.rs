@@ -206,9 +206,15 @@ async fn receive_release(
         .acquire()
         .await
         .map_err(|_| ApiError::Unavailable("the repository is shutting down".into()))?;
-    let spooled = upload::spool(body, &state.spool_dir, declared, state.max_bundle_bytes).await?;
+    let (spooled, info) = upload::receive(
+        body,
+        &state.spool_dir,
+        declared,
+        state.max_bundle_bytes,
+        state.bundle_limits.clone(),
+    )
+    .await?;
     state.metrics.upload_bytes.add(spooled.size);
-    let info = upload::inspect(&spooled.file, state.bundle_limits.clone()).await?;
     if info.manifest.name != app {
         return Err(ApiError::InvalidBundle(format!(
             "app.toml: field `name`: is {:?} but this upload is for app {app:?}; fix the name or deploy to {:?}",

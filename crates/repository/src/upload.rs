@@ -1,16 +1,26 @@
-//! Receiving a bundle: the request body streams into a spool file while it is hashed and
-//! counted, then the bundle's content is inspected. Nothing becomes visible until the caller
-//! commits; on any error the spool file is deleted when the [`Spooled`] value drops.
+//! Receiving a bundle: the request body streams into a spool file, hashed on the way by the
+//! writer's blocking thread, and at the same time into the bundle inspector on another, so the
+//! bundle is read once and the three stages (network, disk, inspection) overlap. Nothing becomes visible until the caller commits; on any error the spool file
+//! is deleted when the [`Spooled`] value drops.
 
+use std::io::{Read, Write as _};
 use std::path::Path;
 
 use axum::body::Body;
+use bytes::{Buf, Bytes};
 use futures_util::StreamExt;
 use px_bundle::{BundleError, BundleInfo, Limits};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
 
 use crate::error::ApiError;
+
+/// Body chunks on their way to the inspector: when it is slower than the network, receiving
+/// waits for it rather than holding the bundle in memory. hyper hands over chunks of up to
+/// about 400 KiB on a fast link, so this holds at most a few MiB.
+pub const INSPECT_QUEUE_CHUNKS: usize = 16;
+/// Body chunks on their way to the spool file's writer, bounded for the same reason.
+pub const SPOOL_QUEUE_CHUNKS: usize = 16;
 
 /// A fully received bundle whose digest matched.
 pub struct Spooled {
@@ -20,12 +30,14 @@ pub struct Spooled {
 }
 
 /// Streams `body` into a new file in `dir`, refusing it past `max_bytes` or when its SHA-256 is
-/// not `declared`.
-pub async fn spool(
+/// not `declared`, and sends each chunk to `inspector` while it listens. Hashing and writing
+/// run on a blocking thread of their own, so receiving the next chunk never waits for them.
+async fn spool(
     body: Body,
     dir: &Path,
     declared: &str,
     max_bytes: u64,
+    inspector: mpsc::Sender<Bytes>,
 ) -> Result<Spooled, ApiError> {
     let named = tempfile::Builder::new()
         .prefix("upload-")
@@ -33,40 +45,49 @@ pub async fn spool(
         .map_err(|e| {
             ApiError::Internal(format!("creating spool file in {}: {e}", dir.display()))
         })?;
-    let (std_file, path) = named.into_parts();
-    let mut file =
-        tokio::io::BufWriter::with_capacity(256 * 1024, tokio::fs::File::from_std(std_file));
-    let mut hasher = Sha256::new();
+    let (file, path) = named.into_parts();
+    let (to_disk, chunks) = mpsc::channel(SPOOL_QUEUE_CHUNKS);
+    let writer = tokio::task::spawn_blocking(move || write_and_hash(file, chunks));
     let mut size: u64 = 0;
+    let mut inspector = Some(inspector);
     let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::BadRequest(format!(
-                "upload interrupted after {size} bytes: {e}; nothing was stored"
-            ))
-        })?;
-        size += chunk.len() as u64;
-        if size > max_bytes {
-            return Err(ApiError::TooLarge { max: max_bytes });
+    let received = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::BadRequest(format!(
+                    "upload interrupted after {size} bytes: {e}; nothing was stored"
+                ))
+            })?;
+            size += chunk.len() as u64;
+            if size > max_bytes {
+                return Err(ApiError::TooLarge { max: max_bytes });
+            }
+            // An inspector that has stopped (it found an error, or the bundle's end) reads no
+            // more.
+            if let Some(tx) = &inspector
+                && tx.send(chunk.clone()).await.is_err()
+            {
+                inspector = None;
+            }
+            // A writer that has stopped failed: its error is reported below.
+            if to_disk.send(chunk).await.is_err() {
+                break;
+            }
         }
-        hasher.update(&chunk);
-        file.write_all(&chunk)
-            .await
-            .map_err(|e| ApiError::Internal(format!("writing spool file: {e}")))?;
+        Ok(())
     }
+    .await;
+    drop(to_disk);
+    let written = writer
+        .await
+        .map_err(|e| ApiError::Internal(format!("spool writer task: {e}")))?;
+    received?;
     if size == 0 {
         return Err(ApiError::BadRequest(
             "the upload is empty; send the bundle as the request body".into(),
         ));
     }
-    file.flush()
-        .await
-        .map_err(|e| ApiError::Internal(format!("writing spool file: {e}")))?;
-    file.get_ref()
-        .sync_all()
-        .await
-        .map_err(|e| ApiError::Internal(format!("syncing spool file: {e}")))?;
-    let actual = hex::encode(hasher.finalize());
+    let actual = written.map_err(|e| ApiError::Internal(format!("writing spool file: {e}")))?;
     if actual != declared {
         return Err(ApiError::DigestMismatch {
             declared: declared.into(),
@@ -80,23 +101,79 @@ pub async fn spool(
     })
 }
 
-/// Checks every entry of a spooled bundle and reads its manifest (blocking work, on a
-/// blocking thread).
-pub async fn inspect(file: &Path, limits: Limits) -> Result<BundleInfo, ApiError> {
-    let path = file.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let reader = std::io::BufReader::new(
-            std::fs::File::open(&path)
-                .map_err(|e| ApiError::Internal(format!("reopening spool file: {e}")))?,
-        );
-        px_bundle::inspect(reader, &limits).map_err(|e: BundleError| {
-            if e.is_client_error() {
-                ApiError::InvalidBundle(format!("invalid bundle: {e}"))
-            } else {
-                ApiError::Internal(format!("inspecting bundle: {e}"))
+/// Writes every chunk to `file` as it comes, hashing it, then syncs the file: the spool
+/// writer's blocking thread. Returns the SHA-256 of what was written.
+fn write_and_hash(
+    mut file: std::fs::File,
+    mut chunks: mpsc::Receiver<Bytes>,
+) -> std::io::Result<String> {
+    let mut hasher = Sha256::new();
+    while let Some(chunk) = chunks.blocking_recv() {
+        hasher.update(&chunk);
+        file.write_all(&chunk)?;
+    }
+    file.sync_all()?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Receives a bundle: streams `body` into a spool file in `dir`, refusing it past `max_bytes`
+/// or when its SHA-256 is not `declared`, while the bundle's entries are checked and its
+/// manifest read from the same bytes as they arrive. The spool's errors (too large,
+/// interrupted, digest mismatch) come before the inspection's.
+pub async fn receive(
+    body: Body,
+    dir: &Path,
+    declared: &str,
+    max_bytes: u64,
+    limits: Limits,
+) -> Result<(Spooled, BundleInfo), ApiError> {
+    let (chunks, rx) = mpsc::channel(INSPECT_QUEUE_CHUNKS);
+    let inspector =
+        tokio::task::spawn_blocking(move || px_bundle::inspect(ChunkReader::new(rx), &limits));
+    let spooled = spool(body, dir, declared, max_bytes, chunks).await;
+    let inspected = inspector
+        .await
+        .map_err(|e| ApiError::Internal(format!("inspect task: {e}")))?;
+    let spooled = spooled?;
+    let info = inspected.map_err(inspect_error)?;
+    Ok((spooled, info))
+}
+
+/// The bundle inspector's input: the body's chunks, in order, until the sender is gone.
+struct ChunkReader {
+    rx: mpsc::Receiver<Bytes>,
+    chunk: Bytes,
+}
+
+impl ChunkReader {
+    fn new(rx: mpsc::Receiver<Bytes>) -> Self {
+        Self {
+            rx,
+            chunk: Bytes::new(),
+        }
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.chunk = chunk,
+                // The whole body was sent (or receiving failed, and the spool's error wins).
+                None => return Ok(0),
             }
-        })
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("inspect task: {e}")))?
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        self.chunk.advance(n);
+        Ok(n)
+    }
+}
+
+fn inspect_error(e: BundleError) -> ApiError {
+    if e.is_client_error() {
+        ApiError::InvalidBundle(format!("invalid bundle: {e}"))
+    } else {
+        ApiError::Internal(format!("inspecting bundle: {e}"))
+    }
 }

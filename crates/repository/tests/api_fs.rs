@@ -209,6 +209,40 @@ async fn hostile_bundles_are_refused_naming_the_path() {
 }
 
 #[tokio::test]
+async fn a_body_that_is_no_bundle_is_read_to_its_end_and_refused() {
+    // The inspector gives up on the first bytes while the upload goes on far past its queue:
+    // the digest is still checked over the whole body, and nothing is kept either way.
+    let repo = Repo::start_fs().await;
+    repo.create_app("hello").await;
+    let garbage: Vec<u8> = (0..8 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let body = refused(&repo, &garbage).await;
+    assert_eq!(body.code, "invalid_bundle", "{}", body.message);
+    let r = repo
+        .http
+        .post(format!("{}/v1/apps/hello/releases", repo.url))
+        .bearer_auth(&repo.deploy_token)
+        .header(px_proto::api::HEADER_BUNDLE_SHA256, "b".repeat(64))
+        .body(garbage.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: ErrorBody = r.json().await.unwrap();
+    assert_eq!(body.code, "digest_mismatch", "{}", body.message);
+    assert!(
+        body.message.contains(&sha256_hex(&garbage)),
+        "{}",
+        body.message
+    );
+    assert!(repo.releases("hello").await.is_empty());
+    assert!(!repo.data.path().join("storage/bundles").exists());
+    repo.assert_spool_empties().await;
+    repo.stop().await;
+}
+
+#[tokio::test]
 async fn bad_manifests_are_refused_naming_the_field() {
     let repo = Repo::start_fs().await;
     repo.create_app("hello").await;
