@@ -1023,6 +1023,25 @@ async fn access_log_and_metrics_record_each_request() {
     );
 }
 
+/// A request to the app's `/stream`, its first chunk received: a request in flight.
+async fn open_stream(proxy: &Harness) -> reqwest::Response {
+    let client = proxy.client(&["app.localhost"]);
+    let mut r = client
+        .get(proxy.url("app.localhost", "/stream"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.chunk().await.unwrap().unwrap().as_ref(), b"first chunk\n");
+    r
+}
+
+/// Lets `app` finish the stream `r` and checks that it arrives whole.
+async fn finish_stream(app: &Upstream, mut r: reqwest::Response) {
+    app.release();
+    assert_eq!(r.chunk().await.unwrap().unwrap().as_ref(), b"last chunk\n");
+    assert!(r.chunk().await.unwrap().is_none());
+}
+
 #[tokio::test]
 async fn shutdown_lets_open_requests_finish() {
     let app = Upstream::start("app").await;
@@ -1034,13 +1053,7 @@ async fn shutdown_lets_open_requests_finish() {
         settings(),
     )
     .await;
-    let client = proxy.client(&["app.localhost"]);
-    let mut r = client
-        .get(proxy.url("app.localhost", "/stream"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.chunk().await.unwrap().unwrap().as_ref(), b"first chunk\n");
+    let r = open_stream(&proxy).await;
     proxy.shutdown.cancel();
     // New connections are refused once the listener is gone...
     let addr = proxy.addr;
@@ -1052,9 +1065,7 @@ async fn shutdown_lets_open_requests_finish() {
     }
     assert!(refused, "still accepting after shutdown");
     // ...while the open one completes.
-    app.release();
-    assert_eq!(r.chunk().await.unwrap().unwrap().as_ref(), b"last chunk\n");
-    assert!(r.chunk().await.unwrap().is_none());
+    finish_stream(&app, r).await;
     let task = proxy.task.take().unwrap();
     tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap();
 }
@@ -1308,13 +1319,7 @@ async fn worker_threads_serve_the_listener_and_end_after_the_drain() {
         assert_eq!(request.await.unwrap(), "hello from app");
     }
     // A request in flight when shutdown begins still completes; then the workers end.
-    let client = proxy.client(&["app.localhost"]);
-    let mut r = client
-        .get(proxy.url("app.localhost", "/stream"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.chunk().await.unwrap().unwrap().as_ref(), b"first chunk\n");
+    let r = open_stream(&proxy).await;
     proxy.shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
@@ -1322,9 +1327,7 @@ async fn worker_threads_serve_the_listener_and_end_after_the_drain() {
         3,
         "workers ended with a request open"
     );
-    app.release();
-    assert_eq!(r.chunk().await.unwrap().unwrap().as_ref(), b"last chunk\n");
-    assert!(r.chunk().await.unwrap().is_none());
+    finish_stream(&app, r).await;
     let task = proxy.task.take().unwrap();
     tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap();
     eventually("the proxy's worker threads ended", || {
