@@ -78,10 +78,10 @@ pub const WRITE_QUEUE_LINES: usize = 256;
 /// Most lines written in one blocking call: amortises the hop to the blocking pool while
 /// keeping each call short.
 pub const WRITE_BATCH_LINES: usize = 256;
-/// How long the access log's stages let records gather after the first one before they
-/// handle them: under load one wake-up and one write per batch rather than per request, which
-/// the proxy benchmark showed costing a fifth of its throughput; lines reach the file this much
-/// later.
+/// How long each of the access log's two stages (formatting, writing) lets records gather
+/// after the first one before it handles them: under load one wake-up and one write per batch
+/// rather than per request, which the proxy benchmark showed costing a fifth of its
+/// throughput; a line reaches the file up to twice this later.
 pub const ACCESS_LOG_GATHER: Duration = Duration::from_millis(20);
 /// A log file not written for this long is closed (and reopened on the next line), so a
 /// quiet or removed app does not hold file descriptors, and a log file an operator moved or

@@ -1,7 +1,8 @@
 //! Receiving a bundle: the request body streams into a spool file, hashed on the way by the
 //! writer's blocking thread, and at the same time into the bundle inspector on another, so the
-//! bundle is read once and the three stages (network, disk, inspection) overlap. Nothing becomes visible until the caller commits; on any error the spool file
-//! is deleted when the [`Spooled`] value drops.
+//! bundle is read once and the three stages (network, disk, inspection) overlap. Nothing
+//! becomes visible until the caller commits; on any error the spool file is deleted when the
+//! [`Spooled`] value drops.
 
 use std::io::{Read, Write as _};
 use std::path::Path;
