@@ -261,6 +261,14 @@ async fn bad_manifests_are_refused_naming_the_field() {
         ),
         (b"name = \"other\"\nrun = \"x\"\n", "name"),
         (b"name = \"hello\"\n", "apprunner"),
+        (
+            b"name = \"hello\"\nrun = \"x\"\nruntime = \"python3>=three\"\n",
+            "runtime",
+        ),
+        (
+            b"name = \"hello\"\nrun = \"x\"\nrequires = [\"ffmpeg\", \"rm -rf\"]\n",
+            "requires[1]",
+        ),
     ];
     for (manifest, field) in cases {
         let body = refused(&repo, &raw_bundle(&[Raw::File("app.toml", manifest)])).await;
