@@ -124,8 +124,8 @@ impl Default for Rotation {
     }
 }
 
-/// A file that rotates by size. Each `write_line` appends one whole line with one `write`
-/// call; when the line would take the file past `max_file_bytes`, the file is first renamed to
+/// A file that rotates by size. Lines are appended whole, a batch of them with one `write`
+/// call; when a line would take the file past `max_file_bytes`, the file is first renamed to
 /// `.1` (shifting `.1` to `.2` and so on, dropping the one beyond `keep_files`) and a new one is
 /// opened. After an error the file is reopened on the next write rather than failing forever.
 ///
@@ -169,46 +169,87 @@ impl RotatingFile {
     /// written as the two characters `\n`, so one call is always one line in the file (and an
     /// access-log field cannot forge a record).
     pub fn write_line(&mut self, line: &str) -> io::Result<()> {
-        let mut body = Vec::with_capacity(line.len() + 1);
-        for &b in line.as_bytes() {
-            if b == b'\n' {
-                body.extend_from_slice(b"\\n");
-            } else {
-                body.push(b);
+        match self.write_lines(&[line]) {
+            (_, Some(e)) => Err(e),
+            (_, None) => Ok(()),
+        }
+    }
+
+    /// Appends each of `lines` as [`write_line`](Self::write_line) would, with one `write` per
+    /// run of lines that fits before the next rotation rather than one per line: a busy access
+    /// log or app writes thousands of lines a second. Returns how many lines were not written
+    /// and the first error; after an error the rest of the batch still gets a chance (the file
+    /// is reopened), as one `write_line` per line would give it.
+    pub fn write_lines<S: AsRef<str>>(&mut self, lines: &[S]) -> (u64, Option<io::Error>) {
+        let mut dropped = 0;
+        let mut first_error = None;
+        let mut run = Run::default();
+        for line in lines {
+            let start = run.bytes.len();
+            run.push(line.as_ref());
+            if let Err(e) = self.ensure_open() {
+                // Nothing can be written until the file opens again: this line is lost.
+                run.pop(start);
+                dropped += 1;
+                first_error.get_or_insert(e);
+                continue;
+            }
+            let line_bytes = (run.bytes.len() - start) as u64;
+            let before = self.size + u64::from(self.torn) + start as u64;
+            if before > 0 && before.saturating_add(line_bytes) > self.rotation.max_file_bytes {
+                // The lines before this one go into the current file; this one starts the next.
+                let tail = run.split_off(start);
+                self.flush(&mut run, &mut dropped, &mut first_error);
+                run = tail;
+                // After a failed write the file is reopened, so the size is the real one.
+                let rotated = match self.ensure_open().map(|_| ()) {
+                    Ok(()) if self.size == 0 => Ok(()),
+                    Ok(()) => self.rotate(),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = rotated {
+                    // The line is not written: the disk stays bounded, and the next line
+                    // tries the rotation again.
+                    run.pop(0);
+                    dropped += 1;
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        body.push(b'\n');
+        self.flush(&mut run, &mut dropped, &mut first_error);
+        (dropped, first_error)
+    }
 
-        self.ensure_open()?;
-        let needed = body.len() as u64 + u64::from(self.torn);
-        if self.size > 0 && self.size.saturating_add(needed) > self.rotation.max_file_bytes {
-            // When the rotation fails the line is not written: the disk stays bounded, and
-            // the next line tries the rotation again.
-            self.rotate()?;
+    /// Writes `run` (emptying it) with as few `write` calls as the kernel allows, counting the
+    /// lines that did not make it whole.
+    fn flush(&mut self, run: &mut Run, dropped: &mut u64, first_error: &mut Option<io::Error>) {
+        if run.lines == 0 {
+            return;
         }
         let torn = self.torn;
-        let file = self.ensure_open()?;
-        let result = if torn {
-            let mut buf = Vec::with_capacity(body.len() + 1);
-            buf.push(b'\n');
-            buf.extend_from_slice(&body);
-            file.write_all(&buf).map(|()| buf.len())
-        } else {
-            file.write_all(&body).map(|()| body.len())
-        };
+        let result = self.ensure_open().and_then(|file| {
+            if torn {
+                file.write_all(b"\n")?;
+            }
+            file.write_all(&run.bytes)
+        });
         match result {
-            Ok(written) => {
-                self.size += written as u64;
+            Ok(()) => {
+                self.size += run.bytes.len() as u64 + u64::from(torn);
                 self.torn = false;
-                Ok(())
             }
             Err(e) => {
+                // Some lines may have reached the file before the error; which ones is not
+                // known, so all count as lost and the next write starts on a fresh line.
                 // Reopening reads the real size back; the handle may be what is broken.
+                *dropped += run.lines;
                 self.torn = true;
                 self.file = None;
-                Err(annotate(e, "writing", &self.path))
+                first_error.get_or_insert(annotate(e, "writing", &self.path));
             }
         }
+        run.bytes.clear();
+        run.lines = 0;
     }
 
     /// Closes the file; the next write reopens it.
@@ -259,6 +300,47 @@ impl RotatingFile {
         self.torn = false;
         tracing::debug!(path = %self.path.display(), "log file rotated");
         Ok(())
+    }
+}
+
+/// Lines encoded for one `write`: each ends with a newline, and a newline inside a line is
+/// written as the two characters `\n`.
+#[derive(Default)]
+struct Run {
+    bytes: Vec<u8>,
+    lines: u64,
+}
+
+impl Run {
+    fn push(&mut self, line: &str) {
+        for chunk in line.as_bytes().split_inclusive(|&b| b == b'\n') {
+            match chunk.strip_suffix(b"\n") {
+                Some(text) => {
+                    self.bytes.extend_from_slice(text);
+                    self.bytes.extend_from_slice(b"\\n");
+                }
+                None => self.bytes.extend_from_slice(chunk),
+            }
+        }
+        self.bytes.push(b'\n');
+        self.lines += 1;
+    }
+
+    /// Drops the last line, which starts at byte `start`.
+    fn pop(&mut self, start: usize) {
+        self.bytes.truncate(start);
+        self.lines -= 1;
+    }
+
+    /// The lines from byte `start` on, which must be where a line starts.
+    fn split_off(&mut self, start: usize) -> Run {
+        let bytes = self.bytes.split_off(start);
+        let moved = bytes.iter().filter(|&&b| b == b'\n').count() as u64;
+        self.lines -= moved;
+        Run {
+            bytes,
+            lines: moved,
+        }
     }
 }
 
@@ -848,14 +930,7 @@ fn write_batch(
             Err(e) => return (None, lines.len() as u64, Some(e)),
         },
     };
-    let mut dropped = 0;
-    let mut first_error = None;
-    for line in lines {
-        if let Err(e) = file.write_line(line) {
-            dropped += 1;
-            first_error.get_or_insert(e);
-        }
-    }
+    let (dropped, first_error) = file.write_lines(lines);
     (Some(file), dropped, first_error)
 }
 
@@ -1058,6 +1133,62 @@ mod tests {
             lines_of(&rotated_1).last().unwrap(),
             written.last().unwrap()
         );
+    }
+
+    #[test]
+    fn batches_land_in_the_same_files_as_lines_written_one_by_one() {
+        let rotation = Rotation {
+            max_file_bytes: 100,
+            keep_files: 3,
+        };
+        // Lengths that straddle the bound at different places, one longer than the bound,
+        // and a newline that must stay inside its line.
+        let written: Vec<String> = (0..23)
+            .map(|i| match i {
+                9 => "a line far longer than the whole bound of this file ".repeat(3),
+                14 => format!("line {i} with\na newline"),
+                _ => format!("line {i:02} {}", "x".repeat(i * 3 % 40)),
+            })
+            .collect();
+        let one_by_one = tempfile::tempdir().unwrap();
+        let mut file = RotatingFile::open(&one_by_one.path().join("a.log"), rotation).unwrap();
+        for line in &written {
+            file.write_line(line).unwrap();
+        }
+        for batch_size in [1, 2, 7, 23] {
+            let batched = tempfile::tempdir().unwrap();
+            let mut file = RotatingFile::open(&batched.path().join("a.log"), rotation).unwrap();
+            for batch in written.chunks(batch_size) {
+                let (dropped, error) = file.write_lines(batch);
+                assert_eq!((dropped, error.map(|e| e.to_string())), (0, None));
+            }
+            for name in ["a.log", "a.log.1", "a.log.2", "a.log.3"] {
+                assert_eq!(
+                    read(&batched.path().join(name)),
+                    read(&one_by_one.path().join(name)),
+                    "{name} with batches of {batch_size}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_that_cannot_be_written_counts_every_line_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app").join(STDOUT_FILE);
+        let mut file = RotatingFile::open(&path, Rotation::default()).unwrap();
+        file.write_line("before").unwrap();
+        // The directory is replaced by a file: the log cannot be reopened there.
+        file.close();
+        std::fs::remove_dir_all(dir.path().join("app")).unwrap();
+        std::fs::write(dir.path().join("app"), "").unwrap();
+        let (dropped, error) = file.write_lines(&["one", "two", "three"]);
+        assert_eq!(dropped, 3);
+        assert!(error.unwrap().to_string().contains("creating"));
+        // Once the directory is back, writing works again.
+        std::fs::remove_file(dir.path().join("app")).unwrap();
+        assert_eq!(file.write_lines(&["four"]).0, 0);
+        assert_eq!(read(&path), "four\n");
     }
 
     #[test]
