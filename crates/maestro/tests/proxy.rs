@@ -1288,6 +1288,62 @@ fn proxy_worker_threads(port: u16) -> usize {
 }
 
 #[tokio::test]
+async fn keep_alive_connections_are_spread_over_the_worker_threads() {
+    const WORKERS: usize = 3;
+    const CONNECTIONS: usize = 30;
+    let app = Upstream::start("app").await;
+    let proxy = Harness::start(
+        table(&[(
+            "app.localhost",
+            route("app", vec![backend("app", &app)], vec![]),
+        )]),
+        ProxySettings {
+            workers: WORKERS,
+            ..settings()
+        },
+    )
+    .await;
+    // Connections arrive in a burst and stay open, as a browser's or a load balancer's do.
+    let mut conns = Vec::new();
+    for _ in 0..CONNECTIONS {
+        conns.push(proxy.raw().await);
+    }
+    for conn in &mut conns {
+        conn.send(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+            .await
+            .unwrap();
+    }
+    for conn in &mut conns {
+        assert_eq!(conn.response().await.unwrap().body, b"hello from app");
+    }
+    let open = proxy.metrics.open_connections("http");
+    assert_eq!(open.len(), WORKERS);
+    assert_eq!(open.iter().sum::<usize>(), CONNECTIONS, "{open:?}");
+    // Each worker holds about its share (10): a worker more than a few connections ahead of
+    // another leaves new ones to it. Unbalanced, one thread takes nearly all of a burst and
+    // another none; a loaded machine may delay a worker past its wait, so the bound is a third
+    // of the share.
+    let share = CONNECTIONS / WORKERS;
+    assert!(
+        open.iter().all(|&n| n >= share / 3),
+        "connections per worker: {open:?}"
+    );
+    let text = proxy.metrics.render();
+    assert!(
+        text.contains(&format!(
+            "maestro_proxy_open_connections{{listener=\"http\",worker=\"0\"}} {}",
+            open[0]
+        )),
+        "{text}"
+    );
+    drop(conns);
+    eventually("every connection counted closed", || {
+        proxy.metrics.open_connections("http").iter().sum::<usize>() == 0
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn worker_threads_serve_the_listener_and_end_after_the_drain() {
     let app = Upstream::start("app").await;
     let mut proxy = Harness::start(

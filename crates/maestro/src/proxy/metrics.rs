@@ -1,10 +1,10 @@
-//! Per-app request counters and latency histograms, rendered as Prometheus text for Maestro's
-//! `/metrics`.
+//! Per-app request counters and latency histograms, and open connections per proxy worker
+//! thread, rendered as Prometheus text for Maestro's `/metrics`.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the latency histogram buckets: Prometheus' default buckets, which
@@ -30,9 +30,50 @@ struct AppStats {
 #[derive(Debug, Default)]
 pub struct ProxyMetrics {
     apps: RwLock<HashMap<String, Arc<AppStats>>>,
+    /// Open connections of each listener (`http`, `https`) by worker thread, in start order.
+    listeners: Mutex<Vec<(&'static str, Arc<WorkerConnections>)>>,
 }
 
 impl ProxyMetrics {
+    /// The open-connection gauges of a listener with `workers` threads, shown as `listener`
+    /// (replacing those of an earlier listener of that name).
+    pub(crate) fn listener(
+        &self,
+        listener: &'static str,
+        workers: usize,
+    ) -> Arc<WorkerConnections> {
+        let gauges = Arc::new(WorkerConnections {
+            open: (0..workers.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+        });
+        let mut listeners = self
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        listeners.retain(|(name, _)| *name != listener);
+        listeners.push((listener, gauges.clone()));
+        gauges
+    }
+
+    /// Open client connections of `listener`, one count per worker thread; empty when no
+    /// such listener runs. For tests and the status page.
+    pub fn open_connections(&self, listener: &str) -> Vec<usize> {
+        let listeners = self
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        listeners
+            .iter()
+            .find(|(name, _)| *name == listener)
+            .map(|(_, gauges)| {
+                gauges
+                    .open
+                    .iter()
+                    .map(|n| n.load(Ordering::Relaxed))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Counts one response of `app` with `status`, answered after `elapsed`.
     pub fn record(&self, app: &str, status: u16, elapsed: Duration) {
         let stats = self.stats(app);
@@ -123,7 +164,70 @@ impl ProxyMetrics {
                 stats.count.load(Ordering::Relaxed)
             );
         }
+        out.push_str(
+            "# HELP maestro_proxy_open_connections Client connections open, by listener and proxy worker thread.\n\
+             # TYPE maestro_proxy_open_connections gauge\n",
+        );
+        for (listener, gauges) in self
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            for (worker, open) in gauges.open.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "maestro_proxy_open_connections{{listener=\"{listener}\",worker=\"{worker}\"}} {}",
+                    open.load(Ordering::Relaxed)
+                );
+            }
+        }
         out
+    }
+}
+
+/// Open client connections of one listener, per worker thread: the gauge `/metrics` shows,
+/// and what a worker looks at before it accepts (see `server::ACCEPT_BALANCE_SLACK`).
+#[derive(Debug)]
+pub(crate) struct WorkerConnections {
+    open: Box<[AtomicUsize]>,
+}
+
+impl WorkerConnections {
+    /// Counts a connection of `worker` as open until the returned guard is dropped.
+    pub(crate) fn opened(self: &Arc<Self>, worker: usize) -> OpenConnection {
+        self.open[worker].fetch_add(1, Ordering::Relaxed);
+        OpenConnection {
+            gauges: self.clone(),
+            worker,
+        }
+    }
+
+    /// How many more connections `worker` holds than the least busy other worker; 0 when it
+    /// holds no more, or is the only one.
+    pub(crate) fn excess(&self, worker: usize) -> usize {
+        let mine = self.open[worker].load(Ordering::Relaxed);
+        let least_other = self
+            .open
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != worker)
+            .map(|(_, n)| n.load(Ordering::Relaxed))
+            .min();
+        least_other.map_or(0, |least| mine.saturating_sub(least))
+    }
+}
+
+/// One open connection in [`WorkerConnections`]; dropping it counts the connection closed.
+#[derive(Debug)]
+pub(crate) struct OpenConnection {
+    gauges: Arc<WorkerConnections>,
+    worker: usize,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.gauges.open[self.worker].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -168,5 +272,30 @@ mod tests {
             text.contains("maestro_request_duration_seconds_bucket{app=\"hello\",le=\"+Inf\"} 3")
         );
         assert!(text.contains("maestro_request_duration_seconds_count{app=\"hello\"} 3"));
+    }
+
+    #[test]
+    fn open_connections_count_per_worker_until_their_guards_drop() {
+        let m = ProxyMetrics::default();
+        let gauges = m.listener("http", 3);
+        let a = gauges.opened(0);
+        let b = gauges.opened(0);
+        let c = gauges.opened(2);
+        assert_eq!(m.open_connections("http"), vec![2, 0, 1]);
+        assert_eq!(
+            (gauges.excess(0), gauges.excess(1), gauges.excess(2)),
+            (2, 0, 1)
+        );
+        assert!(
+            m.render()
+                .contains("maestro_proxy_open_connections{listener=\"http\",worker=\"0\"} 2")
+        );
+        drop((a, b, c));
+        assert_eq!(m.open_connections("http"), vec![0, 0, 0]);
+        assert!(m.open_connections("https").is_empty());
+        // One worker has nobody to hand connections to.
+        let alone = m.listener("https", 1);
+        let _d = alone.opened(0);
+        assert_eq!(alone.excess(0), 0);
     }
 }

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use super::metrics::{OpenConnection, WorkerConnections};
 use super::{MAX_CONNECTIONS, MIN_HEADER_BYTES, Proxy, UpstreamClient, handle, upstream_client};
 
 /// Pause after a failed `accept` (typically out of file descriptors) so the loop does not spin
@@ -37,9 +38,23 @@ pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// way; closing its connection unanswered would fail that request, and under socket activation
 /// Maestro's restart is meant to fail none.
 pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+/// How many more open connections than its listener's least busy worker a worker may hold
+/// before it leaves new ones to the others. The kernel wakes every worker for a new connection
+/// and the first to call `accept` wins, which in a burst is the one already running: without
+/// this, one thread could end up holding most keep-alive or WebSocket connections, with one
+/// core for all of them, while another thread idles.
+pub const ACCEPT_BALANCE_SLACK: usize = 4;
+/// How long a worker over its share waits before it accepts again. Another worker takes the
+/// connection meanwhile; when none does (all are busy), this one takes it after the wait, so
+/// a stuck worker never holds connections back.
+pub const ACCEPT_DEFER: Duration = Duration::from_millis(1);
 
 /// One worker thread of a listener, as its connections see it.
 pub(crate) struct Worker {
+    /// This worker's place among its listener's workers, from 0.
+    index: usize,
+    /// Open connections of each worker of the listener, this one's included.
+    connections: Arc<WorkerConnections>,
     pub(crate) proxy: Arc<Proxy>,
     pub(crate) https: bool,
     /// This worker's connections to instances, so that a request and the instance connection
@@ -60,9 +75,15 @@ pub(crate) struct Conn {
     pub(crate) worker: Arc<Worker>,
     pub(crate) peer: SocketAddr,
     pub(crate) activity: Arc<Activity>,
-    /// The connection's slot under [`MAX_CONNECTIONS`], held by the connection and, after an
-    /// upgrade, by its tunnel.
-    _slot: OwnedSemaphorePermit,
+    /// Held by the connection and, after an upgrade, by its tunnel.
+    _slot: Slot,
+}
+
+/// What an accepted connection holds until it closes: its place under [`MAX_CONNECTIONS`]
+/// and its count in its worker's open connections.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _open: OpenConnection,
 }
 
 pub(crate) async fn serve(
@@ -85,8 +106,14 @@ pub(crate) async fn serve(
     let _stop_on_drop = stop.clone().drop_guard();
     let force = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let new_worker = || {
+    let workers = settings.workers.max(1);
+    let connections = proxy
+        .metrics
+        .listener(if https { "https" } else { "http" }, workers);
+    let new_worker = |index| {
         Arc::new(Worker {
+            index,
+            connections: connections.clone(),
             proxy: proxy.clone(),
             https,
             client: upstream_client(),
@@ -97,12 +124,11 @@ pub(crate) async fn serve(
         })
     };
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let workers = settings.workers.max(1);
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, tls = https, workers, "proxy listening");
     }
     if workers == 1 {
-        accept_loop(new_worker(), listener, tls, slots).await;
+        accept_loop(new_worker(0), listener, tls, slots).await;
     } else {
         match spawn_workers(workers, &listener, &tls, &slots, new_worker) {
             Ok(finished) => {
@@ -113,7 +139,7 @@ pub(crate) async fn serve(
             }
             Err(e) => {
                 warn!(error = %e, "cannot start the proxy's worker threads; serving from one task");
-                accept_loop(new_worker(), listener, tls, slots).await;
+                accept_loop(new_worker(0), listener, tls, slots).await;
             }
         }
     }
@@ -144,7 +170,7 @@ fn spawn_workers(
     listener: &TcpListener,
     tls: &Option<tokio_rustls::TlsAcceptor>,
     slots: &Arc<Semaphore>,
-    new_worker: impl Fn() -> Arc<Worker>,
+    new_worker: impl Fn(usize) -> Arc<Worker>,
 ) -> io::Result<Vec<oneshot::Receiver<()>>> {
     // A duplicate of the descriptor per worker: the kernel hands each connection to one of
     // the threads waiting in accept.
@@ -167,7 +193,7 @@ fn spawn_workers(
     let mut finished = Vec::with_capacity(count);
     for (index, (handle, runtime)) in handles.into_iter().zip(runtimes).enumerate() {
         let (done, finished_rx) = oneshot::channel();
-        let worker = new_worker();
+        let worker = new_worker(index);
         let tls = tls.clone();
         let slots = slots.clone();
         let spawned = std::thread::Builder::new()
@@ -212,6 +238,12 @@ async fn accept_loop(
             },
             () = shutdown.cancelled() => break,
         };
+        if worker.connections.excess(worker.index) > ACCEPT_BALANCE_SLACK {
+            tokio::select! {
+                () = tokio::time::sleep(ACCEPT_DEFER) => {}
+                () = shutdown.cancelled() => break,
+            }
+        }
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => break,
@@ -227,10 +259,14 @@ async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
+        let slot = Slot {
+            _permit: permit,
+            _open: worker.connections.opened(worker.index),
+        };
         let worker2 = worker.clone();
         match &tls {
             None => {
-                worker.tasks.spawn(connection(worker2, tcp, peer, permit));
+                worker.tasks.spawn(connection(worker2, tcp, peer, slot));
             }
             Some(acceptor) => {
                 let accept = acceptor.accept(tcp);
@@ -240,7 +276,7 @@ async fn accept_loop(
                         () = worker2.force.cancelled() => return,
                     };
                     match stream {
-                        Ok(Ok(stream)) => connection(worker2, stream, peer, permit).await,
+                        Ok(Ok(stream)) => connection(worker2, stream, peer, slot).await,
                         Ok(Err(e)) => debug!(%peer, error = %e, "tls handshake failed"),
                         Err(_) => debug!(%peer, "tls handshake timed out"),
                     }
@@ -251,7 +287,7 @@ async fn accept_loop(
 }
 
 /// Serves one client connection until it closes, is idle too long, or shutdown ends it.
-async fn connection<IO>(ctx: Arc<Worker>, io: IO, peer: SocketAddr, slot: OwnedSemaphorePermit)
+async fn connection<IO>(ctx: Arc<Worker>, io: IO, peer: SocketAddr, slot: Slot)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
