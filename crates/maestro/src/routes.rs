@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use hyper::http::uri::Authority;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -18,6 +19,10 @@ pub struct Backend {
     pub app: String,
     pub release: u64,
     pub addr: SocketAddr,
+    /// `addr` as the authority of the proxy's requests to it, formatted once rather than per
+    /// request.
+    /// (`None` cannot happen for a socket address; the proxy would answer 400.)
+    authority: Option<Authority>,
     /// Requests (and upgraded connections) in progress on this instance; the supervisor waits
     /// for it to reach zero before stopping a drained instance.
     in_flight: AtomicUsize,
@@ -95,6 +100,7 @@ impl Backend {
             app: app.to_string(),
             release,
             addr,
+            authority: Authority::try_from(addr.to_string()).ok(),
             in_flight: AtomicUsize::new(0),
             drain: watch::channel(None).0,
             long_lived: AtomicUsize::new(0),
@@ -102,6 +108,11 @@ impl Backend {
             cut_at_deadline: AtomicU64::new(0),
             stats,
         })
+    }
+
+    /// The instance's address as the authority of a request URI (`127.0.0.1:41234`).
+    pub fn authority(&self) -> Option<&Authority> {
+        self.authority.as_ref()
     }
 
     /// Orders the instance's long-lived connections to close within `budget` (once; a second

@@ -12,7 +12,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::header::{
     CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, HeaderValue, LOCATION, TRANSFER_ENCODING,
 };
-use hyper::http::uri::{Authority, PathAndQuery, Scheme};
+use hyper::http::uri::{PathAndQuery, Scheme};
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
@@ -220,7 +220,7 @@ async fn forward(
     let proto = if conn.worker.https { "https" } else { "http" };
     headers::set_forwarded(
         &mut headers,
-        conn.peer.ip(),
+        &conn.peer_ip,
         proto,
         host_value,
         settings.trusted_forwarded,
@@ -278,7 +278,7 @@ async fn forward(
 
     loop {
         let addr = backend.addr;
-        let Some(uri) = upstream_uri(addr, path_and_query.clone()) else {
+        let Some(uri) = upstream_uri(&backend, path_and_query.clone()) else {
             let response = page(
                 Failure::BadRequest,
                 exchange.host,
@@ -504,11 +504,10 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
 
 /// `http://<instance><path?query>`: the absolute form the pooled client needs to pick a
 /// connection (it sends the origin form on the wire).
-fn upstream_uri(addr: SocketAddr, path_and_query: PathAndQuery) -> Option<Uri> {
-    let authority = Authority::try_from(addr.to_string()).ok()?;
+fn upstream_uri(backend: &Backend, path_and_query: PathAndQuery) -> Option<Uri> {
     let mut parts = hyper::http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(authority);
+    parts.authority = Some(backend.authority()?.clone());
     parts.path_and_query = Some(path_and_query);
     Uri::from_parts(parts).ok()
 }

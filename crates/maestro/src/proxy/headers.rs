@@ -1,8 +1,6 @@
 //! Header rewriting between client and app: hop-by-hop headers (RFC 9110 §7.6.1), the
 //! `X-Forwarded-*` family, and request ids.
 
-use std::net::IpAddr;
-
 use hyper::HeaderMap;
 use hyper::header::{
     CONNECTION, HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
@@ -91,33 +89,32 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<HeaderVa
     }
 }
 
-/// Sets the `X-Forwarded-*` headers for a request from `peer` over `proto` to `host`. When the
+/// Sets the `X-Forwarded-*` headers for a request from `peer` (its IP address, as the
+/// connection formatted it once) over `proto` to `host`. When the
 /// client is trusted (Maestro sits behind a load balancer of the operator's), its
 /// `X-Forwarded-For` chain is extended and its `-Proto`/`-Host` kept; otherwise all of them,
 /// and `Forwarded`, are replaced, so an app never believes a client's claims about itself.
 pub(crate) fn set_forwarded(
     headers: &mut HeaderMap,
-    peer: IpAddr,
+    peer: &HeaderValue,
     proto: &'static str,
     host: Option<&HeaderValue>,
     trusted: bool,
 ) {
-    let peer = peer.to_string();
-    let chain = if trusted && headers.contains_key(&X_FORWARDED_FOR) {
-        let mut chain = String::new();
+    if trusted && headers.contains_key(&X_FORWARDED_FOR) {
+        let mut chain = Vec::new();
         for value in headers.get_all(&X_FORWARDED_FOR) {
             if let Ok(value) = value.to_str() {
-                chain.push_str(value);
-                chain.push_str(", ");
+                chain.extend_from_slice(value.as_bytes());
+                chain.extend_from_slice(b", ");
             }
         }
-        chain.push_str(&peer);
-        chain
+        chain.extend_from_slice(peer.as_bytes());
+        if let Ok(value) = HeaderValue::from_bytes(&chain) {
+            headers.insert(&X_FORWARDED_FOR, value);
+        }
     } else {
-        peer
-    };
-    if let Ok(value) = HeaderValue::try_from(chain) {
-        headers.insert(&X_FORWARDED_FOR, value);
+        headers.insert(&X_FORWARDED_FOR, peer.clone());
     }
     if !trusted {
         headers.remove(&FORWARDED);
@@ -194,17 +191,12 @@ mod tests {
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         let mut untrusted = h.clone();
-        set_forwarded(
-            &mut untrusted,
-            [10, 0, 0, 1].into(),
-            "http",
-            Some(&host),
-            false,
-        );
+        let peer = HeaderValue::from_static("10.0.0.1");
+        set_forwarded(&mut untrusted, &peer, "http", Some(&host), false);
         assert_eq!(untrusted[&X_FORWARDED_FOR], "10.0.0.1");
         assert_eq!(untrusted[&X_FORWARDED_PROTO], "http");
         assert_eq!(untrusted[&X_FORWARDED_HOST], "hello.localhost");
-        set_forwarded(&mut h, [10, 0, 0, 1].into(), "http", Some(&host), true);
+        set_forwarded(&mut h, &peer, "http", Some(&host), true);
         assert_eq!(h[&X_FORWARDED_FOR], "6.6.6.6, 10.0.0.1");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
     }

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use hyper::header::HeaderValue;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -73,7 +74,8 @@ pub(crate) struct Worker {
 /// One client connection, as the request handler sees it.
 pub(crate) struct Conn {
     pub(crate) worker: Arc<Worker>,
-    pub(crate) peer: SocketAddr,
+    /// The peer's IP address as the `X-Forwarded-For` value, formatted once per connection.
+    pub(crate) peer_ip: HeaderValue,
     pub(crate) activity: Arc<Activity>,
     /// Held by the connection and, after an upgrade, by its tunnel.
     _slot: Slot,
@@ -294,7 +296,9 @@ where
     let activity = Arc::new(Activity::new());
     let state = Arc::new(Conn {
         worker: ctx.clone(),
-        peer,
+        // An IP address always makes a valid header value.
+        peer_ip: HeaderValue::try_from(peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
         activity: activity.clone(),
         _slot: slot,
     });
