@@ -1320,12 +1320,13 @@ async fn keep_alive_connections_are_spread_over_the_worker_threads() {
     assert_eq!(open.len(), WORKERS);
     assert_eq!(open.iter().sum::<usize>(), CONNECTIONS, "{open:?}");
     // Each worker holds about its share (10): a worker more than a few connections ahead of
-    // another leaves new ones to it. Unbalanced, one thread takes nearly all of a burst and
-    // another none; a loaded machine may delay a worker past its wait, so the bound is a third
-    // of the share.
-    let share = CONNECTIONS / WORKERS;
+    // another hands what it accepts to that one. Unbalanced, one thread takes nearly all of a
+    // burst and another none. Nothing here depends on timing, so the bound holds on a loaded
+    // machine too (two workers accepting at once may each see the other's count a step late).
+    let fewest = *open.iter().min().unwrap();
+    let most = *open.iter().max().unwrap();
     assert!(
-        open.iter().all(|&n| n >= share / 3),
+        most - fewest <= 2 * px_maestro::proxy::ACCEPT_BALANCE_SLACK,
         "connections per worker: {open:?}"
     );
     let text = proxy.metrics.render();

@@ -44,6 +44,7 @@ impl ProxyMetrics {
     ) -> Arc<WorkerConnections> {
         let gauges = Arc::new(WorkerConnections {
             open: (0..workers.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+            running: AtomicUsize::new(workers.max(1)),
         });
         let mut listeners = self
             .listeners
@@ -187,10 +188,13 @@ impl ProxyMetrics {
 }
 
 /// Open client connections of one listener, per worker thread: the gauge `/metrics` shows,
-/// and what a worker looks at before it accepts (see `server::ACCEPT_BALANCE_SLACK`).
+/// and what a worker looks at when it accepts (see `server::ACCEPT_BALANCE_SLACK`).
 #[derive(Debug)]
 pub(crate) struct WorkerConnections {
     open: Box<[AtomicUsize]>,
+    /// Workers that accept: the first this many. Fewer than `open.len()` when some worker
+    /// threads could not start; the others must not wait for them.
+    running: AtomicUsize,
 }
 
 impl WorkerConnections {
@@ -203,18 +207,25 @@ impl WorkerConnections {
         }
     }
 
-    /// How many more connections `worker` holds than the least busy other worker; 0 when it
-    /// holds no more, or is the only one.
-    pub(crate) fn excess(&self, worker: usize) -> usize {
+    /// Only the first `count` workers accept connections (the others could not start).
+    pub(crate) fn set_running(&self, count: usize) {
+        self.running.store(count, Ordering::Relaxed);
+    }
+
+    /// The least busy other running worker, when `worker` holds more than `slack`
+    /// connections over it.
+    pub(crate) fn less_busy(&self, worker: usize, slack: usize) -> Option<usize> {
         let mine = self.open[worker].load(Ordering::Relaxed);
-        let least_other = self
+        let running = self.running.load(Ordering::Relaxed);
+        let (least, open) = self
             .open
             .iter()
+            .take(running)
             .enumerate()
             .filter(|(i, _)| *i != worker)
-            .map(|(_, n)| n.load(Ordering::Relaxed))
-            .min();
-        least_other.map_or(0, |least| mine.saturating_sub(least))
+            .map(|(i, n)| (i, n.load(Ordering::Relaxed)))
+            .min_by_key(|(_, open)| *open)?;
+        (mine > open + slack).then_some(least)
     }
 }
 
@@ -282,10 +293,10 @@ mod tests {
         let b = gauges.opened(0);
         let c = gauges.opened(2);
         assert_eq!(m.open_connections("http"), vec![2, 0, 1]);
-        assert_eq!(
-            (gauges.excess(0), gauges.excess(1), gauges.excess(2)),
-            (2, 0, 1)
-        );
+        assert_eq!(gauges.less_busy(0, 1), Some(1));
+        assert_eq!(gauges.less_busy(0, 2), None);
+        assert_eq!(gauges.less_busy(2, 0), Some(1));
+        assert_eq!(gauges.less_busy(1, 0), None);
         assert!(
             m.render()
                 .contains("maestro_proxy_open_connections{listener=\"http\",worker=\"0\"} 2")
@@ -293,9 +304,14 @@ mod tests {
         drop((a, b, c));
         assert_eq!(m.open_connections("http"), vec![0, 0, 0]);
         assert!(m.open_connections("https").is_empty());
-        // One worker has nobody to hand connections to.
+        // One worker has nobody to hand connections to, nor has one whose partners never
+        // started.
         let alone = m.listener("https", 1);
         let _d = alone.opened(0);
-        assert_eq!(alone.excess(0), 0);
+        assert_eq!(alone.less_busy(0, 0), None);
+        let _e = gauges.opened(0);
+        assert_eq!(gauges.less_busy(0, 0), Some(1));
+        gauges.set_running(1);
+        assert_eq!(gauges.less_busy(0, 0), None);
     }
 }

@@ -30,7 +30,7 @@ pub use access::{AccessLog, AccessRecord};
 pub use body::STATIC_CHUNK_BYTES;
 pub use headers::MAX_REQUEST_ID_BYTES;
 pub use metrics::{LATENCY_BUCKETS, ProxyMetrics};
-pub use server::{ACCEPT_BALANCE_SLACK, ACCEPT_DEFER};
+pub use server::{ACCEPT_BALANCE_SLACK, HANDOFF_QUEUE};
 pub use tls::CertStore;
 
 use crate::routes::Routes;

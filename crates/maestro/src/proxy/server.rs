@@ -22,8 +22,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -40,15 +40,15 @@ pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// Maestro's restart is meant to fail none.
 pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 /// How many more open connections than its listener's least busy worker a worker may hold
-/// before it leaves new ones to the others. The kernel wakes every worker for a new connection
-/// and the first to call `accept` wins, which in a burst is the one already running: without
-/// this, one thread could end up holding most keep-alive or WebSocket connections, with one
-/// core for all of them, while another thread idles.
+/// before it hands the connections it accepts to that worker. The kernel wakes every worker
+/// for a new connection and the first to call `accept` wins, which in a burst is the one
+/// already running: without this, one thread could end up holding most keep-alive or
+/// WebSocket connections (or all of a load balancer's few), with one core for all of them,
+/// while another thread idles.
 pub const ACCEPT_BALANCE_SLACK: usize = 4;
-/// How long a worker over its share waits before it accepts again. Another worker takes the
-/// connection meanwhile; when none does (all are busy), this one takes it after the wait, so
-/// a stuck worker never holds connections back.
-pub const ACCEPT_DEFER: Duration = Duration::from_millis(1);
+/// Connections waiting to be taken over by one worker. When its queue is full (the worker is
+/// stuck or swamped), the worker that accepted a connection serves it itself.
+pub const HANDOFF_QUEUE: usize = 64;
 
 /// One worker thread of a listener, as its connections see it.
 pub(crate) struct Worker {
@@ -56,6 +56,8 @@ pub(crate) struct Worker {
     index: usize,
     /// Open connections of each worker of the listener, this one's included.
     connections: Arc<WorkerConnections>,
+    /// Where to hand each worker of the listener a connection, by index.
+    handoffs: Arc<[mpsc::Sender<Handoff>]>,
     pub(crate) proxy: Arc<Proxy>,
     pub(crate) https: bool,
     /// This worker's connections to instances, so that a request and the instance connection
@@ -88,6 +90,15 @@ struct Slot {
     _open: OpenConnection,
 }
 
+/// A connection one worker accepted for another, less busy one: its own handle of the socket
+/// (registered with the other worker's event loop on arrival) and its slot, already counted
+/// for the other worker.
+struct Handoff {
+    tcp: std::net::TcpStream,
+    peer: SocketAddr,
+    slot: Slot,
+}
+
 pub(crate) async fn serve(
     proxy: Arc<Proxy>,
     listener: TcpListener,
@@ -112,10 +123,14 @@ pub(crate) async fn serve(
     let connections = proxy
         .metrics
         .listener(if https { "https" } else { "http" }, workers);
+    let (senders, mut receivers): (Vec<_>, Vec<_>) =
+        (0..workers).map(|_| mpsc::channel(HANDOFF_QUEUE)).unzip();
+    let handoffs: Arc<[mpsc::Sender<Handoff>]> = senders.into();
     let new_worker = |index| {
         Arc::new(Worker {
             index,
             connections: connections.clone(),
+            handoffs: handoffs.clone(),
             proxy: proxy.clone(),
             https,
             client: upstream_client(),
@@ -130,9 +145,9 @@ pub(crate) async fn serve(
         info!(%addr, tls = https, workers, "proxy listening");
     }
     if workers == 1 {
-        accept_loop(new_worker(0), listener, tls, slots).await;
+        accept_loop(new_worker(0), listener, tls, slots, receivers.remove(0)).await;
     } else {
-        match spawn_workers(workers, &listener, &tls, &slots, new_worker) {
+        match spawn_workers(&listener, &tls, &slots, &connections, receivers, new_worker) {
             Ok(finished) => {
                 drop(listener);
                 for done in finished {
@@ -141,7 +156,10 @@ pub(crate) async fn serve(
             }
             Err(e) => {
                 warn!(error = %e, "cannot start the proxy's worker threads; serving from one task");
-                accept_loop(new_worker(0), listener, tls, slots).await;
+                connections.set_running(1);
+                // The first worker's queue was dropped with the threads; nothing was handed off.
+                let (_, handoffs) = mpsc::channel(1);
+                accept_loop(new_worker(0), listener, tls, slots, handoffs).await;
             }
         }
     }
@@ -164,16 +182,19 @@ pub(crate) async fn serve(
     info!(tls = https, "proxy stopped");
 }
 
-/// Starts `count` worker threads, each with a single-threaded runtime accepting on its own
-/// handle of `listener`; each receiver completes when that worker has stopped accepting. A
-/// worker thread ends once every connection of the listener has (its runtime drives its own).
+/// Starts a worker thread per queue of `handoffs`, each with a single-threaded runtime
+/// accepting on its own handle of `listener`; each receiver completes when that worker has
+/// stopped accepting. A worker thread ends once every connection of the listener has (its
+/// runtime drives its own).
 fn spawn_workers(
-    count: usize,
     listener: &TcpListener,
     tls: &Option<tokio_rustls::TlsAcceptor>,
     slots: &Arc<Semaphore>,
+    connections: &WorkerConnections,
+    handoffs: Vec<mpsc::Receiver<Handoff>>,
     new_worker: impl Fn(usize) -> Arc<Worker>,
 ) -> io::Result<Vec<oneshot::Receiver<()>>> {
+    let count = handoffs.len();
     // A duplicate of the descriptor per worker: the kernel hands each connection to one of
     // the threads waiting in accept.
     let handles = (0..count)
@@ -193,7 +214,8 @@ fn spawn_workers(
     // the listeners apart in `top -H`.
     let port = listener.local_addr().map_or(0, |addr| addr.port());
     let mut finished = Vec::with_capacity(count);
-    for (index, (handle, runtime)) in handles.into_iter().zip(runtimes).enumerate() {
+    let threads = handles.into_iter().zip(runtimes).zip(handoffs).enumerate();
+    for (index, ((handle, runtime), handoffs)) in threads {
         let (done, finished_rx) = oneshot::channel();
         let worker = new_worker(index);
         let tls = tls.clone();
@@ -203,7 +225,9 @@ fn spawn_workers(
             .spawn(move || {
                 runtime.block_on(async move {
                     match TcpListener::from_std(handle) {
-                        Ok(listener) => accept_loop(worker.clone(), listener, tls, slots).await,
+                        Ok(listener) => {
+                            accept_loop(worker.clone(), listener, tls, slots, handoffs).await;
+                        }
                         Err(e) => warn!(error = %e, "a proxy worker cannot listen"),
                     }
                     let _ = done.send(());
@@ -215,6 +239,7 @@ fn spawn_workers(
             // The workers already running serve the listener alone.
             Err(e) if !finished.is_empty() => {
                 warn!(error = %e, started = finished.len(), "cannot start every proxy worker thread");
+                connections.set_running(finished.len());
                 break;
             }
             Err(e) => return Err(e),
@@ -223,36 +248,31 @@ fn spawn_workers(
     Ok(finished)
 }
 
-/// Accepts connections on `listener` until shutdown, one task each on the current runtime.
+/// Accepts connections on `listener` until shutdown, and takes those other workers hand over
+/// on `handoffs`; one task each on the current runtime. A connection accepted while this
+/// worker holds more than [`ACCEPT_BALANCE_SLACK`] connections over the least busy one goes to
+/// that one instead.
 async fn accept_loop(
     worker: Arc<Worker>,
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     slots: Arc<Semaphore>,
+    mut handoffs: mpsc::Receiver<Handoff>,
 ) {
     let shutdown = worker.shutdown.clone();
-    let handshake_timeout = worker.proxy.settings.header_read_timeout;
     loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            () = shutdown.cancelled() => break,
-        };
-        if worker.connections.excess(worker.index) > ACCEPT_BALANCE_SLACK {
-            tokio::select! {
-                () = tokio::time::sleep(ACCEPT_DEFER) => {}
-                () = shutdown.cancelled() => break,
-            }
-        }
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => break,
+            Some(handoff) = handoffs.recv() => {
+                take_over(&worker, &tls, handoff);
+                continue;
+            }
+            accepted = accept(&listener, &slots) => accepted,
         };
-        let (tcp, peer) = match accepted {
+        let (tcp, peer, permit) = match accepted {
             Ok(accepted) => accepted,
-            Err(e) => {
+            Err(None) => break,
+            Err(Some(e)) => {
                 warn!(error = %e, "accepting a connection failed");
                 tokio::select! {
                     () = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => continue,
@@ -261,29 +281,105 @@ async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
+        let (tcp, permit) = match worker
+            .connections
+            .less_busy(worker.index, ACCEPT_BALANCE_SLACK)
+        {
+            Some(other) => match hand_off(&worker, other, tcp, peer, permit) {
+                Ok(()) => continue,
+                Err(kept) => kept,
+            },
+            None => (tcp, permit),
+        };
         let slot = Slot {
             _permit: permit,
             _open: worker.connections.opened(worker.index),
         };
-        let worker2 = worker.clone();
-        match &tls {
-            None => {
-                worker.tasks.spawn(connection(worker2, tcp, peer, slot));
-            }
-            Some(acceptor) => {
-                let accept = acceptor.accept(tcp);
-                worker.tasks.spawn(async move {
-                    let stream = tokio::select! {
-                        stream = tokio::time::timeout(handshake_timeout, accept) => stream,
-                        () = worker2.force.cancelled() => return,
-                    };
-                    match stream {
-                        Ok(Ok(stream)) => connection(worker2, stream, peer, slot).await,
-                        Ok(Err(e)) => debug!(%peer, error = %e, "tls handshake failed"),
-                        Err(_) => debug!(%peer, "tls handshake timed out"),
-                    }
-                });
-            }
+        serve_connection(&worker, &tls, tcp, peer, slot);
+    }
+    // Connections handed over just before the end are served like any accepted one: they are
+    // answered or closed by the drain, never dropped unanswered.
+    handoffs.close();
+    while let Ok(handoff) = handoffs.try_recv() {
+        take_over(&worker, &tls, handoff);
+    }
+}
+
+/// The next connection with its slot under [`MAX_CONNECTIONS`]; `Err(None)` once the slots
+/// are closed. Cancel-safe: dropped before a connection arrives, it has accepted nothing.
+async fn accept(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+) -> Result<(TcpStream, SocketAddr, OwnedSemaphorePermit), Option<io::Error>> {
+    let permit = slots.clone().acquire_owned().await.map_err(|_| None)?;
+    let (tcp, peer) = listener.accept().await.map_err(Some)?;
+    Ok((tcp, peer, permit))
+}
+
+/// Passes `tcp` to worker `other`, counted as its connection. When that is not possible (no
+/// descriptor left for the handle, the worker's queue full or gone), gives the connection back
+/// for this worker to serve.
+fn hand_off(
+    worker: &Worker,
+    other: usize,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) -> Result<(), (TcpStream, OwnedSemaphorePermit)> {
+    // A handle of the socket of its own, rather than `into_std`, so that a failure leaves
+    // `tcp` as it was. Dropping `tcp` then only deregisters it from this worker's loop.
+    let Ok(handle) = tcp.as_fd().try_clone_to_owned() else {
+        return Err((tcp, permit));
+    };
+    let handoff = Handoff {
+        tcp: std::net::TcpStream::from(handle),
+        peer,
+        slot: Slot {
+            _permit: permit,
+            _open: worker.connections.opened(other),
+        },
+    };
+    match worker.handoffs[other].try_send(handoff) {
+        Ok(()) => Ok(()),
+        Err(refused) => Err((tcp, refused.into_inner().slot._permit)),
+    }
+}
+
+/// Serves a connection another worker accepted for this one.
+fn take_over(worker: &Arc<Worker>, tls: &Option<tokio_rustls::TlsAcceptor>, handoff: Handoff) {
+    match TcpStream::from_std(handoff.tcp) {
+        Ok(tcp) => serve_connection(worker, tls, tcp, handoff.peer, handoff.slot),
+        Err(e) => warn!(peer = %handoff.peer, error = %e, "cannot take over a connection"),
+    }
+}
+
+/// Starts the task of one accepted connection: the TLS handshake if any, then [`connection`].
+fn serve_connection(
+    worker: &Arc<Worker>,
+    tls: &Option<tokio_rustls::TlsAcceptor>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: Slot,
+) {
+    let worker2 = worker.clone();
+    match tls {
+        None => {
+            worker.tasks.spawn(connection(worker2, tcp, peer, slot));
+        }
+        Some(acceptor) => {
+            let handshake_timeout = worker.proxy.settings.header_read_timeout;
+            let accept = acceptor.accept(tcp);
+            worker.tasks.spawn(async move {
+                let stream = tokio::select! {
+                    stream = tokio::time::timeout(handshake_timeout, accept) => stream,
+                    () = worker2.force.cancelled() => return,
+                };
+                match stream {
+                    Ok(Ok(stream)) => connection(worker2, stream, peer, slot).await,
+                    Ok(Err(e)) => debug!(%peer, error = %e, "tls handshake failed"),
+                    Err(_) => debug!(%peer, "tls handshake timed out"),
+                }
+            });
         }
     }
 }
