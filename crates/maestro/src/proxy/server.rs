@@ -1,6 +1,7 @@
 //! Listening: worker threads, each with its own event loop, accept loop and pool of connections
-//! to instances; one task per client connection (TLS handshake, hyper's HTTP/1 connection, idle
-//! watch); and the graceful drain on shutdown.
+//! to instances, handing connections to each other to stay balanced; one task per client
+//! connection (TLS handshake, hyper's HTTP/1 connection, idle watch); and the graceful drain on
+//! shutdown.
 //!
 //! Why threads of their own rather than tasks on Maestro's work-stealing runtime: a proxied
 //! request hops between the client connection's task and the pooled instance connection's task
