@@ -228,6 +228,57 @@ async fn placement_labels_choose_the_nodes() {
     s.beacon.stop().await;
 }
 
+#[tokio::test]
+async fn runtime_requirements_choose_the_nodes() {
+    let s = setup(|c| c.reconcile_interval = Duration::from_millis(300)).await;
+    s.repo.release("py", 1, "runtime = \"python3>=3.11\"\n");
+    s.beacon
+        .wait_for("/v1/apps", "two apps", |apps: &Vec<App>| apps.len() == 2)
+        .await;
+    // Each node reports the runtimes it found on its host in its Hello.
+    let hello = |name: &str, python: Option<&str>| {
+        let mut hello = maestro_hello(name, &s.tokens.maestro, 0);
+        if let Some(version) = python {
+            hello.runtimes.insert("python3".into(), version.into());
+        }
+        hello
+    };
+    let mut apps_on = Vec::new();
+    for (name, python) in [
+        ("new-py", Some("3.12.1")),
+        ("old-py", Some("3.9.2")),
+        ("no-py", None),
+    ] {
+        let (mut link, _) = open_link(
+            &s.beacon.control_addr,
+            &s.beacon.pki.ca(),
+            hello(name, python),
+        )
+        .await;
+        let mut apps: Vec<String> = next_assign(&mut link)
+            .await
+            .apps
+            .into_iter()
+            .map(|a| a.app)
+            .collect();
+        apps.sort();
+        apps_on.push((name, apps, link));
+    }
+    let placed: Vec<(&str, Vec<String>)> = apps_on
+        .iter()
+        .map(|(name, apps, _)| (*name, apps.clone()))
+        .collect();
+    assert_eq!(
+        placed,
+        [
+            ("new-py", vec!["hello".to_string(), "py".to_string()]),
+            ("old-py", vec!["hello".to_string()]),
+            ("no-py", vec!["hello".to_string()]),
+        ]
+    );
+    s.beacon.stop().await;
+}
+
 /// Sends raw bytes after TLS and expects the link to be closed.
 async fn tls_then(addr: &str, ca: &std::path::Path, bytes: &[u8]) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
