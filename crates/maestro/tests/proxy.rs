@@ -874,6 +874,74 @@ async fn https_picks_the_certificate_by_sni_and_reloads() {
 }
 
 #[tokio::test]
+async fn tls_connections_handed_between_workers_complete_their_handshake() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const WORKERS: usize = 3;
+    const CONNECTIONS: usize = 30;
+    let app = Upstream::start("app").await;
+    let (dir, pkis) = pki_dir(&["app.test"]);
+    let certs = CertStore::load(dir.path()).unwrap();
+    let routes = Arc::new(px_maestro::routes::Routes::default());
+    routes.store(table(&[(
+        "app.test",
+        route("app", vec![backend("app", &app)], vec![]),
+    )]));
+    let metrics = Arc::new(px_maestro::proxy::ProxyMetrics::default());
+    let proxy = px_maestro::proxy::Proxy::new(
+        routes,
+        ProxySettings {
+            workers: WORKERS,
+            ..settings()
+        },
+        metrics.clone(),
+        AccessLog::disabled(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _guard = shutdown.clone().drop_guard();
+    tokio::spawn(proxy.serve_https(listener, certs, shutdown.clone()));
+
+    // Every connection is made before any is accepted (they wait in the listen backlog), so
+    // one worker finds them all and must hand most of them on; each handshake then happens on
+    // the worker that took the connection over.
+    let mut tcps = Vec::new();
+    for _ in 0..CONNECTIONS {
+        tcps.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let tls =
+        tokio_rustls::TlsConnector::from(px_runtime::tls::client_config(&pkis[0].ca()).unwrap());
+    let mut conns = Vec::new();
+    for tcp in tcps {
+        let name = px_runtime::tls::server_name("app.test").unwrap();
+        let mut conn = tls.connect(name, tcp).await.unwrap();
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"hello from app") {
+            let mut buf = [0u8; 4096];
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "connection closed: {}",
+                String::from_utf8_lossy(&answer)
+            );
+            answer.extend_from_slice(&buf[..n]);
+        }
+        conns.push(conn);
+    }
+    let open = metrics.open_connections("https");
+    assert_eq!(open.iter().sum::<usize>(), CONNECTIONS, "{open:?}");
+    let fewest = *open.iter().min().unwrap();
+    let most = *open.iter().max().unwrap();
+    assert!(
+        most - fewest <= 2 * px_maestro::proxy::ACCEPT_BALANCE_SLACK,
+        "connections per worker: {open:?}"
+    );
+}
+
+#[tokio::test]
 async fn wildcard_and_default_certificates() {
     let app = Upstream::start("app").await;
     let dir = tempfile::tempdir().unwrap();
