@@ -180,14 +180,7 @@ async fn forwarded_headers_and_request_id_reach_the_app() {
 #[tokio::test]
 async fn keep_alive_serves_several_requests_on_one_connection() {
     let app = Upstream::start("app").await;
-    let proxy = Harness::start(
-        table(&[(
-            "app.localhost",
-            route("app", vec![backend("app", &app)], vec![]),
-        )]),
-        settings(),
-    )
-    .await;
+    let proxy = Harness::start(one_app(&app), settings()).await;
     let mut raw = proxy.raw().await;
     for i in 0..5 {
         raw.send(format!("GET /n{i} HTTP/1.1\r\nHost: app.localhost\r\n\r\n").as_bytes())
@@ -208,14 +201,7 @@ async fn keep_alive_serves_several_requests_on_one_connection() {
 #[tokio::test]
 async fn request_bodies_stream_to_the_app() {
     let app = Upstream::start("app").await;
-    let proxy = Harness::start(
-        table(&[(
-            "app.localhost",
-            route("app", vec![backend("app", &app)], vec![]),
-        )]),
-        settings(),
-    )
-    .await;
+    let proxy = Harness::start(one_app(&app), settings()).await;
     let client = proxy.client(&["app.localhost"]);
     // 8 MiB in 64 KiB chunks, sent chunked (no length known up front).
     let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
@@ -626,14 +612,7 @@ async fn static_files_are_served_from_the_release() {
 #[tokio::test]
 async fn conflicting_lengths_are_refused_without_harming_other_connections() {
     let app = Upstream::start("app").await;
-    let proxy = Harness::start(
-        table(&[(
-            "app.localhost",
-            route("app", vec![backend("app", &app)], vec![]),
-        )]),
-        settings(),
-    )
-    .await;
+    let proxy = Harness::start(one_app(&app), settings()).await;
     let mut good = proxy.raw().await;
     good.send(b"GET /before HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
         .await
@@ -685,14 +664,7 @@ async fn conflicting_lengths_are_refused_without_harming_other_connections() {
 #[tokio::test]
 async fn huge_headers_are_refused_without_harming_other_connections() {
     let app = Upstream::start("app").await;
-    let proxy = Harness::start(
-        table(&[(
-            "app.localhost",
-            route("app", vec![backend("app", &app)], vec![]),
-        )]),
-        settings(),
-    )
-    .await;
+    let proxy = Harness::start(one_app(&app), settings()).await;
     let mut good = proxy.raw().await;
     good.send(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
         .await
@@ -721,10 +693,7 @@ async fn huge_headers_are_refused_without_harming_other_connections() {
 async fn slow_loris_is_cut_after_the_header_timeout() {
     let app = Upstream::start("app").await;
     let proxy = Harness::start(
-        table(&[(
-            "app.localhost",
-            route("app", vec![backend("app", &app)], vec![]),
-        )]),
+        one_app(&app),
         ProxySettings {
             header_read_timeout: Duration::from_millis(300),
             ..settings()
@@ -991,10 +960,7 @@ async fn wildcard_and_default_certificates() {
 async fn plain_http_redirects_to_https_when_asked() {
     let app = Upstream::start("app").await;
     let proxy = Harness::start(
-        table(&[(
-            "app.localhost",
-            route("app", vec![backend("app", &app)], vec![]),
-        )]),
+        one_app(&app),
         ProxySettings {
             https_redirect: true,
             ..settings()
@@ -1026,15 +992,7 @@ async fn plain_http_redirects_to_https_when_asked() {
 async fn access_log_and_metrics_record_each_request() {
     let app = Upstream::start("app").await;
     let (access, mut records) = AccessLog::new(16);
-    let proxy = Harness::start_with(
-        table(&[(
-            "app.localhost",
-            route("app", vec![backend("app", &app)], vec![]),
-        )]),
-        settings(),
-        access.clone(),
-    )
-    .await;
+    let proxy = Harness::start_with(one_app(&app), settings(), access.clone()).await;
     let client = proxy.client(&["app.localhost", "nope.localhost"]);
     let r = client
         .get(proxy.url("app.localhost", "/hello?x=1"))
@@ -1113,14 +1071,7 @@ async fn finish_stream(app: &Upstream, mut r: reqwest::Response) {
 #[tokio::test]
 async fn shutdown_lets_open_requests_finish() {
     let app = Upstream::start("app").await;
-    let mut proxy = Harness::start(
-        table(&[(
-            "app.localhost",
-            route("app", vec![backend("app", &app)], vec![]),
-        )]),
-        settings(),
-    )
-    .await;
+    let mut proxy = Harness::start(one_app(&app), settings()).await;
     let r = open_stream(&proxy).await;
     proxy.shutdown.cancel();
     // New connections are refused once the listener is gone...
@@ -1169,10 +1120,7 @@ async fn drain_deadline_cuts_what_is_left() {
 async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
     let app = Upstream::start("app").await;
     let proxy = Harness::start(
-        table(&[(
-            "app.localhost",
-            route("app", vec![backend("app", &app)], vec![]),
-        )]),
+        one_app(&app),
         ProxySettings {
             header_read_timeout: Duration::from_millis(300),
             ..settings()
@@ -1361,10 +1309,7 @@ async fn keep_alive_connections_are_spread_over_the_worker_threads() {
     const CONNECTIONS: usize = 30;
     let app = Upstream::start("app").await;
     let proxy = Harness::start(
-        table(&[(
-            "app.localhost",
-            route("app", vec![backend("app", &app)], vec![]),
-        )]),
+        one_app(&app),
         ProxySettings {
             workers: WORKERS,
             ..settings()
@@ -1416,10 +1361,7 @@ async fn keep_alive_connections_are_spread_over_the_worker_threads() {
 async fn worker_threads_serve_the_listener_and_end_after_the_drain() {
     let app = Upstream::start("app").await;
     let mut proxy = Harness::start(
-        table(&[(
-            "app.localhost",
-            route("app", vec![backend("app", &app)], vec![]),
-        )]),
+        one_app(&app),
         ProxySettings {
             workers: 3,
             ..settings()

@@ -248,6 +248,14 @@ pub fn table(entries: &[(&str, Arc<AppRoute>)]) -> RouteTable {
     table
 }
 
+/// The table most tests need: `app.localhost` routed to the one instance `app`.
+pub fn one_app(app: &Upstream) -> RouteTable {
+    table(&[(
+        "app.localhost",
+        route("app", vec![backend("app", app)], vec![]),
+    )])
+}
+
 pub fn backend(app: &str, upstream: &Upstream) -> Arc<Backend> {
     Backend::new(app, 1, upstream.addr)
 }
