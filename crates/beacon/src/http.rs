@@ -1,4 +1,4 @@
-//! The `/v1` HTTP API (DESIGN.md §3.2), the event stream, `/healthz`, `/metrics` and the
+//! The `/v1` HTTP API (docs/src/reference/beacon.md), the event stream, `/healthz`, `/metrics` and the
 //! status page at `/`.
 
 use std::convert::Infallible;

@@ -1,4 +1,4 @@
-//! Platform.X benchmarks. `beacon-loadgen` (this library's [`run`]) measures DESIGN.md §6's
+//! Platform.X benchmarks. `beacon-loadgen` (this library's [`run`]) measures docs/src/design/figures.md's
 //! scale figure: one Beacon holding N Maestro links with heartbeats, and the time one new
 //! release's `Assign` takes to reach all N. It starts the real `beacon` binary against a
 //! stand-in repository, opens N simulated Maestro links over TLS, and reads Beacon's CPU and

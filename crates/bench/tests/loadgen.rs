@@ -1,7 +1,7 @@
 //! The Beacon load generator end to end, small: 20 links against the real `beacon` binary,
 //! fast heartbeats, one release fan-out. Checks that the benchmark measures what it claims
 //! (every link got both assignments, the figures are there), not how fast Beacon is: figures
-//! are for `benches/beacon`, never for timed tests (DESIGN.md §6).
+//! are for `benches/beacon`, never for timed tests (docs/src/design/figures.md).
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,5 +1,5 @@
 //! App bundles: an app directory packed into a deterministic zstd-compressed tar stream, and
-//! the inspection and safe unpacking of such streams (DESIGN.md §3.1).
+//! the inspection and safe unpacking of such streams (docs/src/design/contracts.md).
 //!
 //! A bundle is a tar archive (GNU format, normalized headers) inside one zstd frame. `em`
 //! packs it on a workstation with [`pack_dir`], the repository checks it at upload time with

@@ -1,4 +1,4 @@
-//! The deploy path across real services (DESIGN.md §2): an upload to apprepo is committed,
+//! The deploy path across real services (docs/src/design/deploy-path.md): an upload to apprepo is committed,
 //! apprepo tells Beacon over the TLS link, Beacon reads the new desired state from apprepo and
 //! assigns it to a Maestro link, which downloads and unpacks the exact bundle that was uploaded.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -1,7 +1,7 @@
 //! `em dev`: run an app locally the way Maestro would, and restart it when its files change.
 //!
 //! The pieces are Maestro's own: the instance is started with [`process::spawn`] (the
-//! AppRunner contract of DESIGN.md §3.1: `PORT`, `$1`, the manifest's env, the app directory
+//! AppRunner contract of docs/src/design/contracts.md: `PORT`, `$1`, the manifest's env, the app directory
 //! as working directory), it takes traffic only after [`process::wait_healthy`], and the
 //! Maestro [`Proxy`] sits in front on `127.0.0.1:<port>`, serving the `[http] static`
 //! directories itself. So what works under `em dev` works on the platform.

@@ -1,5 +1,5 @@
 //! One app instance as an operating-system process: started through the AppRunner contract
-//! (DESIGN.md §3.1) in its own process group, health-checked, and stopped with SIGTERM, a
+//! (docs/src/design/contracts.md) in its own process group, health-checked, and stopped with SIGTERM, a
 //! grace period, then SIGKILL to the whole group, so nothing it spawned is left behind.
 
 use std::collections::BTreeMap;

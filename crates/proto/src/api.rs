@@ -1,4 +1,4 @@
-//! JSON bodies of the apprepo HTTP API (`/v1`, DESIGN.md §3.2), shared by the service and its clients.
+//! JSON bodies of the apprepo HTTP API (`/v1`, docs/src/reference/apprepo.md), shared by the service and its clients.
 
 use std::collections::BTreeMap;
 

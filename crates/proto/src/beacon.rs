@@ -1,4 +1,4 @@
-//! JSON bodies of Beacon's HTTP API (`/v1`, DESIGN.md §3.2): nodes, apps and their rollouts,
+//! JSON bodies of Beacon's HTTP API (`/v1`, docs/src/reference/beacon.md): nodes, apps and their rollouts,
 //! and the platform event stream that `em deploy` and `em logs -f` follow.
 
 use serde::{Deserialize, Serialize};

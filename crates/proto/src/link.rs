@@ -1,4 +1,4 @@
-//! Messages of the TCP control links (DESIGN.md §3.2). Every link is TLS over TCP carrying
+//! Messages of the TCP control links (docs/src/design/contracts.md). Every link is TLS over TCP carrying
 //! frames of [`crate::codec`]; the peer speaks first with [`Hello`], Beacon answers
 //! [`FromBeacon::Welcome`] or [`FromBeacon::Rejected`], then both sides send heartbeats and
 //! whatever their role calls for:

@@ -1,4 +1,4 @@
-//! The `app.toml` manifest at the root of every bundle (DESIGN.md §3.1): schema, parsing and
+//! The `app.toml` manifest at the root of every bundle (docs/src/reference/manifest.md): schema, parsing and
 //! validation with errors that name the field and say what to fix.
 
 use std::collections::BTreeMap;
@@ -21,7 +21,7 @@ pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 pub const MAX_INSTANCES: u32 = 64;
 /// Longest health check timeout: a release that takes longer to become healthy is broken.
 pub const MAX_HEALTH_TIMEOUT: Duration = Duration::from_secs(600);
-/// Default health check timeout (DESIGN.md §3.1).
+/// Default health check timeout (docs/src/reference/manifest.md).
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most domains per app, and most static path mappings; both are looked up per request.
 pub const MAX_DOMAINS: usize = 32;

@@ -1,4 +1,4 @@
-//! The `/v1` HTTP API (DESIGN.md §3.2), `/healthz` and `/metrics`.
+//! The `/v1` HTTP API (docs/src/reference/apprepo.md), `/healthz` and `/metrics`.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,5 +1,5 @@
 # modules/bundles_bucket: the S3 bucket apprepo keeps bundles and releases in (the layout is in
-# shared/DESIGN.md §3.4), and the IAM role and instance profile that let the control hosts use
+# docs/src/design/storage.md), and the IAM role and instance profile that let the control hosts use
 # that bucket and nothing else. apprepo takes the role's credentials from the instance metadata
 # service through the AWS SDK's default chain, so no access key is ever written to a host.
 

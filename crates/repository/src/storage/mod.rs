@@ -1,5 +1,5 @@
 //! Storage of bundles and release records behind one trait, with a local filesystem backend and
-//! an S3 backend. Keys are the same on both (DESIGN.md §3.4):
+//! an S3 backend. Keys are the same on both (docs/src/design/storage.md):
 //! `bundles/sha256/<digest>` (immutable), `apps/<app>/releases/<n>.json` (immutable, created only
 //! if absent), `apps/<app>/app.json` (replaced by compare-and-swap). Only retention
 //! (`retention.rs`) deletes: old release records and bundles no release points to.
