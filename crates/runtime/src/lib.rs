@@ -1,9 +1,10 @@
 //! What every Platform.X service shares at run time: layered config, tracing, the shutdown
-//! signal, systemd integration, secret files, tokens and TLS configs. Only this crate reads
-//! process-wide state (signals, environment), so services stay testable through their `run`
-//! functions.
+//! signal and critical tasks, systemd integration, secret files, durable file writes, tokens
+//! and TLS configs. Only this crate reads process-wide state (signals, environment), so
+//! services stay testable through their `run` functions.
 
 pub mod config;
+pub mod fs;
 pub mod secrets;
 pub mod service;
 pub mod shutdown;
