@@ -266,11 +266,10 @@ impl GroupFile {
     }
 
     pub fn save(&self, records: &[GroupRecord]) {
-        let tmp = self.path.with_extension("tmp");
+        // Durably: after a crash, the file must still name every group left running.
         let result = serde_json::to_vec(records)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, &self.path));
+            .and_then(|bytes| px_runtime::fs::write_atomic(&self.path, &bytes));
         if let Err(e) = result {
             tracing::error!(path = %self.path.display(), error = %e, "cannot record instance process groups");
         }
