@@ -10,9 +10,11 @@ pub mod config;
 pub mod events;
 pub mod http;
 pub mod hub;
+pub mod judge;
 pub mod links;
 pub mod logstore;
 pub mod metrics;
+pub mod placement;
 pub mod reconcile;
 pub mod status;
 
@@ -169,7 +171,7 @@ pub async fn run_with(
         events,
         alerter.clone(),
         metrics.clone(),
-    ));
+    )?);
     let (reconcile_tx, reconcile_rx) = tokio::sync::mpsc::channel(links::RECONCILE_TRIGGERS);
     let client = reconcile::RepositoryClient::new(&config.repository.url, checked.repository_token)
         .map_err(StartError::Other)?;
@@ -194,7 +196,7 @@ pub async fn run_with(
             tokio::select! {
                 _ = sweeper_shutdown.cancelled() => return,
                 _ = tick.tick() => {
-                    sweeper_hub.sweep();
+                    sweeper_hub.sweep().await;
                     sweeper_swept.store(millis_since(epoch), Ordering::Relaxed);
                 }
             }

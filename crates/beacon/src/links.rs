@@ -223,7 +223,7 @@ impl LinkServer {
         shutdown: CancellationToken,
     ) -> Result<(), String> {
         let node = hello.name.as_str();
-        let mut attached = self.hub.attach(hello);
+        let mut attached = self.hub.attach(hello).await;
         let conn = attached.conn;
         tracing::info!(%node, "maestro linked");
         let result = async {
@@ -268,17 +268,17 @@ impl LinkServer {
                                 return Err(format!("node {node} reported too many instances"));
                             }
                             self.metrics.heartbeats.inc();
-                            self.hub.seen(node, conn, Some(report));
+                            self.hub.seen(node, conn, Some(report)).await;
                         }
                         Some(Ok(ToBeacon::Logs(batch))) => {
                             if batch.lines.len() > px_proto::link::MAX_LOG_BATCH {
                                 return Err(format!("node {node} sent more than {} log lines in one frame", px_proto::link::MAX_LOG_BATCH));
                             }
-                            self.hub.seen(node, conn, None);
+                            self.hub.seen(node, conn, None).await;
                             self.logs.push(node, batch);
                         }
                         Some(Ok(ToBeacon::Event(event))) => {
-                            self.hub.seen(node, conn, None);
+                            self.hub.seen(node, conn, None).await;
                             self.hub.node_event(node, event);
                         }
                         Some(Ok(other)) => return Err(format!("unexpected {} from node {node}", frame_name(&other))),

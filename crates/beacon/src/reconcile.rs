@@ -83,7 +83,7 @@ pub async fn run(
         let wait = match client.desired().await {
             Ok(desired) => {
                 failures = 0;
-                hub.set_desired(desired);
+                hub.set_desired(desired).await;
                 interval
             }
             Err(error) => {

@@ -1,0 +1,276 @@
+//! The hub: Beacon's view of the cluster (nodes and what they report), the desired state read
+//! from the repository, the assignment generation, and rollouts. Link tasks, the reconciler
+//! and the HTTP API all go through it.
+//!
+//! One `std::sync::Mutex` guards the state; every method holds it briefly and never across an
+//! await or any I/O. Events and alerts a change causes, and the files it must write, are
+//! collected while locked and written and recorded after (`persist.rs` says in which order).
+//! Placement and rollout verdicts are pure functions (`crate::placement`, `crate::judge`) the
+//! hub applies.
+//!
+//! - `desired.rs`: the desired state, the generation and each node's assignment;
+//! - `nodes.rs`: the node registry (attach, reports, events, detach, the sweep);
+//! - `rollouts.rs`: rollout tracking, applying verdicts, rollback orders, the history;
+//! - `repositories.rs`: the repository's links and reachability;
+//! - `views.rs`: what the HTTP API and the status page read;
+//! - `persist.rs`: the generation and rollout history on disk.
+
+mod desired;
+mod nodes;
+mod persist;
+mod repositories;
+mod rollouts;
+mod views;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use px_proto::api::Release;
+use px_proto::beacon::{EventKind, RolloutRecord, RolloutState};
+use px_proto::link::{Assignment, DeployFigures, FromBeacon, NodeReport, RollbackOrder};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::alerts::{Alert, Alerter};
+use crate::events::{EventDraft, EventLog};
+use crate::metrics::Metrics;
+use crate::placement::Fit;
+
+pub use nodes::Attached;
+pub use persist::MAX_ROLLOUT_HISTORY;
+
+/// Commands (restart, stop) queued per link; a node that cannot take this many is too slow
+/// and gets the next ones dropped (the operator can repeat them).
+pub const COMMAND_QUEUE: usize = 16;
+
+pub struct HubSettings {
+    pub domain: String,
+    pub repository_url: String,
+    pub node_lost_after: Duration,
+    pub data_dir: PathBuf,
+}
+
+struct NodeEntry {
+    labels: BTreeMap<String, String>,
+    /// Runtimes the node found on its host (`python3` → `3.11.7`).
+    runtimes: BTreeMap<String, String>,
+    software: String,
+    /// Identifies the current connection; a replaced connection's late calls are ignored.
+    conn: u64,
+    connected: bool,
+    lost: bool,
+    last_seen: Instant,
+    last_seen_wall: SystemTime,
+    report: NodeReport,
+    assigned_generation: u64,
+    assign_tx: watch::Sender<Option<Arc<Assignment>>>,
+    commands: mpsc::Sender<FromBeacon>,
+    closed: CancellationToken,
+}
+
+impl NodeEntry {
+    fn fit(&self) -> Fit<'_> {
+        Fit {
+            labels: &self.labels,
+            runtimes: &self.runtimes,
+            report: Some(&self.report),
+        }
+    }
+}
+
+struct Rollout {
+    release: u64,
+    /// The desired release it replaced, when Beacon saw that one.
+    previous: Option<u64>,
+    state: RolloutState,
+    started: Instant,
+    started_wall: SystemTime,
+    seconds: Option<f64>,
+    healthy: BTreeSet<String>,
+    /// Eligible nodes at the last evaluation: when a report brings `healthy` up to this, the
+    /// rollout is evaluated at once instead of at the next sweep.
+    eligible: usize,
+    /// The nodes' figures for this switch, summed.
+    figures: DeployFigures,
+    /// Every node's watch window is over.
+    verified: bool,
+    /// The verdict in one sentence: verified with its figures, or rolled back and why.
+    outcome: Option<String>,
+}
+
+struct RepositoryEntry {
+    /// Links of this name open now (several apprepo processes may share a name).
+    links: usize,
+    last_seen_wall: SystemTime,
+    disk: Option<px_proto::link::DiskReport>,
+}
+
+struct State {
+    desired: BTreeMap<String, Release>,
+    /// Whether `desired` has been read from the repository since start-up.
+    desired_known: bool,
+    /// The generation of `desired` and its fingerprint, as they are (or are about to be) on
+    /// disk.
+    persisted: persist::Persisted,
+    /// The newest generation known to be on disk. Nodes are only ever sent this one: an
+    /// assignment is published when `durable` reaches `persisted.generation`.
+    durable: u64,
+    nodes: BTreeMap<String, NodeEntry>,
+    rollouts: BTreeMap<String, Rollout>,
+    next_conn: u64,
+    repository_reachable: bool,
+    /// Apps whose rollout must be re-evaluated at the next sweep.
+    dirty: BTreeSet<String>,
+    /// Each app's recent rollouts, newest first, as persisted under `rollouts/`.
+    history: BTreeMap<String, VecDeque<RolloutRecord>>,
+    /// Histories changed under the lock and not yet handed to a writer, newest per app.
+    unwritten: BTreeMap<String, persist::HistorySnapshot>,
+    /// Numbers history snapshots, so that an older one never overwrites a newer one.
+    history_seq: u64,
+    /// Automatic rollbacks asked of the repository and not yet seen in the desired state.
+    rollbacks: BTreeMap<String, RollbackOrder>,
+    /// Repositories that linked since start-up, by name, for the status page.
+    repositories: BTreeMap<String, RepositoryEntry>,
+}
+
+/// An event to record after the lock is released, maybe with an alert.
+struct Effect {
+    draft: EventDraft,
+    alert: Option<(String, String)>,
+}
+
+fn effect(
+    kind: EventKind,
+    node: Option<&str>,
+    app: Option<&str>,
+    release: Option<u64>,
+    message: String,
+) -> Effect {
+    Effect {
+        draft: EventDraft {
+            kind,
+            node: node.map(str::to_string),
+            app: app.map(str::to_string),
+            release,
+            message,
+            detail: None,
+            level: None,
+            failure: None,
+        },
+        alert: None,
+    }
+}
+
+impl Effect {
+    fn alert(mut self, key: String) -> Self {
+        self.alert = Some((key, self.draft.message.clone()));
+        self
+    }
+}
+
+/// What a change leaves to do once the lock is released: histories to write, then events
+/// (and alerts) to record, in that order, so an event never announces a verdict that a crash
+/// right after it would forget.
+struct Changes {
+    histories: Vec<persist::HistorySnapshot>,
+    effects: Vec<Effect>,
+}
+
+impl Changes {
+    /// Ends a locked section: takes the histories it changed along with its events.
+    fn of(state: &mut State, effects: Vec<Effect>) -> Self {
+        Self {
+            histories: std::mem::take(&mut state.unwritten).into_values().collect(),
+            effects,
+        }
+    }
+}
+
+pub struct Hub {
+    state: Mutex<State>,
+    /// Held by one desired-state update from the moment it computes a generation until that
+    /// generation is on disk and published (see `persist.rs`).
+    publishing: tokio::sync::Mutex<()>,
+    store: persist::Store,
+    /// The pending rollbacks, for the repository links to send (whole, on every change).
+    rollback_orders: watch::Sender<Arc<Vec<RollbackOrder>>>,
+    settings: HubSettings,
+    events: Arc<EventLog>,
+    alerts: Alerter,
+    metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    /// Reads the persisted generation and rollout history from `settings.data_dir`; fails
+    /// when the rollout history's directory cannot be created there.
+    pub fn new(
+        settings: HubSettings,
+        events: Arc<EventLog>,
+        alerts: Alerter,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let (store, persisted, history) = persist::Store::open(&settings.data_dir)?;
+        Ok(Self {
+            rollback_orders: watch::channel(Arc::new(Vec::new())).0,
+            state: Mutex::new(State {
+                desired: BTreeMap::new(),
+                desired_known: false,
+                durable: persisted.generation,
+                persisted,
+                nodes: BTreeMap::new(),
+                rollouts: BTreeMap::new(),
+                next_conn: 1,
+                repository_reachable: true,
+                dirty: BTreeSet::new(),
+                history,
+                unwritten: BTreeMap::new(),
+                history_seq: 0,
+                rollbacks: BTreeMap::new(),
+                repositories: BTreeMap::new(),
+            }),
+            publishing: tokio::sync::Mutex::new(()),
+            store,
+            settings,
+            events,
+            alerts,
+            metrics,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn apply(&self, effects: Vec<Effect>) {
+        for effect in effects {
+            let event = self.events.record(effect.draft);
+            if let Some((key, text)) = effect.alert {
+                self.alerts.raise(Alert { key, text, event });
+            }
+        }
+    }
+
+    /// Carries out what a locked section left to do; call it with the lock released.
+    async fn finish(&self, changes: Changes) {
+        for snapshot in changes.histories {
+            self.store.write_history(snapshot).await;
+        }
+        self.apply(changes.effects);
+    }
+
+    pub fn events(&self) -> &Arc<EventLog> {
+        &self.events
+    }
+
+    /// The generation nodes are sent: the newest one on disk.
+    pub fn generation(&self) -> u64 {
+        self.lock().durable
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,248 @@
+//! The hub across restarts: a new `Hub` on the same data directory starts at or above every
+//! generation the old one sent, keeps the rollout verdicts, and no node is sent a generation
+//! before it is on disk.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use px_proto::beacon::EventKind;
+use px_proto::link::{Hello, InstanceState, PROTOCOL_VERSION, PeerRole, RolloutFigures};
+use tokio_util::task::TaskTracker;
+
+use super::persist::{HistorySnapshot, Persisted, Store};
+use super::*;
+use crate::alerts::AlertSettings;
+use crate::placement::tests::{release, running};
+
+/// A hub on `dir`, as `run` makes one.
+fn open(dir: &Path) -> Hub {
+    let events = Arc::new(EventLog::open(dir).unwrap());
+    let alerts = Alerter::start(
+        AlertSettings::default(),
+        &TaskTracker::new(),
+        CancellationToken::new(),
+    );
+    Hub::new(
+        HubSettings {
+            domain: "localhost".into(),
+            repository_url: "http://repository".into(),
+            node_lost_after: Duration::from_secs(60),
+            data_dir: dir.to_path_buf(),
+        },
+        events,
+        alerts,
+        Arc::new(Metrics::default()),
+    )
+    .unwrap()
+}
+
+fn hello(name: &str, generation: u64) -> Hello {
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        role: PeerRole::Maestro,
+        name: name.into(),
+        token: "unused: the hub trusts the link server's check".into(),
+        software: "test".into(),
+        labels: BTreeMap::new(),
+        state: Some(NodeReport {
+            generation,
+            ..NodeReport::default()
+        }),
+        runtimes: BTreeMap::new(),
+    }
+}
+
+fn desired(releases: &[Release]) -> BTreeMap<String, Release> {
+    releases
+        .iter()
+        .map(|r| (r.app.clone(), r.clone()))
+        .collect()
+}
+
+/// The generation in `generation.json`, as a restarted Beacon reads it.
+fn on_disk(dir: &Path) -> u64 {
+    let bytes = std::fs::read(dir.join("generation.json")).unwrap();
+    serde_json::from_slice::<Persisted>(&bytes)
+        .unwrap()
+        .generation
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_hub_starts_at_or_above_every_generation_it_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Arc::new(open(dir.path()));
+    let mut attached = hub.attach(&hello("web-1", 0)).await;
+    // The node's link: every assignment it is given must already be on disk.
+    let data_dir = dir.path().to_path_buf();
+    let link = tokio::spawn(async move {
+        let mut sent = 0;
+        while attached.assignments.changed().await.is_ok() {
+            let Some(assignment) = attached.assignments.borrow_and_update().clone() else {
+                continue;
+            };
+            assert!(
+                on_disk(&data_dir) >= assignment.generation,
+                "generation {} was sent before it was on disk",
+                assignment.generation
+            );
+            sent = sent.max(assignment.generation);
+        }
+        sent
+    });
+    // Concurrent updates, each to another desired state.
+    let updates: Vec<_> = (1..=20)
+        .map(|version| {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                hub.set_desired(desired(&[release("hello", version, "")]))
+                    .await
+            })
+        })
+        .collect();
+    for update in updates {
+        update.await.unwrap();
+    }
+    let last = hub.generation();
+    assert_eq!(on_disk(dir.path()), last);
+    // Dropping the hub closes the node's watch, which ends the link.
+    drop(hub);
+    let sent = tokio::time::timeout(Duration::from_secs(10), link)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(sent >= 1, "the node was sent an assignment");
+
+    let restarted = open(dir.path());
+    assert!(
+        restarted.generation() >= sent,
+        "restarted at {}, below the {sent} it sent",
+        restarted.generation()
+    );
+    assert_eq!(restarted.generation(), last);
+    restarted
+        .set_desired(desired(&[release("hello", 99, "")]))
+        .await;
+    assert_eq!(restarted.generation(), last + 1);
+    assert_eq!(on_disk(dir.path()), last + 1);
+}
+
+#[tokio::test]
+async fn a_generation_that_cannot_be_written_is_sent_to_no_node_until_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(dir.path());
+    let mut web1 = hub.attach(&hello("web-1", 0)).await;
+    hub.set_desired(desired(&[release("hello", 1, "")])).await;
+    let first = web1.assignments.borrow_and_update().clone().unwrap();
+    assert_eq!((first.generation, first.apps[0].release), (1, 1));
+
+    // The disk refuses the next write: a directory stands where the file goes.
+    let file = dir.path().join("generation.json");
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    hub.set_desired(desired(&[release("hello", 2, "")])).await;
+    assert!(!web1.assignments.has_changed().unwrap(), "nothing was sent");
+    assert_eq!(hub.generation(), 1);
+    // A node attaching meanwhile is not given the unwritten generation either.
+    let mut web2 = hub.attach(&hello("web-2", 0)).await;
+    assert!(web2.assignments.borrow_and_update().is_none());
+
+    // The next read of the same desired state writes it, then sends it to both.
+    std::fs::remove_dir(&file).unwrap();
+    hub.set_desired(desired(&[release("hello", 2, "")])).await;
+    assert_eq!(on_disk(dir.path()), 2);
+    assert_eq!(hub.generation(), 2);
+    for link in [&mut web1, &mut web2] {
+        let assignment = link.assignments.borrow_and_update().clone().unwrap();
+        assert_eq!((assignment.generation, assignment.apps[0].release), (2, 2));
+    }
+}
+
+#[tokio::test]
+async fn the_rollout_history_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(dir.path());
+    let web1 = hub.attach(&hello("web-1", 0)).await;
+    let v1 = release("hello", 1, "[deploy]\nmax_error_rate = \"5%\"");
+    hub.set_desired(desired(std::slice::from_ref(&v1))).await;
+    // The node switched and watched v1 through: 200 answers, none 5xx.
+    let mut report = running("hello", 1, InstanceState::Healthy);
+    report.generation = hub.generation();
+    report.rollouts = vec![RolloutFigures {
+        app: "hello".into(),
+        release: 1,
+        previous: None,
+        watched_ms: 60_000,
+        watch_ms: 60_000,
+        done: true,
+        figures: DeployFigures {
+            new_requests: 200,
+            ..DeployFigures::default()
+        },
+    }];
+    hub.seen("web-1", web1.conn, Some(report)).await;
+    let verified = hub
+        .events()
+        .recent(10)
+        .into_iter()
+        .find(|e| e.kind == EventKind::DeployVerified)
+        .unwrap();
+    // The verdict is on disk by the time its event is out.
+    assert!(dir.path().join("rollouts/hello.json").is_file());
+    let before = hub.rollouts("hello").unwrap();
+    assert_eq!(before.len(), 1);
+    assert!(before[0].verified);
+    assert_eq!(
+        before[0].outcome.as_deref(),
+        Some(verified.message.as_str())
+    );
+    drop(hub);
+
+    let restarted = open(dir.path());
+    let after = restarted.rollouts("hello").unwrap();
+    let [record] = &after[..] else {
+        panic!("{after:?}")
+    };
+    assert_eq!(record.release, 1);
+    assert_eq!(record.state, RolloutState::RolledOut);
+    assert!(record.verified);
+    assert_eq!(record.figures.new_requests, 200);
+    assert_eq!(record.outcome, before[0].outcome);
+    // Once the same desired state is read again, the app shows its verdict, not judged twice.
+    restarted.set_desired(desired(&[v1])).await;
+    assert_eq!(restarted.apps()[0].outcome, before[0].outcome);
+}
+
+fn record(release: u64) -> RolloutRecord {
+    RolloutRecord {
+        release,
+        previous: release.checked_sub(1).filter(|p| *p > 0),
+        state: RolloutState::RolledOut,
+        started_at: "2026-11-25T00:00:00Z".into(),
+        rollout_seconds: Some(1.0),
+        figures: DeployFigures::default(),
+        watch_seconds: 60,
+        max_error_rate: None,
+        verified: true,
+        outcome: Some(format!("hello v{release} verified")),
+    }
+}
+
+#[tokio::test]
+async fn an_older_history_snapshot_never_replaces_a_newer_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, _) = Store::open(dir.path()).unwrap();
+    let snapshot = |seq: u64, releases: &[u64]| HistorySnapshot {
+        app: "hello".into(),
+        seq,
+        records: releases.iter().map(|r| record(*r)).collect(),
+    };
+    store.write_history(snapshot(2, &[2, 1])).await;
+    // Taken before the one above, handed to the writer after it.
+    store.write_history(snapshot(1, &[1])).await;
+    let (_, _, history) = Store::open(dir.path()).unwrap();
+    let releases: Vec<u64> = history["hello"].iter().map(|r| r.release).collect();
+    assert_eq!(releases, [2, 1]);
+    store.write_history(snapshot(3, &[3, 2, 1])).await;
+    let (_, _, history) = Store::open(dir.path()).unwrap();
+    assert_eq!(history["hello"].len(), 3);
+}
