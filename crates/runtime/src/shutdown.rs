@@ -137,6 +137,21 @@ impl CriticalTasks {
     }
 }
 
+/// Whether an error from `accept` means the listener will never accept again: the socket is
+/// not listening any more (`EINVAL`), or is not an open socket at all. An accept loop, being a
+/// critical task, should then end instead of retrying forever; every other error (out of file
+/// descriptors, a connection aborted before it was accepted, network errors `accept(2)` passes
+/// on) is worth a retry.
+pub fn accept_error_is_fatal(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    Errno::from_io_error(e).is_some_and(|errno| {
+        matches!(
+            errno,
+            Errno::INVAL | Errno::BADF | Errno::NOTSOCK | Errno::FAULT
+        )
+    })
+}
+
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     payload
         .downcast_ref::<&str>()
@@ -234,6 +249,31 @@ mod tests {
         shutdown.cancel();
         drained(&tracker).await;
         assert_eq!(critical.ended(), None);
+    }
+
+    #[test]
+    fn only_a_broken_listener_ends_an_accept_loop() {
+        use rustix::io::Errno;
+        let error = |errno: Errno| std::io::Error::from_raw_os_error(errno.raw_os_error());
+        for fatal in [Errno::INVAL, Errno::BADF, Errno::NOTSOCK] {
+            assert!(accept_error_is_fatal(&error(fatal)), "{fatal:?}");
+        }
+        for transient in [
+            Errno::MFILE,
+            Errno::NFILE,
+            Errno::NOBUFS,
+            Errno::NOMEM,
+            Errno::CONNABORTED,
+            Errno::PERM,
+            Errno::PROTO,
+            Errno::NETDOWN,
+            Errno::HOSTUNREACH,
+        ] {
+            assert!(!accept_error_is_fatal(&error(transient)), "{transient:?}");
+        }
+        assert!(!accept_error_is_fatal(&std::io::Error::other(
+            "not an errno"
+        )));
     }
 
     #[tokio::test]
