@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use px_runtime::config::ConfigError;
+use px_runtime::shutdown::{CriticalTasks, TaskEnded};
 use px_runtime::systemd::{Reloaded, Systemd};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -117,6 +118,9 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Other(String),
+    /// A task Beacon cannot serve without ended (see [`CriticalTasks`]).
+    #[error("{0}")]
+    TaskEnded(#[from] TaskEnded),
 }
 
 impl px_runtime::service::StartFailure for StartError {
@@ -129,7 +133,9 @@ impl px_runtime::service::StartFailure for StartError {
 pub const RELOADABLE: &[&str] = &["tokens", "tokens_file", "alerts.webhooks"];
 
 /// Runs Beacon on already-bound listeners until `shutdown` is cancelled; without a service
-/// manager (`em up`, tests).
+/// manager (`em up`, tests). If one of its critical tasks (the link server, the HTTP server,
+/// the reconciler, the sweeper) ends on its own, Beacon cancels `shutdown`, drains, and
+/// returns [`StartError::TaskEnded`] naming it.
 pub async fn run(
     config: Config,
     listeners: Listeners,
@@ -151,6 +157,7 @@ pub async fn run_with(
     tokio::fs::create_dir_all(&config.data_dir).await?;
     let metrics = Arc::new(metrics::Metrics::default());
     let tracker = TaskTracker::new();
+    let critical = CriticalTasks::new(&tracker, &shutdown);
     let events = Arc::new(events::EventLog::open(&config.data_dir)?);
     let alerter = alerts::Alerter::start(
         alerts::AlertSettings {
@@ -175,21 +182,24 @@ pub async fn run_with(
     let (reconcile_tx, reconcile_rx) = tokio::sync::mpsc::channel(links::RECONCILE_TRIGGERS);
     let client = reconcile::RepositoryClient::new(&config.repository.url, checked.repository_token)
         .map_err(StartError::Other)?;
-    tracker.spawn(reconcile::run(
-        client,
-        hub.clone(),
-        metrics.clone(),
-        config.reconcile_interval,
-        reconcile_rx,
-        shutdown.clone(),
-    ));
+    critical.spawn(
+        "the reconciler",
+        reconcile::run(
+            client,
+            hub.clone(),
+            metrics.clone(),
+            config.reconcile_interval,
+            reconcile_rx,
+            shutdown.clone(),
+        ),
+    );
     let sweeper_hub = hub.clone();
     let sweeper_shutdown = shutdown.clone();
     // When the sweeper last finished a pass, for the watchdog's liveness probe.
     let swept = Arc::new(AtomicU64::new(0));
     let sweeper_swept = swept.clone();
     let epoch = Instant::now();
-    tracker.spawn(async move {
+    critical.spawn("the sweeper", async move {
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -213,7 +223,10 @@ pub async fn run_with(
         name: "beacon".into(),
     });
     let control_addr = listeners.control.local_addr()?;
-    tracker.spawn(link_server.serve(listeners.control, tracker.clone(), shutdown.clone()));
+    critical.spawn(
+        "the link server",
+        link_server.serve(listeners.control, tracker.clone(), shutdown.clone()),
+    );
     let http_addr = listeners.http.local_addr()?;
     tracing::info!(http = %http_addr, control = %control_addr, "beacon listening");
     let state = http::AppState {
@@ -250,18 +263,26 @@ pub async fn run_with(
     );
     let server = axum::serve(listeners.http, http::router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let served = server.into_future();
-    tokio::pin!(served);
-    tokio::select! {
-        r = &mut served => r?,
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(DRAIN_DEADLINE).await } => {
-            tracing::warn!("drain deadline passed; closing remaining connections");
+    critical.spawn("the http server", server.into_future());
+    shutdown.cancelled().await;
+    // Open requests and links, and the tasks, get one deadline to finish together.
+    tracker.close();
+    if tokio::time::timeout(DRAIN_DEADLINE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain deadline passed; closing remaining connections");
+    }
+    match critical.ended() {
+        Some(ended) => {
+            tracing::error!(error = %ended, "beacon stopped");
+            Err(ended.into())
+        }
+        None => {
+            tracing::info!("beacon stopped");
+            Ok(())
         }
     }
-    tracker.close();
-    let _ = tokio::time::timeout(DRAIN_DEADLINE, tracker.wait()).await;
-    tracing::info!("beacon stopped");
-    Ok(())
 }
 
 /// Longest the sweeper may go without finishing a pass before the liveness probe fails: many

@@ -38,24 +38,36 @@ pub struct LinkServer {
     pub name: String,
 }
 
+/// Why the link server stopped before shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("the control listener no longer accepts links: {0}")]
+    ListenerBroken(std::io::Error),
+}
+
 impl LinkServer {
-    /// Accepts links until `shutdown`; each runs on `tracker`.
+    /// Accepts links until `shutdown`; each runs on `tracker`. Returns an error only when the
+    /// listener can never accept again, so that Beacon stops (and is restarted) rather than
+    /// run on without links.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         tracker: TaskTracker,
         shutdown: CancellationToken,
-    ) {
+    ) -> Result<(), ServeError> {
         let slots = Arc::new(Semaphore::new(MAX_LINKS));
         loop {
             let permit = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
+                _ = shutdown.cancelled() => return Ok(()),
+                permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return Ok(()) },
             };
             let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
+                    Err(e) if px_runtime::shutdown::accept_error_is_fatal(&e) => {
+                        return Err(ServeError::ListenerBroken(e));
+                    }
                     Err(e) => {
                         // Out of file descriptors and the like: wait instead of spinning.
                         tracing::warn!(error = %e, "accepting a link failed");
