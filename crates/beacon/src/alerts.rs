@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use px_proto::beacon::{Event, Level};
-use rand::Rng;
+// reqwest's own message alone does not say what went wrong; its causes do.
+use px_runtime::errors::error_chain;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -452,9 +453,7 @@ fn is_retryable(status: reqwest::StatusCode) -> bool {
 /// capped at `MAX_BACKOFF`, times a random factor in [0.5, 1.5) so that many Beacons (or many
 /// alerts) do not retry in step.
 fn backoff(base: Duration, attempt: u32) -> Duration {
-    let exp = attempt.saturating_sub(1).min(16);
-    let wait = base.saturating_mul(1 << exp).min(MAX_BACKOFF);
-    wait.mul_f64(rand::rng().random_range(0.5..1.5))
+    px_runtime::backoff::jittered(base, MAX_BACKOFF, attempt.saturating_sub(1))
 }
 
 /// `scheme://host:port` of a webhook URL: the path and query often hold its secret.
@@ -469,19 +468,6 @@ fn redact(url: &str) -> String {
         }
         Err(_) => "<invalid url>".to_owned(),
     }
-}
-
-/// An error with its causes, e.g. `error sending request: client error (Connect): tcp connect
-/// error: Connection refused`; reqwest's own message alone does not say what went wrong.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

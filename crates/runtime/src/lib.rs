@@ -1,9 +1,11 @@
 //! What every Platform.X service shares at run time: layered config, tracing, the shutdown
-//! signal and critical tasks, systemd integration, secret files, durable file writes, tokens
-//! and TLS configs. Only this crate reads process-wide state (signals, environment), so
+//! signal and critical tasks, systemd integration, secret files, durable file writes, tokens,
+//! TLS configs, retry backoff and error chains. Only this crate reads process-wide state (signals, environment), so
 //! services stay testable through their `run` functions.
 
+pub mod backoff;
 pub mod config;
+pub mod errors;
 pub mod fs;
 pub mod secrets;
 pub mod service;

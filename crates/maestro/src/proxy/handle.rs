@@ -16,6 +16,7 @@ use hyper::http::uri::{PathAndQuery, Scheme};
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
+use px_runtime::errors::error_chain;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::{debug, warn};
 
@@ -544,16 +545,4 @@ fn classify(error: &hyper_util::client::legacy::Error) -> Failure {
         source = cause.source();
     }
     Failure::Unreachable
-}
-
-/// The error with its causes, for logs.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
