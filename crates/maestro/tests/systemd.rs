@@ -6,164 +6,20 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::os::unix::net::UnixDatagram;
-use std::os::unix::process::CommandExt;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
+use px_test_support::systemd::{
+    Notifications, SOCKET_ACTIVATE, Service, Signal, WAIT, WATCHDOG_TIMEOUT, http_status_line,
+    require_socket_activate,
+};
 use px_test_support::{Pki, free_port};
 
 const BIN: &str = env!("CARGO_BIN_EXE_maestro");
-const SOCKET_ACTIVATE: &str = "/usr/bin/systemd-socket-activate";
-/// How long a test waits for something that should happen at once; it only bounds how long a
-/// failing test hangs.
-const WAIT: Duration = Duration::from_secs(20);
-/// `WatchdogSec=` as the tests set it: one second, so Maestro pings every half second.
-const WATCHDOG_USEC: u64 = 1_000_000;
-const WATCHDOG_TIMEOUT: Duration = Duration::from_micros(WATCHDOG_USEC);
-
-fn require_socket_activate() {
-    assert!(
-        Path::new(SOCKET_ACTIVATE).exists(),
-        "{SOCKET_ACTIVATE} is missing: run scripts/install-test-tools (apt-get install systemd)"
-    );
-}
-
-/// The notification socket systemd would own, and what arrived on it.
-struct Notifications {
-    socket: UnixDatagram,
-    path: PathBuf,
-    /// Watchdog pings passed over by [`Notifications::next`].
-    pings: u64,
-    _dir: tempfile::TempDir,
-}
-
-impl Notifications {
-    fn bind() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("notify");
-        let socket = UnixDatagram::bind(&path).unwrap();
-        Self {
-            socket,
-            path,
-            pings: 0,
-            _dir: dir,
-        }
-    }
-
-    /// The next notification within `limit`, if one comes.
-    fn recv(&self, limit: Duration) -> Option<String> {
-        self.socket
-            .set_read_timeout(Some(limit.max(Duration::from_millis(1))))
-            .unwrap();
-        let mut buf = [0; 4096];
-        match self.socket.recv(&mut buf) {
-            Ok(n) => Some(String::from_utf8(buf[..n].to_vec()).unwrap()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                None
-            }
-            Err(e) => panic!("reading notifications: {e}"),
-        }
-    }
-
-    /// The next notification that is not a watchdog ping (those are counted).
-    fn next(&mut self, logs: &Running) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            match self.recv(deadline.saturating_duration_since(Instant::now())) {
-                Some(ping) if ping == "WATCHDOG=1" => self.pings += 1,
-                Some(message) => return message,
-                None => panic!("no notification within {WAIT:?}\n{}", logs.logs()),
-            }
-        }
-    }
-
-    /// Waits for `count` more watchdog pings, with nothing else in between.
-    fn pings(&mut self, count: u64, logs: &Running) {
-        for _ in 0..count {
-            let message = self.recv(WAIT);
-            assert_eq!(message.as_deref(), Some("WATCHDOG=1"), "{}", logs.logs());
-            self.pings += 1;
-        }
-    }
-
-    /// Everything that arrives within `window`.
-    fn during(&self, window: Duration) -> Vec<String> {
-        let deadline = Instant::now() + window;
-        let mut got = Vec::new();
-        while let Some(message) = self.recv(deadline.saturating_duration_since(Instant::now())) {
-            got.push(message);
-        }
-        got
-    }
-}
-
-/// A process group started by the test (Maestro, or what supervises it), killed on drop so a
-/// failing test leaves nothing running.
-struct Running {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Running {
-    fn spawn(mut command: Command, log: PathBuf) -> Self {
-        let stderr = std::fs::File::create(&log).unwrap();
-        let child = command
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        Self { child, log }
-    }
-
-    fn pid(&self) -> nix::unistd::Pid {
-        nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap())
-    }
-
-    fn signal(&self, signal: Signal) {
-        nix::sys::signal::kill(self.pid(), signal).unwrap();
-    }
-
-    fn logs(&self) -> String {
-        format!(
-            "stderr:\n{}",
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        )
-    }
-
-    /// Waits for the process to end; its exit status.
-    fn wait(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "still running\n{}", self.logs());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = nix::sys::signal::killpg(self.pid(), Signal::SIGKILL);
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// Writes Maestro's config with its own state under `dir`; the HTTP address matters only when
 /// systemd passes no socket.
@@ -181,53 +37,22 @@ fn write_config(dir: &Path, http_listen: &str, extra: &str) -> PathBuf {
     path
 }
 
-/// Maestro started by `systemd-socket-activate`, which listens on each port and passes the
-/// sockets under their names once the first connection arrives.
-fn activated(sockets: &[(u16, &str)], notify: &Path, config: &Path, dir: &Path) -> Running {
-    let mut command = Command::new(SOCKET_ACTIVATE);
-    for (port, _) in sockets {
-        command.arg(format!("--listen=127.0.0.1:{port}"));
-    }
-    let names: Vec<&str> = sockets.iter().map(|(_, name)| *name).collect();
-    command
-        .arg(format!("--fdname={}", names.join(":")))
-        .arg(format!("--setenv=NOTIFY_SOCKET={}", notify.display()))
-        .arg(format!("--setenv=WATCHDOG_USEC={WATCHDOG_USEC}"))
-        .arg("--setenv=PX_LOG=info")
-        .arg(BIN)
-        .arg("--config")
-        .arg(config);
-    Running::spawn(command, dir.join("maestro.log"))
+/// Maestro started by `systemd-socket-activate` with its sockets under their names.
+fn activated(sockets: &[(u16, &str)], notify: &Path, config: &Path, dir: &Path) -> Service {
+    Service::activated(BIN, sockets, notify, config, dir.join("maestro.log"))
 }
 
 /// One `GET /` on a new connection; the status line of the answer.
 fn http_get(port: u16) -> std::io::Result<String> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut stream = TcpStream::connect_timeout(&addr, WAIT)?;
-    stream.set_read_timeout(Some(WAIT))?;
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: nothing.invalid\r\nConnection: close\r\n\r\n")?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
-    Ok(answer.lines().next().unwrap_or_default().to_owned())
+    http_status_line(
+        port,
+        "GET / HTTP/1.1\r\nHost: nothing.invalid\r\nConnection: close\r\n\r\n",
+    )
 }
 
-/// [`http_get`] once the port accepts: `systemd-socket-activate` listens a moment after it
-/// starts, and starts Maestro on this first connection.
+/// [`http_get`] once the port accepts, which starts Maestro.
 fn first_connection(port: u16) -> std::thread::JoinHandle<std::io::Result<String>> {
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            match http_get(port) {
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::ConnectionRefused
-                        && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                other => return other,
-            }
-        }
-    })
+    px_test_support::systemd::first_connection(move || http_get(port))
 }
 
 /// An HTTP/1.1 connection kept open across requests.
@@ -551,11 +376,11 @@ fn restarts_under_load(activation: bool, signal: Signal) -> Outcomes {
             command.arg(format!("--setenv={name}={value}"));
         }
         command.args(["/bin/sh", "-c", RESTART_LOOP]);
-        Running::spawn(command, log)
+        Service::spawn(command, log)
     } else {
         let mut command = Command::new("/bin/sh");
         command.args(["-c", RESTART_LOOP]).envs(env);
-        Running::spawn(command, log)
+        Service::spawn(command, log)
     };
     let first = activation.then(|| first_connection(port));
     assert_eq!(systemd.next(&supervisor), "READY=1");

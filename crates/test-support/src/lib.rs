@@ -1,5 +1,8 @@
 //! Helpers for Platform.X integration tests: a real S3-compatible server (s3s-fs) started per
-//! test on loopback, throwaway certificates, sample apps and free ports.
+//! test on loopback, throwaway certificates, sample apps, free ports, and systemd played by
+//! its own tools (`systemd`).
+
+pub mod systemd;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
