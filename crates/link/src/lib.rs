@@ -1,0 +1,98 @@
+//! The client side of the Beacon control link, shared by the two services that connect to
+//! Beacon (Maestro and apprepo; Beacon is the server): the `[beacon]` config table and its
+//! resolution, connecting over TCP and TLS, the `Hello`/`Welcome` handshake, and the
+//! reconnect loop with jittered exponential backoff. What a service does on an established
+//! link is its own [`Client`].
+
+mod config;
+mod link;
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use px_proto::link::Hello;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::config::{BeaconConfig, LinkSettings, ResolveError};
+pub use crate::link::{Link, LinkError, connect, heartbeats};
+
+/// First wait before connecting again after a failure; each failure in a row doubles it (with
+/// ±50% jitter, so a fleet does not reconnect in step after a Beacon restart).
+pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// Longest wait between attempts: a Beacon back from an outage is found within half a minute,
+/// while thousands of clients cost it at most one attempt each per 15 to 45 seconds.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What a service does with its link to Beacon.
+pub trait Client: Send {
+    /// Said after "beacon link down" and "beacon link lost; reconnecting" in the logs: what
+    /// carries on meanwhile, e.g. "; apps keep serving". Default: nothing.
+    const MEANWHILE: &'static str = "";
+
+    /// Completes the `Hello` for the next connect (its protocol, role, name and token are
+    /// set): built afresh for every connect, as a Maestro's carries its state of the moment.
+    /// Default: sent as it is.
+    fn introduce(&mut self, hello: &mut Hello) {
+        let _ = hello;
+    }
+
+    /// Runs on an established link until the link fails (an error: [`run`] reconnects) or
+    /// the service has nothing more to send (`Ok`: [`run`] ends). Dropped at shutdown, after
+    /// which the link is closed.
+    fn session(&mut self, link: &mut Link) -> impl Future<Output = Result<(), LinkError>> + Send;
+
+    /// Runs while the link is down, between two attempts, and is dropped when the next attempt
+    /// starts, so it must be cancel-safe; returning ends [`run`], as the service has nothing
+    /// more to send. Default: waits for the next attempt.
+    fn unlinked(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
+}
+
+/// Keeps `client` linked to Beacon until `shutdown` (or until the client has nothing more to
+/// send): connects, runs [`Client::session`] and, whenever the link fails or cannot be made,
+/// waits a jittered, doubling backoff before connecting again. `settings.linked` says whether
+/// a link is up.
+pub async fn run<C: Client>(settings: LinkSettings, mut client: C, shutdown: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        let mut hello = settings.hello();
+        client.introduce(&mut hello);
+        let connected = tokio::select! {
+            () = shutdown.cancelled() => return,
+            connected = connect(&settings, hello) => connected,
+        };
+        let mut link = match connected {
+            Ok(link) => {
+                failures = 0;
+                link
+            }
+            Err(reason) => {
+                let wait = px_runtime::backoff::jittered(BACKOFF_MIN, BACKOFF_MAX, failures);
+                failures = failures.saturating_add(1);
+                tracing::warn!(addr = %settings.addr, %reason, retry_in = ?wait, "beacon link down{}", C::MEANWHILE);
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(wait) => continue,
+                    () = client.unlinked() => return,
+                }
+            }
+        };
+        settings.linked.store(true, Ordering::Relaxed);
+        let ended = tokio::select! {
+            () = shutdown.cancelled() => {
+                link.close().await;
+                return;
+            }
+            ended = client.session(&mut link) => ended,
+        };
+        settings.linked.store(false, Ordering::Relaxed);
+        match ended {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::warn!(addr = %settings.addr, %error, "beacon link lost; reconnecting{}", C::MEANWHILE);
+            }
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! The link client against a Beacon played by the test: a TLS listener speaking the real
+//! codec. Each test checks what Beacon (or the service) would see.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use px_link::{BeaconConfig, Link, LinkError, LinkSettings};
+use px_proto::codec::FrameCodec;
+use px_proto::link::{
+    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, Hello, NodeReport, PROTOCOL_VERSION,
+    PeerRole, ToBeacon,
+};
+use px_test_support::Pki;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "pxt_link-token-for-tests";
+/// Bounds how long a failing test hangs.
+const WAIT: Duration = Duration::from_secs(10);
+
+type BeaconSide = Framed<
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    FrameCodec<ToBeacon, FromBeacon>,
+>;
+
+/// Beacon's end: a listener with a certificate for `beacon.test`.
+struct Beacon {
+    pki: Pki,
+    listener: TcpListener,
+    _secrets: tempfile::TempDir,
+    settings: Option<LinkSettings>,
+}
+
+impl Beacon {
+    async fn start() -> Self {
+        let pki = Pki::new(&["beacon.test"]).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let secrets = tempfile::tempdir().unwrap();
+        let token_file = secrets.path().join("token");
+        px_runtime::secrets::write_secret_file(&token_file, TOKEN).unwrap();
+        let settings = BeaconConfig {
+            addr: listener.local_addr().unwrap().to_string(),
+            server_name: Some("beacon.test".into()),
+            ca_file: pki.ca(),
+            token_file,
+        }
+        .resolve(PeerRole::Maestro, "web-1")
+        .unwrap();
+        Self {
+            pki,
+            listener,
+            _secrets: secrets,
+            settings: Some(settings),
+        }
+    }
+
+    /// The client's settings (once).
+    fn settings(&mut self) -> LinkSettings {
+        self.settings.take().unwrap()
+    }
+
+    /// Accepts the next link and reads its `Hello`.
+    async fn accept(&self) -> (BeaconSide, Hello) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(
+            px_runtime::tls::server_config(&self.pki.cert(), &self.pki.key()).unwrap(),
+        );
+        let (tcp, _) = tokio::time::timeout(WAIT, self.listener.accept())
+            .await
+            .expect("the client connects")
+            .unwrap();
+        let mut link = Framed::new(acceptor.accept(tcp).await.unwrap(), FrameCodec::new());
+        let Some(Ok(ToBeacon::Hello(hello))) = link.next().await else {
+            panic!("expected hello")
+        };
+        (link, hello)
+    }
+
+    /// Accepts the next link and welcomes it.
+    async fn welcome(&self) -> (BeaconSide, Hello) {
+        let (mut link, hello) = self.accept().await;
+        link.send(FromBeacon::Welcome {
+            protocol: PROTOCOL_VERSION,
+            beacon: "test".into(),
+        })
+        .await
+        .unwrap();
+        (link, hello)
+    }
+}
+
+/// A service on the link: numbers its connects in the `Hello`, sends one heartbeat when
+/// linked, ends when Beacon says `Stop { app: "end" }`, and collects what it is given while
+/// unlinked.
+struct Service {
+    connects: u32,
+    queued: mpsc::Receiver<u32>,
+    kept: Arc<Mutex<Vec<u32>>>,
+}
+
+impl Service {
+    fn new() -> (Self, mpsc::Sender<u32>, Arc<Mutex<Vec<u32>>>) {
+        let (tx, queued) = mpsc::channel(8);
+        let kept = Arc::default();
+        let service = Self {
+            connects: 0,
+            queued,
+            kept: Arc::clone(&kept),
+        };
+        (service, tx, kept)
+    }
+}
+
+impl px_link::Client for Service {
+    fn introduce(&mut self, hello: &mut Hello) {
+        self.connects += 1;
+        hello
+            .labels
+            .insert("connect".into(), self.connects.to_string());
+    }
+
+    async fn session(&mut self, link: &mut Link) -> Result<(), LinkError> {
+        link.send(ToBeacon::Heartbeat(NodeReport::default()))
+            .await?;
+        loop {
+            if let FromBeacon::Stop { app } = link.recv().await?
+                && app == "end"
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn unlinked(&mut self) {
+        while let Some(item) = self.queued.recv().await {
+            self.kept.lock().unwrap().push(item);
+        }
+    }
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_connect_says_a_fresh_hello_and_a_refused_link_is_tried_again() {
+    let mut beacon = Beacon::start().await;
+    let settings = beacon.settings();
+    let linked = Arc::clone(&settings.linked);
+    let (service, _tx, _) = Service::new();
+    let run = tokio::spawn(px_link::run(settings, service, CancellationToken::new()));
+
+    let (mut refused, hello) = beacon.accept().await;
+    assert_eq!(
+        (
+            hello.protocol,
+            hello.role,
+            hello.name.as_str(),
+            hello.token.as_str()
+        ),
+        (PROTOCOL_VERSION, PeerRole::Maestro, "web-1", TOKEN)
+    );
+    assert_eq!(hello.software, px_proto::SOFTWARE_VERSION);
+    assert_eq!(hello.labels["connect"], "1");
+    refused
+        .send(FromBeacon::Rejected {
+            reason: "unknown token".into(),
+        })
+        .await
+        .unwrap();
+    assert!(!linked.load(Ordering::Relaxed));
+
+    let (mut link, hello) = beacon.welcome().await;
+    assert_eq!(hello.labels["connect"], "2", "the hello is built again");
+    assert!(matches!(
+        link.next().await,
+        Some(Ok(ToBeacon::Heartbeat(_)))
+    ));
+    eventually("linked", || linked.load(Ordering::Relaxed)).await;
+
+    // The service has nothing more to say: the run ends, not linked.
+    link.send(FromBeacon::Stop { app: "end".into() })
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, run).await.unwrap().unwrap();
+    assert!(!linked.load(Ordering::Relaxed));
+}
+
+#[tokio::test]
+async fn a_lost_link_is_made_again() {
+    let mut beacon = Beacon::start().await;
+    let settings = beacon.settings();
+    let (service, _tx, _) = Service::new();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(px_link::run(settings, service, shutdown.clone()));
+    let (first, _) = beacon.welcome().await;
+    drop(first);
+    let (_second, hello) = beacon.welcome().await;
+    assert_eq!(hello.labels["connect"], "2");
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, run).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_closes_an_established_link_cleanly() {
+    let mut beacon = Beacon::start().await;
+    let settings = beacon.settings();
+    let (service, _tx, _) = Service::new();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(px_link::run(settings, service, shutdown.clone()));
+    let (mut link, _) = beacon.welcome().await;
+    assert!(matches!(
+        link.next().await,
+        Some(Ok(ToBeacon::Heartbeat(_)))
+    ));
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, run).await.unwrap().unwrap();
+    // A TLS close, not a reset: Beacon reads the end of the stream.
+    let end = tokio::time::timeout(WAIT, link.next()).await.unwrap();
+    assert!(end.is_none(), "{end:?}");
+}
+
+#[tokio::test]
+async fn while_unlinked_the_service_keeps_working_and_may_end_the_run() {
+    let mut beacon = Beacon::start().await;
+    let settings = beacon.settings();
+    let linked = Arc::clone(&settings.linked);
+    // Nobody listens at Beacon's address any more: every attempt fails.
+    drop(beacon.listener);
+    let (service, tx, kept) = Service::new();
+    let run = tokio::spawn(px_link::run(settings, service, CancellationToken::new()));
+    for item in 1..=3 {
+        tx.send(item).await.unwrap();
+    }
+    eventually("the service got what was queued", || {
+        *kept.lock().unwrap() == [1, 2, 3]
+    })
+    .await;
+    drop(tx);
+    tokio::time::timeout(WAIT, run).await.unwrap().unwrap();
+    assert!(!linked.load(Ordering::Relaxed));
+}
+
+#[tokio::test]
+async fn a_silent_beacon_ends_the_link_at_the_heartbeat_deadline() {
+    let mut beacon = Beacon::start().await;
+    let settings = beacon.settings();
+    let started = tokio::time::Instant::now();
+    let (link, beacon_side) = tokio::join!(
+        px_link::connect(&settings, settings.hello()),
+        beacon.welcome()
+    );
+    let mut link = link.unwrap();
+    // Beacon stays connected and says nothing. (The wait is real: pausing tokio's clock needs
+    // its `test-util` feature, which would make every build of the workspace's tests twice.)
+    let err = link.recv().await.err().unwrap();
+    assert!(matches!(err, LinkError::Silent), "{err}");
+    assert_eq!(err.to_string(), "beacon silent past the heartbeat deadline");
+    let silent = started.elapsed();
+    assert!(
+        silent >= HEARTBEAT_DEADLINE && silent < HEARTBEAT_DEADLINE + WAIT,
+        "{silent:?}"
+    );
+    drop(beacon_side);
+}
+
+#[tokio::test]
+async fn a_beacon_that_never_answers_the_handshake_is_given_up_at_the_timeout() {
+    let mut beacon = Beacon::start().await;
+    let settings = beacon.settings();
+    // Beacon's listener accepts the connection and never speaks TLS (a real wait, as above).
+    let started = tokio::time::Instant::now();
+    let (timed_out, _held) = tokio::join!(px_link::connect(&settings, settings.hello()), async {
+        beacon.listener.accept().await.unwrap()
+    });
+    let timed_out = timed_out.err().unwrap();
+    assert!(
+        matches!(timed_out, LinkError::HandshakeTimeout),
+        "{timed_out}"
+    );
+    assert_eq!(timed_out.to_string(), "handshake timed out");
+    let waited = started.elapsed();
+    assert!(
+        waited >= HANDSHAKE_TIMEOUT && waited < HANDSHAKE_TIMEOUT + WAIT,
+        "{waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn handshake_failures_say_what_went_wrong() {
+    let mut beacon = Beacon::start().await;
+    let settings = beacon.settings();
+    let hello = || settings.hello();
+
+    let (refused, _) = tokio::join!(px_link::connect(&settings, hello()), async {
+        let (mut link, _) = beacon.accept().await;
+        link.send(FromBeacon::Rejected {
+            reason: "unknown token".into(),
+        })
+        .await
+        .unwrap();
+        link
+    });
+    assert_eq!(
+        refused.err().unwrap().to_string(),
+        "beacon refused the link: unknown token"
+    );
+
+    let (closed, _) = tokio::join!(px_link::connect(&settings, hello()), async {
+        let (mut link, _) = beacon.accept().await;
+        link.close().await.unwrap();
+    });
+    assert_eq!(
+        closed.err().unwrap().to_string(),
+        "beacon closed the link during the handshake"
+    );
+
+    let (unexpected, _) = tokio::join!(px_link::connect(&settings, hello()), async {
+        let (mut link, _) = beacon.accept().await;
+        link.send(FromBeacon::Heartbeat).await.unwrap();
+        link
+    });
+    assert_eq!(
+        unexpected.err().unwrap().to_string(),
+        "expected welcome, got Heartbeat"
+    );
+
+    drop(beacon.listener);
+    let unreachable = px_link::connect(&settings, hello()).await.err().unwrap();
+    assert!(
+        unreachable.to_string().starts_with("connect: "),
+        "{unreachable}"
+    );
+}
