@@ -96,24 +96,13 @@ pub struct Config {
     /// File with a `read` token for apprepo, to download bundles. Default: none (bundles
     /// must then be served without auth, which apprepo never does).
     pub repository_token_file: Option<PathBuf>,
-    /// The Beacon to link to. Default: none (serve the persisted assignment only).
+    /// The Beacon to link to (`[beacon]`: `addr`, `server_name`, `ca_file`, `token_file`).
+    /// Default: none (serve the persisted assignment only).
     pub beacon: Option<BeaconConfig>,
 }
 
-/// `[beacon]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BeaconConfig {
-    /// Beacon's control address, `host:port`.
-    pub addr: String,
-    /// Name in Beacon's certificate. Default: the host part of `addr`.
-    #[serde(default)]
-    pub server_name: Option<String>,
-    /// PEM file of the cluster CA.
-    pub ca_file: PathBuf,
-    /// File with this node's `maestro` token (mode 0600).
-    pub token_file: PathBuf,
-}
+/// `[beacon]`, the table every link client shares; on the link this node is `node_name`.
+pub use px_link::BeaconConfig;
 
 impl Default for Config {
     fn default() -> Self {

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use axum::response::IntoResponse;
 use futures_util::future::BoxFuture;
-use px_proto::link::InstanceState;
+use px_proto::link::{InstanceState, PeerRole};
 use px_runtime::config::ConfigError;
 use px_runtime::systemd::{Reloaded, Systemd};
 use tokio::net::TcpListener;
@@ -52,7 +52,7 @@ pub struct Listeners {
 
 /// Everything in the config that can be checked without the network.
 pub struct Checked {
-    pub link: Option<link::LinkSettings>,
+    pub link: Option<px_link::LinkSettings>,
     pub repository_token: Option<String>,
     pub certs: Option<Arc<proxy::CertStore>>,
 }
@@ -88,24 +88,8 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
             .ok()
     });
     let link = config.beacon.as_ref().and_then(|b| {
-        let resolved = (|| {
-            let (server_name, tls) =
-                px_runtime::tls::link_client(&b.addr, b.server_name.as_deref(), &b.ca_file)
-                    .map_err(|e| e.to_string())?;
-            Ok::<_, String>(link::LinkSettings {
-                addr: b.addr.clone(),
-                server_name,
-                tls,
-                token: px_runtime::secrets::read_secret_file(&b.token_file)
-                    .map_err(|e| e.to_string())?,
-                name: config.node_name.clone(),
-                labels: config.labels.clone(),
-                runtimes: Default::default(),
-                linked: Default::default(),
-            })
-        })();
-        resolved
-            .map_err(|m| problems.push(format!("beacon: {m}")))
+        b.resolve(PeerRole::Maestro, &config.node_name)
+            .map_err(|e| problems.push(format!("beacon: {e}")))
             .ok()
     });
     let certs = match (&config.https_listen, &config.certs_dir) {
@@ -302,20 +286,19 @@ pub async fn run_with(
     });
 
     let linked = checked.link.as_ref().map(|l| l.linked.clone());
-    if let Some(mut settings) = checked.link {
-        settings.runtimes =
-            runtimes::probe_host(&std::env::var_os("PATH").unwrap_or_default()).await;
-        tracing::info!(runtimes = ?settings.runtimes, "runtimes found on this host");
-        let changes = supervisor.changes();
-        tracker.spawn(link::run(
-            settings,
-            supervisor.clone(),
+    if let Some(settings) = checked.link {
+        let runtimes = runtimes::probe_host(&std::env::var_os("PATH").unwrap_or_default()).await;
+        tracing::info!(?runtimes, "runtimes found on this host");
+        let client = link::Client {
+            supervisor: supervisor.clone(),
             events,
-            changes,
+            changes: supervisor.changes(),
             app_logs,
-            config.state_dir.clone(),
-            shutdown.clone(),
-        ));
+            state_dir: config.state_dir.clone(),
+            labels: config.labels.clone(),
+            runtimes,
+        };
+        tracker.spawn(px_link::run(settings, client, shutdown.clone()));
     } else {
         tracing::info!("no beacon configured; serving the persisted assignment only");
         drop(events);

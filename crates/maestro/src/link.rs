@@ -1,29 +1,21 @@
-//! The client side of the control link: connects to Beacon over TLS, says hello with the
-//! node's full actual state, applies assignments (persisting each first), heartbeats with the
-//! full state, forwards events, and reconnects with jittered backoff. Web traffic never waits
-//! for any of this: the persisted assignment is served before the first connect.
+//! Maestro on its control link to Beacon (connecting and reconnecting is `px_link`'s): says
+//! hello with the node's full actual state, applies assignments (persisting each first),
+//! heartbeats with the full state, forwards events and app logs. Web traffic never waits for
+//! any of this: the persisted assignment is served before the first connect.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use px_proto::codec::FrameCodec;
-use px_proto::link::{
-    Assignment, FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, HEARTBEAT_INTERVAL, Hello,
-    NodeEvent, PROTOCOL_VERSION, PeerRole, ToBeacon,
-};
-use rand::Rng;
+use px_link::{Link, LinkError};
+use px_proto::link::{Assignment, FromBeacon, Hello, LogBatch, LogLine, NodeEvent, ToBeacon};
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, watch};
-use tokio_util::codec::Framed;
-use tokio_util::sync::CancellationToken;
 
+use crate::logs::AppLogs;
 use crate::supervisor::Supervisor;
 
-/// Reconnect backoff bounds (doubling, ±50% jitter, so a fleet does not reconnect in step
-/// after a Beacon restart).
-pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Least time between two state reports sent because something changed; heartbeats still
 /// go every interval.
 pub const MIN_REPORT_GAP: Duration = Duration::from_millis(50);
@@ -36,23 +28,21 @@ pub const LOG_LINES_PER_FLUSH: usize = 2000;
 /// The persisted assignment, in the state directory.
 pub const ASSIGNMENT_FILE: &str = "assignment.json";
 
-pub struct LinkSettings {
-    pub addr: String,
-    pub server_name: rustls_pki_types::ServerName<'static>,
-    pub tls: Arc<rustls::ClientConfig>,
-    pub token: String,
-    pub name: String,
-    pub labels: std::collections::BTreeMap<String, String>,
+/// What Maestro brings to its link: the node it describes and the queues it forwards.
+pub struct Client {
+    pub supervisor: Arc<Supervisor>,
+    /// Events from the supervisor and the apps, for Beacon.
+    pub events: mpsc::Receiver<NodeEvent>,
+    /// Bumped by the supervisor whenever the node's state changes.
+    pub changes: watch::Receiver<u64>,
+    pub app_logs: Arc<AppLogs>,
+    /// Where the assignment is persisted.
+    pub state_dir: PathBuf,
+    /// This node's labels, for Beacon's placement.
+    pub labels: BTreeMap<String, String>,
     /// Runtimes found on this host (`python3` → `3.11.7`), for Beacon's placement.
-    pub runtimes: std::collections::BTreeMap<String, String>,
-    /// Whether the link is up now, for the status systemd shows; set by [`run`].
-    pub linked: Arc<std::sync::atomic::AtomicBool>,
+    pub runtimes: BTreeMap<String, String>,
 }
-
-type Link = Framed<
-    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-    FrameCodec<FromBeacon, ToBeacon>,
->;
 
 /// Reads the persisted assignment, if any.
 pub fn load_assignment(state_dir: &Path) -> Option<Assignment> {
@@ -76,49 +66,6 @@ pub fn save_assignment(state_dir: &Path, assignment: &Assignment) -> std::io::Re
     tmp.as_file().sync_all()?;
     tmp.persist(&path).map_err(|e| e.error)?;
     std::fs::File::open(state_dir)?.sync_all()
-}
-
-async fn connect(settings: &LinkSettings, supervisor: &Supervisor) -> Result<Link, String> {
-    let tcp = tokio::net::TcpStream::connect(&settings.addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let tls = tokio_rustls::TlsConnector::from(settings.tls.clone())
-        .connect(settings.server_name.clone(), tcp)
-        .await
-        .map_err(|e| format!("tls: {e}"))?;
-    let mut link = Framed::new(tls, FrameCodec::new());
-    link.send(ToBeacon::Hello(Hello {
-        protocol: PROTOCOL_VERSION,
-        role: PeerRole::Maestro,
-        name: settings.name.clone(),
-        token: settings.token.clone(),
-        software: px_proto::SOFTWARE_VERSION.into(),
-        labels: settings.labels.clone(),
-        state: Some(supervisor.report()),
-        runtimes: settings.runtimes.clone(),
-    }))
-    .await
-    .map_err(|e| format!("hello: {e}"))?;
-    match link.next().await {
-        Some(Ok(FromBeacon::Welcome { beacon, .. })) => {
-            tracing::info!(%beacon, addr = %settings.addr, "linked to beacon");
-            Ok(link)
-        }
-        Some(Ok(FromBeacon::Rejected { reason })) => {
-            Err(format!("beacon refused the link: {reason}"))
-        }
-        Some(Ok(other)) => Err(format!("expected welcome, got {other:?}")),
-        Some(Err(e)) => Err(format!("handshake: {e}")),
-        None => Err("beacon closed the link during the handshake".into()),
-    }
-}
-
-fn backoff(failures: u32) -> Duration {
-    BACKOFF_MIN
-        .saturating_mul(1 << failures.min(16))
-        .min(BACKOFF_MAX)
-        .mul_f64(rand::rng().random_range(0.5..1.5))
 }
 
 /// Applies an assignment: persist first, so a crash right after still serves it on restart.
@@ -149,149 +96,165 @@ fn apply(supervisor: &Supervisor, state_dir: &Path, assignment: &Assignment) {
 /// an event before it changes the state, so Beacon never sees a state (a release serving
 /// everywhere) ahead of the events that led to it (`instance_started`, `deploy_finished`),
 /// which `em deploy` reads as its phases.
-async fn send_report<S>(
-    link: &mut S,
+async fn send_report(
+    link: &mut Link,
     supervisor: &Supervisor,
     events: &mut mpsc::Receiver<NodeEvent>,
-) -> Result<(), String>
-where
-    S: futures_util::Sink<ToBeacon> + Unpin,
-    S::Error: std::fmt::Display,
-{
+) -> Result<(), LinkError> {
     let report = supervisor.report();
     while let Ok(event) = events.try_recv() {
-        link.send(ToBeacon::Event(event))
-            .await
-            .map_err(|e| e.to_string())?;
+        link.send(ToBeacon::Event(event)).await?;
     }
-    link.send(ToBeacon::Heartbeat(report))
-        .await
-        .map_err(|e| e.to_string())
+    link.send(ToBeacon::Heartbeat(report)).await
 }
 
-/// Runs the link until `shutdown`.
-pub async fn run(
-    settings: LinkSettings,
-    supervisor: Arc<Supervisor>,
-    mut events: mpsc::Receiver<NodeEvent>,
-    mut changes: watch::Receiver<u64>,
-    app_logs: Arc<crate::logs::AppLogs>,
-    state_dir: PathBuf,
-    shutdown: CancellationToken,
-) {
-    let mut failures = 0u32;
-    loop {
-        let connected = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(&settings, &supervisor)) => r.unwrap_or_else(|_| Err("handshake timed out".into())),
-        };
-        let mut link = match connected {
-            Ok(link) => {
-                failures = 0;
-                settings
-                    .linked
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                link
-            }
-            Err(reason) => {
-                let wait = backoff(failures);
-                failures = failures.saturating_add(1);
-                tracing::warn!(addr = %settings.addr, %reason, retry_in = ?wait, "beacon link down; apps keep serving");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                continue;
-            }
-        };
-        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let silence = tokio::time::sleep(HEARTBEAT_DEADLINE);
-        tokio::pin!(silence);
-        changes.borrow_and_update();
-        let mut lines = app_logs.follow();
-        let mut batch: Vec<px_proto::link::LogLine> = Vec::new();
-        let mut dropped = 0u64;
-        let mut budget = LOG_LINES_PER_FLUSH;
+/// App log lines on their way to Beacon: batched, and at most [`LOG_LINES_PER_FLUSH`] per
+/// flush, the rest counted as dropped.
+struct LogForwarding {
+    batch: Vec<LogLine>,
+    dropped: u64,
+    budget: usize,
+}
+
+impl LogForwarding {
+    fn new() -> Self {
+        Self {
+            batch: Vec::new(),
+            dropped: 0,
+            budget: LOG_LINES_PER_FLUSH,
+        }
+    }
+
+    /// Takes one line; a full batch to send at once, if it made one.
+    fn push(&mut self, line: LogLine) -> Option<LogBatch> {
+        if self.budget == 0 {
+            self.dropped += 1;
+            return None;
+        }
+        self.budget -= 1;
+        self.batch.push(line);
+        (self.batch.len() >= px_proto::link::MAX_LOG_BATCH).then(|| self.take())
+    }
+
+    /// Starts a new flush period; what is waiting, if anything.
+    fn flush(&mut self) -> Option<LogBatch> {
+        self.budget = LOG_LINES_PER_FLUSH;
+        (!self.batch.is_empty() || self.dropped > 0).then(|| self.take())
+    }
+
+    fn take(&mut self) -> LogBatch {
+        LogBatch {
+            lines: std::mem::take(&mut self.batch),
+            dropped: std::mem::take(&mut self.dropped),
+        }
+    }
+}
+
+impl px_link::Client for Client {
+    const MEANWHILE: &'static str = "; apps keep serving";
+
+    fn introduce(&mut self, hello: &mut Hello) {
+        hello.labels = self.labels.clone();
+        hello.runtimes = self.runtimes.clone();
+        hello.state = Some(self.supervisor.report());
+    }
+
+    async fn session(&mut self, link: &mut Link) -> Result<(), LinkError> {
+        let mut heartbeat = px_link::heartbeats();
+        self.changes.borrow_and_update();
+        let mut lines = self.app_logs.follow();
+        let mut logs = LogForwarding::new();
         let mut flush = tokio::time::interval(LOG_FLUSH);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let error: String = loop {
+        loop {
             tokio::select! {
-                _ = shutdown.cancelled() => {
-                    let _ = link.close().await;
-                    return;
-                }
-                _ = &mut silence => break "beacon silent past the heartbeat deadline".into(),
-                _ = heartbeat.tick() => {
-                    if let Err(e) = send_report(&mut link, &supervisor, &mut events).await {
-                        break e;
-                    }
-                }
-                r = changes.changed() => {
-                    if r.is_err() {
-                        return;
+                _ = heartbeat.tick() => send_report(link, &self.supervisor, &mut self.events).await?,
+                changed = self.changes.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
                     }
                     tokio::time::sleep(MIN_REPORT_GAP).await;
-                    changes.borrow_and_update();
-                    if let Err(e) = send_report(&mut link, &supervisor, &mut events).await {
-                        break e;
+                    self.changes.borrow_and_update();
+                    send_report(link, &self.supervisor, &mut self.events).await?;
+                }
+                line = lines.recv() => {
+                    let full = match line {
+                        Ok(line) => logs.push(line),
+                        Err(RecvError::Lagged(n)) => {
+                            logs.dropped += n;
+                            None
+                        }
+                        Err(RecvError::Closed) => None,
+                    };
+                    if let Some(batch) = full {
+                        link.send(ToBeacon::Logs(batch)).await?;
                     }
                 }
-                line = lines.recv() => match line {
-                    Ok(line) if budget > 0 => {
-                        budget -= 1;
-                        batch.push(line);
-                        if batch.len() >= px_proto::link::MAX_LOG_BATCH {
-                            let lines = std::mem::take(&mut batch);
-                            if let Err(e) = link.send(ToBeacon::Logs(px_proto::link::LogBatch { lines, dropped: std::mem::take(&mut dropped) })).await {
-                                break e.to_string();
-                            }
-                        }
-                    }
-                    Ok(_) => dropped += 1,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => dropped += n,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
-                },
                 _ = flush.tick() => {
-                    budget = LOG_LINES_PER_FLUSH;
-                    if !batch.is_empty() || dropped > 0 {
-                        let lines = std::mem::take(&mut batch);
-                        if let Err(e) = link.send(ToBeacon::Logs(px_proto::link::LogBatch { lines, dropped: std::mem::take(&mut dropped) })).await {
-                            break e.to_string();
-                        }
+                    if let Some(batch) = logs.flush() {
+                        link.send(ToBeacon::Logs(batch)).await?;
                     }
                 }
-                event = events.recv() => match event {
-                    Some(event) => {
-                        if let Err(e) = link.send(ToBeacon::Event(event)).await {
-                            break e.to_string();
-                        }
-                    }
-                    None => return,
+                event = self.events.recv() => match event {
+                    Some(event) => link.send(ToBeacon::Event(event)).await?,
+                    None => return Ok(()),
                 },
-                frame = link.next() => {
-                    silence.as_mut().reset(tokio::time::Instant::now() + HEARTBEAT_DEADLINE);
-                    match frame {
-                        Some(Ok(FromBeacon::Assign(assignment))) => apply(&supervisor, &state_dir, &assignment),
-                        Some(Ok(FromBeacon::Restart { app })) => {
-                            tracing::info!(%app, "restart requested by beacon");
-                            supervisor.restart(&app);
-                        }
-                        Some(Ok(FromBeacon::Stop { app })) => {
-                            tracing::info!(%app, "stop requested by beacon");
-                            supervisor.stop_app(&app);
-                        }
-                        Some(Ok(FromBeacon::Heartbeat)) => {}
-                        Some(Ok(other)) => tracing::debug!(?other, "unexpected frame from beacon"),
-                        Some(Err(e)) => break e.to_string(),
-                        None => break "beacon closed the link".into(),
+                frame = link.recv() => match frame? {
+                    FromBeacon::Assign(assignment) => apply(&self.supervisor, &self.state_dir, &assignment),
+                    FromBeacon::Restart { app } => {
+                        tracing::info!(%app, "restart requested by beacon");
+                        self.supervisor.restart(&app);
                     }
-                }
+                    FromBeacon::Stop { app } => {
+                        tracing::info!(%app, "stop requested by beacon");
+                        self.supervisor.stop_app(&app);
+                    }
+                    FromBeacon::Heartbeat => {}
+                    other => tracing::debug!(?other, "unexpected frame from beacon"),
+                },
             }
-        };
-        settings
-            .linked
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-        tracing::warn!(addr = %settings.addr, %error, "beacon link lost; reconnecting, apps keep serving");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use px_proto::link::{LogStream, MAX_LOG_BATCH};
+
+    use super::*;
+
+    fn line(n: usize) -> LogLine {
+        LogLine {
+            app: "hello".into(),
+            release: 1,
+            instance: 0,
+            stream: LogStream::Stdout,
+            at: "2025-01-01T00:00:00.000Z".into(),
+            line: format!("line {n}"),
+        }
+    }
+
+    #[test]
+    fn log_lines_go_in_full_batches_up_to_the_budget_and_the_rest_are_counted() {
+        let mut logs = LogForwarding::new();
+        let mut sent = Vec::new();
+        for n in 0..LOG_LINES_PER_FLUSH + 100 {
+            sent.extend(logs.push(line(n)));
+        }
+        // 2000 lines make three full batches; the 464 after them wait for the flush.
+        assert_eq!(sent.len(), LOG_LINES_PER_FLUSH / MAX_LOG_BATCH);
+        assert!(
+            sent.iter()
+                .all(|b| b.lines.len() == MAX_LOG_BATCH && b.dropped == 0)
+        );
+        let flushed = logs.flush().unwrap();
+        assert_eq!(flushed.lines.len(), LOG_LINES_PER_FLUSH % MAX_LOG_BATCH);
+        assert_eq!(flushed.dropped, 100, "lines over the budget are counted");
+        assert_eq!(flushed.lines.last().unwrap().line, "line 1999");
+
+        // The flush gave a new budget, and a quiet period sends nothing.
+        assert!(logs.flush().is_none());
+        assert!(logs.push(line(0)).is_none());
+        assert_eq!(logs.flush().unwrap().lines.len(), 1);
     }
 }
