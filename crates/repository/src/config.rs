@@ -242,22 +242,35 @@ mod humantime_duration {
     }
 }
 
-/// `[beacon]`: where to send release notifications.
+/// `[beacon]`: where to send release notifications. The keys of every link client's table
+/// ([`px_link::BeaconConfig`]: Maestro's names itself by its `node_name`), and `name`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BeaconConfig {
-    /// Beacon's control address, `host:port`.
+    /// Beacon's control address, `host:port`. No default.
     pub addr: String,
     /// Name in Beacon's certificate. Default: the host part of `addr`.
     #[serde(default)]
     pub server_name: Option<String>,
-    /// PEM file of the CA that signed Beacon's certificate.
+    /// PEM file of the CA that signed Beacon's certificate. No default.
     pub ca_file: PathBuf,
-    /// File holding this repository's link token (mode 0600).
+    /// File holding this repository's `repository` link token (mode 0600). No default.
     pub token_file: PathBuf,
     /// Name this repository gives itself on the link. Default: `apprepo`.
     #[serde(default = "default_peer_name")]
     pub name: String,
+}
+
+impl BeaconConfig {
+    /// The link client's part of the table, which `px_link` resolves and connects with.
+    pub fn link(&self) -> px_link::BeaconConfig {
+        px_link::BeaconConfig {
+            addr: self.addr.clone(),
+            server_name: self.server_name.clone(),
+            ca_file: self.ca_file.clone(),
+            token_file: self.token_file.clone(),
+        }
+    }
 }
 
 fn default_peer_name() -> String {

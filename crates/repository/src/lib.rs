@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use px_link::LinkSettings;
+use px_proto::link::PeerRole;
 use px_runtime::config::ConfigError;
 use px_runtime::systemd::{Reloaded, Systemd};
 use tokio::net::TcpListener;
@@ -27,7 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Backend, Config};
 use crate::metrics::Metrics;
-use crate::notify::{LinkSettings, Notifier};
+use crate::notify::Notifier;
 use crate::storage::Storage;
 
 /// How long in-flight requests (uploads included) may take to finish after shutdown begins;
@@ -87,21 +89,9 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
     }
     problems.extend(config.retention.problems());
     let beacon = config.beacon.as_ref().and_then(|b| {
-        let resolved = (|| {
-            let (server_name, tls) =
-                px_runtime::tls::link_client(&b.addr, b.server_name.as_deref(), &b.ca_file)
-                    .map_err(|e| e.to_string())?;
-            Ok::<_, String>(LinkSettings {
-                addr: b.addr.clone(),
-                server_name,
-                tls,
-                token: px_runtime::secrets::read_secret_file(&b.token_file)
-                    .map_err(|e| e.to_string())?,
-                name: b.name.clone(),
-            })
-        })();
-        resolved
-            .map_err(|m| problems.push(format!("beacon: {m}")))
+        b.link()
+            .resolve(PeerRole::Repository, &b.name)
+            .map_err(|e| problems.push(format!("beacon: {e}")))
             .ok()
     });
     match tokens {

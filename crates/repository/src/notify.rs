@@ -1,5 +1,5 @@
-//! Tells Beacon about committed releases over the TLS control link. Never blocks or fails an
-//! upload: notices go through a bounded queue, and when it is full or Beacon is away they are
+//! Tells Beacon about committed releases over the TLS control link (connecting and
+//! reconnecting are `px_link`'s). Never blocks or fails an upload: notices go through a bounded queue, and when it is full or Beacon is away they are
 //! dropped, because Beacon re-reads the desired state from storage when it reconciles.
 //!
 //! The link also carries Beacon's automatic rollbacks (a release over its error budget):
@@ -7,18 +7,13 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use px_link::{Link, LinkError, LinkSettings};
 use px_proto::api::Release;
-use px_proto::codec::FrameCodec;
 use px_proto::link::{
-    DiskReport, FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, HEARTBEAT_INTERVAL, Hello,
-    NodeReport, PROTOCOL_VERSION, PeerRole, ReleaseCommitted, RollbackOrder, ToBeacon,
+    DiskReport, FromBeacon, NodeReport, ReleaseCommitted, RollbackOrder, ToBeacon,
 };
-use rand::Rng;
 use tokio::sync::mpsc;
-use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -34,19 +29,6 @@ pub const NOTIFY_QUEUE: usize = 1024;
 pub const PENDING_MAX: usize = 256;
 /// Who commits Beacon's automatic rollbacks, as the release's `created_by`.
 pub const ROLLBACK_AUTHOR: &str = "beacon";
-/// Reconnect backoff bounds; each failure doubles the wait, with ±50% jitter so many
-/// repositories do not reconnect in step.
-pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
-
-/// Where and how to reach Beacon, resolved from the config at start-up.
-pub struct LinkSettings {
-    pub addr: String,
-    pub server_name: rustls_pki_types::ServerName<'static>,
-    pub tls: Arc<rustls::ClientConfig>,
-    pub token: String,
-    pub name: String,
-}
 
 /// Handle used by request handlers; cheap to clone.
 #[derive(Clone)]
@@ -80,7 +62,13 @@ impl Notifier {
             tracker: tracker.clone(),
             in_progress: Arc::default(),
         };
-        tracker.spawn(link_task(settings, rx, rollbacks, metrics, shutdown));
+        let client = Client {
+            notices: rx,
+            pending: VecDeque::new(),
+            rollbacks,
+            metrics,
+        };
+        tracker.spawn(px_link::run(settings, client, shutdown));
         notifier
     }
 
@@ -144,131 +132,46 @@ impl Rollbacks {
     }
 }
 
-type Link = Framed<
-    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-    FrameCodec<FromBeacon, ToBeacon>,
->;
-
-async fn connect(settings: &LinkSettings) -> Result<Link, String> {
-    let tcp = tokio::net::TcpStream::connect(&settings.addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(settings.tls.clone())
-        .connect(settings.server_name.clone(), tcp)
-        .await
-        .map_err(|e| format!("tls: {e}"))?;
-    let mut link = Framed::new(tls, FrameCodec::new());
-    link.send(ToBeacon::Hello(Hello {
-        runtimes: Default::default(),
-        protocol: PROTOCOL_VERSION,
-        role: PeerRole::Repository,
-        name: settings.name.clone(),
-        token: settings.token.clone(),
-        software: px_proto::SOFTWARE_VERSION.into(),
-        labels: Default::default(),
-        state: None,
-    }))
-    .await
-    .map_err(|e| format!("hello: {e}"))?;
-    match link.next().await {
-        Some(Ok(FromBeacon::Welcome { protocol, beacon })) => {
-            tracing::info!(%beacon, protocol, addr = %settings.addr, "linked to beacon");
-            Ok(link)
-        }
-        Some(Ok(FromBeacon::Rejected { reason })) => {
-            Err(format!("beacon refused the link: {reason}"))
-        }
-        Some(Ok(other)) => Err(format!("expected welcome, got {other:?}")),
-        Some(Err(e)) => Err(format!("handshake: {e}")),
-        None => Err("beacon closed the link during the handshake".into()),
-    }
-}
-
-fn backoff(failures: u32) -> Duration {
-    let base = BACKOFF_MIN
-        .saturating_mul(1 << failures.min(16))
-        .min(BACKOFF_MAX);
-    base.mul_f64(rand::rng().random_range(0.5..1.5))
-}
-
-async fn link_task(
-    settings: LinkSettings,
-    mut rx: mpsc::Receiver<ReleaseCommitted>,
+/// apprepo on its link: notices out, rollback orders in.
+struct Client {
+    notices: mpsc::Receiver<ReleaseCommitted>,
+    /// Notices not sent yet, kept across a reconnect (at most [`PENDING_MAX`], the newest).
+    pending: VecDeque<ReleaseCommitted>,
     rollbacks: Rollbacks,
     metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let mut pending: VecDeque<ReleaseCommitted> = VecDeque::new();
-    let mut failures = 0u32;
-    loop {
-        let connected = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(&settings)) => r.unwrap_or_else(|_| Err("handshake timed out".into())),
-        };
-        let mut link = match connected {
-            Ok(link) => {
-                failures = 0;
-                link
-            }
-            Err(reason) => {
-                let wait = backoff(failures);
-                failures = failures.saturating_add(1);
-                tracing::warn!(addr = %settings.addr, %reason, retry_in = ?wait, "beacon link down");
-                // Keep accepting notices meanwhile, keeping the newest.
-                let sleep = tokio::time::sleep(wait);
-                tokio::pin!(sleep);
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = &mut sleep => break,
-                        notice = rx.recv() => match notice {
-                            Some(n) => keep(&mut pending, n, &metrics),
-                            None => return,
-                        },
-                    }
-                }
-                continue;
-            }
-        };
-        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Beacon heartbeats too; a link silent past the deadline is dead even if TCP says not.
-        let silence = tokio::time::sleep(HEARTBEAT_DEADLINE);
-        tokio::pin!(silence);
-        let error = 'link: loop {
-            while let Some(notice) = pending.pop_front() {
+}
+
+impl px_link::Client for Client {
+    async fn session(&mut self, link: &mut Link) -> Result<(), LinkError> {
+        let mut heartbeat = px_link::heartbeats();
+        loop {
+            while let Some(notice) = self.pending.pop_front() {
                 if let Err(e) = link.send(ToBeacon::ReleaseCommitted(notice.clone())).await {
-                    pending.push_front(notice);
-                    break 'link e.to_string();
+                    self.pending.push_front(notice);
+                    return Err(e);
                 }
-                metrics.notifications_sent.inc();
+                self.metrics.notifications_sent.inc();
             }
             tokio::select! {
-                _ = shutdown.cancelled() => {
-                    let _ = link.close().await;
-                    return;
-                }
-                notice = rx.recv() => match notice {
-                    Some(n) => pending.push_back(n),
-                    None => return,
+                notice = self.notices.recv() => match notice {
+                    Some(n) => self.pending.push_back(n),
+                    None => return Ok(()),
                 },
-                _ = heartbeat.tick() => {
-                    if let Err(e) = link.send(ToBeacon::Heartbeat(report(&metrics))).await {
-                        break 'link e.to_string();
-                    }
-                }
-                _ = &mut silence => break 'link "beacon silent past the heartbeat deadline".to_string(),
-                frame = link.next() => match frame.inspect(|_| silence.as_mut().reset(tokio::time::Instant::now() + HEARTBEAT_DEADLINE)) {
-                    Some(Ok(FromBeacon::Heartbeat)) => {}
-                    Some(Ok(FromBeacon::Rollback(order))) => rollbacks.carry_out(order),
-                    Some(Ok(other)) => tracing::debug!(?other, "unexpected frame from beacon"),
-                    Some(Err(e)) => break 'link e.to_string(),
-                    None => break 'link "beacon closed the link".to_string(),
+                _ = heartbeat.tick() => link.send(ToBeacon::Heartbeat(report(&self.metrics))).await?,
+                frame = link.recv() => match frame? {
+                    FromBeacon::Heartbeat => {}
+                    FromBeacon::Rollback(order) => self.rollbacks.carry_out(order),
+                    other => tracing::debug!(?other, "unexpected frame from beacon"),
                 },
             }
-        };
-        tracing::warn!(addr = %settings.addr, %error, "beacon link lost; reconnecting");
+        }
+    }
+
+    /// Keeps accepting notices while Beacon is away, keeping the newest.
+    async fn unlinked(&mut self) {
+        while let Some(notice) = self.notices.recv().await {
+            keep(&mut self.pending, notice, &self.metrics);
+        }
     }
 }
 
