@@ -1,7 +1,7 @@
 //! What every Platform.X service shares at run time: layered config, tracing, the shutdown
 //! signal and critical tasks, systemd integration, secret files, durable file writes, tokens,
-//! TLS configs, retry backoff and error chains. Only this crate reads process-wide state (signals, environment), so
-//! services stay testable through their `run` functions.
+//! TLS configs, retry backoff and error chains. Only this crate reads process-wide state
+//! (signals, environment), so services stay testable through their `run` functions.
 
 pub mod backoff;
 pub mod config;
