@@ -7,6 +7,7 @@
 pub mod app_events;
 pub mod cli;
 pub mod config;
+mod error;
 pub mod limits;
 pub mod link;
 pub mod logs;
@@ -15,6 +16,8 @@ pub mod proxy;
 pub mod routes;
 pub mod runtimes;
 pub mod supervisor;
+
+pub use error::Error;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -113,20 +116,6 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-}
-
-impl px_runtime::service::StartFailure for StartError {
-    fn is_config(&self) -> bool {
-        matches!(self, StartError::Config(_))
-    }
-}
-
 /// Settings a reload applies (see `config.rs`): none, since TLS certificates are read again
 /// from `certs_dir` on every reload whether or not a setting changed.
 pub const RELOADABLE: &[&str] = &[];
@@ -137,7 +126,7 @@ pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
-) -> Result<(), StartError> {
+) -> Result<(), Error> {
     run_with(config, listeners, shutdown, Systemd::none()).await
 }
 
@@ -148,7 +137,7 @@ pub async fn run_with(
     listeners: Listeners,
     shutdown: CancellationToken,
     systemd: Systemd<Config>,
-) -> Result<(), StartError> {
+) -> Result<(), Error> {
     let mut checked = check(&config)?;
     // A socket systemd passed as `https` turns HTTPS on even without `https_listen`.
     if listeners.https.is_some() && checked.certs.is_none() {

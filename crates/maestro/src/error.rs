@@ -1,0 +1,22 @@
+//! Maestro's public error: why [`run`](crate::run) could not start (a bad configuration, a
+//! listener or directory it could not open). Failures inside the service (a deploy that
+//! fails, an instance that crashes) are reported as events and never end `run`.
+
+use px_runtime::config::ConfigError;
+
+/// Why [`run`](crate::run) or [`run_with`](crate::run_with) returned early.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is wrong; the binary exits with `EX_CONFIG` (78).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A directory, socket or file Maestro needs could not be opened.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl px_runtime::service::StartFailure for Error {
+    fn is_config(&self) -> bool {
+        matches!(self, Error::Config(_))
+    }
+}
