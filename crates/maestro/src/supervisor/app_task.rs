@@ -1,0 +1,409 @@
+//! The task that owns one app: it receives the app's desired `AppAssignment` through a
+//! `watch` channel and runs the deploy state machine. A new release is prepared by the
+//! release store, its instances start beside the old ones, the route switches once all are
+//! healthy, and the old instances are drained and stopped. A release that fails anywhere
+//! leaves the old one serving and is not retried until the assignment changes or a restart
+//! is asked. Crashed instances leave the route at once and restart after a backoff.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use px_proto::link::{AppAssignment, InstanceState, InstanceStatus, NodeEventKind};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::error::DeployError;
+use super::instance::{self, CrashEvent, CrashStreak, Exit, Instance};
+use super::rollout_watch;
+use super::shared::Shared;
+use super::store::PreparedRelease;
+use crate::process;
+use crate::routes::{AppRoute, BodyPolicy, ReleaseStats};
+use crate::runtimes;
+
+/// Stderr lines sent with a failed deploy.
+pub const FAILED_STDERR_LINES: usize = 20;
+
+/// A release as it runs: its assignment, files and instances.
+struct Running {
+    assignment: AppAssignment,
+    release: PreparedRelease,
+    instances: Vec<Instance>,
+    /// What the proxy counted for this release's answers.
+    stats: Arc<ReleaseStats>,
+}
+
+pub(super) struct AppTask {
+    shared: Arc<Shared>,
+    app: String,
+    /// A release that failed to deploy is not retried until the assignment changes or a
+    /// restart is asked for; this keeps a broken release from looping.
+    failed: Option<AppAssignment>,
+    crashes: CrashStreak,
+}
+
+impl AppTask {
+    pub(super) fn new(shared: Arc<Shared>, app: String) -> Self {
+        Self {
+            shared,
+            app,
+            failed: None,
+            crashes: CrashStreak::default(),
+        }
+    }
+
+    /// Runs the app until `stop`, or until the supervisor drops its handle: deploys what
+    /// `desired` says, redeploys on `restart`, restarts crashed instances.
+    pub(super) async fn run(
+        mut self,
+        mut desired: watch::Receiver<Option<AppAssignment>>,
+        mut restart: mpsc::Receiver<()>,
+        stop: CancellationToken,
+    ) {
+        let mut running: Option<Running> = None;
+        // Restarts waiting for their backoff: (instance index, when).
+        let mut pending: Vec<(usize, Instant)> = Vec::new();
+        // The first value counts as a change.
+        let mut changed = true;
+        loop {
+            if changed {
+                changed = false;
+                let target = desired.borrow_and_update().clone();
+                if let Some(target) = target
+                    && running.as_ref().is_none_or(|r| r.assignment != target)
+                    && self.failed.as_ref() != Some(&target)
+                {
+                    running = self.deploy(running, target, &stop).await;
+                    pending.clear();
+                    self.shared
+                        .tried
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(self.app.clone());
+                    self.report(running.as_ref());
+                }
+            }
+            let next_restart = pending.iter().min_by_key(|(_, at)| *at).copied();
+            let crash =
+                instance::wait_crash(running.as_mut().map(|r| &mut r.instances), next_restart);
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                r = desired.changed() => {
+                    if r.is_err() { break; }
+                    changed = true;
+                }
+                r = restart.recv() => {
+                    if r.is_none() { break; }
+                    self.failed = None;
+                    if let Some(current) = running.as_ref().map(|r| r.assignment.clone()) {
+                        // Redeploy the same release: new instances, then switch and drain.
+                        running = self.deploy(running, current, &stop).await;
+                        pending.clear();
+                    } else {
+                        changed = true;
+                    }
+                    self.report(running.as_ref());
+                }
+                event = crash => match event {
+                    CrashEvent::Exited(index, exit) => {
+                        pending.extend(self.on_exit(&mut running, index, exit));
+                        self.report(running.as_ref());
+                    }
+                    CrashEvent::RestartDue(index) => {
+                        pending.retain(|(i, _)| *i != index);
+                        pending.extend(self.restart_instance(&mut running, index).await);
+                        self.report(running.as_ref());
+                    }
+                },
+            }
+        }
+        // Stopping: no more traffic to this app, then stop its instances.
+        self.shared.unserve(&self.app);
+        if let Some(running) = running.take() {
+            instance::stop_all(&self.shared, running.instances).await;
+        }
+        self.shared
+            .statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.app);
+        self.shared
+            .rollouts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.app);
+        tracing::info!(app = %self.app, "app stopped");
+    }
+
+    /// Publishes the app's instances for the next state report, and asks the link to send it.
+    fn report(&self, running: Option<&Running>) {
+        let statuses = running
+            .map(|r| {
+                r.instances
+                    .iter()
+                    .map(|i| InstanceStatus {
+                        app: self.app.clone(),
+                        release: r.assignment.release,
+                        state: if i.is_live() {
+                            InstanceState::Healthy
+                        } else {
+                            InstanceState::Crashed
+                        },
+                        pid: i.is_live().then_some(i.pid),
+                        port: Some(i.port),
+                        restarts: i.restarts,
+                        last_exit: i.last_exit.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.shared
+            .statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.app.clone(), statuses);
+        self.shared.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Routes the app's traffic to the live instances of `running` (and its static files).
+    fn publish(&self, running: &Running) {
+        let backends = running
+            .instances
+            .iter()
+            .filter(|i| i.is_live())
+            .map(|i| i.backend.clone())
+            .collect();
+        let static_dirs = running
+            .assignment
+            .manifest
+            .http
+            .static_dirs
+            .iter()
+            .map(|(prefix, dir)| {
+                (
+                    prefix.trim_end_matches('/').to_string(),
+                    running.release.dir.join(dir),
+                )
+            })
+            .collect();
+        let route = AppRoute::new(&self.app, running.assignment.release, backends, static_dirs)
+            .with_bodies(BodyPolicy::of(&running.assignment.manifest.http));
+        self.shared
+            .serve(&self.app, running.assignment.domains.clone(), route);
+    }
+
+    /// Deploys `target` beside `current`; returns what runs afterwards (the new release, or
+    /// the old one untouched when the new one fails).
+    async fn deploy(
+        &mut self,
+        current: Option<Running>,
+        target: AppAssignment,
+        stop: &CancellationToken,
+    ) -> Option<Running> {
+        let release = target.release;
+        let stats = Arc::new(ReleaseStats::default());
+        let mut started = Vec::new();
+        let prepared = match self.bring_up(&target, &stats, &mut started, stop).await {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                // The event goes out before the instances that did start are stopped, so its
+                // stderr lines are the failed instance's, not what the others say on SIGTERM.
+                let serving = current.as_ref().map(|c| c.assignment.release);
+                self.shared.send(error.event(
+                    &self.app,
+                    release,
+                    &self.shared.settings.node_name,
+                    serving,
+                    || {
+                        self.shared
+                            .logs
+                            .stderr_tail(&self.app, release, FAILED_STDERR_LINES)
+                    },
+                ));
+                instance::stop_all(&self.shared, started).await;
+                self.failed = Some(target);
+                return current;
+            }
+        };
+        let next = Running {
+            assignment: target,
+            release: prepared,
+            instances: started,
+            stats,
+        };
+        // The switch: one swap of the routing table.
+        self.publish(&next);
+        self.failed = None;
+        self.crashes.reset();
+        self.shared.event(
+            NodeEventKind::DeployFinished,
+            &self.app,
+            release,
+            format!(
+                "{} v{release} serving with {} instance(s)",
+                self.app,
+                next.instances.len()
+            ),
+            None,
+        );
+        // Report the switch now: Beacon counts the rollout done when nodes say so, and
+        // draining the old instances can take a while.
+        self.report(Some(&next));
+        let previous = current
+            .as_ref()
+            .map(|c| (c.assignment.release, c.stats.clone()));
+        // A restart of the same release is not a rollout: its first switch keeps its figures.
+        let watched = previous.as_ref().is_none_or(|(p, _)| *p != release);
+        if watched {
+            rollout_watch::watch(
+                &self.shared,
+                &self.app,
+                release,
+                next.assignment.manifest.deploy.watch,
+                next.stats.clone(),
+                previous,
+            );
+        }
+        if let Some(old) = current {
+            let (closed, cut) = instance::drain_and_stop(
+                &self.shared,
+                &self.app,
+                old.instances,
+                next.assignment.manifest.deploy.drain,
+            )
+            .await;
+            if watched {
+                rollout_watch::drained(&self.shared, &self.app, release, closed, cut);
+            }
+        }
+        self.shared.store.prune(&self.app, release).await;
+        Some(next)
+    }
+
+    /// Everything before the switch: the release onto the disk, its requirements checked, and
+    /// its instances started and healthy (pushed onto `started` as they come up, so that the
+    /// caller stops them when a later one fails). Stops starting when `stop` is cancelled.
+    async fn bring_up(
+        &self,
+        target: &AppAssignment,
+        stats: &Arc<ReleaseStats>,
+        started: &mut Vec<Instance>,
+        stop: &CancellationToken,
+    ) -> Result<PreparedRelease, DeployError> {
+        let prepared = self.shared.store.prepare(target).await?;
+        runtimes::check(&target.manifest, &process::instance_path(&prepared.dir))
+            .await
+            .map_err(DeployError::RuntimeUnmet)?;
+        for number in 1..=target.instances {
+            if stop.is_cancelled() {
+                break;
+            }
+            started.push(instance::start(&self.shared, target, &prepared, number, stats).await?);
+        }
+        Ok(prepared)
+    }
+
+    /// An instance exited on its own: take it out of the route, report, schedule a restart.
+    fn on_exit(
+        &mut self,
+        running: &mut Option<Running>,
+        index: usize,
+        exit: Exit,
+    ) -> Option<(usize, Instant)> {
+        let running = running.as_mut()?;
+        let release = running.assignment.release;
+        let (how, kind, last_exit) =
+            instance::classify_exit(&exit, running.assignment.manifest.limits.memory);
+        let instance = running.instances.get_mut(index)?;
+        instance.stop = None;
+        instance.last_exit = Some(last_exit);
+        self.shared.forget_group(instance.pid);
+        self.shared.give_back(instance.port);
+        let stable = instance.started.elapsed() >= instance::STABLE_AFTER;
+        let number = instance.number;
+        let detail = self
+            .shared
+            .logs
+            .stderr_tail(&self.app, release, FAILED_STDERR_LINES);
+        match exit.1 {
+            Some(reason) => self.shared.failure_event(
+                NodeEventKind::InstanceUnhealthy,
+                &self.app,
+                release,
+                format!(
+                    "{} v{release} instance {number} {reason}; restarted it",
+                    self.app
+                ),
+                None,
+                kind,
+            ),
+            None => self.shared.failure_event(
+                NodeEventKind::InstanceCrashed,
+                &self.app,
+                release,
+                format!("{} v{release} instance {number} exited ({how})", self.app),
+                (!detail.is_empty()).then_some(detail.clone()),
+                kind,
+            ),
+        }
+        self.publish(running);
+        Some(self.schedule_restart(index, release, stable, detail))
+    }
+
+    /// Counts one more exit (or failed restart) and says when to try again; a crash loop is
+    /// reported once.
+    fn schedule_restart(
+        &mut self,
+        index: usize,
+        release: u64,
+        stable: bool,
+        detail: String,
+    ) -> (usize, Instant) {
+        let (backoff, crash_loop) = self.crashes.count(stable);
+        if let Some(exits) = crash_loop {
+            self.shared.event(
+                NodeEventKind::CrashLoop,
+                &self.app,
+                release,
+                format!(
+                    "{} v{release} keeps crashing ({exits} exits in a row); restarts are backing off",
+                    self.app
+                ),
+                (!detail.is_empty()).then_some(detail),
+            );
+        }
+        (index, Instant::now() + backoff)
+    }
+
+    /// Starts a crashed instance again; when that fails too, returns when to retry.
+    async fn restart_instance(
+        &mut self,
+        running: &mut Option<Running>,
+        index: usize,
+    ) -> Option<(usize, Instant)> {
+        let run = running.as_mut()?;
+        let target = run.assignment.clone();
+        let old = run.instances.get(index)?;
+        let (number, restarts, last_exit) = (old.number, old.restarts + 1, old.last_exit.clone());
+        match instance::start(&self.shared, &target, &run.release, number, &run.stats).await {
+            Ok(mut instance) => {
+                instance.restarts = restarts;
+                instance.last_exit = last_exit;
+                run.instances[index] = instance;
+                self.publish(run);
+                None
+            }
+            Err(reason) => {
+                tracing::warn!(app = %self.app, number, %reason, "restart failed; trying again after a backoff");
+                if let Some(instance) = run.instances.get_mut(index) {
+                    instance.restarts = restarts;
+                }
+                let detail =
+                    self.shared
+                        .logs
+                        .stderr_tail(&self.app, target.release, FAILED_STDERR_LINES);
+                Some(self.schedule_restart(index, target.release, false, detail))
+            }
+        }
+    }
+}

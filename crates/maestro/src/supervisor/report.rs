@@ -1,0 +1,64 @@
+//! What the supervisor tells the outside: the node report Beacon receives (instances,
+//! rollout figures, disk) and the disk lines of `/metrics`.
+
+use px_proto::link::{DiskReport, NodeReport};
+
+use super::Supervisor;
+
+impl Supervisor {
+    /// Prometheus lines on the disk of `state_dir`: free bytes, the floor, and the bytes of
+    /// each app's unpacked releases as of its last switch.
+    pub fn render_disk_metrics(&self) -> String {
+        let mut out = String::new();
+        let store = &self.shared.store;
+        if let Some(free) = store.free_bytes() {
+            out.push_str("# TYPE maestro_disk_free_bytes gauge\n");
+            out.push_str(&format!("maestro_disk_free_bytes {free}\n"));
+        }
+        out.push_str("# TYPE maestro_disk_floor_bytes gauge\n");
+        out.push_str(&format!(
+            "maestro_disk_floor_bytes {}\n",
+            store.floor_bytes()
+        ));
+        let kept = store.kept_bytes();
+        if !kept.is_empty() {
+            out.push_str("# TYPE maestro_release_bytes gauge\n");
+        }
+        for (app, bytes) in kept.iter() {
+            out.push_str(&format!("maestro_release_bytes{{app=\"{app}\"}} {bytes}\n"));
+        }
+        out
+    }
+
+    /// The node's full actual state.
+    pub fn report(&self) -> NodeReport {
+        let statuses = self
+            .shared
+            .statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let instances = statuses.values().flatten().cloned().collect();
+        drop(statuses);
+        let rollouts = self
+            .shared
+            .rollouts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|w| w.figures.clone())
+            .collect();
+        let store = &self.shared.store;
+        let used_bytes = store.kept_bytes().values().sum();
+        NodeReport {
+            generation: self.generation(),
+            instances,
+            rollouts,
+            disk: Some(DiskReport {
+                used_bytes,
+                objects: None,
+                free_bytes: store.free_bytes(),
+                floor_bytes: Some(store.floor_bytes()),
+            }),
+        }
+    }
+}
