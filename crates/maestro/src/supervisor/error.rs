@@ -160,3 +160,137 @@ impl DeployError {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The event of `error` for `shop` v3 on `node-a`, with v2 serving and `tail` as the stderr.
+    fn event(error: &DeployError, serving: Option<u64>, tail: &str) -> NodeEvent {
+        error.event("shop", 3, "node-a", serving, || tail.to_string())
+    }
+
+    #[test]
+    fn a_release_that_never_reached_the_disk_is_not_deployed_and_carries_no_stderr() {
+        let cases = [
+            (
+                DeployError::Storage {
+                    doing: "creating",
+                    path: PathBuf::from("/state/apps/shop/releases"),
+                    source: io::Error::other("read-only file system"),
+                },
+                "creating /state/apps/shop/releases: read-only file system",
+            ),
+            (
+                DeployError::NotEnoughDisk {
+                    free: ByteSize(3 << 30),
+                    dir: PathBuf::from("/state/apps/shop/releases"),
+                    needed: ByteSize(1 << 20),
+                    floor: ByteSize(4 << 30),
+                },
+                "not enough disk: 3GiB free under /state/apps/shop/releases, this release needs about 1MiB and Maestro keeps 4GiB free (min_free_disk); free some space (old releases, logs) or lower min_free_disk",
+            ),
+            (
+                DeployError::DownloadRefused {
+                    url: "http://repo/v1/bundles/ab".into(),
+                    status: reqwest::StatusCode::UNAUTHORIZED,
+                },
+                "downloading http://repo/v1/bundles/ab: 401 Unauthorized",
+            ),
+            (
+                DeployError::TooLarge { limit: 1024 },
+                "bundle larger than 1024 bytes",
+            ),
+            (
+                DeployError::DigestMismatch {
+                    expected: "aa".into(),
+                    actual: "bb".into(),
+                },
+                "bundle digest mismatch: expected aa, got bb",
+            ),
+            (
+                DeployError::Unpack(px_bundle::BundleError::MissingManifest),
+                "unpacking: no app.toml at the bundle root; run `em init` or add one",
+            ),
+            (
+                DeployError::ReadDownload(io::Error::other("gone")),
+                "unpacking: gone",
+            ),
+        ];
+        for (error, reason) in cases {
+            let failed = event(&error, Some(2), "a stderr line");
+            assert_eq!(
+                failed.message,
+                format!("shop v3 not deployed on node-a: {reason}; v2 keeps serving")
+            );
+            assert_eq!(failed.kind, NodeEventKind::DeployFailed);
+            assert_eq!((failed.detail, failed.failure), (None, None), "{reason}");
+        }
+    }
+
+    #[test]
+    fn a_node_without_the_runtime_does_not_start_the_release() {
+        let error = DeployError::RuntimeUnmet("needs python3>=99, found python3 3.11.2".into());
+        let failed = event(&error, None, "a stderr line");
+        assert_eq!(
+            failed.message,
+            "shop v3 not started on node-a: needs python3>=99, found python3 3.11.2; nothing was serving before"
+        );
+        assert_eq!((failed.detail, failed.failure), (None, None));
+    }
+
+    #[test]
+    fn an_instance_that_never_became_healthy_carries_its_stderr_and_its_class() {
+        let cases = [
+            (
+                DeployError::NoFreePort,
+                "no free port in the configured range",
+                FailureKind::CannotStart,
+            ),
+            (
+                DeployError::CannotStart(io::Error::other("no such file")),
+                "cannot start: no such file",
+                FailureKind::CannotStart,
+            ),
+            (
+                DeployError::NeverHealthy(StartFailure::NeverListened(
+                    Duration::from_secs(5),
+                    4000,
+                )),
+                "never listened on its port 4000 within 5s",
+                FailureKind::NeverListened,
+            ),
+            (
+                DeployError::NeverHealthy(StartFailure::Exited(
+                    "exit code 3".into(),
+                    FailureKind::ExitCode,
+                )),
+                "exited before becoming healthy (exit code 3)",
+                FailureKind::ExitCode,
+            ),
+            (
+                DeployError::OutOfMemory(StartFailure::Exited(
+                    "killed by signal 9".into(),
+                    FailureKind::Signal,
+                )),
+                "exited before becoming healthy (killed by signal 9): it ran out of memory (the kernel's OOM killer ended it at its [limits] memory)",
+                FailureKind::OutOfMemory,
+            ),
+        ];
+        for (error, reason, kind) in cases {
+            let failed = event(&error, Some(2), "Traceback\nImportError: flask");
+            assert_eq!(
+                failed.message,
+                format!("shop v3 never became healthy: {reason}; v2 keeps serving")
+            );
+            assert_eq!(
+                failed.detail.as_deref(),
+                Some("Traceback\nImportError: flask")
+            );
+            assert_eq!(failed.failure, Some(kind), "{reason}");
+            // Without stderr there is no detail, rather than an empty one.
+            assert_eq!(event(&error, Some(2), "").detail, None);
+        }
+    }
+}

@@ -255,3 +255,277 @@ fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::{HeaderMap, StatusCode};
+
+    use super::*;
+
+    const TOKEN: &str = "bundle-reader";
+
+    /// Bundles by digest behind a bearer token, like apprepo's `/v1/bundles/{sha256}`, counting
+    /// the downloads it serves.
+    #[derive(Clone, Default)]
+    struct Served {
+        bundles: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+        downloads: Arc<AtomicUsize>,
+    }
+
+    struct Repository {
+        url: String,
+        served: Served,
+    }
+
+    async fn bundle(
+        State(served): State<Served>,
+        UrlPath(sha): UrlPath<String>,
+        headers: HeaderMap,
+    ) -> Result<Vec<u8>, StatusCode> {
+        if headers.get("authorization").and_then(|v| v.to_str().ok())
+            != Some(&format!("Bearer {TOKEN}"))
+        {
+            return Err(StatusCode::UNAUTHORIZED);
+        }
+        let bytes = served.bundles.lock().unwrap().get(&sha).cloned();
+        let bytes = bytes.ok_or(StatusCode::NOT_FOUND)?;
+        served.downloads.fetch_add(1, Ordering::SeqCst);
+        Ok(bytes)
+    }
+
+    impl Repository {
+        async fn start() -> Self {
+            let served = Served::default();
+            let app = axum::Router::new()
+                .route("/v1/bundles/{sha}", axum::routing::get(bundle))
+                .with_state(served.clone());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            Self { url, served }
+        }
+
+        /// Packs release `release` of `app` holding `data` (besides its `app.toml`), serves
+        /// it, and returns its assignment and the bytes its unpacked files take.
+        fn release(&self, app: &str, release: u64, data: &str) -> (AppAssignment, u64) {
+            let dir = tempfile::tempdir().unwrap();
+            let manifest = format!("name = \"{app}\"\nrun = \"true\"\n");
+            std::fs::write(dir.path().join("app.toml"), &manifest).unwrap();
+            std::fs::write(dir.path().join("data.txt"), data).unwrap();
+            let mut bytes = Vec::new();
+            let (summary, parsed) = px_bundle::pack_dir(dir.path(), &mut bytes).unwrap();
+            self.served
+                .bundles
+                .lock()
+                .unwrap()
+                .insert(summary.sha256.clone(), bytes);
+            let assignment = AppAssignment {
+                app: app.into(),
+                release,
+                bundle_sha256: summary.sha256.clone(),
+                bundle_size: summary.size,
+                bundle_url: format!("{}/v1/bundles/{}", self.url, summary.sha256),
+                instances: 1,
+                manifest: parsed,
+                env: BTreeMap::new(),
+                domains: Vec::new(),
+            };
+            (assignment, (manifest.len() + data.len()) as u64)
+        }
+
+        fn downloads(&self) -> usize {
+            self.served.downloads.load(Ordering::SeqCst)
+        }
+    }
+
+    fn store(state_dir: &Path, keep_releases: usize, min_free_disk: u64) -> ReleaseStore {
+        let settings = Settings {
+            node_name: "node-a".into(),
+            state_dir: state_dir.to_path_buf(),
+            port_range: (20000, 20010),
+            stop_grace: Duration::from_secs(1),
+            keep_releases,
+            min_free_disk,
+            cgroup_limits: false,
+            repository_token: Some(TOKEN.into()),
+        };
+        ReleaseStore::new(&settings, reqwest::Client::new())
+    }
+
+    /// What the app's releases directory holds, by name, sorted.
+    fn entries(state_dir: &Path, app: &str) -> Vec<String> {
+        let dir = state_dir.join("apps").join(app).join("releases");
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn a_release_is_downloaded_verified_and_unpacked_once() {
+        let repository = Repository::start().await;
+        let state = tempfile::tempdir().unwrap();
+        let store = store(state.path(), 3, 0);
+        let (v1, _) = repository.release("shop", 1, "first");
+
+        let prepared = store.prepare(&v1).await.unwrap();
+        assert_eq!(
+            prepared.dir,
+            state.path().join("apps/shop/releases/1"),
+            "where a release lives"
+        );
+        assert_eq!(
+            std::fs::read_to_string(prepared.dir.join("data.txt")).unwrap(),
+            "first"
+        );
+        // The bundle itself is not kept once unpacked.
+        assert_eq!(entries(state.path(), "shop"), ["1"]);
+
+        // A release already on disk (a restart, a rollback) is not downloaded again.
+        let again = store.prepare(&v1).await.unwrap();
+        assert_eq!(again.dir, prepared.dir);
+        assert_eq!(repository.downloads(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_disk_floor_refuses_a_release_before_downloading_and_names_the_sizes() {
+        let repository = Repository::start().await;
+        let state = tempfile::tempdir().unwrap();
+        // A floor no disk reaches.
+        let floor = u64::MAX / 2;
+        let store = store(state.path(), 3, floor);
+        let (v1, _) = repository.release("shop", 1, "first");
+
+        let error = store.prepare(&v1).await.unwrap_err();
+        assert!(
+            matches!(error, DeployError::NotEnoughDisk { .. }),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        let releases = state.path().join("apps/shop/releases");
+        let sizes = format!(
+            " free under {}, this release needs about {} and Maestro keeps {} free (min_free_disk); free some space (old releases, logs) or lower min_free_disk",
+            releases.display(),
+            ByteSize(v1.bundle_size * 2),
+            ByteSize(floor)
+        );
+        assert!(
+            message.starts_with("not enough disk: ") && message.ends_with(&sizes),
+            "{message}"
+        );
+        // What is free comes first, as a size a person reads.
+        let free = &message["not enough disk: ".len()..message.len() - sizes.len()];
+        assert!(
+            free.ends_with('B') && free.starts_with(|c: char| c.is_ascii_digit()),
+            "{free}"
+        );
+        assert_eq!(repository.downloads(), 0);
+        assert!(entries(state.path(), "shop").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_digest_mismatch_leaves_no_file_and_no_release_behind() {
+        let repository = Repository::start().await;
+        let state = tempfile::tempdir().unwrap();
+        let store = store(state.path(), 3, 0);
+        let (v1, _) = repository.release("shop", 1, "first");
+        let forged = AppAssignment {
+            bundle_sha256: "0".repeat(64),
+            ..v1.clone()
+        };
+
+        let error = store.prepare(&forged).await.unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "bundle digest mismatch: expected {}, got {}",
+                "0".repeat(64),
+                v1.bundle_sha256
+            )
+        );
+        assert_eq!(repository.downloads(), 1);
+        assert!(
+            entries(state.path(), "shop").is_empty(),
+            "{:?}",
+            entries(state.path(), "shop")
+        );
+
+        // The store is not wedged: the right bundle deploys.
+        store.prepare(&v1).await.unwrap();
+        assert_eq!(entries(state.path(), "shop"), ["1"]);
+    }
+
+    #[tokio::test]
+    async fn a_bundle_over_the_size_limit_is_abandoned_and_removed() {
+        let repository = Repository::start().await;
+        let state = tempfile::tempdir().unwrap();
+        let mut store = store(state.path(), 3, 0);
+        store.max_bundle_bytes = 16;
+        let (v1, _) = repository.release("shop", 1, "first");
+
+        let error = store.prepare(&v1).await.unwrap_err();
+        assert_eq!(error.to_string(), "bundle larger than 16 bytes");
+        assert!(entries(state.path(), "shop").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_download_the_repository_refuses_names_the_url_and_status() {
+        let repository = Repository::start().await;
+        let state = tempfile::tempdir().unwrap();
+        let store = store(state.path(), 3, 0);
+        let (v1, _) = repository.release("shop", 1, "first");
+        let missing = AppAssignment {
+            bundle_url: format!("{}/v1/bundles/{}", repository.url, "f".repeat(64)),
+            ..v1
+        };
+
+        let error = store.prepare(&missing).await.unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!("downloading {}: 404 Not Found", missing.bundle_url)
+        );
+        assert!(entries(state.path(), "shop").is_empty());
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_the_newest_releases_and_the_serving_one() {
+        let repository = Repository::start().await;
+        let state = tempfile::tempdir().unwrap();
+        let store = store(state.path(), 2, 0);
+        let mut weights = BTreeMap::new();
+        for (release, data) in [(1, "one"), (2, "two two"), (3, "three"), (4, "four four")] {
+            let (assignment, bytes) = repository.release("shop", release, data);
+            store.prepare(&assignment).await.unwrap();
+            weights.insert(release, bytes);
+        }
+        // Another app's releases are not this app's to prune.
+        let (other, other_bytes) = repository.release("blog", 7, "other");
+        store.prepare(&other).await.unwrap();
+
+        // A rollback to v1: it serves, so it stays beside the newest two.
+        store.prune("shop", 1).await;
+        assert_eq!(entries(state.path(), "shop"), ["1", "3", "4"]);
+        assert_eq!(
+            store.kept_bytes().get("shop"),
+            Some(&(weights[&1] + weights[&3] + weights[&4]))
+        );
+
+        // Back on the newest: only the newest two are kept.
+        store.prune("shop", 4).await;
+        assert_eq!(entries(state.path(), "shop"), ["3", "4"]);
+        assert_eq!(
+            store.kept_bytes().get("shop"),
+            Some(&(weights[&3] + weights[&4]))
+        );
+        assert_eq!(entries(state.path(), "blog"), ["7"]);
+        store.prune("blog", 7).await;
+        assert_eq!(store.kept_bytes().get("blog"), Some(&other_bytes));
+    }
+}
