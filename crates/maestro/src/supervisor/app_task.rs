@@ -17,7 +17,6 @@ use super::instance::{self, CrashEvent, CrashStreak, Exit, Instance};
 use super::rollout_watch;
 use super::shared::Shared;
 use super::store::PreparedRelease;
-use crate::process;
 use crate::routes::{AppRoute, BodyPolicy, ReleaseStats};
 use crate::runtimes;
 
@@ -291,7 +290,7 @@ impl AppTask {
         stop: &CancellationToken,
     ) -> Result<PreparedRelease, DeployError> {
         let prepared = self.shared.store.prepare(target).await?;
-        runtimes::check(&target.manifest, &process::instance_path(&prepared.dir))
+        runtimes::check(&target.manifest, &prepared.instance_path())
             .await
             .map_err(DeployError::RuntimeUnmet)?;
         for number in 1..=target.instances {

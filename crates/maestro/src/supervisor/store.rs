@@ -8,6 +8,7 @@
 //! the deploy task changing.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -17,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::Settings;
 use super::error::DeployError;
+use crate::process;
 
 /// Largest bundle downloaded; apprepo's own limit is lower.
 pub const MAX_BUNDLE_BYTES: u64 = 8 * 1024 * 1024 * 1024;
@@ -41,6 +43,14 @@ pub(crate) struct ReleaseStore {
 pub(crate) struct PreparedRelease {
     /// The unpacked bundle: the instances' working directory.
     pub(crate) dir: PathBuf,
+}
+
+impl PreparedRelease {
+    /// The `PATH` the release's instances get (its own `bin/` first), against which its
+    /// `runtime` and `requires` are checked.
+    pub(crate) fn instance_path(&self) -> OsString {
+        process::instance_path(&self.dir)
+    }
 }
 
 impl ReleaseStore {
