@@ -46,6 +46,7 @@ use crate::routes::Routes;
 /// is dropped (heartbeats still carry the full state).
 pub const EVENT_QUEUE: usize = 256;
 
+/// What the supervisor takes from Maestro's configuration.
 pub struct Settings {
     /// This node's name, for events a person reads.
     pub node_name: String,

@@ -65,6 +65,8 @@ impl Ports {
 /// An app as the proxy serves it: its host names and route.
 type Served = (Vec<String>, Arc<AppRoute>);
 
+/// The state all app tasks of one supervisor share. Each lock is taken for a lookup or an
+/// update and never held across an await.
 pub(super) struct Shared {
     pub(super) settings: Settings,
     routes: Arc<Routes>,
