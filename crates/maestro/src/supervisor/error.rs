@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use px_proto::link::{FailureKind, NodeEvent, NodeEventKind};
 use px_proto::size::ByteSize;
 
+use super::shared::app_event;
 use crate::process::StartFailure;
 
 /// Why a release did not deploy on this node (the previous one, if any, keeps serving). The
@@ -147,16 +148,14 @@ impl DeployError {
                 )
             }
         };
-        NodeEvent {
-            kind: NodeEventKind::DeployFailed,
-            app: app.into(),
+        app_event(
+            NodeEventKind::DeployFailed,
+            app,
             release,
             message,
             detail,
-            instance: None,
-            level: None,
-            failure: self.kind(),
-        }
+            self.kind(),
+        )
     }
 }
 

@@ -172,16 +172,7 @@ impl Shared {
         message: String,
         detail: Option<String>,
     ) {
-        self.send(NodeEvent {
-            kind,
-            app: app.into(),
-            release,
-            message,
-            detail,
-            instance: None,
-            level: None,
-            failure: None,
-        });
+        self.send(app_event(kind, app, release, message, detail, None));
     }
 
     /// An event about an instance that failed, with the failure classified.
@@ -194,16 +185,14 @@ impl Shared {
         detail: Option<String>,
         failure: FailureKind,
     ) {
-        self.send(NodeEvent {
+        self.send(app_event(
             kind,
-            app: app.into(),
+            app,
             release,
             message,
             detail,
-            instance: None,
-            level: None,
-            failure: Some(failure),
-        });
+            Some(failure),
+        ));
     }
 
     /// Logs `event` and queues it for Beacon; when the queue is full the news is dropped
@@ -238,5 +227,27 @@ impl Shared {
         live.remove(&pid);
         self.groups
             .save(&live.values().cloned().collect::<Vec<_>>());
+    }
+}
+
+/// An event of the supervisor's about `app` at `release`. It names no instance and carries no
+/// level: those are for the events apps post themselves (`app_events.rs`).
+pub(super) fn app_event(
+    kind: NodeEventKind,
+    app: &str,
+    release: u64,
+    message: String,
+    detail: Option<String>,
+    failure: Option<FailureKind>,
+) -> NodeEvent {
+    NodeEvent {
+        kind,
+        app: app.into(),
+        release,
+        message,
+        detail,
+        instance: None,
+        level: None,
+        failure,
     }
 }
