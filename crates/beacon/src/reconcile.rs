@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use px_proto::api::{App, Release};
-use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -90,12 +89,9 @@ pub async fn run(
                 metrics.reconcile_failures.inc();
                 tracing::warn!(%error, "cannot read the desired state; keeping the last known one");
                 hub.repository_unreachable(&error);
-                let base = RETRY_MIN
-                    .saturating_mul(1 << failures.min(10))
-                    .min(RETRY_MAX);
+                let wait = retry_wait(failures, interval);
                 failures = failures.saturating_add(1);
-                base.mul_f64(rand::rng().random_range(0.5..1.5))
-                    .min(interval)
+                wait
             }
         };
         tokio::select! {
@@ -107,6 +103,53 @@ pub async fn run(
                 }
                 // Several notices in a burst need one read.
                 while triggers.try_recv().is_ok() {}
+            }
+        }
+    }
+}
+
+/// The wait before retry number `retry` (0 for the first) after failed reads: the shared
+/// jittered backoff from `RETRY_MIN` up to `RETRY_MAX`, and never longer than `interval`, the
+/// wait before the next regular read.
+fn retry_wait(retry: u32, interval: Duration) -> Duration {
+    px_runtime::backoff::jittered(RETRY_MIN, RETRY_MAX, retry).min(interval)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Draws per retry: enough that waits outside the jitter bounds would show.
+    const DRAWS: usize = 500;
+    /// A reconcile interval far above every retry wait, so it cuts none.
+    const LONG_INTERVAL: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn retries_double_from_half_a_second_to_thirty_with_jitter() {
+        let cases = [
+            (0, Duration::from_millis(500)),
+            (1, Duration::from_secs(1)),
+            (5, Duration::from_secs(16)),
+            (6, Duration::from_secs(30)),
+            (u32::MAX, Duration::from_secs(30)),
+        ];
+        for (retry, nominal) in cases {
+            for _ in 0..DRAWS {
+                let wait = retry_wait(retry, LONG_INTERVAL);
+                assert!(
+                    wait >= nominal / 2 && wait < nominal * 3 / 2,
+                    "retry {retry}: {wait:?} is outside ±50% of {nominal:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_retry_never_waits_longer_than_the_reconcile_interval() {
+        let interval = Duration::from_millis(300);
+        for retry in [0, 1, 6, u32::MAX] {
+            for _ in 0..DRAWS {
+                assert!(retry_wait(retry, interval) <= interval, "retry {retry}");
             }
         }
     }
