@@ -1,6 +1,6 @@
 //! The system under test: the real `beacon` binary as a child process with a config file
 //! written here, optionally pinned to CPUs with `taskset`, plus the few HTTP calls the
-//! benchmark makes to it (`/healthz`, `/v1/apps`, `/metrics`) on a minimal HTTP/1.1 client.
+//! benchmark makes to it (`/v1/apps`, `/metrics`) with reqwest.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,7 +8,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 /// How long Beacon gets to answer `/healthz` and to read the desired state after it starts.
@@ -16,7 +15,7 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one HTTP call to Beacon may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest HTTP answer read; `/v1/apps` and `/metrics` are a few KiB here.
-const MAX_HTTP_RESPONSE: u64 = 1024 * 1024;
+const MAX_HTTP_RESPONSE: usize = 1024 * 1024;
 /// Lines of Beacon's log quoted in an error.
 const LOG_TAIL_LINES: usize = 25;
 
@@ -59,6 +58,8 @@ pub struct BeaconProcess {
     pub http: SocketAddr,
     pub control: SocketAddr,
     pub log: PathBuf,
+    /// For the calls to Beacon's HTTP API.
+    http_client: reqwest::Client,
 }
 
 /// A loopback port that was free a moment ago. Beacon binds it itself, from its config file,
@@ -150,6 +151,7 @@ impl BeaconProcess {
             http,
             control,
             log,
+            http_client: http_client()?,
         })
     }
 
@@ -192,13 +194,13 @@ impl BeaconProcess {
     }
 
     async fn desired(&self, read_token: &str) -> Result<Vec<px_proto::beacon::App>> {
-        let body = http_get(self.http, "/v1/apps", Some(read_token)).await?;
+        let body = http_get(&self.http_client, self.http, "/v1/apps", Some(read_token)).await?;
         serde_json::from_str(&body).context("parsing /v1/apps")
     }
 
     /// A counter or gauge from `/metrics`.
     pub async fn metric(&self, name: &str) -> Result<u64> {
-        let body = http_get(self.http, "/metrics", None).await?;
+        let body = http_get(&self.http_client, self.http, "/metrics", None).await?;
         body.lines()
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
             .ok_or_else(|| anyhow!("/metrics has no {name}"))?
@@ -214,79 +216,53 @@ impl BeaconProcess {
     }
 }
 
-/// `GET path` over HTTP/1.1 with `Connection: close`; the body of a 2xx answer, else an error.
-/// Hand-written because the workspace has no HTTP client outside tests, and Beacon's answers
-/// here are small, with a `Content-Length` or chunked.
-pub async fn http_get(addr: SocketAddr, path: &str, bearer: Option<&str>) -> Result<String> {
-    let exchange = async {
-        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
-        let auth = bearer
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
-        tcp.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        tcp.take(MAX_HTTP_RESPONSE)
-            .read_to_end(&mut response)
-            .await?;
-        anyhow::Ok(response)
-    };
-    let response = tokio::time::timeout(HTTP_TIMEOUT, exchange)
+/// The client for Beacon's API: loopback only, so no proxy from the environment applies. No
+/// connection is kept between calls, so Beacon holds no idle HTTP connection of ours while the
+/// benchmark measures it.
+fn http_client() -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(HTTP_TIMEOUT)
+        .pool_max_idle_per_host(0)
+        .no_proxy()
+        .build()
+        .context("building the HTTP client")
+}
+
+/// `GET path`; the body of a 2xx answer (at most `MAX_HTTP_RESPONSE` bytes), else an error.
+async fn http_get(
+    client: &reqwest::Client,
+    addr: SocketAddr,
+    path: &str,
+    bearer: Option<&str>,
+) -> Result<String> {
+    let url = format!("http://{addr}{path}");
+    let mut request = client.get(&url);
+    if let Some(token) = bearer {
+        request = request.bearer_auth(token);
+    }
+    let mut response = request.send().await.with_context(|| format!("GET {url}"))?;
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
         .await
-        .map_err(|_| anyhow!("GET {path}: no answer in {HTTP_TIMEOUT:?}"))?
-        .with_context(|| format!("GET http://{addr}{path}"))?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("GET {path}: truncated answer"))?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("GET {path}: no status in {head:?}"))?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .replace(' ', "")
-            .starts_with("transfer-encoding:chunked")
-    });
-    let body = if chunked {
-        dechunk(body).ok_or_else(|| anyhow!("GET {path}: bad chunked body"))?
-    } else {
-        body.to_string()
-    };
-    if !(200..300).contains(&status) {
+        .with_context(|| format!("GET {url}: reading the answer"))?
+    {
+        if body.len() + chunk.len() > MAX_HTTP_RESPONSE {
+            bail!("GET {url}: answer over {MAX_HTTP_RESPONSE} bytes");
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let body = String::from_utf8_lossy(&body).into_owned();
+    let status = response.status();
+    if !status.is_success() {
         bail!("GET {path}: HTTP {status}: {}", body.trim());
     }
     Ok(body)
 }
 
-/// Decodes a chunked body (no trailers expected).
-fn dechunk(mut body: &str) -> Option<String> {
-    let mut out = String::new();
-    loop {
-        let (size_line, rest) = body.split_once("\r\n")?;
-        let size = usize::from_str_radix(size_line.split(';').next()?.trim(), 16).ok()?;
-        if size == 0 {
-            return Some(out);
-        }
-        out.push_str(rest.get(..size)?);
-        body = rest.get(size..)?.strip_prefix("\r\n")?;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chunked_bodies_decode() {
-        assert_eq!(
-            dechunk("4\r\nWiki\r\n6;x=y\r\npedia \r\n0\r\n\r\n").as_deref(),
-            Some("Wikipedia ")
-        );
-        assert_eq!(dechunk("4\r\nWi"), None);
-    }
 
     #[test]
     fn toml_strings_escape_quotes_and_backslashes() {
