@@ -1,6 +1,8 @@
-//! `em`'s own words: `--help` texts and error messages, compared with snapshots in
-//! `tests/snapshots/` (run with `PX_UPDATE_SNAPSHOTS=1` to rewrite them after a deliberate
-//! change), and the exit codes scripts rely on.
+//! `em`'s own words: `--help` texts and error messages, with the help texts compared to insta
+//! snapshots in `tests/snapshots/`, and the exit codes scripts rely on. After a deliberate
+//! change to a help text, rewrite the snapshots with
+//! `INSTA_UPDATE=always cargo test -p px-em --test cli` and review the diff; a changed text
+//! fails the test wherever `INSTA_UPDATE=no` or `CI` is set (scripts/test sets the former).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -20,26 +22,6 @@ fn em(home: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn snapshot(name: &str, actual: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/snapshots")
-        .join(format!("{name}.txt"));
-    if std::env::var_os("PX_UPDATE_SNAPSHOTS").is_some() {
-        std::fs::write(&path, actual).unwrap();
-        return;
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|_| {
-        panic!(
-            "no snapshot {}; run with PX_UPDATE_SNAPSHOTS=1 to create it",
-            path.display()
-        )
-    });
-    assert_eq!(
-        actual, expected,
-        "{name} changed; if deliberate, rerun with PX_UPDATE_SNAPSHOTS=1"
-    );
-}
-
 #[test]
 fn help_texts() {
     let home = tempfile::tempdir().unwrap();
@@ -54,7 +36,7 @@ fn help_texts() {
     ] {
         let out = em(home.path(), &args);
         assert!(out.status.success(), "{name}");
-        snapshot(name, &String::from_utf8(out.stdout).unwrap());
+        insta::assert_snapshot!(name, String::from_utf8(out.stdout).unwrap());
     }
 }
 
