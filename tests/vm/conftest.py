@@ -46,6 +46,9 @@ ANSIBLE_CONNECT_TIMEOUT_S = 60
 # Lines of ansible-playbook's output kept in a failure's message.
 ANSIBLE_OUTPUT_TAIL_LINES = 60
 
+# Debian's ansible-playbook (ansible-core 2.14, what the roles are written for), by absolute
+# path: a pip-installed Ansible earlier on the PATH is another version.
+ANSIBLE_PLAYBOOK = "/usr/bin/ansible-playbook"
 # What the tier runs on the host; tests/vm/install-tools installs them.
 REQUIRED_TOOLS = (
     "qemu-system-x86_64",
@@ -54,7 +57,7 @@ REQUIRED_TOOLS = (
     "mkfs.ext4",
     "ssh",
     "ssh-keygen",
-    "ansible-playbook",
+    ANSIBLE_PLAYBOOK,
 )
 
 # The repository (for ansible/ and systemd/) and the Cargo build the platform comes from.
@@ -130,7 +133,7 @@ class Cluster:
     ):
         """Runs `ansible-playbook -i <inventory> playbook args...`; a failure raises with the
         end of its output. `env` adds environment variables (ANSIBLE_CONFIG, ...)."""
-        command = ["ansible-playbook", "-i", str(self.inventory), str(playbook), *args]
+        command = [ANSIBLE_PLAYBOOK, "-i", str(self.inventory), str(playbook), *args]
         proc = subprocess.run(
             command,
             stdin=subprocess.DEVNULL,  # Ansible misbehaves when stdin is not a terminal
