@@ -4,6 +4,8 @@
 //! A bundle is a tar archive (GNU format, normalized headers) inside one zstd frame. `em`
 //! packs it on a workstation with [`pack_dir`], the repository checks it at upload time with
 //! [`inspect`], and every web server unpacks it into a release directory with [`unpack`].
+//! What goes into a bundle is decided by one walk, [`BundleWalk`], public so that `em dev`
+//! watches exactly the files `em deploy` would ship.
 //!
 //! Why zstd rather than gzip: it is faster than gzip both when compressing and when
 //! decompressing, at a better ratio, which is what a deploy path that packs once on a
@@ -22,12 +24,14 @@ mod error;
 mod hash;
 mod pack;
 mod unpack;
+mod walk;
 
 pub use check::MAX_NAME_LEN;
 pub use error::BundleError;
 pub use hash::{HashingReader, HashingWriter};
 pub use pack::{EMIGNORE_FILE, PackSummary, pack_dir};
 pub use unpack::{BundleInfo, MAX_PAX_HEADER_BYTES, MAX_TRAILING_BYTES, inspect, unpack};
+pub use walk::{BundleWalk, WalkedPath};
 
 /// Media type of a bundle: a tar archive inside a zstd frame.
 pub const BUNDLE_MEDIA_TYPE: &str = "application/vnd.platformx.bundle+zstd";

@@ -1,19 +1,18 @@
-//! Packing: walks an app directory (honouring `.gitignore` and `.emignore`) and streams it as
-//! a deterministic tar archive through zstd into any writer.
+//! Packing: walks an app directory ([`BundleWalk`]: `.gitignore` and `.emignore` honoured,
+//! `.git/` skipped) and streams it as a deterministic tar archive through zstd into any writer.
 
-use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use ignore::WalkBuilder;
 use px_proto::manifest::{APPRUNNER_FILE, AppManifest, MANIFEST_FILE, MAX_MANIFEST_BYTES};
 use tar::{EntryType, Header};
 
 use crate::check::{self, Checker, Kind, RawKind};
 use crate::error::IoContext;
+use crate::walk::{BundleWalk, WalkedPath};
 use crate::{BundleError, HashingWriter, Limits, ZSTD_LEVEL};
 
 /// Name of the per-app ignore file, read with `.gitignore` syntax in every directory; for
@@ -151,42 +150,12 @@ impl<R: Read> Read for ExactReader<R> {
 
 /// Walks the tree and returns its entries sorted by path bytes, each checked.
 fn collect(dir: &Path) -> Result<Vec<SourceEntry>, BundleError> {
-    let mut walk = WalkBuilder::new(dir);
-    walk.standard_filters(false)
-        // Dotfiles are part of apps (`.env.example`, `.well-known/`); only ignore files decide.
-        .hidden(false)
-        // The bundle is the directory itself, not whatever repository it may sit in.
-        .parents(false)
-        .git_global(false)
-        .git_exclude(false)
-        .git_ignore(true)
-        // Apps are often packed from a plain directory or a tarball checkout.
-        .require_git(false)
-        // ripgrep's `.ignore` files are not ours; only `.gitignore` and `.emignore` count.
-        .ignore(false)
-        .add_custom_ignore_filename(EMIGNORE_FILE)
-        .follow_links(false)
-        .filter_entry(|e| e.depth() == 0 || e.file_name() != OsStr::new(".git"));
-
     let mut found = Vec::new();
-    for item in walk.build() {
-        let item = item.map_err(|e| {
-            let context = format!("walking {}", dir.display());
-            match e.into_io_error() {
-                Some(io) => BundleError::io(context, io),
-                None => BundleError::io(context, io::Error::other("cannot read an ignore file")),
-            }
-        })?;
-        if item.depth() == 0 {
-            continue;
-        }
-        let source = item.path().to_path_buf();
-        let relative = source.strip_prefix(dir).map_err(|_| {
-            BundleError::io(
-                format!("walking {}", dir.display()),
-                io::Error::other(format!("{} is outside the directory", source.display())),
-            )
-        })?;
+    for item in BundleWalk::new(dir).entries() {
+        let WalkedPath {
+            path: source,
+            relative,
+        } = item?;
         let mut path = Vec::new();
         for (i, component) in relative.iter().enumerate() {
             if i > 0 {
