@@ -2,7 +2,8 @@
 //! AppRunner, switches releases with zero downtime, proxies HTTP(S) to them by host, writes
 //! app and access logs, and keeps a control link to Beacon. It serves its last persisted
 //! assignment at once on start-up, so web traffic never waits for the control plane.
-//! [`run`] is the whole service; `main.rs` only wires it up.
+//! [`run`] is the whole service; `main.rs` only wires it up. [`local`] runs one app from a
+//! local directory the same way, for `em dev`.
 
 pub mod app_events;
 pub mod cli;
@@ -10,6 +11,7 @@ pub mod config;
 mod error;
 pub mod limits;
 pub mod link;
+pub mod local;
 pub mod logs;
 pub mod process;
 pub mod proxy;

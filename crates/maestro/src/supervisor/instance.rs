@@ -1,21 +1,25 @@
 //! One instance of an app: started on a fresh port and checked healthy, handed to a waiter
 //! task that reports its exit (or stops it on request, or when its heartbeats stop), its exit
 //! classified, and its restarts spaced by capped exponential backoff. Also stopping and
-//! draining a release's instances.
+//! draining a release's instances. The start, health check, waiter and drain are shared with
+//! `crate::local`, which runs one app from a directory the same way.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use px_proto::link::{AppAssignment, ExitInfo, FailureKind, NodeEventKind};
+use px_proto::manifest::HealthCheck;
 use px_proto::size::ByteSize;
 use rand::Rng;
+use tokio::process::Child;
 
 use super::error::DeployError;
 use super::shared::Shared;
 use super::store::PreparedRelease;
 use crate::app_events::Registration;
 use crate::limits::InstanceCgroup;
-use crate::process::{self, Launch};
+use crate::logs::LogTasks;
+use crate::process::{self, Launch, StartFailure};
 use crate::proxy;
 use crate::routes::{Backend, ReleaseStats};
 
@@ -56,7 +60,7 @@ impl Instance {
 
 /// How an instance ended: its exit status, the reason when Maestro stopped it on its own
 /// account (a missed heartbeat), and whether the kernel's OOM killer ended it.
-pub(super) type Exit = (Option<std::process::ExitStatus>, Option<String>, bool);
+pub(crate) type Exit = (Option<std::process::ExitStatus>, Option<String>, bool);
 
 /// Starts instance `number` of `target` from `release` on a free port and waits until it is
 /// healthy. On failure it is stopped, and its last output reaches the logs first, so that
@@ -79,11 +83,7 @@ pub(super) async fn start(
         run: target.manifest.run.as_deref(),
         env: &target.env,
         port,
-        extra_env: vec![
-            ("PX_INSTANCE".into(), number.to_string()),
-            ("PX_EVENTS_URL".into(), registration.url.clone()),
-            ("PX_HEARTBEAT_INTERVAL".into(), format_seconds(heartbeat)),
-        ],
+        extra_env: instance_env(number, &registration.url, heartbeat),
     };
     let mut child = match process::spawn(
         &launch,
@@ -98,7 +98,7 @@ pub(super) async fn start(
     let pid = child.id().unwrap_or_default();
     shared.record_group(pid);
     let cgroup = shared.limits.place(app, pid, &target.manifest.limits);
-    let output = match (child.stdout.take(), child.stderr.take()) {
+    let mut output = match (child.stdout.take(), child.stderr.take()) {
         (Some(stdout), Some(stderr)) => {
             Some(
                 shared
@@ -108,15 +108,18 @@ pub(super) async fn start(
         }
         _ => None,
     };
-    if let Err(failure) =
-        process::wait_healthy(&mut child, port, &target.manifest.health, &shared.http).await
+    // On failure its last output reaches the logs first, so the failed-deploy event can carry
+    // its last stderr lines.
+    if let Err(failure) = wait_healthy_or_stop(
+        &mut child,
+        &mut output,
+        port,
+        &target.manifest.health,
+        &shared.http,
+        shared.settings.stop_grace,
+    )
+    .await
     {
-        process::stop(&mut child, shared.settings.stop_grace).await;
-        // Let the log readers reach the end of its output, so the failed-deploy event can
-        // carry its last stderr lines.
-        if let Some(output) = output {
-            let _ = tokio::time::timeout(OUTPUT_DRAIN, output.wait()).await;
-        }
         shared.forget_group(pid);
         shared.give_back(port);
         let oom = cgroup.as_ref().is_some_and(InstanceCgroup::oom_killed);
@@ -157,7 +160,7 @@ pub(super) async fn start(
 #[allow(clippy::too_many_arguments)]
 fn hand_to_waiter(
     shared: &Shared,
-    mut child: tokio::process::Child,
+    child: tokio::process::Child,
     registration: Registration,
     cgroup: Option<InstanceCgroup>,
     target: &AppAssignment,
@@ -166,37 +169,17 @@ fn hand_to_waiter(
     pid: u32,
     stats: Arc<ReleaseStats>,
 ) -> Instance {
-    let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Duration>();
-    let heartbeat_interval = target.manifest.health.heartbeat_interval;
-    let stop_grace = shared.settings.stop_grace;
-    tokio::spawn(async move {
-        // The secret stays valid exactly as long as the process runs.
-        let registration = registration;
-        let (status, reason) = tokio::select! {
-            status = child.wait() => (status.ok(), None),
-            silence = registration.heartbeat.lost(heartbeat_interval) => {
-                let reason = format!(
-                    "sent no heartbeat for {}s (PX_HEARTBEAT_INTERVAL={})",
-                    silence.as_secs(),
-                    format_seconds(heartbeat_interval)
-                );
-                (process::stop(&mut child, stop_grace).await, Some(reason))
-            }
-            grace = stop_rx => match grace {
-                Ok(grace) => (process::stop(&mut child, grace).await, None),
-                // The instance handle is gone (Maestro stopping): stop it anyway.
-                Err(_) => (process::stop(&mut child, ORPHAN_STOP_GRACE).await, None),
-            },
-        };
-        drop(registration);
-        let oom = cgroup.as_ref().is_some_and(InstanceCgroup::oom_killed);
-        if let Some(cgroup) = cgroup {
-            // Its process group was ended; the cgroup empties a moment later.
-            tokio::task::spawn_blocking(move || cgroup.remove());
-        }
-        let _ = exit_tx.send((status, reason, oom));
-    });
+    let waiter = spawn_waiter(
+        child,
+        Watch {
+            registration,
+            heartbeat: Some(target.manifest.health.heartbeat_interval),
+            cgroup,
+            stop_grace: shared.settings.stop_grace,
+            // A crash is reported at once; its event quotes what reached the tail by then.
+            output: None,
+        },
+    );
     Instance {
         number,
         port,
@@ -210,8 +193,8 @@ fn hand_to_waiter(
         restarts: 0,
         started: Instant::now(),
         last_exit: None,
-        exited: exit_rx,
-        stop: Some(stop_tx),
+        exited: waiter.exited,
+        stop: Some(waiter.stop),
     }
 }
 
@@ -302,40 +285,47 @@ pub(super) async fn stop_all(shared: &Shared, instances: Vec<Instance>) {
     }
 }
 
-/// Drains `instances` of `app` over `budget` (the new release's `deploy.drain`): requests in
-/// flight finish, long-lived connections close one by one with a reconnect hint (see
-/// `proxy::drain`). Waits until no request holds them any more (in flight, or about to pick
-/// them from a route looked up before the switch), up to the deadline, then stops them.
-/// Returns how many long-lived connections closed with a hint, and how many were cut.
+/// Drains `instances` of `app` over `budget` (the new release's `deploy.drain`), see [`drain`],
+/// then stops them. Returns how many long-lived connections closed with a hint, and how many
+/// were cut.
 pub(super) async fn drain_and_stop(
     shared: &Shared,
     app: &str,
     instances: Vec<Instance>,
     budget: Duration,
 ) -> (u64, u64) {
-    for instance in &instances {
-        instance.backend.start_drain(budget);
+    let backends: Vec<&Arc<Backend>> = instances.iter().map(|i| &i.backend).collect();
+    let outcome = drain(app, &backends, budget).await;
+    stop_all(shared, instances).await;
+    outcome
+}
+
+/// Drains the `backends` of `app`'s replaced instances over `budget`: requests in flight
+/// finish, long-lived connections close one by one with a reconnect hint (see
+/// `proxy::drain`). Waits until no request holds them any more (in flight, or about to pick
+/// them from a route looked up before the switch), up to the deadline; the caller then stops
+/// the instances. Each backend must be held once by its caller, and otherwise only by routes
+/// and requests. Returns how many long-lived connections closed with a hint, and how many
+/// were cut.
+pub(crate) async fn drain(app: &str, backends: &[&Arc<Backend>], budget: Duration) -> (u64, u64) {
+    for backend in backends {
+        backend.start_drain(budget);
     }
     let deadline = Instant::now() + budget + proxy::drain::DEADLINE_SLACK;
-    while instances
-        .iter()
-        .any(|i| Backend::held_elsewhere(&i.backend))
-        && Instant::now() < deadline
-    {
+    while backends.iter().any(|b| Backend::held_elsewhere(b)) && Instant::now() < deadline {
         tokio::time::sleep(DRAIN_POLL).await;
     }
-    let left: usize = instances.iter().map(|i| i.backend.in_flight()).sum();
+    let left: usize = backends.iter().map(|b| b.in_flight()).sum();
     if left > 0 {
         tracing::warn!(%app, left, "drain deadline passed; stopping with requests in flight");
     }
-    let (closed, cut) = instances.iter().fold((0, 0), |(closed, cut), i| {
-        let outcome = i.backend.drain_outcome();
+    let (closed, cut) = backends.iter().fold((0, 0), |(closed, cut), b| {
+        let outcome = b.drain_outcome();
         (closed + outcome.closed, cut + outcome.cut)
     });
     if closed + cut > 0 {
         tracing::info!(%app, closed, cut, ?budget, "long-lived connections of the old release: closed with a reconnect hint, or cut at the deadline");
     }
-    stop_all(shared, instances).await;
     (closed, cut)
 }
 
@@ -382,6 +372,124 @@ pub(super) async fn wait_crash(
     tokio::select! {
         (event, _, _) = futures_util::future::select_all(exits) => event,
         event = restart => event,
+    }
+}
+
+/// The variables Maestro gives every instance besides those of the AppRunner contract
+/// (`PORT`, `PX_APP`, `PX_RELEASE`): its number, its `PX_EVENTS_URL`, and the heartbeat
+/// interval its events endpoint expects.
+pub(crate) fn instance_env(
+    number: u32,
+    events_url: &str,
+    heartbeat: Duration,
+) -> Vec<(String, String)> {
+    vec![
+        ("PX_INSTANCE".into(), number.to_string()),
+        ("PX_EVENTS_URL".into(), events_url.to_string()),
+        ("PX_HEARTBEAT_INTERVAL".into(), format_seconds(heartbeat)),
+    ]
+}
+
+/// Waits until a just-started instance passes its health check. If it does not, it is stopped
+/// (SIGTERM, `grace`, SIGKILL) and its `output` readers get up to [`OUTPUT_DRAIN`] to reach
+/// the end of its output, so whatever reports the failure can quote its last stderr lines.
+pub(crate) async fn wait_healthy_or_stop(
+    child: &mut Child,
+    output: &mut Option<LogTasks>,
+    port: u16,
+    health: &HealthCheck,
+    http: &reqwest::Client,
+    grace: Duration,
+) -> Result<(), StartFailure> {
+    let failure = match process::wait_healthy(child, port, health, http).await {
+        Ok(()) => return Ok(()),
+        Err(failure) => failure,
+    };
+    process::stop(child, grace).await;
+    if let Some(output) = output.take() {
+        let _ = tokio::time::timeout(OUTPUT_DRAIN, output.wait()).await;
+    }
+    Err(failure)
+}
+
+/// What the waiter task of a healthy instance watches besides the process itself.
+pub(crate) struct Watch {
+    /// The instance's `PX_EVENTS_URL` registration: its secret stays valid exactly as long as
+    /// the process runs.
+    pub(crate) registration: Registration,
+    /// The heartbeat interval to enforce once the instance sent a first heartbeat (missing
+    /// `MISSED_HEARTBEATS` in a row stops it); `None` accepts heartbeats without enforcing them.
+    pub(crate) heartbeat: Option<Duration>,
+    /// Its cgroup, removed once the process is gone (and asked whether the OOM killer ended it).
+    pub(crate) cgroup: Option<InstanceCgroup>,
+    /// The grace of a stop the waiter decides on its own (missed heartbeats).
+    pub(crate) stop_grace: Duration,
+    /// Output readers the exit waits for (up to [`OUTPUT_DRAIN`]) before it is reported, so
+    /// the report can quote the last stderr lines; `None` reports at once.
+    pub(crate) output: Option<LogTasks>,
+}
+
+/// The other end of a waiter task.
+pub(crate) struct Waiter {
+    /// Resolves when the process has ended: its exit status, and why Maestro ended it, if it
+    /// did.
+    pub(crate) exited: tokio::sync::oneshot::Receiver<Exit>,
+    /// Asks the waiter to stop the process (SIGTERM, this grace, SIGKILL); dropping it stops
+    /// the process as well, with a short grace.
+    pub(crate) stop: tokio::sync::oneshot::Sender<Duration>,
+}
+
+/// Hands `child` to a task of its own that waits for its exit, stops it when asked (or when
+/// its heartbeats stop, see [`Watch::heartbeat`]), and reports how it ended.
+pub(crate) fn spawn_waiter(mut child: Child, watch: Watch) -> Waiter {
+    let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Duration>();
+    let Watch {
+        registration,
+        heartbeat,
+        cgroup,
+        stop_grace,
+        output,
+    } = watch;
+    tokio::spawn(async move {
+        // The secret stays valid exactly as long as the process runs.
+        let registration = registration;
+        let silence = async {
+            match heartbeat {
+                Some(interval) => (registration.heartbeat.lost(interval).await, interval),
+                None => std::future::pending().await,
+            }
+        };
+        let (status, reason) = tokio::select! {
+            status = child.wait() => (status.ok(), None),
+            (silence, interval) = silence => {
+                let reason = format!(
+                    "sent no heartbeat for {}s (PX_HEARTBEAT_INTERVAL={})",
+                    silence.as_secs(),
+                    format_seconds(interval)
+                );
+                (process::stop(&mut child, stop_grace).await, Some(reason))
+            }
+            grace = stop_rx => match grace {
+                Ok(grace) => (process::stop(&mut child, grace).await, None),
+                // The instance handle is gone (Maestro stopping): stop it anyway.
+                Err(_) => (process::stop(&mut child, ORPHAN_STOP_GRACE).await, None),
+            },
+        };
+        drop(registration);
+        if let Some(output) = output {
+            let _ = tokio::time::timeout(OUTPUT_DRAIN, output.wait()).await;
+        }
+        let oom = cgroup.as_ref().is_some_and(InstanceCgroup::oom_killed);
+        if let Some(cgroup) = cgroup {
+            // Its process group was ended; the cgroup empties a moment later.
+            tokio::task::spawn_blocking(move || cgroup.remove());
+        }
+        let _ = exit_tx.send((status, reason, oom));
+    });
+    Waiter {
+        exited: exit_rx,
+        stop: stop_tx,
     }
 }
 

@@ -33,6 +33,11 @@ pub use instance::{
     CRASH_LOOP_RESTARTS, OUTPUT_DRAIN, RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN, STABLE_AFTER,
     format_seconds,
 };
+// The pieces of an instance's life that running an app locally (`crate::local`) shares with
+// the supervisor, so the two cannot drift apart.
+pub(crate) use instance::{
+    Exit, Waiter, Watch, drain, instance_env, spawn_waiter, wait_healthy_or_stop,
+};
 pub use rollout_watch::WATCH_TICK;
 pub use store::MAX_BUNDLE_BYTES;
 
