@@ -22,14 +22,14 @@ pub enum Role {
 
 /// The verified caller of a request.
 #[derive(Debug, Clone)]
-pub struct Caller {
-    pub name: String,
-    pub role: Role,
+pub(crate) struct Caller {
+    pub(crate) name: String,
+    pub(crate) role: Role,
 }
 
 impl Caller {
     /// Refuses the request unless the caller's role includes `needed`.
-    pub fn require(&self, needed: Role) -> Result<(), ApiError> {
+    pub(crate) fn require(&self, needed: Role) -> Result<(), ApiError> {
         if self.role >= needed {
             Ok(())
         } else {
@@ -41,9 +41,9 @@ impl Caller {
     }
 }
 
-pub type Tokens = Arc<TokenTable<Role>>;
+pub(crate) type Tokens = Arc<TokenTable<Role>>;
 
-pub fn table(entries: Vec<TokenEntry<Role>>) -> Result<Tokens, String> {
+pub(crate) fn table(entries: Vec<TokenEntry<Role>>) -> Result<Tokens, String> {
     TokenTable::new(entries).map(Arc::new)
 }
 

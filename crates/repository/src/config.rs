@@ -20,34 +20,34 @@ use serde::{Deserialize, Serialize};
 use crate::auth::Role;
 
 /// Environment prefix; nested keys use `__`, e.g. `PX_APPREPO_STORAGE__BACKEND=s3`.
-pub const ENV_PREFIX: &str = "PX_APPREPO_";
+pub(crate) const ENV_PREFIX: &str = "PX_APPREPO_";
 
 /// Default listen address: loopback, so a fresh install exposes nothing until the operator
 /// chooses an address (Ansible sets the control network's one).
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 /// Default data directory, as the systemd unit's `StateDirectory=platformx/apprepo` creates it.
-pub const DEFAULT_DATA_DIR: &str = "/var/lib/platformx/apprepo";
+pub(crate) const DEFAULT_DATA_DIR: &str = "/var/lib/platformx/apprepo";
 /// Default largest bundle: 2 GiB compressed holds any web app with its dependencies; bigger
 /// uploads are almost always a data directory packed by mistake.
-pub const DEFAULT_MAX_BUNDLE_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+pub(crate) const DEFAULT_MAX_BUNDLE_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 /// Default uploads processed at once; each holds a spool file and, while inspected, a zstd
 /// window (16 MiB at most), so this bounds disk and memory under a burst of deploys.
-pub const DEFAULT_MAX_CONCURRENT_UPLOADS: usize = 8;
+pub(crate) const DEFAULT_MAX_CONCURRENT_UPLOADS: usize = 8;
 /// Default release records kept per app whatever their age: enough to roll back through a
 /// bad week of deploys, few enough that listing and sweeping an app stay cheap.
-pub const DEFAULT_KEEP_RELEASES: usize = 20;
+pub(crate) const DEFAULT_KEEP_RELEASES: usize = 20;
 /// Default age under which a release is kept even beyond `keep_releases`: a month covers the
 /// time a regression takes to be noticed in a quiet app.
-pub const DEFAULT_KEEP_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
+pub(crate) const DEFAULT_KEEP_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Default age under which an unreferenced bundle is kept: an upload stores its bundle before
 /// it commits the release that points to it, and an hour is far beyond any upload's commit.
-pub const DEFAULT_BUNDLE_GRACE: Duration = Duration::from_secs(3600);
+pub(crate) const DEFAULT_BUNDLE_GRACE: Duration = Duration::from_secs(3600);
 /// Default time between sweeps: garbage only costs disk, so there is no hurry, and each sweep
 /// reads every release record (S3 bills requests).
-pub const DEFAULT_RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+pub(crate) const DEFAULT_RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 /// Fewest releases `keep_releases` may keep: the current one and the one before it, which a
 /// rollback with no target goes to.
-pub const MIN_KEEP_RELEASES: usize = 2;
+pub(crate) const MIN_KEEP_RELEASES: usize = 2;
 
 /// The whole apprepo configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -207,7 +207,7 @@ impl Default for RetentionConfig {
 
 impl RetentionConfig {
     /// What is wrong with these settings, one sentence per problem.
-    pub fn problems(&self) -> Vec<String> {
+    pub(crate) fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.keep_releases < MIN_KEEP_RELEASES {
             problems.push(format!(
@@ -263,7 +263,7 @@ pub struct BeaconConfig {
 
 impl BeaconConfig {
     /// The link client's part of the table, which `px_link` resolves and connects with.
-    pub fn link(&self) -> px_link::BeaconConfig {
+    pub(crate) fn link(&self) -> px_link::BeaconConfig {
         px_link::BeaconConfig {
             addr: self.addr.clone(),
             server_name: self.server_name.clone(),

@@ -5,15 +5,30 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
-pub mod error;
-pub mod http;
-pub mod metrics;
-pub mod notify;
-pub mod releases;
-pub mod retention;
-pub mod rollback;
-pub mod storage;
-pub mod upload;
+pub(crate) mod error;
+pub(crate) mod http;
+pub(crate) mod metrics;
+pub(crate) mod notify;
+pub(crate) mod releases;
+pub(crate) mod retention;
+pub(crate) mod rollback;
+pub(crate) mod storage;
+pub(crate) mod upload;
+
+/// What apprepo's own integration tests (`tests/`, another crate to the compiler) reach beyond
+/// the service's interface: the storage backends, tested against a real S3 server on their
+/// own, and retention sweeps run at a chosen `now`. No other crate may use it; it is public,
+/// and hidden from the docs, only because those tests cannot see `pub(crate)` items. Each
+/// service crate has one such module, so that everything else stays `pub(crate)` and what is
+/// public says what other crates may use.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::metrics::Metrics;
+    pub use crate::releases::Releases;
+    pub use crate::retention::{Policy, SweepReport, sweep};
+    pub use crate::storage::s3::{MULTIPART_THRESHOLD, S3Storage};
+    pub use crate::storage::{Storage, StorageError, bundle_key, open as open_storage};
+}
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -34,14 +49,14 @@ use crate::storage::Storage;
 
 /// How long in-flight requests (uploads included) may take to finish after shutdown begins;
 /// systemd's `TimeoutStopSec` is set above this.
-pub const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+pub(crate) const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Everything in the config that can be checked without touching the network: tokens, secret
 /// files, TLS material. Used by `--check-config` and at start-up.
 pub struct Checked {
-    pub tokens: auth::Tokens,
-    pub s3_secret: Option<String>,
-    pub beacon: Option<LinkSettings>,
+    pub(crate) tokens: auth::Tokens,
+    pub(crate) s3_secret: Option<String>,
+    pub(crate) beacon: Option<LinkSettings>,
 }
 
 pub fn check(config: &Config) -> Result<Checked, ConfigError> {
@@ -120,23 +135,12 @@ impl px_runtime::service::StartFailure for StartError {
     }
 }
 
-/// Opens the configured storage backend.
-pub async fn open_storage(
-    config: &Config,
-    s3_secret: Option<String>,
-) -> Result<Arc<dyn Storage>, StartError> {
-    Ok(match (&config.storage.backend, &config.storage.s3) {
-        (Backend::S3, Some(s3)) => Arc::new(storage::s3::S3Storage::connect(s3, s3_secret).await?),
-        _ => Arc::new(storage::fs::FsStorage::open(&config.data_dir.join("storage")).await?),
-    })
-}
-
 /// Settings a reload applies (see `config.rs`); any other change needs a restart.
-pub const RELOADABLE: &[&str] = &["tokens", "tokens_file"];
+const RELOADABLE: &[&str] = &["tokens", "tokens_file"];
 
 /// How often the storage is checked again for the status systemd shows: S3 bills requests,
 /// and a minute-old answer is fresh enough for a person reading `systemctl status`.
-pub const STORAGE_RECHECK: Duration = Duration::from_secs(60);
+const STORAGE_RECHECK: Duration = Duration::from_secs(60);
 
 /// Runs apprepo on an already-bound listener until `shutdown` is cancelled, then drains;
 /// without a service manager (`em up`, tests).
@@ -164,7 +168,7 @@ pub async fn run_with(
         tokio::fs::remove_dir_all(&spool_dir).await?;
     }
     tokio::fs::create_dir_all(&spool_dir).await?;
-    let storage = open_storage(&config, checked.s3_secret).await?;
+    let storage = storage::open(&config, checked.s3_secret).await?;
     let storage_state = match storage.check().await {
         Ok(()) => {
             tracing::info!(storage = %storage.describe(), "storage ready");

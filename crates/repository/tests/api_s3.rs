@@ -147,7 +147,7 @@ async fn what_apprepo_stores_is_what_an_independent_client_reads() {
         px_bundle::pack_dir(dir.path(), &mut out).unwrap();
         out
     };
-    assert!(big.len() as u64 > px_repository::storage::s3::MULTIPART_THRESHOLD);
+    assert!(big.len() as u64 > px_repository::internals::MULTIPART_THRESHOLD);
     let repo = Repo::start_with(|c| {
         common::use_s3(c, &s3);
     })
@@ -240,7 +240,7 @@ async fn s3_outage_answers_503_and_retries_succeed_once_it_returns() {
 #[tokio::test]
 async fn s3_conditional_writes_refuse_taken_keys_and_stale_versions() {
     use bytes::Bytes;
-    use px_repository::storage::{Storage, StorageError, s3::S3Storage};
+    use px_repository::internals::{S3Storage, Storage, StorageError};
     let Some(s3) = server() else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut config = common::test_config(dir.path()).0;
@@ -300,7 +300,7 @@ async fn s3_conditional_writes_refuse_taken_keys_and_stale_versions() {
 
 #[tokio::test]
 async fn s3_lists_bundles_with_their_times_and_deletes_idempotently() {
-    use px_repository::storage::{Storage, bundle_key, s3::S3Storage};
+    use px_repository::internals::{S3Storage, Storage, bundle_key};
     let Some(s3) = server() else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut config = common::test_config(dir.path()).0;

@@ -6,11 +6,14 @@
 
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::Stream;
+
+use crate::config::{Backend, Config};
 
 pub mod fs;
 pub mod s3;
@@ -87,6 +90,15 @@ pub trait Storage: Send + Sync + 'static {
     /// Removes an object. Idempotent: an absent key is not an error, so a sweep that was
     /// interrupted, or two repositories sweeping at once, can simply delete again.
     async fn delete(&self, key: &str) -> Result<()>;
+}
+
+/// Opens the configured backend: the S3 bucket of `[storage.s3]`, with the secret key read from
+/// its `secret_access_key_file`, or else the `storage` directory under `data_dir`.
+pub async fn open(config: &Config, s3_secret: Option<String>) -> Result<Arc<dyn Storage>> {
+    Ok(match (&config.storage.backend, &config.storage.s3) {
+        (Backend::S3, Some(s3)) => Arc::new(s3::S3Storage::connect(s3, s3_secret).await?),
+        _ => Arc::new(fs::FsStorage::open(&config.data_dir.join("storage")).await?),
+    })
 }
 
 /// Key of a bundle.

@@ -34,8 +34,6 @@ pub const PART_SIZE: u64 = 32 * 1024 * 1024;
 pub const PARTS_IN_FLIGHT: usize = 4;
 /// How long to wait for a TCP connection to S3 before calling it unavailable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long one attempt of a small-object call may take.
-pub const SMALL_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct S3Storage {
     client: Client,

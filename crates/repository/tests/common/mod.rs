@@ -9,7 +9,7 @@ use std::time::Duration;
 use px_proto::api::{self, App, Release};
 use px_repository::auth::Role;
 use px_repository::config::{Backend, Config, S3Config, StorageConfig};
-use px_repository::metrics::Metrics;
+use px_repository::internals::{Metrics, Releases};
 use px_runtime::tokens::{TokenEntry, generate, hash};
 use px_test_support::{S3_ACCESS_KEY, S3_SECRET_KEY, S3Server};
 use reqwest::StatusCode;
@@ -323,16 +323,19 @@ pub fn no_periodic_retention(config: &mut Config) {
 impl Repo {
     /// A second handle on the storage this repository uses (the same directory or bucket),
     /// with its own metrics, for sweeping it directly.
-    pub async fn sweeper(&self) -> (px_repository::releases::Releases, Arc<Metrics>) {
-        let secret = px_repository::check(&self.config).unwrap().s3_secret;
-        let storage = px_repository::open_storage(&self.config, secret)
+    pub async fn sweeper(&self) -> (Releases, Arc<Metrics>) {
+        let secret = self
+            .config
+            .storage
+            .s3
+            .as_ref()
+            .and_then(|s3| s3.secret_access_key_file.as_ref())
+            .map(|file| px_runtime::secrets::read_secret_file(file).unwrap());
+        let storage = px_repository::internals::open_storage(&self.config, secret)
             .await
             .unwrap();
         let metrics = Arc::new(Metrics::default());
-        (
-            px_repository::releases::Releases::new(storage, metrics.clone()),
-            metrics,
-        )
+        (Releases::new(storage, metrics.clone()), metrics)
     }
 
     /// The status of a bundle download, and its bytes.

@@ -5,8 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use px_proto::api::{App, Release, ReleaseCause};
 use px_repository::config::{Config, RetentionConfig};
-use px_repository::retention::{Policy, sweep};
-use px_repository::storage::bundle_key;
+use px_repository::internals::{Policy, bundle_key, sweep};
 use reqwest::StatusCode;
 use reqwest::header::{ETAG, IF_NONE_MATCH};
 
