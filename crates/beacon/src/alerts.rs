@@ -89,8 +89,9 @@ impl fmt::Debug for AlertSettings {
     }
 }
 
-/// Counts since start, for `/metrics` and tests. `sent`, `failed` and `dropped` count
-/// deliveries (one alert to one webhook); `suppressed` counts alerts.
+/// Counts since start, which the tests read. `sent`, `failed` and `dropped` count deliveries
+/// (one alert to one webhook); `suppressed` counts alerts.
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AlertStats {
     /// Deliveries a webhook accepted (2xx).
@@ -313,6 +314,7 @@ impl Alerter {
             .unwrap_or_else(PoisonError::into_inner) = lanes;
     }
 
+    #[cfg(test)]
     pub fn stats(&self) -> AlertStats {
         let c = &self.inner.counters;
         AlertStats {

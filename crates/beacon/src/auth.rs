@@ -24,17 +24,17 @@ pub enum Role {
 
 impl Role {
     /// Whether this role may read the HTTP API.
-    pub fn may_read(self) -> bool {
+    pub(crate) fn may_read(self) -> bool {
         matches!(self, Role::Read | Role::Deploy | Role::Maestro)
     }
 }
 
-pub type Tokens = Arc<TokenTable<Role>>;
+pub(crate) type Tokens = Arc<TokenTable<Role>>;
 
 /// The verified caller of an HTTP request, allowed to read.
 #[derive(Debug, Clone)]
-pub struct Reader {
-    pub name: String,
+pub(crate) struct Reader {
+    pub(crate) name: String,
 }
 
 impl FromRequestParts<AppState> for Reader {

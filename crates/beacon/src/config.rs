@@ -23,18 +23,18 @@ use serde::{Deserialize, Serialize};
 use crate::auth::Role;
 
 /// Environment prefix; nested keys use `__`, e.g. `PX_BEACON_REPOSITORY__URL`.
-pub const ENV_PREFIX: &str = "PX_BEACON_";
+pub(crate) const ENV_PREFIX: &str = "PX_BEACON_";
 /// Default HTTP address (API, status page): loopback until the operator opens it.
-pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7080";
+pub(crate) const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7080";
 /// Default control-link address (TLS): loopback until the operator opens it.
-pub const DEFAULT_CONTROL_LISTEN: &str = "127.0.0.1:7443";
+pub(crate) const DEFAULT_CONTROL_LISTEN: &str = "127.0.0.1:7443";
 /// Default data directory, as the systemd unit's `StateDirectory=platformx/beacon` makes it.
-pub const DEFAULT_DATA_DIR: &str = "/var/lib/platformx/beacon";
+pub(crate) const DEFAULT_DATA_DIR: &str = "/var/lib/platformx/beacon";
 /// How often Beacon re-reads the desired state even without a notification: a missed
 /// notification is repaired within this time.
-pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 /// A node silent this long is lost: three missed heartbeats.
-pub const DEFAULT_NODE_LOST_AFTER: Duration = px_proto::link::HEARTBEAT_DEADLINE;
+pub(crate) const DEFAULT_NODE_LOST_AFTER: Duration = px_proto::link::HEARTBEAT_DEADLINE;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -3,20 +3,20 @@
 //! rollouts, records events, alerts sysadmins, and serves an HTTP API and a status page.
 //! [`run`] is the whole service; `main.rs` only wires it up.
 
-pub mod alerts;
+pub(crate) mod alerts;
 pub mod auth;
 pub mod cli;
 pub mod config;
-pub mod events;
-pub mod http;
-pub mod hub;
-pub mod judge;
-pub mod links;
-pub mod logstore;
-pub mod metrics;
-pub mod placement;
-pub mod reconcile;
-pub mod status;
+pub(crate) mod events;
+pub(crate) mod http;
+pub(crate) mod hub;
+pub(crate) mod judge;
+pub(crate) mod links;
+pub(crate) mod logstore;
+pub(crate) mod metrics;
+pub(crate) mod placement;
+pub(crate) mod reconcile;
+pub(crate) mod status;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,9 +35,9 @@ use crate::config::Config;
 /// How often lost nodes are looked for and changed rollouts evaluated: short enough that a
 /// finished rollout shows within a quarter second, long enough that the pass over all nodes
 /// stays a small share of one core at 10 000 links.
-pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// How long open requests and links get to finish at shutdown.
-pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The already-bound sockets Beacon serves on.
 pub struct Listeners {
@@ -47,9 +47,9 @@ pub struct Listeners {
 
 /// Everything in the config that can be checked without the network.
 pub struct Checked {
-    pub tokens: auth::Tokens,
-    pub tls: Arc<rustls::ServerConfig>,
-    pub repository_token: String,
+    pub(crate) tokens: auth::Tokens,
+    pub(crate) tls: Arc<rustls::ServerConfig>,
+    pub(crate) repository_token: String,
 }
 
 pub fn check(config: &Config) -> Result<Checked, ConfigError> {
@@ -130,7 +130,7 @@ impl px_runtime::service::StartFailure for StartError {
 }
 
 /// Settings a reload applies (see `config.rs`); any other change needs a restart.
-pub const RELOADABLE: &[&str] = &["tokens", "tokens_file", "alerts.webhooks"];
+const RELOADABLE: &[&str] = &["tokens", "tokens_file", "alerts.webhooks"];
 
 /// Runs Beacon on already-bound listeners until `shutdown` is cancelled; without a service
 /// manager (`em up`, tests). If one of its critical tasks (the link server, the HTTP server,
@@ -287,7 +287,7 @@ pub async fn run_with(
 
 /// Longest the sweeper may go without finishing a pass before the liveness probe fails: many
 /// times its interval, so only a sweeper that is stuck (not merely late under load) fails it.
-pub const SWEEPER_SILENCE: Duration = Duration::from_secs(10);
+const SWEEPER_SILENCE: Duration = Duration::from_secs(10);
 
 fn millis_since(epoch: Instant) -> u64 {
     u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)

@@ -38,9 +38,6 @@ use crate::events::{EventDraft, EventLog};
 use crate::metrics::Metrics;
 use crate::placement::Fit;
 
-pub use nodes::Attached;
-pub use persist::MAX_ROLLOUT_HISTORY;
-
 /// Commands (restart, stop) queued per link; a node that cannot take this many is too slow
 /// and gets the next ones dropped (the operator can repeat them).
 pub const COMMAND_QUEUE: usize = 16;
