@@ -23,6 +23,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use px_proto::beacon::Level;
 use px_proto::link::{NodeEvent, NodeEventKind};
+use px_runtime::shutdown::accept_error_is_fatal;
 use rand::Rng;
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -34,9 +35,9 @@ use crate::logs::AppLogs;
 /// Largest event body; an event is a sentence and a few fields.
 pub const MAX_EVENT_BYTES: usize = 8 * 1024;
 /// Longest message, in characters.
-pub const MAX_MESSAGE_CHARS: usize = 2000;
+pub(crate) const MAX_MESSAGE_CHARS: usize = 2000;
 /// Most fields in one event.
-pub const MAX_FIELDS: usize = 32;
+pub(crate) const MAX_FIELDS: usize = 32;
 /// Sustained events per second per instance, and the burst above it.
 pub const EVENTS_PER_SECOND: f64 = 10.0;
 pub const EVENT_BURST: f64 = 50.0;
@@ -54,14 +55,26 @@ pub const MAX_REQUESTS_IN_FLIGHT: usize = 8;
 /// connection is cut: a megabyte is already far more than anyone posts by mistake.
 pub const MAX_DRAIN_BYTES: u64 = 1024 * 1024;
 /// Time to send the request head, and to send the whole request.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Heartbeat intervals an opted-in instance may miss before it is restarted.
 pub const MISSED_HEARTBEATS: u32 = 3;
+/// Pause after a failed `accept` that is worth a retry (typically out of file descriptors), so
+/// the loop does not spin while connections close.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// Bytes of randomness in an instance's secret.
 const SECRET_BYTES: usize = 24;
 /// Path prefix of the endpoint; the instance's secret follows it.
-pub const EVENTS_PATH: &str = "/v1/events/";
+pub(crate) const EVENTS_PATH: &str = "/v1/events/";
+
+/// Why the endpoint stopped serving before its shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// An `accept` failed in a way that means the listener will never accept again (the
+    /// socket was shut down or closed under Maestro).
+    #[error("the app events listener no longer accepts connections: {0}")]
+    ListenerBroken(std::io::Error),
+}
 
 /// How a POST ended, as counted in metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +115,7 @@ struct PostedEvent {
 }
 
 /// One instance's last sign of life.
-pub struct Heartbeat {
+pub(crate) struct Heartbeat {
     epoch: Instant,
     /// Milliseconds after `epoch` of the last heartbeat.
     last_ms: AtomicU64,
@@ -135,7 +148,7 @@ impl Heartbeat {
 
     /// Resolves when an armed heartbeat has been silent for `MISSED_HEARTBEATS` intervals,
     /// with how long it was silent. Never resolves for an instance that never opted in.
-    pub async fn lost(&self, interval: Duration) -> Duration {
+    pub(crate) async fn lost(&self, interval: Duration) -> Duration {
         let deadline = interval * MISSED_HEARTBEATS;
         let tick = (interval / 2).min(Duration::from_secs(1));
         loop {
@@ -196,7 +209,7 @@ pub struct Registration {
     secret: String,
     /// `PX_EVENTS_URL` for the instance.
     pub url: String,
-    pub heartbeat: Arc<Heartbeat>,
+    pub(crate) heartbeat: Arc<Heartbeat>,
 }
 
 impl Drop for Registration {
@@ -255,7 +268,7 @@ impl AppEvents {
     }
 
     /// Prometheus lines for Maestro's `/metrics`.
-    pub fn render_metrics(&self) -> String {
+    pub(crate) fn render_metrics(&self) -> String {
         let mut out = String::from(
             "# HELP px_maestro_app_events_total Posts to PX_EVENTS_URL by outcome.\n# TYPE px_maestro_app_events_total counter\n",
         );
@@ -268,23 +281,32 @@ impl AppEvents {
         out
     }
 
-    /// Serves the endpoint until `shutdown`.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+    /// Serves the endpoint until `shutdown`. Fails when the listener breaks (see
+    /// `accept_error_is_fatal`): apps could never post again, so Maestro must not go on
+    /// without the endpoint.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), EndpointError> {
         let connections = Arc::new(Connections::new());
         loop {
             let stream = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
+                    Err(e) if accept_error_is_fatal(&e) => {
+                        return Err(EndpointError::ListenerBroken(e));
+                    }
                     Err(e) => {
                         tracing::warn!("app events endpoint: accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                         continue;
                     }
                 },
             };
             let connection = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
                 connection = connections.admit() => connection,
             };
             let events = self.clone();

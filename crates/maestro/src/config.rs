@@ -20,29 +20,29 @@ use std::time::Duration;
 use px_proto::size::ByteSize;
 use serde::{Deserialize, Serialize};
 
-pub const ENV_PREFIX: &str = "PX_MAESTRO_";
+pub(crate) const ENV_PREFIX: &str = "PX_MAESTRO_";
 /// Default proxy address; `em up` and single machines use 8080, Ansible sets 80 (or systemd
 /// passes the sockets).
-pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
+pub(crate) const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
 /// Default local status endpoint (`/healthz`, `/metrics`): loopback only.
-pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:7090";
+pub(crate) const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:7090";
 /// Default address of the app events endpoint (`PX_EVENTS_URL`): loopback, any free port, as
 /// only the instances this Maestro starts (and is told the port) post to it.
-pub const DEFAULT_EVENTS_LISTEN: &str = "127.0.0.1:0";
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/platformx/maestro";
-pub const DEFAULT_LOG_DIR: &str = "/var/log/platformx";
+pub(crate) const DEFAULT_EVENTS_LISTEN: &str = "127.0.0.1:0";
+pub(crate) const DEFAULT_STATE_DIR: &str = "/var/lib/platformx/maestro";
+pub(crate) const DEFAULT_LOG_DIR: &str = "/var/log/platformx";
 /// Ports handed to instances: 10 000 of them, far above ephemeral-port ranges' usual start
 /// (32768), so outgoing connections never take an instance's port.
-pub const DEFAULT_PORT_RANGE: (u16, u16) = (20000, 29999);
+pub(crate) const DEFAULT_PORT_RANGE: (u16, u16) = (20000, 29999);
 /// How long an instance has to exit after SIGTERM before SIGKILL; web frameworks finish
 /// their requests well within this.
-pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long in-flight requests on a replaced release may take before it is stopped anyway.
-pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 /// Default for [`Config::keep_releases`].
-pub const DEFAULT_KEEP_RELEASES: usize = 3;
+pub(crate) const DEFAULT_KEEP_RELEASES: usize = 3;
 /// Default for [`Config::min_free_disk`].
-pub const DEFAULT_MIN_FREE_DISK: ByteSize = ByteSize::mib(512);
+pub(crate) const DEFAULT_MIN_FREE_DISK: ByteSize = ByteSize::mib(512);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -5,12 +5,11 @@
 //! [`run`] is the whole service; `main.rs` only wires it up. [`local`] runs one app from a
 //! local directory the same way, for `em dev`.
 
+// Public for `em dev` (`crates/em/src/dev.rs`), which still composes an app's instance from
+// these pieces; only the items it uses are `pub` in them (and, until then, what the tests reach
+// through `internals`). The rest of each is `pub(crate)`.
 pub mod app_events;
-pub mod cli;
-pub mod config;
-mod error;
 pub mod limits;
-pub mod link;
 pub mod local;
 pub mod logs;
 pub mod process;
@@ -19,7 +18,34 @@ pub mod routes;
 pub mod runtimes;
 pub mod supervisor;
 
+pub mod bench;
+pub mod cli;
+pub mod config;
+mod error;
+pub(crate) mod link;
+
 pub use error::Error;
+
+/// What Maestro's own integration tests (`tests/`, another crate to the compiler) reach beyond
+/// the service's interface: the proxy and its route table, tested alone on loopback; the limits
+/// of the app events endpoint, which the tests push against; and the persisted assignment, which
+/// a crash test writes before starting the binary. No other crate may use it; it is public, and
+/// hidden from the docs, only because those tests cannot see `pub(crate)` items. Each service
+/// crate has one such module, so that everything else stays `pub(crate)` and what is public
+/// says what other crates may use.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::app_events::{
+        EVENT_BURST, EVENTS_PER_SECOND, MAX_CONNECTIONS, MAX_DRAIN_BYTES, MAX_EVENT_BYTES,
+        MAX_REQUESTS_IN_FLIGHT, MISSED_HEARTBEATS,
+    };
+    pub use crate::link::save_assignment;
+    pub use crate::proxy::drain::SSE_RETRY_MS;
+    pub use crate::proxy::server::ACCEPT_BALANCE_SLACK;
+    pub use crate::proxy::tls::CertStore;
+    pub use crate::proxy::{AccessLog, Proxy, ProxyError, ProxyMetrics, ProxySettings};
+    pub use crate::routes::{AppRoute, Backend, BodyPolicy, DrainOutcome, RouteTable, Routes};
+}
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -37,16 +63,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 
-/// Access records waiting for the writer; a disk slower than the traffic drops records
-/// (counted) rather than slowing requests.
-pub const ACCESS_LOG_QUEUE: usize = 8192;
 /// How long stopping may take in all: drain plus instance stops.
-pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(45);
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(45);
 /// Most unpacked releases kept per app (`keep_releases`).
-pub const MAX_KEEP_RELEASES: usize = 100;
+const MAX_KEEP_RELEASES: usize = 100;
 /// How long a starting Maestro waits for its persisted apps to serve before it accepts
 /// connections anyway; well inside the unit's `TimeoutStartSec=`.
-pub const RESTORE_WAIT: Duration = Duration::from_secs(30);
+const RESTORE_WAIT: Duration = Duration::from_secs(30);
 
 /// The already-bound sockets Maestro serves on.
 pub struct Listeners {
@@ -57,9 +80,9 @@ pub struct Listeners {
 
 /// Everything in the config that can be checked without the network.
 pub struct Checked {
-    pub link: Option<px_link::LinkSettings>,
-    pub repository_token: Option<String>,
-    pub certs: Option<Arc<proxy::CertStore>>,
+    pub(crate) link: Option<px_link::LinkSettings>,
+    pub(crate) repository_token: Option<String>,
+    pub(crate) certs: Option<Arc<proxy::CertStore>>,
 }
 
 pub fn check(config: &Config) -> Result<Checked, ConfigError> {
@@ -120,7 +143,7 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
 
 /// Settings a reload applies (see `config.rs`): none, since TLS certificates are read again
 /// from `certs_dir` on every reload whether or not a setting changed.
-pub const RELOADABLE: &[&str] = &[];
+const RELOADABLE: &[&str] = &[];
 
 /// Runs Maestro on already-bound listeners until `shutdown`, then drains and stops its apps;
 /// without a service manager (`em up`, tests).
@@ -158,14 +181,9 @@ pub async fn run_with(
     let app_logs = Arc::new(logs::AppLogs::new(&config.log_dir, rotation));
 
     // Access log: records → lines → rotating file.
-    let (access, records) = proxy::AccessLog::new(ACCESS_LOG_QUEUE);
-    let (lines_tx, lines_rx) = tokio::sync::mpsc::channel(ACCESS_LOG_QUEUE);
-    tracker.spawn(logs::write_access_log(
-        config.log_dir.clone(),
-        rotation,
-        lines_rx,
-    ));
-    tracker.spawn(logs::format_access_records(records, lines_tx));
+    let (access, format_access, write_access) = logs::access_log(config.log_dir.clone(), rotation);
+    tracker.spawn(write_access);
+    tracker.spawn(format_access);
 
     // Events for Beacon, from the supervisor and from the apps themselves.
     let (events_tx, events) = tokio::sync::mpsc::channel(supervisor::EVENT_QUEUE);

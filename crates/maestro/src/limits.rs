@@ -35,7 +35,7 @@ impl Enforcer {
     /// controllers on for the instances, leftovers of a previous run removed. Off, or anything
     /// failing (with a warning), means rlimits. Never on by default: run by hand or in tests,
     /// Maestro must not rearrange the cgroup of whatever session started it.
-    pub fn detect(cgroups: bool) -> Self {
+    pub(crate) fn detect(cgroups: bool) -> Self {
         if !cgroups {
             return Self::Rlimits;
         }
@@ -78,7 +78,12 @@ impl Enforcer {
     /// Puts a just-started instance (`pid`, the leader of its process group) into a cgroup
     /// of its own with the app's limits. `None` with rlimits, or when the cgroup could not be
     /// made (logged: the instance then runs without them).
-    pub fn place(&self, app: &str, pid: u32, limits: &ResourceLimits) -> Option<InstanceCgroup> {
+    pub(crate) fn place(
+        &self,
+        app: &str,
+        pid: u32,
+        limits: &ResourceLimits,
+    ) -> Option<InstanceCgroup> {
         let Self::Cgroups { dir, next } = self else {
             return None;
         };
@@ -112,13 +117,13 @@ impl Enforcer {
 
 /// An instance's own cgroup.
 #[derive(Debug)]
-pub struct InstanceCgroup {
+pub(crate) struct InstanceCgroup {
     dir: PathBuf,
 }
 
 impl InstanceCgroup {
     /// Whether the kernel's OOM killer ended a process of the instance.
-    pub fn oom_killed(&self) -> bool {
+    pub(crate) fn oom_killed(&self) -> bool {
         std::fs::read_to_string(self.dir.join("memory.events"))
             .ok()
             .and_then(|events| {
@@ -131,7 +136,7 @@ impl InstanceCgroup {
     }
 
     /// Removes the cgroup once its processes are gone (the instance's group was stopped).
-    pub fn remove(self) {
+    pub(crate) fn remove(self) {
         remove_when_empty(&self.dir);
     }
 }

@@ -14,17 +14,17 @@ use px_proto::manifest::{APPRUNNER_FILE, HealthCheck};
 use tokio::process::{Child, Command};
 
 /// How often a starting instance is probed.
-pub const HEALTH_POLL: Duration = Duration::from_millis(50);
+pub(crate) const HEALTH_POLL: Duration = Duration::from_millis(50);
 /// How long one health probe may take.
-pub const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Environment variables passed through from Maestro's own environment; everything else an
 /// instance sees comes from its release, so apps behave the same on every node.
-pub const PASSED_ENV: &[&str] = &["LANG", "LC_ALL", "TZ", "HOME"];
+pub(crate) const PASSED_ENV: &[&str] = &["LANG", "LC_ALL", "TZ", "HOME"];
 /// `PATH` when Maestro itself has none.
-pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+pub(crate) const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// Directory of a release whose commands come first on its instances' `PATH`: a bundle that
 /// ships its own interpreter or static binaries puts them here.
-pub const BUNDLE_BIN_DIR: &str = "bin";
+pub(crate) const BUNDLE_BIN_DIR: &str = "bin";
 
 /// The `PATH` of a release's instances: the release's own `bin/`, then Maestro's `PATH`.
 pub fn instance_path(release_dir: &Path) -> std::ffi::OsString {
@@ -87,7 +87,7 @@ pub fn spawn(launch: &Launch<'_>, prefix: &[String]) -> std::io::Result<Child> {
 }
 
 /// Sends `signal` to the process group led by `pid`. A group that is already gone is fine.
-pub fn signal_group(pid: u32, signal: Signal) {
+pub(crate) fn signal_group(pid: u32, signal: Signal) {
     let _ = killpg(Pid::from_raw(pid as i32), signal);
 }
 
@@ -124,7 +124,7 @@ pub enum StartFailure {
 }
 
 impl StartFailure {
-    pub fn kind(&self) -> FailureKind {
+    pub(crate) fn kind(&self) -> FailureKind {
         match self {
             Self::Exited(_, kind) => *kind,
             Self::NeverListened(..) => FailureKind::NeverListened,
@@ -134,7 +134,7 @@ impl StartFailure {
 }
 
 /// How an exit status is classified.
-pub fn exit_kind(status: &std::process::ExitStatus) -> FailureKind {
+pub(crate) fn exit_kind(status: &std::process::ExitStatus) -> FailureKind {
     use std::os::unix::process::ExitStatusExt;
     if status.signal().is_some() {
         FailureKind::Signal
@@ -175,7 +175,7 @@ pub async fn wait_healthy(
 
 /// Why one health probe failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProbeFailure {
+pub(crate) enum ProbeFailure {
     /// Nothing accepted the connection.
     NotListening,
     /// Something listened, and answered wrong (or too slowly): what it said.
@@ -192,7 +192,7 @@ impl std::fmt::Display for ProbeFailure {
 }
 
 /// One health probe.
-pub async fn probe(
+pub(crate) async fn probe(
     port: u16,
     check: &HealthCheck,
     http: &reqwest::Client,
@@ -233,12 +233,12 @@ pub fn describe_exit(status: &std::process::ExitStatus) -> String {
 
 /// Process groups Maestro started, kept on disk so that after a crash of Maestro itself the
 /// next start can end what the previous one left running.
-pub struct GroupFile {
+pub(crate) struct GroupFile {
     path: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct GroupRecord {
+pub(crate) struct GroupRecord {
     pub pid: u32,
     /// Process start time (clock ticks since boot, /proc/<pid>/stat field 22), so a reused
     /// pid is never mistaken for ours.
@@ -246,7 +246,7 @@ pub struct GroupRecord {
 }
 
 /// A process's start time, if it exists.
-pub fn start_ticks(pid: u32) -> Option<u64> {
+pub(crate) fn start_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses; fields resume after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -254,18 +254,18 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
 }
 
 impl GroupFile {
-    pub fn new(path: PathBuf) -> Self {
+    pub(crate) fn new(path: PathBuf) -> Self {
         Self { path }
     }
 
-    pub fn load(&self) -> Vec<GroupRecord> {
+    pub(crate) fn load(&self) -> Vec<GroupRecord> {
         std::fs::read(&self.path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default()
     }
 
-    pub fn save(&self, records: &[GroupRecord]) {
+    pub(crate) fn save(&self, records: &[GroupRecord]) {
         // Durably: after a crash, the file must still name every group left running.
         let result = serde_json::to_vec(records)
             .map_err(std::io::Error::other)
@@ -276,7 +276,7 @@ impl GroupFile {
     }
 
     /// Kills every recorded group whose leader is still the process we started; returns how many.
-    pub fn kill_leftovers(&self) -> usize {
+    pub(crate) fn kill_leftovers(&self) -> usize {
         let mut killed = 0;
         for record in self.load() {
             if start_ticks(record.pid) == Some(record.start_ticks) {

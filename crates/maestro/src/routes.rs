@@ -16,9 +16,17 @@ use tokio::time::Instant;
 /// One running instance the proxy may send requests to.
 #[derive(Debug)]
 pub struct Backend {
-    pub app: String,
-    pub release: u64,
-    pub addr: SocketAddr,
+    #[expect(
+        dead_code,
+        reason = "read by Debug only, so that a backend in a log or a failed test says whose it is"
+    )]
+    app: String,
+    #[expect(
+        dead_code,
+        reason = "read by Debug only, so that a backend in a log or a failed test says whose it is"
+    )]
+    release: u64,
+    pub(crate) addr: SocketAddr,
     /// `addr` as the authority of the proxy's requests to it, formatted once rather than per
     /// request.
     /// (`None` cannot happen for a socket address; the proxy would answer 400.)
@@ -35,14 +43,14 @@ pub struct Backend {
     closed_for_drain: AtomicU64,
     cut_at_deadline: AtomicU64,
     /// The answers of the release this instance belongs to (shared by its instances).
-    pub stats: Arc<ReleaseStats>,
+    pub(crate) stats: Arc<ReleaseStats>,
 }
 
 /// Answers one release gave on this node, counted by the proxy when the answer's head is
 /// sent: the figures of a deploy and its error budget. A release's instances share one, so a
 /// restarted instance keeps counting into it.
 #[derive(Debug, Default)]
-pub struct ReleaseStats {
+pub(crate) struct ReleaseStats {
     requests: AtomicU64,
     server_errors: AtomicU64,
 }
@@ -50,7 +58,7 @@ pub struct ReleaseStats {
 impl ReleaseStats {
     /// Counts one answer; a status of 500 or more (the proxy's own 502/504 for an instance
     /// that failed included) counts against the release.
-    pub fn record(&self, status: u16) {
+    pub(crate) fn record(&self, status: u16) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         if status >= 500 {
             self.server_errors.fetch_add(1, Ordering::Relaxed);
@@ -58,7 +66,7 @@ impl ReleaseStats {
     }
 
     /// (answers, of which 5xx) so far.
-    pub fn counts(&self) -> (u64, u64) {
+    pub(crate) fn counts(&self) -> (u64, u64) {
         (
             self.requests.load(Ordering::Relaxed),
             self.server_errors.load(Ordering::Relaxed),
@@ -69,7 +77,7 @@ impl ReleaseStats {
 /// A drain order: long-lived connections close at a moment of their own, spread over the
 /// first part of `budget` (see `proxy::drain`), and none outlives `deadline`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Drain {
+pub(crate) struct Drain {
     pub started: Instant,
     pub budget: Duration,
     pub deadline: Instant,
@@ -90,7 +98,7 @@ impl Backend {
     }
 
     /// A backend counting its answers into its release's `stats`.
-    pub fn with_stats(
+    pub(crate) fn with_stats(
         app: &str,
         release: u64,
         addr: SocketAddr,
@@ -111,7 +119,7 @@ impl Backend {
     }
 
     /// The instance's address as the authority of a request URI (`127.0.0.1:41234`).
-    pub fn authority(&self) -> Option<&Authority> {
+    pub(crate) fn authority(&self) -> Option<&Authority> {
         self.authority.as_ref()
     }
 
@@ -133,12 +141,12 @@ impl Backend {
     }
 
     /// The drain order, for a long-lived connection to wait on.
-    pub fn drain_order(&self) -> watch::Receiver<Option<Drain>> {
+    pub(crate) fn drain_order(&self) -> watch::Receiver<Option<Drain>> {
         self.drain.subscribe()
     }
 
     /// Counts a long-lived connection as open until the returned guard says how it ended.
-    pub fn long_lived(self: &Arc<Self>) -> LongLived {
+    pub(crate) fn long_lived(self: &Arc<Self>) -> LongLived {
         self.long_lived.fetch_add(1, Ordering::SeqCst);
         LongLived(self.clone())
     }
@@ -155,7 +163,7 @@ impl Backend {
     }
 
     /// Counts a request as in flight until the returned guard drops.
-    pub fn begin(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight(self.clone())
     }
@@ -168,7 +176,7 @@ impl Backend {
     /// up before the switch and may still pick it from, a request that picked it, or an
     /// in-flight guard. Once the backend is out of the current table and this is false, no
     /// request can reach it any more, so its instance may stop.
-    pub fn held_elsewhere(this: &Arc<Self>) -> bool {
+    pub(crate) fn held_elsewhere(this: &Arc<Self>) -> bool {
         Arc::strong_count(this) > 1
     }
 }
@@ -176,10 +184,10 @@ impl Backend {
 /// Guard for one in-flight request; hold it until the response body (or the upgraded
 /// connection) is finished.
 #[derive(Debug)]
-pub struct InFlight(Arc<Backend>);
+pub(crate) struct InFlight(Arc<Backend>);
 
 impl InFlight {
-    pub fn backend(&self) -> &Arc<Backend> {
+    pub(crate) fn backend(&self) -> &Arc<Backend> {
         &self.0
     }
 }
@@ -193,14 +201,14 @@ impl Drop for InFlight {
 /// One open long-lived connection of a backend; say how it ended with `closed_for_drain` or
 /// `cut`, or just drop it when the client or the instance ended it.
 #[derive(Debug)]
-pub struct LongLived(Arc<Backend>);
+pub(crate) struct LongLived(Arc<Backend>);
 
 impl LongLived {
-    pub fn closed_for_drain(self) {
+    pub(crate) fn closed_for_drain(self) {
         self.0.closed_for_drain.fetch_add(1, Ordering::SeqCst);
     }
 
-    pub fn cut(self) {
+    pub(crate) fn cut(self) {
         self.0.cut_at_deadline.fetch_add(1, Ordering::SeqCst);
     }
 }
@@ -214,14 +222,18 @@ impl Drop for LongLived {
 /// How one app is served.
 #[derive(Debug)]
 pub struct AppRoute {
-    pub app: String,
-    pub release: u64,
+    pub(crate) app: String,
+    #[expect(
+        dead_code,
+        reason = "read by Debug only, so that a route in a log or a failed test says which release it serves"
+    )]
+    release: u64,
     /// Healthy instances of the serving release; empty while none is up (the proxy answers 503).
-    pub backends: Vec<Arc<Backend>>,
+    pub(crate) backends: Vec<Arc<Backend>>,
     /// URL path prefix (starting with '/', no trailing '/') → absolute directory in the
     /// release, served by the proxy itself. Longest prefix wins.
-    pub static_dirs: Vec<(String, PathBuf)>,
-    pub bodies: BodyPolicy,
+    pub(crate) static_dirs: Vec<(String, PathBuf)>,
+    pub(crate) bodies: BodyPolicy,
     next: AtomicUsize,
 }
 
@@ -244,7 +256,7 @@ impl Default for BodyPolicy {
 }
 
 impl BodyPolicy {
-    pub fn of(http: &px_proto::manifest::HttpSettings) -> Self {
+    pub(crate) fn of(http: &px_proto::manifest::HttpSettings) -> Self {
         Self {
             max_bytes: http.max_request_body.0,
             buffer: http.buffer_requests,
@@ -276,7 +288,7 @@ impl AppRoute {
     }
 
     /// The next backend, round robin; `None` when there is none.
-    pub fn pick(&self) -> Option<Arc<Backend>> {
+    pub(crate) fn pick(&self) -> Option<Arc<Backend>> {
         if self.backends.is_empty() {
             return None;
         }
@@ -293,7 +305,7 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Looks up a `Host` header value: case-insensitive, port ignored.
-    pub fn lookup(&self, host: &str) -> Option<&Arc<AppRoute>> {
+    pub(crate) fn lookup(&self, host: &str) -> Option<&Arc<AppRoute>> {
         let host = host
             .rsplit_once(':')
             .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
@@ -310,7 +322,7 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn load(&self) -> Arc<RouteTable> {
+    pub(crate) fn load(&self) -> Arc<RouteTable> {
         self.current
             .read()
             .unwrap_or_else(|p| p.into_inner())

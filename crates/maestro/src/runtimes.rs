@@ -12,15 +12,15 @@ use px_proto::manifest::AppManifest;
 use px_proto::runtime::{KNOWN_RUNTIMES, Requirement, Version};
 
 /// How long `<command> --version` may take; a JVM starting cold takes about a second.
-pub const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most bytes of `--version` output read.
-pub const MAX_VERSION_OUTPUT: usize = 4096;
+pub(crate) const MAX_VERSION_OUTPUT: usize = 4096;
 /// How long the output of a `--version` that has exited may take to end: a background
 /// process it started may hold the pipes open long after.
-pub const OUTPUT_GRACE: Duration = Duration::from_millis(200);
+pub(crate) const OUTPUT_GRACE: Duration = Duration::from_millis(200);
 
 /// The first executable file called `command` in the directories of `path`.
-pub fn find(command: &str, path: &OsStr) -> Option<PathBuf> {
+pub(crate) fn find(command: &str, path: &OsStr) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     std::env::split_paths(path)
         .map(|dir| dir.join(command))
@@ -35,7 +35,7 @@ pub fn find(command: &str, path: &OsStr) -> Option<PathBuf> {
 /// `HOME`) and reads the version it prints, on stdout or stderr. It runs in a process group of
 /// its own, ended afterwards, so nothing it started is left behind; once it has exited, whatever
 /// it started cannot hold the check up by keeping its output open.
-pub async fn version_of(exe: &Path, path: &OsStr) -> Option<Version> {
+pub(crate) async fn version_of(exe: &Path, path: &OsStr) -> Option<Version> {
     use tokio::io::AsyncReadExt;
     let mut command = tokio::process::Command::new(exe);
     command.arg("--version").env_clear().env("PATH", path);
@@ -86,7 +86,7 @@ pub async fn version_of(exe: &Path, path: &OsStr) -> Option<Version> {
 
 /// The known runtimes found on `path`, with their versions (`"?"` when the version could not
 /// be read), for the node's `Hello`.
-pub async fn probe_host(path: &OsStr) -> BTreeMap<String, String> {
+pub(crate) async fn probe_host(path: &OsStr) -> BTreeMap<String, String> {
     let mut found = BTreeMap::new();
     for command in KNOWN_RUNTIMES {
         if let Some(exe) = find(command, path) {

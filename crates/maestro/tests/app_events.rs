@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{BeaconLink, BundleServer, FakeBeacon, Maestro, WAIT, alive, config, wait_gone};
 use futures_util::{SinkExt, StreamExt};
-use px_maestro::app_events::{
+use px_maestro::internals::{
     EVENT_BURST, EVENTS_PER_SECOND, MAX_CONNECTIONS, MAX_DRAIN_BYTES, MAX_EVENT_BYTES,
     MAX_REQUESTS_IN_FLIGHT, MISSED_HEARTBEATS,
 };

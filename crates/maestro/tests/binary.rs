@@ -74,7 +74,7 @@ async fn after_sigkill_a_restarted_maestro_leaves_nothing_stale_and_serves_again
         generation: 3,
         apps: vec![bundles.python_app("hello", 1, "hi", "")],
     };
-    px_maestro::link::save_assignment(&state_dir, &assignment).unwrap();
+    px_maestro::internals::save_assignment(&state_dir, &assignment).unwrap();
 
     let mut first = spawn(&config, http);
     let orphan = pid_of(http).await;

@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use common_proxy::*;
 use futures_util::StreamExt as _;
-use px_maestro::proxy::ProxySettings;
-use px_maestro::routes::Backend;
+use px_maestro::internals::{Backend, ProxySettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -212,7 +211,7 @@ async fn websocket_and_event_stream_clients_get_reconnect_hints_spread_over_the_
             "the hint comes between whole events: {events:?}"
         );
         let ms: u64 = retry.strip_suffix("\n\n").unwrap().parse().unwrap();
-        assert!(px_maestro::proxy::drain::SSE_RETRY_MS.contains(&ms), "{ms}");
+        assert!(px_maestro::internals::SSE_RETRY_MS.contains(&ms), "{ms}");
         moments.push(at - started);
     }
     moments.sort();
@@ -228,14 +227,9 @@ async fn websocket_and_event_stream_clients_get_reconnect_hints_spread_over_the_
         last - first > BUDGET / 4,
         "closes are spread over the budget, not in one burst: {moments:?}"
     );
-    for backend in [&ws, &sse] {
+    for (kind, backend) in [("websocket", &ws), ("event stream", &sse)] {
         let outcome = backend.drain_outcome();
-        assert_eq!(
-            (outcome.closed, outcome.cut),
-            (CLIENTS as u64, 0),
-            "{}",
-            backend.app
-        );
+        assert_eq!((outcome.closed, outcome.cut), (CLIENTS as u64, 0), "{kind}");
         eventually("nothing left open", || {
             backend.long_lived_open() == 0 && backend.in_flight() == 0
         })

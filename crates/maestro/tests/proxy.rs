@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common_proxy::*;
-use px_maestro::proxy::{AccessLog, CertStore, ProxySettings};
-use px_maestro::routes::{AppRoute, Backend, BodyPolicy};
+use px_maestro::internals::{AccessLog, AppRoute, Backend, BodyPolicy, CertStore, ProxySettings};
 use sha2::{Digest, Sha256};
 
 fn settings() -> ProxySettings {
@@ -778,7 +777,7 @@ async fn https_picks_the_certificate_by_sni_and_reloads() {
     let certs = CertStore::load(dir.path()).unwrap();
     assert_eq!(certs.len(), 2);
 
-    let routes = Arc::new(px_maestro::routes::Routes::default());
+    let routes = Arc::new(px_maestro::internals::Routes::default());
     routes.store(table(&[
         (
             "alpha.test",
@@ -793,10 +792,10 @@ async fn https_picks_the_certificate_by_sni_and_reloads() {
             route("beta", vec![backend("beta", &beta)], vec![]),
         ),
     ]));
-    let proxy = px_maestro::proxy::Proxy::new(
+    let proxy = px_maestro::internals::Proxy::new(
         routes,
         settings(),
-        Arc::new(px_maestro::proxy::ProxyMetrics::default()),
+        Arc::new(px_maestro::internals::ProxyMetrics::default()),
         AccessLog::disabled(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -850,13 +849,13 @@ async fn tls_connections_handed_between_workers_complete_their_handshake() {
     let app = Upstream::start("app").await;
     let (dir, pkis) = pki_dir(&["app.test"]);
     let certs = CertStore::load(dir.path()).unwrap();
-    let routes = Arc::new(px_maestro::routes::Routes::default());
+    let routes = Arc::new(px_maestro::internals::Routes::default());
     routes.store(table(&[(
         "app.test",
         route("app", vec![backend("app", &app)], vec![]),
     )]));
-    let metrics = Arc::new(px_maestro::proxy::ProxyMetrics::default());
-    let proxy = px_maestro::proxy::Proxy::new(
+    let metrics = Arc::new(px_maestro::internals::ProxyMetrics::default());
+    let proxy = px_maestro::internals::Proxy::new(
         routes,
         ProxySettings {
             workers: WORKERS,
@@ -905,7 +904,7 @@ async fn tls_connections_handed_between_workers_complete_their_handshake() {
     let fewest = *open.iter().min().unwrap();
     let most = *open.iter().max().unwrap();
     assert!(
-        most - fewest <= 2 * px_maestro::proxy::ACCEPT_BALANCE_SLACK,
+        most - fewest <= 2 * px_maestro::internals::ACCEPT_BALANCE_SLACK,
         "connections per worker: {open:?}"
     );
 }
@@ -922,7 +921,7 @@ async fn wildcard_and_default_certificates() {
     std::fs::copy(fallback.key(), dir.path().join("_default.key")).unwrap();
     let certs = CertStore::load(dir.path()).unwrap();
 
-    let routes = Arc::new(px_maestro::routes::Routes::default());
+    let routes = Arc::new(px_maestro::internals::Routes::default());
     routes.store(table(&[
         (
             "one.apps.test",
@@ -933,10 +932,10 @@ async fn wildcard_and_default_certificates() {
             route("app", vec![backend("app", &app)], vec![]),
         ),
     ]));
-    let proxy = px_maestro::proxy::Proxy::new(
+    let proxy = px_maestro::internals::Proxy::new(
         routes,
         settings(),
-        Arc::new(px_maestro::proxy::ProxyMetrics::default()),
+        Arc::new(px_maestro::internals::ProxyMetrics::default()),
         AccessLog::disabled(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1086,7 +1085,11 @@ async fn shutdown_lets_open_requests_finish() {
     // ...while the open one completes.
     finish_stream(&app, r).await;
     let task = proxy.task.take().unwrap();
-    tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap();
+    tokio::time::timeout(PATIENCE, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the proxy stopped without an error");
 }
 
 #[tokio::test]
@@ -1111,7 +1114,11 @@ async fn drain_deadline_cuts_what_is_left() {
     assert_eq!(raw.head().await.unwrap().status, 200);
     proxy.shutdown.cancel();
     let task = proxy.task.take().unwrap();
-    tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap();
+    tokio::time::timeout(PATIENCE, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the proxy stopped without an error");
     assert!(raw.closed().await);
     eventually("in_flight back to 0", || instance.in_flight() == 0).await;
 }
@@ -1339,7 +1346,7 @@ async fn keep_alive_connections_are_spread_over_the_worker_threads() {
     let fewest = *open.iter().min().unwrap();
     let most = *open.iter().max().unwrap();
     assert!(
-        most - fewest <= 2 * px_maestro::proxy::ACCEPT_BALANCE_SLACK,
+        most - fewest <= 2 * px_maestro::internals::ACCEPT_BALANCE_SLACK,
         "connections per worker: {open:?}"
     );
     let text = proxy.metrics.render();
@@ -1396,7 +1403,11 @@ async fn worker_threads_serve_the_listener_and_end_after_the_drain() {
     );
     finish_stream(&app, r).await;
     let task = proxy.task.take().unwrap();
-    tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap();
+    tokio::time::timeout(PATIENCE, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the proxy stopped without an error");
     eventually("the proxy's worker threads ended", || {
         proxy_worker_threads(port) == 0
     })

@@ -1,35 +1,26 @@
-//! `proxy-only`: Maestro's real reverse proxy (`px_maestro::proxy::Proxy::serve_http`, default
-//! `ProxySettings`) with a fixed routing table sending one host to one upstream, so the proxy
-//! can be benchmarked against nginx `proxy_pass` (`benches/proxy`). It is exactly Maestro's
-//! data path minus the supervisor: the same `Proxy`, the same `Routes`/`RouteTable`/`AppRoute`
-//! /`Backend` types the supervisor fills in, the same runtimes (a multi-threaded tokio runtime for
-//! the rest, and the proxy's own worker threads, one per core unless `--threads` says
-//! otherwise), and the same access-log pipeline.
+//! `proxy-only`: Maestro's real reverse proxy with a fixed routing table sending one host to one
+//! upstream (`px_maestro::bench::serve_fixed_route`, default `ProxySettings`), so the proxy can
+//! be benchmarked against nginx `proxy_pass` (`benches/proxy`). It is exactly Maestro's data
+//! path minus the supervisor: the same `Proxy`, the same route table types the supervisor fills
+//! in, the same runtimes (a multi-threaded tokio runtime for the rest, and the proxy's own worker
+//! threads, one per core unless `--threads` says otherwise), and the same access-log pipeline.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
-use px_maestro::proxy::{AccessLog, Proxy, ProxyMetrics, ProxySettings};
-use px_maestro::routes::{AppRoute, Backend, RouteTable, Routes};
-use tokio_util::task::TaskTracker;
-
-/// The app name the route carries; it labels metrics and access records.
-const APP: &str = "bench";
-/// The release number the route carries.
-const RELEASE: u64 = 1;
+use px_maestro::bench::{AccessLogMode, FixedRoute, serve_fixed_route};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum AccessMode {
-    /// Maestro's own writer (`px_maestro::logs::write_access_log`): records are formatted and
-    /// written, rotated, to `<log-dir>/access.log`, exactly as the service does.
+    /// Maestro's own writer: records are formatted and written, rotated, to
+    /// `<log-dir>/access.log`, exactly as the service does (`AccessLogMode::File`).
     File,
-    /// Records go through `AccessLog::new` and are formatted (`AccessRecord::to_line`) by a
-    /// task, then discarded: the per-request cost without the disk.
+    /// Records are built and formatted by a task, then discarded: the per-request cost without
+    /// the disk (`AccessLogMode::Discard`).
     Null,
-    /// `AccessLog::disabled()`: no record is built at all.
+    /// No record is built at all (`AccessLogMode::Off`).
     Off,
 }
 
@@ -93,45 +84,15 @@ fn main() -> Result<()> {
 
 async fn serve(args: Args, threads: usize) -> Result<()> {
     let shutdown = px_runtime::shutdown::on_signals().context("installing signal handlers")?;
-    let tasks = TaskTracker::new();
-
-    let backends = (0..args.instances)
-        .map(|_| Backend::new(APP, RELEASE, args.upstream))
-        .collect();
-    let mut table = RouteTable::default();
-    table.by_host.insert(
-        args.host.to_ascii_lowercase(),
-        Arc::new(AppRoute::new(APP, RELEASE, backends, Vec::new())),
-    );
-    let routes = Arc::new(Routes::default());
-    routes.store(table);
-
-    let access = match args.access_log {
-        AccessMode::Off => AccessLog::disabled(),
-        AccessMode::Null => {
-            let (access, mut records) = AccessLog::new(px_maestro::ACCESS_LOG_QUEUE);
-            tasks.spawn(async move {
-                while let Some(record) = records.recv().await {
-                    std::hint::black_box(record.to_line());
-                }
-            });
-            access
-        }
+    let access_log = match args.access_log {
+        AccessMode::Off => AccessLogMode::Off,
+        AccessMode::Null => AccessLogMode::Discard,
         AccessMode::File => {
             let dir = args.log_dir.clone().context("--log-dir")?;
             tokio::fs::create_dir_all(&dir)
                 .await
                 .with_context(|| format!("creating {}", dir.display()))?;
-            // The same two stages as `px_maestro::run`: records → lines → rotating file.
-            let (access, records) = AccessLog::new(px_maestro::ACCESS_LOG_QUEUE);
-            let (lines_tx, lines_rx) = tokio::sync::mpsc::channel(px_maestro::ACCESS_LOG_QUEUE);
-            tasks.spawn(px_maestro::logs::write_access_log(
-                dir,
-                px_maestro::logs::Rotation::default(),
-                lines_rx,
-            ));
-            tasks.spawn(px_maestro::logs::format_access_records(records, lines_tx));
-            access
+            AccessLogMode::File(dir)
         }
     };
 
@@ -139,17 +100,8 @@ async fn serve(args: Args, threads: usize) -> Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr()?;
-    let proxy = Proxy::new(
-        routes,
-        ProxySettings {
-            workers: threads,
-            ..ProxySettings::default()
-        },
-        Arc::new(ProxyMetrics::default()),
-        access.clone(),
-    );
     println!(
-        "proxy-only: Maestro's data path minus the supervisor (px_maestro::proxy::Proxy::serve_http, \
+        "proxy-only: Maestro's data path minus the supervisor (px_maestro::bench::serve_fixed_route, \
          default ProxySettings) on {local}: host {} -> {} backend(s) at {}; {threads} proxy worker \
          thread(s); access log {}",
         args.host,
@@ -157,16 +109,21 @@ async fn serve(args: Args, threads: usize) -> Result<()> {
         args.upstream,
         args.access_log.describe(),
     );
-    proxy.clone().serve_http(listener, shutdown).await;
-
-    // The proxy has drained: dropping the last senders lets the log tasks finish.
-    let dropped = access.dropped();
-    drop(proxy);
-    drop(access);
-    tasks.close();
-    tasks.wait().await;
-    if dropped > 0 {
-        println!("proxy-only: {dropped} access records dropped (queue full)");
+    let route = FixedRoute {
+        host: args.host,
+        upstream: args.upstream,
+        instances: args.instances,
+        workers: threads,
+        access_log,
+    };
+    let served = serve_fixed_route(listener, route, shutdown)
+        .await
+        .context("serving")?;
+    if served.dropped_access_records > 0 {
+        println!(
+            "proxy-only: {} access records dropped (queue full)",
+            served.dropped_access_records
+        );
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The access log: the proxy's records formatted into lines by one task and written to
 //! `log_dir/access.log` by another, each stage gathering a batch before it works.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -11,6 +12,7 @@ use tokio::sync::mpsc;
 use super::lines::cut_line;
 use super::rotation::Rotation;
 use super::sink::{FileSink, WRITE_BATCH_LINES, next_batch};
+use crate::proxy::AccessLog;
 
 /// How long each of the access log's two stages (formatting, writing) lets records gather
 /// after the first one before it handles them: under load one wake-up and one write per batch
@@ -19,6 +21,32 @@ use super::sink::{FileSink, WRITE_BATCH_LINES, next_batch};
 pub const ACCESS_LOG_GATHER: Duration = Duration::from_millis(20);
 /// Name of the access log inside `log_dir`.
 pub const ACCESS_LOG_FILE: &str = "access.log";
+
+/// Access records waiting to be formatted, and lines waiting for the writer; a disk slower
+/// than the traffic drops records (counted) rather than slowing requests.
+pub const ACCESS_LOG_QUEUE: usize = 8192;
+
+/// The access log as `run` and the benchmark facade (`crate::bench`) start it: the proxy's
+/// handle, then the two stages for the caller to spawn, records → lines
+/// ([`format_access_records`]) and lines → `log_dir/access.log` rotated by `rotation`
+/// ([`write_access_log`]). Both end once every handle is dropped and what was queued is
+/// written.
+pub fn access_log(
+    log_dir: PathBuf,
+    rotation: Rotation,
+) -> (
+    AccessLog,
+    impl Future<Output = ()> + Send + 'static,
+    impl Future<Output = ()> + Send + 'static,
+) {
+    let (access, records) = AccessLog::new(ACCESS_LOG_QUEUE);
+    let (lines_tx, lines_rx) = mpsc::channel(ACCESS_LOG_QUEUE);
+    (
+        access,
+        format_access_records(records, lines_tx),
+        write_access_log(log_dir, rotation, lines_rx),
+    )
+}
 
 /// The access log writer: writes each line received on `rx` to `log_dir/access.log`, rotated
 /// like the app logs. Lines are cut at `MAX_LINE_BYTES`. Disk errors are logged and counted in
@@ -75,9 +103,9 @@ pub async fn format_access_records(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logs::lines::{CUT_MARKER, MAX_LINE_BYTES};
     use crate::logs::rotation::rotated_path;
     use crate::logs::testing::{DEADLINE, lines_of};
-    use crate::logs::{CUT_MARKER, MAX_LINE_BYTES};
 
     #[tokio::test]
     async fn the_access_log_writes_and_rotates() {

@@ -158,7 +158,7 @@ impl AppLogs {
     /// Logs one event an instance posted: to `events.log`, the tail and followers, like a line
     /// of output. Never waits: when the file's queue is full the line is counted as dropped
     /// (it still reached the tail and followers). Must be called inside a Tokio runtime.
-    pub fn record_event(&self, app: &str, release: u64, instance: u32, text: String) {
+    pub(crate) fn record_event(&self, app: &str, release: u64, instance: u32, text: String) {
         let state = self.app_state(app);
         let at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         let mut text = text;
@@ -185,8 +185,10 @@ impl AppLogs {
     }
 
     /// The last `n` lines (at most `TAIL_LINES`) of an app, oldest first, both streams
-    /// interleaved in arrival order; only those of `release` when given.
-    pub fn tail(&self, app: &str, n: usize, release: Option<u64>) -> Vec<LogLine> {
+    /// interleaved in arrival order; only those of `release` when given. Only the tests read
+    /// the whole tail; Maestro quotes stderr (`stderr_tail`) and streams lines to Beacon.
+    #[cfg(test)]
+    pub(crate) fn tail(&self, app: &str, n: usize, release: Option<u64>) -> Vec<LogLine> {
         let Some(state) = self.existing(app) else {
             return Vec::new();
         };
@@ -237,14 +239,16 @@ impl AppLogs {
 
     /// Forgets an app removed from this node: its tail goes, and its log files close once the
     /// pipes still attached are drained. Call it after its instances have stopped; the files on
-    /// disk stay.
-    pub fn remove(&self, app: &str) {
+    /// disk stay. Only the tests call it so far: the supervisor keeps a removed app's tail.
+    #[cfg(test)]
+    pub(crate) fn remove(&self, app: &str) {
         self.lock_apps().remove(app);
     }
 
-    /// Lines that could not be written to their file because of disk errors, since start (for
-    /// metrics). They still reached the tail and followers.
-    pub fn dropped_lines(&self) -> u64 {
+    /// Lines that could not be written to their file because of disk errors, since start,
+    /// which the tests read (no metric shows it yet). They still reached the tail and followers.
+    #[cfg(test)]
+    pub(crate) fn dropped_lines(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
 
@@ -413,8 +417,8 @@ mod tests {
     use std::process::Stdio;
     use tokio::io::AsyncWriteExt;
 
+    use crate::logs::lines::{CUT_MARKER, MAX_LINE_BYTES};
     use crate::logs::testing::{DEADLINE, lines_of};
-    use crate::logs::{CUT_MARKER, MAX_LINE_BYTES};
 
     /// Checks the `<time> v<release> #<instance> ` prefix and returns the rest.
     fn strip_prefix(file_line: &str, release: u64, instance: u32) -> String {

@@ -51,16 +51,9 @@ mod sink;
 #[cfg(test)]
 mod testing;
 
-pub use access::{ACCESS_LOG_FILE, ACCESS_LOG_GATHER, format_access_records, write_access_log};
-pub use app::{
-    AppLogs, EVENTS_FILE, FOLLOW_BUFFER, LogTasks, STDERR_FILE, STDOUT_FILE, TAIL_LINES,
-    WRITE_QUEUE_LINES,
-};
-pub use lines::{CUT_MARKER, MAX_LINE_BYTES, READ_BUFFER_BYTES};
-pub use rotation::{
-    DEFAULT_KEEP_FILES, DEFAULT_MAX_FILE_BYTES, MAX_KEEP_FILES, RotatingFile, Rotation,
-};
-pub use sink::{IDLE_CLOSE, WRITE_BATCH_LINES};
+pub(crate) use access::{ACCESS_LOG_QUEUE, access_log};
+pub use app::{AppLogs, LogTasks};
+pub use rotation::Rotation;
 
 // The line types are wire types: Maestro forwards lines to Beacon, which streams them to `em logs`.
 pub use px_proto::link::{LogLine, LogStream as Stream};

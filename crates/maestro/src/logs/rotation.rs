@@ -78,14 +78,11 @@ impl RotatingFile {
         })
     }
 
-    /// The live file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Appends `line` and a newline, rotating first when needed. A `\n` inside `line` is
     /// written as the two characters `\n`, so one call is always one line in the file (and an
-    /// access-log field cannot forge a record).
+    /// access-log field cannot forge a record). The writers use [`write_lines`](Self::write_lines);
+    /// the tests write line by line to compare.
+    #[cfg(test)]
     pub fn write_line(&mut self, line: &str) -> io::Result<()> {
         match self.write_lines(&[line]) {
             (_, Some(e)) => Err(e),
@@ -93,7 +90,7 @@ impl RotatingFile {
         }
     }
 
-    /// Appends each of `lines` as [`write_line`](Self::write_line) would, with one `write` per
+    /// Appends each of `lines` as `write_line` would, with one `write` per
     /// run of lines that fits before the next rotation rather than one per line: a busy access
     /// log or app writes thousands of lines a second. Returns how many lines were not written
     /// and the first error; after an error the rest of the batch still gets a chance (the file
@@ -171,6 +168,7 @@ impl RotatingFile {
     }
 
     /// Closes the file; the next write reopens it.
+    #[cfg(test)]
     pub fn close(&mut self) {
         self.file = None;
     }
@@ -304,8 +302,9 @@ fn annotate(e: io::Error, what: &str, path: &Path) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logs::access::ACCESS_LOG_FILE;
+    use crate::logs::app::STDOUT_FILE;
     use crate::logs::testing::{lines_of, read};
-    use crate::logs::{ACCESS_LOG_FILE, STDOUT_FILE};
 
     #[test]
     fn rotation_happens_at_the_size_bound_and_keeps_only_keep_files() {

@@ -8,14 +8,14 @@
 
 mod access;
 mod body;
-pub mod drain;
+pub(crate) mod drain;
 mod handle;
 mod headers;
 mod metrics;
 mod pages;
-mod server;
+pub(crate) mod server;
 mod static_files;
-mod tls;
+pub(crate) mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,50 +26,48 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use access::{AccessLog, AccessRecord};
-pub use body::STATIC_CHUNK_BYTES;
-pub use headers::MAX_REQUEST_ID_BYTES;
-pub use metrics::{LATENCY_BUCKETS, ProxyMetrics};
-pub use server::{ACCEPT_BALANCE_SLACK, HANDOFF_QUEUE};
-pub use tls::CertStore;
+pub use access::AccessLog;
+pub(crate) use access::AccessRecord;
+pub use metrics::ProxyMetrics;
+pub(crate) use tls::CertStore;
 
 use crate::routes::Routes;
 use body::UpstreamBody;
 
 /// Default for [`ProxySettings::request_timeout`]: as nginx's `proxy_read_timeout`, long enough
 /// for a slow report page, short enough that a hung instance shows up as 504s quickly.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default for [`ProxySettings::idle_timeout`]: nginx's `keepalive_timeout`.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// Default for [`ProxySettings::header_read_timeout`]: a real client sends its headers in one
 /// round trip; ten seconds allow for a bad mobile link while a slow-loris client holding many
 /// connections open is cut off quickly.
-pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default for [`ProxySettings::max_header_bytes`]: above the 8–16 KiB most servers allow, so
 /// large cookies pass, and small enough that a connection's buffer stays small.
-pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+pub(crate) const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Default for [`ProxySettings::body_read_timeout`].
-pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default for [`ProxySettings::drain`]: requests still running this long after shutdown
 /// was asked are cut; matches the supervisor's drain of an old instance.
-pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 /// Smallest header limit hyper accepts for its read buffer.
 const MIN_HEADER_BYTES: usize = 8 * 1024;
 
 /// Open client connections per listener; beyond it, new connections wait in the kernel's
 /// accept backlog. Each proxied connection holds two file descriptors, so Maestro's unit needs a
 /// `LimitNOFILE` of at least twice this (the default soft limit of 1024 would fail first).
-pub const MAX_CONNECTIONS: usize = 16 * 1024;
+pub(crate) const MAX_CONNECTIONS: usize = 16 * 1024;
 /// Connecting to an instance on loopback is immediate unless its accept queue is full; after
 /// this long the instance counts as unreachable (504).
-pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// An idle pooled connection to an instance is closed after this long: below the keep-alive
 /// timeouts of common app servers (Node.js and uvicorn use 5 s), so the proxy never sends a
 /// request on a connection the app is closing at the same moment.
-pub const UPSTREAM_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+pub(crate) const UPSTREAM_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Idle pooled connections kept per instance: enough for the concurrency of a busy app
 /// between bursts, bounded so a spike does not leave thousands of sockets open.
-pub const UPSTREAM_MAX_IDLE_PER_INSTANCE: usize = 1024;
+pub(crate) const UPSTREAM_MAX_IDLE_PER_INSTANCE: usize = 1024;
 
 /// The client for instances: one per worker thread, with its pool of keep-alive connections.
 pub(crate) type UpstreamClient = Client<HttpConnector, UpstreamBody>;
@@ -90,7 +88,7 @@ pub(crate) fn upstream_client() -> UpstreamClient {
 
 /// Default for [`ProxySettings::workers`]: one per core the process may run on, as nginx's
 /// `worker_processes auto`.
-pub fn default_workers() -> usize {
+pub(crate) fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
@@ -147,7 +145,7 @@ impl Default for ProxySettings {
     }
 }
 
-/// What can go wrong setting the proxy up.
+/// What can go wrong setting the proxy up, or serving a listener.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("cannot read the certificate directory {path}: {source}")]
@@ -159,6 +157,10 @@ pub enum ProxyError {
     Cert { path: String, detail: String },
     #[error("tls set-up: {0}")]
     Tls(#[from] rustls::Error),
+    /// An `accept` on the listener failed in a way that means it will never accept again
+    /// (the socket was shut down or closed under the proxy).
+    #[error("the listener no longer accepts connections: {0}")]
+    ListenerBroken(std::io::Error),
 }
 
 /// The reverse proxy. One per Maestro, shared by its plain and TLS listeners.
@@ -192,18 +194,18 @@ impl Proxy {
         })
     }
 
-    pub fn settings(&self) -> &ProxySettings {
-        &self.settings
-    }
-
-    pub fn metrics(&self) -> &Arc<ProxyMetrics> {
-        &self.metrics
-    }
-
     /// Serves plain HTTP on `listener` until `shutdown`; then stops accepting and lets open
-    /// requests finish, giving up after [`ProxySettings::drain`].
-    pub async fn serve_http(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        server::serve(self, listener, None, shutdown).await;
+    /// requests finish, giving up after [`ProxySettings::drain`]. Fails, after the same drain,
+    /// when the listener breaks ([`ProxyError::ListenerBroken`]): the proxy would never accept
+    /// again, so its service must not go on as if it served.
+    pub async fn serve_http(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ProxyError> {
+        server::serve(self, listener, None, shutdown)
+            .await
+            .map_err(ProxyError::ListenerBroken)
     }
 
     /// Same over TLS, with certificates chosen by SNI from `certs`.
@@ -212,8 +214,10 @@ impl Proxy {
         listener: TcpListener,
         certs: Arc<CertStore>,
         shutdown: CancellationToken,
-    ) {
+    ) -> Result<(), ProxyError> {
         let acceptor = tokio_rustls::TlsAcceptor::from(certs.server_config());
-        server::serve(self, listener, Some(acceptor), shutdown).await;
+        server::serve(self, listener, Some(acceptor), shutdown)
+            .await
+            .map_err(ProxyError::ListenerBroken)
     }
 }

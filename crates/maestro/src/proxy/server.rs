@@ -22,6 +22,7 @@ use hyper::header::HeaderValue;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use px_runtime::shutdown::accept_error_is_fatal;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -100,12 +101,16 @@ struct Handoff {
     slot: Slot,
 }
 
+/// Serves `listener` until `shutdown`, then drains. Returns the error of an `accept` that
+/// showed the listener will never accept again (see `accept_error_is_fatal`): the first worker
+/// to meet one stops every worker of the listener, so the listener's service ends as a whole,
+/// is drained like at shutdown, and its caller learns why.
 pub(crate) async fn serve(
     proxy: Arc<Proxy>,
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
-) {
+) -> Result<(), io::Error> {
     let settings = &proxy.settings;
     let mut http1 = http1::Builder::new();
     http1
@@ -145,25 +150,29 @@ pub(crate) async fn serve(
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, tls = https, workers, "proxy listening");
     }
-    if workers == 1 {
-        accept_loop(new_worker(0), listener, tls, slots, receivers.remove(0)).await;
+    let accepted = if workers == 1 {
+        accept_loop(new_worker(0), listener, tls, slots, receivers.remove(0)).await
     } else {
         match spawn_workers(&listener, &tls, &slots, &connections, receivers, new_worker) {
             Ok(finished) => {
                 drop(listener);
+                let mut broken = None;
                 for done in finished {
-                    let _ = done.await;
+                    if let Ok(Err(e)) = done.await {
+                        broken.get_or_insert(e);
+                    }
                 }
+                broken.map_or(Ok(()), Err)
             }
             Err(e) => {
                 warn!(error = %e, "cannot start the proxy's worker threads; serving from one task");
                 connections.set_running(1);
                 // The first worker's queue was dropped with the threads; nothing was handed off.
                 let (_, handoffs) = mpsc::channel(1);
-                accept_loop(new_worker(0), listener, tls, slots, handoffs).await;
+                accept_loop(new_worker(0), listener, tls, slots, handoffs).await
             }
         }
-    }
+    };
     // Long-lived connections close one by one across the drain, each with its reconnect hint
     // (see `drain.rs`), rather than all at once when it ends.
     for route in proxy.routes.load().by_host.values() {
@@ -181,12 +190,13 @@ pub(crate) async fn serve(
         tasks.wait().await;
     }
     info!(tls = https, "proxy stopped");
+    accepted
 }
 
 /// Starts a worker thread per queue of `handoffs`, each with a single-threaded runtime
 /// accepting on its own handle of `listener`; each receiver completes when that worker has
-/// stopped accepting. A worker thread ends once every connection of the listener has (its
-/// runtime drives its own).
+/// stopped accepting, with what its accept loop returned. A worker thread ends once every
+/// connection of the listener has (its runtime drives its own).
 fn spawn_workers(
     listener: &TcpListener,
     tls: &Option<tokio_rustls::TlsAcceptor>,
@@ -194,7 +204,7 @@ fn spawn_workers(
     connections: &WorkerConnections,
     handoffs: Vec<mpsc::Receiver<Handoff>>,
     new_worker: impl Fn(usize) -> Arc<Worker>,
-) -> io::Result<Vec<oneshot::Receiver<()>>> {
+) -> io::Result<Vec<oneshot::Receiver<io::Result<()>>>> {
     let count = handoffs.len();
     // A duplicate of the descriptor per worker: the kernel hands each connection to one of
     // the threads waiting in accept.
@@ -225,13 +235,17 @@ fn spawn_workers(
             .name(format!("proxy-{port}-{index}"))
             .spawn(move || {
                 runtime.block_on(async move {
-                    match TcpListener::from_std(handle) {
+                    let accepted = match TcpListener::from_std(handle) {
                         Ok(listener) => {
-                            accept_loop(worker.clone(), listener, tls, slots, handoffs).await;
+                            accept_loop(worker.clone(), listener, tls, slots, handoffs).await
                         }
-                        Err(e) => warn!(error = %e, "a proxy worker cannot listen"),
-                    }
-                    let _ = done.send(());
+                        // This worker's event loop refused the socket; the others serve it.
+                        Err(e) => {
+                            warn!(error = %e, "a proxy worker cannot listen");
+                            Ok(())
+                        }
+                    };
+                    let _ = done.send(accepted);
                     worker.tasks.wait().await;
                 });
             });
@@ -252,15 +266,17 @@ fn spawn_workers(
 /// Accepts connections on `listener` until shutdown, and takes those other workers hand over
 /// on `handoffs`; one task each on the current runtime. A connection accepted while this
 /// worker holds more than [`ACCEPT_BALANCE_SLACK`] connections over the least busy one goes to
-/// that one instead.
+/// that one instead. An `accept` error that means the listener is broken stops every worker of
+/// the listener (their shared stop token) and is returned; any other is retried.
 async fn accept_loop(
     worker: Arc<Worker>,
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     slots: Arc<Semaphore>,
     mut handoffs: mpsc::Receiver<Handoff>,
-) {
+) -> io::Result<()> {
     let shutdown = worker.shutdown.clone();
+    let mut broken = None;
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -273,6 +289,12 @@ async fn accept_loop(
         let (tcp, peer, permit) = match accepted {
             Ok(accepted) => accepted,
             Err(None) => break,
+            Err(Some(e)) if accept_error_is_fatal(&e) => {
+                warn!(error = %e, "the proxy's listener no longer accepts connections; stopping it");
+                shutdown.cancel();
+                broken = Some(e);
+                break;
+            }
             Err(Some(e)) => {
                 warn!(error = %e, "accepting a connection failed");
                 tokio::select! {
@@ -304,6 +326,7 @@ async fn accept_loop(
     while let Ok(handoff) = handoffs.try_recv() {
         take_over(&worker, &tls, handoff);
     }
+    broken.map_or(Ok(()), Err)
 }
 
 /// The next connection with its slot under [`MAX_CONNECTIONS`]; `Err(None)` once the slots

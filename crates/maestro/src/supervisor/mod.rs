@@ -28,18 +28,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use app_task::FAILED_STDERR_LINES;
-pub use instance::{
-    CRASH_LOOP_RESTARTS, OUTPUT_DRAIN, RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN, STABLE_AFTER,
-    format_seconds,
-};
+pub use instance::format_seconds;
 // The pieces of an instance's life that running an app locally (`crate::local`) shares with
 // the supervisor, so the two cannot drift apart.
 pub(crate) use instance::{
     Exit, Waiter, Watch, drain, instance_env, spawn_waiter, wait_healthy_or_stop,
 };
-pub use rollout_watch::WATCH_TICK;
-pub use store::MAX_BUNDLE_BYTES;
 
 use self::app_task::AppTask;
 use self::shared::Shared;
@@ -52,7 +46,7 @@ use crate::routes::Routes;
 pub const EVENT_QUEUE: usize = 256;
 
 /// What the supervisor takes from Maestro's configuration.
-pub struct Settings {
+pub(crate) struct Settings {
     /// This node's name, for events a person reads.
     pub node_name: String,
     pub state_dir: PathBuf,
@@ -68,7 +62,7 @@ pub struct Settings {
 }
 
 /// Handle to the supervisor.
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     shared: Arc<Shared>,
     apps: Mutex<HashMap<String, AppHandle>>,
     tracker: TaskTracker,

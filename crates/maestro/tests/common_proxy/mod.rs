@@ -14,8 +14,10 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use px_maestro::proxy::{AccessLog, Proxy, ProxyMetrics, ProxySettings};
-use px_maestro::routes::{AppRoute, Backend, RouteTable, Routes};
+use px_maestro::internals::{
+    AccessLog, AppRoute, Backend, Proxy, ProxyError, ProxyMetrics, ProxySettings, RouteTable,
+    Routes,
+};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -178,7 +180,7 @@ pub struct Harness {
     pub routes: Arc<Routes>,
     pub metrics: Arc<ProxyMetrics>,
     pub shutdown: CancellationToken,
-    pub task: Option<JoinHandle<()>>,
+    pub task: Option<JoinHandle<Result<(), ProxyError>>>,
 }
 
 impl Drop for Harness {
