@@ -56,6 +56,7 @@ use axum::response::IntoResponse;
 use futures_util::future::BoxFuture;
 use px_proto::link::{InstanceState, PeerRole};
 use px_runtime::config::ConfigError;
+use px_runtime::shutdown::CriticalTasks;
 use px_runtime::systemd::{Reloaded, Systemd};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -146,7 +147,10 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
 const RELOADABLE: &[&str] = &[];
 
 /// Runs Maestro on already-bound listeners until `shutdown`, then drains and stops its apps;
-/// without a service manager (`em up`, tests).
+/// without a service manager (`em up`, tests). If one of its critical tasks (a proxy listener,
+/// the app events endpoint, the status server, the Beacon link, the access log's two stages)
+/// ends on its own, Maestro cancels `shutdown`, drains and stops its apps as at any shutdown,
+/// and returns [`Error::TaskEnded`] naming it.
 pub async fn run(
     config: Config,
     listeners: Listeners,
@@ -176,14 +180,15 @@ pub async fn run_with(
     tokio::fs::create_dir_all(&config.state_dir).await?;
     tokio::fs::create_dir_all(&config.log_dir).await?;
     let tracker = TaskTracker::new();
+    let critical = CriticalTasks::new(&tracker, &shutdown);
     let routes = Arc::new(routes::Routes::default());
     let rotation = logs::Rotation::default();
     let app_logs = Arc::new(logs::AppLogs::new(&config.log_dir, rotation));
 
     // Access log: records → lines → rotating file.
     let (access, format_access, write_access) = logs::access_log(config.log_dir.clone(), rotation);
-    tracker.spawn(write_access);
-    tracker.spawn(format_access);
+    critical.spawn("the access log writer", write_access);
+    critical.spawn("the access log formatter", format_access);
 
     // Events for Beacon, from the supervisor and from the apps themselves.
     let (events_tx, events) = tokio::sync::mpsc::channel(supervisor::EVENT_QUEUE);
@@ -195,7 +200,10 @@ pub async fn run_with(
     ));
     // Apps stop when the service does, after the proxy stopped accepting.
     let apps_stop = CancellationToken::new();
-    tracker.spawn(app_events.clone().serve(events_listener, apps_stop.clone()));
+    critical.spawn(
+        "the app events endpoint",
+        app_events.clone().serve(events_listener, apps_stop.clone()),
+    );
     let supervisor = supervisor::Supervisor::new(
         supervisor::Settings {
             node_name: config.node_name.clone(),
@@ -243,14 +251,22 @@ pub async fn run_with(
     let proxy = proxy::Proxy::new(routes, settings, metrics.clone(), access);
     let proxy_stop = CancellationToken::new();
     let http_addr = listeners.http.local_addr()?;
+    // The proxy's listeners, waited for apart from the other tasks: the apps stop only once
+    // they have drained.
     let serving = TaskTracker::new();
-    serving.spawn(proxy.clone().serve_http(listeners.http, proxy_stop.clone()));
+    critical.spawn(
+        "the http proxy",
+        serving.track_future(proxy.clone().serve_http(listeners.http, proxy_stop.clone())),
+    );
     let certs = listeners.https.as_ref().and(checked.certs.clone());
     if let (Some(listener), Some(certs)) = (listeners.https, checked.certs) {
-        serving.spawn(
-            proxy
-                .clone()
-                .serve_https(listener, certs, proxy_stop.clone()),
+        critical.spawn(
+            "the https proxy",
+            serving.track_future(
+                proxy
+                    .clone()
+                    .serve_https(listener, certs, proxy_stop.clone()),
+            ),
         );
     }
     serving.close();
@@ -288,11 +304,12 @@ pub async fn run_with(
                 async move { axum::Json(supervisor.report()) }
             }),
         );
-    tracker.spawn(async move {
-        let _ = axum::serve(listeners.status, status)
+    critical.spawn(
+        "the status server",
+        axum::serve(listeners.status, status)
             .with_graceful_shutdown(status_stop.cancelled_owned())
-            .await;
-    });
+            .into_future(),
+    );
 
     let linked = checked.link.as_ref().map(|l| l.linked.clone());
     if let Some(settings) = checked.link {
@@ -307,7 +324,10 @@ pub async fn run_with(
             labels: config.labels.clone(),
             runtimes,
         };
-        tracker.spawn(px_link::run(settings, client, shutdown.clone()));
+        critical.spawn(
+            "the beacon link",
+            px_link::run(settings, client, shutdown.clone()),
+        );
     } else {
         tracing::info!("no beacon configured; serving the persisted assignment only");
         drop(events);
@@ -335,8 +355,16 @@ pub async fn run_with(
     {
         tracing::warn!("some tasks did not stop in time");
     }
-    tracing::info!("maestro stopped");
-    Ok(())
+    match critical.ended() {
+        Some(ended) => {
+            tracing::error!(error = %ended, "maestro stopped");
+            Err(ended.into())
+        }
+        None => {
+            tracing::info!("maestro stopped");
+            Ok(())
+        }
+    }
 }
 
 /// Maestro's STATUS= line: what it serves and whether Beacon is linked, e.g. `serving 3 apps

@@ -1413,3 +1413,69 @@ async fn worker_threads_serve_the_listener_and_end_after_the_drain() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_broken_listener_stops_every_worker_and_the_proxy_says_why() {
+    let app = Upstream::start("app").await;
+    let routes = Arc::new(px_maestro::internals::Routes::default());
+    routes.store(one_app(&app));
+    let proxy = px_maestro::internals::Proxy::new(
+        routes,
+        ProxySettings {
+            workers: 3,
+            ..settings()
+        },
+        Arc::new(px_maestro::internals::ProxyMetrics::default()),
+        AccessLog::disabled(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    // Another descriptor of the same socket, to break it under the proxy.
+    let same_socket = listener.try_clone().unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(proxy.serve_http(listener, shutdown.clone()));
+    eventually("three proxy worker threads", || {
+        proxy_worker_threads(addr.port()) == 3
+    })
+    .await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .resolve("app.localhost", addr)
+        .build()
+        .unwrap();
+    let url = format!("http://app.localhost:{}/", addr.port());
+    assert_eq!(
+        text(client.get(&url).send().await.unwrap()).await,
+        "hello from app"
+    );
+
+    // The socket stops listening: every accept on it, in every worker, now fails with EINVAL.
+    rustix::net::shutdown(&same_socket, rustix::net::Shutdown::Read).unwrap();
+
+    let error = tokio::time::timeout(PATIENCE, task)
+        .await
+        .expect("the proxy kept running on a broken listener")
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(error, px_maestro::internals::ProxyError::ListenerBroken(_)),
+        "{error:?}"
+    );
+    assert!(
+        error
+            .to_string()
+            .starts_with("the listener no longer accepts connections"),
+        "{error}"
+    );
+    assert!(
+        !shutdown.is_cancelled(),
+        "the proxy reports it; stopping the service is its caller's decision"
+    );
+    eventually("every worker thread of the listener ended", || {
+        proxy_worker_threads(addr.port()) == 0
+    })
+    .await;
+    assert!(client.get(&url).send().await.is_err(), "nothing answers");
+}
