@@ -37,6 +37,7 @@ use futures_util::future::BoxFuture;
 use px_link::LinkSettings;
 use px_proto::link::PeerRole;
 use px_runtime::config::ConfigError;
+use px_runtime::shutdown::{CriticalTasks, TaskEnded};
 use px_runtime::systemd::{Reloaded, Systemd};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -127,6 +128,9 @@ pub enum StartError {
     Storage(#[from] storage::StorageError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// A task apprepo cannot serve without ended (see [`CriticalTasks`]).
+    #[error("{0}")]
+    TaskEnded(#[from] TaskEnded),
 }
 
 impl px_runtime::service::StartFailure for StartError {
@@ -143,7 +147,9 @@ const RELOADABLE: &[&str] = &["tokens", "tokens_file"];
 const STORAGE_RECHECK: Duration = Duration::from_secs(60);
 
 /// Runs apprepo on an already-bound listener until `shutdown` is cancelled, then drains;
-/// without a service manager (`em up`, tests).
+/// without a service manager (`em up`, tests). If one of its critical tasks (the HTTP server,
+/// the Beacon link, retention) ends on its own, apprepo cancels `shutdown`, drains, and returns
+/// [`StartError::TaskEnded`] naming it.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -183,6 +189,7 @@ pub async fn run_with(
     let storage_state = Arc::new(Mutex::new(storage_state));
     let metrics = Arc::new(Metrics::default());
     let tracker = TaskTracker::new();
+    let critical = CriticalTasks::new(&tracker, &shutdown);
     if systemd.notifier.is_enabled() {
         tracker.spawn(recheck_storage(
             storage.clone(),
@@ -197,6 +204,7 @@ pub async fn run_with(
             settings,
             releases.clone(),
             metrics.clone(),
+            &critical,
             &tracker,
             shutdown.clone(),
         ),
@@ -209,7 +217,7 @@ pub async fn run_with(
     retention::start(
         releases.clone(),
         &config.retention,
-        &tracker,
+        &critical,
         shutdown.clone(),
     );
     let state = http::AppState {
@@ -253,20 +261,29 @@ pub async fn run_with(
         },
         move |new: Config| std::future::ready(reload(&config, &new, &checked.tokens)),
     );
-    let server = axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let served = server.into_future();
-    tokio::pin!(served);
-    tokio::select! {
-        r = &mut served => r?,
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(DRAIN_DEADLINE).await } => {
-            tracing::warn!("drain deadline passed; closing remaining connections");
+    critical.spawn(
+        "the http server",
+        http::serve(listener, state, shutdown.clone()),
+    );
+    shutdown.cancelled().await;
+    // Open requests (uploads included) and the tasks get one deadline to finish together.
+    tracker.close();
+    if tokio::time::timeout(DRAIN_DEADLINE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain deadline passed; closing remaining connections");
+    }
+    match critical.ended() {
+        Some(ended) => {
+            tracing::error!(error = %ended, "apprepo stopped");
+            Err(ended.into())
+        }
+        None => {
+            tracing::info!("apprepo stopped");
+            Ok(())
         }
     }
-    tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
-    tracing::info!("apprepo stopped");
-    Ok(())
 }
 
 /// Checks the storage every [`STORAGE_RECHECK`] for the status line.

@@ -13,6 +13,7 @@ use px_proto::api::Release;
 use px_proto::link::{
     DiskReport, FromBeacon, NodeReport, ReleaseCommitted, RollbackOrder, ToBeacon,
 };
+use px_runtime::shutdown::CriticalTasks;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -43,11 +44,13 @@ impl Notifier {
         Self { tx: None, metrics }
     }
 
-    /// Starts the link task on `tracker`; it stops when `shutdown` is cancelled.
+    /// Starts the link task as the critical task "the beacon link" (it stops when `shutdown`
+    /// is cancelled); the rollback orders it receives are carried out in tasks on `tracker`.
     pub fn start(
         settings: LinkSettings,
         releases: Releases,
         metrics: Arc<Metrics>,
+        critical: &CriticalTasks,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
@@ -68,7 +71,7 @@ impl Notifier {
             rollbacks,
             metrics,
         };
-        tracker.spawn(px_link::run(settings, client, shutdown));
+        critical.spawn("the beacon link", px_link::run(settings, client, shutdown));
         notifier
     }
 

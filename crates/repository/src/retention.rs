@@ -13,8 +13,8 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use px_proto::api::ReleaseCause;
+use px_runtime::shutdown::CriticalTasks;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::RetentionConfig;
 use crate::error::ApiError;
@@ -280,12 +280,12 @@ fn describe(e: &ApiError) -> String {
     }
 }
 
-/// Starts the periodic sweep on `tracker`, stopped by `shutdown` (a sweep in progress is
-/// abandoned: every step of it is safe to stop after).
+/// Starts the periodic sweep as the critical task "retention", stopped by `shutdown` (a sweep
+/// in progress is abandoned: every step of it is safe to stop after).
 pub fn start(
     releases: Releases,
     config: &RetentionConfig,
-    tracker: &TaskTracker,
+    critical: &CriticalTasks,
     shutdown: CancellationToken,
 ) {
     if !config.enabled {
@@ -301,7 +301,7 @@ pub fn start(
         interval = %humantime::format_duration(interval),
         "retention sweeps scheduled"
     );
-    tracker.spawn(async move {
+    critical.spawn("retention", async move {
         let first = tokio::time::Instant::now() + interval.min(FIRST_SWEEP_DELAY);
         let mut ticks = tokio::time::interval_at(first, interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
