@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use px_runtime::tokens::{TokenEntry, generate, hash};
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::failure::{Failure, Result};
 use crate::settings::{self, EmConfig};
@@ -251,27 +253,42 @@ pub async fn up(options: Up) -> Result<()> {
         config_path.display()
     );
 
-    // Any service ending on its own is a failure: stop the others too, and wait for all of
-    // them, so Maestro stops the apps before the process exits.
-    let services: Vec<tokio::task::JoinHandle<std::result::Result<(), String>>> = vec![
-        tokio::spawn(async move {
-            repo.await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("apprepo: {e}"))
-        }),
-        tokio::spawn(async move {
-            beacon
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("beacon: {e}"))
-        }),
-        tokio::spawn(async move {
-            maestro
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("maestro: {e}"))
-        }),
-    ];
+    wait_for_services(
+        &shutdown,
+        vec![
+            service("apprepo", repo),
+            service("beacon", beacon),
+            service("maestro", maestro),
+        ],
+    )
+    .await?;
+    println!("Platform.X stopped; `em up` brings the same apps back.");
+    Ok(())
+}
+
+/// A service's task as [`wait_for_services`] takes it: its error becomes a sentence that
+/// starts with the service's name.
+fn service<E: std::fmt::Display + Send + 'static>(
+    name: &'static str,
+    task: JoinHandle<std::result::Result<(), E>>,
+) -> JoinHandle<std::result::Result<(), String>> {
+    tokio::spawn(async move {
+        task.await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{name}: {e}"))
+    })
+}
+
+/// Waits for the services of `em up`, which share `shutdown`. Any service ending on its own is
+/// a failure, and it ends them all: a service stops by itself only when a task it cannot serve
+/// without ended, and then it cancels `shutdown` on its way out, which stops the other two as
+/// Ctrl-C does. Every service is waited for, so Maestro stops the apps before the process
+/// exits; then `em up` fails (exit 1) naming each service that failed and why (its error names
+/// the task that ended), or succeeds when the user stopped it.
+async fn wait_for_services(
+    shutdown: &CancellationToken,
+    services: Vec<JoinHandle<std::result::Result<(), String>>>,
+) -> Result<()> {
     let (first, _, rest) = futures_util::future::select_all(services).await;
     let stopped_by_user = shutdown.is_cancelled();
     shutdown.cancel();
@@ -294,6 +311,108 @@ pub async fn up(options: Up) -> Result<()> {
             "a service stopped on its own; see the log above",
         ));
     }
-    println!("Platform.X stopped; `em up` brings the same apps back.");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::failure::EXIT_FAILED;
+
+    /// Far longer than stopping takes here; reached only when a service is never stopped.
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// [`wait_for_services`], failing the test if it never returns.
+    async fn wait_within(
+        shutdown: &CancellationToken,
+        services: Vec<JoinHandle<std::result::Result<(), String>>>,
+    ) -> Result<()> {
+        tokio::time::timeout(WAIT, wait_for_services(shutdown, services))
+            .await
+            .unwrap()
+    }
+
+    /// A service that runs until `shutdown`, as the three do.
+    fn until_shutdown(
+        name: &'static str,
+        shutdown: &CancellationToken,
+    ) -> JoinHandle<std::result::Result<(), String>> {
+        let shutdown = shutdown.clone();
+        service(
+            name,
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                Ok::<(), String>(())
+            }),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_critical_task_that_ends_in_one_service_stops_all_three_and_is_named() {
+        let shutdown = CancellationToken::new();
+        // What a service's `run` does when one of its critical tasks ends: it cancels the
+        // shared token, drains, and returns the task's error.
+        let token = shutdown.clone();
+        let maestro = service(
+            "maestro",
+            tokio::spawn(async move {
+                token.cancel();
+                Err::<(), _>(
+                    "the http proxy failed: the listener no longer accepts connections".to_string(),
+                )
+            }),
+        );
+        let failure = wait_within(
+            &shutdown,
+            vec![
+                until_shutdown("apprepo", &shutdown),
+                until_shutdown("beacon", &shutdown),
+                maestro,
+            ],
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(failure.code, EXIT_FAILED);
+        assert_eq!(
+            failure.message,
+            "the platform stopped: maestro: the http proxy failed: the listener no longer accepts connections"
+        );
+        assert!(shutdown.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn ctrl_c_stops_all_three_and_is_no_failure() {
+        let shutdown = CancellationToken::new();
+        let services = vec![
+            until_shutdown("apprepo", &shutdown),
+            until_shutdown("beacon", &shutdown),
+            until_shutdown("maestro", &shutdown),
+        ];
+        shutdown.cancel();
+        assert!(wait_within(&shutdown, services).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_service_that_returns_without_an_error_still_stops_the_others_and_fails() {
+        let shutdown = CancellationToken::new();
+        let quits = service("beacon", tokio::spawn(async { Ok::<(), String>(()) }));
+        let failure = wait_within(
+            &shutdown,
+            vec![
+                until_shutdown("apprepo", &shutdown),
+                quits,
+                until_shutdown("maestro", &shutdown),
+            ],
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(failure.code, EXIT_FAILED);
+        assert_eq!(
+            failure.message,
+            "a service stopped on its own; see the log above"
+        );
+        assert!(shutdown.is_cancelled());
+    }
 }
