@@ -111,7 +111,7 @@ impl AccessLog {
     }
 
     /// Whether records are wanted at all; the proxy skips building them otherwise.
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.tx.is_some()
     }
 
@@ -121,7 +121,7 @@ impl AccessLog {
     }
 
     /// Queues `record` without waiting.
-    pub fn send(&self, record: AccessRecord) {
+    pub(crate) fn send(&self, record: AccessRecord) {
         if let Some(tx) = &self.tx
             && tx.try_send(record).is_err()
         {

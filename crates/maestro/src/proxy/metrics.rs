@@ -76,7 +76,7 @@ impl ProxyMetrics {
     }
 
     /// Counts one response of `app` with `status`, answered after `elapsed`.
-    pub fn record(&self, app: &str, status: u16, elapsed: Duration) {
+    pub(crate) fn record(&self, app: &str, status: u16, elapsed: Duration) {
         let stats = self.stats(app);
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         stats.classes[class].fetch_add(1, Ordering::Relaxed);
@@ -103,9 +103,10 @@ impl ProxyMetrics {
             .clone()
     }
 
-    /// Total responses counted for `app` with a status in `class` (1 to 5); for tests and the
-    /// status page.
-    pub fn count(&self, app: &str, class: u16) -> u64 {
+    /// Total responses counted for `app` with a status in `class` (1 to 5), which the tests
+    /// read (`render` is what `/metrics` shows).
+    #[cfg(test)]
+    pub(crate) fn count(&self, app: &str, class: u16) -> u64 {
         let apps = self.apps.read().unwrap_or_else(|p| p.into_inner());
         match (apps.get(app), usize::from(class).checked_sub(1)) {
             (Some(stats), Some(i)) if i < 5 => stats.classes[i].load(Ordering::Relaxed),
