@@ -30,9 +30,11 @@ pub use error::Error;
 /// the service's interface: the proxy and its route table, tested alone on loopback; the limits
 /// of the app events endpoint, which the tests push against; and the persisted assignment, which
 /// a crash test writes before starting the binary. No other crate may use it; it is public, and
-/// hidden from the docs, only because those tests cannot see `pub(crate)` items. Each service
-/// crate has one such module, so that everything else stays `pub(crate)` and what is public
-/// says what other crates may use.
+/// hidden from the docs, only because those tests cannot see `pub(crate)` items. A service crate
+/// whose tests need such items exposes them here and nowhere else (apprepo has the same module;
+/// Beacon's tests need none), so that everything else stays `pub(crate)` and what is public says
+/// what other crates may use. Some items here are also public where they live, for `em dev`,
+/// until it no longer needs them (see the modules above).
 #[doc(hidden)]
 pub mod internals {
     pub use crate::app_events::{

@@ -18,8 +18,9 @@ pub(crate) mod upload;
 /// What apprepo's own integration tests (`tests/`, another crate to the compiler) reach beyond
 /// the service's interface: the storage backends, tested against a real S3 server on their
 /// own, and retention sweeps run at a chosen `now`. No other crate may use it; it is public,
-/// and hidden from the docs, only because those tests cannot see `pub(crate)` items. Each
-/// service crate has one such module, so that everything else stays `pub(crate)` and what is
+/// and hidden from the docs, only because those tests cannot see `pub(crate)` items. A service
+/// crate whose tests need such items exposes them here and nowhere else (Maestro has the same
+/// module; Beacon's tests need none), so that everything else stays `pub(crate)` and what is
 /// public says what other crates may use.
 #[doc(hidden)]
 pub mod internals {
