@@ -5,24 +5,21 @@
 //! [`run`] is the whole service; `main.rs` only wires it up. [`local`] runs one app from a
 //! local directory the same way, for `em dev`.
 
-// Public for `em dev` (`crates/em/src/dev.rs`), which still composes an app's instance from
-// these pieces; only the items it uses are `pub` in them (and, until then, what the tests reach
-// through `internals`). The rest of each is `pub(crate)`.
-pub mod app_events;
-pub mod limits;
+mod app_events;
+mod limits;
 pub mod local;
-pub mod logs;
-pub mod process;
-pub mod proxy;
-pub mod routes;
-pub mod runtimes;
-pub mod supervisor;
+mod logs;
+mod process;
+mod proxy;
+mod routes;
+mod runtimes;
+mod supervisor;
 
 pub mod bench;
 pub mod cli;
 pub mod config;
 mod error;
-pub(crate) mod link;
+mod link;
 
 pub use error::Error;
 
@@ -33,8 +30,7 @@ pub use error::Error;
 /// hidden from the docs, only because those tests cannot see `pub(crate)` items. A service crate
 /// whose tests need such items exposes them here and nowhere else (apprepo has the same module;
 /// Beacon's tests need none), so that everything else stays `pub(crate)` and what is public says
-/// what other crates may use. Some items here are also public where they live, for `em dev`,
-/// until it no longer needs them (see the modules above).
+/// what other crates may use.
 #[doc(hidden)]
 pub mod internals {
     pub use crate::app_events::{
@@ -42,6 +38,7 @@ pub mod internals {
         MAX_REQUESTS_IN_FLIGHT, MISSED_HEARTBEATS,
     };
     pub use crate::link::save_assignment;
+    pub use crate::process::{Launch, spawn, stop, wait_healthy};
     pub use crate::proxy::drain::SSE_RETRY_MS;
     pub use crate::proxy::server::ACCEPT_BALANCE_SLACK;
     pub use crate::proxy::tls::CertStore;

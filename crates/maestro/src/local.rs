@@ -348,7 +348,14 @@ impl LocalApp {
             AccessLog::disabled(),
         );
         let proxy_stop = CancellationToken::new();
-        let proxy = tokio::spawn(proxy.serve_http(listener, proxy_stop.clone()));
+        let serving = proxy.serve_http(listener, proxy_stop.clone());
+        let proxy = tokio::spawn(async move {
+            // Only a listener that can no longer accept ends the proxy early; say so, since
+            // nothing else will.
+            if let Err(e) = serving.await {
+                tracing::error!(error = %e, "the local proxy stopped");
+            }
+        });
 
         let app = Self {
             dir,

@@ -28,9 +28,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use instance::format_seconds;
 // The pieces of an instance's life that running an app locally (`crate::local`) shares with
 // the supervisor, so the two cannot drift apart.
+pub(crate) use app_task::FAILED_STDERR_LINES;
 pub(crate) use instance::{
     Exit, Waiter, Watch, drain, instance_env, spawn_waiter, wait_healthy_or_stop,
 };
