@@ -22,6 +22,10 @@ use tokio_util::sync::CancellationToken;
 const TOKEN: &str = "pxt_link-token-for-tests";
 /// Bounds how long a failing test hangs.
 const WAIT: Duration = Duration::from_secs(10);
+/// How late a deadline may be met on a paused clock: tokio's timers count whole milliseconds,
+/// and the clock jumps to the millisecond at or after a deadline, so a timer fires a moment
+/// late, never early.
+const TIMER_SLACK: Duration = Duration::from_millis(5);
 
 type BeaconSide = Framed<
     tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
@@ -259,15 +263,27 @@ async fn a_silent_beacon_ends_the_link_at_the_heartbeat_deadline() {
         beacon.welcome()
     );
     let mut link = link.unwrap();
-    // Beacon stays connected and says nothing. (The wait is real: pausing tokio's clock needs
-    // its `test-util` feature, which would make every build of the workspace's tests twice.)
-    let err = link.recv().await.err().unwrap();
+    let linked = tokio::time::Instant::now();
+    // Beacon stays connected and says nothing, so the link waits on nothing but its own silence
+    // deadline, armed at the welcome. With tokio's clock paused, the runtime, idle, moves the
+    // clock straight to that deadline: the test takes no time, and the clock reads exactly when
+    // the link gave up. The handshake above ran on the real clock, as a paused one would also
+    // move to the handshake timeout whenever both ends wait on the socket.
+    tokio::time::pause();
+    let err = tokio::time::timeout(HEARTBEAT_DEADLINE + WAIT, link.recv())
+        .await
+        .expect("the link never noticed the silence")
+        .err()
+        .unwrap();
     assert!(matches!(err, LinkError::Silent), "{err}");
     assert_eq!(err.to_string(), "beacon silent past the heartbeat deadline");
-    let silent = started.elapsed();
+    // Not before the deadline counted from before the connect, nor after it counted from once
+    // the link was up.
+    let (since_connect, since_linked) = (started.elapsed(), linked.elapsed());
+    assert!(since_connect >= HEARTBEAT_DEADLINE, "{since_connect:?}");
     assert!(
-        silent >= HEARTBEAT_DEADLINE && silent < HEARTBEAT_DEADLINE + WAIT,
-        "{silent:?}"
+        since_linked <= HEARTBEAT_DEADLINE + TIMER_SLACK,
+        "{since_linked:?}"
     );
     drop(beacon_side);
 }
@@ -276,20 +292,33 @@ async fn a_silent_beacon_ends_the_link_at_the_heartbeat_deadline() {
 async fn a_beacon_that_never_answers_the_handshake_is_given_up_at_the_timeout() {
     let mut beacon = Beacon::start().await;
     let settings = beacon.settings();
-    // Beacon's listener accepts the connection and never speaks TLS (a real wait, as above).
+    // Beacon's listener accepts the connection and never speaks TLS. Once the connection is
+    // accepted, the client waits on nothing but its handshake timeout, so tokio's clock is
+    // paused there: the runtime, idle, moves it straight to that timeout. (Pausing before the
+    // accept could let the timeout fire before the connection even reached the listener, which
+    // would then wait for it forever.)
     let started = tokio::time::Instant::now();
-    let (timed_out, _held) = tokio::join!(px_link::connect(&settings, settings.hello()), async {
-        beacon.listener.accept().await.unwrap()
-    });
+    let handshake = async {
+        tokio::join!(px_link::connect(&settings, settings.hello()), async {
+            let accepted = beacon.listener.accept().await.unwrap();
+            tokio::time::pause();
+            accepted
+        })
+    };
+    let (timed_out, _held) = tokio::time::timeout(HANDSHAKE_TIMEOUT + WAIT, handshake)
+        .await
+        .expect("the client never gave up the handshake");
     let timed_out = timed_out.err().unwrap();
     assert!(
         matches!(timed_out, LinkError::HandshakeTimeout),
         "{timed_out}"
     );
     assert_eq!(timed_out.to_string(), "handshake timed out");
+    // The timeout is armed as the connect starts, so it is met exactly, however long the
+    // connection took on the real clock.
     let waited = started.elapsed();
     assert!(
-        waited >= HANDSHAKE_TIMEOUT && waited < HANDSHAKE_TIMEOUT + WAIT,
+        waited >= HANDSHAKE_TIMEOUT && waited <= HANDSHAKE_TIMEOUT + TIMER_SLACK,
         "{waited:?}"
     );
 }
