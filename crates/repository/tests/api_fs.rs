@@ -67,7 +67,13 @@ async fn commits_refuse_a_bundle_that_is_gone() {
     repo.stop().await;
 }
 
-#[tokio::test]
+// The sweeps come from apprepo's own retention interval (a second here); every other wait is
+// on apprepo itself, in this runtime, over loopback and its blocking pool, with no timeout on
+// the way. So the test runs on a paused clock: whenever every task waits, the runtime moves the
+// clock to the next timer instead of sleeping until it, and the sweeps come at once. (On S3
+// the same test stays on the real clock: the S3 server is another process, and the SDK's
+// timeouts would fire while it answers.)
+#[tokio::test(start_paused = true)]
 async fn periodic_sweeps_report_in_metrics() {
     let repo = Repo::start_with(suite::frequent_retention).await;
     suite::periodic_sweeps_report_in_metrics(&repo).await;

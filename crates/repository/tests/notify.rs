@@ -11,13 +11,18 @@ use futures_util::{SinkExt, StreamExt};
 use px_proto::api::ReleaseCause;
 use px_proto::codec::FrameCodec;
 use px_proto::link::{
-    FromBeacon, PROTOCOL_VERSION, PeerRole, ReleaseCommitted, RollbackOrder, ToBeacon,
+    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, PROTOCOL_VERSION, PeerRole,
+    ReleaseCommitted, RollbackOrder, ToBeacon,
 };
 use px_repository::config::BeaconConfig;
 use px_test_support::Pki;
 use tokio_util::codec::Framed;
 
 const LINK_TOKEN: &str = "pxt_link-token-for-tests";
+/// How late deadlines may be met on a paused clock: tokio's timers count whole milliseconds,
+/// and the clock jumps to the millisecond at or after a deadline, so each timer fires a moment
+/// late (never early), and this test waits on two in a row.
+const TIMER_SLACK: Duration = Duration::from_millis(10);
 
 fn beacon_config(dir: &std::path::Path, pki: &Pki, port: u16) -> BeaconConfig {
     let token_file = dir.join("beacon-token");
@@ -195,6 +200,7 @@ async fn a_silent_beacon_is_left_and_linked_again() {
         FrameCodec::<ToBeacon, FromBeacon>::new(),
     );
     assert!(matches!(silent.next().await, Some(Ok(ToBeacon::Hello(_)))));
+    let welcomed = tokio::time::Instant::now();
     silent
         .send(FromBeacon::Welcome {
             protocol: PROTOCOL_VERSION,
@@ -202,11 +208,31 @@ async fn a_silent_beacon_is_left_and_linked_again() {
         })
         .await
         .unwrap();
-    let deadline = px_proto::link::HEARTBEAT_DEADLINE + Duration::from_secs(15);
-    let second = tokio::time::timeout(deadline, listener.accept()).await;
+    // The notifier's first heartbeat says it took the welcome, so its silence deadline is armed.
+    assert!(matches!(
+        silent.next().await,
+        Some(Ok(ToBeacon::Heartbeat(_)))
+    ));
+    let heard = tokio::time::Instant::now();
+    // From here the notifier waits on its own timers only (heartbeats, the silence deadline),
+    // so tokio's clock is paused: the runtime, idle, moves it from timer to timer, and the
+    // fifteen seconds of silence take no time. The handshake above ran on the real clock, as a
+    // paused one would also move to the handshake timeout whenever both ends wait on the socket.
+    tokio::time::pause();
+    let guard = HEARTBEAT_DEADLINE + Duration::from_secs(15);
+    let second = tokio::time::timeout(guard, listener.accept()).await;
     assert!(
         second.is_ok(),
         "the notifier never reconnected after beacon went silent"
+    );
+    // Not before the deadline. The runtime sees the new connection at its next wake-up, and a
+    // paused clock moves on to the next timer at each one, here at the latest the new
+    // connection's handshake timeout: so the accept comes within that of the deadline.
+    let (since_welcome, since_heard) = (welcomed.elapsed(), heard.elapsed());
+    assert!(since_welcome >= HEARTBEAT_DEADLINE, "{since_welcome:?}");
+    assert!(
+        since_heard <= HEARTBEAT_DEADLINE + HANDSHAKE_TIMEOUT + TIMER_SLACK,
+        "{since_heard:?}"
     );
     drop(silent);
     repo.stop().await;
