@@ -82,6 +82,16 @@ async fn the_api_needs_a_reading_token() {
     beacon.stop().await;
 }
 
+/// Stops Beacon while the test still follows one of its streams. An open stream is a request
+/// that never ends, so Beacon's shutdown waits for it until its drain deadline (ten seconds),
+/// then returns. That wait is on Beacon's own timer, so tokio's clock is paused: the runtime,
+/// idle, moves it straight to the deadline. Whatever else is still running is cut at that same
+/// deadline either way, and `stop` still fails if Beacon does not stop within its bound.
+async fn stop_while_following(beacon: Beacon) {
+    tokio::time::pause();
+    beacon.stop().await;
+}
+
 #[tokio::test]
 async fn events_page_and_stream_filtered_by_app() {
     let (_dir, tokens, beacon) = start().await;
@@ -157,7 +167,7 @@ async fn events_page_and_stream_filtered_by_app() {
         text.contains("id: "),
         "events carry ids for Last-Event-ID: {text}"
     );
-    beacon.stop().await;
+    stop_while_following(beacon).await;
 }
 
 #[tokio::test]
@@ -411,5 +421,5 @@ async fn app_output_forwarded_by_nodes_can_be_read_and_followed() {
     })
     .await;
     assert!(end.is_ok(), "an oversized log batch must close the link");
-    beacon.stop().await;
+    stop_while_following(beacon).await;
 }
