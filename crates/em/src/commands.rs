@@ -291,9 +291,12 @@ pub async fn logs(
     let url = client.beacon(&format!("/v1/apps/{app}/logs/stream?lines={lines}"));
     let mut stream = client.open_stream(&url).await?;
     let mut buffer = String::new();
+    // Ctrl-C (or SIGTERM) ends following, through the one signal handler `px_runtime` installs.
+    let interrupted = px_runtime::shutdown::on_signals()
+        .map_err(|e| Failure::failed(format!("cannot watch for Ctrl-C: {e}")))?;
     loop {
         let chunk = tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = interrupted.cancelled() => return Ok(()),
             chunk = stream.next() => chunk,
         };
         match chunk {

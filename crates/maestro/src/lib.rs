@@ -312,7 +312,7 @@ pub async fn run_with(
 
     let linked = checked.link.as_ref().map(|l| l.linked.clone());
     if let Some(settings) = checked.link {
-        let runtimes = runtimes::probe_host(&std::env::var_os("PATH").unwrap_or_default()).await;
+        let runtimes = runtimes::probe_host(&px_runtime::host::env().path).await;
         tracing::info!(?runtimes, "runtimes found on this host");
         let client = link::Client {
             supervisor: supervisor.clone(),

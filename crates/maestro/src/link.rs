@@ -59,13 +59,8 @@ pub fn load_assignment(state_dir: &Path) -> Option<Assignment> {
 
 /// Writes the assignment atomically (temporary file, fsync, rename, directory fsync).
 pub fn save_assignment(state_dir: &Path, assignment: &Assignment) -> std::io::Result<()> {
-    use std::io::Write;
-    let path = state_dir.join(ASSIGNMENT_FILE);
-    let mut tmp = tempfile::NamedTempFile::new_in(state_dir)?;
-    tmp.write_all(&serde_json::to_vec_pretty(assignment).map_err(std::io::Error::other)?)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(&path).map_err(|e| e.error)?;
-    std::fs::File::open(state_dir)?.sync_all()
+    let bytes = serde_json::to_vec_pretty(assignment).map_err(std::io::Error::other)?;
+    px_runtime::fs::write_atomic(&state_dir.join(ASSIGNMENT_FILE), &bytes)
 }
 
 /// Applies an assignment: persist first, so a crash right after still serves it on restart.

@@ -17,21 +17,16 @@ use tokio::process::{Child, Command};
 pub(crate) const HEALTH_POLL: Duration = Duration::from_millis(50);
 /// How long one health probe may take.
 pub(crate) const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Environment variables passed through from Maestro's own environment; everything else an
-/// instance sees comes from its release, so apps behave the same on every node.
-pub(crate) const PASSED_ENV: &[&str] = &["LANG", "LC_ALL", "TZ", "HOME"];
-/// `PATH` when Maestro itself has none.
-pub(crate) const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// Directory of a release whose commands come first on its instances' `PATH`: a bundle that
 /// ships its own interpreter or static binaries puts them here.
 pub(crate) const BUNDLE_BIN_DIR: &str = "bin";
 
 /// The `PATH` of a release's instances: the release's own `bin/`, then Maestro's `PATH`.
 pub fn instance_path(release_dir: &Path) -> std::ffi::OsString {
-    let host = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
+    let host = &px_runtime::host::env().path;
     let mut dirs = vec![release_dir.join(BUNDLE_BIN_DIR)];
-    dirs.extend(std::env::split_paths(&host));
-    std::env::join_paths(dirs).unwrap_or(host)
+    dirs.extend(std::env::split_paths(host));
+    std::env::join_paths(dirs).unwrap_or_else(|_| host.clone())
 }
 
 /// What to start.
@@ -65,12 +60,10 @@ pub fn spawn(launch: &Launch<'_>, prefix: &[String]) -> std::io::Result<Child> {
     command
         .current_dir(launch.dir)
         .env_clear()
-        .env("PATH", instance_path(launch.dir));
-    for key in PASSED_ENV {
-        if let Some(value) = std::env::var_os(key) {
-            command.env(key, value);
-        }
-    }
+        .env("PATH", instance_path(launch.dir))
+        // Locale, time zone and `HOME` from Maestro's own environment; everything else an
+        // instance sees comes from its release, so apps behave the same on every node.
+        .envs(px_runtime::host::env().passed());
     command
         .envs(launch.env)
         .env("PORT", &port)

@@ -31,19 +31,18 @@ pub(crate) fn find(command: &str, path: &OsStr) -> Option<PathBuf> {
 }
 
 /// Runs `<exe> --version` in the environment its instances will have (`path` as `PATH`, and
-/// the variables `process::PASSED_ENV` passes through: some runtimes print nothing without
+/// the variables `px_runtime::host::PASSED_ENV` passes through: some runtimes print nothing without
 /// `HOME`) and reads the version it prints, on stdout or stderr. It runs in a process group of
 /// its own, ended afterwards, so nothing it started is left behind; once it has exited, whatever
 /// it started cannot hold the check up by keeping its output open.
 pub(crate) async fn version_of(exe: &Path, path: &OsStr) -> Option<Version> {
     use tokio::io::AsyncReadExt;
     let mut command = tokio::process::Command::new(exe);
-    command.arg("--version").env_clear().env("PATH", path);
-    for key in crate::process::PASSED_ENV {
-        if let Some(value) = std::env::var_os(key) {
-            command.env(key, value);
-        }
-    }
+    command
+        .arg("--version")
+        .env_clear()
+        .env("PATH", path)
+        .envs(px_runtime::host::env().passed());
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

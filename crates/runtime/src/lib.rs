@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod config;
 pub mod errors;
 pub mod fs;
+pub mod host;
 pub mod secrets;
 pub mod service;
 pub mod shutdown;
