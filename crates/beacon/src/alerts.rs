@@ -571,6 +571,7 @@ mod tests {
                 message: text.to_owned(),
                 detail: None,
                 failure: None,
+                build: None,
             },
         }
     }

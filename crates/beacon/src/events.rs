@@ -53,6 +53,8 @@ pub struct EventDraft {
     /// Overrides the kind's level (an app gives its own events theirs).
     pub level: Option<Level>,
     pub failure: Option<px_proto::link::FailureKind>,
+    /// For a build's events: the build's number.
+    pub build: Option<u64>,
 }
 
 impl EventDraft {
@@ -68,6 +70,7 @@ impl EventDraft {
             detail: None,
             level: None,
             failure: None,
+            build: None,
         }
     }
 }
@@ -161,6 +164,7 @@ impl EventLog {
             message: clip(draft.message, MAX_MESSAGE_BYTES),
             detail: draft.detail.map(|d| clip(d, MAX_DETAIL_BYTES)),
             failure: draft.failure,
+            build: draft.build,
         };
         inner.last_seq = event.seq;
         self.append(&mut inner, &event);

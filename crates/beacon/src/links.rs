@@ -319,6 +319,7 @@ fn frame_name(frame: &ToBeacon) -> &'static str {
         ToBeacon::Hello(_) => "hello",
         ToBeacon::Heartbeat(_) => "heartbeat",
         ToBeacon::ReleaseCommitted(_) => "release_committed",
+        ToBeacon::BuildRequested(_) => "build_requested",
         ToBeacon::Event(_) => "event",
         ToBeacon::Logs(_) => "logs",
     }

@@ -98,6 +98,7 @@ mod tests {
             stream: LogStream::Stdout,
             at: "t".into(),
             line: text.into(),
+            build: None,
         }
     }
 

@@ -131,6 +131,7 @@ pub(crate) mod tests {
             description: "deploy".into(),
             created_at: "2026-11-25T00:00:00Z".into(),
             created_by: "ci".into(),
+            build: None,
         }
     }
 
@@ -155,6 +156,7 @@ pub(crate) mod tests {
             }],
             rollouts: Vec::new(),
             disk: None,
+            builds: Vec::new(),
         }
     }
 

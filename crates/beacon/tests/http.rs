@@ -141,6 +141,7 @@ async fn events_page_and_stream_filtered_by_app() {
         }],
         rollouts: Vec::new(),
         disk: None,
+        builds: Vec::new(),
     }))
     .await
     .unwrap();
@@ -248,6 +249,7 @@ async fn the_status_page_shows_nodes_and_apps_in_a_browser() {
         instances: Vec::new(),
         rollouts: Vec::new(),
         disk: Some(node_disk),
+        builds: Vec::new(),
     }))
     .await
     .unwrap();
@@ -354,6 +356,7 @@ async fn app_output_forwarded_by_nodes_can_be_read_and_followed() {
         stream: LogStream::Stderr,
         at: "2026-11-25T00:00:00.000Z".into(),
         line: text.into(),
+        build: None,
     };
     link.send(ToBeacon::Logs(LogBatch {
         lines: vec![line("first"), line("second")],

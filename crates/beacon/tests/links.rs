@@ -59,6 +59,7 @@ fn healthy(app: &str, release: u64, generation: u64) -> NodeReport {
         }],
         rollouts: Vec::new(),
         disk: None,
+        builds: Vec::new(),
     }
 }
 
@@ -497,6 +498,7 @@ async fn node_events_are_recorded_and_a_failed_deploy_fails_the_rollout() {
             instance: None,
             level: None,
             failure: None,
+            build: None,
         }))
         .await
         .unwrap();
@@ -510,6 +512,7 @@ async fn node_events_are_recorded_and_a_failed_deploy_fails_the_rollout() {
         instance: None,
         level: None,
         failure: None,
+        build: None,
     }))
     .await
     .unwrap();

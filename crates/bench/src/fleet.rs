@@ -273,6 +273,7 @@ fn report_for(assignment: &Assignment, reports: Reports, index: usize) -> NodeRe
         instances,
         rollouts: Vec::new(),
         disk: None,
+        builds: Vec::new(),
     }
 }
 

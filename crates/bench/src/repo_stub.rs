@@ -84,6 +84,7 @@ impl RepoStub {
             description: format!("benchmark release {version}"),
             created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             created_by: "beacon-loadgen".into(),
+            build: None,
         };
         *self
             .state

@@ -488,6 +488,7 @@ impl AppEvents {
             instance: Some(channel.number),
             level: Some(level),
             failure: None,
+            build: None,
         });
         if forwarded.is_err() {
             return (

@@ -226,6 +226,7 @@ mod tests {
             stream: LogStream::Stdout,
             at: "2025-01-01T00:00:00.000Z".into(),
             line: format!("line {n}"),
+            build: None,
         }
     }
 

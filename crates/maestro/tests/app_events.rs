@@ -249,7 +249,11 @@ impl Beacon {
 
     fn assign(&self, generation: u64, apps: Vec<AppAssignment>) {
         self.out
-            .send(FromBeacon::Assign(Assignment { generation, apps }))
+            .send(FromBeacon::Assign(Assignment {
+                generation,
+                apps,
+                builds: Vec::new(),
+            }))
             .unwrap();
     }
 
@@ -436,6 +440,7 @@ async fn an_event_posted_by_an_instance_reaches_beacon_its_log_file_and_follower
             instance: Some(1),
             level: Some(Level::Error),
             failure: None,
+            build: None,
         }
     );
 

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::build::BuildOutput;
 use crate::manifest::AppManifest;
 
 /// Header carrying the SHA-256 (lowercase hex) the client computed over the bundle it uploads.
@@ -76,6 +77,10 @@ pub struct Release {
     pub created_at: String,
     /// Name of the token that made it.
     pub created_by: String,
+    /// For a built release: its layers and what its instances need on top of its environment.
+    /// Absent for a release that is its upload, run as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildOutput>,
 }
 
 impl Release {

@@ -50,6 +50,17 @@ pub enum EventKind {
     RepositoryRecovered,
     /// An app reported something itself (through `PX_EVENTS_URL`); its level is the app's.
     AppEvent,
+    /// An upload of the app waits for a build.
+    BuildQueued,
+    /// A node started the build.
+    BuildStarted,
+    /// The build made a release.
+    BuildFinished,
+    /// The build failed; nothing changes in what serves.
+    BuildFailed,
+    /// A newer release of the app came before this one was serving everywhere; this one
+    /// stops rolling out.
+    DeploySuperseded,
 }
 
 impl EventKind {
@@ -57,6 +68,7 @@ impl EventKind {
         match self {
             EventKind::NodeLost
             | EventKind::CrashLoop
+            | EventKind::BuildFailed
             | EventKind::DeployFailed
             | EventKind::DeployRolledBack => Level::Error,
             EventKind::InstanceCrashed
@@ -77,6 +89,9 @@ impl From<NodeEventKind> for EventKind {
             NodeEventKind::DeployFinished => EventKind::DeployFinished,
             NodeEventKind::DeployFailed => EventKind::DeployFailed,
             NodeEventKind::AppEvent => EventKind::AppEvent,
+            NodeEventKind::BuildStarted => EventKind::BuildStarted,
+            NodeEventKind::BuildFinished => EventKind::BuildFinished,
+            NodeEventKind::BuildFailed => EventKind::BuildFailed,
         }
     }
 }
@@ -103,6 +118,9 @@ pub struct Event {
     /// For a crash, an unhealthy instance or a failed deploy: why, classified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<crate::link::FailureKind>,
+    /// For a build's events: the build's number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<u64>,
 }
 
 /// Whether a node's link is up.

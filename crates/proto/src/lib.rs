@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod beacon;
+pub mod build;
 pub mod codec;
 pub mod link;
 pub mod manifest;

@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::beacon::Level;
+use crate::build::{AssignedBuild, BuildOrder, BuildRequested, BuildStatus};
 use crate::manifest::AppManifest;
 
 /// Version of the link protocol; a peer with another version is refused with a reason.
@@ -78,6 +79,9 @@ pub struct NodeReport {
     /// Disk use, for the status page: a Maestro's releases, a repository's bundles.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskReport>,
+    /// The builds this node runs or ran (the latest per app).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub builds: Vec<BuildStatus>,
 }
 
 /// How much disk a peer uses and has left.
@@ -242,6 +246,9 @@ pub struct NodeEvent {
     /// For a crash, an unhealthy instance or a failed deploy: why, classified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<FailureKind>,
+    /// For a build's events: the build's number (`release` is then 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -258,6 +265,12 @@ pub enum NodeEventKind {
     DeployFailed,
     /// An instance reported an event of its own through `PX_EVENTS_URL`.
     AppEvent,
+    /// The node started a build.
+    BuildStarted,
+    /// The build succeeded and the repository committed its release.
+    BuildFinished,
+    /// The build failed; nothing changes in what serves.
+    BuildFailed,
 }
 
 /// Most log lines in one `Logs` frame; Maestro batches lines and sends at most this many.
@@ -271,6 +284,8 @@ pub enum LogStream {
     Stderr,
     /// An event the instance posted to `PX_EVENTS_URL`, logged beside its output.
     Event,
+    /// The output of a build (`LogLine::build` names it).
+    Build,
 }
 
 impl LogStream {
@@ -279,6 +294,7 @@ impl LogStream {
             Self::Stdout => "stdout",
             Self::Stderr => "stderr",
             Self::Event => "event",
+            Self::Build => "build",
         }
     }
 }
@@ -294,6 +310,9 @@ pub struct LogLine {
     pub at: String,
     /// The line without its newline.
     pub line: String,
+    /// For a build's output: the build's number (`release` and `instance` are then 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<u64>,
 }
 
 /// App output forwarded by a Maestro, so `em logs -f` can follow an app across nodes.
@@ -315,6 +334,8 @@ pub enum ToBeacon {
     Heartbeat(NodeReport),
     /// A release was committed; Beacon should assign it.
     ReleaseCommitted(ReleaseCommitted),
+    /// An upload waits for a build; Beacon should place it. From the repository.
+    BuildRequested(BuildRequested),
     Event(NodeEvent),
     Logs(LogBatch),
 }
@@ -373,6 +394,10 @@ pub struct ReleaseCommitted {
 pub struct Assignment {
     pub generation: u64,
     pub apps: Vec<AppAssignment>,
+    /// Builds this node should run (only a node labelled `build = "true"` gets any); a build
+    /// stays here until the repository has its result.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub builds: Vec<BuildOrder>,
 }
 
 /// One app as a node should run it.
@@ -390,6 +415,10 @@ pub struct AppAssignment {
     pub instances: u32,
     /// Host names routed to the app.
     pub domains: Vec<String>,
+    /// For a built release: the layers to assemble it from instead of the bundle, and what its
+    /// instances need on top of `env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<AssignedBuild>,
 }
 
 #[cfg(test)]

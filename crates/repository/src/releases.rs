@@ -358,6 +358,7 @@ impl Releases {
                 description: parts.description,
                 created_at: now_rfc3339(),
                 created_by: by.into(),
+                build: None,
             };
             let bytes = serde_json::to_vec_pretty(&release)
                 .map_err(|e| ApiError::Internal(e.to_string()))?;

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use px_proto::api::Release;
 use px_proto::beacon::{EventKind, RolloutState};
+use px_proto::build::{AssignedBuild, AssignedLayer};
 use px_proto::link::{AppAssignment, Assignment};
 
 use super::persist::Persisted;
@@ -43,6 +44,7 @@ impl Hub {
         Arc::new(Assignment {
             generation: state.persisted.generation,
             apps,
+            builds: Vec::new(),
         })
     }
 
@@ -79,6 +81,25 @@ impl Hub {
             env: release.environment(),
             instances: release.manifest.instances,
             domains,
+            build: release.build.as_ref().map(|build| AssignedBuild {
+                layers: build
+                    .layers
+                    .iter()
+                    .map(|layer| AssignedLayer {
+                        kind: layer.kind,
+                        sha256: layer.sha256.clone(),
+                        size: layer.size,
+                        url: format!(
+                            "{}/v1/layers/{}",
+                            self.settings.repository_url.trim_end_matches('/'),
+                            layer.sha256
+                        ),
+                    })
+                    .collect(),
+                path: build.path.clone(),
+                env: build.env.clone(),
+                commands: build.commands.clone(),
+            }),
         }
     }
 

@@ -155,6 +155,7 @@ fn effect(
             detail: None,
             level: None,
             failure: None,
+            build: None,
         },
         alert: None,
     }

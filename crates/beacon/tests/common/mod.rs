@@ -93,6 +93,7 @@ impl RepoStub {
             description: "deploy".into(),
             created_at: "2026-11-25T00:00:00Z".into(),
             created_by: "ci".into(),
+            build: None,
         };
         self.apps.lock().unwrap().insert(app.into(), release);
     }
@@ -333,6 +334,7 @@ pub fn maestro_hello(name: &str, token: &str, generation: u64) -> Hello {
             instances: Vec::new(),
             rollouts: Vec::new(),
             disk: None,
+            builds: Vec::new(),
         }),
     }
 }

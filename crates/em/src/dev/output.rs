@@ -28,7 +28,7 @@ pub async fn print_app_output(mut lines: broadcast::Receiver<LogLine>) {
         match lines.recv().await {
             Ok(line) => {
                 let _ = match line.stream {
-                    LogStream::Stdout | LogStream::Event => {
+                    LogStream::Stdout | LogStream::Event | LogStream::Build => {
                         writeln!(std::io::stdout().lock(), "{APP_PREFIX} {}", line.line)
                     }
                     LogStream::Stderr => {

@@ -83,7 +83,7 @@ impl Tail {
         self.next_seq += 1;
         // Events are few and read like output, so they share the stdout ring.
         let ring = match line.stream {
-            Stream::Stdout | Stream::Event => &mut self.stdout,
+            Stream::Stdout | Stream::Event | Stream::Build => &mut self.stdout,
             Stream::Stderr => &mut self.stderr,
         };
         if ring.len() >= TAIL_LINES {
@@ -142,7 +142,7 @@ impl AppLogs {
             stream,
             state: state.clone(),
             file: state.files.as_ref().map(|files| match stream {
-                Stream::Stdout => files.stdout.clone(),
+                Stream::Stdout | Stream::Build => files.stdout.clone(),
                 Stream::Stderr => files.stderr.clone(),
                 Stream::Event => files.events.clone(),
             }),
@@ -177,6 +177,7 @@ impl AppLogs {
             stream: Stream::Event,
             at,
             line: text,
+            build: None,
         };
         if self.follow.receiver_count() > 0 {
             let _ = self.follow.send(line.clone());
@@ -377,6 +378,7 @@ impl Reader {
             stream: self.stream,
             at,
             line,
+            build: None,
         };
         if self.follow.receiver_count() > 0 {
             // An error only means every follower left since the check.

@@ -53,6 +53,7 @@ impl Supervisor {
             generation: self.generation(),
             instances,
             rollouts,
+            builds: Vec::new(),
             disk: Some(DiskReport {
                 used_bytes,
                 objects: None,

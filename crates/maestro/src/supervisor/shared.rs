@@ -249,5 +249,6 @@ pub(super) fn app_event(
         instance: None,
         level: None,
         failure,
+        build: None,
     }
 }

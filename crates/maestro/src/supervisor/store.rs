@@ -344,6 +344,7 @@ mod tests {
                 manifest: parsed,
                 env: BTreeMap::new(),
                 domains: Vec::new(),
+                build: None,
             };
             (assignment, (manifest.len() + data.len()) as u64)
         }

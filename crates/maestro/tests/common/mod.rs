@@ -127,6 +127,7 @@ impl BundleServer {
             manifest: parsed,
             env: environment,
             domains: vec![format!("{name}.localhost")],
+            build: None,
         }
     }
 
@@ -206,9 +207,13 @@ impl FakeBeacon {
 }
 
 pub async fn assign(link: &mut BeaconLink, generation: u64, apps: Vec<AppAssignment>) {
-    link.send(FromBeacon::Assign(Assignment { generation, apps }))
-        .await
-        .unwrap();
+    link.send(FromBeacon::Assign(Assignment {
+        generation,
+        apps,
+        builds: Vec::new(),
+    }))
+    .await
+    .unwrap();
 }
 
 /// Reads frames until an event satisfying `want` arrives.
