@@ -39,6 +39,7 @@ COPY crates/bench/Cargo.toml crates/bench/
 COPY crates/bundle/Cargo.toml crates/bundle/
 COPY crates/e2e/Cargo.toml crates/e2e/
 COPY crates/em/Cargo.toml crates/em/
+COPY crates/link/Cargo.toml crates/link/
 COPY crates/maestro/Cargo.toml crates/maestro/
 COPY crates/proto/Cargo.toml crates/proto/
 COPY crates/repository/Cargo.toml crates/repository/
