@@ -1,13 +1,16 @@
-//! Platform.X shared vocabulary: names, the `app.toml` manifest schema, the HTTP API types
-//! and the framed messages of the TCP control links. Nothing here does I/O.
+//! Platform.X shared vocabulary: names, the `app.toml` manifest schema, what an app is from its
+//! root files (`detect`, `procfile`), the HTTP API types and the framed messages of the TCP
+//! control links. Nothing here does I/O.
 
 pub mod api;
 pub mod beacon;
 pub mod build;
 pub mod codec;
+pub mod detect;
 pub mod link;
 pub mod manifest;
 pub mod names;
+pub mod procfile;
 pub mod rate;
 pub mod runtime;
 pub mod size;

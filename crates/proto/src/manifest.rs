@@ -56,6 +56,9 @@ pub const DEFAULT_WATCH: Duration = Duration::from_secs(60);
 /// Bounds of `deploy.watch`.
 pub const MIN_WATCH: Duration = Duration::from_secs(1);
 pub const MAX_WATCH: Duration = Duration::from_secs(3600);
+/// Longest `[build] command`: one shell line, with room for a few chained steps; a longer
+/// build belongs in a script inside the app, which the command then runs.
+pub const MAX_BUILD_COMMAND_BYTES: usize = 4096;
 /// Bounds of `health.heartbeat_interval`.
 pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
@@ -96,6 +99,47 @@ pub struct AppManifest {
     /// What each instance may use, so apps on one web server cannot starve each other.
     #[serde(default, skip_serializing_if = "ResourceLimits::is_unlimited")]
     pub limits: ResourceLimits,
+    /// How an upload is built into a release (`[build]`), beyond what detection decides.
+    #[serde(default, skip_serializing_if = "BuildSettings::is_default")]
+    pub build: BuildSettings,
+}
+
+/// The build of an upload (`[build]`; docs/src/design/builds.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildSettings {
+    /// A shell command run in the app's directory after the detected installer, or instead of
+    /// one when detection finds none (`px_proto::detect`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Whether a Django app's `python manage.py collectstatic --noinput` runs after the
+    /// install; `false` turns it off (an app that serves no static files, or collects them in
+    /// `command`).
+    #[serde(default = "default_collectstatic", skip_serializing_if = "is_true")]
+    pub collectstatic: bool,
+}
+
+impl Default for BuildSettings {
+    fn default() -> Self {
+        Self {
+            command: None,
+            collectstatic: true,
+        }
+    }
+}
+
+impl BuildSettings {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+fn default_collectstatic() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 /// Per-instance limits (`[limits]`); unset means the web server's own limits.
@@ -342,6 +386,28 @@ impl AppManifest {
                 "is empty; give the command that starts the app, e.g. \"python3 server.py\", or remove it and ship an executable `apprunner`",
             ));
         }
+        if let Some(command) = &self.build.command {
+            if command.trim().is_empty() {
+                return Err(ManifestError::field(
+                    "build.command",
+                    "is empty; give the shell command that builds the app, e.g. \"npm run build\", or remove it",
+                ));
+            }
+            if command.len() > MAX_BUILD_COMMAND_BYTES {
+                return Err(ManifestError::field(
+                    "build.command",
+                    format!(
+                        "is longer than {MAX_BUILD_COMMAND_BYTES} bytes; put the steps in a script in the app and run that"
+                    ),
+                ));
+            }
+            if command.contains('\0') {
+                return Err(ManifestError::field(
+                    "build.command",
+                    "contains a NUL character, which no shell command can hold",
+                ));
+            }
+        }
         if self.instances == 0 || self.instances > MAX_INSTANCES {
             return Err(ManifestError::field(
                 "instances",
@@ -549,6 +615,9 @@ memory = "256MiB"
 cpu_weight = 50
 processes = 64
 open_files = 1024
+[build]
+command = "npm run build:css"
+collectstatic = false
 "#;
 
     #[test]
@@ -578,6 +647,25 @@ open_files = 1024
             (Some(50), Some(64), Some(1024))
         );
         assert!(m.http.buffer_requests);
+        assert_eq!(m.build.command.as_deref(), Some("npm run build:css"));
+        assert!(!m.build.collectstatic);
+    }
+
+    #[test]
+    fn build_defaults_run_collectstatic_and_no_command() {
+        let m = AppManifest::parse("name = \"x\"\n[build]\ncommand = \"make assets\"").unwrap();
+        assert_eq!(m.build.command.as_deref(), Some("make assets"));
+        assert!(m.build.collectstatic);
+        let m = AppManifest::parse("name = \"x\"").unwrap();
+        assert_eq!(m.build, BuildSettings::default());
+        assert!(m.build.collectstatic && m.build.command.is_none());
+        // An unset [build] does not travel, so nodes that predate it still read the manifest.
+        assert!(!serde_json::to_string(&m).unwrap().contains("build"));
+        let longest = format!(
+            "name = \"x\"\n[build]\ncommand = \"{}\"",
+            "x".repeat(MAX_BUILD_COMMAND_BYTES)
+        );
+        assert!(AppManifest::parse(&longest).is_ok());
     }
 
     #[test]
@@ -623,6 +711,16 @@ open_files = 1024
             ),
             ("name = \"x\"\n[env]\nPORT = \"1\"", "env.PORT"),
             ("name = \"x\"\nrun = \" \"", "run"),
+            ("name = \"x\"\n[build]\ncommand = \"  \"", "build.command"),
+            (
+                "name = \"x\"\n[build]\ncommand = \"a\\u0000b\"",
+                "build.command",
+            ),
+            (
+                "name = \"x\"\n[build]\ncollectstatic = \"no\"",
+                "build.collectstatic",
+            ),
+            ("name = \"x\"\n[build]\ncomand = \"x\"", "build.comand"),
             ("name = \"x\"\nruntime = \"python3>=three\"", "runtime"),
             ("name = \"x\"\nruntime = 3", "runtime"),
             (
@@ -684,6 +782,17 @@ open_files = 1024
         assert!(e.message.contains("name"), "{e}");
         let e = error_of("name = ");
         assert!(e.message.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn an_overlong_build_command_is_refused() {
+        let text = format!(
+            "name = \"x\"\n[build]\ncommand = \"{}\"",
+            "x".repeat(MAX_BUILD_COMMAND_BYTES + 1)
+        );
+        let e = error_of(&text);
+        assert_eq!(e.field.as_deref(), Some("build.command"));
+        assert!(e.message.contains("script"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Runtime requirements of an app (`runtime = "python3>=3.11"`, `requires = ["ffmpeg"]` in
 //! `app.toml`): their parsing, dotted version numbers, and the check of a found version against
-//! a requirement. Maestro probes its host with these, Beacon places apps with them.
+//! a requirement. Maestro probes its host with these, Beacon places apps with them. The version
+//! specs of other ecosystems' files (npm ranges in `engines.node`, PEP 440 specifiers in
+//! `requires-python`) are turned into the same requirements here, for `detect`.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -70,6 +72,22 @@ impl Version {
             .map_while(|p| p.parse().ok())
             .collect();
         (!parts.is_empty()).then_some(Self(parts))
+    }
+
+    /// The version with part `i` raised by one and the parts after it dropped: the smallest
+    /// version above every version that starts with `self`'s parts up to `i` (`20.1` raised
+    /// at 0 is `21`, at 1 is `20.2`). `None` when the part would overflow.
+    fn raised(&self, i: usize) -> Option<Self> {
+        let mut parts: Vec<u64> = (0..=i).map(|j| self.part(j)).collect();
+        let last = parts.last_mut()?;
+        *last = last.checked_add(1)?;
+        Some(Self(parts))
+    }
+
+    /// The version padded with zeros to at least `n` parts (`3.12` to 3 parts is `3.12.0`).
+    fn padded(&self, n: usize) -> Self {
+        let n = n.min(MAX_VERSION_PARTS).max(self.0.len());
+        Self((0..n).map(|i| self.part(i)).collect())
     }
 
     fn part(&self, i: usize) -> u64 {
@@ -240,6 +258,248 @@ impl std::str::FromStr for Requirement {
     }
 }
 
+impl Requirement {
+    /// `command` with these constraints, checked as [`FromStr`](std::str::FromStr) checks the
+    /// text form, so the result always writes back as text that parses to it.
+    pub fn new(command: &str, constraints: Vec<Constraint>) -> Result<Self, String> {
+        check_command(command)?;
+        if constraints.len() > MAX_CONSTRAINTS {
+            return Err(format!(
+                "has more than {MAX_CONSTRAINTS} constraints; one range is enough"
+            ));
+        }
+        Ok(Self {
+            command: command.to_string(),
+            constraints,
+        })
+    }
+
+    /// `command` at `version`, every part given matching: `.python-version`'s `3.12` admits
+    /// 3.12.1, its `3.12.1` only 3.12.1.
+    pub fn exactly(command: &str, version: Version) -> Result<Self, String> {
+        Self::new(
+            command,
+            vec![Constraint {
+                op: Op::Exactly,
+                version,
+            }],
+        )
+    }
+
+    /// From an npm semver range as `package.json`'s `engines.node` writes it: a version or
+    /// a partial one (`20`, `20.1.2`, `20.x`, `20.*`, `*`), comparisons (`>=18`, `> 18`,
+    /// `<=20.x`), caret and tilde ranges (`^20.1` is `>=20.1,<21`, `~20.1` is
+    /// `>=20.1,<20.2`), several of them separated by spaces (all must hold). Alternatives
+    /// (`||`), hyphen ranges and pre-release tags are refused with what to write instead.
+    pub fn from_npm_range(command: &str, range: &str) -> Result<Self, String> {
+        Self::new(command, npm_constraints(range)?)
+    }
+
+    /// From PEP 440 version specifiers as `pyproject.toml`'s `requires-python` writes them:
+    /// `>=3.11`, `>=3.9,<4`, `~=3.11` (`>=3.11,<4`), `==3.12.*` (any 3.12), `==3.12.1`.
+    /// Exclusions (`!=`) and arbitrary equality (`===`) are refused with what to write instead.
+    pub fn from_python_specifiers(command: &str, spec: &str) -> Result<Self, String> {
+        Self::new(command, python_constraints(spec)?)
+    }
+}
+
+/// A version that may end in wildcards (`20`, `20.x`, `3.12.*`, `v20.1`); `Some(None)` for a
+/// whole wildcard (`*`, `x`), `None` when it is no version at all.
+fn parse_partial(text: &str) -> Option<Option<Version>> {
+    let text = text.strip_prefix('v').unwrap_or(text);
+    let mut parts = Vec::new();
+    let mut wild = false;
+    for part in text.split('.') {
+        match part {
+            "x" | "X" | "*" => wild = true,
+            digits if !wild && !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => {
+                parts.push(digits.parse().ok()?);
+            }
+            _ => return None,
+        }
+    }
+    if parts.len() > MAX_VERSION_PARTS {
+        return None;
+    }
+    Some((!parts.is_empty()).then_some(Version(parts)))
+}
+
+/// Parts in a full npm version; fewer given parts make a partial version (an x-range).
+const FULL_VERSION_PARTS: usize = 3;
+
+fn npm_constraints(range: &str) -> Result<Vec<Constraint>, String> {
+    let range = range.trim();
+    if range.contains("||") {
+        return Err(format!(
+            "{range:?} offers alternatives (`||`), which are not supported; name one range, e.g. \">=18\""
+        ));
+    }
+    // `>= 18` is one comparator written with a space: an operator alone joins the next token.
+    let mut tokens: Vec<String> = Vec::new();
+    let mut pending_op: Option<&str> = None;
+    for token in range.split(|c: char| c.is_whitespace() || c == ',') {
+        if token.is_empty() {
+            continue;
+        }
+        if token == "-" {
+            return Err(format!(
+                "{range:?} is a hyphen range, which is not supported; write it as \">=A <=B\""
+            ));
+        }
+        if let Some(op) = pending_op.take() {
+            tokens.push(format!("{op}{token}"));
+        } else if matches!(token, ">=" | "<=" | ">" | "<" | "=" | "^" | "~" | "~>") {
+            pending_op = Some(token);
+        } else {
+            tokens.push(token.to_string());
+        }
+    }
+    if let Some(op) = pending_op {
+        return Err(format!(
+            "{range:?} ends with {op:?} and no version after it"
+        ));
+    }
+    let mut constraints = Vec::new();
+    for token in &tokens {
+        constraints.extend(npm_comparator(token)?);
+    }
+    Ok(constraints)
+}
+
+/// One npm comparator, with npm's meaning for partial versions.
+fn npm_comparator(text: &str) -> Result<Vec<Constraint>, String> {
+    let not_a_range = || {
+        format!(
+            "{text:?} is not a version range; write e.g. \">=18\", \"20.x\", \"^20.1\" or \"20\""
+        )
+    };
+    let (op, rest) = [">=", "<=", "~>", ">", "<", "=", "^", "~"]
+        .iter()
+        .find_map(|op| text.strip_prefix(op).map(|rest| (*op, rest)))
+        .unwrap_or(("", text));
+    let Some(parsed) = parse_partial(rest.trim()) else {
+        return Err(not_a_range());
+    };
+    let Some(version) = parsed else {
+        // A whole wildcard admits any version; nothing is above or below all of them.
+        return match op {
+            "" | "=" | ">=" | "<=" | "^" | "~" | "~>" => Ok(Vec::new()),
+            _ => Err(not_a_range()),
+        };
+    };
+    let given = version.0.len();
+    let partial = given < FULL_VERSION_PARTS;
+    let raised = |i: usize| version.raised(i).ok_or_else(not_a_range);
+    let constraint = |op, version| Constraint { op, version };
+    Ok(match op {
+        "" | "=" => vec![constraint(Op::Exactly, version.clone())],
+        ">=" => vec![constraint(Op::AtLeast, version.clone())],
+        "<" => vec![constraint(Op::Below, version.clone())],
+        // `>20` is above every 20.x: at least 21. `<=20` admits every 20.x: below 21.
+        ">" if partial => vec![constraint(Op::AtLeast, raised(given - 1)?)],
+        ">" => vec![constraint(Op::Above, version.clone())],
+        "<=" if partial => vec![constraint(Op::Below, raised(given - 1)?)],
+        "<=" => vec![constraint(Op::AtMost, version.clone())],
+        "~" | "~>" => vec![
+            constraint(Op::AtLeast, version.clone()),
+            constraint(Op::Below, raised(if given >= 2 { 1 } else { 0 })?),
+        ],
+        // `^`: changes that do not modify the first non-zero part given (`^0.2` is below 0.3).
+        _ => {
+            let first_non_zero = version.0.iter().position(|p| *p != 0).unwrap_or(given - 1);
+            vec![
+                constraint(Op::AtLeast, version.clone()),
+                constraint(Op::Below, raised(first_non_zero)?),
+            ]
+        }
+    })
+}
+
+fn python_constraints(spec: &str) -> Result<Vec<Constraint>, String> {
+    let spec = spec.trim();
+    if spec.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut constraints = Vec::new();
+    for clause in spec.split(',') {
+        let clause = clause.trim();
+        let not_a_version = |v: &str| {
+            format!(
+                "{v:?} in {spec:?} is not a version; write numbers separated by dots, e.g. \">=3.11\""
+            )
+        };
+        if clause.starts_with("===") || clause.starts_with("!=") {
+            return Err(format!(
+                "{clause:?} in {spec:?} is not supported; use >=, >, <=, <, == or ~=, e.g. \">=3.11\""
+            ));
+        }
+        let Some((op, rest)) = [">=", "<=", "==", "~=", ">", "<"]
+            .iter()
+            .find_map(|op| clause.strip_prefix(op).map(|rest| (*op, rest.trim())))
+        else {
+            return Err(format!(
+                "{clause:?} in {spec:?} has no comparison; write e.g. \">=3.11\" or \"==3.12.*\""
+            ));
+        };
+        if op == "==" {
+            if let Some(prefix) = rest.strip_suffix(".*") {
+                let version = Version::parse(prefix).ok_or_else(|| not_a_version(rest))?;
+                constraints.push(Constraint {
+                    op: Op::Exactly,
+                    version,
+                });
+            } else {
+                // `==3.12` is 3.12.0 exactly in PEP 440, not any 3.12.
+                let version = Version::parse(rest).ok_or_else(|| not_a_version(rest))?;
+                constraints.push(Constraint {
+                    op: Op::Exactly,
+                    version: version.padded(FULL_VERSION_PARTS),
+                });
+            }
+            continue;
+        }
+        let version = Version::parse(rest).ok_or_else(|| not_a_version(rest))?;
+        match op {
+            "~=" => {
+                let given = version.0.len();
+                if given < 2 {
+                    return Err(format!(
+                        "{clause:?} in {spec:?} needs at least two parts, e.g. \"~=3.11\""
+                    ));
+                }
+                let upper = version
+                    .raised(given - 2)
+                    .ok_or_else(|| not_a_version(rest))?;
+                constraints.push(Constraint {
+                    op: Op::AtLeast,
+                    version,
+                });
+                constraints.push(Constraint {
+                    op: Op::Below,
+                    version: upper,
+                });
+            }
+            ">=" => constraints.push(Constraint {
+                op: Op::AtLeast,
+                version,
+            }),
+            "<=" => constraints.push(Constraint {
+                op: Op::AtMost,
+                version,
+            }),
+            ">" => constraints.push(Constraint {
+                op: Op::Above,
+                version,
+            }),
+            _ => constraints.push(Constraint {
+                op: Op::Below,
+                version,
+            }),
+        }
+    }
+    Ok(constraints)
+}
+
 impl fmt::Display for Requirement {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.command)?;
@@ -326,6 +586,119 @@ mod tests {
         }
         assert_eq!(req(" node >= 20 , < 23 ").to_string(), "node>=20,<23");
         assert_eq!(req("node==20").to_string(), "node=20");
+    }
+
+    #[test]
+    fn npm_ranges_become_requirements() {
+        let cases = [
+            (">=18", "node>=18"),
+            (">= 18", "node>=18"),
+            ("20", "node=20"),
+            ("v20", "node=20"),
+            ("20.x", "node=20"),
+            ("20.*", "node=20"),
+            ("20.1.x", "node=20.1"),
+            ("20.1.2", "node=20.1.2"),
+            ("=20.1", "node=20.1"),
+            ("^20.1", "node>=20.1,<21"),
+            ("^20", "node>=20,<21"),
+            ("^0.10", "node>=0.10,<0.11"),
+            ("^0.0.3", "node>=0.0.3,<0.0.4"),
+            ("^0", "node>=0,<1"),
+            ("~20.1", "node>=20.1,<20.2"),
+            ("~20.1.2", "node>=20.1.2,<20.2"),
+            ("~20", "node>=20,<21"),
+            (">20", "node>=21"),
+            (">20.1.2", "node>20.1.2"),
+            ("<=20", "node<21"),
+            ("<=20.1.2", "node<=20.1.2"),
+            ("<22", "node<22"),
+            (">=18 <23", "node>=18,<23"),
+            (">=18.0.0, <23", "node>=18.0.0,<23"),
+            ("*", "node"),
+            ("x", "node"),
+            ("", "node"),
+        ];
+        for (range, expected) in cases {
+            let r = Requirement::from_npm_range("node", range)
+                .unwrap_or_else(|e| panic!("{range:?}: {e}"));
+            assert_eq!(r.to_string(), expected, "{range:?}");
+            // The text form parses back to the same requirement.
+            assert_eq!(req(expected), r, "{range:?}");
+        }
+        // What the ranges admit, as npm would.
+        let admits = |range: &str, version: &str| {
+            Requirement::from_npm_range("node", range)
+                .unwrap()
+                .admits(Some(&v(version)))
+        };
+        assert!(admits("^20.1", "20.9.0") && !admits("^20.1", "21.0.0"));
+        assert!(!admits("^20.1", "20.0.9"));
+        assert!(admits("20.x", "20.19.1") && !admits("20.x", "21.1.0"));
+        assert!(admits("<=20", "20.99.0") && !admits(">20", "20.99.0"));
+    }
+
+    #[test]
+    fn npm_ranges_that_are_not_ranges_say_what_to_write() {
+        for (range, hint) in [
+            ("banana", "not a version range"),
+            ("lts/*", "not a version range"),
+            ("20.x.1", "not a version range"),
+            ("20.0.0-rc.1", "not a version range"),
+            (">*", "not a version range"),
+            ("18 || 20", "alternatives"),
+            ("18 - 20", "hyphen range"),
+            (">=", "no version after it"),
+            ("^1 ^2 ^3", "constraints"),
+            ("1.2.3.4.5", "not a version range"),
+        ] {
+            let e = Requirement::from_npm_range("node", range).unwrap_err();
+            assert!(e.contains(hint), "{range:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn python_specifiers_become_requirements() {
+        let cases = [
+            (">=3.11", "python3>=3.11"),
+            (" >= 3.9 , < 4 ", "python3>=3.9,<4"),
+            ("~=3.11", "python3>=3.11,<4"),
+            ("~=3.11.2", "python3>=3.11.2,<3.12"),
+            ("==3.12.*", "python3=3.12"),
+            ("==3.12", "python3=3.12.0"),
+            ("==3.12.1", "python3=3.12.1"),
+            (">3.8", "python3>3.8"),
+            ("<=3.13", "python3<=3.13"),
+            ("", "python3"),
+        ];
+        for (spec, expected) in cases {
+            let r = Requirement::from_python_specifiers("python3", spec)
+                .unwrap_or_else(|e| panic!("{spec:?}: {e}"));
+            assert_eq!(r.to_string(), expected, "{spec:?}");
+            assert_eq!(req(expected), r, "{spec:?}");
+        }
+        for (spec, hint) in [
+            ("3.11", "no comparison"),
+            (">=3.9,!=3.9.1", "not supported"),
+            ("===3.12", "not supported"),
+            (">=three", "not a version"),
+            (">=3.11,", "no comparison"),
+            ("~=3", "at least two parts"),
+            ("==3.12.0rc1", "not a version"),
+        ] {
+            let e = Requirement::from_python_specifiers("python3", spec).unwrap_err();
+            assert!(e.contains(hint), "{spec:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn raised_versions_bound_a_prefix() {
+        assert_eq!(v("20.1").raised(0), Some(v("21")));
+        assert_eq!(v("20.1").raised(1), Some(v("20.2")));
+        assert_eq!(v("20").raised(1), Some(v("20.1")));
+        assert_eq!(Version(vec![u64::MAX]).raised(0), None);
+        assert_eq!(v("3.12").padded(3), v("3.12.0"));
+        assert_eq!(v("3.12.1.4").padded(3), v("3.12.1.4"));
     }
 
     #[test]
