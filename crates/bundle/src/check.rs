@@ -5,7 +5,9 @@
 
 use std::collections::HashMap;
 
+use px_proto::detect::{DetectError, Detection, MAX_DETECT_FILE_BYTES, RootFiles, detect};
 use px_proto::manifest::{AppManifest, MAX_MANIFEST_BYTES, ManifestError};
+use px_proto::procfile::{PROCFILE, Procfile};
 
 use crate::{BundleError, Limits};
 
@@ -277,22 +279,54 @@ pub(crate) fn manifest_too_large() -> BundleError {
 }
 
 /// The rules about the bundle root, applied once every entry was seen: `app.toml` must be
-/// there and valid, and the app must have a way to start (`run`, or an executable regular
-/// file `apprunner`).
+/// there and valid, and the app must have a way to start: `run`, an executable regular file
+/// `apprunner`, or else the Procfile's `web:` line, which then becomes `run` in the returned
+/// manifest, so everything downstream (the release record, Beacon, Maestro) sees the command
+/// that runs.
+///
+/// The Procfile is parsed here only when it is that way to start; [`check_detection`] reads
+/// it (and the rest of the root files) for every new bundle.
 pub(crate) fn check_root(
     manifest: Option<Vec<u8>>,
     has_executable_runner: bool,
+    root_files: &RootFiles,
 ) -> Result<AppManifest, BundleError> {
     let bytes = manifest.ok_or(BundleError::MissingManifest)?;
     let text = String::from_utf8(bytes).map_err(|_| ManifestError {
         field: None,
         message: "is not valid UTF-8; save it as UTF-8".into(),
     })?;
-    let manifest = AppManifest::parse(&text)?;
+    let mut manifest = AppManifest::parse(&text)?;
     if manifest.run.is_none() && !has_executable_runner {
-        return Err(BundleError::NoRunner);
+        let procfile = match root_files.get(PROCFILE).and_then(|f| f.content.as_deref()) {
+            Some(bytes) => Some(Procfile::parse(bytes).map_err(DetectError::from)?),
+            None if root_files.contains(PROCFILE) => {
+                return Err(DetectError::TooLarge {
+                    file: PROCFILE,
+                    max: MAX_DETECT_FILE_BYTES,
+                }
+                .into());
+            }
+            None => None,
+        };
+        let web = procfile.as_ref().and_then(|p| p.web());
+        manifest.run = Some(web.ok_or(BundleError::NoRunner)?.to_string());
     }
     Ok(manifest)
+}
+
+/// What detection makes of a new bundle's root files: a bundle it cannot make an app of (a
+/// `package.json` that is not JSON, a yarn-only app without `[build] command`, ...) is
+/// refused when it is packed or uploaded, with detection's words.
+///
+/// Only [`pack_dir`](crate::pack_dir) and [`inspect`](crate::inspect) apply it, not
+/// [`unpack`](crate::unpack): a release already stored must unpack on every web server
+/// whatever rules later uploads meet.
+pub(crate) fn check_detection(
+    manifest: &AppManifest,
+    root_files: &RootFiles,
+) -> Result<Detection, BundleError> {
+    Ok(detect(Some(manifest), root_files)?)
 }
 
 /// Shows raw path bytes in a message: lossy UTF-8, cut short when long.
@@ -532,24 +566,53 @@ mod tests {
 
     #[test]
     fn root_rules() {
+        let none = RootFiles::new();
         assert!(matches!(
-            check_root(None, true),
+            check_root(None, true, &none),
             Err(BundleError::MissingManifest)
         ));
-        let m = check_root(Some(b"name = \"x\"\nrun = \"./x\"".to_vec()), false).unwrap();
+        let m = check_root(Some(b"name = \"x\"\nrun = \"./x\"".to_vec()), false, &none).unwrap();
         assert_eq!(m.name, "x");
-        assert!(check_root(Some(b"name = \"x\"".to_vec()), true).is_ok());
+        assert!(check_root(Some(b"name = \"x\"".to_vec()), true, &none).is_ok());
         assert!(matches!(
-            check_root(Some(b"name = \"x\"".to_vec()), false),
+            check_root(Some(b"name = \"x\"".to_vec()), false, &none),
             Err(BundleError::NoRunner)
         ));
-        let e = check_root(Some(b"name = \"X\"".to_vec()), true).unwrap_err();
+        let e = check_root(Some(b"name = \"X\"".to_vec()), true, &none).unwrap_err();
         assert!(
             matches!(&e, BundleError::Manifest(m) if m.field.as_deref() == Some("name")),
             "{e}"
         );
-        let e = check_root(Some(b"name = \"\xff\"".to_vec()), true).unwrap_err();
+        let e = check_root(Some(b"name = \"\xff\"".to_vec()), true, &none).unwrap_err();
         assert!(e.to_string().contains("UTF-8"), "{e}");
+    }
+
+    #[test]
+    fn the_procfile_starts_an_app_that_names_no_run() {
+        let manifest = || Some(b"name = \"x\"".to_vec());
+        let procfile = RootFiles::new().with(PROCFILE, "worker: w\nweb: serve --port $PORT\n");
+        let m = check_root(manifest(), false, &procfile).unwrap();
+        assert_eq!(m.run.as_deref(), Some("serve --port $PORT"));
+        // An executable apprunner and `run` come first; the Procfile is then not even read.
+        let broken = RootFiles::new().with(PROCFILE, "not a procfile");
+        assert_eq!(check_root(manifest(), true, &broken).unwrap().run, None);
+        let m = check_root(
+            Some(b"name = \"x\"\nrun = \"./x\"".to_vec()),
+            false,
+            &broken,
+        )
+        .unwrap();
+        assert_eq!(m.run.as_deref(), Some("./x"));
+        let e = check_root(manifest(), false, &broken).unwrap_err();
+        assert!(
+            matches!(e, BundleError::Detect(DetectError::Procfile(_))),
+            "{e:?}"
+        );
+        let no_web = RootFiles::new().with(PROCFILE, "worker: w");
+        assert!(matches!(
+            check_root(manifest(), false, &no_web),
+            Err(BundleError::NoRunner)
+        ));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::io;
 
+use px_proto::detect::DetectError;
 use px_proto::manifest::ManifestError;
 
 /// Why packing, inspecting or unpacking failed.
@@ -26,9 +27,12 @@ pub enum BundleError {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
     #[error(
-        "app.toml has no `run` and there is no executable `apprunner` at the root; add `run = \"...\"` to app.toml or ship an `apprunner` with its exec bit set (chmod +x apprunner)"
+        "app.toml has no `run`, there is no executable `apprunner` at the root and no Procfile with a `web:` line; add `run = \"...\"` to app.toml, a `web: <command>` line to the Procfile, or ship an `apprunner` with its exec bit set (chmod +x apprunner)"
     )]
     NoRunner,
+    /// The root files do not make an app detection knows how to build.
+    #[error(transparent)]
+    Detect(#[from] DetectError),
     /// The stream is not a zstd-compressed tar archive, or it is truncated.
     #[error("not a valid bundle (zstd-compressed tar): {0}; pack it again with `em deploy`")]
     Corrupt(String),
@@ -91,6 +95,9 @@ mod tests {
             BundleError::TooLarge { max: 1 },
             BundleError::TooManyEntries { max: 1 },
             BundleError::Corrupt("truncated".into()),
+            BundleError::Detect(DetectError::NotUtf8 {
+                file: "package.json",
+            }),
         ] {
             assert!(e.is_client_error(), "{e}");
         }

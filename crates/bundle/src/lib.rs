@@ -7,6 +7,12 @@
 //! What goes into a bundle is decided by one walk, [`BundleWalk`], public so that `em dev`
 //! watches exactly the files `em deploy` would ship.
 //!
+//! Packing and reading also collect the root files that say what the app is
+//! ([`px_proto::detect::RootFiles`]: `Procfile`, `requirements.txt`, `package.json`, ...), so
+//! the repository learns it from the one pass it already makes; a Procfile's `web:` line is
+//! the run command of an app whose `app.toml` names none. [`root_files`] reads the same files
+//! from a directory that is not (yet) an app.
+//!
 //! Why zstd rather than gzip: it is faster than gzip both when compressing and when
 //! decompressing, at a better ratio, which is what a deploy path that packs once on a
 //! workstation and unpacks on every web server wants. Its output is deterministic for a fixed
@@ -23,6 +29,7 @@ mod check;
 mod error;
 mod hash;
 mod pack;
+mod root;
 mod unpack;
 mod walk;
 
@@ -30,6 +37,7 @@ pub use check::MAX_NAME_LEN;
 pub use error::BundleError;
 pub use hash::{HashingReader, HashingWriter};
 pub use pack::{EMIGNORE_FILE, PackSummary, pack_dir};
+pub use root::root_files;
 pub use unpack::{BundleInfo, MAX_PAX_HEADER_BYTES, MAX_TRAILING_BYTES, inspect, unpack};
 pub use walk::{BundleWalk, WalkedPath};
 

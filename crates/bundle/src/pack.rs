@@ -7,11 +7,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use px_proto::detect::RootFiles;
 use px_proto::manifest::{APPRUNNER_FILE, AppManifest, MANIFEST_FILE, MAX_MANIFEST_BYTES};
 use tar::{EntryType, Header};
 
 use crate::check::{self, Checker, Kind, RawKind};
 use crate::error::IoContext;
+use crate::root;
 use crate::walk::{BundleWalk, WalkedPath};
 use crate::{BundleError, HashingWriter, Limits, ZSTD_LEVEL};
 
@@ -30,6 +32,8 @@ pub struct PackSummary {
     pub entries: u64,
     /// Bytes of file content.
     pub unpacked_bytes: u64,
+    /// The detection files at the root, as packed (`px_proto::detect::detect` reads them).
+    pub root_files: RootFiles,
 }
 
 /// One entry found in the source tree, already checked.
@@ -44,8 +48,10 @@ struct SourceEntry {
 /// Packs `dir` into `out` as a zstd-compressed tar stream, streaming (the bundle is never
 /// held in memory).
 ///
-/// Before writing anything it checks that `app.toml` is part of the bundle and parses, and
-/// that either `run` is set or an executable regular file `apprunner` is at the root. Every
+/// Before writing anything it checks that `app.toml` is part of the bundle and parses, that
+/// either `run` is set, an executable regular file `apprunner` is at the root, or the
+/// Procfile has a `web:` line (returned as `run` in the manifest), and that detection makes an
+/// app of the root files (`px_proto::detect`), as the repository will check them. Every
 /// entry goes through the same checker as [`unpack`](crate::unpack), so a symlink pointing
 /// outside the tree or a special file fails here rather than on the server. The size and
 /// entry limits are not applied: they are the server's configuration, and it reports them.
@@ -55,7 +61,7 @@ struct SourceEntry {
 /// runs single-threaded at [`ZSTD_LEVEL`].
 pub fn pack_dir<W: Write>(dir: &Path, out: W) -> Result<(PackSummary, AppManifest), BundleError> {
     let entries = collect(dir)?;
-    let manifest = check_root(&entries)?;
+    let (manifest, root_files) = check_root(&entries)?;
 
     let mut encoder = zstd::Encoder::new(HashingWriter::new(out), ZSTD_LEVEL)
         .context(|| "starting the zstd encoder".to_string())?;
@@ -123,6 +129,7 @@ pub fn pack_dir<W: Write>(dir: &Path, out: W) -> Result<(PackSummary, AppManifes
         size,
         entries: entries.len() as u64,
         unpacked_bytes,
+        root_files,
     };
     Ok((summary, manifest))
 }
@@ -219,12 +226,19 @@ fn collect(dir: &Path) -> Result<Vec<SourceEntry>, BundleError> {
     Ok(entries)
 }
 
-/// Applies the root rules to what will actually be packed, so an `app.toml` or `apprunner`
-/// left out by an ignore file is noticed here and not on the server.
-fn check_root(entries: &[SourceEntry]) -> Result<AppManifest, BundleError> {
+/// Applies the root rules to what will actually be packed, so an `app.toml`, `apprunner` or
+/// detection file left out by an ignore file is noticed here and not on the server.
+fn check_root(entries: &[SourceEntry]) -> Result<(AppManifest, RootFiles), BundleError> {
     let mut manifest = None;
     let mut runner = false;
+    let mut root_files = RootFiles::new();
     for entry in entries {
+        if matches!(entry.kind, Kind::File { .. }) && RootFiles::file_use(&entry.path).is_some() {
+            let size = fs::symlink_metadata(&entry.source)
+                .context(|| format!("reading the size of {}", entry.source.display()))?
+                .len();
+            root::read_into(&mut root_files, &entry.path, &entry.source, size)?;
+        }
         if entry.path == MANIFEST_FILE {
             if !matches!(entry.kind, Kind::File { .. }) {
                 return Err(check::manifest_not_regular());
@@ -243,7 +257,9 @@ fn check_root(entries: &[SourceEntry]) -> Result<AppManifest, BundleError> {
             runner = matches!(entry.kind, Kind::File { exec: true });
         }
     }
-    check::check_root(manifest, runner)
+    let manifest = check::check_root(manifest, runner, &root_files)?;
+    check::check_detection(&manifest, &root_files)?;
+    Ok((manifest, root_files))
 }
 
 #[cfg(test)]

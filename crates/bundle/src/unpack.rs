@@ -1,6 +1,7 @@
 //! Reading bundles: [`inspect`] checks a bundle without writing anything, [`unpack`] writes it
-//! into a fresh directory. Both run the same reading loop, so they accept and refuse exactly
-//! the same bundles.
+//! into a fresh directory. Both run the same reading loop, so they accept and refuse the same
+//! entries; `inspect`, the gate of new uploads, also refuses a bundle whose root files
+//! detection cannot make an app of (see `check::check_detection` for why `unpack` does not).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -12,6 +13,7 @@ use tar::EntryType;
 
 use crate::check::{self, Checked, Checker, Kind, RawKind};
 use crate::error::IoContext;
+use crate::root::RootCollector;
 use crate::{BundleError, Limits, ZSTD_WINDOW_LOG_MAX};
 
 /// Largest pax extended header accepted. Real ones hold a path, a link target and a few
@@ -33,8 +35,11 @@ const SHOWN_LONG_NAME_BYTES: u64 = 256;
 /// What a checked bundle holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BundleInfo {
-    /// The parsed, validated `app.toml`.
+    /// The parsed, validated `app.toml`, with `run` taken from the Procfile's `web:` line
+    /// when the file names no `run` and the bundle has no executable `apprunner`.
     pub manifest: AppManifest,
+    /// The detection files at the bundle's root (`px_proto::detect::detect` reads them).
+    pub root_files: px_proto::detect::RootFiles,
     /// Entries, counting directories only implied by deeper paths.
     pub entries: u64,
     /// Bytes of file content.
@@ -48,13 +53,16 @@ pub struct BundleInfo {
 pub const MAX_BIN_COMMANDS: usize = 256;
 
 /// Reads a compressed bundle stream and checks every entry exactly as [`unpack`] would,
-/// without writing anything; reads and validates `app.toml` and checks the runner rule. For
-/// the repository, which must refuse bad bundles at upload time.
+/// without writing anything; reads and validates `app.toml`, checks the runner rule and what
+/// detection makes of the root files. For the repository, which must refuse bad bundles at
+/// upload time.
 ///
 /// On success the stream has been read to its end, so a [`HashingReader`](crate::HashingReader)
 /// around `reader` has seen every byte.
 pub fn inspect<R: Read>(reader: R, limits: &Limits) -> Result<BundleInfo, BundleError> {
-    read_bundle(reader, limits, None)
+    let info = read_bundle(reader, limits, None)?;
+    check::check_detection(&info.manifest, &info.root_files)?;
+    Ok(info)
 }
 
 /// Unpacks a bundle into `dest`, which must not exist.
@@ -195,6 +203,7 @@ struct Reading<'a> {
     manifest: Option<Vec<u8>>,
     runner_executable: bool,
     bin_commands: std::collections::BTreeSet<String>,
+    root_files: RootCollector,
     buffer: Vec<u8>,
 }
 
@@ -214,6 +223,7 @@ fn read_bundle<R: Read>(
         manifest: None,
         runner_executable: false,
         bin_commands: Default::default(),
+        root_files: RootCollector::default(),
         buffer: vec![0; COPY_BUFFER_BYTES],
     };
     {
@@ -237,9 +247,15 @@ fn read_bundle<R: Read>(
     check_trailer(&mut decoder, &mut reading.buffer)?;
     io::copy(&mut decoder.finish(), &mut io::sink()).map_err(read_error)?;
 
-    let manifest = check::check_root(reading.manifest.take(), reading.runner_executable)?;
+    let root_files = reading.root_files.into_files();
+    let manifest = check::check_root(
+        reading.manifest.take(),
+        reading.runner_executable,
+        &root_files,
+    )?;
     Ok(BundleInfo {
         manifest,
+        root_files,
         entries: reading.checker.entries(),
         unpacked_bytes: reading.checker.bytes(),
         bin_commands: reading.bin_commands,
@@ -429,6 +445,7 @@ impl Reading<'_> {
                     }
                     self.manifest = Some(Vec::with_capacity(size as usize));
                 }
+                self.root_files.start(&checked.path, size);
                 let mode = if *exec { 0o755 } else { 0o644 };
                 let mut file = match &target {
                     Some(path) => Some(
@@ -456,6 +473,7 @@ impl Reading<'_> {
                     if is_manifest && let Some(m) = self.manifest.as_mut() {
                         m.extend_from_slice(chunk);
                     }
+                    self.root_files.chunk(chunk);
                     if let (Some(file), Some(path)) = (file.as_mut(), &target) {
                         file.write_all(chunk)
                             .context(|| format!("writing {}", path.display()))?;
@@ -467,6 +485,7 @@ impl Reading<'_> {
                         checked.path
                     )));
                 }
+                self.root_files.finish(size);
                 if let (Some(file), Some(path)) = (file, &target) {
                     // `mode` above is filtered through the umask; the release must not be.
                     file.set_permissions(fs::Permissions::from_mode(mode))
@@ -623,6 +642,7 @@ mod tests {
             manifest: None,
             runner_executable: false,
             bin_commands: Default::default(),
+            root_files: RootCollector::default(),
             buffer: vec![0; COPY_BUFFER_BYTES],
         };
         let checked = reading
