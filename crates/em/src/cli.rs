@@ -44,18 +44,20 @@ pub enum Command {
         #[arg(long = "webhook", value_name = "URL")]
         webhooks: Vec<String>,
     },
-    /// Create a new app: app.toml, a server with a health endpoint, and a public/ asset
+    /// Create a new app from a template, or write app.toml for an app that is already there
     #[command(
-        after_help = "Examples:\n  em init hello\n  em init site --template static\n  em init api --name my-api --template node"
+        after_help = "Examples:\n  em init hello\n  em init site --template static\n  em init api --name my-api --template node\n  cd my-django-app && em init   # app.toml for the app already there\n\nIn a directory that holds an app (a Procfile, requirements.txt, package.json, ...),\nem init writes only app.toml, saying what it found; it exits 6 when it cannot tell\nhow the app starts, with a `run` to fill in."
     )]
     Init {
-        /// Directory to create (default: the current one, which must be empty).
+        /// Directory of the app (default: the current one). A new or empty one gets a
+        /// template; one that holds an app gets an app.toml for it.
         dir: Option<PathBuf>,
         /// App name (default: the directory's name); a lowercase DNS label.
         #[arg(long)]
         name: Option<String>,
-        #[arg(long, value_enum, default_value_t = Template::Python)]
-        template: Template,
+        /// Template for a new app (default: python); only for a new or empty directory.
+        #[arg(long, value_enum)]
+        template: Option<Template>,
     },
     /// Run an app locally the way Maestro would, restarting it when files change
     #[command(after_help = "Examples:\n  em dev\n  em dev examples/python-hello --port 5000")]

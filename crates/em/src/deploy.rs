@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use px_proto::api::{self, Release};
 use px_proto::beacon::{Event, EventKind};
+use px_proto::detect::detect;
 use px_proto::manifest::{AppManifest, MANIFEST_FILE};
 
 use crate::client::{Client, refusal, unreachable};
@@ -34,13 +35,39 @@ pub struct Options<'a> {
 
 fn read_manifest(dir: &Path) -> Result<AppManifest> {
     let path = dir.join(MANIFEST_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|_| {
-        Failure::bad_app(format!(
-            "no {MANIFEST_FILE} in {}; run `em init` to create an app, or pass the app's directory",
-            dir.display()
-        ))
+    let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Failure::bad_app(no_manifest(dir)),
+        _ => Failure::bad_app(format!("cannot read {}: {e}", path.display())),
     })?;
     AppManifest::parse(&text).map_err(|e| Failure::bad_app(format!("{} ({})", e, path.display())))
+}
+
+/// What to do about a directory without `app.toml`: `em init` there, and what it would find
+/// (the same detection the build makes), so a person bringing an existing app sees at once
+/// that it is understood, or what stops it.
+fn no_manifest(dir: &Path) -> String {
+    let shown = dir.display();
+    let detected = px_bundle::root_files(dir)
+        .map_err(|e| e.to_string())
+        .and_then(|files| detect(None, &files).map_err(|e| e.to_string()));
+    match detected {
+        Ok(detection) if detection.recognised() => {
+            let mut message = format!(
+                "no {MANIFEST_FILE} in {shown}; run `em init` there to write one for the app it holds. It would find:"
+            );
+            for line in &detection.lines {
+                message.push_str("\n  ");
+                message.push_str(line);
+            }
+            message
+        }
+        Err(problem) => format!(
+            "no {MANIFEST_FILE} in {shown}; `em init` there writes one for the app it holds, but would first stop at: {problem}"
+        ),
+        Ok(_) => format!(
+            "no {MANIFEST_FILE} in {shown}; run `em init` to create an app, or pass the app's directory"
+        ),
+    }
 }
 
 fn mib(bytes: u64) -> f64 {

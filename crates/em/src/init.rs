@@ -1,11 +1,15 @@
-//! `em init`: a new app directory from a template. The templates are the apps in `examples/`,
-//! embedded at compile time, so what `em init` writes is exactly what the examples deploy.
+//! `em init`: a new app directory from a template, or an `app.toml` for an app that is already
+//! there (`existing`). The templates are the apps in `examples/`, embedded at compile time, so
+//! what `em init` writes is exactly what the examples deploy.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use px_proto::detect::{Detection, Stack, detect};
+use px_proto::manifest::APPRUNNER_FILE;
 use px_proto::manifest::{AppManifest, MANIFEST_FILE};
 use px_proto::names::{MAX_APP_NAME_LEN, check_app_name};
+use px_proto::procfile::PROCFILE;
 
 use crate::cli::Template;
 use crate::failure::{Failure, Result};
@@ -54,8 +58,28 @@ fn source(template: Template) -> Source {
     }
 }
 
-/// Creates the app in `dir`; returns the app's name.
-pub fn init(dir: &Path, name: Option<&str>, template: Template) -> Result<String> {
+/// What `em init` did.
+#[derive(Debug)]
+pub enum Created {
+    /// A new app from a template, in a new or empty directory.
+    Template { name: String },
+    /// An `app.toml` for the app the directory already held; `lines` say what was found.
+    Existing { name: String, lines: Vec<String> },
+}
+
+/// Creates the app in `dir`: from `template` (default: python) when `dir` is new or empty,
+/// or, when it already holds an app, an `app.toml` for that app.
+pub fn init(dir: &Path, name: Option<&str>, template: Option<Template>) -> Result<Created> {
+    if holds_files(dir)? {
+        if template.is_some() {
+            return Err(Failure::bad_app(format!(
+                "{} is not empty; --template writes a new app into an empty directory, while `em init` without it writes an app.toml for the app already there",
+                dir.display()
+            )));
+        }
+        return init_existing(dir, name);
+    }
+    let template = template.unwrap_or(Template::Python);
     let exists = check_dir(dir)?;
     let name = match name {
         Some(name) => name.to_string(),
@@ -91,7 +115,153 @@ pub fn init(dir: &Path, name: Option<&str>, template: Template) -> Result<String
         }
         return Err(failure);
     }
-    Ok(name)
+    Ok(Created::Template { name })
+}
+
+/// Whether `dir` is a directory with something in it: then `em init` is about the app that
+/// is there, not a template.
+fn holds_files(dir: &Path) -> Result<bool> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => Ok(entries.next().is_some()),
+        // Absent, a file, or unreadable: the template path says which, as before.
+        Err(_) => Ok(false),
+    }
+}
+
+/// How the `app.toml` written for an existing app starts it.
+enum RunChoice {
+    /// The Procfile's `web:` line, which the bundle turns into `run`.
+    Procfile(String),
+    /// The executable `apprunner` at the root.
+    AppRunner,
+    /// `npm start`, which runs `scripts.start`.
+    NpmStart(String),
+    /// Nothing `em init` can justify: a commented placeholder, and `em init` fails.
+    Unknown,
+}
+
+/// Writes an `app.toml` for the app in `dir`, saying what detection found, and changes
+/// nothing else. It refuses when `app.toml` exists, when detection refuses a file, and when
+/// nothing in `dir` says what the app is; when it cannot tell how the app starts, it writes
+/// the file with a commented `run` and fails, so `em init && em deploy` stops here.
+fn init_existing(dir: &Path, name: Option<&str>) -> Result<Created> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    if std::fs::symlink_metadata(&manifest_path).is_ok() {
+        return Err(Failure::bad_app(format!(
+            "{} already exists; edit it, or remove it and run `em init` again",
+            manifest_path.display()
+        )));
+    }
+    let files = px_bundle::root_files(dir).map_err(|e| {
+        let message = format!("cannot read the app in {}: {e}", dir.display());
+        if e.is_client_error() {
+            Failure::bad_app(message)
+        } else {
+            Failure::failed(message)
+        }
+    })?;
+    let detection = detect(None, &files).map_err(|e| {
+        Failure::bad_app(format!(
+            "{} holds an app em cannot build as it is: {e}; nothing was written",
+            dir.display()
+        ))
+    })?;
+    let apprunner = std::fs::symlink_metadata(dir.join(APPRUNNER_FILE)).is_ok_and(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.is_file() && m.permissions().mode() & 0o111 != 0
+    });
+    if !detection.recognised() && !apprunner {
+        return Err(Failure::bad_app(format!(
+            "{} is not empty, and holds no app em recognises (no {PROCFILE}, requirements.txt, pyproject.toml, Pipfile.lock, package.json, .python-version or runtime.txt at its root, and no executable {APPRUNNER_FILE}); run em init in an empty one for a new app, or write app.toml by hand",
+            dir.display()
+        )));
+    }
+    let name = match name {
+        Some(name) => name.to_string(),
+        None => name_from_dir(dir, true)?,
+    };
+    check_name(&name)?;
+    let run = run_choice(&detection, apprunner);
+    let text = existing_manifest(&name, &detection, &run);
+    // What is written must parse; a failure here is em's own bug, caught before writing.
+    AppManifest::parse(&text).map_err(|e| {
+        Failure::failed(format!(
+            "em wrote an app.toml that does not parse ({e}); this is a bug in em, please report it"
+        ))
+    })?;
+    write_new(&manifest_path, &text)?;
+    if let RunChoice::Unknown = run {
+        return Err(Failure::bad_app(format!(
+            "wrote {} for app {name}, but cannot tell how the app starts: set `run` in it (the command that starts one instance listening on $PORT), or add a Procfile with a `web:` line, then run `em deploy`",
+            manifest_path.display()
+        )));
+    }
+    Ok(Created::Existing {
+        name,
+        lines: detection.lines,
+    })
+}
+
+/// How the app starts, from what detection can justify; never a guess.
+fn run_choice(detection: &Detection, apprunner: bool) -> RunChoice {
+    if let Some(web) = detection.procfile.as_ref().and_then(|p| p.web()) {
+        return RunChoice::Procfile(web.to_string());
+    }
+    if apprunner {
+        return RunChoice::AppRunner;
+    }
+    match &detection.stack {
+        Stack::Node(node) => match &node.start_script {
+            Some(start) => RunChoice::NpmStart(start.clone()),
+            None => RunChoice::Unknown,
+        },
+        _ => RunChoice::Unknown,
+    }
+}
+
+/// The text of the `app.toml` for an existing app: what was found as comments, the name, and
+/// `run` only when `run_choice` could justify one.
+fn existing_manifest(name: &str, detection: &Detection, run: &RunChoice) -> String {
+    let mut text =
+        String::from("# app.toml, written by `em init` for the app in this directory. It found:\n");
+    for line in &detection.lines {
+        text.push_str(&format!("#   {}\n", comment_safe(line)));
+    }
+    text.push_str(
+        "# Those files decide the build at every deploy; this file adds what they cannot say.\n# Every field: docs/src/reference/manifest.md\n",
+    );
+    text.push_str(&format!("name = \"{name}\"\n"));
+    match run {
+        RunChoice::Procfile(web) => text.push_str(&format!(
+            "# run: the Procfile's `web:` line starts the app ({}).\n",
+            comment_safe(web)
+        )),
+        RunChoice::AppRunner => {
+            text.push_str("# run: the executable `apprunner` starts the app.\n");
+        }
+        RunChoice::NpmStart(start) => text.push_str(&format!(
+            "# run: `npm start` runs package.json's scripts.start ({}).\nrun = \"npm start\"\n",
+            comment_safe(start)
+        )),
+        RunChoice::Unknown => text.push_str(
+            "# run: em init cannot tell how this app starts. Set the command that starts one\n# instance listening on $PORT, or add a Procfile with a `web:` line, e.g.:\n# run = \"<command>\"\n",
+        ),
+    }
+    text
+}
+
+/// A detection line as one comment line: a newline or other control character in it (from
+/// a hostile `package.json`, say) is shown escaped, so it cannot end the comment.
+fn comment_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Checks `dir` is absent or an empty directory; returns whether it exists.
@@ -231,6 +401,22 @@ fn write_files(dir: &Path, files: &[(&str, String)]) -> Result<()> {
     Ok(())
 }
 
+/// Creates `path` with `text`, never over an existing file; a file it created but could not
+/// write whole is removed, so a failure leaves the directory as it was.
+fn write_new(path: &Path, text: &str) -> Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| cannot_write(path, &e))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| {
+            let _ = std::fs::remove_file(path);
+            cannot_write(path, &e)
+        })
+}
+
 fn cannot_write(path: &Path, e: &std::io::Error) -> Failure {
     Failure::failed(format!(
         "cannot write {}: {e}; check the directory is writable and has space",
@@ -284,6 +470,41 @@ mod tests {
                 original
             );
         }
+    }
+
+    #[test]
+    fn a_hostile_detection_line_cannot_leave_its_comment() {
+        // A start script with a newline and TOML after it: shown escaped in the comment, so
+        // the app.toml still names the app it was written for and runs `npm start`.
+        let package = r#"{"scripts": {"start": "node a.js\nname = \"evil\"\nrun = \"rm -rf /\""}}"#;
+        let files = px_proto::detect::RootFiles::new().with("package.json", package);
+        let detection = detect(None, &files).unwrap();
+        let run = run_choice(&detection, false);
+        let text = existing_manifest("mine", &detection, &run);
+        let manifest = AppManifest::parse(&text).unwrap();
+        assert_eq!(manifest.name, "mine");
+        assert_eq!(manifest.run.as_deref(), Some("npm start"));
+        assert!(text.contains("node a.js\\nname"), "{text}");
+        assert_eq!(comment_safe("a\tb\r"), "a\\tb\\r");
+    }
+
+    #[test]
+    fn the_run_command_is_never_guessed() {
+        let detect_files = |list: &[(&str, &str)]| {
+            let files = list
+                .iter()
+                .fold(px_proto::detect::RootFiles::new(), |files, (name, text)| {
+                    files.with(name, text)
+                });
+            detect(None, &files).unwrap()
+        };
+        let django = detect_files(&[("requirements.txt", "django\n"), ("manage.py", "")]);
+        assert!(matches!(run_choice(&django, false), RunChoice::Unknown));
+        assert!(matches!(run_choice(&django, true), RunChoice::AppRunner));
+        let no_start = detect_files(&[("package.json", "{}")]);
+        assert!(matches!(run_choice(&no_start, false), RunChoice::Unknown));
+        let procfile = detect_files(&[("Procfile", "web: serve\n"), ("package.json", "{}")]);
+        assert!(matches!(run_choice(&procfile, true), RunChoice::Procfile(w) if w == "serve"));
     }
 
     #[test]

@@ -56,15 +56,30 @@ fn run(cli: Cli) -> failure::Result<()> {
             template,
         } => {
             let dir = dir.unwrap_or_else(|| PathBuf::from("."));
-            let app = init::init(&dir, name.as_deref(), template)?;
-            if json {
-                println!("{}", serde_json::json!({ "app": app, "dir": dir }));
-            } else {
-                println!(
+            match init::init(&dir, name.as_deref(), template)? {
+                init::Created::Template { name: app } if json => {
+                    println!("{}", serde_json::json!({ "app": app, "dir": dir }));
+                }
+                init::Created::Template { name: app } => println!(
                     "created app {app} in {}\nnext: cd {} && em deploy",
                     dir.display(),
                     dir.display()
-                );
+                ),
+                init::Created::Existing { name: app, lines } if json => println!(
+                    "{}",
+                    serde_json::json!({ "app": app, "dir": dir, "detected": lines })
+                ),
+                init::Created::Existing { name: app, lines } => {
+                    println!("wrote app.toml for app {app} in {}; found:", dir.display());
+                    for line in lines {
+                        println!("  {line}");
+                    }
+                    if dir == std::path::Path::new(".") {
+                        println!("next: em deploy");
+                    } else {
+                        println!("next: cd {} && em deploy", dir.display());
+                    }
+                }
             }
             Ok(())
         }
