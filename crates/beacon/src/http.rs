@@ -14,12 +14,13 @@ use axum::{Json, Router};
 use futures_util::Stream;
 use px_proto::api::ErrorBody;
 use px_proto::beacon::{App, Event, LogEntry, Node, Repository, RolloutRecord};
-use px_proto::link::{AppAssignment, FromBeacon};
+use px_proto::link::{AppAssignment, FromBeacon, LogStream};
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
 use crate::auth::{Reader, Tokens};
 use crate::hub::Hub;
+use crate::logstore::LogFilter;
 use crate::metrics::Metrics;
 
 /// Events per page when the client does not say.
@@ -251,7 +252,24 @@ async fn event_stream(
 #[serde(deny_unknown_fields)]
 struct LogQuery {
     lines: Option<usize>,
+    /// Only the output of this build.
+    build: Option<u64>,
+    /// Only lines of this stream (`stdout`, `stderr`, `event`, `build`).
+    stream: Option<LogStream>,
 }
+
+impl LogQuery {
+    fn filter(&self) -> LogFilter {
+        LogFilter {
+            build: self.build,
+            stream: self.stream,
+        }
+    }
+}
+
+/// What a bad log query is told.
+const LOG_QUERY_HELP: &str =
+    "expected ?lines=<n>&build=<number>&stream=<stdout|stderr|event|build>";
 
 /// Lines shown when the client does not say how many.
 pub const DEFAULT_LOG_LINES: usize = 100;
@@ -262,35 +280,39 @@ async fn app_logs(
     Path(app): Path<String>,
     query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<LogEntry>>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("expected ?lines=<n>: {e}")))?;
-    Ok(Json(
-        state
-            .logs
-            .recent(&app, q.lines.unwrap_or(DEFAULT_LOG_LINES)),
-    ))
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("{LOG_QUERY_HELP}: {e}")))?;
+    Ok(Json(state.logs.recent(
+        &app,
+        q.lines.unwrap_or(DEFAULT_LOG_LINES),
+        q.filter(),
+    )))
 }
 
-/// Server-Sent Events: the app's last `?lines=` lines, then every new one as nodes forward it.
+/// Server-Sent Events: the app's last `?lines=` lines, then every new one as nodes forward it;
+/// with `?build=` only that build's output, with `?stream=` only that stream. The follower
+/// subscribes before it reads the backlog, so a line forwarded in between is sent twice at
+/// worst, never missed.
 async fn app_log_stream(
     _: Reader,
     State(state): State<AppState>,
     Path(app): Path<String>,
     query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("expected ?lines=<n>: {e}")))?;
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("{LOG_QUERY_HELP}: {e}")))?;
+    let filter = q.filter();
     let live = state.logs.subscribe();
     let backlog = state
         .logs
-        .recent(&app, q.lines.unwrap_or(DEFAULT_LOG_LINES));
+        .recent(&app, q.lines.unwrap_or(DEFAULT_LOG_LINES), filter);
     let stream = futures_util::stream::unfold(
         (backlog.into_iter(), live, app),
-        |(mut backlog, mut live, app)| async move {
+        move |(mut backlog, mut live, app)| async move {
             if let Some(entry) = backlog.next() {
                 return Some((Ok(log_sse(&entry)), (backlog, live, app)));
             }
             loop {
                 match live.recv().await {
-                    Ok(entry) if entry.app == app => {
+                    Ok(entry) if entry.app == app && filter.matches(&entry) => {
                         return Some((Ok(log_sse(&entry)), (backlog, live, app)));
                     }
                     Ok(_) => continue,

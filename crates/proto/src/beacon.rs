@@ -236,4 +236,7 @@ pub struct LogEntry {
     pub stream: crate::link::LogStream,
     pub at: String,
     pub line: String,
+    /// For a build's output: the build's number (`release` and `instance` are then 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<u64>,
 }
