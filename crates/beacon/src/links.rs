@@ -1,5 +1,6 @@
 //! The control-link server: TLS over TCP, the `Hello`/`Welcome` handshake, then one task per
 //! link that owns its connection and selects over frames, assignments, commands and timers.
+//! A repository's notices (a release committed, a build requested) trigger a reconcile.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,10 @@ pub const MAX_LINKS: usize = 20_000;
 /// Notices queued from repository links to the reconciler; more are coalesced away, since one
 /// reconcile reads everything.
 pub const RECONCILE_TRIGGERS: usize = 64;
+/// Most builds one node may report. A node reports the latest build per app it built, and the
+/// repository keeps one pending build per app: as many as the instances a node may report is
+/// more than any node builds, and bounds what one report makes Beacon hold.
+pub const MAX_REPORTED_BUILDS: usize = MAX_REPORTED_INSTANCES;
 
 type Link = Framed<tokio_rustls::server::TlsStream<TcpStream>, FrameCodec<ToBeacon, FromBeacon>>;
 
@@ -150,14 +155,13 @@ impl LinkServer {
         }
         if hello.labels.len() > MAX_NODE_LABELS
             || hello.runtimes.len() > px_proto::link::MAX_REPORTED_RUNTIMES
-            || hello
-                .state
-                .as_ref()
-                .is_some_and(|s| s.instances.len() > MAX_REPORTED_INSTANCES)
+            || hello.state.as_ref().is_some_and(|s| {
+                s.instances.len() > MAX_REPORTED_INSTANCES || s.builds.len() > MAX_REPORTED_BUILDS
+            })
         {
             return Err(reject(
                 &mut link,
-                "too many labels, runtimes or instances in hello".into(),
+                "too many labels, runtimes, instances or builds in hello".into(),
             )
             .await);
         }
@@ -221,6 +225,11 @@ impl LinkServer {
                         // A full queue already holds a pending reconcile, which reads everything.
                         let _ = self.reconcile.try_send(());
                     }
+                    Some(Ok(ToBeacon::BuildRequested(notice))) => {
+                        tracing::info!(app = %notice.app, build = notice.build, "build requested");
+                        // The reconcile reads the pending builds with the apps, as above.
+                        let _ = self.reconcile.try_send(());
+                    }
                     Some(Ok(ToBeacon::Heartbeat(report))) => self.hub.repository_seen(&hello.name, &report),
                     Some(Ok(other)) => return Err(format!("unexpected {} from a repository", frame_name(&other))),
                 },
@@ -278,6 +287,9 @@ impl LinkServer {
                         Some(Ok(ToBeacon::Heartbeat(report))) => {
                             if report.instances.len() > MAX_REPORTED_INSTANCES {
                                 return Err(format!("node {node} reported too many instances"));
+                            }
+                            if report.builds.len() > MAX_REPORTED_BUILDS {
+                                return Err(format!("node {node} reported too many builds"));
                             }
                             self.metrics.heartbeats.inc();
                             self.hub.seen(node, conn, Some(report)).await;

@@ -1,10 +1,12 @@
 //! Placement: which nodes run a release, decided from what each node told Beacon (its labels,
-//! the runtimes on its host, what it runs now), and the sentence that says why no node can.
-//! Pure functions over plain data; the hub calls them under its lock.
+//! the runtimes on its host, what it runs now), and the sentence that says why no node can;
+//! and which node runs each pending build. Pure functions over plain data; the hub calls them
+//! under its lock.
 
 use std::collections::BTreeMap;
 
 use px_proto::api::Release;
+use px_proto::build::{BUILD_LABEL, BuildStatus};
 use px_proto::link::NodeReport;
 
 /// What placement looks at on a node.
@@ -99,6 +101,101 @@ pub fn unplaced_message<'a>(
         release.app,
         release.version,
         reasons.join(", ")
+    )
+}
+
+/// A build, by app and number.
+pub type BuildKey = (String, u64);
+
+/// Whether a node's labels let it run builds (`build = "true"`).
+pub fn may_build(labels: &BTreeMap<String, String>) -> bool {
+    labels.get(BUILD_LABEL).is_some_and(|v| v == "true")
+}
+
+/// A node as build placement sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildNode<'a> {
+    pub name: &'a str,
+    /// Labelled `build = "true"`.
+    pub may_build: bool,
+    /// Silent past the deadline.
+    pub lost: bool,
+    /// Its link is up now.
+    pub linked: bool,
+    /// The builds its last report shows, whatever their progress.
+    pub reported: &'a [BuildStatus],
+}
+
+impl BuildNode<'_> {
+    fn can_keep(&self) -> bool {
+        self.may_build && !self.lost
+    }
+
+    fn reports(&self, (app, build): &BuildKey) -> bool {
+        self.reported
+            .iter()
+            .any(|b| &b.app == app && b.build == *build)
+    }
+}
+
+/// Decides which node runs each pending build, given where each runs now (`current`).
+///
+/// A build stays where it is while that node may build and is not lost, even with its link
+/// down for a moment: moving it would start it over. Then a node whose report shows the build
+/// keeps it: that is how a restarted Beacon finds where its builds run. Then, while nodes
+/// Beacon has not seen since it started may still come back (`absent_may_return`), a build
+/// stays on such a node. Every other build goes to the linked node that may build and runs
+/// the fewest builds (by name among equals); with none, it waits (`None`).
+pub fn place_builds(
+    current: &BTreeMap<BuildKey, Option<String>>,
+    nodes: &[BuildNode<'_>],
+    absent_may_return: bool,
+) -> BTreeMap<BuildKey, Option<String>> {
+    let by_name: BTreeMap<&str, &BuildNode<'_>> = nodes.iter().map(|n| (n.name, n)).collect();
+    let mut placed: BTreeMap<BuildKey, Option<String>> = BTreeMap::new();
+    let mut load: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut waiting = Vec::new();
+    for (key, node) in current {
+        let known = node.as_deref().and_then(|name| by_name.get(name));
+        let keep = known
+            .filter(|n| n.can_keep())
+            .map(|n| n.name)
+            .or_else(|| {
+                nodes
+                    .iter()
+                    .find(|n| n.can_keep() && n.reports(key))
+                    .map(|n| n.name)
+            })
+            .or_else(|| {
+                node.as_deref()
+                    .filter(|name| absent_may_return && !by_name.contains_key(name))
+            });
+        match keep {
+            Some(name) => {
+                *load.entry(name).or_default() += 1;
+                placed.insert(key.clone(), Some(name.to_string()));
+            }
+            None => waiting.push(key),
+        }
+    }
+    for key in waiting {
+        let choice = nodes
+            .iter()
+            .filter(|n| n.can_keep() && n.linked)
+            .min_by_key(|n| (load.get(n.name).copied().unwrap_or(0), n.name))
+            .map(|n| n.name);
+        if let Some(name) = choice {
+            *load.entry(name).or_default() += 1;
+        }
+        placed.insert(key.clone(), choice.map(str::to_string));
+    }
+    placed
+}
+
+/// Says that a build waits for a node that may build, and how to let one.
+pub fn no_build_node_message(app: &str, build: u64) -> String {
+    format!(
+        "{app} build {build} waits: no node may build; give a Maestro the label {BUILD_LABEL} = \"true\" (in its config's `labels`) to build there"
     )
 }
 
@@ -317,6 +414,187 @@ pub(crate) mod tests {
         assert_eq!(
             unplaced_message(&on_gpu, []),
             "hello v3 has no node to run on: "
+        );
+    }
+
+    fn key(app: &str, build: u64) -> BuildKey {
+        (app.to_string(), build)
+    }
+
+    fn running_build(app: &str, build: u64) -> BuildStatus {
+        BuildStatus {
+            app: app.into(),
+            build,
+            progress: px_proto::build::BuildProgress::Running,
+            release: None,
+        }
+    }
+
+    #[test]
+    fn build_placement_rules() {
+        let builds_shop = [running_build("shop", 4)];
+        let node = |name: &'static str| BuildNode {
+            name,
+            may_build: true,
+            lost: false,
+            linked: true,
+            reported: &[],
+        };
+        let web = BuildNode {
+            may_build: false,
+            ..node("web-1")
+        };
+        let b1 = node("build-1");
+        let b2 = node("build-2");
+        let b1_lost = BuildNode { lost: true, ..b1 };
+        let b1_unlinked = BuildNode {
+            linked: false,
+            ..b1
+        };
+        let b2_reports_shop = BuildNode {
+            reported: &builds_shop,
+            ..b2
+        };
+        let one = |app: &str, build: u64, on: Option<&str>| {
+            BTreeMap::from([(key(app, build), on.map(str::to_string))])
+        };
+        type Case<'a> = (
+            &'a str,
+            BTreeMap<BuildKey, Option<String>>,
+            Vec<BuildNode<'a>>,
+            bool,
+            Vec<(&'a str, u64, Option<&'a str>)>,
+        );
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "a new build goes to the only node that may build",
+                one("shop", 4, None),
+                vec![web, b1],
+                false,
+                vec![("shop", 4, Some("build-1"))],
+            ),
+            (
+                "no node may build: it waits",
+                one("shop", 4, None),
+                vec![web],
+                false,
+                vec![("shop", 4, None)],
+            ),
+            (
+                "a lost node takes no new build",
+                one("shop", 4, None),
+                vec![b1_lost],
+                false,
+                vec![("shop", 4, None)],
+            ),
+            (
+                "an unlinked node takes no new build",
+                one("shop", 4, None),
+                vec![b1_unlinked],
+                false,
+                vec![("shop", 4, None)],
+            ),
+            (
+                "placed: it stays, even with a less busy node beside it",
+                one("shop", 4, Some("build-1")),
+                vec![b1, b2],
+                false,
+                vec![("shop", 4, Some("build-1"))],
+            ),
+            (
+                "placed on a node whose link is down but not lost: it stays",
+                one("shop", 4, Some("build-1")),
+                vec![b1_unlinked, b2],
+                false,
+                vec![("shop", 4, Some("build-1"))],
+            ),
+            (
+                "its node is lost: it moves",
+                one("shop", 4, Some("build-1")),
+                vec![b1_lost, b2],
+                false,
+                vec![("shop", 4, Some("build-2"))],
+            ),
+            (
+                "its node no longer may build: it moves",
+                one("shop", 4, Some("build-1")),
+                vec![
+                    BuildNode {
+                        may_build: false,
+                        ..b1
+                    },
+                    b2,
+                ],
+                false,
+                vec![("shop", 4, Some("build-2"))],
+            ),
+            (
+                "unplaced, and a node reports running it: it goes there",
+                one("shop", 4, None),
+                vec![b1, b2_reports_shop],
+                false,
+                vec![("shop", 4, Some("build-2"))],
+            ),
+            (
+                "on a node not seen since the start, which may still return: it stays",
+                one("shop", 4, Some("build-9")),
+                vec![b1],
+                true,
+                vec![("shop", 4, Some("build-9"))],
+            ),
+            (
+                "on a node not seen since the start, after the wait: it moves",
+                one("shop", 4, Some("build-9")),
+                vec![b1],
+                false,
+                vec![("shop", 4, Some("build-1"))],
+            ),
+            (
+                "a report of the build wins over a node that has not returned",
+                one("shop", 4, Some("build-9")),
+                vec![b1, b2_reports_shop],
+                true,
+                vec![("shop", 4, Some("build-2"))],
+            ),
+            (
+                "new builds go to the least busy node, by name among equals",
+                BTreeMap::from([
+                    (key("api", 1), None),
+                    (key("blog", 2), None),
+                    (key("shop", 4), Some("build-2".to_string())),
+                ]),
+                vec![b1, b2],
+                false,
+                vec![
+                    ("api", 1, Some("build-1")),
+                    ("blog", 2, Some("build-1")),
+                    ("shop", 4, Some("build-2")),
+                ],
+            ),
+        ];
+        for (what, current, nodes, absent_may_return, expected) in cases {
+            let placed = place_builds(&current, &nodes, absent_may_return);
+            let expected: BTreeMap<BuildKey, Option<String>> = expected
+                .into_iter()
+                .map(|(app, build, on)| (key(app, build), on.map(str::to_string)))
+                .collect();
+            assert_eq!(placed, expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn only_build_true_lets_a_node_build() {
+        assert!(may_build(&map(&[("build", "true"), ("zone", "a")])));
+        for labels in [
+            map(&[]),
+            map(&[("build", "yes")]),
+            map(&[("build", "false")]),
+        ] {
+            assert!(!may_build(&labels), "{labels:?}");
+        }
+        assert_eq!(
+            no_build_node_message("shop", 4),
+            "shop build 4 waits: no node may build; give a Maestro the label build = \"true\" (in its config's `labels`) to build there"
         );
     }
 }

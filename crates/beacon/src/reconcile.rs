@@ -1,23 +1,33 @@
-//! The reconciler: reads the desired state (every app's current release) from the repository
-//! on start-up, on every release notice and on an interval, and hands it to the hub. When the
-//! repository is away, the hub keeps the last known state and the reconciler retries.
+//! The reconciler: reads the desired state (every app's current release) and the pending
+//! builds from the repository on start-up, on every notice and on an interval, and hands them
+//! to the hub; then reads the result of each build that left the pending list, for its event.
+//! When the repository is away, the hub keeps the last known state and the reconciler retries.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use px_proto::api::{App, Release};
+use px_proto::build::Build;
+use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::placement::BuildKey;
 
 /// How long one read of the repository may take.
 pub const REPOSITORY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Retry bounds while the repository is unreachable (doubling, with jitter).
 pub const RETRY_MIN: Duration = Duration::from_millis(500);
 pub const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Most build results read after one reconcile. Builds leave the pending list a few at a time
+/// (each app has at most one); more at once means Beacon was away while they ended, and nobody
+/// still waits for their events, so the rest are skipped rather than delay the next read.
+pub const MAX_RESULTS_PER_RECONCILE: usize = 64;
+/// Longest error body quoted from the repository.
+const QUOTED_BODY_CHARS: usize = 300;
 
 pub struct RepositoryClient {
     base: String,
@@ -38,9 +48,9 @@ impl RepositoryClient {
         })
     }
 
-    /// Every app's current release.
-    pub async fn desired(&self) -> Result<BTreeMap<String, Release>, String> {
-        let url = format!("{}/v1/apps", self.base);
+    /// GETs `path` as JSON; `None` when the repository answers 404.
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, String> {
+        let url = format!("{}{path}", self.base);
         let response = self
             .http
             .get(&url)
@@ -49,21 +59,70 @@ impl RepositoryClient {
             .await
             .map_err(|e| format!("GET {url}: {e}"))?;
         let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
             return Err(format!(
                 "GET {url}: {status}: {}",
-                body.chars().take(300).collect::<String>()
+                body.chars().take(QUOTED_BODY_CHARS).collect::<String>()
             ));
         }
-        let apps: Vec<App> = response
+        response
             .json()
             .await
-            .map_err(|e| format!("GET {url}: {e}"))?;
+            .map(Some)
+            .map_err(|e| format!("GET {url}: {e}"))
+    }
+
+    /// Every app's current release.
+    pub async fn desired(&self) -> Result<BTreeMap<String, Release>, String> {
+        let apps: Vec<App> = self
+            .get("/v1/apps")
+            .await?
+            .ok_or_else(|| format!("GET {}/v1/apps: 404 Not Found", self.base))?;
         Ok(apps
             .into_iter()
             .filter_map(|a| a.current.map(|r| (a.name, r)))
             .collect())
+    }
+
+    /// Every build waiting to be built, across apps. A repository from before builds answers
+    /// 404: it has none.
+    pub async fn pending_builds(&self) -> Result<Vec<Build>, String> {
+        Ok(self
+            .get("/v1/builds?pending=true")
+            .await?
+            .unwrap_or_default())
+    }
+
+    /// One build with its result; `None` when the repository does not know it.
+    pub async fn build(&self, app: &str, number: u64) -> Result<Option<Build>, String> {
+        self.get(&format!("/v1/apps/{app}/builds/{number}")).await
+    }
+
+    /// The builds of `keys` that have a result, read one after the other; a build that cannot
+    /// be read is logged and skipped (its node's own event may still tell).
+    async fn results(&self, keys: Vec<BuildKey>) -> Vec<Build> {
+        if keys.len() > MAX_RESULTS_PER_RECONCILE {
+            tracing::warn!(
+                ended = keys.len(),
+                read = MAX_RESULTS_PER_RECONCILE,
+                "more builds ended than Beacon reads the results of at once; the others get no event"
+            );
+        }
+        let mut results = Vec::new();
+        for (app, number) in keys.into_iter().take(MAX_RESULTS_PER_RECONCILE) {
+            match self.build(&app, number).await {
+                Ok(Some(build)) if build.result.is_some() => results.push(build),
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%app, build = number, %error, "cannot read how a build ended")
+                }
+            }
+        }
+        results
     }
 }
 
@@ -82,7 +141,17 @@ pub async fn run(
         let wait = match client.desired().await {
             Ok(desired) => {
                 failures = 0;
-                hub.set_desired(desired).await;
+                // Without the builds, the apps are still worth taking; the hub keeps the
+                // builds it knows until a later read succeeds.
+                let builds = client
+                    .pending_builds()
+                    .await
+                    .inspect_err(|error| tracing::warn!(%error, "cannot read the pending builds; keeping the last known ones"))
+                    .ok();
+                let ended = hub.set_state(desired, builds).await;
+                if !ended.is_empty() {
+                    hub.build_results(client.results(ended).await).await;
+                }
                 interval
             }
             Err(error) => {

@@ -1,6 +1,7 @@
-//! The desired state read from the repository, the generation that numbers it, and each
-//! node's assignment: what it should run, published on the node's `watch` once the generation
-//! is on disk.
+//! The desired state read from the repository, the generation that numbers it (with where
+//! each pending build runs), and each node's assignment: what it should run and build,
+//! published on the node's `watch` once the generation is on disk. A move of an app's desired
+//! release past releases still rolling out supersedes them, each with its event.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,44 +9,49 @@ use std::time::Instant;
 
 use px_proto::api::Release;
 use px_proto::beacon::{EventKind, RolloutState};
-use px_proto::build::{AssignedBuild, AssignedLayer};
+use px_proto::build::{AssignedBuild, AssignedLayer, Build};
 use px_proto::link::{AppAssignment, Assignment};
 
 use super::persist::Persisted;
-use super::{Changes, Hub, Rollout, State, effect};
-use crate::placement::{Fit, places};
+use super::{Changes, Effect, Hub, Rollout, State, effect};
+use crate::placement::{BuildKey, Fit, places};
 
-/// `app@version` of every desired release: what the persisted generation numbers.
-fn fingerprint(desired: &BTreeMap<String, Release>) -> Vec<String> {
-    desired
+/// What the persisted generation numbers: `app@version` of every desired release, and
+/// `build <app> <n> <node>` of every placed build (a build that moves is a new assignment).
+fn fingerprint(state: &State) -> Vec<String> {
+    let mut fingerprint: Vec<String> = state
+        .desired
         .values()
         .map(|r| format!("{}@{}", r.app, r.version))
-        .collect()
+        .collect();
+    fingerprint.extend(super::builds::placement_fingerprint(&state.builds));
+    fingerprint
 }
 
-/// What a desired-state update did under the lock.
-struct Update {
-    changes: Changes,
-    /// The desired state changed: nodes may need a new assignment.
-    changed: bool,
-    /// A generation not on disk yet, to write before anything is published.
-    unwritten: Option<Persisted>,
-}
+/// Most `deploy_superseded` events for releases Beacon never saw (committed and superseded
+/// between two reads). A handful of deploys racing is the real case; a larger gap means
+/// Beacon was away, and the newest of the skipped releases are the ones a waiting
+/// `em deploy` may still be following.
+pub const MAX_SKIPPED_SUPERSEDED: u64 = 64;
 
 impl Hub {
-    /// The assignment for a node at the current generation.
-    fn assignment_for(&self, state: &State, fit: &Fit<'_>) -> Arc<Assignment> {
-        let apps = state
+    /// The assignment for `node` at the current generation: the apps it should run and the
+    /// builds placed on it.
+    fn assignment_for(&self, state: &State, node: &str, fit: &Fit<'_>) -> Arc<Assignment> {
+        Arc::new(Assignment {
+            generation: state.persisted.generation,
+            apps: self.apps_for(state, fit),
+            builds: self.build_orders(state, node),
+        })
+    }
+
+    fn apps_for(&self, state: &State, fit: &Fit<'_>) -> Vec<AppAssignment> {
+        state
             .desired
             .values()
             .filter(|r| places(r, fit))
             .map(|r| self.app_assignment(r))
-            .collect();
-        Arc::new(Assignment {
-            generation: state.persisted.generation,
-            apps,
-            builds: Vec::new(),
-        })
+            .collect()
     }
 
     /// What `node` should be sent when it attaches: its assignment, if the current generation
@@ -53,12 +59,13 @@ impl Hub {
     pub(super) fn attach_assignment(
         &self,
         state: &State,
+        node: &str,
         fit: &Fit<'_>,
     ) -> Option<Arc<Assignment>> {
         let generation = state.persisted.generation;
         let reported = fit.report.map_or(0, |r| r.generation);
         (state.desired_known && state.durable == generation && reported != generation)
-            .then(|| self.assignment_for(state, fit))
+            .then(|| self.assignment_for(state, node, fit))
     }
 
     fn app_assignment(&self, release: &Release) -> AppAssignment {
@@ -109,15 +116,48 @@ impl Hub {
         state.desired.get(app).map(|r| self.app_assignment(r))
     }
 
-    /// Takes the desired state read from the repository. When it differs from the current
-    /// one, the generation grows, is written to disk, and then every node gets its new
-    /// assignment (the order is explained in `persist.rs`).
+    /// [`Hub::set_state`] without the builds, as the hub's own tests drive it.
+    #[cfg(test)]
     pub async fn set_desired(&self, desired: BTreeMap<String, Release>) {
+        self.set_state(desired, None).await;
+    }
+
+    /// Takes the desired state read from the repository, and the pending builds when they
+    /// could be read (`None` keeps the last known ones). When the desired state or where
+    /// builds run changes, the generation grows, is written to disk, and then every node gets
+    /// its new assignment (the order is explained in `persist.rs`). Returns the builds that
+    /// left the pending list, whose results the caller reads from the repository for
+    /// [`Hub::build_results`].
+    pub async fn set_state(
+        &self,
+        desired: BTreeMap<String, Release>,
+        builds: Option<Vec<Build>>,
+    ) -> Vec<BuildKey> {
+        self.update(|hub, state, effects| hub.update_desired(state, desired, builds, effects))
+            .await
+    }
+
+    /// Changes the state under the `publishing` lock, in the order `persist.rs` explains:
+    /// `change` runs under the state lock and says whether nodes may need a new assignment;
+    /// a generation it numbered is written to disk, then the assignments are published, then
+    /// its events are recorded.
+    pub(super) async fn update<T>(
+        &self,
+        change: impl FnOnce(&Self, &mut State, &mut Vec<Effect>) -> (T, bool),
+    ) -> T {
         let _publishing = self.publishing.lock().await;
         let started = Instant::now();
-        let update = self.update_desired(desired);
-        let mut publish = update.changed;
-        if let Some(persisted) = update.unwritten {
+        let (value, changes, changed, unwritten) = {
+            let mut effects = Vec::new();
+            let mut state = self.lock();
+            let (value, changed) = change(self, &mut state, &mut effects);
+            // Also a generation an earlier update failed to write: it is tried again.
+            let unwritten =
+                (state.durable < state.persisted.generation).then(|| state.persisted.clone());
+            (value, Changes::of(&mut state, effects), changed, unwritten)
+        };
+        let mut publish = changed;
+        if let Some(persisted) = unwritten {
             match self.store.write_generation(&persisted).await {
                 Ok(()) => {
                     let mut state = self.lock();
@@ -132,17 +172,46 @@ impl Hub {
         if publish {
             let state = self.lock();
             if self.publish_assignments(&state) {
-                tracing::info!(generation = state.durable, apps = state.desired.len(), nodes = state.nodes.len(), elapsed = ?started.elapsed(), "desired state changed; assignments queued");
+                tracing::info!(generation = state.durable, apps = state.desired.len(), builds = state.builds.len(), nodes = state.nodes.len(), elapsed = ?started.elapsed(), "desired state changed; assignments queued");
             }
         }
-        self.finish(update.changes).await;
+        self.finish(changes).await;
+        value
     }
 
-    /// The part of [`Hub::set_desired`] under the lock: rollouts, rollback orders, the new
-    /// generation, and the rollouts evaluated against the new state.
-    fn update_desired(&self, desired: BTreeMap<String, Release>) -> Update {
-        let mut effects = Vec::new();
-        let mut state = self.lock();
+    /// Numbers the desired state and the build placement with a new generation, unless it is
+    /// the one already numbered: after a restart, an unchanged state keeps its generation, so
+    /// nodes that applied it are not sent it again.
+    pub(super) fn renumber(state: &mut State) {
+        let fingerprint = fingerprint(state);
+        if state.persisted.desired != fingerprint || state.persisted.generation == 0 {
+            state.persisted = Persisted {
+                generation: state.persisted.generation + 1,
+                desired: fingerprint,
+            };
+        }
+    }
+
+    /// Places the pending builds again, numbering a new generation when one moved; returns
+    /// whether one did.
+    pub(super) fn replace_builds(&self, state: &mut State, effects: &mut Vec<Effect>) -> bool {
+        let moved = self.place_builds(state, effects);
+        if moved {
+            Self::renumber(state);
+        }
+        moved
+    }
+
+    /// The part of [`Hub::set_state`] under the lock: rollouts, superseded releases, rollback
+    /// orders, the pending builds and their placement, the new generation, and the rollouts
+    /// evaluated against the new state.
+    fn update_desired(
+        &self,
+        state: &mut State,
+        desired: BTreeMap<String, Release>,
+        builds: Option<Vec<Build>>,
+        effects: &mut Vec<Effect>,
+    ) -> (Vec<BuildKey>, bool) {
         if !state.repository_reachable {
             state.repository_reachable = true;
             effects.push(effect(
@@ -155,18 +224,19 @@ impl Hub {
         }
         let first_read = !state.desired_known;
         state.desired_known = true;
-        let changed = first_read || state.desired != desired;
+        let desired_changed = first_read || state.desired != desired;
+        if desired_changed {
+            self.take_desired(state, desired, first_read, effects);
+        }
+        let departed = builds
+            .map(|builds| self.take_pending(state, builds))
+            .unwrap_or_default();
+        let moved = self.place_builds(state, effects);
+        let changed = desired_changed || moved;
         if changed {
-            self.take_desired(&mut state, desired, first_read, &mut effects);
+            Self::renumber(state);
         }
-        // Also a generation an earlier update failed to write: it is tried again.
-        let unwritten =
-            (state.durable < state.persisted.generation).then(|| state.persisted.clone());
-        Update {
-            changes: Changes::of(&mut state, effects),
-            changed,
-            unwritten,
-        }
+        (departed, changed)
     }
 
     fn take_desired(
@@ -174,9 +244,8 @@ impl Hub {
         state: &mut State,
         desired: BTreeMap<String, Release>,
         first_read: bool,
-        effects: &mut Vec<super::Effect>,
+        effects: &mut Vec<Effect>,
     ) {
-        let fingerprint = fingerprint(&desired);
         for release in desired.values() {
             let changed = state
                 .rollouts
@@ -184,6 +253,9 @@ impl Hub {
                 .is_none_or(|r| r.release != release.version);
             if changed {
                 let previous = state.desired.get(&release.app).map(|r| r.version);
+                if !first_read {
+                    effects.extend(Self::superseded(state, release));
+                }
                 let replaced = state.rollouts.get(&release.app).map(|r| r.release);
                 if let Some(old) = replaced {
                     Self::remember(state, &release.app, old);
@@ -230,18 +302,53 @@ impl Hub {
             self.publish_rollbacks(state);
         }
         state.desired = desired;
-        // After a restart, an unchanged desired state keeps its generation: nodes that
-        // applied it are not sent it again.
-        if state.persisted.desired != fingerprint || state.persisted.generation == 0 {
-            state.persisted = Persisted {
-                generation: state.persisted.generation + 1,
-                desired: fingerprint,
-            };
-        }
         let app_names: Vec<String> = state.desired.keys().cloned().collect();
         for app in app_names {
             effects.extend(self.evaluate_rollout(state, &app));
         }
+    }
+
+    /// The `deploy_superseded` events of a move of the app's desired release to `release`:
+    /// one for the release it replaces if that one was still rolling out (or, with an error
+    /// budget, still watched, since `em deploy` waits for its verdict), and one for each
+    /// release committed in between that Beacon never saw. Each names `release`, so the
+    /// `em deploy` that waits for an older one can stop and say what came first.
+    fn superseded(state: &State, release: &Release) -> Vec<Effect> {
+        let app = &release.app;
+        let newer = release.version;
+        let previous = state.desired.get(app);
+        let mut effects = Vec::new();
+        if let Some((rollout, old)) = state.rollouts.get(app).zip(previous)
+            && old.version < newer
+        {
+            let watched = old.manifest.deploy.max_error_rate.is_some() && rollout.outcome.is_none();
+            let before = match rollout.state {
+                RolloutState::RollingOut => Some("before it served everywhere"),
+                RolloutState::RolledOut if watched => Some("before its watch ended"),
+                _ => None,
+            };
+            if let Some(before) = before {
+                effects.push(effect(
+                    EventKind::DeploySuperseded,
+                    None,
+                    Some(app),
+                    Some(old.version),
+                    format!("{app} v{} was superseded by v{newer} {before}", old.version),
+                ));
+            }
+        }
+        let seen = previous.map_or(0, |r| r.version);
+        let first_skipped = (seen + 1).max(newer.saturating_sub(MAX_SKIPPED_SUPERSEDED));
+        for skipped in first_skipped..newer {
+            effects.push(effect(
+                EventKind::DeploySuperseded,
+                None,
+                Some(app),
+                Some(skipped),
+                format!("{app} v{skipped} was superseded by v{newer} before it was assigned"),
+            ));
+        }
+        effects
     }
 
     /// Sends every node whose report shows another generation its assignment, if the
@@ -251,19 +358,35 @@ impl Hub {
         if state.durable != generation {
             return false;
         }
-        let shared = self.assignment_for(state, &Fit::BARE);
+        // When no release asks anything of a node, every node runs the same apps: they are
+        // computed once, and only a node with builds gets an assignment of its own.
         let everywhere = state
             .desired
             .values()
             .all(|r| r.manifest.placement.is_everywhere() && r.manifest.runtime.is_none());
-        for node in state.nodes.values() {
+        let shared = everywhere.then(|| {
+            Arc::new(Assignment {
+                generation,
+                apps: self.apps_for(state, &Fit::BARE),
+                builds: Vec::new(),
+            })
+        });
+        for (name, node) in &state.nodes {
             if node.report.generation == generation {
                 continue;
             }
-            let assignment = if everywhere {
-                shared.clone()
-            } else {
-                self.assignment_for(state, &node.fit())
+            let builds = self.build_orders(state, name);
+            let assignment = match &shared {
+                Some(shared) if builds.is_empty() => shared.clone(),
+                Some(shared) => Arc::new(Assignment {
+                    builds,
+                    ..(**shared).clone()
+                }),
+                None => Arc::new(Assignment {
+                    generation,
+                    apps: self.apps_for(state, &node.fit()),
+                    builds,
+                }),
             };
             node.assign_tx.send_replace(Some(assignment));
         }

@@ -9,12 +9,14 @@
 //! hub applies.
 //!
 //! - `desired.rs`: the desired state, the generation and each node's assignment;
+//! - `builds.rs`: pending builds, where each runs, and their events;
 //! - `nodes.rs`: the node registry (attach, reports, events, detach, the sweep);
 //! - `rollouts.rs`: rollout tracking, applying verdicts, rollback orders, the history;
 //! - `repositories.rs`: the repository's links and reachability;
 //! - `views.rs`: what the HTTP API and the status page read;
 //! - `persist.rs`: the generation and rollout history on disk.
 
+mod builds;
 mod desired;
 mod nodes;
 mod persist;
@@ -36,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::alerts::{Alert, Alerter};
 use crate::events::{EventDraft, EventLog};
 use crate::metrics::Metrics;
-use crate::placement::Fit;
+use crate::placement::{BuildKey, Fit};
 
 /// Commands (restart, stop) queued per link; a node that cannot take this many is too slow
 /// and gets the next ones dropped (the operator can repeat them).
@@ -130,6 +132,17 @@ struct State {
     rollbacks: BTreeMap<String, RollbackOrder>,
     /// Repositories that linked since start-up, by name, for the status page.
     repositories: BTreeMap<String, RepositoryEntry>,
+    /// The pending builds read from the repository, each with the node that runs it.
+    builds: BTreeMap<BuildKey, builds::BuildEntry>,
+    /// Whether the pending builds have been read since start-up.
+    builds_known: bool,
+    /// Where builds ran before a restart (from the persisted generation), for the first read.
+    placement_hints: BTreeMap<BuildKey, String>,
+    /// Nodes not seen since start-up no longer keep their builds: they had the time a silent
+    /// node has before it is lost.
+    returning_over: bool,
+    /// Builds whose end was announced.
+    announced: builds::Announced,
 }
 
 /// An event to record after the lock is released, maybe with an alert.
@@ -198,6 +211,9 @@ pub struct Hub {
     events: Arc<EventLog>,
     alerts: Alerter,
     metrics: Arc<Metrics>,
+    /// When the hub was made: nodes that ran builds before a restart have `node_lost_after`
+    /// from here to come back to them.
+    started: Instant,
 }
 
 impl Hub {
@@ -210,6 +226,7 @@ impl Hub {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let (store, persisted, history) = persist::Store::open(&settings.data_dir)?;
+        let placement_hints = builds::placements_in(&persisted.desired);
         Ok(Self {
             rollback_orders: watch::channel(Arc::new(Vec::new())).0,
             state: Mutex::new(State {
@@ -227,6 +244,11 @@ impl Hub {
                 history_seq: 0,
                 rollbacks: BTreeMap::new(),
                 repositories: BTreeMap::new(),
+                builds: BTreeMap::new(),
+                builds_known: false,
+                placement_hints,
+                returning_over: false,
+                announced: builds::Announced::default(),
             }),
             publishing: tokio::sync::Mutex::new(()),
             store,
@@ -234,6 +256,7 @@ impl Hub {
             events,
             alerts,
             metrics,
+            started: Instant::now(),
         })
     }
 

@@ -1,6 +1,6 @@
 //! The node registry: Maestros attach with their `Hello`, report with every heartbeat, send
-//! events, detach, and are marked lost by the sweep when silent too long. Commands for an
-//! app's nodes are queued here too.
+//! events, detach, and are marked lost by the sweep when silent too long (their builds then
+//! move). Commands for an app's nodes are queued here too.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -11,9 +11,9 @@ use px_proto::link::{Assignment, FromBeacon, Hello, NodeEvent, NodeEventKind, No
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{COMMAND_QUEUE, Changes, Hub, NodeEntry, effect};
+use super::{COMMAND_QUEUE, Changes, Effect, Hub, NodeEntry, State, effect};
 use crate::judge;
-use crate::placement::Fit;
+use crate::placement;
 
 /// What a link task gets when its node attaches.
 pub struct Attached {
@@ -26,30 +26,55 @@ pub struct Attached {
 
 impl Hub {
     /// Registers a Maestro that completed its handshake, replacing an older link of the same
-    /// name. Its assignment is queued unless its report shows it already applied it.
+    /// name. Its assignment is queued unless its report shows it already applied it. A node
+    /// that may build, reports builds, or had builds placed on it may change where builds run:
+    /// it attaches through [`Hub::update`], so a build that moves is numbered and written
+    /// before any node is sent it.
     pub async fn attach(&self, hello: &Hello) -> Attached {
-        let (attached, changes) = self.attach_locked(hello);
+        if self.may_move_builds(hello) {
+            return self
+                .update(|hub, state, effects| hub.attach_in(state, hello, effects, true))
+                .await;
+        }
+        let changes;
+        let attached = {
+            let mut effects = Vec::new();
+            let mut state = self.lock();
+            let (attached, _) = self.attach_in(&mut state, hello, &mut effects, false);
+            changes = Changes::of(&mut state, effects);
+            attached
+        };
         self.finish(changes).await;
         attached
     }
 
-    fn attach_locked(&self, hello: &Hello) -> (Attached, Changes) {
-        let mut effects = Vec::new();
-        let mut state = self.lock();
+    /// Whether attaching the node of `hello` may change where builds run.
+    fn may_move_builds(&self, hello: &Hello) -> bool {
+        let state = self.lock();
+        !state.builds.is_empty()
+            && (placement::may_build(&hello.labels)
+                || hello.state.as_ref().is_some_and(|r| !r.builds.is_empty())
+                || state
+                    .builds
+                    .values()
+                    .any(|b| b.node.as_deref() == Some(hello.name.as_str())))
+    }
+
+    /// The part of [`Hub::attach`] under the lock; with `place`, builds are placed again
+    /// with the node among the candidates. Returns whether a build moved.
+    fn attach_in(
+        &self,
+        state: &mut State,
+        hello: &Hello,
+        effects: &mut Vec<Effect>,
+        place: bool,
+    ) -> (Attached, bool) {
         let conn = state.next_conn;
         state.next_conn += 1;
         let report = hello.state.clone().unwrap_or_default();
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
         let closed = CancellationToken::new();
-        let assignment = self.attach_assignment(
-            &state,
-            &Fit {
-                labels: &hello.labels,
-                runtimes: &hello.runtimes,
-                report: Some(&report),
-            },
-        );
-        let (assign_tx, assign_rx) = watch::channel(assignment);
+        let (assign_tx, assign_rx) = watch::channel(None);
         let now = Instant::now();
         let entry = NodeEntry {
             labels: hello.labels.clone(),
@@ -93,6 +118,14 @@ impl Hub {
                 format!("node {} joined ({})", hello.name, hello.software),
             )),
         }
+        let moved = place && state.desired_known && self.replace_builds(state, effects);
+        // A generation numbered just now is not on disk yet: the node gets it when it is
+        // published, with the others.
+        if let Some(node) = state.nodes.get(&hello.name)
+            && let Some(assignment) = self.attach_assignment(state, &hello.name, &node.fit())
+        {
+            node.assign_tx.send_replace(Some(assignment));
+        }
         let apps: Vec<String> = state.desired.keys().cloned().collect();
         // An app waiting for its first eligible node may have one now: say so at once.
         let unplaced: Vec<String> = state
@@ -102,7 +135,7 @@ impl Hub {
             .map(|(app, _)| app.clone())
             .collect();
         for app in unplaced {
-            effects.extend(self.evaluate_rollout(&mut state, &app));
+            effects.extend(self.evaluate_rollout(state, &app));
         }
         state.dirty.extend(apps);
         let attached = Attached {
@@ -111,7 +144,7 @@ impl Hub {
             commands: commands_rx,
             closed,
         };
-        (attached, Changes::of(&mut state, effects))
+        (attached, moved)
     }
 
     /// Records that the link sent an assignment.
@@ -214,6 +247,15 @@ impl Hub {
     pub fn node_event(&self, node: &str, event: NodeEvent) {
         let mut state = self.lock();
         let kind = EventKind::from(event.kind);
+        if matches!(
+            event.kind,
+            NodeEventKind::BuildStarted | NodeEventKind::BuildFinished | NodeEventKind::BuildFailed
+        ) {
+            let e = self.node_build_event(&mut state, node, &event);
+            drop(state);
+            self.apply(e.into_iter().collect());
+            return;
+        }
         let mut e = effect(
             kind,
             Some(node),
@@ -261,13 +303,19 @@ impl Hub {
         }
     }
 
-    /// Marks nodes silent for too long as lost (once), and re-evaluates rollouts they were in.
+    /// Marks nodes silent for too long as lost (once), re-evaluates rollouts they were in,
+    /// and moves the builds they ran (and, once the wait after a start is over, those of nodes
+    /// that did not come back).
     pub async fn sweep(&self) {
-        let changes = self.sweep_locked();
+        let (changes, move_builds) = self.sweep_locked();
         self.finish(changes).await;
+        if move_builds {
+            self.update(|hub, state, effects| ((), hub.replace_builds(state, effects)))
+                .await;
+        }
     }
 
-    fn sweep_locked(&self) -> Changes {
+    fn sweep_locked(&self) -> (Changes, bool) {
         let mut effects = Vec::new();
         let mut state = self.lock();
         let deadline = self.settings.node_lost_after;
@@ -298,6 +346,17 @@ impl Hub {
             let apps: Vec<String> = state.desired.keys().cloned().collect();
             state.dirty.extend(apps);
         }
+        let placed_on = |state: &super::State, node: &dyn Fn(&str) -> bool| {
+            state
+                .builds
+                .values()
+                .any(|b| b.node.as_deref().is_some_and(node))
+        };
+        let mut move_builds = placed_on(&state, &|n| lost.iter().any(|l| l == n));
+        if !state.returning_over && self.started.elapsed() > deadline {
+            state.returning_over = true;
+            move_builds |= placed_on(&state, &|n| !state.nodes.contains_key(n));
+        }
         // Rollouts are evaluated here, for the apps whose reports changed since the last
         // sweep, rather than on every heartbeat: one pass over the nodes per app per sweep
         // instead of one per heartbeat, which is what lets one Beacon hold 10 000 links.
@@ -308,7 +367,7 @@ impl Hub {
         self.metrics
             .nodes_connected
             .set(state.nodes.values().filter(|n| n.connected).count() as u64);
-        Changes::of(&mut state, effects)
+        (Changes::of(&mut state, effects), move_builds)
     }
 
     /// Queues a command for every connected node that runs `app`; returns how many.
