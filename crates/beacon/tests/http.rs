@@ -426,3 +426,119 @@ async fn app_output_forwarded_by_nodes_can_be_read_and_followed() {
     assert!(end.is_ok(), "an oversized log batch must close the link");
     stop_while_following(beacon).await;
 }
+
+#[tokio::test]
+async fn one_builds_output_can_be_read_and_followed_apart_from_the_apps() {
+    use px_proto::beacon::LogEntry;
+    use px_proto::link::{LogBatch, LogLine, LogStream};
+    let (_dir, tokens, beacon) = start().await;
+    let (mut link, _) = open_link(
+        &beacon.control_addr,
+        &beacon.pki.ca(),
+        maestro_hello("build-1", &tokens.maestro, 0),
+    )
+    .await;
+    next_assign(&mut link).await;
+    let app_line = |text: &str| LogLine {
+        app: "hello".into(),
+        release: 3,
+        instance: 1,
+        stream: LogStream::Stdout,
+        at: "2026-11-25T00:00:00.000Z".into(),
+        line: text.into(),
+        build: None,
+    };
+    let build_line = |build: u64, text: &str| LogLine {
+        release: 0,
+        instance: 0,
+        stream: LogStream::Build,
+        build: Some(build),
+        ..app_line(text)
+    };
+    link.send(ToBeacon::Logs(LogBatch {
+        lines: vec![
+            build_line(4, "Collecting django"),
+            app_line("GET / 200"),
+            build_line(5, "Collecting flask"),
+            build_line(4, "Successfully installed django"),
+        ],
+        dropped: 0,
+    }))
+    .await
+    .unwrap();
+    let texts =
+        |entries: &[LogEntry]| -> Vec<String> { entries.iter().map(|e| e.line.clone()).collect() };
+    let build4: Vec<LogEntry> = beacon
+        .wait_for(
+            "/v1/apps/hello/logs?build=4",
+            "build 4's lines",
+            |e: &Vec<LogEntry>| e.len() == 2,
+        )
+        .await;
+    assert_eq!(
+        texts(&build4),
+        ["Collecting django", "Successfully installed django"]
+    );
+    let stdout: Vec<LogEntry> = beacon.get("/v1/apps/hello/logs?stream=stdout").await;
+    assert_eq!(texts(&stdout), ["GET / 200"]);
+    let builds: Vec<LogEntry> = beacon.get("/v1/apps/hello/logs?stream=build&lines=2").await;
+    assert_eq!(
+        texts(&builds),
+        ["Collecting flask", "Successfully installed django"]
+    );
+    let refused = beacon
+        .http
+        .get(format!("{}/v1/apps/hello/logs?build=four", beacon.http_url))
+        .bearer_auth(&tokens.read)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+
+    // Following build 5: its backlog, then its new lines, and nothing of the app or build 4.
+    let mut stream = beacon
+        .http
+        .get(format!(
+            "{}/v1/apps/hello/logs/stream?build=5&lines=100",
+            beacon.http_url
+        ))
+        .bearer_auth(&tokens.read)
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    link.send(ToBeacon::Logs(LogBatch {
+        lines: vec![
+            app_line("GET /again 200"),
+            build_line(4, "build 4 again"),
+            build_line(5, "Successfully installed flask"),
+        ],
+        dropped: 0,
+    }))
+    .await
+    .unwrap();
+    let mut buffer = String::new();
+    let mut followed: Vec<LogEntry> = Vec::new();
+    let done = tokio::time::timeout(WAIT, async {
+        while let Some(chunk) = stream.next().await {
+            buffer.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            while let Some(end) = buffer.find("\n\n") {
+                let message: String = buffer.drain(..end + 2).collect();
+                if let Some(data) = message.lines().find_map(|l| l.strip_prefix("data:")) {
+                    followed.push(serde_json::from_str(data.trim()).unwrap());
+                }
+            }
+            if followed.len() >= 2 {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(done.is_ok(), "{followed:?}");
+    assert_eq!(
+        texts(&followed),
+        ["Collecting flask", "Successfully installed flask"]
+    );
+    assert!(followed.iter().all(|e| e.build == Some(5)));
+    stop_while_following(beacon).await;
+}

@@ -176,11 +176,18 @@ impl Hub {
             })
             .collect();
         let placed = placement::place_builds(&current, &nodes, self.absent_may_return(state));
-        let lost: BTreeSet<String> = state
+        // Why a build left a node, by node, for the event that says where it went.
+        let left: BTreeMap<String, &str> = state
             .nodes
             .iter()
-            .filter(|(_, n)| n.lost)
-            .map(|(name, _)| name.clone())
+            .map(|(name, n)| {
+                let why = if n.lost {
+                    "is lost"
+                } else {
+                    "no longer builds"
+                };
+                (name.clone(), why)
+            })
             .collect();
         let mut moved = false;
         for (key, node) in placed {
@@ -199,11 +206,7 @@ impl Hub {
                 }
                 (_, Some(to)) if fresh => format!("{app} build {build} queued on {to}"),
                 (Some(from), Some(to)) if from != to => {
-                    let why = if lost.contains(from) {
-                        "is lost"
-                    } else {
-                        "no longer builds"
-                    };
+                    let why = left.get(from).copied().unwrap_or("did not come back");
                     format!("{app} build {build} moves to {to}: {from} {why}")
                 }
                 (None, Some(to)) => format!("{app} build {build} goes to {to}"),

@@ -232,7 +232,8 @@ impl Hub {
             .map(|builds| self.take_pending(state, builds))
             .unwrap_or_default();
         let moved = self.place_builds(state, effects);
-        let changed = desired_changed || moved;
+        // A build that left the list leaves its node's assignment too.
+        let changed = desired_changed || moved || !departed.is_empty();
         if changed {
             Self::renumber(state);
         }
@@ -309,7 +310,8 @@ impl Hub {
     }
 
     /// The `deploy_superseded` events of a move of the app's desired release to `release`:
-    /// one for the release it replaces if that one was still rolling out (or, with an error
+    /// one for the release it replaces if that one was still rolling out or waiting for a
+    /// node (or, with an error
     /// budget, still watched, since `em deploy` waits for its verdict), and one for each
     /// release committed in between that Beacon never saw. Each names `release`, so the
     /// `em deploy` that waits for an older one can stop and say what came first.
@@ -323,7 +325,10 @@ impl Hub {
         {
             let watched = old.manifest.deploy.max_error_rate.is_some() && rollout.outcome.is_none();
             let before = match rollout.state {
-                RolloutState::RollingOut => Some("before it served everywhere"),
+                // Unplaced too: with no node at all, `em deploy` was told nothing and waits.
+                RolloutState::RollingOut | RolloutState::Unplaced => {
+                    Some("before it served everywhere")
+                }
                 RolloutState::RolledOut if watched => Some("before its watch ended"),
                 _ => None,
             };

@@ -246,3 +246,93 @@ async fn an_older_history_snapshot_never_replaces_a_newer_one() {
     let (_, _, history) = Store::open(dir.path()).unwrap();
     assert_eq!(history["hello"].len(), 3);
 }
+
+/// The `deploy_superseded` events recorded so far, oldest first, as (release, message).
+fn superseded(hub: &Hub) -> Vec<(u64, String)> {
+    let mut events: Vec<(u64, String)> = hub
+        .events()
+        .recent(100)
+        .into_iter()
+        .filter(|e| e.kind == EventKind::DeploySuperseded)
+        .map(|e| (e.release.unwrap(), e.message))
+        .collect();
+    events.reverse();
+    events
+}
+
+#[tokio::test]
+async fn a_release_still_watched_is_superseded_and_one_judged_or_failed_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(dir.path());
+    let web1 = hub.attach(&hello("web-1", 0)).await;
+    let budget = "[deploy]\nmax_error_rate = \"5%\"";
+    hub.set_desired(desired(&[release("hello", 1, budget)]))
+        .await;
+    // v1 serves everywhere but its watch is not over: `em deploy` still waits for a verdict.
+    let mut report = running("hello", 1, InstanceState::Healthy);
+    report.generation = hub.generation();
+    hub.seen("web-1", web1.conn, Some(report)).await;
+    hub.sweep().await;
+    assert_eq!(hub.apps()[0].rollout, RolloutState::RolledOut);
+    hub.set_desired(desired(&[release("hello", 2, budget)]))
+        .await;
+    assert_eq!(
+        superseded(&hub),
+        [(
+            1,
+            "hello v1 was superseded by v2 before its watch ended".to_string()
+        )]
+    );
+    // v2 failed on its node: the next release does not supersede it, it replaces a failure.
+    hub.node_event(
+        "web-1",
+        px_proto::link::NodeEvent {
+            kind: px_proto::link::NodeEventKind::DeployFailed,
+            app: "hello".into(),
+            release: 2,
+            message: "hello v2 never became healthy".into(),
+            detail: None,
+            instance: None,
+            level: None,
+            failure: None,
+            build: None,
+        },
+    );
+    hub.set_desired(desired(&[release("hello", 3, "")])).await;
+    // Without an error budget, a release serving everywhere is done: v4 supersedes nothing.
+    let mut report = running("hello", 3, InstanceState::Healthy);
+    report.generation = hub.generation();
+    hub.seen("web-1", web1.conn, Some(report)).await;
+    hub.sweep().await;
+    hub.set_desired(desired(&[release("hello", 4, "")])).await;
+    assert_eq!(superseded(&hub).len(), 1, "{:?}", superseded(&hub));
+}
+
+#[tokio::test]
+async fn a_restarted_hub_supersedes_nothing_it_did_not_see_roll_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(dir.path());
+    hub.set_desired(desired(&[release("hello", 1, "")])).await;
+    drop(hub);
+    // Releases committed while Beacon was away are history, not a race.
+    let restarted = open(dir.path());
+    restarted
+        .set_desired(desired(&[release("hello", 7, "")]))
+        .await;
+    assert!(superseded(&restarted).is_empty());
+    // A gap after the first read is a race; only the newest skipped releases are named.
+    restarted
+        .set_desired(desired(&[release(
+            "hello",
+            8 + super::desired::MAX_SKIPPED_SUPERSEDED + 5,
+            "",
+        )]))
+        .await;
+    let events = superseded(&restarted);
+    assert_eq!(
+        events.len() as u64,
+        1 + super::desired::MAX_SKIPPED_SUPERSEDED
+    );
+    assert_eq!(events[0].0, 7, "the release that was rolling out");
+    assert_eq!(events[1].0, 13, "the oldest of the skipped ones named");
+}

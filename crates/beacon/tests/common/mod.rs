@@ -1,7 +1,12 @@
 //! Shared set-up for Beacon's integration tests: Beacon itself on `127.0.0.1:0` (through
 //! `run`), a stand-in repository serving the real `/v1/apps` JSON over HTTP (apprepo is a
 //! separate service; the end-to-end path with the real one is tested by `em up`), Maestro and
-//! repository links speaking the real protocol over TLS, and a webhook receiver.
+//! repository links speaking the real protocol over TLS, a Maestro peer that keeps its link
+//! alive on its own, and a webhook receiver.
+//!
+//! The stand-in also serves apprepo's build endpoints (`GET /v1/builds?pending=true`,
+//! `GET /v1/apps/{app}/builds/{n}`), which the real apprepo does not have yet in this tree:
+//! an end-to-end test with the real apprepo replaces them once it does.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 use std::collections::BTreeMap;
@@ -9,13 +14,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::extract::Path as UrlPath;
 use axum::routing::{get, post};
 use futures_util::{SinkExt, StreamExt};
 use px_beacon::auth::Role;
 use px_beacon::config::Config;
 use px_proto::api::{App, BundleRef, Release, ReleaseCause};
+use px_proto::build::{Build, BuildResult};
 use px_proto::codec::FrameCodec;
-use px_proto::link::{FromBeacon, Hello, NodeReport, PROTOCOL_VERSION, PeerRole, ToBeacon};
+use px_proto::link::{
+    Assignment, FromBeacon, Hello, NodeReport, PROTOCOL_VERSION, PeerRole, ToBeacon,
+};
 use px_proto::manifest::AppManifest;
 use px_runtime::tokens::{TokenEntry, generate, hash};
 use px_test_support::Pki;
@@ -24,10 +33,13 @@ use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(15);
 
-/// A repository stand-in whose app list the test edits; it can also be made to fail.
+/// A repository stand-in whose app list and builds the test edits; it can also be made to
+/// fail.
 #[derive(Clone, Default)]
 pub struct RepoStub {
     pub apps: Arc<Mutex<BTreeMap<String, Release>>>,
+    /// Builds by app and number, pending while they have no result.
+    pub builds: Arc<Mutex<BTreeMap<(String, u64), Build>>>,
     pub down: Arc<std::sync::atomic::AtomicBool>,
     pub requests: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -36,38 +48,77 @@ impl RepoStub {
     pub async fn start(token: String) -> (Self, String) {
         let stub = RepoStub::default();
         let s = stub.clone();
-        let app = axum::Router::new().route(
-            "/v1/apps",
-            get(move |headers: axum::http::HeaderMap| {
-                let s = s.clone();
-                let token = token.clone();
-                async move {
-                    s.requests
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if s.down.load(std::sync::atomic::Ordering::Relaxed) {
-                        return Err(axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        let pending = stub.builds.clone();
+        let builds = stub.builds.clone();
+        let app = axum::Router::new()
+            .route(
+                "/v1/builds",
+                get(
+                    move |axum::extract::Query(q): axum::extract::Query<
+                        BTreeMap<String, String>,
+                    >| {
+                        let pending = pending.clone();
+                        async move {
+                            assert_eq!(q.get("pending").map(String::as_str), Some("true"));
+                            let list: Vec<Build> = pending
+                                .lock()
+                                .unwrap()
+                                .values()
+                                .filter(|b| b.result.is_none())
+                                .cloned()
+                                .collect();
+                            axum::Json(list)
+                        }
+                    },
+                ),
+            )
+            .route(
+                "/v1/apps/{app}/builds/{n}",
+                get(move |UrlPath((app, n)): UrlPath<(String, u64)>| {
+                    let builds = builds.clone();
+                    async move {
+                        builds
+                            .lock()
+                            .unwrap()
+                            .get(&(app, n))
+                            .cloned()
+                            .map(axum::Json)
+                            .ok_or(axum::http::StatusCode::NOT_FOUND)
                     }
-                    if headers.get("authorization").and_then(|v| v.to_str().ok())
-                        != Some(&format!("Bearer {token}"))
-                    {
-                        return Err(axum::http::StatusCode::UNAUTHORIZED);
+                }),
+            )
+            .route(
+                "/v1/apps",
+                get(move |headers: axum::http::HeaderMap| {
+                    let s = s.clone();
+                    let token = token.clone();
+                    async move {
+                        s.requests
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if s.down.load(std::sync::atomic::Ordering::Relaxed) {
+                            return Err(axum::http::StatusCode::SERVICE_UNAVAILABLE);
+                        }
+                        if headers.get("authorization").and_then(|v| v.to_str().ok())
+                            != Some(&format!("Bearer {token}"))
+                        {
+                            return Err(axum::http::StatusCode::UNAUTHORIZED);
+                        }
+                        let apps: Vec<App> = s
+                            .apps
+                            .lock()
+                            .unwrap()
+                            .values()
+                            .map(|r| App {
+                                name: r.app.clone(),
+                                created_at: r.created_at.clone(),
+                                created_by: "ci".into(),
+                                current: Some(r.clone()),
+                            })
+                            .collect();
+                        Ok(axum::Json(apps))
                     }
-                    let apps: Vec<App> = s
-                        .apps
-                        .lock()
-                        .unwrap()
-                        .values()
-                        .map(|r| App {
-                            name: r.app.clone(),
-                            created_at: r.created_at.clone(),
-                            created_by: "ci".into(),
-                            current: Some(r.clone()),
-                        })
-                        .collect();
-                    Ok(axum::Json(apps))
-                }
-            }),
-        );
+                }),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -96,6 +147,41 @@ impl RepoStub {
             build: None,
         };
         self.apps.lock().unwrap().insert(app.into(), release);
+    }
+
+    /// An upload of `app` waiting for build `number`.
+    pub fn pending_build(&self, app: &str, number: u64) {
+        let build = Build {
+            app: app.into(),
+            number,
+            source: BundleRef {
+                sha256: format!("{:064x}", 0xb000 + number),
+                size: 2000 + number,
+                bundled_commands: Vec::new(),
+            },
+            manifest: AppManifest::parse(&format!(
+                "name = \"{app}\"\nrun = \"python3 server.py\"\n"
+            ))
+            .unwrap(),
+            description: "deploy".into(),
+            created_at: "2026-11-25T00:00:00Z".into(),
+            created_by: "ci".into(),
+            result: None,
+        };
+        self.builds
+            .lock()
+            .unwrap()
+            .insert((app.into(), number), build);
+    }
+
+    /// Gives build `number` of `app` its result: it leaves the pending list.
+    pub fn end_build(&self, app: &str, number: u64, result: BuildResult) {
+        self.builds
+            .lock()
+            .unwrap()
+            .get_mut(&(app.to_string(), number))
+            .unwrap()
+            .result = Some(result);
     }
 }
 
@@ -371,4 +457,123 @@ pub async fn webhook_receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) 
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (url, received)
+}
+
+/// How often a [`Peer`] sends its report: well within any `node_lost_after` a test sets.
+pub const PEER_HEARTBEAT: Duration = Duration::from_millis(100);
+
+/// A Maestro that keeps its link alive on its own: it sends its report every
+/// [`PEER_HEARTBEAT`] (taking each assignment's generation as applied, as Maestro does), sends
+/// what the test gives it, and keeps every assignment it receives.
+pub struct Peer {
+    pub name: String,
+    /// What it reports; the test edits it (instances, builds).
+    pub report: Arc<Mutex<NodeReport>>,
+    assignments: Arc<Mutex<Vec<Assignment>>>,
+    frames: tokio::sync::mpsc::UnboundedSender<ToBeacon>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Peer {
+    /// Links `hello` to Beacon; panics unless it is welcomed.
+    pub async fn link(beacon: &Beacon, hello: Hello) -> Self {
+        let name = hello.name.clone();
+        let report = Arc::new(Mutex::new(hello.state.clone().unwrap_or_default()));
+        let (mut link, answer) = open_link(&beacon.control_addr, &beacon.pki.ca(), hello).await;
+        assert!(
+            matches!(answer, FromBeacon::Welcome { .. }),
+            "{name}: {answer:?}"
+        );
+        let assignments: Arc<Mutex<Vec<Assignment>>> = Arc::default();
+        let (frames, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<ToBeacon>();
+        let (kept, shared) = (assignments.clone(), report.clone());
+        let task = tokio::spawn(async move {
+            let mut beat = tokio::time::interval(PEER_HEARTBEAT);
+            loop {
+                tokio::select! {
+                    _ = beat.tick() => {
+                        let report = shared.lock().unwrap().clone();
+                        if link.send(ToBeacon::Heartbeat(report)).await.is_err() {
+                            return;
+                        }
+                    }
+                    frame = outgoing.recv() => match frame {
+                        Some(frame) => if link.send(frame).await.is_err() { return },
+                        None => return,
+                    },
+                    frame = link.next() => match frame {
+                        Some(Ok(FromBeacon::Assign(assignment))) => {
+                            shared.lock().unwrap().generation = assignment.generation;
+                            kept.lock().unwrap().push(assignment);
+                        }
+                        Some(Ok(_)) => {}
+                        _ => return,
+                    },
+                }
+            }
+        });
+        Self {
+            name,
+            report,
+            assignments,
+            frames,
+            task,
+        }
+    }
+
+    /// Sends a frame (an event, logs) on the link.
+    pub fn send(&self, frame: ToBeacon) {
+        self.frames.send(frame).unwrap();
+    }
+
+    /// Every assignment received so far.
+    pub fn assignments(&self) -> Vec<Assignment> {
+        self.assignments.lock().unwrap().clone()
+    }
+
+    /// The builds of the latest assignment, as `app#n`.
+    pub fn builds(&self) -> Vec<String> {
+        self.assignments
+            .lock()
+            .unwrap()
+            .last()
+            .map(|a| {
+                a.builds
+                    .iter()
+                    .map(|b| format!("{}#{}", b.app, b.build))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until the latest assignment's builds are `expected`.
+    pub async fn wait_builds(&self, expected: &[&str]) {
+        let start = std::time::Instant::now();
+        while self.builds() != expected {
+            assert!(
+                start.elapsed() < WAIT,
+                "{} was never assigned builds {expected:?}; its assignments: {:?}",
+                self.name,
+                self.assignments()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Ends the link, as a Maestro that crashed; returns what it last reported.
+    pub async fn stop(self) -> NodeReport {
+        self.task.abort();
+        let _ = self.task.await;
+        self.report.lock().unwrap().clone()
+    }
+}
+
+/// A Maestro's `Hello` with labels.
+pub fn labelled_hello(name: &str, token: &str, labels: &[(&str, &str)]) -> Hello {
+    let mut hello = maestro_hello(name, token, 0);
+    hello.labels = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    hello
 }
