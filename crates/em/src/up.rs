@@ -198,6 +198,11 @@ pub async fn up(options: Up) -> Result<()> {
     beacon_config.repository.token_file = secrets.dir.join("read-token");
     let maestro_config = px_maestro::config::Config {
         node_name: "local".into(),
+        // The local Maestro builds what is deployed here, as a cluster's build nodes do.
+        labels: std::collections::BTreeMap::from([(
+            px_proto::build::BUILD_LABEL.to_string(),
+            "true".to_string(),
+        )]),
         http_listen: proxy.local_addr()?,
         status_listen: maestro_status.local_addr()?,
         state_dir: data.join("maestro/state"),
