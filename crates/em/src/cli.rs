@@ -70,7 +70,7 @@ pub enum Command {
     },
     /// Pack, upload and roll out an app; waits until every node serves it
     #[command(
-        after_help = "Examples:\n  em deploy\n  em deploy examples/python-hello\n  em deploy --app staging-hello --no-wait\n\nExit status: 0 when every node serves the new release, 1 when the rollout failed\n(the failing node and the app's last stderr lines are printed)."
+        after_help = "Examples:\n  em deploy\n  em deploy examples/python-hello\n  em deploy --app staging-hello --no-wait\n\nAn app that needs a build (a requirements.txt, a package.json, a [build] command) is\nbuilt on the platform first; its output is shown as it runs.\n\nExit status: 0 when every node serves the new release; 1 when the build or the rollout\nfailed (the build's last lines, or the failing node and the app's last stderr lines, are\nprinted); 7 when a newer deploy of the app superseded this one (it names it)."
     )]
     Deploy {
         /// The app directory (default: the current one).
@@ -90,10 +90,15 @@ pub enum Command {
     /// Apps in the repository
     Apps,
     /// Releases of an app, newest first
-    #[command(after_help = "Examples:\n  em releases --app hello")]
+    #[command(
+        after_help = "Examples:\n  em releases --app hello\n  em releases --build-log v7   # the output of the build that made v7"
+    )]
     Releases {
         #[arg(long)]
         app: Option<String>,
+        /// Print the log of the build that made this release (`7` or `v7`) instead.
+        #[arg(long, value_name = "RELEASE")]
+        build_log: Option<String>,
     },
     /// Roll an app back to an earlier release (as a new release)
     #[command(

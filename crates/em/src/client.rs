@@ -1,8 +1,11 @@
 //! Talking to apprepo and Beacon over HTTP, with every failure turned into a sentence that
-//! says what to do.
+//! says what to do; Beacon's Server-Sent Events streams read message by message.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use px_proto::api::ErrorBody;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -65,6 +68,28 @@ impl Client {
         Ok(response.bytes_stream())
     }
 
+    /// GETs a text body (a build log).
+    pub async fn get_text(&self, url: &str) -> Result<String> {
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(&self.config.token)
+            .timeout(CALL_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| unreachable(url, &e))?;
+        let status = response.status();
+        let body = response
+            .text()
+            .await
+            .map_err(|e| Failure::failed(format!("unexpected answer from {url}: {e}")))?;
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(refusal(status, body))
+        }
+    }
+
     pub async fn send_json<B: Serialize, T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
@@ -124,6 +149,59 @@ pub fn refusal(status: reqwest::StatusCode, body: String) -> Failure {
         403 => Failure::new(EXIT_REFUSED, format!("not allowed: {message}")),
         404 | 409 | 413 | 422 | 400 => Failure::new(EXIT_REFUSED, message),
         _ => Failure::failed(format!("the platform answered {status}: {message}")),
+    }
+}
+
+/// A Server-Sent Events stream from Beacon, read one message at a time as `T`.
+pub struct Feed<T> {
+    stream: BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buffer: String,
+    ready: VecDeque<T>,
+}
+
+/// Why a [`Feed`] ended.
+#[derive(Debug)]
+pub enum FeedEnd {
+    /// The connection failed.
+    Lost(reqwest::Error),
+    /// Beacon closed the stream.
+    Closed,
+}
+
+impl std::fmt::Display for FeedEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Lost(e) => write!(f, "lost ({e})"),
+            Self::Closed => f.write_str("closed by Beacon"),
+        }
+    }
+}
+
+impl<T: DeserializeOwned> Feed<T> {
+    /// Opens the stream at `url`.
+    pub async fn open(client: &Client, url: &str) -> Result<Self> {
+        Ok(Self {
+            stream: client.open_stream(url).await?.boxed(),
+            buffer: String::new(),
+            ready: VecDeque::new(),
+        })
+    }
+
+    /// The next message. Safe to cancel (in `select!`): a message is taken only when returned.
+    pub async fn next(&mut self) -> std::result::Result<T, FeedEnd> {
+        loop {
+            if let Some(message) = self.ready.pop_front() {
+                return Ok(message);
+            }
+            match self.stream.next().await {
+                Some(Ok(chunk)) => {
+                    self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+                    self.ready.extend(take_sse::<T>(&mut self.buffer));
+                }
+                Some(Err(e)) => return Err(FeedEnd::Lost(e)),
+                None => return Err(FeedEnd::Closed),
+            }
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! The everyday commands: status, apps, releases, rollback, config, logs, login.
+//! The everyday commands: status, apps, releases (and a release's build log), rollback,
+//! config, logs, login.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -11,7 +12,7 @@ use px_proto::manifest::{AppManifest, MANIFEST_FILE};
 
 use crate::cli::ConfigChange;
 use crate::client::{Client, take_sse};
-use crate::failure::{EXIT_NOT_CONFIGURED, Failure, Result};
+use crate::failure::{EXIT_NOT_CONFIGURED, EXIT_REFUSED, Failure, Result};
 use crate::settings::{self, EmConfig};
 
 /// The app a command is about: `--app`, else the `name` in `./app.toml`.
@@ -167,19 +168,53 @@ fn rollout_line(r: &RolloutRecord) -> String {
     )
 }
 
+/// A release number as people write it: `7` or `v7`.
+fn release_number(text: &str) -> Result<u64> {
+    text.trim_start_matches('v')
+        .parse::<u64>()
+        .map_err(|_| Failure::usage(format!("{text:?} is not a release such as 7 or v7")))
+}
+
+/// The log of the build that made `release`, from apprepo.
+pub async fn build_log(client: &Client, app: &str, release: &str, json: bool) -> Result<()> {
+    let version = release_number(release)?;
+    let release: Release = client
+        .get(&client.repo(&format!("/v1/apps/{app}/releases/{version}")))
+        .await?;
+    let Some(build) = release.build.as_ref().map(|b| b.build) else {
+        return Err(Failure::new(
+            EXIT_REFUSED,
+            format!(
+                "{app} v{version} was not built: its upload is the release, so there is no build log"
+            ),
+        ));
+    };
+    let log = client
+        .get_text(&client.repo(&format!("/v1/apps/{app}/builds/{build}/log")))
+        .await?;
+    if json {
+        print_json(&serde_json::json!({
+            "app": app,
+            "release": version,
+            "build": build,
+            "log": log,
+        }));
+    } else {
+        print!("{log}");
+        if !log.is_empty() && !log.ends_with('\n') {
+            println!();
+        }
+    }
+    Ok(())
+}
+
 pub async fn rollback(
     client: &Client,
     app: &str,
     release: Option<String>,
     json: bool,
 ) -> Result<()> {
-    let to = release
-        .map(|r| {
-            r.trim_start_matches('v')
-                .parse::<u64>()
-                .map_err(|_| Failure::usage(format!("{r:?} is not a release such as 7 or v7")))
-        })
-        .transpose()?;
+    let to = release.as_deref().map(release_number).transpose()?;
     let release: Release = client
         .send_json(
             reqwest::Method::POST,
@@ -259,17 +294,20 @@ pub async fn config(
 fn print_log(entry: &LogEntry, json: bool) {
     if json {
         println!("{}", serde_json::to_string(entry).unwrap_or_default());
-    } else {
-        println!(
-            "{} {} v{}#{} {}: {}",
-            entry.at,
-            entry.node,
-            entry.release,
-            entry.instance,
-            entry.stream.as_str(),
-            entry.line
-        );
+        return;
     }
+    // A build's output belongs to no release or instance yet.
+    let source = match entry.build {
+        Some(build) => format!("build {build}"),
+        None => format!("v{}#{}", entry.release, entry.instance),
+    };
+    println!(
+        "{} {} {source} {}: {}",
+        entry.at,
+        entry.node,
+        entry.stream.as_str(),
+        entry.line
+    );
 }
 
 pub async fn logs(

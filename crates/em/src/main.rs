@@ -108,9 +108,15 @@ fn run(cli: Cli) -> failure::Result<()> {
         }
         Command::Status => runtime.block_on(commands::status(&commands::client()?, json)),
         Command::Apps => runtime.block_on(commands::apps(&commands::client()?, json)),
-        Command::Releases { app } => {
+        Command::Releases { app, build_log } => {
             let app = commands::app_name(app)?;
-            runtime.block_on(commands::releases(&commands::client()?, &app, json))
+            let client = commands::client()?;
+            match build_log {
+                Some(release) => {
+                    runtime.block_on(commands::build_log(&client, &app, &release, json))
+                }
+                None => runtime.block_on(commands::releases(&client, &app, json)),
+            }
         }
         Command::Rollback { release, app } => {
             let app = commands::app_name(app)?;

@@ -29,6 +29,7 @@ fn help_texts() {
         ("help", vec!["--help"]),
         ("help-up", vec!["up", "--help"]),
         ("help-deploy", vec!["deploy", "--help"]),
+        ("help-releases", vec!["releases", "--help"]),
         ("help-config", vec!["config", "--help"]),
         ("help-logs", vec!["logs", "--help"]),
         ("help-login", vec!["login", "--help"]),

@@ -614,3 +614,101 @@ async fn app_events_reach_em_logs_and_the_webhook_and_a_missing_runtime_refuses_
     );
     stop(up);
 }
+
+/// How long a deploy that a newer one superseded may take to return, from its start: it packs,
+/// uploads and waits for the newer commit, a few seconds on a loaded machine, against the 90 s
+/// a superseded deploy used to wait before failing.
+const SUPERSEDED_WITHIN: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_deploys_at_once_all_return_promptly_and_only_the_newest_goes_out() {
+    let env = Env::new();
+    let up = env.up();
+    let http = reqwest::Client::new();
+    let app_dir = env.home.path().join("race");
+    let app_dir_s = app_dir.to_str().unwrap();
+    assert!(
+        env.em(&["init", app_dir_s, "--template", "python"])
+            .status
+            .success()
+    );
+    // The app starts slowly, so that all four uploads land while the first still rolls out.
+    replace_in(
+        &app_dir.join("server.py"),
+        "from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer\n",
+        "from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer\n\ntime.sleep(4)\n",
+    );
+    let started = Instant::now();
+    let deploys: Vec<Child> = (0..4)
+        .map(|_| {
+            env.command(&["deploy", app_dir_s])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let waits: Vec<_> = deploys
+        .into_iter()
+        .map(|child| {
+            tokio::task::spawn_blocking(move || {
+                let out = child.wait_with_output().unwrap();
+                (out, started.elapsed())
+            })
+        })
+        .collect();
+    let mut live = Vec::new();
+    let mut superseded = Vec::new();
+    for wait in waits {
+        let (out, took) = tokio::time::timeout(WAIT, wait).await.unwrap().unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        );
+        eprintln!(
+            "an em deploy returned after {took:?} with {:?}:\n{stderr}{stdout}",
+            out.status.code()
+        );
+        match out.status.code() {
+            Some(0) => live.push(stdout),
+            Some(7) => {
+                assert!(
+                    took < SUPERSEDED_WITHIN,
+                    "superseded, but only after {took:?}"
+                );
+                superseded.push(stderr);
+            }
+            other => panic!("em deploy exited with {other:?}:\n{stderr}"),
+        }
+    }
+    let [live] = &live[..] else {
+        panic!("not one deploy went out: {live:?}");
+    };
+    assert!(live.contains("race v4 is live"), "{live}");
+    assert_eq!(superseded.len(), 3);
+    // Each says which newer release came first.
+    let mut releases: Vec<u64> = superseded
+        .iter()
+        .map(|text| {
+            let said = text
+                .split("em: race v")
+                .nth(1)
+                .unwrap_or_else(|| panic!("{text}"));
+            let (older, rest) = said.split_once(" was superseded by v").expect(text);
+            let newer: u64 = rest
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let older: u64 = older.parse().unwrap();
+            assert!(newer > older, "{text}");
+            older
+        })
+        .collect();
+    releases.sort();
+    assert_eq!(releases, [1, 2, 3]);
+    let page = wait_for(&http, &env.url(), "race.localhost", "Platform.X").await;
+    assert!(page.contains("<code>4</code>"), "v4 serves: {page}");
+    stop(up);
+}
