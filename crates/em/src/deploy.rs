@@ -186,18 +186,11 @@ pub async fn deploy(client: &Client, options: Options<'_>) -> Result<()> {
     } else {
         None
     };
+    // Without it a build still runs and is followed; only its output is not shown.
     let output = match &events {
         Some(_) => {
             let url = client.beacon(&format!("/v1/apps/{app}/logs/stream?stream=build&lines=0"));
-            // Without it a build still runs and is followed; only its output is not shown.
-            Feed::<LogEntry>::open(client, &url)
-                .await
-                .inspect_err(|f| {
-                    if !options.json {
-                        eprintln!("(a build's output cannot be shown: {f})");
-                    }
-                })
-                .ok()
+            Some(Feed::<LogEntry>::open(client, &url).await)
         }
         None => None,
     };
@@ -248,6 +241,16 @@ pub async fn deploy(client: &Client, options: Options<'_>) -> Result<()> {
             let Some(events) = events.as_mut() else {
                 report_queued(&options, &app, &build);
                 return Ok(());
+            };
+            let output = match output {
+                Some(Ok(feed)) => Some(feed),
+                Some(Err(failure)) => {
+                    if !options.json {
+                        eprintln!("(the build's output cannot be shown: {failure})");
+                    }
+                    None
+                }
+                None => None,
             };
             let build_started = Instant::now();
             let mut watch = BuildWatch {
