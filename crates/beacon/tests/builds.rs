@@ -343,7 +343,7 @@ async fn a_restarted_beacon_keeps_each_build_where_it_runs_and_moves_it_once_its
     beacon.stop().await;
     build1.stop().await;
     let report2 = build2.stop().await;
-    let beacon = Beacon::start(config, s.pki.clone(), &s.tokens, port).await;
+    let beacon = Beacon::start(config.clone(), s.pki.clone(), &s.tokens, port).await;
     let mut hello2 = labelled_hello("build-2", &maestro, BUILDER);
     hello2.state = Some(report2);
     let build2 = Peer::link(&beacon, hello2).await;
@@ -362,6 +362,42 @@ async fn a_restarted_beacon_keeps_each_build_where_it_runs_and_moves_it_once_its
         "shop build 1 moves to build-2: build-1 did not come back",
     )
     .await;
+
+    // Restarted once more, with a generation file that names no build (written by a Beacon
+    // from before builds): the reports alone say where the builds run.
+    build2.report.lock().unwrap().builds = vec![running("blog", 1), running("shop", 1)];
+    tokio::time::sleep(common::PEER_HEARTBEAT * 3).await;
+    beacon.stop().await;
+    let report2 = build2.stop().await;
+    let file = config.data_dir.join("generation.json");
+    let mut persisted: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    persisted["desired"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|entry| !entry.as_str().unwrap().starts_with("build "));
+    std::fs::write(&file, serde_json::to_vec(&persisted).unwrap()).unwrap();
+    // Both nodes are back before Beacon reads the builds, and the idle one comes first by name:
+    // without the reports, it would take them.
+    let down = |down: bool| {
+        s.repo
+            .down
+            .store(down, std::sync::atomic::Ordering::Relaxed)
+    };
+    down(true);
+    let beacon = Beacon::start(config, s.pki.clone(), &s.tokens, port).await;
+    let build0 = Peer::link(&beacon, labelled_hello("build-0", &maestro, BUILDER)).await;
+    let mut hello2 = labelled_hello("build-2", &maestro, BUILDER);
+    hello2.state = Some(report2);
+    let build2 = Peer::link(&beacon, hello2).await;
+    down(false);
+    build2.wait_builds(&["blog#1", "shop#1"]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        build0.assignments().iter().all(|a| a.builds.is_empty()),
+        "{:?}",
+        build0.assignments()
+    );
     drop(s.dir);
     beacon.stop().await;
 }
