@@ -28,6 +28,7 @@
 mod check;
 mod error;
 mod hash;
+mod layer;
 mod pack;
 mod root;
 mod unpack;
@@ -36,6 +37,9 @@ mod walk;
 pub use check::MAX_NAME_LEN;
 pub use error::BundleError;
 pub use hash::{HashingReader, HashingWriter};
+pub use layer::{
+    LAYER_MEDIA_TYPE, LayerInfo, LayerSummary, inspect_layer, pack_layer, unpack_layer,
+};
 pub use pack::{EMIGNORE_FILE, PackSummary, pack_dir};
 pub use root::root_files;
 pub use unpack::{BundleInfo, MAX_PAX_HEADER_BYTES, MAX_TRAILING_BYTES, inspect, unpack};

@@ -37,7 +37,7 @@ pub struct PackSummary {
 }
 
 /// One entry found in the source tree, already checked.
-struct SourceEntry {
+pub(crate) struct SourceEntry {
     /// Relative, '/'-separated path inside the bundle.
     path: String,
     /// Where it is on disk.
@@ -62,7 +62,17 @@ struct SourceEntry {
 pub fn pack_dir<W: Write>(dir: &Path, out: W) -> Result<(PackSummary, AppManifest), BundleError> {
     let entries = collect(dir)?;
     let (manifest, root_files) = check_root(&entries)?;
+    let mut summary = write_archive(&entries, out)?;
+    summary.root_files = root_files;
+    Ok((summary, manifest))
+}
 
+/// Writes checked, sorted entries as the deterministic tar-in-zstd stream that bundles and
+/// layers share, hashing on the way.
+pub(crate) fn write_archive<W: Write>(
+    entries: &[SourceEntry],
+    out: W,
+) -> Result<PackSummary, BundleError> {
     let mut encoder = zstd::Encoder::new(HashingWriter::new(out), ZSTD_LEVEL)
         .context(|| "starting the zstd encoder".to_string())?;
     // The frame checksum lets the unpacker notice corruption the tar format would not.
@@ -75,7 +85,7 @@ pub fn pack_dir<W: Write>(dir: &Path, out: W) -> Result<(PackSummary, AppManifes
     let mut builder = tar::Builder::new(encoder);
 
     let mut unpacked_bytes = 0u64;
-    for entry in &entries {
+    for entry in entries {
         let mut header = Header::new_gnu();
         // A GNU header starts zeroed: mtime 0, uid/gid 0, empty user and group names.
         header.set_mtime(0);
@@ -124,14 +134,14 @@ pub fn pack_dir<W: Write>(dir: &Path, out: W) -> Result<(PackSummary, AppManifes
         .flush()
         .context(|| "flushing the bundle".to_string())?;
     let (_, sha256, size) = hashing.finish();
-    let summary = PackSummary {
+    Ok(PackSummary {
         sha256,
         size,
         entries: entries.len() as u64,
         unpacked_bytes,
-        root_files,
-    };
-    Ok((summary, manifest))
+        // What detection reads is the bundle's business; `pack_dir` fills it in.
+        root_files: RootFiles::new(),
+    })
 }
 
 /// Reads exactly `remaining` bytes, failing if the file shrank while being packed (a short
@@ -178,6 +188,14 @@ fn collect(dir: &Path) -> Result<Vec<SourceEntry>, BundleError> {
         };
         found.push((path, source));
     }
+    check_sorted(found)
+}
+
+/// Sorts found paths (relative, '/'-separated, with where each is on disk) and runs each
+/// through the checker, reading its type from the disk without following symlinks.
+pub(crate) fn check_sorted(
+    mut found: Vec<(String, PathBuf)>,
+) -> Result<Vec<SourceEntry>, BundleError> {
     // `str` orders by bytes, which is the order the spec promises.
     found.sort_by(|a, b| a.0.cmp(&b.0));
 

@@ -78,6 +78,16 @@ pub fn inspect<R: Read>(reader: R, limits: &Limits) -> Result<BundleInfo, Bundle
 /// Files get mode 0o755 when the bundle marks them executable and 0o644 otherwise,
 /// directories 0o755, whatever the process umask.
 pub fn unpack<R: Read>(reader: R, dest: &Path, limits: &Limits) -> Result<BundleInfo, BundleError> {
+    unpack_atomically(dest, |temp| read_bundle(reader, limits, Some(temp)))
+}
+
+/// Runs `write` on a fresh temporary directory beside `dest` and renames it to `dest` once
+/// `write` succeeded: `dest` must not exist, and ends up whole or absent (the temporary
+/// directory is removed on any error). Shared by bundles and layers.
+pub(crate) fn unpack_atomically<T>(
+    dest: &Path,
+    write: impl FnOnce(&Path) -> Result<T, BundleError>,
+) -> Result<T, BundleError> {
     let shown = dest.display();
     match fs::symlink_metadata(dest) {
         Ok(_) => {
@@ -111,7 +121,7 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, limits: &Limits) -> Result<Bundle
         .context(|| format!("creating a temporary directory in {}", parent.display()))?;
 
     // From here on, returning early drops `temp`, which removes the partial tree.
-    let info = read_bundle(reader, limits, Some(temp.path()))?;
+    let info = write(temp.path())?;
     set_mode(temp.path(), 0o755)?;
     sync_dir(temp.path())?;
 
@@ -196,8 +206,8 @@ impl Pending {
 }
 
 /// State of one pass over a bundle.
-struct Reading<'a> {
-    checker: Checker,
+pub(crate) struct Reading<'a> {
+    pub(crate) checker: Checker,
     /// Where to write, for [`unpack`]; `None` for [`inspect`].
     root: Option<&'a Path>,
     manifest: Option<Vec<u8>>,
@@ -212,6 +222,29 @@ fn read_bundle<R: Read>(
     limits: &Limits,
     root: Option<&Path>,
 ) -> Result<BundleInfo, BundleError> {
+    let mut reading = read_archive(reader, limits, root)?;
+    let root_files = reading.root_files.into_files();
+    let manifest = check::check_root(
+        reading.manifest.take(),
+        reading.runner_executable,
+        &root_files,
+    )?;
+    Ok(BundleInfo {
+        manifest,
+        root_files,
+        entries: reading.checker.entries(),
+        unpacked_bytes: reading.checker.bytes(),
+        bin_commands: reading.bin_commands,
+    })
+}
+
+/// Reads the whole archive, checking every entry (and writing it below `root` when given),
+/// with no rule about what the root holds: what bundles and layers have in common.
+pub(crate) fn read_archive<'a, R: Read>(
+    reader: R,
+    limits: &Limits,
+    root: Option<&'a Path>,
+) -> Result<Reading<'a>, BundleError> {
     let mut decoder = zstd::Decoder::new(Source(reader)).map_err(read_error)?;
     decoder
         .window_log_max(ZSTD_WINDOW_LOG_MAX)
@@ -246,20 +279,7 @@ fn read_bundle<R: Read>(
     let mut decoder = archive.into_inner();
     check_trailer(&mut decoder, &mut reading.buffer)?;
     io::copy(&mut decoder.finish(), &mut io::sink()).map_err(read_error)?;
-
-    let root_files = reading.root_files.into_files();
-    let manifest = check::check_root(
-        reading.manifest.take(),
-        reading.runner_executable,
-        &root_files,
-    )?;
-    Ok(BundleInfo {
-        manifest,
-        root_files,
-        entries: reading.checker.entries(),
-        unpacked_bytes: reading.checker.bytes(),
-        bin_commands: reading.bin_commands,
-    })
+    Ok(reading)
 }
 
 fn check_trailer(decoder: &mut impl Read, buffer: &mut [u8]) -> Result<(), BundleError> {
