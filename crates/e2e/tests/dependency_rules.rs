@@ -72,6 +72,13 @@ const RULES: &[Rule] = &[
         normal: SHARED,
         dev: &["px-test-support"],
     },
+    // The builder turns an app's source into layers: the manifest and detection from proto,
+    // the layer format from bundle, the environment snapshot from runtime. Maestro runs it.
+    Rule {
+        krate: "px-build",
+        normal: &["px-proto", "px-bundle", "px-runtime"],
+        dev: &[],
+    },
     // Test helpers are used by the services' tests: depending on a service would be a cycle
     // in spirit (and drag a service into every other service's tests).
     Rule {

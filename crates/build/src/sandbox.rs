@@ -1,0 +1,635 @@
+//! Running a build's commands: in bubblewrap (or bare, with [`Sandbox::None`]), with a cleared
+//! environment, rlimits through `prlimit`, one wall-clock deadline for the whole build, a disk
+//! watch, and output forwarded line by line up to the output limit.
+//!
+//! The sandbox shows a command the system's read-only parts, the build directory and the
+//! app's cache read-write, and the runtime, the tools and the CA file read-only; nothing else
+//! of the host (not `/etc/platformx`, `/run/credentials`, `/root`, `/home`, Maestro's state).
+//! A builder running as root runs bubblewrap without a user namespace and drops to `nobody`
+//! with `setpriv` inside it, so the process limit counts `nobody`'s processes (the kernel
+//! exempts root's, even from inside a user namespace); one running unprivileged gets a user
+//! namespace mapped to `nobody`.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::{BuildError, BuildLimits, Sandbox, fsutil};
+
+/// The unprivileged user builds run as: `nobody`, which owns nothing on a system.
+pub(crate) const BUILD_UID: u32 = 65534;
+pub(crate) const BUILD_GID: u32 = 65534;
+
+/// Lines kept from a command's output for its error message and for reading the installer's
+/// verdict (an unknown package, an out-of-date lockfile): installers put those last.
+pub(crate) const TAIL_LINES: usize = 40;
+
+/// Longest output line forwarded whole; longer ones are cut, so a line without a newline
+/// cannot grow a buffer without end.
+const MAX_LINE_BYTES: usize = 8 * 1024;
+
+/// How often the build's disk use is measured. A walk of a large `node_modules` takes tens
+/// of milliseconds; once a second keeps that small while a runaway writer is caught within
+/// about a second's worth of writing (and `RLIMIT_FSIZE` caps any single file meanwhile).
+const DISK_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long output is still read once a command exited: what it wrote just before exiting.
+/// Anything still holding the pipe after that (a background process without a sandbox to end
+/// it) is killed with its process group.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+
+/// The system directories a build sees, read-only (each only if it exists).
+const SYSTEM_DIRS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+];
+/// The few files of `/etc` a build needs: TLS roots, name resolution, user names.
+const SYSTEM_ETC: &[&str] = &[
+    "/etc/ssl",
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+];
+
+/// Words in a failed command's last lines that mean an allocation failed (Python, glibc,
+/// C++, Rust, V8), i.e. the memory limit was hit.
+const MEMORY_MARKERS: &[&str] = &[
+    "MemoryError",
+    "Cannot allocate memory",
+    "out of memory",
+    "std::bad_alloc",
+    "memory allocation of",
+    "heap out of memory",
+];
+/// Words in a failed command's last lines that mean a fork failed: the process limit.
+const PROCESS_MARKERS: &[&str] = &[
+    "Cannot fork",
+    "can't fork",
+    "fork: retry",
+    "fork: Resource temporarily unavailable",
+];
+/// `SIGXFSZ`: a file grew past `RLIMIT_FSIZE`, which is set to the disk limit.
+const SIGXFSZ: i32 = 25;
+
+/// One command of a build.
+#[derive(Debug, Clone)]
+pub(crate) struct Step {
+    /// What the build calls it in messages (`npm ci`, `the [build] command`).
+    pub label: String,
+    pub program: OsString,
+    pub args: Vec<OsString>,
+    pub cwd: PathBuf,
+    /// Directories put first on `PATH`, before the system's.
+    pub path: Vec<PathBuf>,
+    /// Variables on top of the build's own.
+    pub env: Vec<(String, OsString)>,
+}
+
+/// How a command ended, when no limit stopped it.
+#[derive(Debug)]
+pub(crate) struct Finished {
+    pub success: bool,
+    /// `exit status 1`, `signal 9`.
+    pub status: String,
+    /// Its last [`TAIL_LINES`] lines.
+    pub tail: Vec<String>,
+}
+
+impl Finished {
+    pub(crate) fn tail_text(&self) -> String {
+        self.tail.join("\n")
+    }
+}
+
+/// The sandbox of one build: what it shows, the limits, and what the build used so far.
+#[derive(Debug)]
+pub(crate) struct Jail {
+    sandbox: Sandbox,
+    limits: BuildLimits,
+    /// Read-write.
+    writable: Vec<PathBuf>,
+    /// Read-only.
+    readable: Vec<PathBuf>,
+    /// The build's own variables (HOME, caches, CA, registries).
+    env: Vec<(String, OsString)>,
+    deadline: Instant,
+    output_used: u64,
+    disk_baseline: u64,
+    bwrap: PathBuf,
+    prlimit: PathBuf,
+    setpriv: PathBuf,
+    /// Whether the builder runs as root (then bubblewrap runs without a user namespace and
+    /// the command drops to `nobody` through `setpriv`).
+    root: bool,
+}
+
+/// Why the loop over a running command ended.
+enum Ending {
+    Exited(ExitStatus),
+    Time,
+    Disk,
+    Output,
+}
+
+impl Jail {
+    /// A jail over `writable` (the build directory and the app's cache), whose deadline starts
+    /// now. With bubblewrap, checks that it can start a sandbox at all.
+    pub(crate) async fn new(
+        sandbox: Sandbox,
+        limits: &BuildLimits,
+        writable: Vec<PathBuf>,
+        env: Vec<(String, OsString)>,
+    ) -> Result<Self, BuildError> {
+        let root = rustix::process::geteuid().is_root();
+        let find = |name: &str| find_on_path(name);
+        let prlimit = find("prlimit").ok_or_else(|| BuildError::SandboxUnavailable {
+            reason: "`prlimit` (util-linux) is not on PATH".into(),
+        })?;
+        let (bwrap, setpriv) = match sandbox {
+            Sandbox::Bubblewrap => (
+                find("bwrap").ok_or_else(|| BuildError::SandboxUnavailable {
+                    reason: "`bwrap` is not on PATH".into(),
+                })?,
+                find("setpriv").unwrap_or_else(|| PathBuf::from("/usr/bin/setpriv")),
+            ),
+            Sandbox::None => (PathBuf::new(), PathBuf::new()),
+        };
+        if root && sandbox == Sandbox::Bubblewrap {
+            for dir in &writable {
+                fsutil::chown_tree(dir, BUILD_UID, BUILD_GID)?;
+            }
+        }
+        let disk_baseline = {
+            let paths = writable.clone();
+            tokio::task::spawn_blocking(move || {
+                let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+                fsutil::disk_usage(&refs)
+            })
+            .await
+            .unwrap_or(0)
+        };
+        Ok(Self {
+            sandbox,
+            limits: limits.clone(),
+            writable,
+            readable: Vec::new(),
+            env,
+            deadline: Instant::now() + limits.time,
+            output_used: 0,
+            disk_baseline,
+            bwrap,
+            prlimit,
+            setpriv,
+            root,
+        })
+    }
+
+    /// Gives a tree the builder made after the jail to the build's user, so commands can
+    /// write to it (only when the builder runs as root in bubblewrap; otherwise it is theirs).
+    pub(crate) fn hand_over(&self, path: &Path) -> Result<(), BuildError> {
+        if self.root && self.sandbox == Sandbox::Bubblewrap {
+            fsutil::chown_tree(path, BUILD_UID, BUILD_GID)?;
+        }
+        Ok(())
+    }
+
+    /// Shows `path` to every later command, read-only.
+    pub(crate) fn allow_read(&mut self, path: &Path) {
+        if !self.readable.iter().any(|p| p == path) {
+            self.readable.push(path.to_path_buf());
+        }
+    }
+
+    /// Stops showing `path` (a temporary tree that was moved away).
+    pub(crate) fn forget(&mut self, path: &Path) {
+        self.readable.retain(|p| p != path);
+    }
+
+    /// Checks that a sandbox starts, so a missing or broken bubblewrap fails the build with
+    /// that reason rather than as the installer's failure.
+    pub(crate) async fn probe(&mut self, cwd: &Path) -> Result<(), BuildError> {
+        if self.sandbox == Sandbox::None {
+            return Ok(());
+        }
+        let step = Step {
+            label: "the sandbox check".into(),
+            program: "true".into(),
+            args: Vec::new(),
+            cwd: cwd.to_path_buf(),
+            path: Vec::new(),
+            env: Vec::new(),
+        };
+        let finished = self.run(&step, &mut |_| {}).await?;
+        if finished.success {
+            Ok(())
+        } else {
+            Err(BuildError::SandboxUnavailable {
+                reason: format!(
+                    "bwrap could not start a command ({}): {}",
+                    finished.status,
+                    finished.tail_text()
+                ),
+            })
+        }
+    }
+
+    /// Runs one command to its end. A limit it hits is the error; otherwise how it ended,
+    /// with failures that the limits explain (an allocation, a fork, a file size) turned into
+    /// that limit's error.
+    pub(crate) async fn run(
+        &mut self,
+        step: &Step,
+        output: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<Finished, BuildError> {
+        let (reader, writer) =
+            std::io::pipe().map_err(|e| BuildError::io("creating the output pipe", e))?;
+        let writer_err = writer
+            .try_clone()
+            .map_err(|e| BuildError::io("creating the output pipe", e))?;
+        let mut command = self.command(step);
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(writer))
+            .stderr(Stdio::from(writer_err))
+            .process_group(0)
+            .kill_on_drop(true);
+        let spawned = command.spawn();
+        // The command holds the pipe's write end until dropped; EOF needs every copy closed.
+        drop(command);
+        let mut child = spawned.map_err(|e| match self.sandbox {
+            Sandbox::Bubblewrap => BuildError::SandboxUnavailable {
+                reason: format!("cannot start bwrap: {e}"),
+            },
+            Sandbox::None => BuildError::io(format!("starting {}", step.label), e),
+        })?;
+        let group = child
+            .id()
+            .and_then(|pid| rustix::process::Pid::from_raw(pid as i32));
+        let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))
+            .map_err(|e| BuildError::io("reading the command's output", e))?;
+
+        let mut lines = Lines::default();
+        let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
+        let mut emit = |line: &str, tail: &mut VecDeque<String>| {
+            output(line);
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line.to_string());
+        };
+        let mut disk = tokio::time::interval(DISK_POLL_INTERVAL);
+        disk.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut buffer = vec![0u8; 16 * 1024];
+        let mut open = true;
+        let mut exited: Option<ExitStatus> = None;
+        let mut drain_until: Option<Instant> = None;
+        let ending = loop {
+            if exited.is_some() && !open {
+                break Ending::Exited(exited.unwrap_or_default());
+            }
+            let drain = drain_until.unwrap_or(self.deadline);
+            tokio::select! {
+                read = pipe.read(&mut buffer), if open => match read {
+                    Ok(0) | Err(_) => open = false,
+                    Ok(n) => {
+                        self.output_used += n as u64;
+                        if self.output_used > self.limits.output_bytes {
+                            break Ending::Output;
+                        }
+                        lines.push(&buffer[..n], &mut |line| emit(line, &mut tail));
+                    }
+                },
+                status = child.wait(), if exited.is_none() => {
+                    let status = status.map_err(|e| BuildError::io(format!("waiting for {}", step.label), e))?;
+                    exited = Some(status);
+                    drain_until = Some(Instant::now() + DRAIN_AFTER_EXIT);
+                }
+                () = tokio::time::sleep_until(drain), if drain_until.is_some() => {
+                    open = false;
+                }
+                () = tokio::time::sleep_until(self.deadline) => break Ending::Time,
+                _ = disk.tick() => {
+                    if self.disk_used().await > self.limits.disk_bytes {
+                        break Ending::Disk;
+                    }
+                }
+            }
+        };
+        // Whatever happened, nothing of the command outlives it: its process group (bwrap,
+        // whose PID namespace ends with it, or the bare command and what it started).
+        if let Some(group) = group {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
+        let _ = child.wait().await;
+        lines.finish(&mut |line| emit(line, &mut tail));
+        let tail: Vec<String> = tail.into_iter().collect();
+        let status = match ending {
+            Ending::Time => {
+                return Err(BuildError::TimeLimit {
+                    seconds: self.limits.time.as_secs(),
+                });
+            }
+            Ending::Disk => {
+                return Err(BuildError::DiskLimit {
+                    limit_bytes: self.limits.disk_bytes,
+                });
+            }
+            Ending::Output => {
+                return Err(BuildError::OutputLimit {
+                    limit_bytes: self.limits.output_bytes,
+                });
+            }
+            Ending::Exited(status) => status,
+        };
+        self.classify(step, status, tail)
+    }
+
+    /// Turns a failure the limits explain into that limit's error.
+    fn classify(
+        &self,
+        step: &Step,
+        status: ExitStatus,
+        tail: Vec<String>,
+    ) -> Result<Finished, BuildError> {
+        use std::os::unix::process::ExitStatusExt;
+        if status.success() {
+            return Ok(Finished {
+                success: true,
+                status: "exit status 0".into(),
+                tail,
+            });
+        }
+        // bwrap reports a signal-killed command as 128 + the signal.
+        let file_too_big = status.signal() == Some(SIGXFSZ) || status.code() == Some(128 + SIGXFSZ);
+        let said = |markers: &[&str]| {
+            tail.iter()
+                .any(|line| markers.iter().any(|m| line.contains(m)))
+        };
+        if file_too_big {
+            return Err(BuildError::DiskLimit {
+                limit_bytes: self.limits.disk_bytes,
+            });
+        }
+        if said(MEMORY_MARKERS) {
+            return Err(BuildError::MemoryLimit {
+                step: step.label.clone(),
+                limit_bytes: self.limits.memory_bytes,
+            });
+        }
+        if said(PROCESS_MARKERS) {
+            return Err(BuildError::ProcessLimit {
+                step: step.label.clone(),
+                limit: self.limits.processes,
+            });
+        }
+        let status = match (status.code(), status.signal()) {
+            (Some(code), _) => format!("exit status {code}"),
+            (None, Some(signal)) => format!("killed by signal {signal}"),
+            _ => status.to_string(),
+        };
+        Ok(Finished {
+            success: false,
+            status,
+            tail,
+        })
+    }
+
+    /// What the build added to its writable trees since it started.
+    async fn disk_used(&self) -> u64 {
+        let paths = self.writable.clone();
+        let now = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+            fsutil::disk_usage(&refs)
+        })
+        .await
+        .unwrap_or(0);
+        now.saturating_sub(self.disk_baseline)
+    }
+
+    /// The full command line: `prlimit` with the limits, then bubblewrap with its mounts (and
+    /// `setpriv` when root), then the step's program.
+    fn command(&self, step: &Step) -> tokio::process::Command {
+        let limits = &self.limits;
+        let mut command = tokio::process::Command::new(&self.prlimit);
+        command
+            .arg(format!("--data={0}:{0}", limits.memory_bytes))
+            .arg(format!("--nproc={0}:{0}", limits.processes))
+            .arg(format!("--fsize={0}:{0}", limits.disk_bytes))
+            .arg("--");
+        if self.sandbox == Sandbox::Bubblewrap {
+            command.arg(&self.bwrap).args(self.bwrap_args(step));
+            if self.root {
+                command.arg(&self.setpriv).args([
+                    format!("--reuid={BUILD_UID}"),
+                    format!("--regid={BUILD_GID}"),
+                    "--clear-groups".into(),
+                    "--inh-caps=-all".into(),
+                    "--bounding-set=-all".into(),
+                    "--no-new-privs".into(),
+                    "--".into(),
+                ]);
+            }
+        }
+        command.arg(&step.program).args(&step.args);
+        command.current_dir(&step.cwd).env_clear();
+        let mut path: Vec<OsString> = step.path.iter().map(|p| p.as_os_str().to_owned()).collect();
+        path.push(px_runtime::host::DEFAULT_PATH.into());
+        command.env("PATH", join_os(&path, ":"));
+        command.env("LANG", "C.UTF-8");
+        if self.sandbox == Sandbox::Bubblewrap {
+            command.env("TMPDIR", "/tmp");
+        }
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        command.envs(step.env.iter().map(|(k, v)| (k, v)));
+        command
+    }
+
+    fn bwrap_args(&self, step: &Step) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push =
+            |words: &[&std::ffi::OsStr]| args.extend(words.iter().map(|w| w.to_os_string()));
+        if !self.root {
+            push(&[
+                "--unshare-user".as_ref(),
+                "--uid".as_ref(),
+                "65534".as_ref(),
+                "--gid".as_ref(),
+                "65534".as_ref(),
+            ]);
+        }
+        push(&[
+            "--unshare-pid".as_ref(),
+            "--unshare-ipc".as_ref(),
+            "--unshare-uts".as_ref(),
+            "--unshare-cgroup-try".as_ref(),
+            "--die-with-parent".as_ref(),
+            "--new-session".as_ref(),
+        ]);
+        for dir in SYSTEM_DIRS {
+            let path = Path::new(dir);
+            match std::fs::symlink_metadata(path) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    if let Ok(target) = std::fs::read_link(path) {
+                        push(&["--symlink".as_ref(), target.as_os_str(), path.as_os_str()]);
+                    }
+                }
+                Ok(_) => push(&["--ro-bind".as_ref(), path.as_os_str(), path.as_os_str()]),
+                Err(_) => {}
+            }
+        }
+        push(&[
+            "--proc".as_ref(),
+            "/proc".as_ref(),
+            "--dev".as_ref(),
+            "/dev".as_ref(),
+        ]);
+        // A private /tmp in memory, as large as the disk limit lets the build's files be.
+        let size = self.limits.disk_bytes.to_string();
+        push(&[
+            "--perms".as_ref(),
+            "1777".as_ref(),
+            "--size".as_ref(),
+            size.as_ref(),
+            "--tmpfs".as_ref(),
+            "/tmp".as_ref(),
+        ]);
+        let mounts: Vec<(&str, &Path)> = SYSTEM_ETC
+            .iter()
+            .map(|f| ("--ro-bind-try", Path::new(*f)))
+            .chain(self.writable.iter().map(|p| ("--bind", p.as_path())))
+            .chain(self.readable.iter().map(|p| ("--ro-bind", p.as_path())))
+            .collect();
+        // Every parent of a mount point, made first and traversable by the build's user
+        // (bubblewrap makes the parents it creates itself 0700).
+        let mut parents: Vec<&Path> = mounts
+            .iter()
+            .flat_map(|(_, path)| path.ancestors().skip(1))
+            .filter(|p| {
+                *p != Path::new("/")
+                    && *p != Path::new("/tmp")
+                    && !SYSTEM_DIRS.iter().any(|d| p.starts_with(d))
+            })
+            .collect();
+        parents.sort_by_key(|p| (p.components().count(), p.to_path_buf()));
+        parents.dedup();
+        for parent in parents {
+            push(&[
+                "--perms".as_ref(),
+                "0755".as_ref(),
+                "--dir".as_ref(),
+                parent.as_os_str(),
+            ]);
+        }
+        for (how, path) in mounts {
+            push(&[how.as_ref(), path.as_os_str(), path.as_os_str()]);
+        }
+        push(&["--chdir".as_ref(), step.cwd.as_os_str(), "--".as_ref()]);
+        args
+    }
+}
+
+fn join_os(parts: &[OsString], sep: &str) -> OsString {
+    let mut out = OsString::new();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push(sep);
+        }
+        out.push(part);
+    }
+    out
+}
+
+/// Finds `name` on the builder's `PATH` (the process's, through `px_runtime::host`).
+pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&px_runtime::host::env().path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+pub(crate) fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Splits output into lines: lossy UTF-8, `\r` dropped, lines over [`MAX_LINE_BYTES`] cut.
+#[derive(Default)]
+struct Lines {
+    pending: Vec<u8>,
+    /// The current line was already cut; the rest of it up to its newline is dropped.
+    cut: bool,
+}
+
+impl Lines {
+    fn push(&mut self, mut data: &[u8], emit: &mut dyn FnMut(&str)) {
+        while !data.is_empty() {
+            let newline = data.iter().position(|b| *b == b'\n');
+            let (chunk, rest, ends) = match newline {
+                Some(i) => (&data[..i], &data[i + 1..], true),
+                None => (data, &[][..], false),
+            };
+            if !self.cut {
+                let room = MAX_LINE_BYTES - self.pending.len();
+                self.pending
+                    .extend_from_slice(&chunk[..chunk.len().min(room)]);
+                if self.pending.len() == MAX_LINE_BYTES && (chunk.len() > room || !ends) {
+                    self.flush(emit);
+                    self.cut = true;
+                }
+            }
+            if ends {
+                if !self.cut {
+                    self.flush(emit);
+                }
+                self.cut = false;
+            }
+            data = rest;
+        }
+    }
+
+    fn flush(&mut self, emit: &mut dyn FnMut(&str)) {
+        let text = String::from_utf8_lossy(&self.pending);
+        emit(text.trim_end_matches('\r'));
+        self.pending.clear();
+    }
+
+    fn finish(&mut self, emit: &mut dyn FnMut(&str)) {
+        if !self.pending.is_empty() {
+            self.flush(emit);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn lines_are_split_and_long_ones_cut() {
+        let mut got = Vec::new();
+        let mut lines = Lines::default();
+        lines.push(b"one\r\ntw", &mut |l| got.push(l.to_string()));
+        lines.push(b"o\n", &mut |l| got.push(l.to_string()));
+        let long = vec![b'x'; MAX_LINE_BYTES * 3];
+        lines.push(&long, &mut |l| got.push(l.to_string()));
+        lines.push(b"\nlast", &mut |l| got.push(l.to_string()));
+        lines.finish(&mut |l| got.push(l.to_string()));
+        assert_eq!(
+            got.len(),
+            4,
+            "{:?}",
+            got.iter().map(String::len).collect::<Vec<_>>()
+        );
+        assert_eq!(got[0], "one");
+        assert_eq!(got[1], "two");
+        assert_eq!(got[2].len(), MAX_LINE_BYTES);
+        assert_eq!(got[3], "last");
+    }
+}

@@ -1,0 +1,204 @@
+//! Python builds with the real uv and packages from PyPI: a Django app built into layers that
+//! run from any release directory, and a code-only rebuild that reuses the dependencies.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Instant;
+
+use common::{assemble, run_build, run_in_release, settings, write_tree};
+use px_proto::build::LayerKind;
+
+/// A Django project as its author publishes it: requirements, a Procfile-style run command,
+/// `.python-version`, `manage.py`, whitenoise for static files.
+fn django_app(dir: &Path, name: &str) {
+    write_tree(
+        dir,
+        &[
+            (
+                "app.toml",
+                &format!("name = \"{name}\"\nrun = \"gunicorn mysite.wsgi\"\n"),
+            ),
+            (
+                "requirements.txt",
+                "Django>=5.1\ngunicorn>=22\nwhitenoise>=6.6\n",
+            ),
+            (".python-version", "3.12\n"),
+            (
+                "manage.py",
+                "#!/usr/bin/env python\nimport os, sys\n\nif __name__ == \"__main__\":\n    os.environ.setdefault(\"DJANGO_SETTINGS_MODULE\", \"mysite.settings\")\n    from django.core.management import execute_from_command_line\n    execute_from_command_line(sys.argv)\n",
+            ),
+            ("mysite/__init__.py", ""),
+            (
+                "mysite/settings.py",
+                "from pathlib import Path\nBASE_DIR = Path(__file__).resolve().parent.parent\nSECRET_KEY = 'not-a-secret'\nDEBUG = False\nALLOWED_HOSTS = ['*']\nINSTALLED_APPS = ['django.contrib.admin', 'django.contrib.auth', 'django.contrib.contenttypes', 'django.contrib.sessions', 'django.contrib.messages', 'django.contrib.staticfiles']\nMIDDLEWARE = ['django.middleware.security.SecurityMiddleware', 'whitenoise.middleware.WhiteNoiseMiddleware', 'django.contrib.sessions.middleware.SessionMiddleware', 'django.middleware.common.CommonMiddleware', 'django.contrib.auth.middleware.AuthenticationMiddleware', 'django.contrib.messages.middleware.MessageMiddleware']\nROOT_URLCONF = 'mysite.urls'\nTEMPLATES = [{'BACKEND': 'django.template.backends.django.DjangoTemplates', 'DIRS': [], 'APP_DIRS': True, 'OPTIONS': {'context_processors': ['django.template.context_processors.request', 'django.contrib.auth.context_processors.auth', 'django.contrib.messages.context_processors.messages']}}]\nWSGI_APPLICATION = 'mysite.wsgi.application'\nDATABASES = {'default': {'ENGINE': 'django.db.backends.sqlite3', 'NAME': BASE_DIR / 'db.sqlite3'}}\nSTATIC_URL = 'static/'\nSTATIC_ROOT = BASE_DIR / 'staticfiles'\n",
+            ),
+            (
+                "mysite/urls.py",
+                "from django.http import HttpResponse\nfrom django.urls import path\n\ndef home(request):\n    return HttpResponse('hello from django')\n\nurlpatterns = [path('', home)]\n",
+            ),
+            (
+                "mysite/wsgi.py",
+                "import os\nfrom django.core.wsgi import get_wsgi_application\nos.environ.setdefault('DJANGO_SETTINGS_MODULE', 'mysite.settings')\napplication = get_wsgi_application()\n",
+            ),
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_django_app_builds_into_layers_that_run_from_the_release() {
+    let app = "build-test-django";
+    let work = tempfile::tempdir().unwrap();
+    let source = tempfile::tempdir().unwrap();
+    django_app(source.path(), app);
+    let settings = settings(work.path(), app);
+
+    let started = Instant::now();
+    let (built, output) = run_build(app, 1, source.path(), &settings).await;
+    let built = built.unwrap_or_else(|e| panic!("build failed: {e}\n{}", output.join("\n")));
+    eprintln!(
+        "cold Django build (empty dependency cache): {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let kinds: Vec<LayerKind> = built.layers.iter().map(|l| l.kind).collect();
+    assert_eq!(
+        kinds,
+        [LayerKind::Runtime, LayerKind::Dependencies, LayerKind::App]
+    );
+    assert!(
+        built
+            .runtime
+            .as_deref()
+            .unwrap()
+            .starts_with("python3 3.12."),
+        "{:?}",
+        built.runtime
+    );
+    assert_eq!(built.path, [".px/deps/bin", ".px/runtime/bin"]);
+    assert_eq!(built.env["PYTHONUSERBASE"], "{release}/.px/deps");
+    assert!(
+        output
+            .iter()
+            .any(|l| l.contains("Installing dependencies with uv")),
+        "{output:#?}"
+    );
+    assert!(
+        output.iter().any(|l| l.contains("collectstatic")),
+        "{output:#?}"
+    );
+
+    let releases = tempfile::tempdir().unwrap();
+    let release = releases.path().join("v1");
+    assemble(&built, &release);
+    // collectstatic ran into the app layer.
+    assert!(release.join("staticfiles/admin/css/base.css").is_file());
+    // The interpreter runs from the release, with its stdlib, ssl and sqlite3, and Django
+    // comes from the dependencies layer; the host's pyenv is hidden.
+    let (ok, text) = run_in_release(
+        &built,
+        &release,
+        "python3 -c 'import sys, ssl, sqlite3, django; print(sys.prefix); print(django.__file__)' && gunicorn --check-config mysite.wsgi && echo gunicorn-ok",
+    );
+    assert!(ok, "{text}");
+    let prefix = release.join(".px/runtime").display().to_string();
+    assert!(text.contains(&prefix), "{text}");
+    assert!(
+        text.contains(&format!(
+            "{}/.px/deps/lib/python3.12/site-packages/django",
+            release.display()
+        )),
+        "{text}"
+    );
+    assert!(text.contains("gunicorn-ok"), "{text}");
+    // Installed scripts run from any release directory.
+    let gunicorn = std::fs::read_to_string(release.join(".px/deps/bin/gunicorn")).unwrap();
+    assert!(
+        gunicorn.starts_with("#!/usr/bin/env python3\n"),
+        "{gunicorn}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_only_rebuild_reuses_the_dependencies_without_running_the_installer() {
+    let app = "build-test-rebuild";
+    let work = tempfile::tempdir().unwrap();
+    let source = tempfile::tempdir().unwrap();
+    django_app(source.path(), app);
+    let settings = settings(work.path(), app);
+
+    let (first, output) = run_build(app, 1, source.path(), &settings).await;
+    let first = first.unwrap_or_else(|e| panic!("build failed: {e}\n{}", output.join("\n")));
+    assert!(
+        output
+            .iter()
+            .any(|l| l.contains("Installing dependencies with uv")),
+        "{output:#?}"
+    );
+
+    // Only the code changes.
+    write_tree(
+        source.path(),
+        &[(
+            "mysite/urls.py",
+            "from django.http import HttpResponse\nfrom django.urls import path\n\ndef home(request):\n    return HttpResponse('hello again')\n\nurlpatterns = [path('', home)]\n",
+        )],
+    );
+    let started = Instant::now();
+    let (second, output) = run_build(app, 2, source.path(), &settings).await;
+    let second = second.unwrap_or_else(|e| panic!("rebuild failed: {e}\n{}", output.join("\n")));
+    eprintln!(
+        "code-only Django rebuild: {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        !output.iter().any(|l| l.contains("Installing dependencies")),
+        "{output:#?}"
+    );
+    assert!(
+        !output
+            .iter()
+            .any(|l| l.contains("uv pip install") || l.contains("Resolved")),
+        "{output:#?}"
+    );
+    assert!(
+        output
+            .iter()
+            .any(|l| l.contains("reusing the cached layer, uv")),
+        "{output:#?}"
+    );
+    let deps = |b: &px_build::Built| {
+        b.layers
+            .iter()
+            .find(|l| l.kind == LayerKind::Dependencies)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(deps(&first).sha256, deps(&second).sha256);
+    assert!(deps(&second).reused);
+    assert!(second.layers[0].reused, "the runtime layer is reused too");
+    assert_ne!(
+        first.layers[2].sha256, second.layers[2].sha256,
+        "the app layer has the new code"
+    );
+
+    // A changed requirement misses the cache, and the build says which input changed.
+    write_tree(
+        source.path(),
+        &[(
+            "requirements.txt",
+            "Django>=5.1\ngunicorn>=22\nwhitenoise>=6.6\nsqlparse\n",
+        )],
+    );
+    let (third, output) = run_build(app, 3, source.path(), &settings).await;
+    third.unwrap_or_else(|e| panic!("build failed: {e}\n{}", output.join("\n")));
+    assert!(
+        output
+            .iter()
+            .any(|l| l.contains("Installing dependencies with uv")
+                && l.contains("requirements.txt changed since the last build")),
+        "{output:#?}"
+    );
+}
