@@ -9,6 +9,14 @@ use crate::BuildError;
 use crate::runtime_layer::RuntimeLayer;
 use crate::sandbox::{Jail, Step};
 
+/// npm's verdicts, which it prints before pages of usage: a lockfile out of sync, a package
+/// the registry does not have.
+const NPM_VERDICTS: &[&str] = &[
+    "can only install packages when your package.json and",
+    "is not in this registry",
+    "404 Not Found - GET",
+];
+
 /// What a Node step needs to know about the build.
 pub(crate) struct Node<'a> {
     pub app_dir: &'a Path,
@@ -31,6 +39,7 @@ impl Node<'_> {
             cwd: self.app_dir.to_path_buf(),
             path: vec![self.runtime.bin(), self.bin_dir()],
             env,
+            watch: NPM_VERDICTS,
         }
     }
 
@@ -55,10 +64,7 @@ impl Node<'_> {
             return Ok(());
         }
         if let Some(file) = lockfile
-            && finished
-                .tail
-                .iter()
-                .any(|l| l.contains("can only install packages when your package.json and"))
+            && finished.watched.iter().any(|l| l.contains(NPM_VERDICTS[0]))
         {
             return Err(BuildError::LockfileOutOfDate {
                 file: file.into(),
@@ -66,7 +72,7 @@ impl Node<'_> {
                 hint: "run `npm install` and commit the lockfile".into(),
             });
         }
-        if let Some(name) = unknown_package(&finished.tail) {
+        if let Some(name) = unknown_package(&finished.watched) {
             return Err(BuildError::UnknownDependency {
                 name,
                 file: lockfile

@@ -269,6 +269,7 @@ fn command_step(
         cwd: app.to_path_buf(),
         path,
         env,
+        watch: &[],
     }
 }
 

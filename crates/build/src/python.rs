@@ -24,6 +24,9 @@ const MAX_SCRIPT_BYTES: u64 = 1024 * 1024;
 /// lockfile: `uv pip install -r` takes requirements.
 const GENERATED_REQUIREMENTS: &str = "px-requirements.txt";
 
+/// What uv says when a requirement names a package the index does not have.
+const UV_VERDICTS: &[&str] = &["was not found in the package registry"];
+
 /// What a Python step needs to know about the build.
 pub(crate) struct Python<'a> {
     pub app_dir: &'a Path,
@@ -117,10 +120,11 @@ impl Python<'_> {
             cwd: self.app_dir.to_path_buf(),
             path: vec![self.runtime.bin()],
             env: self.runtime_env(),
+            watch: UV_VERDICTS,
         };
         let finished = jail.run(&step, output).await?;
         if !finished.success {
-            if let Some(name) = unknown_dependency(&finished.tail) {
+            if let Some(name) = unknown_dependency(&finished.watched) {
                 return Err(BuildError::UnknownDependency {
                     name,
                     file: file.into(),
@@ -147,6 +151,7 @@ impl Python<'_> {
             cwd: self.app_dir.to_path_buf(),
             path: vec![self.runtime.bin()],
             env: self.runtime_env(),
+            watch: UV_VERDICTS,
         }
     }
 
@@ -171,6 +176,7 @@ impl Python<'_> {
             cwd: self.app_dir.to_path_buf(),
             path: vec![userbase.join("bin"), self.runtime.bin()],
             env,
+            watch: &[],
         }
     }
 

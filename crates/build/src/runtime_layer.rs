@@ -356,6 +356,7 @@ async fn check_relocated(
         cwd: dir.to_path_buf(),
         path: vec![dir.join("bin")],
         env,
+        watch: &[],
     };
     let finished = jail.run(&step, &mut |_| {}).await?;
     let ok = finished.success && finished.tail.iter().any(|line| line.trim() == expect);

@@ -90,6 +90,9 @@ pub(crate) struct Step {
     pub path: Vec<PathBuf>,
     /// Variables on top of the build's own.
     pub env: Vec<(String, OsString)>,
+    /// Words whose lines are kept wherever they appear in the output (an installer's verdict
+    /// followed by pages of usage), for [`Finished::watched`].
+    pub watch: &'static [&'static str],
 }
 
 /// How a command ended, when no limit stopped it.
@@ -100,6 +103,8 @@ pub(crate) struct Finished {
     pub status: String,
     /// Its last [`TAIL_LINES`] lines.
     pub tail: Vec<String>,
+    /// The first [`TAIL_LINES`] lines holding a word of [`Step::watch`] or a limit's marker.
+    pub watched: Vec<String>,
 }
 
 impl Finished {
@@ -225,6 +230,7 @@ impl Jail {
             cwd: cwd.to_path_buf(),
             path: Vec::new(),
             env: Vec::new(),
+            watch: &[],
         };
         let finished = self.run(&step, &mut |_| {}).await?;
         if finished.success {
@@ -277,12 +283,20 @@ impl Jail {
 
         let mut lines = Lines::default();
         let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
+        let mut watched: Vec<String> = Vec::new();
+        let watch = step.watch;
         let mut emit = |line: &str, tail: &mut VecDeque<String>| {
             output(line);
             if tail.len() == TAIL_LINES {
                 tail.pop_front();
             }
             tail.push_back(line.to_string());
+            let notable = [watch, MEMORY_MARKERS, PROCESS_MARKERS]
+                .iter()
+                .any(|words| words.iter().any(|w| line.contains(w)));
+            if notable && watched.len() < TAIL_LINES {
+                watched.push(line.to_string());
+            }
         };
         let mut disk = tokio::time::interval(DISK_POLL_INTERVAL);
         disk.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -348,7 +362,7 @@ impl Jail {
             }
             Ending::Exited(status) => status,
         };
-        self.classify(step, status, tail)
+        self.classify(step, status, tail, watched)
     }
 
     /// Turns a failure the limits explain into that limit's error.
@@ -357,6 +371,7 @@ impl Jail {
         step: &Step,
         status: ExitStatus,
         tail: Vec<String>,
+        watched: Vec<String>,
     ) -> Result<Finished, BuildError> {
         use std::os::unix::process::ExitStatusExt;
         if status.success() {
@@ -364,12 +379,15 @@ impl Jail {
                 success: true,
                 status: "exit status 0".into(),
                 tail,
+                watched,
             });
         }
         // bwrap reports a signal-killed command as 128 + the signal.
         let file_too_big = status.signal() == Some(SIGXFSZ) || status.code() == Some(128 + SIGXFSZ);
         let said = |markers: &[&str]| {
-            tail.iter()
+            watched
+                .iter()
+                .chain(&tail)
                 .any(|line| markers.iter().any(|m| line.contains(m)))
         };
         if file_too_big {
@@ -398,6 +416,7 @@ impl Jail {
             success: false,
             status,
             tail,
+            watched,
         })
     }
 

@@ -92,7 +92,9 @@ async fn a_django_app_builds_into_layers_that_run_from_the_release() {
 
     let releases = tempfile::tempdir().unwrap();
     let release = releases.path().join("v1");
+    let t = Instant::now();
     assemble(&built, &release);
+    eprintln!("assembled in {:.2} s", t.elapsed().as_secs_f64());
     // collectstatic ran into the app layer.
     assert!(release.join("staticfiles/admin/css/base.css").is_file());
     // The interpreter runs from the release, with its stdlib, ssl and sqlite3, and Django
@@ -102,6 +104,7 @@ async fn a_django_app_builds_into_layers_that_run_from_the_release() {
         &release,
         "python3 -c 'import sys, ssl, sqlite3, django; print(sys.prefix); print(django.__file__)' && gunicorn --check-config mysite.wsgi && echo gunicorn-ok",
     );
+    eprintln!("ran in {:.2} s", t.elapsed().as_secs_f64());
     assert!(ok, "{text}");
     let prefix = release.join(".px/runtime").display().to_string();
     assert!(text.contains(&prefix), "{text}");
