@@ -210,7 +210,7 @@ pub(crate) fn move_tree(from: &Path, to: &Path) -> Result<(), BuildError> {
     if fs::rename(from, to).is_ok() {
         return Ok(());
     }
-    fsutil::copy_tree(from, to, &|_| false)?;
+    fsutil::copy_tree(from, to, &|_| false, fsutil::AbsoluteLinks::Keep)?;
     fsutil::remove_all(from)
 }
 

@@ -10,13 +10,25 @@ use std::path::Path;
 use crate::BuildError;
 use crate::error::IoContext;
 
+/// What [`copy_tree`] does with a symlink whose target is an absolute path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AbsoluteLinks {
+    /// Copy it as a link, like every other.
+    Keep,
+    /// Copy the file it points to instead (a directory or a dangling link is left out): for a
+    /// tree that moves to another machine, such as Debian's `sitecustomize.py` pointing into
+    /// `/etc`.
+    Follow,
+}
+
 /// Copies `from` into `to` (which must not exist), skipping every relative path for which
-/// `skip` answers true (and what is below it). Symlinks are copied as links, never followed;
-/// files keep their permission bits; anything else (a FIFO, a socket) is left out.
+/// `skip` answers true (and what is below it). Symlinks are copied as links (absolute ones as
+/// `absolute` says); files keep their exec bit; anything else (a FIFO, a socket) is left out.
 pub(crate) fn copy_tree(
     from: &Path,
     to: &Path,
     skip: &dyn Fn(&Path) -> bool,
+    absolute: AbsoluteLinks,
 ) -> Result<(), BuildError> {
     fs::create_dir(to).context(|| format!("creating {}", to.display()))?;
     let mut pending = vec![std::path::PathBuf::new()];
@@ -41,23 +53,31 @@ pub(crate) fn copy_tree(
             } else if kind.is_symlink() {
                 let link = fs::read_link(&source)
                     .context(|| format!("reading the link {}", source.display()))?;
+                if link.is_absolute() && absolute == AbsoluteLinks::Follow {
+                    if fs::metadata(&source).is_ok_and(|m| m.is_file()) {
+                        copy_file(&source, &target)?;
+                    }
+                    continue;
+                }
                 std::os::unix::fs::symlink(&link, &target)
                     .context(|| format!("creating the link {}", target.display()))?;
             } else if kind.is_file() {
-                fs::copy(&source, &target)
-                    .context(|| format!("copying {} to {}", source.display(), target.display()))?;
-                // Readable by the sandbox's user whatever the source's owner allowed.
-                let mode = if meta.mode() & 0o111 != 0 {
-                    0o755
-                } else {
-                    0o644
-                };
-                fs::set_permissions(&target, fs::Permissions::from_mode(mode))
-                    .context(|| format!("setting the mode of {}", target.display()))?;
+                copy_file(&source, &target)?;
             }
         }
     }
     Ok(())
+}
+
+/// Copies one file (following a link), keeping only its exec bit, so it is readable by the
+/// sandbox's user whatever the source's owner allowed.
+fn copy_file(source: &Path, target: &Path) -> Result<(), BuildError> {
+    fs::copy(source, target)
+        .context(|| format!("copying {} to {}", source.display(), target.display()))?;
+    let exec = fs::metadata(source).is_ok_and(|m| m.mode() & 0o111 != 0);
+    let mode = if exec { 0o755 } else { 0o644 };
+    fs::set_permissions(target, fs::Permissions::from_mode(mode))
+        .context(|| format!("setting the mode of {}", target.display()))
 }
 
 /// Bytes of disk the trees under `paths` occupy (allocated blocks, so sparse files count for
@@ -154,7 +174,29 @@ mod tests {
         fs::write(from.path().join("lib/test/big"), b"skipped").unwrap();
         let out = tempfile::tempdir().unwrap();
         let to = out.path().join("copy");
-        copy_tree(from.path(), &to, &|rel| rel == Path::new("lib/test")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", from.path().join("bin/outside")).unwrap();
+        copy_tree(
+            from.path(),
+            &to,
+            &|rel| rel == Path::new("lib/test"),
+            AbsoluteLinks::Keep,
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read_link(to.join("bin/outside")).unwrap(),
+            Path::new("/etc/hostname")
+        );
+        let followed = out.path().join("followed");
+        copy_tree(from.path(), &followed, &|_| false, AbsoluteLinks::Follow).unwrap();
+        assert!(
+            fs::symlink_metadata(followed.join("bin/outside"))
+                .unwrap()
+                .is_file()
+        );
+        assert_eq!(
+            fs::read_link(followed.join("bin/python3")).unwrap(),
+            Path::new("python3.12")
+        );
         assert_eq!(
             fs::read_link(to.join("bin/python3")).unwrap(),
             Path::new("python3.12")

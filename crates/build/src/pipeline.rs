@@ -69,7 +69,12 @@ pub async fn build(
         .context(|| format!("creating {}", dirs.deps.display()))?;
     fs::create_dir(&dirs.deps_full).context(|| format!("creating {}", dirs.deps_full.display()))?;
     // The app's own `.px/` is the platform's place in a release; it is not copied.
-    fsutil::copy_tree(req.source_dir, &dirs.app, &|rel| rel == Path::new(".px"))?;
+    fsutil::copy_tree(
+        req.source_dir,
+        &dirs.app,
+        &|rel| rel == Path::new(".px"),
+        fsutil::AbsoluteLinks::Keep,
+    )?;
     let detection = detect::read(&dirs.app, req.manifest)?;
     if matches!(detection.stack, Stack::Node { .. }) {
         // Installed fresh from the lockfile, never taken from the upload.
@@ -501,7 +506,7 @@ impl Ctx<'_> {
                         Some(full) => full.join("node_modules"),
                         None => cached.tree.join("node_modules"),
                     };
-                    fsutil::copy_tree(&source, &modules, &|_| false)?;
+                    fsutil::copy_tree(&source, &modules, &|_| false, fsutil::AbsoluteLinks::Keep)?;
                     self.jail.hand_over(&modules)?;
                     if build_script {
                         output("-----> npm run build");
@@ -528,6 +533,7 @@ impl Ctx<'_> {
                         &modules,
                         &self.dirs.deps_full.join("node_modules"),
                         &|_| false,
+                        fsutil::AbsoluteLinks::Keep,
                     )?;
                     full = Some(self.dirs.deps_full.as_path());
                     output("-----> npm run build");

@@ -256,7 +256,12 @@ fn copy_runtime(runtime: &Runtime, dest: &Path) -> Result<(), BuildError> {
                     .any(|e| e.file_name().to_string_lossy().starts_with("_tkinter"))
             });
             let skip = |rel: &Path| skip_stdlib(rel, has_tk);
-            fsutil::copy_tree(&source, &lib.join(&stdlib), &skip)?;
+            fsutil::copy_tree(
+                &source,
+                &lib.join(&stdlib),
+                &skip,
+                fsutil::AbsoluteLinks::Follow,
+            )?;
             for entry in fs::read_dir(runtime.prefix.join("lib"))
                 .context(|| format!("listing {}", runtime.prefix.display()))?
                 .flatten()
@@ -282,7 +287,12 @@ fn copy_runtime(runtime: &Runtime, dest: &Path) -> Result<(), BuildError> {
             }
             let modules = lib.join("node_modules");
             fs::create_dir(&modules).context(|| format!("creating {}", modules.display()))?;
-            fsutil::copy_tree(&npm, &modules.join("npm"), &|_| false)?;
+            fsutil::copy_tree(
+                &npm,
+                &modules.join("npm"),
+                &|_| false,
+                fsutil::AbsoluteLinks::Follow,
+            )?;
             link("../lib/node_modules/npm/bin/npm-cli.js", "npm")?;
             link("../lib/node_modules/npm/bin/npx-cli.js", "npx")?;
         }

@@ -242,3 +242,56 @@ async fn a_build_runs_as_nobody_with_a_cleared_environment() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_sandbox_the_limits_still_hold_and_nothing_is_left_running() {
+    let (e, output, took) = hostile(
+        "build-test-nosandbox",
+        "sleep 16180 & echo started; sleep 16181",
+        |s| {
+            s.sandbox = px_build::Sandbox::None;
+            s.limits.time = Duration::from_secs(2);
+        },
+    )
+    .await;
+    assert!(
+        matches!(e, BuildError::TimeLimit { seconds: 2 }),
+        "{e:?}\n{output:#?}"
+    );
+    assert!(output.iter().any(|l| l == "started"), "{output:#?}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    assert!(
+        !process_with("sleep 16180") && !process_with("sleep 16181"),
+        "a sleeper survived"
+    );
+
+    // A command that works leaves its output in the app layer.
+    let work = tempfile::tempdir().unwrap();
+    let source = tempfile::tempdir().unwrap();
+    let app = "build-test-nosandbox-ok";
+    command_app(
+        source.path(),
+        app,
+        "mkdir -p public && echo built > public/index.html",
+    );
+    let mut settings = settings(work.path(), app);
+    settings.sandbox = px_build::Sandbox::None;
+    let (built, output) = run_build(app, 1, source.path(), &settings).await;
+    let built = built.unwrap_or_else(|e| panic!("{e}\n{output:#?}"));
+    assert_eq!(
+        built.layers.len(),
+        1,
+        "only an app layer: no runtime, no dependencies"
+    );
+    let dest = work.path().join("unpacked");
+    px_bundle::unpack_layer(
+        std::fs::File::open(&built.layers[0].archive).unwrap(),
+        &dest,
+        &px_bundle::Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dest.join("public/index.html")).unwrap(),
+        "built\n"
+    );
+}

@@ -205,3 +205,65 @@ async fn a_code_only_rebuild_reuses_the_dependencies_without_running_the_install
         "{output:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debians_python_is_relocated_into_the_release_and_finds_its_dependencies() {
+    // Debian's interpreter as an operator would list it in a runtimes directory: its prefix
+    // is /usr, so the directory links to the pieces that make it up.
+    if !Path::new("/usr/bin/python3.11").is_file() {
+        panic!("this test needs Debian's python3.11 (/usr/bin/python3.11)");
+    }
+    let runtimes = tempfile::tempdir().unwrap();
+    let prefix = runtimes.path().join("python3/3.11.2");
+    std::fs::create_dir_all(prefix.join("bin")).unwrap();
+    std::fs::create_dir_all(prefix.join("lib")).unwrap();
+    std::os::unix::fs::symlink("/usr/bin/python3.11", prefix.join("bin/python3")).unwrap();
+    std::os::unix::fs::symlink("/usr/lib/python3.11", prefix.join("lib/python3.11")).unwrap();
+
+    let app = "build-test-debian-python";
+    let work = tempfile::tempdir().unwrap();
+    let source = tempfile::tempdir().unwrap();
+    write_tree(
+        source.path(),
+        &[
+            (
+                "app.toml",
+                &format!("name = \"{app}\"\nrun = \"python3 app.py\"\n"),
+            ),
+            ("requirements.txt", "six==1.17.0\n"),
+            (".python-version", "3.11\n"),
+            ("app.py", "import six\nprint('six', six.__version__)\n"),
+        ],
+    );
+    let mut settings = settings(work.path(), app);
+    settings.runtimes.dirs = vec![runtimes.path().to_path_buf()];
+    settings.runtimes.discover_host = false;
+    let (built, output) = run_build(app, 1, source.path(), &settings).await;
+    let built = built.unwrap_or_else(|e| panic!("build failed: {e}\n{}", output.join("\n")));
+    assert_eq!(built.runtime.as_deref(), Some("python3 3.11.2"));
+    // A static interpreter needs no library path.
+    assert!(
+        !built.env.contains_key("LD_LIBRARY_PATH"),
+        "{:?}",
+        built.env
+    );
+
+    let releases = tempfile::tempdir().unwrap();
+    let release = releases.path().join("v1");
+    assemble(&built, &release);
+    assert!(
+        !release.join(".px/runtime/lib/python3.11/test").exists(),
+        "the test suite was copied"
+    );
+    let (ok, text) = run_in_release(
+        &built,
+        &release,
+        "python3 -c 'import sys, ssl, sqlite3; print(sys.prefix)' && python3 app.py",
+    );
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&release.join(".px/runtime").display().to_string()),
+        "{text}"
+    );
+    assert!(text.contains("six 1.17.0"), "{text}");
+}
