@@ -159,6 +159,13 @@ impl DepsCache {
             .prefix(&format!(".{key}.tmp-"))
             .tempdir_in(&self.dir)
             .context(|| format!("creating a directory in {}", self.dir.display()))?;
+        // Readable by the build's user (collectstatic imports from it), writable by nobody
+        // but the builder.
+        fs::set_permissions(
+            temp.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .context(|| format!("setting the mode of {}", temp.path().display()))?;
         move_tree(tree, &temp.path().join("tree"))?;
         if let Some(full) = full {
             move_tree(full, &temp.path().join("full"))?;

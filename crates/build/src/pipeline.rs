@@ -105,13 +105,20 @@ pub async fn build(
     if settings.sandbox == Sandbox::None {
         env.push(("TMPDIR".into(), dirs.tmp.clone().into()));
     }
+    // The installers' caches are writable; the kept dependency trees only readable, so a
+    // build cannot change what a later build of the app reuses without installing.
     let mut jail = Jail::new(
         settings.sandbox,
         &settings.limits,
-        vec![dirs.root.clone(), app_cache.clone()],
+        vec![
+            dirs.root.clone(),
+            app_cache.join("uv"),
+            app_cache.join("npm"),
+        ],
         env,
     )
     .await?;
+    jail.allow_read(&app_cache.join("deps"));
     if let Some(ca) = &settings.ca_file {
         jail.allow_read(ca);
     }
@@ -193,17 +200,12 @@ pub async fn build(
                 if let Some(rt) = &runtime {
                     path.push(rt.bin());
                 }
-                let step = command_step(
-                    command,
-                    &dirs.app,
-                    path,
-                    rt_env(runtime.as_ref(), &dirs),
-                    &app_env,
-                );
+                let step =
+                    command_step(command, &dirs.app, path, rt_env(runtime.as_ref()), &app_env);
                 ctx.run_command(step, output).await?;
             }
-            if let Some(rt) = &runtime {
-                built.path.push(bin_in_release(rt));
+            if runtime.is_some() {
+                built.path.push(runtime_bin());
             }
         }
     }
@@ -238,12 +240,13 @@ fn runtime_kind(detection: &Detection) -> Option<RuntimeKind> {
     }
 }
 
-fn bin_in_release(_rt: &RuntimeLayer) -> String {
+/// The runtime's commands, relative to the release.
+fn runtime_bin() -> String {
     format!("{}/bin", runtime_layer::RUNTIME_DIR)
 }
 
 /// The runtime's variables at build time, where the release is the build's app directory.
-fn rt_env(rt: Option<&RuntimeLayer>, _dirs: &Dirs) -> Vec<(String, OsString)> {
+fn rt_env(rt: Option<&RuntimeLayer>) -> Vec<(String, OsString)> {
     let Some(rt) = rt else { return Vec::new() };
     let dir = rt.dir();
     let release = dir
@@ -445,7 +448,7 @@ impl Ctx<'_> {
             archive,
             reused,
         });
-        built.path = vec![".px/deps/bin".into(), bin_in_release(rt)];
+        built.path = vec![".px/deps/bin".into(), runtime_bin()];
         built.env.insert(
             "PYTHONUSERBASE".into(),
             format!("{RELEASE_DIR_PLACEHOLDER}/.px/deps"),
@@ -575,7 +578,7 @@ impl Ctx<'_> {
             archive,
             reused,
         });
-        built.path = vec![bin_in_release(rt), "node_modules/.bin".into()];
+        built.path = vec![runtime_bin(), "node_modules/.bin".into()];
         Ok(())
     }
 }
