@@ -44,6 +44,10 @@ const DISK_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// it) is killed with its process group.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 
+/// How long a killed command's processes may take to be gone: the kernel ends a PID
+/// namespace's members once its init dies, which takes milliseconds; this bounds a stuck one.
+const EXIT_WAIT: Duration = Duration::from_secs(5);
+
 /// The system directories a build sees, read-only (each only if it exists).
 const SYSTEM_DIRS: &[&str] = &[
     "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
@@ -337,9 +341,18 @@ impl Jail {
             }
         };
         // Whatever happened, nothing of the command outlives it: its process group (bwrap,
-        // whose PID namespace ends with it, or the bare command and what it started).
+        // whose PID namespace ends with it, or the bare command and what it started). The
+        // namespace's init and the group's members die a moment after the signal; the run
+        // ends only once they are gone, so a build that returned has left nothing behind.
         if let Some(group) = group {
+            let pgid = group.as_raw_nonzero().get().unsigned_abs();
+            let mut doomed = group_members(pgid);
+            if self.sandbox == Sandbox::Bubblewrap {
+                doomed.extend(children_of(pgid));
+            }
             let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+            let _ = child.wait().await;
+            wait_gone(&doomed).await;
         }
         let _ = child.wait().await;
         lines.finish(&mut |line| emit(line, &mut tail));
@@ -551,6 +564,57 @@ impl Jail {
         }
         push(&["--chdir".as_ref(), step.cwd.as_os_str(), "--".as_ref()]);
         args
+    }
+}
+
+/// The processes of process group `pgid`, from `/proc`.
+fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(listing) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    listing
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| stat_fields(*pid).is_some_and(|(_, _, pgrp)| pgrp == pgid))
+        .collect()
+}
+
+/// The children of `pid` (bwrap's is the sandbox's init, in another session).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(listing) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    listing
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| stat_fields(*child).is_some_and(|(_, ppid, _)| ppid == pid))
+        .collect()
+}
+
+/// A process's state, parent and process group from `/proc/<pid>/stat`.
+fn stat_fields(pid: u32) -> Option<(char, u32, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (in parentheses) may hold spaces; the fields after it do not.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ');
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let pgrp = fields.next()?.parse().ok()?;
+    Some((state, ppid, pgrp))
+}
+
+/// Waits until none of `pids` runs any more (gone, or a zombie waiting for its reaper), at
+/// most [`EXIT_WAIT`].
+async fn wait_gone(pids: &[u32]) {
+    let until = Instant::now() + EXIT_WAIT;
+    while Instant::now() < until {
+        let running = pids
+            .iter()
+            .any(|pid| stat_fields(*pid).is_some_and(|(state, _, _)| state != 'Z' && state != 'X'));
+        if !running {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
