@@ -134,3 +134,110 @@ async fn a_lockfile_out_of_sync_with_package_json_fails_naming_the_lockfile() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_script_and_the_build_command_run_and_a_rebuild_runs_them_without_npm_ci() {
+    let app = "build-test-express-build";
+    let work = tempfile::tempdir().unwrap();
+    let source = tempfile::tempdir().unwrap();
+    express_app(source.path(), app);
+    let package = std::fs::read_to_string(source.path().join("package.json")).unwrap();
+    // `scripts` is not part of the lockfile: the lockfile stays in sync.
+    let package = package.replace(
+        "\"start\": \"node server.js\"",
+        "\"start\": \"node server.js\",\n    \"build\": \"node -e \\\"require('fs').writeFileSync('dist.txt', typeof require('express'))\\\"\"",
+    );
+    write_tree(
+        source.path(),
+        &[
+            ("package.json", &package),
+            (
+                "app.toml",
+                &format!(
+                    "name = \"{app}\"\nrun = \"node server.js\"\n\n[build]\ncommand = \"node -e \\\"require('fs').writeFileSync('command.txt', process.version)\\\"\"\n"
+                ),
+            ),
+        ],
+    );
+    let settings = settings(work.path(), app);
+    let app_layer = |built: &px_build::Built, into: &Path| {
+        let layer = built
+            .layers
+            .iter()
+            .find(|l| l.kind == LayerKind::App)
+            .unwrap();
+        px_bundle::unpack_layer(
+            std::fs::File::open(&layer.archive).unwrap(),
+            into,
+            &px_bundle::Limits::default(),
+        )
+        .unwrap();
+    };
+
+    let (first, output) = run_build(app, 1, source.path(), &settings).await;
+    let first = first.unwrap_or_else(|e| panic!("build failed: {e}\n{}", output.join("\n")));
+    assert!(
+        output.iter().any(|l| l == "-----> npm run build"),
+        "{output:#?}"
+    );
+    assert!(
+        output
+            .iter()
+            .any(|l| l == "-----> Running the [build] command"),
+        "{output:#?}"
+    );
+    let unpacked = tempfile::tempdir().unwrap();
+    app_layer(&first, &unpacked.path().join("1"));
+    assert_eq!(
+        std::fs::read_to_string(unpacked.path().join("1/dist.txt")).unwrap(),
+        "function"
+    );
+    assert!(
+        std::fs::read_to_string(unpacked.path().join("1/command.txt"))
+            .unwrap()
+            .starts_with('v')
+    );
+
+    // A code-only change: the build script and the command run again on the cached
+    // dependencies, npm ci does not.
+    write_tree(
+        source.path(),
+        &[(
+            "server.js",
+            "require('express')().listen(process.env.PORT);\n",
+        )],
+    );
+    let (second, output) = run_build(app, 2, source.path(), &settings).await;
+    let second = second.unwrap_or_else(|e| panic!("rebuild failed: {e}\n{}", output.join("\n")));
+    assert!(
+        output
+            .iter()
+            .any(|l| l.contains("reusing the cached layer, npm")),
+        "{output:#?}"
+    );
+    assert!(
+        !output
+            .iter()
+            .any(|l| l.contains("added ") && l.contains("packages")),
+        "npm ci ran: {output:#?}"
+    );
+    assert!(
+        output.iter().any(|l| l == "-----> npm run build"),
+        "{output:#?}"
+    );
+    app_layer(&second, &unpacked.path().join("2"));
+    assert_eq!(
+        std::fs::read_to_string(unpacked.path().join("2/dist.txt")).unwrap(),
+        "function"
+    );
+    assert!(!unpacked.path().join("2/node_modules").exists());
+    let deps = |b: &px_build::Built| {
+        b.layers
+            .iter()
+            .find(|l| l.kind == LayerKind::Dependencies)
+            .unwrap()
+            .sha256
+            .clone()
+    };
+    assert_eq!(deps(&first), deps(&second));
+}

@@ -141,7 +141,12 @@ async fn a_code_only_rebuild_reuses_the_dependencies_without_running_the_install
         "{output:#?}"
     );
 
-    // Only the code changes.
+    // Only the code changes, and app.toml, which is no installer input: collectstatic off,
+    // and a build command that needs the dependencies.
+    let toml = format!(
+        "name = \"{app}\"\nrun = \"gunicorn mysite.wsgi\"\n\n[build]\ncollectstatic = false\ncommand = \"\"\"python -c 'import django; open(\"version.txt\", \"w\").write(django.get_version())'\"\"\"\n"
+    );
+    write_tree(source.path(), &[("app.toml", &toml)]);
     write_tree(
         source.path(),
         &[(
@@ -185,6 +190,18 @@ async fn a_code_only_rebuild_reuses_the_dependencies_without_running_the_install
     assert_ne!(
         first.layers[2].sha256, second.layers[2].sha256,
         "the app layer has the new code"
+    );
+    assert!(
+        !output.iter().any(|l| l.contains("collectstatic")),
+        "{output:#?}"
+    );
+    let release = work.path().join("release-2");
+    common::assemble(&second, &release);
+    assert!(!release.join("staticfiles").exists(), "collectstatic ran");
+    let version = std::fs::read_to_string(release.join("version.txt")).unwrap();
+    assert!(
+        version.starts_with(|c: char| c.is_ascii_digit()),
+        "{version}"
     );
 
     // A changed requirement misses the cache, and the build says which input changed.
