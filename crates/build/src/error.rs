@@ -30,6 +30,12 @@ pub enum BuildError {
         source_path: PathBuf,
         reason: String,
     },
+    /// The root files do not make an app the builder can build.
+    #[error(transparent)]
+    Detection(#[from] px_proto::detect::DetectError),
+    /// The source's root files could not be read.
+    #[error("reading the app's root files: {0}")]
+    Source(#[source] BundleError),
     /// An installer input the builder cannot read.
     #[error("{file}: {reason}")]
     BadInput { file: String, reason: String },

@@ -11,7 +11,9 @@ use std::time::Instant;
 use px_proto::build::{LayerKind, RELEASE_DIR_PLACEHOLDER};
 
 use crate::deps::{DepsCache, Inputs, move_tree};
-use crate::detect::{self, Detection, PythonInput, Stack};
+use px_proto::detect::{Detection, NodeApp, NodeInstall, PythonInput, Stack};
+
+use crate::detect::{self, key_files};
 use crate::error::IoContext;
 use crate::node::Node;
 use crate::python::Python;
@@ -76,8 +78,14 @@ pub async fn build(
         fsutil::AbsoluteLinks::Keep,
     )?;
     let detection = detect::read(&dirs.app, req.manifest)?;
-    if matches!(detection.stack, Stack::Node { .. }) {
-        // Installed fresh from the lockfile, never taken from the upload.
+    if matches!(
+        detection.stack,
+        Stack::Node(NodeApp {
+            install: NodeInstall::NpmCi { .. } | NodeInstall::NpmInstall,
+            ..
+        })
+    ) {
+        // Installed fresh by npm, never taken from the upload.
         fsutil::remove_all(&dirs.app.join("node_modules"))?;
     }
 
@@ -132,7 +140,7 @@ pub async fn build(
                 .map_err(|e| BuildError::io("discovering runtimes", std::io::Error::other(e)))?;
             let chosen = runtimes::resolve(kind, detection.runtime.as_ref(), &found)?;
             let asked = detection.runtime.as_ref().map_or_else(String::new, |r| {
-                format!(" ({} in {})", r.requirement, r.file)
+                format!(" ({} in {})", r.requirement, r.source)
             });
             output(&format!(
                 "-----> Runtime: {}{asked}, from {}",
@@ -183,19 +191,20 @@ pub async fn build(
         app_env: &app_env,
     };
     match (&detection.stack, &runtime) {
-        (Stack::Python(input), Some(rt)) => ctx.python(*input, rt, &mut built, output).await?,
-        (
-            Stack::Node {
-                lockfile,
-                build_script,
-            },
-            Some(rt),
-        ) => {
-            ctx.node(*lockfile, *build_script, rt, &mut built, output)
+        (Stack::Python { input }, Some(rt)) => ctx.python(*input, rt, &mut built, output).await?,
+        (Stack::Node(node), Some(rt)) if node.install.npm_command().is_some() => {
+            let lockfile = match node.install {
+                NodeInstall::NpmCi { lockfile } => Some(lockfile),
+                _ => None,
+            };
+            ctx.node(lockfile, node.build_script, rt, &mut built, output)
                 .await?
         }
+        // No installer the builder runs (nothing detected, or a yarn or pnpm app whose
+        // `[build] command` installs): the command alone, with the runtime when there is one,
+        // and everything it makes is the app layer.
         _ => {
-            if let Some(command) = &detection.build.command {
+            if let Some(command) = &detection.build_command {
                 let mut path = Vec::new();
                 if let Some(rt) = &runtime {
                     path.push(rt.bin());
@@ -231,8 +240,8 @@ pub async fn build(
 /// `app.toml` names, if it is one the builder provides.
 fn runtime_kind(detection: &Detection) -> Option<RuntimeKind> {
     match &detection.stack {
-        Stack::Python(_) => Some(RuntimeKind::Python),
-        Stack::Node { .. } => Some(RuntimeKind::Node),
+        Stack::Python { .. } => Some(RuntimeKind::Python),
+        Stack::Node(_) => Some(RuntimeKind::Node),
         Stack::None => detection
             .runtime
             .as_ref()
@@ -391,7 +400,7 @@ impl Ctx<'_> {
         let installer = format!("uv {}", tools::UV_VERSION);
         let inputs = Inputs::read(
             &self.dirs.app,
-            input.files(),
+            key_files(input),
             &[
                 ("runtime", rt.sha256.clone()),
                 ("installer", installer.clone()),
@@ -424,13 +433,13 @@ impl Ctx<'_> {
             fsutil::link_or_copy(&cached.archive, &archive)?;
         }
         let userbase = cached.tree.join(".px/deps");
-        if self.detection.django && self.detection.build.collectstatic {
+        if self.detection.collectstatic {
             output("-----> python manage.py collectstatic --noinput");
             python
                 .collectstatic(self.jail, &userbase, self.app_env, output)
                 .await?;
         }
-        if let Some(command) = &self.detection.build.command {
+        if let Some(command) = &self.detection.build_command {
             let step = python.app_step(
                 "the [build] command",
                 "/bin/sh",
@@ -495,7 +504,7 @@ impl Ctx<'_> {
         self.announce(&cache, &inputs, found.is_some(), &installer, output);
         let archive = self.dirs.layers.join("dependencies.layer");
         let modules = self.dirs.app.join("node_modules");
-        let command = self.detection.build.command.clone();
+        let command = self.detection.build_command.clone();
         let mut path = vec![rt.bin(), modules.join(".bin")];
         path.dedup();
         let reused = found.is_some();

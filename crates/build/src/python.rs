@@ -8,7 +8,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::BuildError;
-use crate::detect::{PythonInput, read_root_file};
+use px_proto::detect::PythonInput;
+
+use crate::detect::{key_files, read_lockfile};
 use crate::error::IoContext;
 use crate::runtime_layer::RuntimeLayer;
 use crate::sandbox::{Jail, Step};
@@ -60,7 +62,10 @@ impl Python<'_> {
         prefix: &Path,
         output: &mut (dyn FnMut(&str) + Send),
     ) -> Result<(), BuildError> {
-        let file = input.files().last().copied().unwrap_or("requirements.txt");
+        let file = key_files(input)
+            .last()
+            .copied()
+            .unwrap_or("requirements.txt");
         let requirements = match input {
             PythonInput::Requirements => self.app_dir.join("requirements.txt"),
             PythonInput::UvLock => {
@@ -90,7 +95,7 @@ impl Python<'_> {
                 out
             }
             PythonInput::PoetryLock | PythonInput::PipfileLock => {
-                let text = read_root_file(self.app_dir, file)?.unwrap_or_default();
+                let text = read_lockfile(self.app_dir, file)?;
                 let converted = match input {
                     PythonInput::PoetryLock => from_poetry_lock(&text),
                     _ => from_pipfile_lock(&text),

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use px_proto::runtime::Version;
 
-use crate::detect::RuntimeRequest;
 use crate::sandbox::is_executable;
 use crate::{BuildError, RuntimeSources};
+use px_proto::detect::RuntimeRequest;
 
 /// How long `python3 -c ...` or `node --version` may take when probing `PATH`: both answer
 /// in tens of milliseconds; a hung one must not hold a build.
@@ -296,7 +296,9 @@ pub(crate) fn resolve<'a>(
             .collect();
         versions.dedup();
         BuildError::RuntimeUnavailable {
-            file: request.map_or("the detected stack", |r| r.file).to_string(),
+            file: request
+                .map_or("the detected stack", |r| r.source.file())
+                .to_string(),
             request: request.map_or_else(|| kind.name().to_string(), |r| r.requirement.to_string()),
             name: kind.name().to_string(),
             available: if versions.is_empty() {
@@ -312,7 +314,7 @@ pub(crate) fn resolve<'a>(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::detect::requirement_from_spec;
+    use px_proto::detect::RuntimeSource;
 
     fn runtime(version: &str) -> Runtime {
         Runtime {
@@ -333,11 +335,11 @@ mod tests {
             runtime("3.11.7"),
         ];
         let request = |spec: &str| RuntimeRequest {
-            requirement: requirement_from_spec("python3", spec).unwrap(),
-            file: ".python-version",
+            requirement: format!("python3{spec}").parse().unwrap(),
+            source: RuntimeSource::PythonVersionFile,
         };
         assert_eq!(
-            resolve(RuntimeKind::Python, Some(&request("3.12")), &found)
+            resolve(RuntimeKind::Python, Some(&request("==3.12")), &found)
                 .unwrap()
                 .version
                 .to_string(),
@@ -350,7 +352,7 @@ mod tests {
                 .to_string(),
             "3.13.0"
         );
-        let e = resolve(RuntimeKind::Python, Some(&request("3.99")), &found).unwrap_err();
+        let e = resolve(RuntimeKind::Python, Some(&request("==3.99")), &found).unwrap_err();
         let text = e.to_string();
         assert!(
             text.contains(".python-version")

@@ -55,13 +55,7 @@ pub fn write_tree(dir: &Path, files: &[(&str, &str)]) {
 }
 
 pub fn manifest(dir: &Path) -> AppManifest {
-    // `[build]` is read by the builder from the file; the manifest type does not carry it yet.
-    let text = fs::read_to_string(dir.join("app.toml")).unwrap();
-    let without_build: String = match text.find("[build]") {
-        Some(at) => text[..at].to_string(),
-        None => text,
-    };
-    AppManifest::parse(&without_build).unwrap()
+    AppManifest::parse(&fs::read_to_string(dir.join("app.toml")).unwrap()).unwrap()
 }
 
 /// Runs a build, collecting its output.
