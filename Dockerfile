@@ -36,6 +36,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY crates/beacon/Cargo.toml crates/beacon/
 COPY crates/bench/Cargo.toml crates/bench/
+COPY crates/build/Cargo.toml crates/build/
 COPY crates/bundle/Cargo.toml crates/bundle/
 COPY crates/e2e/Cargo.toml crates/e2e/
 COPY crates/em/Cargo.toml crates/em/
