@@ -10,14 +10,34 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 use crate::http::AppState;
 
-/// What a token may do. `Deploy` includes everything `Read` may.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+/// What a token may do. `Deploy` and `Build` each include everything `Read` may, and nothing
+/// of each other: a builder (a node that runs builds) cannot deploy, and a deploy token cannot
+/// pass off layers as a build's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
-    /// Read apps, releases, config and bundles: what Maestros and Beacon need.
+    /// Read apps, releases, builds, config, bundles and layers: what Maestros and Beacon need.
     Read,
     /// Also create apps, upload bundles, change config and roll back.
     Deploy,
+    /// Also upload layers, and finish or fail builds: what a node that may build needs.
+    Build,
+}
+
+impl Role {
+    /// Whether a token of this role may do what needs `needed`.
+    pub fn allows(self, needed: Role) -> bool {
+        self == needed || needed == Role::Read
+    }
+
+    /// The role's name, as in the tokens file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Deploy => "deploy",
+            Role::Build => "build",
+        }
+    }
 }
 
 /// The verified caller of a request.
@@ -30,12 +50,14 @@ pub(crate) struct Caller {
 impl Caller {
     /// Refuses the request unless the caller's role includes `needed`.
     pub(crate) fn require(&self, needed: Role) -> Result<(), ApiError> {
-        if self.role >= needed {
+        if self.role.allows(needed) {
             Ok(())
         } else {
             Err(ApiError::Forbidden(format!(
-                "token {:?} has role {:?}; this needs a {:?} token",
-                self.name, self.role, needed
+                "token {:?} has role {}; this needs a {} token",
+                self.name,
+                self.role.as_str(),
+                needed.as_str()
             )))
         }
     }
@@ -70,5 +92,28 @@ impl FromRequestParts<AppState> for Caller {
             name: entry.name.clone(),
             role: entry.role,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deploy_and_build_each_include_read_and_not_each_other() {
+        let cases = [
+            (Role::Read, Role::Read, true),
+            (Role::Read, Role::Deploy, false),
+            (Role::Read, Role::Build, false),
+            (Role::Deploy, Role::Read, true),
+            (Role::Deploy, Role::Deploy, true),
+            (Role::Deploy, Role::Build, false),
+            (Role::Build, Role::Read, true),
+            (Role::Build, Role::Build, true),
+            (Role::Build, Role::Deploy, false),
+        ];
+        for (role, needed, allowed) in cases {
+            assert_eq!(role.allows(needed), allowed, "{role:?} for {needed:?}");
+        }
     }
 }

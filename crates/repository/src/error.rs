@@ -24,6 +24,10 @@ pub enum ApiError {
     )]
     TooLarge { max: u64 },
     #[error(
+        "layer is larger than the limit of {max} bytes; layers share `limits.max_bundle_bytes` with bundles"
+    )]
+    LayerTooLarge { max: u64 },
+    #[error(
         "bundle digest mismatch: declared sha256 {declared}, received {actual}; the upload was corrupted or the header is wrong, so nothing was stored"
     )]
     DigestMismatch { declared: String, actual: String },
@@ -43,7 +47,9 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::TooLarge { .. } | ApiError::LayerTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "too_large")
+            }
             ApiError::DigestMismatch { .. } => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "digest_mismatch")
             }
@@ -82,7 +88,7 @@ impl IntoResponse for ApiError {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             // The rest of an oversized body is not read; closing tells the client to stop.
-            ApiError::TooLarge { .. } => {
+            ApiError::TooLarge { .. } | ApiError::LayerTooLarge { .. } => {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}

@@ -3,6 +3,7 @@
 //! when a release is committed. [`run`] is the whole service; `main.rs` only wires it up.
 
 pub mod auth;
+pub(crate) mod builds;
 pub mod cli;
 pub mod config;
 pub(crate) mod error;
@@ -24,11 +25,33 @@ pub(crate) mod upload;
 /// public says what other crates may use.
 #[doc(hidden)]
 pub mod internals {
+    pub use crate::builds::{BuildDecision, Builds};
     pub use crate::metrics::Metrics;
     pub use crate::releases::Releases;
     pub use crate::retention::{Policy, SweepReport, sweep};
     pub use crate::storage::s3::{MULTIPART_THRESHOLD, S3Storage};
-    pub use crate::storage::{Storage, StorageError, bundle_key, open as open_storage};
+    pub use crate::storage::{Blob, Storage, StorageError, bundle_key, open as open_storage};
+
+    /// [`crate::run`] with another way of deciding which uploads need a build.
+    ///
+    /// SEAM(detect): until `px_proto::detect` decides it, no upload needs a build, so apprepo's
+    /// tests of the build lifecycle choose here; once it does, they upload apps that need one
+    /// and this goes.
+    pub async fn run_deciding_builds(
+        config: crate::config::Config,
+        listener: tokio::net::TcpListener,
+        shutdown: tokio_util::sync::CancellationToken,
+        needs_build: BuildDecision,
+    ) -> Result<(), crate::StartError> {
+        crate::serve(
+            config,
+            listener,
+            shutdown,
+            px_runtime::systemd::Systemd::none(),
+            needs_build,
+        )
+        .await
+    }
 }
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -168,6 +191,16 @@ pub async fn run_with(
     shutdown: CancellationToken,
     systemd: Systemd<Config>,
 ) -> Result<(), StartError> {
+    serve(config, listener, shutdown, systemd, builds::needs_build).await
+}
+
+async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    systemd: Systemd<Config>,
+    needs_build: builds::BuildDecision,
+) -> Result<(), StartError> {
     let checked = check(&config)?;
     let spool_dir = config.data_dir.join("tmp");
     // Spool files left by a crash are partial uploads that never became releases.
@@ -222,6 +255,8 @@ pub async fn run_with(
         shutdown.clone(),
     );
     let state = http::AppState {
+        builds: builds::Builds::new(releases.clone()),
+        needs_build,
         releases,
         tokens: checked.tokens.clone(),
         metrics: metrics.clone(),

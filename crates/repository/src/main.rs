@@ -28,7 +28,7 @@ enum Command {
     TokenNew {
         #[arg(long)]
         name: String,
-        /// `deploy` or `read`.
+        /// `deploy`, `read` or `build`.
         #[arg(long)]
         role: String,
     },

@@ -50,18 +50,32 @@ pub struct Metrics {
     pub releases_collected: Counter,
     pub bundles_collected: Counter,
     pub bundle_bytes_collected: Counter,
+    pub builds_queued: Counter,
+    pub builds_finished: Counter,
+    pub builds_failed: Counter,
+    pub builds_superseded: Counter,
+    pub layer_uploads: Counter,
+    pub layers_deduplicated: Counter,
+    pub layer_downloads: Counter,
+    pub layers_collected: Counter,
+    pub layer_bytes_collected: Counter,
+    pub build_records_collected: Counter,
     /// Bundles stored, as of the last sweep that listed them.
     pub bundles: Gauge,
     /// Bytes of bundles stored, as of the last sweep that listed them.
     pub bundle_bytes: Gauge,
+    /// Layers stored, as of the last sweep that listed them.
+    pub layers: Gauge,
+    /// Bytes of layers stored, as of the last sweep that listed them.
+    pub layer_bytes: Gauge,
 }
 
 impl Metrics {
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &Counter); 16] = [
+        let rows: [(&str, &str, &Counter); 26] = [
             (
                 "apprepo_uploads_accepted_total",
-                "Uploads that became releases.",
+                "Uploads that became releases or pending builds.",
                 &self.uploads_accepted,
             ),
             (
@@ -139,8 +153,58 @@ impl Metrics {
                 "Bytes of the bundles deleted by retention.",
                 &self.bundle_bytes_collected,
             ),
+            (
+                "apprepo_builds_queued_total",
+                "Uploads that became pending builds.",
+                &self.builds_queued,
+            ),
+            (
+                "apprepo_builds_finished_total",
+                "Builds finished into a release.",
+                &self.builds_finished,
+            ),
+            (
+                "apprepo_builds_failed_total",
+                "Builds reported failed.",
+                &self.builds_failed,
+            ),
+            (
+                "apprepo_builds_superseded_total",
+                "Pending builds superseded by a newer upload.",
+                &self.builds_superseded,
+            ),
+            (
+                "apprepo_layer_uploads_total",
+                "Layers received and stored.",
+                &self.layer_uploads,
+            ),
+            (
+                "apprepo_layers_deduplicated_total",
+                "Layer uploads whose layer was already stored.",
+                &self.layers_deduplicated,
+            ),
+            (
+                "apprepo_layer_downloads_total",
+                "Layers served.",
+                &self.layer_downloads,
+            ),
+            (
+                "apprepo_layers_collected_total",
+                "Layers deleted because no release named them.",
+                &self.layers_collected,
+            ),
+            (
+                "apprepo_layer_bytes_collected_total",
+                "Bytes of the layers deleted by retention.",
+                &self.layer_bytes_collected,
+            ),
+            (
+                "apprepo_build_records_collected_total",
+                "Build records deleted by retention.",
+                &self.build_records_collected,
+            ),
         ];
-        let gauges: [(&str, &str, &Gauge); 2] = [
+        let gauges: [(&str, &str, &Gauge); 4] = [
             (
                 "apprepo_bundles",
                 "Bundles stored, as of the last retention sweep.",
@@ -150,6 +214,16 @@ impl Metrics {
                 "apprepo_bundle_bytes",
                 "Bytes of bundles stored, as of the last retention sweep.",
                 &self.bundle_bytes,
+            ),
+            (
+                "apprepo_layers",
+                "Layers stored, as of the last retention sweep.",
+                &self.layers,
+            ),
+            (
+                "apprepo_layer_bytes",
+                "Bytes of layers stored, as of the last retention sweep.",
+                &self.layer_bytes,
             ),
         ];
         let mut out = String::new();

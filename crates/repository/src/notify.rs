@@ -1,6 +1,7 @@
-//! Tells Beacon about committed releases over the TLS control link (connecting and
-//! reconnecting are `px_link`'s). Never blocks or fails an upload: notices go through a bounded queue, and when it is full or Beacon is away they are
-//! dropped, because Beacon re-reads the desired state from storage when it reconciles.
+//! Tells Beacon about committed releases and builds waiting for a node over the TLS control
+//! link (connecting and reconnecting are `px_link`'s). Never blocks or fails an upload: notices
+//! go through a bounded queue, and when it is full or Beacon is away they are dropped, because
+//! Beacon re-reads the desired state and the pending builds from storage when it reconciles.
 //!
 //! The link also carries Beacon's automatic rollbacks (a release over its error budget):
 //! each is committed here, once, and announced like any release.
@@ -10,6 +11,7 @@ use std::sync::Arc;
 
 use px_link::{Link, LinkError, LinkSettings};
 use px_proto::api::Release;
+use px_proto::build::{Build, BuildRequested};
 use px_proto::link::{
     DiskReport, FromBeacon, NodeReport, ReleaseCommitted, RollbackOrder, ToBeacon,
 };
@@ -34,7 +36,8 @@ pub const ROLLBACK_AUTHOR: &str = "beacon";
 /// Handle used by request handlers; cheap to clone.
 #[derive(Clone)]
 pub struct Notifier {
-    tx: Option<mpsc::Sender<ReleaseCommitted>>,
+    /// Only [`ToBeacon::ReleaseCommitted`] and [`ToBeacon::BuildRequested`] go through it.
+    tx: Option<mpsc::Sender<ToBeacon>>,
     metrics: Arc<Metrics>,
 }
 
@@ -75,14 +78,25 @@ impl Notifier {
         notifier
     }
 
-    /// Queues a notice without waiting.
+    /// Queues the notice of a committed release without waiting.
     pub fn release_committed(&self, release: &Release) {
-        let Some(tx) = &self.tx else { return };
-        let notice = ReleaseCommitted {
+        self.send(ToBeacon::ReleaseCommitted(ReleaseCommitted {
             app: release.app.clone(),
             version: release.version,
             bundle_sha256: release.bundle.sha256.clone(),
-        };
+        }));
+    }
+
+    /// Queues the notice that `build` waits for a node, without waiting.
+    pub fn build_requested(&self, build: &Build) {
+        self.send(ToBeacon::BuildRequested(BuildRequested {
+            app: build.app.clone(),
+            build: build.number,
+        }));
+    }
+
+    fn send(&self, notice: ToBeacon) {
+        let Some(tx) = &self.tx else { return };
         if tx.try_send(notice).is_err() {
             self.metrics.notifications_dropped.inc();
         }
@@ -137,9 +151,9 @@ impl Rollbacks {
 
 /// apprepo on its link: notices out, rollback orders in.
 struct Client {
-    notices: mpsc::Receiver<ReleaseCommitted>,
+    notices: mpsc::Receiver<ToBeacon>,
     /// Notices not sent yet, kept across a reconnect (at most [`PENDING_MAX`], the newest).
-    pending: VecDeque<ReleaseCommitted>,
+    pending: VecDeque<ToBeacon>,
     rollbacks: Rollbacks,
     metrics: Arc<Metrics>,
 }
@@ -149,7 +163,7 @@ impl px_link::Client for Client {
         let mut heartbeat = px_link::heartbeats();
         loop {
             while let Some(notice) = self.pending.pop_front() {
-                if let Err(e) = link.send(ToBeacon::ReleaseCommitted(notice.clone())).await {
+                if let Err(e) = link.send(notice.clone()).await {
                     self.pending.push_front(notice);
                     return Err(e);
                 }
@@ -193,7 +207,7 @@ fn report(metrics: &Metrics) -> NodeReport {
     }
 }
 
-fn keep(pending: &mut VecDeque<ReleaseCommitted>, notice: ReleaseCommitted, metrics: &Metrics) {
+fn keep(pending: &mut VecDeque<ToBeacon>, notice: ToBeacon, metrics: &Metrics) {
     if pending.len() >= PENDING_MAX {
         pending.pop_front();
         metrics.notifications_dropped.inc();

@@ -9,9 +9,9 @@
 //!
 //! Retention (`retention.rs`) deletes old records but never the newest one, nor the one the
 //! pointer names or any above it, so the forward probe from the pointer always finds the
-//! current release. While it collects bundles, commits check that their bundle is still stored
-//! and announce it to the collection (see [`Collection`]), so a bundle is never deleted under a
-//! release being committed to it.
+//! current release. While it collects bundles and layers, commits check that their bundle and
+//! layers are still stored and announce them to the collection (see [`Collection`]), so
+//! neither is ever deleted under a release being committed to it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -19,12 +19,13 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use px_proto::api::{App, BundleRef, Release, ReleaseCause};
+use px_proto::build::BuildOutput;
 use px_proto::manifest::AppManifest;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::storage::{Storage, StorageError, bundle_key};
+use crate::storage::{Blob, Storage, StorageError};
 
 /// Attempts at taking a release number before giving up; each failure means another commit
 /// to the same app succeeded, so reaching this takes dozens of simultaneous deploys.
@@ -61,6 +62,35 @@ pub struct Draft {
     pub config: BTreeMap<String, String>,
     pub cause: ReleaseCause,
     pub description: String,
+    /// The layers of a built release: a finished build's output, or the one a config change or
+    /// rollback copies from the release it starts from, so that neither ever rebuilds.
+    pub build: Option<BuildOutput>,
+}
+
+/// One async mutex per app, so that work on one app (taking a number) goes one at a time
+/// within this process while other apps proceed.
+#[derive(Clone, Default)]
+pub(crate) struct AppLocks(Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>);
+
+impl AppLocks {
+    pub(crate) async fn lock(&self, app: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self
+                .0
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            locks.entry(app.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+}
+
+/// An app as a commit attempt starts from: its pointer record, that record's version (for the
+/// compare-and-swap), and the newest committed release.
+pub(crate) struct Head {
+    record: AppRecord,
+    pointer_version: String,
+    pub(crate) current: Option<Release>,
 }
 
 #[derive(Clone)]
@@ -71,30 +101,31 @@ pub struct Releases {
     /// instead of racing through the storage's conditional writes. Several repositories
     /// sharing a bucket still rely on those (atomic on AWS S3); some S3-compatible servers
     /// check then write, and this lock keeps a single repository correct on them too.
-    commit_locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
-    /// Commits hold it shared from checking that their bundle is stored until their record is
-    /// created; a collection holds it exclusively while it deletes one bundle.
+    commit_locks: AppLocks,
+    /// Commits hold it shared from checking that their bundle and layers are stored until
+    /// their record is created; a collection holds it exclusively while it deletes one object.
     collection_lock: Arc<tokio::sync::RwLock<()>>,
-    /// Digests of bundles committed since the running collection began (`None`: none runs).
-    /// Bounded by the commits of one sweep.
+    /// Digests of bundles and layers committed since the running collection began (`None`:
+    /// none runs). Bounded by the commits of one sweep.
     committed_during_collection: Arc<std::sync::Mutex<Option<HashSet<String>>>>,
     /// One collection at a time: a second would reset the first one's set.
     collections: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// A bundle collection in progress, from before it lists the release records until it has
-/// deleted what it found unreferenced. A commit that creates its record after that listing
-/// began has its bundle noted here, and [`Collection::delete_bundle`] spares it; a commit that
-/// comes after a deletion finds its bundle gone and is refused instead of pointing at nothing.
+/// A collection of bundles and layers in progress, from before it lists the release records
+/// until it has deleted what it found unreferenced. A commit that creates its record after
+/// that listing began has its bundle and layers noted here, and [`Collection::delete_blob`]
+/// spares them; a commit that comes after a deletion finds its bundle or layer gone and is
+/// refused instead of pointing at nothing.
 pub(crate) struct Collection<'a> {
     releases: &'a Releases,
     _one_at_a_time: tokio::sync::MutexGuard<'a, ()>,
 }
 
 impl Collection<'_> {
-    /// Deletes the bundle unless a release was committed to it since the collection began;
-    /// returns whether it was deleted.
-    pub(crate) async fn delete_bundle(&self, sha256: &str) -> Result<bool, StorageError> {
+    /// Deletes the bundle or layer unless a release was committed to it since the collection
+    /// began; returns whether it was deleted.
+    pub(crate) async fn delete_blob(&self, blob: Blob, sha256: &str) -> Result<bool, StorageError> {
         let _exclusive = self.releases.collection_lock.write().await;
         let committed = self
             .releases
@@ -107,7 +138,7 @@ impl Collection<'_> {
             return Ok(false);
         }
         self.releases
-            .count_storage_error(self.releases.storage.delete(&bundle_key(sha256)).await)?;
+            .count_storage_error(self.releases.storage.delete(&blob.key(sha256)).await)?;
         Ok(true)
     }
 }
@@ -131,7 +162,7 @@ impl Releases {
         Self {
             storage,
             metrics,
-            commit_locks: Arc::default(),
+            commit_locks: AppLocks::default(),
             collection_lock: Arc::default(),
             committed_during_collection: Arc::default(),
             collections: Arc::default(),
@@ -142,8 +173,8 @@ impl Releases {
         &self.metrics
     }
 
-    /// Begins a bundle collection; call it before listing the release records. Waits for a
-    /// running one to finish.
+    /// Begins a collection of bundles and layers; call it before listing the release records.
+    /// Waits for a running one to finish.
     pub(crate) async fn begin_collection(&self) -> Collection<'_> {
         let one_at_a_time = self.collections.lock().await;
         // Exclusive, so every commit either created its record before this (and the listing
@@ -163,7 +194,10 @@ impl Releases {
         &self.storage
     }
 
-    fn count_storage_error<T>(&self, r: Result<T, StorageError>) -> Result<T, StorageError> {
+    pub(crate) fn count_storage_error<T>(
+        &self,
+        r: Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
         if r.is_err() {
             self.metrics.storage_errors.inc();
         }
@@ -208,6 +242,11 @@ impl Releases {
             })?;
         let record = serde_json::from_slice(&stored.bytes).map_err(|e| corrupt(&key, e))?;
         Ok((record, stored.version))
+    }
+
+    /// A 404 unless `app` exists.
+    pub(crate) async fn require_app(&self, app: &str) -> Result<(), ApiError> {
+        self.record(app).await.map(|_| ())
     }
 
     /// The pointer's `latest` (a lower bound on the current release), or `None` when the app
@@ -335,85 +374,145 @@ impl Releases {
     where
         F: FnMut(Option<&Release>) -> Result<Draft, ApiError>,
     {
-        let lock = {
-            let mut locks = self
-                .commit_locks
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            locks.entry(app.to_string()).or_default().clone()
-        };
-        let _serialised = lock.lock().await;
+        let _serialised = self.lock_app(app).await;
         for _ in 0..MAX_COMMIT_ATTEMPTS {
-            let (mut record, pointer_version) = self.record(app).await?;
-            let current = self.newest(app, record.latest).await?;
-            let number = current.as_ref().map_or(0, |r| r.version) + 1;
-            let parts = draft(current.as_ref())?;
-            let release = Release {
-                app: app.into(),
-                version: number,
-                bundle: parts.bundle,
-                manifest: parts.manifest,
-                config: parts.config,
-                cause: parts.cause,
-                description: parts.description,
-                created_at: now_rfc3339(),
-                created_by: by.into(),
-                build: None,
-            };
-            let bytes = serde_json::to_vec_pretty(&release)
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
-            let shared = self.collection_lock.read().await;
-            // An upload that found its bundle already stored skipped storing it, and the bundle
-            // may be old and unreferenced: make sure a collection has not just deleted it, and
-            // tell a running one that it is referenced now.
-            if !self.count_storage_error(self.storage.has_bundle(&release.bundle.sha256).await)? {
+            let head = self.head(app).await?;
+            let parts = draft(head.current.as_ref())?;
+            if let Some(release) = self.try_commit(app, by, head, parts).await? {
+                return Ok(release);
+            }
+        }
+        Err(too_many_commits(app))
+    }
+
+    /// Makes sure a collection has not just deleted these bundles and layers, and tells a
+    /// running one that they are referenced now. The caller creates the record that names them
+    /// (a release, a pending build) while it holds the guard returned, so that a collection
+    /// either listed that record or spares what it names. An upload that found its bundle
+    /// already stored skipped storing it, and the bundle may be old and unreferenced; so may a
+    /// rollback's layers.
+    pub(crate) async fn hold(
+        &self,
+        needed: &[(Blob, &str)],
+    ) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, ApiError> {
+        let shared = self.collection_lock.read().await;
+        for (blob, sha256) in needed {
+            if self
+                .count_storage_error(self.storage.blob_size(*blob, sha256).await)?
+                .is_none()
+            {
                 return Err(ApiError::Conflict(format!(
-                    "bundle {} is no longer stored (retention collects bundles no release points to); upload it again",
-                    release.bundle.sha256
+                    "{} {sha256} is no longer stored (retention collects {}s no release points to); upload it again",
+                    blob.noun(),
+                    blob.noun()
                 )));
             }
-            if let Some(set) = self
-                .committed_during_collection
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .as_mut()
-            {
-                set.insert(release.bundle.sha256.clone());
-            }
-            let created = self.count_storage_error(
-                self.storage
-                    .create(&release_key(app, number), bytes.into())
-                    .await,
-            );
-            drop(shared);
-            match created {
-                Ok(()) => {}
-                Err(StorageError::AlreadyExists(_)) => {
-                    self.metrics.commit_conflicts.inc();
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            }
-            self.metrics.releases_committed.inc();
-            record.latest = number;
-            let pointer = serde_json::to_vec_pretty(&record)
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
-            // Losing this race is harmless: the pointer only has to be a lower bound.
-            match self
-                .storage
-                .replace(&app_key(app), Bytes::from(pointer), &pointer_version)
-                .await
-            {
-                Ok(()) | Err(StorageError::Conflict(_)) => {}
-                Err(e) => {
-                    tracing::warn!(%app, error = %e, "release committed but pointer not advanced; readers probe forward")
-                }
-            }
-            tracing::info!(%app, version = number, bundle = %release.bundle.sha256, by, "release committed");
-            return Ok(release);
         }
-        Err(ApiError::Conflict(format!(
-            "too many concurrent releases of {app:?}; retry in a moment"
-        )))
+        if let Some(set) = self
+            .committed_during_collection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_mut()
+        {
+            set.extend(needed.iter().map(|(_, sha256)| sha256.to_string()));
+        }
+        Ok(shared)
     }
+
+    /// Takes this process's commit lock of `app`; [`Releases::commit`] holds it throughout, and
+    /// a caller that composes its own attempts from [`Releases::head`] and
+    /// [`Releases::try_commit`] (a build's finish) must too.
+    pub(crate) async fn lock_app(&self, app: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        self.commit_locks.lock(app).await
+    }
+
+    /// Where a commit attempt starts: the app's pointer and its newest release.
+    pub(crate) async fn head(&self, app: &str) -> Result<Head, ApiError> {
+        let (record, pointer_version) = self.record(app).await?;
+        let current = self.newest(app, record.latest).await?;
+        Ok(Head {
+            record,
+            pointer_version,
+            current,
+        })
+    }
+
+    /// One attempt at committing `parts` as the release after `head`: `Ok(None)` when another
+    /// commit took that number first (start again from a new [`Releases::head`]).
+    pub(crate) async fn try_commit(
+        &self,
+        app: &str,
+        by: &str,
+        head: Head,
+        parts: Draft,
+    ) -> Result<Option<Release>, ApiError> {
+        let Head {
+            mut record,
+            pointer_version,
+            current,
+        } = head;
+        let number = current.as_ref().map_or(0, |r| r.version) + 1;
+        let release = Release {
+            app: app.into(),
+            version: number,
+            bundle: parts.bundle,
+            manifest: parts.manifest,
+            config: parts.config,
+            cause: parts.cause,
+            description: parts.description,
+            created_at: now_rfc3339(),
+            created_by: by.into(),
+            build: parts.build,
+        };
+        let bytes =
+            serde_json::to_vec_pretty(&release).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let mut needed = vec![(Blob::Bundle, release.bundle.sha256.as_str())];
+        if let Some(build) = &release.build {
+            needed.extend(
+                build
+                    .layers
+                    .iter()
+                    .map(|l| (Blob::Layer, l.sha256.as_str())),
+            );
+        }
+        let shared = self.hold(&needed).await?;
+        let created = self.count_storage_error(
+            self.storage
+                .create(&release_key(app, number), bytes.into())
+                .await,
+        );
+        drop(shared);
+        match created {
+            Ok(()) => {}
+            Err(StorageError::AlreadyExists(_)) => {
+                self.metrics.commit_conflicts.inc();
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.metrics.releases_committed.inc();
+        record.latest = number;
+        let pointer =
+            serde_json::to_vec_pretty(&record).map_err(|e| ApiError::Internal(e.to_string()))?;
+        // Losing this race is harmless: the pointer only has to be a lower bound.
+        match self
+            .storage
+            .replace(&app_key(app), Bytes::from(pointer), &pointer_version)
+            .await
+        {
+            Ok(()) | Err(StorageError::Conflict(_)) => {}
+            Err(e) => {
+                tracing::warn!(%app, error = %e, "release committed but pointer not advanced; readers probe forward")
+            }
+        }
+        tracing::info!(%app, version = number, bundle = %release.bundle.sha256, by, "release committed");
+        Ok(Some(release))
+    }
+}
+
+/// What a commit that lost [`MAX_COMMIT_ATTEMPTS`] races in a row answers.
+pub(crate) fn too_many_commits(app: &str) -> ApiError {
+    ApiError::Conflict(format!(
+        "too many concurrent releases of {app:?}; retry in a moment"
+    ))
 }

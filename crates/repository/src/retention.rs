@@ -1,24 +1,27 @@
-//! Release retention and bundle garbage collection: a periodic [`sweep`] deletes release records
-//! the policy no longer keeps, then bundles no remaining release points to.
+//! Retention and garbage collection: a periodic [`sweep`] deletes release records the policy no
+//! longer keeps, then build records no kept release names, then bundles and layers no
+//! remaining record points to.
 //!
-//! The two phases run in this order so that a bundle is only judged unreferenced after the
-//! records that will go are gone, and only from a complete listing: if any release record
-//! cannot be listed or read, no bundle is deleted in that sweep. Both backends go through the
-//! same code; only [`Storage::list_bundles`] and [`Storage::delete`] differ.
+//! The phases run in this order so that an object is only judged unreferenced after the
+//! records that will go are gone, and only from a complete listing: if any release or build
+//! record cannot be listed or read, no bundle or layer is deleted in that sweep. Both backends
+//! go through the same code; only [`Storage::list_blobs`] and [`Storage::delete`] differ.
 //!
-//! [`Storage::list_bundles`]: crate::storage::Storage::list_bundles
+//! [`Storage::list_blobs`]: crate::storage::Storage::list_blobs
 //! [`Storage::delete`]: crate::storage::Storage::delete
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use px_proto::api::ReleaseCause;
+use px_proto::api::{Release, ReleaseCause};
 use px_runtime::shutdown::CriticalTasks;
 use tokio_util::sync::CancellationToken;
 
+use crate::builds::Builds;
 use crate::config::RetentionConfig;
 use crate::error::ApiError;
-use crate::releases::Releases;
+use crate::releases::{Collection, Releases};
+use crate::storage::Blob;
 
 /// Wait before the first sweep: long enough that start-up (storage check, readiness, Beacon's
 /// first reconcile reading every app) is not slowed by a sweep's listing, short enough that
@@ -28,11 +31,13 @@ pub const FIRST_SWEEP_DELAY: Duration = Duration::from_secs(30);
 /// What a sweep keeps; see `[retention]` in `config.rs`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
-    /// Newest release records kept per app whatever their age.
+    /// Newest release records kept per app whatever their age; as many newest build records
+    /// are kept too.
     pub keep_releases: usize,
     /// Releases younger than this are kept even beyond `keep_releases`.
     pub keep_for: Duration,
-    /// Unreferenced bundles younger than this are kept (their release may be committing).
+    /// Unreferenced bundles and layers younger than this are kept (their release may be
+    /// committing).
     pub bundle_grace: Duration,
 }
 
@@ -50,14 +55,23 @@ impl From<&RetentionConfig> for Policy {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SweepReport {
     pub releases_deleted: u64,
+    /// Builds whose records (and result, log) were deleted.
+    pub builds_deleted: u64,
     pub bundles_deleted: u64,
     pub bytes_freed: u64,
     /// Bundles still stored after the sweep, and their bytes (when the bundle phase ran).
     pub bundles_kept: u64,
     pub bytes_kept: u64,
-    /// Whether the bundle phase ran; it is skipped when the release records could not all be
-    /// read, because a bundle must never be deleted on partial knowledge.
+    /// Whether the bundle phase ran; it is skipped when the release or build records could
+    /// not all be read, because a bundle must never be deleted on partial knowledge.
     pub bundles_swept: bool,
+    pub layers_deleted: u64,
+    pub layer_bytes_freed: u64,
+    /// Layers still stored after the sweep, and their bytes (when the layer phase ran).
+    pub layers_kept: u64,
+    pub layer_bytes_kept: u64,
+    /// Whether the layer phase ran, on the same condition as the bundle phase.
+    pub layers_swept: bool,
     /// What went wrong, one sentence each; the sweep carried on where that was safe.
     pub errors: Vec<String>,
 }
@@ -65,38 +79,94 @@ pub struct SweepReport {
 /// Runs one sweep as of `now` and records it in the metrics.
 pub async fn sweep(releases: &Releases, policy: &Policy, now: SystemTime) -> SweepReport {
     let mut report = SweepReport::default();
-    // Records are immutable, so a bundle digest read in the first phase holds in the second.
+    let builds = Builds::new(releases.clone());
+    // Records are immutable, so what a record names, read in one phase, holds in the next.
     let mut known = HashMap::new();
     collect_releases(releases, policy, now, &mut known, &mut report).await;
-    collect_bundles(releases, policy, now, &known, &mut report).await;
+    collect_builds(releases, &builds, policy, &mut known, &mut report).await;
+    collect_blobs(releases, &builds, policy, now, &known, &mut report).await;
 
     let metrics = releases.metrics();
     metrics.retention_sweeps.inc();
     metrics.releases_collected.add(report.releases_deleted);
+    metrics.build_records_collected.add(report.builds_deleted);
     metrics.bundles_collected.add(report.bundles_deleted);
     metrics.bundle_bytes_collected.add(report.bytes_freed);
+    metrics.layers_collected.add(report.layers_deleted);
+    metrics.layer_bytes_collected.add(report.layer_bytes_freed);
     if report.bundles_swept {
         metrics.bundles.set(report.bundles_kept);
         metrics.bundle_bytes.set(report.bytes_kept);
+    }
+    if report.layers_swept {
+        metrics.layers.set(report.layers_kept);
+        metrics.layer_bytes.set(report.layer_bytes_kept);
     }
     for error in &report.errors {
         tracing::warn!(%error, "retention sweep problem");
     }
     tracing::info!(
         releases_deleted = report.releases_deleted,
+        builds_deleted = report.builds_deleted,
         bundles_deleted = report.bundles_deleted,
         bytes_freed = report.bytes_freed,
         bundles_kept = report.bundles_kept,
         bytes_kept = report.bytes_kept,
+        layers_deleted = report.layers_deleted,
+        layers_kept = report.layers_kept,
         bundles_swept = report.bundles_swept,
+        layers_swept = report.layers_swept,
         errors = report.errors.len(),
         "retention sweep done"
     );
     report
 }
 
-/// Bundle digests of release records, by app and number.
-type Known = HashMap<(String, u64), String>;
+/// What a release record names: its bundle, its layers, the build that made it.
+#[derive(Debug, Clone)]
+struct Names {
+    bundle: String,
+    layers: Vec<String>,
+    build: Option<u64>,
+}
+
+impl From<&Release> for Names {
+    fn from(release: &Release) -> Self {
+        Self {
+            bundle: release.bundle.sha256.clone(),
+            layers: release
+                .build
+                .iter()
+                .flat_map(|b| b.layers.iter().map(|l| l.sha256.clone()))
+                .collect(),
+            build: release.build.as_ref().map(|b| b.build),
+        }
+    }
+}
+
+/// What release records name, by app and number.
+type Known = HashMap<(String, u64), Names>;
+
+/// What the release records of `app` still stored name, each read once (from `known` when an
+/// earlier phase read it). Any failure fails it.
+async fn remaining(
+    releases: &Releases,
+    app: &str,
+    known: &mut Known,
+) -> Result<Vec<Names>, ApiError> {
+    let mut names = Vec::new();
+    for version in releases.versions(app).await? {
+        let key = (app.to_string(), version);
+        if let Some(found) = known.get(&key) {
+            names.push(found.clone());
+        } else if let Some(release) = releases.release_at(app, version).await? {
+            let found = Names::from(&release);
+            known.insert(key, found.clone());
+            names.push(found);
+        }
+    }
+    Ok(names)
+}
 
 /// Phase one: per app, deletes the records the policy does not keep. A failure with one app
 /// is reported and the next app is swept: deleting records is safe app by app.
@@ -151,10 +221,7 @@ async fn collect_app_releases(
         if let ReleaseCause::Rollback { to } = current.cause {
             protected.insert(to);
         }
-        known.insert(
-            (app.to_string(), current.version),
-            current.bundle.sha256.clone(),
-        );
+        known.insert((app.to_string(), current.version), Names::from(current));
     }
     let newest_kept: BTreeSet<u64> = versions
         .iter()
@@ -172,7 +239,7 @@ async fn collect_app_releases(
         let Some(release) = releases.release_at(app, version).await? else {
             continue; // Collected since the listing, by another repository's sweep.
         };
-        known.insert((app.to_string(), version), release.bundle.sha256.clone());
+        known.insert((app.to_string(), version), Names::from(&release));
         let created = match humantime::parse_rfc3339_weak(&release.created_at) {
             Ok(created) => created,
             Err(e) => {
@@ -196,10 +263,107 @@ async fn collect_app_releases(
     Ok(())
 }
 
-/// Phase two: deletes the bundles that no release record points to and that are older than
-/// the grace, unless a release was committed to one meanwhile.
-async fn collect_bundles(
+/// Phase two: per app, deletes the build records outside the newest `keep_releases` that no
+/// remaining release names and that have a result (a pending build stays: it is the newest
+/// upload). A failure with one app is reported and the next app is swept.
+async fn collect_builds(
     releases: &Releases,
+    builds: &Builds,
+    policy: &Policy,
+    known: &mut Known,
+    report: &mut SweepReport,
+) {
+    let apps = match releases.app_names().await {
+        Ok(apps) => apps,
+        Err(e) => {
+            report
+                .errors
+                .push(format!("listing apps: {}", describe(&e)));
+            return;
+        }
+    };
+    for app in apps {
+        if let Err(e) = collect_app_builds(releases, builds, policy, &app, known, report).await {
+            report
+                .errors
+                .push(format!("sweeping the builds of {app:?}: {}", describe(&e)));
+        }
+    }
+}
+
+async fn collect_app_builds(
+    releases: &Releases,
+    builds: &Builds,
+    policy: &Policy,
+    app: &str,
+    known: &mut Known,
+    report: &mut SweepReport,
+) -> Result<(), ApiError> {
+    if releases.pointer(app).await?.is_none() {
+        return Ok(());
+    }
+    let listing = builds.listing(app).await?;
+    if listing.all.is_empty() {
+        return Ok(());
+    }
+    let mut kept: BTreeSet<u64> = listing
+        .records
+        .iter()
+        .rev()
+        .take(policy.keep_releases)
+        .copied()
+        .collect();
+    kept.extend(listing.pending());
+    kept.extend(
+        remaining(releases, app, known)
+            .await?
+            .iter()
+            .filter_map(|names| names.build),
+    );
+    // Oldest first, as for releases; every number, so what an interrupted sweep left goes too.
+    for &number in &listing.all {
+        if kept.contains(&number) {
+            continue;
+        }
+        builds.delete(app, number).await?;
+        if listing.records.contains(&number) {
+            report.builds_deleted += 1;
+            tracing::info!(%app, build = number, "build record collected");
+        }
+    }
+    Ok(())
+}
+
+/// Every bundle and layer a stored record points to: the bundles and layers of every release
+/// record, and the sources of pending builds, in every app directory (even one without
+/// `app.json`: its records still name objects). Any failure fails it.
+async fn referenced(
+    releases: &Releases,
+    builds: &Builds,
+    known: &mut Known,
+) -> Result<(HashSet<String>, HashSet<String>), ApiError> {
+    let mut bundles = HashSet::new();
+    let mut layers = HashSet::new();
+    for app in releases.app_names().await? {
+        for names in remaining(releases, &app, known).await? {
+            bundles.insert(names.bundle);
+            layers.extend(names.layers);
+        }
+        let listing = builds.listing(&app).await?;
+        for number in listing.pending() {
+            if let Some(source) = builds.source_of(&app, number).await? {
+                bundles.insert(source);
+            }
+        }
+    }
+    Ok((bundles, layers))
+}
+
+/// Phase three: deletes the bundles and layers that no record points to and that are older
+/// than the grace, unless a release was committed to one meanwhile.
+async fn collect_blobs(
+    releases: &Releases,
+    builds: &Builds,
     policy: &Policy,
     now: SystemTime,
     known: &Known,
@@ -207,68 +371,107 @@ async fn collect_bundles(
 ) {
     // Before the listing, so commits that the listing misses are noted by the collection.
     let collection = releases.begin_collection().await;
-    let referenced = match referenced_bundles(releases, known).await {
+    let mut known = known.clone();
+    let (bundles, layers) = match referenced(releases, builds, &mut known).await {
         Ok(referenced) => referenced,
         Err(e) => {
             report.errors.push(format!(
-                "listing release records failed, so no bundle was collected: {}",
+                "listing release and build records failed, so no bundle or layer was collected: {}",
                 describe(&e)
             ));
             return;
         }
     };
-    let bundles = match releases.storage().list_bundles().await {
-        Ok(bundles) => bundles,
+    if let Some(swept) = collect_blob(
+        releases,
+        &collection,
+        Blob::Bundle,
+        &bundles,
+        policy,
+        now,
+        report,
+    )
+    .await
+    {
+        report.bundles_swept = true;
+        report.bundles_deleted = swept.deleted;
+        report.bytes_freed = swept.bytes_freed;
+        report.bundles_kept = swept.kept;
+        report.bytes_kept = swept.bytes_kept;
+    }
+    if let Some(swept) = collect_blob(
+        releases,
+        &collection,
+        Blob::Layer,
+        &layers,
+        policy,
+        now,
+        report,
+    )
+    .await
+    {
+        report.layers_swept = true;
+        report.layers_deleted = swept.deleted;
+        report.layer_bytes_freed = swept.bytes_freed;
+        report.layers_kept = swept.kept;
+        report.layer_bytes_kept = swept.bytes_kept;
+    }
+}
+
+/// What collecting one kind of object did.
+#[derive(Default)]
+struct Swept {
+    deleted: u64,
+    bytes_freed: u64,
+    kept: u64,
+    bytes_kept: u64,
+}
+
+/// Deletes the objects of kind `blob` not in `referenced` and older than the grace; `None`
+/// when they could not be listed.
+async fn collect_blob(
+    releases: &Releases,
+    collection: &Collection<'_>,
+    blob: Blob,
+    referenced: &HashSet<String>,
+    policy: &Policy,
+    now: SystemTime,
+    report: &mut SweepReport,
+) -> Option<Swept> {
+    let stored = match releases.storage().list_blobs(blob).await {
+        Ok(stored) => stored,
         Err(e) => {
-            report.errors.push(format!("listing bundles: {e}"));
-            return;
+            report.errors.push(format!("listing {}s: {e}", blob.noun()));
+            return None;
         }
     };
-    report.bundles_swept = true;
-    for bundle in bundles {
-        let age = now.duration_since(bundle.modified).unwrap_or_default();
-        let keep = referenced.contains(&bundle.sha256) || age < policy.bundle_grace;
+    let mut swept = Swept::default();
+    for entry in stored {
+        let age = now.duration_since(entry.modified).unwrap_or_default();
+        let keep = referenced.contains(&entry.sha256) || age < policy.bundle_grace;
         let deleted = if keep {
             false
         } else {
-            match collection.delete_bundle(&bundle.sha256).await {
+            match collection.delete_blob(blob, &entry.sha256).await {
                 Ok(deleted) => deleted,
                 Err(e) => {
                     report
                         .errors
-                        .push(format!("deleting bundle {}: {e}", bundle.sha256));
+                        .push(format!("deleting {} {}: {e}", blob.noun(), entry.sha256));
                     false
                 }
             }
         };
         if deleted {
-            report.bundles_deleted += 1;
-            report.bytes_freed += bundle.size;
-            tracing::info!(sha256 = %bundle.sha256, size = bundle.size, age = %humantime::format_duration(age), "unreferenced bundle collected");
+            swept.deleted += 1;
+            swept.bytes_freed += entry.size;
+            tracing::info!(kind = blob.noun(), sha256 = %entry.sha256, size = entry.size, age = %humantime::format_duration(age), "unreferenced object collected");
         } else {
-            report.bundles_kept += 1;
-            report.bytes_kept += bundle.size;
+            swept.kept += 1;
+            swept.bytes_kept += entry.size;
         }
     }
-}
-
-/// The digest of every bundle a stored release record points to, in every app directory
-/// (even one without `app.json`: its records still reference bundles). Any failure fails it.
-async fn referenced_bundles(
-    releases: &Releases,
-    known: &Known,
-) -> Result<HashSet<String>, ApiError> {
-    let mut referenced = HashSet::new();
-    for app in releases.app_names().await? {
-        for version in releases.versions(&app).await? {
-            if let Some(sha256) = known.get(&(app.clone(), version)) {
-                referenced.insert(sha256.clone());
-            } else if let Some(release) = releases.release_at(&app, version).await? {
-                referenced.insert(release.bundle.sha256);
-            }
-        }
-    }
-    Ok(referenced)
+    Some(swept)
 }
 
 /// An error as an operator needs it: [`ApiError::Internal`] shows clients a generic sentence,
@@ -289,7 +492,7 @@ pub fn start(
     shutdown: CancellationToken,
 ) {
     if !config.enabled {
-        tracing::info!("retention disabled; releases and bundles are kept forever");
+        tracing::info!("retention disabled; releases, builds, bundles and layers are kept forever");
         return;
     }
     let policy = Policy::from(config);
@@ -349,6 +552,7 @@ mod tests {
             config: Default::default(),
             cause: ReleaseCause::Deploy,
             description: "deploy".into(),
+            build: None,
         }
     }
 
@@ -370,8 +574,18 @@ mod tests {
             .commit("app", "test", |_| Ok(draft(&"a".repeat(64))))
             .await
             .unwrap();
-        assert!(!collection.delete_bundle(&"a".repeat(64)).await.unwrap());
-        assert!(collection.delete_bundle(&"b".repeat(64)).await.unwrap());
+        assert!(
+            !collection
+                .delete_blob(Blob::Bundle, &"a".repeat(64))
+                .await
+                .unwrap()
+        );
+        assert!(
+            collection
+                .delete_blob(Blob::Bundle, &"b".repeat(64))
+                .await
+                .unwrap()
+        );
         assert!(storage.has_bundle(&"a".repeat(64)).await.unwrap());
         assert!(!storage.has_bundle(&"b".repeat(64)).await.unwrap());
         // Deleted while no release pointed to it: a commit to it now is refused.

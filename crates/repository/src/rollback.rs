@@ -69,6 +69,8 @@ pub async fn commit(
                 bundle: target.bundle.clone(),
                 manifest: target.manifest.clone(),
                 config: target.config.clone(),
+                // A built release comes back with its layers: a rollback never rebuilds.
+                build: target.build.clone(),
                 cause: ReleaseCause::Rollback { to: target.version },
                 description: description.clone(),
             })

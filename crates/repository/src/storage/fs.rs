@@ -11,10 +11,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use tokio_util::io::ReaderStream;
 
-use super::{
-    BUNDLES_PREFIX, BundleEntry, Result, Storage, StorageError, StoredBundle, Versioned,
-    bundle_key, is_digest,
-};
+use super::{Blob, BlobEntry, Result, Storage, StorageError, StoredBlob, Versioned, is_digest};
 
 /// Directory under the root for temporary files; emptied at start-up.
 const TMP_DIR: &str = ".tmp";
@@ -113,15 +110,18 @@ impl Storage for FsStorage {
             .map_err(|e| failed("reading", &self.root, e))
     }
 
-    async fn has_bundle(&self, sha256: &str) -> Result<bool> {
-        let path = self.path(&bundle_key(sha256));
-        tokio::fs::try_exists(&path)
-            .await
-            .map_err(|e| failed("checking", &path, e))
+    async fn blob_size(&self, blob: Blob, sha256: &str) -> Result<Option<u64>> {
+        let path = self.path(&blob.key(sha256));
+        match tokio::fs::metadata(&path).await {
+            Ok(metadata) if metadata.is_file() => Ok(Some(metadata.len())),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(failed("checking", &path, e)),
+        }
     }
 
-    async fn put_bundle(&self, sha256: &str, file: &Path, _size: u64) -> Result<()> {
-        let dest = self.path(&bundle_key(sha256));
+    async fn put_blob(&self, blob: Blob, sha256: &str, file: &Path, _size: u64) -> Result<()> {
+        let dest = self.path(&blob.key(sha256));
         if tokio::fs::try_exists(&dest)
             .await
             .map_err(|e| failed("checking", &dest, e))?
@@ -149,13 +149,13 @@ impl Storage for FsStorage {
                 tmp.persist(&dest)
                     .map_err(|e| failed("renaming to", &dest, e.error))?;
             }
-            Err(e) => return Err(failed("moving bundle to", &dest, e)),
+            Err(e) => return Err(failed(&format!("moving {} to", blob.noun()), &dest, e)),
         }
         sync_dir(&dest).await
     }
 
-    async fn get_bundle(&self, sha256: &str) -> Result<Option<StoredBundle>> {
-        let path = self.path(&bundle_key(sha256));
+    async fn get_blob(&self, blob: Blob, sha256: &str) -> Result<Option<StoredBlob>> {
+        let path = self.path(&blob.key(sha256));
         let file = match tokio::fs::File::open(&path).await {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -166,7 +166,7 @@ impl Storage for FsStorage {
             .await
             .map_err(|e| failed("reading", &path, e))?
             .len();
-        Ok(Some(StoredBundle {
+        Ok(Some(StoredBlob {
             size,
             body: Box::pin(ReaderStream::with_capacity(file, 256 * 1024)),
         }))
@@ -234,8 +234,8 @@ impl Storage for FsStorage {
         Ok(names)
     }
 
-    async fn list_bundles(&self) -> Result<Vec<BundleEntry>> {
-        let dir = self.path(BUNDLES_PREFIX);
+    async fn list_blobs(&self, blob: Blob) -> Result<Vec<BlobEntry>> {
+        let dir = self.path(blob.prefix());
         let mut entries = match tokio::fs::read_dir(&dir).await {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -265,7 +265,7 @@ impl Storage for FsStorage {
             let modified = metadata
                 .modified()
                 .map_err(|e| failed("reading the mtime of", &entry.path(), e))?;
-            bundles.push(BundleEntry {
+            bundles.push(BlobEntry {
                 sha256: name,
                 modified,
                 size: metadata.len(),
@@ -287,6 +287,7 @@ impl Storage for FsStorage {
 
 #[cfg(test)]
 mod tests {
+    use super::super::{BUNDLES_PREFIX, bundle_key};
     use super::*;
 
     #[tokio::test]

@@ -1,8 +1,10 @@
-//! Storage of bundles and release records behind one trait, with a local filesystem backend and
-//! an S3 backend. Keys are the same on both (docs/src/design/storage.md):
-//! `bundles/sha256/<digest>` (immutable), `apps/<app>/releases/<n>.json` (immutable, created only
-//! if absent), `apps/<app>/app.json` (replaced by compare-and-swap). Only retention
-//! (`retention.rs`) deletes: old release records and bundles no release points to.
+//! Storage of bundles, layers, release and build records behind one trait, with a local
+//! filesystem backend and an S3 backend. Keys are the same on both
+//! (docs/src/design/storage.md): `bundles/sha256/<digest>` and `layers/sha256/<digest>`
+//! (immutable, content-addressed), `apps/<app>/releases/<n>.json` and the build records under
+//! `apps/<app>/builds/` (immutable, created only if absent), `apps/<app>/app.json` (replaced
+//! by compare-and-swap). Only retention (`retention.rs`) deletes: old release and build
+//! records, and bundles and layers no record points to.
 
 use std::path::Path;
 use std::pin::Pin;
@@ -18,11 +20,45 @@ use crate::config::{Backend, Config};
 pub mod fs;
 pub mod s3;
 
-/// A stream of bundle bytes, as served to downloaders.
+/// A stream of bundle or layer bytes, as served to downloaders.
 pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
 
-/// A stored bundle opened for reading.
-pub struct StoredBundle {
+/// The two kinds of content-addressed object: each is stored once under the SHA-256 of its
+/// bytes, never changed, and deleted only by retention. They live under separate prefixes so
+/// that retention judges each against the records that name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Blob {
+    /// An uploaded bundle: a release's code, or a build's source.
+    Bundle,
+    /// A layer a build made (runtime, dependencies, app).
+    Layer,
+}
+
+impl Blob {
+    /// Where objects of this kind live, listed whole by [`Storage::list_blobs`].
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Blob::Bundle => BUNDLES_PREFIX,
+            Blob::Layer => LAYERS_PREFIX,
+        }
+    }
+
+    /// The key of the object with this digest.
+    pub fn key(self, sha256: &str) -> String {
+        format!("{}{sha256}", self.prefix())
+    }
+
+    /// The word for it in messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Blob::Bundle => "bundle",
+            Blob::Layer => "layer",
+        }
+    }
+}
+
+/// A stored bundle or layer opened for reading.
+pub struct StoredBlob {
     pub size: u64,
     pub body: ByteStream,
 }
@@ -53,9 +89,9 @@ pub enum StorageError {
 
 pub type Result<T> = std::result::Result<T, StorageError>;
 
-/// A stored bundle as listed for garbage collection.
+/// A stored bundle or layer as listed for garbage collection.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BundleEntry {
+pub struct BlobEntry {
     pub sha256: String,
     /// When the object was written: the file's mtime on disk, `LastModified` in S3.
     pub modified: SystemTime,
@@ -68,13 +104,14 @@ pub trait Storage: Send + Sync + 'static {
     fn describe(&self) -> String;
     /// Cheap check that the backend answers, for `/healthz` and start-up.
     async fn check(&self) -> Result<()>;
-    /// Whether a bundle with this digest is stored.
-    async fn has_bundle(&self, sha256: &str) -> Result<bool>;
-    /// Stores the verified bundle in `file` under its digest, unless already there. The file
-    /// may be moved (filesystem) or read (S3); the caller removes it afterwards if it remains.
-    async fn put_bundle(&self, sha256: &str, file: &Path, size: u64) -> Result<()>;
-    /// Opens a bundle for streaming, or `None` if it is not stored.
-    async fn get_bundle(&self, sha256: &str) -> Result<Option<StoredBundle>>;
+    /// The size of the bundle or layer with this digest, or `None` when it is not stored.
+    async fn blob_size(&self, blob: Blob, sha256: &str) -> Result<Option<u64>>;
+    /// Stores the verified bundle or layer in `file` under its digest, unless already there.
+    /// The file may be moved (filesystem) or read (S3); the caller removes it afterwards if it
+    /// remains.
+    async fn put_blob(&self, blob: Blob, sha256: &str, file: &Path, size: u64) -> Result<()>;
+    /// Opens a bundle or layer for streaming, or `None` if it is not stored.
+    async fn get_blob(&self, blob: Blob, sha256: &str) -> Result<Option<StoredBlob>>;
     /// Reads a small object, or `None` if absent.
     async fn read(&self, key: &str) -> Result<Option<Versioned>>;
     /// Writes a small object only if the key is absent, atomically.
@@ -84,12 +121,25 @@ pub trait Storage: Send + Sync + 'static {
     /// Names directly under `prefix` (which ends with '/'): object names and sub-"directories"
     /// (without the trailing '/'), sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>>;
-    /// Every stored bundle with its modification time and size, sorted by digest. Objects under
-    /// `bundles/sha256/` whose name is not a digest are no bundles and are left out.
-    async fn list_bundles(&self) -> Result<Vec<BundleEntry>>;
+    /// Every stored bundle or layer with its modification time and size, sorted by digest.
+    /// Objects under the prefix whose name is not a digest are left out.
+    async fn list_blobs(&self, blob: Blob) -> Result<Vec<BlobEntry>>;
     /// Removes an object. Idempotent: an absent key is not an error, so a sweep that was
     /// interrupted, or two repositories sweeping at once, can simply delete again.
     async fn delete(&self, key: &str) -> Result<()>;
+
+    /// Whether a bundle with this digest is stored.
+    async fn has_bundle(&self, sha256: &str) -> Result<bool> {
+        Ok(self.blob_size(Blob::Bundle, sha256).await?.is_some())
+    }
+    /// [`Storage::put_blob`] for a bundle.
+    async fn put_bundle(&self, sha256: &str, file: &Path, size: u64) -> Result<()> {
+        self.put_blob(Blob::Bundle, sha256, file, size).await
+    }
+    /// [`Storage::list_blobs`] for bundles.
+    async fn list_bundles(&self) -> Result<Vec<BlobEntry>> {
+        self.list_blobs(Blob::Bundle).await
+    }
 }
 
 /// Opens the configured backend: the S3 bucket of `[storage.s3]`, with the secret key read from
@@ -103,14 +153,16 @@ pub async fn open(config: &Config, s3_secret: Option<String>) -> Result<Arc<dyn 
 
 /// Key of a bundle.
 pub fn bundle_key(sha256: &str) -> String {
-    format!("{BUNDLES_PREFIX}{sha256}")
+    Blob::Bundle.key(sha256)
 }
 
-/// Where bundles live, listed whole by [`Storage::list_bundles`].
+/// Where bundles live.
 pub const BUNDLES_PREFIX: &str = "bundles/sha256/";
+/// Where layers live.
+pub const LAYERS_PREFIX: &str = "layers/sha256/";
 
-/// Whether a name under [`BUNDLES_PREFIX`] is a bundle's digest (and not, say, a temporary
-/// file some tool left there, which garbage collection must not touch).
+/// Whether a name under a blob prefix is a digest (and not, say, a temporary file some tool
+/// left there, which garbage collection must not touch).
 pub fn is_digest(name: &str) -> bool {
     px_proto::names::check_sha256_hex(name).is_ok()
 }

@@ -1,7 +1,8 @@
-//! The S3 backend (aws-sdk-s3): bundles stream to and from the bucket (multipart above a
-//! threshold), release records are created with `If-None-Match: *`, and the app pointer is
-//! replaced with `If-Match: <etag>`, so concurrent repositories never lose a release.
-//! Retention lists bundles with their `LastModified` and removes objects with `DeleteObject`.
+//! The S3 backend (aws-sdk-s3): bundles and layers stream to and from the bucket (multipart
+//! above a threshold), release and build records are created with `If-None-Match: *`, and the
+//! app pointer is replaced with `If-Match: <etag>`, so concurrent repositories never lose a
+//! release. Retention lists bundles and layers with their `LastModified` and removes objects
+//! with `DeleteObject`.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -18,10 +19,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 
-use super::{
-    BUNDLES_PREFIX, BundleEntry, Result, Storage, StorageError, StoredBundle, Versioned,
-    bundle_key, is_digest,
-};
+use super::{Blob, BlobEntry, Result, Storage, StorageError, StoredBlob, Versioned, is_digest};
 use crate::config::S3Config;
 
 /// Bundles at least this large go up in parts: a single PUT of several GiB cannot resume a
@@ -219,56 +217,64 @@ impl Storage for S3Storage {
             .map_err(|e| self.error("checking bucket", e))
     }
 
-    async fn has_bundle(&self, sha256: &str) -> Result<bool> {
+    async fn blob_size(&self, blob: Blob, sha256: &str) -> Result<Option<u64>> {
         match self
             .client
             .head_object()
             .bucket(&self.bucket)
-            .key(self.key(&bundle_key(sha256)))
+            .key(self.key(&blob.key(sha256)))
             .send()
             .await
         {
-            Ok(_) => Ok(true),
-            Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(false),
-            Err(e) => Err(self.error("looking up bundle", e)),
+            Ok(head) => Ok(Some(head.content_length().unwrap_or_default().max(0) as u64)),
+            Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(None),
+            Err(e) => Err(self.error(&format!("looking up {}", blob.noun()), e)),
         }
     }
 
-    async fn put_bundle(&self, sha256: &str, file: &Path, size: u64) -> Result<()> {
-        if self.has_bundle(sha256).await? {
+    async fn put_blob(&self, blob: Blob, sha256: &str, file: &Path, size: u64) -> Result<()> {
+        if self.blob_size(blob, sha256).await?.is_some() {
             return Ok(());
         }
-        let key = self.key(&bundle_key(sha256));
+        let key = self.key(&blob.key(sha256));
         if size >= MULTIPART_THRESHOLD {
             return self.multipart(&key, file, size).await;
         }
         let body = SdkStream::from_path(file)
             .await
             .map_err(|e| StorageError::Failed(format!("reading spool file: {e}")))?;
-        self.client
+        // Create-only: an object stored meanwhile by another repository has these very bytes
+        // (its key is their digest), so finding the key taken is success, and the stored
+        // object, with its age for retention, stays as it was.
+        let sent = self
+            .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
+            .if_none_match("*")
             .content_length(size as i64)
             .body(body)
             .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| self.error("storing bundle", e))
+            .await;
+        match sent {
+            Ok(_) => Ok(()),
+            Err(e) if is_precondition_failed(&e) => Ok(()),
+            Err(e) => Err(self.error(&format!("storing {}", blob.noun()), e)),
+        }
     }
 
-    async fn get_bundle(&self, sha256: &str) -> Result<Option<StoredBundle>> {
+    async fn get_blob(&self, blob: Blob, sha256: &str) -> Result<Option<StoredBlob>> {
         let got = match self
             .client
             .get_object()
             .bucket(&self.bucket)
-            .key(self.key(&bundle_key(sha256)))
+            .key(self.key(&blob.key(sha256)))
             .send()
             .await
         {
             Ok(got) => got,
             Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => return Ok(None),
-            Err(e) => return Err(self.error("fetching bundle", e)),
+            Err(e) => return Err(self.error(&format!("fetching {}", blob.noun()), e)),
         };
         let size = got.content_length().unwrap_or_default().max(0) as u64;
         let body = futures_util::stream::try_unfold(got.body, |mut body| async move {
@@ -278,7 +284,7 @@ impl Storage for S3Storage {
                 Err(e) => Err(std::io::Error::other(e)),
             }
         });
-        Ok(Some(StoredBundle {
+        Ok(Some(StoredBlob {
             size,
             body: Box::pin(body),
         }))
@@ -371,8 +377,8 @@ impl Storage for S3Storage {
         Ok(names)
     }
 
-    async fn list_bundles(&self) -> Result<Vec<BundleEntry>> {
-        let full = self.key(BUNDLES_PREFIX);
+    async fn list_blobs(&self, blob: Blob) -> Result<Vec<BlobEntry>> {
+        let full = self.key(blob.prefix());
         let mut bundles = Vec::new();
         let mut pages = self
             .client
@@ -382,7 +388,7 @@ impl Storage for S3Storage {
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| self.error("listing bundles", e))?;
+            let page = page.map_err(|e| self.error(&format!("listing {}s", blob.noun()), e))?;
             for object in page.contents() {
                 let Some(sha256) = object.key().and_then(|k| k.strip_prefix(&full)) else {
                     continue;
@@ -395,7 +401,7 @@ impl Storage for S3Storage {
                     .last_modified()
                     .and_then(|t| SystemTime::try_from(*t).ok())
                     .unwrap_or_else(SystemTime::now);
-                bundles.push(BundleEntry {
+                bundles.push(BlobEntry {
                     sha256: sha256.to_string(),
                     modified,
                     size: object.size().unwrap_or_default().max(0) as u64,

@@ -1,5 +1,9 @@
 //! The `/v1` HTTP API (docs/src/reference/apprepo.md), `/healthz` and `/metrics`, and the
-//! server that serves them ([`serve`]).
+//! server that serves them ([`serve`]). Apps, releases, config and bundles are here; builds in
+//! `builds.rs`, layers in `layers.rs`.
+
+mod builds;
+mod layers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,22 +14,25 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use px_bundle::Limits;
 use px_proto::api::{
     self, App, BundleRef, ConfigChange, CreateApp, Release, ReleaseCause, Rollback,
 };
+use px_proto::build::BuildQueued;
 use px_runtime::shutdown::accept_error_is_fatal;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Caller, Role, Tokens};
+use crate::builds::{BuildDecision, Builds};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::releases::{Draft, Releases};
+use crate::storage::Blob;
 use crate::upload;
 
 /// Largest JSON request body (app creation, config changes): config vars are small, and a
@@ -37,6 +44,9 @@ pub const MAX_DESCRIPTION_LEN: usize = 200;
 #[derive(Clone)]
 pub struct AppState {
     pub releases: Releases,
+    pub builds: Builds,
+    /// Whether an upload needs a build ([`crate::builds::needs_build`]).
+    pub needs_build: BuildDecision,
     pub tokens: Tokens,
     pub metrics: Arc<Metrics>,
     pub notifier: Notifier,
@@ -144,7 +154,25 @@ pub fn router(state: AppState) -> Router {
             get(get_config).patch(change_config),
         )
         .route("/v1/apps/{app}/rollback", post(rollback))
+        .route("/v1/apps/{app}/builds", get(builds::list))
+        .route("/v1/apps/{app}/builds/{number}", get(builds::get))
+        .route("/v1/apps/{app}/builds/{number}/log", get(builds::log))
+        .route(
+            "/v1/apps/{app}/builds/{number}/finish",
+            post(builds::finish).layer(DefaultBodyLimit::max(builds::MAX_BUILD_REPORT_BYTES)),
+        )
+        .route(
+            "/v1/apps/{app}/builds/{number}/fail",
+            post(builds::fail).layer(DefaultBodyLimit::max(builds::MAX_BUILD_REPORT_BYTES)),
+        )
+        .route("/v1/builds", get(builds::pending))
         .route("/v1/bundles/{sha256}", get(download_bundle))
+        .route(
+            "/v1/layers/{sha256}",
+            put(layers::upload)
+                .get(layers::download_layer)
+                .head(layers::exists),
+        )
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
         .with_state(state)
 }
@@ -242,7 +270,7 @@ async fn upload_release(
     Path(app): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Json<Release>), ApiError> {
+) -> Result<Response, ApiError> {
     let result = receive_release(caller, &state, &app, &headers, body).await;
     match &result {
         Ok(_) => state.metrics.uploads_accepted.inc(),
@@ -254,13 +282,14 @@ async fn upload_release(
     result
 }
 
+/// Receives an upload: a release (201), or a pending build when it needs one (202).
 async fn receive_release(
     caller: Caller,
     state: &AppState,
     app: &str,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Json<Release>), ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(Role::Deploy)?;
     let declared = header_str(headers, api::HEADER_BUNDLE_SHA256).ok_or_else(|| {
         ApiError::BadRequest(format!(
@@ -326,6 +355,19 @@ async fn receive_release(
             .filter(|c| info.bin_commands.contains(c))
             .collect(),
     };
+    let description = if description.is_empty() {
+        "deploy".to_string()
+    } else {
+        description
+    };
+    if (state.needs_build)(&info) {
+        let build = state
+            .builds
+            .queue(app, &caller.name, bundle, info.manifest, description)
+            .await?;
+        state.notifier.build_requested(&build);
+        return Ok((StatusCode::ACCEPTED, Json(BuildQueued { build })).into_response());
+    }
     let release = state
         .releases
         .commit(app, &caller.name, |current| {
@@ -334,16 +376,18 @@ async fn receive_release(
                 manifest: info.manifest.clone(),
                 config: current.map(|r| r.config.clone()).unwrap_or_default(),
                 cause: ReleaseCause::Deploy,
-                description: if description.is_empty() {
-                    "deploy".into()
-                } else {
-                    description.clone()
-                },
+                description: description.clone(),
+                build: None,
             })
         })
         .await?;
+    // Before the notice, so that Beacon's reconcile no longer finds them pending.
+    state
+        .builds
+        .superseded_by_release(app, release.version)
+        .await;
     state.notifier.release_committed(&release);
-    Ok((StatusCode::CREATED, Json(release)))
+    Ok((StatusCode::CREATED, Json(release)).into_response())
 }
 
 async fn get_config(
@@ -405,6 +449,8 @@ async fn change_config(
             Ok(Draft {
                 bundle: current.bundle.clone(),
                 manifest: current.manifest.clone(),
+                // A built release keeps its layers: a config change never rebuilds.
+                build: current.build.clone(),
                 config,
                 description: describe_config_change(&set, &change.unset),
                 cause: ReleaseCause::Config {
@@ -455,17 +501,30 @@ async fn download_bundle(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
-    px_proto::names::check_sha256_hex(&sha256).map_err(ApiError::BadRequest)?;
+    download(&state, Blob::Bundle, &sha256, &headers).await
+}
+
+/// Streams a stored bundle or layer: `ETag` is its digest, and a client that has those bytes
+/// (`If-None-Match`) gets 304, since content-addressed objects never change.
+pub(crate) async fn download(
+    state: &AppState,
+    blob: Blob,
+    sha256: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    px_proto::names::check_sha256_hex(sha256).map_err(ApiError::BadRequest)?;
     let etag = format!("\"{sha256}\"");
-    let matches = header_str(&headers, header::IF_NONE_MATCH.as_str())
+    let matches = header_str(headers, header::IF_NONE_MATCH.as_str())
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
     let cache = HeaderValue::from_static("public, max-age=31536000, immutable");
     let etag_value = HeaderValue::from_str(&etag).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let storage = state.releases.storage();
+    let missing = || ApiError::NotFound(format!("no {} {sha256}", blob.noun()));
     if matches {
         // Content-addressed: if the client has this digest, it has these bytes, but only
-        // answer 304 for a bundle we actually hold.
-        if !state.releases.storage().has_bundle(&sha256).await? {
-            return Err(ApiError::NotFound(format!("no bundle {sha256}")));
+        // answer 304 for an object we actually hold.
+        if storage.blob_size(blob, sha256).await?.is_none() {
+            return Err(missing());
         }
         state.metrics.bundle_not_modified.inc();
         return Ok((
@@ -474,14 +533,12 @@ async fn download_bundle(
         )
             .into_response());
     }
-    let bundle = state
-        .releases
-        .storage()
-        .get_bundle(&sha256)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no bundle {sha256}")))?;
-    state.metrics.bundle_downloads.inc();
-    let mut response = Response::new(Body::from_stream(bundle.body));
+    let stored = storage.get_blob(blob, sha256).await?.ok_or_else(missing)?;
+    match blob {
+        Blob::Bundle => state.metrics.bundle_downloads.inc(),
+        Blob::Layer => state.metrics.layer_downloads.inc(),
+    }
+    let mut response = Response::new(Body::from_stream(stored.body));
     let h = response.headers_mut();
     h.insert(header::ETAG, etag_value);
     h.insert(header::CACHE_CONTROL, cache);
@@ -489,6 +546,6 @@ async fn download_bundle(
         header::CONTENT_TYPE,
         HeaderValue::from_static(px_bundle::BUNDLE_MEDIA_TYPE),
     );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(bundle.size));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(stored.size));
     Ok(response)
 }

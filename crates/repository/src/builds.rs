@@ -1,0 +1,917 @@
+//! Builds (docs/src/design/builds.md): an upload that needs a build becomes a pending build
+//! record instead of a release; the node that ran it finishes it into a release with its
+//! layers, or fails it; a newer upload of the app supersedes it.
+//!
+//! Keys, under `apps/<app>/builds/`, all created only if absent:
+//! - `<n>.json`: the [`Build`] as queued, numbered per app as releases are (the next number
+//!   after the highest stored, probing forward; create-if-absent is what takes it).
+//! - `<n>.claim.json`: who decides how the build ends: its finish, its failure, or a newer
+//!   upload superseding it. Exactly one creates it, so a late finish and a newer upload
+//!   never both win; only the claimant writes the result (or a reader repairing a claimant
+//!   that stopped halfway).
+//! - `<n>.result.json`: the [`BuildResult`]. Its creation is final: the first result wins, so
+//!   two builders, or a retry, never record two.
+//! - `<n>.log`: the build's output, its last [`MAX_BUILD_LOG_BYTES`].
+//!
+//! Why a finish checks again after its claim: a newer upload may have been stored between the
+//! finish's first look and its claim, on another repository sharing the storage. So a finish
+//! commits its release only if no plain upload was committed after the build was queued and no
+//! newer build exists, checked at each attempt at taking a release number. Release numbers are
+//! taken by create-if-absent, so either the finished release comes first (and the newer upload
+//! after it, and wins) or the finish sees the newer upload and records itself superseded.
+
+use std::collections::BTreeSet;
+
+use bytes::Bytes;
+use px_bundle::BundleInfo;
+use px_proto::api::{BundleRef, Release, ReleaseCause};
+use px_proto::build::{
+    Build, BuildFailed, BuildFinished, BuildOutput, BuildResult, MAX_BUILD_LOG_BYTES,
+};
+use px_proto::manifest::AppManifest;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::releases::{AppLocks, Draft, MAX_COMMIT_ATTEMPTS, Releases, now_rfc3339};
+use crate::storage::{Blob, StorageError};
+
+/// Builds listed in one answer for an app, newest first: as many as releases.
+pub const MAX_LISTED_BUILDS: usize = crate::releases::MAX_LISTED_RELEASES;
+/// Pending builds listed across apps in one answer. A newer upload supersedes an app's
+/// pending builds, so there is about one per app with a build under way; this bounds the
+/// answer Beacon reads at every reconcile on a platform with that many apps building at once.
+pub const MAX_LISTED_PENDING: usize = 1000;
+/// Most layers one build may name: a runtime, dependencies and the app make three, and the
+/// margin leaves room for a stack that splits one of them, while bounding what a release
+/// record carries and what a finish checks.
+pub const MAX_BUILD_LAYERS: usize = 8;
+/// Most `PATH` entries a build may add: a runtime's `bin` and an installer's make two.
+pub const MAX_BUILD_PATH_ENTRIES: usize = 16;
+/// Longest `PATH` entry or environment value a build may add, in bytes: paths inside a
+/// release are short, and the bound keeps a release record small.
+pub const MAX_BUILD_VALUE_LEN: usize = 4096;
+/// Longest failure reason kept, in characters: one sentence, the log holds the rest.
+pub const MAX_FAIL_REASON_CHARS: usize = 1000;
+/// Longest `runtime` string and command name a build may report, in bytes.
+pub const MAX_BUILD_NAME_LEN: usize = 128;
+/// Most commands a runtime layer may say it provides (`python3`, `python`, `pip`, `node`,
+/// `npm`, `npx`, ...).
+pub const MAX_BUILD_COMMANDS: usize = 32;
+
+/// Decides whether an upload needs a build before it can run. The one place this is decided
+/// for apprepo.
+///
+/// SEAM(detect): the decision belongs to `px_proto::detect` (an installer input at the root of
+/// the upload, or `[build] command` in `app.toml`), over the root files `px_bundle::inspect`
+/// collects. Until that lands, no upload needs a build, as before builds existed.
+pub(crate) fn needs_build(info: &BundleInfo) -> bool {
+    let _ = info;
+    false
+}
+
+/// How an upload is judged to need a build: [`needs_build`], except in apprepo's own tests,
+/// which choose through `internals::run_deciding_builds`.
+pub type BuildDecision = fn(&BundleInfo) -> bool;
+
+/// The stored form of `<n>.json`: the [`Build`], and what a finish needs to tell a newer
+/// upload from an older one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct BuildRecord {
+    #[serde(flatten)]
+    build: Build,
+    /// The newest release when the build was queued: a plain upload committed above it came
+    /// after this build, and supersedes it.
+    #[serde(default)]
+    base_release: u64,
+}
+
+/// The stored form of `<n>.claim.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "claim", rename_all = "snake_case")]
+enum Claim {
+    Finish,
+    Fail,
+    Supersede { by: String },
+}
+
+fn builds_prefix(app: &str) -> String {
+    format!("apps/{app}/builds/")
+}
+
+fn record_key(app: &str, number: u64) -> String {
+    format!("apps/{app}/builds/{number}.json")
+}
+
+fn claim_key(app: &str, number: u64) -> String {
+    format!("apps/{app}/builds/{number}.claim.json")
+}
+
+fn result_key(app: &str, number: u64) -> String {
+    format!("apps/{app}/builds/{number}.result.json")
+}
+
+fn log_key(app: &str, number: u64) -> String {
+    format!("apps/{app}/builds/{number}.log")
+}
+
+/// The number an object under `apps/<app>/builds/` belongs to, and whether it is the record
+/// itself (`<n>.json`).
+pub(crate) fn parse_build_object(name: &str) -> Option<(u64, bool)> {
+    let (number, rest) = name.split_once('.')?;
+    let number = number.parse().ok()?;
+    Some((number, rest == "json"))
+}
+
+/// The last `max` bytes of `log` at most, cut at a character boundary.
+fn tail(log: &str, max: usize) -> &str {
+    if log.len() <= max {
+        return log;
+    }
+    let mut start = log.len() - max;
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    &log[start..]
+}
+
+fn corrupt(key: &str, e: serde_json::Error) -> ApiError {
+    ApiError::Internal(format!("{key} is not valid JSON: {e}"))
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<Bytes, ApiError> {
+    serde_json::to_vec_pretty(value)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// What `apps/<app>/builds/` holds, by build number.
+#[derive(Debug, Default)]
+pub(crate) struct Listing {
+    /// Numbers with a record (`<n>.json`).
+    pub(crate) records: BTreeSet<u64>,
+    /// Numbers with a result.
+    pub(crate) results: BTreeSet<u64>,
+    /// Every number any object belongs to (records, and what a sweep interrupted left).
+    pub(crate) all: BTreeSet<u64>,
+}
+
+impl Listing {
+    /// Builds with a record and no result yet, oldest first.
+    pub(crate) fn pending(&self) -> impl Iterator<Item = u64> + '_ {
+        self.records
+            .iter()
+            .copied()
+            .filter(|n| !self.results.contains(n))
+    }
+}
+
+/// What a finish did: the release it committed, or the one an earlier finish of the same
+/// build committed (an idempotent retry).
+pub enum Finished {
+    Committed(Release),
+    AlreadyCommitted(Release),
+}
+
+/// Builds and their records, over the same storage as releases.
+#[derive(Clone)]
+pub struct Builds {
+    releases: Releases,
+    /// Queueing takes a build number per app one at a time within this process.
+    locks: AppLocks,
+}
+
+impl Builds {
+    pub fn new(releases: Releases) -> Self {
+        Self {
+            releases,
+            locks: AppLocks::default(),
+        }
+    }
+
+    async fn read<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ApiError> {
+        let storage = self.releases.storage();
+        match self.releases.count_storage_error(storage.read(key).await)? {
+            Some(stored) => Ok(Some(
+                serde_json::from_slice(&stored.bytes).map_err(|e| corrupt(key, e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Creates `key` unless it exists; returns whether this call created it.
+    async fn create(&self, key: &str, bytes: Bytes) -> Result<bool, ApiError> {
+        let storage = self.releases.storage();
+        match self
+            .releases
+            .count_storage_error(storage.create(key, bytes).await)
+        {
+            Ok(()) => Ok(true),
+            Err(StorageError::AlreadyExists(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(crate) async fn listing(&self, app: &str) -> Result<Listing, ApiError> {
+        let storage = self.releases.storage();
+        let names = self
+            .releases
+            .count_storage_error(storage.list(&builds_prefix(app)).await)?;
+        let mut listing = Listing::default();
+        for name in names {
+            let Some((number, is_record)) = parse_build_object(&name) else {
+                continue;
+            };
+            listing.all.insert(number);
+            if is_record {
+                listing.records.insert(number);
+            } else if name == format!("{number}.result.json") {
+                listing.results.insert(number);
+            }
+        }
+        Ok(listing)
+    }
+
+    async fn record(&self, app: &str, number: u64) -> Result<Option<BuildRecord>, ApiError> {
+        self.read(&record_key(app, number)).await
+    }
+
+    async fn result(&self, app: &str, number: u64) -> Result<Option<BuildResult>, ApiError> {
+        self.read(&result_key(app, number)).await
+    }
+
+    /// The build as the API shows it, its result filled in; `None` when not stored.
+    pub(crate) async fn build_at(&self, app: &str, number: u64) -> Result<Option<Build>, ApiError> {
+        let Some(record) = self.record(app, number).await? else {
+            return Ok(None);
+        };
+        let mut build = record.build;
+        build.result = self.result(app, number).await?;
+        Ok(Some(build))
+    }
+
+    /// Build `number` of `app`, or a 404 naming what is missing.
+    pub async fn build(&self, app: &str, number: u64) -> Result<Build, ApiError> {
+        self.releases.require_app(app).await?;
+        self.build_at(app, number)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("app {app:?} has no build {number}")))
+    }
+
+    /// The app's builds, newest first, at most [`MAX_LISTED_BUILDS`].
+    pub async fn list(&self, app: &str) -> Result<Vec<Build>, ApiError> {
+        self.releases.require_app(app).await?;
+        let listing = self.listing(app).await?;
+        let mut builds = Vec::new();
+        for &number in listing.records.iter().rev().take(MAX_LISTED_BUILDS) {
+            // Gone between the listing and the read: collected by retention just now.
+            if let Some(build) = self.build_at(app, number).await? {
+                builds.push(build);
+            }
+        }
+        Ok(builds)
+    }
+
+    /// Builds without a result across every app, oldest first within an app, at most
+    /// [`MAX_LISTED_PENDING`]: what Beacon places on nodes that may build.
+    pub async fn pending(&self) -> Result<Vec<Build>, ApiError> {
+        let mut pending = Vec::new();
+        for app in self.releases.app_names().await? {
+            let listing = self.listing(&app).await?;
+            for number in listing.pending() {
+                if pending.len() >= MAX_LISTED_PENDING {
+                    return Ok(pending);
+                }
+                let Some(record) = self.record(&app, number).await? else {
+                    continue;
+                };
+                pending.push(record.build);
+            }
+        }
+        Ok(pending)
+    }
+
+    /// The build's stored log, or a 404 when it has none yet.
+    pub async fn log(&self, app: &str, number: u64) -> Result<Bytes, ApiError> {
+        self.build(app, number).await?;
+        let storage = self.releases.storage();
+        match self
+            .releases
+            .count_storage_error(storage.read(&log_key(app, number)).await)?
+        {
+            Some(stored) => Ok(stored.bytes),
+            None => Err(ApiError::NotFound(format!(
+                "build {number} of {app:?} has no log yet; it is stored when the build ends"
+            ))),
+        }
+    }
+
+    /// Queues an upload that needs a build: creates its record with the next build number,
+    /// then supersedes the app's older pending builds. The source bundle is stored already.
+    pub async fn queue(
+        &self,
+        app: &str,
+        by: &str,
+        source: BundleRef,
+        manifest: AppManifest,
+        description: String,
+    ) -> Result<Build, ApiError> {
+        let queued = {
+            let _serialised = self.locks.lock(app).await;
+            self.take_number(app, by, source, manifest, description)
+                .await?
+        };
+        self.releases.metrics().builds_queued.inc();
+        tracing::info!(%app, build = queued.number, source = %queued.source.sha256, by, "build queued");
+        self.supersede(app, &format!("build {}", queued.number), |pending| {
+            pending.build.number < queued.number
+        })
+        .await;
+        Ok(queued)
+    }
+
+    async fn take_number(
+        &self,
+        app: &str,
+        by: &str,
+        source: BundleRef,
+        manifest: AppManifest,
+        description: String,
+    ) -> Result<Build, ApiError> {
+        for _ in 0..MAX_COMMIT_ATTEMPTS {
+            let listing = self.listing(app).await?;
+            let mut number = listing.all.last().copied().unwrap_or(0) + 1;
+            // The listing may lag a record just created by another repository: probe forward.
+            while self.record(app, number).await?.is_some() {
+                number += 1;
+            }
+            let base_release = self
+                .releases
+                .head(app)
+                .await?
+                .current
+                .map_or(0, |r| r.version);
+            let build = Build {
+                app: app.into(),
+                number,
+                source: source.clone(),
+                manifest: manifest.clone(),
+                description: description.clone(),
+                created_at: now_rfc3339(),
+                created_by: by.into(),
+                result: None,
+            };
+            let record = BuildRecord {
+                build,
+                base_release,
+            };
+            // The source must outlive a collection running now: a pending build's source is
+            // referenced as a release's bundle is.
+            let held = self
+                .releases
+                .hold(&[(Blob::Bundle, source.sha256.as_str())])
+                .await?;
+            let created = self
+                .create(&record_key(app, number), to_json(&record)?)
+                .await?;
+            drop(held);
+            if created {
+                return Ok(record.build);
+            }
+        }
+        Err(ApiError::Conflict(format!(
+            "too many concurrent uploads of {app:?}; retry in a moment"
+        )))
+    }
+
+    /// Supersedes a newly committed plain upload's older pending builds: those queued before
+    /// release `version` was committed.
+    pub async fn superseded_by_release(&self, app: &str, version: u64) {
+        self.supersede(app, &format!("v{version}"), |pending| {
+            pending.base_release < version
+        })
+        .await;
+    }
+
+    /// Records every pending build of `app` that `older` selects as superseded by `by`,
+    /// unless a finish or a failure claimed it first. The upload that supersedes has
+    /// succeeded already, so a failure here is logged, not answered: a finish of such a build
+    /// finds the newer upload itself and records the same.
+    async fn supersede(&self, app: &str, by: &str, older: impl Fn(&BuildRecord) -> bool) {
+        let pending: Vec<u64> = match self.listing(app).await {
+            Ok(listing) => listing.pending().collect(),
+            Err(e) => {
+                tracing::warn!(%app, error = %e, "cannot list pending builds to supersede them");
+                return;
+            }
+        };
+        for number in pending {
+            let superseded = async {
+                let Some(record) = self.record(app, number).await? else {
+                    return Ok::<bool, ApiError>(false);
+                };
+                if !older(&record) {
+                    return Ok(false);
+                }
+                let claim = Claim::Supersede { by: by.into() };
+                match self.claim(app, number, claim).await? {
+                    Claim::Supersede { by } => {
+                        self.record_result(app, number, &BuildResult::Superseded { by })
+                            .await?;
+                        Ok(true)
+                    }
+                    // The build is ending on its own; its finish checks for newer uploads.
+                    Claim::Finish | Claim::Fail => Ok(false),
+                }
+            };
+            match superseded.await {
+                Ok(true) => {
+                    self.releases.metrics().builds_superseded.inc();
+                    tracing::info!(%app, build = number, by, "pending build superseded");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(%app, build = number, by, error = %e, "cannot supersede a pending build")
+                }
+            }
+        }
+    }
+
+    /// Claims how build `number` ends; returns the claim that holds (this one, or an earlier).
+    async fn claim(&self, app: &str, number: u64, claim: Claim) -> Result<Claim, ApiError> {
+        let key = claim_key(app, number);
+        if self.create(&key, to_json(&claim)?).await? {
+            return Ok(claim);
+        }
+        self.read(&key)
+            .await?
+            .ok_or_else(|| ApiError::Internal(format!("{key} vanished after it was created")))
+    }
+
+    /// Creates the build's result unless one exists; returns the result that holds.
+    async fn record_result(
+        &self,
+        app: &str,
+        number: u64,
+        result: &BuildResult,
+    ) -> Result<BuildResult, ApiError> {
+        let key = result_key(app, number);
+        if self.create(&key, to_json(result)?).await? {
+            return Ok(result.clone());
+        }
+        self.read(&key)
+            .await?
+            .ok_or_else(|| ApiError::Internal(format!("{key} vanished after it was created")))
+    }
+
+    /// Stores the build's log (its tail) unless one is stored.
+    async fn store_log(&self, app: &str, number: u64, log: &str) -> Result<(), ApiError> {
+        let tail = tail(log, MAX_BUILD_LOG_BYTES);
+        self.create(
+            &log_key(app, number),
+            Bytes::copy_from_slice(tail.as_bytes()),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The record of a build that a finish or failure names, or a 404.
+    async fn existing(&self, app: &str, number: u64) -> Result<BuildRecord, ApiError> {
+        self.releases.require_app(app).await?;
+        self.record(app, number)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("app {app:?} has no build {number}")))
+    }
+
+    /// Finishes build `number` into a release (see the module's protocol). Every layer must be
+    /// stored; a build that already succeeded with this output answers its release again.
+    pub async fn finish(
+        &self,
+        app: &str,
+        number: u64,
+        finished: BuildFinished,
+    ) -> Result<Finished, ApiError> {
+        check_output(number, &finished.output)?;
+        let record = self.existing(app, number).await?;
+        if let Some(result) = self.result(app, number).await? {
+            return self
+                .finished_before(app, number, &result, &finished.output)
+                .await;
+        }
+        for layer in &finished.output.layers {
+            let stored = self.releases.count_storage_error(
+                self.releases
+                    .storage()
+                    .blob_size(Blob::Layer, &layer.sha256)
+                    .await,
+            )?;
+            match stored {
+                None => {
+                    return Err(ApiError::Conflict(format!(
+                        "layer {} ({}) is not stored; upload it with PUT /v1/layers/{} before finishing the build",
+                        layer.sha256,
+                        layer.kind.as_str(),
+                        layer.sha256
+                    )));
+                }
+                Some(size) if size != layer.size => {
+                    return Err(ApiError::Conflict(format!(
+                        "layer {} is stored with {size} bytes but the build says {}",
+                        layer.sha256, layer.size
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        match self.claim(app, number, Claim::Finish).await? {
+            Claim::Finish => {}
+            Claim::Fail => return Err(already_failing(app, number)),
+            Claim::Supersede { by } => {
+                let result = self
+                    .record_result(app, number, &BuildResult::Superseded { by })
+                    .await?;
+                return Err(ended(app, number, &result));
+            }
+        }
+        self.store_log(app, number, &finished.log).await?;
+        let committed = self.commit(app, number, &record, finished.output).await?;
+        let release = match &committed {
+            Finished::Committed(release) | Finished::AlreadyCommitted(release) => release,
+        };
+        let result = BuildResult::Succeeded {
+            release: release.version,
+        };
+        let held = self.record_result(app, number, &result).await?;
+        if held != result {
+            tracing::error!(%app, build = number, ?held, version = release.version, "a build committed a release but holds another result");
+        }
+        if matches!(committed, Finished::Committed(_)) {
+            self.releases.metrics().builds_finished.inc();
+            tracing::info!(%app, build = number, version = release.version, "build finished");
+        }
+        Ok(committed)
+    }
+
+    /// A finish of a build that already has a result: its release again when it succeeded with
+    /// this very output, a conflict saying how it ended otherwise.
+    async fn finished_before(
+        &self,
+        app: &str,
+        number: u64,
+        result: &BuildResult,
+        output: &BuildOutput,
+    ) -> Result<Finished, ApiError> {
+        let BuildResult::Succeeded { release } = result else {
+            return Err(ended(app, number, result));
+        };
+        let release = self.releases.release(app, *release).await?;
+        if release.build.as_ref() == Some(output) {
+            Ok(Finished::AlreadyCommitted(release))
+        } else {
+            Err(ApiError::Conflict(format!(
+                "build {number} of {app:?} already finished as v{} with other layers",
+                release.version
+            )))
+        }
+    }
+
+    /// Commits the finished build's release, unless a newer upload of the app came after it
+    /// or an earlier finish of it (another repository, a retry) committed it already.
+    async fn commit(
+        &self,
+        app: &str,
+        number: u64,
+        record: &BuildRecord,
+        output: BuildOutput,
+    ) -> Result<Finished, ApiError> {
+        let _serialised = self.releases.lock_app(app).await;
+        for _ in 0..MAX_COMMIT_ATTEMPTS {
+            let head = self.releases.head(app).await?;
+            let newest = head.current.as_ref().map_or(0, |r| r.version);
+            for version in record.base_release + 1..=newest {
+                let Some(release) = self.releases.release_at(app, version).await? else {
+                    continue; // Collected by retention: older than what it keeps.
+                };
+                let built_from = release.build.as_ref().map(|b| b.build);
+                if built_from == Some(number) {
+                    return Ok(Finished::AlreadyCommitted(release));
+                }
+                let newer_upload = release.cause == ReleaseCause::Deploy
+                    && built_from.is_none_or(|other| other > number);
+                if newer_upload {
+                    return Err(self.superseded(app, number, &format!("v{version}")).await);
+                }
+            }
+            if let Some(&newer) = self.listing(app).await?.records.range(number + 1..).last() {
+                return Err(self
+                    .superseded(app, number, &format!("build {newer}"))
+                    .await);
+            }
+            let build = &record.build;
+            let parts = Draft {
+                bundle: build.source.clone(),
+                manifest: build.manifest.clone(),
+                config: head
+                    .current
+                    .as_ref()
+                    .map(|r| r.config.clone())
+                    .unwrap_or_default(),
+                cause: ReleaseCause::Deploy,
+                description: build.description.clone(),
+                build: Some(output.clone()),
+            };
+            // The release is the upload's deploy: made by whoever uploaded it.
+            if let Some(release) = self
+                .releases
+                .try_commit(app, &build.created_by, head, parts)
+                .await?
+            {
+                return Ok(Finished::Committed(release));
+            }
+        }
+        Err(crate::releases::too_many_commits(app))
+    }
+
+    /// Records that build `number` was superseded by `by` (its finish found the newer upload)
+    /// and returns the conflict a finish answers.
+    async fn superseded(&self, app: &str, number: u64, by: &str) -> ApiError {
+        let result = BuildResult::Superseded { by: by.into() };
+        match self.record_result(app, number, &result).await {
+            Ok(held) => {
+                if held == result {
+                    self.releases.metrics().builds_superseded.inc();
+                }
+                ended(app, number, &held)
+            }
+            Err(e) => e,
+        }
+    }
+
+    /// Records that build `number` failed, with its log. A repeated failure answers the build
+    /// as it stands; a build that ended otherwise, or is finishing, is a conflict.
+    pub async fn fail(
+        &self,
+        app: &str,
+        number: u64,
+        failed: BuildFailed,
+    ) -> Result<Build, ApiError> {
+        let reason: String = failed
+            .reason
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_FAIL_REASON_CHARS)
+            .collect();
+        if reason.trim().is_empty() {
+            return Err(ApiError::BadRequest(
+                "say why the build failed in `reason`".into(),
+            ));
+        }
+        let record = self.existing(app, number).await?;
+        if let Some(result) = self.result(app, number).await? {
+            return match result {
+                BuildResult::Failed { .. } => Ok(Build {
+                    result: Some(result),
+                    ..record.build
+                }),
+                other => Err(ended(app, number, &other)),
+            };
+        }
+        match self.claim(app, number, Claim::Fail).await? {
+            Claim::Fail => {}
+            Claim::Finish => {
+                return Err(ApiError::Conflict(format!(
+                    "build {number} of {app:?} is being finished into a release; it can no longer fail"
+                )));
+            }
+            Claim::Supersede { by } => {
+                let result = self
+                    .record_result(app, number, &BuildResult::Superseded { by })
+                    .await?;
+                return Err(ended(app, number, &result));
+            }
+        }
+        self.store_log(app, number, &failed.log).await?;
+        let result = self
+            .record_result(app, number, &BuildResult::Failed { reason })
+            .await?;
+        self.releases.metrics().builds_failed.inc();
+        tracing::info!(%app, build = number, ?result, "build failed");
+        Ok(Build {
+            result: Some(result),
+            ..record.build
+        })
+    }
+
+    /// Deletes every object of build `number` (retention): the record first, so that an
+    /// interrupted deletion never leaves a build that looks pending.
+    pub(crate) async fn delete(&self, app: &str, number: u64) -> Result<(), ApiError> {
+        let storage = self.releases.storage();
+        for key in [
+            record_key(app, number),
+            result_key(app, number),
+            log_key(app, number),
+            claim_key(app, number),
+        ] {
+            self.releases
+                .count_storage_error(storage.delete(&key).await)?;
+        }
+        Ok(())
+    }
+
+    /// The source bundle of a stored build, for retention.
+    pub(crate) async fn source_of(
+        &self,
+        app: &str,
+        number: u64,
+    ) -> Result<Option<String>, ApiError> {
+        Ok(self
+            .record(app, number)
+            .await?
+            .map(|record| record.build.source.sha256))
+    }
+}
+
+/// The conflict a finish or failure of a build that already ended answers.
+fn ended(app: &str, number: u64, result: &BuildResult) -> ApiError {
+    ApiError::Conflict(match result {
+        BuildResult::Superseded { by } => format!(
+            "build {number} of {app:?} was superseded by {by} (a newer upload); it will not become a release"
+        ),
+        BuildResult::Failed { reason } => {
+            format!("build {number} of {app:?} already failed: {reason}")
+        }
+        BuildResult::Succeeded { release } => {
+            format!("build {number} of {app:?} already finished as v{release}")
+        }
+    })
+}
+
+fn already_failing(app: &str, number: u64) -> ApiError {
+    ApiError::Conflict(format!(
+        "build {number} of {app:?} was reported failed; it cannot finish"
+    ))
+}
+
+/// Checks what a builder says it made: the build's own number, a bounded set of well-formed
+/// layers, and paths and variables that stay inside the release.
+fn check_output(number: u64, output: &BuildOutput) -> Result<(), ApiError> {
+    let bad = |m: String| Err(ApiError::BadRequest(m));
+    if output.build != number {
+        return bad(format!(
+            "output.build is {} but this is build {number}",
+            output.build
+        ));
+    }
+    if output.layers.is_empty() || output.layers.len() > MAX_BUILD_LAYERS {
+        return bad(format!(
+            "output.layers must name 1 to {MAX_BUILD_LAYERS} layers"
+        ));
+    }
+    for (i, layer) in output.layers.iter().enumerate() {
+        px_proto::names::check_sha256_hex(&layer.sha256)
+            .or_else(|m| bad(format!("output.layers[{i}].sha256: {m}")))?;
+    }
+    if output.path.len() > MAX_BUILD_PATH_ENTRIES {
+        return bad(format!(
+            "output.path has more than {MAX_BUILD_PATH_ENTRIES} entries"
+        ));
+    }
+    for (i, entry) in output.path.iter().enumerate() {
+        let escapes = entry.is_empty()
+            || entry.starts_with('/')
+            || entry.contains(':')
+            || entry.split('/').any(|part| part == "..")
+            || entry.len() > MAX_BUILD_VALUE_LEN;
+        if escapes {
+            return bad(format!(
+                "output.path[{i}] {entry:?} must be a relative directory inside the release"
+            ));
+        }
+    }
+    if output.env.len() > px_proto::manifest::MAX_ENV_VARS {
+        return bad(format!(
+            "output.env has more than {} variables",
+            px_proto::manifest::MAX_ENV_VARS
+        ));
+    }
+    for (key, value) in &output.env {
+        px_proto::names::check_config_key(key).or_else(|m| bad(format!("output.env: {m}")))?;
+        if value.len() > MAX_BUILD_VALUE_LEN || value.contains('\0') {
+            return bad(format!(
+                "output.env.{key} must be at most {MAX_BUILD_VALUE_LEN} bytes, without NUL"
+            ));
+        }
+    }
+    let names = output.runtime.iter().chain(&output.commands);
+    if output.commands.len() > MAX_BUILD_COMMANDS
+        || names.clone().any(|n| n.len() > MAX_BUILD_NAME_LEN)
+    {
+        return bad(format!(
+            "output.runtime and output.commands are limited to {MAX_BUILD_COMMANDS} names of {MAX_BUILD_NAME_LEN} bytes"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeMap;
+
+    use px_proto::build::{LayerKind, LayerRef};
+
+    use super::*;
+
+    fn output(number: u64) -> BuildOutput {
+        BuildOutput {
+            build: number,
+            layers: vec![LayerRef {
+                kind: LayerKind::App,
+                sha256: "a".repeat(64),
+                size: 1,
+            }],
+            path: vec![".px/runtime/bin".into()],
+            env: BTreeMap::from([("PYTHONUSERBASE".into(), "{release}/.px/deps".into())]),
+            runtime: Some("python3 3.12.1".into()),
+            commands: vec!["python3".into()],
+        }
+    }
+
+    #[test]
+    fn a_build_output_is_checked_before_anything_is_stored() {
+        assert!(check_output(3, &output(3)).is_ok());
+        type Change = Box<dyn Fn(&mut BuildOutput)>;
+        let cases: Vec<(Change, &str)> = vec![
+            (Box::new(|o| o.build = 4), "output.build"),
+            (Box::new(|o| o.layers.clear()), "output.layers"),
+            (
+                Box::new(|o| o.layers = vec![o.layers[0].clone(); MAX_BUILD_LAYERS + 1]),
+                "output.layers",
+            ),
+            (
+                Box::new(|o| o.layers[0].sha256 = "../etc".into()),
+                "output.layers[0].sha256",
+            ),
+            (
+                Box::new(|o| o.path = vec!["../bin".into()]),
+                "output.path[0]",
+            ),
+            (
+                Box::new(|o| o.path = vec!["/usr/bin".into()]),
+                "output.path[0]",
+            ),
+            (
+                Box::new(|o| {
+                    o.env.insert("PX_APP".into(), "x".into());
+                }),
+                "output.env",
+            ),
+            (
+                Box::new(|o| {
+                    o.env
+                        .insert("A".into(), "x".repeat(MAX_BUILD_VALUE_LEN + 1));
+                }),
+                "output.env.A",
+            ),
+            (
+                Box::new(|o| o.commands = vec!["x".into(); MAX_BUILD_COMMANDS + 1]),
+                "output.commands",
+            ),
+        ];
+        for (change, named) in cases {
+            let mut bad = output(3);
+            change(&mut bad);
+            let err = check_output(3, &bad).unwrap_err();
+            assert!(err.to_string().contains(named), "{named}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_log_keeps_its_tail_at_a_character_boundary() {
+        assert_eq!(tail("short", 10), "short");
+        assert_eq!(tail("0123456789", 4), "6789");
+        // "é" is two bytes: a cut inside it moves past it.
+        assert_eq!(tail("aé", 1), "");
+        assert_eq!(tail("aéb", 2), "b");
+    }
+
+    #[test]
+    fn build_objects_are_told_apart_by_name() {
+        assert_eq!(parse_build_object("12.json"), Some((12, true)));
+        assert_eq!(parse_build_object("12.result.json"), Some((12, false)));
+        assert_eq!(parse_build_object("12.claim.json"), Some((12, false)));
+        assert_eq!(parse_build_object("12.log"), Some((12, false)));
+        assert_eq!(parse_build_object("notes.txt"), None);
+        assert_eq!(parse_build_object("12"), None);
+    }
+
+    #[test]
+    fn until_detection_lands_no_upload_needs_a_build() {
+        let info = BundleInfo {
+            manifest: AppManifest::parse("name = \"app\"\nrun = \"true\"\n").unwrap(),
+            entries: 1,
+            unpacked_bytes: 1,
+            bin_commands: Default::default(),
+        };
+        assert!(!needs_build(&info));
+    }
+}
