@@ -1,14 +1,15 @@
-//! apprepo tells Beacon about committed releases over the TLS link, and an absent Beacon never
-//! holds up an upload. Beacon's side is played by a listener speaking the real codec.
+//! apprepo tells Beacon about committed releases and builds waiting for a node over the TLS
+//! link, and an absent Beacon never holds up an upload. Beacon's side is played by a listener speaking the real codec.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::time::Duration;
 
-use common::{Repo, sample_bundle};
+use common::{Repo, build_suite, sample_bundle};
 use futures_util::{SinkExt, StreamExt};
 use px_proto::api::ReleaseCause;
+use px_proto::build::{BuildFinished, BuildRequested};
 use px_proto::codec::FrameCodec;
 use px_proto::link::{
     FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, PROTOCOL_VERSION, PeerRole,
@@ -325,6 +326,58 @@ async fn beacons_rollback_orders_are_committed_once_and_stale_ones_ignored() {
         rollback.description.contains("75.0%"),
         "{}",
         rollback.description
+    );
+    repo.stop().await;
+}
+
+/// An upload that needs a build tells Beacon to place it; its finish tells Beacon of the
+/// release, as any commit does.
+#[tokio::test]
+async fn builds_waiting_for_a_node_and_their_releases_reach_beacon() {
+    let pki = Pki::new(&["beacon.test"]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let secrets = tempfile::tempdir().unwrap();
+    let beacon = beacon_config(secrets.path(), &pki, port);
+    let repo = Repo::start_building(|c| c.beacon = Some(beacon)).await;
+    let mut link = accept_link(&listener, &pki).await;
+    repo.create_app("shop").await;
+    let build = repo
+        .queue("shop", &common::built_bundle("shop", "one"))
+        .await;
+    let mut next = async || loop {
+        match tokio::time::timeout(Duration::from_secs(10), link.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(ToBeacon::Heartbeat(_))) => continue,
+            Some(Ok(frame)) => break frame,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(
+        next().await,
+        ToBeacon::BuildRequested(BuildRequested {
+            app: "shop".into(),
+            build: build.number
+        })
+    );
+    let made = build_suite::layers("one");
+    repo.upload_layers(&made).await;
+    let finished = BuildFinished {
+        output: build_suite::output(build.number, &made),
+        log: "done\n".into(),
+    };
+    let r = repo.finish("shop", build.number, &finished).await;
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    let release: px_proto::api::Release = r.json().await.unwrap();
+    assert_eq!(
+        next().await,
+        ToBeacon::ReleaseCommitted(ReleaseCommitted {
+            app: "shop".into(),
+            version: release.version,
+            bundle_sha256: build.source.sha256,
+        })
     );
     repo.stop().await;
 }
