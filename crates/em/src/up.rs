@@ -31,7 +31,11 @@ pub struct Up {
 /// Tokens of the local platform, kept in `data_dir/secrets` (mode 0600) across runs.
 struct Secrets {
     deploy: String,
+    /// Beacon's apprepo token: it only reads.
     read: String,
+    /// Maestro's apprepo token: it reads, and as the node that builds it uploads layers and
+    /// finishes builds.
+    build: String,
     maestro_link: String,
     repository_link: String,
     dir: PathBuf,
@@ -54,6 +58,7 @@ fn secrets(data_dir: &Path) -> Result<Secrets> {
     Ok(Secrets {
         deploy: secret(&dir, "deploy-token")?,
         read: secret(&dir, "read-token")?,
+        build: secret(&dir, "build-token")?,
         maestro_link: secret(&dir, "maestro-link-token")?,
         repository_link: secret(&dir, "repository-link-token")?,
         dir,
@@ -154,6 +159,11 @@ pub async fn up(options: Up) -> Result<()> {
                 role: px_repository::auth::Role::Read,
                 sha256: hash(&secrets.read),
             },
+            TokenEntry {
+                name: "local".into(),
+                role: px_repository::auth::Role::Build,
+                sha256: hash(&secrets.build),
+            },
         ],
         beacon: Some(px_repository::config::BeaconConfig {
             addr: control_addr.clone(),
@@ -210,7 +220,7 @@ pub async fn up(options: Up) -> Result<()> {
         // Locally, waiting is what a developer notices; apps stop fast or not at all.
         stop_grace: Duration::from_secs(5),
         drain_deadline: Duration::from_secs(10),
-        repository_token_file: Some(secrets.dir.join("read-token")),
+        repository_token_file: Some(secrets.dir.join("build-token")),
         beacon: Some(px_maestro::config::BeaconConfig {
             addr: control_addr,
             server_name: Some("localhost".into()),
