@@ -1,6 +1,7 @@
 //! apprepo, the Platform.X AppRepository: receives bundle uploads over HTTP, stores bundles and
-//! immutable numbered releases on disk or in S3, serves bundles to Maestros, and tells Beacon
-//! when a release is committed. [`run`] is the whole service; `main.rs` only wires it up.
+//! immutable numbered releases on disk or in S3, keeps the builds of uploads that need one and
+//! the layers they make, serves bundles and layers to Maestros, and tells Beacon when a release
+//! is committed or a build waits. [`run`] is the whole service; `main.rs` only wires it up.
 
 pub mod auth;
 pub(crate) mod builds;
@@ -18,7 +19,7 @@ pub(crate) mod upload;
 
 /// What apprepo's own integration tests (`tests/`, another crate to the compiler) reach beyond
 /// the service's interface: the storage backends, tested against a real S3 server on their
-/// own, and retention sweeps run at a chosen `now`. No other crate may use it; it is public,
+/// own, retention sweeps run at a chosen `now`, and the service with a chosen build decision. No other crate may use it; it is public,
 /// and hidden from the docs, only because those tests cannot see `pub(crate)` items. A service
 /// crate whose tests need such items exposes them here and nowhere else (Maestro has the same
 /// module; Beacon's tests need none), so that everything else stays `pub(crate)` and what is

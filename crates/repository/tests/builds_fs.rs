@@ -35,6 +35,13 @@ async fn fail_records_the_result_and_the_log() {
 }
 
 #[tokio::test]
+async fn a_long_log_keeps_its_tail() {
+    let repo = Repo::start_building(|_| {}).await;
+    build_suite::a_long_log_keeps_its_tail(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
 async fn newer_uploads_supersede_pending_builds() {
     let repo = Repo::start_building(|_| {}).await;
     build_suite::newer_uploads_supersede_pending_builds(&repo).await;

@@ -70,7 +70,9 @@ impl Builds {
             }
         }
         self.store_log(app, number, &finished.log).await?;
-        let committed = self.commit(app, number, &record, finished.output).await?;
+        let committed = self
+            .commit(app, number, &record, finished.output.clone())
+            .await?;
         let release = match &committed {
             Finished::Committed(release) | Finished::AlreadyCommitted(release) => release,
         };
@@ -81,9 +83,19 @@ impl Builds {
         if held != result {
             tracing::error!(%app, build = number, ?held, version = release.version, "a build committed a release but holds another result");
         }
-        if matches!(committed, Finished::Committed(_)) {
-            self.releases.metrics().builds_finished.inc();
-            tracing::info!(%app, build = number, version = release.version, "build finished");
+        match &committed {
+            Finished::Committed(_) => {
+                self.releases.metrics().builds_finished.inc();
+                tracing::info!(%app, build = number, version = release.version, "build finished");
+            }
+            // An earlier finish (another repository, or one that stopped before recording
+            // the result) committed other layers: this output is not what serves.
+            Finished::AlreadyCommitted(release)
+                if release.build.as_ref() != Some(&finished.output) =>
+            {
+                return Err(other_layers(app, number, release.version));
+            }
+            Finished::AlreadyCommitted(_) => {}
         }
         Ok(committed)
     }
@@ -104,10 +116,7 @@ impl Builds {
         if release.build.as_ref() == Some(output) {
             Ok(Finished::AlreadyCommitted(release))
         } else {
-            Err(ApiError::Conflict(format!(
-                "build {number} of {app:?} already finished as v{} with other layers",
-                release.version
-            )))
+            Err(other_layers(app, number, release.version))
         }
     }
 
@@ -252,6 +261,12 @@ fn ended(app: &str, number: u64, result: &BuildResult) -> ApiError {
             format!("build {number} of {app:?} already finished as v{release}")
         }
     })
+}
+
+fn other_layers(app: &str, number: u64, version: u64) -> ApiError {
+    ApiError::Conflict(format!(
+        "build {number} of {app:?} already finished as v{version} with other layers"
+    ))
 }
 
 fn already_failing(app: &str, number: u64) -> ApiError {

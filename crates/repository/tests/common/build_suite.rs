@@ -341,6 +341,25 @@ pub async fn finish_twice_answers_the_same_release(repo: &Repo) {
     repo.upload_layers(&other).await;
     let message = conflict(repo.finish("shop", 1, &finished(1, &other)).await).await;
     assert!(message.contains("already finished as v1"), "{message}");
+
+    // A finish that stopped after its commit, before recording the result: the next finish
+    // finds the release its build made, records the result, and commits nothing more.
+    let (storage, _) = repo.sweeper().await;
+    storage
+        .storage()
+        .delete("apps/shop/builds/1.result.json")
+        .await
+        .unwrap();
+    assert_eq!(repo.pending_builds().await.len(), 1);
+    let message = conflict(repo.finish("shop", 1, &finished(1, &other)).await).await;
+    assert!(message.contains("with other layers"), "{message}");
+    assert_eq!(
+        repo.build_record("shop", 1).await.result,
+        Some(BuildResult::Succeeded { release: 1 })
+    );
+    let again = repo.finish("shop", 1, &finished(1, &made)).await;
+    assert_eq!(again.status(), StatusCode::OK);
+    assert_eq!(again.json::<Release>().await.unwrap(), first);
     assert_eq!(repo.releases("shop").await, vec![first]);
 }
 
@@ -374,6 +393,28 @@ pub async fn fail_records_the_result_and_the_log(repo: &Repo) {
     let message = conflict(repo.finish("shop", 1, &finished(1, &made)).await).await;
     assert!(message.contains("already failed"), "{message}");
     assert!(repo.releases("shop").await.is_empty());
+}
+
+/// A log longer than what is kept (a build printing without end) keeps its last lines, within
+/// a body the finish and failure endpoints accept.
+pub async fn a_long_log_keeps_its_tail(repo: &Repo) {
+    repo.create_app("shop").await;
+    repo.queue("shop", &built_bundle("shop", "one")).await;
+    let line = "Collecting gunicorn from the index, downloading and unpacking its wheel\n";
+    let max = px_proto::build::MAX_BUILD_LOG_BYTES;
+    let mut log = line.repeat(2 * max / line.len());
+    log.push_str("error: no space left on device\n");
+    let failure = BuildFailed {
+        reason: "the build filled its disk".into(),
+        log: log.clone(),
+    };
+    let r = repo.fail("shop", 1, &failure).await;
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    let (status, stored) = repo.build_log("shop", 1).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(stored.len(), max);
+    assert!(log.ends_with(&stored));
+    assert!(stored.ends_with("error: no space left on device\n"));
 }
 
 /// The latest upload wins: a newer build supersedes a pending one, a plain upload supersedes
