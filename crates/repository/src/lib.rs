@@ -26,7 +26,7 @@ pub(crate) mod upload;
 /// public says what other crates may use.
 #[doc(hidden)]
 pub mod internals {
-    pub use crate::builds::{BuildDecision, Builds};
+    pub use crate::builds::BuildDecision;
     pub use crate::metrics::Metrics;
     pub use crate::releases::Releases;
     pub use crate::retention::{Policy, SweepReport, sweep};
