@@ -155,8 +155,7 @@ pub async fn receive_layer(
 /// SEAM(inspect_layer): a layer is checked with `px_bundle::inspect_layer` (the bundle
 /// format's entry checker, without the manifest a bundle needs). Until it lands this only
 /// reads the layer to its end, so a layer is stored on its digest alone.
-fn inspect_layer(mut reader: ChunkReader, limits: &Limits) -> Result<(), BundleError> {
-    let _ = limits;
+fn inspect_layer(mut reader: ChunkReader, _limits: &Limits) -> Result<(), BundleError> {
     std::io::copy(&mut reader, &mut std::io::sink())
         .map(|_| ())
         .map_err(|e| BundleError::Io {

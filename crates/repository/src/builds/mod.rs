@@ -59,8 +59,7 @@ pub const MAX_BUILD_COMMANDS: usize = 32;
 /// SEAM(detect): the decision belongs to `px_proto::detect` (an installer input at the root of
 /// the upload, or `[build] command` in `app.toml`), over the root files `px_bundle::inspect`
 /// collects. Until that lands, no upload needs a build, as before builds existed.
-pub(crate) fn needs_build(info: &BundleInfo) -> bool {
-    let _ = info;
+pub(crate) fn needs_build(_info: &BundleInfo) -> bool {
     false
 }
 
