@@ -27,6 +27,7 @@ pub(crate) mod upload;
 #[doc(hidden)]
 pub mod internals {
     pub use crate::builds::BuildDecision;
+    pub use crate::error::ApiError;
     pub use crate::metrics::Metrics;
     pub use crate::releases::Releases;
     pub use crate::retention::{Policy, SweepReport, sweep};

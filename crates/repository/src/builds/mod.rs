@@ -59,13 +59,13 @@ pub const MAX_BUILD_COMMANDS: usize = 32;
 /// SEAM(detect): the decision belongs to `px_proto::detect` (an installer input at the root of
 /// the upload, or `[build] command` in `app.toml`), over the root files `px_bundle::inspect`
 /// collects. Until that lands, no upload needs a build, as before builds existed.
-pub(crate) fn needs_build(_info: &BundleInfo) -> bool {
-    false
+pub(crate) fn needs_build(_info: &BundleInfo) -> Result<bool, ApiError> {
+    Ok(false)
 }
 
 /// How an upload is judged to need a build: [`needs_build`], except in apprepo's own tests,
 /// which choose through `internals::run_deciding_builds`.
-pub type BuildDecision = fn(&BundleInfo) -> bool;
+pub type BuildDecision = fn(&BundleInfo) -> Result<bool, ApiError>;
 
 /// The stored form of `<n>.json`: the [`Build`], and what a finish needs to tell a newer
 /// upload from an older one.
@@ -537,6 +537,6 @@ mod tests {
             unpacked_bytes: 1,
             bin_commands: Default::default(),
         };
-        assert!(!needs_build(&info));
+        assert!(!needs_build(&info).unwrap());
     }
 }

@@ -360,7 +360,7 @@ async fn receive_release(
     } else {
         description
     };
-    if (state.needs_build)(&info) {
+    if (state.needs_build)(&info)? {
         let build = state
             .builds
             .queue(app, &caller.name, bundle, info.manifest, description)

@@ -351,8 +351,10 @@ pub const BUILD_MARKER: &str = "NEEDS_BUILD";
 ///
 /// SEAM(detect): once `px_proto::detect` decides (a `requirements.txt` at the root needs a
 /// build), apprepo decides for itself and this goes.
-fn needs_build_when_marked(info: &px_bundle::BundleInfo) -> bool {
-    info.manifest.env.contains_key(BUILD_MARKER)
+fn needs_build_when_marked(
+    info: &px_bundle::BundleInfo,
+) -> Result<bool, px_repository::internals::ApiError> {
+    Ok(info.manifest.env.contains_key(BUILD_MARKER))
 }
 
 /// The sample app as a Python app to build: a `requirements.txt`, and the marker.
