@@ -97,7 +97,28 @@ impl FromRequestParts<AppState> for Caller {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+    use px_runtime::tokens::{gather, hash};
+
     use super::*;
+
+    #[test]
+    fn the_build_role_is_read_from_the_tokens_file_and_an_unknown_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens.toml");
+        let entry = |role: &str| {
+            format!(
+                "[[token]]\nname = \"web-1\"\nrole = \"{role}\"\nsha256 = \"{}\"\n",
+                hash("secret")
+            )
+        };
+        std::fs::write(&file, entry("build")).unwrap();
+        let tokens = table(gather::<Role>(&[], Some(&file), "").unwrap()).unwrap();
+        assert_eq!(tokens.verify("secret").unwrap().role, Role::Build);
+        std::fs::write(&file, entry("admin")).unwrap();
+        let err = gather::<Role>(&[], Some(&file), "").unwrap_err();
+        assert!(err.contains("admin"), "{err}");
+    }
 
     #[test]
     fn deploy_and_build_each_include_read_and_not_each_other() {

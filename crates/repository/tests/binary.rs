@@ -91,14 +91,23 @@ fn check_config_accepts_good_and_names_bad_keys() {
 
 #[test]
 fn token_new_prints_a_token_whose_hash_it_shows() {
+    for role in ["deploy", "read", "build"] {
+        let out = Command::new(BIN)
+            .args(["token-new", "--name", "ci", "--role", role])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let entry = String::from_utf8(out.stderr).unwrap();
+        assert!(entry.contains(&hash(&token)), "{entry}");
+        assert!(entry.contains(&format!("role = \"{role}\"")), "{entry}");
+    }
     let out = Command::new(BIN)
-        .args(["token-new", "--name", "ci", "--role", "deploy"])
+        .args(["token-new", "--name", "ci", "--role", "admin"])
         .output()
         .unwrap();
-    assert!(out.status.success());
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let entry = String::from_utf8(out.stderr).unwrap();
-    assert!(entry.contains(&hash(&token)), "{entry}");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`build`"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
