@@ -112,7 +112,10 @@ impl Builds {
         let BuildResult::Succeeded { release } = result else {
             return Err(ended(app, number, result));
         };
-        let release = self.releases.release(app, *release).await?;
+        let Some(release) = self.releases.release_at(app, *release).await? else {
+            // Collected by retention since: the build ended long ago.
+            return Err(ended(app, number, result));
+        };
         if release.build.as_ref() == Some(output) {
             Ok(Finished::AlreadyCommitted(release))
         } else {
