@@ -294,7 +294,7 @@ impl Builds {
         {
             Some(stored) => Ok(stored.bytes),
             None => Err(ApiError::NotFound(format!(
-                "build {number} of {app:?} has no log yet; it is stored when the build ends"
+                "build {number} of {app:?} has no log; one is stored when a build finishes or fails"
             ))),
         }
     }
