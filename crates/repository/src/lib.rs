@@ -19,41 +19,18 @@ pub(crate) mod upload;
 
 /// What apprepo's own integration tests (`tests/`, another crate to the compiler) reach beyond
 /// the service's interface: the storage backends, tested against a real S3 server on their
-/// own, retention sweeps run at a chosen `now`, and the service with a chosen build decision. No other crate may use it; it is public,
+/// own, and retention sweeps run at a chosen `now`. No other crate may use it; it is public,
 /// and hidden from the docs, only because those tests cannot see `pub(crate)` items. A service
 /// crate whose tests need such items exposes them here and nowhere else (Maestro has the same
 /// module; Beacon's tests need none), so that everything else stays `pub(crate)` and what is
 /// public says what other crates may use.
 #[doc(hidden)]
 pub mod internals {
-    pub use crate::builds::BuildDecision;
-    pub use crate::error::ApiError;
     pub use crate::metrics::Metrics;
     pub use crate::releases::Releases;
     pub use crate::retention::{Policy, SweepReport, sweep};
     pub use crate::storage::s3::{MULTIPART_THRESHOLD, S3Storage};
     pub use crate::storage::{Blob, Storage, StorageError, bundle_key, open as open_storage};
-
-    /// [`crate::run`] with another way of deciding which uploads need a build.
-    ///
-    /// SEAM(detect): until `px_proto::detect` decides it, no upload needs a build, so apprepo's
-    /// tests of the build lifecycle choose here; once it does, they upload apps that need one
-    /// and this goes.
-    pub async fn run_deciding_builds(
-        config: crate::config::Config,
-        listener: tokio::net::TcpListener,
-        shutdown: tokio_util::sync::CancellationToken,
-        needs_build: BuildDecision,
-    ) -> Result<(), crate::StartError> {
-        crate::serve(
-            config,
-            listener,
-            shutdown,
-            px_runtime::systemd::Systemd::none(),
-            needs_build,
-        )
-        .await
-    }
 }
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -193,16 +170,6 @@ pub async fn run_with(
     shutdown: CancellationToken,
     systemd: Systemd<Config>,
 ) -> Result<(), StartError> {
-    serve(config, listener, shutdown, systemd, builds::needs_build).await
-}
-
-async fn serve(
-    config: Config,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-    systemd: Systemd<Config>,
-    needs_build: builds::BuildDecision,
-) -> Result<(), StartError> {
     let checked = check(&config)?;
     let spool_dir = config.data_dir.join("tmp");
     // Spool files left by a crash are partial uploads that never became releases.
@@ -258,7 +225,6 @@ async fn serve(
     );
     let state = http::AppState {
         builds: builds::Builds::new(releases.clone()),
-        needs_build,
         releases,
         tokens: checked.tokens.clone(),
         metrics: metrics.clone(),

@@ -16,7 +16,7 @@ fn server() -> Option<S3Server> {
 }
 
 async fn start(s3: &S3Server) -> Repo {
-    Repo::start_building(|c| {
+    Repo::start_with(|c| {
         common::use_s3(c, s3);
         common::no_periodic_retention(c);
     })
@@ -130,7 +130,7 @@ async fn roles_on_s3_keep_builders_and_deployers_apart() {
 #[tokio::test]
 async fn bad_layers_on_s3_store_nothing() {
     let Some(s3) = server() else { return };
-    let repo = Repo::start_building(|c| {
+    let repo = Repo::start_with(|c| {
         common::use_s3(c, &s3);
         build_suite::small_limit(c);
     })
@@ -162,7 +162,7 @@ async fn retention_on_s3_collects_layers_and_builds() {
 async fn two_repositories_on_s3_finishing_one_build_commit_one_release() {
     let Some(s3) = server() else { return };
     let first = start(&s3).await;
-    let second = Repo::start_building(|c| {
+    let second = Repo::start_with(|c| {
         common::use_s3(c, &s3);
         common::no_periodic_retention(c);
         c.tokens = first.config.tokens.clone();

@@ -339,7 +339,7 @@ async fn builds_waiting_for_a_node_and_their_releases_reach_beacon() {
     let port = listener.local_addr().unwrap().port();
     let secrets = tempfile::tempdir().unwrap();
     let beacon = beacon_config(secrets.path(), &pki, port);
-    let repo = Repo::start_building(|c| c.beacon = Some(beacon)).await;
+    let repo = Repo::start_with(|c| c.beacon = Some(beacon)).await;
     let mut link = accept_link(&listener, &pki).await;
     repo.create_app("shop").await;
     let build = repo

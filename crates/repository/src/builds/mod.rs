@@ -53,19 +53,15 @@ pub const MAX_BUILD_NAME_LEN: usize = 128;
 /// `npm`, `npx`, ...).
 pub const MAX_BUILD_COMMANDS: usize = 32;
 
-/// Decides whether an upload needs a build before it can run. The one place this is decided
-/// for apprepo.
-///
-/// SEAM(detect): the decision belongs to `px_proto::detect` (an installer input at the root of
-/// the upload, or `[build] command` in `app.toml`), over the root files `px_bundle::inspect`
-/// collects. Until that lands, no upload needs a build, as before builds existed.
-pub(crate) fn needs_build(_info: &BundleInfo) -> Result<bool, ApiError> {
-    Ok(false)
+/// Decides whether an upload needs a build before it can run: [`px_proto::detect`] over the
+/// root files [`px_bundle::inspect`] collected, so an installer input at the root (such as
+/// `requirements.txt`) or `[build] command` in `app.toml` needs one. The one place this is
+/// decided for apprepo.
+pub(crate) fn needs_build(info: &BundleInfo) -> Result<bool, ApiError> {
+    px_proto::detect::detect(Some(&info.manifest), &info.root_files)
+        .map(|detection| detection.needs_build())
+        .map_err(|e| ApiError::InvalidBundle(format!("invalid bundle: {e}")))
 }
-
-/// How an upload is judged to need a build: [`needs_build`], except in apprepo's own tests,
-/// which choose through `internals::run_deciding_builds`.
-pub type BuildDecision = fn(&BundleInfo) -> Result<bool, ApiError>;
 
 /// The stored form of `<n>.json`: the [`Build`], and what a finish needs to tell a newer
 /// upload from an older one.
@@ -530,13 +526,42 @@ mod tests {
     }
 
     #[test]
-    fn until_detection_lands_no_upload_needs_a_build() {
-        let info = BundleInfo {
-            manifest: AppManifest::parse("name = \"app\"\nrun = \"true\"\n").unwrap(),
-            entries: 1,
-            unpacked_bytes: 1,
-            bin_commands: Default::default(),
-        };
-        assert!(!needs_build(&info).unwrap());
+    fn an_upload_needs_a_build_when_detection_says_so() {
+        let plain = "name = \"app\"\nrun = \"python3 app.py\"\n";
+        let built = "name = \"app\"\nrun = \"true\"\n[build]\ncommand = \"make\"\n";
+        // The manifest, the root files with their content, and whether it needs a build.
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], bool);
+        let cases: [Case; 4] = [
+            (plain, &[], false),
+            (plain, &[("requirements.txt", "gunicorn\n")], true),
+            (
+                plain,
+                &[("package.json", "{}"), ("package-lock.json", "{}")],
+                true,
+            ),
+            (built, &[], true),
+        ];
+        for (manifest, files, expected) in cases {
+            let mut root_files = px_proto::detect::RootFiles::new();
+            for (name, content) in files {
+                root_files.insert(
+                    name,
+                    content.len() as u64,
+                    Some(content.as_bytes().to_vec()),
+                );
+            }
+            let info = BundleInfo {
+                manifest: AppManifest::parse(manifest).unwrap(),
+                root_files,
+                entries: 1,
+                unpacked_bytes: 1,
+                bin_commands: Default::default(),
+            };
+            assert_eq!(
+                needs_build(&info).unwrap(),
+                expected,
+                "{manifest} {files:?}"
+            );
+        }
     }
 }

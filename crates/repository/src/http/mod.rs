@@ -27,7 +27,7 @@ use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Caller, Role, Tokens};
-use crate::builds::{BuildDecision, Builds};
+use crate::builds::{Builds, needs_build};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
@@ -45,8 +45,6 @@ pub const MAX_DESCRIPTION_LEN: usize = 200;
 pub struct AppState {
     pub releases: Releases,
     pub builds: Builds,
-    /// Whether an upload needs a build ([`crate::builds::needs_build`]).
-    pub needs_build: BuildDecision,
     pub tokens: Tokens,
     pub metrics: Arc<Metrics>,
     pub notifier: Notifier,
@@ -360,7 +358,7 @@ async fn receive_release(
     } else {
         description
     };
-    if (state.needs_build)(&info)? {
+    if needs_build(&info)? {
         let build = state
             .builds
             .queue(app, &caller.name, bundle, info.manifest, description)

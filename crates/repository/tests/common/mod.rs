@@ -84,18 +84,6 @@ impl Repo {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
-        Self::start_inner(adjust, None).await
-    }
-
-    /// Starts apprepo so that uploads of [`built_bundle`]s need a build.
-    pub async fn start_building(adjust: impl FnOnce(&mut Config)) -> Self {
-        Self::start_inner(adjust, Some(needs_build_when_marked)).await
-    }
-
-    async fn start_inner(
-        adjust: impl FnOnce(&mut Config),
-        decision: Option<px_repository::internals::BuildDecision>,
-    ) -> Self {
         // Service logs on stderr when asked for (`PX_LOG=debug cargo test ...`).
         if std::env::var_os("PX_LOG").is_some() {
             px_runtime::telemetry::init();
@@ -115,16 +103,9 @@ impl Repo {
         let run_config = config.clone();
         let token = shutdown.clone();
         let task = tokio::spawn(async move {
-            match decision {
-                None => px_repository::run(run_config, listener, token).await,
-                Some(decision) => {
-                    px_repository::internals::run_deciding_builds(
-                        run_config, listener, token, decision,
-                    )
-                    .await
-                }
-            }
-            .unwrap();
+            px_repository::run(run_config, listener, token)
+                .await
+                .unwrap();
         });
         let repo = Self {
             url,
@@ -344,30 +325,12 @@ impl<R: std::io::Read> TakeBytes for R {}
 pub mod build_suite;
 pub mod suite;
 
-/// The environment variable a [`built_bundle`]'s manifest sets.
-pub const BUILD_MARKER: &str = "NEEDS_BUILD";
-
-/// How the build tests decide which uploads need a build: those of [`built_bundle`]s.
-///
-/// SEAM(detect): once `px_proto::detect` decides (a `requirements.txt` at the root needs a
-/// build), apprepo decides for itself and this goes.
-fn needs_build_when_marked(
-    info: &px_bundle::BundleInfo,
-) -> Result<bool, px_repository::internals::ApiError> {
-    Ok(info.manifest.env.contains_key(BUILD_MARKER))
-}
-
-/// The sample app as a Python app to build: a `requirements.txt`, and the marker.
+/// The sample app as a Python app to build: it has a `requirements.txt`.
 pub fn built_bundle(name: &str, extra: &str) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     px_test_support::write_sample_app(dir.path(), name).unwrap();
     std::fs::write(dir.path().join("extra.txt"), extra).unwrap();
     std::fs::write(dir.path().join("requirements.txt"), "gunicorn==23.0.0\n").unwrap();
-    // The sample's app.toml ends in its [env] table.
-    let manifest = dir.path().join("app.toml");
-    let mut text = std::fs::read_to_string(&manifest).unwrap();
-    text.push_str(&format!("{BUILD_MARKER} = \"yes\"\n"));
-    std::fs::write(&manifest, text).unwrap();
     let mut out = Vec::new();
     px_bundle::pack_dir(dir.path(), &mut out).unwrap();
     out
