@@ -150,18 +150,10 @@ pub async fn receive_layer(
     Ok(spooled)
 }
 
-/// Checks a layer's entries as it streams in.
-///
-/// SEAM(inspect_layer): a layer is checked with `px_bundle::inspect_layer` (the bundle
-/// format's entry checker, without the manifest a bundle needs). Until it lands this only
-/// reads the layer to its end, so a layer is stored on its digest alone.
-fn inspect_layer(mut reader: ChunkReader, _limits: &Limits) -> Result<(), BundleError> {
-    std::io::copy(&mut reader, &mut std::io::sink())
-        .map(|_| ())
-        .map_err(|e| BundleError::Io {
-            context: "reading the layer".into(),
-            source: e,
-        })
+/// Checks a layer's entries as it streams in, with the bundle format's entry checker (no
+/// manifest: a layer is what a build produced).
+fn inspect_layer(reader: ChunkReader, limits: &Limits) -> Result<(), BundleError> {
+    px_bundle::inspect_layer(reader, limits).map(|_| ())
 }
 
 /// Spools `body` while `inspect` reads the same chunks on a blocking thread of its own.

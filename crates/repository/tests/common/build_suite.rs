@@ -547,7 +547,8 @@ pub async fn roles_keep_builders_and_deployers_apart(repo: &Repo) {
     assert_eq!(repo.releases("shop").await.len(), 1);
 }
 
-/// A layer whose bytes are not its digest, or over the limit, stores nothing.
+/// A layer whose bytes are not its digest, whose entries are hostile, or over the limit,
+/// stores nothing.
 pub async fn bad_layers_store_nothing(repo: &Repo) {
     let good = layer("server.py", "print('hi')");
     let wrong = "a".repeat(64);
@@ -572,6 +573,25 @@ pub async fn bad_layers_store_nothing(repo: &Repo) {
         .put_layer_at("not-a-digest", &good, &repo.build_token)
         .await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    // A layer is checked entry by entry, as bundles are: nothing may leave its directory, and
+    // what is no archive at all is refused.
+    let hostile = super::raw_bundle(&[super::Raw::File("../escape", b"x")]);
+    let r = repo.put_layer(&hostile, &repo.build_token).await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: ErrorBody = r.json().await.unwrap();
+    assert_eq!(body.code, "invalid_bundle");
+    assert!(body.message.contains("invalid layer"), "{}", body.message);
+    assert!(body.message.contains("../escape"), "{}", body.message);
+    let garbage = b"not a layer at all".to_vec();
+    let r = repo.put_layer(&garbage, &repo.build_token).await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    for bytes in [&hostile, &garbage] {
+        assert_eq!(
+            repo.head_layer(&sha256_hex(bytes)).await.status(),
+            StatusCode::NOT_FOUND
+        );
+    }
 
     // Over the limit (the tests' repositories allow 1 MiB): refused, nothing stored.
     let big: Vec<u8> = (0..2 * 1024 * 1024u32)
