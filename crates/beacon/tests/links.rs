@@ -29,10 +29,19 @@ struct Setup {
 }
 
 async fn setup(adjust: impl FnOnce(&mut px_beacon::config::Config)) -> Setup {
+    setup_with_hello("", adjust).await
+}
+
+/// A Beacon whose repository holds `hello` v1 with `manifest_extra` from the start, so no
+/// fetch can see another v1 first.
+async fn setup_with_hello(
+    manifest_extra: &str,
+    adjust: impl FnOnce(&mut px_beacon::config::Config),
+) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let tokens = Tokens::new();
     let (repo, url) = RepoStub::start(tokens.repo_read.clone()).await;
-    repo.release("hello", 1, "");
+    repo.release("hello", 1, manifest_extra);
     let pki = Arc::new(Pki::new(&["localhost"]).unwrap());
     let mut cfg = config(dir.path(), &pki, &tokens, &url);
     adjust(&mut cfg);
@@ -677,8 +686,10 @@ async fn rollback_orders(link: &mut common::Link, within: Duration) -> Vec<Rollb
 #[tokio::test]
 async fn an_error_budget_spent_orders_one_rollback_and_a_rollback_is_never_rolled_back() {
     let budget = "[deploy]\nwatch = \"2s\"\nmax_error_rate = \"5%\"";
-    let s = setup(|c| c.reconcile_interval = Duration::from_millis(200)).await;
-    s.repo.release("hello", 1, budget);
+    let s = setup_with_hello(budget, |c| {
+        c.reconcile_interval = Duration::from_millis(200)
+    })
+    .await;
     let repo_hello = repository_hello("apprepo", &s.tokens.repository);
     let (mut repo_link, _) =
         open_link(&s.beacon.control_addr, &s.beacon.pki.ca(), repo_hello).await;
