@@ -67,9 +67,11 @@ const RULES: &[Rule] = &[
         normal: SHARED,
         dev: &["px-test-support"],
     },
+    // Maestro also runs the builder on a node that builds (docs/src/design/builds.md); the
+    // builder is a library of the node, not a service, so this is no edge between services.
     Rule {
         krate: "px-maestro",
-        normal: SHARED,
+        normal: &["px-proto", "px-bundle", "px-runtime", "px-link", "px-build"],
         dev: &["px-test-support"],
     },
     // The builder turns an app's source into layers: the manifest and detection from proto,

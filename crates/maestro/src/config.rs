@@ -11,6 +11,10 @@
 //! handshake; open connections are not touched). Every other setting (listen addresses,
 //! directories, `certs_dir` itself, the Beacon link, timings) takes effect only after a
 //! restart; a reload that finds one changed logs it and says so in the status line.
+//!
+//! `[build]` ([`BuildConfig`]) says whether and how this node runs builds
+//! (docs/src/design/builds.md); a node builds only when it is enabled here *and* labelled
+//! `build = "true"`, which is what Beacon places builds by.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -99,6 +103,98 @@ pub struct Config {
     /// The Beacon to link to (`[beacon]`: `addr`, `server_name`, `ca_file`, `token_file`).
     /// Default: none (serve the persisted assignment only).
     pub beacon: Option<BeaconConfig>,
+    /// Builds on this node (`[build]`). Default: off.
+    pub build: BuildConfig,
+}
+
+/// Default for [`BuildConfig::runtimes_dir`]: software the operator installs, beside the
+/// platform's other read-only files rather than in its state.
+pub(crate) const DEFAULT_RUNTIMES_DIR: &str = "/opt/platformx/runtimes";
+/// Under `state_dir`: the builder's caches when [`BuildConfig::cache_dir`] is unset.
+pub(crate) const DEFAULT_CACHE_SUBDIR: &str = "build-cache";
+/// Under `state_dir`: the builder's own tools (the pinned uv) when [`BuildConfig::tools_dir`]
+/// is unset.
+pub(crate) const DEFAULT_TOOLS_SUBDIR: &str = "build-tools";
+
+/// `[build]`: whether this node runs builds, where the builder finds runtimes and keeps its
+/// caches, how it isolates the build's commands and what a build may use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BuildConfig {
+    /// Run the builds Beacon assigns to this node. Beacon sends builds only to nodes labelled
+    /// `build = "true"`; a node so labelled with builds off fails each build it is sent,
+    /// saying so. Default: false.
+    pub enabled: bool,
+    /// Runtimes the builder copies into releases, as `<runtimes_dir>/<name>/<version>/` with
+    /// `bin/python3` or `bin/node` (a missing directory holds none). Default:
+    /// `/opt/platformx/runtimes`.
+    pub runtimes_dir: PathBuf,
+    /// Also use the interpreters found on this machine (pyenv, asdf, nvm, `PATH`'s `python3`
+    /// and `node`): what `em up` does on a workstation. Default: false.
+    pub discover_host_runtimes: bool,
+    /// Where the builder installs its own tools (the pinned uv). Default:
+    /// `<state_dir>/build-tools`.
+    pub tools_dir: Option<PathBuf>,
+    /// The builder's caches (the installers' caches, dependency trees by key, runtime layers);
+    /// losing it only makes builds slower. Default: `<state_dir>/build-cache`.
+    pub cache_dir: Option<PathBuf>,
+    /// How build commands are isolated: `bubblewrap` (an unprivileged user, only the build's
+    /// own directories writable, nothing of the node's secrets visible) or `none` (only the
+    /// limits; Maestro warns at start). Default: `bubblewrap`.
+    pub sandbox: SandboxConfig,
+    /// Wall time of one build. Default: 15m (a cold install of a large app takes a few
+    /// minutes; a quarter of an hour means it is stuck).
+    #[serde(with = "humantime_serde")]
+    pub time_limit: Duration,
+    /// Memory of each build command. Default: 2GiB (webpack or a C extension's compiler needs
+    /// about a gigabyte; twice that leaves room without one build starving the node).
+    pub memory_limit: ByteSize,
+    /// What a build may add to its directory and its app's cache. Default: 4GiB (a large
+    /// `node_modules` is under a gigabyte).
+    pub disk_limit: ByteSize,
+    /// Processes and threads of a build at once. Default: 512 (npm and uv use a few dozen; a
+    /// fork bomb stops long before the node notices).
+    pub process_limit: u64,
+    /// Output of a build's commands. Default: 4MiB (four times the build log kept with a
+    /// build, so a verbose installer is never cut while endless output is stopped).
+    pub output_limit: ByteSize,
+    /// A CA bundle the installers trust besides the system's (an inspecting proxy, a private
+    /// registry), passed as `SSL_CERT_FILE`, `PIP_CERT`, `REQUESTS_CA_BUNDLE` and
+    /// `NODE_EXTRA_CA_CERTS`. Default: none.
+    pub ca_file: Option<PathBuf>,
+    /// The Python package index uv installs from (`https://...`). Default: none (PyPI).
+    pub python_index: Option<String>,
+    /// The npm registry (`https://...`). Default: none (npm's own default).
+    pub npm_registry: Option<String>,
+}
+
+/// `[build] sandbox`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxConfig {
+    Bubblewrap,
+    None,
+}
+
+impl Default for BuildConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            runtimes_dir: DEFAULT_RUNTIMES_DIR.into(),
+            discover_host_runtimes: false,
+            tools_dir: None,
+            cache_dir: None,
+            sandbox: SandboxConfig::Bubblewrap,
+            time_limit: px_build::DEFAULT_BUILD_TIME,
+            memory_limit: ByteSize(px_build::DEFAULT_BUILD_MEMORY_BYTES),
+            disk_limit: ByteSize(px_build::DEFAULT_BUILD_DISK_BYTES),
+            process_limit: px_build::DEFAULT_BUILD_PROCESSES,
+            output_limit: ByteSize(px_build::DEFAULT_BUILD_OUTPUT_BYTES),
+            ca_file: None,
+            python_index: None,
+            npm_registry: None,
+        }
+    }
 }
 
 /// `[beacon]`, the table every link client shares; on the link this node is `node_name`.
@@ -130,6 +226,7 @@ impl Default for Config {
             cgroup_limits: false,
             repository_token_file: None,
             beacon: None,
+            build: BuildConfig::default(),
         }
     }
 }

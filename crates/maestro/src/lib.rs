@@ -6,6 +6,7 @@
 //! local directory the same way, for `em dev`.
 
 mod app_events;
+mod builds;
 mod limits;
 pub mod local;
 mod logs;
@@ -38,7 +39,7 @@ pub mod internals {
         MAX_REQUESTS_IN_FLIGHT, MISSED_HEARTBEATS,
     };
     pub use crate::link::save_assignment;
-    pub use crate::process::{Launch, spawn, stop, wait_healthy};
+    pub use crate::process::{Launch, instance_path, spawn, stop, wait_healthy};
     pub use crate::proxy::drain::SSE_RETRY_MS;
     pub use crate::proxy::server::ACCEPT_BALANCE_SLACK;
     pub use crate::proxy::tls::CertStore;
@@ -120,6 +121,7 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
             .map_err(|e| problems.push(format!("beacon: {e}")))
             .ok()
     });
+    check_build(&config.build, &mut problems);
     let certs = match (&config.https_listen, &config.certs_dir) {
         (Some(_), Some(dir)) => proxy::CertStore::load(dir)
             .map_err(|e| problems.push(format!("certs_dir: {e}")))
@@ -138,6 +140,41 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
         })
     } else {
         Err(ConfigError { problems })
+    }
+}
+
+/// The `[build]` settings that can be wrong: checked only when builds are on.
+fn check_build(build: &config::BuildConfig, problems: &mut Vec<String>) {
+    if !build.enabled {
+        return;
+    }
+    if let Some(ca) = &build.ca_file
+        && let Err(e) = std::fs::File::open(ca)
+    {
+        problems.push(format!("build.ca_file {}: {e}", ca.display()));
+    }
+    for (key, url) in [
+        ("python_index", &build.python_index),
+        ("npm_registry", &build.npm_registry),
+    ] {
+        if let Some(url) = url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            problems.push(format!(
+                "build.{key} {url:?} must be an http:// or https:// URL"
+            ));
+        }
+    }
+    for (key, value) in [
+        ("time_limit", build.time_limit.as_secs()),
+        ("memory_limit", build.memory_limit.0),
+        ("disk_limit", build.disk_limit.0),
+        ("process_limit", build.process_limit),
+        ("output_limit", build.output_limit.0),
+    ] {
+        if value == 0 {
+            problems.push(format!("build.{key} must be more than 0"));
+        }
     }
 }
 
@@ -203,6 +240,7 @@ pub async fn run_with(
         "the app events endpoint",
         app_events.clone().serve(events_listener, apps_stop.clone()),
     );
+    let build_events = events_tx.clone();
     let supervisor = supervisor::Supervisor::new(
         supervisor::Settings {
             node_name: config.node_name.clone(),
@@ -212,7 +250,7 @@ pub async fn run_with(
             keep_releases: config.keep_releases,
             min_free_disk: config.min_free_disk.0,
             cgroup_limits: config.cgroup_limits,
-            repository_token: checked.repository_token,
+            repository_token: checked.repository_token.clone(),
         },
         routes.clone(),
         app_logs.clone(),
@@ -314,8 +352,33 @@ pub async fn run_with(
     if let Some(settings) = checked.link {
         let runtimes = runtimes::probe_host(&px_runtime::host::env().path).await;
         tracing::info!(?runtimes, "runtimes found on this host");
+        if config.build.enabled {
+            tracing::info!(sandbox = ?config.build.sandbox, runtimes_dir = %config.build.runtimes_dir.display(), "this node runs builds");
+            if config.build.sandbox == config::SandboxConfig::None {
+                tracing::warn!(
+                    "builds run without a sandbox ([build] sandbox = \"none\"): a build's commands can read what Maestro reads; use bubblewrap on a node that builds other people's apps"
+                );
+            }
+        }
+        let builds = builds::Builds::start(
+            builds::BuildSettings::from_config(
+                &config.build,
+                &config.node_name,
+                &config.state_dir,
+                checked.repository_token.clone(),
+            ),
+            {
+                let supervisor = supervisor.clone();
+                Arc::new(move |status| supervisor.report_build(status))
+            },
+            app_logs.clone(),
+            build_events,
+            &tracker,
+            shutdown.clone(),
+        );
         let client = link::Client {
             supervisor: supervisor.clone(),
+            builds,
             events,
             changes: supervisor.changes(),
             app_logs,
@@ -330,6 +393,7 @@ pub async fn run_with(
     } else {
         tracing::info!("no beacon configured; serving the persisted assignment only");
         drop(events);
+        drop(build_events);
     }
     tracing::info!(http = %http_addr, status = %status_addr, node = %config.node_name, "maestro ready");
     systemd.ready(

@@ -1,6 +1,7 @@
 //! Maestro on its control link to Beacon (connecting and reconnecting is `px_link`'s): says
-//! hello with the node's full actual state, applies assignments (persisting each first),
-//! heartbeats with the full state, forwards events and app logs. Web traffic never waits for
+//! hello with the node's full actual state, applies assignments (persisting each first) and
+//! hands their builds to the build runner, heartbeats with the full state, forwards events,
+//! app logs and build output. Web traffic never waits for
 //! any of this: the persisted assignment is served before the first connect.
 
 use std::collections::BTreeMap;
@@ -13,6 +14,7 @@ use px_proto::link::{Assignment, FromBeacon, Hello, LogBatch, LogLine, NodeEvent
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, watch};
 
+use crate::builds::Builds;
 use crate::logs::AppLogs;
 use crate::supervisor::Supervisor;
 
@@ -31,6 +33,8 @@ pub const ASSIGNMENT_FILE: &str = "assignment.json";
 /// What Maestro brings to its link: the node it describes and the queues it forwards.
 pub struct Client {
     pub supervisor: Arc<Supervisor>,
+    /// Runs the builds of each assignment.
+    pub(crate) builds: Arc<Builds>,
     /// Events from the supervisor and the apps, for Beacon.
     pub events: mpsc::Receiver<NodeEvent>,
     /// Bumped by the supervisor whenever the node's state changes.
@@ -64,7 +68,11 @@ pub fn save_assignment(state_dir: &Path, assignment: &Assignment) -> std::io::Re
 }
 
 /// Applies an assignment: persist first, so a crash right after still serves it on restart.
-fn apply(supervisor: &Supervisor, state_dir: &Path, assignment: &Assignment) {
+/// Its builds go to the build runner every time, even for a generation already applied: the
+/// persisted assignment served at start-up carries its apps but never starts builds, which
+/// wait for Beacon's word that they are still wanted.
+fn apply(supervisor: &Supervisor, builds: &Builds, state_dir: &Path, assignment: &Assignment) {
+    builds.apply(&assignment.builds);
     if assignment.generation == supervisor.generation() && supervisor.generation() != 0 {
         return;
     }
@@ -195,7 +203,7 @@ impl px_link::Client for Client {
                     None => return Ok(()),
                 },
                 frame = link.recv() => match frame? {
-                    FromBeacon::Assign(assignment) => apply(&self.supervisor, &self.state_dir, &assignment),
+                    FromBeacon::Assign(assignment) => apply(&self.supervisor, &self.builds, &self.state_dir, &assignment),
                     FromBeacon::Restart { app } => {
                         tracing::info!(%app, "restart requested by beacon");
                         self.supervisor.restart(&app);

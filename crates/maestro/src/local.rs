@@ -450,11 +450,13 @@ impl LocalApp {
             &registration.url,
             manifest.health.heartbeat_interval,
         ));
+        let path = process::instance_path(&self.dir);
         let launch = Launch {
             app: &app,
             release: generation,
             dir: &self.dir,
             run: manifest.run.as_deref(),
+            path: &path,
             env: &manifest.env,
             port,
             extra_env,

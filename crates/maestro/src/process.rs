@@ -23,10 +23,14 @@ pub(crate) const BUNDLE_BIN_DIR: &str = "bin";
 
 /// The `PATH` of a release's instances: the release's own `bin/`, then Maestro's `PATH`.
 pub fn instance_path(release_dir: &Path) -> std::ffi::OsString {
-    let host = &px_runtime::host::env().path;
+    instance_path_over(release_dir, &px_runtime::host::env().path)
+}
+
+/// The release's own `bin/`, then `host`.
+pub(crate) fn instance_path_over(release_dir: &Path, host: &std::ffi::OsStr) -> std::ffi::OsString {
     let mut dirs = vec![release_dir.join(BUNDLE_BIN_DIR)];
     dirs.extend(std::env::split_paths(host));
-    std::env::join_paths(dirs).unwrap_or_else(|_| host.clone())
+    std::env::join_paths(dirs).unwrap_or_else(|_| host.to_owned())
 }
 
 /// What to start.
@@ -35,6 +39,10 @@ pub struct Launch<'a> {
     pub release: u64,
     pub dir: &'a Path,
     pub run: Option<&'a str>,
+    /// The instance's `PATH`: [`instance_path`] for a release as it was uploaded; a built
+    /// release puts its build's directories first.
+    pub path: &'a std::ffi::OsStr,
+    /// The release's variables: `[env]`, what a build adds, config vars.
     pub env: &'a BTreeMap<String, String>,
     pub port: u16,
     /// Extra variables set by Maestro (e.g. the instance number).
@@ -60,7 +68,7 @@ pub fn spawn(launch: &Launch<'_>, prefix: &[String]) -> std::io::Result<Child> {
     command
         .current_dir(launch.dir)
         .env_clear()
-        .env("PATH", instance_path(launch.dir))
+        .env("PATH", launch.path)
         // Locale, time zone and `HOME` from Maestro's own environment; everything else an
         // instance sees comes from its release, so apps behave the same on every node.
         .envs(px_runtime::host::env().passed());

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use px_maestro::internals::{
     AccessLog, AppRoute, Backend, Launch, Proxy, ProxyMetrics, ProxySettings, RouteTable, Routes,
-    spawn, stop, wait_healthy,
+    instance_path, spawn, stop, wait_healthy,
 };
 use px_proto::manifest::AppManifest;
 use px_test_support::free_port;
@@ -79,12 +79,14 @@ struct Instance {
 impl Instance {
     async fn start(manifest: &AppManifest, dir: &Path) -> Self {
         let port = free_port();
+        let path = instance_path(dir);
         let mut child = spawn(
             &Launch {
                 app: &manifest.name,
                 release: RELEASE,
                 dir,
                 run: manifest.run.as_deref(),
+                path: &path,
                 env: &manifest.env,
                 port,
                 extra_env: Vec::new(),

@@ -149,6 +149,9 @@ pub enum BuildProgress {
     Running,
     Succeeded,
     Failed,
+    /// It never becomes a release from this node: the repository had another result for it
+    /// (a newer upload superseded it), or it left the node's assignment before it finished.
+    Superseded,
 }
 
 /// One build a node runs or ran (the latest per app), reported with its state.

@@ -1,6 +1,7 @@
 //! The apps' logs: `AppLogs::attach` reads an instance's pipes line by line into the app's
 //! in-memory tail, to live followers and to `log_dir/<app>/{stdout,stderr,events}.log`, one
-//! writer task per file.
+//! writer task per file; `AppLogs::record_build` takes a build's output to followers and
+//! `log_dir/<app>/build.log`.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -35,6 +36,8 @@ pub const STDOUT_FILE: &str = "stdout.log";
 pub const STDERR_FILE: &str = "stderr.log";
 /// Events the app posted to `PX_EVENTS_URL`.
 pub const EVENTS_FILE: &str = "events.log";
+/// The output of the app's builds on this node.
+pub const BUILD_FILE: &str = "build.log";
 
 /// All app logs of one Maestro. Share it with `Arc`; every method takes `&self`.
 pub struct AppLogs {
@@ -58,6 +61,7 @@ struct Files {
     stdout: mpsc::Sender<Write>,
     stderr: mpsc::Sender<Write>,
     events: mpsc::Sender<Write>,
+    build: mpsc::Sender<Write>,
 }
 
 /// What a reader sends to a file's writer task.
@@ -142,9 +146,10 @@ impl AppLogs {
             stream,
             state: state.clone(),
             file: state.files.as_ref().map(|files| match stream {
-                Stream::Stdout | Stream::Build => files.stdout.clone(),
+                Stream::Stdout => files.stdout.clone(),
                 Stream::Stderr => files.stderr.clone(),
                 Stream::Event => files.events.clone(),
+                Stream::Build => files.build.clone(),
             }),
             follow: self.follow.clone(),
         };
@@ -183,6 +188,35 @@ impl AppLogs {
             let _ = self.follow.send(line.clone());
         }
         state.tail().push(line);
+    }
+
+    /// Logs one line of build `build`'s output: to `build.log` and to followers (so the Beacon
+    /// link forwards it, batched and bounded like an app's output), not to the app's tail,
+    /// which keeps its instances' lines for a failed deploy. Never waits: the builder calls it
+    /// from its output loop, and when the file's queue is full the line is counted as dropped
+    /// (the builder keeps the log's tail itself). Must be called inside a Tokio runtime.
+    pub(crate) fn record_build(&self, app: &str, build: u64, text: &str) {
+        let state = self.app_state(app);
+        let at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let mut text = text.replace(['\n', '\r'], " ");
+        cut_line(&mut text);
+        if let Some(files) = &state.files {
+            let file_line = format!("{at} build {build} {text}");
+            if files.build.try_send(Write::Line(file_line)).is_err() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if self.follow.receiver_count() > 0 {
+            let _ = self.follow.send(LogLine {
+                app: app.to_string(),
+                release: 0,
+                instance: 0,
+                stream: Stream::Build,
+                at,
+                line: text,
+                build: Some(build),
+            });
+        }
     }
 
     /// The last `n` lines (at most `TAIL_LINES`) of an app, oldest first, both streams
@@ -277,6 +311,7 @@ impl AppLogs {
                     stdout: self.spawn_writer(dir.join(STDOUT_FILE)),
                     stderr: self.spawn_writer(dir.join(STDERR_FILE)),
                     events: self.spawn_writer(dir.join(EVENTS_FILE)),
+                    build: self.spawn_writer(dir.join(BUILD_FILE)),
                 })
             }
             Err(e) => {

@@ -37,18 +37,27 @@ pub(crate) enum DeployError {
     /// The repository could not be reached, or the transfer broke off.
     #[error("downloading {url}: {source}")]
     Download { url: String, source: reqwest::Error },
-    /// The repository answered, but not with the bundle.
+    /// The repository answered, but not with the bundle or layer.
     #[error("downloading {url}: {status}")]
     DownloadRefused {
         url: String,
         status: reqwest::StatusCode,
     },
-    /// The bundle is larger than Maestro downloads.
-    #[error("bundle larger than {limit} bytes")]
-    TooLarge { limit: u64 },
-    /// The bytes downloaded are not the bundle Beacon assigned.
-    #[error("bundle digest mismatch: expected {expected}, got {actual}")]
-    DigestMismatch { expected: String, actual: String },
+    /// The bundle or layer (`what`) is larger than Maestro downloads, or than it was said to be.
+    #[error("{what} larger than {limit} bytes")]
+    TooLarge { what: String, limit: u64 },
+    /// The bytes downloaded are not the bundle or layer (`what`) Beacon assigned.
+    #[error("{what} digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    /// What the build of a release says its instances need cannot be used on this node (a
+    /// layer digest that is no digest, a `PATH` entry leaving the release, a variable the
+    /// platform sets itself).
+    #[error("the release's build output is unusable: {0}")]
+    BadBuild(String),
     /// The bundle could not be unpacked (a bad bundle, or the disk).
     #[error("unpacking: {0}")]
     Unpack(#[source] px_bundle::BundleError),
@@ -100,6 +109,7 @@ impl DeployError {
             | Self::DownloadRefused { .. }
             | Self::TooLarge { .. }
             | Self::DigestMismatch { .. }
+            | Self::BadBuild(_)
             | Self::Unpack(_)
             | Self::ReadDownload(_)
             | Self::UnpackTask(_)
@@ -198,15 +208,31 @@ mod tests {
                 "downloading http://repo/v1/bundles/ab: 401 Unauthorized",
             ),
             (
-                DeployError::TooLarge { limit: 1024 },
+                DeployError::TooLarge {
+                    what: "bundle".into(),
+                    limit: 1024,
+                },
                 "bundle larger than 1024 bytes",
             ),
             (
                 DeployError::DigestMismatch {
+                    what: "bundle".into(),
                     expected: "aa".into(),
                     actual: "bb".into(),
                 },
                 "bundle digest mismatch: expected aa, got bb",
+            ),
+            (
+                DeployError::DigestMismatch {
+                    what: "dependencies layer".into(),
+                    expected: "aa".into(),
+                    actual: "bb".into(),
+                },
+                "dependencies layer digest mismatch: expected aa, got bb",
+            ),
+            (
+                DeployError::BadBuild("PATH entry \"../bin\" leaves the release".into()),
+                "the release's build output is unusable: PATH entry \"../bin\" leaves the release",
             ),
             (
                 DeployError::Unpack(px_bundle::BundleError::MissingManifest),

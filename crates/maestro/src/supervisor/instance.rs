@@ -76,12 +76,14 @@ pub(super) async fn start(
     let port = shared.take_port().ok_or(DeployError::NoFreePort)?;
     let registration = shared.app_events.register(app, target.release, number);
     let heartbeat = target.manifest.health.heartbeat_interval;
+    let path = release.instance_path();
     let launch = Launch {
         app,
         release: target.release,
         dir: &release.dir,
         run: target.manifest.run.as_deref(),
-        env: &target.env,
+        path: &path,
+        env: &release.env,
         port,
         extra_env: instance_env(number, &registration.url, heartbeat),
     };

@@ -7,12 +7,14 @@
 //! restart or stop an app, wait for the first deploys); the node report and disk metrics are
 //! in `report.rs`. Behind it: `app_task.rs` (one app's deploy state machine), `instance.rs`
 //! (start, watch, exit and restart of one instance; drain and stop), `rollout_watch.rs` (the
-//! figures of a release switch), `store.rs` (releases on disk), `error.rs` (`DeployError`
+//! figures of a release switch), `store.rs` (releases on disk), `layers.rs` (the layers
+//! built releases are assembled from), `error.rs` (`DeployError`
 //! and the deploy-failed event), `shared.rs` (the port pool and the state the tasks share).
 
 mod app_task;
 mod error;
 mod instance;
+mod layers;
 mod report;
 mod rollout_watch;
 mod shared;
@@ -34,6 +36,8 @@ pub(crate) use app_task::FAILED_STDERR_LINES;
 pub(crate) use instance::{
     Exit, Waiter, Watch, drain, instance_env, spawn_waiter, wait_healthy_or_stop,
 };
+
+pub(crate) use store::{Fetch, MAX_BUNDLE_BYTES, fetch};
 
 use self::app_task::AppTask;
 use self::shared::Shared;

@@ -1,6 +1,7 @@
 //! What the supervisor tells the outside: the node report Beacon receives (instances,
-//! rollout figures, disk) and the disk lines of `/metrics`.
+//! rollout figures, builds, disk) and the disk lines of `/metrics`.
 
+use px_proto::build::BuildStatus;
 use px_proto::link::{DiskReport, NodeReport};
 
 use super::Supervisor;
@@ -47,13 +48,21 @@ impl Supervisor {
             .values()
             .map(|w| w.figures.clone())
             .collect();
+        let builds = self
+            .shared
+            .builds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
         let store = &self.shared.store;
-        let used_bytes = store.kept_bytes().values().sum();
+        let used_bytes = store.used_bytes();
         NodeReport {
             generation: self.generation(),
             instances,
             rollouts,
-            builds: Vec::new(),
+            builds,
             disk: Some(DiskReport {
                 used_bytes,
                 objects: None,
@@ -61,5 +70,16 @@ impl Supervisor {
                 floor_bytes: Some(store.floor_bytes()),
             }),
         }
+    }
+
+    /// Records where an app's latest build on this node stands (the build runner's), for the
+    /// next report, and asks the link to send it.
+    pub(crate) fn report_build(&self, status: BuildStatus) {
+        self.shared
+            .builds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(status.app.clone(), status);
+        self.shared.changes.send_modify(|n| *n += 1);
     }
 }

@@ -1,10 +1,11 @@
 //! What the supervisor's per-app tasks share: the port pool, the routes being served, the
-//! instance statuses and rollout figures the node report is made of, the process-group file,
+//! instance statuses, rollout figures and builds the node report is made of, the process-group file,
 //! the release store, and the queue of events for Beacon.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
+use px_proto::build::BuildStatus;
 use px_proto::link::{FailureKind, InstanceStatus, NodeEvent, NodeEventKind};
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
@@ -88,6 +89,8 @@ pub(super) struct Shared {
     pub(super) tried: Mutex<BTreeSet<String>>,
     /// app → the figures of its latest release switch, reported to Beacon.
     pub(super) rollouts: Mutex<BTreeMap<String, WatchedRollout>>,
+    /// app → its latest build on this node, reported to Beacon.
+    pub(super) builds: Mutex<BTreeMap<String, BuildStatus>>,
     /// How instances get their `[limits]`.
     pub(super) limits: Enforcer,
     /// Bumped whenever an instance changes, so the link reports at once.
@@ -129,6 +132,7 @@ impl Shared {
             generation: Mutex::new(0),
             tried: Mutex::new(BTreeSet::new()),
             rollouts: Mutex::new(BTreeMap::new()),
+            builds: Mutex::new(BTreeMap::new()),
             changes: watch::channel(0).0,
         }
     }

@@ -1,29 +1,34 @@
-//! The release store: everything about releases on this node's disk. A release lives
-//! unpacked in `state_dir/apps/<app>/releases/<n>/`; `prepare` puts it there (disk-floor
-//! check, download with a size limit and SHA-256 check, `px_bundle::unpack`), `prune` keeps
-//! the newest `keep_releases` and measures what they weigh for the disk report.
+//! The release store: everything about releases on this node's disk. A release lives in
+//! `state_dir/apps/<app>/releases/<n>/`; `prepare` puts it there, `prune` keeps the newest
+//! `keep_releases` and measures what they weigh for the disk report.
 //!
-//! The deploy task sees only [`ReleaseStore::prepare`] and the [`PreparedRelease`] it returns,
-//! so a release made of several content-addressed parts can later be assembled here without
-//! the deploy task changing.
+//! A release as it was uploaded is downloaded (size limit, SHA-256 check) and unpacked with
+//! `px_bundle::unpack`. A built release is assembled from its layers (`layers.rs`): only the
+//! layers this node lacks are downloaded, and the release directory is hard links into them.
+//! Either way the disk-floor check counts only what is downloaded and unpacked, and the deploy
+//! task sees only [`ReleaseStore::prepare`] and the [`PreparedRelease`] it returns: where the
+//! release is, the `PATH` and the variables its instances get.
 
-use std::collections::BTreeMap;
-use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 
+use px_proto::build::{AssignedBuild, RELEASE_DIR_PLACEHOLDER};
 use px_proto::link::AppAssignment;
 use px_proto::size::ByteSize;
 use sha2::{Digest, Sha256};
 
 use super::Settings;
 use super::error::DeployError;
+use super::layers::{self, Layers};
 use crate::process;
 
 /// Largest bundle downloaded; apprepo's own limit is lower.
 pub const MAX_BUNDLE_BYTES: u64 = 8 * 1024 * 1024 * 1024;
 
-/// Unpacked releases on this node's disk, and the bundles they come from.
+/// Releases on this node's disk, and the bundles and layers they come from.
 pub(crate) struct ReleaseStore {
     state_dir: PathBuf,
     /// Unpacked releases kept per app, the serving one included.
@@ -34,23 +39,128 @@ pub(crate) struct ReleaseStore {
     max_bundle_bytes: u64,
     http: reqwest::Client,
     repository_token: Option<String>,
-    /// Bytes of each app's kept releases, measured after its last prune.
-    kept_bytes: Mutex<BTreeMap<String, u64>>,
+    layers: Layers,
+    /// What each app's kept releases weigh, measured after its last prune.
+    kept: Mutex<BTreeMap<String, Weight>>,
+    /// Bytes of the unpacked layers, measured after the last collection.
+    layer_bytes: Mutex<u64>,
+}
+
+/// What a tree of files weighs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Weight {
+    /// Bytes of its files, each inode once.
+    pub(super) weight: u64,
+    /// Bytes of the files no other path links to: what removing the tree would free.
+    pub(super) own: u64,
 }
 
 /// A release ready to run: what its instances are started from.
 #[derive(Debug, Clone)]
 pub(crate) struct PreparedRelease {
-    /// The unpacked bundle: the instances' working directory.
+    /// The release's files: the instances' working directory.
     pub(crate) dir: PathBuf,
+    /// Directories of a built release put first on `PATH`, inside `dir`.
+    path_first: Vec<PathBuf>,
+    /// The instances' variables: the manifest's `[env]`, overridden by what the build adds,
+    /// overridden by config vars.
+    pub(crate) env: BTreeMap<String, String>,
 }
 
 impl PreparedRelease {
-    /// The `PATH` the release's instances get (its own `bin/` first), against which its
-    /// `runtime` and `requires` are checked.
-    pub(crate) fn instance_path(&self) -> OsString {
-        process::instance_path(&self.dir)
+    /// Where `target` lives in `dir` and what its instances get, refusing a build output that
+    /// reaches outside the release or sets what the platform sets.
+    fn plan(dir: PathBuf, target: &AppAssignment) -> Result<Self, DeployError> {
+        let Some(build) = &target.build else {
+            return Ok(Self {
+                dir,
+                path_first: Vec::new(),
+                env: target.env.clone(),
+            });
+        };
+        check_build(build)?;
+        let path_first = build.path.iter().map(|entry| dir.join(entry)).collect();
+        let release = dir.display().to_string();
+        let mut env = target.env.clone();
+        for (key, value) in &build.env {
+            // `target.env` is the manifest's `[env]` with the config vars laid over it: a key it
+            // holds with another value than the manifest's, or that the manifest lacks, is a
+            // config var, which wins over the build.
+            let from_config = match (target.env.get(key), target.manifest.env.get(key)) {
+                (Some(current), Some(manifest)) => current != manifest,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if !from_config {
+                env.insert(
+                    key.clone(),
+                    value.replace(RELEASE_DIR_PLACEHOLDER, &release),
+                );
+            }
+        }
+        Ok(Self {
+            dir,
+            path_first,
+            env,
+        })
     }
+
+    /// The `PATH` the release's instances get, against which its `runtime` and `requires`
+    /// are checked: a built release's own directories, its `bin/`, then Maestro's `PATH`.
+    pub(crate) fn instance_path(&self) -> OsString {
+        self.path_over(&px_runtime::host::env().path)
+    }
+
+    /// [`instance_path`](Self::instance_path) over `host` instead of Maestro's own `PATH`.
+    pub(crate) fn path_over(&self, host: &OsStr) -> OsString {
+        let release = process::instance_path_over(&self.dir, host);
+        if self.path_first.is_empty() {
+            return release;
+        }
+        let dirs = self
+            .path_first
+            .iter()
+            .cloned()
+            .chain(std::env::split_paths(&release));
+        std::env::join_paths(dirs).unwrap_or(release)
+    }
+}
+
+/// Checks what a build says a release needs: layer digests that can name directories, `PATH`
+/// entries inside the release, variables an instance may be given.
+fn check_build(build: &AssignedBuild) -> Result<(), DeployError> {
+    let bad = |m: String| Err(DeployError::BadBuild(m));
+    if build.layers.is_empty() {
+        return bad("it has no layers".into());
+    }
+    for layer in &build.layers {
+        if let Err(m) = px_proto::names::check_sha256_hex(&layer.sha256) {
+            return bad(format!("layer digest: {m}"));
+        }
+    }
+    for entry in &build.path {
+        let relative = Path::new(entry);
+        let inside = !entry.is_empty()
+            && !entry.contains(':')
+            && relative
+                .components()
+                .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+        if !inside {
+            return bad(format!("PATH entry {entry:?} leaves the release"));
+        }
+    }
+    for (key, value) in &build.env {
+        if key == "PATH" {
+            return bad("it sets PATH, which is made from its path entries".into());
+        }
+        if let Err(m) = px_proto::names::check_config_key(key) {
+            return bad(format!("variable {m}"));
+        }
+        if value.contains('\0') {
+            return bad(format!("variable {key} holds a NUL character"));
+        }
+    }
+    Ok(())
 }
 
 impl ReleaseStore {
@@ -63,25 +173,28 @@ impl ReleaseStore {
             max_bundle_bytes: MAX_BUNDLE_BYTES,
             http,
             repository_token: settings.repository_token.clone(),
-            kept_bytes: Mutex::new(BTreeMap::new()),
+            layers: Layers::new(&settings.state_dir),
+            kept: Mutex::new(BTreeMap::new()),
+            layer_bytes: Mutex::new(0),
         }
     }
 
-    /// `state_dir/apps/<app>/releases`: one directory per unpacked release, by number.
+    /// `state_dir/apps/<app>/releases`: one directory per release, by number.
     fn releases_dir(&self, app: &str) -> PathBuf {
         self.state_dir.join("apps").join(app).join("releases")
     }
 
-    /// Makes sure the release is on disk (download, verify, unpack, once per release) and says
-    /// where. On failure nothing of the release is left behind.
+    /// Makes sure the release is on disk (once per release) and says where and how its
+    /// instances run. On failure nothing of the release is left behind.
     pub(crate) async fn prepare(
         &self,
         target: &AppAssignment,
     ) -> Result<PreparedRelease, DeployError> {
         let releases = self.releases_dir(&target.app);
         let dir = releases.join(target.release.to_string());
+        let prepared = PreparedRelease::plan(dir.clone(), target)?;
         if dir.is_dir() {
-            return Ok(PreparedRelease { dir });
+            return Ok(prepared);
         }
         tokio::fs::create_dir_all(&releases)
             .await
@@ -90,104 +203,135 @@ impl ReleaseStore {
                 path: releases.clone(),
                 source,
             })?;
-        // The bundle is downloaded, then unpacked beside it (at least as large again).
-        let needed = target.bundle_size.saturating_mul(2);
-        if let Some(free) = free_disk(&releases)
-            && free.saturating_sub(needed) < self.min_free_disk
-        {
-            return Err(DeployError::NotEnoughDisk {
-                free: ByteSize(free),
-                dir: releases,
-                needed: ByteSize(needed),
-                floor: ByteSize(self.min_free_disk),
-            });
+        match &target.build {
+            Some(build) => self.assemble(build, &releases, &dir).await?,
+            None => self.unpack_bundle(target, &releases, &dir).await?,
         }
+        Ok(prepared)
+    }
+
+    /// A release as it was uploaded: its bundle downloaded, then unpacked beside it.
+    async fn unpack_bundle(
+        &self,
+        target: &AppAssignment,
+        releases: &Path,
+        dir: &Path,
+    ) -> Result<(), DeployError> {
+        // The bundle is downloaded, then unpacked beside it (at least as large again).
+        self.check_floor(releases, target.bundle_size.saturating_mul(2))?;
         let download = releases.join(format!(".download-{}", target.release));
-        let unpacked = match self.download(target, &download).await {
-            Ok(()) => unpack(download.clone(), dir.clone()).await,
+        let fetched = fetch(
+            &self.http,
+            self.repository_token.as_deref(),
+            &Fetch {
+                url: &target.bundle_url,
+                sha256: &target.bundle_sha256,
+                what: "bundle",
+                limit: self.max_bundle_bytes,
+            },
+            &download,
+        )
+        .await;
+        let unpacked = match fetched {
+            Ok(()) => unpack(download.clone(), dir.to_path_buf()).await,
             Err(e) => Err(e),
         };
         // The bundle is not kept: the unpacked release is what later starts use.
         let _ = tokio::fs::remove_file(&download).await;
-        unpacked.map(|()| PreparedRelease { dir })
+        unpacked
     }
 
-    /// Streams the bundle to `path`, checking its size as it arrives and its SHA-256 at the end.
-    async fn download(&self, target: &AppAssignment, path: &Path) -> Result<(), DeployError> {
-        use futures_util::StreamExt;
-        use tokio::io::AsyncWriteExt;
-        let url = &target.bundle_url;
-        let failed = |source| DeployError::Download {
-            url: url.clone(),
-            source,
-        };
-        let file_error = |doing, source| DeployError::Storage {
-            doing,
-            path: path.to_path_buf(),
-            source,
-        };
-        let mut request = self.http.get(url);
-        if let Some(token) = &self.repository_token {
-            request = request.bearer_auth(token);
-        }
-        let response = request.send().await.map_err(failed)?;
-        if !response.status().is_success() {
-            return Err(DeployError::DownloadRefused {
-                url: url.clone(),
-                status: response.status(),
-            });
-        }
-        let mut file = tokio::fs::File::create(path)
-            .await
-            .map_err(|e| file_error("creating", e))?;
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        let mut body = response.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(failed)?;
-            size += chunk.len() as u64;
-            if size > self.max_bundle_bytes {
-                return Err(DeployError::TooLarge {
-                    limit: self.max_bundle_bytes,
-                });
+    /// A built release: the layers this node lacks downloaded and unpacked, then the release
+    /// assembled from all of them.
+    async fn assemble(
+        &self,
+        build: &AssignedBuild,
+        releases: &Path,
+        dir: &Path,
+    ) -> Result<(), DeployError> {
+        let _assembling = self.layers.assembling().await;
+        let mut missing: Vec<&px_proto::build::AssignedLayer> = Vec::new();
+        for layer in &build.layers {
+            if !self.layers.has(&layer.sha256) && !missing.iter().any(|m| m.sha256 == layer.sha256)
+            {
+                missing.push(layer);
             }
-            hasher.update(&chunk);
-            file.write_all(&chunk)
-                .await
-                .map_err(|e| file_error("writing", e))?;
         }
-        file.sync_all()
+        // Each missing layer is downloaded, then unpacked (at least as large again); layers
+        // already here cost nothing more, as the release only links to them.
+        let needed = missing
+            .iter()
+            .map(|l| l.size.saturating_mul(2))
+            .fold(0u64, u64::saturating_add);
+        self.check_floor(releases, needed)?;
+        for layer in missing {
+            self.layers
+                .fetch(layer, &self.http, self.repository_token.as_deref())
+                .await?;
+        }
+        let sources: Vec<PathBuf> = build
+            .layers
+            .iter()
+            .map(|l| self.layers.path(&l.sha256))
+            .collect();
+        let digests: Vec<String> = build.layers.iter().map(|l| l.sha256.clone()).collect();
+        let dest = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || layers::assemble(&sources, &digests, &dest))
             .await
-            .map_err(|e| file_error("syncing", e))?;
-        let digest = hex::encode(hasher.finalize());
-        if digest != target.bundle_sha256 {
-            return Err(DeployError::DigestMismatch {
-                expected: target.bundle_sha256.clone(),
-                actual: digest,
+            .map_err(DeployError::UnpackTask)?
+            .map_err(|source| DeployError::Storage {
+                doing: "assembling",
+                path: dir.to_path_buf(),
+                source,
+            })
+    }
+
+    /// Refuses a release that would take the disk of `dir` under `min_free_disk` once `needed`
+    /// more bytes are written.
+    fn check_floor(&self, dir: &Path, needed: u64) -> Result<(), DeployError> {
+        if let Some(free) = free_disk(dir)
+            && free.saturating_sub(needed) < self.min_free_disk
+        {
+            return Err(DeployError::NotEnoughDisk {
+                free: ByteSize(free),
+                dir: dir.to_path_buf(),
+                needed: ByteSize(needed),
+                floor: ByteSize(self.min_free_disk),
             });
         }
         Ok(())
     }
 
-    /// Keeps the newest `keep_releases` unpacked releases of `app` (and always `serving`),
-    /// removes the others, and records what the kept ones weigh.
+    /// Keeps the newest `keep_releases` releases of `app` (and always `serving`), removes the
+    /// others (and what an interrupted download or unpack left), records what the kept ones
+    /// weigh, then removes the layers no kept release of any app uses.
     pub(crate) async fn prune(&self, app: &str, serving: u64) {
         let releases = self.releases_dir(app);
         let keep = self.keep_releases;
         let owner = app.to_string();
         let measured = tokio::task::spawn_blocking(move || {
-            let mut numbers: Vec<u64> = std::fs::read_dir(&releases)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect();
+            let mut numbers = Vec::new();
+            for entry in std::fs::read_dir(&releases).into_iter().flatten().flatten() {
+                let name = entry.file_name();
+                match name.to_str().and_then(|n| n.parse::<u64>().ok()) {
+                    Some(number) => numbers.push(number),
+                    // This app's task is the only one preparing its releases, and it is here:
+                    // anything else is what a killed Maestro left half-made.
+                    None => {
+                        let path = entry.path();
+                        let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+                    }
+                }
+            }
             numbers.sort_unstable_by(|a, b| b.cmp(a));
-            let mut kept = 0u64;
+            let mut kept = Weight::default();
+            let mut seen = HashSet::new();
             for (rank, number) in numbers.iter().enumerate() {
                 let dir = releases.join(number.to_string());
                 if rank < keep || *number == serving {
-                    kept += dir_bytes(&dir);
+                    let weight = dir_bytes(&dir, &mut seen);
+                    kept.weight += weight.weight;
+                    kept.own += weight.own;
                 } else if let Err(e) = std::fs::remove_dir_all(&dir) {
                     tracing::warn!(app = %owner, release = number, error = %e, "removing an old release failed");
                 } else {
@@ -198,18 +342,37 @@ impl ReleaseStore {
         })
         .await
         .unwrap_or_default();
-        self.kept_bytes
+        self.kept
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(app.to_string(), measured);
+        if let Some(bytes) = self.layers.collect(self.state_dir.join("apps")).await {
+            *self.layer_bytes.lock().unwrap_or_else(|p| p.into_inner()) = bytes;
+        }
     }
 
-    /// Bytes of each app's kept releases, as of its last switch.
+    /// Bytes of each app's kept releases (files shared between them counted once), as of its
+    /// last switch.
     pub(crate) fn kept_bytes(&self) -> BTreeMap<String, u64> {
-        self.kept_bytes
+        self.kept
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .iter()
+            .map(|(app, w)| (app.clone(), w.weight))
+            .collect()
+    }
+
+    /// Bytes this node's releases take on disk: what only releases hold, plus every layer
+    /// once, however many releases link to it.
+    pub(crate) fn used_bytes(&self) -> u64 {
+        let own: u64 = self
+            .kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|w| w.own)
+            .sum();
+        own + *self.layer_bytes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Free bytes on the disk of `state_dir`, when the file system says.
@@ -221,6 +384,80 @@ impl ReleaseStore {
     pub(crate) fn floor_bytes(&self) -> u64 {
         self.min_free_disk
     }
+}
+
+/// One download: where from, what it must hash to, what it is (for messages), and the most
+/// bytes taken before it is abandoned.
+pub(crate) struct Fetch<'a> {
+    pub(crate) url: &'a str,
+    pub(crate) sha256: &'a str,
+    pub(crate) what: &'a str,
+    pub(crate) limit: u64,
+}
+
+/// Streams `what` to `path` (with the repository token, if any), checking its size as it
+/// arrives and its SHA-256 at the end. On failure the caller removes `path`.
+pub(crate) async fn fetch(
+    http: &reqwest::Client,
+    token: Option<&str>,
+    what: &Fetch<'_>,
+    path: &Path,
+) -> Result<(), DeployError> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let url = what.url;
+    let failed = |source| DeployError::Download {
+        url: url.to_string(),
+        source,
+    };
+    let file_error = |doing, source| DeployError::Storage {
+        doing,
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut request = http.get(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.map_err(failed)?;
+    if !response.status().is_success() {
+        return Err(DeployError::DownloadRefused {
+            url: url.to_string(),
+            status: response.status(),
+        });
+    }
+    let mut file = tokio::fs::File::create(path)
+        .await
+        .map_err(|e| file_error("creating", e))?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(failed)?;
+        size += chunk.len() as u64;
+        if size > what.limit {
+            return Err(DeployError::TooLarge {
+                what: what.what.to_string(),
+                limit: what.limit,
+            });
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| file_error("writing", e))?;
+    }
+    file.sync_all()
+        .await
+        .map_err(|e| file_error("syncing", e))?;
+    let digest = hex::encode(hasher.finalize());
+    if digest != what.sha256 {
+        return Err(DeployError::DigestMismatch {
+            what: what.what.to_string(),
+            expected: what.sha256.to_string(),
+            actual: digest,
+        });
+    }
+    Ok(())
 }
 
 /// Unpacks the bundle at `bundle` into `dir` on a blocking thread; `px_bundle::unpack` leaves
@@ -250,19 +487,30 @@ fn free_disk(path: &Path) -> Option<u64> {
     )
 }
 
-/// Bytes of the regular files under `dir` (symlinks not followed).
-fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|entry| match entry.file_type() {
-            Ok(t) if t.is_dir() => dir_bytes(&entry.path()),
-            Ok(t) if t.is_file() => entry.metadata().map_or(0, |m| m.len()),
-            _ => 0,
-        })
-        .sum()
+/// What the regular files under `dir` weigh (symlinks not followed; iterative, so a deep tree
+/// cannot exhaust the stack). A file with several links counts once in `weight` across every
+/// call sharing `seen`, and never in `own`.
+pub(super) fn dir_bytes(dir: &Path, seen: &mut HashSet<(u64, u64)>) -> Weight {
+    let mut total = Weight::default();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => pending.push(entry.path()),
+                Ok(t) if t.is_file() => {
+                    let Ok(meta) = entry.metadata() else { continue };
+                    if meta.nlink() == 1 {
+                        total.weight += meta.len();
+                        total.own += meta.len();
+                    } else if seen.insert((meta.dev(), meta.ino())) {
+                        total.weight += meta.len();
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    total
 }
 
 #[cfg(test)]
@@ -279,12 +527,14 @@ mod tests {
 
     const TOKEN: &str = "bundle-reader";
 
-    /// Bundles by digest behind a bearer token, like apprepo's `/v1/bundles/{sha256}`, counting
-    /// the downloads it serves.
+    /// Bundles and layers by digest behind a bearer token, like apprepo's
+    /// `/v1/bundles/{sha256}` and `/v1/layers/{sha256}`, counting the downloads it serves, in
+    /// all and per digest.
     #[derive(Clone, Default)]
     struct Served {
         bundles: Arc<Mutex<HashMap<String, Vec<u8>>>>,
         downloads: Arc<AtomicUsize>,
+        by_digest: Arc<Mutex<HashMap<String, usize>>>,
     }
 
     struct Repository {
@@ -305,6 +555,7 @@ mod tests {
         let bytes = served.bundles.lock().unwrap().get(&sha).cloned();
         let bytes = bytes.ok_or(StatusCode::NOT_FOUND)?;
         served.downloads.fetch_add(1, Ordering::SeqCst);
+        *served.by_digest.lock().unwrap().entry(sha).or_default() += 1;
         Ok(bytes)
     }
 
@@ -313,6 +564,7 @@ mod tests {
             let served = Served::default();
             let app = axum::Router::new()
                 .route("/v1/bundles/{sha}", axum::routing::get(bundle))
+                .route("/v1/layers/{sha}", axum::routing::get(bundle))
                 .with_state(served.clone());
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let url = format!("http://{}", listener.local_addr().unwrap());
@@ -538,5 +790,428 @@ mod tests {
         assert_eq!(entries(state.path(), "blog"), ["7"]);
         store.prune("blog", 7).await;
         assert_eq!(store.kept_bytes().get("blog"), Some(&other_bytes));
+    }
+
+    // Built releases: layers.
+
+    use std::os::unix::fs::PermissionsExt;
+
+    use px_proto::build::{AssignedLayer, LayerKind};
+
+    /// A file of a layer: its path and content, or a symlink's target with `->` in front.
+    type Entry<'a> = (&'a str, &'a str);
+
+    impl Repository {
+        /// Packs `entries` as a layer of `kind`, serves it, and returns it as assigned with the
+        /// bytes of its files.
+        fn layer(&self, kind: LayerKind, entries: &[Entry<'_>]) -> (AssignedLayer, u64) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut bytes_of_files = 0;
+            for (path, content) in entries {
+                let path = dir.path().join(path);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                match content.strip_prefix("->") {
+                    Some(target) => std::os::unix::fs::symlink(target, &path).unwrap(),
+                    None => {
+                        std::fs::write(&path, content).unwrap();
+                        if content.starts_with("#!") {
+                            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+                                .unwrap();
+                        }
+                        bytes_of_files += content.len() as u64;
+                    }
+                }
+            }
+            let mut bytes = Vec::new();
+            let summary = px_bundle::pack_layer(dir.path(), &mut bytes).unwrap();
+            self.served
+                .bundles
+                .lock()
+                .unwrap()
+                .insert(summary.sha256.clone(), bytes);
+            let layer = AssignedLayer {
+                kind,
+                url: format!("{}/v1/layers/{}", self.url, summary.sha256),
+                sha256: summary.sha256,
+                size: summary.size,
+            };
+            (layer, bytes_of_files)
+        }
+
+        /// Release `release` of `app`, built into `layers`, with the `PATH` entries and
+        /// variables of a Python build.
+        fn built(&self, app: &str, release: u64, layers: &[&AssignedLayer]) -> AppAssignment {
+            let (mut assignment, _) = self.release(app, release, "the source");
+            assignment.build = Some(AssignedBuild {
+                layers: layers.iter().map(|l| (*l).clone()).collect(),
+                path: vec![".px/deps/bin".into(), ".px/runtime/bin".into()],
+                env: BTreeMap::from([(
+                    "PYTHONUSERBASE".to_string(),
+                    "{release}/.px/deps".to_string(),
+                )]),
+                commands: vec!["python3".into()],
+            });
+            assignment
+        }
+
+        /// Downloads of the bundle or layer `sha256` so far.
+        fn downloads_of(&self, sha256: &str) -> usize {
+            self.served
+                .by_digest
+                .lock()
+                .unwrap()
+                .get(sha256)
+                .copied()
+                .unwrap_or(0)
+        }
+    }
+
+    /// What `state_dir/layers` holds, by name, sorted.
+    fn layer_dirs(state_dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(state_dir.join(layers::LAYERS_DIR))
+            .map(|dir| {
+                dir.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    fn sorted(mut names: Vec<String>) -> Vec<String> {
+        names.sort();
+        names
+    }
+
+    fn inode(path: &Path) -> u64 {
+        std::fs::symlink_metadata(path).unwrap().ino()
+    }
+
+    const PYTHON: &str = "#!/bin/sh\necho Python 3.12.1\n";
+
+    #[tokio::test]
+    async fn a_second_built_release_downloads_only_its_app_layer_and_shares_the_rest() {
+        let repository = Repository::start().await;
+        let state = tempfile::tempdir().unwrap();
+        let store = store(state.path(), 3, 0);
+        let (runtime, runtime_bytes) = repository.layer(
+            LayerKind::Runtime,
+            &[
+                (".px/runtime/bin/python3", PYTHON),
+                (".px/runtime/bin/python", "->python3"),
+            ],
+        );
+        let (deps, deps_bytes) = repository.layer(
+            LayerKind::Dependencies,
+            &[(".px/deps/lib/python3.12/site-packages/django.py", "DJANGO")],
+        );
+        let (app1, app1_bytes) = repository.layer(LayerKind::App, &[("manage.py", "print('v1')")]);
+        let (app2, app2_bytes) = repository.layer(LayerKind::App, &[("manage.py", "print('v2')")]);
+
+        let v1 = store
+            .prepare(&repository.built("shop", 1, &[&runtime, &deps, &app1]))
+            .await
+            .unwrap();
+        let v2 = store
+            .prepare(&repository.built("shop", 2, &[&runtime, &deps, &app2]))
+            .await
+            .unwrap();
+
+        // v2 fetched its app layer alone: the runtime and dependencies were here.
+        assert_eq!(
+            [&runtime, &deps, &app1, &app2].map(|l| repository.downloads_of(&l.sha256)),
+            [1, 1, 1, 1]
+        );
+        assert_eq!(repository.downloads(), 4);
+        assert_eq!(
+            layer_dirs(state.path()),
+            sorted(vec![
+                runtime.sha256.clone(),
+                deps.sha256.clone(),
+                app1.sha256.clone(),
+                app2.sha256.clone()
+            ])
+        );
+        // Each release holds the stack, its own code on top.
+        for (release, code) in [(&v1, "print('v1')"), (&v2, "print('v2')")] {
+            assert_eq!(
+                std::fs::read_to_string(release.dir.join("manage.py")).unwrap(),
+                code
+            );
+            assert_eq!(
+                std::fs::read_link(release.dir.join(".px/runtime/bin/python")).unwrap(),
+                Path::new("python3")
+            );
+        }
+        // The shared files are the layers' own inodes, not copies, and nobody writes them.
+        for shared in [
+            ".px/runtime/bin/python3",
+            ".px/deps/lib/python3.12/site-packages/django.py",
+        ] {
+            assert_eq!(inode(&v1.dir.join(shared)), inode(&v2.dir.join(shared)));
+        }
+        assert_eq!(
+            inode(&v1.dir.join(".px/runtime/bin/python3")),
+            inode(
+                &state
+                    .path()
+                    .join("layers")
+                    .join(&runtime.sha256)
+                    .join(".px/runtime/bin/python3")
+            )
+        );
+        assert_ne!(
+            inode(&v1.dir.join("manage.py")),
+            inode(&v2.dir.join("manage.py"))
+        );
+        let mode = std::fs::metadata(v2.dir.join("manage.py"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o222, 0, "{mode:o}");
+
+        // The disk report counts each layer once, however many releases link to it; the
+        // app's own figure counts its releases' files once each.
+        store.prune("shop", 2).await;
+        let records: u64 = [&v1, &v2]
+            .iter()
+            .map(|r| {
+                std::fs::metadata(r.dir.join(layers::RELEASE_LAYERS_FILE))
+                    .unwrap()
+                    .len()
+            })
+            .sum();
+        let layer_bytes = runtime_bytes + deps_bytes + app1_bytes + app2_bytes;
+        assert_eq!(store.used_bytes(), layer_bytes + records);
+        assert_eq!(
+            store.kept_bytes().get("shop"),
+            Some(&(layer_bytes + records))
+        );
+    }
+
+    #[tokio::test]
+    async fn two_apps_on_one_runtime_deploying_at_once_download_it_once() {
+        let repository = Repository::start().await;
+        let state = tempfile::tempdir().unwrap();
+        let store = store(state.path(), 3, 0);
+        let (runtime, _) =
+            repository.layer(LayerKind::Runtime, &[(".px/runtime/bin/python3", PYTHON)]);
+        let (shop, _) = repository.layer(LayerKind::App, &[("shop.py", "shop")]);
+        let (blog, _) = repository.layer(LayerKind::App, &[("blog.py", "blog")]);
+        let shop_v1 = repository.built("shop", 1, &[&runtime, &shop]);
+        let blog_v1 = repository.built("blog", 1, &[&runtime, &blog]);
+
+        let (a, b) = tokio::join!(store.prepare(&shop_v1), store.prepare(&blog_v1));
+        let (a, b) = (a.unwrap(), b.unwrap());
+
+        assert_eq!(repository.downloads_of(&runtime.sha256), 1);
+        assert_eq!(
+            inode(&a.dir.join(".px/runtime/bin/python3")),
+            inode(&b.dir.join(".px/runtime/bin/python3"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_layer_with_a_wrong_digest_leaves_nothing_behind() {
+        let repository = Repository::start().await;
+        let state = tempfile::tempdir().unwrap();
+        let store = store(state.path(), 3, 0);
+        let (runtime, _) =
+            repository.layer(LayerKind::Runtime, &[(".px/runtime/bin/python3", PYTHON)]);
+        let (app, _) = repository.layer(LayerKind::App, &[("manage.py", "code")]);
+        // The repository serves other bytes, as many, under the app layer's digest.
+        let (other, _) = repository.layer(LayerKind::App, &[("manage.py", "c0de")]);
+        assert_eq!(other.size, app.size);
+        let forged_bytes = repository.served.bundles.lock().unwrap()[&other.sha256].clone();
+        repository
+            .served
+            .bundles
+            .lock()
+            .unwrap()
+            .insert(app.sha256.clone(), forged_bytes);
+
+        let error = store
+            .prepare(&repository.built("shop", 1, &[&runtime, &app]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "app layer digest mismatch: expected {}, got {}",
+                app.sha256, other.sha256
+            )
+        );
+        // No release, no half-fetched layer: only the runtime, which was whole and verified.
+        assert!(entries(state.path(), "shop").is_empty());
+        assert_eq!(layer_dirs(state.path()), vec![runtime.sha256.clone()]);
+
+        // Served right, the same release deploys.
+        let (app, _) = repository.layer(LayerKind::App, &[("manage.py", "code")]);
+        store
+            .prepare(&repository.built("shop", 1, &[&runtime, &app]))
+            .await
+            .unwrap();
+        assert_eq!(entries(state.path(), "shop"), ["1"]);
+    }
+
+    #[tokio::test]
+    async fn a_build_output_reaching_outside_the_release_is_refused_before_any_download() {
+        let repository = Repository::start().await;
+        let state = tempfile::tempdir().unwrap();
+        let store = store(state.path(), 3, 0);
+        let (app, _) = repository.layer(LayerKind::App, &[("manage.py", "code")]);
+        let good = repository.built("shop", 1, &[&app]);
+        let with = |change: &dyn Fn(&mut AssignedBuild)| {
+            let mut target = good.clone();
+            change(target.build.as_mut().unwrap());
+            target
+        };
+        let cases = [
+            (
+                with(&|b| b.path = vec!["../../bin".into()]),
+                "PATH entry \"../../bin\" leaves the release",
+            ),
+            (
+                with(&|b| b.path = vec!["/usr/bin".into()]),
+                "PATH entry \"/usr/bin\" leaves the release",
+            ),
+            (
+                with(&|b| {
+                    b.env.insert("PATH".into(), "/evil".into());
+                }),
+                "it sets PATH, which is made from its path entries",
+            ),
+            (
+                with(&|b| {
+                    b.env.insert("PX_APP".into(), "other".into());
+                }),
+                "variable \"PX_APP\" is set by Platform.X itself; choose another name",
+            ),
+            (
+                with(&|b| b.layers[0].sha256 = "../../etc".into()),
+                "layer digest: \"../../etc\" is not a SHA-256 digest (64 lowercase hex characters)",
+            ),
+        ];
+        for (target, reason) in cases {
+            let error = store.prepare(&target).await.unwrap_err();
+            assert_eq!(
+                error.to_string(),
+                format!("the release's build output is unusable: {reason}")
+            );
+        }
+        assert_eq!(repository.downloads(), 0);
+        assert!(layer_dirs(state.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_the_layers_kept_releases_use_whichever_app_they_belong_to() {
+        let repository = Repository::start().await;
+        let state = tempfile::tempdir().unwrap();
+        let store = store(state.path(), 1, 0);
+        let (python312, _) =
+            repository.layer(LayerKind::Runtime, &[(".px/runtime/bin/python3", PYTHON)]);
+        let (python313, _) = repository.layer(
+            LayerKind::Runtime,
+            &[(".px/runtime/bin/python3", "#!/bin/sh\necho Python 3.13.0\n")],
+        );
+        let (shop1, _) = repository.layer(LayerKind::App, &[("shop.py", "1")]);
+        let (shop2, _) = repository.layer(LayerKind::App, &[("shop.py", "2")]);
+        let (shop3, _) = repository.layer(LayerKind::App, &[("shop.py", "3")]);
+        let (blog1, _) = repository.layer(LayerKind::App, &[("blog.py", "1")]);
+        let digests =
+            |layers: &[&AssignedLayer]| sorted(layers.iter().map(|l| l.sha256.clone()).collect());
+
+        store
+            .prepare(&repository.built("shop", 1, &[&python312, &shop1]))
+            .await
+            .unwrap();
+        store
+            .prepare(&repository.built("shop", 2, &[&python312, &shop2]))
+            .await
+            .unwrap();
+        store.prune("shop", 2).await;
+        // v1 is gone with the layer only it used; the runtime stays for v2.
+        assert_eq!(entries(state.path(), "shop"), ["2"]);
+        assert_eq!(layer_dirs(state.path()), digests(&[&python312, &shop2]));
+
+        // Another app on the same runtime.
+        store
+            .prepare(&repository.built("blog", 1, &[&python312, &blog1]))
+            .await
+            .unwrap();
+        // The shop moves to a newer runtime: the old one stays while the blog uses it.
+        let v3 = store
+            .prepare(&repository.built("shop", 3, &[&python313, &shop3]))
+            .await
+            .unwrap();
+        store.prune("shop", 3).await;
+        assert_eq!(entries(state.path(), "shop"), ["3"]);
+        assert_eq!(
+            layer_dirs(state.path()),
+            digests(&[&python312, &python313, &shop3, &blog1])
+        );
+        // A rollback to v2 would download again what it needs; nothing of v3 was touched.
+        assert_eq!(
+            std::fs::read_to_string(v3.dir.join("shop.py")).unwrap(),
+            "3"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_built_release_runs_on_its_own_runtime_on_a_node_without_one() {
+        let repository = Repository::start().await;
+        let state = tempfile::tempdir().unwrap();
+        let store = store(state.path(), 3, 0);
+        let (runtime, _) =
+            repository.layer(LayerKind::Runtime, &[(".px/runtime/bin/python3", PYTHON)]);
+        let (app, _) = repository.layer(LayerKind::App, &[("manage.py", "code")]);
+        let mut target = repository.built("shop", 1, &[&runtime, &app]);
+        target.manifest = px_proto::manifest::AppManifest::parse(
+            "name = \"shop\"\nruntime = \"python3>=3.12\"\n[env]\nMODE = \"manifest\"\nLEVEL = \"manifest\"\n",
+        )
+        .unwrap();
+        // `em config set LEVEL=config`: config vars ride on top of the manifest's [env].
+        target.env = BTreeMap::from([
+            ("MODE".to_string(), "manifest".to_string()),
+            ("LEVEL".to_string(), "config".to_string()),
+        ]);
+        if let Some(build) = target.build.as_mut() {
+            build.env.insert("MODE".into(), "build".into());
+            build.env.insert("LEVEL".into(), "build".into());
+        }
+
+        let prepared = store.prepare(&target).await.unwrap();
+
+        // The node's own PATH has no python3 at all.
+        let host = OsString::from("/nonexistent-host-bin");
+        crate::runtimes::check(&target.manifest, &prepared.path_over(&host))
+            .await
+            .unwrap();
+        let dirs: Vec<PathBuf> = std::env::split_paths(&prepared.path_over(&host)).collect();
+        assert_eq!(
+            dirs,
+            [
+                prepared.dir.join(".px/deps/bin"),
+                prepared.dir.join(".px/runtime/bin"),
+                prepared.dir.join("bin"),
+                PathBuf::from("/nonexistent-host-bin"),
+            ]
+        );
+        // The same release without its runtime layer would not start there.
+        let unmet = crate::runtimes::check(
+            &target.manifest,
+            &process::instance_path_over(&prepared.dir, &host),
+        )
+        .await
+        .unwrap_err();
+        assert!(unmet.contains("`python3` is not installed"), "{unmet}");
+
+        // [env] < what the build adds < config vars; `{release}` is this release's directory.
+        assert_eq!(prepared.env["MODE"], "build");
+        assert_eq!(prepared.env["LEVEL"], "config");
+        assert_eq!(
+            prepared.env["PYTHONUSERBASE"],
+            format!("{}/.px/deps", prepared.dir.display())
+        );
     }
 }

@@ -1,0 +1,1238 @@
+//! Builds on this node (docs/src/design/builds.md): the `builds` of each applied assignment,
+//! run by one task, one at a time (`MAX_CONCURRENT_BUILDS`) from a bounded queue, each at most
+//! once per (app, build) unless the assignment drops it and adds it again.
+//!
+//! One build: the source bundle downloaded (size and SHA-256 checked) and unpacked under
+//! `state_dir/builds/`, `px_build::build` with the `[build]` settings, every output line
+//! forwarded to Beacon as a `build` log line and written to `log_dir/<app>/build.log`, then
+//! the layers apprepo lacks uploaded (`HEAD`, then `PUT` streamed from the archive) and the
+//! build finished (`POST .../finish`), or its failure reported (`POST .../fail`). The events
+//! `build_started`, `build_finished` and `build_failed` go to Beacon, and each app's latest
+//! build is in the node report. A finish apprepo answers 409 (a newer upload superseded the
+//! build, or it ended before) is no failure of the build. The build directory is removed
+//! afterwards; the builder's cache is kept.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use px_build::{BuildError, BuildRequest, BuilderSettings, Built};
+use px_proto::api::{ErrorBody, Release};
+use px_proto::build::{
+    BuildFailed, BuildFinished, BuildOrder, BuildOutput, BuildProgress, BuildStatus, LayerRef,
+    MAX_BUILD_LOG_BYTES,
+};
+use px_proto::link::{NodeEvent, NodeEventKind};
+use px_proto::size::ByteSize;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{BuildConfig, DEFAULT_CACHE_SUBDIR, DEFAULT_TOOLS_SUBDIR, SandboxConfig};
+use crate::logs::AppLogs;
+use crate::supervisor::{Fetch, MAX_BUNDLE_BYTES, fetch};
+
+/// Where the runner reports each build's progress: the supervisor's node report.
+pub(crate) type ReportStatus = Arc<dyn Fn(BuildStatus) + Send + Sync>;
+
+/// Builds running at once on one node. One: a build is bounded by its limits, but two would
+/// share the node's cores and disk with each other and with the apps this node serves.
+pub(crate) const MAX_CONCURRENT_BUILDS: usize = 1;
+/// Builds waiting for their turn. Beacon places at most one pending build per app on a node,
+/// and spreads them over the nodes that build; an order past this waits in the assignment and
+/// is queued when a place frees.
+pub(crate) const MAX_QUEUED_BUILDS: usize = 64;
+/// Output lines sent with a `build_failed` event: the installer's or the step's verdict,
+/// which is what `em deploy` shows (the whole log stays with the build).
+pub(crate) const FAILED_BUILD_LINES: usize = 20;
+/// Longest failure reason sent to apprepo, in characters: its own limit for one sentence.
+pub(crate) const MAX_FAIL_REASON_CHARS: usize = 1000;
+/// Tries at each call to apprepo after a build (uploads, finish, fail): enough to ride out a
+/// repository restart, bounded so an unreachable repository does not hold the build slot.
+pub(crate) const DELIVERY_ATTEMPTS: u32 = 5;
+/// Backoff between those tries: about 1, 2, 4 and 8 s, so they span a restart's seconds.
+const DELIVERY_BACKOFF: Duration = Duration::from_secs(1);
+const DELIVERY_BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// Directory of the builds in progress, in `state_dir`: emptied at start, each build's part
+/// removed when it ends.
+pub(crate) const BUILDS_DIR: &str = "builds";
+
+/// What the build runner takes from Maestro's configuration.
+pub(crate) struct BuildSettings {
+    pub(crate) enabled: bool,
+    /// This node's name, for events a person reads.
+    pub(crate) node_name: String,
+    /// `state_dir/builds`.
+    pub(crate) dir: PathBuf,
+    /// A token with the repository's `build` role: it downloads sources, uploads layers and
+    /// finishes builds.
+    pub(crate) repository_token: Option<String>,
+    pub(crate) builder: BuilderSettings,
+}
+
+impl BuildSettings {
+    /// The runner's settings from `[build]`, with builds under `state_dir/builds/` and the
+    /// caches and tools under `state_dir` unless configured elsewhere.
+    pub(crate) fn from_config(
+        config: &BuildConfig,
+        node_name: &str,
+        state_dir: &Path,
+        repository_token: Option<String>,
+    ) -> Self {
+        let dir = state_dir.join(BUILDS_DIR);
+        let builder = BuilderSettings {
+            work_dir: dir.join("work"),
+            cache_dir: config
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| state_dir.join(DEFAULT_CACHE_SUBDIR)),
+            runtimes: px_build::RuntimeSources {
+                dirs: vec![config.runtimes_dir.clone()],
+                discover_host: config.discover_host_runtimes,
+            },
+            tools_dir: config
+                .tools_dir
+                .clone()
+                .unwrap_or_else(|| state_dir.join(DEFAULT_TOOLS_SUBDIR)),
+            sandbox: match config.sandbox {
+                SandboxConfig::Bubblewrap => px_build::Sandbox::Bubblewrap,
+                SandboxConfig::None => px_build::Sandbox::None,
+            },
+            limits: px_build::BuildLimits {
+                time: config.time_limit,
+                memory_bytes: config.memory_limit.0,
+                disk_bytes: config.disk_limit.0,
+                processes: config.process_limit,
+                output_bytes: config.output_limit.0,
+            },
+            ca_file: config.ca_file.clone(),
+            python_index: config.python_index.clone(),
+            npm_registry: config.npm_registry.clone(),
+        };
+        Self {
+            enabled: config.enabled,
+            node_name: node_name.to_string(),
+            dir,
+            repository_token,
+            builder,
+        }
+    }
+}
+
+/// The handle the link applies assignments through.
+pub(crate) struct Builds {
+    wanted: Arc<Mutex<Wanted>>,
+    changed: Arc<Notify>,
+}
+
+/// The builds the latest assignment holds, and those assignments dropped since the runner
+/// last looked: kept apart, so a build dropped and added again between two looks is seen as
+/// both, and runs again.
+#[derive(Default)]
+struct Wanted {
+    orders: Vec<BuildOrder>,
+    dropped: BTreeSet<Key>,
+}
+
+impl Builds {
+    /// Starts the runner's task on `tracker`; it stops with `shutdown`, ending a running build.
+    pub(crate) fn start(
+        settings: BuildSettings,
+        report: ReportStatus,
+        logs: Arc<AppLogs>,
+        events: mpsc::Sender<NodeEvent>,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(2)
+            .build()
+            .unwrap_or_default();
+        let ctx = Arc::new(Ctx {
+            settings,
+            report,
+            logs,
+            events,
+            http,
+        });
+        let builds = Arc::new(Self {
+            wanted: Arc::new(Mutex::new(Wanted::default())),
+            changed: Arc::new(Notify::new()),
+        });
+        tracker.spawn(run(
+            ctx,
+            builds.wanted.clone(),
+            builds.changed.clone(),
+            shutdown,
+        ));
+        builds
+    }
+
+    /// The builds of the latest assignment: new ones are queued, dropped ones forgotten (and
+    /// ended, if running).
+    pub(crate) fn apply(&self, orders: &[BuildOrder]) {
+        let mut wanted = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
+        if wanted.orders.as_slice() == orders {
+            return;
+        }
+        let kept: BTreeSet<Key> = orders.iter().map(key).collect();
+        let dropped: Vec<Key> = wanted
+            .orders
+            .iter()
+            .map(key)
+            .filter(|k| !kept.contains(k))
+            .collect();
+        wanted.dropped.extend(dropped);
+        wanted.orders = orders.to_vec();
+        drop(wanted);
+        // A permit is stored when the runner is busy, so no change is missed.
+        self.changed.notify_one();
+    }
+}
+
+/// What every build shares.
+struct Ctx {
+    settings: BuildSettings,
+    report: ReportStatus,
+    logs: Arc<AppLogs>,
+    events: mpsc::Sender<NodeEvent>,
+    http: reqwest::Client,
+}
+
+type Key = (String, u64);
+
+fn key(order: &BuildOrder) -> Key {
+    (order.app.clone(), order.build)
+}
+
+/// The runner: owns the queue, what ran, and what runs.
+async fn run(
+    ctx: Arc<Ctx>,
+    wanted: Arc<Mutex<Wanted>>,
+    changed: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    // What a killed Maestro left half-built is of no use: the builds are level-triggered and
+    // run again from the assignment.
+    let dir = ctx.settings.dir.clone();
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+    // Builds taken from an assignment (queued, run or running), not taken again until an
+    // assignment drops them.
+    let mut taken: BTreeSet<Key> = BTreeSet::new();
+    let mut queue: VecDeque<BuildOrder> = VecDeque::new();
+    let mut running: JoinSet<()> = JoinSet::new();
+    // The running builds, by task, with what ends each.
+    let mut stops: HashMap<tokio::task::Id, (Key, CancellationToken)> = HashMap::new();
+    loop {
+        let (current, dropped) = {
+            let mut wanted = wanted.lock().unwrap_or_else(|p| p.into_inner());
+            (wanted.orders.clone(), std::mem::take(&mut wanted.dropped))
+        };
+        let kept: BTreeSet<Key> = current.iter().map(key).collect();
+        let gone = |k: &Key| dropped.contains(k) || !kept.contains(k);
+        taken.retain(|k| !gone(k));
+        queue.retain(|o| !gone(&key(o)));
+        for (k, stop) in stops.values() {
+            if gone(k) && !stop.is_cancelled() {
+                tracing::info!(app = %k.0, build = k.1, "the build left the assignment; ending it");
+                stop.cancel();
+            }
+        }
+        for order in &current {
+            if taken.contains(&key(order)) {
+                continue;
+            }
+            if queue.len() >= MAX_QUEUED_BUILDS {
+                tracing::warn!(app = %order.app, build = order.build, "the build queue is full; the build waits in the assignment");
+                break;
+            }
+            taken.insert(key(order));
+            queue.push_back(order.clone());
+        }
+        // A build dropped and added again waits until its ended run has cleaned up after it.
+        while running.len() < MAX_CONCURRENT_BUILDS
+            && let Some(next) = queue
+                .iter()
+                .position(|o| !stops.values().any(|(k, _)| *k == key(o)))
+            && let Some(order) = queue.remove(next)
+        {
+            let stop = shutdown.child_token();
+            let k = key(&order);
+            let task = running.spawn(run_one(ctx.clone(), order, stop.clone()));
+            stops.insert(task.id(), (k, stop));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            () = changed.notified() => {}
+            Some(ended) = running.join_next_with_id(), if !running.is_empty() => {
+                let id = match ended {
+                    Ok((id, ())) => id,
+                    Err(e) => {
+                        tracing::error!(error = %e, "a build task failed");
+                        e.id()
+                    }
+                };
+                stops.remove(&id);
+            }
+        }
+    }
+    running.shutdown().await;
+}
+
+/// How one build ended.
+#[derive(Debug)]
+enum Outcome {
+    /// The repository committed release `release`.
+    Finished { release: u64 },
+    /// The repository already had another result for it (superseded, or ended before).
+    Ended { message: String },
+    /// The build, or delivering it, failed.
+    Failed { reason: String },
+    /// The build left the assignment, or Maestro is stopping.
+    Stopped,
+}
+
+/// Runs one build from start to end, reporting it, and removes its directories.
+async fn run_one(ctx: Arc<Ctx>, order: BuildOrder, stop: CancellationToken) {
+    let (app, number) = (order.app.clone(), order.build);
+    let node = &ctx.settings.node_name;
+    ctx.send(
+        NodeEventKind::BuildStarted,
+        &order,
+        0,
+        format!("{app} build {number} started on {node}"),
+        None,
+    );
+    ctx.status(&order, BuildProgress::Running, None);
+    let mut log = LogTail::default();
+    let outcome = tokio::select! {
+        outcome = build_and_deliver(&ctx, &order, &mut log) => outcome,
+        () = stop.cancelled() => Outcome::Stopped,
+    };
+    // Only this task writes these paths, and its build has ended.
+    let scratch = [
+        ctx.settings.dir.join(format!("{app}-{number}.bundle")),
+        ctx.settings
+            .dir
+            .join("source")
+            .join(format!("{app}-{number}")),
+        ctx.settings
+            .builder
+            .work_dir
+            .join(format!("{app}-{number}")),
+    ];
+    let _ = tokio::task::spawn_blocking(move || {
+        for path in scratch {
+            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+        }
+    })
+    .await;
+    match outcome {
+        Outcome::Finished { release } => {
+            tracing::info!(%app, build = number, release, "build finished");
+            ctx.send(
+                NodeEventKind::BuildFinished,
+                &order,
+                release,
+                format!("{app} build {number} made v{release} on {node}"),
+                None,
+            );
+            ctx.status(&order, BuildProgress::Succeeded, Some(release));
+        }
+        Outcome::Ended { message } => {
+            tracing::info!(%app, build = number, %message, "the repository had another result for the build");
+            ctx.status(&order, BuildProgress::Superseded, None);
+        }
+        Outcome::Failed { reason } => {
+            tracing::warn!(%app, build = number, %reason, "build failed");
+            let detail = log.last(FAILED_BUILD_LINES);
+            ctx.send(
+                NodeEventKind::BuildFailed,
+                &order,
+                0,
+                format!("{app} build {number} failed on {node}: {reason}"),
+                (!detail.is_empty()).then_some(detail),
+            );
+            ctx.status(&order, BuildProgress::Failed, None);
+            if let Some(repository) = repository_of(&order) {
+                let failed = BuildFailed {
+                    reason,
+                    log: log.text(),
+                };
+                if let Err(e) = ctx.report_failure(repository, &order, &failed).await {
+                    tracing::warn!(%app, build = number, error = %e, "could not report the failed build to the repository");
+                }
+            }
+        }
+        Outcome::Stopped => {
+            tracing::info!(%app, build = number, "build ended before it finished");
+            ctx.status(&order, BuildProgress::Superseded, None);
+        }
+    }
+}
+
+/// Everything that can fail: the source, the build, the delivery.
+async fn build_and_deliver(ctx: &Ctx, order: &BuildOrder, log: &mut LogTail) -> Outcome {
+    let failed = |reason: String| Outcome::Failed {
+        reason: one_sentence(&reason),
+    };
+    if !ctx.settings.enabled {
+        return failed(format!(
+            "node {} is labelled build = \"true\" but builds are off in its configuration; set [build] enabled = true in its maestro.toml, or remove the label",
+            ctx.settings.node_name
+        ));
+    }
+    if let Err(e) = px_proto::names::check_app_name(&order.app) {
+        return failed(format!("the app name: {e}"));
+    }
+    let Some(repository) = repository_of(order) else {
+        return failed(format!(
+            "the source URL {} is not a repository's /v1/bundles/<sha256>",
+            order.source_url
+        ));
+    };
+    let source = match ctx.fetch_source(order).await {
+        Ok(source) => source,
+        Err(reason) => return failed(reason),
+    };
+    let app = order.app.clone();
+    let logs = ctx.logs.clone();
+    let mut output = |line: &str| {
+        log.push(line);
+        logs.record_build(&app, order.build, line);
+    };
+    let request = BuildRequest {
+        app: &order.app,
+        build: order.build,
+        source_dir: &source,
+        manifest: &order.manifest,
+    };
+    let built = match px_build::build(&request, &ctx.settings.builder, &mut output).await {
+        Ok(built) => built,
+        Err(e) => return failed(reason_of(&e)),
+    };
+    ctx.deliver(repository, order, &built, log).await
+}
+
+impl Ctx {
+    fn send(
+        &self,
+        kind: NodeEventKind,
+        order: &BuildOrder,
+        release: u64,
+        message: String,
+        detail: Option<String>,
+    ) {
+        tracing::info!(app = %order.app, build = order.build, ?kind, %message, "build event");
+        // When the queue is full the news is dropped; the next report still carries the state.
+        let _ = self.events.try_send(NodeEvent {
+            kind,
+            app: order.app.clone(),
+            release,
+            message,
+            detail,
+            instance: None,
+            level: None,
+            failure: None,
+            build: Some(order.build),
+        });
+    }
+
+    fn status(&self, order: &BuildOrder, progress: BuildProgress, release: Option<u64>) {
+        (self.report)(BuildStatus {
+            app: order.app.clone(),
+            build: order.build,
+            progress,
+            release,
+        });
+    }
+
+    /// Downloads and unpacks the source; where it is unpacked.
+    async fn fetch_source(&self, order: &BuildOrder) -> Result<PathBuf, String> {
+        let dir = &self.settings.dir;
+        let source = dir
+            .join("source")
+            .join(format!("{}-{}", order.app, order.build));
+        tokio::fs::create_dir_all(source.parent().unwrap_or(dir))
+            .await
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let bundle = dir.join(format!("{}-{}.bundle", order.app, order.build));
+        fetch(
+            &self.http,
+            self.settings.repository_token.as_deref(),
+            &Fetch {
+                url: &order.source_url,
+                sha256: &order.source_sha256,
+                what: "source bundle",
+                limit: order.source_size.min(MAX_BUNDLE_BYTES),
+            },
+            &bundle,
+        )
+        .await
+        .map_err(|e| format!("fetching the source: {e}"))?;
+        let dest = source.clone();
+        tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&bundle)?;
+            px_bundle::unpack(
+                std::io::BufReader::new(file),
+                &dest,
+                &px_bundle::Limits::default(),
+            )
+            .map(drop)
+            .map_err(std::io::Error::other)
+        })
+        .await
+        .map_err(|e| format!("unpacking the source: {e}"))?
+        .map_err(|e| format!("unpacking the source: {e}"))?;
+        Ok(source)
+    }
+
+    /// Uploads the layers the repository lacks and finishes the build.
+    async fn deliver(
+        &self,
+        repository: &str,
+        order: &BuildOrder,
+        built: &Built,
+        log: &mut LogTail,
+    ) -> Outcome {
+        let mut uploaded = BTreeSet::new();
+        for layer in &built.layers {
+            if !uploaded.insert(layer.sha256.clone()) {
+                continue;
+            }
+            let kind = layer.kind.as_str();
+            let line = match self.upload_layer(repository, layer).await {
+                Ok(true) => format!(
+                    "-----> Uploaded the {kind} layer ({})",
+                    ByteSize(layer.size)
+                ),
+                Ok(false) => format!("-----> The repository has the {kind} layer already"),
+                Err(reason) => {
+                    return Outcome::Failed {
+                        reason: one_sentence(&format!("uploading the {kind} layer: {reason}")),
+                    };
+                }
+            };
+            log.push(&line);
+            self.logs.record_build(&order.app, order.build, &line);
+        }
+        let finished = BuildFinished {
+            output: BuildOutput {
+                build: order.build,
+                layers: built
+                    .layers
+                    .iter()
+                    .map(|l| LayerRef {
+                        kind: l.kind,
+                        sha256: l.sha256.clone(),
+                        size: l.size,
+                    })
+                    .collect(),
+                path: built.path.clone(),
+                env: built.env.clone(),
+                runtime: built.runtime.clone(),
+                commands: built.commands.clone(),
+            },
+            log: log.text(),
+        };
+        let url = format!(
+            "{repository}/v1/apps/{}/builds/{}/finish",
+            order.app, order.build
+        );
+        let answer = self
+            .with_retries("finishing the build", || {
+                self.authorized(self.http.post(&url).json(&finished))
+            })
+            .await;
+        match answer {
+            Ok((status, body)) if status.is_success() => {
+                match serde_json::from_slice::<Release>(&body) {
+                    Ok(release) => Outcome::Finished {
+                        release: release.version,
+                    },
+                    Err(e) => Outcome::Failed {
+                        reason: format!("the repository's answer to the finish is unreadable: {e}"),
+                    },
+                }
+            }
+            Ok((status, body)) if status == reqwest::StatusCode::CONFLICT => Outcome::Ended {
+                message: message_of(&body),
+            },
+            Ok((status, body)) => Outcome::Failed {
+                reason: one_sentence(&format!(
+                    "the repository refused the finished build ({status}): {}",
+                    message_of(&body)
+                )),
+            },
+            Err(reason) => Outcome::Failed {
+                reason: one_sentence(&reason),
+            },
+        }
+    }
+
+    /// Uploads one layer unless the repository has it; true when it was uploaded.
+    async fn upload_layer(
+        &self,
+        repository: &str,
+        layer: &px_build::BuiltLayer,
+    ) -> Result<bool, String> {
+        let url = format!("{repository}/v1/layers/{}", layer.sha256);
+        let (status, body) = self
+            .with_retries("asking for a layer", || {
+                self.authorized(self.http.head(&url))
+            })
+            .await?;
+        match status {
+            reqwest::StatusCode::OK => return Ok(false),
+            reqwest::StatusCode::NOT_FOUND => {}
+            other => return Err(format!("{other}: {}", message_of(&body))),
+        }
+        let (status, body) = self
+            .with_retries("uploading a layer", || async {
+                // Streamed from the archive, which is opened again for each try.
+                let file = tokio::fs::File::open(&layer.archive)
+                    .await
+                    .map_err(|e| Attempt::Stop(format!("{}: {e}", layer.archive.display())))?;
+                let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+                self.authorized(
+                    self.http
+                        .put(&url)
+                        .header(reqwest::header::CONTENT_LENGTH, layer.size)
+                        .body(body),
+                )
+                .await
+            })
+            .await?;
+        if status.is_success() {
+            Ok(true)
+        } else {
+            Err(format!("{status}: {}", message_of(&body)))
+        }
+    }
+
+    /// `POST .../fail`: a 409 means the repository has a result already, which is fine.
+    async fn report_failure(
+        &self,
+        repository: &str,
+        order: &BuildOrder,
+        failed: &BuildFailed,
+    ) -> Result<(), String> {
+        let url = format!(
+            "{repository}/v1/apps/{}/builds/{}/fail",
+            order.app, order.build
+        );
+        let (status, body) = self
+            .with_retries("reporting the failure", || {
+                self.authorized(self.http.post(&url).json(failed))
+            })
+            .await?;
+        if status.is_success() || status == reqwest::StatusCode::CONFLICT {
+            Ok(())
+        } else {
+            Err(format!("{status}: {}", message_of(&body)))
+        }
+    }
+
+    /// Sends `request` with the repository token; the answer's status and body. Server errors
+    /// and transport failures are worth another try, anything else is the answer.
+    async fn authorized(
+        &self,
+        mut request: reqwest::RequestBuilder,
+    ) -> Result<(reqwest::StatusCode, bytes::Bytes), Attempt> {
+        if let Some(token) = &self.settings.repository_token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| Attempt::Retry(px_runtime::errors::error_chain(&e)))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| Attempt::Retry(px_runtime::errors::error_chain(&e)))?;
+        if status.is_server_error() {
+            return Err(Attempt::Retry(format!("{status}: {}", message_of(&body))));
+        }
+        Ok((status, body))
+    }
+
+    /// Runs `attempt` up to [`DELIVERY_ATTEMPTS`] times with backoff while it asks to retry.
+    async fn with_retries<T, F, Fut>(&self, doing: &str, mut attempt: F) -> Result<T, String>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Attempt>>,
+    {
+        let mut tries = 0;
+        loop {
+            match attempt().await {
+                Ok(value) => return Ok(value),
+                Err(Attempt::Stop(reason)) => return Err(reason),
+                Err(Attempt::Retry(reason)) => {
+                    tries += 1;
+                    if tries >= DELIVERY_ATTEMPTS {
+                        return Err(format!(
+                            "{doing} failed {tries} times, the last with: {reason}"
+                        ));
+                    }
+                    tracing::warn!(%reason, tries, "{doing} failed; trying again");
+                    tokio::time::sleep(px_runtime::backoff::jittered(
+                        DELIVERY_BACKOFF,
+                        DELIVERY_BACKOFF_CAP,
+                        tries - 1,
+                    ))
+                    .await;
+                }
+            }
+        }
+    }
+}
+
+/// One try at a call to the repository that did not give an answer.
+enum Attempt {
+    Retry(String),
+    Stop(String),
+}
+
+/// The repository the order came from: its source URL without `/v1/bundles/<sha256>`.
+fn repository_of(order: &BuildOrder) -> Option<&str> {
+    order
+        .source_url
+        .strip_suffix(&format!("/v1/bundles/{}", order.source_sha256))
+        .filter(|base| base.starts_with("http://") || base.starts_with("https://"))
+}
+
+/// The message of an apprepo error answer, or its body as text.
+fn message_of(body: &[u8]) -> String {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(error) => error.message,
+        Err(_) => String::from_utf8_lossy(body).trim().to_string(),
+    }
+}
+
+/// Why a build failed, as the one sentence apprepo keeps with it and the event shows: the
+/// step and its status, not the output lines the error quotes (those are the event's detail
+/// and in the log).
+fn reason_of(error: &BuildError) -> String {
+    match error {
+        BuildError::StepFailed { step, status, .. } => format!("{step} failed ({status})"),
+        BuildError::CollectstaticFailed { .. } => {
+            "python manage.py collectstatic --noinput failed; fix it, or set `[build] collectstatic = false` in app.toml to skip it".into()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The first line of `text`, at most [`MAX_FAIL_REASON_CHARS`] characters.
+fn one_sentence(text: &str) -> String {
+    let first = text.lines().next().unwrap_or_default();
+    match first.char_indices().nth(MAX_FAIL_REASON_CHARS) {
+        Some((cut, _)) => first[..cut].to_string(),
+        None => first.to_string(),
+    }
+}
+
+/// The newest lines of a build's output, at most [`MAX_BUILD_LOG_BYTES`] joined: what apprepo
+/// keeps with the build.
+#[derive(Default)]
+struct LogTail {
+    lines: VecDeque<String>,
+    /// Bytes of `lines` joined with newlines.
+    bytes: usize,
+}
+
+impl LogTail {
+    fn push(&mut self, line: &str) {
+        let mut line = line.to_string();
+        if line.len() > MAX_BUILD_LOG_BYTES {
+            let mut cut = MAX_BUILD_LOG_BYTES;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.truncate(cut);
+        }
+        self.bytes += line.len() + usize::from(!self.lines.is_empty());
+        self.lines.push_back(line);
+        while self.bytes > MAX_BUILD_LOG_BYTES {
+            let Some(oldest) = self.lines.pop_front() else {
+                break;
+            };
+            self.bytes -= oldest.len() + usize::from(!self.lines.is_empty());
+        }
+    }
+
+    fn text(&self) -> String {
+        let mut text = String::with_capacity(self.bytes);
+        for (i, line) in self.lines.iter().enumerate() {
+            if i > 0 {
+                text.push('\n');
+            }
+            text.push_str(line);
+        }
+        text
+    }
+
+    /// The last `n` lines joined.
+    fn last(&self, n: usize) -> String {
+        let skip = self.lines.len().saturating_sub(n);
+        let lines: Vec<&str> = self.lines.iter().skip(skip).map(String::as_str).collect();
+        lines.join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Instant;
+
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::StatusCode;
+    use axum::routing::{get, head, post};
+    use px_proto::link::LogStream;
+
+    use super::*;
+    use crate::logs::Rotation;
+
+    /// How long a test waits for a build of a few files without a sandbox; they take well
+    /// under a second.
+    const WAIT: Duration = Duration::from_secs(60);
+
+    /// A stand-in for apprepo's build endpoints (its own tests cover the real ones): sources
+    /// by digest, layers (`HEAD`, `PUT`), finish and fail, recording what it was sent.
+    #[derive(Clone, Default)]
+    struct Repo {
+        blobs: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+        layers: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+        puts: Arc<Mutex<Vec<String>>>,
+        finishes: Arc<Mutex<Vec<BuildFinished>>>,
+        fails: Arc<Mutex<Vec<BuildFailed>>>,
+        /// Answer finishes with 409, as when a newer upload superseded the build.
+        superseded: Arc<Mutex<bool>>,
+    }
+
+    async fn blob(
+        State(repo): State<Repo>,
+        UrlPath(sha): UrlPath<String>,
+    ) -> Result<Vec<u8>, StatusCode> {
+        repo.blobs
+            .lock()
+            .unwrap()
+            .get(&sha)
+            .cloned()
+            .ok_or(StatusCode::NOT_FOUND)
+    }
+
+    async fn has_layer(State(repo): State<Repo>, UrlPath(sha): UrlPath<String>) -> StatusCode {
+        if repo.layers.lock().unwrap().contains_key(&sha) {
+            StatusCode::OK
+        } else {
+            StatusCode::NOT_FOUND
+        }
+    }
+
+    async fn put_layer(
+        State(repo): State<Repo>,
+        UrlPath(sha): UrlPath<String>,
+        body: axum::body::Bytes,
+    ) -> StatusCode {
+        use sha2::Digest;
+        if hex::encode(sha2::Sha256::digest(&body)) != sha {
+            return StatusCode::UNPROCESSABLE_ENTITY;
+        }
+        repo.puts.lock().unwrap().push(sha.clone());
+        repo.layers.lock().unwrap().insert(sha, body.to_vec());
+        StatusCode::CREATED
+    }
+
+    async fn finish(
+        State(repo): State<Repo>,
+        UrlPath((app, _n)): UrlPath<(String, u64)>,
+        axum::Json(finished): axum::Json<BuildFinished>,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        repo.finishes.lock().unwrap().push(finished.clone());
+        if *repo.superseded.lock().unwrap() {
+            let body = ErrorBody {
+                code: "conflict".into(),
+                message: format!(
+                    "build {} of {app:?} was superseded by v8 (a newer upload); it will not become a release",
+                    finished.output.build
+                ),
+            };
+            return (StatusCode::CONFLICT, axum::Json(body)).into_response();
+        }
+        let release: Release = serde_json::from_value(serde_json::json!({
+            "app": app, "version": 7,
+            "bundle": {"sha256": "0".repeat(64), "size": 1},
+            "manifest": {"name": app}, "config": {}, "cause": {"kind": "deploy"},
+            "description": "", "created_at": "2026-01-01T00:00:00Z", "created_by": "node",
+            "build": finished.output,
+        }))
+        .unwrap();
+        (StatusCode::CREATED, axum::Json(release)).into_response()
+    }
+
+    async fn fail(
+        State(repo): State<Repo>,
+        axum::Json(failed): axum::Json<BuildFailed>,
+    ) -> StatusCode {
+        repo.fails.lock().unwrap().push(failed);
+        StatusCode::OK
+    }
+
+    /// One runner against the stand-in, with what it reported.
+    struct Node {
+        url: String,
+        repo: Repo,
+        builds: Arc<Builds>,
+        statuses: Arc<Mutex<Vec<BuildStatus>>>,
+        events: mpsc::Receiver<NodeEvent>,
+        logs: Arc<AppLogs>,
+        state: tempfile::TempDir,
+        log_dir: tempfile::TempDir,
+        _stop: tokio_util::sync::DropGuard,
+    }
+
+    impl Node {
+        async fn start(enabled: bool) -> Self {
+            let repo = Repo::default();
+            let router = axum::Router::new()
+                .route("/v1/bundles/{sha}", get(blob))
+                .route("/v1/layers/{sha}", head(has_layer).put(put_layer))
+                .route("/v1/apps/{app}/builds/{n}/finish", post(finish))
+                .route("/v1/apps/{app}/builds/{n}/fail", post(fail))
+                .with_state(repo.clone());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+
+            let state = tempfile::tempdir().unwrap();
+            let log_dir = tempfile::tempdir().unwrap();
+            let config = BuildConfig {
+                enabled,
+                // No runtime anywhere: these apps need none, and one that asks fails.
+                runtimes_dir: state.path().join("runtimes"),
+                sandbox: SandboxConfig::None,
+                ..BuildConfig::default()
+            };
+            let settings = BuildSettings::from_config(&config, "node-b", state.path(), None);
+            let statuses = Arc::new(Mutex::new(Vec::new()));
+            let report: ReportStatus = {
+                let statuses = statuses.clone();
+                Arc::new(move |status| statuses.lock().unwrap().push(status))
+            };
+            let logs = Arc::new(AppLogs::new(log_dir.path(), Rotation::default()));
+            let (events_tx, events) = mpsc::channel(64);
+            let tracker = TaskTracker::new();
+            let stop = CancellationToken::new();
+            let builds = Builds::start(
+                settings,
+                report,
+                logs.clone(),
+                events_tx,
+                &tracker,
+                stop.clone(),
+            );
+            Self {
+                url,
+                repo,
+                builds,
+                statuses,
+                events,
+                logs,
+                state,
+                log_dir,
+                _stop: stop.drop_guard(),
+            }
+        }
+
+        /// Packs `files` as the upload of `app` and serves it; the order to build it as `build`.
+        fn order(&self, app: &str, build: u64, files: &[(&str, &str)]) -> BuildOrder {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(
+                dir.path().join("app.toml"),
+                format!("name = \"{app}\"\nrun = \"true\"\n"),
+            )
+            .unwrap();
+            for (path, content) in files {
+                std::fs::write(dir.path().join(path), content).unwrap();
+            }
+            let mut bytes = Vec::new();
+            let (summary, manifest) = px_bundle::pack_dir(dir.path(), &mut bytes).unwrap();
+            self.repo
+                .blobs
+                .lock()
+                .unwrap()
+                .insert(summary.sha256.clone(), bytes);
+            BuildOrder {
+                app: app.into(),
+                build,
+                source_url: format!("{}/v1/bundles/{}", self.url, summary.sha256),
+                source_sha256: summary.sha256,
+                source_size: summary.size,
+                manifest,
+            }
+        }
+
+        /// Waits until build `build` of `app` is reported ended; how it ended.
+        async fn ended(&self, app: &str, build: u64) -> BuildStatus {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let last = self
+                    .statuses
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .rev()
+                    .find(|s| s.app == app && s.build == build)
+                    .cloned();
+                if let Some(status) = last
+                    && status.progress != BuildProgress::Running
+                {
+                    return status;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "build {build} of {app} never ended"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        /// The events sent so far, as (kind, release, build).
+        fn events(&mut self) -> Vec<NodeEvent> {
+            std::iter::from_fn(|| self.events.try_recv().ok()).collect()
+        }
+
+        fn runs_of(&self, app: &str, build: u64) -> usize {
+            self.statuses
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|s| {
+                    s.app == app && s.build == build && s.progress == BuildProgress::Running
+                })
+                .count()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_build_uploads_only_what_the_repository_lacks_and_becomes_its_release() {
+        let mut node = Node::start(true).await;
+        let mut followed = node.logs.follow();
+        let order = node.order("site", 3, &[("index.html", "<h1>hello</h1>")]);
+
+        node.builds.apply(std::slice::from_ref(&order));
+        let status = node.ended("site", 3).await;
+
+        assert_eq!(
+            (status.progress, status.release),
+            (BuildProgress::Succeeded, Some(7))
+        );
+        let events = node.events();
+        let kinds: Vec<_> = events
+            .iter()
+            .map(|e| (e.kind, e.release, e.build))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (NodeEventKind::BuildStarted, 0, Some(3)),
+                (NodeEventKind::BuildFinished, 7, Some(3)),
+            ]
+        );
+        assert_eq!(events[1].message, "site build 3 made v7 on node-b");
+        // The one layer of a plain app was uploaded, then the build finished with it and its log.
+        let finished = node.repo.finishes.lock().unwrap()[0].clone();
+        assert_eq!(finished.output.build, 3);
+        let layers: Vec<String> = finished
+            .output
+            .layers
+            .iter()
+            .map(|l| l.sha256.clone())
+            .collect();
+        assert_eq!(*node.repo.puts.lock().unwrap(), layers);
+        assert!(
+            finished.log.contains("-----> Packing the app layer"),
+            "{}",
+            finished.log
+        );
+        assert!(
+            finished.log.contains("-----> Uploaded the app layer"),
+            "{}",
+            finished.log
+        );
+        // Every line also went to followers (the Beacon link) and to build.log.
+        let line = followed.recv().await.unwrap();
+        assert_eq!(
+            (
+                line.app.as_str(),
+                line.stream,
+                line.build,
+                line.release,
+                line.instance
+            ),
+            ("site", LogStream::Build, Some(3), 0, 0)
+        );
+        let build_log = node.log_dir.path().join("site/build.log");
+        let deadline = Instant::now() + WAIT;
+        while !std::fs::read_to_string(&build_log)
+            .is_ok_and(|t| t.contains("build 3 -----> Packing"))
+        {
+            assert!(Instant::now() < deadline, "build.log never got the output");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Nothing of the build is left but the cache.
+        let builds = node.state.path().join(BUILDS_DIR);
+        assert!(!builds.join("source/site-3").exists());
+        assert!(!builds.join("work/site-3").exists());
+        assert!(!builds.join("site-3.bundle").exists());
+
+        // The same source built again: the repository has its layer, so nothing is uploaded.
+        let again = node.order("site", 4, &[("index.html", "<h1>hello</h1>")]);
+        node.builds.apply(&[order, again]);
+        node.ended("site", 4).await;
+        assert_eq!(node.repo.puts.lock().unwrap().len(), 1);
+        let log = &node.repo.finishes.lock().unwrap()[1].log;
+        assert!(
+            log.contains("-----> The repository has the app layer already"),
+            "{log}"
+        );
+        assert_eq!(node.runs_of("site", 3), 1, "build 3 ran once");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_build_is_reported_with_its_reason_and_runs_again_only_when_re_added() {
+        let mut node = Node::start(true).await;
+        let order = node.order(
+            "notes",
+            1,
+            &[
+                (".python-version", "3.99\n"),
+                ("requirements.txt", "django\n"),
+            ],
+        );
+
+        node.builds.apply(std::slice::from_ref(&order));
+        let status = node.ended("notes", 1).await;
+
+        assert_eq!(status.progress, BuildProgress::Failed);
+        let failed = node.repo.fails.lock().unwrap()[0].clone();
+        assert!(
+            failed.reason.starts_with(".python-version asks for ")
+                && failed.reason.contains("3.99"),
+            "{}",
+            failed.reason
+        );
+        let events = node.events();
+        let last = events.last().unwrap();
+        assert_eq!(
+            (last.kind, last.build),
+            (NodeEventKind::BuildFailed, Some(1))
+        );
+        assert_eq!(
+            last.message,
+            format!("notes build 1 failed on node-b: {}", failed.reason)
+        );
+        assert!(node.repo.finishes.lock().unwrap().is_empty());
+
+        // Dropped and added again, even before the runner looks, the build runs again.
+        node.builds.apply(&[]);
+        node.builds.apply(std::slice::from_ref(&order));
+        let deadline = Instant::now() + WAIT;
+        while node.repo.fails.lock().unwrap().len() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "a re-added build never ran again"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let runs = node.runs_of("notes", 1);
+        node.builds.apply(std::slice::from_ref(&order));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(node.runs_of("notes", 1), runs);
+        assert_eq!(runs, 2, "dropped and re-added, it ran again, and only then");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_superseded_finish_is_no_failure() {
+        let mut node = Node::start(true).await;
+        *node.repo.superseded.lock().unwrap() = true;
+        let order = node.order("site", 2, &[("index.html", "v2")]);
+
+        node.builds.apply(&[order]);
+        let status = node.ended("site", 2).await;
+
+        assert_eq!(
+            (status.progress, status.release),
+            (BuildProgress::Superseded, None)
+        );
+        assert!(node.repo.fails.lock().unwrap().is_empty());
+        let kinds: Vec<_> = node.events().iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [NodeEventKind::BuildStarted]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_with_builds_off_fails_what_it_is_sent_saying_how_to_fix_it() {
+        let node = Node::start(false).await;
+        let order = node.order("site", 1, &[("index.html", "x")]);
+
+        node.builds.apply(&[order]);
+        assert_eq!(node.ended("site", 1).await.progress, BuildProgress::Failed);
+
+        let reason = node.repo.fails.lock().unwrap()[0].reason.clone();
+        assert_eq!(
+            reason,
+            "node node-b is labelled build = \"true\" but builds are off in its configuration; set [build] enabled = true in its maestro.toml, or remove the label"
+        );
+    }
+
+    #[test]
+    fn the_log_tail_keeps_the_newest_lines_within_the_limit() {
+        let mut tail = LogTail::default();
+        let line = "x".repeat(1000);
+        for n in 0..2000 {
+            tail.push(&format!("{n:04}{line}"));
+        }
+        let text = tail.text();
+        assert!(text.len() <= MAX_BUILD_LOG_BYTES, "{}", text.len());
+        assert!(text.len() > MAX_BUILD_LOG_BYTES - 2000);
+        assert!(text.ends_with(&format!("1999{line}")));
+        assert_eq!(tail.last(2), format!("1998{line}\n1999{line}"));
+    }
+
+    #[test]
+    fn a_failure_reason_is_one_line_of_bounded_length() {
+        let step = BuildError::StepFailed {
+            step: "uv pip install".into(),
+            status: "exit status: 1".into(),
+            tail: "error: no such package\nhint: check".into(),
+        };
+        assert_eq!(reason_of(&step), "uv pip install failed (exit status: 1)");
+        assert_eq!(one_sentence("first\nsecond"), "first");
+        assert_eq!(
+            one_sentence(&"é".repeat(5000)).chars().count(),
+            MAX_FAIL_REASON_CHARS
+        );
+    }
+
+    #[test]
+    fn the_repository_is_where_the_source_comes_from() {
+        let order = |url: &str| BuildOrder {
+            app: "a".into(),
+            build: 1,
+            source_url: url.into(),
+            source_sha256: "ab".into(),
+            source_size: 1,
+            manifest: px_proto::manifest::AppManifest::parse("name = \"a\"").unwrap(),
+        };
+        assert_eq!(
+            repository_of(&order("http://repo:7070/v1/bundles/ab")),
+            Some("http://repo:7070")
+        );
+        assert_eq!(repository_of(&order("http://repo:7070/bundles/ab")), None);
+        assert_eq!(repository_of(&order("file:///v1/bundles/ab")), None);
+    }
+}
