@@ -227,6 +227,7 @@ pub async fn up(options: Up) -> Result<()> {
             ca_file: ca,
             token_file: secrets.dir.join("maestro-link-token"),
         }),
+        build: builder(data).await,
         ..Default::default()
     };
 
@@ -279,6 +280,80 @@ pub async fn up(options: Up) -> Result<()> {
     .await?;
     println!("Platform.X stopped; `em up` brings the same apps back.");
     Ok(())
+}
+
+/// The local Maestro builds what is deployed, as a cluster's build node does: with the
+/// interpreters of this machine (pyenv, nvm, asdf, `PATH`), its tools and caches under the data
+/// directory, in bubblewrap when it works here, and trusting the CA the operator's own tools
+/// trust (`SSL_CERT_FILE` and the like), so installers behind an inspecting proxy work as
+/// `pip` and `npm` do in the same shell.
+async fn builder(data: &Path) -> px_maestro::config::BuildConfig {
+    use px_maestro::config::{BuildConfig, SandboxConfig};
+    let sandbox = if bubblewrap_works().await {
+        SandboxConfig::Bubblewrap
+    } else {
+        println!(
+            "warning: bubblewrap (bwrap) does not work on this machine, so builds run without a sandbox; install the `bubblewrap` package to isolate them"
+        );
+        SandboxConfig::None
+    };
+    BuildConfig {
+        enabled: true,
+        discover_host_runtimes: true,
+        tools_dir: Some(data.join("build/tools")),
+        cache_dir: Some(data.join("build/cache")),
+        sandbox,
+        ca_file: operator_ca_file(),
+        ..BuildConfig::default()
+    }
+}
+
+/// The variables that name a CA bundle for the installers, in the order they are read: the
+/// first that names an existing file is the builds' `ca_file`.
+const CA_ENV: &[&str] = &[
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "PIP_CERT",
+    "NODE_EXTRA_CA_CERTS",
+];
+
+/// The CA bundle the operator's environment names, if any. `em` is a command a person runs,
+/// not a service, so it reads its own environment (as it does for `HOME`).
+fn operator_ca_file() -> Option<PathBuf> {
+    CA_ENV
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(PathBuf::from)
+        .find(|path| path.is_file())
+}
+
+/// How long the bubblewrap check may take: it starts `true` in a sandbox, milliseconds.
+const SANDBOX_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether bubblewrap can start a command here as the builder starts them: in a user
+/// namespace when unprivileged, without one as root (either working is enough).
+async fn bubblewrap_works() -> bool {
+    for user_namespace in [true, false] {
+        let mut command = tokio::process::Command::new("bwrap");
+        command.args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]);
+        command.args(["--unshare-pid", "--die-with-parent"]);
+        if user_namespace {
+            command.arg("--unshare-user");
+        }
+        command
+            .args(["--", "true"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if matches!(
+            tokio::time::timeout(SANDBOX_CHECK_TIMEOUT, command.status()).await,
+            Ok(Ok(status)) if status.success()
+        ) {
+            return true;
+        }
+    }
+    false
 }
 
 /// A service's task as [`wait_for_services`] takes it: its error becomes a sentence that

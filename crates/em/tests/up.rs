@@ -712,3 +712,168 @@ async fn four_deploys_at_once_all_return_promptly_and_only_the_newest_goes_out()
     assert!(page.contains("<code>4</code>"), "v4 serves: {page}");
     stop(up);
 }
+
+/// How long a build may take here: the first build of an `em up` packs a Python runtime and
+/// installs from PyPI or npm (tens of seconds on a loaded 2-core machine).
+const BUILD_WAIT: Duration = Duration::from_secs(300);
+
+/// `examples/<name>` copied under the test's home, to be changed.
+fn example_copy(env: &Env, name: &str) -> std::path::PathBuf {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(name);
+    let to = env.home.path().join(name);
+    let mut pending = vec![(from, to.clone())];
+    while let Some((from, to)) = pending.pop() {
+        std::fs::create_dir_all(&to).unwrap();
+        for entry in std::fs::read_dir(&from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                pending.push((entry.path(), target));
+            } else {
+                std::fs::copy(entry.path(), &target).unwrap();
+            }
+        }
+    }
+    to
+}
+
+/// `em deploy` of `dir`, with stdout and stderr together (where the build's output goes is
+/// `em deploy`'s choice).
+fn deploy(env: &Env, dir: &Path) -> (Option<i32>, String) {
+    let out = env.em(&["deploy", dir.to_str().unwrap()]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// Waits until `path` on `host` answers 200 with `needle` in its body.
+async fn wait_for_path(http: &reqwest::Client, env: &Env, host: &str, path: &str, needle: &str) {
+    let url = format!("{}{}", env.url(), path.trim_start_matches('/'));
+    let start = Instant::now();
+    loop {
+        if let Some(text) = body(http, &url, host).await
+            && text.contains(needle)
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < BUILD_WAIT,
+            "{host}{path} never showed {needle:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The layers Maestro holds, by digest, with the inode of each layer's directory.
+fn layers_on_node(env: &Env) -> std::collections::BTreeMap<String, u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = env.home.path().join("data/platformx/maestro/state/layers");
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().ino(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_with_dependencies_are_built_and_a_code_only_change_reuses_them() {
+    let env = Env::new();
+    // The machine's interpreters are under the real home's pyenv; the test's home shows them,
+    // as a developer's own home would.
+    let real_home = std::env::var_os("HOME").unwrap();
+    for dir in [".pyenv", ".nvm"] {
+        let real = Path::new(&real_home).join(dir);
+        if real.is_dir() {
+            std::os::unix::fs::symlink(&real, env.home.path().join(dir)).unwrap();
+        }
+    }
+    let up = env.up();
+    let http = reqwest::Client::new();
+
+    // A Django app as its author publishes it: requirements, Procfile, .python-version.
+    let notes = example_copy(&env, "django-notes");
+    let host = "django-notes.localhost";
+    let (code, output) = deploy(&env, &notes);
+    eprintln!("em deploy django-notes v1:\n{output}");
+    assert_eq!(code, Some(0), "{output}");
+    assert!(
+        output.contains("Installing dependencies with uv"),
+        "{output}"
+    );
+    assert!(output.contains("collectstatic"), "{output}");
+    wait_for_path(&http, &env, host, "/", "Notes from Django").await;
+    wait_for_path(
+        &http,
+        &env,
+        host,
+        "/static/notes/style.css",
+        "notes-stylesheet",
+    )
+    .await;
+    let first = layers_on_node(&env);
+    assert_eq!(first.len(), 3, "runtime, dependencies, app: {first:?}");
+
+    // Only the code changes: the dependencies are reused, and the web server fetches only
+    // the new app layer.
+    replace_in(
+        &notes.join("notes/views.py"),
+        "The platform built this release",
+        "The platform built this second release",
+    );
+    let (code, output) = deploy(&env, &notes);
+    eprintln!("em deploy django-notes v2:\n{output}");
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("Dependencies unchanged"), "{output}");
+    assert!(!output.contains("Installing dependencies"), "{output}");
+    wait_for_path(&http, &env, host, "/", "this second release").await;
+    let second = layers_on_node(&env);
+    let added: Vec<&String> = second.keys().filter(|d| !first.contains_key(*d)).collect();
+    assert_eq!(added.len(), 1, "only the app layer is new: {second:?}");
+    for (digest, inode) in &first {
+        if let Some(again) = second.get(digest) {
+            assert_eq!(again, inode, "layer {digest} was fetched again");
+        }
+    }
+    assert_eq!(
+        first.keys().filter(|d| second.contains_key(*d)).count(),
+        3,
+        "v1's layers stay while v1 is kept: {second:?}"
+    );
+
+    // A dependency that does not exist fails the build; deploy says why and v2 keeps serving.
+    replace_in(
+        &notes.join("requirements.txt"),
+        "whitenoise>=6.9\n",
+        "whitenoise>=6.9\nplatformx-no-such-package-4242==1.0\n",
+    );
+    let (code, output) = deploy(&env, &notes);
+    eprintln!("em deploy django-notes with a missing dependency:\n{output}");
+    assert_eq!(code, Some(1), "{output}");
+    assert!(
+        output.contains("platformx-no-such-package-4242"),
+        "{output}"
+    );
+    wait_for_path(&http, &env, host, "/", "this second release").await;
+
+    // An Express app with its lockfile, run with `npm start`.
+    let hello = example_copy(&env, "express-hello");
+    let host = "express-hello.localhost";
+    let (code, output) = deploy(&env, &hello);
+    eprintln!("em deploy express-hello:\n{output}");
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("npm"), "{output}");
+    wait_for_path(&http, &env, host, "/", "Hello from Express").await;
+    wait_for_path(&http, &env, host, "/style.css", "express-stylesheet").await;
+    stop(up);
+}
