@@ -24,7 +24,6 @@ use px_proto::build::{
     MAX_BUILD_LOG_BYTES,
 };
 use px_proto::link::{NodeEvent, NodeEventKind};
-use px_proto::size::ByteSize;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -343,6 +342,11 @@ async fn run_one(ctx: Arc<Ctx>, order: BuildOrder, stop: CancellationToken) {
         }
         Outcome::Ended { message } => {
             tracing::info!(%app, build = number, %message, "the repository had another result for the build");
+            ctx.logs.record_build(
+                &app,
+                number,
+                &format!("-----> Not made a release: {message}"),
+            );
             ctx.status(&order, BuildProgress::Superseded, None);
         }
         Outcome::Failed { reason } => {
@@ -505,8 +509,8 @@ impl Ctx {
             let kind = layer.kind.as_str();
             let line = match self.upload_layer(repository, layer).await {
                 Ok(true) => format!(
-                    "-----> Uploaded the {kind} layer ({})",
-                    ByteSize(layer.size)
+                    "-----> Uploaded the {kind} layer ({:.1} MiB)",
+                    layer.size as f64 / (1024.0 * 1024.0)
                 ),
                 Ok(false) => format!("-----> The repository has the {kind} layer already"),
                 Err(reason) => {

@@ -18,6 +18,8 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+#[cfg(test)]
+use std::path::Path;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -228,5 +230,68 @@ impl Default for Config {
             beacon: None,
             build: BuildConfig::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads `text` as Maestro's config file (no environment: the prefix is one nobody sets).
+    fn load(text: &str) -> Result<Config, px_runtime::config::ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("maestro.toml");
+        std::fs::write(&file, text).unwrap();
+        px_runtime::config::load(&Config::default(), Some(&file), "PX_MAESTRO_TEST_UNSET_")
+    }
+
+    #[test]
+    fn builds_are_off_unless_configured_and_the_build_table_keeps_its_defaults() {
+        let config = load("").unwrap();
+        assert_eq!(config.build, BuildConfig::default());
+        assert!(!config.build.enabled);
+        assert_eq!(config.build.sandbox, SandboxConfig::Bubblewrap);
+
+        let config = load(
+            "[build]\nenabled = true\nsandbox = \"none\"\ntime_limit = \"5m\"\nmemory_limit = \"1GiB\"\npython_index = \"https://pypi.internal/simple\"\n",
+        )
+        .unwrap();
+        assert!(config.build.enabled);
+        assert_eq!(config.build.sandbox, SandboxConfig::None);
+        assert_eq!(config.build.time_limit, Duration::from_secs(300));
+        assert_eq!(config.build.memory_limit, ByteSize(1 << 30));
+        assert_eq!(
+            config.build.python_index.as_deref(),
+            Some("https://pypi.internal/simple")
+        );
+        // What the file does not name keeps its default.
+        assert_eq!(config.build.disk_limit, BuildConfig::default().disk_limit);
+        assert_eq!(config.build.runtimes_dir, Path::new(DEFAULT_RUNTIMES_DIR));
+    }
+
+    #[test]
+    fn a_misspelt_build_key_and_bad_build_settings_are_named() {
+        let e = load("[build]\nenable = true\n").unwrap_err().to_string();
+        assert!(e.contains("enable"), "{e}");
+        let e = load("[build]\nsandbox = \"docker\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("docker"), "{e}");
+
+        let mut config = load("[build]\nenabled = true\n").unwrap();
+        config.build.ca_file = Some("/nonexistent/ca.pem".into());
+        config.build.npm_registry = Some("registry.internal".into());
+        config.build.process_limit = 0;
+        let problems = crate::check(&config).err().unwrap().problems.join("\n");
+        for part in [
+            "build.ca_file /nonexistent/ca.pem",
+            "build.npm_registry \"registry.internal\" must be an http:// or https:// URL",
+            "build.process_limit must be more than 0",
+        ] {
+            assert!(problems.contains(part), "{problems}");
+        }
+        // The same settings with builds off are not this node's concern.
+        config.build.enabled = false;
+        assert!(crate::check(&config).is_ok());
     }
 }
