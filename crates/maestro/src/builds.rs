@@ -1195,6 +1195,66 @@ mod tests {
         assert_eq!(kinds, [NodeEventKind::BuildStarted]);
     }
 
+    /// Whether a process with exactly these arguments runs.
+    fn running(args: &[&str]) -> bool {
+        let wanted: Vec<u8> = args
+            .iter()
+            .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+            .collect();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .any(|entry| std::fs::read(entry.path().join("cmdline")).is_ok_and(|c| c == wanted))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_build_that_leaves_the_assignment_is_ended_with_its_commands() {
+        let mut node = Node::start(true).await;
+        let mut followed = node.logs.follow();
+        let order = node.order(
+            "slow",
+            1,
+            &[(
+                "app.toml",
+                "name = \"slow\"\nrun = \"true\"\n[build]\ncommand = \"echo sleeping; exec sleep 4242\"\n",
+            )],
+        );
+
+        node.builds.apply(std::slice::from_ref(&order));
+        let deadline = Instant::now() + WAIT;
+        while !followed.recv().await.unwrap().line.contains("sleeping") {
+            assert!(Instant::now() < deadline, "the build command never ran");
+        }
+        while !running(&["sleep", "4242"]) {
+            assert!(Instant::now() < deadline, "the build's sleep never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // Beacon drops it (apprepo has a result, say): it ends now, not in 4242 s.
+        node.builds.apply(&[]);
+        assert_eq!(
+            node.ended("slow", 1).await.progress,
+            BuildProgress::Superseded
+        );
+        while running(&["sleep", "4242"]) {
+            assert!(Instant::now() < deadline, "the build's command outlived it");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Nothing is reported to apprepo for it, and nothing of it is left.
+        assert!(node.repo.fails.lock().unwrap().is_empty());
+        assert!(node.repo.finishes.lock().unwrap().is_empty());
+        let kinds: Vec<_> = node.events().iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [NodeEventKind::BuildStarted]);
+        assert!(
+            !node
+                .state
+                .path()
+                .join(BUILDS_DIR)
+                .join("work/slow-1")
+                .exists()
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_with_builds_off_fails_what_it_is_sent_saying_how_to_fix_it() {
         let node = Node::start(false).await;
