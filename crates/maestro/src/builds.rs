@@ -53,6 +53,8 @@ pub(crate) const MAX_FAIL_REASON_CHARS: usize = 1000;
 pub(crate) const DELIVERY_ATTEMPTS: u32 = 5;
 /// Backoff between those tries: about 1, 2, 4 and 8 s, so they span a restart's seconds.
 const DELIVERY_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest wait between two tries, should `DELIVERY_ATTEMPTS` grow: half a minute, the
+/// same order as a service's restart.
 const DELIVERY_BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// Directory of the builds in progress, in `state_dir`: emptied at start, each build's part
 /// removed when it ends.
@@ -310,20 +312,25 @@ async fn run_one(ctx: Arc<Ctx>, order: BuildOrder, stop: CancellationToken) {
         outcome = build_and_deliver(&ctx, &order, &mut log) => outcome,
         () = stop.cancelled() => Outcome::Stopped,
     };
+    // The app's name makes paths: an invalid one (refused above) touches nothing on disk and
+    // is reported nowhere but in the events.
+    let valid_name = px_proto::names::check_app_name(&app).is_ok();
     // Only this task writes these paths, and its build has ended.
-    let scratch = [
-        ctx.settings.dir.join(format!("{app}-{number}.bundle")),
-        ctx.settings
-            .dir
-            .join("source")
-            .join(format!("{app}-{number}")),
-        ctx.settings
-            .builder
-            .work_dir
-            .join(format!("{app}-{number}")),
-    ];
+    let scratch = valid_name.then(|| {
+        [
+            ctx.settings.dir.join(format!("{app}-{number}.bundle")),
+            ctx.settings
+                .dir
+                .join("source")
+                .join(format!("{app}-{number}")),
+            ctx.settings
+                .builder
+                .work_dir
+                .join(format!("{app}-{number}")),
+        ]
+    });
     let _ = tokio::task::spawn_blocking(move || {
-        for path in scratch {
+        for path in scratch.into_iter().flatten() {
             let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
         }
     })
@@ -360,7 +367,7 @@ async fn run_one(ctx: Arc<Ctx>, order: BuildOrder, stop: CancellationToken) {
                 (!detail.is_empty()).then_some(detail),
             );
             ctx.status(&order, BuildProgress::Failed, None);
-            if let Some(repository) = repository_of(&order) {
+            if let Some(repository) = repository_of(&order).filter(|_| valid_name) {
                 let failed = BuildFailed {
                     reason,
                     log: log.text(),
@@ -1253,6 +1260,36 @@ mod tests {
                 .join("work/slow-1")
                 .exists()
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_order_for_an_app_name_that_is_no_name_touches_nothing() {
+        let mut node = Node::start(true).await;
+        let mut order = node.order("site", 1, &[("index.html", "x")]);
+        order.app = "../escape".into();
+        // What `state_dir/builds/../escape-1` names: not the build's to touch.
+        let outside = node.state.path().join("escape-1");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep.txt"), "mine").unwrap();
+
+        node.builds.apply(&[order]);
+        assert_eq!(
+            node.ended("../escape", 1).await.progress,
+            BuildProgress::Failed
+        );
+
+        let failed = node.events().pop().unwrap();
+        assert!(
+            failed.message.contains("the app name"),
+            "{}",
+            failed.message
+        );
+        assert!(node.repo.fails.lock().unwrap().is_empty());
+        assert_eq!(
+            std::fs::read_to_string(outside.join("keep.txt")).unwrap(),
+            "mine"
+        );
+        assert!(!node.state.path().join("escape-1.bundle").exists());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
