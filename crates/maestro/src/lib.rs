@@ -2,8 +2,9 @@
 //! AppRunner, switches releases with zero downtime, proxies HTTP(S) to them by host, writes
 //! app and access logs, and keeps a control link to Beacon. It serves its last persisted
 //! assignment at once on start-up, so web traffic never waits for the control plane.
-//! [`run`] is the whole service; `main.rs` only wires it up. [`local`] runs one app from a
-//! local directory the same way, for `em dev`.
+//! On a node that builds (`[build] enabled`), it also runs the builds Beacon assigns and
+//! delivers their layers to apprepo (`builds.rs`). [`run`] is the whole service; `main.rs`
+//! only wires it up. [`local`] runs one app from a local directory the same way, for `em dev`.
 
 mod app_events;
 mod builds;
