@@ -1,5 +1,5 @@
 //! Python apps: the installer input turned into requirements (`requirements.txt` as is, `uv
-//! export --frozen` of a `uv.lock`, the main packages of `poetry.lock`, `Pipfile.lock`'s
+//! export --frozen` of a `uv.lock` checked against `pyproject.toml` first, the main packages of `poetry.lock`, `Pipfile.lock`'s
 //! `default`), `uv pip install --prefix .px/deps` with the release's own interpreter, scripts
 //! made to run from any release directory, and Django's `collectstatic`.
 
@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::BuildError;
-use px_proto::detect::PythonInput;
+use px_proto::detect::{PYPROJECT_TOML, PythonInput, UV_LOCK};
 
 use crate::detect::{key_files, read_lockfile};
 use crate::error::IoContext;
@@ -69,6 +69,7 @@ impl Python<'_> {
         let requirements = match input {
             PythonInput::Requirements => self.app_dir.join("requirements.txt"),
             PythonInput::UvLock => {
+                self.check_uv_lock(jail, output).await?;
                 let out = self.build_dir.join(GENERATED_REQUIREMENTS);
                 let step = self.uv_step(
                     "uv export",
@@ -142,6 +143,33 @@ impl Python<'_> {
             });
         }
         rewrite_shebangs(&prefix.join("bin"))
+    }
+
+    /// Fails the build when `uv.lock` no longer matches `pyproject.toml` (`uv lock --check`).
+    /// The check runs offline, so it cannot resolve anew and passes only when the lock already
+    /// answers the project's requirements, and with the configured index cleared (uv reads an
+    /// empty `UV_INDEX_URL` as unset): a lock made against PyPI is not stale because this
+    /// node installs from a mirror. `export --frozen` then trusts the checked lock.
+    async fn check_uv_lock(
+        &self,
+        jail: &mut Jail,
+        output: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<(), BuildError> {
+        let mut step = self.uv_step(
+            "uv lock --check",
+            &["lock", "--check", "--offline", "--quiet"],
+            None,
+        );
+        step.env.push(("UV_INDEX_URL".into(), OsString::new()));
+        let finished = jail.run(&step, output).await?;
+        if finished.success {
+            return Ok(());
+        }
+        Err(BuildError::LockfileOutOfDate {
+            file: UV_LOCK.into(),
+            manifest: PYPROJECT_TOML.into(),
+            hint: "run `uv lock` and commit uv.lock".into(),
+        })
     }
 
     fn uv_step(&self, label: &str, args: &[&str], out: Option<&Path>) -> Step {

@@ -1,5 +1,6 @@
 //! Python builds with the real uv and packages from PyPI: a Django app built into layers that
-//! run from any release directory, and a code-only rebuild that reuses the dependencies.
+//! run from any release directory, a code-only rebuild that reuses the dependencies, and a
+//! project locked by uv (installed as locked; a stale lock fails naming it).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -283,4 +284,70 @@ async fn debians_python_is_relocated_into_the_release_and_finds_its_dependencies
         "{text}"
     );
     assert!(text.contains("six 1.17.0"), "{text}");
+}
+
+/// A copy of the uv-locked fixture (`pyproject.toml` pinning six, its `uv.lock`).
+fn uv_locked_app(dir: &Path) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/uvlock");
+    for file in [
+        "app.toml",
+        "app.py",
+        "pyproject.toml",
+        "uv.lock",
+        ".python-version",
+    ] {
+        std::fs::copy(fixture.join(file), dir.join(file)).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uv_locked_project_installs_what_its_lock_says() {
+    let app = "uvlock-shop";
+    let work = tempfile::tempdir().unwrap();
+    let source = tempfile::tempdir().unwrap();
+    uv_locked_app(source.path());
+    let settings = settings(work.path(), app);
+
+    let (built, output) = run_build(app, 1, source.path(), &settings).await;
+    let built = built.unwrap_or_else(|e| panic!("build failed: {e}\n{}", output.join("\n")));
+    let release = work.path().join("release");
+    assemble(&built, &release);
+    let (ok, out) = run_in_release(&built, &release, "python3 app.py");
+    assert!(ok, "{out}");
+    // The lock pins six 1.16.0, although newer ones exist.
+    assert!(out.contains("six 1.16.0"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uv_lock_out_of_sync_with_pyproject_fails_naming_the_lockfile() {
+    let app = "uvlock-stale";
+    let work = tempfile::tempdir().unwrap();
+    let source = tempfile::tempdir().unwrap();
+    uv_locked_app(source.path());
+    // A dependency added to pyproject.toml without `uv lock`.
+    let pyproject = std::fs::read_to_string(source.path().join("pyproject.toml")).unwrap();
+    let pyproject = pyproject.replace("[\"six==1.16.0\"]", "[\"six==1.16.0\", \"idna\"]");
+    write_tree(
+        source.path(),
+        &[
+            ("pyproject.toml", &pyproject),
+            (
+                "app.toml",
+                &format!("name = \"{app}\"\nrun = \"python3 app.py\"\n"),
+            ),
+        ],
+    );
+    let settings = settings(work.path(), app);
+
+    let (built, output) = run_build(app, 1, source.path(), &settings).await;
+    let e = built.expect_err("a stale uv.lock built");
+    assert!(
+        matches!(&e, px_build::BuildError::LockfileOutOfDate { file, .. } if file == "uv.lock"),
+        "{e:?}\n{output:#?}"
+    );
+    assert!(
+        e.to_string()
+            .starts_with("uv.lock is out of date with pyproject.toml; update it (run `uv lock`"),
+        "{e}"
+    );
 }
