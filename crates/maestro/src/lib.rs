@@ -329,7 +329,8 @@ pub async fn run_with(
                         )],
                         metrics.render()
                             + &app_events.render_metrics()
-                            + &metrics_supervisor.render_disk_metrics(),
+                            + &metrics_supervisor.render_disk_metrics()
+                            + &metrics_supervisor.render_layer_metrics(),
                     )
                         .into_response()
                 }

@@ -689,6 +689,11 @@ async fn old_releases_are_removed_and_a_kept_one_rolls_back_without_a_download()
         metrics.contains("maestro_release_bytes{app=\"hello\"} "),
         "{metrics}"
     );
+    // Releases uploaded as they run are bundles, not layers: no layer was downloaded.
+    assert!(
+        metrics.contains("maestro_layer_fetched_bytes_total{kind=\"app\"} 0\n"),
+        "{metrics}"
+    );
 
     // Back to release 3: it is still unpacked, so it starts with apprepo's copy gone.
     bundles.bundles.lock().unwrap().clear();

@@ -10,14 +10,18 @@
 //! exclusively, or skips its turn when an assembly is in flight, so a layer is never removed
 //! while a release is being linked from it. A removed layer costs a kept release nothing:
 //! its hard links keep the bytes alive.
+//!
+//! What was downloaded is counted per kind of layer (`/metrics`), so an operator, and the
+//! builds benchmark, can see that a code-only deploy fetched its app layer alone.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use px_proto::build::AssignedLayer;
+use px_proto::build::{AssignedLayer, LayerKind};
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 
 use super::error::DeployError;
@@ -37,6 +41,18 @@ pub(super) struct Layers {
     collection: Arc<RwLock<()>>,
     /// One lock per digest being fetched, so a layer is downloaded and unpacked once.
     fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Layers downloaded whole, and their bytes, by kind ([`KINDS`] order).
+    fetched: [Fetched; KINDS.len()],
+}
+
+/// The kinds of layer, in the order their counters are kept and shown.
+const KINDS: [LayerKind; 3] = [LayerKind::Runtime, LayerKind::Dependencies, LayerKind::App];
+
+/// Downloads of one kind of layer since Maestro started.
+#[derive(Default)]
+struct Fetched {
+    layers: AtomicU64,
+    bytes: AtomicU64,
 }
 
 impl Layers {
@@ -45,6 +61,44 @@ impl Layers {
             dir: state_dir.join(LAYERS_DIR),
             collection: Arc::new(RwLock::new(())),
             fetching: Mutex::new(HashMap::new()),
+            fetched: Default::default(),
+        }
+    }
+
+    /// Prometheus lines: the layers this node downloaded whole (size and SHA-256 checked) since
+    /// it started, and the bytes it received for them, by kind. A layer already here is not
+    /// downloaded, so a code-only deploy adds only its app layer.
+    pub(super) fn render_metrics(&self) -> String {
+        let mut out = String::from(
+            "# HELP maestro_layers_fetched_total Layers downloaded whole from the repository.\n\
+             # TYPE maestro_layers_fetched_total counter\n",
+        );
+        for (kind, fetched) in KINDS.iter().zip(&self.fetched) {
+            out.push_str(&format!(
+                "maestro_layers_fetched_total{{kind=\"{}\"}} {}\n",
+                kind.as_str(),
+                fetched.layers.load(Ordering::Relaxed)
+            ));
+        }
+        out.push_str(
+            "# HELP maestro_layer_fetched_bytes_total Bytes received for the layers downloaded whole.\n\
+             # TYPE maestro_layer_fetched_bytes_total counter\n",
+        );
+        for (kind, fetched) in KINDS.iter().zip(&self.fetched) {
+            out.push_str(&format!(
+                "maestro_layer_fetched_bytes_total{{kind=\"{}\"}} {}\n",
+                kind.as_str(),
+                fetched.bytes.load(Ordering::Relaxed)
+            ));
+        }
+        out
+    }
+
+    /// Counts one layer of `kind` downloaded whole, `bytes` long.
+    fn count_fetch(&self, kind: LayerKind, bytes: u64) {
+        if let Some(i) = KINDS.iter().position(|k| *k == kind) {
+            self.fetched[i].layers.fetch_add(1, Ordering::Relaxed);
+            self.fetched[i].bytes.fetch_add(bytes, Ordering::Relaxed);
         }
     }
 
@@ -105,7 +159,12 @@ impl Layers {
         )
         .await;
         let unpacked = match fetched {
-            Ok(()) => unpack(download.clone(), dest).await,
+            Ok(bytes) => {
+                // Counted once received and checked, whether or not the unpack then works:
+                // the bytes crossed the network either way.
+                self.count_fetch(layer.kind, bytes);
+                unpack(download.clone(), dest).await
+            }
             Err(e) => Err(e),
         };
         let _ = tokio::fs::remove_file(&download).await;

@@ -1,5 +1,5 @@
 //! What the supervisor tells the outside: the node report Beacon receives (instances,
-//! rollout figures, builds, disk) and the disk lines of `/metrics`.
+//! rollout figures, builds, disk) and the disk and layer download lines of `/metrics`.
 
 use px_proto::build::BuildStatus;
 use px_proto::link::{DiskReport, NodeReport};
@@ -29,6 +29,11 @@ impl Supervisor {
             out.push_str(&format!("maestro_release_bytes{{app=\"{app}\"}} {bytes}\n"));
         }
         out
+    }
+
+    /// Prometheus lines on the layers this node downloaded, by kind: how many and their bytes.
+    pub fn render_layer_metrics(&self) -> String {
+        self.shared.store.layer_fetch_metrics()
     }
 
     /// The node's full actual state.

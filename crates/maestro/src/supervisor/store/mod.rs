@@ -233,7 +233,7 @@ impl ReleaseStore {
         )
         .await;
         let unpacked = match fetched {
-            Ok(()) => unpack(download.clone(), dir.to_path_buf()).await,
+            Ok(_) => unpack(download.clone(), dir.to_path_buf()).await,
             Err(e) => Err(e),
         };
         // The bundle is not kept: the unpacked release is what later starts use.
@@ -384,6 +384,11 @@ impl ReleaseStore {
     pub(crate) fn floor_bytes(&self) -> u64 {
         self.min_free_disk
     }
+
+    /// The `/metrics` lines of the layers this node downloaded.
+    pub(crate) fn layer_fetch_metrics(&self) -> String {
+        self.layers.render_metrics()
+    }
 }
 
 /// One download: where from, what it must hash to, what it is (for messages), and the most
@@ -396,13 +401,14 @@ pub(crate) struct Fetch<'a> {
 }
 
 /// Streams `what` to `path` (with the repository token, if any), checking its size as it
-/// arrives and its SHA-256 at the end. On failure the caller removes `path`.
+/// arrives and its SHA-256 at the end; the bytes received. On failure the caller removes
+/// `path`.
 pub(crate) async fn fetch(
     http: &reqwest::Client,
     token: Option<&str>,
     what: &Fetch<'_>,
     path: &Path,
-) -> Result<(), DeployError> {
+) -> Result<u64, DeployError> {
     use futures_util::StreamExt;
     use tokio::io::AsyncWriteExt;
     let url = what.url;
@@ -457,7 +463,7 @@ pub(crate) async fn fetch(
             actual: digest,
         });
     }
-    Ok(())
+    Ok(size)
 }
 
 /// Unpacks the bundle at `bundle` into `dir` on a blocking thread; `px_bundle::unpack` leaves

@@ -475,6 +475,56 @@ async fn a_second_built_release_downloads_only_its_app_layer_and_shares_the_rest
     );
 }
 
+/// `(layers, bytes)` of `kind` in the store's download metrics.
+fn fetched(store: &ReleaseStore, kind: &str) -> (u64, u64) {
+    let metrics = store.layer_fetch_metrics();
+    let value = |name: &str| {
+        let prefix = format!("{name}{{kind=\"{kind}\"}} ");
+        let line = metrics.lines().find(|l| l.starts_with(&prefix));
+        line.unwrap_or_else(|| panic!("no {prefix} in {metrics}"))[prefix.len()..]
+            .parse()
+            .unwrap()
+    };
+    (
+        value("maestro_layers_fetched_total"),
+        value("maestro_layer_fetched_bytes_total"),
+    )
+}
+
+#[tokio::test]
+async fn the_download_metrics_count_the_layers_a_release_fetched_and_no_more() {
+    let repository = Repository::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let store = store(state.path(), 3, 0);
+    let (runtime, _) =
+        repository.layer(LayerKind::Runtime, &[(".px/runtime/bin/python3", PYTHON)]);
+    let (deps, _) = repository.layer(
+        LayerKind::Dependencies,
+        &[(".px/deps/lib/python3.12/site-packages/django.py", "DJANGO")],
+    );
+    let (app1, _) = repository.layer(LayerKind::App, &[("manage.py", "print('v1')")]);
+    let (app2, _) = repository.layer(LayerKind::App, &[("manage.py", "print('v2, longer')")]);
+    assert_eq!(fetched(&store, "app"), (0, 0));
+
+    // The first release downloads all of it: each layer's archive, byte for byte.
+    let v1 = repository.built("shop", 1, &[&runtime, &deps, &app1]);
+    store.prepare(&v1).await.unwrap();
+    assert_eq!(fetched(&store, "runtime"), (1, runtime.size));
+    assert_eq!(fetched(&store, "dependencies"), (1, deps.size));
+    assert_eq!(fetched(&store, "app"), (1, app1.size));
+
+    // A code-only release adds its app layer alone, and preparing a release already on
+    // disk downloads nothing.
+    let v2 = repository.built("shop", 2, &[&runtime, &deps, &app2]);
+    store.prepare(&v2).await.unwrap();
+    store.prepare(&v2).await.unwrap();
+    store.prepare(&v1).await.unwrap();
+    assert_eq!(fetched(&store, "runtime"), (1, runtime.size));
+    assert_eq!(fetched(&store, "dependencies"), (1, deps.size));
+    assert_eq!(fetched(&store, "app"), (2, app1.size + app2.size));
+    assert_eq!(repository.downloads(), 4);
+}
+
 #[tokio::test]
 async fn two_apps_on_one_runtime_deploying_at_once_download_it_once() {
     let repository = Repository::start().await;
@@ -528,6 +578,9 @@ async fn a_layer_with_a_wrong_digest_leaves_nothing_behind() {
     // No release, no half-fetched layer: only the runtime, which was whole and verified.
     assert!(entries(state.path(), "shop").is_empty());
     assert_eq!(layer_dirs(state.path()), vec![runtime.sha256.clone()]);
+    // Only what arrived whole and checked counts as downloaded.
+    assert_eq!(fetched(&store, "runtime"), (1, runtime.size));
+    assert_eq!(fetched(&store, "app"), (0, 0));
 
     // Served right, the same release deploys.
     let (app, _) = repository.layer(LayerKind::App, &[("manage.py", "code")]);
