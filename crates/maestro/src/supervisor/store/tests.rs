@@ -496,8 +496,7 @@ async fn the_download_metrics_count_the_layers_a_release_fetched_and_no_more() {
     let repository = Repository::start().await;
     let state = tempfile::tempdir().unwrap();
     let store = store(state.path(), 3, 0);
-    let (runtime, _) =
-        repository.layer(LayerKind::Runtime, &[(".px/runtime/bin/python3", PYTHON)]);
+    let (runtime, _) = repository.layer(LayerKind::Runtime, &[(".px/runtime/bin/python3", PYTHON)]);
     let (deps, _) = repository.layer(
         LayerKind::Dependencies,
         &[(".px/deps/lib/python3.12/site-packages/django.py", "DJANGO")],
