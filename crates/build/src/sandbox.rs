@@ -48,19 +48,26 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// namespace's members once its init dies, which takes milliseconds; this bounds a stuck one.
 const EXIT_WAIT: Duration = Duration::from_secs(5);
 
-/// The system directories a build sees, read-only (each only if it exists).
+/// The system directories a build sees, read-only (each only if it exists). On NixOS every
+/// program, library and runtime lives in the Nix store, the other directories holding little
+/// more than links into it, so the store is shown too: every user may read it by design, so a
+/// build sees nothing there that any local user could not.
 const SYSTEM_DIRS: &[&str] = &[
-    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", NIX_STORE,
 ];
-/// The few files of `/etc` a build needs: TLS roots, name resolution, user names.
+/// The few files of `/etc` a build needs: TLS roots, name resolution, user names. On NixOS the
+/// files in `/etc/ssl` are links into `/etc/static` (itself a link into the store).
 const SYSTEM_ETC: &[&str] = &[
     "/etc/ssl",
+    "/etc/static",
     "/etc/resolv.conf",
     "/etc/hosts",
     "/etc/passwd",
     "/etc/group",
     "/etc/nsswitch.conf",
 ];
+/// Where Nix keeps every package, on NixOS and wherever Nix is installed.
+const NIX_STORE: &str = "/nix/store";
 
 /// Words in a failed command's last lines that mean an allocation failed (Python, glibc,
 /// C++, Rust, V8), i.e. the memory limit was hit.
@@ -471,9 +478,10 @@ impl Jail {
         }
         command.arg(&step.program).args(&step.args);
         command.current_dir(&step.cwd).env_clear();
-        let mut path: Vec<OsString> = step.path.iter().map(|p| p.as_os_str().to_owned()).collect();
-        path.push(px_runtime::host::DEFAULT_PATH.into());
-        command.env("PATH", join_os(&path, ":"));
+        command.env(
+            "PATH",
+            build_path(&step.path, &px_runtime::host::env().path),
+        );
         command.env("LANG", "C.UTF-8");
         if self.sandbox == Sandbox::Bubblewrap {
             command.env("TMPDIR", "/tmp");
@@ -504,6 +512,26 @@ impl Jail {
             "--die-with-parent".as_ref(),
             "--new-session".as_ref(),
         ]);
+        // The parents of the system directories below `/` (`/nix` of the Nix store), made
+        // before bubblewrap makes them itself with the builder's umask, which may leave them
+        // closed to the build's user.
+        let mut system_parents: Vec<&Path> = SYSTEM_DIRS
+            .iter()
+            .map(Path::new)
+            .filter(|dir| dir.exists())
+            .flat_map(|dir| dir.ancestors().skip(1))
+            .filter(|p| *p != Path::new("/"))
+            .collect();
+        system_parents.sort_by_key(|p| (p.components().count(), p.to_path_buf()));
+        system_parents.dedup();
+        for parent in system_parents {
+            push(&[
+                "--perms".as_ref(),
+                "0755".as_ref(),
+                "--dir".as_ref(),
+                parent.as_os_str(),
+            ]);
+        }
         for dir in SYSTEM_DIRS {
             let path = Path::new(dir);
             match std::fs::symlink_metadata(path) {
@@ -618,6 +646,23 @@ async fn wait_gone(pids: &[u32]) {
     }
 }
 
+/// A build command's `PATH`: the step's own directories, then the directories every Unix has,
+/// then the entries of the builder's own `PATH` that are in the Nix store. On NixOS the
+/// system's programs (a shell's `true`, `make` for a `[build] command`) are in no directory of
+/// [`px_runtime::host::DEFAULT_PATH`] but in the store, where the service's `PATH` (the
+/// unit's `path =` packages) names them; the sandbox shows the store, so they run there.
+/// Other entries of the builder's `PATH` (a home directory's tools) stay out, as before.
+fn build_path(step_path: &[PathBuf], host_path: &std::ffi::OsStr) -> OsString {
+    let mut path: Vec<OsString> = step_path.iter().map(|p| p.as_os_str().to_owned()).collect();
+    path.push(px_runtime::host::DEFAULT_PATH.into());
+    path.extend(
+        std::env::split_paths(host_path)
+            .filter(|dir| dir.starts_with(NIX_STORE))
+            .map(PathBuf::into_os_string),
+    );
+    join_os(&path, ":")
+}
+
 fn join_os(parts: &[OsString], sep: &str) -> OsString {
     let mut out = OsString::new();
     for (i, part) in parts.iter().enumerate() {
@@ -693,6 +738,28 @@ impl Lines {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_build_path_has_the_steps_dirs_the_systems_and_the_nix_store_entries_of_the_builders() {
+        let host = std::ffi::OsStr::new(
+            "/root/.cargo/bin:/nix/store/abc-coreutils-9.5/bin:/usr/bin:/nix/store/def-gnumake-4.4/bin:/home/dev/bin",
+        );
+        let path = build_path(&[PathBuf::from("/build/.px/runtime/bin")], host);
+        assert_eq!(
+            path,
+            format!(
+                "/build/.px/runtime/bin:{}:/nix/store/abc-coreutils-9.5/bin:/nix/store/def-gnumake-4.4/bin",
+                px_runtime::host::DEFAULT_PATH
+            )
+            .as_str()
+        );
+        // A machine without Nix: nothing of the builder's PATH is added.
+        let path = build_path(
+            &[],
+            std::ffi::OsStr::new("/usr/local/bin:/usr/bin:/root/.pyenv/shims"),
+        );
+        assert_eq!(path, px_runtime::host::DEFAULT_PATH);
+    }
 
     #[test]
     fn lines_are_split_and_long_ones_cut() {
