@@ -3,6 +3,30 @@
 # with HTTPS) and passes them by name, so Maestro needs no capability and new connections wait
 # in the socket's queue while Maestro restarts. Every key of maestro.toml goes under `settings`
 # (README.md, crates/maestro/src/config.rs); the tokens are given as paths under `credentials`.
+#
+# Builds (docs/src/design/builds.md): `build.enable` makes this node one that builds, with
+# `[build] enabled`, the `build = "true"` label Beacon places builds by, a `build` token for
+# apprepo, bubblewrap on the unit's PATH and a sandbox that lets it start, and the pinned uv
+# (nix/uv.nix). `build.runtimes` are the runtimes builds copy into releases, linked into
+# `settings.build.runtimes_dir` as <name>/<version>.
+#
+# What a Nix runtime means in a release. The builder copies the interpreter's own files into the
+# release (`.px/runtime`), so that web servers need no interpreter of their own. A Nix
+# interpreter's files are not self-contained: its ELF loader, the libraries its RUNPATH names
+# (OpenSSL, SQLite, zlib, libffi, ...) and npm's patched shebang are other paths of the Nix
+# store. They cannot be made relative (an ELF loader path is absolute), and bundling glibc
+# would need its own loader to run each program. So a release built here runs wherever the
+# runtime's closure is in the store, and this module puts it there: `build.runtimes` is set
+# alike on every Maestro of the cluster, builder or not (a module they all import, evaluated
+# from the same nixpkgs), and on every one of them the runtimes directory links the packages,
+# which keeps their closures in the system and safe from garbage collection. What that asks of
+# the cluster: every web server is NixOS with the same `build.runtimes` (a Debian web server
+# cannot run a release a NixOS builder made, nor the other way round); update web servers
+# before the builders, so no release names a store path a web server lacks; and keep system
+# generations as long as a release built with an older runtime may be rolled back to. The
+# builder runs every copy from its place in the release before it packs it, so a broken runtime
+# fails the build; a web server lacking the closure cannot start the release's instances, so
+# its rollout stops there and the serving release keeps serving.
 self:
 {
   config,
@@ -14,6 +38,58 @@ let
   cfg = config.services.platformx.maestro;
   common = import ./common.nix { inherit lib pkgs; };
   credentials = common.credentialsDir "maestro";
+  builds = cfg.build.enable;
+  bubblewrap = builds && cfg.settings.build.sandbox == "bubblewrap";
+  # The pinned uv as the builder's tools directory.
+  uvTools = import ../uv.nix { inherit pkgs; };
+
+  # Each of `build.runtimes` with its place in the runtimes directory, `<name>/<version>`: the
+  # name is the one the builder looks for (python3 or node), from the package's pname (CPython's
+  # is python3, Node.js's nodejs); the version is the package's own, which must be dotted
+  # numbers (the builder skips other directory names).
+  runtimeNames = {
+    python3 = "python3";
+    nodejs = "node";
+  };
+  runtimes = map (
+    pkg:
+    let
+      pname = pkg.pname or (lib.getName pkg);
+      version = pkg.version or (lib.getVersion pkg);
+      name = runtimeNames.${pname} or null;
+    in
+    {
+      inherit pkg version name;
+      label = pkg.name or pname;
+      valid = name != null && builtins.match "[0-9]+(\\.[0-9]+)*" version != null;
+      entry = "${toString name}/${version}";
+    }
+  ) cfg.build.runtimes;
+  invalidRuntimes = lib.filter (r: !r.valid) runtimes;
+  entries = map (r: r.entry) (lib.filter (r: r.valid) runtimes);
+  duplicateEntries = lib.unique (lib.filter (e: lib.count (x: x == e) entries > 1) entries);
+  runtimesDir = pkgs.linkFarm "platformx-runtimes" (
+    map (r: {
+      name = r.entry;
+      path = r.pkg;
+    }) (lib.filter (r: r.valid) runtimes)
+  );
+  # The directories above the runtimes directory (`/opt`, `/opt/platformx`), made when missing.
+  ancestors =
+    path:
+    let
+      parts = lib.filter (p: p != "") (lib.splitString "/" path);
+    in
+    map (n: "/" + lib.concatStringsSep "/" (lib.take n parts)) (lib.range 1 (lib.length parts - 1));
+
+  # `[build]` settings that Maestro defaults itself when left null (crates/maestro/src/config.rs).
+  nullOption =
+    type: description:
+    lib.mkOption {
+      type = lib.types.nullOr type;
+      default = null;
+      inherit description;
+    };
   socket = name: port: {
     description = "Platform.X Maestro ${lib.toUpper name} socket (port ${toString port})";
     wantedBy = [ "sockets.target" ];
@@ -46,9 +122,50 @@ in
       defaultText = lib.literalExpression "[ pkgs.python3 ]";
       example = lib.literalExpression "[ pkgs.python3 pkgs.nodejs_22 pkgs.ffmpeg ]";
       description = ''
-        Packages on the apps' PATH (after each release's own bin/): the runtimes Maestro
-        reports to Beacon and checks an app's `runtime` and `requires` against.
+        Packages on the apps' PATH (after each release's own bin/, and after the runtime a
+        built release carries): the runtimes Maestro reports to Beacon and checks an app's
+        `runtime` and `requires` against, for apps that are not built.
       '';
+    };
+
+    build = {
+      enable = lib.mkEnableOption ''
+        builds on this node: `[build] enabled`, the `build = "true"` label Beacon sends builds
+        by, a `build` token for apprepo (`credentials.buildToken`), bubblewrap, and a unit
+        sandbox that lets it start. The unit then also allows user, mount, PID, IPC, UTS and
+        cgroup namespaces and the mount system calls, which bubblewrap needs and the apps of
+        this node get as well: where that matters, let builds have nodes of their own
+      '';
+
+      runtimes = lib.mkOption {
+        type = lib.types.listOf lib.types.package;
+        default = [ ];
+        example = lib.literalExpression "[ pkgs.python312 pkgs.python311 pkgs.nodejs_22 ]";
+        description = ''
+          The runtimes builds copy into releases: CPython 3 (pname `python3`, e.g.
+          `pkgs.python312`) and Node.js with npm (pname `nodejs`, e.g. `pkgs.nodejs_22`),
+          linked into `settings.build.runtimes_dir` as `python3/<version>` and
+          `node/<version>` (the package's own version, e.g. `python3/3.12.8`). An app gets the
+          newest one its request admits (`.python-version`, `engines.node`, ...).
+
+          Set the same list on every Maestro of the cluster, builder or not, from the same
+          nixpkgs: a release built with a Nix runtime needs that runtime's closure in the
+          store of each web server that runs it, and this option keeps it there (the header
+          of nix/modules/maestro.nix says why). Leave it empty to fill the runtimes directory
+          some other way.
+        '';
+      };
+
+      packages = lib.mkOption {
+        type = lib.types.listOf lib.types.package;
+        default = [ ];
+        example = lib.literalExpression "[ pkgs.gnumake pkgs.gcc pkgs.git ]";
+        description = ''
+          More programs on the PATH of build commands (a `[build] command`'s tools, a compiler
+          for a package without a wheel). The builds' sandbox shows the Nix store, and passes
+          on the unit's PATH entries in it; the apps of this node see them too.
+        '';
+      };
     };
 
     httpPort = lib.mkOption {
@@ -106,13 +223,85 @@ in
             readOnly = true;
             description = "The apps' logs and the access log: the unit's LogsDirectory=.";
           };
+          build = lib.mkOption {
+            default = { };
+            description = ''
+              `[build]`: how this node builds (docs/src/reference/builds.md). Settings left
+              null keep Maestro's defaults.
+            '';
+            type = lib.types.submodule {
+              options = {
+                enabled = lib.mkOption {
+                  type = lib.types.bool;
+                  default = cfg.build.enable;
+                  defaultText = lib.literalExpression "config.services.platformx.maestro.build.enable";
+                  readOnly = true;
+                  description = "Run the builds Beacon sends here: set `build.enable`, which also prepares the unit.";
+                };
+                runtimes_dir = lib.mkOption {
+                  type = lib.types.str;
+                  default = "/opt/platformx/runtimes";
+                  description = ''
+                    The runtimes directory (`<name>/<version>/` with `bin/python3` or
+                    `bin/node`). With `build.runtimes`, a link to them made at boot and at
+                    each switch (systemd-tmpfiles), replacing whatever is there.
+                  '';
+                };
+                discover_host_runtimes = lib.mkOption {
+                  type = lib.types.bool;
+                  default = false;
+                  description = "Also use the interpreters on the unit's PATH (`em up` does); on a cluster, keep runtimes in `build.runtimes`.";
+                };
+                tools_dir = lib.mkOption {
+                  type = lib.types.nullOr lib.types.str;
+                  default = if builds then "${uvTools}" else null;
+                  defaultText = lib.literalExpression "the pinned uv of nix/uv.nix when build.enable";
+                  description = ''
+                    Where the builder finds its pinned uv (`uv-<version>/bin/uv`). A directory
+                    without it makes the builder install it with the runtime's `python3 -m
+                    pip`, which a Nix Python lacks: keep the default.
+                  '';
+                };
+                cache_dir = nullOption lib.types.str ''
+                  The builder's caches (installers' caches, dependency trees, runtime layers).
+                  Default (null): `<state_dir>/build-cache`. Another path is made writable for
+                  the unit.
+                '';
+                sandbox = lib.mkOption {
+                  type = lib.types.enum [
+                    "bubblewrap"
+                    "none"
+                  ];
+                  default = "bubblewrap";
+                  description = ''
+                    `bubblewrap` isolates every build command (an unprivileged user in a user
+                    namespace, nothing of the node's secrets visible); `none` keeps only the
+                    limits, and a build can then read this node's tokens.
+                  '';
+                };
+                time_limit = nullOption lib.types.str "Wall time of one build. Default (null): 15m.";
+                memory_limit = nullOption lib.types.str "Memory of each build command. Default (null): 2GiB.";
+                disk_limit = nullOption lib.types.str "What a build may add to its directory and its app's cache. Default (null): 4GiB.";
+                process_limit = nullOption lib.types.ints.positive "Processes and threads of a build at once. Default (null): 512.";
+                output_limit = nullOption lib.types.str "Output of a build's commands. Default (null): 4MiB.";
+                ca_file = nullOption lib.types.str ''
+                  A CA bundle the installers trust besides the system's (an inspecting proxy, a
+                  private registry). A CA in `security.pki.certificateFiles` needs none: builds
+                  see the system's bundle.
+                '';
+                python_index = nullOption lib.types.str "The Python package index (`https://...`). Default (null): PyPI.";
+                npm_registry = nullOption lib.types.str "The npm registry (`https://...`). Default (null): npm's own.";
+              };
+            };
+          };
         };
       };
     };
 
     credentials = {
       linkToken = common.secretPath "This node's `maestro` token for its link to Beacon (`settings.beacon`).";
-      repositoryToken = common.secretPath "A `read` token for apprepo, to download bundles.";
+      repositoryToken = common.secretPath "A `read` token for apprepo, to download bundles (a node that builds takes `buildToken` instead).";
+      buildToken = common.secretPath "A `build` token for apprepo, on a node with `build.enable`: it downloads bundles as a `read` token does, and uploads the layers of builds and finishes them.";
     };
 
     openFirewall = lib.mkOption {
@@ -135,16 +324,53 @@ in
             assertion = cfg.https.enable -> cfg.settings ? certs_dir;
             message = "services.platformx.maestro: https.enable needs settings.certs_dir";
           }
-        ];
+          {
+            assertion = builds -> cfg.credentials.buildToken != null;
+            message = "services.platformx.maestro: build.enable needs credentials.buildToken (a `build` token for apprepo)";
+          }
+          {
+            assertion = cfg.credentials.buildToken != null -> builds && cfg.credentials.repositoryToken == null;
+            message = "services.platformx.maestro: credentials.buildToken is for a node with build.enable, in place of credentials.repositoryToken";
+          }
+          {
+            assertion = bubblewrap -> config.security.allowUserNamespaces;
+            message = "services.platformx.maestro: builds in bubblewrap need user namespaces (security.allowUserNamespaces), or settings.build.sandbox = \"none\"";
+          }
+        ]
+        ++ map (r: {
+          assertion = false;
+          message = "services.platformx.maestro: build.runtimes: ${r.label} is not a runtime the builder copies: a CPython 3 (pname python3, e.g. pkgs.python312) or Node.js with npm (pname nodejs, e.g. pkgs.nodejs_22), whose version is dotted numbers (it has ${r.version})";
+        }) invalidRuntimes
+        ++ map (entry: {
+          assertion = false;
+          message = "services.platformx.maestro: build.runtimes holds ${entry} more than once";
+        }) duplicateEntries;
+
+        warnings = lib.optional (
+          builds && cfg.build.runtimes == [ ] && !cfg.settings.build.discover_host_runtimes
+        ) "services.platformx.maestro: build.enable without build.runtimes: builds of apps that need a Python or Node runtime will fail unless ${cfg.settings.build.runtimes_dir} is filled some other way";
 
         services.platformx.maestro.settings = lib.mkMerge [
           (lib.mkIf (cfg.credentials.linkToken != null) {
             beacon.token_file = "${credentials}/link-token";
           })
-          (lib.mkIf (cfg.credentials.repositoryToken != null) {
+          (lib.mkIf (cfg.credentials.repositoryToken != null || cfg.credentials.buildToken != null) {
             repository_token_file = "${credentials}/repo-token";
           })
+          # Beacon sends builds only to Maestros with this label (px_proto::build::BUILD_LABEL).
+          (lib.mkIf builds { labels.build = "true"; })
         ];
+
+        # The runtimes directory links the runtimes, on every node that has them (see
+        # build.runtimes): the link is what keeps their closures in this system.
+        systemd.tmpfiles.rules = lib.mkIf (cfg.build.runtimes != [ ]) (
+          map (dir: "d ${dir} - - - -") (ancestors cfg.settings.build.runtimes_dir)
+          ++ [ "L+ ${cfg.settings.build.runtimes_dir} - - - - ${runtimesDir}" ]
+        );
+        # Each build's sandbox starts in a user namespace made by an unprivileged user, which
+        # kernels with this switch (linux_hardened, under the hardened profile) refuse unless
+        # it is on; elsewhere the switch does nothing.
+        security.unprivilegedUsernsClone = lib.mkIf bubblewrap true;
 
         systemd.sockets = {
           maestro-http = socket "http" cfg.httpPort;
@@ -160,8 +386,14 @@ in
             "maestro-http.socket"
           ]
           ++ lib.optional cfg.https.enable "maestro-https.socket";
-          # The apps' PATH, after each release's bin/.
-          path = cfg.runtimes;
+          # The apps' PATH, after each release's bin/. A node that builds adds prlimit and
+          # setpriv (util-linux), bubblewrap, and the build commands' programs, whose store
+          # paths the builds' sandbox passes on.
+          path =
+            cfg.runtimes
+            ++ lib.optionals builds (
+              [ pkgs.util-linux ] ++ lib.optional bubblewrap pkgs.bubblewrap ++ cfg.build.packages
+            );
           # Each app instance in a cgroup of its own with its [limits] (see Delegate= below).
           environment.PX_MAESTRO_CGROUP_LIMITS = "true";
           serviceConfig =
@@ -173,7 +405,7 @@ in
               stopTimeout = "60s";
               credentials = {
                 link-token = cfg.credentials.linkToken;
-                repo-token = cfg.credentials.repositoryToken;
+                repo-token = if builds then cfg.credentials.buildToken else cfg.credentials.repositoryToken;
               };
             }
             // import ./hardening.nix
@@ -197,7 +429,28 @@ in
                 "@system-service"
                 "~@privileged"
                 "pidfd_getfd"
+              ]
+              # bubblewrap builds its sandbox with mount, umount2 and pivot_root (@mount), and
+              # drops its capabilities in there with capset; ~@privileged takes both away.
+              # Without them it exits at once ("Failed to make / slave", "capset failed").
+              ++ lib.optionals bubblewrap [
+                "@mount"
+                "capset"
               ];
+            }
+            // lib.optionalAttrs bubblewrap {
+              # Each build command starts in new user, mount, PID, IPC, UTS and cgroup
+              # namespaces (crates/build/src/sandbox.rs); the network one stays the node's, as
+              # installers need the registries. The kernel gives capabilities inside a new user
+              # namespace whatever this unit's empty bounding set, so bubblewrap needs no
+              # privilege of this unit's. ProtectKernelTunables=, ProtectKernelLogs= and
+              # ProtectProc= stay: bubblewrap mounts a /proc of its own for its PID namespace
+              # all the same (checked in a VM with systemd 252 and Linux 6.1: these settings
+              # and bubblewrap 0.8 as Maestro's user run the builder's hostile-build tests).
+              RestrictNamespaces = "user mnt pid ipc uts cgroup";
+            }
+            // lib.optionalAttrs (cfg.settings.build.cache_dir != null) {
+              ReadWritePaths = [ cfg.settings.build.cache_dir ];
             };
         };
 
