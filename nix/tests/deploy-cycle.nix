@@ -2,6 +2,12 @@
 # modules. `control` runs apprepo and Beacon, `web1` and `web2` a Maestro each (socket-activated
 # on port 80); em on `control` deploys python-hello as release 1, then a changed one as
 # release 2, and both web servers must serve each release, asked locally and over the network.
+# Then release 3 has a `[build] command`: `web1`, the node that builds, builds it with the Nix
+# Python of `build.runtimes`, which both web servers hold, and `web2`, which builds nothing,
+# runs it on the Python the release carries (nix/modules/maestro.nix says why that works).
+#
+# Not run on the project's machines, which have neither nixpkgs nor a KVM that boots NixOS
+# guests: `nix flake check` runs it where both are.
 #
 # The cluster's secrets are made at build time by images/init-secrets, the script compose's
 # init container runs, so they sit in the world-readable Nix store: right for a throwaway test
@@ -29,16 +35,23 @@ let
       source = "${secrets}/${lib.removePrefix "platformx/" path}";
       mode = "0600";
     });
-  webServer = name: {
+  # The runtimes releases are built with, alike on every Maestro: the builder links them into
+  # its runtimes directory, and every web server keeps their closures.
+  runtimes = [ pkgs.python3 ];
+  webServer = name: builds: {
     imports = [ self.nixosModules.maestro ];
     environment.etc = privateFiles [
       "maestro-link-token"
-      "maestro-repo-token"
+      (if builds then "maestro-build-token" else "maestro-repo-token")
     ];
     environment.systemPackages = [ pkgs.curl ];
     services.platformx.maestro = {
       enable = true;
       openFirewall = true;
+      build = {
+        enable = builds;
+        inherit runtimes;
+      };
       settings = {
         node_name = name;
         beacon = {
@@ -48,8 +61,13 @@ let
       };
       credentials = {
         linkToken = "/etc/platformx/maestro-link-token";
-        repositoryToken = "/etc/platformx/maestro-repo-token";
-      };
+      }
+      // (
+        if builds then
+          { buildToken = "/etc/platformx/maestro-build-token"; }
+        else
+          { repositoryToken = "/etc/platformx/maestro-repo-token"; }
+      );
     };
   };
 in
@@ -102,8 +120,8 @@ in
         };
       };
     };
-    web1 = webServer "web1";
-    web2 = webServer "web2";
+    web1 = webServer "web1" true;
+    web2 = webServer "web2" false;
   };
 
   testScript = ''
@@ -142,5 +160,20 @@ in
         em("deploy /root/app")
         serves(2, "second of two")
         assert "v2" in em("releases --app python-hello")
+
+    with subtest("release 3 is built on web1 with the Nix Python, and web2 runs it on the release's copy"):
+        web1.succeed("test -x /opt/platformx/runtimes/python3/${pkgs.python3.version}/bin/python3")
+        control.succeed("sed -i 's/^GREETING = .*/GREETING = \"built on web1\"/' /root/app/app.toml")
+        control.succeed("printf '\\n[build]\\ncommand = \"echo built-on-web1 > public/built.txt\"\\n' >> /root/app/app.toml")
+        out = em("deploy /root/app")
+        assert "python3 ${pkgs.python3.version}" in out and "from runtimes directory" in out, out
+        serves(3, "built on web1")
+        for web in webs:
+            built = web.succeed("curl -fsS -H 'Host: python-hello.example.test' http://localhost/static/built.txt")
+            assert "built-on-web1" in built, built
+        # web2 builds nothing and its own Python is not on the app's path first: the instance's
+        # interpreter is the release's .px/runtime, whose libraries are in the closure web2 holds.
+        exe = web2.succeed("readlink /proc/$(pgrep -n -f 'server.py')/exe").strip()
+        assert "/.px/runtime/bin/python3" in exe, exe
   '';
 }
