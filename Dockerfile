@@ -179,14 +179,37 @@ FROM ${DEBIAN_IMAGE} AS maestro
 # runtimes (node, ruby, ...) go into an image derived from this one (images/README.md), or
 # into the app's bundle (`bin/`). tini is PID 1: it reaps the orphans an app's processes may
 # leave behind, and passes signals on to Maestro, which stops the apps itself.
+#
+# Builds (images/maestro.toml turns them on): bubblewrap isolates every build command, and
+# the runtimes directory holds the image's own Python as
+# /opt/platformx/runtimes/python3/<full version>/ (bin/python3.X, lib/python3.X), which builds
+# copy into releases. Its files are hard links to Debian's, made in this same layer, so they
+# cost the image no space; the interpreter computes its prefix from where it runs, so it runs
+# from there with its own standard library (checked below and by scripts/check-images). The
+# builder installs its uv with that runtime's `python3 -m pip`: pip comes from Debian's wheel
+# of it (python3-pip-whl, 1.7 MB), named by a .pth file in a directory of the runtime that
+# builds never copy, so no release carries it.
 RUN set -eux; \
     apt-get update; \
-    apt-get install -y --no-install-recommends ca-certificates python3 tini; \
+    apt-get install -y --no-install-recommends bubblewrap ca-certificates python3 \
+      python3-pip-whl tini; \
     rm -rf /var/lib/apt/lists/*; \
     groupadd --gid 10003 px-maestro; \
     useradd --no-log-init --uid 10003 --gid px-maestro --home-dir /var/lib/platformx/maestro \
       --no-create-home --shell /usr/sbin/nologin px-maestro; \
-    install -d -o px-maestro -g px-maestro -m 0700 /var/lib/platformx/maestro /var/log/platformx
+    install -d -o px-maestro -g px-maestro -m 0700 /var/lib/platformx/maestro /var/log/platformx; \
+    version=$(python3 -c 'import platform; print(platform.python_version())'); \
+    minor=${version%.*}; \
+    runtime=/opt/platformx/runtimes/python3/$version; \
+    install -d "$runtime/bin" "$runtime/lib/python3/dist-packages"; \
+    ln "/usr/bin/python$minor" "$runtime/bin/python$minor"; \
+    ln -s "python$minor" "$runtime/bin/python3"; \
+    cp -al "/usr/lib/python$minor" "$runtime/lib/"; \
+    set -- /usr/share/python-wheels/pip-*.whl; \
+    test -f "$1"; \
+    echo "$1" >"$runtime/lib/python3/dist-packages/pip.pth"; \
+    test "$("$runtime/bin/python3" -I -c 'import sys, ssl, sqlite3; print(sys.prefix)')" = "$runtime"; \
+    "$runtime/bin/python3" -m pip --version
 COPY images/healthcheck /usr/local/bin/px-healthcheck
 COPY images/maestro.toml /etc/platformx/maestro.toml
 COPY --from=binaries /out/maestro /usr/bin/maestro
