@@ -264,6 +264,23 @@ impl ReleaseStore {
             .map(|l| l.size.saturating_mul(2))
             .fold(0u64, u64::saturating_add);
         self.check_floor(releases, needed)?;
+        // What a deploy downloads is what an operator checks first when a deploy is slow or
+        // a node's disk fills: one line per release says it.
+        let downloading = if missing.is_empty() {
+            "nothing".to_string()
+        } else {
+            missing
+                .iter()
+                .map(|l| format!("{} {}", l.kind.as_str(), short_digest(&l.sha256)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        tracing::info!(
+            release = %dir.display(),
+            layers = build.layers.len(),
+            %downloading,
+            "assembling a release from its layers"
+        );
         for layer in missing {
             self.layers
                 .fetch(layer, &self.http, self.repository_token.as_deref())
@@ -400,9 +417,16 @@ pub(crate) struct Fetch<'a> {
     pub(crate) limit: u64,
 }
 
-/// Streams `what` to `path` (with the repository token, if any), checking its size as it
-/// arrives and its SHA-256 at the end; the bytes received. On failure the caller removes
-/// `path`.
+/// Chunks of a download waiting for the thread that hashes and writes them: a few hundred KiB
+/// in flight, enough to keep that thread busy while the next chunks arrive.
+const FETCH_QUEUE_CHUNKS: usize = 16;
+
+/// Downloads `what.url` into `path` (created, with the repository token, if any), stopping
+/// past `what.limit` bytes, and checks its SHA-256 against `what.sha256`; the bytes received.
+/// The request task only receives and counts; hashing and writing happen on a blocking thread
+/// fed through a bounded queue, so a large layer does not keep an async worker busy for
+/// seconds (minutes on a slow machine), which would starve the proxy and the watchdog's pings.
+/// On failure the caller removes `path`.
 pub(crate) async fn fetch(
     http: &reqwest::Client,
     token: Option<&str>,
@@ -410,7 +434,6 @@ pub(crate) async fn fetch(
     path: &Path,
 ) -> Result<u64, DeployError> {
     use futures_util::StreamExt;
-    use tokio::io::AsyncWriteExt;
     let url = what.url;
     let failed = |source| DeployError::Download {
         url: url.to_string(),
@@ -432,30 +455,53 @@ pub(crate) async fn fetch(
             status: response.status(),
         });
     }
-    let mut file = tokio::fs::File::create(path)
+    let file = tokio::fs::File::create(path)
         .await
-        .map_err(|e| file_error("creating", e))?;
-    let mut hasher = Sha256::new();
+        .map_err(|e| file_error("creating", e))?
+        .into_std()
+        .await;
+    let (chunks, mut received) = tokio::sync::mpsc::channel::<bytes::Bytes>(FETCH_QUEUE_CHUNKS);
+    // The thread ends when the queue closes (the whole body, or the request task gave up) or
+    // a write fails; it says which step failed.
+    let writer = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut file = file;
+        let mut hasher = Sha256::new();
+        while let Some(chunk) = received.blocking_recv() {
+            hasher.update(&chunk);
+            file.write_all(&chunk).map_err(|e| ("writing", e))?;
+        }
+        file.sync_all().map_err(|e| ("syncing", e))?;
+        Ok::<_, (&'static str, std::io::Error)>(hex::encode(hasher.finalize()))
+    });
     let mut size = 0u64;
     let mut body = response.bytes_stream();
+    let mut received_all = Ok(());
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(failed)?;
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                received_all = Err(failed(e));
+                break;
+            }
+        };
         size += chunk.len() as u64;
         if size > what.limit {
-            return Err(DeployError::TooLarge {
+            received_all = Err(DeployError::TooLarge {
                 what: what.what.to_string(),
                 limit: what.limit,
             });
+            break;
         }
-        hasher.update(&chunk);
-        file.write_all(&chunk)
-            .await
-            .map_err(|e| file_error("writing", e))?;
+        // A closed queue means the writer failed: its error is the one to report.
+        if chunks.send(chunk).await.is_err() {
+            break;
+        }
     }
-    file.sync_all()
-        .await
-        .map_err(|e| file_error("syncing", e))?;
-    let digest = hex::encode(hasher.finalize());
+    drop(chunks);
+    let written = writer.await.map_err(DeployError::UnpackTask)?;
+    received_all?;
+    let digest = written.map_err(|(doing, e)| file_error(doing, e))?;
     if digest != what.sha256 {
         return Err(DeployError::DigestMismatch {
             what: what.what.to_string(),
@@ -481,6 +527,12 @@ async fn unpack(bundle: PathBuf, dir: PathBuf) -> Result<(), DeployError> {
     })
     .await
     .map_err(DeployError::UnpackTask)?
+}
+
+/// A digest as people read it in a log line: its first 12 characters, enough to tell the
+/// layers of one node apart.
+fn short_digest(sha256: &str) -> &str {
+    sha256.get(..12).unwrap_or(sha256)
 }
 
 /// Free bytes for an unprivileged user on the file system of `path`.
