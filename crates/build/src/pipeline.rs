@@ -407,8 +407,9 @@ impl Ctx<'_> {
                 (
                     "settings",
                     format!(
-                        "index={}",
-                        settings.python_index.as_deref().unwrap_or("default")
+                        "index={}; bytecode={}",
+                        settings.python_index.as_deref().unwrap_or("default"),
+                        crate::python::BYTECODE_INVALIDATION,
                     ),
                 ),
             ],

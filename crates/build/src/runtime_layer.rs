@@ -1,10 +1,12 @@
 //! The runtime layer: a copy of the interpreter's tree under `.px/runtime/` without what an app
-//! never loads, checked to run from there, packed once per runtime and kept in
-//! `cache_dir/runtimes/<key>/` for every later build of every app.
+//! never loads (a Python's standard library compiled to hash-checked bytecode), checked to run
+//! from there, packed once per runtime and kept in `cache_dir/runtimes/<key>/` for every later
+//! build of every app.
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::UNIX_EPOCH;
+use std::process::Stdio;
+use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -14,9 +16,12 @@ use crate::runtimes::{Runtime, RuntimeKind};
 use crate::sandbox::{Jail, Step};
 use crate::{BuildError, fsutil};
 
-/// Bumped whenever what goes into a runtime layer changes (the exclusions below), so layers
-/// made by an older builder are made again rather than reused.
-const LAYOUT_VERSION: &str = "1";
+/// Bumped whenever what goes into a runtime layer changes (the exclusions below, the compiled
+/// standard library), so layers made by an older builder are made again rather than reused.
+const LAYOUT_VERSION: &str = "2";
+/// How long compiling a Python's standard library may take: seconds on a server, under a
+/// minute on an emulated machine; longer means the interpreter hangs.
+const STDLIB_COMPILE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Where the runtime sits in a release.
 pub(crate) const RUNTIME_DIR: &str = ".px/runtime";
 /// The cached layer's description, beside the tree and the archive.
@@ -149,6 +154,9 @@ pub(crate) async fn prepare(
             .map_err(|e| BuildError::io("copying the runtime", std::io::Error::other(e)))??;
     }
     let shared_lib = runtime.kind == RuntimeKind::Python && has_libpython(&dir.join("lib"));
+    if runtime.kind == RuntimeKind::Python {
+        compile_stdlib(runtime, &dir, shared_lib, output).await;
+    }
     check_relocated(runtime, &dir, shared_lib, jail).await?;
 
     let archive = temp.path().join("layer");
@@ -302,7 +310,9 @@ fn copy_runtime(runtime: &Runtime, dest: &Path) -> Result<(), BuildError> {
 
 /// What of `lib/python3.X/` an app never loads: the test suite, IDLE, Tk when its extension
 /// is missing, caches, the static library's build files, and the installation's own
-/// site-packages (pip, and whatever the operator installed there; apps bring their own).
+/// site-packages (pip, and whatever the operator installed there; apps bring their own). The
+/// installation's `__pycache__` goes too: its bytecode is checked by the source's time, which
+/// the copy changes; `compile_stdlib` writes bytecode that stays valid.
 fn skip_stdlib(rel: &Path, has_tk: bool) -> bool {
     let first = rel
         .components()
@@ -325,6 +335,76 @@ fn skip_stdlib(rel: &Path, has_tk: bool) -> bool {
 fn copy_file(from: &Path, to: &Path) -> Result<(), BuildError> {
     fs::copy(from, to).context(|| format!("copying {} to {}", from.display(), to.display()))?;
     set_mode(to, 0o755)
+}
+
+/// Compiles the copied standard library to bytecode checked by the source's hash, so it stays
+/// valid in a layer whose files get new times when unpacked: without it every release's first
+/// start compiles each module it imports again, which takes seconds (most of a Django app's
+/// cold start) and cannot even be cached where the release's files are read-only.
+///
+/// This is the builder's own step on the operator's interpreter and its standard library, with
+/// nothing of an app in it, like installing uv (`tools.rs`): it runs outside the sandbox, with
+/// a cleared environment, in isolated mode and with a deadline. It cannot fail the build: a
+/// file that does not compile (a test fixture of invalid syntax in a full installation) stays
+/// source only and compiles when imported, as it did without this step.
+async fn compile_stdlib(
+    runtime: &Runtime,
+    dir: &Path,
+    shared_lib: bool,
+    output: &mut (dyn FnMut(&str) + Send),
+) {
+    let Some(stdlib) = stdlib_dir(dir) else {
+        return;
+    };
+    let host = px_runtime::host::env();
+    let mut command = tokio::process::Command::new(dir.join("bin/python3"));
+    command
+        .args([
+            "-I",
+            "-m",
+            "compileall",
+            "-q",
+            "--invalidation-mode",
+            "checked-hash",
+        ])
+        .arg(&stdlib)
+        .env_clear()
+        .env("PATH", &host.path)
+        .envs(host.passed())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    if shared_lib {
+        command.env("LD_LIBRARY_PATH", dir.join("lib"));
+    }
+    let outcome = match tokio::time::timeout(STDLIB_COMPILE_TIMEOUT, command.status()).await {
+        Ok(Ok(status)) if status.success() => return,
+        Ok(Ok(status)) => format!("compileall {status}"),
+        Ok(Err(e)) => format!("compileall could not start: {e}"),
+        Err(_) => format!(
+            "compileall did not finish within {} s",
+            STDLIB_COMPILE_TIMEOUT.as_secs()
+        ),
+    };
+    output(&format!(
+        "       some of {}'s standard library is not compiled ({outcome}): it compiles when imported",
+        runtime.describe()
+    ));
+}
+
+/// `lib/python3.X` of a copied Python, if there is one.
+fn stdlib_dir(dir: &Path) -> Option<PathBuf> {
+    fs::read_dir(dir.join("lib"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("python3."))
+        })
 }
 
 /// Runs the copied interpreter from its new place, in the sandbox (where the original is not

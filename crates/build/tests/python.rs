@@ -117,6 +117,17 @@ async fn a_django_app_builds_into_layers_that_run_from_the_release() {
         "{text}"
     );
     assert!(text.contains("gunicorn-ok"), "{text}");
+    // The standard library and the dependencies come compiled, with bytecode checked by the
+    // source's hash (flags 3), so it is valid in the release and its first start compiles
+    // nothing.
+    let (ok, text) = run_in_release(
+        &built,
+        &release,
+        "python3 -c 'import importlib.util as u, json, django\nfor m in (json, django):\n    head = open(u.cache_from_source(m.__file__), \"rb\").read(8)\n    print(m.__name__, \"flags\", int.from_bytes(head[4:8], \"little\"))'",
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("json flags 3"), "{text}");
+    assert!(text.contains("django flags 3"), "{text}");
     // Installed scripts run from any release directory.
     let gunicorn = std::fs::read_to_string(release.join(".px/deps/bin/gunicorn")).unwrap();
     assert!(
