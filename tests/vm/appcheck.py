@@ -10,6 +10,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,11 +106,13 @@ def serves(port: int, host: str, version: int) -> bool:
 @dataclass
 class Poller:
     """Polls one web server from the host in a thread: which release answered each request,
-    and every failed one (an error, a refused connection, a status other than 200)."""
+    and every failed one (an error, a refused connection, a status other than 200).
+    `release_of` reads the release from a page (the deployed app's by default)."""
 
     name: str
     port: int
     host: str
+    release_of: Callable[[str], int | None] = release_in
     seen: list[int] = field(default_factory=list)  # release of each answered request
     failures: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -120,7 +123,7 @@ class Poller:
             started = time.monotonic()
             try:
                 status, body = get(self.port, self.host)
-                release = release_in(body)
+                release = self.release_of(body)
                 if status != 200:
                     self.failures.append(f"{status}: {body[:200]}")
                 elif release is None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import image
+import mirror
 import vm
 
 # The cluster: name, private IP, and the guest ports forwarded to the host (each to a free host
@@ -33,11 +34,13 @@ CLUSTER = (
 )
 # Forwarded on every VM for a test's own throwaway server; the platform never listens there.
 SCRATCH_PORT = 8999
-# Ansible groups, as ansible/site.yml expects them.
+# Ansible groups, as ansible/site.yml expects them. web-1 also builds, as a small cluster's
+# web server does; web-2 only serves.
 GROUPS = {
     "repository": ("control",),
     "beacon": ("control",),
     "webservers": ("web-1", "web-2"),
+    "builders": ("web-1",),
 }
 # One ansible-playbook run (a whole site.yml on three emulated machines included).
 ANSIBLE_TIMEOUT_S = 20 * 60
@@ -66,6 +69,8 @@ SITE_PLAYBOOK = REPO / "ansible" / "site.yml"
 ANSIBLE_CONFIG = REPO / "ansible" / "ansible.cfg"
 TARGET_DIR = Path(os.environ.get("CARGO_TARGET_DIR") or "/root/.cache/platformx/target")
 SERVICE_BINARIES = ("apprepo", "beacon", "maestro")
+# The app the build scenario deploys: the package mirror holds what it installs (mirror.py).
+MIRRORED_REQUIREMENTS = (REPO / "examples" / "django-notes" / "requirements.txt",)
 # Building the binaries (a debug build from scratch on 2 busy cores; seconds when up to date).
 CARGO_BUILD_TIMEOUT_S = 60 * 60
 # Stripping one debug binary (hundreds of MB) into the staging directory.
@@ -112,11 +117,21 @@ _report = pytest.StashKey[dict]()
 class Cluster:
     """The booted VMs of the session, by name, and what Ansible needs to reach them."""
 
-    def __init__(self, vms: dict[str, vm.Vm], workdir: Path, inventory: Path):
+    def __init__(
+        self,
+        vms: dict[str, vm.Vm],
+        workdir: Path,
+        inventory: Path,
+        package_mirror: mirror.Mirror,
+        mirror_log: Path,
+    ):
         self.vms = vms
         self.workdir = workdir  # overlays, console logs, inventory
         self.inventory = inventory
         self.scratch_port = SCRATCH_PORT  # forwarded on every VM, see Vm.ports
+        # The package mirror the build nodes reach (mirror.py), and its access log.
+        self.mirror = package_mirror
+        self.mirror_log = mirror_log
 
     def __getitem__(self, name: str) -> vm.Vm:
         return self.vms[name]
@@ -245,6 +260,17 @@ def _site_vars(cluster: Cluster, staging: Path) -> dict:
         # em runs on the host and reaches control through its forwarded ports.
         "pki_em_apprepo_url": f"http://127.0.0.1:{control.ports[7070]}",
         "pki_em_beacon_url": f"http://127.0.0.1:{control.ports[7080]}",
+        # The build node installs from the host's mirror (no route out), and gets the
+        # builder's pinned uv and a Node runtime archive from the controller.
+        "maestro_build_python_index": cluster.mirror.python_index,
+        "maestro_build_uv_wheel": str(cluster.mirror.uv_wheel),
+        "runtimes_archives": [
+            {
+                "name": "node",
+                "version": mirror.NODE_VERSION,
+                "archive": str(cluster.mirror.node_archive),
+            }
+        ],
     }
 
 
@@ -345,6 +371,12 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
     img = image.ensure_image()
     report["image"] = "cached" if img.cached else f"built in {img.build_seconds:.0f} s"
+    # Before the VMs boot: the build nodes' guestfwd rules name it.
+    package_mirror = mirror.ensure_mirror(list(MIRRORED_REQUIREMENTS))
+    report["mirror"] = (
+        "cached" if package_mirror.cached else f"downloaded in {package_mirror.seconds:.0f} s"
+    )
+    mirror_log = workdir / "mirror-access.log"
     probe_started = time.monotonic()
     accel = vm.choose_accel(img, workdir)
     probe_seconds = time.monotonic() - probe_started
@@ -363,6 +395,9 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
             workdir=workdir,
             hosts=hosts,
             guest_ports=(*ports, SCRATCH_PORT),
+            guest_forwards=(
+                (package_mirror.guestfwd(mirror_log),) if name in GROUPS["builders"] else ()
+            ),
             accel=accel,
             keep=keep,
         )
@@ -382,11 +417,33 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         inventory = workdir / "inventory.ini"
         write_inventory(inventory, vms)
         write_ssh_config(workdir / "ssh_config", vms)
-        yield Cluster(vms, workdir, inventory)
+        yield Cluster(vms, workdir, inventory, package_mirror, mirror_log)
     finally:
         if not keep:
             for machine in vms.values():
                 machine.kill()
+
+
+# The scenarios' order: each starts from the state the one before left (README.md). The build
+# scenario comes last, so the scenarios before it run with the cluster they were written for.
+MODULE_ORDER = (
+    "test_cluster_boots",
+    "test_deploy_cycle",
+    "test_isolation",
+    "test_recovery",
+    "test_builds",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Runs the test modules in MODULE_ORDER (pytest's own order is by file name), each
+    module's tests in file order; a module not listed runs last."""
+
+    def rank(item: pytest.Item) -> int:
+        name = Path(str(item.fspath)).stem
+        return MODULE_ORDER.index(name) if name in MODULE_ORDER else len(MODULE_ORDER)
+
+    items.sort(key=rank)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
@@ -405,6 +462,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     vms = report.get("vms", [])
     image_state, accel = report.get("image", "not built"), report.get("accel", "not chosen")
     write(f"image: {image_state}; accel: {accel}; {len(vms)} VMs booted to ready: {boot}")
+    if "mirror" in report:
+        write(f"package mirror: {report['mirror']}")
     for what, seconds in report.get("platform", {}).items():
         write(f"{what} (strategy {ansible_strategy()}): {seconds:.1f} s")
     for what, seconds in report.get("timings", {}).items():

@@ -46,8 +46,10 @@ SUITE = "bookworm"
 # What the guests run. Beyond RECIPES' list: the cloud kernel flavour (what Debian's cloud
 # images boot: virtio drivers, ext4 built in, none of a PC's hardware drivers), busybox-static
 # for the initrd, procps for ps, iputils-ping to check the LAN, ca-certificates for TLS
-# clients. Ansible needs only python3 on the target as long as the roles avoid the apt module
-# (which would need python3-apt); root logs in directly, so no sudo.
+# clients, bubblewrap for the build node's sandbox (the maestro role installs it only when it
+# is missing: the guests reach no Debian mirror). Ansible needs only python3 on the target as
+# long as the roles avoid the apt module (which would need python3-apt); root logs in
+# directly, so no sudo.
 PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -62,6 +64,7 @@ PACKAGES = (
     "procps",
     "curl",
     "ca-certificates",
+    "bubblewrap",
 )
 # Units masked because they cannot work or only cost time in a test VM, where every process
 # started costs about a second under software emulation. With them masked, boot is quicker and

@@ -2,7 +2,8 @@
 
 Each VM has two NICs. eth0 is qemu's user-mode network, restricted so that nothing leaves the
 host: it only carries the host's forwarded ports (SSH and whatever guest ports the test asks
-for) to the guest. eth1 sits on the run's private LAN (`Lan`), which the VMs of one run share
+for) to the guest, and the guest's connections to the addresses a test forwards to a host
+service (`guest_forwards`: the package mirror of the build scenario). eth1 sits on the run's private LAN (`Lan`), which the VMs of one run share
 and nothing else sees. The serial console goes to a log file, which is also how readiness is
 seen: the image writes `image.READY_MARKER` there once multi-user.target is reached.
 """
@@ -149,6 +150,7 @@ class Vm:
         workdir: Path,
         hosts: dict[str, str],
         guest_ports: tuple[int, ...] = (),
+        guest_forwards: tuple[str, ...] = (),
         accel: str = "tcg",
         keep: bool = False,
     ) -> None:
@@ -158,6 +160,9 @@ class Vm:
         self.lan = lan
         self.hosts = hosts  # name -> private IP of every VM of the run, for /etc/hosts
         self.guest_ports = guest_ports
+        # `guestfwd=` rules of the user network: connections from the guest to an address of
+        # it that reach a service of the host (the tests' package mirror).
+        self.guest_forwards = guest_forwards
         self.accel = accel
         self.keep = keep  # True: leave qemu running when the test run ends
         self.disk = workdir / f"{name}.qcow2"
@@ -209,6 +214,7 @@ class Vm:
         ])  # fmt: skip
         forwards = [f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"]
         forwards += [f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for guest, host in self.ports.items()]
+        forwards += [f"guestfwd={rule}" for rule in self.guest_forwards]
         mac = "52:54:00:77:00:{:02x}".format(int(self.ip.rsplit(".", 1)[1]))
         return [
             "qemu-system-x86_64",
