@@ -2,7 +2,7 @@
 # and where the bundles are.
 
 output "ansible_inventory" {
-  description = "YAML Ansible inventory (groups repository, beacon, webservers). Save it with: terraform output -raw ansible_inventory > ../ansible/inventories/aws/hosts.yml"
+  description = "YAML Ansible inventory (groups repository, beacon, webservers, builders). Save it with: terraform output -raw ansible_inventory > ../ansible/inventories/aws/hosts.yml"
   value       = local.ansible_inventory
 }
 

@@ -348,11 +348,15 @@ def cmd_present(outputs_json):
     print("Ansible inventory:")
     inv = yaml.safe_load(out["ansible_inventory"])
     groups = inv["all"]["children"]
-    check(sorted(groups) == ["beacon", "repository", "webservers"], "groups repository, beacon, webservers", sorted(groups))
+    check(sorted(groups) == ["beacon", "builders", "repository", "webservers"], "groups repository, beacon, webservers, builders", sorted(groups))
     check(sorted(groups["repository"]["hosts"]) == control, "repository: every control host")
     check(sorted(groups["beacon"]["hosts"]) == [f"{prefix}-control-1"], "beacon: the first control host only")
     check(sorted(groups["webservers"]["hosts"]) == web, "webservers: every web server")
-    for group in groups.values():
+    # The builders group only names its hosts: their addresses are the web servers'.
+    check(groups["builders"]["hosts"] == {web[0]: {}}, "builders: the first web server, by name only", groups["builders"]["hosts"])
+    for group_name, group in groups.items():
+        if group_name == "builders":
+            continue
         for name, hv in group["hosts"].items():
             inst = instances.get(name, {})
             check(hv == {"ansible_host": inst.get("PublicIpAddress"), "ansible_user": "admin", "private_ip": inst.get("PrivateIpAddress")},
@@ -422,7 +426,8 @@ def cmd_ansible(outputs_json):
         "Prepare every Platform.X host": control + web,
         "Run apprepo on the repository hosts": control,
         "Run Beacon on the beacon host": control[:1],
-        "Run Maestro on every web server": web,
+        "Fill the runtimes directory on the build nodes": web[:1],
+        "Run Maestro on every web server and build node": web,
     }
     check(set(plays) == set(expected), "site.yml's plays", sorted(plays))
     for play, hosts in expected.items():
