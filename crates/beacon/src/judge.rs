@@ -270,6 +270,7 @@ mod tests {
             new_errors,
             closed: 2,
             cut: 1,
+            killed: 0,
         }
     }
 
@@ -558,7 +559,8 @@ mod tests {
                 new_requests: 100,
                 new_errors: 2,
                 closed: 4,
-                cut: 2
+                cut: 2,
+                killed: 0,
             }
         );
         assert_eq!(done, BTreeSet::from(["a"]));

@@ -119,6 +119,10 @@ impl LogStore {
                 line: line.line,
                 // Only build output names a build; a number on other lines means nothing.
                 build: line.build.filter(|_| line.stream == LogStream::Build),
+                // A type name is bounded like a Procfile's; anything else is not one.
+                process: line
+                    .process
+                    .filter(|p| px_proto::process::check_process_name(p).is_ok()),
             };
             recent
                 .entry(entry.app.clone())
@@ -178,6 +182,7 @@ mod tests {
             at: "t".into(),
             line: text.into(),
             build: None,
+            process: None,
         }
     }
 

@@ -250,6 +250,8 @@ pub(crate) mod tests {
                 port: Some(20001),
                 restarts: 0,
                 last_exit: None,
+                process: "web".into(),
+                number: 1,
             }],
             rollouts: Vec::new(),
             disk: None,

@@ -556,6 +556,8 @@ async fn releases_committed_in_quick_succession_supersede_the_older_ones_once_ea
         port: Some(20001),
         restarts: 0,
         last_exit: None,
+        process: "web".into(),
+        number: 1,
     }];
     let apps: Vec<App> = s
         .beacon
@@ -608,6 +610,7 @@ async fn a_builds_output_is_forwarded_with_its_number() {
         at: "2026-11-25T00:00:00.000Z".into(),
         line: text.into(),
         build: Some(3),
+        process: None,
     };
     builder.send(ToBeacon::Logs(LogBatch {
         lines: vec![

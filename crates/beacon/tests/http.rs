@@ -138,6 +138,8 @@ async fn events_page_and_stream_filtered_by_app() {
             port: None,
             restarts: 0,
             last_exit: None,
+            process: "web".into(),
+            number: 1,
         }],
         rollouts: Vec::new(),
         disk: None,
@@ -357,6 +359,7 @@ async fn app_output_forwarded_by_nodes_can_be_read_and_followed() {
         at: "2026-11-25T00:00:00.000Z".into(),
         line: text.into(),
         build: None,
+        process: None,
     };
     link.send(ToBeacon::Logs(LogBatch {
         lines: vec![line("first"), line("second")],
@@ -447,6 +450,7 @@ async fn one_builds_output_can_be_read_and_followed_apart_from_the_apps() {
         at: "2026-11-25T00:00:00.000Z".into(),
         line: text.into(),
         build: None,
+        process: None,
     };
     let build_line = |build: u64, text: &str| LogLine {
         release: 0,

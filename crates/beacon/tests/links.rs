@@ -65,6 +65,8 @@ fn healthy(app: &str, release: u64, generation: u64) -> NodeReport {
             port: Some(20001),
             restarts: 0,
             last_exit: None,
+            process: "web".into(),
+            number: 1,
         }],
         rollouts: Vec::new(),
         disk: None,
@@ -710,6 +712,7 @@ async fn an_error_budget_spent_orders_one_rollback_and_a_rollback_is_never_rolle
         old_requests: 3,
         closed: 2,
         cut: 0,
+        killed: 0,
     };
 
     // v1 stays within its budget (2%): verified once its watch is over, nothing rolled back.

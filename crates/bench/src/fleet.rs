@@ -264,6 +264,8 @@ fn report_for(assignment: &Assignment, reports: Reports, index: usize) -> NodeRe
                     port: Some(20_000 + (index % 40_000) as u16),
                     restarts: 0,
                     last_exit: None,
+                    process: px_proto::procfile::WEB_PROCESS.to_string(),
+                    number: i + 1,
                 })
             })
             .collect(),

@@ -605,6 +605,8 @@ async fn run_node(
                             port: Some(20001),
                             restarts: 0,
                             last_exit: None,
+                            process: "web".into(),
+                            number: 1,
                         })
                         .collect()
                 } else {
@@ -682,6 +684,7 @@ async fn run_build(
                 at: "2026-11-25T00:00:00.000Z".into(),
                 line: text.clone(),
                 build: Some(build),
+                process: None,
             }],
             dropped: 0,
         }));

@@ -235,6 +235,7 @@ mod tests {
             at: "2025-01-01T00:00:00.000Z".into(),
             line: format!("line {n}"),
             build: None,
+            process: None,
         }
     }
 

@@ -239,4 +239,8 @@ pub struct LogEntry {
     /// For a build's output: the build's number (`release` and `instance` are then 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<u64>,
+    /// The process type of a line from a process other than a web instance (`worker`);
+    /// `instance` is then its cluster-wide number. Absent for web instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
 }

@@ -10,6 +10,7 @@ pub mod detect;
 pub mod link;
 pub mod manifest;
 pub mod names;
+pub mod process;
 pub mod procfile;
 pub mod rate;
 pub mod runtime;

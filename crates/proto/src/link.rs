@@ -114,6 +114,10 @@ pub struct DeployFigures {
     /// at the drain deadline.
     pub closed: u64,
     pub cut: u64,
+    /// Processes of the previous release (of any type) that ignored SIGTERM and were killed
+    /// at the end of their `stop_grace`.
+    #[serde(default)]
+    pub killed: u64,
 }
 
 impl std::ops::AddAssign for DeployFigures {
@@ -123,6 +127,7 @@ impl std::ops::AddAssign for DeployFigures {
         self.new_errors += other.new_errors;
         self.closed += other.closed;
         self.cut += other.cut;
+        self.killed += other.killed;
     }
 }
 
@@ -224,6 +229,30 @@ pub struct InstanceStatus {
     pub restarts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<ExitInfo>,
+    /// Its process type: `web` for the instances behind the proxy (and from a Maestro that
+    /// predates process types), or the type of a process from the release's `processes`.
+    #[serde(default = "web_process", skip_serializing_if = "is_web_process")]
+    pub process: String,
+    /// Its number within its type: per node for `web` (1 to `instances`), cluster-wide for the
+    /// other types (Beacon's assignment). 0 from a Maestro that predates numbers, whose web
+    /// instances are numbered by their place in its report.
+    #[serde(default)]
+    pub number: u32,
+}
+
+impl InstanceStatus {
+    /// Whether it is a web instance (health-checked, behind the proxy).
+    pub fn is_web(&self) -> bool {
+        is_web_process(&self.process)
+    }
+}
+
+fn web_process() -> String {
+    crate::procfile::WEB_PROCESS.to_string()
+}
+
+fn is_web_process(process: &str) -> bool {
+    process == crate::procfile::WEB_PROCESS
 }
 
 /// Something that happened on a node, reported as it happens.
@@ -313,6 +342,10 @@ pub struct LogLine {
     /// For a build's output: the build's number (`release` and `instance` are then 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<u64>,
+    /// The process type of a line from a process other than a web instance (`worker`);
+    /// `instance` is then its number. Absent for web instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
 }
 
 /// App output forwarded by a Maestro, so `em logs -f` can follow an app across nodes.
@@ -419,6 +452,11 @@ pub struct AppAssignment {
     /// instances need on top of `env`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<AssignedBuild>,
+    /// The processes of non-web types this node runs (docs/src/design/processes.md): per type
+    /// of the release's `processes`, the cluster-wide numbers placed here (`worker` → `[1, 3]`).
+    /// Numbers are Beacon's, so logs and `em ps` name each process once across the cluster.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub processes: BTreeMap<String, Vec<u32>>,
 }
 
 #[cfg(test)]
@@ -441,5 +479,34 @@ mod tests {
         assert!(
             matches!(hello, ToBeacon::Hello(Hello { labels, state: None, .. }) if labels.is_empty())
         );
+    }
+
+    #[test]
+    fn reports_of_a_maestro_without_process_types_still_read() {
+        // What a Maestro that predates process types sends: no `process`, no `number`.
+        let old: InstanceStatus = serde_json::from_value(serde_json::json!({
+            "app": "a", "release": 3, "state": "healthy", "restarts": 0
+        }))
+        .unwrap();
+        assert!(old.is_web());
+        assert_eq!((old.process.as_str(), old.number), ("web", 0));
+        let worker = InstanceStatus {
+            process: "worker".into(),
+            number: 2,
+            ..old.clone()
+        };
+        let json = serde_json::to_value(&worker).unwrap();
+        assert_eq!(json["process"], "worker");
+        assert_eq!(
+            serde_json::from_value::<InstanceStatus>(json).unwrap(),
+            worker
+        );
+        // A web instance travels as before, so older Beacons read it.
+        assert!(serde_json::to_value(&old).unwrap().get("process").is_none());
+        let figures: DeployFigures = serde_json::from_value(serde_json::json!({
+            "old_requests": 1, "new_requests": 2, "new_errors": 0, "closed": 0, "cut": 0
+        }))
+        .unwrap();
+        assert_eq!(figures.killed, 0);
     }
 }

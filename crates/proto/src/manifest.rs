@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::names;
+use crate::process::ProcessSettings;
 use crate::rate::Rate;
 use crate::runtime::Requirement;
 use crate::size::ByteSize;
@@ -102,6 +103,10 @@ pub struct AppManifest {
     /// How an upload is built into a release (`[build]`), beyond what detection decides.
     #[serde(default, skip_serializing_if = "BuildSettings::is_default")]
     pub build: BuildSettings,
+    /// Process types (`[processes.<type>]`; docs/src/design/processes.md). In a release's
+    /// manifest, resolved with the Procfile: every type the app runs, with its command.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub processes: BTreeMap<String, ProcessSettings>,
 }
 
 /// The build of an upload (`[build]`; docs/src/design/builds.md).
@@ -330,7 +335,7 @@ pub struct ManifestError {
 }
 
 impl ManifestError {
-    fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             field: Some(field.into()),
             message: message.into(),
@@ -459,43 +464,8 @@ impl AppManifest {
                 ),
             ));
         }
-        let limits = &self.limits;
-        if limits
-            .memory
-            .is_some_and(|m| m < MIN_MEMORY_LIMIT || m > MAX_MEMORY_LIMIT)
-        {
-            return Err(ManifestError::field(
-                "limits.memory",
-                format!("must be from {MIN_MEMORY_LIMIT} to {MAX_MEMORY_LIMIT}, e.g. \"512MiB\""),
-            ));
-        }
-        if limits
-            .cpu_weight
-            .is_some_and(|w| !(1..=10_000).contains(&w))
-        {
-            return Err(ManifestError::field(
-                "limits.cpu_weight",
-                "must be from 1 to 10000 (100 is the default share)",
-            ));
-        }
-        if limits
-            .processes
-            .is_some_and(|p| !(1..=MAX_PROCESSES_LIMIT).contains(&p))
-        {
-            return Err(ManifestError::field(
-                "limits.processes",
-                format!("must be from 1 to {MAX_PROCESSES_LIMIT}"),
-            ));
-        }
-        if limits
-            .open_files
-            .is_some_and(|f| !(MIN_OPEN_FILES_LIMIT..=MAX_OPEN_FILES_LIMIT).contains(&f))
-        {
-            return Err(ManifestError::field(
-                "limits.open_files",
-                format!("must be from {MIN_OPEN_FILES_LIMIT} to {MAX_OPEN_FILES_LIMIT}"),
-            ));
-        }
+        validate_limits(&self.limits, "limits")?;
+        crate::process::validate_all(self.processes.iter())?;
         if self.deploy.drain > MAX_DRAIN {
             return Err(ManifestError::field(
                 "deploy.drain",
@@ -567,6 +537,47 @@ impl AppManifest {
         }
         Ok(())
     }
+}
+
+/// Checks `[limits]` (or a process type's limits), naming fields under `prefix`.
+pub(crate) fn validate_limits(limits: &ResourceLimits, prefix: &str) -> Result<(), ManifestError> {
+    if limits
+        .memory
+        .is_some_and(|m| m < MIN_MEMORY_LIMIT || m > MAX_MEMORY_LIMIT)
+    {
+        return Err(ManifestError::field(
+            format!("{prefix}.memory"),
+            format!("must be from {MIN_MEMORY_LIMIT} to {MAX_MEMORY_LIMIT}, e.g. \"512MiB\""),
+        ));
+    }
+    if limits
+        .cpu_weight
+        .is_some_and(|w| !(1..=10_000).contains(&w))
+    {
+        return Err(ManifestError::field(
+            format!("{prefix}.cpu_weight"),
+            "must be from 1 to 10000 (100 is the default share)",
+        ));
+    }
+    if limits
+        .processes
+        .is_some_and(|p| !(1..=MAX_PROCESSES_LIMIT).contains(&p))
+    {
+        return Err(ManifestError::field(
+            format!("{prefix}.processes"),
+            format!("must be from 1 to {MAX_PROCESSES_LIMIT}"),
+        ));
+    }
+    if limits
+        .open_files
+        .is_some_and(|f| !(MIN_OPEN_FILES_LIMIT..=MAX_OPEN_FILES_LIMIT).contains(&f))
+    {
+        return Err(ManifestError::field(
+            format!("{prefix}.open_files"),
+            format!("must be from {MIN_OPEN_FILES_LIMIT} to {MAX_OPEN_FILES_LIMIT}"),
+        ));
+    }
+    Ok(())
 }
 
 /// A relative path that stays inside its root: no leading '/', no '..' component.

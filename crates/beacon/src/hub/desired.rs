@@ -107,6 +107,7 @@ impl Hub {
                 env: build.env.clone(),
                 commands: build.commands.clone(),
             }),
+            processes: BTreeMap::new(),
         }
     }
 

@@ -183,6 +183,7 @@ impl AppLogs {
             at,
             line: text,
             build: None,
+            process: None,
         };
         if self.follow.receiver_count() > 0 {
             let _ = self.follow.send(line.clone());
@@ -215,6 +216,7 @@ impl AppLogs {
                 at,
                 line: text,
                 build: Some(build),
+                process: None,
             });
         }
     }
@@ -414,6 +416,7 @@ impl Reader {
             at,
             line,
             build: None,
+            process: None,
         };
         if self.follow.receiver_count() > 0 {
             // An error only means every follower left since the check.

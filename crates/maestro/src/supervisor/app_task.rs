@@ -152,6 +152,8 @@ impl AppTask {
                         port: Some(i.port),
                         restarts: i.restarts,
                         last_exit: i.last_exit.clone(),
+                        process: px_proto::procfile::WEB_PROCESS.to_string(),
+                        number: i.number,
                     })
                     .collect()
             })

@@ -117,6 +117,13 @@ impl BundleServer {
             .insert(summary.sha256.clone(), bundle);
         let mut environment = parsed.env.clone();
         environment.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        // Beacon's default formation on a one-node cluster: one process of every type.
+        let processes = parsed
+            .processes
+            .keys()
+            .filter(|t| px_proto::process::runs_as_process(t))
+            .map(|t| (t.clone(), vec![1]))
+            .collect();
         AppAssignment {
             app: name.into(),
             release,
@@ -128,6 +135,7 @@ impl BundleServer {
             env: environment,
             domains: vec![format!("{name}.localhost")],
             build: None,
+            processes,
         }
     }
 

@@ -83,6 +83,7 @@ impl Repository {
             env: BTreeMap::new(),
             domains: Vec::new(),
             build: None,
+            processes: BTreeMap::new(),
         };
         (assignment, (manifest.len() + data.len()) as u64)
     }
