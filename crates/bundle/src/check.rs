@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use px_proto::detect::{DetectError, Detection, MAX_DETECT_FILE_BYTES, RootFiles, detect};
 use px_proto::manifest::{AppManifest, MAX_MANIFEST_BYTES, ManifestError};
-use px_proto::procfile::{PROCFILE, Procfile};
+use px_proto::procfile::{PROCFILE, Procfile, WEB_PROCESS};
 
 use crate::{BundleError, Limits};
 
@@ -282,10 +282,12 @@ pub(crate) fn manifest_too_large() -> BundleError {
 /// there and valid, and the app must have a way to start: `run`, an executable regular file
 /// `apprunner`, or else the Procfile's `web:` line, which then becomes `run` in the returned
 /// manifest, so everything downstream (the release record, Beacon, Maestro) sees the command
-/// that runs.
+/// that runs. The manifest's `processes` are resolved with the Procfile the same way
+/// (`px_proto::process::resolve`): every other Procfile type, `app.toml`'s command winning.
 ///
-/// The Procfile is parsed here only when it is that way to start; [`check_detection`] reads
-/// it (and the rest of the root files) for every new bundle.
+/// A Procfile that does not parse fails here only when something needs it (the web command, a
+/// `[processes.<type>]` without a command); [`check_detection`] refuses it for every new
+/// bundle, while a release already stored still unpacks.
 pub(crate) fn check_root(
     manifest: Option<Vec<u8>>,
     has_executable_runner: bool,
@@ -297,21 +299,29 @@ pub(crate) fn check_root(
         message: "is not valid UTF-8; save it as UTF-8".into(),
     })?;
     let mut manifest = AppManifest::parse(&text)?;
+    let procfile = match root_files.get(PROCFILE).and_then(|f| f.content.as_deref()) {
+        Some(bytes) => Some(Procfile::parse(bytes).map_err(DetectError::from)),
+        None if root_files.contains(PROCFILE) => Some(Err(DetectError::TooLarge {
+            file: PROCFILE,
+            max: MAX_DETECT_FILE_BYTES,
+        })),
+        None => None,
+    };
+    let needs_procfile = (manifest.run.is_none() && !has_executable_runner)
+        || manifest
+            .processes
+            .iter()
+            .any(|(name, s)| name != WEB_PROCESS && s.command.is_none());
+    let procfile = match procfile {
+        Some(Ok(procfile)) => Some(procfile),
+        Some(Err(e)) if needs_procfile => return Err(e.into()),
+        Some(Err(_)) | None => None,
+    };
     if manifest.run.is_none() && !has_executable_runner {
-        let procfile = match root_files.get(PROCFILE).and_then(|f| f.content.as_deref()) {
-            Some(bytes) => Some(Procfile::parse(bytes).map_err(DetectError::from)?),
-            None if root_files.contains(PROCFILE) => {
-                return Err(DetectError::TooLarge {
-                    file: PROCFILE,
-                    max: MAX_DETECT_FILE_BYTES,
-                }
-                .into());
-            }
-            None => None,
-        };
         let web = procfile.as_ref().and_then(|p| p.web());
         manifest.run = Some(web.ok_or(BundleError::NoRunner)?.to_string());
     }
+    px_proto::process::resolve(&mut manifest, procfile.as_ref())?;
     Ok(manifest)
 }
 
@@ -613,6 +623,46 @@ mod tests {
             check_root(manifest(), false, &no_web),
             Err(BundleError::NoRunner)
         ));
+    }
+
+    #[test]
+    fn the_release_records_every_process_type_with_its_command() {
+        let procfile = RootFiles::new().with(
+            PROCFILE,
+            "web: serve\nworker: python3 worker.py\nclock: python3 clock.py\nrelease: python3 migrate.py\n",
+        );
+        let toml = "name = \"x\"\n[processes.worker]\ncommand = \"python3 worker.py --fast\"\n[processes.clock]\nreplace = \"stop_first\"";
+        let m = check_root(Some(toml.as_bytes().to_vec()), false, &procfile).unwrap();
+        assert_eq!(m.run.as_deref(), Some("serve"));
+        let command = |t: &str| m.processes[t].command.as_deref();
+        assert_eq!(command("worker"), Some("python3 worker.py --fast"));
+        assert_eq!(command("clock"), Some("python3 clock.py"));
+        assert_eq!(command("release"), Some("python3 migrate.py"));
+        assert!(!m.processes.contains_key("web"));
+        // An apprunner app with a Procfile of workers runs them too.
+        let workers = RootFiles::new().with(PROCFILE, "worker: w");
+        let m = check_root(Some(b"name = \"x\"".to_vec()), true, &workers).unwrap();
+        assert_eq!(m.processes["worker"].command.as_deref(), Some("w"));
+        // A table with no command and no line is refused naming the type.
+        let e = check_root(
+            Some(b"name = \"x\"\nrun = \"s\"\n[processes.mailer]\nstop_grace = \"1m\"".to_vec()),
+            false,
+            &workers,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("processes.mailer"), "{e}");
+        // ... and when the Procfile that should have had it is broken, that is what is said.
+        let broken = RootFiles::new().with(PROCFILE, "not a procfile");
+        let e = check_root(
+            Some(b"name = \"x\"\nrun = \"s\"\n[processes.worker]\nstop_grace = \"1m\"".to_vec()),
+            false,
+            &broken,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, BundleError::Detect(DetectError::Procfile(_))),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -98,6 +98,21 @@ fn no_manifest(dir: &Path) -> String {
     }
 }
 
+/// Where `app.toml` replaces a Procfile line, said before the upload so no override is silent
+/// (the bundle check already refused a Procfile that does not parse).
+fn procfile_overrides(dir: &Path, manifest: &AppManifest) -> Vec<String> {
+    let Ok(files) = px_bundle::root_files(dir) else {
+        return Vec::new();
+    };
+    let procfile = files
+        .get(px_proto::procfile::PROCFILE)
+        .and_then(|f| f.content.as_deref())
+        .and_then(|bytes| px_proto::procfile::Procfile::parse(bytes).ok());
+    procfile
+        .map(|p| px_proto::process::overrides(manifest, &p))
+        .unwrap_or_default()
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -152,6 +167,11 @@ pub async fn deploy(client: &Client, options: Options<'_>) -> Result<()> {
         )));
     }
     let packed = started.elapsed();
+    if !options.json {
+        for line in procfile_overrides(options.dir, &manifest) {
+            eprintln!("{STEP} {line}");
+        }
+    }
 
     // The app exists from its first deploy on.
     let created = client

@@ -302,6 +302,9 @@ pub struct Detection {
     pub collectstatic: bool,
     /// The parsed Procfile, when there is one.
     pub procfile: Option<Procfile>,
+    /// Where `app.toml` replaces a Procfile line, one sentence each
+    /// (`worker: app.toml's command replaces the Procfile's line 2`); also in `lines`.
+    pub overrides: Vec<String>,
     /// `[build] command`.
     pub build_command: Option<String>,
     /// What was found, one sentence a line, for people (`em init`'s comments, `em deploy`'s
@@ -389,6 +392,11 @@ pub fn detect(manifest: Option<&AppManifest>, files: &RootFiles) -> Result<Detec
             lines.push(format!("Procfile: {}: {}", process.name, process.command));
         }
     }
+    let overrides = match (manifest, &procfile) {
+        (Some(manifest), Some(procfile)) => crate::process::overrides(manifest, procfile),
+        _ => Vec::new(),
+    };
+    lines.extend(overrides.iter().cloned());
     let build_command = manifest.and_then(|m| m.build.command.clone());
 
     let python = python::python_input(files)?;
@@ -489,6 +497,7 @@ pub fn detect(manifest: Option<&AppManifest>, files: &RootFiles) -> Result<Detec
         django,
         collectstatic,
         procfile,
+        overrides,
         build_command,
         lines,
     })

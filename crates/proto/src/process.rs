@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{ManifestError, ResourceLimits};
-use crate::procfile::{MAX_PROCESS_NAME_LEN, MAX_PROCESS_TYPES, WEB_PROCESS};
+use std::collections::BTreeMap;
+
+use crate::manifest::{AppManifest, ManifestError, ResourceLimits};
+use crate::procfile::{MAX_PROCESS_NAME_LEN, MAX_PROCESS_TYPES, Procfile, WEB_PROCESS};
 
 /// Name of the release phase's entry: a `release:` Procfile line or `[processes.release]`. It
 /// is no process type: it runs once per release, before the release goes live.
@@ -210,6 +212,82 @@ pub fn validate_all<'a>(
     Ok(())
 }
 
+/// Resolves the manifest's process types with the Procfile (docs/src/design/processes.md):
+/// every Procfile type but `web` gets a table, and a table without `command` takes its type's
+/// Procfile line; `app.toml`'s command wins where both have one. A table with no command and
+/// no Procfile line is refused naming its type. `procfile` is `None` without a Procfile.
+pub fn resolve(
+    manifest: &mut AppManifest,
+    procfile: Option<&Procfile>,
+) -> Result<(), ManifestError> {
+    let processes = &mut manifest.processes;
+    for line in procfile.map(|p| p.processes.as_slice()).unwrap_or_default() {
+        if line.name == WEB_PROCESS {
+            continue;
+        }
+        let settings = processes.entry(line.name.clone()).or_default();
+        if settings.command.is_none() {
+            settings.command = Some(line.command.clone());
+        }
+    }
+    if processes.len() > MAX_PROCESS_TYPES {
+        return Err(ManifestError::field(
+            "processes",
+            format!(
+                "app.toml and the Procfile name more than {MAX_PROCESS_TYPES} process types together"
+            ),
+        ));
+    }
+    if let Some((name, _)) = processes
+        .iter()
+        .find(|(name, s)| name.as_str() != WEB_PROCESS && s.command.is_none())
+    {
+        return Err(ManifestError::field(
+            format!("processes.{name}"),
+            format!(
+                "has no command and the Procfile has no `{name}:` line; give `command = \"...\"` in [processes.{name}] or add a `{name}: <command>` line to the Procfile"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The sentences that say where `app.toml` replaces a Procfile line (`worker: app.toml's command
+/// replaces the Procfile's line 2`), for `em deploy` and detection's lines, so no override is
+/// silent. `manifest` is `app.toml` as written, before [`resolve`].
+pub fn overrides(manifest: &AppManifest, procfile: &Procfile) -> Vec<String> {
+    procfile
+        .processes
+        .iter()
+        .filter_map(|line| {
+            let what = if line.name == WEB_PROCESS {
+                manifest.run.as_ref().map(|_| "`run`")
+            } else {
+                manifest
+                    .processes
+                    .get(&line.name)
+                    .and_then(|s| s.command.as_ref())
+                    .map(|_| "command")
+            }?;
+            Some(format!(
+                "{}: app.toml's {what} replaces the Procfile's line {}",
+                line.name, line.line
+            ))
+        })
+        .collect()
+}
+
+/// The processes of each non-web type a release runs: the types of its resolved manifest, each
+/// with its settings (for Beacon's formation and Maestro).
+pub fn process_types(manifest: &AppManifest) -> BTreeMap<&str, &ProcessSettings> {
+    manifest
+        .processes
+        .iter()
+        .filter(|(name, _)| runs_as_process(name))
+        .map(|(name, settings)| (name.as_str(), settings))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,6 +449,95 @@ stop_grace = "45s"
                 .message
                 .contains("script")
         );
+    }
+
+    fn resolved(toml: &str, procfile: Option<&str>) -> Result<AppManifest, ManifestError> {
+        let mut m = AppManifest::parse(&format!("name = \"x\"\n{toml}")).unwrap();
+        let procfile = procfile.map(|p| Procfile::parse(p.as_bytes()).unwrap());
+        resolve(&mut m, procfile.as_ref())?;
+        Ok(m)
+    }
+
+    #[test]
+    fn the_procfile_and_app_toml_resolve_type_by_type() {
+        let procfile = "web: serve\nworker: python3 w.py\nclock: python3 c.py\nrelease: migrate\n";
+        let m = resolved(
+            "run = \"gunicorn\"\n[processes.worker]\ncommand = \"celery worker\"\nstop_grace = \"2m\"\n[processes.mailer]\ncommand = \"python3 mail.py\"\n[processes.clock]\nreplace = \"stop_first\"",
+            Some(procfile),
+        )
+        .unwrap();
+        let commands: Vec<(&str, &str)> = m
+            .processes
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.command.as_deref().unwrap()))
+            .collect();
+        assert_eq!(
+            commands,
+            [
+                ("clock", "python3 c.py"),
+                ("mailer", "python3 mail.py"),
+                ("release", "migrate"),
+                ("worker", "celery worker"),
+            ]
+        );
+        assert_eq!(
+            m.processes["worker"].stop_grace,
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(m.processes["clock"].replace, ReplaceOrder::StopFirst);
+        // `release` keeps its command for the release phase but is no process type.
+        let types: Vec<&str> = process_types(&m).into_keys().collect();
+        assert_eq!(types, ["clock", "mailer", "worker"]);
+        // A manifest without a Procfile keeps what it has.
+        let m = resolved("[processes.worker]\ncommand = \"w\"", None).unwrap();
+        assert_eq!(m.processes.len(), 1);
+        let m = resolved("", None).unwrap();
+        assert!(m.processes.is_empty());
+        // [processes.web] (a grace) is no command and needs none.
+        assert!(resolved("[processes.web]\nstop_grace = \"5s\"", None).is_ok());
+    }
+
+    #[test]
+    fn a_table_without_a_command_anywhere_is_refused_naming_its_type() {
+        let e = resolved(
+            "[processes.worker]\nstop_grace = \"1m\"",
+            Some("web: serve\n"),
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("processes.worker"));
+        assert!(e.to_string().contains("`worker:`"), "{e}");
+        let e = resolved("[processes.clock]\nreplace = \"stop_first\"", None).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("processes.clock"), "{e}");
+    }
+
+    #[test]
+    fn overrides_are_said_type_by_type() {
+        let procfile = Procfile::parse(b"web: serve\nworker: w\nclock: c\n").unwrap();
+        let m = AppManifest::parse(
+            "name = \"x\"\nrun = \"gunicorn\"\n[processes.worker]\ncommand = \"celery\"\n[processes.clock]\nreplace = \"stop_first\"",
+        )
+        .unwrap();
+        assert_eq!(
+            overrides(&m, &procfile),
+            [
+                "web: app.toml's `run` replaces the Procfile's line 1",
+                "worker: app.toml's command replaces the Procfile's line 2",
+            ]
+        );
+        let plain = AppManifest::parse("name = \"x\"").unwrap();
+        assert!(overrides(&plain, &procfile).is_empty());
+    }
+
+    #[test]
+    fn too_many_types_together_are_refused() {
+        let mut procfile = String::new();
+        let mut toml = String::new();
+        for i in 0..MAX_PROCESS_TYPES {
+            procfile.push_str(&format!("p{i}: run\n"));
+            toml.push_str(&format!("[processes.t{i}]\ncommand = \"run\"\n"));
+        }
+        let e = resolved(&toml, Some(&procfile)).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("processes"), "{e}");
     }
 
     #[test]
