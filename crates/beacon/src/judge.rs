@@ -27,7 +27,10 @@ pub fn runs_healthy(
     report
         .instances
         .iter()
-        .filter(|i| i.app == app && i.release == release && i.state == InstanceState::Healthy)
+        // Only web instances are health-checked; a worker says nothing of the rollout.
+        .filter(|i| {
+            i.is_web() && i.app == app && i.release == release && i.state == InstanceState::Healthy
+        })
         .count()
         >= wanted
 }

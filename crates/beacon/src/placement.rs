@@ -192,6 +192,80 @@ pub fn place_builds(
     placed
 }
 
+/// A non-web process type of an app: (app, type).
+pub type ProcessKey = (String, String);
+/// Where each numbered process of each type runs: number → node.
+pub type ProcessPlacement = BTreeMap<ProcessKey, BTreeMap<u32, String>>;
+
+/// A node as process placement sees it.
+#[derive(Debug, Clone)]
+pub struct ProcessNode<'a> {
+    pub name: &'a str,
+    /// Silent past the deadline: its processes run elsewhere.
+    pub lost: bool,
+    /// Its link is up now: only such a node is given a process it does not have.
+    pub linked: bool,
+    /// The apps it may run (placement labels and runtimes, as for web instances).
+    pub apps: Vec<&'a str>,
+}
+
+/// Decides which node runs each process of each non-web type (docs/src/design/processes.md),
+/// given how many of each type are `wanted` in total and where each runs now (`current`).
+///
+/// A process keeps its node and number while the node may run the app and is not lost (a link
+/// down for a moment does not move it: moving would stop a job in hand), or, while nodes
+/// Beacon has not seen since it started may still come back (`absent_may_return`), while its
+/// node is such a node. Every other process goes to the linked node that may run the app and
+/// runs the fewest of its processes, by name among equals; with none, it waits (left out).
+/// Numbers run from 1 to the count, so `worker.2` is the same process until its node is lost.
+pub fn place_processes(
+    current: &ProcessPlacement,
+    wanted: &BTreeMap<ProcessKey, u32>,
+    nodes: &[ProcessNode<'_>],
+    absent_may_return: bool,
+) -> ProcessPlacement {
+    let by_name: BTreeMap<&str, &ProcessNode<'_>> = nodes.iter().map(|n| (n.name, n)).collect();
+    let mut placed = ProcessPlacement::new();
+    // Processes of each app on each node, counted over all its types.
+    let mut load: BTreeMap<(&str, &str), u32> = BTreeMap::new();
+    let mut waiting: Vec<(&ProcessKey, u32)> = Vec::new();
+    for (key, count) in wanted {
+        let app = key.0.as_str();
+        for number in 1..=*count {
+            let now = current.get(key).and_then(|numbers| numbers.get(&number));
+            let keep = now.filter(|node| match by_name.get(node.as_str()) {
+                Some(n) => !n.lost && n.apps.contains(&app),
+                None => absent_may_return,
+            });
+            match keep {
+                Some(node) => {
+                    *load.entry((app, node.as_str())).or_default() += 1;
+                    placed
+                        .entry(key.clone())
+                        .or_default()
+                        .insert(number, node.clone());
+                }
+                None => waiting.push((key, number)),
+            }
+        }
+    }
+    for (key, number) in waiting {
+        let app = key.0.as_str();
+        let choice = nodes
+            .iter()
+            .filter(|n| n.linked && !n.lost && n.apps.contains(&app))
+            .min_by_key(|n| (load.get(&(app, n.name)).copied().unwrap_or(0), n.name));
+        if let Some(node) = choice {
+            *load.entry((app, node.name)).or_default() += 1;
+            placed
+                .entry(key.clone())
+                .or_default()
+                .insert(number, node.name.to_string());
+        }
+    }
+    placed
+}
+
 /// Says that a build waits for a node that may build, and how to let one.
 pub fn no_build_node_message(app: &str, build: u64) -> String {
     format!(
@@ -598,5 +672,217 @@ pub(crate) mod tests {
             no_build_node_message("shop", 4),
             "shop build 4 waits: no node may build; give a Maestro the label build = \"true\" (in its config's `labels`) to build there"
         );
+    }
+
+    /// A node for process placement: linked, not lost, running `apps`.
+    fn pnode<'a>(name: &'a str, apps: &[&'a str]) -> ProcessNode<'a> {
+        ProcessNode {
+            name,
+            lost: false,
+            linked: true,
+            apps: apps.to_vec(),
+        }
+    }
+
+    /// A placement from `(app, type, number, node)` rows.
+    fn placement(rows: &[(&str, &str, u32, &str)]) -> ProcessPlacement {
+        let mut placed = ProcessPlacement::new();
+        for (app, kind, number, node) in rows {
+            placed
+                .entry((app.to_string(), kind.to_string()))
+                .or_default()
+                .insert(*number, node.to_string());
+        }
+        placed
+    }
+
+    #[test]
+    fn process_placement_rules() {
+        let lost = |mut n: ProcessNode<'static>| {
+            n.lost = true;
+            n
+        };
+        let unlinked = |mut n: ProcessNode<'static>| {
+            n.linked = false;
+            n
+        };
+        let wanted = |rows: &[(&str, &str, u32)]| -> BTreeMap<ProcessKey, u32> {
+            rows.iter()
+                .map(|(app, kind, count)| ((app.to_string(), kind.to_string()), *count))
+                .collect()
+        };
+        type Case = (
+            &'static str,
+            ProcessPlacement,
+            BTreeMap<ProcessKey, u32>,
+            Vec<ProcessNode<'static>>,
+            bool,
+            ProcessPlacement,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "one of each type, spread over the app's nodes, ties by name",
+                placement(&[]),
+                wanted(&[
+                    ("shop", "clock", 1),
+                    ("shop", "mailer", 1),
+                    ("shop", "worker", 1),
+                ]),
+                vec![
+                    pnode("web-2", &["shop"]),
+                    pnode("web-1", &["shop"]),
+                    pnode("web-3", &["shop"]),
+                ],
+                false,
+                placement(&[
+                    ("shop", "clock", 1, "web-1"),
+                    ("shop", "mailer", 1, "web-2"),
+                    ("shop", "worker", 1, "web-3"),
+                ]),
+            ),
+            (
+                "the fewest processes of that app wins, not of all apps",
+                placement(&[
+                    ("blog", "worker", 1, "web-2"),
+                    ("shop", "worker", 1, "web-1"),
+                ]),
+                wanted(&[
+                    ("blog", "worker", 1),
+                    ("shop", "worker", 1),
+                    ("shop", "clock", 1),
+                ]),
+                vec![
+                    pnode("web-1", &["shop", "blog"]),
+                    pnode("web-2", &["shop", "blog"]),
+                ],
+                false,
+                placement(&[
+                    ("blog", "worker", 1, "web-2"),
+                    ("shop", "clock", 1, "web-2"),
+                    ("shop", "worker", 1, "web-1"),
+                ]),
+            ),
+            (
+                "only nodes that may run the app (placement labels, runtimes)",
+                placement(&[]),
+                wanted(&[("shop", "worker", 1)]),
+                vec![pnode("a-gpu", &["ml"]), pnode("b", &["shop"])],
+                false,
+                placement(&[("shop", "worker", 1, "b")]),
+            ),
+            (
+                "stable: a process keeps its node and number, even when another node is emptier",
+                placement(&[
+                    ("shop", "worker", 1, "web-2"),
+                    ("shop", "clock", 1, "web-2"),
+                ]),
+                wanted(&[("shop", "clock", 1), ("shop", "worker", 1)]),
+                vec![pnode("web-1", &["shop"]), pnode("web-2", &["shop"])],
+                false,
+                placement(&[
+                    ("shop", "worker", 1, "web-2"),
+                    ("shop", "clock", 1, "web-2"),
+                ]),
+            ),
+            (
+                "stable: a node whose link is down for a moment keeps its processes",
+                placement(&[("shop", "worker", 1, "web-2")]),
+                wanted(&[("shop", "worker", 1)]),
+                vec![
+                    pnode("web-1", &["shop"]),
+                    unlinked(pnode("web-2", &["shop"])),
+                ],
+                false,
+                placement(&[("shop", "worker", 1, "web-2")]),
+            ),
+            (
+                "a lost node's processes move, keeping their numbers",
+                placement(&[
+                    ("shop", "worker", 2, "web-2"),
+                    ("shop", "worker", 1, "web-1"),
+                ]),
+                wanted(&[("shop", "worker", 2)]),
+                vec![
+                    pnode("web-1", &["shop"]),
+                    lost(pnode("web-2", &["shop"])),
+                    pnode("web-3", &["shop"]),
+                ],
+                false,
+                placement(&[
+                    ("shop", "worker", 1, "web-1"),
+                    ("shop", "worker", 2, "web-3"),
+                ]),
+            ),
+            (
+                "a node that may no longer run the app gives its processes up",
+                placement(&[("shop", "worker", 1, "web-1")]),
+                wanted(&[("shop", "worker", 1)]),
+                vec![pnode("web-1", &["blog"]), pnode("web-2", &["shop"])],
+                false,
+                placement(&[("shop", "worker", 1, "web-2")]),
+            ),
+            (
+                "a new process goes only to a linked node",
+                placement(&[]),
+                wanted(&[("shop", "worker", 1)]),
+                vec![
+                    unlinked(pnode("web-1", &["shop"])),
+                    pnode("web-2", &["shop"]),
+                ],
+                false,
+                placement(&[("shop", "worker", 1, "web-2")]),
+            ),
+            (
+                "no node for the app: the process waits",
+                placement(&[("shop", "worker", 1, "web-1")]),
+                wanted(&[("shop", "worker", 1)]),
+                vec![
+                    lost(pnode("web-1", &["shop"])),
+                    unlinked(pnode("web-2", &["shop"])),
+                ],
+                false,
+                placement(&[]),
+            ),
+            (
+                "after a restart, a node not back yet keeps its processes while it may return",
+                placement(&[("shop", "worker", 1, "web-9")]),
+                wanted(&[("shop", "worker", 1)]),
+                vec![pnode("web-1", &["shop"])],
+                true,
+                placement(&[("shop", "worker", 1, "web-9")]),
+            ),
+            (
+                "... and loses them when that time is over",
+                placement(&[("shop", "worker", 1, "web-9")]),
+                wanted(&[("shop", "worker", 1)]),
+                vec![pnode("web-1", &["shop"])],
+                false,
+                placement(&[("shop", "worker", 1, "web-1")]),
+            ),
+            (
+                "types and apps no longer wanted are dropped",
+                placement(&[("shop", "worker", 1, "web-1"), ("old", "clock", 1, "web-1")]),
+                wanted(&[("shop", "mailer", 1)]),
+                vec![pnode("web-1", &["shop"]), pnode("web-2", &["shop"])],
+                false,
+                placement(&[("shop", "mailer", 1, "web-1")]),
+            ),
+            (
+                "several of a type spread, numbers from 1",
+                placement(&[]),
+                wanted(&[("shop", "worker", 3)]),
+                vec![pnode("web-1", &["shop"]), pnode("web-2", &["shop"])],
+                false,
+                placement(&[
+                    ("shop", "worker", 1, "web-1"),
+                    ("shop", "worker", 2, "web-2"),
+                    ("shop", "worker", 3, "web-1"),
+                ]),
+            ),
+        ];
+        for (what, current, wanted, nodes, absent_may_return, expected) in cases {
+            let placed = place_processes(&current, &wanted, &nodes, absent_may_return);
+            assert_eq!(placed, expected, "{what}");
+        }
     }
 }

@@ -105,7 +105,14 @@ pub fn render(hub: &Hub) -> String {
         let instances: Vec<String> = node
             .instances
             .iter()
-            .map(|i| format!("{} v{} {:?}", escape(&i.app), i.release, i.state).to_lowercase())
+            .map(|i| {
+                let process = if i.is_web() {
+                    String::new()
+                } else {
+                    format!(" {}.{}", escape(&i.process), i.number)
+                };
+                format!("{}{process} v{} {:?}", escape(&i.app), i.release, i.state).to_lowercase()
+            })
             .collect();
         let labels: Vec<String> = node
             .labels

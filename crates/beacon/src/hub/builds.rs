@@ -149,7 +149,7 @@ impl Hub {
 
     /// Whether a node not seen since Beacon started may still come back for its builds: for
     /// as long as a silent node takes to be lost.
-    fn absent_may_return(&self, state: &State) -> bool {
+    pub(super) fn absent_may_return(&self, state: &State) -> bool {
         !state.returning_over && self.started.elapsed() <= self.settings.node_lost_after
     }
 

@@ -16,8 +16,9 @@ use super::persist::Persisted;
 use super::{Changes, Effect, Hub, Rollout, State, effect};
 use crate::placement::{BuildKey, Fit, places};
 
-/// What the persisted generation numbers: `app@version` of every desired release, and
-/// `build <app> <n> <node>` of every placed build (a build that moves is a new assignment).
+/// What the persisted generation numbers: `app@version` of every desired release,
+/// `build <app> <n> <node>` of every placed build and `process <app> <type> <n> <node>` of
+/// every placed process (a build or a process that moves is a new assignment).
 fn fingerprint(state: &State) -> Vec<String> {
     let mut fingerprint: Vec<String> = state
         .desired
@@ -25,6 +26,7 @@ fn fingerprint(state: &State) -> Vec<String> {
         .map(|r| format!("{}@{}", r.app, r.version))
         .collect();
     fingerprint.extend(super::builds::placement_fingerprint(&state.builds));
+    fingerprint.extend(super::processes::fingerprint(&state.processes));
     fingerprint
 }
 
@@ -40,18 +42,28 @@ impl Hub {
     fn assignment_for(&self, state: &State, node: &str, fit: &Fit<'_>) -> Arc<Assignment> {
         Arc::new(Assignment {
             generation: state.persisted.generation,
-            apps: self.apps_for(state, fit),
+            apps: self.apps_for(state, node, fit),
             builds: self.build_orders(state, node),
         })
     }
 
-    fn apps_for(&self, state: &State, fit: &Fit<'_>) -> Vec<AppAssignment> {
-        state
+    /// The apps `node` runs, each with the processes of non-web types placed on it.
+    pub(super) fn apps_for(&self, state: &State, node: &str, fit: &Fit<'_>) -> Vec<AppAssignment> {
+        let mut apps: Vec<AppAssignment> = state
             .desired
             .values()
             .filter(|r| places(r, fit))
             .map(|r| self.app_assignment(r))
-            .collect()
+            .collect();
+        Self::add_processes(state, node, &mut apps);
+        apps
+    }
+
+    /// Puts the processes placed on `node` into its apps' assignments.
+    fn add_processes(state: &State, node: &str, apps: &mut [AppAssignment]) {
+        for app in apps {
+            app.processes = Self::processes_for(state, &app.app, node);
+        }
     }
 
     /// What `node` should be sent when it attaches: its assignment, if the current generation
@@ -196,7 +208,8 @@ impl Hub {
     /// Places the pending builds again, numbering a new generation when one moved; returns
     /// whether one did.
     pub(super) fn replace_builds(&self, state: &mut State, effects: &mut Vec<Effect>) -> bool {
-        let moved = self.place_builds(state, effects);
+        // Both are placed: `|`, not `||`.
+        let moved = self.place_builds(state, effects) | self.place_processes(state);
         if moved {
             Self::renumber(state);
         }
@@ -232,7 +245,7 @@ impl Hub {
         let departed = builds
             .map(|builds| self.take_pending(state, builds))
             .unwrap_or_default();
-        let moved = self.place_builds(state, effects);
+        let moved = self.place_builds(state, effects) | self.place_processes(state);
         // A build that left the list leaves its node's assignment too.
         let changed = desired_changed || moved || !departed.is_empty();
         if changed {
@@ -370,10 +383,12 @@ impl Hub {
             .desired
             .values()
             .all(|r| r.manifest.placement.is_everywhere() && r.manifest.runtime.is_none());
+        // Computed for no node in particular: the processes of non-web types are added per
+        // node, only to the nodes they are placed on.
         let shared = everywhere.then(|| {
             Arc::new(Assignment {
                 generation,
-                apps: self.apps_for(state, &Fit::BARE),
+                apps: self.apps_for(state, "", &Fit::BARE),
                 builds: Vec::new(),
             })
         });
@@ -382,15 +397,21 @@ impl Hub {
                 continue;
             }
             let builds = self.build_orders(state, name);
+            let runs_processes = Self::processes_on(state, &|n| n == name);
             let assignment = match &shared {
-                Some(shared) if builds.is_empty() => shared.clone(),
-                Some(shared) => Arc::new(Assignment {
-                    builds,
-                    ..(**shared).clone()
-                }),
+                Some(shared) if builds.is_empty() && !runs_processes => shared.clone(),
+                Some(shared) => {
+                    let mut apps = shared.apps.clone();
+                    Self::add_processes(state, name, &mut apps);
+                    Arc::new(Assignment {
+                        generation,
+                        apps,
+                        builds,
+                    })
+                }
                 None => Arc::new(Assignment {
                     generation,
-                    apps: self.apps_for(state, &node.fit()),
+                    apps: self.apps_for(state, name, &node.fit()),
                     builds,
                 }),
             };

@@ -10,6 +10,7 @@
 //!
 //! - `desired.rs`: the desired state, the generation and each node's assignment;
 //! - `builds.rs`: pending builds, where each runs, and their events;
+//! - `processes.rs`: the default formation and where each non-web process runs;
 //! - `nodes.rs`: the node registry (attach, reports, events, detach, the sweep);
 //! - `rollouts.rs`: rollout tracking, applying verdicts, rollback orders, the history;
 //! - `repositories.rs`: the repository's links and reachability;
@@ -20,6 +21,7 @@ mod builds;
 mod desired;
 mod nodes;
 mod persist;
+mod processes;
 mod repositories;
 mod rollouts;
 mod views;
@@ -38,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::alerts::{Alert, Alerter};
 use crate::events::{EventDraft, EventLog};
 use crate::metrics::Metrics;
-use crate::placement::{BuildKey, Fit};
+use crate::placement::{BuildKey, Fit, ProcessPlacement};
 
 /// Commands (restart, stop) queued per link; a node that cannot take this many is too slow
 /// and gets the next ones dropped (the operator can repeat them).
@@ -143,6 +145,8 @@ struct State {
     returning_over: bool,
     /// Builds whose end was announced.
     announced: builds::Announced,
+    /// Where each process of a non-web type runs (from the persisted generation at start-up).
+    processes: ProcessPlacement,
 }
 
 /// An event to record after the lock is released, maybe with an alert.
@@ -227,6 +231,7 @@ impl Hub {
     ) -> std::io::Result<Self> {
         let (store, persisted, history) = persist::Store::open(&settings.data_dir)?;
         let placement_hints = builds::placements_in(&persisted.desired);
+        let processes = processes::placed_in(&persisted.desired);
         Ok(Self {
             rollback_orders: watch::channel(Arc::new(Vec::new())).0,
             state: Mutex::new(State {
@@ -249,6 +254,7 @@ impl Hub {
                 placement_hints,
                 returning_over: false,
                 announced: builds::Announced::default(),
+                processes,
             }),
             publishing: tokio::sync::Mutex::new(()),
             store,

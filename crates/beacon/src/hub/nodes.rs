@@ -27,9 +27,10 @@ pub struct Attached {
 impl Hub {
     /// Registers a Maestro that completed its handshake, replacing an older link of the same
     /// name. Its assignment is queued unless its report shows it already applied it. A node
-    /// that may build, reports builds, or had builds placed on it may change where builds run:
-    /// it attaches through [`Hub::update`], so a build that moves is numbered and written
-    /// before any node is sent it.
+    /// that may build, reports builds, or had builds placed on it may change where builds run,
+    /// and one that had processes, or comes while a process waits for a node, where processes
+    /// run: it attaches through [`Hub::update`], so a build or process that moves is numbered
+    /// and written before any node is sent it.
     pub async fn attach(&self, hello: &Hello) -> Attached {
         if self.may_move_builds(hello) {
             return self
@@ -51,6 +52,9 @@ impl Hub {
     /// Whether attaching the node of `hello` may change where builds run.
     fn may_move_builds(&self, hello: &Hello) -> bool {
         let state = self.lock();
+        if state.desired_known && Self::processes_may_move(&state, &hello.name) {
+            return true;
+        }
         !state.builds.is_empty()
             && (placement::may_build(&hello.labels)
                 || hello.state.as_ref().is_some_and(|r| !r.builds.is_empty())
@@ -352,10 +356,12 @@ impl Hub {
                 .values()
                 .any(|b| b.node.as_deref().is_some_and(node))
         };
-        let mut move_builds = placed_on(&state, &|n| lost.iter().any(|l| l == n));
+        let mut move_builds = placed_on(&state, &|n| lost.iter().any(|l| l == n))
+            || Self::processes_on(&state, &|n| lost.iter().any(|l| l == n));
         if !state.returning_over && self.started.elapsed() > deadline {
             state.returning_over = true;
-            move_builds |= placed_on(&state, &|n| !state.nodes.contains_key(n));
+            move_builds |= placed_on(&state, &|n| !state.nodes.contains_key(n))
+                || Self::processes_on(&state, &|n| !state.nodes.contains_key(n));
         }
         // Rollouts are evaluated here, for the apps whose reports changed since the last
         // sweep, rather than on every heartbeat: one pass over the nodes per app per sweep

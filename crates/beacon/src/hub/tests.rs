@@ -9,6 +9,7 @@ use px_proto::beacon::EventKind;
 use px_proto::link::{Hello, InstanceState, PROTOCOL_VERSION, PeerRole, RolloutFigures};
 use tokio_util::task::TaskTracker;
 
+use super::nodes::Attached;
 use super::persist::{HistorySnapshot, Persisted, Store};
 use super::*;
 use crate::alerts::AlertSettings;
@@ -335,4 +336,57 @@ async fn a_restarted_hub_supersedes_nothing_it_did_not_see_roll_out() {
     );
     assert_eq!(events[0].0, 7, "the release that was rolling out");
     assert_eq!(events[1].0, 13, "the oldest of the skipped ones named");
+}
+
+/// The processes of `app` in `node`'s latest assignment: (type, numbers).
+fn processes_of(attached: &mut Attached, app: &str) -> Vec<(String, Vec<u32>)> {
+    let assignment = attached.assignments.borrow_and_update().clone().unwrap();
+    let app = assignment.apps.iter().find(|a| a.app == app).unwrap();
+    app.processes
+        .iter()
+        .map(|(kind, numbers)| (kind.clone(), numbers.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn one_process_of_each_type_runs_across_the_cluster_and_stays_put_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(dir.path());
+    let mut web1 = hub.attach(&hello("web-1", 0)).await;
+    let mut web2 = hub.attach(&hello("web-2", 0)).await;
+    let workers = "[processes.worker]\ncommand = \"python3 worker.py\"\n[processes.clock]\ncommand = \"python3 clock.py\"\n[processes.release]\ncommand = \"python3 migrate.py\"";
+    hub.set_desired(desired(&[release("shop", 1, workers)]))
+        .await;
+    // Spread: one each, the clock on web-1 and the worker on web-2 (ties by name); never the
+    // release phase; web instances on both as before.
+    let on1 = processes_of(&mut web1, "shop");
+    let on2 = processes_of(&mut web2, "shop");
+    assert_eq!(on1, [("clock".to_string(), vec![1])]);
+    assert_eq!(on2, [("worker".to_string(), vec![1])]);
+
+    // A new release keeps every process where it is.
+    hub.set_desired(desired(&[release("shop", 2, workers)]))
+        .await;
+    assert_eq!(processes_of(&mut web1, "shop"), on1);
+    assert_eq!(processes_of(&mut web2, "shop"), on2);
+    let generation = hub.generation();
+    drop(hub);
+
+    // A restarted Beacon whose nodes come back in the other order leaves them there too, and
+    // renumbers nothing.
+    let restarted = open(dir.path());
+    let mut web2 = restarted.attach(&hello("web-2", generation)).await;
+    let mut web1 = restarted.attach(&hello("web-1", generation)).await;
+    restarted
+        .set_desired(desired(&[release("shop", 2, workers)]))
+        .await;
+    assert_eq!(restarted.generation(), generation);
+    // Nodes that applied the generation are not sent it again; ask for what they would get.
+    for (attached, node, expected) in [(&mut web1, "web-1", &on1), (&mut web2, "web-2", &on2)] {
+        assert!(attached.assignments.borrow_and_update().is_none());
+        let state = restarted.lock();
+        let apps = restarted.apps_for(&state, node, &Fit::BARE);
+        let got: Vec<(String, Vec<u32>)> = apps[0].processes.clone().into_iter().collect();
+        assert_eq!(&got, expected, "{node}");
+    }
 }
