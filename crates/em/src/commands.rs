@@ -296,10 +296,12 @@ fn print_log(entry: &LogEntry, json: bool) {
         println!("{}", serde_json::to_string(entry).unwrap_or_default());
         return;
     }
-    // A build's output belongs to no release or instance yet.
-    let source = match entry.build {
-        Some(build) => format!("build {build}"),
-        None => format!("v{}#{}", entry.release, entry.instance),
+    // A build's output belongs to no release or instance yet; a process of another type than
+    // web is named by its type and number (`worker.1`).
+    let source = match (entry.build, &entry.process) {
+        (Some(build), _) => format!("build {build}"),
+        (None, Some(process)) => format!("v{} {process}.{}", entry.release, entry.instance),
+        (None, None) => format!("v{}#{}", entry.release, entry.instance),
     };
     println!(
         "{} {} {source} {}: {}",

@@ -458,7 +458,7 @@ impl LocalApp {
             run: manifest.run.as_deref(),
             path: &path,
             env: &manifest.env,
-            port,
+            port: Some(port),
             extra_env,
         };
         // The app's [limits] as rlimits, as a web server without delegated cgroups gives them.
@@ -553,9 +553,7 @@ impl LocalApp {
             return std::future::pending().await;
         };
         // The waiter reports once the instance's last output reached the logs.
-        let (status, _, _): Exit = (&mut instance.waiter.exited)
-            .await
-            .unwrap_or((None, None, false));
+        let Exit { status, .. } = (&mut instance.waiter.exited).await.unwrap_or_default();
         let app = instance.app.clone();
         let generation = instance.generation;
         self.current = None;

@@ -44,7 +44,8 @@ pub struct Launch<'a> {
     pub path: &'a std::ffi::OsStr,
     /// The release's variables: `[env]`, what a build adds, config vars.
     pub env: &'a BTreeMap<String, String>,
-    pub port: u16,
+    /// Its `PORT` (also `$1`); `None` for a process that takes no port (a worker).
+    pub port: Option<u16>,
     /// Extra variables set by Maestro (e.g. the instance number).
     pub extra_env: Vec<(String, String)>,
 }
@@ -52,16 +53,20 @@ pub struct Launch<'a> {
 /// Starts an instance, its command after `prefix` (a `prlimit ... --` for its rlimits, or
 /// nothing). Its stdout and stderr are piped for the caller to attach to the logs.
 pub fn spawn(launch: &Launch<'_>, prefix: &[String]) -> std::io::Result<Child> {
-    let port = launch.port.to_string();
+    let port = launch.port.map(|p| p.to_string());
     let mut words: Vec<std::ffi::OsString> = prefix.iter().map(Into::into).collect();
     match launch.run {
         // `sh -c CMD NAME ARG`: the port is also `$1`, as the AppRunner contract says.
         Some(run) => words.extend(
-            ["/bin/sh", "-c", run, launch.app, port.as_str()]
-                .iter()
+            ["/bin/sh", "-c", run, launch.app]
+                .into_iter()
+                .chain(port.as_deref())
                 .map(Into::into),
         ),
-        None => words.extend([launch.dir.join(APPRUNNER_FILE).into(), port.clone().into()]),
+        None => {
+            words.push(launch.dir.join(APPRUNNER_FILE).into());
+            words.extend(port.iter().map(Into::into));
+        }
     }
     let mut command = Command::new(&words[0]);
     command.args(&words[1..]);
@@ -72,9 +77,11 @@ pub fn spawn(launch: &Launch<'_>, prefix: &[String]) -> std::io::Result<Child> {
         // Locale, time zone and `HOME` from Maestro's own environment; everything else an
         // instance sees comes from its release, so apps behave the same on every node.
         .envs(px_runtime::host::env().passed());
+    command.envs(launch.env);
+    if let Some(port) = &port {
+        command.env("PORT", port);
+    }
     command
-        .envs(launch.env)
-        .env("PORT", &port)
         .env("PX_APP", launch.app)
         .env("PX_RELEASE", launch.release.to_string())
         .envs(launch.extra_env.iter().map(|(k, v)| (k, v)))
@@ -95,20 +102,28 @@ pub(crate) fn signal_group(pid: u32, signal: Signal) {
 /// Stops an instance: SIGTERM to its group, up to `grace` for it to exit, then SIGKILL.
 /// Returns how it ended.
 pub async fn stop(child: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
+    stop_counted(child, grace).await.0
+}
+
+/// [`stop`], also saying whether the process outlived its grace and was killed.
+pub(crate) async fn stop_counted(
+    child: &mut Child,
+    grace: Duration,
+) -> (Option<std::process::ExitStatus>, bool) {
     let Some(pid) = child.id() else {
-        return child.try_wait().ok().flatten();
+        return (child.try_wait().ok().flatten(), false);
     };
     signal_group(pid, Signal::SIGTERM);
     match tokio::time::timeout(grace, child.wait()).await {
         Ok(status) => {
             // The leader is gone; make sure nothing else of the group stays.
             signal_group(pid, Signal::SIGKILL);
-            status.ok()
+            (status.ok(), false)
         }
         Err(_) => {
             tracing::warn!(pid, "instance ignored SIGTERM for {grace:?}; killing it");
             signal_group(pid, Signal::SIGKILL);
-            child.wait().await.ok()
+            (child.wait().await.ok(), true)
         }
     }
 }

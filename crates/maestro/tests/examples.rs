@@ -88,7 +88,7 @@ impl Instance {
                 run: manifest.run.as_deref(),
                 path: &path,
                 env: &manifest.env,
-                port,
+                port: Some(port),
                 extra_env: Vec::new(),
             },
             &[],

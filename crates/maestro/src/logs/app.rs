@@ -137,11 +137,48 @@ impl AppLogs {
         O: AsyncRead + Unpin + Send + 'static,
         E: AsyncRead + Unpin + Send + 'static,
     {
+        self.attach_as(app, release, None, instance, stdout, stderr)
+    }
+
+    /// [`AppLogs::attach`] for process `number` of a non-web type `process` (`worker`): its
+    /// lines are marked `worker.1` in the files (`<time> v3 worker.1 <line>`) and carry the
+    /// type in `LogLine::process`, so `em logs` tells them from the web instances'.
+    pub fn attach_process<O, E>(
+        &self,
+        app: &str,
+        release: u64,
+        process: &str,
+        number: u32,
+        stdout: O,
+        stderr: E,
+    ) -> LogTasks
+    where
+        O: AsyncRead + Unpin + Send + 'static,
+        E: AsyncRead + Unpin + Send + 'static,
+    {
+        self.attach_as(app, release, Some(process), number, stdout, stderr)
+    }
+
+    fn attach_as<O, E>(
+        &self,
+        app: &str,
+        release: u64,
+        process: Option<&str>,
+        instance: u32,
+        stdout: O,
+        stderr: E,
+    ) -> LogTasks
+    where
+        O: AsyncRead + Unpin + Send + 'static,
+        E: AsyncRead + Unpin + Send + 'static,
+    {
         let state = self.app_state(app);
         let app: Arc<str> = Arc::from(app);
+        let process: Option<Arc<str>> = process.map(Arc::from);
         let reader = |stream: Stream| Reader {
             app: app.clone(),
             release,
+            process: process.clone(),
             instance,
             stream,
             state: state.clone(),
@@ -358,6 +395,8 @@ impl LogTasks {
 struct Reader {
     app: Arc<str>,
     release: u64,
+    /// The type of a non-web process; `None` for a web instance.
+    process: Option<Arc<str>>,
     instance: u32,
     stream: Stream,
     state: Arc<AppState>,
@@ -404,10 +443,10 @@ impl Reader {
             stream = self.stream.as_str(),
             "{line}"
         );
-        let file_line = self
-            .file
-            .as_ref()
-            .map(|_| format!("{at} v{} #{} {line}", self.release, self.instance));
+        let file_line = self.file.as_ref().map(|_| match &self.process {
+            Some(process) => format!("{at} v{} {process}.{} {line}", self.release, self.instance),
+            None => format!("{at} v{} #{} {line}", self.release, self.instance),
+        });
         let log_line = LogLine {
             app: self.app.to_string(),
             release: self.release,
@@ -416,7 +455,7 @@ impl Reader {
             at,
             line,
             build: None,
-            process: None,
+            process: self.process.as_deref().map(str::to_string),
         };
         if self.follow.receiver_count() > 0 {
             // An error only means every follower left since the check.
@@ -504,6 +543,44 @@ mod tests {
             .await
             .expect("no line before the deadline")
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_process_of_another_type_is_marked_with_its_type_and_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = AppLogs::new(dir.path(), Rotation::default());
+        let mut follow = logs.follow();
+        run_instance(&logs, "shop", 4, 1, "echo served").await;
+        let mut child = shell("echo job done; echo retrying 1>&2");
+        let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let tasks = logs.attach_process("shop", 4, "worker", 2, stdout, stderr);
+        tokio::time::timeout(DEADLINE, tasks.wait()).await.unwrap();
+        child.wait().await.unwrap();
+
+        // The files: web lines as before, the worker's marked with its type and number.
+        let stdout = lines_of(&dir.path().join("shop").join(STDOUT_FILE));
+        let rests: Vec<&str> = stdout
+            .iter()
+            .map(|l| l.split_once(' ').unwrap().1)
+            .collect();
+        assert_eq!(rests, ["v4 #1 served", "v4 worker.2 job done"]);
+        let stderr = lines_of(&dir.path().join("shop").join(STDERR_FILE));
+        assert!(stderr[0].ends_with(" v4 worker.2 retrying"), "{stderr:?}");
+        // What followers (and so Beacon and `em logs`) get.
+        let mut marks = Vec::new();
+        for _ in 0..3 {
+            let line = recv(&mut follow).await;
+            marks.push((line.process.clone(), line.instance, line.line.clone()));
+        }
+        marks.sort();
+        assert_eq!(
+            marks,
+            [
+                (None, 1, "served".to_string()),
+                (Some("worker".to_string()), 2, "job done".to_string()),
+                (Some("worker".to_string()), 2, "retrying".to_string()),
+            ]
+        );
     }
 
     #[tokio::test]

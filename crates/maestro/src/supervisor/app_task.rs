@@ -13,7 +13,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::error::DeployError;
-use super::instance::{self, CrashEvent, CrashStreak, Exit, Instance};
+use super::instance::{self, CrashEvent, CrashStreak, Exit, Instance, stop_grace_of};
+use super::processes::{self, Slot};
 use super::rollout_watch;
 use super::shared::Shared;
 use super::store::PreparedRelease;
@@ -28,8 +29,21 @@ struct Running {
     assignment: AppAssignment,
     release: PreparedRelease,
     instances: Vec<Instance>,
+    /// The processes of other types than web that Beacon placed on this node.
+    processes: Vec<Slot>,
     /// What the proxy counted for this release's answers.
     stats: Arc<ReleaseStats>,
+}
+
+impl Running {
+    /// The stop grace of its web instances (`[processes.web] stop_grace`, or the node's).
+    fn web_grace(&self, node: std::time::Duration) -> std::time::Duration {
+        stop_grace_of(
+            &self.assignment.manifest,
+            px_proto::procfile::WEB_PROCESS,
+            node,
+        )
+    }
 }
 
 pub(super) struct AppTask {
@@ -68,7 +82,16 @@ impl AppTask {
             if changed {
                 changed = false;
                 let target = desired.borrow_and_update().clone();
-                if let Some(target) = target
+                if let Some(target) = target.as_ref()
+                    && let Some(run) = running.as_mut()
+                    && processes::same_but_processes(&run.assignment, target)
+                {
+                    // Only where other processes run moved: the web instances stay as they are.
+                    let slots = std::mem::take(&mut run.processes);
+                    run.processes = processes::reconcile(&self.shared, target, &run.release, slots);
+                    run.assignment = target.clone();
+                    self.report(running.as_ref());
+                } else if let Some(target) = target
                     && running.as_ref().is_none_or(|r| r.assignment != target)
                     && self.failed.as_ref() != Some(&target)
                 {
@@ -83,8 +106,12 @@ impl AppTask {
                 }
             }
             let next_restart = pending.iter().min_by_key(|(_, at)| *at).copied();
-            let crash =
-                instance::wait_crash(running.as_mut().map(|r| &mut r.instances), next_restart);
+            let (instances, slots) = match running.as_mut() {
+                Some(r) => (Some(&mut r.instances), Some(&mut r.processes)),
+                None => (None, None),
+            };
+            let crash = instance::wait_crash(instances, next_restart);
+            let process_event = processes::next_event(slots);
             tokio::select! {
                 _ = stop.cancelled() => break,
                 r = desired.changed() => {
@@ -100,6 +127,18 @@ impl AppTask {
                         pending.clear();
                     } else {
                         changed = true;
+                    }
+                    self.report(running.as_ref());
+                }
+                event = process_event => {
+                    if let Some(run) = running.as_mut() {
+                        processes::on_event(
+                            &self.shared,
+                            &run.assignment,
+                            &run.release,
+                            &mut run.processes,
+                            event,
+                        );
                     }
                     self.report(running.as_ref());
                 }
@@ -119,7 +158,11 @@ impl AppTask {
         // Stopping: no more traffic to this app, then stop its instances.
         self.shared.unserve(&self.app);
         if let Some(running) = running.take() {
-            instance::stop_all(&self.shared, running.instances).await;
+            let grace = running.web_grace(self.shared.settings.stop_grace);
+            let (_, ()) = tokio::join!(
+                instance::stop_all(&self.shared, running.instances, grace),
+                processes::stop_all(&self.shared, running.processes),
+            );
         }
         self.shared
             .statuses
@@ -155,6 +198,7 @@ impl AppTask {
                         process: px_proto::procfile::WEB_PROCESS.to_string(),
                         number: i.number,
                     })
+                    .chain(processes::statuses(&self.app, &r.processes))
                     .collect()
             })
             .unwrap_or_default();
@@ -221,15 +265,21 @@ impl AppTask {
                             .stderr_tail(&self.app, release, FAILED_STDERR_LINES)
                     },
                 ));
-                instance::stop_all(&self.shared, started).await;
+                let grace = stop_grace_of(
+                    &target.manifest,
+                    px_proto::procfile::WEB_PROCESS,
+                    self.shared.settings.stop_grace,
+                );
+                instance::stop_all(&self.shared, started, grace).await;
                 self.failed = Some(target);
                 return current;
             }
         };
-        let next = Running {
+        let mut next = Running {
             assignment: target,
             release: prepared,
             instances: started,
+            processes: Vec::new(),
             stats,
         };
         // The switch: one swap of the routing table.
@@ -265,20 +315,71 @@ impl AppTask {
                 previous,
             );
         }
-        if let Some(old) = current {
-            let (closed, cut) = instance::drain_and_stop(
+        // Then the other process types, each in its `replace` order; their old processes
+        // stop in a task of their own, which may take their whole `stop_grace`.
+        let (old_instances, old_processes, old_grace) = match current {
+            Some(old) => {
+                let grace = old.web_grace(self.shared.settings.stop_grace);
+                (Some(old.instances), old.processes, grace)
+            }
+            None => (None, Vec::new(), self.shared.settings.stop_grace),
+        };
+        let had_processes = !old_processes.is_empty() || !next.assignment.processes.is_empty();
+        if had_processes && watched {
+            rollout_watch::retiring(&self.shared, &self.app, release);
+        }
+        let (slots, retiring) =
+            processes::replace(&self.shared, &next.assignment, &next.release, old_processes).await;
+        next.processes = slots;
+        self.report(Some(&next));
+        let mut web_killed = 0;
+        if let Some(old) = old_instances {
+            let drained = instance::drain_and_stop(
                 &self.shared,
                 &self.app,
-                old.instances,
+                old,
                 next.assignment.manifest.deploy.drain,
+                old_grace,
             )
             .await;
+            web_killed = drained.killed;
             if watched {
-                rollout_watch::drained(&self.shared, &self.app, release, closed, cut);
+                rollout_watch::drained(&self.shared, &self.app, release, drained);
             }
         }
+        self.finish_retiring(release, watched, had_processes, web_killed, retiring);
         self.shared.store.prune(&self.app, release).await;
         Some(next)
+    }
+
+    /// Once the previous release's other processes are gone: their killed count joins the
+    /// figures, and an app that has such processes (or had an instance killed) gets a second
+    /// deploy-finished event saying how many were killed at their grace.
+    fn finish_retiring(
+        &self,
+        release: u64,
+        watched: bool,
+        had_processes: bool,
+        web_killed: u64,
+        retiring: tokio::task::JoinHandle<(u64, Vec<String>)>,
+    ) {
+        let shared = self.shared.clone();
+        let app = self.app.clone();
+        tokio::spawn(async move {
+            let (killed, names) = retiring.await.unwrap_or_default();
+            if watched {
+                rollout_watch::retired(&shared, &app, release, killed);
+            }
+            if had_processes || killed + web_killed > 0 {
+                shared.event(
+                    NodeEventKind::DeployFinished,
+                    &app,
+                    release,
+                    processes::replaced_message(&app, release, &names, killed + web_killed),
+                    None,
+                );
+            }
+        });
     }
 
     /// Everything before the switch: the release onto the disk, its requirements checked, and
@@ -326,7 +427,7 @@ impl AppTask {
             .shared
             .logs
             .stderr_tail(&self.app, release, FAILED_STDERR_LINES);
-        match exit.1 {
+        match exit.reason {
             Some(reason) => self.shared.failure_event(
                 NodeEventKind::InstanceUnhealthy,
                 &self.app,

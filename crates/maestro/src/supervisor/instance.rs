@@ -58,9 +58,18 @@ impl Instance {
     }
 }
 
-/// How an instance ended: its exit status, the reason when Maestro stopped it on its own
-/// account (a missed heartbeat), and whether the kernel's OOM killer ended it.
-pub(crate) type Exit = (Option<std::process::ExitStatus>, Option<String>, bool);
+/// How an instance ended.
+#[derive(Debug, Default)]
+pub(crate) struct Exit {
+    /// Its exit status, when it could be read.
+    pub(crate) status: Option<std::process::ExitStatus>,
+    /// Why Maestro stopped it on its own account (a missed heartbeat).
+    pub(crate) reason: Option<String>,
+    /// The kernel's OOM killer ended it.
+    pub(crate) oom: bool,
+    /// It was asked to stop and outlived its grace: SIGKILL ended it.
+    pub(crate) killed: bool,
+}
 
 /// Starts instance `number` of `target` from `release` on a free port and waits until it is
 /// healthy. On failure it is stopped, and its last output reaches the logs first, so that
@@ -84,7 +93,7 @@ pub(super) async fn start(
         run: target.manifest.run.as_deref(),
         path: &path,
         env: &release.env,
-        port,
+        port: Some(port),
         extra_env: instance_env(number, &registration.url, heartbeat),
     };
     let mut child = match process::spawn(
@@ -177,7 +186,11 @@ fn hand_to_waiter(
             registration,
             heartbeat: Some(target.manifest.health.heartbeat_interval),
             cgroup,
-            stop_grace: shared.settings.stop_grace,
+            stop_grace: stop_grace_of(
+                &target.manifest,
+                px_proto::procfile::WEB_PROCESS,
+                shared.settings.stop_grace,
+            ),
             // A crash is reported at once; its event quotes what reached the tail by then.
             output: None,
         },
@@ -204,7 +217,12 @@ fn hand_to_waiter(
 /// shows as the instance's last exit. `memory` is the app's `[limits] memory`, named when the
 /// OOM killer ended it.
 pub(super) fn classify_exit(
-    (status, reason, oom): &Exit,
+    Exit {
+        status,
+        reason,
+        oom,
+        killed: _,
+    }: &Exit,
     memory: Option<ByteSize>,
 ) -> (String, FailureKind, ExitInfo) {
     let how = if *oom {
@@ -270,9 +288,9 @@ impl CrashStreak {
     }
 }
 
-/// Stops `instances` (SIGTERM, `stop_grace`, SIGKILL) and waits until each has exited.
-pub(super) async fn stop_all(shared: &Shared, instances: Vec<Instance>) {
-    let grace = shared.settings.stop_grace;
+/// Stops `instances` (SIGTERM, `grace`, SIGKILL) and waits until each has exited. Returns
+/// how many outlived their grace and were killed.
+pub(super) async fn stop_all(shared: &Shared, instances: Vec<Instance>, grace: Duration) -> u64 {
     let mut waits = Vec::new();
     for mut instance in instances {
         if let Some(stop) = instance.stop.take() {
@@ -280,26 +298,58 @@ pub(super) async fn stop_all(shared: &Shared, instances: Vec<Instance>) {
             waits.push(instance);
         }
     }
+    let mut killed = 0;
     for instance in waits {
-        let _ = instance.exited.await;
+        if instance.exited.await.is_ok_and(|exit| exit.killed) {
+            killed += 1;
+        }
         shared.forget_group(instance.pid);
         shared.give_back(instance.port);
     }
+    killed
+}
+
+/// What draining and stopping a release's instances cost.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Drained {
+    /// Long-lived connections closed with a reconnect hint, and cut at the deadline.
+    pub(super) closed: u64,
+    pub(super) cut: u64,
+    /// Instances killed at the end of their stop grace.
+    pub(super) killed: u64,
 }
 
 /// Drains `instances` of `app` over `budget` (the new release's `deploy.drain`), see [`drain`],
-/// then stops them. Returns how many long-lived connections closed with a hint, and how many
-/// were cut.
+/// then stops them with `grace`.
 pub(super) async fn drain_and_stop(
     shared: &Shared,
     app: &str,
     instances: Vec<Instance>,
     budget: Duration,
-) -> (u64, u64) {
+    grace: Duration,
+) -> Drained {
     let backends: Vec<&Arc<Backend>> = instances.iter().map(|i| &i.backend).collect();
-    let outcome = drain(app, &backends, budget).await;
-    stop_all(shared, instances).await;
-    outcome
+    let (closed, cut) = drain(app, &backends, budget).await;
+    let killed = stop_all(shared, instances, grace).await;
+    Drained {
+        closed,
+        cut,
+        killed,
+    }
+}
+
+/// The stop grace of `manifest`'s processes of type `kind` (`[processes.<kind>] stop_grace`,
+/// `web` included), or the node's own.
+pub(super) fn stop_grace_of(
+    manifest: &px_proto::manifest::AppManifest,
+    kind: &str,
+    node: Duration,
+) -> Duration {
+    manifest
+        .processes
+        .get(kind)
+        .and_then(|p| p.stop_grace)
+        .unwrap_or(node)
 }
 
 /// Drains the `backends` of `app`'s replaced instances over `budget`: requests in flight
@@ -348,13 +398,25 @@ pub(super) async fn wait_crash(
     let Some(instances) = instances else {
         return std::future::pending().await;
     };
-    let exits: Vec<_> = instances
+    let exits = instances
         .iter_mut()
         .enumerate()
         .filter(|(_, i)| i.is_live())
-        .map(|(index, instance)| {
+        .map(|(index, instance)| (index, &mut instance.exited));
+    wait_exit_or_due(exits, pending).await
+}
+
+/// Resolves when one of `exits` (index, the waiter's end) resolves, or when the restart
+/// `pending` (index, when) is due: what the app task waits for of its web instances and of its
+/// other processes alike.
+pub(super) async fn wait_exit_or_due<'a>(
+    exits: impl Iterator<Item = (usize, &'a mut tokio::sync::oneshot::Receiver<Exit>)>,
+    pending: Option<(usize, Instant)>,
+) -> CrashEvent {
+    let exits: Vec<_> = exits
+        .map(|(index, exited)| {
             Box::pin(async move {
-                let exit = (&mut instance.exited).await.unwrap_or((None, None, false));
+                let exit = exited.await.unwrap_or_default();
                 CrashEvent::Exited(index, exit)
             })
         })
@@ -462,20 +524,20 @@ pub(crate) fn spawn_waiter(mut child: Child, watch: Watch) -> Waiter {
                 None => std::future::pending().await,
             }
         };
-        let (status, reason) = tokio::select! {
-            status = child.wait() => (status.ok(), None),
+        let ((status, killed), reason) = tokio::select! {
+            status = child.wait() => ((status.ok(), false), None),
             (silence, interval) = silence => {
                 let reason = format!(
                     "sent no heartbeat for {}s (PX_HEARTBEAT_INTERVAL={})",
                     silence.as_secs(),
                     format_seconds(interval)
                 );
-                (process::stop(&mut child, stop_grace).await, Some(reason))
+                (process::stop_counted(&mut child, stop_grace).await, Some(reason))
             }
             grace = stop_rx => match grace {
-                Ok(grace) => (process::stop(&mut child, grace).await, None),
+                Ok(grace) => (process::stop_counted(&mut child, grace).await, None),
                 // The instance handle is gone (Maestro stopping): stop it anyway.
-                Err(_) => (process::stop(&mut child, ORPHAN_STOP_GRACE).await, None),
+                Err(_) => (process::stop_counted(&mut child, ORPHAN_STOP_GRACE).await, None),
             },
         };
         drop(registration);
@@ -487,7 +549,12 @@ pub(crate) fn spawn_waiter(mut child: Child, watch: Watch) -> Waiter {
             // Its process group was ended; the cgroup empties a moment later.
             tokio::task::spawn_blocking(move || cgroup.remove());
         }
-        let _ = exit_tx.send((status, reason, oom));
+        let _ = exit_tx.send(Exit {
+            status,
+            reason,
+            oom,
+            killed,
+        });
     });
     Waiter {
         exited: exit_rx,

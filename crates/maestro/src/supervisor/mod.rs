@@ -6,7 +6,9 @@
 //! This module is the handle the rest of Maestro holds ([`Supervisor`]: apply an assignment,
 //! restart or stop an app, wait for the first deploys); the node report and disk metrics are
 //! in `report.rs`. Behind it: `app_task.rs` (one app's deploy state machine), `instance.rs`
-//! (start, watch, exit and restart of one instance; drain and stop), `rollout_watch.rs` (the
+//! (start, watch, exit and restart of one instance; drain and stop), `processes.rs` (the
+//! processes of other types than web: start, restart, replacement in `replace` order),
+//! `rollout_watch.rs` (the
 //! figures of a release switch), `store.rs` (releases on disk), `layers.rs` (the layers
 //! built releases are assembled from), `error.rs` (`DeployError`
 //! and the deploy-failed event), `shared.rs` (the port pool and the state the tasks share).
@@ -15,6 +17,7 @@ mod app_task;
 mod error;
 mod instance;
 mod layers;
+mod processes;
 mod report;
 mod rollout_watch;
 mod shared;

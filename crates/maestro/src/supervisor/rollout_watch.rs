@@ -9,17 +9,19 @@ use std::time::{Duration, Instant};
 
 use px_proto::link::{DeployFigures, RolloutFigures};
 
+use super::instance::Drained;
 use super::shared::Shared;
 use crate::routes::ReleaseStats;
 
 /// How often a watched release's figures are brought up to date (and reported if changed).
 pub const WATCH_TICK: Duration = Duration::from_secs(1);
 
-/// A release switch being watched: its figures so far, and whether the release it replaced
-/// has finished draining.
+/// A release switch being watched: its figures so far, whether the release it replaced has
+/// finished draining, and whether the previous release's other processes are still stopping.
 pub(super) struct WatchedRollout {
     pub(super) figures: RolloutFigures,
     drained: bool,
+    retiring: bool,
 }
 
 /// Starts counting what the switch of `app` to `release` costs: answers of the release it
@@ -51,6 +53,7 @@ pub(super) fn watch(
             WatchedRollout {
                 figures,
                 drained: previous.is_none(),
+                retiring: false,
             },
         );
     let shared = shared.clone();
@@ -87,7 +90,7 @@ pub(super) fn watch(
             if let Some((old, base)) = &old {
                 f.figures.old_requests = old.counts().0 - base;
             }
-            f.done = elapsed >= window && watched.drained;
+            f.done = elapsed >= window && watched.drained && !watched.retiring;
             let changed = watched.figures != before;
             let done = watched.figures.done;
             drop(rollouts);
@@ -103,14 +106,41 @@ pub(super) fn watch(
 
 /// The release that `release` of `app` replaced has stopped: record how its long-lived
 /// connections ended, and let the watch finish.
-pub(super) fn drained(shared: &Shared, app: &str, release: u64, closed: u64, cut: u64) {
+pub(super) fn drained(shared: &Shared, app: &str, release: u64, drained: Drained) {
     let mut rollouts = shared.rollouts.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(watched) = rollouts
         .get_mut(app)
         .filter(|w| w.figures.release == release)
     {
         watched.drained = true;
-        watched.figures.figures.closed = closed;
-        watched.figures.figures.cut = cut;
+        watched.figures.figures.closed = drained.closed;
+        watched.figures.figures.cut = drained.cut;
+        watched.figures.figures.killed += drained.killed;
     }
+}
+
+/// The previous release's other processes are being stopped: the figures are final only once
+/// they are gone ([`retired`]), since some may yet be killed at their grace.
+pub(super) fn retiring(shared: &Shared, app: &str, release: u64) {
+    let mut rollouts = shared.rollouts.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(watched) = rollouts
+        .get_mut(app)
+        .filter(|w| w.figures.release == release)
+    {
+        watched.retiring = true;
+    }
+}
+
+/// The previous release's other processes are gone; `killed` of them outlived their grace.
+pub(super) fn retired(shared: &Shared, app: &str, release: u64, killed: u64) {
+    let mut rollouts = shared.rollouts.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(watched) = rollouts
+        .get_mut(app)
+        .filter(|w| w.figures.release == release)
+    {
+        watched.retiring = false;
+        watched.figures.figures.killed += killed;
+    }
+    drop(rollouts);
+    shared.changes.send_modify(|n| *n += 1);
 }
