@@ -235,13 +235,14 @@ pub fn judge(j: &Judging<'_>) -> Option<Verdict> {
             .unwrap_or_default();
         return Some(Verdict::Verified {
             outcome: format!(
-                "{app} v{version} verified: {} requests, {} answered 5xx ({}) in its first {}s{within}; {} long-lived connections moved, {} cut",
+                "{app} v{version} verified: {} requests, {} answered 5xx ({}) in its first {}s{within}; {} long-lived connections moved, {} cut{}",
                 sum.new_requests,
                 sum.new_errors,
                 share(sum.new_errors, sum.new_requests),
                 j.watch_seconds,
                 sum.closed,
-                sum.cut
+                sum.cut,
+                killed_clause(sum.killed)
             ),
         });
     }
@@ -254,6 +255,18 @@ fn share(part: u64, whole: u64) -> String {
         "0%".to_string()
     } else {
         format!("{:.1}%", part as f64 * 100.0 / whole as f64)
+    }
+}
+
+/// What a verdict adds when processes of the previous release were killed at their grace;
+/// nothing when none were, the usual case.
+fn killed_clause(killed: u64) -> String {
+    if killed == 0 {
+        String::new()
+    } else {
+        format!(
+            "; {killed} process(es) of the previous release killed at the end of their stop grace"
+        )
     }
 }
 
@@ -333,6 +346,19 @@ mod tests {
                 }),
                 verified(
                     "hello v5 verified: 0 requests, 0 answered 5xx (0%) in its first 60s; 2 long-lived connections moved, 1 cut",
+                ),
+            ),
+            (
+                "processes killed at their grace are said",
+                Box::new(|j| {
+                    j.max_error_rate = None;
+                    j.figures = DeployFigures {
+                        killed: 2,
+                        ..figures(0, 0)
+                    };
+                }),
+                verified(
+                    "hello v5 verified: 0 requests, 0 answered 5xx (0%) in its first 60s; 2 long-lived connections moved, 1 cut; 2 process(es) of the previous release killed at the end of their stop grace",
                 ),
             ),
             (

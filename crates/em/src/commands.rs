@@ -162,8 +162,13 @@ fn rollout_line(r: &RolloutRecord) -> String {
         RolloutState::Unplaced => "no eligible node",
         RolloutState::RolledBack => "rolled back",
     };
+    let killed = if f.killed == 0 {
+        String::new()
+    } else {
+        format!("; {} process(es) killed at their stop grace", f.killed)
+    };
     format!(
-        "{state}: {} requests, {} answered 5xx; {} to the previous release after the switch; {} long-lived connections moved, {} cut",
+        "{state}: {} requests, {} answered 5xx; {} to the previous release after the switch; {} long-lived connections moved, {} cut{killed}",
         f.new_requests, f.new_errors, f.old_requests, f.closed, f.cut
     )
 }

@@ -877,3 +877,153 @@ async fn apps_with_dependencies_are_built_and_a_code_only_change_reuses_them() {
     wait_for_path(&http, &env, host, "/style.css", "express-stylesheet").await;
     stop(up);
 }
+
+/// Counts of the python-worker example's queue, from its `/stats`.
+async fn queue_stats(http: &reqwest::Client, env: &Env) -> Option<serde_json::Value> {
+    let text = body(
+        http,
+        &format!("{}stats", env.url()),
+        "python-worker.localhost",
+    )
+    .await?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Most jobs the load below posts: it stops by itself, whatever happens to the deploy.
+const MAX_POSTED_JOBS: usize = 3000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_redeployed_under_load_loses_no_job_and_does_none_twice() {
+    let env = Env::new();
+    let up = env.up();
+    let http = reqwest::Client::new();
+    let app = example_copy(&env, "python-worker");
+    let jobs_dir = env.home.path().join("jobs");
+    replace_in(
+        &app.join("app.toml"),
+        "JOBS_DIR = \"/tmp/python-worker-jobs\"",
+        &format!("JOBS_DIR = {:?}", jobs_dir.to_str().unwrap()),
+    );
+    replace_in(
+        &app.join("app.toml"),
+        "WORK_SECONDS = \"0.2\"",
+        "WORK_SECONDS = \"0.05\"",
+    );
+    let (code, text) = deploy(&env, &app);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("python-worker v1 is live"), "{text}");
+    wait_for_path(&http, &env, "python-worker.localhost", "/healthz", "ok").await;
+
+    // Jobs come in all along: every one the web process took must be done, exactly once.
+    let halt = Arc::new(AtomicBool::new(false));
+    let (taken, failed) = (
+        Arc::new(std::sync::Mutex::new(Vec::new())),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let posted = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (halt, taken, failed, posted) =
+            (halt.clone(), taken.clone(), failed.clone(), posted.clone());
+        let url = format!("{}jobs", env.url());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for n in 0..MAX_POSTED_JOBS {
+                if halt.load(Ordering::Relaxed) {
+                    break;
+                }
+                let answer = http
+                    .post(&url)
+                    .header("host", "python-worker.localhost")
+                    .body(format!("job {n}"))
+                    .send()
+                    .await;
+                match answer {
+                    Ok(r) if r.status() == 201 => {
+                        let id: serde_json::Value = r.json().await.unwrap();
+                        taken
+                            .lock()
+                            .unwrap()
+                            .push(id["id"].as_str().unwrap().to_string());
+                        posted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => {
+                        eprintln!("a job was refused: {other:?}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    wait_count(&posted, 20).await;
+    // A new release of the worker while jobs keep coming.
+    let worker = app.join("worker.py");
+    let mut code_text = std::fs::read_to_string(&worker).unwrap();
+    code_text.push_str("# v2: the same work, a new release\n");
+    std::fs::write(&worker, code_text).unwrap();
+    let (code, text) = deploy(&env, &app);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("python-worker v2 is live"), "{text}");
+    wait_count(&posted, posted.load(Ordering::Relaxed) + 20).await;
+    halt.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "the web process refused jobs"
+    );
+
+    // The queue drains: nothing new, nothing claimed.
+    let start = Instant::now();
+    loop {
+        if let Some(stats) = queue_stats(&http, &env).await
+            && stats["new"] == 0
+            && stats["claimed"] == 0
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "{:?}",
+            queue_stats(&http, &env).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let taken = taken.lock().unwrap().clone();
+    let done: std::collections::BTreeSet<String> = std::fs::read_dir(jobs_dir.join("done"))
+        .unwrap()
+        .map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .trim_end_matches(".json")
+                .to_string()
+        })
+        .collect();
+    let wanted: std::collections::BTreeSet<String> = taken.iter().cloned().collect();
+    assert_eq!(wanted.len(), taken.len());
+    assert_eq!(done, wanted, "jobs lost or unknown ones done");
+    let twice = std::fs::read_dir(jobs_dir.join("twice")).unwrap().count();
+    assert_eq!(twice, 0, "a job was done twice");
+    // Both releases' workers did jobs: the old one until its SIGTERM, then the new one.
+    let releases: std::collections::BTreeSet<String> = std::fs::read_dir(jobs_dir.join("done"))
+        .unwrap()
+        .map(|e| {
+            let record: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap();
+            record["result"]["release"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(
+        releases,
+        ["1", "2"].map(String::from).into(),
+        "{releases:?}"
+    );
+    // `em logs` names the worker, and the old one said it finished its job in hand.
+    let logs = wait_logs(&env, "python-worker", "worker.1 of v1 stops").await;
+    assert!(
+        logs.contains("v2 worker.1 stdout: worker.1 of v2 takes jobs"),
+        "{logs}"
+    );
+    stop(up);
+}
