@@ -324,7 +324,7 @@ impl AppTask {
             }
             None => (None, Vec::new(), self.shared.settings.stop_grace),
         };
-        let had_processes = !old_processes.is_empty() || !next.assignment.processes.is_empty();
+        let had_processes = !old_processes.is_empty();
         if had_processes && watched {
             rollout_watch::retiring(&self.shared, &self.app, release);
         }
@@ -353,8 +353,8 @@ impl AppTask {
     }
 
     /// Once the previous release's other processes are gone: their killed count joins the
-    /// figures, and an app that has such processes (or had an instance killed) gets a second
-    /// deploy-finished event saying how many were killed at their grace.
+    /// figures, and when there were such processes (or an instance was killed) a second
+    /// deploy-finished event says how many were killed at their grace.
     fn finish_retiring(
         &self,
         release: u64,
@@ -367,10 +367,10 @@ impl AppTask {
         let app = self.app.clone();
         tokio::spawn(async move {
             let (killed, names) = retiring.await.unwrap_or_default();
-            if watched {
+            if watched && had_processes {
                 rollout_watch::retired(&shared, &app, release, killed);
             }
-            if had_processes || killed + web_killed > 0 {
+            if !names.is_empty() || killed + web_killed > 0 {
                 shared.event(
                     NodeEventKind::DeployFinished,
                     &app,

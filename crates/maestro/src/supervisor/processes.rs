@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use px_proto::link::{AppAssignment, ExitInfo, InstanceState, InstanceStatus, NodeEventKind};
-use px_proto::process::ReplaceOrder;
+use px_proto::process::{MAX_PROCESSES_PER_TYPE, ReplaceOrder};
 use tokio::sync::oneshot;
 
 use super::app_task::FAILED_STDERR_LINES;
@@ -108,15 +108,38 @@ pub(super) async fn next_event(slots: Option<&mut Vec<Slot>>) -> ProcessEvent {
 }
 
 /// The processes `target` assigns this node, as (type, number), in order; types the release
-/// does not run as processes (unknown, `web`, `release`) are left out.
+/// does not run as processes (unknown, `web`, `release`) are left out, and so are numbers past
+/// `MAX_PROCESSES_PER_TYPE`, whatever an assignment says.
 fn assigned(target: &AppAssignment) -> Vec<(String, u32)> {
     let types = px_proto::process::process_types(&target.manifest);
     target
         .processes
         .iter()
         .filter(|(kind, _)| types.contains_key(kind.as_str()))
-        .flat_map(|(kind, numbers)| numbers.iter().map(move |n| (kind.clone(), *n)))
+        .flat_map(|(kind, numbers)| {
+            numbers
+                .iter()
+                .take(MAX_PROCESSES_PER_TYPE as usize)
+                .map(move |n| (kind.clone(), *n))
+        })
         .collect()
+}
+
+/// A gate that opens once every one of `gates` has.
+fn all_of(mut gates: Vec<oneshot::Receiver<()>>) -> oneshot::Receiver<()> {
+    if gates.len() == 1
+        && let Some(gate) = gates.pop()
+    {
+        return gate;
+    }
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        for gate in gates {
+            let _ = gate.await;
+        }
+        let _ = tx.send(());
+    });
+    rx
 }
 
 fn new_slot(shared: &Shared, target: &AppAssignment, kind: &str, number: u32) -> Slot {
@@ -486,15 +509,24 @@ pub(super) async fn replace(
         let mut slot = new_slot(shared, target, &kind, number);
         match order {
             ReplaceOrder::StopFirst => {
+                // A process of the type may still be stopping from a deploy before this one:
+                // its successor's gate is inherited, so that one is waited for too.
+                let mut gates: Vec<oneshot::Receiver<()>> = Vec::new();
                 if let Some(previous) = old_by_kind.remove(&kind) {
-                    stop_slots(previous, &mut retiring.lives);
+                    let (gated, others): (Vec<Slot>, Vec<Slot>) =
+                        previous.into_iter().partition(|s| s.gate.is_some());
+                    gates.extend(gated.into_iter().filter_map(|s| s.gate));
+                    stop_slots(others, &mut retiring.lives);
                 }
                 if retiring.lives.iter().any(|s| s.kind == kind) {
                     let (tx, rx) = oneshot::channel();
                     retiring.gates.push((kind.clone(), tx));
-                    slot.gate = Some(rx);
-                } else {
+                    gates.push(rx);
+                }
+                if gates.is_empty() {
                     start_or_retry(shared, target, release, &mut slot);
+                } else {
+                    slot.gate = Some(all_of(gates));
                 }
             }
             ReplaceOrder::StartFirst => {
