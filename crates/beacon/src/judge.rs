@@ -611,5 +611,12 @@ mod tests {
         assert!(!runs_healthy(&one_healthy, "other", 5, None), "another app");
         let starting = running("hello", 5, InstanceState::Starting);
         assert!(!runs_healthy(&starting, "hello", 5, None));
+        // A worker runs, but only web instances say a release serves.
+        let mut worker = one_healthy.clone();
+        worker.instances[0].process = "worker".into();
+        assert!(!runs_healthy(&worker, "hello", 5, None));
+        let mut web_and_worker = one_healthy.clone();
+        web_and_worker.instances.push(worker.instances[0].clone());
+        assert!(!runs_healthy(&web_and_worker, "hello", 5, Some(&two)));
     }
 }

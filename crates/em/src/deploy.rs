@@ -798,6 +798,26 @@ mod tests {
     }
 
     #[test]
+    fn each_override_of_a_procfile_line_is_said() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("Procfile"),
+            "web: gunicorn app\nworker: celery worker\nclock: python3 clock.py\n",
+        )
+        .unwrap();
+        let text = "name = \"shop\"\n[processes.worker]\ncommand = \"celery worker -c 4\"\n[processes.clock]\nreplace = \"stop_first\"\n";
+        std::fs::write(dir.path().join("app.toml"), text).unwrap();
+        let manifest = read_manifest(dir.path()).unwrap();
+        assert_eq!(
+            procfile_overrides(dir.path(), &manifest),
+            ["worker: app.toml's command replaces the Procfile's line 2"]
+        );
+        // Without a Procfile there is nothing to override.
+        std::fs::remove_file(dir.path().join("Procfile")).unwrap();
+        assert!(procfile_overrides(dir.path(), &manifest).is_empty());
+    }
+
+    #[test]
     fn a_superseded_deploy_has_its_own_exit_code_and_says_nothing_failed() {
         let failure = superseded("hello v2 was superseded by v4 before it served everywhere");
         assert_eq!(failure.code, EXIT_SUPERSEDED);

@@ -23,6 +23,10 @@ const EXAMPLES: [(&str, &str); 3] = [
 /// them (`crates/em/tests/up.rs`).
 const BUILT_EXAMPLES: [&str; 2] = ["django-notes", "express-hello"];
 
+/// Examples that show one feature and are no template either: `python-worker` runs a worker
+/// beside its web process (process types), and `em up`'s tests redeploy it under load.
+const FEATURE_EXAMPLES: [&str; 1] = ["python-worker"];
+
 fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
 }
@@ -145,8 +149,16 @@ fn examples_parse_and_pack() {
     // Every example is a template or, deliberately, a built example.
     let mut known: Vec<&str> = EXAMPLES.iter().map(|(_, example)| *example).collect();
     known.extend(BUILT_EXAMPLES);
+    known.extend(FEATURE_EXAMPLES);
     known.sort();
     assert_eq!(seen, known);
+    // The worker example's Procfile types reach its release, with app.toml's grace.
+    let (_, packed) =
+        px_bundle::pack_dir(&examples_dir().join("python-worker"), std::io::sink()).unwrap();
+    let worker = &packed.processes["worker"];
+    assert_eq!(worker.command.as_deref(), Some("exec python3 worker.py"));
+    assert_eq!(worker.stop_grace, Some(std::time::Duration::from_secs(30)));
+    assert_eq!(packed.run.as_deref(), Some("exec python3 web.py \"$PORT\""));
 }
 
 #[test]
