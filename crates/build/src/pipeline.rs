@@ -521,20 +521,8 @@ impl Ctx<'_> {
                     };
                     fsutil::copy_tree(&source, &modules, &|_| false, fsutil::AbsoluteLinks::Keep)?;
                     self.jail.hand_over(&modules)?;
-                    if build_script {
-                        output("-----> npm run build");
-                        node.run_build(self.jail, output).await?;
-                    }
-                    if let Some(command) = &command {
-                        let step = command_step(
-                            command,
-                            &self.dirs.app,
-                            path.clone(),
-                            Vec::new(),
-                            self.app_env,
-                        );
-                        self.run_command(step, output).await?;
-                    }
+                    self.node_build_steps(&node, build_script, command.as_deref(), &path, output)
+                        .await?;
                 }
                 cached
             }
@@ -549,19 +537,9 @@ impl Ctx<'_> {
                         fsutil::AbsoluteLinks::Keep,
                     )?;
                     full = Some(self.dirs.deps_full.as_path());
-                    output("-----> npm run build");
-                    node.run_build(self.jail, output).await?;
                 }
-                if let Some(command) = &command {
-                    let step = command_step(
-                        command,
-                        &self.dirs.app,
-                        path.clone(),
-                        Vec::new(),
-                        self.app_env,
-                    );
-                    self.run_command(step, output).await?;
-                }
+                self.node_build_steps(&node, build_script, command.as_deref(), &path, output)
+                    .await?;
                 if build_script {
                     output("-----> npm prune --omit=dev");
                     node.prune(self.jail, output).await?;
@@ -589,6 +567,33 @@ impl Ctx<'_> {
             reused,
         });
         built.path = vec![runtime_bin(), "node_modules/.bin".into()];
+        Ok(())
+    }
+
+    /// A Node app's build steps once its dependencies are in `node_modules` (dev ones too):
+    /// `npm run build` when `package.json` has a build script, then the `[build] command`.
+    async fn node_build_steps(
+        &mut self,
+        node: &Node<'_>,
+        build_script: bool,
+        command: Option<&str>,
+        path: &[PathBuf],
+        output: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<(), BuildError> {
+        if build_script {
+            output("-----> npm run build");
+            node.run_build(self.jail, output).await?;
+        }
+        if let Some(command) = command {
+            let step = command_step(
+                command,
+                &self.dirs.app,
+                path.to_vec(),
+                Vec::new(),
+                self.app_env,
+            );
+            self.run_command(step, output).await?;
+        }
         Ok(())
     }
 }

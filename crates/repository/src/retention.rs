@@ -82,8 +82,17 @@ pub async fn sweep(releases: &Releases, policy: &Policy, now: SystemTime) -> Swe
     let builds = Builds::new(releases.clone());
     // Records are immutable, so what a record names, read in one phase, holds in the next.
     let mut known = HashMap::new();
-    collect_releases(releases, policy, now, &mut known, &mut report).await;
-    collect_builds(releases, &builds, policy, &mut known, &mut report).await;
+    // Phases one and two sweep the apps listed once; phase three lists them again, since an
+    // app created meanwhile may already reference blobs.
+    match releases.app_names().await {
+        Ok(apps) => {
+            collect_releases(releases, &apps, policy, now, &mut known, &mut report).await;
+            collect_builds(releases, &builds, &apps, policy, &mut known, &mut report).await;
+        }
+        Err(e) => report
+            .errors
+            .push(format!("listing apps: {}", describe(&e))),
+    }
     collect_blobs(releases, &builds, policy, now, &known, &mut report).await;
 
     let metrics = releases.metrics();
@@ -172,22 +181,14 @@ async fn remaining(
 /// is reported and the next app is swept: deleting records is safe app by app.
 async fn collect_releases(
     releases: &Releases,
+    apps: &[String],
     policy: &Policy,
     now: SystemTime,
     known: &mut Known,
     report: &mut SweepReport,
 ) {
-    let apps = match releases.app_names().await {
-        Ok(apps) => apps,
-        Err(e) => {
-            report
-                .errors
-                .push(format!("listing apps: {}", describe(&e)));
-            return;
-        }
-    };
     for app in apps {
-        if let Err(e) = collect_app_releases(releases, policy, now, &app, known, report).await {
+        if let Err(e) = collect_app_releases(releases, policy, now, app, known, report).await {
             report.errors.push(format!(
                 "sweeping the releases of {app:?}: {}",
                 describe(&e)
@@ -269,21 +270,13 @@ async fn collect_app_releases(
 async fn collect_builds(
     releases: &Releases,
     builds: &Builds,
+    apps: &[String],
     policy: &Policy,
     known: &mut Known,
     report: &mut SweepReport,
 ) {
-    let apps = match releases.app_names().await {
-        Ok(apps) => apps,
-        Err(e) => {
-            report
-                .errors
-                .push(format!("listing apps: {}", describe(&e)));
-            return;
-        }
-    };
     for app in apps {
-        if let Err(e) = collect_app_builds(releases, builds, policy, &app, known, report).await {
+        if let Err(e) = collect_app_builds(releases, builds, policy, app, known, report).await {
             report
                 .errors
                 .push(format!("sweeping the builds of {app:?}: {}", describe(&e)));
