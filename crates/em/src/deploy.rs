@@ -17,6 +17,7 @@ use px_proto::beacon::{Event, EventKind, LogEntry};
 use px_proto::build::{Build, BuildQueued, BuildResult};
 use px_proto::detect::detect;
 use px_proto::manifest::{AppManifest, MANIFEST_FILE};
+use px_proto::size::human;
 
 use crate::client::{Client, Feed, refusal, unreachable};
 use crate::failure::{EXIT_UNREACHABLE, Failure, Result};
@@ -241,9 +242,9 @@ pub async fn deploy(client: &Client, options: Options<'_>) -> Result<()> {
         Uploaded::Release(release) => {
             if !options.json {
                 eprintln!(
-                    "released {app} v{} ({:.1} MiB, {} files)",
+                    "released {app} v{} ({}, {} files)",
                     release.version,
-                    mib(summary.size),
+                    human(summary.size),
                     summary.entries
                 );
             }
@@ -252,9 +253,9 @@ pub async fn deploy(client: &Client, options: Options<'_>) -> Result<()> {
         Uploaded::Build(build) => {
             if !options.json {
                 eprintln!(
-                    "{STEP} {app} build {} queued ({:.1} MiB, {} files)",
+                    "{STEP} {app} build {} queued ({}, {} files)",
                     build.number,
-                    mib(summary.size),
+                    human(summary.size),
                     summary.entries
                 );
             }

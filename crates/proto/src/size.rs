@@ -57,6 +57,18 @@ impl ByteSize {
     }
 }
 
+/// A byte count for people to read, in the largest binary unit it reaches, one decimal:
+/// `812 B`, `2.9 KiB`, `32.9 MiB`, `1.2 GiB` (so a small upload never reads `0.0 MiB`).
+pub fn human(bytes: u64) -> String {
+    const STEPS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (unit, factor) in STEPS {
+        if bytes >= factor {
+            return format!("{:.1} {unit}", bytes as f64 / factor as f64);
+        }
+    }
+    format!("{bytes} B")
+}
+
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (unit, factor) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
@@ -101,6 +113,15 @@ impl<'de> Deserialize<'de> for ByteSize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn human_sizes_read_in_the_largest_unit_reached() {
+        assert_eq!(human(0), "0 B");
+        assert_eq!(human(812), "812 B");
+        assert_eq!(human(2970), "2.9 KiB");
+        assert_eq!(human(34_498_560), "32.9 MiB");
+        assert_eq!(human(3 << 30), "3.0 GiB");
+    }
 
     #[test]
     fn sizes_parse_with_units_and_print_back() {

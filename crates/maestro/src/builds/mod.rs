@@ -516,8 +516,8 @@ impl Ctx {
             let kind = layer.kind.as_str();
             let line = match self.upload_layer(repository, layer).await {
                 Ok(true) => format!(
-                    "-----> Uploaded the {kind} layer ({:.1} MiB)",
-                    layer.size as f64 / (1024.0 * 1024.0)
+                    "-----> Uploaded the {kind} layer ({})",
+                    px_proto::size::human(layer.size)
                 ),
                 Ok(false) => format!("-----> The repository has the {kind} layer already"),
                 Err(reason) => {
