@@ -34,6 +34,7 @@ pub struct AppState {
     pub tokens: Tokens,
     pub metrics: Arc<Metrics>,
     pub logs: Arc<crate::logstore::LogStore>,
+    pub runs: Arc<crate::runs::Runs>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,10 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    TooMany(String),
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl IntoResponse for ApiError {
@@ -55,6 +60,8 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         let body = ErrorBody {
             code: code.into(),
@@ -87,6 +94,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/apps/{app}/logs/stream", get(app_log_stream))
         .route("/v1/events", get(events))
         .route("/v1/events/stream", get(event_stream))
+        .route("/v1/apps/{app}/run", post(crate::runs::run))
         .with_state(state)
 }
 

@@ -16,6 +16,7 @@ pub(crate) mod logstore;
 pub(crate) mod metrics;
 pub(crate) mod placement;
 pub(crate) mod reconcile;
+pub(crate) mod runs;
 pub(crate) mod status;
 
 use std::sync::Arc;
@@ -213,6 +214,7 @@ pub async fn run_with(
         }
     });
     let app_logs = Arc::new(logstore::LogStore::default());
+    let runs = Arc::new(runs::Runs::default());
     let link_server = Arc::new(links::LinkServer {
         hub: hub.clone(),
         tokens: checked.tokens.clone(),
@@ -221,6 +223,7 @@ pub async fn run_with(
         reconcile: reconcile_tx,
         logs: app_logs.clone(),
         name: "beacon".into(),
+        runs: runs.clone(),
     });
     let control_addr = listeners.control.local_addr()?;
     critical.spawn(
@@ -234,6 +237,7 @@ pub async fn run_with(
         tokens: checked.tokens.clone(),
         metrics: metrics.clone(),
         logs: app_logs,
+        runs,
     };
     let probe_hub = hub.clone();
     systemd.ready(

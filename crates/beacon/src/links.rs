@@ -41,6 +41,7 @@ pub struct LinkServer {
     pub reconcile: mpsc::Sender<()>,
     pub logs: Arc<crate::logstore::LogStore>,
     pub name: String,
+    pub runs: Arc<crate::runs::Runs>,
 }
 
 /// Why the link server stopped before shutdown.
@@ -305,12 +306,14 @@ impl LinkServer {
                             self.hub.seen(node, conn, None).await;
                             self.hub.node_event(node, event);
                         }
+                        Some(Ok(ToBeacon::Run(frame))) => self.runs.route(node, frame),
                         Some(Ok(other)) => return Err(format!("unexpected {} from node {node}", frame_name(&other))),
                     },
                 }
             }
         }
         .await;
+        self.runs.node_gone(node, conn);
         self.hub.detach(node, conn);
         result
     }
@@ -334,5 +337,6 @@ fn frame_name(frame: &ToBeacon) -> &'static str {
         ToBeacon::BuildRequested(_) => "build_requested",
         ToBeacon::Event(_) => "event",
         ToBeacon::Logs(_) => "logs",
+        ToBeacon::Run(_) => "run",
     }
 }

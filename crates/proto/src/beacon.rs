@@ -61,6 +61,10 @@ pub enum EventKind {
     /// A newer release of the app came before this one was serving everywhere; this one
     /// stops rolling out.
     DeploySuperseded,
+    /// A one-off command (`em run`) started: who, what, on which node.
+    RunStarted,
+    /// A one-off command ended: its exit status and how long it ran.
+    RunFinished,
 }
 
 impl EventKind {

@@ -13,6 +13,7 @@ pub mod names;
 pub mod process;
 pub mod procfile;
 pub mod rate;
+pub mod run;
 pub mod runtime;
 pub mod size;
 

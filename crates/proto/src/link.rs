@@ -371,6 +371,8 @@ pub enum ToBeacon {
     BuildRequested(BuildRequested),
     Event(NodeEvent),
     Logs(LogBatch),
+    /// A frame of a one-off run (`em run`), keyed by its run id. Maestro only.
+    Run(crate::run::RunFromNode),
 }
 
 /// A frame from Beacon to a peer.
@@ -400,6 +402,8 @@ pub enum FromBeacon {
     /// none), only if `from` is still its current release. Sent again on every reconnect
     /// until the desired state moves past `from`, so the repository must ignore a stale one.
     Rollback(RollbackOrder),
+    /// A frame of a one-off run (`em run`), keyed by its run id. To a Maestro.
+    Run(crate::run::NodeRunFrame),
 }
 
 /// An automatic rollback Beacon asks the repository for.

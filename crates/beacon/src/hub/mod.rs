@@ -24,7 +24,10 @@ mod persist;
 mod processes;
 mod repositories;
 mod rollouts;
+mod runs;
 mod views;
+
+pub(crate) use self::runs::{RunNode, RunPlaceError};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
