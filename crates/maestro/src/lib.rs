@@ -14,6 +14,7 @@ mod logs;
 mod process;
 mod proxy;
 mod routes;
+mod runs;
 mod runtimes;
 mod supervisor;
 
@@ -378,8 +379,11 @@ pub async fn run_with(
             &tracker,
             shutdown.clone(),
         );
+        let (runs, run_frames) = runs::Runs::new(supervisor.clone(), app_logs.clone());
         let client = link::Client {
             supervisor: supervisor.clone(),
+            runs,
+            run_frames,
             builds,
             events,
             changes: supervisor.changes(),

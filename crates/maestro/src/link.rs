@@ -11,11 +11,13 @@ use std::time::Duration;
 
 use px_link::{Link, LinkError};
 use px_proto::link::{Assignment, FromBeacon, Hello, LogBatch, LogLine, NodeEvent, ToBeacon};
+use px_proto::run::RunFromNode;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, watch};
 
 use crate::builds::Builds;
 use crate::logs::AppLogs;
+use crate::runs::Runs;
 use crate::supervisor::Supervisor;
 
 /// Least time between two state reports sent because something changed; heartbeats still
@@ -33,6 +35,9 @@ pub const ASSIGNMENT_FILE: &str = "assignment.json";
 /// What Maestro brings to its link: the node it describes and the queues it forwards.
 pub struct Client {
     pub supervisor: Arc<Supervisor>,
+    /// One-off runs (`em run`) on this node, and the frames they send Beacon.
+    pub(crate) runs: Arc<Runs>,
+    pub(crate) run_frames: mpsc::Receiver<RunFromNode>,
     /// Runs the builds of each assignment.
     pub(crate) builds: Arc<Builds>,
     /// Events from the supervisor and the apps, for Beacon.
@@ -163,6 +168,16 @@ impl px_link::Client for Client {
     }
 
     async fn session(&mut self, link: &mut Link) -> Result<(), LinkError> {
+        // A run is bound to the link it started on: Beacon ends it when the link drops, so
+        // this side hangs it up too.
+        let result = self.linked(link).await;
+        self.runs.link_lost();
+        result
+    }
+}
+
+impl Client {
+    async fn linked(&mut self, link: &mut Link) -> Result<(), LinkError> {
         let mut heartbeat = px_link::heartbeats();
         self.changes.borrow_and_update();
         let mut lines = self.app_logs.follow();
@@ -202,6 +217,7 @@ impl px_link::Client for Client {
                     Some(event) => link.send(ToBeacon::Event(event)).await?,
                     None => return Ok(()),
                 },
+                Some(frame) = self.run_frames.recv() => link.send(ToBeacon::Run(frame)).await?,
                 frame = link.recv() => match frame? {
                     FromBeacon::Assign(assignment) => apply(&self.supervisor, &self.builds, &self.state_dir, &assignment),
                     FromBeacon::Restart { app } => {
@@ -213,6 +229,7 @@ impl px_link::Client for Client {
                         self.supervisor.stop_app(&app);
                     }
                     FromBeacon::Heartbeat => {}
+                    FromBeacon::Run(frame) => self.runs.handle(frame),
                     other => tracing::debug!(?other, "unexpected frame from beacon"),
                 },
             }

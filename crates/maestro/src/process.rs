@@ -68,8 +68,30 @@ pub fn spawn(launch: &Launch<'_>, prefix: &[String]) -> std::io::Result<Child> {
             words.extend(port.iter().map(Into::into));
         }
     }
-    let mut command = Command::new(&words[0]);
-    command.args(&words[1..]);
+    let mut command = command(&words, launch);
+    if let Some(port) = &port {
+        command.env("PORT", port);
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so a stop reaches everything it started.
+        .process_group(0)
+        .kill_on_drop(true);
+    command.spawn()
+}
+
+/// The command `words` with an instance's working directory and environment (no `PORT`):
+/// shared by instances and one-off runs (`crate::runs`), which choose their own stdio and
+/// process group.
+pub(crate) fn command(words: &[std::ffi::OsString], launch: &Launch<'_>) -> Command {
+    let (program, args) = match words.split_first() {
+        Some((program, args)) => (program.as_os_str(), args),
+        None => (std::ffi::OsStr::new("/bin/false"), &[][..]),
+    };
+    let mut command = Command::new(program);
+    command.args(args);
     command
         .current_dir(launch.dir)
         .env_clear()
@@ -78,20 +100,11 @@ pub fn spawn(launch: &Launch<'_>, prefix: &[String]) -> std::io::Result<Child> {
         // instance sees comes from its release, so apps behave the same on every node.
         .envs(px_runtime::host::env().passed());
     command.envs(launch.env);
-    if let Some(port) = &port {
-        command.env("PORT", port);
-    }
     command
         .env("PX_APP", launch.app)
         .env("PX_RELEASE", launch.release.to_string())
-        .envs(launch.extra_env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own process group, so a stop reaches everything it started.
-        .process_group(0)
-        .kill_on_drop(true);
-    command.spawn()
+        .envs(launch.extra_env.iter().map(|(k, v)| (k, v)));
+    command
 }
 
 /// Sends `signal` to the process group led by `pid`. A group that is already gone is fine.

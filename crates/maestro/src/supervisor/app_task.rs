@@ -207,6 +207,24 @@ impl AppTask {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(self.app.clone(), statuses);
+        // What a one-off run (`em run`) of the app starts from: the release that serves.
+        let target = running.map(|r| super::RunTarget {
+            release: r.assignment.release,
+            dir: r.release.dir.clone(),
+            path: r.release.instance_path(),
+            env: r.release.env.clone(),
+            limits: r.assignment.manifest.limits.clone(),
+        });
+        let mut runnable = self
+            .shared
+            .runnable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match target {
+            Some(target) => runnable.insert(self.app.clone(), target),
+            None => runnable.remove(&self.app),
+        };
+        drop(runnable);
         self.shared.changes.send_modify(|n| *n += 1);
     }
 

@@ -68,6 +68,16 @@ pub(crate) struct Settings {
     pub repository_token: Option<String>,
 }
 
+/// What a one-off run of an app starts from: its serving release, as its instances get it.
+#[derive(Debug, Clone)]
+pub(crate) struct RunTarget {
+    pub release: u64,
+    pub dir: PathBuf,
+    pub path: std::ffi::OsString,
+    pub env: std::collections::BTreeMap<String, String>,
+    pub limits: px_proto::manifest::ResourceLimits,
+}
+
 /// Handle to the supervisor.
 pub(crate) struct Supervisor {
     shared: Arc<Shared>,
@@ -100,6 +110,31 @@ impl Supervisor {
             tracker,
             shutdown,
         })
+    }
+
+    /// The release a one-off run of `app` starts from, when the app serves here.
+    pub fn run_target(&self, app: &str) -> Option<RunTarget> {
+        let runnable = self
+            .shared
+            .runnable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        runnable.get(app).cloned()
+    }
+
+    /// The words before a run's command that apply the app's rlimits (none under cgroups).
+    pub fn run_prefix(&self, limits: &px_proto::manifest::ResourceLimits) -> Vec<String> {
+        self.shared.limits.command_prefix(limits)
+    }
+
+    /// Records a run's process group, so a Maestro killed with SIGKILL ends it on restart;
+    /// `false` forgets it once it is gone.
+    pub fn track_group(&self, pid: u32, live: bool) {
+        if live {
+            self.shared.record_group(pid);
+        } else {
+            self.shared.forget_group(pid);
+        }
     }
 
     /// The generation of the last assignment applied.

@@ -93,6 +93,8 @@ pub(super) struct Shared {
     pub(super) builds: Mutex<BTreeMap<String, BuildStatus>>,
     /// How instances get their `[limits]`.
     pub(super) limits: Enforcer,
+    /// Per app, the release a one-off run starts from (the one its instances run).
+    pub(super) runnable: Mutex<BTreeMap<String, super::RunTarget>>,
     /// Bumped whenever an instance changes, so the link reports at once.
     pub(super) changes: watch::Sender<u64>,
 }
@@ -133,6 +135,7 @@ impl Shared {
             tried: Mutex::new(BTreeSet::new()),
             rollouts: Mutex::new(BTreeMap::new()),
             builds: Mutex::new(BTreeMap::new()),
+            runnable: Mutex::new(BTreeMap::new()),
             changes: watch::channel(0).0,
         }
     }
