@@ -155,6 +155,20 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Run a one-off command of the app's current release on a node that runs it
+    #[command(
+        after_help = "Examples:\n  em run -- python manage.py shell\n  em run --app hello -- sh -c 'echo $DATABASE_URL'\n  em run --detach -- python manage.py clearsessions\n\nThe command gets the app's config and runs as its instances do. With a terminal, it\ngets one too (Ctrl-C and the window size reach it); em exits with its exit code.\nWith --detach its output goes to the app's logs as run.N (`em logs -f`)."
+    )]
+    Run {
+        #[arg(long)]
+        app: Option<String>,
+        /// Start it and return; its output goes to the app's logs.
+        #[arg(long)]
+        detach: bool,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]

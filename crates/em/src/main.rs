@@ -8,6 +8,7 @@ mod deploy;
 mod dev;
 mod failure;
 mod init;
+mod run;
 mod settings;
 mod up;
 
@@ -24,7 +25,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("em: {failure}");
+            // An empty message is a remote command's exit code (`em run`), said by itself.
+            if !failure.message.is_empty() {
+                eprintln!("em: {failure}");
+            }
             ExitCode::from(failure.code)
         }
     }
@@ -150,6 +154,14 @@ fn run(cli: Cli) -> failure::Result<()> {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "em", &mut std::io::stdout());
             Ok(())
+        }
+        Command::Run {
+            app,
+            detach,
+            command,
+        } => {
+            let app = commands::app_name(app)?;
+            runtime.block_on(run::run(&commands::client()?, &app, command, detach))
         }
     }
 }

@@ -34,6 +34,7 @@ fn help_texts() {
         ("help-logs", vec!["logs", "--help"]),
         ("help-login", vec!["login", "--help"]),
         ("help-init", vec!["init", "--help"]),
+        ("help-run", vec!["run", "--help"]),
     ] {
         let out = em(home.path(), &args);
         assert!(out.status.success(), "{name}");
