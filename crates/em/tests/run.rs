@@ -175,6 +175,32 @@ async fn em_run_runs_a_command_of_the_release_with_its_config_a_terminal_and_its
     let out = em_run(&env, &["--", "no-such-command-here"]);
     assert_ne!(out.status.code(), Some(0), "{out:?}");
 
+    // Piped input reaches the command, and its end ends the command's input.
+    let mut cat = env
+        .command(&["run", "--app", "python-hello", "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    cat.stdin.take().unwrap().write_all(b"piped-in\n").unwrap();
+    let out = cat.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "piped-in\n",
+        "{out:?}"
+    );
+    assert_eq!(out.status.code(), Some(0));
+
+    // An app with no release is refused with a sentence saying so.
+    let out = env.em(&["run", "--app", "no-such-app", "--", "true"]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("no-such-app has no current release"),
+        "{said}"
+    );
+
     // A terminal: the command gets one of the size em's has, and Ctrl-C reaches it.
     let master = rustix::pty::openpt(
         rustix::pty::OpenptFlags::RDWR

@@ -42,14 +42,14 @@ pub const RUN_PROCESS: &str = "run";
 enum Control {
     Resize(WindowSize),
     Signal(RunSignal),
-    Eof,
     Ack(u64),
 }
 
 /// A live attached run, as the link reaches it.
 struct Handle {
     control: mpsc::Sender<Control>,
-    input: mpsc::Sender<Vec<u8>>,
+    /// Input in order, `None` for its end: one queue, so the end never overtakes input.
+    input: mpsc::Sender<Option<Vec<u8>>>,
 }
 
 /// The runs of this node.
@@ -98,23 +98,26 @@ impl Runs {
                 self.lock().remove(&run);
                 return;
             }
-            NodeRunFrame::Input { data, .. } => {
-                let mut runs = self.lock();
-                if let Some(handle) = runs.get(&run)
-                    && handle.input.try_send(data).is_err()
-                {
-                    runs.remove(&run);
-                }
-                return;
-            }
+            NodeRunFrame::Input { data, .. } => return self.input(run, Some(data)),
+            NodeRunFrame::Eof { .. } => return self.input(run, None),
             NodeRunFrame::Resize { size, .. } => Control::Resize(size),
             NodeRunFrame::Signal { signal, .. } => Control::Signal(signal),
-            NodeRunFrame::Eof { .. } => Control::Eof,
             NodeRunFrame::Ack { bytes, .. } => Control::Ack(bytes),
         };
         let mut runs = self.lock();
         if let Some(handle) = runs.get(&run)
             && handle.control.try_send(control).is_err()
+        {
+            runs.remove(&run);
+        }
+    }
+
+    fn input(&self, run: u64, data: Option<Vec<u8>>) {
+        let mut runs = self.lock();
+        // Input after its end finds the writer gone, and is dropped; only a full queue (a
+        // Beacon past the window) ends the run.
+        if let Some(handle) = runs.get(&run)
+            && let Err(mpsc::error::TrySendError::Full(_)) = handle.input.try_send(data)
         {
             runs.remove(&run);
         }
@@ -154,13 +157,18 @@ impl Runs {
         let process = match spawned {
             Ok(process) => process,
             Err(e) => {
-                return self.refuse(run, format!("cannot start {:?}: {e}", start.command[0]));
+                let program = start
+                    .command
+                    .first()
+                    .map(String::as_str)
+                    .unwrap_or_default();
+                return self.refuse(run, format!("cannot start {program:?}: {e}"));
             }
         };
         let pid = process.child.id().unwrap_or_default();
         self.supervisor.track_group(pid, true);
         tracing::info!(app = %start.app, run, pid, tty = start.tty, detach = start.detach, "run started");
-        let guard = LiveGuard::new(self.live.clone(), self.supervisor.clone(), pid);
+        let guard = LiveGuard::new(self.live.clone(), Some(self.supervisor.clone()), pid);
         let _ = self.out.try_send(RunFromNode::Started { run, pid });
         if start.detach {
             tokio::spawn(detached(
@@ -197,12 +205,13 @@ impl Runs {
 /// Counts a run as live, and forgets its group, for as long as it lives.
 struct LiveGuard {
     live: Arc<AtomicUsize>,
-    supervisor: Arc<Supervisor>,
+    /// Where the run's group is recorded (none in tests of a run alone).
+    supervisor: Option<Arc<Supervisor>>,
     pid: u32,
 }
 
 impl LiveGuard {
-    fn new(live: Arc<AtomicUsize>, supervisor: Arc<Supervisor>, pid: u32) -> Self {
+    fn new(live: Arc<AtomicUsize>, supervisor: Option<Arc<Supervisor>>, pid: u32) -> Self {
         live.fetch_add(1, Ordering::SeqCst);
         Self {
             live,
@@ -215,7 +224,9 @@ impl LiveGuard {
 impl Drop for LiveGuard {
     fn drop(&mut self) {
         self.live.fetch_sub(1, Ordering::SeqCst);
-        self.supervisor.track_group(self.pid, false);
+        if let Some(supervisor) = &self.supervisor {
+            supervisor.track_group(self.pid, false);
+        }
     }
 }
 
@@ -409,16 +420,11 @@ async fn read_chunk(reader: &mut Option<Reader>) -> Option<Vec<u8>> {
 async fn write_input(
     run: u64,
     mut stdin: Option<Writer>,
-    mut input: mpsc::Receiver<Vec<u8>>,
-    mut eof: tokio::sync::oneshot::Receiver<()>,
+    mut input: mpsc::Receiver<Option<Vec<u8>>>,
     out: mpsc::Sender<RunFromNode>,
 ) {
-    loop {
-        let data = tokio::select! {
-            data = input.recv() => data,
-            _ = &mut eof => None,
-        };
-        let Some(data) = data else { return };
+    // The end of input closes the process's stdin (dropping it), and ends this task.
+    while let Some(Some(data)) = input.recv().await {
         let bytes = data.len() as u64;
         if let Some(w) = stdin.as_mut()
             && (w.write_all(&data).await.is_err() || w.flush().await.is_err())
@@ -437,20 +443,12 @@ async fn attached(
     run: u64,
     mut process: Process,
     mut control: mpsc::Receiver<Control>,
-    input: mpsc::Receiver<Vec<u8>>,
+    input: mpsc::Receiver<Option<Vec<u8>>>,
     out: mpsc::Sender<RunFromNode>,
     _guard: LiveGuard,
 ) {
     let pid = process.child.id().unwrap_or_default();
-    let (eof_tx, eof_rx) = tokio::sync::oneshot::channel();
-    let mut eof_tx = Some(eof_tx);
-    let writer = tokio::spawn(write_input(
-        run,
-        process.stdin.take(),
-        input,
-        eof_rx,
-        out.clone(),
-    ));
+    let writer = tokio::spawn(write_input(run, process.stdin.take(), input, out.clone()));
     let deadline = tokio::time::sleep(MAX_RUN_DURATION);
     tokio::pin!(deadline);
     let mut in_flight: usize = 0;
@@ -493,11 +491,6 @@ async fn attached(
                     }
                 }
                 Some(Control::Signal(signal)) => process::signal_group(pid, unix_signal(signal)),
-                Some(Control::Eof) => {
-                    if let Some(eof) = eof_tx.take() {
-                        let _ = eof.send(());
-                    }
-                }
                 None => break true,
             },
             _ = &mut deadline => {
@@ -560,4 +553,158 @@ async fn detached(
         run,
         exit: exit_of(status),
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn target(dir: &std::path::Path) -> RunTarget {
+        RunTarget {
+            release: 1,
+            dir: dir.to_path_buf(),
+            path: px_runtime::host::env().path.clone(),
+            env: [("SOME_CONFIG".to_string(), "configured".to_string())].into(),
+            limits: Default::default(),
+        }
+    }
+
+    fn start(command: &str, tty: bool, size: Option<WindowSize>) -> RunStart {
+        RunStart {
+            run: 1,
+            app: "hello".into(),
+            release: 1,
+            command: vec!["sh".into(), "-c".into(), command.into()],
+            tty,
+            size,
+            detach: false,
+        }
+    }
+
+    /// Runs `process` attached, with the test holding Beacon's side.
+    fn attach(
+        process: Process,
+    ) -> (
+        mpsc::Sender<Control>,
+        mpsc::Sender<Option<Vec<u8>>>,
+        mpsc::Receiver<RunFromNode>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (control_tx, control_rx) = mpsc::channel(RUN_QUEUE_FRAMES);
+        let (input_tx, input_rx) = mpsc::channel(RUN_QUEUE_FRAMES);
+        let (out_tx, out_rx) = mpsc::channel(RUN_OUT_QUEUE);
+        let pid = process.child.id().unwrap();
+        let guard = LiveGuard::new(Arc::new(AtomicUsize::new(0)), None, pid);
+        let task = tokio::spawn(attached(1, process, control_rx, input_rx, out_tx, guard));
+        (control_tx, input_tx, out_rx, task)
+    }
+
+    /// Output until the exit: the text, and the exit.
+    async fn until_exit(out: &mut mpsc::Receiver<RunFromNode>) -> (String, RunExit) {
+        let mut text = String::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), out.recv()).await {
+                Ok(Some(RunFromNode::Output { data, .. })) => {
+                    text.push_str(&String::from_utf8_lossy(&data));
+                }
+                Ok(Some(RunFromNode::Exited { exit, .. })) => return (text, exit),
+                Ok(Some(_)) => {}
+                other => panic!("no exit: {other:?} after {text:?}"),
+            }
+        }
+    }
+
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.contains(") Z "))
+    }
+
+    #[tokio::test]
+    async fn a_terminal_run_gets_a_terminal_of_the_size_asked_and_the_release_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = WindowSize {
+            rows: 33,
+            cols: 101,
+        };
+        let process = spawn_tty(
+            &start(
+                "tty; stty size; echo \"$SOME_CONFIG\"; pwd",
+                true,
+                Some(size),
+            ),
+            &target(dir.path()),
+            &[],
+        )
+        .unwrap();
+        let (_control, _input, mut out, _task) = attach(process);
+        let (text, exit) = until_exit(&mut out).await;
+        assert!(text.contains("/dev/pts/"), "{text:?}");
+        assert!(text.contains("33 101"), "{text:?}");
+        assert!(text.contains("configured"), "{text:?}");
+        assert!(text.contains(&dir.path().display().to_string()), "{text:?}");
+        assert_eq!(exit.code, Some(0));
+    }
+
+    #[tokio::test]
+    async fn input_reaches_a_piped_run_and_its_eof_ends_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let process = spawn_pipes(
+            &start("cat; echo done >&2", false, None),
+            &target(dir.path()),
+            &[],
+        )
+        .unwrap();
+        let (_control, input, mut out, _task) = attach(process);
+        input.send(Some(b"typed\n".to_vec())).await.unwrap();
+        input.send(None).await.unwrap();
+        let (text, exit) = until_exit(&mut out).await;
+        assert_eq!(text, "typed\ndone\n");
+        assert_eq!(exit.code, Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_run_whose_link_drops_leaves_no_process_of_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        // The shell ignores SIGHUP (and so does its child), so the hang-up goes on to SIGTERM;
+        // the background sleep would outlive a signal sent to the shell alone.
+        let process = spawn_pipes(
+            &start("trap '' HUP; sleep 1000 & echo $!; wait", false, None),
+            &target(dir.path()),
+            &[],
+        )
+        .unwrap();
+        let leader = process.child.id().unwrap();
+        let (control, input, mut out, task) = attach(process);
+        let sleeper: u32 = loop {
+            match out.recv().await.unwrap() {
+                RunFromNode::Output { data, .. } => {
+                    break String::from_utf8_lossy(&data).trim().parse().unwrap();
+                }
+                _ => continue,
+            }
+        };
+        assert!(alive(sleeper) && alive(leader));
+        // What `Runs::link_lost` does: the run's handle goes.
+        drop((control, input));
+        tokio::time::timeout(
+            RUN_HANGUP_GRACE + RUN_TERM_GRACE + Duration::from_secs(5),
+            task,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let (_, exit) = until_exit(&mut out).await;
+        assert_eq!(
+            exit.signal,
+            Some(15),
+            "SIGHUP was ignored, SIGTERM ended it"
+        );
+        assert!(!alive(leader), "the run's shell outlived the hang-up");
+        assert!(
+            !alive(sleeper),
+            "a process of the run's group outlived the hang-up"
+        );
+    }
 }
