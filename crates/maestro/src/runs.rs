@@ -168,7 +168,8 @@ impl Runs {
         let pid = process.child.id().unwrap_or_default();
         self.supervisor.track_group(pid, true);
         tracing::info!(app = %start.app, run, pid, tty = start.tty, detach = start.detach, "run started");
-        let guard = LiveGuard::new(self.live.clone(), Some(self.supervisor.clone()), pid);
+        let mut guard = LiveGuard::new(self.live.clone(), Some(self.supervisor.clone()), pid);
+        guard.cgroup = self.supervisor.place_run(&start.app, pid, &target.limits);
         let _ = self.out.try_send(RunFromNode::Started { run, pid });
         if start.detach {
             tokio::spawn(detached(
@@ -208,6 +209,8 @@ struct LiveGuard {
     /// Where the run's group is recorded (none in tests of a run alone).
     supervisor: Option<Arc<Supervisor>>,
     pid: u32,
+    /// The run's cgroup under `cgroup_limits`, removed once the run is gone.
+    cgroup: Option<crate::limits::InstanceCgroup>,
 }
 
 impl LiveGuard {
@@ -217,6 +220,7 @@ impl LiveGuard {
             live,
             supervisor,
             pid,
+            cgroup: None,
         }
     }
 }
@@ -226,6 +230,10 @@ impl Drop for LiveGuard {
         self.live.fetch_sub(1, Ordering::SeqCst);
         if let Some(supervisor) = &self.supervisor {
             supervisor.track_group(self.pid, false);
+        }
+        if let Some(cgroup) = self.cgroup.take() {
+            // Its process group was ended; the cgroup empties a moment later.
+            tokio::task::spawn_blocking(move || cgroup.remove());
         }
     }
 }
@@ -583,22 +591,28 @@ mod tests {
         }
     }
 
+    /// Beacon's side of a run the test holds.
+    struct Held {
+        control: mpsc::Sender<Control>,
+        input: mpsc::Sender<Option<Vec<u8>>>,
+        out: mpsc::Receiver<RunFromNode>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
     /// Runs `process` attached, with the test holding Beacon's side.
-    fn attach(
-        process: Process,
-    ) -> (
-        mpsc::Sender<Control>,
-        mpsc::Sender<Option<Vec<u8>>>,
-        mpsc::Receiver<RunFromNode>,
-        tokio::task::JoinHandle<()>,
-    ) {
-        let (control_tx, control_rx) = mpsc::channel(RUN_QUEUE_FRAMES);
-        let (input_tx, input_rx) = mpsc::channel(RUN_QUEUE_FRAMES);
-        let (out_tx, out_rx) = mpsc::channel(RUN_OUT_QUEUE);
+    fn attach(process: Process) -> Held {
+        let (control, control_rx) = mpsc::channel(RUN_QUEUE_FRAMES);
+        let (input, input_rx) = mpsc::channel(RUN_QUEUE_FRAMES);
+        let (out_tx, out) = mpsc::channel(RUN_OUT_QUEUE);
         let pid = process.child.id().unwrap();
         let guard = LiveGuard::new(Arc::new(AtomicUsize::new(0)), None, pid);
         let task = tokio::spawn(attached(1, process, control_rx, input_rx, out_tx, guard));
-        (control_tx, input_tx, out_rx, task)
+        Held {
+            control,
+            input,
+            out,
+            task,
+        }
     }
 
     /// Output until the exit: the text, and the exit.
@@ -638,8 +652,8 @@ mod tests {
             &[],
         )
         .unwrap();
-        let (_control, _input, mut out, _task) = attach(process);
-        let (text, exit) = until_exit(&mut out).await;
+        let mut held = attach(process);
+        let (text, exit) = until_exit(&mut held.out).await;
         assert!(text.contains("/dev/pts/"), "{text:?}");
         assert!(text.contains("33 101"), "{text:?}");
         assert!(text.contains("configured"), "{text:?}");
@@ -656,10 +670,10 @@ mod tests {
             &[],
         )
         .unwrap();
-        let (_control, input, mut out, _task) = attach(process);
-        input.send(Some(b"typed\n".to_vec())).await.unwrap();
-        input.send(None).await.unwrap();
-        let (text, exit) = until_exit(&mut out).await;
+        let mut held = attach(process);
+        held.input.send(Some(b"typed\n".to_vec())).await.unwrap();
+        held.input.send(None).await.unwrap();
+        let (text, exit) = until_exit(&mut held.out).await;
         assert_eq!(text, "typed\ndone\n");
         assert_eq!(exit.code, Some(0));
     }
@@ -676,7 +690,12 @@ mod tests {
         )
         .unwrap();
         let leader = process.child.id().unwrap();
-        let (control, input, mut out, task) = attach(process);
+        let Held {
+            control,
+            input,
+            mut out,
+            task,
+        } = attach(process);
         let sleeper: u32 = loop {
             match out.recv().await.unwrap() {
                 RunFromNode::Output { data, .. } => {

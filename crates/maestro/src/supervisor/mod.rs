@@ -127,6 +127,17 @@ impl Supervisor {
         self.shared.limits.command_prefix(limits)
     }
 
+    /// Puts a run's process (the leader of its group) into a cgroup of its own with the app's
+    /// limits, as an instance's: `None` with rlimits (then [`Self::run_prefix`] applies them).
+    pub fn place_run(
+        &self,
+        app: &str,
+        pid: u32,
+        limits: &px_proto::manifest::ResourceLimits,
+    ) -> Option<crate::limits::InstanceCgroup> {
+        self.shared.limits.place(app, pid, limits)
+    }
+
     /// Records a run's process group, so a Maestro killed with SIGKILL ends it on restart;
     /// `false` forgets it once it is gone.
     pub fn track_group(&self, pid: u32, live: bool) {
