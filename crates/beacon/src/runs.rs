@@ -343,7 +343,7 @@ impl Run {
                 Some(RunFromNode::Exited { exit, .. }) => break describe(&exit),
                 Some(RunFromNode::Failed { message, .. }) => break format!("failed ({message})"),
                 Some(_) => continue,
-                None => break "ended: its node's link dropped".to_string(),
+                None => break "no longer followed: its node's link dropped".to_string(),
             }
         };
         state.runs.forget(self.id);
@@ -475,5 +475,65 @@ fn describe(exit: &RunExit) -> String {
         (Some(code), _) => format!("exited with code {code}"),
         (None, Some(signal)) => format!("was killed by signal {signal}"),
         _ => "ended".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::hub::RunNode;
+
+    fn node(name: &str) -> RunNode {
+        RunNode {
+            name: name.into(),
+            conn: 1,
+            commands: mpsc::channel(1).0,
+        }
+    }
+
+    #[test]
+    fn runs_go_to_the_node_with_the_fewest_and_stop_at_the_app_limit() {
+        let runs = Runs::default();
+        let nodes = [node("a"), node("b")];
+        let mut placed = Vec::new();
+        let mut queues = Vec::new();
+        for _ in 0..4 {
+            let (id, node, rx) = runs.register("shop", &nodes).unwrap();
+            placed.push((id, node.name));
+            queues.push(rx);
+        }
+        let names: Vec<&str> = placed.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(names, ["a", "b", "a", "b"], "spread over the nodes");
+        let ids: std::collections::BTreeSet<u64> = placed.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids.len(), 4, "every run has its own id");
+
+        for _ in 4..MAX_RUNS_PER_APP {
+            queues.push(runs.register("shop", &nodes).unwrap().2);
+        }
+        let refused = runs.register("shop", &nodes).err().unwrap();
+        assert!(matches!(refused, ApiError::TooMany(_)), "{refused}");
+        // Another app still gets its runs.
+        assert!(runs.register("blog", &nodes).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_lost_link_closes_its_runs_and_frames_reach_only_their_run() {
+        let runs = Runs::default();
+        let (on_a, _, mut rx_a) = runs.register("shop", &[node("a")]).unwrap();
+        let (on_b, _, mut rx_b) = runs.register("shop", &[node("b")]).unwrap();
+        // A node cannot speak for another node's run.
+        runs.route("a", RunFromNode::Started { run: on_b, pid: 1 });
+        runs.route("a", RunFromNode::Started { run: on_a, pid: 2 });
+        assert_eq!(
+            rx_a.recv().await,
+            Some(RunFromNode::Started { run: on_a, pid: 2 })
+        );
+        runs.node_gone("a", 1);
+        assert_eq!(rx_a.recv().await, None, "the relay sees the link gone");
+        assert!(rx_b.try_recv().is_err(), "b's run heard nothing");
+        runs.node_gone("b", 1);
+        assert_eq!(rx_b.recv().await, None);
     }
 }
