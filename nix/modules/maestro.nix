@@ -386,14 +386,14 @@ in
             "maestro-http.socket"
           ]
           ++ lib.optional cfg.https.enable "maestro-https.socket";
-          # The apps' PATH, after each release's bin/. A node that builds adds prlimit and
-          # setpriv (util-linux), bubblewrap, and the build commands' programs, whose store
-          # paths the builds' sandbox passes on.
+          # The apps' PATH, after each release's bin/: util-linux on every node (`em run`
+          # starts a command under a terminal with its `setsid --ctty`; builds use its prlimit
+          # and setpriv); a node that builds adds bubblewrap and the build commands' programs,
+          # whose store paths the builds' sandbox passes on.
           path =
             cfg.runtimes
-            ++ lib.optionals builds (
-              [ pkgs.util-linux ] ++ lib.optional bubblewrap pkgs.bubblewrap ++ cfg.build.packages
-            );
+            ++ [ pkgs.util-linux ]
+            ++ lib.optionals builds (lib.optional bubblewrap pkgs.bubblewrap ++ cfg.build.packages);
           # Each app instance in a cgroup of its own with its [limits] (see Delegate= below).
           environment.PX_MAESTRO_CGROUP_LIMITS = "true";
           serviceConfig =
