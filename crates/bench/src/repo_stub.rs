@@ -127,6 +127,7 @@ async fn apps(
             created_at: release.created_at.clone(),
             created_by: release.created_by.clone(),
             current: Some(release),
+            formation: Default::default(),
         })
         .into_iter()
         .collect();

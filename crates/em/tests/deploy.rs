@@ -478,6 +478,7 @@ async fn serve_repo(repo: Repo) -> String {
                         created_at: "2026-11-25T00:00:00Z".into(),
                         created_by: "em".into(),
                         current: releases.last().cloned(),
+                        formation: Default::default(),
                     })
                     .collect();
                 axum::Json(apps)

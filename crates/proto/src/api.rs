@@ -23,6 +23,10 @@ pub struct App {
     /// The newest release, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<Release>,
+    /// The counts set with `em scale` (docs/src/design/processes.md), only those set: the
+    /// defaults come from the current release (`px_proto::process::formation`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub formation: BTreeMap<String, u32>,
 }
 
 /// Body of `POST /v1/apps`.
@@ -108,6 +112,28 @@ pub struct ConfigChange {
 pub struct Rollback {
     #[serde(default)]
     pub to: Option<u64>,
+}
+
+/// Body of `GET /v1/apps/{app}/formation`: how many processes of each type run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Formation {
+    pub app: String,
+    /// The release the defaults come from; none before the first deploy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<u64>,
+    /// Every type the release runs, `web` first.
+    pub processes: Vec<FormationEntry>,
+}
+
+/// One type of a [`Formation`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FormationEntry {
+    /// The type: `web`, `worker`, ...
+    pub process: String,
+    /// How many run: per web server for `web`, across the cluster for the others.
+    pub count: u32,
+    /// Set with `em scale` (otherwise the release's default).
+    pub explicit: bool,
 }
 
 /// Every error answer: a stable machine code and a sentence saying what to fix.

@@ -288,11 +288,142 @@ pub fn process_types(manifest: &AppManifest) -> BTreeMap<&str, &ProcessSettings>
         .collect()
 }
 
+/// The counts that apply to a release (docs/src/design/processes.md, "Formation"): `web` per
+/// web server (the explicit count, else the manifest's `instances`), and every other type the
+/// release runs in total across the cluster (the explicit count, else
+/// [`DEFAULT_PROCESSES_PER_TYPE`]). Explicit counts of types the release does not have are
+/// left out: they apply again if a later release brings the type back.
+pub fn formation(
+    manifest: &AppManifest,
+    explicit: &BTreeMap<String, u32>,
+) -> BTreeMap<String, u32> {
+    let mut counts = BTreeMap::new();
+    counts.insert(
+        WEB_PROCESS.to_string(),
+        explicit
+            .get(WEB_PROCESS)
+            .copied()
+            .unwrap_or(manifest.instances)
+            .min(MAX_WEB_PER_NODE),
+    );
+    for kind in process_types(manifest).into_keys() {
+        let count = explicit
+            .get(kind)
+            .copied()
+            .unwrap_or(DEFAULT_PROCESSES_PER_TYPE)
+            .min(MAX_PROCESSES_PER_TYPE);
+        counts.insert(kind.to_string(), count);
+    }
+    counts
+}
+
+/// Processes of each non-web type when no formation names it: one across the cluster, so a
+/// clock never runs its jobs twice.
+pub const DEFAULT_PROCESSES_PER_TYPE: u32 = 1;
+
+/// Checks a change of the formation (`em scale web=2 worker=3`) against the release it
+/// applies to; the error is the sentence `em scale` prints.
+pub fn check_scale(manifest: &AppManifest, change: &BTreeMap<String, u32>) -> Result<(), String> {
+    if change.is_empty() {
+        return Err("nothing to scale: give counts such as {\"web\": 2, \"worker\": 3}".into());
+    }
+    let types = process_types(manifest);
+    for (kind, count) in change {
+        if kind == WEB_PROCESS {
+            if *count == 0 {
+                return Err(
+                    "web=0 would leave the app's domains answering 502 on every web server; keep at least one web instance, or delete the app to stop it"
+                        .into(),
+                );
+            }
+            if *count > MAX_WEB_PER_NODE {
+                return Err(format!(
+                    "web={count} is more than the limit of {MAX_WEB_PER_NODE} web instances per web server"
+                ));
+            }
+        } else if types.contains_key(kind.as_str()) {
+            if *count > MAX_PROCESSES_PER_TYPE {
+                return Err(format!(
+                    "{kind}={count} is more than the limit of {MAX_PROCESSES_PER_TYPE} processes of one type"
+                ));
+            }
+        } else {
+            let mut known = vec![WEB_PROCESS];
+            known.extend(types.keys());
+            let name: String = kind.chars().take(MAX_PROCESS_NAME_LEN).collect();
+            return Err(format!(
+                "the current release has no process type {name:?}; its types are {}",
+                known.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::manifest::AppManifest;
     use crate::size::ByteSize;
+
+    fn worker_app() -> AppManifest {
+        AppManifest::parse(
+            "name = \"shop\"\nrun = \"web\"\ninstances = 2\n[processes.worker]\ncommand = \"w\"\n[processes.clock]\ncommand = \"c\"\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_formation_takes_explicit_counts_over_the_defaults() {
+        let manifest = worker_app();
+        let none = BTreeMap::new();
+        let defaults: Vec<(String, u32)> = formation(&manifest, &none).into_iter().collect();
+        assert_eq!(
+            defaults,
+            [("clock".into(), 1), ("web".into(), 2), ("worker".into(), 1)]
+        );
+        let explicit: BTreeMap<String, u32> =
+            [("web".into(), 3), ("worker".into(), 5), ("gone".into(), 4)].into();
+        let counts = formation(&manifest, &explicit);
+        assert_eq!(counts.get("web"), Some(&3));
+        assert_eq!(counts.get("worker"), Some(&5));
+        assert_eq!(counts.get("clock"), Some(&1));
+        // A type the release no longer has takes no part.
+        assert_eq!(counts.get("gone"), None);
+    }
+
+    #[test]
+    fn scale_changes_are_checked_against_the_release() {
+        let manifest = worker_app();
+        let change = |pairs: &[(&str, u32)]| -> BTreeMap<String, u32> {
+            pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+        };
+        assert_eq!(
+            check_scale(&manifest, &change(&[("web", 3), ("worker", 0)])),
+            Ok(())
+        );
+        let cases = [
+            (change(&[]), "nothing to scale"),
+            (
+                change(&[("nosuch", 1)]),
+                "no process type \"nosuch\"; its types are web, clock, worker",
+            ),
+            (change(&[("release", 1)]), "no process type \"release\""),
+            (
+                change(&[("worker", 101)]),
+                "limit of 100 processes of one type",
+            ),
+            (
+                change(&[("web", 65)]),
+                "limit of 64 web instances per web server",
+            ),
+            (change(&[("web", 0)]), "web=0 would leave"),
+        ];
+        for (change, expected) in cases {
+            let error = check_scale(&manifest, &change).unwrap_err();
+            assert!(error.contains(expected), "{change:?}: {error}");
+        }
+    }
 
     #[test]
     fn the_design_example_parses_with_its_defaults() {

@@ -8,6 +8,7 @@ pub(crate) mod builds;
 pub mod cli;
 pub mod config;
 pub(crate) mod error;
+pub(crate) mod formation;
 pub(crate) mod http;
 pub(crate) mod metrics;
 pub(crate) mod notify;

@@ -87,6 +87,13 @@ impl Notifier {
         }));
     }
 
+    /// Queues the notice that `current`'s app was scaled, without waiting: the notice of its
+    /// current release again, since what Beacon does with either is read the desired state
+    /// (formations included) at once, so the change reaches the nodes in well under a second.
+    pub fn formation_changed(&self, current: &Release) {
+        self.release_committed(current);
+    }
+
     /// Queues the notice that `build` waits for a node, without waiting.
     pub fn build_requested(&self, build: &Build) {
         self.send(ToBeacon::BuildRequested(BuildRequested {

@@ -221,6 +221,7 @@ impl Releases {
                 created_at: record.created_at,
                 created_by: record.created_by,
                 current: None,
+                formation: BTreeMap::new(),
             }),
             Err(StorageError::AlreadyExists(_)) => {
                 Err(ApiError::Conflict(format!("app {name:?} already exists")))
@@ -317,11 +318,13 @@ impl Releases {
     pub async fn app(&self, app: &str) -> Result<App, ApiError> {
         let (record, _) = self.record(app).await?;
         let current = self.newest(app, record.latest).await?;
+        let formation = self.explicit_formation(app).await?;
         Ok(App {
             name: record.name,
             created_at: record.created_at,
             created_by: record.created_by,
             current,
+            formation,
         })
     }
 

@@ -491,3 +491,21 @@ async fn two_repositories_sharing_storage_never_lose_a_release() {
     second.stop().await;
     first.stop().await;
 }
+
+#[tokio::test]
+async fn scaling_changes_only_the_named_types_and_makes_no_release() {
+    let repo = Repo::start_fs().await;
+    suite::formation(&repo).await;
+    let stored = repo.data.path().join("storage/apps/shop/formation.json");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(stored).unwrap()).unwrap();
+    assert_eq!(record["counts"]["web"], 2);
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_scales_lose_no_change() {
+    let repo = Repo::start_fs().await;
+    suite::concurrent_scales(&repo).await;
+    repo.stop().await;
+}

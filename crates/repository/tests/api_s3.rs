@@ -356,3 +356,19 @@ async fn s3_lists_bundles_with_their_times_and_deletes_idempotently() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[tokio::test]
+async fn scaling_on_s3_changes_only_the_named_types_and_makes_no_release() {
+    let Some(s3) = server() else { return };
+    let repo = Repo::start_s3(&s3).await;
+    suite::formation(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_scales_on_s3_lose_no_change() {
+    let Some(s3) = server() else { return };
+    let repo = Repo::start_s3(&s3).await;
+    suite::concurrent_scales(&repo).await;
+    repo.stop().await;
+}

@@ -113,6 +113,7 @@ impl RepoStub {
                                 created_at: r.created_at.clone(),
                                 created_by: "ci".into(),
                                 current: Some(r.clone()),
+                                formation: Default::default(),
                             })
                             .collect();
                         Ok(axum::Json(apps))

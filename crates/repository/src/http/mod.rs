@@ -18,10 +18,11 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use px_bundle::Limits;
 use px_proto::api::{
-    self, App, BundleRef, ConfigChange, CreateApp, Release, ReleaseCause, Rollback,
+    self, App, BundleRef, ConfigChange, CreateApp, Formation, Release, ReleaseCause, Rollback,
 };
 use px_proto::build::BuildQueued;
 use px_runtime::shutdown::accept_error_is_fatal;
+use std::collections::BTreeMap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -152,6 +153,10 @@ pub fn router(state: AppState) -> Router {
             get(get_config).patch(change_config),
         )
         .route("/v1/apps/{app}/rollback", post(rollback))
+        .route(
+            "/v1/apps/{app}/formation",
+            get(get_formation).put(scale_formation),
+        )
         .route("/v1/apps/{app}/builds", get(builds::list))
         .route("/v1/apps/{app}/builds/{number}", get(builds::get))
         .route("/v1/apps/{app}/builds/{number}/log", get(builds::log))
@@ -490,6 +495,40 @@ async fn rollback(
     let release = crate::rollback::commit(&state.releases, &caller.name, request).await?;
     state.notifier.release_committed(&release);
     Ok((StatusCode::CREATED, Json(release)))
+}
+
+async fn get_formation(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+) -> Result<Json<Formation>, ApiError> {
+    caller.require(Role::Read)?;
+    Ok(Json(state.releases.formation(&app).await?))
+}
+
+/// `em scale`: sets the counts of the types the body names (`{"web": 2, "worker": 3}`).
+async fn scale_formation(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+    body: Result<Json<BTreeMap<String, u32>>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Formation>, ApiError> {
+    caller.require(Role::Deploy)?;
+    let Json(change) = body.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "expected counts by process type such as {{\"web\": 2, \"worker\": 3}}: {e}"
+        ))
+    })?;
+    if change.len() > px_proto::procfile::MAX_PROCESS_TYPES + 1 {
+        return Err(ApiError::BadRequest(format!(
+            "at most {} process types per change",
+            px_proto::procfile::MAX_PROCESS_TYPES + 1
+        )));
+    }
+    let (current, formation) = state.releases.scale(&app, &change).await?;
+    tracing::info!(%app, by = %caller.name, "scaled");
+    state.notifier.formation_changed(&current);
+    Ok(Json(formation))
 }
 
 async fn download_bundle(

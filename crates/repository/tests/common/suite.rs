@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use px_proto::api::{App, Release, ReleaseCause};
+use px_proto::api::{App, ErrorBody, Formation, Release, ReleaseCause};
 use px_repository::config::{Config, RetentionConfig};
 use px_repository::internals::{Policy, bundle_key, sweep};
 use reqwest::StatusCode;
@@ -629,4 +629,183 @@ pub async fn periodic_sweeps_report_in_metrics(repo: &Repo) {
     for bundle in &bundles {
         assert_eq!(repo.download(&sha256_hex(bundle)).await.0, StatusCode::OK);
     }
+}
+
+/// Packs the sample app with a Procfile naming `types` beside `web`.
+fn bundle_with_types(name: &str, types: &[&str]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    px_test_support::write_sample_app(dir.path(), name).unwrap();
+    let mut procfile = String::from("web: python3 server.py\n");
+    for kind in types {
+        procfile.push_str(&format!("{kind}: python3 server.py\n"));
+    }
+    std::fs::write(dir.path().join("Procfile"), procfile).unwrap();
+    let mut out = Vec::new();
+    px_bundle::pack_dir(dir.path(), &mut out).unwrap();
+    out
+}
+
+impl Repo {
+    /// `PUT /v1/apps/{app}/formation` with `body` as the deploy token.
+    pub async fn scale(&self, app: &str, body: serde_json::Value) -> reqwest::Response {
+        self.http
+            .put(format!("{}/v1/apps/{app}/formation", self.url))
+            .bearer_auth(&self.deploy_token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The formation as `type=count` pairs, `web` first, each marked `*` when set explicitly.
+    pub async fn formation(&self, app: &str) -> Vec<String> {
+        let r = self
+            .get(&format!("/v1/apps/{app}/formation"), &self.read_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let formation: Formation = r.json().await.unwrap();
+        formation
+            .processes
+            .iter()
+            .map(|e| {
+                let mark = if e.explicit { "*" } else { "" };
+                format!("{}={}{mark}", e.process, e.count)
+            })
+            .collect()
+    }
+}
+
+/// Asserts that `response` is a 400 whose message contains `expected`.
+async fn refused(response: reqwest::Response, expected: &str) {
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: ErrorBody = response.json().await.unwrap();
+    assert!(
+        body.message.contains(expected),
+        "{:?} does not say {expected:?}",
+        body.message
+    );
+}
+
+/// `em scale`'s path: the formation's defaults, changes of only the named types, refusals
+/// that say what to fix, no release made, and the counts in `GET /v1/apps` for Beacon.
+pub async fn formation(repo: &Repo) {
+    repo.create_app("shop").await;
+    let before = repo.scale("shop", serde_json::json!({"web": 2})).await;
+    assert_eq!(before.status(), StatusCode::NOT_FOUND);
+    assert!(before.text().await.unwrap().contains("em deploy"));
+
+    repo.deploy("shop", &bundle_with_types("shop", &["worker"]))
+        .await;
+    assert_eq!(repo.formation("shop").await, ["web=1", "worker=1"]);
+
+    let r = repo.scale("shop", serde_json::json!({"worker": 3})).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(repo.formation("shop").await, ["web=1", "worker=3*"]);
+    let r = repo.scale("shop", serde_json::json!({"web": 2})).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let answered: Formation = r.json().await.unwrap();
+    assert_eq!(answered.release, Some(1));
+    assert_eq!(repo.formation("shop").await, ["web=2*", "worker=3*"]);
+    let r = repo.scale("shop", serde_json::json!({"worker": 0})).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(repo.formation("shop").await, ["web=2*", "worker=0*"]);
+
+    // Refused, each saying what to fix, and nothing changed.
+    refused(
+        repo.scale("shop", serde_json::json!({"nosuch": 1})).await,
+        "no process type \"nosuch\"; its types are web, worker",
+    )
+    .await;
+    refused(
+        repo.scale("shop", serde_json::json!({"worker": 1000}))
+            .await,
+        "limit of 100 processes of one type",
+    )
+    .await;
+    refused(
+        repo.scale("shop", serde_json::json!({"web": 65})).await,
+        "limit of 64 web instances per web server",
+    )
+    .await;
+    refused(
+        repo.scale("shop", serde_json::json!({"web": 0})).await,
+        "web=0 would leave",
+    )
+    .await;
+    refused(
+        repo.scale("shop", serde_json::json!({"worker": -1})).await,
+        "expected counts by process type",
+    )
+    .await;
+    refused(
+        repo.scale("shop", serde_json::json!(["worker", 2])).await,
+        "expected counts by process type",
+    )
+    .await;
+    refused(
+        repo.scale("shop", serde_json::json!({})).await,
+        "nothing to scale",
+    )
+    .await;
+    let read_only = repo
+        .http
+        .put(format!("{}/v1/apps/shop/formation", repo.url))
+        .bearer_auth(&repo.read_token)
+        .json(&serde_json::json!({"worker": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read_only.status(), StatusCode::FORBIDDEN);
+    assert_eq!(repo.formation("shop").await, ["web=2*", "worker=0*"]);
+
+    // Scaling made no release; Beacon reads the counts with the apps.
+    assert_eq!(repo.releases("shop").await.len(), 1);
+    let apps: Vec<App> = repo
+        .get("/v1/apps", &repo.read_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let shop = apps.iter().find(|a| a.name == "shop").unwrap();
+    assert_eq!(
+        shop.formation
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>(),
+        ["web=2", "worker=0"]
+    );
+
+    // A new release keeps the counts of the types it still has.
+    repo.deploy("shop", &bundle_with_types("shop", &["worker", "clock"]))
+        .await;
+    assert_eq!(
+        repo.formation("shop").await,
+        ["web=2*", "clock=1", "worker=0*"]
+    );
+}
+
+/// Many `em scale` calls at once, each of another type: every change is kept.
+pub async fn concurrent_scales(repo: &Repo) {
+    const TYPES: u32 = 8;
+    let names: Vec<String> = (1..=TYPES).map(|n| format!("t{n}")).collect();
+    repo.create_app("busy").await;
+    let kinds: Vec<&str> = names.iter().map(String::as_str).collect();
+    repo.deploy("busy", &bundle_with_types("busy", &kinds))
+        .await;
+    let scales = names.iter().zip(1..).map(|(kind, count)| {
+        let body = serde_json::json!({ kind.as_str(): count + 1 });
+        async move { repo.scale("busy", body).await.status() }
+    });
+    for status in futures_util::future::join_all(scales).await {
+        assert_eq!(status, StatusCode::OK);
+    }
+    let mut expected = vec!["web=1".to_string()];
+    let mut sorted: Vec<(String, u32)> = names.iter().cloned().zip(2..).collect();
+    sorted.sort();
+    expected.extend(sorted.iter().map(|(k, c)| format!("{k}={c}*")));
+    assert_eq!(repo.formation("busy").await, expected);
 }
