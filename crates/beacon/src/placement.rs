@@ -216,8 +216,10 @@ pub struct ProcessNode<'a> {
 /// down for a moment does not move it: moving would stop a job in hand), or, while nodes
 /// Beacon has not seen since it started may still come back (`absent_may_return`), while its
 /// node is such a node. Every other process goes to the linked node that may run the app and
-/// runs the fewest of its processes, by name among equals; with none, it waits (left out).
-/// Numbers run from 1 to the count, so `worker.2` is the same process until its node is lost.
+/// runs the fewest processes of its type (so each type spreads evenly), then the fewest of the
+/// app's, by name among equals; with none, it waits (left out). Numbers run from 1 to the
+/// count, so `worker.2` is the same process until its node is lost, and scaling down removes
+/// the highest numbers.
 pub fn place_processes(
     current: &ProcessPlacement,
     wanted: &BTreeMap<ProcessKey, u32>,
@@ -228,6 +230,8 @@ pub fn place_processes(
     let mut placed = ProcessPlacement::new();
     // Processes of each app on each node, counted over all its types.
     let mut load: BTreeMap<(&str, &str), u32> = BTreeMap::new();
+    // Processes of each type on each node.
+    let mut type_load: BTreeMap<(&ProcessKey, &str), u32> = BTreeMap::new();
     let mut waiting: Vec<(&ProcessKey, u32)> = Vec::new();
     for (key, count) in wanted {
         let app = key.0.as_str();
@@ -240,6 +244,7 @@ pub fn place_processes(
             match keep {
                 Some(node) => {
                     *load.entry((app, node.as_str())).or_default() += 1;
+                    *type_load.entry((key, node.as_str())).or_default() += 1;
                     placed
                         .entry(key.clone())
                         .or_default()
@@ -254,9 +259,16 @@ pub fn place_processes(
         let choice = nodes
             .iter()
             .filter(|n| n.linked && !n.lost && n.apps.contains(&app))
-            .min_by_key(|n| (load.get(&(app, n.name)).copied().unwrap_or(0), n.name));
+            .min_by_key(|n| {
+                (
+                    type_load.get(&(key, n.name)).copied().unwrap_or(0),
+                    load.get(&(app, n.name)).copied().unwrap_or(0),
+                    n.name,
+                )
+            });
         if let Some(node) = choice {
             *load.entry((app, node.name)).or_default() += 1;
+            *type_load.entry((key, node.name)).or_default() += 1;
             placed
                 .entry(key.clone())
                 .or_default()
@@ -878,6 +890,46 @@ pub(crate) mod tests {
                     ("shop", "worker", 2, "web-2"),
                     ("shop", "worker", 3, "web-1"),
                 ]),
+            ),
+            (
+                "scaling up keeps the running ones and spreads each type evenly",
+                placement(&[
+                    ("shop", "worker", 1, "web-1"),
+                    ("shop", "clock", 1, "web-2"),
+                ]),
+                wanted(&[("shop", "clock", 1), ("shop", "worker", 4)]),
+                vec![pnode("web-1", &["shop"]), pnode("web-2", &["shop"])],
+                false,
+                placement(&[
+                    ("shop", "clock", 1, "web-2"),
+                    ("shop", "worker", 1, "web-1"),
+                    ("shop", "worker", 2, "web-2"),
+                    ("shop", "worker", 3, "web-1"),
+                    ("shop", "worker", 4, "web-2"),
+                ]),
+            ),
+            (
+                "scaling down removes the highest numbers, the others stay where they are",
+                placement(&[
+                    ("shop", "worker", 1, "web-2"),
+                    ("shop", "worker", 2, "web-1"),
+                    ("shop", "worker", 3, "web-2"),
+                ]),
+                wanted(&[("shop", "worker", 2)]),
+                vec![pnode("web-1", &["shop"]), pnode("web-2", &["shop"])],
+                false,
+                placement(&[
+                    ("shop", "worker", 1, "web-2"),
+                    ("shop", "worker", 2, "web-1"),
+                ]),
+            ),
+            (
+                "a type scaled to 0 runs nowhere",
+                placement(&[("shop", "worker", 1, "web-1")]),
+                wanted(&[("shop", "worker", 0)]),
+                vec![pnode("web-1", &["shop"])],
+                false,
+                placement(&[]),
             ),
         ];
         for (what, current, wanted, nodes, absent_may_return, expected) in cases {

@@ -1,4 +1,4 @@
-//! The reconciler: reads the desired state (every app's current release) and the pending
+//! The reconciler: reads the desired state (every app's current release and formation) and the pending
 //! builds from the repository on start-up, on every notice and on an interval, and hands them
 //! to the hub; then reads the result of each build that left the pending list, for its event.
 //! When the repository is away, the hub keeps the last known state and the reconciler retries.
@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::Hub;
+use crate::hub::{Formations, Hub};
 use crate::metrics::Metrics;
 use crate::placement::BuildKey;
 
@@ -76,16 +76,22 @@ impl RepositoryClient {
             .map_err(|e| format!("GET {url}: {e}"))
     }
 
-    /// Every app's current release.
-    pub async fn desired(&self) -> Result<BTreeMap<String, Release>, String> {
+    /// Every app's current release, and the counts its formation sets (`em scale`).
+    pub async fn desired(&self) -> Result<(BTreeMap<String, Release>, Formations), String> {
         let apps: Vec<App> = self
             .get("/v1/apps")
             .await?
             .ok_or_else(|| format!("GET {}/v1/apps: 404 Not Found", self.base))?;
-        Ok(apps
-            .into_iter()
-            .filter_map(|a| a.current.map(|r| (a.name, r)))
-            .collect())
+        let mut releases = BTreeMap::new();
+        let mut formations = Formations::new();
+        for app in apps {
+            let Some(current) = app.current else { continue };
+            if !app.formation.is_empty() {
+                formations.insert(app.name.clone(), app.formation);
+            }
+            releases.insert(app.name, current);
+        }
+        Ok((releases, formations))
     }
 
     /// Every build waiting to be built, across apps. A repository from before builds answers
@@ -139,7 +145,7 @@ pub async fn run(
     loop {
         metrics.reconciles.inc();
         let wait = match client.desired().await {
-            Ok(desired) => {
+            Ok((desired, formations)) => {
                 failures = 0;
                 // Without the builds, the apps are still worth taking; the hub keeps the
                 // builds it knows until a later read succeeds.
@@ -148,7 +154,7 @@ pub async fn run(
                     .await
                     .inspect_err(|error| tracing::warn!(%error, "cannot read the pending builds; keeping the last known ones"))
                     .ok();
-                let ended = hub.set_state(desired, builds).await;
+                let ended = hub.set_state(desired, formations, builds).await;
                 if !ended.is_empty() {
                     hub.build_results(client.results(ended).await).await;
                 }

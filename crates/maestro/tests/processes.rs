@@ -1,7 +1,7 @@
 //! Processes of other types than web (a Procfile's `worker:`, `[processes.<type>]`) run by a real
 //! Maestro beside the web instances: restarted after a crash, replaced after web is healthy
 //! with their grace honoured, killed and counted when they ignore SIGTERM, and a `stop_first`
-//! type never running twice at once.
+//! type never running twice at once. A new formation starts and stops only what it changes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -318,4 +318,89 @@ async fn a_stop_first_type_never_runs_two_at_once() {
     // No worker ran here at all: it is placed on another node.
     assert!(!lines.iter().any(|l| l.contains("worker.")), "{lines:?}");
     maestro.stop().await;
+}
+
+/// The pids of the node report's rows, as `type.number` → pid, once `want` holds for them.
+async fn wait_pids(
+    maestro: &Maestro,
+    want: impl Fn(&std::collections::BTreeMap<String, u32>) -> bool,
+) -> std::collections::BTreeMap<String, u32> {
+    let start = Instant::now();
+    loop {
+        let state = maestro.state().await;
+        let pids = state
+            .instances
+            .iter()
+            .filter(|i| i.state == InstanceState::Healthy)
+            .filter_map(|i| Some((format!("{}.{}", i.process, i.number), i.pid?)))
+            .collect();
+        if want(&pids) {
+            return pids;
+        }
+        assert!(start.elapsed() < common::WAIT, "never came: {state:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_starts_and_stops_only_what_the_formation_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("worker.out");
+    let bundles = BundleServer::start().await;
+    let beacon = FakeBeacon::start().await;
+    let maestro = Maestro::start(config(dir.path(), Some(&beacon))).await;
+    let (mut link, _) = beacon.accept().await;
+    let scaled = |web: u32, workers: &[u32]| {
+        let mut app = shop(&bundles, 1, "", &out, &[]);
+        app.instances = web;
+        app.processes.insert("worker".into(), workers.to_vec());
+        app
+    };
+    let names = |pids: &std::collections::BTreeMap<String, u32>| -> Vec<String> {
+        pids.keys().cloned().collect()
+    };
+    assign(&mut link, 1, vec![scaled(1, &[1])]).await;
+    maestro.wait_body("shop.localhost", "hi").await;
+    let first = wait_pids(&maestro, |p| p.len() == 2).await;
+    assert_eq!(names(&first), ["web.1", "worker.1"]);
+
+    // worker 1 → 3: two more start; web.1 and worker.1 are the same processes.
+    assign(&mut link, 2, vec![scaled(1, &[1, 2, 3])]).await;
+    let three = wait_pids(&maestro, |p| p.len() == 4).await;
+    assert_eq!(names(&three), ["web.1", "worker.1", "worker.2", "worker.3"]);
+    assert_eq!(three["web.1"], first["web.1"]);
+    assert_eq!(three["worker.1"], first["worker.1"]);
+
+    // worker 3 → 1: the two stop (with their grace), worker.1 and web.1 untouched.
+    assign(&mut link, 3, vec![scaled(1, &[1])]).await;
+    let one = wait_pids(&maestro, |p| p.len() == 2).await;
+    assert_eq!(one, first);
+    wait_gone(three["worker.2"]).await;
+    wait_gone(three["worker.3"]).await;
+    let lines = wait_lines(&out, |l| {
+        l.iter().any(|x| x.starts_with("v1 worker.3 exit"))
+    })
+    .await;
+    let starts = lines.iter().filter(|l| l.contains(" start ")).count();
+    assert_eq!(
+        starts, 3,
+        "worker.1 started once, worker.2 and .3 once each: {lines:?}"
+    );
+
+    // web 1 → 2: a second instance joins, the worker and web.1 stay; 2 → 1 removes it.
+    assign(&mut link, 4, vec![scaled(2, &[1])]).await;
+    let two_web = wait_pids(&maestro, |p| p.len() == 3).await;
+    assert_eq!(names(&two_web), ["web.1", "web.2", "worker.1"]);
+    assert_eq!(two_web["web.1"], first["web.1"]);
+    assert_eq!(two_web["worker.1"], first["worker.1"]);
+    maestro.wait_body("shop.localhost", "hi").await;
+    assign(&mut link, 5, vec![scaled(1, &[1])]).await;
+    let back = wait_pids(&maestro, |p| p.len() == 2).await;
+    assert_eq!(back, first);
+    wait_gone(two_web["web.2"]).await;
+    maestro.wait_body("shop.localhost", "hi").await;
+    let lines = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(lines.matches("worker.1 start").count(), 1, "{lines}");
+    maestro.stop().await;
+    wait_gone(first["worker.1"]).await;
 }

@@ -13,12 +13,13 @@ use px_proto::build::{AssignedBuild, AssignedLayer, Build};
 use px_proto::link::{AppAssignment, Assignment};
 
 use super::persist::Persisted;
-use super::{Changes, Effect, Hub, Rollout, State, effect};
+use super::{Changes, Effect, Formations, Hub, Rollout, State, effect};
 use crate::placement::{BuildKey, Fit, places};
 
 /// What the persisted generation numbers: `app@version` of every desired release,
-/// `build <app> <n> <node>` of every placed build and `process <app> <type> <n> <node>` of
-/// every placed process (a build or a process that moves is a new assignment).
+/// `build <app> <n> <node>` of every placed build, `process <app> <type> <n> <node>` of
+/// every placed process (a build or a process that moves is a new assignment) and
+/// `web <app> <n>` of every web count set with `em scale`.
 fn fingerprint(state: &State) -> Vec<String> {
     let mut fingerprint: Vec<String> = state
         .desired
@@ -27,6 +28,7 @@ fn fingerprint(state: &State) -> Vec<String> {
         .collect();
     fingerprint.extend(super::builds::placement_fingerprint(&state.builds));
     fingerprint.extend(super::processes::fingerprint(&state.processes));
+    fingerprint.extend(super::processes::web_fingerprint(state));
     fingerprint
 }
 
@@ -35,6 +37,16 @@ fn fingerprint(state: &State) -> Vec<String> {
 /// Beacon was away, and the newest of the skipped releases are the ones a waiting
 /// `em deploy` may still be following.
 pub const MAX_SKIPPED_SUPERSEDED: u64 = 64;
+
+/// How many web instances of `release` each web server runs: the count set with `em scale`,
+/// else the manifest's `instances`.
+fn web_count(release: &Release, formation: Option<&BTreeMap<String, u32>>) -> u32 {
+    let none = BTreeMap::new();
+    px_proto::process::formation(&release.manifest, formation.unwrap_or(&none))
+        .get(px_proto::procfile::WEB_PROCESS)
+        .copied()
+        .unwrap_or(release.manifest.instances)
+}
 
 impl Hub {
     /// The assignment for `node` at the current generation: the apps it should run and the
@@ -53,7 +65,7 @@ impl Hub {
             .desired
             .values()
             .filter(|r| places(r, fit))
-            .map(|r| self.app_assignment(r))
+            .map(|r| self.app_assignment(r, state.formations.get(&r.app)))
             .collect();
         Self::add_processes(state, node, &mut apps);
         apps
@@ -80,7 +92,12 @@ impl Hub {
             .then(|| self.assignment_for(state, node, fit))
     }
 
-    fn app_assignment(&self, release: &Release) -> AppAssignment {
+    /// The assignment of `release`, with the web count of its `formation` when one is set.
+    fn app_assignment(
+        &self,
+        release: &Release,
+        formation: Option<&BTreeMap<String, u32>>,
+    ) -> AppAssignment {
         let domains = if release.manifest.http.domains.is_empty() {
             vec![format!("{}.{}", release.app, self.settings.domain)]
         } else {
@@ -98,7 +115,7 @@ impl Hub {
             ),
             manifest: release.manifest.clone(),
             env: release.environment(),
-            instances: release.manifest.instances,
+            instances: web_count(release, formation),
             domains,
             build: release.build.as_ref().map(|build| AssignedBuild {
                 layers: build
@@ -126,13 +143,16 @@ impl Hub {
     /// The configuration a node runs an app with, for `/v1/apps/{app}/config`.
     pub fn app_config(&self, app: &str) -> Option<AppAssignment> {
         let state = self.lock();
-        state.desired.get(app).map(|r| self.app_assignment(r))
+        state
+            .desired
+            .get(app)
+            .map(|r| self.app_assignment(r, state.formations.get(app)))
     }
 
     /// [`Hub::set_state`] without the builds, as the hub's own tests drive it.
     #[cfg(test)]
     pub async fn set_desired(&self, desired: BTreeMap<String, Release>) {
-        self.set_state(desired, None).await;
+        self.set_state(desired, Formations::new(), None).await;
     }
 
     /// Takes the desired state read from the repository, and the pending builds when they
@@ -144,10 +164,13 @@ impl Hub {
     pub async fn set_state(
         &self,
         desired: BTreeMap<String, Release>,
+        formations: Formations,
         builds: Option<Vec<Build>>,
     ) -> Vec<BuildKey> {
-        self.update(|hub, state, effects| hub.update_desired(state, desired, builds, effects))
-            .await
+        self.update(|hub, state, effects| {
+            hub.update_desired(state, desired, formations, builds, effects)
+        })
+        .await
     }
 
     /// Changes the state under the `publishing` lock, in the order `persist.rs` explains:
@@ -223,6 +246,7 @@ impl Hub {
         &self,
         state: &mut State,
         desired: BTreeMap<String, Release>,
+        formations: Formations,
         builds: Option<Vec<Build>>,
         effects: &mut Vec<Effect>,
     ) -> (Vec<BuildKey>, bool) {
@@ -242,12 +266,15 @@ impl Hub {
         if desired_changed {
             self.take_desired(state, desired, first_read, effects);
         }
+        // A new formation is no rollout: only the counts of running types change.
+        let scaled = state.formations != formations;
+        state.formations = formations;
         let departed = builds
             .map(|builds| self.take_pending(state, builds))
             .unwrap_or_default();
         let moved = self.place_builds(state, effects) | self.place_processes(state);
         // A build that left the list leaves its node's assignment too.
-        let changed = desired_changed || moved || !departed.is_empty();
+        let changed = desired_changed || scaled || moved || !departed.is_empty();
         if changed {
             Self::renumber(state);
         }

@@ -10,7 +10,8 @@
 //!
 //! - `desired.rs`: the desired state, the generation and each node's assignment;
 //! - `builds.rs`: pending builds, where each runs, and their events;
-//! - `processes.rs`: the default formation and where each non-web process runs;
+//! - `processes.rs`: the formation (`em scale`'s counts over the defaults) and where each
+//!   non-web process runs;
 //! - `nodes.rs`: the node registry (attach, reports, events, detach, the sweep);
 //! - `rollouts.rs`: rollout tracking, applying verdicts, rollback orders, the history;
 //! - `repositories.rs`: the repository's links and reachability;
@@ -44,6 +45,10 @@ use crate::alerts::{Alert, Alerter};
 use crate::events::{EventDraft, EventLog};
 use crate::metrics::Metrics;
 use crate::placement::{BuildKey, Fit, ProcessPlacement};
+
+/// The counts each app's formation sets (`em scale`), by app then type; types not named take
+/// the release's defaults (`px_proto::process::formation`).
+pub type Formations = BTreeMap<String, BTreeMap<String, u32>>;
 
 /// Commands (restart, stop) queued per link; a node that cannot take this many is too slow
 /// and gets the next ones dropped (the operator can repeat them).
@@ -113,6 +118,8 @@ struct RepositoryEntry {
 
 struct State {
     desired: BTreeMap<String, Release>,
+    /// The counts set with `em scale`, read with `desired`.
+    formations: Formations,
     /// Whether `desired` has been read from the repository since start-up.
     desired_known: bool,
     /// The generation of `desired` and its fingerprint, as they are (or are about to be) on
@@ -239,6 +246,7 @@ impl Hub {
             rollback_orders: watch::channel(Arc::new(Vec::new())).0,
             state: Mutex::new(State {
                 desired: BTreeMap::new(),
+                formations: Formations::new(),
                 desired_known: false,
                 durable: persisted.generation,
                 persisted,

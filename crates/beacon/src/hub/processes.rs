@@ -1,5 +1,6 @@
-//! Process types (docs/src/design/processes.md): the default formation (one process of every
-//! non-web type of each desired release, across the cluster), where each process runs (decided
+//! Process types (docs/src/design/processes.md): the formation (the counts set with `em scale`
+//! over the defaults: one process of every non-web type of each desired release, across the
+//! cluster), where each process runs (decided
 //! by `crate::placement::place_processes`), and the numbers each node's assignment carries.
 //! Where processes run is part of the persisted generation's fingerprint, so a process that
 //! moves is a new generation and a restarted Beacon leaves processes where they were.
@@ -8,10 +9,6 @@ use std::collections::BTreeMap;
 
 use super::{Hub, State};
 use crate::placement::{self, ProcessKey, ProcessNode, ProcessPlacement, places};
-
-/// Processes of each non-web type when nothing says otherwise: one across the cluster, so a
-/// clock never runs its jobs twice. `em scale` will set other counts.
-pub const DEFAULT_PROCESSES_PER_TYPE: u32 = 1;
 
 /// Reads where processes ran from a persisted fingerprint (`process <app> <type> <n> <node>`
 /// entries), so a restarted Beacon keeps them there while their nodes come back.
@@ -50,21 +47,34 @@ pub(super) fn fingerprint(placed: &ProcessPlacement) -> Vec<String> {
         .collect()
 }
 
+/// The fingerprint entries of the web counts set with `em scale` for desired apps: a new web
+/// count is a new assignment, though nothing moves.
+pub(super) fn web_fingerprint(state: &State) -> Vec<String> {
+    state
+        .formations
+        .iter()
+        .filter(|(app, _)| state.desired.contains_key(*app))
+        .filter_map(|(app, counts)| {
+            let web = counts.get(px_proto::procfile::WEB_PROCESS)?;
+            Some(format!("web {app} {web}"))
+        })
+        .collect()
+}
+
 impl Hub {
-    /// How many processes of each non-web type the desired releases want in total.
+    /// How many processes of each non-web type the desired releases want in total: the
+    /// formation's count, else one (`px_proto::process::formation`).
     fn wanted_processes(state: &State) -> BTreeMap<ProcessKey, u32> {
+        let none = BTreeMap::new();
         state
             .desired
             .values()
             .flat_map(|release| {
-                px_proto::process::process_types(&release.manifest)
-                    .into_keys()
-                    .map(|kind| {
-                        (
-                            (release.app.clone(), kind.to_string()),
-                            DEFAULT_PROCESSES_PER_TYPE,
-                        )
-                    })
+                let explicit = state.formations.get(&release.app).unwrap_or(&none);
+                px_proto::process::formation(&release.manifest, explicit)
+                    .into_iter()
+                    .filter(|(kind, _)| px_proto::process::runs_as_process(kind))
+                    .map(|(kind, count)| ((release.app.clone(), kind), count))
             })
             .collect()
     }

@@ -390,3 +390,73 @@ async fn one_process_of_each_type_runs_across_the_cluster_and_stays_put_across_a
         assert_eq!(&got, expected, "{node}");
     }
 }
+
+/// The web instances `node`'s latest assignment gives `app`.
+fn instances_of(attached: &mut Attached, app: &str) -> u32 {
+    let assignment = attached.assignments.borrow().clone().unwrap();
+    assignment
+        .apps
+        .iter()
+        .find(|a| a.app == app)
+        .unwrap()
+        .instances
+}
+
+#[tokio::test]
+async fn a_formation_sets_web_per_node_and_other_types_across_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(dir.path());
+    let mut web1 = hub.attach(&hello("web-1", 0)).await;
+    let mut web2 = hub.attach(&hello("web-2", 0)).await;
+    let workers = "[processes.worker]\ncommand = \"python3 worker.py\"";
+    let shop = desired(&[release("shop", 1, workers)]);
+    let scaled = |pairs: &[(&str, u32)]| -> Formations {
+        let counts = pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        [("shop".to_string(), counts)].into()
+    };
+    hub.set_state(shop.clone(), Formations::new(), None).await;
+    let first = hub.generation();
+    assert_eq!(instances_of(&mut web1, "shop"), 1);
+    assert_eq!(
+        processes_of(&mut web1, "shop"),
+        [("worker".into(), vec![1])]
+    );
+    assert_eq!(processes_of(&mut web2, "shop"), []);
+
+    // worker=3: the running one stays, two more spread; web=2 on every web server.
+    hub.set_state(shop.clone(), scaled(&[("web", 2), ("worker", 3)]), None)
+        .await;
+    assert!(
+        hub.generation() > first,
+        "a new formation is a new generation"
+    );
+    for node in [&mut web1, &mut web2] {
+        assert_eq!(instances_of(node, "shop"), 2);
+    }
+    assert_eq!(
+        processes_of(&mut web1, "shop"),
+        [("worker".into(), vec![1, 3])]
+    );
+    assert_eq!(
+        processes_of(&mut web2, "shop"),
+        [("worker".into(), vec![2])]
+    );
+
+    // The same formation read again changes nothing.
+    let generation = hub.generation();
+    hub.set_state(shop.clone(), scaled(&[("web", 2), ("worker", 3)]), None)
+        .await;
+    assert_eq!(hub.generation(), generation);
+
+    // worker=1: the highest numbers go, worker.1 stays on its node.
+    hub.set_state(shop.clone(), scaled(&[("web", 2), ("worker", 1)]), None)
+        .await;
+    assert_eq!(
+        processes_of(&mut web1, "shop"),
+        [("worker".into(), vec![1])]
+    );
+    assert_eq!(processes_of(&mut web2, "shop"), []);
+    // web back to the manifest's count once the formation names it no more.
+    hub.set_state(shop, scaled(&[("worker", 1)]), None).await;
+    assert_eq!(instances_of(&mut web1, "shop"), 1);
+}

@@ -84,9 +84,12 @@ impl AppTask {
                 let target = desired.borrow_and_update().clone();
                 if let Some(target) = target.as_ref()
                     && let Some(run) = running.as_mut()
-                    && processes::same_but_processes(&run.assignment, target)
+                    && processes::same_but_scale(&run.assignment, target)
                 {
-                    // Only where other processes run moved: the web instances stay as they are.
+                    // Only the formation changed (`em scale`, or processes moved between
+                    // nodes): web instances are added or removed and other processes started
+                    // or stopped, and nothing that keeps running is touched.
+                    self.scale_web(run, target, &mut pending).await;
                     let slots = std::mem::take(&mut run.processes);
                     run.processes = processes::reconcile(&self.shared, target, &run.release, slots);
                     run.assignment = target.clone();
@@ -398,6 +401,60 @@ impl AppTask {
                 );
             }
         });
+    }
+
+    /// Brings the number of web instances of `run` to `target`'s, without touching the others:
+    /// the highest numbers leave the route first and are drained and stopped in a task of their
+    /// own; new ones start beside the running ones and join the route once healthy. One that
+    /// does not start is reported, and the others keep serving.
+    async fn scale_web(
+        &mut self,
+        run: &mut Running,
+        target: &AppAssignment,
+        pending: &mut Vec<(usize, Instant)>,
+    ) {
+        let wanted = target.instances as usize;
+        if wanted < run.instances.len() {
+            let removed = run.instances.split_off(wanted);
+            // Restarts due for removed instances are dropped with them.
+            pending.retain(|(index, _)| *index < wanted);
+            self.publish(run);
+            let shared = self.shared.clone();
+            let app = self.app.clone();
+            let budget = target.manifest.deploy.drain;
+            let grace = run.web_grace(self.shared.settings.stop_grace);
+            tracing::info!(app = %self.app, instances = wanted, "scaling web down");
+            tokio::spawn(async move {
+                instance::drain_and_stop(&shared, &app, removed, budget, grace).await;
+            });
+        }
+        let release = run.assignment.release;
+        for number in (run.instances.len() as u32 + 1)..=target.instances {
+            match instance::start(&self.shared, target, &run.release, number, &run.stats).await {
+                Ok(started) => {
+                    run.instances.push(started);
+                    self.publish(run);
+                    tracing::info!(app = %self.app, number, "web instance added");
+                }
+                Err(error) => {
+                    let detail =
+                        self.shared
+                            .logs
+                            .stderr_tail(&self.app, release, FAILED_STDERR_LINES);
+                    self.shared.event(
+                        NodeEventKind::InstanceCrashed,
+                        &self.app,
+                        release,
+                        format!(
+                            "{} v{release} web instance {number} did not start when scaling up: {error}",
+                            self.app
+                        ),
+                        (!detail.is_empty()).then_some(detail),
+                    );
+                    break;
+                }
+            }
+        }
     }
 
     /// Everything before the switch: the release onto the disk, its requirements checked, and

@@ -596,12 +596,13 @@ pub(super) async fn stop_all(shared: &Arc<Shared>, slots: Vec<Slot>) {
     retire(shared.clone(), retiring).await;
 }
 
-/// Whether `a` and `b` assign the same release the same way, differing at most in which
-/// processes of other types run here.
-pub(super) fn same_but_processes(a: &AppAssignment, b: &AppAssignment) -> bool {
-    a.processes != b.processes
+/// Whether `a` and `b` assign the same release the same way, differing only in the formation:
+/// how many web instances run here, or which processes of other types.
+pub(super) fn same_but_scale(a: &AppAssignment, b: &AppAssignment) -> bool {
+    a != b
         && AppAssignment {
             processes: b.processes.clone(),
+            instances: b.instances,
             ..a.clone()
         } == *b
 }
