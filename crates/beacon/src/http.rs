@@ -95,6 +95,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/events/stream", get(event_stream))
         .route("/v1/apps/{app}/run", post(crate::runs::run))
+        .route("/v1/apps/{app}/processes", get(app_processes))
         .with_state(state)
 }
 
@@ -146,6 +147,19 @@ async fn app_rollouts(
         .rollouts(&app)
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no rollouts of {app:?} are known")))
+}
+
+/// `em ps`: every process of the app the nodes report, from their latest reports.
+async fn app_processes(
+    _: Reader,
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+) -> Result<Json<Vec<px_proto::beacon::AppProcess>>, ApiError> {
+    state
+        .hub
+        .app_processes(&app)
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no app {app:?} is deployed")))
 }
 
 async fn app_config(

@@ -558,6 +558,9 @@ async fn releases_committed_in_quick_succession_supersede_the_older_ones_once_ea
         last_exit: None,
         process: "web".into(),
         number: 1,
+        started_at: None,
+        memory_bytes: None,
+        cpu_permille: None,
     }];
     let apps: Vec<App> = s
         .beacon

@@ -140,6 +140,9 @@ async fn events_page_and_stream_filtered_by_app() {
             last_exit: None,
             process: "web".into(),
             number: 1,
+            started_at: Some("2026-11-25T10:00:00Z".into()),
+            memory_bytes: Some(43_200_000),
+            cpu_permille: Some(30),
         }],
         rollouts: Vec::new(),
         disk: None,
@@ -158,6 +161,25 @@ async fn events_page_and_stream_filtered_by_app() {
     })
     .await;
     assert!(found.is_ok(), "stream so far: {text}");
+    // `em ps` reads the reported process with its node and figures.
+    let processes: Vec<px_proto::beacon::AppProcess> = beacon.get("/v1/apps/hello/processes").await;
+    assert_eq!(processes.len(), 1);
+    assert_eq!(processes[0].node, "web-1");
+    assert_eq!(
+        (
+            processes[0].status.memory_bytes,
+            processes[0].status.cpu_permille
+        ),
+        (Some(43_200_000), Some(30))
+    );
+    let unknown = beacon
+        .http
+        .get(format!("{}/v1/apps/nosuch/processes", beacon.http_url))
+        .bearer_auth(&tokens.read)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), reqwest::StatusCode::NOT_FOUND);
     assert!(
         text.contains("deploy_started"),
         "the backlog comes first: {text}"

@@ -266,6 +266,9 @@ fn report_for(assignment: &Assignment, reports: Reports, index: usize) -> NodeRe
                     last_exit: None,
                     process: px_proto::procfile::WEB_PROCESS.to_string(),
                     number: i + 1,
+                    started_at: None,
+                    memory_bytes: None,
+                    cpu_permille: None,
                 })
             })
             .collect(),

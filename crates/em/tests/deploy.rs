@@ -608,6 +608,9 @@ async fn run_node(
                             last_exit: None,
                             process: "web".into(),
                             number: 1,
+                            started_at: None,
+                            memory_bytes: None,
+                            cpu_permille: None,
                         })
                         .collect()
                 } else {

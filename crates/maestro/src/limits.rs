@@ -115,6 +115,23 @@ impl Enforcer {
     }
 }
 
+/// The memory the cgroup of the instance led by `pid` uses (`memory.current`), when the
+/// instance has a cgroup of its own (`cgroup_limits`); `None` otherwise.
+pub(crate) fn instance_memory(pid: u32) -> Option<u64> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let leaf = path.rsplit('/').next()?;
+    if !leaf.starts_with(INSTANCE_PREFIX) {
+        return None;
+    }
+    let dir = std::path::Path::new(CGROUP_ROOT).join(path.trim_start_matches('/'));
+    std::fs::read_to_string(dir.join("memory.current"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// An instance's own cgroup.
 #[derive(Debug)]
 pub(crate) struct InstanceCgroup {

@@ -230,6 +230,15 @@ pub struct App {
     pub outcome: Option<String>,
 }
 
+/// One process of an app as `GET /v1/apps/{app}/processes` lists it (`em ps`): the node that
+/// runs it and its row of that node's latest report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppProcess {
+    pub node: String,
+    #[serde(flatten)]
+    pub status: crate::link::InstanceStatus,
+}
+
 /// One line of app output as Beacon serves it: which node, then the line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogEntry {

@@ -238,6 +238,17 @@ pub struct InstanceStatus {
     /// instances are numbered by their place in its report.
     #[serde(default)]
     pub number: u32,
+    /// RFC 3339 time the running process started (none while it is not running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// Memory its process group uses: its cgroup's `memory.current` when it has one, else
+    /// the resident memory of the group's processes. None when it could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPU its process group used since the node's previous measurement, in thousandths of
+    /// one core (1500: one and a half cores). None before a second measurement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_permille: Option<u32>,
 }
 
 impl InstanceStatus {

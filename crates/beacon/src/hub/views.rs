@@ -1,11 +1,46 @@
-//! What the HTTP API and the status page read from the hub: nodes, apps, repositories and an
-//! app's rollouts, each a copy taken under the lock.
+//! What the HTTP API and the status page read from the hub: nodes, apps, repositories, an
+//! app's rollouts and its processes (`em ps`), each a copy taken under the lock.
 
 use px_proto::beacon::{self, NodeHealth, RolloutRecord, RolloutState};
 
 use super::Hub;
 
 impl Hub {
+    /// Every process of `app` in the nodes' latest reports (lost nodes left out), web first,
+    /// then by type, number and node; `None` when the app is not deployed.
+    pub fn app_processes(&self, app: &str) -> Option<Vec<beacon::AppProcess>> {
+        let state = self.lock();
+        if !state.desired.contains_key(app) {
+            return None;
+        }
+        let mut rows: Vec<beacon::AppProcess> = state
+            .nodes
+            .iter()
+            .filter(|(_, n)| !n.lost)
+            .flat_map(|(name, n)| {
+                n.report
+                    .instances
+                    .iter()
+                    .filter(|i| i.app == app)
+                    .map(|i| beacon::AppProcess {
+                        node: name.clone(),
+                        status: i.clone(),
+                    })
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            let key = |r: &beacon::AppProcess| {
+                (
+                    !r.status.is_web(),
+                    r.status.process.clone(),
+                    r.status.number,
+                )
+            };
+            key(a).cmp(&key(b)).then_with(|| a.node.cmp(&b.node))
+        });
+        Some(rows)
+    }
+
     pub fn nodes(&self) -> Vec<beacon::Node> {
         let state = self.lock();
         state

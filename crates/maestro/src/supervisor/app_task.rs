@@ -200,6 +200,10 @@ impl AppTask {
                         last_exit: i.last_exit.clone(),
                         process: px_proto::procfile::WEB_PROCESS.to_string(),
                         number: i.number,
+                        started_at: i.is_live().then(|| instance::wall_time(i.started)),
+                        // Measured when the node report is made.
+                        memory_bytes: None,
+                        cpu_permille: None,
                     })
                     .chain(processes::statuses(&self.app, &r.processes))
                     .collect()

@@ -58,6 +58,14 @@ impl Instance {
     }
 }
 
+/// The RFC 3339 time of `at`, a moment of this process's monotonic clock, for reports.
+pub(super) fn wall_time(at: Instant) -> String {
+    let wall = SystemTime::now()
+        .checked_sub(at.elapsed())
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    humantime::format_rfc3339_seconds(wall).to_string()
+}
+
 /// How an instance ended.
 #[derive(Debug, Default)]
 pub(crate) struct Exit {

@@ -22,6 +22,7 @@ mod report;
 mod rollout_watch;
 mod shared;
 mod store;
+mod usage;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -84,6 +85,8 @@ pub(crate) struct Supervisor {
     apps: Mutex<HashMap<String, AppHandle>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// Memory and CPU of the running processes, measured for each report.
+    usage: usage::Meter,
 }
 
 struct AppHandle {
@@ -109,6 +112,7 @@ impl Supervisor {
             apps: Mutex::new(HashMap::new()),
             tracker,
             shutdown,
+            usage: usage::Meter::default(),
         })
     }
 

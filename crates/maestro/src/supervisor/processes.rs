@@ -396,6 +396,9 @@ pub(super) fn statuses<'a>(
             last_exit: slot.last_exit.clone(),
             process: slot.kind.clone(),
             number: slot.number,
+            started_at: slot.live.as_ref().map(|l| instance::wall_time(l.started)),
+            memory_bytes: None,
+            cpu_permille: None,
         }
     })
 }

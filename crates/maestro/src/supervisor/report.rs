@@ -36,15 +36,23 @@ impl Supervisor {
         self.shared.store.layer_fetch_metrics()
     }
 
-    /// The node's full actual state.
+    /// The node's full actual state, with what each running process uses measured now.
     pub fn report(&self) -> NodeReport {
         let statuses = self
             .shared
             .statuses
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let instances = statuses.values().flatten().cloned().collect();
+        let mut instances: Vec<_> = statuses.values().flatten().cloned().collect();
         drop(statuses);
+        let leaders: Vec<u32> = instances.iter().filter_map(|i| i.pid).collect();
+        let usage = self.usage.measure(&leaders);
+        for instance in &mut instances {
+            if let Some(figures) = instance.pid.and_then(|pid| usage.get(&pid)) {
+                instance.memory_bytes = figures.memory_bytes;
+                instance.cpu_permille = figures.cpu_permille;
+            }
+        }
         let rollouts = self
             .shared
             .rollouts
