@@ -169,6 +169,23 @@ pub enum Command {
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
+    /// Show or change how many processes of each type an app runs (no new release)
+    #[command(
+        after_help = "Examples:\n  em scale                      # the formation\n  em scale web=2 worker=3\n  em scale worker=0 --app shop  # stop the workers\n\n`web` counts per web server; every other type counts in total across the cluster.\nTypes not given keep their count. Scaling restarts nothing that keeps running.\nExit status 5 when the platform refuses a count (an unknown type, over a limit)."
+    )]
+    Scale {
+        #[arg(long)]
+        app: Option<String>,
+        /// Counts to set: TYPE=COUNT …
+        #[arg(value_name = "TYPE=COUNT")]
+        pairs: Vec<String>,
+    },
+    /// List an app's processes on every node, with their state, memory and CPU
+    #[command(after_help = "Examples:\n  em ps\n  em ps --app shop --json")]
+    Ps {
+        #[arg(long)]
+        app: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -9,6 +9,7 @@ mod dev;
 mod failure;
 mod init;
 mod run;
+mod processes;
 mod settings;
 mod up;
 
@@ -162,6 +163,14 @@ fn run(cli: Cli) -> failure::Result<()> {
         } => {
             let app = commands::app_name(app)?;
             runtime.block_on(run::run(&commands::client()?, &app, command, detach))
+        }
+        Command::Scale { app, pairs } => {
+            let app = commands::app_name(app)?;
+            runtime.block_on(processes::scale(&commands::client()?, &app, &pairs, json))
+        }
+        Command::Ps { app } => {
+            let app = commands::app_name(app)?;
+            runtime.block_on(processes::ps(&commands::client()?, &app, json))
         }
     }
 }

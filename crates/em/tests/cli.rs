@@ -35,6 +35,8 @@ fn help_texts() {
         ("help-login", vec!["login", "--help"]),
         ("help-init", vec!["init", "--help"]),
         ("help-run", vec!["run", "--help"]),
+        ("help-scale", vec!["scale", "--help"]),
+        ("help-ps", vec!["ps", "--help"]),
     ] {
         let out = em(home.path(), &args);
         assert!(out.status.success(), "{name}");
