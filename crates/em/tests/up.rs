@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use px_proto::beacon::AppProcess;
+
 const BIN: &str = env!("CARGO_BIN_EXE_em");
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -1025,5 +1027,126 @@ async fn a_worker_redeployed_under_load_loses_no_job_and_does_none_twice() {
         logs.contains("v2 worker.1 stdout: worker.1 of v2 takes jobs"),
         "{logs}"
     );
+    stop(up);
+}
+
+/// `em ps --json` of `app` once `want` holds for its rows, by `type.number`.
+async fn wait_ps(
+    env: &Env,
+    app: &str,
+    want: impl Fn(&std::collections::BTreeMap<String, AppProcess>) -> bool,
+) -> std::collections::BTreeMap<String, AppProcess> {
+    let start = Instant::now();
+    loop {
+        let out = env.em(&["ps", "--app", app, "--json"]);
+        let rows: Vec<AppProcess> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let by_name = rows
+            .into_iter()
+            .map(|r| (format!("{}.{}", r.status.process, r.status.number), r))
+            .collect();
+        if want(&by_name) {
+            return by_name;
+        }
+        assert!(start.elapsed() < WAIT, "em ps never showed it: {by_name:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether exactly `names` run, every one of them running.
+fn running_exactly(rows: &std::collections::BTreeMap<String, AppProcess>, names: &[&str]) -> bool {
+    rows.keys().map(String::as_str).eq(names.iter().copied())
+        && rows
+            .values()
+            .all(|r| r.status.state == px_proto::link::InstanceState::Healthy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_a_worker_touches_only_what_changes_and_em_ps_shows_every_process() {
+    let env = Env::new();
+    let up = env.up();
+    let http = reqwest::Client::new();
+    let app = example_copy(&env, "python-worker");
+    let jobs_dir = env.home.path().join("jobs");
+    replace_in(
+        &app.join("app.toml"),
+        "JOBS_DIR = \"/tmp/python-worker-jobs\"",
+        &format!("JOBS_DIR = {:?}", jobs_dir.to_str().unwrap()),
+    );
+    let (code, text) = deploy(&env, &app);
+    assert_eq!(code, Some(0), "{text}");
+    wait_for_path(&http, &env, "python-worker.localhost", "/healthz", "ok").await;
+    let first = wait_ps(&env, "python-worker", |r| {
+        running_exactly(r, &["web.1", "worker.1"])
+    })
+    .await;
+    let web = &first["web.1"].status;
+    assert!(
+        web.started_at.is_some() && web.memory_bytes.is_some(),
+        "{web:?}"
+    );
+
+    // worker=3: two more, and the web instance and worker.1 are the same processes.
+    let out = env.em(&["scale", "worker=3", "--app", "python-worker"]);
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("worker=3  across the cluster (set with em scale)"),
+        "{said}"
+    );
+    let three = wait_ps(&env, "python-worker", |r| {
+        running_exactly(r, &["web.1", "worker.1", "worker.2", "worker.3"])
+    })
+    .await;
+    for kept in ["web.1", "worker.1"] {
+        let (before, now) = (&first[kept].status, &three[kept].status);
+        assert_eq!(
+            (before.pid, &before.started_at),
+            (now.pid, &now.started_at),
+            "{kept}"
+        );
+    }
+    let table =
+        String::from_utf8_lossy(&env.em(&["ps", "--app", "python-worker"]).stdout).to_string();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("worker.3 ") && l.contains(" running ")),
+        "{table}"
+    );
+    // The formation made no release.
+    let releases = String::from_utf8_lossy(&env.em(&["releases", "--app", "python-worker"]).stdout)
+        .to_string();
+    assert!(!releases.contains("v2"), "{releases}");
+
+    // worker=1: worker.2 and worker.3 go, worker.1 and web stay.
+    assert!(
+        env.em(&["scale", "worker=1", "--app", "python-worker"])
+            .status
+            .success()
+    );
+    let one = wait_ps(&env, "python-worker", |r| {
+        running_exactly(r, &["web.1", "worker.1"])
+    })
+    .await;
+    for kept in ["web.1", "worker.1"] {
+        assert_eq!(first[kept].status.pid, one[kept].status.pid, "{kept}");
+    }
+
+    // What the platform refuses, em says and exits 5.
+    for (args, says) in [
+        (["scale", "nosuch=1"], "its types are web, worker"),
+        (
+            ["scale", "worker=1000"],
+            "limit of 100 processes of one type",
+        ),
+    ] {
+        let out = env
+            .command(&[args[0], args[1], "--app", "python-worker"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(5));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+    }
     stop(up);
 }

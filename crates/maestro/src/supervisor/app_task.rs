@@ -200,7 +200,7 @@ impl AppTask {
                         last_exit: i.last_exit.clone(),
                         process: px_proto::procfile::WEB_PROCESS.to_string(),
                         number: i.number,
-                        started_at: i.is_live().then(|| instance::wall_time(i.started)),
+                        started_at: i.is_live().then(|| instance::wall_time(i.started_wall)),
                         // Measured when the node report is made.
                         memory_bytes: None,
                         cpu_permille: None,

@@ -44,6 +44,8 @@ pub(super) struct Instance {
     pub(super) backend: Arc<Backend>,
     pub(super) restarts: u32,
     pub(super) started: Instant,
+    /// When it started, on the wall clock, as reports say it.
+    pub(super) started_wall: SystemTime,
     pub(super) last_exit: Option<ExitInfo>,
     /// Resolves when the process ends: its exit status, and why Maestro ended it, if it did.
     exited: tokio::sync::oneshot::Receiver<Exit>,
@@ -58,12 +60,9 @@ impl Instance {
     }
 }
 
-/// The RFC 3339 time of `at`, a moment of this process's monotonic clock, for reports.
-pub(super) fn wall_time(at: Instant) -> String {
-    let wall = SystemTime::now()
-        .checked_sub(at.elapsed())
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    humantime::format_rfc3339_seconds(wall).to_string()
+/// The RFC 3339 time of `at`, for reports.
+pub(super) fn wall_time(at: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 /// How an instance ended.
@@ -215,6 +214,7 @@ fn hand_to_waiter(
         ),
         restarts: 0,
         started: Instant::now(),
+        started_wall: SystemTime::now(),
         last_exit: None,
         exited: waiter.exited,
         stop: Some(waiter.stop),

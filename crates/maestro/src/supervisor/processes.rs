@@ -34,6 +34,8 @@ struct Live {
     pid: u32,
     port: Option<u16>,
     started: Instant,
+    /// When it started, on the wall clock, as reports say it.
+    started_wall: std::time::SystemTime,
     /// Resolves when the process has ended.
     exited: oneshot::Receiver<Exit>,
     /// Asks the waiter to stop it (SIGTERM, this grace, SIGKILL).
@@ -246,6 +248,7 @@ fn start(
         pid,
         port,
         started: Instant::now(),
+        started_wall: std::time::SystemTime::now(),
         exited: waiter.exited,
         stop: waiter.stop,
     });
@@ -396,7 +399,10 @@ pub(super) fn statuses<'a>(
             last_exit: slot.last_exit.clone(),
             process: slot.kind.clone(),
             number: slot.number,
-            started_at: slot.live.as_ref().map(|l| instance::wall_time(l.started)),
+            started_at: slot
+                .live
+                .as_ref()
+                .map(|l| instance::wall_time(l.started_wall)),
             memory_bytes: None,
             cpu_permille: None,
         }
