@@ -81,14 +81,27 @@ async fn committed_releases_reach_beacon_over_tls() {
             other => panic!("unexpected {other:?}"),
         }
     };
-    assert_eq!(
-        notice,
-        ReleaseCommitted {
-            app: "hello".into(),
-            version: release.version,
-            bundle_sha256: release.bundle.sha256
+    let expected = ReleaseCommitted {
+        app: "hello".into(),
+        version: release.version,
+        bundle_sha256: release.bundle.sha256,
+    };
+    assert_eq!(notice, expected);
+
+    // Scaling makes no release, but Beacon hears of it at once the same way, and rereads.
+    let scaled = repo.scale("hello", serde_json::json!({"web": 2})).await;
+    assert_eq!(scaled.status(), reqwest::StatusCode::OK);
+    let notice = loop {
+        match tokio::time::timeout(Duration::from_secs(10), link.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(ToBeacon::ReleaseCommitted(n))) => break n,
+            Some(Ok(ToBeacon::Heartbeat(_))) => continue,
+            other => panic!("unexpected {other:?}"),
         }
-    );
+    };
+    assert_eq!(notice, expected);
     repo.stop().await;
 }
 

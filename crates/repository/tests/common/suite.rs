@@ -749,6 +749,13 @@ pub async fn formation(repo: &Repo) {
         "nothing to scale",
     )
     .await;
+    let many: serde_json::Map<String, serde_json::Value> =
+        (0..40).map(|n| (format!("t{n}"), 1.into())).collect();
+    refused(
+        repo.scale("shop", serde_json::Value::Object(many)).await,
+        "at most 33 process types per change",
+    )
+    .await;
     let read_only = repo
         .http
         .put(format!("{}/v1/apps/shop/formation", repo.url))
