@@ -431,6 +431,7 @@ MODULE_ORDER = (
     "test_deploy_cycle",
     "test_isolation",
     "test_recovery",
+    "test_processes",
     "test_builds",
 )
 
