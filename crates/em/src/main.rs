@@ -8,8 +8,8 @@ mod deploy;
 mod dev;
 mod failure;
 mod init;
-mod run;
 mod processes;
+mod run;
 mod settings;
 mod up;
 
