@@ -315,6 +315,7 @@ pub(crate) mod tests {
             created_at: "2026-11-25T00:00:00Z".into(),
             created_by: "ci".into(),
             build: None,
+            phase: None,
         }
     }
 

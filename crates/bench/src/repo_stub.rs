@@ -85,6 +85,7 @@ impl RepoStub {
             created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             created_by: "beacon-loadgen".into(),
             build: None,
+            phase: None,
         };
         *self
             .state

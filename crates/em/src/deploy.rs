@@ -130,10 +130,10 @@ fn superseded(message: &str) -> Failure {
 
 /// What apprepo made of an upload.
 enum Uploaded {
-    /// The upload is the release.
-    Release(Release),
+    /// The upload is the release. Both are boxed: they are large and of different sizes.
+    Release(Box<Release>),
     /// The upload waits for a build, which makes the release.
-    Build(Build),
+    Build(Box<Build>),
 }
 
 pub async fn deploy(client: &Client, options: Options<'_>) -> Result<()> {
@@ -248,7 +248,7 @@ pub async fn deploy(client: &Client, options: Options<'_>) -> Result<()> {
                     summary.entries
                 );
             }
-            (release, None, Vec::new(), times)
+            (*release, None, Vec::new(), times)
         }
         Uploaded::Build(build) => {
             if !options.json {
@@ -384,11 +384,11 @@ async fn upload(
             .json()
             .await
             .map_err(|e| Failure::failed(format!("unexpected answer from {remote}: {e}")))?;
-        return Ok(Uploaded::Build(queued.build));
+        return Ok(Uploaded::Build(Box::new(queued.build)));
     }
     crate::client::decode(remote, Ok(response))
         .await
-        .map(Uploaded::Release)
+        .map(|release| Uploaded::Release(Box::new(release)))
 }
 
 /// Follows one build: its output, its events, and apprepo's record of it.

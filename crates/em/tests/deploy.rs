@@ -119,6 +119,7 @@ impl Repo {
                 runtime: None,
                 commands: Vec::new(),
             }),
+            phase: None,
         };
         releases.push(release.clone());
         release

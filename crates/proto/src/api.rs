@@ -85,6 +85,78 @@ pub struct Release {
     /// Absent for a release that is its upload, run as it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<BuildOutput>,
+    /// The release phase the release runs before it goes live (a deploy whose manifest names
+    /// one); absent for a release that has none, and for config changes and rollbacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<ReleasePhase>,
+}
+
+/// A release's release phase (docs/src/design/processes.md, "The release phase").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleasePhase {
+    /// The shell command, as the resolved manifest has it.
+    pub command: String,
+    /// How long it may run, in seconds.
+    pub timeout_secs: u64,
+    /// How far it got.
+    pub state: PhaseState,
+}
+
+impl ReleasePhase {
+    /// Whether the phase has ended one way or another.
+    pub fn ended(&self) -> bool {
+        !matches!(self.state, PhaseState::Pending | PhaseState::Running { .. })
+    }
+}
+
+/// Where a release phase stands. A release is current only once its phase succeeded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum PhaseState {
+    /// Committed; no node claimed it yet.
+    Pending,
+    /// Claimed by `node`, which runs it.
+    Running { node: String, claimed_at: String },
+    /// It exited 0: the release may go live.
+    Succeeded,
+    /// It failed, timed out or was interrupted; the release never goes live.
+    Failed { reason: String },
+    /// A newer release came before any node claimed it; it never runs.
+    Superseded { by: String },
+}
+
+/// Body of `POST /v1/apps/{app}/releases/{version}/phase/claim`, from the node that would run
+/// the phase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseClaim {
+    /// The node's name.
+    pub node: String,
+    /// Unique per claiming process run: a retry of the same claim (its answer was lost) wins
+    /// again, while a restarted node, or another one, is refused.
+    pub attempt: String,
+}
+
+/// How a release phase ended, as the node that ran it (or found it abandoned) reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum PhaseOutcome {
+    /// The command exited 0.
+    Succeeded,
+    /// It exited non-zero, was killed at its timeout, or its run was interrupted; `reason` is
+    /// one sentence, the log holds the rest.
+    Failed { reason: String },
+}
+
+/// Body of `POST /v1/apps/{app}/releases/{version}/phase/end`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseEnded {
+    /// The claim's `attempt`; only the claimant may report a success.
+    pub attempt: String,
+    pub outcome: PhaseOutcome,
+    /// The phase's output, its last `MAX_BUILD_LOG_BYTES` at most.
+    pub log: String,
 }
 
 impl Release {

@@ -360,6 +360,14 @@ pub fn check_scale(manifest: &AppManifest, change: &BTreeMap<String, u32>) -> Re
     Ok(())
 }
 
+/// The release phase a release's resolved manifest names: its command and its time limit, or
+/// `None` when it has no `release:` line and no `[processes.release] command`.
+pub fn release_phase(manifest: &AppManifest) -> Option<(&str, Duration)> {
+    let settings = manifest.processes.get(RELEASE_PHASE)?;
+    let command = settings.command.as_deref()?;
+    Some((command, settings.release_timeout()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

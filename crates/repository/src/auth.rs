@@ -10,9 +10,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 use crate::http::AppState;
 
-/// What a token may do. `Deploy` and `Build` each include everything `Read` may, and nothing
-/// of each other: a builder (a node that runs builds) cannot deploy, and a deploy token cannot
-/// pass off layers as a build's output.
+/// What a token may do. `Deploy`, `Build` and `Release` each include everything `Read` may,
+/// and nothing of each other (but `Build` includes `Release`): a builder (a node that runs
+/// builds) cannot deploy, a deploy token cannot pass off layers as a build's output, and
+/// neither can a deploy token report a release phase it never ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -20,14 +21,17 @@ pub enum Role {
     Read,
     /// Also create apps, upload bundles, change config and roll back.
     Deploy,
-    /// Also upload layers, and finish or fail builds: what a node that may build needs.
+    /// Also upload layers, and finish or fail builds: what a node that may build needs. It
+    /// includes `release`: a node trusted with builds runs release phases too.
     Build,
+    /// Also claim and end release phases: what a node that runs them needs (a web server).
+    Release,
 }
 
 impl Role {
     /// Whether a token of this role may do what needs `needed`.
     pub fn allows(self, needed: Role) -> bool {
-        self == needed || needed == Role::Read
+        self == needed || needed == Role::Read || (self == Role::Build && needed == Role::Release)
     }
 
     /// The role's name, as in the tokens file.
@@ -36,6 +40,7 @@ impl Role {
             Role::Read => "read",
             Role::Deploy => "deploy",
             Role::Build => "build",
+            Role::Release => "release",
         }
     }
 }
@@ -132,6 +137,15 @@ mod tests {
             (Role::Build, Role::Read, true),
             (Role::Build, Role::Build, true),
             (Role::Build, Role::Deploy, false),
+            // A build node runs release phases too; a web server's release token does
+            // nothing else, and a deploy token cannot report a phase it never ran.
+            (Role::Build, Role::Release, true),
+            (Role::Release, Role::Read, true),
+            (Role::Release, Role::Release, true),
+            (Role::Release, Role::Build, false),
+            (Role::Release, Role::Deploy, false),
+            (Role::Deploy, Role::Release, false),
+            (Role::Read, Role::Release, false),
         ];
         for (role, needed, allowed) in cases {
             assert_eq!(role.allows(needed), allowed, "{role:?} for {needed:?}");

@@ -12,6 +12,7 @@ pub(crate) mod formation;
 pub(crate) mod http;
 pub(crate) mod metrics;
 pub(crate) mod notify;
+pub(crate) mod phases;
 pub(crate) mod releases;
 pub(crate) mod retention;
 pub(crate) mod rollback;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use px_proto::api::{App, BundleRef, Release, ReleaseCause};
+use px_proto::api::{App, BundleRef, Release, ReleaseCause, ReleasePhase};
 use px_proto::build::BuildOutput;
 use px_proto::manifest::AppManifest;
 use serde::{Deserialize, Serialize};
@@ -65,6 +65,9 @@ pub struct Draft {
     /// The layers of a built release: a finished build's output, or the one a config change or
     /// rollback copies from the release it starts from, so that neither ever rebuilds.
     pub build: Option<BuildOutput>,
+    /// The release phase it runs before it goes live: a deploy's, from its manifest
+    /// ([`crate::phases::pending_phase`]); never a config change's or a rollback's.
+    pub phase: Option<ReleasePhase>,
 }
 
 /// One async mutex per app, so that work on one app (taking a number) goes one at a time
@@ -86,10 +89,13 @@ impl AppLocks {
 }
 
 /// An app as a commit attempt starts from: its pointer record, that record's version (for the
-/// compare-and-swap), and the newest committed release.
+/// compare-and-swap), the newest committed release (the next number follows it) and the
+/// release that serves (a new one starts from it). The two differ while a release phase is
+/// pending, or after one failed.
 pub(crate) struct Head {
     record: AppRecord,
     pointer_version: String,
+    pub(crate) newest: u64,
     pub(crate) current: Option<Release>,
 }
 
@@ -280,7 +286,8 @@ impl Releases {
     /// Deletes one release record; only retention calls this, and never for a record the
     /// forward probe needs.
     pub(crate) async fn delete_release(&self, app: &str, version: u64) -> Result<(), ApiError> {
-        Ok(self.count_storage_error(self.storage.delete(&release_key(app, version)).await)?)
+        self.count_storage_error(self.storage.delete(&release_key(app, version)).await)?;
+        self.delete_phase(app, version).await
     }
 
     pub(crate) async fn release_at(
@@ -290,11 +297,39 @@ impl Releases {
     ) -> Result<Option<Release>, ApiError> {
         let key = release_key(app, version);
         match self.count_storage_error(self.storage.read(&key).await)? {
-            Some(stored) => Ok(Some(
-                serde_json::from_slice(&stored.bytes).map_err(|e| corrupt(&key, e))?,
-            )),
+            Some(stored) => {
+                let mut release: Release =
+                    serde_json::from_slice(&stored.bytes).map_err(|e| corrupt(&key, e))?;
+                self.fill_phase_state(&mut release).await?;
+                Ok(Some(release))
+            }
             None => Ok(None),
         }
+    }
+
+    /// The release that serves: the newest at or below `newest` that has no release phase or
+    /// whose phase succeeded. A release whose phase is pending, running or failed never
+    /// serves, so the app keeps its earlier release.
+    pub(crate) async fn live(
+        &self,
+        app: &str,
+        newest: Option<Release>,
+    ) -> Result<Option<Release>, ApiError> {
+        let Some(newest) = newest else {
+            return Ok(None);
+        };
+        if crate::phases::may_serve(&newest) {
+            return Ok(Some(newest));
+        }
+        for version in (1..newest.version).rev() {
+            // Retention never collects the release that serves, so a gap is only an older one.
+            if let Some(release) = self.release_at(app, version).await?
+                && crate::phases::may_serve(&release)
+            {
+                return Ok(Some(release));
+            }
+        }
+        Ok(None)
     }
 
     /// The newest committed release, probing forward from the pointer.
@@ -317,7 +352,8 @@ impl Releases {
 
     pub async fn app(&self, app: &str) -> Result<App, ApiError> {
         let (record, _) = self.record(app).await?;
-        let current = self.newest(app, record.latest).await?;
+        let newest = self.newest(app, record.latest).await?;
+        let current = self.live(app, newest).await?;
         let formation = self.explicit_formation(app).await?;
         Ok(App {
             name: record.name,
@@ -432,10 +468,13 @@ impl Releases {
     /// Where a commit attempt starts: the app's pointer and its newest release.
     pub(crate) async fn head(&self, app: &str) -> Result<Head, ApiError> {
         let (record, pointer_version) = self.record(app).await?;
-        let current = self.newest(app, record.latest).await?;
+        let newest = self.newest(app, record.latest).await?;
+        let newest_version = newest.as_ref().map_or(0, |r| r.version);
+        let current = self.live(app, newest).await?;
         Ok(Head {
             record,
             pointer_version,
+            newest: newest_version,
             current,
         })
     }
@@ -452,9 +491,10 @@ impl Releases {
         let Head {
             mut record,
             pointer_version,
-            current,
+            newest,
+            current: _,
         } = head;
-        let number = current.as_ref().map_or(0, |r| r.version) + 1;
+        let number = newest + 1;
         let release = Release {
             app: app.into(),
             version: number,
@@ -466,6 +506,7 @@ impl Releases {
             created_at: now_rfc3339(),
             created_by: by.into(),
             build: parts.build,
+            phase: parts.phase,
         };
         let bytes =
             serde_json::to_vec_pretty(&release).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -508,7 +549,9 @@ impl Releases {
                 tracing::warn!(%app, error = %e, "release committed but pointer not advanced; readers probe forward")
             }
         }
-        tracing::info!(%app, version = number, bundle = %release.bundle.sha256, by, "release committed");
+        tracing::info!(%app, version = number, bundle = %release.bundle.sha256, by, phase = release.phase.is_some(), "release committed");
+        // A newer release: the unclaimed phases below it can never serve.
+        self.supersede_phases_below(app, number).await;
         Ok(Some(release))
     }
 }

@@ -213,7 +213,9 @@ async fn collect_app_releases(
     let Some(&newest_record) = versions.last() else {
         return Ok(());
     };
-    let current = releases.newest(app, pointer).await?;
+    let newest = releases.newest(app, pointer).await?;
+    // The release that serves, which may be below releases whose phase failed or is pending.
+    let current = releases.live(app, newest).await?;
     let mut protected = BTreeSet::from([newest_record]);
     if let Some(current) = &current {
         protected.insert(current.version);
@@ -546,6 +548,7 @@ mod tests {
             cause: ReleaseCause::Deploy,
             description: "deploy".into(),
             build: None,
+            phase: None,
         }
     }
 

@@ -54,6 +54,11 @@ pub async fn commit(
         )));
     }
     let target = releases.release(app, target_version).await?;
+    if !crate::phases::may_serve(&target) {
+        return Err(ApiError::Conflict(format!(
+            "v{target_version} of {app:?} never served: its release phase did not succeed; roll back to a release that served"
+        )));
+    }
     let description = match request.reason {
         Some(reason) => format!("rollback to v{}: {reason}", target.version),
         None => format!("rollback to v{}", target.version),
@@ -71,6 +76,9 @@ pub async fn commit(
                 config: target.config.clone(),
                 // A built release comes back with its layers: a rollback never rebuilds.
                 build: target.build.clone(),
+                // Running the target's migrations again would be running old ones over a
+                // newer schema; a rollback restores code and config only.
+                phase: None,
                 cause: ReleaseCause::Rollback { to: target.version },
                 description: description.clone(),
             })

@@ -146,6 +146,7 @@ impl RepoStub {
             created_at: "2026-11-25T00:00:00Z".into(),
             created_by: "ci".into(),
             build: None,
+            phase: None,
         };
         self.apps.lock().unwrap().insert(app.into(), release);
     }

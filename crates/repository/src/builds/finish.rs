@@ -135,7 +135,7 @@ impl Builds {
         let _serialised = self.releases.lock_app(app).await;
         for _ in 0..MAX_COMMIT_ATTEMPTS {
             let head = self.releases.head(app).await?;
-            let newest = head.current.as_ref().map_or(0, |r| r.version);
+            let newest = head.newest;
             for version in record.base_release + 1..=newest {
                 let Some(release) = self.releases.release_at(app, version).await? else {
                     continue; // Collected by retention: older than what it keeps.
@@ -167,6 +167,7 @@ impl Builds {
                 cause: ReleaseCause::Deploy,
                 description: build.description.clone(),
                 build: Some(output.clone()),
+                phase: crate::phases::pending_phase(&build.manifest),
             };
             // The release is the upload's deploy: made by whoever uploaded it.
             if let Some(release) = self

@@ -113,7 +113,7 @@ pub(crate) fn parse_build_object(name: &str) -> Option<(u64, bool)> {
 }
 
 /// The last `max` bytes of `log` at most, cut at a character boundary.
-fn tail(log: &str, max: usize) -> &str {
+pub(crate) fn tail(log: &str, max: usize) -> &str {
     if log.len() <= max {
         return log;
     }

@@ -4,6 +4,7 @@
 
 mod builds;
 mod layers;
+mod phases;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -169,6 +170,19 @@ pub fn router(state: AppState) -> Router {
             post(builds::fail).layer(DefaultBodyLimit::max(builds::MAX_BUILD_REPORT_BYTES)),
         )
         .route("/v1/builds", get(builds::pending))
+        .route("/v1/phases", get(phases::unended))
+        .route(
+            "/v1/apps/{app}/releases/{version}/phase/claim",
+            post(phases::claim).layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES)),
+        )
+        .route(
+            "/v1/apps/{app}/releases/{version}/phase/end",
+            post(phases::end).layer(DefaultBodyLimit::max(phases::MAX_PHASE_REPORT_BYTES)),
+        )
+        .route(
+            "/v1/apps/{app}/releases/{version}/phase/log",
+            get(phases::log),
+        )
         .route("/v1/bundles/{sha256}", get(download_bundle))
         .route(
             "/v1/layers/{sha256}",
@@ -257,7 +271,7 @@ async fn get_release(
 }
 
 /// Accepts `7` and `v7`.
-fn parse_version(text: &str) -> Result<u64, ApiError> {
+pub(crate) fn parse_version(text: &str) -> Result<u64, ApiError> {
     text.strip_prefix('v').unwrap_or(text).parse().map_err(|_| {
         ApiError::BadRequest(format!("{text:?} is not a release number such as 7 or v7"))
     })
@@ -381,6 +395,7 @@ async fn receive_release(
                 cause: ReleaseCause::Deploy,
                 description: description.clone(),
                 build: None,
+                phase: crate::phases::pending_phase(&info.manifest),
             })
         })
         .await?;
@@ -454,6 +469,8 @@ async fn change_config(
                 manifest: current.manifest.clone(),
                 // A built release keeps its layers: a config change never rebuilds.
                 build: current.build.clone(),
+                // A config change changes no code: there is nothing to migrate.
+                phase: None,
                 config,
                 description: describe_config_change(&set, &change.unset),
                 cause: ReleaseCause::Config {

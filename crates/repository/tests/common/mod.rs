@@ -323,6 +323,7 @@ trait TakeBytes: std::io::Read + Sized {
 }
 impl<R: std::io::Read> TakeBytes for R {}
 pub mod build_suite;
+pub mod phase_suite;
 pub mod suite;
 
 /// The sample app as a Python app to build: it has a `requirements.txt`.
