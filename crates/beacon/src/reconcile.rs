@@ -103,6 +103,12 @@ impl RepositoryClient {
             .unwrap_or_default())
     }
 
+    /// Every release whose phase has not ended, across apps. A repository from before release
+    /// phases answers 404: it has none.
+    pub async fn unended_phases(&self) -> Result<Vec<Release>, String> {
+        Ok(self.get("/v1/phases").await?.unwrap_or_default())
+    }
+
     /// One build with its result; `None` when the repository does not know it.
     pub async fn build(&self, app: &str, number: u64) -> Result<Option<Build>, String> {
         self.get(&format!("/v1/apps/{app}/builds/{number}")).await
@@ -154,7 +160,13 @@ pub async fn run(
                     .await
                     .inspect_err(|error| tracing::warn!(%error, "cannot read the pending builds; keeping the last known ones"))
                     .ok();
+                let phases = client
+                    .unended_phases()
+                    .await
+                    .inspect_err(|error| tracing::warn!(%error, "cannot read the unended release phases; keeping the last known ones"))
+                    .ok();
                 let ended = hub.set_state(desired, formations, builds).await;
+                hub.set_phases(phases).await;
                 if !ended.is_empty() {
                     hub.build_results(client.results(ended).await).await;
                 }

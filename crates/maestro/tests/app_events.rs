@@ -253,6 +253,7 @@ impl Beacon {
                 generation,
                 apps,
                 builds: Vec::new(),
+                phases: Vec::new(),
             }))
             .unwrap();
     }

@@ -74,6 +74,7 @@ async fn after_sigkill_a_restarted_maestro_leaves_nothing_stale_and_serves_again
         generation: 3,
         apps: vec![bundles.python_app("hello", 1, "hi", "")],
         builds: Vec::new(),
+        phases: Vec::new(),
     };
     px_maestro::internals::save_assignment(&state_dir, &assignment).unwrap();
 

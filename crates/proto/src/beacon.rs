@@ -65,6 +65,12 @@ pub enum EventKind {
     RunStarted,
     /// A one-off command ended: its exit status and how long it ran.
     RunFinished,
+    /// A node started a release's release phase.
+    PhaseStarted,
+    /// The release phase succeeded; the release goes live.
+    PhaseSucceeded,
+    /// The release phase failed; the old release keeps serving.
+    PhaseFailed,
 }
 
 impl EventKind {
@@ -73,6 +79,7 @@ impl EventKind {
             EventKind::NodeLost
             | EventKind::CrashLoop
             | EventKind::BuildFailed
+            | EventKind::PhaseFailed
             | EventKind::DeployFailed
             | EventKind::DeployRolledBack => Level::Error,
             EventKind::InstanceCrashed
@@ -96,6 +103,9 @@ impl From<NodeEventKind> for EventKind {
             NodeEventKind::BuildStarted => EventKind::BuildStarted,
             NodeEventKind::BuildFinished => EventKind::BuildFinished,
             NodeEventKind::BuildFailed => EventKind::BuildFailed,
+            NodeEventKind::PhaseStarted => EventKind::PhaseStarted,
+            NodeEventKind::PhaseSucceeded => EventKind::PhaseSucceeded,
+            NodeEventKind::PhaseFailed => EventKind::PhaseFailed,
         }
     }
 }

@@ -311,6 +311,12 @@ pub enum NodeEventKind {
     BuildFinished,
     /// The build failed; nothing changes in what serves.
     BuildFailed,
+    /// The node claimed a release's release phase and started its command.
+    PhaseStarted,
+    /// The release phase exited 0; the release goes live.
+    PhaseSucceeded,
+    /// The release phase failed, timed out or was interrupted; the old release keeps serving.
+    PhaseFailed,
 }
 
 /// Most log lines in one `Logs` frame; Maestro batches lines and sends at most this many.
@@ -446,6 +452,22 @@ pub struct Assignment {
     /// stays here until the repository has its result.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub builds: Vec<BuildOrder>,
+    /// Release phases this node should run (docs/src/design/processes.md): each stays here
+    /// until the repository has its end, and the node runs it once, after claiming it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseOrder>,
+}
+
+/// A release phase Beacon asks a node to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseOrder {
+    /// The release, as the node prepares it for its instances (its files, its environment);
+    /// no instance of it starts from this order.
+    pub release: AppAssignment,
+    /// The release phase's shell command.
+    pub command: String,
+    /// How long it may run, in seconds.
+    pub timeout_secs: u64,
 }
 
 /// One app as a node should run it.

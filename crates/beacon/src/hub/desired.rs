@@ -29,6 +29,7 @@ fn fingerprint(state: &State) -> Vec<String> {
     fingerprint.extend(super::builds::placement_fingerprint(&state.builds));
     fingerprint.extend(super::processes::fingerprint(&state.processes));
     fingerprint.extend(super::processes::web_fingerprint(state));
+    fingerprint.extend(super::release_phases::fingerprint(&state.phases));
     fingerprint
 }
 
@@ -56,6 +57,7 @@ impl Hub {
             generation: state.persisted.generation,
             apps: self.apps_for(state, node, fit),
             builds: self.build_orders(state, node),
+            phases: self.phase_orders(state, node),
         })
     }
 
@@ -93,7 +95,7 @@ impl Hub {
     }
 
     /// The assignment of `release`, with the web count of its `formation` when one is set.
-    fn app_assignment(
+    pub(super) fn app_assignment(
         &self,
         release: &Release,
         formation: Option<&BTreeMap<String, u32>>,
@@ -232,7 +234,10 @@ impl Hub {
     /// whether one did.
     pub(super) fn replace_builds(&self, state: &mut State, effects: &mut Vec<Effect>) -> bool {
         // Both are placed: `|`, not `||`.
-        let moved = self.place_builds(state, effects) | self.place_processes(state);
+        let phases_before = super::release_phases::fingerprint(&state.phases);
+        self.place_phases(state);
+        let phases_moved = phases_before != super::release_phases::fingerprint(&state.phases);
+        let moved = self.place_builds(state, effects) | self.place_processes(state) | phases_moved;
         if moved {
             Self::renumber(state);
         }
@@ -417,6 +422,7 @@ impl Hub {
                 generation,
                 apps: self.apps_for(state, "", &Fit::BARE),
                 builds: Vec::new(),
+                phases: Vec::new(),
             })
         });
         for (name, node) in &state.nodes {
@@ -424,9 +430,12 @@ impl Hub {
                 continue;
             }
             let builds = self.build_orders(state, name);
+            let phases = self.phase_orders(state, name);
             let runs_processes = Self::processes_on(state, &|n| n == name);
             let assignment = match &shared {
-                Some(shared) if builds.is_empty() && !runs_processes => shared.clone(),
+                Some(shared) if builds.is_empty() && phases.is_empty() && !runs_processes => {
+                    shared.clone()
+                }
                 Some(shared) => {
                     let mut apps = shared.apps.clone();
                     Self::add_processes(state, name, &mut apps);
@@ -434,12 +443,14 @@ impl Hub {
                         generation,
                         apps,
                         builds,
+                        phases,
                     })
                 }
                 None => Arc::new(Assignment {
                     generation,
                     apps: self.apps_for(state, name, &node.fit()),
                     builds,
+                    phases,
                 }),
             };
             node.assign_tx.send_replace(Some(assignment));

@@ -23,6 +23,7 @@ mod desired;
 mod nodes;
 mod persist;
 mod processes;
+mod release_phases;
 mod repositories;
 mod rollouts;
 mod runs;
@@ -80,7 +81,7 @@ struct NodeEntry {
 }
 
 impl NodeEntry {
-    fn fit(&self) -> Fit<'_> {
+    pub(super) fn fit(&self) -> Fit<'_> {
         Fit {
             labels: &self.labels,
             runtimes: &self.runtimes,
@@ -157,6 +158,12 @@ struct State {
     announced: builds::Announced,
     /// Where each process of a non-web type runs (from the persisted generation at start-up).
     processes: ProcessPlacement,
+    /// The releases whose phase has not ended, each with the node that runs it.
+    phases: BTreeMap<release_phases::PhaseKey, release_phases::PhaseEntry>,
+    /// Whether the unended phases have been read since start-up.
+    phases_known: bool,
+    /// Where phases ran before a restart (from the persisted generation), for the first read.
+    phase_hints: BTreeMap<release_phases::PhaseKey, String>,
 }
 
 /// An event to record after the lock is released, maybe with an alert.
@@ -242,6 +249,7 @@ impl Hub {
         let (store, persisted, history) = persist::Store::open(&settings.data_dir)?;
         let placement_hints = builds::placements_in(&persisted.desired);
         let processes = processes::placed_in(&persisted.desired);
+        let phase_hints = release_phases::placements_in(&persisted.desired);
         Ok(Self {
             rollback_orders: watch::channel(Arc::new(Vec::new())).0,
             state: Mutex::new(State {
@@ -266,6 +274,9 @@ impl Hub {
                 returning_over: false,
                 announced: builds::Announced::default(),
                 processes,
+                phases: BTreeMap::new(),
+                phases_known: false,
+                phase_hints,
             }),
             publishing: tokio::sync::Mutex::new(()),
             store,

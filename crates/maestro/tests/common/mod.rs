@@ -219,6 +219,7 @@ pub async fn assign(link: &mut BeaconLink, generation: u64, apps: Vec<AppAssignm
         generation,
         apps,
         builds: Vec::new(),
+        phases: Vec::new(),
     }))
     .await
     .unwrap();
