@@ -57,7 +57,7 @@ in
             default = null;
             description = ''
               A TOML file of `[[token]]` entries (`name`, `role`, `sha256`): hashes only, so it
-              may be in the store. `apprepo token-new --name NAME --role deploy|read|build` prints a
+              may be in the store. `apprepo token-new --name NAME --role deploy|read|build|release` prints a
               token and its entry.
             '';
           };

@@ -300,7 +300,7 @@ in
 
     credentials = {
       linkToken = common.secretPath "This node's `maestro` token for its link to Beacon (`settings.beacon`).";
-      repositoryToken = common.secretPath "A `read` token for apprepo, to download bundles (a node that builds takes `buildToken` instead).";
+      repositoryToken = common.secretPath "A `release` token for apprepo, to download bundles and run release phases (a node that builds takes `buildToken` instead).";
       buildToken = common.secretPath "A `build` token for apprepo, on a node with `build.enable`: it downloads bundles as a `read` token does, and uploads the layers of builds and finishes them.";
     };
 

@@ -50,9 +50,9 @@ const EARLY_EVENTS: usize = 1000;
 /// Upload chunk size.
 const CHUNK: usize = 256 * 1024;
 /// Marks `em deploy`'s own steps in a build's output, as Heroku does.
-const STEP: &str = "----->";
+pub(crate) const STEP: &str = "----->";
 /// Indents the build's output under the steps.
-const OUTPUT_INDENT: &str = "       ";
+pub(crate) const OUTPUT_INDENT: &str = "       ";
 
 pub struct Options<'a> {
     pub dir: &'a Path,
@@ -119,7 +119,7 @@ fn mib(bytes: u64) -> f64 {
 }
 
 /// The failure of a deploy that a newer one superseded, from Beacon's sentence naming it.
-fn superseded(message: &str) -> Failure {
+pub(crate) fn superseded(message: &str) -> Failure {
     Failure::new(
         EXIT_SUPERSEDED,
         format!(
@@ -308,6 +308,14 @@ pub async fn deploy(client: &Client, options: Options<'_>) -> Result<()> {
         );
         return Ok(());
     };
+    // A release with a release phase goes live only once the phase succeeded.
+    let mut early = early;
+    if let Some(phase) = release.phase.as_ref().filter(|p| !p.ended()) {
+        let timeout = Duration::from_secs(phase.timeout_secs);
+        let mut watch =
+            crate::release_phase::PhaseWatch::open(client, &app, &release, options.json).await;
+        watch.follow(&mut events, &mut early, timeout).await?;
+    }
     let budget = manifest.health.timeout + ROLLOUT_SLACK;
     let deploy = &release.manifest.deploy;
     let watch = deploy.max_error_rate.map(|rate| {
@@ -570,7 +578,7 @@ impl BuildWatch<'_> {
 }
 
 /// The next line of the build's output; never, once the stream is gone.
-async fn next_line(output: &mut Option<Feed<LogEntry>>) -> Option<LogEntry> {
+pub(crate) async fn next_line(output: &mut Option<Feed<LogEntry>>) -> Option<LogEntry> {
     let Some(feed) = output else {
         return std::future::pending().await;
     };
@@ -584,7 +592,7 @@ async fn next_line(output: &mut Option<Feed<LogEntry>>) -> Option<LogEntry> {
 }
 
 /// The last `n` lines of `text` that are not blank.
-fn last_lines(text: &str, n: usize) -> Vec<String> {
+pub(crate) fn last_lines(text: &str, n: usize) -> Vec<String> {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..]
         .iter()

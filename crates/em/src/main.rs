@@ -9,6 +9,7 @@ mod dev;
 mod failure;
 mod init;
 mod processes;
+mod release_phase;
 mod run;
 mod settings;
 mod up;

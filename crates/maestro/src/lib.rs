@@ -8,6 +8,7 @@
 
 mod app_events;
 mod builds;
+mod delivery;
 mod limits;
 pub mod local;
 mod logs;

@@ -15,13 +15,11 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use px_build::{BuildError, BuildRequest, BuilderSettings, Built};
-use px_proto::api::{ErrorBody, Release};
+use px_proto::api::Release;
 use px_proto::build::{
     BuildFailed, BuildFinished, BuildOrder, BuildOutput, BuildProgress, BuildStatus, LayerRef,
-    MAX_BUILD_LOG_BYTES,
 };
 use px_proto::link::{NodeEvent, NodeEventKind};
 use tokio::sync::{Notify, mpsc};
@@ -30,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{BuildConfig, DEFAULT_CACHE_SUBDIR, DEFAULT_TOOLS_SUBDIR, SandboxConfig};
+use crate::delivery::{Attempt, LogTail, authorized, message_of, with_retries};
 use crate::logs::AppLogs;
 use crate::supervisor::{Fetch, MAX_BUNDLE_BYTES, fetch};
 
@@ -48,14 +47,6 @@ pub(crate) const MAX_QUEUED_BUILDS: usize = 64;
 pub(crate) const FAILED_BUILD_LINES: usize = 20;
 /// Longest failure reason sent to apprepo, in characters: its own limit for one sentence.
 pub(crate) const MAX_FAIL_REASON_CHARS: usize = 1000;
-/// Tries at each call to apprepo after a build (uploads, finish, fail): enough to ride out a
-/// repository restart, bounded so an unreachable repository does not hold the build slot.
-pub(crate) const DELIVERY_ATTEMPTS: u32 = 5;
-/// Backoff between those tries: about 1, 2, 4 and 8 s, so they span a restart's seconds.
-const DELIVERY_BACKOFF: Duration = Duration::from_secs(1);
-/// The longest wait between two tries, should `DELIVERY_ATTEMPTS` grow: half a minute, the
-/// same order as a service's restart.
-const DELIVERY_BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// Directory of the builds in progress, in `state_dir`: emptied at start, each build's part
 /// removed when it ends.
 pub(crate) const BUILDS_DIR: &str = "builds";
@@ -552,11 +543,13 @@ impl Ctx {
             "{repository}/v1/apps/{}/builds/{}/finish",
             order.app, order.build
         );
-        let answer = self
-            .with_retries("finishing the build", || {
-                self.authorized(self.http.post(&url).json(&finished))
-            })
-            .await;
+        let answer = with_retries("finishing the build", || {
+            authorized(
+                self.settings.repository_token.as_deref(),
+                self.http.post(&url).json(&finished),
+            )
+        })
+        .await;
         match answer {
             Ok((status, body)) if status.is_success() => {
                 match serde_json::from_slice::<Release>(&body) {
@@ -590,32 +583,34 @@ impl Ctx {
         layer: &px_build::BuiltLayer,
     ) -> Result<bool, String> {
         let url = format!("{repository}/v1/layers/{}", layer.sha256);
-        let (status, body) = self
-            .with_retries("asking for a layer", || {
-                self.authorized(self.http.head(&url))
-            })
-            .await?;
+        let (status, body) = with_retries("asking for a layer", || {
+            authorized(
+                self.settings.repository_token.as_deref(),
+                self.http.head(&url),
+            )
+        })
+        .await?;
         match status {
             reqwest::StatusCode::OK => return Ok(false),
             reqwest::StatusCode::NOT_FOUND => {}
             other => return Err(format!("{other}: {}", message_of(&body))),
         }
-        let (status, body) = self
-            .with_retries("uploading a layer", || async {
-                // Streamed from the archive, which is opened again for each try.
-                let file = tokio::fs::File::open(&layer.archive)
-                    .await
-                    .map_err(|e| Attempt::Stop(format!("{}: {e}", layer.archive.display())))?;
-                let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
-                self.authorized(
-                    self.http
-                        .put(&url)
-                        .header(reqwest::header::CONTENT_LENGTH, layer.size)
-                        .body(body),
-                )
+        let (status, body) = with_retries("uploading a layer", || async {
+            // Streamed from the archive, which is opened again for each try.
+            let file = tokio::fs::File::open(&layer.archive)
                 .await
-            })
-            .await?;
+                .map_err(|e| Attempt::Stop(format!("{}: {e}", layer.archive.display())))?;
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+            authorized(
+                self.settings.repository_token.as_deref(),
+                self.http
+                    .put(&url)
+                    .header(reqwest::header::CONTENT_LENGTH, layer.size)
+                    .body(body),
+            )
+            .await
+        })
+        .await?;
         if status.is_success() {
             Ok(true)
         } else {
@@ -634,77 +629,19 @@ impl Ctx {
             "{repository}/v1/apps/{}/builds/{}/fail",
             order.app, order.build
         );
-        let (status, body) = self
-            .with_retries("reporting the failure", || {
-                self.authorized(self.http.post(&url).json(failed))
-            })
-            .await?;
+        let (status, body) = with_retries("reporting the failure", || {
+            authorized(
+                self.settings.repository_token.as_deref(),
+                self.http.post(&url).json(failed),
+            )
+        })
+        .await?;
         if status.is_success() || status == reqwest::StatusCode::CONFLICT {
             Ok(())
         } else {
             Err(format!("{status}: {}", message_of(&body)))
         }
     }
-
-    /// Sends `request` with the repository token; the answer's status and body. Server errors
-    /// and transport failures are worth another try, anything else is the answer.
-    async fn authorized(
-        &self,
-        mut request: reqwest::RequestBuilder,
-    ) -> Result<(reqwest::StatusCode, bytes::Bytes), Attempt> {
-        if let Some(token) = &self.settings.repository_token {
-            request = request.bearer_auth(token);
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| Attempt::Retry(px_runtime::errors::error_chain(&e)))?;
-        let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| Attempt::Retry(px_runtime::errors::error_chain(&e)))?;
-        if status.is_server_error() {
-            return Err(Attempt::Retry(format!("{status}: {}", message_of(&body))));
-        }
-        Ok((status, body))
-    }
-
-    /// Runs `attempt` up to [`DELIVERY_ATTEMPTS`] times with backoff while it asks to retry.
-    async fn with_retries<T, F, Fut>(&self, doing: &str, mut attempt: F) -> Result<T, String>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, Attempt>>,
-    {
-        let mut tries = 0;
-        loop {
-            match attempt().await {
-                Ok(value) => return Ok(value),
-                Err(Attempt::Stop(reason)) => return Err(reason),
-                Err(Attempt::Retry(reason)) => {
-                    tries += 1;
-                    if tries >= DELIVERY_ATTEMPTS {
-                        return Err(format!(
-                            "{doing} failed {tries} times, the last with: {reason}"
-                        ));
-                    }
-                    tracing::warn!(%reason, tries, "{doing} failed; trying again");
-                    tokio::time::sleep(px_runtime::backoff::jittered(
-                        DELIVERY_BACKOFF,
-                        DELIVERY_BACKOFF_CAP,
-                        tries - 1,
-                    ))
-                    .await;
-                }
-            }
-        }
-    }
-}
-
-/// One try at a call to the repository that did not give an answer.
-enum Attempt {
-    Retry(String),
-    Stop(String),
 }
 
 /// The repository the order came from: its source URL without `/v1/bundles/<sha256>`.
@@ -713,14 +650,6 @@ fn repository_of(order: &BuildOrder) -> Option<&str> {
         .source_url
         .strip_suffix(&format!("/v1/bundles/{}", order.source_sha256))
         .filter(|base| base.starts_with("http://") || base.starts_with("https://"))
-}
-
-/// The message of an apprepo error answer, or its body as text.
-fn message_of(body: &[u8]) -> String {
-    match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(error) => error.message,
-        Err(_) => String::from_utf8_lossy(body).trim().to_string(),
-    }
 }
 
 /// Why a build failed, as the one sentence apprepo keeps with it and the event shows: the
@@ -742,54 +671,6 @@ fn one_sentence(text: &str) -> String {
     match first.char_indices().nth(MAX_FAIL_REASON_CHARS) {
         Some((cut, _)) => first[..cut].to_string(),
         None => first.to_string(),
-    }
-}
-
-/// The newest lines of a build's output, at most [`MAX_BUILD_LOG_BYTES`] joined: what apprepo
-/// keeps with the build.
-#[derive(Default)]
-struct LogTail {
-    lines: VecDeque<String>,
-    /// Bytes of `lines` joined with newlines.
-    bytes: usize,
-}
-
-impl LogTail {
-    fn push(&mut self, line: &str) {
-        let mut line = line.to_string();
-        if line.len() > MAX_BUILD_LOG_BYTES {
-            let mut cut = MAX_BUILD_LOG_BYTES;
-            while !line.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            line.truncate(cut);
-        }
-        self.bytes += line.len() + usize::from(!self.lines.is_empty());
-        self.lines.push_back(line);
-        while self.bytes > MAX_BUILD_LOG_BYTES {
-            let Some(oldest) = self.lines.pop_front() else {
-                break;
-            };
-            self.bytes -= oldest.len() + usize::from(!self.lines.is_empty());
-        }
-    }
-
-    fn text(&self) -> String {
-        let mut text = String::with_capacity(self.bytes);
-        for (i, line) in self.lines.iter().enumerate() {
-            if i > 0 {
-                text.push('\n');
-            }
-            text.push_str(line);
-        }
-        text
-    }
-
-    /// The last `n` lines joined.
-    fn last(&self, n: usize) -> String {
-        let skip = self.lines.len().saturating_sub(n);
-        let lines: Vec<&str> = self.lines.iter().skip(skip).map(String::as_str).collect();
-        lines.join("\n")
     }
 }
 

@@ -2,11 +2,13 @@
 //! failures reported once, superseded finishes, builds that leave the assignment.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::routing::{get, head, post};
+use px_proto::api::ErrorBody;
+use px_proto::build::MAX_BUILD_LOG_BYTES;
 use px_proto::link::LogStream;
 
 use super::*;

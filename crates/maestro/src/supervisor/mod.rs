@@ -18,6 +18,7 @@ mod error;
 mod instance;
 mod layers;
 mod processes;
+mod release_phase;
 mod report;
 mod rollout_watch;
 mod shared;
@@ -159,6 +160,13 @@ impl Supervisor {
             .generation
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the release phases of an assignment from Beacon that this Maestro has not run
+    /// yet (never those of the persisted assignment served at start-up: a phase waits for
+    /// Beacon's word that it is still wanted).
+    pub fn apply_phases(&self, orders: &[px_proto::link::PhaseOrder]) {
+        release_phase::apply(&self.shared, orders, &self.tracker, &self.shutdown);
     }
 
     /// Applies a whole assignment: new and changed apps are (re)deployed, missing ones stopped.

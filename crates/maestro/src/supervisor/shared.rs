@@ -97,6 +97,8 @@ pub(super) struct Shared {
     pub(super) runnable: Mutex<BTreeMap<String, super::RunTarget>>,
     /// Bumped whenever an instance changes, so the link reports at once.
     pub(super) changes: watch::Sender<u64>,
+    /// The release phases this run of Maestro took from assignments.
+    pub(super) phases: Mutex<super::release_phase::Taken>,
 }
 
 impl Shared {
@@ -137,6 +139,7 @@ impl Shared {
             builds: Mutex::new(BTreeMap::new()),
             runnable: Mutex::new(BTreeMap::new()),
             changes: watch::channel(0).0,
+            phases: Mutex::default(),
         }
     }
 
