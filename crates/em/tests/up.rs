@@ -1148,5 +1148,105 @@ async fn scaling_a_worker_touches_only_what_changes_and_em_ps_shows_every_proces
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "{err}");
     }
+
+/// Whether process `pid` still exists.
+fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_phase_runs_before_its_release_and_a_failing_or_hanging_one_keeps_the_old() {
+    let env = Env::new();
+    let up = env.up();
+    let http = reqwest::Client::new();
+    let app_dir = env.home.path().join("phased");
+    let app_dir_s = app_dir.to_str().unwrap();
+    assert!(env.em(&["init", app_dir_s]).status.success());
+    assert!(env.em(&["deploy", app_dir_s]).status.success());
+    wait_for(&http, &env.url(), "phased.localhost", "Platform.X").await;
+
+    // A release line: its output shows in `em deploy`, and the release serves after it.
+    std::fs::write(
+        app_dir.join("Procfile"),
+        "web: python3 server.py\nrelease: python3 migrate.py\n",
+    )
+    .unwrap();
+    std::fs::write(
+        app_dir.join("migrate.py"),
+        "print('migrating: applying 0001_initial', flush=True)\nprint('migrating: done')\n",
+    )
+    .unwrap();
+    replace_in(
+        &app_dir.join("app.toml"),
+        "Hello from Platform.X",
+        "Hello from Platform.X, migrated",
+    );
+    let (code, output) = deploy(&env, &app_dir);
+    eprintln!("em deploy with a release phase:\n{output}");
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("release phase of v2"), "{output}");
+    assert!(
+        output.contains("migrating: applying 0001_initial"),
+        "{output}"
+    );
+    assert!(output.contains("migrating: done"), "{output}");
+    assert!(output.contains("release phase of v2 succeeded"), "{output}");
+    assert!(output.contains("phased v2 is live"), "{output}");
+    wait_for(
+        &http,
+        &env.url(),
+        "phased.localhost",
+        "Platform.X, migrated",
+    )
+    .await;
+
+    // A phase that fails: deploy exits 1 with its error, and v2 keeps serving.
+    std::fs::write(
+        app_dir.join("migrate.py"),
+        "print('migrating: applying 0002_broken', flush=True)\nraise RuntimeError('the migration broke: no such column notes.done')\n",
+    )
+    .unwrap();
+    replace_in(
+        &app_dir.join("app.toml"),
+        "Platform.X, migrated",
+        "Platform.X, v3",
+    );
+    let (code, output) = deploy(&env, &app_dir);
+    eprintln!("em deploy with a failing release phase:\n{output}");
+    assert_eq!(code, Some(1), "{output}");
+    assert!(output.contains("no such column notes.done"), "{output}");
+    assert!(output.contains("v2 still serves"), "{output}");
+    let page = body(&http, &env.url(), "phased.localhost").await.unwrap();
+    assert!(page.contains("Platform.X, migrated"), "{page}");
+
+    // A phase that hangs past its timeout is stopped, and deploy names the timeout.
+    let pid_file = env.home.path().join("hanging-phase.pid");
+    std::fs::write(
+        app_dir.join("migrate.py"),
+        format!(
+            "import os, time\nopen({:?}, 'w').write(str(os.getpid()))\nprint('migrating: waiting for a lock', flush=True)\ntime.sleep(600)\n",
+            pid_file.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let manifest = std::fs::read_to_string(app_dir.join("app.toml")).unwrap();
+    std::fs::write(
+        app_dir.join("app.toml"),
+        format!("{manifest}\n[processes.release]\ntimeout = \"3s\"\n"),
+    )
+    .unwrap();
+    let (code, output) = deploy(&env, &app_dir);
+    eprintln!("em deploy with a hanging release phase:\n{output}");
+    assert_eq!(code, Some(1), "{output}");
+    assert!(output.contains("timeout of 3s"), "{output}");
+    assert!(output.contains("v2 still serves"), "{output}");
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(!process_exists(pid), "the hanging phase {pid} is gone");
+    let page = body(&http, &env.url(), "phased.localhost").await.unwrap();
+    assert!(page.contains("Platform.X, migrated"), "{page}");
     stop(up);
 }
