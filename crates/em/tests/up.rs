@@ -803,9 +803,17 @@ async fn apps_with_dependencies_are_built_and_a_code_only_change_reuses_them() {
     let up = env.up();
     let http = reqwest::Client::new();
 
-    // A Django app as its author publishes it: requirements, Procfile, .python-version.
+    // A Django app laid out for Heroku: requirements, .python-version, and a Procfile whose
+    // release phase migrates its database and whose worker processes the notes posted.
     let notes = example_copy(&env, "django-notes");
     let host = "django-notes.localhost";
+    // The test's own database, so no other run of the example shares it.
+    let database = env.home.path().join("notes.sqlite3");
+    replace_in(
+        &notes.join("app.toml"),
+        "/tmp/django-notes.sqlite3",
+        database.to_str().unwrap(),
+    );
     let (code, output) = deploy(&env, &notes);
     eprintln!("em deploy django-notes v1:\n{output}");
     assert_eq!(code, Some(0), "{output}");
@@ -814,7 +822,28 @@ async fn apps_with_dependencies_are_built_and_a_code_only_change_reuses_them() {
         "{output}"
     );
     assert!(output.contains("collectstatic"), "{output}");
-    wait_for_path(&http, &env, host, "/", "Notes from Django").await;
+    // The release phase's migration, shown live before the release went out.
+    assert!(output.contains("release phase of v1"), "{output}");
+    assert!(
+        output.contains("Applying notes.0001_initial... OK"),
+        "{output}"
+    );
+    // The page reads the notes table, which the migration made.
+    wait_for_path(&http, &env, host, "/", "No notes yet").await;
+    // A note posted on the page is processed by the worker.
+    let posted = http
+        .post(env.url())
+        .header("host", host)
+        .form(&[("text", "posted by the test")])
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        posted.status().is_success() || posted.status().is_redirection(),
+        "{}",
+        posted.status()
+    );
+    wait_for_path(&http, &env, host, "/", "processed: 4 words").await;
     wait_for_path(
         &http,
         &env,
@@ -836,6 +865,7 @@ async fn apps_with_dependencies_are_built_and_a_code_only_change_reuses_them() {
     let (code, output) = deploy(&env, &notes);
     eprintln!("em deploy django-notes v2:\n{output}");
     assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("No migrations to apply"), "{output}");
     assert!(output.contains("Dependencies unchanged"), "{output}");
     assert!(!output.contains("Installing dependencies"), "{output}");
     wait_for_path(&http, &env, host, "/", "this second release").await;
@@ -852,6 +882,26 @@ async fn apps_with_dependencies_are_built_and_a_code_only_change_reuses_them() {
         3,
         "v1's layers stay while v1 is kept: {second:?}"
     );
+
+    // A migration that raises fails the release phase: deploy exits 1 with its error, and v2,
+    // with the notes posted, keeps serving.
+    let broken = notes.join("notes/migrations/0002_broken.py");
+    std::fs::write(
+        &broken,
+        "from django.db import migrations\n\n\ndef fail(apps, schema_editor):\n    raise RuntimeError('the notes table is locked by the test')\n\n\nclass Migration(migrations.Migration):\n    dependencies = [('notes', '0001_initial')]\n    operations = [migrations.RunPython(fail)]\n",
+    )
+    .unwrap();
+    let (code, output) = deploy(&env, &notes);
+    eprintln!("em deploy django-notes with a failing migration:\n{output}");
+    assert_eq!(code, Some(1), "{output}");
+    assert!(
+        output.contains("RuntimeError: the notes table is locked by the test"),
+        "{output}"
+    );
+    assert!(output.contains("v2 still serves"), "{output}");
+    wait_for_path(&http, &env, host, "/", "posted by the test").await;
+    wait_for_path(&http, &env, host, "/", "this second release").await;
+    std::fs::remove_file(&broken).unwrap();
 
     // A dependency that does not exist fails the build; deploy says why and v2 keeps serving.
     replace_in(

@@ -1,4 +1,4 @@
-"""Settings of the django-notes site: no database, static files served by whitenoise."""
+"""Settings of the django-notes site: SQLite at DATABASE_PATH, static files served by whitenoise."""
 import os
 from pathlib import Path
 
@@ -33,8 +33,19 @@ TEMPLATES = [
     }
 ]
 
-# A model-free site: no database to set up.
-DATABASES = {}
+# SQLite in a file outside the release, so it survives redeploys: the release phase migrates
+# it, the web and worker processes share it. The default suits `em up` on one machine; on a
+# cluster, every node needs the same database (`em config set DATABASE_PATH=...` to a shared
+# path), or use a database server.
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": os.environ.get("DATABASE_PATH", "/tmp/django-notes.sqlite3"),
+        # The web process and the worker write to the same file.
+        "OPTIONS": {"timeout": 20},
+    }
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"

@@ -40,6 +40,8 @@ pub struct RepoStub {
     pub apps: Arc<Mutex<BTreeMap<String, Release>>>,
     /// Builds by app and number, pending while they have no result.
     pub builds: Arc<Mutex<BTreeMap<(String, u64), Build>>>,
+    /// Releases whose release phase has not ended (`GET /v1/phases`).
+    pub phases: Arc<Mutex<Vec<Release>>>,
     pub down: Arc<std::sync::atomic::AtomicBool>,
     pub requests: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -50,7 +52,15 @@ impl RepoStub {
         let s = stub.clone();
         let pending = stub.builds.clone();
         let builds = stub.builds.clone();
+        let phases = stub.phases.clone();
         let app = axum::Router::new()
+            .route(
+                "/v1/phases",
+                get(move || {
+                    let phases = phases.clone();
+                    async move { axum::Json(phases.lock().unwrap().clone()) }
+                }),
+            )
             .route(
                 "/v1/builds",
                 get(
@@ -149,6 +159,24 @@ impl RepoStub {
             phase: None,
         };
         self.apps.lock().unwrap().insert(app.into(), release);
+    }
+
+    /// Release `version` of `app` waiting for its release phase `command` (the current release
+    /// stays what `release` set).
+    pub fn pending_phase(&self, app: &str, version: u64, command: &str) {
+        let mut release = self.apps.lock().unwrap()[app].clone();
+        release.version = version;
+        release.phase = Some(px_proto::api::ReleasePhase {
+            command: command.into(),
+            timeout_secs: 600,
+            state: px_proto::api::PhaseState::Pending,
+        });
+        self.phases.lock().unwrap().push(release);
+    }
+
+    /// The phases' end: none is unended any more.
+    pub fn end_phases(&self) {
+        self.phases.lock().unwrap().clear();
     }
 
     /// An upload of `app` waiting for build `number`.
