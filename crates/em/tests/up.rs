@@ -1198,10 +1198,18 @@ async fn scaling_a_worker_touches_only_what_changes_and_em_ps_shows_every_proces
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "{err}");
     }
+    stop(up);
+}
 
-/// Whether process `pid` still exists.
+/// Whether process `pid` still runs: it exists and is no zombie (one whose parent died waits
+/// for init to reap it, which some containers' init does late).
 fn process_exists(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command, which is in parentheses.
+    let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+    !state.starts_with('Z')
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1298,5 +1306,109 @@ async fn a_release_phase_runs_before_its_release_and_a_failing_or_hanging_one_ke
     assert!(!process_exists(pid), "the hanging phase {pid} is gone");
     let page = body(&http, &env.url(), "phased.localhost").await.unwrap();
     assert!(page.contains("Platform.X, migrated"), "{page}");
+    stop(up);
+}
+
+/// apprepo's URL and the deploy token, from the config `em up` wrote.
+fn repository_access(env: &Env) -> (String, String) {
+    let text = std::fs::read_to_string(env.home.path().join("config/em/config.toml")).unwrap();
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{key} = ")))
+            .map(|v| v.trim_matches('"').to_string())
+            .unwrap_or_else(|| panic!("no {key} in em's config: {text}"))
+    };
+    (value("remote"), value("token"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_phase_interrupted_by_a_crash_is_failed_and_not_run_again() {
+    let env = Env::new();
+    let up = env.up();
+    let http = reqwest::Client::new();
+    let app_dir = env.home.path().join("phased");
+    let app_dir_s = app_dir.to_str().unwrap();
+    assert!(env.em(&["init", app_dir_s]).status.success());
+    assert!(env.em(&["deploy", app_dir_s]).status.success());
+    wait_for(&http, &env.url(), "phased.localhost", "Platform.X").await;
+
+    // A migration that takes long; each run of it leaves a line in `runs`.
+    let runs = env.home.path().join("phase-runs");
+    let pid_file = env.home.path().join("phase.pid");
+    std::fs::write(
+        app_dir.join("Procfile"),
+        "web: python3 server.py\nrelease: python3 migrate.py\n",
+    )
+    .unwrap();
+    std::fs::write(
+        app_dir.join("migrate.py"),
+        format!(
+            "import os, time\nopen({runs:?}, 'a').write('run\\n')\nopen({pid:?}, 'w').write(str(os.getpid()))\ntime.sleep(600)\n",
+            runs = runs.to_str().unwrap(),
+            pid = pid_file.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut deploying = env
+        .command(&["deploy", app_dir_s])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !pid_file.exists() {
+        assert!(start.elapsed() < WAIT, "the release phase never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid: u32 = loop {
+        if let Ok(pid) = std::fs::read_to_string(&pid_file).unwrap().trim().parse() {
+            break pid;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    // The whole platform dies mid-migration, then comes back.
+    nix_kill(up.id(), "KILL");
+    let _ = deploying.kill();
+    let _ = deploying.wait();
+    let mut up = up;
+    let _ = up.wait();
+    let up = env.up();
+
+    // The restarted node finds its own earlier claim: the phase is failed, not run again, its
+    // process is gone, and v1 keeps serving.
+    let (repo, token) = repository_access(&env);
+    let start = Instant::now();
+    let release = loop {
+        let release: serde_json::Value = http
+            .get(format!("{repo}/v1/apps/phased/releases/2"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if release["phase"]["state"] == "failed" {
+            // `"state": "failed", "reason": ...` beside the phase's command.
+            break release;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the interrupted phase was never failed: {release}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let reason = release["phase"]["reason"].as_str().unwrap();
+    assert!(reason.contains("was interrupted"), "{reason}");
+    assert!(reason.contains("never runs twice"), "{reason}");
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap(),
+        "run\n",
+        "the migration ran once"
+    );
+    assert!(!process_exists(pid), "the interrupted phase {pid} is gone");
+    let page = body(&http, &env.url(), "phased.localhost").await;
+    assert!(page.is_some_and(|p| p.contains("Hello from Platform.X")));
     stop(up);
 }

@@ -270,6 +270,9 @@ pub async fn run_with(
                 "serving the persisted assignment"
             );
             supervisor.apply(&assignment);
+            if checked.link.is_some() {
+                supervisor.apply_phases(&assignment.phases, supervisor::PhaseSource::Persisted);
+            }
         }
         None => tracing::info!("no persisted assignment; waiting for beacon"),
     }

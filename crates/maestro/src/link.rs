@@ -78,7 +78,7 @@ pub fn save_assignment(state_dir: &Path, assignment: &Assignment) -> std::io::Re
 /// wait for Beacon's word that they are still wanted.
 fn apply(supervisor: &Supervisor, builds: &Builds, state_dir: &Path, assignment: &Assignment) {
     builds.apply(&assignment.builds);
-    supervisor.apply_phases(&assignment.phases);
+    supervisor.apply_phases(&assignment.phases, crate::supervisor::PhaseSource::Beacon);
     if assignment.generation == supervisor.generation() && supervisor.generation() != 0 {
         return;
     }

@@ -98,7 +98,8 @@ pub struct ReleasePhase {
     pub command: String,
     /// How long it may run, in seconds.
     pub timeout_secs: u64,
-    /// How far it got.
+    /// How far it got: `"state": "failed", "reason": "..."` beside the other fields.
+    #[serde(flatten)]
     pub state: PhaseState,
 }
 
@@ -213,4 +214,40 @@ pub struct FormationEntry {
 pub struct ErrorBody {
     pub code: String,
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_release_phase_has_a_flat_stable_shape() {
+        let phase = ReleasePhase {
+            command: "./manage.py migrate --no-input".into(),
+            timeout_secs: 600,
+            state: PhaseState::Failed {
+                reason: "exit code 1".into(),
+            },
+        };
+        let json = serde_json::to_value(&phase).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "command": "./manage.py migrate --no-input",
+                "timeout_secs": 600,
+                "state": "failed",
+                "reason": "exit code 1"
+            })
+        );
+        assert_eq!(serde_json::from_value::<ReleasePhase>(json).unwrap(), phase);
+        let running = serde_json::json!({
+            "command": "x", "timeout_secs": 1, "state": "running", "node": "web-1",
+            "claimed_at": "2026-12-06T11:11:53Z"
+        });
+        assert!(matches!(
+            serde_json::from_value::<ReleasePhase>(running).unwrap().state,
+            PhaseState::Running { node, .. } if node == "web-1"
+        ));
+    }
 }

@@ -19,6 +19,7 @@ mod instance;
 mod layers;
 mod processes;
 mod release_phase;
+pub(crate) use release_phase::Source as PhaseSource;
 mod report;
 mod rollout_watch;
 mod shared;
@@ -162,11 +163,15 @@ impl Supervisor {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts the release phases of an assignment from Beacon that this Maestro has not run
-    /// yet (never those of the persisted assignment served at start-up: a phase waits for
-    /// Beacon's word that it is still wanted).
-    pub fn apply_phases(&self, orders: &[px_proto::link::PhaseOrder]) {
-        release_phase::apply(&self.shared, orders, &self.tracker, &self.shutdown);
+    /// Starts the release phases of an assignment that this Maestro has not run yet. Those of
+    /// the assignment persisted before a restart run too (Beacon sends no assignment again for
+    /// a generation the node reports applied), but leave a phase another node claimed since.
+    pub fn apply_phases(
+        &self,
+        orders: &[px_proto::link::PhaseOrder],
+        source: release_phase::Source,
+    ) {
+        release_phase::apply(&self.shared, orders, source, &self.tracker, &self.shutdown);
     }
 
     /// Applies a whole assignment: new and changed apps are (re)deployed, missing ones stopped.

@@ -64,10 +64,22 @@ impl Taken {
     }
 }
 
+/// Where an order came from, which decides what a claim held by another node means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// Beacon's assignment now: a claim held by any other run was abandoned (Beacon moved the
+    /// phase here because its node was lost), and this run fails it.
+    Beacon,
+    /// The assignment persisted before a restart: Beacon may have moved the phase since, so
+    /// only this node's own earlier claim is failed; another node's is left to it.
+    Persisted,
+}
+
 /// Starts a run of every phase of `orders` this Maestro has not taken yet.
 pub(super) fn apply(
     shared: &Arc<Shared>,
     orders: &[PhaseOrder],
+    source: Source,
     tracker: &tokio_util::task::TaskTracker,
     shutdown: &CancellationToken,
 ) {
@@ -75,7 +87,7 @@ pub(super) fn apply(
     for order in orders {
         let key = (order.release.app.clone(), order.release.release);
         if taken.take(key) {
-            tracker.spawn(run(shared.clone(), order.clone(), shutdown.clone()));
+            tracker.spawn(run(shared.clone(), order.clone(), source, shutdown.clone()));
         }
     }
 }
@@ -91,7 +103,7 @@ enum Outcome {
 }
 
 /// Runs one phase from its claim to its reported end.
-async fn run(shared: Arc<Shared>, order: PhaseOrder, shutdown: CancellationToken) {
+async fn run(shared: Arc<Shared>, order: PhaseOrder, source: Source, shutdown: CancellationToken) {
     let app = order.release.app.clone();
     let version = order.release.release;
     let node = shared.settings.node_name.clone();
@@ -120,7 +132,13 @@ async fn run(shared: Arc<Shared>, order: PhaseOrder, shutdown: CancellationToken
                 () = shutdown.cancelled() => Outcome::Stopped,
             }
         }
-        Claimed::Abandoned { holder } => Outcome::Failed {
+        Claimed::Abandoned { holder_node, .. }
+            if source == Source::Persisted && holder_node != node =>
+        {
+            tracing::info!(%app, version, holder = %holder_node, "the release phase is claimed by another node since this one restarted; leaving it to that node");
+            return;
+        }
+        Claimed::Abandoned { holder, .. } => Outcome::Failed {
             reason: format!(
                 "its run on {holder} was interrupted (the node was lost or restarted); a release phase never runs twice, so check what it did (a migration may be half applied), then deploy again"
             ),
@@ -173,7 +191,7 @@ enum Claimed {
     /// This run holds the phase: it runs it.
     Won,
     /// An earlier run holds it and never ended it: this run fails it.
-    Abandoned { holder: String },
+    Abandoned { holder: String, holder_node: String },
     /// The phase ended already, or was superseded: nothing to do.
     Ended,
     /// The repository could not be asked.
@@ -216,6 +234,7 @@ async fn claim(
             match release.and_then(|r| r.phase).map(|p| p.state) {
                 Some(PhaseState::Running { node, claimed_at }) => Claimed::Abandoned {
                     holder: format!("{node} (claimed at {claimed_at})"),
+                    holder_node: node,
                 },
                 Some(_) => Claimed::Ended,
                 None => Claimed::Unreachable("the release's phase could not be read".into()),
