@@ -286,7 +286,12 @@ impl Releases {
             attempt: claim.attempt.clone(),
             claimed_at: now_rfc3339(),
         };
-        match self.claim_phase_as(app, version, wanted).await? {
+        // Claims of this process go one at a time, as commits do: some S3-compatible servers
+        // check `If-None-Match` and then write, so two claims at once could both succeed there.
+        let serialised = self.lock_app(app).await;
+        let held = self.claim_phase_as(app, version, wanted).await?;
+        drop(serialised);
+        match held {
             Claim::Run { attempt, .. } if attempt == claim.attempt => {}
             Claim::Run {
                 node, claimed_at, ..
@@ -354,6 +359,8 @@ impl Releases {
                 }
             }
         }
+        // One end at a time within this process, for the same reason as claims.
+        let _serialised = self.lock_app(app).await;
         // The log first, so a result never stands without the output that explains it.
         self.create_once(
             &log_key(app, version),
