@@ -1,6 +1,7 @@
 import os
 
 import django
+from django.db import DatabaseError
 from django.http import HttpResponse
 from django.shortcuts import redirect, render
 
@@ -23,13 +24,21 @@ def home(request):
         if text:
             Note.objects.create(text=text)
         return redirect("/")
+    try:
+        # Needs the notes table: the release phase created it.
+        notes = list(Note.objects.all()[:SHOWN_NOTES])
+        notes_error = None
+    except DatabaseError as e:
+        # A database this node cannot read (on a cluster, a DATABASE_PATH that is not shared):
+        # the rest of the page still answers, and says what is wrong.
+        notes, notes_error = [], f"the notes cannot be read here: {e}"
     return render(
         request,
         "notes/home.html",
         {
             "about": NOTES,
-            # Needs the notes table: the release phase created it.
-            "notes": Note.objects.all()[:SHOWN_NOTES],
+            "notes": notes,
+            "notes_error": notes_error,
             "release": os.environ.get("PX_RELEASE", "?"),
             "django_version": django.get_version(),
         },

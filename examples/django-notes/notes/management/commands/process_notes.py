@@ -7,12 +7,15 @@ import signal
 import time
 
 from django.core.management.base import BaseCommand
+from django.db import DatabaseError
 from django.utils import timezone
 
 from notes.models import Note
 
 # How long the worker waits when there is nothing to do, in seconds.
 POLL_SECONDS = 0.5
+# How long it waits after the database could not be read (not migrated on this node yet).
+RETRY_SECONDS = 10
 
 
 class Command(BaseCommand):
@@ -29,7 +32,16 @@ class Command(BaseCommand):
         self.stdout.write("process_notes: waiting for notes")
         self.stdout.flush()
         while not stopping:
-            note = Note.objects.filter(processed_at__isnull=True).order_by("created_at").first()
+            try:
+                note = (
+                    Note.objects.filter(processed_at__isnull=True).order_by("created_at").first()
+                )
+            except DatabaseError as e:
+                # On a cluster with a DATABASE_PATH that is not shared, this node's file has no
+                # table; say so and wait rather than crash in a loop.
+                self.stderr.write(f"process_notes: cannot read the notes: {e}")
+                time.sleep(RETRY_SECONDS)
+                continue
             if note is None:
                 time.sleep(POLL_SECONDS)
                 continue
