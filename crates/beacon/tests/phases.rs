@@ -73,6 +73,9 @@ async fn a_phase_goes_to_one_node_running_the_app_stays_there_and_leaves_with_it
         last_exit: None,
         process: "web".into(),
         number: 1,
+        started_at: None,
+        memory_bytes: None,
+        cpu_permille: None,
     }];
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (mut notices, _) = open_link(

@@ -210,7 +210,8 @@ impl Hub {
             .filter_map(|entry| {
                 let phase = entry.release.phase.as_ref()?;
                 Some(PhaseOrder {
-                    release: self.app_assignment(&entry.release, state.formations.get(&entry.release.app)),
+                    release: self
+                        .app_assignment(&entry.release, state.formations.get(&entry.release.app)),
                     command: phase.command.clone(),
                     timeout_secs: phase.timeout_secs,
                 })
