@@ -17,6 +17,7 @@ run on the build node instead, and `em up`'s tests build `examples/express-hello
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -167,6 +168,9 @@ def test_django_notes_builds_on_the_build_node_and_both_web_servers_serve_it(
     assert f"Preparing the runtime python3 {python[0]} from {RUNTIMES_DIR}/python3/" in output
     assert "Installing dependencies with uv" in output, output
     assert "collectstatic" in output, output
+    # The Procfile's release line ran once, on one node, before the release went live.
+    assert "release phase of v" in output and "Applying notes.0001_initial... OK" in output, output
+    assert output.count("Applying notes.0001_initial") == 1, output
     # The installer fetched from the mirror: the index, then the wheels.
     fetched = mirror_requests(cluster, mark)
     assert any("/simple/django/" in line for line in fetched), fetched
@@ -174,6 +178,17 @@ def test_django_notes_builds_on_the_build_node_and_both_web_servers_serve_it(
 
     wait_served(platform, host, "/", NOTES_TITLE)
     wait_served(platform, host, *NOTES_STYLESHEET)
+    # The Procfile's worker runs once across the cluster, beside gunicorn on each web server.
+    rows = wait_until(
+        "django-notes' worker running",
+        lambda: [
+            p
+            for p in json.loads(platform.em("--json", "ps", "--app", "django-notes").stdout)
+            if p.get("process") == "worker" and p["state"] in ("running", "healthy")
+        ],
+        SERVE_TIMEOUT_S,
+    )
+    assert [p["number"] for p in rows] == [1], rows
     status, body = get(server.ports[80], host)
     release = notes_release(body)
     assert status == 200 and release, body[:500]

@@ -4,7 +4,7 @@ from a queue) deployed from the host. `em scale worker=2` places one worker on e
 lists every process with its node; a redeploy under a stream of jobs on both web servers
 replaces both workers and loses no job, doing none twice; `em run` runs a command of the
 current release on a node that runs the app, with its exit status, and under a terminal its
-Ctrl-C reaches the remote command.
+Ctrl-C reaches the remote command; a release whose release phase fails never serves.
 
 Each web server keeps its own queue (JOBS_DIR is a local directory): a cluster app would point
 it at shared storage, which these VMs lack; one worker per web server is what makes each queue
@@ -163,11 +163,11 @@ def test_a_worker_app_scales_redeploys_without_losing_a_job_and_runs_one_off_com
             status, body = get(port, host, f"/jobs/{job}")
             assert status == 200 and json.loads(body)["done"] is True, (name, job, body)
 
-    # em run: the current release's environment, the command's exit status.
-    started = time.monotonic()
-    ran = platform.em("run", "--app", APP, "--", "sh", "-c", 'echo "release $PX_RELEASE jobs $JOBS_DIR"', timeout=RUN_TIMEOUT_S)
-    vm_timings["em run (an echo, whole)"] = time.monotonic() - started
-    assert f"release {release} jobs /tmp/python-worker-jobs" in ran.stdout, ran
+    # em run: the current release's environment, the command's exit status, and how soon
+    # its first byte comes back.
+    first_byte, ran = em_run_first_byte(platform, ["sh", "-c", 'echo "release $PX_RELEASE jobs $JOBS_DIR"'])
+    vm_timings["em run: start to the first byte of output"] = first_byte
+    assert ran.returncode == 0 and f"release {release} jobs /tmp/python-worker-jobs" in ran.stdout, ran
     failed = platform.em("run", "--app", APP, "--", "sh", "-c", "exit 3", check=False, timeout=RUN_TIMEOUT_S)
     assert failed.returncode == 3, failed
 
@@ -177,6 +177,36 @@ def test_a_worker_app_scales_redeploys_without_losing_a_job_and_runs_one_off_com
         ["run", "--app", APP, "--", "sh", "-c", 'trap "echo got-INT; exit 42" INT; echo ready; while :; do sleep 1; done'],
     )
     assert "got-INT" in output["text"] and output["code"] == 42, output
+
+    # A release phase that fails: the deploy fails with its output, nothing switches, and both
+    # web servers keep serving the release before it.
+    failing = make_app(tmp_path, "v3-failing-phase")
+    procfile = failing / "Procfile"
+    procfile.write_text(procfile.read_text() + "release: echo migrating; echo 'no such table: jobs' >&2; exit 3\n")
+    refused = platform.em("deploy", str(failing), check=False, timeout=RUN_TIMEOUT_S * 3)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == 1 and "no such table: jobs" in said and f"v{release} still serves" in said, said
+    assert {p["release"] for p in processes(platform)} == {release}, processes(platform)
+    for name in WEB_SERVERS:
+        status, _ = get(cluster[name].ports[80], host, "/healthz")
+        assert status == 200, name
+
+
+def em_run_first_byte(platform, command: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+    """`em run -- COMMAND` without a terminal: seconds from its start to the first byte of
+    its output, and the whole run."""
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [str(platform.em_binary), "run", "--app", APP, "--", *command],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "XDG_CONFIG_HOME": str(platform.em_config_home), "NO_COLOR": "1"},
+    )
+    first = proc.stdout.read(1)
+    first_byte = time.monotonic() - started
+    out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+    return first_byte, subprocess.CompletedProcess(proc.args, proc.returncode, (first + out).decode(), err.decode())
 
 
 def run_in_terminal(platform, args: list[str]) -> dict:
