@@ -326,9 +326,14 @@ fn spawn_tty(start: &RunStart, target: &RunTarget, prefix: &[String]) -> std::io
         rustix::termios::tcsetwinsize(&master, winsize(size))?;
     }
     let name = ptsname(&master, Vec::new())?;
+    // O_NOCTTY: under systemd Maestro leads its own session with no terminal, and opening the
+    // slave without it would make the terminal Maestro's; the command's `setsid --ctty` would
+    // then be refused ("Operation not permitted").
+    use std::os::unix::fs::OpenOptionsExt;
     let slave: OwnedFd = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOCTTY.bits())
         .open(std::ffi::OsStr::from_bytes_path(name.as_bytes()))?
         .into();
     let mut all: Vec<std::ffi::OsString> = vec!["setsid".into(), "--ctty".into()];
