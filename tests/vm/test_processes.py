@@ -203,7 +203,9 @@ def em_run_first_byte(platform, command: list[str]) -> tuple[float, subprocess.C
         stderr=subprocess.PIPE,
         env={**os.environ, "XDG_CONFIG_HOME": str(platform.em_config_home), "NO_COLOR": "1"},
     )
-    first = proc.stdout.read(1)
+    # One byte from the pipe itself: a buffered read would take more than it returns, and
+    # communicate() reads the descriptor, not that buffer.
+    first = os.read(proc.stdout.fileno(), 1)
     first_byte = time.monotonic() - started
     out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
     return first_byte, subprocess.CompletedProcess(proc.args, proc.returncode, (first + out).decode(), err.decode())
