@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use px_runtime::http_server::HttpLimits;
 use px_runtime::tokens::TokenEntry;
 use serde::{Deserialize, Serialize};
 
@@ -69,6 +70,9 @@ pub struct Config {
     pub node_lost_after: Duration,
     /// Sysadmin alerts.
     pub alerts: AlertsConfig,
+    /// `[http]`: the API's request head deadline, idle timeout and connection cap. Defaults:
+    /// 30s, 60s, 1024.
+    pub http: HttpLimits,
 }
 
 impl Default for Config {
@@ -87,6 +91,7 @@ impl Default for Config {
             reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
             node_lost_after: DEFAULT_NODE_LOST_AFTER,
             alerts: AlertsConfig::default(),
+            http: HttpLimits::default(),
         }
     }
 }

@@ -155,6 +155,7 @@ pub async fn run_with(
     systemd: Systemd<Config>,
 ) -> Result<(), StartError> {
     let checked = check(&config)?;
+    let http_limits = config.http;
     tokio::fs::create_dir_all(&config.data_dir).await?;
     let metrics = Arc::new(metrics::Metrics::default());
     let tracker = TaskTracker::new();
@@ -265,9 +266,15 @@ pub async fn run_with(
             std::future::ready(reloaded)
         },
     );
-    let server = axum::serve(listeners.http, http::router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    critical.spawn("the http server", server.into_future());
+    // The hardened server: a request head deadline, an idle timeout and a connection cap
+    // (`px_runtime::http_server`), where `axum::serve` has none of them.
+    let server = px_runtime::http_server::serve(
+        listeners.http,
+        http::router(state),
+        http_limits,
+        shutdown.clone(),
+    );
+    critical.spawn("the http server", server);
     shutdown.cancelled().await;
     // Open requests and links, and the tasks, get one deadline to finish together.
     tracker.close();

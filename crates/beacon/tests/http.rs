@@ -568,3 +568,46 @@ async fn one_builds_output_can_be_read_and_followed_apart_from_the_apps() {
     assert!(followed.iter().all(|e| e.build == Some(5)));
     stop_while_following(beacon).await;
 }
+
+#[tokio::test]
+async fn a_half_sent_request_is_cut_and_connections_beyond_the_cap_wait() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = Tokens::new();
+    let (_repo, url) = RepoStub::start(tokens.repo_read.clone()).await;
+    let pki = Arc::new(Pki::new(&["localhost"]).unwrap());
+    let mut config = config(dir.path(), &pki, &tokens, &url);
+    let header = Duration::from_millis(800);
+    config.http.header_read_timeout = header;
+    config.http.max_connections = 2;
+    let beacon = Beacon::start(config, pki, &tokens, 0).await;
+    let addr = beacon.http_url.trim_start_matches("http://").to_owned();
+    // Two clients that send half a request head hold both connections...
+    let mut first = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    first.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    second
+        .write_all(b"GET /healthz HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    // ...so a third waits, unanswered, beyond the cap...
+    let mut third = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(header / 4, third.read(&mut byte)).await;
+    assert!(early.is_err(), "a connection beyond the cap was served");
+    // ...until the server cuts the half-sent heads at the deadline, and then it is answered.
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), first.read_to_end(&mut rest)).await;
+    assert!(started.elapsed() < header * 4, "a half-sent head was kept");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), third.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(second);
+    beacon.stop().await;
+}

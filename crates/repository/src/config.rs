@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use px_runtime::http_server::HttpLimits;
 use px_runtime::tokens::TokenEntry;
 use serde::{Deserialize, Serialize};
 
@@ -73,6 +74,9 @@ pub struct Config {
     /// The Beacon to notify of committed releases. Default: none (no notifications; Beacon
     /// still learns of releases when it reconciles).
     pub beacon: Option<BeaconConfig>,
+    /// `[http]`: the API's request head deadline, idle timeout and connection cap. Defaults:
+    /// 30s, 60s, 1024.
+    pub http: HttpLimits,
 }
 
 impl Default for Config {
@@ -87,6 +91,7 @@ impl Default for Config {
             tokens_file: None,
             tokens: Vec::new(),
             beacon: None,
+            http: HttpLimits::default(),
         }
     }
 }

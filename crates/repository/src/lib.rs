@@ -179,6 +179,7 @@ pub async fn run_with(
         tokio::fs::remove_dir_all(&spool_dir).await?;
     }
     tokio::fs::create_dir_all(&spool_dir).await?;
+    let http_limits = config.http;
     let storage = storage::open(&config, checked.s3_secret).await?;
     let storage_state = match storage.check().await {
         Ok(()) => {
@@ -269,7 +270,7 @@ pub async fn run_with(
     );
     critical.spawn(
         "the http server",
-        http::serve(listener, state, shutdown.clone()),
+        http::serve(listener, state, http_limits, shutdown.clone()),
     );
     shutdown.cancelled().await;
     // Open requests (uploads included) and the tasks get one deadline to finish together.

@@ -509,3 +509,50 @@ async fn concurrent_scales_lose_no_change() {
     suite::concurrent_scales(&repo).await;
     repo.stop().await;
 }
+
+/// Reads what the server sends until it closes the connection, for at most `limit`.
+async fn read_until_closed(tcp: &mut tokio::net::TcpStream, limit: Duration) -> (String, Duration) {
+    use tokio::io::AsyncReadExt as _;
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(limit, tcp.read_to_end(&mut got)).await;
+    (
+        String::from_utf8_lossy(&got).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test]
+async fn a_half_sent_request_is_cut_and_connections_beyond_the_cap_wait() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let header = Duration::from_millis(800);
+    let repo = Repo::start_with(|c| {
+        c.http.header_read_timeout = header;
+        c.http.max_connections = 2;
+    })
+    .await;
+    let addr = repo.url.trim_start_matches("http://").to_owned();
+    // Two clients that send half a request head hold both connections...
+    let mut first = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    first.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    second
+        .write_all(b"GET /healthz HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    // ...so a third waits, unanswered, beyond the cap...
+    let mut third = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(header / 4, third.read(&mut byte)).await;
+    assert!(early.is_err(), "a connection beyond the cap was served");
+    // ...until the server cuts the half-sent heads at the deadline, and then it is answered.
+    let (_, took) = read_until_closed(&mut first, Duration::from_secs(10)).await;
+    assert!(took < header * 4, "a half-sent head was kept {took:?}");
+    let (answer, _) = read_until_closed(&mut third, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(second);
+}

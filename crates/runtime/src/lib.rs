@@ -8,6 +8,7 @@ pub mod config;
 pub mod errors;
 pub mod fs;
 pub mod host;
+pub mod http_server;
 pub mod secrets;
 pub mod service;
 pub mod shutdown;

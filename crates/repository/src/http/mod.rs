@@ -6,10 +6,8 @@ mod builds;
 mod layers;
 mod phases;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -22,10 +20,10 @@ use px_proto::api::{
     self, App, BundleRef, ConfigChange, CreateApp, Formation, Release, ReleaseCause, Rollback,
 };
 use px_proto::build::BuildQueued;
-use px_runtime::shutdown::accept_error_is_fatal;
+use px_runtime::http_server::{HttpLimits, ServeError};
 use std::collections::BTreeMap;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, oneshot};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Caller, Role, Tokens};
@@ -56,85 +54,18 @@ pub struct AppState {
     pub uploads: Arc<Semaphore>,
 }
 
-/// Pause after a failed `accept` that is worth a retry and is not about one connection
-/// (typically out of file descriptors), so the loop does not spin while connections close: one
-/// second, as axum's own listener waits.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_secs(1);
-
-/// Why the HTTP server stopped before shutdown.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// An `accept` failed in a way that means the listener will never accept again (the
-    /// socket was shut down or closed under apprepo).
-    #[error("the http listener no longer accepts connections: {0}")]
-    ListenerBroken(std::io::Error),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-}
-
-/// Serves the API on `listener` until `shutdown`, then lets open requests finish. A listener
-/// that will never accept again ends the server with [`ServeError::ListenerBroken`], so that
-/// apprepo stops (and is restarted) instead of staying up but unreachable: axum, left to its own
-/// `TcpListener`, retries every failed `accept` forever.
+/// Serves the API on `listener` until `shutdown`, then lets open requests finish, through the
+/// services' hardened server (`px_runtime::http_server`: a request head deadline, an idle
+/// timeout, a connection cap). A listener that will never accept again ends the server with
+/// [`ServeError::ListenerBroken`], so that apprepo stops (and is restarted) instead of staying
+/// up but unreachable.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
+    limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let (broken, broken_rx) = oneshot::channel();
-    let listener = WatchedListener {
-        listener,
-        broken: Some(broken),
-    };
-    let server =
-        axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned());
-    tokio::select! {
-        served = server.into_future() => Ok(served?),
-        Ok(e) = broken_rx => Err(ServeError::ListenerBroken(e)),
-    }
-}
-
-/// The API's listener as axum serves it: errors worth a retry are retried as axum does, and
-/// one that means the listener is broken is sent once on `broken`, after which `accept` waits
-/// forever (axum's `Listener` cannot return an error) until [`serve`] ends the server.
-struct WatchedListener {
-    listener: TcpListener,
-    broken: Option<oneshot::Sender<std::io::Error>>,
-}
-
-impl axum::serve::Listener for WatchedListener {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
-        loop {
-            match self.listener.accept().await {
-                Ok(accepted) => return accepted,
-                Err(e) if accept_error_is_fatal(&e) => {
-                    if let Some(broken) = self.broken.take() {
-                        let _ = broken.send(e);
-                    }
-                    std::future::pending::<()>().await;
-                }
-                // A connection that went away before it was accepted: the next one may be fine.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::ConnectionRefused
-                            | std::io::ErrorKind::ConnectionAborted
-                            | std::io::ErrorKind::ConnectionReset
-                    ) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
+    px_runtime::http_server::serve(listener, router(state), limits, shutdown).await
 }
 
 pub fn router(state: AppState) -> Router {
