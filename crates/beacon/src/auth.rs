@@ -47,6 +47,14 @@ impl FromRequestParts<AppState> for Reader {
             .and_then(|h| h.to_str().ok())
             .and_then(|h| h.strip_prefix("Bearer "))
             .ok_or_else(|| ApiError::Unauthorized("send `Authorization: Bearer <token>`".into()))?;
+        Reader::verify(state, token)
+    }
+}
+
+impl Reader {
+    /// The caller `token` names, if it may read: the check behind the header and the status
+    /// page's cookie alike.
+    pub(crate) fn verify(state: &AppState, token: &str) -> Result<Self, ApiError> {
         let entry = state.tokens.verify(token.trim()).ok_or_else(|| {
             ApiError::Unauthorized("unknown token; check `em login` or the token file".into())
         })?;

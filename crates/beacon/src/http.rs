@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::Stream;
@@ -80,7 +80,13 @@ impl IntoResponse for ApiError {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/", get(status_page))
+        .route("/", get(crate::login::status_page))
+        .route(
+            "/login",
+            post(crate::login::login).layer(axum::extract::DefaultBodyLimit::max(
+                crate::login::MAX_LOGIN_BODY_BYTES,
+            )),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/v1/nodes", get(nodes))
@@ -99,15 +105,11 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+async fn metrics(_: Reader, State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(state.hub.events().last_seq()),
     )
-}
-
-async fn status_page(State(state): State<AppState>) -> Html<String> {
-    Html(crate::status::render(&state.hub))
 }
 
 async fn nodes(_: Reader, State(state): State<AppState>) -> Json<Vec<Node>> {

@@ -12,6 +12,7 @@ pub(crate) mod http;
 pub(crate) mod hub;
 pub(crate) mod judge;
 pub(crate) mod links;
+pub(crate) mod login;
 pub(crate) mod logstore;
 pub(crate) mod metrics;
 pub(crate) mod placement;

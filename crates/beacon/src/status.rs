@@ -11,7 +11,7 @@ use crate::hub::Hub;
 /// Events shown on the page.
 pub const RECENT_EVENTS: usize = 25;
 
-fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -26,7 +26,7 @@ fn escape(text: &str) -> String {
     out
 }
 
-const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:2em;color:#222}h1{font-size:1.4em}\
+pub(crate) const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:2em;color:#222}h1{font-size:1.4em}\
 table{border-collapse:collapse;margin-bottom:2em;min-width:40em}th,td{text-align:left;padding:.3em .8em;border-bottom:1px solid #ddd}\
 .ok{color:#16794c}.bad{color:#b3261e}.warn{color:#a66a00}small{color:#666}";
 

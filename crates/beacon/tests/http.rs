@@ -213,6 +213,7 @@ async fn metrics_count_links_and_assignments() {
         let m = beacon
             .http
             .get(format!("{}/metrics", beacon.http_url))
+            .bearer_auth(&beacon.read_token)
             .send()
             .await
             .unwrap()
@@ -332,6 +333,37 @@ async fn the_status_page_shows_nodes_and_apps_in_a_browser() {
                 .unwrap()
         })
     };
+    // Without a token the page is a sign-in form that shows nothing of the cluster.
+    let dom = run(vec!["--dump-dom".into()]).await.unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(dom.contains("Sign in"), "no sign-in form: {dom}");
+    assert!(
+        !dom.contains("web-7"),
+        "the page showed a node without a token: {dom}"
+    );
+    // Signing in with a reading token (the form posted as a person would) sets the cookie
+    // that the browser then sends with the page.
+    let sign_in = format!(
+        "data:text/html,<form method=post action={}/login><input name=token value={}></form>\
+         <script>document.forms[0].submit()</script>",
+        beacon.http_url, tokens.read
+    );
+    let profile_dir = profile.path().to_path_buf();
+    let signed_in = tokio::task::spawn_blocking({
+        let browser = browser.clone();
+        move || {
+            std::process::Command::new(browser)
+                .args(flags)
+                .arg(format!("--user-data-dir={}", profile_dir.display()))
+                .args(["--virtual-time-budget=5000", "--dump-dom"])
+                .arg(sign_in)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(signed_in.status.success(), "{signed_in:?}");
     let dom = run(vec!["--dump-dom".into()]).await.unwrap();
     let dom = String::from_utf8_lossy(&dom.stdout);
     assert!(dom.contains("web-7"), "node missing from the page: {dom}");
@@ -609,5 +641,92 @@ async fn a_half_sent_request_is_cut_and_connections_beyond_the_cap_wait() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     drop(second);
+    beacon.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_and_the_status_page_need_a_reading_token_and_healthz_says_one_word() {
+    let (_dir, tokens, beacon) = start().await;
+    let get = |path: &str| beacon.http.get(format!("{}{path}", beacon.http_url));
+    // /healthz answers anyone, with a fixed word.
+    let health = get("/healthz").send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    assert_eq!(health.text().await.unwrap(), "ok\n");
+    // /metrics wants a token that may read.
+    assert_eq!(
+        get("/metrics").send().await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let metrics = get("/metrics")
+        .bearer_auth(&tokens.read)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), StatusCode::OK);
+    assert!(
+        metrics
+            .text()
+            .await
+            .unwrap()
+            .contains("beacon_nodes_connected")
+    );
+    // The page shows only a sign-in form without one, and the cluster with one.
+    let page = get("/").send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::UNAUTHORIZED);
+    let page = page.text().await.unwrap();
+    assert!(page.contains("<form method=post action=/login>"), "{page}");
+    assert!(!page.contains("hello"), "{page}");
+    let page = get("/").bearer_auth(&tokens.read).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    // A link-only token signs in to nothing, and a wrong one is named as unknown.
+    let no_redirect = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = |token: &str| {
+        no_redirect
+            .post(format!("{}/login", beacon.http_url))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("token={token}"))
+            .send()
+    };
+    let refused = login(&tokens.maestro.replace('a', "b")).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    assert!(refused.headers().get("set-cookie").is_none());
+    assert!(refused.text().await.unwrap().contains("unknown token"));
+    let refused = login(&tokens.repository).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    assert!(refused.headers().get("set-cookie").is_none());
+    // A reading token sets an HttpOnly, SameSite=Strict cookie that opens the page.
+    let accepted = login(&tokens.read).await.unwrap();
+    assert_eq!(accepted.status(), StatusCode::SEE_OTHER);
+    let cookie = accepted.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(cookie.contains("HttpOnly"), "{cookie}");
+    assert!(cookie.contains("SameSite=Strict"), "{cookie}");
+    assert!(!cookie.contains("Secure"), "{cookie}");
+    let pair = cookie.split(';').next().unwrap();
+    let page = get("/").header("cookie", pair).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.text().await.unwrap().contains("hello"));
+    // The cookie opens the page only: the API still wants the header.
+    let api = get("/v1/apps").header("cookie", pair).send().await.unwrap();
+    assert_eq!(api.status(), StatusCode::UNAUTHORIZED);
+    // Behind a TLS proxy the cookie is also Secure.
+    let secure = no_redirect
+        .post(format!("{}/login", beacon.http_url))
+        .header("x-forwarded-proto", "https")
+        .body(format!("token={}", tokens.read))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        secure.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("; Secure")
+    );
     beacon.stop().await;
 }

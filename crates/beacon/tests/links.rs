@@ -408,6 +408,7 @@ async fn bad_peers_are_refused_and_good_ones_keep_working() {
         .beacon
         .http
         .get(format!("{}/metrics", s.beacon.http_url))
+        .bearer_auth(&s.beacon.read_token)
         .send()
         .await
         .unwrap()
@@ -838,6 +839,7 @@ async fn an_error_budget_spent_orders_one_rollback_and_a_rollback_is_never_rolle
         .beacon
         .http
         .get(format!("{}/metrics", s.beacon.http_url))
+        .bearer_auth(&s.beacon.read_token)
         .send()
         .await
         .unwrap()

@@ -198,9 +198,9 @@ impl BeaconProcess {
         serde_json::from_str(&body).context("parsing /v1/apps")
     }
 
-    /// A counter or gauge from `/metrics`.
-    pub async fn metric(&self, name: &str) -> Result<u64> {
-        let body = http_get(&self.http_client, self.http, "/metrics", None).await?;
+    /// A counter or gauge from `/metrics`, which takes a reading token.
+    pub async fn metric(&self, read_token: &str, name: &str) -> Result<u64> {
+        let body = http_get(&self.http_client, self.http, "/metrics", Some(read_token)).await?;
         body.lines()
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
             .ok_or_else(|| anyhow!("/metrics has no {name}"))?

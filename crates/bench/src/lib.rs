@@ -303,7 +303,10 @@ pub async fn run(options: &Options) -> Result<Report> {
     let sent_before = fleet
         .heartbeats_sent
         .load(std::sync::atomic::Ordering::Relaxed);
-    let counted_before = beacon.metric("beacon_heartbeats_total").await.ok();
+    let counted_before = beacon
+        .metric(&tokens.read, "beacon_heartbeats_total")
+        .await
+        .ok();
     tokio::time::sleep(options.steady).await;
     let steady_cpu = steady_cpu.read()?;
     let loadgen_steady_cpu = loadgen_cpu.read()?;
@@ -311,7 +314,10 @@ pub async fn run(options: &Options) -> Result<Report> {
         .heartbeats_sent
         .load(std::sync::atomic::Ordering::Relaxed)
         - sent_before;
-    let counted_after = beacon.metric("beacon_heartbeats_total").await.ok();
+    let counted_after = beacon
+        .metric(&tokens.read, "beacon_heartbeats_total")
+        .await
+        .ok();
     let heartbeats_counted = counted_before
         .zip(counted_after)
         .map(|(before, after)| after.saturating_sub(before));

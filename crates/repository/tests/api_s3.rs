@@ -225,6 +225,8 @@ async fn s3_outage_answers_503_and_retries_succeed_once_it_returns() {
         .await
         .unwrap();
     assert_eq!(health.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // One fixed word: the storage's error (endpoint, bucket) goes to the log, not to a prober.
+    assert_eq!(health.text().await.unwrap(), "unavailable\n");
     repo.assert_spool_empties().await;
 
     s3.resume().unwrap();

@@ -128,11 +128,12 @@ pub fn router(state: AppState) -> Router {
 async fn healthz(State(state): State<AppState>) -> Response {
     match state.releases.storage().check().await {
         Ok(()) => (StatusCode::OK, "ok\n").into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("storage unavailable: {e}\n"),
-        )
-            .into_response(),
+        Err(e) => {
+            // The storage's error names buckets, paths and endpoints: it goes to the log, and
+            // an unauthenticated prober learns only that apprepo is not healthy.
+            tracing::warn!(error = %e, "health check: storage unavailable");
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable\n").into_response()
+        }
     }
 }
 
