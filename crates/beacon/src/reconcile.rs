@@ -17,6 +17,14 @@ use crate::hub::{Formations, Hub};
 use crate::metrics::Metrics;
 use crate::placement::BuildKey;
 
+/// What one read of the repository's apps gives: each app's current release, its formation,
+/// and its creation time.
+type Desired = (
+    BTreeMap<String, Release>,
+    Formations,
+    BTreeMap<String, String>,
+);
+
 /// How long one read of the repository may take.
 pub const REPOSITORY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Retry bounds while the repository is unreachable (doubling, with jitter).
@@ -76,22 +84,25 @@ impl RepositoryClient {
             .map_err(|e| format!("GET {url}: {e}"))
     }
 
-    /// Every app's current release, and the counts its formation sets (`em scale`).
-    pub async fn desired(&self) -> Result<(BTreeMap<String, Release>, Formations), String> {
+    /// Every app's current release, the counts its formation sets (`em scale`), and when
+    /// each app was created.
+    pub async fn desired(&self) -> Result<Desired, String> {
         let apps: Vec<App> = self
             .get("/v1/apps")
             .await?
             .ok_or_else(|| format!("GET {}/v1/apps: 404 Not Found", self.base))?;
         let mut releases = BTreeMap::new();
         let mut formations = Formations::new();
+        let mut created = BTreeMap::new();
         for app in apps {
             let Some(current) = app.current else { continue };
+            created.insert(app.name.clone(), app.created_at);
             if !app.formation.is_empty() {
                 formations.insert(app.name.clone(), app.formation);
             }
             releases.insert(app.name, current);
         }
-        Ok((releases, formations))
+        Ok((releases, formations, created))
     }
 
     /// Every build waiting to be built, across apps. A repository from before builds answers
@@ -151,7 +162,7 @@ pub async fn run(
     loop {
         metrics.reconciles.inc();
         let wait = match client.desired().await {
-            Ok((desired, formations)) => {
+            Ok((desired, formations, created)) => {
                 failures = 0;
                 // Without the builds, the apps are still worth taking; the hub keeps the
                 // builds it knows until a later read succeeds.
@@ -165,6 +176,7 @@ pub async fn run(
                     .await
                     .inspect_err(|error| tracing::warn!(%error, "cannot read the unended release phases; keeping the last known ones"))
                     .ok();
+                hub.set_app_created(created);
                 let ended = hub.set_state(desired, formations, builds).await;
                 hub.set_phases(phases).await;
                 if !ended.is_empty() {

@@ -201,6 +201,14 @@ async fn reconciliation_repairs_a_missed_notice() {
         .collect();
     got.sort();
     assert_eq!(got, [("hello".to_string(), 2), ("other".to_string(), 1)]);
+    // Each app carries its creation time, which ranks its claim on a shared host.
+    assert!(
+        next.apps
+            .iter()
+            .all(|a| a.app_created_at.as_deref() == Some("2026-11-25T00:00:00Z")),
+        "{:?}",
+        next.apps
+    );
     s.beacon.stop().await;
 }
 

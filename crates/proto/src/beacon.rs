@@ -71,6 +71,8 @@ pub enum EventKind {
     PhaseSucceeded,
     /// The release phase failed; the old release keeps serving.
     PhaseFailed,
+    /// Two apps name the same host; it is routed to the app created first.
+    DomainConflict,
 }
 
 impl EventKind {
@@ -84,7 +86,8 @@ impl EventKind {
             | EventKind::DeployRolledBack => Level::Error,
             EventKind::InstanceCrashed
             | EventKind::InstanceUnhealthy
-            | EventKind::RepositoryUnreachable => Level::Warning,
+            | EventKind::RepositoryUnreachable
+            | EventKind::DomainConflict => Level::Warning,
             _ => Level::Info,
         }
     }
@@ -106,6 +109,7 @@ impl From<NodeEventKind> for EventKind {
             NodeEventKind::PhaseStarted => EventKind::PhaseStarted,
             NodeEventKind::PhaseSucceeded => EventKind::PhaseSucceeded,
             NodeEventKind::PhaseFailed => EventKind::PhaseFailed,
+            NodeEventKind::DomainConflict => EventKind::DomainConflict,
         }
     }
 }

@@ -317,6 +317,9 @@ pub enum NodeEventKind {
     PhaseSucceeded,
     /// The release phase failed, timed out or was interrupted; the old release keeps serving.
     PhaseFailed,
+    /// Two apps name the same host; the node routes it to the app created first (the older
+    /// claim) and sends this once per host and pair of apps.
+    DomainConflict,
 }
 
 /// Most log lines in one `Logs` frame; Maestro batches lines and sends at most this many.
@@ -494,6 +497,11 @@ pub struct AppAssignment {
     /// Numbers are Beacon's, so logs and `em ps` name each process once across the cluster.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub processes: BTreeMap<String, Vec<u32>>,
+    /// When the app was created (apprepo's `created_at`, RFC 3339): of two apps that name the
+    /// same host, the node routes it to the one created first (docs/src/design/trust.md).
+    /// Absent from a Beacon that predates it; such an app ranks after every dated one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_created_at: Option<String>,
 }
 
 #[cfg(test)]

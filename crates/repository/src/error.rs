@@ -19,6 +19,15 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     BadRequest(String),
+    /// Another app's current release names the domain (docs/src/design/trust.md).
+    #[error(
+        "domain {domain:?} belongs to app {holder:?} (its release v{version}); remove it from this app's [http] domains, or from {holder:?} first"
+    )]
+    DomainTaken {
+        domain: String,
+        holder: String,
+        version: u64,
+    },
     #[error(
         "bundle is larger than the limit of {max} bytes; shrink it (see .emignore) or raise `limits.max_bundle_bytes`"
     )]
@@ -46,6 +55,7 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::DomainTaken { .. } => (StatusCode::CONFLICT, "domain_taken"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::TooLarge { .. } | ApiError::LayerTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "too_large")

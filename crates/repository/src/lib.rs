@@ -7,6 +7,7 @@ pub mod auth;
 pub(crate) mod builds;
 pub mod cli;
 pub mod config;
+pub(crate) mod domains;
 pub(crate) mod error;
 pub(crate) mod formation;
 pub(crate) mod http;

@@ -116,6 +116,9 @@ pub struct Releases {
     committed_during_collection: Arc<std::sync::Mutex<Option<HashSet<String>>>>,
     /// One collection at a time: a second would reset the first one's set.
     collections: Arc<tokio::sync::Mutex<()>>,
+    /// Held by a commit that adds domains from their check until its release is created, so
+    /// two apps cannot both take a free name through this apprepo (`domains.rs`).
+    domain_claims: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A collection of bundles and layers in progress, from before it lists the release records
@@ -172,6 +175,7 @@ impl Releases {
             collection_lock: Arc::default(),
             committed_during_collection: Arc::default(),
             collections: Arc::default(),
+            domain_claims: Arc::default(),
         }
     }
 
@@ -519,6 +523,14 @@ impl Releases {
                     .map(|l| (Blob::Layer, l.sha256.as_str())),
             );
         }
+        let added = crate::domains::added(current.as_ref(), &release.manifest);
+        let _claim = if added.is_empty() {
+            None
+        } else {
+            let claim = self.domain_claims.clone().lock_owned().await;
+            self.check_domains(app, &added).await?;
+            Some(claim)
+        };
         let shared = self.hold(&needed).await?;
         let created = self.count_storage_error(
             self.storage

@@ -556,3 +556,76 @@ async fn a_half_sent_request_is_cut_and_connections_beyond_the_cap_wait() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     drop(second);
 }
+
+/// The sample app, serving `domains`.
+fn bundle_with_domains(name: &str, domains: &[&str]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    px_test_support::write_sample_app(dir.path(), name).unwrap();
+    let manifest = std::fs::read_to_string(dir.path().join("app.toml")).unwrap();
+    let list: Vec<String> = domains.iter().map(|d| format!("{d:?}")).collect();
+    let manifest = manifest.replace(
+        "[http]\n",
+        &format!("[http]\ndomains = [{}]\n", list.join(", ")),
+    );
+    std::fs::write(dir.path().join("app.toml"), manifest).unwrap();
+    let mut out = Vec::new();
+    px_bundle::pack_dir(dir.path(), &mut out).unwrap();
+    out
+}
+
+#[tokio::test]
+async fn a_domain_another_app_holds_is_refused_naming_the_holder() {
+    let repo = Repo::start_fs().await;
+    repo.create_app("shop").await;
+    repo.create_app("rival").await;
+    repo.deploy("shop", &bundle_with_domains("shop", &["shop.example.com"]))
+        .await;
+    // Another app claiming the same name is refused with the holder named, and keeps nothing.
+    let r = repo
+        .upload(
+            "rival",
+            &bundle_with_domains("rival", &["rival.example.com", "shop.example.com"]),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let body: ErrorBody = r.json().await.unwrap();
+    assert_eq!(body.code, "domain_taken");
+    assert!(
+        body.message.contains("\"shop.example.com\""),
+        "{}",
+        body.message
+    );
+    assert!(
+        body.message.contains("app \"shop\" (its release v1)"),
+        "{}",
+        body.message
+    );
+    assert!(repo.releases("rival").await.is_empty());
+    repo.assert_spool_empties().await;
+    // The holder redeploys with its name, and a free name is taken by whoever asks.
+    let again = repo
+        .deploy("shop", &bundle_with_domains("shop", &["shop.example.com"]))
+        .await;
+    assert_eq!(again.version, 2);
+    let rival = repo
+        .deploy(
+            "rival",
+            &bundle_with_domains("rival", &["rival.example.com"]),
+        )
+        .await;
+    assert_eq!(rival.manifest.http.domains, ["rival.example.com"]);
+    // Once the holder lets the name go, the other app may take it.
+    repo.deploy(
+        "shop",
+        &bundle_with_domains("shop", &["www.shop.example.com"]),
+    )
+    .await;
+    let taken = repo
+        .deploy(
+            "rival",
+            &bundle_with_domains("rival", &["shop.example.com"]),
+        )
+        .await;
+    assert_eq!(taken.manifest.http.domains, ["shop.example.com"]);
+    repo.stop().await;
+}

@@ -67,7 +67,9 @@ impl Hub {
             .desired
             .values()
             .filter(|r| places(r, fit))
-            .map(|r| self.app_assignment(r, state.formations.get(&r.app)))
+            .map(|r| {
+                self.app_assignment(r, state.formations.get(&r.app), state.created.get(&r.app))
+            })
             .collect();
         Self::add_processes(state, node, &mut apps);
         apps
@@ -94,11 +96,13 @@ impl Hub {
             .then(|| self.assignment_for(state, node, fit))
     }
 
-    /// The assignment of `release`, with the web count of its `formation` when one is set.
+    /// The assignment of `release`, with the web count of its `formation` when one is set and
+    /// its app's creation time when known.
     pub(super) fn app_assignment(
         &self,
         release: &Release,
         formation: Option<&BTreeMap<String, u32>>,
+        created: Option<&String>,
     ) -> AppAssignment {
         let domains = if release.manifest.http.domains.is_empty() {
             vec![format!("{}.{}", release.app, self.settings.domain)]
@@ -139,6 +143,7 @@ impl Hub {
                 commands: build.commands.clone(),
             }),
             processes: BTreeMap::new(),
+            app_created_at: created.cloned(),
         }
     }
 
@@ -148,7 +153,13 @@ impl Hub {
         state
             .desired
             .get(app)
-            .map(|r| self.app_assignment(r, state.formations.get(app)))
+            .map(|r| self.app_assignment(r, state.formations.get(app), state.created.get(app)))
+    }
+
+    /// Takes each app's creation time, read with the desired state; call it before
+    /// [`Hub::set_state`] so the assignments that pass computes carry them.
+    pub fn set_app_created(&self, created: BTreeMap<String, String>) {
+        self.lock().created = created;
     }
 
     /// [`Hub::set_state`] without the builds, as the hub's own tests drive it.

@@ -121,6 +121,9 @@ struct State {
     desired: BTreeMap<String, Release>,
     /// The counts set with `em scale`, read with `desired`.
     formations: Formations,
+    /// Each app's creation time (apprepo's `created_at`), read with `desired`: the age of its
+    /// claim on its domains, which decides a host two apps name (`AppAssignment::app_created_at`).
+    created: BTreeMap<String, String>,
     /// Whether `desired` has been read from the repository since start-up.
     desired_known: bool,
     /// The generation of `desired` and its fingerprint, as they are (or are about to be) on
@@ -255,6 +258,7 @@ impl Hub {
             state: Mutex::new(State {
                 desired: BTreeMap::new(),
                 formations: Formations::new(),
+                created: BTreeMap::new(),
                 desired_known: false,
                 durable: persisted.generation,
                 persisted,

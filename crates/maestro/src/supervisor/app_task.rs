@@ -92,7 +92,12 @@ impl AppTask {
                     self.scale_web(run, target, &mut pending).await;
                     let slots = std::mem::take(&mut run.processes);
                     run.processes = processes::reconcile(&self.shared, target, &run.release, slots);
+                    let reclaimed = run.assignment.app_created_at != target.app_created_at;
                     run.assignment = target.clone();
+                    if reclaimed {
+                        // The claim's age decides hosts another app names too.
+                        self.publish(run);
+                    }
                     self.report(running.as_ref());
                 } else if let Some(target) = target
                     && running.as_ref().is_none_or(|r| r.assignment != target)
@@ -258,8 +263,13 @@ impl AppTask {
             .collect();
         let route = AppRoute::new(&self.app, running.assignment.release, backends, static_dirs)
             .with_bodies(BodyPolicy::of(&running.assignment.manifest.http));
-        self.shared
-            .serve(&self.app, running.assignment.domains.clone(), route);
+        self.shared.serve(
+            &self.app,
+            running.assignment.domains.clone(),
+            route,
+            running.assignment.release,
+            running.assignment.app_created_at.clone(),
+        );
     }
 
     /// Deploys `target` beside `current`; returns what runs afterwards (the new release, or

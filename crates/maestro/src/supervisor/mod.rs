@@ -14,6 +14,7 @@
 //! and the deploy-failed event), `shared.rs` (the port pool and the state the tasks share).
 
 mod app_task;
+mod domains;
 mod error;
 mod instance;
 mod layers;

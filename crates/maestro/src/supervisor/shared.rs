@@ -11,13 +11,14 @@ use rand::Rng;
 use tokio::sync::{mpsc, watch};
 
 use super::Settings;
+use super::domains::{Conflict, Served, newly_reported, route_table};
 use super::rollout_watch::WatchedRollout;
 use super::store::ReleaseStore;
 use crate::app_events::AppEvents;
 use crate::limits::Enforcer;
 use crate::logs::AppLogs;
 use crate::process::{self, GroupFile, GroupRecord};
-use crate::routes::{AppRoute, RouteTable, Routes};
+use crate::routes::{AppRoute, Routes};
 
 /// Ports in use by live instances; a port is never handed to two.
 struct Ports {
@@ -63,9 +64,6 @@ impl Ports {
     }
 }
 
-/// An app as the proxy serves it: its host names and route.
-type Served = (Vec<String>, Arc<AppRoute>);
-
 /// The state all app tasks of one supervisor share. Each lock is taken for a lookup or an
 /// update and never held across an await.
 pub(super) struct Shared {
@@ -78,8 +76,11 @@ pub(super) struct Shared {
     pub(super) http: reqwest::Client,
     pub(super) store: ReleaseStore,
     ports: Mutex<Ports>,
-    /// app → (domains, route) as currently served.
+    /// app → its domains and route as currently served.
     served: Mutex<BTreeMap<String, Served>>,
+    /// The hosts several apps name, as last reported to Beacon: each conflict is reported once
+    /// while it lasts. Bounded by the apps' domains.
+    conflicts: Mutex<BTreeSet<Conflict>>,
     /// app → instance statuses for reports.
     pub(super) statuses: Mutex<BTreeMap<String, Vec<InstanceStatus>>>,
     groups: GroupFile,
@@ -130,6 +131,7 @@ impl Shared {
             events,
             http,
             served: Mutex::new(BTreeMap::new()),
+            conflicts: Mutex::new(BTreeSet::new()),
             statuses: Mutex::new(BTreeMap::new()),
             groups,
             live_groups: Mutex::new(HashMap::new()),
@@ -145,24 +147,54 @@ impl Shared {
 
     fn publish_routes(&self) {
         let served = self.served.lock().unwrap_or_else(|p| p.into_inner());
-        let mut table = RouteTable::default();
-        for (domains, route) in served.values() {
-            for domain in domains {
-                table
-                    .by_host
-                    .insert(domain.to_ascii_lowercase(), route.clone());
-            }
-        }
+        let (table, conflicts) = route_table(&served);
+        let releases: BTreeMap<String, u64> = served
+            .iter()
+            .map(|(app, served)| (app.clone(), served.release))
+            .collect();
         drop(served);
         self.routes.store(table);
+        let new = newly_reported(
+            &mut self.conflicts.lock().unwrap_or_else(|p| p.into_inner()),
+            conflicts,
+        );
+        for conflict in new {
+            // Reported as an event of the app that lost the host: its own log says why.
+            if let Some(app) = conflict.losers.first() {
+                let release = releases.get(app).copied().unwrap_or_default();
+                self.event(
+                    NodeEventKind::DomainConflict,
+                    app,
+                    release,
+                    conflict.message(),
+                    None,
+                );
+            }
+        }
     }
 
-    /// Serves `app` on `domains` through `route` (one swap of the routing table).
-    pub(super) fn serve(&self, app: &str, domains: Vec<String>, route: AppRoute) {
+    /// Serves `app` on `domains` through `route` (one swap of the routing table); a host
+    /// another app names too goes to the app created first (`domains.rs`).
+    pub(super) fn serve(
+        &self,
+        app: &str,
+        domains: Vec<String>,
+        route: AppRoute,
+        release: u64,
+        created_at: Option<String>,
+    ) {
         self.served
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(app.to_string(), (domains, Arc::new(route)));
+            .insert(
+                app.to_string(),
+                Served {
+                    domains,
+                    route: Arc::new(route),
+                    release,
+                    created_at,
+                },
+            );
         self.publish_routes();
     }
 

@@ -136,6 +136,7 @@ impl BundleServer {
             domains: vec![format!("{name}.localhost")],
             build: None,
             processes,
+            app_created_at: None,
         }
     }
 

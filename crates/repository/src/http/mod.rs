@@ -286,6 +286,13 @@ async fn receive_release(
             info.manifest.name, info.manifest.name
         )));
     }
+    // Domains another app holds are refused before the bundle is stored or a build queued (a
+    // build would be spent for nothing); the commit checks again under its claim lock.
+    let current = state.releases.app(app).await?.current;
+    let added = crate::domains::added(current.as_ref(), &info.manifest);
+    if !added.is_empty() {
+        state.releases.check_domains(app, &added).await?;
+    }
     let storage = state.releases.storage();
     if storage.has_bundle(&spooled.sha256).await? {
         state.metrics.bundles_deduplicated.inc();

@@ -84,6 +84,7 @@ impl Repository {
             domains: Vec::new(),
             build: None,
             processes: BTreeMap::new(),
+            app_created_at: None,
         };
         (assignment, (manifest.len() + data.len()) as u64)
     }
