@@ -205,7 +205,8 @@ pub async fn build_log(client: &Client, app: &str, release: &str, json: bool) ->
             "log": log,
         }));
     } else {
-        print!("{log}");
+        // A build's log is the app's own text: shown, never obeyed by the terminal.
+        print!("{}", crate::safe_text::lines(&log));
         if !log.is_empty() && !log.ends_with('\n') {
             println!();
         }
@@ -301,6 +302,12 @@ fn print_log(entry: &LogEntry, json: bool) {
         println!("{}", serde_json::to_string(entry).unwrap_or_default());
         return;
     }
+    println!("{}", log_line(entry));
+}
+
+/// One line of `em logs`: where it came from, then the app's text with its control
+/// characters shown escaped, so the app cannot drive the reader's terminal.
+fn log_line(entry: &LogEntry) -> String {
     // A build's output belongs to no release or instance yet; a process of another type than
     // web is named by its type and number (`worker.1`).
     let source = match (entry.build, &entry.process) {
@@ -308,13 +315,13 @@ fn print_log(entry: &LogEntry, json: bool) {
         (None, Some(process)) => format!("v{} {process}.{}", entry.release, entry.instance),
         (None, None) => format!("v{}#{}", entry.release, entry.instance),
     };
-    println!(
+    format!(
         "{} {} {source} {}: {}",
         entry.at,
         entry.node,
         entry.stream.as_str(),
-        entry.line
-    );
+        crate::safe_text::line(&entry.line)
+    )
 }
 
 pub async fn logs(
@@ -408,4 +415,28 @@ pub fn client() -> Result<Client> {
     settings::load()
         .map(Client::new)
         .map_err(|f| Failure::new(EXIT_NOT_CONFIGURED, f.message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_line_shows_an_apps_escape_sequences_as_text_and_keeps_tabs() {
+        let entry = LogEntry {
+            node: "web-1".into(),
+            app: "shop".into(),
+            release: 3,
+            instance: 0,
+            stream: px_proto::link::LogStream::Stdout,
+            at: "2026-12-06T11:00:00Z".into(),
+            line: "GET /\t200\x1b[31m\x1b]0;owned\x07\rcovered".into(),
+            build: None,
+            process: None,
+        };
+        assert_eq!(
+            log_line(&entry),
+            "2026-12-06T11:00:00Z web-1 v3#0 stdout: GET /\t200\\x1b[31m\\x1b]0;owned\\x07\\rcovered"
+        );
+    }
 }

@@ -458,7 +458,7 @@ impl BuildWatch<'_> {
             return;
         }
         if !self.quiet {
-            eprintln!("{OUTPUT_INDENT}{}", line.line);
+            eprintln!("{OUTPUT_INDENT}{}", crate::safe_text::line(&line.line));
         }
         if self.tail.len() >= FAILING_LINES {
             self.tail.pop_front();
@@ -566,7 +566,7 @@ impl BuildWatch<'_> {
                 "\nlast lines of the build's output:\n{}",
                 lines
                     .iter()
-                    .map(|l| format!("{OUTPUT_INDENT}{l}"))
+                    .map(|l| format!("{OUTPUT_INDENT}{}", crate::safe_text::line(l)))
                     .collect::<Vec<_>>()
                     .join("\n")
             )
@@ -668,7 +668,10 @@ async fn follow(
             }
             EventKind::DeploySuperseded => return Err(superseded(&event.message)),
             EventKind::DeployRolledBack => {
-                let detail = event.detail.map(|d| format!("\n{d}")).unwrap_or_default();
+                let detail = event
+                    .detail
+                    .map(|d| format!("\n{}", crate::safe_text::lines(&d)))
+                    .unwrap_or_default();
                 return Err(Failure::failed(format!(
                     "{}{detail}\nthe previous release serves again; fix the app and run `em deploy` again",
                     event.message
@@ -681,7 +684,12 @@ async fn follow(
             EventKind::DeployFailed => {
                 let detail = event
                     .detail
-                    .map(|d| format!("\nlast lines of its stderr:\n{d}"))
+                    .map(|d| {
+                        format!(
+                            "\nlast lines of its stderr:\n{}",
+                            crate::safe_text::lines(&d)
+                        )
+                    })
                     .unwrap_or_default();
                 // Without a node, Beacon itself found no node able to run the release.
                 let failed = match event.node.as_deref() {

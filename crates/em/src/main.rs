@@ -11,6 +11,7 @@ mod init;
 mod processes;
 mod release_phase;
 mod run;
+mod safe_text;
 mod settings;
 mod up;
 

@@ -888,3 +888,42 @@ async fn a_superseded_deploy_returns_at_once_naming_what_came_first() {
     fourth.wait().unwrap();
     platform.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_output_with_terminal_escapes_is_shown_escaped_live_and_in_the_failure() {
+    // A hostile build prints sequences that would clear the screen, retitle the window and
+    // rewrite the line: each must reach the terminal as visible text, never as control bytes.
+    let output = [
+        "Collecting\tpackages",
+        "\x1b[2J\x1b]0;pwned\x07cleared",
+        "progress 10%\rdone",
+    ];
+    let platform = Platform::start(Script::Fail(
+        output.iter().map(|l| l.to_string()).collect(),
+        "the installer failed".into(),
+    ))
+    .await;
+    let dir = platform.app("shop");
+    let out = platform.em(&["deploy", dir.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "an escape reached the terminal: {stderr:?}"
+    );
+    assert!(
+        !stderr.contains('\r') && !stderr.contains('\x07'),
+        "{stderr:?}"
+    );
+    assert!(
+        stderr.contains("\\x1b[2J\\x1b]0;pwned\\x07cleared"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("progress 10%\\rdone"), "{stderr}");
+    // Tabs stay tabs.
+    assert!(stderr.contains("Collecting\tpackages"), "{stderr:?}");
+    // The failure paragraph quotes the same lines, escaped the same way.
+    let failure = &stderr[stderr.find("em: ").expect(&stderr)..];
+    assert!(failure.contains("\\x1b[2J"), "{failure}");
+    platform.stop().await;
+}
