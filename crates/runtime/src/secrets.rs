@@ -14,8 +14,9 @@ pub enum SecretError {
         path: String,
         source: std::io::Error,
     },
+    /// Its group or other users may read it (any of the mode bits 077).
     #[error(
-        "secret file {path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`"
+        "secret file {path} is readable by its group or by other users (mode {mode:03o}); run `chmod 600 {path}`"
     )]
     WorldReadable { path: String, mode: u32 },
     #[error("secret file {path} is larger than {MAX_SECRET_BYTES} bytes")]
@@ -31,11 +32,7 @@ pub fn read_secret_file(path: &Path) -> Result<String, SecretError> {
         path: shown.clone(),
         source,
     };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o007 != 0 {
-        return Err(SecretError::WorldReadable { path: shown, mode });
-    }
+    let meta = check_private(path)?;
     if meta.len() > MAX_SECRET_BYTES {
         return Err(SecretError::TooLarge { path: shown });
     }
@@ -45,6 +42,22 @@ pub fn read_secret_file(path: &Path) -> Result<String, SecretError> {
         return Err(SecretError::Empty { path: shown });
     }
     Ok(secret)
+}
+
+/// Refuses `path` unless only its owner may read or write it (a private key, a token): a file
+/// its group may read is shared with every service and person in that group. Returns its
+/// metadata.
+pub fn check_private(path: &Path) -> Result<std::fs::Metadata, SecretError> {
+    let shown = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|source| SecretError::Io {
+        path: shown.clone(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(SecretError::WorldReadable { path: shown, mode });
+    }
+    Ok(meta)
 }
 
 /// Writes a secret file readable by its owner only, creating it with mode 0600 from the start.
@@ -76,6 +89,11 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = read_secret_file(&path).unwrap_err();
         assert!(err.to_string().contains("chmod 600"), "{err}");
+        // Readable by its group only is refused too, naming the file and its mode.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = read_secret_file(&path).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("(mode 640)"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("invalid server name {0:?}")]
     ServerName(String),
+    /// The private key's file may be read by its group or others.
+    #[error("{0}")]
+    SharedKey(#[from] crate::secrets::SecretError),
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -48,6 +51,8 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 /// A server config presenting the certificate chain in `cert` with the key in `key` (PEM files).
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let certs = read_certs(cert)?;
+    // A private key is a secret like a token: refused when others may read it.
+    crate::secrets::check_private(key)?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Pem {
         what: "private key",
         path: key.display().to_string(),
@@ -116,7 +121,8 @@ mod tests {
         let cert = params.signed_by(&key, &issuer).unwrap();
         std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
         std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
-        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+        crate::secrets::write_secret_file(&dir.path().join("key.pem"), &key.serialize_pem())
+            .unwrap();
         Pki { dir }
     }
 
@@ -170,6 +176,19 @@ mod tests {
     }
     fn key_owned(pki: &Pki) -> std::path::PathBuf {
         pki.dir.path().join("key.pem")
+    }
+
+    #[test]
+    fn a_private_key_its_group_may_read_is_refused_naming_the_file_and_mode() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let pki = make_pki();
+        let key = key_owned(&pki);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = server_config(&p_owned(&pki), &key).unwrap_err().to_string();
+        assert!(err.contains(&key.display().to_string()), "{err}");
+        assert!(err.contains("(mode 640)"), "{err}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(server_config(&p_owned(&pki), &key).is_ok());
     }
 
     #[test]

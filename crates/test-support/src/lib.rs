@@ -172,7 +172,13 @@ impl Pki {
         let cert = params.signed_by(&key, &issuer)?;
         std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
         std::fs::write(dir.path().join("cert.pem"), cert.pem())?;
-        std::fs::write(dir.path().join("key.pem"), key.serialize_pem())?;
+        // Owner-only, as the services require of a private key.
+        let key_path = dir.path().join("key.pem");
+        std::fs::write(&key_path, key.serialize_pem())?;
+        std::fs::set_permissions(
+            &key_path,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+        )?;
         Ok(Self { dir })
     }
 
