@@ -21,6 +21,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::alert_budget::{AppBudget, Verdict, with_suppressed};
+
 /// Alerts waiting per webhook. `raise` never blocks; when a webhook's queue is full the alert
 /// is dropped for it and counted. Dedup keeps real traffic far below this; 256 covers a whole
 /// cluster failing at once while a receiver is briefly slow.
@@ -131,6 +133,8 @@ struct Inner {
     /// When each key last alerted. Checked and updated under one lock, so two concurrent
     /// raises of one key send it once.
     last_raised: Mutex<HashMap<String, Instant>>,
+    /// Each app's token bucket, so an app cannot alert without bound by varying its message.
+    budget: Mutex<AppBudget>,
     counters: Arc<Counters>,
 }
 
@@ -246,6 +250,7 @@ impl Alerter {
                 spawner,
                 dedup_window: settings.dedup_window,
                 last_raised: Mutex::new(HashMap::new()),
+                budget: Mutex::new(AppBudget::default()),
                 counters,
             }),
         }
@@ -254,7 +259,7 @@ impl Alerter {
     /// Queues an alert without waiting. Dedup is by key within the window: a later alert with
     /// the same key inside the window is counted as suppressed, not sent. A key whose alert
     /// was dropped everywhere (queues full) is not remembered, so its next alert is tried.
-    pub fn raise(&self, alert: Alert) {
+    pub fn raise(&self, mut alert: Alert) {
         let inner = &*self.inner;
         let now = Instant::now();
         let mut last_raised = inner
@@ -267,6 +272,24 @@ impl Alerter {
             bump(&inner.counters.suppressed);
             tracing::debug!(key = %alert.key, "alert suppressed: raised within the dedup window");
             return;
+        }
+        // Then the app's rate: a new key per message passes dedup, not the bucket.
+        if let Some(app) = alert.event.app.clone() {
+            let verdict = inner
+                .budget
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(&app, now);
+            match verdict {
+                Verdict::Suppress => {
+                    bump(&inner.counters.suppressed);
+                    tracing::debug!(key = %alert.key, %app, "alert suppressed: over the app's alert rate");
+                    return;
+                }
+                Verdict::Send { suppressed } => {
+                    alert.text = with_suppressed(&alert.text, &app, suppressed);
+                }
+            }
         }
 
         // The journal gets every alert, webhooks or not.
@@ -641,6 +664,38 @@ mod tests {
                 sent: 1,
                 ..AlertStats::default()
             }
+        );
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_app_varying_its_message_is_held_to_its_rate_and_others_are_not() {
+        use crate::alert_budget::APP_ALERT_BURST;
+        let rx = receiver(0, StatusCode::OK).await;
+        let h = start(vec![rx.url.clone()], DEFAULT_DEDUP_WINDOW, FAST);
+        // Every message is new, so dedup lets each through; the app's bucket does not.
+        for i in 0..50 {
+            let mut flood = alert(&format!("app_event:noisy:{i}"), &format!("noisy says {i}"));
+            flood.event.app = Some("noisy".into());
+            h.alerter.raise(flood);
+        }
+        let mut other = alert("app_event:calm:1", "calm says hello");
+        other.event.app = Some("calm".into());
+        h.alerter.raise(other);
+        h.alerter.raise(alert("node_lost:web-1", "node web-1 lost"));
+        let expected = u64::from(APP_ALERT_BURST) + 2;
+        eventually("the deliveries", || h.alerter.stats().sent == expected).await;
+        let texts = rx.texts();
+        assert_eq!(
+            texts.iter().filter(|t| t.starts_with("noisy says")).count(),
+            APP_ALERT_BURST as usize,
+            "{texts:?}"
+        );
+        assert!(texts.contains(&"calm says hello".to_owned()), "{texts:?}");
+        assert!(texts.contains(&"node web-1 lost".to_owned()), "{texts:?}");
+        assert_eq!(
+            h.alerter.stats().suppressed,
+            50 - u64::from(APP_ALERT_BURST)
         );
         h.stop().await;
     }

@@ -3,6 +3,7 @@
 //! rollouts, records events, alerts sysadmins, and serves an HTTP API and a status page.
 //! [`run`] is the whole service; `main.rs` only wires it up.
 
+pub(crate) mod alert_budget;
 pub(crate) mod alerts;
 pub mod auth;
 pub mod cli;
