@@ -304,6 +304,7 @@ pub(crate) mod tests {
                 sha256: format!("{version:064x}"),
                 size: 1000,
                 bundled_commands: Vec::new(),
+                unpacked_size: None,
             },
             manifest: AppManifest::parse(&format!(
                 "name = \"{app}\"\nrun = \"python3 server.py\"\n{extra}"

@@ -77,6 +77,7 @@ impl RepoStub {
                 sha256: format!("{version:064x}"),
                 size: 4096,
                 bundled_commands: Vec::new(),
+                unpacked_size: None,
             },
             manifest,
             config: BTreeMap::from([("DATABASE_URL".to_string(), "postgres://db".to_string())]),

@@ -101,6 +101,7 @@ impl Repo {
                 sha256: sha256.clone(),
                 size: 100,
                 bundled_commands: Vec::new(),
+                unpacked_size: None,
             },
             manifest: AppManifest::parse(&format!(
                 "name = \"{app}\"\nrun = \"python3 server.py\"\n"
@@ -176,6 +177,7 @@ impl Repo {
                         sha256,
                         size: 100,
                         bundled_commands: Vec::new(),
+                        unpacked_size: None,
                     },
                     manifest: AppManifest::parse(&format!(
                         "name = \"{app}\"\nrun = \"python3 server.py\"\n"

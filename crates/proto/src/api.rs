@@ -47,6 +47,11 @@ pub struct BundleRef {
     /// interpreter, a static binary): they need not be installed on the web servers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bundled_commands: Vec<String>,
+    /// Bytes of file content once unpacked, as apprepo's inspection counted them: what a web
+    /// server needs free to unpack it (a compressed bundle may unpack to many times its size).
+    /// Absent for bundles stored before apprepo recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unpacked_size: Option<u64>,
 }
 
 /// Why a release was made.

@@ -502,6 +502,10 @@ pub struct AppAssignment {
     /// Absent from a Beacon that predates it; such an app ranks after every dated one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_created_at: Option<String>,
+    /// The bundle's size once unpacked (`BundleRef::unpacked_size`), for the node's disk check
+    /// before it downloads; absent for bundles stored before apprepo recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_unpacked_size: Option<u64>,
 }
 
 #[cfg(test)]

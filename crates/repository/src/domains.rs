@@ -91,6 +91,7 @@ mod tests {
                 sha256: "00".into(),
                 size: 1,
                 bundled_commands: Vec::new(),
+                unpacked_size: None,
             },
             manifest: manifest(&["a.example.com"]),
             config: Default::default(),

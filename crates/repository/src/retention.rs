@@ -542,6 +542,7 @@ mod tests {
                 sha256: sha256.into(),
                 size: 64,
                 bundled_commands: Vec::new(),
+                unpacked_size: None,
             },
             manifest: AppManifest::parse("name = \"app\"\nrun = \"true\"\n").unwrap(),
             config: Default::default(),

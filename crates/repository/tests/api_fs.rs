@@ -607,6 +607,12 @@ async fn a_domain_another_app_holds_is_refused_naming_the_holder() {
         .deploy("shop", &bundle_with_domains("shop", &["shop.example.com"]))
         .await;
     assert_eq!(again.version, 2);
+    // The release records what its bundle unpacks to, for the web servers' disk check.
+    let unpacked = again
+        .bundle
+        .unpacked_size
+        .expect("no unpacked size recorded");
+    assert!(unpacked > 0 && unpacked < 1 << 20, "{unpacked}");
     let rival = repo
         .deploy(
             "rival",

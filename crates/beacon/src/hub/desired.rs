@@ -144,6 +144,7 @@ impl Hub {
             }),
             processes: BTreeMap::new(),
             app_created_at: created.cloned(),
+            bundle_unpacked_size: release.bundle.unpacked_size,
         }
     }
 

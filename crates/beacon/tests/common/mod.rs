@@ -148,6 +148,7 @@ impl RepoStub {
                 sha256: format!("{version:064x}"),
                 size: 1000 + version,
                 bundled_commands: Vec::new(),
+                unpacked_size: None,
             },
             manifest,
             config: BTreeMap::from([("DATABASE_URL".to_string(), "postgres://db".to_string())]),
@@ -188,6 +189,7 @@ impl RepoStub {
                 sha256: format!("{:064x}", 0xb000 + number),
                 size: 2000 + number,
                 bundled_commands: Vec::new(),
+                unpacked_size: None,
             },
             manifest: AppManifest::parse(&format!(
                 "name = \"{app}\"\nrun = \"python3 server.py\"\n"

@@ -137,6 +137,7 @@ impl BundleServer {
             build: None,
             processes,
             app_created_at: None,
+            bundle_unpacked_size: None,
         }
     }
 

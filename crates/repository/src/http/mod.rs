@@ -310,6 +310,7 @@ async fn receive_release(
             .map(|r| r.command.clone())
             .filter(|c| info.bin_commands.contains(c))
             .collect(),
+        unpacked_size: Some(info.unpacked_bytes),
     };
     let description = if description.is_empty() {
         "deploy".to_string()

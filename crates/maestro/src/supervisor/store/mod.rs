@@ -217,8 +217,7 @@ impl ReleaseStore {
         releases: &Path,
         dir: &Path,
     ) -> Result<(), DeployError> {
-        // The bundle is downloaded, then unpacked beside it (at least as large again).
-        self.check_floor(releases, target.bundle_size.saturating_mul(2))?;
+        self.check_floor(releases, bundle_needs(target))?;
         let download = releases.join(format!(".download-{}", target.release));
         let fetched = fetch(
             &self.http,
@@ -514,6 +513,15 @@ pub(crate) async fn fetch(
 
 /// Unpacks the bundle at `bundle` into `dir` on a blocking thread; `px_bundle::unpack` leaves
 /// no partial directory behind when it fails.
+/// The disk a bundle release takes while it is prepared: the download, and the release
+/// unpacked beside it. The unpacked size is apprepo's count when the assignment has it (a
+/// compressed bundle may unpack to many times its size); for a bundle stored before apprepo
+/// counted, it is guessed as large as the download again.
+fn bundle_needs(target: &AppAssignment) -> u64 {
+    let unpacked = target.bundle_unpacked_size.unwrap_or(target.bundle_size);
+    target.bundle_size.saturating_add(unpacked)
+}
+
 async fn unpack(bundle: PathBuf, dir: PathBuf) -> Result<(), DeployError> {
     tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&bundle).map_err(DeployError::ReadDownload)?;

@@ -85,6 +85,7 @@ impl Repository {
             build: None,
             processes: BTreeMap::new(),
             app_created_at: None,
+            bundle_unpacked_size: None,
         };
         (assignment, (manifest.len() + data.len()) as u64)
     }
@@ -143,6 +144,61 @@ async fn a_release_is_downloaded_verified_and_unpacked_once() {
     let again = store.prepare(&v1).await.unwrap();
     assert_eq!(again.dir, prepared.dir);
     assert_eq!(repository.downloads(), 1);
+}
+
+/// A bundle of `unpacked` bytes of zeros, which compresses to almost nothing.
+fn zeros_bundle(repository: &Repository, app: &str, unpacked: u64) -> AppAssignment {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("app.toml"),
+        format!("name = \"{app}\"\nrun = \"true\"\n"),
+    )
+    .unwrap();
+    // Sparse: no disk is spent making it, and it reads as zeros.
+    std::fs::File::create(dir.path().join("zeros.bin"))
+        .unwrap()
+        .set_len(unpacked)
+        .unwrap();
+    let (mut assignment, _) = repository.release(app, 1, "");
+    let mut bytes = Vec::new();
+    let (summary, _) = px_bundle::pack_dir(dir.path(), &mut bytes).unwrap();
+    repository
+        .served
+        .bundles
+        .lock()
+        .unwrap()
+        .insert(summary.sha256.clone(), bytes);
+    assignment.bundle_sha256 = summary.sha256.clone();
+    assignment.bundle_size = summary.size;
+    assignment.bundle_url = format!("{}/v1/bundles/{}", repository.url, summary.sha256);
+    assignment
+}
+
+#[tokio::test]
+async fn the_disk_check_counts_what_a_bundle_unpacks_to_not_twice_its_compressed_size() {
+    const UNPACKED: u64 = 256 << 20;
+    // Room for twice the compressed bundle many times over, but not for what it unpacks to:
+    // the floor leaves half of it free. Other writes on the machine may move free space by
+    // far less than that margin during the test.
+    let repository = Repository::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let mut bomb = zeros_bundle(&repository, "shop", UNPACKED);
+    assert!(bomb.bundle_size < 1 << 20, "{}", bomb.bundle_size);
+    bomb.bundle_unpacked_size = Some(UNPACKED + 20);
+    let free = free_disk(state.path()).unwrap();
+    let floor = free - UNPACKED / 2;
+    let store = store(state.path(), 3, floor);
+    let error = store.prepare(&bomb).await.unwrap_err();
+    assert!(
+        matches!(error, DeployError::NotEnoughDisk { .. }),
+        "{error:?}"
+    );
+    let needed = format!(
+        "this release needs about {}",
+        ByteSize(bomb.bundle_size + UNPACKED + 20)
+    );
+    assert!(error.to_string().contains(&needed), "{error}");
+    assert_eq!(repository.downloads(), 0, "refused before downloading");
 }
 
 #[tokio::test]
