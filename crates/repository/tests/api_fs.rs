@@ -559,8 +559,16 @@ async fn a_half_sent_request_is_cut_and_connections_beyond_the_cap_wait() {
 
 /// The sample app, serving `domains`.
 fn bundle_with_domains(name: &str, domains: &[&str]) -> Vec<u8> {
+    app_with_domains(name, domains, false)
+}
+
+/// The sample app serving `domains`, with a `requirements.txt` (so it needs a build) if `built`.
+fn app_with_domains(name: &str, domains: &[&str], built: bool) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     px_test_support::write_sample_app(dir.path(), name).unwrap();
+    if built {
+        std::fs::write(dir.path().join("requirements.txt"), "gunicorn==23.0.0\n").unwrap();
+    }
     let manifest = std::fs::read_to_string(dir.path().join("app.toml")).unwrap();
     let list: Vec<String> = domains.iter().map(|d| format!("{d:?}")).collect();
     let manifest = manifest.replace(
@@ -602,6 +610,15 @@ async fn a_domain_another_app_holds_is_refused_naming_the_holder() {
     );
     assert!(repo.releases("rival").await.is_empty());
     repo.assert_spool_empties().await;
+    // An upload that needs a build is refused before a build is queued for nothing.
+    let r = repo
+        .upload(
+            "rival",
+            &app_with_domains("rival", &["shop.example.com"], true),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    assert!(repo.pending_builds().await.is_empty());
     // The holder redeploys with its name, and a free name is taken by whoever asks.
     let again = repo
         .deploy("shop", &bundle_with_domains("shop", &["shop.example.com"]))
