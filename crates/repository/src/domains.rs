@@ -100,6 +100,7 @@ mod tests {
             created_at: "2026-01-01T00:00:00Z".into(),
             created_by: "t".into(),
             build: None,
+            phase: None,
         };
         assert_eq!(added(Some(&current), &next), ["b.example.com"]);
     }

@@ -496,7 +496,7 @@ impl Releases {
             mut record,
             pointer_version,
             newest,
-            current: _,
+            current,
         } = head;
         let number = newest + 1;
         let release = Release {
