@@ -278,9 +278,8 @@ pub async fn deploy(client: &Client, options: Options<'_>) -> Result<()> {
                 client,
                 app: &app,
                 number: build.number,
-                quiet: options.json,
                 output,
-                tail: VecDeque::new(),
+                lines: ShownLines::new(options.json),
             };
             let (version, early) = watch.follow(events).await?;
             let release: Release = client
@@ -404,12 +403,55 @@ struct BuildWatch<'a> {
     client: &'a Client,
     app: &'a str,
     number: u64,
-    /// `--json`: nothing but the result is printed.
-    quiet: bool,
     /// Beacon's stream of the app's build output; `None` when it could not be followed.
     output: Option<Feed<LogEntry>>,
-    /// The build's last lines, for a failure.
-    tail: VecDeque<String>,
+    /// The build's lines as shown, and its last ones for a failure.
+    lines: ShownLines,
+}
+
+/// The output of a task `em deploy` waits for (a build, a release phase): each line shown as
+/// it comes (escaped for the terminal) unless `--json`, and the last [`FAILING_LINES`] kept
+/// for the failure message.
+pub(crate) struct ShownLines {
+    /// `--json`: nothing but the result is printed.
+    pub(crate) quiet: bool,
+    pub(crate) tail: VecDeque<String>,
+}
+
+impl ShownLines {
+    pub(crate) fn new(quiet: bool) -> Self {
+        Self {
+            quiet,
+            tail: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn show(&mut self, line: String) {
+        if !self.quiet {
+            eprintln!("{OUTPUT_INDENT}{}", crate::safe_text::line(&line));
+        }
+        if self.tail.len() >= FAILING_LINES {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line);
+    }
+}
+
+/// Hands `each` what is left of a followed output once its task's end is known, for at most
+/// [`OUTPUT_GRACE`] (the last lines may still be on their way).
+pub(crate) async fn drain_output(
+    output: &mut Option<Feed<LogEntry>>,
+    mut each: impl FnMut(LogEntry),
+) {
+    if output.is_none() {
+        return;
+    }
+    let _ = tokio::time::timeout(OUTPUT_GRACE, async {
+        while let Some(line) = next_line(output).await {
+            each(line);
+        }
+    })
+    .await;
 }
 
 impl BuildWatch<'_> {
@@ -454,26 +496,18 @@ impl BuildWatch<'_> {
 
     /// Prints a line of the build's output (another build's is skipped) and keeps it.
     fn show(&mut self, line: LogEntry) {
-        if line.build != Some(self.number) {
-            return;
+        if line.build == Some(self.number) {
+            self.lines.show(line.line);
         }
-        if !self.quiet {
-            eprintln!("{OUTPUT_INDENT}{}", crate::safe_text::line(&line.line));
-        }
-        if self.tail.len() >= FAILING_LINES {
-            self.tail.pop_front();
-        }
-        self.tail.push_back(line.line);
     }
 
     /// Shows what is left of the output once the build's end is known.
     async fn drain_output(&mut self) {
-        if self.output.is_none() {
-            return;
-        }
-        let _ = tokio::time::timeout(OUTPUT_GRACE, async {
-            while let Some(line) = next_line(&mut self.output).await {
-                self.show(line);
+        let number = self.number;
+        let lines = &mut self.lines;
+        drain_output(&mut self.output, |line| {
+            if line.build == Some(number) {
+                lines.show(line.line);
             }
         })
         .await;
@@ -512,7 +546,7 @@ impl BuildWatch<'_> {
     }
 
     fn step(&self, text: &str) {
-        if !self.quiet {
+        if !self.lines.quiet {
             eprintln!("{STEP} {text}");
         }
     }
@@ -552,7 +586,7 @@ impl BuildWatch<'_> {
         };
         if lines.is_empty() {
             self.drain_output().await;
-            lines = self.tail.iter().cloned().collect();
+            lines = self.lines.tail.iter().cloned().collect();
         }
         if lines.is_empty()
             && let Some(detail) = detail

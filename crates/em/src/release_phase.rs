@@ -4,7 +4,6 @@
 //! lost event only delays it. A failure exits 1 with the phase's last lines and says which
 //! release still serves.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use px_proto::api::{App, PhaseState, Release};
@@ -12,9 +11,15 @@ use px_proto::beacon::{Event, EventKind, LogEntry};
 
 use crate::client::{Client, Feed};
 use crate::deploy::{
-    BUILD_POLL, FAILING_LINES, OUTPUT_GRACE, OUTPUT_INDENT, STEP, last_lines, next_line, superseded,
+    BUILD_POLL, FAILING_LINES, OUTPUT_INDENT, STEP, ShownLines, drain_output, last_lines,
+    next_line, superseded,
 };
 use crate::failure::{Failure, Result};
+
+/// Whether a line of the app's output is release `version`'s phase speaking.
+fn is_phase_line(line: &LogEntry, version: u64) -> bool {
+    line.release == version && line.process.as_deref() == Some(PHASE_PROCESS)
+}
 
 /// Time over the phase's own timeout before `em deploy` stops waiting: for the node to get
 /// the order, prepare the release and report the end.
@@ -31,10 +36,9 @@ pub(crate) struct PhaseWatch<'a> {
     client: &'a Client,
     app: &'a str,
     version: u64,
-    quiet: bool,
     output: Option<Feed<LogEntry>>,
-    /// The phase's last lines, for a failure.
-    tail: VecDeque<String>,
+    /// The phase's lines as shown, and its last ones for a failure.
+    lines: ShownLines,
 }
 
 impl<'a> PhaseWatch<'a> {
@@ -65,9 +69,8 @@ impl<'a> PhaseWatch<'a> {
             client,
             app,
             version: release.version,
-            quiet,
             output,
-            tail: VecDeque::new(),
+            lines: ShownLines::new(quiet),
         }
     }
 
@@ -112,31 +115,23 @@ impl<'a> PhaseWatch<'a> {
     }
 
     fn mine(&self, line: &LogEntry) -> bool {
-        line.release == self.version && line.process.as_deref() == Some(PHASE_PROCESS)
+        is_phase_line(line, self.version)
     }
 
     /// Prints a line of the phase's output (any other line of the app is skipped) and keeps it.
     fn show(&mut self, line: LogEntry) {
-        if !self.mine(&line) {
-            return;
+        if self.mine(&line) {
+            self.lines.show(line.line);
         }
-        if !self.quiet {
-            eprintln!("{OUTPUT_INDENT}{}", line.line);
-        }
-        if self.tail.len() >= FAILING_LINES {
-            self.tail.pop_front();
-        }
-        self.tail.push_back(line.line);
     }
 
     /// Shows what is left of the output once the phase's end is known.
     async fn drain_output(&mut self) {
-        if self.output.is_none() {
-            return;
-        }
-        let _ = tokio::time::timeout(OUTPUT_GRACE, async {
-            while let Some(line) = next_line(&mut self.output).await {
-                self.show(line);
+        let version = self.version;
+        let lines = &mut self.lines;
+        drain_output(&mut self.output, |line| {
+            if is_phase_line(&line, version) {
+                lines.show(line.line);
             }
         })
         .await;
@@ -149,7 +144,7 @@ impl<'a> PhaseWatch<'a> {
         }
         match event.kind {
             EventKind::PhaseStarted => {
-                if !self.quiet {
+                if !self.lines.quiet {
                     match &event.node {
                         Some(node) => eprintln!("{STEP} running on {node}"),
                         None => eprintln!("{STEP} {}", event.message),
@@ -181,7 +176,7 @@ impl<'a> PhaseWatch<'a> {
         match release.phase.map(|p| p.state) {
             None | Some(PhaseState::Succeeded) => {
                 self.drain_output().await;
-                if !self.quiet {
+                if !self.lines.quiet {
                     eprintln!("{STEP} release phase of v{} succeeded", self.version);
                 }
                 Ok(true)
@@ -208,7 +203,7 @@ impl<'a> PhaseWatch<'a> {
             Err(_) => Vec::new(),
         };
         if lines.is_empty() {
-            lines = self.tail.iter().cloned().collect();
+            lines = self.lines.tail.iter().cloned().collect();
         }
         let quoted = if lines.is_empty() {
             String::new()
