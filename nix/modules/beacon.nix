@@ -69,7 +69,7 @@ in
           tokens_file = lib.mkOption {
             type = lib.types.nullOr lib.types.str;
             default = null;
-            description = "A TOML file of `[[token]]` entries (roles read, deploy, maestro, repository): hashes only.";
+            description = "A TOML file of `[[token]]` entries (roles read, deploy, maestro, repository): hashes only; each maestro entry names its `node`.";
           };
           domain = lib.mkOption {
             type = lib.types.str;

@@ -22,6 +22,9 @@ let
         nativeBuildInputs = [ pkgs.openssl ];
         # Beacon's certificate names the host the others dial.
         BEACON_NAMES = "control";
+        # Each web server's link token is bound to its node name: web1's is
+        # maestro-link-token, web2's maestro-web2-link-token.
+        MAESTRO_NODES = "web1,web2";
         # The build user cannot give files away; the services get them through root anyway.
         SET_OWNERS = "0";
       }
@@ -38,10 +41,10 @@ let
   # The runtimes releases are built with, alike on every Maestro: the builder links them into
   # its runtimes directory, and every web server keeps their closures.
   runtimes = [ pkgs.python3 ];
-  webServer = name: builds: {
+  webServer = name: builds: linkToken: {
     imports = [ self.nixosModules.maestro ];
     environment.etc = privateFiles [
-      "maestro-link-token"
+      linkToken
       (if builds then "maestro-build-token" else "maestro-repo-token")
     ];
     environment.systemPackages = [ pkgs.curl ];
@@ -60,7 +63,7 @@ let
         };
       };
       credentials = {
-        linkToken = "/etc/platformx/maestro-link-token";
+        linkToken = "/etc/platformx/${linkToken}";
       }
       // (
         if builds then
@@ -120,8 +123,8 @@ in
         };
       };
     };
-    web1 = webServer "web1" true;
-    web2 = webServer "web2" false;
+    web1 = webServer "web1" true "maestro-link-token";
+    web2 = webServer "web2" false "maestro-web2-link-token";
   };
 
   testScript = ''

@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use px_runtime::tokens::TokenTable;
+use px_proto::link::MAX_PEER_NAME_LEN;
+use px_runtime::tokens::{TokenEntry, TokenTable};
 use serde::{Deserialize, Serialize};
 
 use crate::http::{ApiError, AppState};
@@ -23,6 +24,16 @@ pub enum Role {
 }
 
 impl Role {
+    /// The role as a tokens file spells it.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Deploy => "deploy",
+            Role::Maestro => "maestro",
+            Role::Repository => "repository",
+        }
+    }
+
     /// Whether this role may read the HTTP API.
     pub(crate) fn may_read(self) -> bool {
         matches!(self, Role::Read | Role::Deploy | Role::Maestro)
@@ -30,6 +41,41 @@ impl Role {
 }
 
 pub(crate) type Tokens = Arc<TokenTable<Role>>;
+
+/// The problems with the tokens' `node` bindings: a `maestro` token must name the one node it
+/// may link as, so that a token taken from one host cannot speak for another; other roles
+/// name none.
+pub(crate) fn check_nodes(entries: &[TokenEntry<Role>]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for entry in entries {
+        match (&entry.node, entry.role) {
+            (None, Role::Maestro) => problems.push(format!(
+                "token {:?}: a maestro token must name its node: add `node = \"<the node's name>\"` \
+                 (its Maestro's `node_name`) to the entry",
+                entry.name
+            )),
+            (Some(node), Role::Maestro) if !valid_node_name(node) => problems.push(format!(
+                "token {:?}: node {node:?} is not a valid node name (1 to {MAX_PEER_NAME_LEN} \
+                 characters, no spaces or control characters)",
+                entry.name
+            )),
+            (Some(_), role) if role != Role::Maestro => problems.push(format!(
+                "token {:?}: only maestro tokens name a node; remove `node` from this {} token",
+                entry.name,
+                role.as_str()
+            )),
+            _ => {}
+        }
+    }
+    problems
+}
+
+/// Whether `name` may name a node or repository on a link: what a `Hello` is held to.
+pub(crate) fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_PEER_NAME_LEN
+        && !name.chars().any(|c| c.is_control() || c.is_whitespace())
+}
 
 /// The verified caller of an HTTP request, allowed to read.
 #[derive(Debug, Clone)]
@@ -67,5 +113,40 @@ impl Reader {
         Ok(Reader {
             name: entry.name.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, role: Role, node: Option<&str>) -> TokenEntry<Role> {
+        TokenEntry {
+            name: name.into(),
+            role,
+            sha256: px_runtime::tokens::hash(name),
+            node: node.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_maestro_token_without_its_node_is_refused_saying_how_to_fix_it() {
+        let problems = check_nodes(&[
+            entry("web-1", Role::Maestro, Some("web-1")),
+            entry("old", Role::Maestro, None),
+            entry("spaced", Role::Maestro, Some("web 2")),
+            entry("em", Role::Deploy, Some("web-1")),
+            entry("apprepo", Role::Repository, None),
+        ]);
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[0].contains("\"old\"") && problems[0].contains("node = "),
+            "{problems:?}"
+        );
+        assert!(problems[1].contains("\"web 2\""), "{problems:?}");
+        assert!(
+            problems[2].contains("remove `node`") && problems[2].contains("deploy"),
+            "{problems:?}"
+        );
     }
 }

@@ -64,6 +64,7 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
     )
     .map_err(|m| problems.push(m))
     .unwrap_or_default();
+    problems.extend(auth::check_nodes(&entries));
     let tokens = px_runtime::tokens::TokenTable::new(entries)
         .map_err(|m| problems.push(m))
         .ok();

@@ -9,8 +9,9 @@ use futures_util::{SinkExt, StreamExt};
 use px_proto::codec::FrameCodec;
 use px_proto::link::{
     FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, HEARTBEAT_INTERVAL, Hello, MAX_NODE_LABELS,
-    MAX_PEER_NAME_LEN, MAX_REPORTED_INSTANCES, PROTOCOL_VERSION, PeerRole, ToBeacon,
+    MAX_REPORTED_INSTANCES, PROTOCOL_VERSION, PeerRole, ToBeacon,
 };
+use px_runtime::tokens::TokenEntry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::codec::Framed;
@@ -137,22 +138,19 @@ impl LinkServer {
             PeerRole::Maestro => Role::Maestro,
             PeerRole::Repository => Role::Repository,
         };
-        match self.tokens.verify(&hello.token) {
-            Some(entry) if entry.role == wanted => {}
+        let entry = match self.tokens.verify(&hello.token) {
+            Some(entry) if entry.role == wanted => entry,
             Some(entry) => {
                 let reason = format!("token {:?} is not a {:?} token", entry.name, wanted);
                 return Err(reject(&mut link, reason).await);
             }
             None => return Err(reject(&mut link, "unknown token".into()).await),
-        }
-        if hello.name.is_empty()
-            || hello.name.len() > MAX_PEER_NAME_LEN
-            || hello
-                .name
-                .chars()
-                .any(|c| c.is_control() || c.is_whitespace())
-        {
+        };
+        if !crate::auth::valid_node_name(&hello.name) {
             return Err(reject(&mut link, format!("invalid peer name {:?}", hello.name)).await);
+        }
+        if let Err(reason) = token_admits(&entry, &hello.name) {
+            return Err(reject(&mut link, reason).await);
         }
         if hello.labels.len() > MAX_NODE_LABELS
             || hello.runtimes.len() > px_proto::link::MAX_REPORTED_RUNTIMES
@@ -317,6 +315,19 @@ impl LinkServer {
         self.hub.detach(node, conn);
         result
     }
+}
+
+/// Whether `entry`'s token may link as `name`: a `maestro` token only as its own node. The
+/// reason names both, so the operator sees which token was used where.
+pub(crate) fn token_admits(entry: &TokenEntry<Role>, name: &str) -> Result<(), String> {
+    if entry.role != Role::Maestro || entry.node.as_deref() == Some(name) {
+        return Ok(());
+    }
+    Err(format!(
+        "token {:?} belongs to node {:?}, not to node {name:?}",
+        entry.name,
+        entry.node.as_deref().unwrap_or("")
+    ))
 }
 
 async fn reject(link: &mut Link, reason: String) -> String {

@@ -16,7 +16,7 @@ fn check_config_accepts_good_and_names_what_is_missing() {
     std::fs::write(
         &config,
         format!(
-            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n[[tokens]]\nname = \"web\"\nrole = \"maestro\"\nsha256 = \"{}\"\n[repository]\nurl = \"http://127.0.0.1:7070\"\ntoken_file = \"{}\"\n",
+            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n[[tokens]]\nname = \"web\"\nrole = \"maestro\"\nsha256 = \"{}\"\nnode = \"web-1\"\n[repository]\nurl = \"http://127.0.0.1:7070\"\ntoken_file = \"{}\"\n",
             pki.cert().display(),
             pki.key().display(),
             px_runtime::tokens::hash("pxt_web"),

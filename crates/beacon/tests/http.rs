@@ -690,7 +690,9 @@ async fn metrics_and_the_status_page_need_a_reading_token_and_healthz_says_one_w
             .body(format!("token={token}"))
             .send()
     };
-    let refused = login(&tokens.maestro.replace('a', "b")).await.unwrap();
+    let refused = login(&tokens.maestro.of("web-1").replace('a', "b"))
+        .await
+        .unwrap();
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
     assert!(refused.headers().get("set-cookie").is_none());
     assert!(refused.text().await.unwrap().contains("unknown token"));

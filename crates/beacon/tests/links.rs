@@ -341,18 +341,18 @@ async fn bad_peers_are_refused_and_good_ones_keep_working() {
     )
     .await;
     assert!(reason(answer).contains("unknown token"));
-    let mut wrong_role = maestro_hello("apprepo", &s.tokens.maestro, 0);
+    let mut wrong_role = maestro_hello("apprepo", s.tokens.maestro.of("web-1"), 0);
     wrong_role.role = PeerRole::Repository;
     let (_, answer) = open_link(&s.beacon.control_addr, &s.beacon.pki.ca(), wrong_role).await;
     assert!(reason(answer).contains("not a Repository token"));
-    let mut old = maestro_hello("old", &s.tokens.maestro, 0);
+    let mut old = maestro_hello("old", s.tokens.maestro.of("web-1"), 0);
     old.protocol = 0;
     let (_, answer) = open_link(&s.beacon.control_addr, &s.beacon.pki.ca(), old).await;
     assert!(reason(answer).contains("protocol version 0"));
     let (_, answer) = open_link(
         &s.beacon.control_addr,
         &s.beacon.pki.ca(),
-        maestro_hello("bad name", &s.tokens.maestro, 0),
+        maestro_hello("bad name", s.tokens.maestro.of("web-1"), 0),
     )
     .await;
     assert!(reason(answer).contains("invalid peer name"));

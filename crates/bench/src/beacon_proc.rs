@@ -24,8 +24,9 @@ const LOG_TAIL_LINES: usize = 25;
 pub struct Tokens {
     /// For Beacon's HTTP API (`/v1/apps`).
     pub read: String,
-    /// What every simulated Maestro presents.
-    pub maestro: String,
+    /// What each simulated Maestro presents, by its index: each token is bound to that node's
+    /// name ([`crate::fleet::node_name`]), as Beacon requires.
+    pub maestro: Vec<String>,
     /// What the repository link presents.
     pub repository: String,
     /// Beacon's token for the repository stub.
@@ -33,11 +34,12 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    pub fn generate() -> Self {
+    /// Tokens for Beacon's API, its repository, and `links` simulated Maestros.
+    pub fn generate(links: usize) -> Self {
         use px_runtime::tokens::generate;
         Self {
             read: generate(),
-            maestro: generate(),
+            maestro: (0..links).map(|_| generate()).collect(),
             repository: generate(),
             repo_read: generate(),
         }
@@ -107,7 +109,6 @@ impl BeaconProcess {
              reconcile_interval = \"1h\"\nnode_lost_after = \"60s\"\n\n\
              [repository]\nurl = {url}\ntoken_file = {token_file}\n\n\
              [[tokens]]\nname = \"bench-read\"\nrole = \"read\"\nsha256 = \"{read}\"\n\n\
-             [[tokens]]\nname = \"bench-maestro\"\nrole = \"maestro\"\nsha256 = \"{maestro}\"\n\n\
              [[tokens]]\nname = \"bench-repository\"\nrole = \"repository\"\nsha256 = \"{repository}\"\n",
             data = path_string(&dir.join("data"))?,
             cert = path_string(&tls.cert)?,
@@ -115,9 +116,17 @@ impl BeaconProcess {
             url = toml_string(repository_url),
             token_file = path_string(&repo_token_file)?,
             read = hash(&tokens.read),
-            maestro = hash(&tokens.maestro),
             repository = hash(&tokens.repository),
         );
+        // One maestro token per simulated node, bound to its name.
+        let mut config = config;
+        for (index, token) in tokens.maestro.iter().enumerate() {
+            let node = crate::fleet::node_name(index);
+            config.push_str(&format!(
+                "\n[[tokens]]\nname = \"{node}\"\nrole = \"maestro\"\nsha256 = \"{}\"\nnode = \"{node}\"\n",
+                hash(token)
+            ));
+        }
         let config_path = dir.join("beacon.toml");
         std::fs::write(&config_path, config).context("writing Beacon's config")?;
         let log = dir.join("beacon.log");

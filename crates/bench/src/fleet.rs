@@ -42,6 +42,10 @@ pub enum Reports {
     Empty,
 }
 
+/// Loopback source addresses the simulated nodes spread over (127.0.0.1 to 127.0.0.250): with
+/// the default 256 connects at once, one or two per address, under Beacon's per-source cap.
+pub const SOURCE_ADDRESSES: usize = 250;
+
 /// Where and how the links connect.
 #[derive(Clone)]
 pub struct Dialer {
@@ -63,9 +67,20 @@ impl Dialer {
         })
     }
 
-    /// TCP, TLS, `Hello`; returns the link once Beacon answered `Welcome`.
-    pub async fn open(&self, hello: Hello) -> Result<Link> {
-        let tcp = TcpStream::connect(self.addr).await.context("connect")?;
+    /// TCP, TLS, `Hello`; returns the link once Beacon answered `Welcome`. Link `index`
+    /// connects from a loopback address of its own among [`SOURCE_ADDRESSES`] when Beacon is
+    /// on IPv4 loopback: Beacon holds each source address to a few connections that have not
+    /// said `Hello` yet, and a fleet of real nodes comes from as many addresses.
+    pub async fn open(&self, hello: Hello, index: usize) -> Result<Link> {
+        let tcp = match self.addr {
+            SocketAddr::V4(addr) if addr.ip().is_loopback() => {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                let last = u8::try_from(1 + index % SOURCE_ADDRESSES).unwrap_or(1);
+                socket.bind(SocketAddr::from(([127, 0, 0, last], 0)))?;
+                socket.connect(self.addr).await.context("connect")?
+            }
+            _ => TcpStream::connect(self.addr).await.context("connect")?,
+        };
         // Heartbeats are small frames; Nagle would hold them back behind unacknowledged ones.
         tcp.set_nodelay(true)?;
         let tls = self
@@ -208,7 +223,8 @@ impl Fleet {
 #[derive(Clone)]
 pub struct LinkSettings {
     pub dialer: Dialer,
-    pub token: String,
+    /// Each link's token, by its index.
+    pub tokens: Vec<String>,
     pub heartbeat: Duration,
     pub reports: Reports,
     pub connect_slots: Arc<Semaphore>,
@@ -227,6 +243,13 @@ pub fn spawn_links(fleet: &Arc<Fleet>, settings: &LinkSettings, tracker: &TaskTr
                 _ = run_link(index, &fleet, &settings) => {}
             }
         });
+    }
+}
+
+impl LinkSettings {
+    /// The token of link `index`; empty (and so refused) if the fleet has none for it.
+    fn token(&self, index: usize) -> &str {
+        self.tokens.get(index).map_or("", String::as_str)
     }
 }
 
@@ -306,7 +329,10 @@ async fn run_link(index: usize, fleet: &Fleet, settings: &LinkSettings) {
         tokio::time::timeout(LINK_SETUP_TIMEOUT, async {
             let mut link = settings
                 .dialer
-                .open(maestro_hello(node_name(index), &settings.token))
+                .open(
+                    maestro_hello(node_name(index), settings.token(index)),
+                    index,
+                )
                 .await?;
             let first = first_assignment(&mut link).await?;
             anyhow::Ok((link, first))
@@ -398,7 +424,7 @@ pub async fn open_repository_link(dialer: &Dialer, token: &str) -> Result<Link> 
         labels: BTreeMap::new(),
         state: None,
     };
-    dialer.open(hello).await.context("repository link")
+    dialer.open(hello, 0).await.context("repository link")
 }
 
 /// Announces release `version` of `app` on a repository link; returns the instant the notice

@@ -204,7 +204,7 @@ pub async fn run(options: &Options) -> Result<Report> {
         .tempdir()
         .context("making a temporary directory")?;
     let pki = px_test_support::Pki::new(&["localhost"]).context("making a throwaway CA")?;
-    let tokens = Tokens::generate();
+    let tokens = Tokens::generate(options.links);
     let stub = RepoStub::start(tokens.repo_read.clone(), epoch, shutdown.clone()).await?;
     stub.set_release(1)?;
 
@@ -236,7 +236,7 @@ pub async fn run(options: &Options) -> Result<Report> {
     let fleet = Fleet::new(options.links, epoch);
     let settings = LinkSettings {
         dialer: dialer.clone(),
-        token: tokens.maestro.clone(),
+        tokens: tokens.maestro.clone(),
         heartbeat: options.heartbeat,
         reports: options.reports,
         connect_slots: Arc::new(Semaphore::new(options.connect_concurrency)),

@@ -62,11 +62,13 @@ async fn an_upload_reaches_a_maestro_through_beacon() {
                 name: "dev".into(),
                 role: px_repository::auth::Role::Deploy,
                 sha256: hash(&deploy),
+                node: None,
             },
             TokenEntry {
                 name: "beacon".into(),
                 role: px_repository::auth::Role::Read,
                 sha256: hash(&repo_read),
+                node: None,
             },
         ],
         beacon: Some(px_repository::config::BeaconConfig {
@@ -99,11 +101,13 @@ async fn an_upload_reaches_a_maestro_through_beacon() {
                 name: "web".into(),
                 role: px_beacon::auth::Role::Maestro,
                 sha256: hash(&maestro),
+                node: Some("web-1".into()),
             },
             TokenEntry {
                 name: "apprepo".into(),
                 role: px_beacon::auth::Role::Repository,
                 sha256: hash(&repo_link),
+                node: None,
             },
         ],
         reconcile_interval: Duration::from_secs(3600),

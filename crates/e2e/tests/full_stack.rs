@@ -72,11 +72,13 @@ async fn deploy_and_reconfigure_through_every_service() {
                 name: "dev".into(),
                 role: px_repository::auth::Role::Deploy,
                 sha256: hash(&deploy),
+                node: None,
             },
             TokenEntry {
                 name: "cluster".into(),
                 role: px_repository::auth::Role::Read,
                 sha256: hash(&repo_read),
+                node: None,
             },
         ],
         beacon: Some(px_repository::config::BeaconConfig {
@@ -97,16 +99,19 @@ async fn deploy_and_reconfigure_through_every_service() {
                 name: "web".into(),
                 role: px_beacon::auth::Role::Maestro,
                 sha256: hash(&maestro_token),
+                node: Some("web-1".into()),
             },
             TokenEntry {
                 name: "apprepo".into(),
                 role: px_beacon::auth::Role::Repository,
                 sha256: hash(&repo_link),
+                node: None,
             },
             TokenEntry {
                 name: "dev".into(),
                 role: px_beacon::auth::Role::Deploy,
                 sha256: hash(&deploy),
+                node: None,
             },
         ],
         reconcile_interval: Duration::from_secs(3600),

@@ -19,6 +19,8 @@ pub const APPREPO_OFFSET: u16 = 0;
 pub const BEACON_HTTP_OFFSET: u16 = 1;
 pub const BEACON_CONTROL_OFFSET: u16 = 2;
 pub const MAESTRO_STATUS_OFFSET: u16 = 3;
+/// The local Maestro's node name, which its link token is bound to.
+const LOCAL_NODE: &str = "local";
 
 pub struct Up {
     pub data_dir: PathBuf,
@@ -153,16 +155,19 @@ pub async fn up(options: Up) -> Result<()> {
                 name: "em".into(),
                 role: px_repository::auth::Role::Deploy,
                 sha256: hash(&secrets.deploy),
+                node: None,
             },
             TokenEntry {
                 name: "cluster".into(),
                 role: px_repository::auth::Role::Read,
                 sha256: hash(&secrets.read),
+                node: None,
             },
             TokenEntry {
                 name: "local".into(),
                 role: px_repository::auth::Role::Build,
                 sha256: hash(&secrets.build),
+                node: None,
             },
         ],
         beacon: Some(px_repository::config::BeaconConfig {
@@ -185,16 +190,19 @@ pub async fn up(options: Up) -> Result<()> {
                 name: "em".into(),
                 role: px_beacon::auth::Role::Deploy,
                 sha256: hash(&secrets.deploy),
+                node: None,
             },
             TokenEntry {
-                name: "local".into(),
+                name: LOCAL_NODE.into(),
                 role: px_beacon::auth::Role::Maestro,
                 sha256: hash(&secrets.maestro_link),
+                node: Some(LOCAL_NODE.into()),
             },
             TokenEntry {
                 name: "apprepo".into(),
                 role: px_beacon::auth::Role::Repository,
                 sha256: hash(&secrets.repository_link),
+                node: None,
             },
         ],
         domain: "localhost".into(),
@@ -207,7 +215,7 @@ pub async fn up(options: Up) -> Result<()> {
     beacon_config.repository.url = repo_url.clone();
     beacon_config.repository.token_file = secrets.dir.join("read-token");
     let maestro_config = px_maestro::config::Config {
-        node_name: "local".into(),
+        node_name: LOCAL_NODE.into(),
         // The local Maestro builds what is deployed here, as a cluster's build nodes do.
         labels: std::collections::BTreeMap::from([(
             px_proto::build::BUILD_LABEL.to_string(),

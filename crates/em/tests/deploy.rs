@@ -322,16 +322,19 @@ impl Platform {
                     name: "em".into(),
                     role: px_beacon::auth::Role::Deploy,
                     sha256: hash(&read),
+                    node: None,
                 },
                 TokenEntry {
                     name: "local".into(),
                     role: px_beacon::auth::Role::Maestro,
                     sha256: hash(&maestro),
+                    node: Some("local".into()),
                 },
                 TokenEntry {
                     name: "apprepo".into(),
                     role: px_beacon::auth::Role::Repository,
                     sha256: hash(&repository),
+                    node: None,
                 },
             ],
             ..Default::default()

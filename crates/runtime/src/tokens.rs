@@ -33,9 +33,14 @@ pub struct TokenEntry<R> {
     pub name: String,
     pub role: R,
     pub sha256: String,
+    /// The one node name a link token may claim (Beacon's `maestro` tokens need it); other
+    /// roles leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
-/// The format of a tokens file: `[[token]]` entries with `name`, `role` and `sha256`.
+/// The format of a tokens file: `[[token]]` entries with `name`, `role`, `sha256` and maybe
+/// `node`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TokensFile<R> {
@@ -165,11 +170,13 @@ mod tests {
                 name: "ci".into(),
                 role: "deploy",
                 sha256: hash(&deploy),
+                node: None,
             },
             TokenEntry {
                 name: "maestro".into(),
                 role: "read",
                 sha256: hash(&read),
+                node: None,
             },
         ])
         .unwrap();
@@ -196,6 +203,7 @@ mod tests {
             name: "me".to_string(),
             role: "read".to_string(),
             sha256: hash("y"),
+            node: None,
         }];
         let all = gather(&inline, Some(&file), "make one").unwrap();
         assert_eq!(
@@ -219,6 +227,7 @@ mod tests {
             name: name.into(),
             role: "read",
             sha256: hash(token),
+            node: None,
         };
         let table = TokenTable::new(vec![entry("old", &old)]).unwrap();
         let copy = table.clone();
@@ -237,6 +246,7 @@ mod tests {
             name: "bad".into(),
             role: (),
             sha256: "xyz".into(),
+            node: None,
         }])
         .unwrap_err();
         assert!(err.contains("bad"), "{err}");

@@ -222,7 +222,7 @@ pub struct Beacon {
     pub control_addr: String,
     pub pki: Arc<Pki>,
     pub read_token: String,
-    pub maestro_token: String,
+    pub maestro_token: NodeTokens,
     pub repository_token: String,
     pub data_dir: PathBuf,
     pub config: Config,
@@ -233,7 +233,8 @@ pub struct Beacon {
 
 pub struct Tokens {
     pub read: String,
-    pub maestro: String,
+    /// One link token per node name, each bound to its node as Beacon requires.
+    pub maestro: NodeTokens,
     pub repository: String,
     pub repo_read: String,
 }
@@ -242,7 +243,7 @@ impl Tokens {
     pub fn new() -> Self {
         Self {
             read: generate(),
-            maestro: generate(),
+            maestro: NodeTokens::new(),
             repository: generate(),
             repo_read: generate(),
         }
@@ -264,20 +265,18 @@ pub fn config(dir: &Path, pki: &Pki, tokens: &Tokens, repo_url: &str) -> Config 
                 name: "em".into(),
                 role: Role::Read,
                 sha256: hash(&tokens.read),
-            },
-            TokenEntry {
-                name: "web".into(),
-                role: Role::Maestro,
-                sha256: hash(&tokens.maestro),
+                node: None,
             },
             TokenEntry {
                 name: "apprepo".into(),
                 role: Role::Repository,
                 sha256: hash(&tokens.repository),
+                node: None,
             },
         ],
         ..Config::default()
     };
+    config.tokens.extend(tokens.maestro.entries());
     config.repository.url = repo_url.into();
     config.repository.token_file = repo_token_file;
     config
@@ -438,13 +437,78 @@ pub fn repository_hello(name: &str, token: &str) -> Hello {
     }
 }
 
-pub fn maestro_hello(name: &str, token: &str, generation: u64) -> Hello {
+/// The node names the tests link as; each gets a Maestro token of its own.
+pub const TEST_NODES: &[&str] = &[
+    "web-0", "web-1", "web-2", "web-3", "web-4", "web-5", "web-6", "web-7", "web-8", "web-9",
+    "build-0", "build-1", "build-2", "api-1", "local", "new-py", "old-py", "no-py",
+];
+
+/// Maestro link tokens, one per node of [`TEST_NODES`], each bound to that node's name.
+#[derive(Clone)]
+pub struct NodeTokens(BTreeMap<String, String>);
+
+impl NodeTokens {
+    pub fn new() -> Self {
+        Self(
+            TEST_NODES
+                .iter()
+                .map(|node| (node.to_string(), generate()))
+                .collect(),
+        )
+    }
+
+    /// The token bound to `node`.
+    pub fn of(&self, node: &str) -> &str {
+        self.0
+            .get(node)
+            .unwrap_or_else(|| panic!("no test token for node {node:?}; add it to TEST_NODES"))
+    }
+
+    /// Beacon's entries for these tokens.
+    pub fn entries(&self) -> Vec<TokenEntry<Role>> {
+        self.0
+            .iter()
+            .map(|(node, token)| TokenEntry {
+                name: format!("maestro-{node}"),
+                role: Role::Maestro,
+                sha256: hash(token),
+                node: Some(node.clone()),
+            })
+            .collect()
+    }
+}
+
+/// What a hello helper takes as its token: a token itself, or the per-node tokens, from which
+/// the one bound to the hello's node is taken.
+pub trait TokenFor {
+    fn token_for(&self, node: &str) -> String;
+}
+
+impl TokenFor for str {
+    fn token_for(&self, _node: &str) -> String {
+        self.to_string()
+    }
+}
+
+impl TokenFor for String {
+    fn token_for(&self, _node: &str) -> String {
+        self.clone()
+    }
+}
+
+impl TokenFor for NodeTokens {
+    fn token_for(&self, node: &str) -> String {
+        self.of(node).to_string()
+    }
+}
+
+pub fn maestro_hello(name: &str, token: &(impl TokenFor + ?Sized), generation: u64) -> Hello {
     Hello {
         runtimes: Default::default(),
         protocol: PROTOCOL_VERSION,
         role: PeerRole::Maestro,
         name: name.into(),
-        token: token.into(),
+        token: token.token_for(name),
         software: "test".into(),
         labels: BTreeMap::new(),
         state: Some(NodeReport {
@@ -601,11 +665,39 @@ impl Peer {
 }
 
 /// A Maestro's `Hello` with labels.
-pub fn labelled_hello(name: &str, token: &str, labels: &[(&str, &str)]) -> Hello {
+pub fn labelled_hello(
+    name: &str,
+    token: &(impl TokenFor + ?Sized),
+    labels: &[(&str, &str)],
+) -> Hello {
     let mut hello = maestro_hello(name, token, 0);
     hello.labels = labels
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     hello
+}
+
+/// A report of one healthy `web` instance of `app` at `release`.
+pub fn report_of(app: &str, release: u64) -> NodeReport {
+    NodeReport {
+        generation: 1,
+        instances: vec![px_proto::link::InstanceStatus {
+            app: app.into(),
+            release,
+            state: px_proto::link::InstanceState::Healthy,
+            pid: Some(4242),
+            port: Some(20001),
+            restarts: 0,
+            last_exit: None,
+            process: "web".into(),
+            number: 1,
+            started_at: None,
+            memory_bytes: None,
+            cpu_permille: None,
+        }],
+        rollouts: Vec::new(),
+        disk: None,
+        builds: Vec::new(),
+    }
 }

@@ -43,11 +43,13 @@ pub fn test_config(data: &Path) -> (Config, String, String) {
                 name: "ci".into(),
                 role: Role::Deploy,
                 sha256: hash(&deploy),
+                node: None,
             },
             TokenEntry {
                 name: "maestro".into(),
                 role: Role::Read,
                 sha256: hash(&read),
+                node: None,
             },
         ],
         ..Config::default()
@@ -95,6 +97,7 @@ impl Repo {
             name: "builder".into(),
             role: Role::Build,
             sha256: hash(&build_token),
+            node: None,
         });
         adjust(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
