@@ -3,6 +3,7 @@
 //! rollouts, records events, alerts sysadmins, and serves an HTTP API and a status page.
 //! [`run`] is the whole service; `main.rs` only wires it up.
 
+pub mod admission;
 pub(crate) mod alert_budget;
 pub(crate) mod alerts;
 pub mod auth;
@@ -16,6 +17,7 @@ pub(crate) mod links;
 pub(crate) mod login;
 pub(crate) mod logstore;
 pub(crate) mod metrics;
+pub(crate) mod open_links;
 pub(crate) mod placement;
 pub(crate) mod reconcile;
 pub(crate) mod runs;
@@ -219,6 +221,7 @@ pub async fn run_with(
     });
     let app_logs = Arc::new(logstore::LogStore::default());
     let runs = Arc::new(runs::Runs::default());
+    let open_links = Arc::new(open_links::OpenLinks::default());
     let link_server = Arc::new(links::LinkServer {
         hub: hub.clone(),
         tokens: checked.tokens.clone(),
@@ -228,6 +231,8 @@ pub async fn run_with(
         logs: app_logs.clone(),
         name: "beacon".into(),
         runs: runs.clone(),
+        admission: admission::Admission::new(),
+        open: open_links.clone(),
     });
     let control_addr = listeners.control.local_addr()?;
     critical.spawn(
@@ -265,7 +270,7 @@ pub async fn run_with(
             }) as BoxFuture<'static, Result<(), String>>
         },
         move |new: Config| {
-            let reloaded = reload(&config, &new, &checked.tokens, &alerter);
+            let reloaded = reload(&config, &new, &checked.tokens, &open_links, &alerter);
             std::future::ready(reloaded)
         },
     );
@@ -325,25 +330,29 @@ fn status_line(hub: &hub::Hub, metrics: &metrics::Metrics) -> String {
 }
 
 /// A reload: the new configuration must pass [`check`]; its tokens (inline and `tokens_file`)
-/// replace the accepted ones at once, for new requests and links (open links stay), and its
-/// alert webhooks the old ones; any other changed setting needs a restart.
+/// replace the accepted ones at once, for new requests and links, and every open link whose
+/// token no longer verifies is closed; its alert webhooks replace the old ones; any other
+/// changed setting needs a restart.
 fn reload(
     running: &Config,
     new: &Config,
     tokens: &auth::Tokens,
+    open_links: &open_links::OpenLinks,
     alerter: &alerts::Alerter,
 ) -> Result<Reloaded, String> {
     let checked = check(new).map_err(|e| e.to_string())?;
     let table = Arc::try_unwrap(checked.tokens).unwrap_or_else(|shared| (*shared).clone());
     let count = table.len();
     tokens.replace(table);
+    let closed = open_links.recheck(tokens);
     let webhooks = new.alerts.webhooks.len();
     alerter.set_webhooks(new.alerts.webhooks.clone());
     Ok(Reloaded {
         applied: format!(
-            "{count} token{}, {webhooks} webhook{}",
+            "{count} token{}, {webhooks} webhook{}, {closed} link{} closed",
             if count == 1 { "" } else { "s" },
-            if webhooks == 1 { "" } else { "s" }
+            if webhooks == 1 { "" } else { "s" },
+            if closed == 1 { "" } else { "s" }
         ),
         needs_restart: px_runtime::config::restart_needed(running, new, RELOADABLE),
     })

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use px_proto::codec::FrameCodec;
+use px_proto::codec::{FrameCodec, MAX_FRAME_BYTES};
 use px_proto::link::{
-    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, HEARTBEAT_INTERVAL, Hello, MAX_NODE_LABELS,
+    FromBeacon, HEARTBEAT_DEADLINE, HEARTBEAT_INTERVAL, Hello, MAX_HELLO_BYTES, MAX_NODE_LABELS,
     MAX_REPORTED_INSTANCES, PROTOCOL_VERSION, PeerRole, ToBeacon,
 };
 use px_runtime::tokens::TokenEntry;
@@ -18,9 +18,11 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::{Admission, PREAUTH_DEADLINE, Unverified};
 use crate::auth::{Role, Tokens};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::open_links::OpenLinks;
 
 /// Most links at once; 10 000 Maestros is the design goal, so leave twice that.
 pub const MAX_LINKS: usize = 20_000;
@@ -43,6 +45,10 @@ pub struct LinkServer {
     pub logs: Arc<crate::logstore::LogStore>,
     pub name: String,
     pub runs: Arc<crate::runs::Runs>,
+    /// The slots of connections whose `Hello` is not verified yet.
+    pub admission: Arc<Admission>,
+    /// The established links and their tokens, checked again on a reload.
+    pub open: Arc<OpenLinks>,
 }
 
 /// Why the link server stopped before shutdown.
@@ -68,6 +74,12 @@ impl LinkServer {
                 _ = shutdown.cancelled() => return Ok(()),
                 permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return Ok(()) },
             };
+            // A connection is accepted only with a slot for an unverified one: beyond
+            // `MAX_UNAUTHENTICATED`, peers wait in the kernel's backlog.
+            let unverified = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                slot = self.admission.slot() => match slot { Some(s) => s, None => return Ok(()) },
+            };
             let (tcp, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 accepted = listener.accept() => match accepted {
@@ -83,11 +95,18 @@ impl LinkServer {
                     }
                 },
             };
+            let Some(unverified) = self.admission.admit(peer.ip(), unverified) else {
+                // Closed at once and not logged: a flood must not flood the log too.
+                self.metrics.links_over_source_cap.inc();
+                self.metrics.links_rejected.inc();
+                drop(tcp);
+                continue;
+            };
             let server = self.clone();
             let shutdown = shutdown.clone();
             tracker.spawn(async move {
                 let _permit = permit;
-                if let Err(reason) = server.handle(tcp, shutdown).await {
+                if let Err(reason) = server.handle(tcp, unverified, shutdown).await {
                     server.metrics.links_rejected.inc();
                     tracing::info!(%peer, %reason, "link closed");
                 }
@@ -95,26 +114,51 @@ impl LinkServer {
         }
     }
 
-    async fn handle(&self, tcp: TcpStream, shutdown: CancellationToken) -> Result<(), String> {
+    async fn handle(
+        &self,
+        tcp: TcpStream,
+        unverified: Unverified,
+        shutdown: CancellationToken,
+    ) -> Result<(), String> {
         let _ = tcp.set_nodelay(true);
-        let (mut link, hello) = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(tcp))
+        let (mut link, hello, entry) = tokio::time::timeout(PREAUTH_DEADLINE, self.handshake(tcp))
             .await
-            .map_err(|_| "handshake timed out".to_string())??;
+            .map_err(|_| {
+                format!(
+                    "no verified hello within {}s of connecting",
+                    PREAUTH_DEADLINE.as_secs()
+                )
+            })??;
+        // Proved: the slot goes back, and the link may carry frames of any allowed size.
+        drop(unverified);
+        link.codec_mut().set_max(MAX_FRAME_BYTES);
+        let registered = self.open.register(&hello.name, &entry);
         self.metrics.links_accepted.inc();
+        let revoked = &registered.revoked;
         match hello.role {
-            PeerRole::Repository => self.repository_link(&mut link, &hello, shutdown).await,
-            PeerRole::Maestro => self.maestro_link(&mut link, &hello, shutdown).await,
+            PeerRole::Repository => {
+                self.repository_link(&mut link, &hello, revoked, shutdown)
+                    .await
+            }
+            PeerRole::Maestro => {
+                self.maestro_link(&mut link, &hello, revoked, shutdown)
+                    .await
+            }
         }
     }
 
-    /// TLS, then the `Hello`. A refused peer gets `Rejected` with the reason before the close.
-    async fn handshake(&self, tcp: TcpStream) -> Result<(Link, Hello), String> {
+    /// TLS, then the `Hello`, read with a limit of [`MAX_HELLO_BYTES`]. A refused peer gets
+    /// `Rejected` with the reason before the close. Returns the token entry the peer proved.
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<(Link, Hello, Arc<TokenEntry<Role>>), String> {
         let tls = self
             .tls
             .accept(tcp)
             .await
             .map_err(|e| format!("tls: {e}"))?;
-        let mut link = Framed::new(tls, FrameCodec::new());
+        let mut link = Framed::new(tls, FrameCodec::with_max(MAX_HELLO_BYTES));
         let hello = match link.next().await {
             Some(Ok(ToBeacon::Hello(hello))) => hello,
             Some(Ok(other)) => {
@@ -170,18 +214,19 @@ impl LinkServer {
         })
         .await
         .map_err(|e| format!("welcome: {e}"))?;
-        Ok((link, hello))
+        Ok((link, hello, entry))
     }
 
     async fn repository_link(
         &self,
         link: &mut Link,
         hello: &Hello,
+        revoked: &CancellationToken,
         shutdown: CancellationToken,
     ) -> Result<(), String> {
         tracing::info!(peer = %hello.name, "repository linked");
         self.hub.repository_link(&hello.name, true);
-        let result = self.repository_frames(link, hello, shutdown).await;
+        let result = self.repository_frames(link, hello, revoked, shutdown).await;
         self.hub.repository_link(&hello.name, false);
         result
     }
@@ -190,6 +235,7 @@ impl LinkServer {
         &self,
         link: &mut Link,
         hello: &Hello,
+        revoked: &CancellationToken,
         shutdown: CancellationToken,
     ) -> Result<(), String> {
         // Pending rollbacks go out whole now and on every change: the repository ignores
@@ -203,6 +249,7 @@ impl LinkServer {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
+                _ = revoked.cancelled() => return Err(format!("repository {}: its token is no longer accepted", hello.name)),
                 _ = &mut silence => return Err(format!("repository {} silent past the deadline", hello.name)),
                 _ = heartbeat.tick() => link.send(FromBeacon::Heartbeat).await.map_err(|e| e.to_string())?,
                 r = rollbacks.changed() => {
@@ -240,6 +287,7 @@ impl LinkServer {
         &self,
         link: &mut Link,
         hello: &Hello,
+        revoked: &CancellationToken,
         shutdown: CancellationToken,
     ) -> Result<(), String> {
         let node = hello.name.as_str();
@@ -261,6 +309,7 @@ impl LinkServer {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
+                    _ = revoked.cancelled() => return Err(format!("node {node}: its token is no longer accepted")),
                     _ = &mut silence => return Err(format!("node {node} silent past the deadline")),
                     _ = attached.closed.cancelled() => return Err(format!("node {node} replaced or lost")),
                     _ = heartbeat.tick() => link.send(FromBeacon::Heartbeat).await.map_err(|e| e.to_string())?,

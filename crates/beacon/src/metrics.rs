@@ -54,6 +54,10 @@ pub struct Metrics {
     pub rollouts_finished: Counter,
     pub rollout_seconds_total: Sum,
     pub rollbacks_ordered: Counter,
+    /// Connections closed at once: their source address had its share of unverified ones.
+    pub links_over_source_cap: Counter,
+    /// Parts of a node's frames about apps, builds or runs not assigned to it, dropped.
+    pub reports_dropped: Counter,
 }
 
 impl Metrics {
@@ -130,6 +134,18 @@ impl Metrics {
             "counter",
             "Automatic rollbacks of releases over their error budget.",
             self.rollbacks_ordered.get().to_string(),
+        );
+        row(
+            "beacon_links_over_source_cap_total",
+            "counter",
+            "Connections closed at once: too many unverified ones from their address.",
+            self.links_over_source_cap.get().to_string(),
+        );
+        row(
+            "beacon_reports_dropped_total",
+            "counter",
+            "Reports, events and log lines about apps or builds not assigned to their node, dropped.",
+            self.reports_dropped.get().to_string(),
         );
         row(
             "beacon_events_total",

@@ -6,13 +6,20 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use common::{Beacon, RepoStub, Tokens, config, maestro_hello, next_assign, open_link};
-use futures_util::SinkExt;
-use px_proto::beacon::Node;
-use px_proto::link::{FromBeacon, ToBeacon};
+use common::{Beacon, Link, RepoStub, Tokens, WAIT, config, maestro_hello, next_assign, open_link};
+use futures_util::{SinkExt, StreamExt};
+use px_beacon::admission::{MAX_UNAUTHENTICATED_PER_SOURCE, PREAUTH_DEADLINE};
+use px_proto::beacon::{Node, NodeHealth};
+use px_proto::codec::FrameCodec;
+use px_proto::link::{FromBeacon, Hello, MAX_HELLO_BYTES, ToBeacon};
 use px_test_support::Pki;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -23,19 +30,81 @@ struct Setup {
 
 /// A Beacon whose repository holds app `hello` v1.
 async fn setup() -> Setup {
+    setup_reloadable(|_| {}).await.0
+}
+
+/// [`setup`], reloading on the trigger's request to its configuration as `change` leaves it.
+async fn setup_reloadable(
+    change: impl FnOnce(&mut px_beacon::config::Config),
+) -> (Setup, px_runtime::systemd::ReloadTrigger) {
     let dir = tempfile::tempdir().unwrap();
     let tokens = Tokens::new();
     let (repo, url) = RepoStub::start(tokens.repo_read.clone()).await;
     repo.release("hello", 1, "");
     let pki = Arc::new(Pki::new(&["localhost"]).unwrap());
     let cfg = config(dir.path(), &pki, &tokens, &url);
-    let beacon = Beacon::start(cfg, pki, &tokens, 0).await;
-    Setup {
+    let mut next = cfg.clone();
+    change(&mut next);
+    let (beacon, trigger) =
+        Beacon::start_reloadable(cfg, pki, &tokens, Arc::new(Mutex::new(next))).await;
+    let setup = Setup {
         _dir: dir,
         _repo: repo,
         tokens,
         beacon,
-    }
+    };
+    (setup, trigger)
+}
+
+/// A TCP connection to `addr` from the loopback address `source`.
+async fn connect_from(source: [u8; 4], addr: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((source, 0))).unwrap();
+    socket.connect(addr.parse().unwrap()).await.unwrap()
+}
+
+/// [`open_link`] from the loopback address `source`.
+async fn open_link_from(source: [u8; 4], beacon: &Beacon, hello: Hello) -> (Link, FromBeacon) {
+    let tcp = connect_from(source, &beacon.control_addr).await;
+    let tls = px_runtime::tls::client_config(&beacon.pki.ca()).unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(px_runtime::tls::server_name("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut link = Framed::new(stream, FrameCodec::new());
+    link.send(ToBeacon::Hello(hello)).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, link.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    (link, answer)
+}
+
+/// How long until `stream` is closed by Beacon (whatever it sent first is read and dropped).
+async fn closed_after<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    within: Duration,
+) -> Duration {
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(within, stream.read_to_end(&mut buf))
+        .await
+        .expect("the connection was not closed in time");
+    start.elapsed()
+}
+
+/// Waits until web node `name` is connected with `instances` instances in the node table.
+async fn wait_reporting(beacon: &Beacon, name: &str, instances: usize) {
+    beacon
+        .wait_for("/v1/nodes", "the node's report", |nodes: &Vec<Node>| {
+            nodes.iter().any(|n| {
+                n.name == name
+                    && n.health == NodeHealth::Connected
+                    && n.instances.len() == instances
+            })
+        })
+        .await;
 }
 
 fn rejection(answer: FromBeacon) -> String {
@@ -92,5 +161,158 @@ async fn a_stolen_maestro_token_cannot_link_as_another_node_nor_disconnect_it() 
         nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
         ["web-1"]
     );
+    s.beacon.stop().await;
+}
+
+#[tokio::test]
+async fn a_large_frame_before_hello_is_cut_and_the_same_size_after_it_is_taken() {
+    let s = setup().await;
+    // Before the Hello: a length just over the limit is refused at once, naming the limit.
+    let tcp = TcpStream::connect(&s.beacon.control_addr).await.unwrap();
+    let tls = px_runtime::tls::client_config(&s.beacon.pki.ca()).unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(px_runtime::tls::server_name("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut raw: Framed<_, FrameCodec<FromBeacon, ToBeacon>> =
+        Framed::new(stream, FrameCodec::new());
+    raw.get_mut()
+        .write_all(&((MAX_HELLO_BYTES + 1) as u32).to_be_bytes())
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(WAIT, raw.next()).await.unwrap();
+    match answer {
+        Some(Ok(FromBeacon::Rejected { reason })) => {
+            assert!(reason.contains(&MAX_HELLO_BYTES.to_string()), "{reason}")
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    closed_after(raw.get_mut(), WAIT).await;
+
+    // After it: a heartbeat many times that size is taken.
+    let (mut web1, _) = open_link(
+        &s.beacon.control_addr,
+        &s.beacon.pki.ca(),
+        maestro_hello("web-1", &s.tokens.maestro, 0),
+    )
+    .await;
+    next_assign(&mut web1).await;
+    let mut report = common::report_of("hello", 1);
+    let one = report.instances[0].clone();
+    report.instances = (1..=500)
+        .map(|number| px_proto::link::InstanceStatus {
+            number,
+            ..one.clone()
+        })
+        .collect();
+    assert!(serde_json::to_vec(&report).unwrap().len() > 2 * MAX_HELLO_BYTES);
+    web1.send(ToBeacon::Heartbeat(report)).await.unwrap();
+    wait_reporting(&s.beacon, "web-1", 500).await;
+    s.beacon.stop().await;
+}
+
+#[tokio::test]
+async fn a_peer_that_never_says_hello_is_cut_within_the_deadline() {
+    let s = setup().await;
+    let margin = Duration::from_secs(2);
+    // One completes TLS and says nothing; one does not even start TLS.
+    let silent_tls = async {
+        let tcp = TcpStream::connect(&s.beacon.control_addr).await.unwrap();
+        let tls = px_runtime::tls::client_config(&s.beacon.pki.ca()).unwrap();
+        let mut stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(px_runtime::tls::server_name("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        closed_after(&mut stream, PREAUTH_DEADLINE + margin).await
+    };
+    let silent_tcp = async {
+        let mut tcp = TcpStream::connect(&s.beacon.control_addr).await.unwrap();
+        closed_after(&mut tcp, PREAUTH_DEADLINE + margin).await
+    };
+    let (tls, tcp) = tokio::join!(silent_tls, silent_tcp);
+    for waited in [tls, tcp] {
+        assert!(
+            waited + Duration::from_millis(500) >= PREAUTH_DEADLINE,
+            "cut after {waited:?}, before the deadline"
+        );
+    }
+    s.beacon.stop().await;
+}
+
+#[tokio::test]
+async fn one_address_is_held_to_its_share_of_unverified_connections() {
+    let s = setup().await;
+    let addr = s.beacon.control_addr.clone();
+    let mut held = Vec::new();
+    for _ in 0..MAX_UNAUTHENTICATED_PER_SOURCE {
+        held.push(connect_from([127, 0, 0, 1], &addr).await);
+    }
+    // One more from the same address is closed at once, long before the deadline.
+    let mut over = connect_from([127, 0, 0, 1], &addr).await;
+    let waited = closed_after(&mut over, PREAUTH_DEADLINE).await;
+    assert!(
+        waited < PREAUTH_DEADLINE / 2,
+        "closed only after {waited:?}"
+    );
+    // Another address links meanwhile.
+    let (_web2, answer) = open_link_from(
+        [127, 0, 0, 2],
+        &s.beacon,
+        maestro_hello("web-2", &s.tokens.maestro, 0),
+    )
+    .await;
+    assert!(matches!(answer, FromBeacon::Welcome { .. }), "{answer:?}");
+    // Once those go, the first address links again.
+    drop(held);
+    let (_web1, answer) = open_link_from(
+        [127, 0, 0, 1],
+        &s.beacon,
+        maestro_hello("web-1", &s.tokens.maestro, 0),
+    )
+    .await;
+    assert!(matches!(answer, FromBeacon::Welcome { .. }), "{answer:?}");
+    s.beacon.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_that_removes_a_token_closes_that_nodes_link_and_keeps_the_others() {
+    let (s, reload) = setup_reloadable(|next| {
+        next.tokens.retain(|t| t.node.as_deref() != Some("web-2"));
+    })
+    .await;
+    let mut links = Vec::new();
+    for node in ["web-1", "web-2"] {
+        let (mut link, answer) = open_link(
+            &s.beacon.control_addr,
+            &s.beacon.pki.ca(),
+            maestro_hello(node, &s.tokens.maestro, 0),
+        )
+        .await;
+        assert!(matches!(answer, FromBeacon::Welcome { .. }), "{answer:?}");
+        next_assign(&mut link).await;
+        links.push(link);
+    }
+    let [mut web1, mut web2] = <[Link; 2]>::try_from(links).ok().unwrap();
+    reload.request();
+    // web-2's link ends; heartbeats before the close may still come.
+    tokio::time::timeout(WAIT, async {
+        while let Some(Ok(frame)) = web2.next().await {
+            assert!(matches!(frame, FromBeacon::Heartbeat), "{frame:?}");
+        }
+    })
+    .await
+    .expect("web-2's link was not closed");
+    let (_, answer) = open_link(
+        &s.beacon.control_addr,
+        &s.beacon.pki.ca(),
+        maestro_hello("web-2", &s.tokens.maestro, 0),
+    )
+    .await;
+    assert!(matches!(answer, FromBeacon::Rejected { .. }), "{answer:?}");
+    // web-1 is still linked and heard.
+    web1.send(ToBeacon::Heartbeat(common::report_of("hello", 1)))
+        .await
+        .unwrap();
+    wait_reporting(&s.beacon, "web-1", 1).await;
     s.beacon.stop().await;
 }

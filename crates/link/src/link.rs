@@ -6,7 +6,8 @@ use std::pin::Pin;
 use futures_util::{SinkExt, StreamExt};
 use px_proto::codec::{FrameCodec, FrameError};
 use px_proto::link::{
-    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, HEARTBEAT_INTERVAL, Hello, ToBeacon,
+    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, HEARTBEAT_INTERVAL, Hello, MAX_HELLO_BYTES,
+    ToBeacon,
 };
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
@@ -93,6 +94,23 @@ pub async fn connect(settings: &LinkSettings, hello: Hello) -> Result<Link, Link
         .unwrap_or(Err(LinkError::HandshakeTimeout))
 }
 
+/// `hello` as Beacon reads it before the peer proved itself: within [`MAX_HELLO_BYTES`]. A
+/// `state` that takes it over is left out; the first heartbeat, sent at once, carries it.
+fn fit_hello(mut hello: Hello) -> Hello {
+    use tokio_util::codec::Encoder;
+    let mut small = FrameCodec::<FromBeacon, ToBeacon>::with_max(MAX_HELLO_BYTES);
+    let mut buf = tokio_util::bytes::BytesMut::new();
+    if hello.state.is_some()
+        && small
+            .encode(ToBeacon::Hello(hello.clone()), &mut buf)
+            .is_err()
+    {
+        tracing::debug!("hello too large with the node's state; the first heartbeat carries it");
+        hello.state = None;
+    }
+    hello
+}
+
 async fn handshake(settings: &LinkSettings, hello: Hello) -> Result<Link, LinkError> {
     let tcp = TcpStream::connect(&settings.addr)
         .await
@@ -106,7 +124,7 @@ async fn handshake(settings: &LinkSettings, hello: Hello) -> Result<Link, LinkEr
         .map_err(LinkError::Tls)?;
     let mut frames = Framed::new(tls, FrameCodec::new());
     frames
-        .send(ToBeacon::Hello(hello))
+        .send(ToBeacon::Hello(fit_hello(hello)))
         .await
         .map_err(LinkError::Hello)?;
     match frames.next().await {
@@ -121,5 +139,49 @@ async fn handshake(settings: &LinkSettings, hello: Hello) -> Result<Link, LinkEr
         Some(Ok(other)) => Err(LinkError::NotWelcome(Box::new(other))),
         Some(Err(e)) => Err(LinkError::Handshake(e)),
         None => Err(LinkError::ClosedInHandshake),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use px_proto::link::{InstanceState, InstanceStatus, NodeReport, PROTOCOL_VERSION, PeerRole};
+
+    fn hello(instances: usize) -> Hello {
+        let instance = |number| InstanceStatus {
+            app: "hello".into(),
+            release: 1,
+            state: InstanceState::Healthy,
+            pid: Some(1),
+            port: Some(20001),
+            restarts: 0,
+            last_exit: None,
+            process: "web".into(),
+            number,
+            started_at: None,
+            memory_bytes: None,
+            cpu_permille: None,
+        };
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            role: PeerRole::Maestro,
+            name: "web-1".into(),
+            token: "pxt_x".into(),
+            software: "test".into(),
+            labels: Default::default(),
+            state: Some(NodeReport {
+                instances: (0..instances as u32).map(instance).collect(),
+                ..Default::default()
+            }),
+            runtimes: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_hello_keeps_a_state_that_fits_and_leaves_out_one_that_does_not() {
+        assert_eq!(fit_hello(hello(3)), hello(3));
+        let big = fit_hello(hello(1000));
+        assert_eq!(big.state, None);
+        assert_eq!(big.name, "web-1");
     }
 }

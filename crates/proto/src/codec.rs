@@ -41,6 +41,17 @@ impl<In, Out> FrameCodec<In, Out> {
             _types: PhantomData,
         }
     }
+
+    /// Changes the largest frame accepted or sent from the next frame on: a link starts small
+    /// until its peer proved who it is, then gets the full [`MAX_FRAME_BYTES`].
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
+    /// The largest frame accepted or sent now.
+    pub fn max(&self) -> usize {
+        self.max
+    }
 }
 
 impl<In, Out> Default for FrameCodec<In, Out> {
@@ -163,6 +174,44 @@ mod tests {
         buf.put_u32((MAX_FRAME_BYTES + 1) as u32);
         let err = BeaconSide::new().decode(&mut buf).unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_raised_limit_takes_the_frame_the_small_one_refused() {
+        let frame = encode(hello());
+        let mut codec = BeaconSide::with_max(8);
+        let err = codec.decode(&mut frame.clone()).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { max: 8, .. }), "{err}");
+        codec.set_max(MAX_FRAME_BYTES);
+        assert_eq!(codec.max(), MAX_FRAME_BYTES);
+        assert_eq!(codec.decode(&mut frame.clone()).unwrap(), Some(hello()));
+    }
+
+    #[test]
+    fn the_largest_hello_without_state_fits_before_authentication() {
+        use crate::link::{
+            MAX_HELLO_BYTES, MAX_NODE_LABELS, MAX_PEER_NAME_LEN, MAX_REPORTED_RUNTIMES,
+        };
+        let hello = ToBeacon::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            role: PeerRole::Maestro,
+            name: "n".repeat(MAX_PEER_NAME_LEN),
+            token: "t".repeat(256),
+            software: "0.1.0-with-a-long-build-suffix".into(),
+            labels: (0..MAX_NODE_LABELS)
+                .map(|i| (format!("{i:063}"), "v".repeat(63)))
+                .collect(),
+            runtimes: (0..MAX_REPORTED_RUNTIMES)
+                .map(|i| (format!("{i:032}"), "9".repeat(32)))
+                .collect(),
+            state: None,
+        });
+        let len = encode(hello).len();
+        assert!(len <= MAX_HELLO_BYTES, "{len} bytes");
+        assert!(
+            len > MAX_HELLO_BYTES * 3 / 4,
+            "{len} bytes: the limit could be smaller"
+        );
     }
 
     #[test]

@@ -36,6 +36,12 @@ pub const MAX_NODE_LABELS: usize = 64;
 pub const MAX_REPORTED_INSTANCES: usize = 4096;
 /// Most runtimes a node may report in its `Hello`.
 pub const MAX_REPORTED_RUNTIMES: usize = 64;
+/// Largest frame Beacon reads before the peer proved who it is: its `Hello`. The largest
+/// `Hello` without `state` (a 253-byte name, a 256-byte token, 64 labels of 63-byte keys and
+/// values, 64 runtimes of 32-byte names and versions) measures about 14 KiB
+/// (`codec` test `the_largest_hello_without_state_fits_before_authentication`); a `Hello` whose
+/// `state` would take it over this is sent without it, and the first heartbeat brings the state.
+pub const MAX_HELLO_BYTES: usize = 16 * 1024;
 
 /// What kind of peer opens a link to Beacon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

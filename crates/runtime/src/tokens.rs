@@ -141,6 +141,18 @@ impl<R: Clone> TokenTable<R> {
     }
 }
 
+impl<R: Clone> TokenTable<R> {
+    /// The entry stored with `sha256` (lowercase hex), if any: how a service checks again,
+    /// after a reload, a token it verified before. Both sides are stored hashes, so the
+    /// comparison needs no constant time.
+    pub fn entry_by_hash(&self, sha256: &str) -> Option<Arc<TokenEntry<R>>> {
+        self.current()
+            .iter()
+            .find(|(entry, _)| entry.sha256.eq_ignore_ascii_case(sha256))
+            .map(|(entry, _)| entry.clone())
+    }
+}
+
 impl<R> Clone for TokenTable<R> {
     /// A table with the same tokens, replaced independently of this one.
     fn clone(&self) -> Self {
@@ -234,6 +246,8 @@ mod tests {
         table.replace(TokenTable::new(vec![entry("new", &new), entry("other", "x")]).unwrap());
         assert!(table.verify(&old).is_none());
         assert_eq!(table.verify(&new).unwrap().name, "new");
+        assert!(table.entry_by_hash(&hash(&old)).is_none());
+        assert_eq!(table.entry_by_hash(&hash(&new)).unwrap().name, "new");
         assert_eq!(table.len(), 2);
         // A clone taken before is a table of its own.
         assert_eq!(copy.verify(&old).unwrap().name, "old");

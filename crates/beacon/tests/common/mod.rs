@@ -286,6 +286,33 @@ impl Beacon {
     /// Starts Beacon with `config` (whose listen addresses are ignored: it binds port 0, or
     /// `control_port` when given so a restarted Beacon keeps its address).
     pub async fn start(config: Config, pki: Arc<Pki>, tokens: &Tokens, control_port: u16) -> Self {
+        Self::start_with(config, pki, tokens, control_port, None).await
+    }
+
+    /// [`Beacon::start`], reloading when the returned trigger asks, with the configuration
+    /// `next` holds then.
+    pub async fn start_reloadable(
+        config: Config,
+        pki: Arc<Pki>,
+        tokens: &Tokens,
+        next: Arc<Mutex<Config>>,
+    ) -> (Self, px_runtime::systemd::ReloadTrigger) {
+        let (trigger, requests) = px_runtime::systemd::ReloadRequests::manual();
+        let reload = px_runtime::systemd::Reload {
+            requests,
+            load: Box::new(move || Ok(next.lock().unwrap().clone())),
+        };
+        let beacon = Self::start_with(config, pki, tokens, 0, Some(reload)).await;
+        (beacon, trigger)
+    }
+
+    async fn start_with(
+        config: Config,
+        pki: Arc<Pki>,
+        tokens: &Tokens,
+        control_port: u16,
+        reload: Option<px_runtime::systemd::Reload<Config>>,
+    ) -> Self {
         if std::env::var_os("PX_LOG").is_some() {
             px_runtime::telemetry::init();
         }
@@ -298,10 +325,20 @@ impl Beacon {
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let run_config = config.clone();
+        let systemd = px_runtime::systemd::Systemd {
+            notifier: px_runtime::systemd::Notifier::disabled(),
+            watchdog: None,
+            reload,
+        };
         let task = tokio::spawn(async move {
-            px_beacon::run(run_config, px_beacon::Listeners { http, control }, token)
-                .await
-                .unwrap();
+            px_beacon::run_with(
+                run_config,
+                px_beacon::Listeners { http, control },
+                token,
+                systemd,
+            )
+            .await
+            .unwrap();
         });
         let beacon = Self {
             http_url,
