@@ -41,6 +41,9 @@ use crate::config::Config;
 /// finished rollout shows within a quarter second, long enough that the pass over all nodes
 /// stays a small share of one core at 10 000 links.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the kept log lines of apps that no longer exist are dropped: a deleted app's
+/// lines stay readable for about this long, and the pass over the store stays rare.
+const LOG_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// How long open requests and links get to finish at shutdown.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -200,7 +203,9 @@ pub async fn run_with(
             shutdown.clone(),
         ),
     );
+    let app_logs = Arc::new(logstore::LogStore::default());
     let sweeper_hub = hub.clone();
+    let sweeper_logs = app_logs.clone();
     let sweeper_shutdown = shutdown.clone();
     // When the sweeper last finished a pass, for the watchdog's liveness probe.
     let swept = Arc::new(AtomicU64::new(0));
@@ -209,6 +214,8 @@ pub async fn run_with(
     critical.spawn("the sweeper", async move {
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut prune = tokio::time::interval(LOG_PRUNE_INTERVAL);
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = sweeper_shutdown.cancelled() => return,
@@ -216,10 +223,15 @@ pub async fn run_with(
                     sweeper_hub.sweep().await;
                     sweeper_swept.store(millis_since(epoch), Ordering::Relaxed);
                 }
+                _ = prune.tick() => {
+                    // Until the desired state is read, every app is unknown: keep them all.
+                    if sweeper_hub.desired_known() {
+                        sweeper_logs.retain_apps(|app| sweeper_hub.app_exists(app));
+                    }
+                }
             }
         }
     });
-    let app_logs = Arc::new(logstore::LogStore::default());
     let runs = Arc::new(runs::Runs::default());
     let open_links = Arc::new(open_links::OpenLinks::default());
     let link_server = Arc::new(links::LinkServer {

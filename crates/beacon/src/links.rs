@@ -342,16 +342,20 @@ impl LinkServer {
                             self.metrics.heartbeats.inc();
                             self.hub.seen(node, conn, Some(report)).await;
                         }
-                        Some(Ok(ToBeacon::Logs(batch))) => {
+                        Some(Ok(ToBeacon::Logs(mut batch))) => {
                             if batch.lines.len() > px_proto::link::MAX_LOG_BATCH {
                                 return Err(format!("node {node} sent more than {} log lines in one frame", px_proto::link::MAX_LOG_BATCH));
                             }
                             self.hub.seen(node, conn, None).await;
+                            // Only lines about what this node was given are kept.
+                            self.hub.keep_own_logs(node, conn, &mut batch);
                             self.logs.push(node, batch);
                         }
                         Some(Ok(ToBeacon::Event(event))) => {
                             self.hub.seen(node, conn, None).await;
-                            self.hub.node_event(node, event);
+                            if self.hub.own_event(node, conn, &event) {
+                                self.hub.node_event(node, event);
+                            }
                         }
                         Some(Ok(ToBeacon::Run(frame))) => self.runs.route(node, frame),
                         Some(Ok(other)) => return Err(format!("unexpected {} from node {node}", frame_name(&other))),

@@ -22,6 +22,11 @@ pub const LOG_LINES_PER_BUILD: usize = 1000;
 pub const BUILDS_KEPT_PER_APP: usize = 2;
 /// Followers' buffer; a follower slower than the apps' output lags and is told so.
 pub const LOG_FOLLOW_BUFFER: usize = 4096;
+/// Most apps whose lines are kept. Only apps a node was given reach the store, so this bounds
+/// it against a desired state of more apps than any cluster runs; lines of a new app beyond it
+/// are relayed live but not kept. The rings of apps that no longer exist are dropped every
+/// `LOG_PRUNE_INTERVAL` (`lib.rs`).
+pub const MAX_LOGGED_APPS: usize = 10_000;
 /// Longest line relayed; longer ones are cut (Maestro already cuts at 16 KiB).
 pub const MAX_RELAYED_LINE: usize = 16 * 1024;
 
@@ -124,15 +129,23 @@ impl LogStore {
                     .process
                     .filter(|p| px_proto::process::check_process_name(p).is_ok()),
             };
-            recent
-                .entry(entry.app.clone())
-                .or_default()
-                .push(entry.clone());
+            if recent.len() < MAX_LOGGED_APPS || recent.contains_key(&entry.app) {
+                recent
+                    .entry(entry.app.clone())
+                    .or_default()
+                    .push(entry.clone());
+            }
             let _ = self.live.send(entry);
         }
         if batch.dropped > 0 {
             tracing::warn!(%node, dropped = batch.dropped, "a node dropped log lines (rate limit)");
         }
+    }
+
+    /// Drops the kept lines of every app `exists` says no longer exists.
+    pub fn retain_apps(&self, exists: impl Fn(&str) -> bool) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.retain(|app, _| exists(app));
     }
 
     /// The last `n` lines of `app` that `filter` admits, oldest first. One build's lines come
@@ -198,6 +211,23 @@ mod tests {
 
     fn texts(entries: &[LogEntry]) -> Vec<&str> {
         entries.iter().map(|e| e.line.as_str()).collect()
+    }
+
+    #[test]
+    fn the_lines_of_an_app_that_is_gone_are_dropped_and_others_kept() {
+        let store = LogStore::default();
+        store.push(
+            "web-1",
+            LogBatch {
+                lines: vec![line("kept", "a"), line("deleted", "b")],
+                dropped: 0,
+            },
+        );
+        store.retain_apps(|app| app == "kept");
+        let all = LogFilter::default();
+        assert_eq!(texts(&store.recent("kept", 10, all)), ["a"]);
+        assert!(store.recent("deleted", 10, all).is_empty());
+        assert_eq!(store.recent.lock().unwrap().len(), 1);
     }
 
     #[test]

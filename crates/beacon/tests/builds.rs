@@ -237,13 +237,11 @@ async fn a_build_runs_on_the_one_node_that_may_build_stays_moves_when_it_is_lost
         2,
         "hello build 2 finished on build-2",
     ));
-    build2.send(build_event(
-        NodeEventKind::BuildStarted,
-        "hello",
-        99,
-        "a later frame, to know the one before it was handled",
-    ));
-    wait_build_event(&s.beacon, EventKind::BuildStarted, "hello", 99).await;
+    // A later frame about the same build (still the node's to report on for a while after
+    // it left its assignment), to know the one before it was handled.
+    let later = "a later frame, to know the one before it was handled";
+    build2.send(build_event(NodeEventKind::BuildStarted, "hello", 2, later));
+    wait_build_event_saying(&s.beacon, EventKind::BuildStarted, "hello", 2, later).await;
     let events = s.beacon.events().await;
     assert_eq!(
         build_events(&events, EventKind::BuildFinished, "hello", 2).len(),
@@ -605,6 +603,17 @@ async fn a_builds_output_is_forwarded_with_its_number() {
         labelled_hello("build-1", &s.tokens.maestro, BUILDER),
     )
     .await;
+    // Beacon takes a build's output only from the node it gave the build to.
+    let mut notices = repository_link(&s).await;
+    s.repo.pending_build("hello", 3);
+    notices
+        .send(ToBeacon::BuildRequested(BuildRequested {
+            app: "hello".into(),
+            build: 3,
+        }))
+        .await
+        .unwrap();
+    builder.wait_builds(&["hello#3"]).await;
     let line = |text: &str| LogLine {
         app: "hello".into(),
         release: 0,

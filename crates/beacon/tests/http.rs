@@ -15,10 +15,16 @@ use px_test_support::Pki;
 use reqwest::StatusCode;
 
 async fn start() -> (tempfile::TempDir, Tokens, Beacon) {
+    start_with(|_| {}).await
+}
+
+/// [`start`], with the repository as `prepare` leaves it.
+async fn start_with(prepare: impl FnOnce(&RepoStub)) -> (tempfile::TempDir, Tokens, Beacon) {
     let dir = tempfile::tempdir().unwrap();
     let tokens = Tokens::new();
     let (repo, url) = RepoStub::start(tokens.repo_read.clone()).await;
     repo.release("hello", 3, "");
+    prepare(&repo);
     let pki = Arc::new(Pki::new(&["localhost"]).unwrap());
     let beacon = Beacon::start(config(dir.path(), &pki, &tokens, &url), pki, &tokens, 0).await;
     (dir, tokens, beacon)
@@ -488,14 +494,22 @@ async fn app_output_forwarded_by_nodes_can_be_read_and_followed() {
 async fn one_builds_output_can_be_read_and_followed_apart_from_the_apps() {
     use px_proto::beacon::LogEntry;
     use px_proto::link::{LogBatch, LogLine, LogStream};
-    let (_dir, tokens, beacon) = start().await;
-    let (mut link, _) = open_link(
-        &beacon.control_addr,
-        &beacon.pki.ca(),
-        maestro_hello("build-1", &tokens.maestro, 0),
-    )
+    // build-1 runs hello and its builds 4 and 5: Beacon takes output only from the node it
+    // gave an app or a build to.
+    let (_dir, tokens, beacon) = start_with(|repo| {
+        repo.pending_build("hello", 4);
+        repo.pending_build("hello", 5);
+    })
     .await;
-    next_assign(&mut link).await;
+    let mut hello = maestro_hello("build-1", &tokens.maestro, 0);
+    hello.labels.insert("build".into(), "true".into());
+    let (mut link, _) = open_link(&beacon.control_addr, &beacon.pki.ca(), hello).await;
+    let assigned = next_assign(&mut link).await;
+    assert_eq!(
+        (assigned.apps.len(), assigned.builds.len()),
+        (1, 2),
+        "{assigned:?}"
+    );
     let app_line = |text: &str| LogLine {
         app: "hello".into(),
         release: 3,

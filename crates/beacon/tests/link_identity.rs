@@ -13,9 +13,12 @@ use std::time::{Duration, Instant};
 use common::{Beacon, Link, RepoStub, Tokens, WAIT, config, maestro_hello, next_assign, open_link};
 use futures_util::{SinkExt, StreamExt};
 use px_beacon::admission::{MAX_UNAUTHENTICATED_PER_SOURCE, PREAUTH_DEADLINE};
-use px_proto::beacon::{Node, NodeHealth};
+use px_proto::beacon::{App, Event, LogEntry, Node, NodeHealth};
 use px_proto::codec::FrameCodec;
-use px_proto::link::{FromBeacon, Hello, MAX_HELLO_BYTES, ToBeacon};
+use px_proto::link::{
+    DeployFigures, FromBeacon, Hello, LogBatch, LogLine, LogStream, MAX_HELLO_BYTES, NodeEvent,
+    NodeEventKind, RolloutFigures, ToBeacon,
+};
 use px_test_support::Pki;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -30,17 +33,22 @@ struct Setup {
 
 /// A Beacon whose repository holds app `hello` v1.
 async fn setup() -> Setup {
-    setup_reloadable(|_| {}).await.0
+    setup_reloadable(&[], |_| {}).await.0
 }
 
-/// [`setup`], reloading on the trigger's request to its configuration as `change` leaves it.
+/// [`setup`] with the apps `more` (name, manifest lines) too, reloading on the trigger's request
+/// to its configuration as `change` leaves it.
 async fn setup_reloadable(
+    more: &[(&str, &str)],
     change: impl FnOnce(&mut px_beacon::config::Config),
 ) -> (Setup, px_runtime::systemd::ReloadTrigger) {
     let dir = tempfile::tempdir().unwrap();
     let tokens = Tokens::new();
     let (repo, url) = RepoStub::start(tokens.repo_read.clone()).await;
     repo.release("hello", 1, "");
+    for (app, manifest) in more {
+        repo.release(app, 1, manifest);
+    }
     let pki = Arc::new(Pki::new(&["localhost"]).unwrap());
     let cfg = config(dir.path(), &pki, &tokens, &url);
     let mut next = cfg.clone();
@@ -276,7 +284,7 @@ async fn one_address_is_held_to_its_share_of_unverified_connections() {
 
 #[tokio::test]
 async fn a_reload_that_removes_a_token_closes_that_nodes_link_and_keeps_the_others() {
-    let (s, reload) = setup_reloadable(|next| {
+    let (s, reload) = setup_reloadable(&[], |next| {
         next.tokens.retain(|t| t.node.as_deref() != Some("web-2"));
     })
     .await;
@@ -314,5 +322,133 @@ async fn a_reload_that_removes_a_token_closes_that_nodes_link_and_keeps_the_othe
         .await
         .unwrap();
     wait_reporting(&s.beacon, "web-1", 1).await;
+    s.beacon.stop().await;
+}
+
+#[tokio::test]
+async fn what_a_node_says_about_an_app_it_was_not_given_is_not_stored() {
+    let (s, _) = setup_reloadable(
+        &[("api", "[placement]\nlabels = { role = \"api\" }\n")],
+        |_| {},
+    )
+    .await;
+    s.beacon
+        .wait_for("/v1/apps", "both apps", |apps: &Vec<App>| apps.len() == 2)
+        .await;
+    let (mut web1, _) = open_link(
+        &s.beacon.control_addr,
+        &s.beacon.pki.ca(),
+        maestro_hello("web-1", &s.tokens.maestro, 0),
+    )
+    .await;
+    let given: Vec<String> = next_assign(&mut web1)
+        .await
+        .apps
+        .into_iter()
+        .map(|a| a.app)
+        .collect();
+    assert_eq!(given, ["hello"]);
+
+    // web-1 reports on its own app and on api, which runs only on nodes labelled for it: an
+    // instance, rollout figures full of errors, an error event and a log line each.
+    let mut report = common::report_of("hello", 1);
+    let mut api = report.instances[0].clone();
+    api.app = "api".into();
+    report.instances.push(api);
+    report.rollouts = vec![RolloutFigures {
+        app: "api".into(),
+        release: 1,
+        previous: None,
+        watched_ms: 500,
+        watch_ms: 2000,
+        done: false,
+        figures: DeployFigures {
+            new_requests: 1000,
+            new_errors: 1000,
+            ..DeployFigures::default()
+        },
+    }];
+    let event = |app: &str, message: &str| {
+        ToBeacon::Event(NodeEvent {
+            kind: NodeEventKind::AppEvent,
+            app: app.into(),
+            release: 1,
+            message: message.into(),
+            detail: None,
+            instance: None,
+            level: Some(px_proto::beacon::Level::Error),
+            failure: None,
+            build: None,
+        })
+    };
+    let line = |app: &str, text: &str| LogLine {
+        app: app.into(),
+        release: 1,
+        instance: 1,
+        stream: LogStream::Stdout,
+        at: "2026-12-06T00:00:00.000Z".into(),
+        line: text.into(),
+        build: None,
+        process: None,
+    };
+    web1.send(ToBeacon::Heartbeat(report)).await.unwrap();
+    web1.send(event("api", "forged failure")).await.unwrap();
+    web1.send(ToBeacon::Logs(LogBatch {
+        lines: vec![line("api", "forged line"), line("hello", "own line")],
+        dropped: 0,
+    }))
+    .await
+    .unwrap();
+    // The node's own event comes last: once it is recorded, the frames before it were handled.
+    web1.send(event("hello", "own failure")).await.unwrap();
+    let events: Vec<Event> = s
+        .beacon
+        .wait_for(
+            "/v1/events?limit=1000",
+            "web-1's own event",
+            |events: &Vec<Event>| events.iter().any(|e| e.message.contains("own failure")),
+        )
+        .await;
+    assert!(
+        !events.iter().any(|e| e.message.contains("forged")),
+        "{events:?}"
+    );
+    wait_reporting(&s.beacon, "web-1", 1).await;
+    let nodes: Vec<Node> = s.beacon.get("/v1/nodes").await;
+    assert!(
+        nodes[0].instances.iter().all(|i| i.app == "hello"),
+        "{nodes:?}"
+    );
+    let api_logs: Vec<LogEntry> = s.beacon.get("/v1/apps/api/logs").await;
+    assert!(api_logs.is_empty(), "{api_logs:?}");
+    let hello_logs: Vec<LogEntry> = s.beacon.get("/v1/apps/hello/logs").await;
+    assert_eq!(
+        hello_logs
+            .iter()
+            .map(|e| e.line.as_str())
+            .collect::<Vec<_>>(),
+        ["own line"]
+    );
+    let metrics = s
+        .beacon
+        .http
+        .get(format!("{}/metrics", s.beacon.http_url))
+        .bearer_auth(&s.beacon.read_token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("beacon_reports_dropped_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        dropped, 4,
+        "an instance, figures, an event, a log line: {metrics}"
+    );
     s.beacon.stop().await;
 }

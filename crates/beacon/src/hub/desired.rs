@@ -52,7 +52,12 @@ fn web_count(release: &Release, formation: Option<&BTreeMap<String, u32>>) -> u3
 impl Hub {
     /// The assignment for `node` at the current generation: the apps it should run and the
     /// builds placed on it.
-    fn assignment_for(&self, state: &State, node: &str, fit: &Fit<'_>) -> Arc<Assignment> {
+    pub(super) fn assignment_for(
+        &self,
+        state: &State,
+        node: &str,
+        fit: &Fit<'_>,
+    ) -> Arc<Assignment> {
         Arc::new(Assignment {
             generation: state.persisted.generation,
             apps: self.apps_for(state, node, fit),

@@ -13,6 +13,7 @@
 //! - `processes.rs`: the formation (`em scale`'s counts over the defaults) and where each
 //!   non-web process runs;
 //! - `nodes.rs`: the node registry (attach, reports, events, detach, the sweep);
+//! - `scope.rs`: what each node may report on (its assignment's apps and builds);
 //! - `rollouts.rs`: rollout tracking, applying verdicts, rollback orders, the history;
 //! - `repositories.rs`: the repository's links and reachability;
 //! - `views.rs`: what the HTTP API and the status page read;
@@ -27,6 +28,7 @@ mod release_phases;
 mod repositories;
 mod rollouts;
 mod runs;
+mod scope;
 mod views;
 
 pub(crate) use self::runs::{RunNode, RunPlaceError};
@@ -78,6 +80,8 @@ struct NodeEntry {
     assign_tx: watch::Sender<Option<Arc<Assignment>>>,
     commands: mpsc::Sender<FromBeacon>,
     closed: CancellationToken,
+    /// What the node may report on (`scope.rs`).
+    scope: scope::Scope,
 }
 
 impl NodeEntry {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use px_proto::beacon::{EventKind, Level, RolloutState};
 use px_proto::link::{Assignment, FromBeacon, Hello, NodeEvent, NodeEventKind, NodeReport};
@@ -12,6 +12,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{COMMAND_QUEUE, Changes, Effect, Hub, NodeEntry, State, effect};
+
+/// How long a lost node stays on the status page and in the node table: a day covers a host
+/// that is being repaired; one that comes back later joins anew.
+pub const FORGET_LOST_NODE_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// Most nodes known at once, connected or lost: as many as the links Beacon holds. Beyond it
+/// the lost nodes silent longest are forgotten first (connected ones never are).
+pub const MAX_KNOWN_NODES: usize = crate::links::MAX_LINKS;
 use crate::judge;
 use crate::placement;
 
@@ -94,6 +101,7 @@ impl Hub {
             assign_tx,
             commands: commands_tx,
             closed: closed.clone(),
+            scope: Default::default(),
         };
         match state.nodes.insert(hello.name.clone(), entry) {
             Some(old) => {
@@ -130,6 +138,16 @@ impl Hub {
         {
             node.assign_tx.send_replace(Some(assignment));
         }
+        // What the Hello reported counts only for what the node was given.
+        if let Some(node) = state.nodes.get_mut(&hello.name) {
+            // A clone: the scope is computed with the node's report (an app it runs stays
+            // its own while placement keeps it there).
+            let mut report = node.report.clone();
+            self.keep_own_report(state, &hello.name, conn, &mut report);
+            if let Some(node) = state.nodes.get_mut(&hello.name) {
+                node.report = report;
+            }
+        }
         let apps: Vec<String> = state.desired.keys().cloned().collect();
         // An app waiting for its first eligible node may have one now: say so at once.
         let unplaced: Vec<String> = state
@@ -165,9 +183,12 @@ impl Hub {
         self.finish(changes).await;
     }
 
-    fn seen_locked(&self, node: &str, conn: u64, report: Option<NodeReport>) -> Changes {
+    fn seen_locked(&self, node: &str, conn: u64, mut report: Option<NodeReport>) -> Changes {
         let mut effects = Vec::new();
         let mut state = self.lock();
+        if let Some(report) = report.as_mut() {
+            self.keep_own_report(&mut state, node, conn, report);
+        }
         let Some(entry) = state.nodes.get_mut(node).filter(|n| n.conn == conn) else {
             return Changes::of(&mut state, effects);
         };
@@ -331,6 +352,7 @@ impl Hub {
                 lost.push(name.clone());
             }
         }
+        Self::forget_departed_nodes(&mut state, Instant::now());
         for name in &lost {
             effects.push(
                 effect(
@@ -374,6 +396,40 @@ impl Hub {
             .nodes_connected
             .set(state.nodes.values().filter(|n| n.connected).count() as u64);
         (Changes::of(&mut state, effects), move_builds)
+    }
+
+    /// Forgets nodes lost longer than [`FORGET_LOST_NODE_AFTER`], and while more than
+    /// [`MAX_KNOWN_NODES`] are known, the lost ones silent longest. A node that comes back
+    /// after that joins anew.
+    pub(super) fn forget_departed_nodes(state: &mut State, now: Instant) {
+        let before = state.nodes.len();
+        state.nodes.retain(|name, node| {
+            let keep = node.connected
+                || !node.lost
+                || now.saturating_duration_since(node.last_seen) < FORGET_LOST_NODE_AFTER;
+            if !keep {
+                tracing::info!(node = %name, "forgetting a node lost for a day");
+            }
+            keep
+        });
+        if state.nodes.len() > MAX_KNOWN_NODES {
+            let mut lost: Vec<(Instant, String)> = state
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.lost && !n.connected)
+                .map(|(name, n)| (n.last_seen, name.clone()))
+                .collect();
+            lost.sort();
+            let excess = state.nodes.len() - MAX_KNOWN_NODES;
+            for (_, name) in lost.into_iter().take(excess) {
+                tracing::info!(node = %name, "forgetting a lost node: too many nodes known");
+                state.nodes.remove(&name);
+            }
+        }
+        if state.nodes.len() != before {
+            let apps: Vec<String> = state.desired.keys().cloned().collect();
+            state.dirty.extend(apps);
+        }
     }
 
     /// Queues a command for every connected node that runs `app`; returns how many.

@@ -460,3 +460,26 @@ async fn a_formation_sets_web_per_node_and_other_types_across_the_cluster() {
     hub.set_state(shop, scaled(&[("worker", 1)]), None).await;
     assert_eq!(instances_of(&mut web1, "shop"), 1);
 }
+
+#[tokio::test]
+async fn a_node_lost_for_a_day_is_forgotten_and_a_connected_one_never() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(dir.path());
+    let _gone = hub.attach(&hello("gone", 0)).await;
+    let _here = hub.attach(&hello("here", 0)).await;
+    {
+        let mut state = hub.lock();
+        let gone = state.nodes.get_mut("gone").unwrap();
+        gone.connected = false;
+        gone.lost = true;
+        let now = std::time::Instant::now();
+        Hub::forget_departed_nodes(&mut state, now);
+        assert_eq!(state.nodes.len(), 2, "lost a moment ago: still known");
+        Hub::forget_departed_nodes(&mut state, now + super::nodes::FORGET_LOST_NODE_AFTER);
+        assert_eq!(
+            state.nodes.keys().collect::<Vec<_>>(),
+            ["here"],
+            "the connected node stays however long"
+        );
+    }
+}

@@ -65,6 +65,16 @@ impl Hub {
             .collect()
     }
 
+    /// Whether the desired state has been read since start-up.
+    pub fn desired_known(&self) -> bool {
+        self.lock().desired_known
+    }
+
+    /// Whether `app` is in the desired state.
+    pub fn app_exists(&self, app: &str) -> bool {
+        self.lock().desired.contains_key(app)
+    }
+
     pub fn apps(&self) -> Vec<beacon::App> {
         let state = self.lock();
         state
