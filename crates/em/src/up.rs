@@ -21,6 +21,9 @@ pub const BEACON_CONTROL_OFFSET: u16 = 2;
 pub const MAESTRO_STATUS_OFFSET: u16 = 3;
 /// The local Maestro's node name, which its link token is bound to.
 const LOCAL_NODE: &str = "local";
+/// A tokens file in the data directory whose entries Beacon accepts besides its own, if it
+/// exists (read at start).
+const EXTRA_BEACON_TOKENS: &str = "beacon-tokens.toml";
 
 pub struct Up {
     pub data_dir: PathBuf,
@@ -185,6 +188,9 @@ pub async fn up(options: Up) -> Result<()> {
         data_dir: data.join("beacon"),
         tls_cert_file: cert,
         tls_key_file: key,
+        // More tokens, when the data directory has them: a second local Maestro (the deploy
+        // benchmark's) links with a maestro token of its own, bound to its own node name.
+        tokens_file: Some(data.join(EXTRA_BEACON_TOKENS)).filter(|file| file.exists()),
         tokens: vec![
             TokenEntry {
                 name: "em".into(),
