@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use px_proto::link::{Assignment, LogBatch, NodeEvent, NodeReport};
+use px_proto::link::{Assignment, LogBatch, LogStream, NodeEvent, NodeReport};
 
 use super::{Hub, State};
 
@@ -113,10 +113,14 @@ impl Scope {
     /// Keeps the lines of `batch` about this scope; returns how many went.
     fn keep_logs(&self, batch: &mut LogBatch) -> usize {
         let before = batch.lines.len();
-        batch.lines.retain(|line| match line.build {
-            Some(build) => self.build(&line.app, build),
-            None => self.app(&line.app),
-        });
+        // Only build output names a build (as the log store reads it); other lines are the
+        // app's.
+        batch.lines.retain(
+            |line| match line.build.filter(|_| line.stream == LogStream::Build) {
+                Some(build) => self.build(&line.app, build),
+                None => self.app(&line.app),
+            },
+        );
         before - batch.lines.len()
     }
 
