@@ -7,8 +7,9 @@
 //! must pass the same checks as at start-up, else the reload fails, is logged, and Beacon
 //! keeps running as it was. What a reload applies: `tokens` and `tokens_file` (the file is
 //! read again even when its name did not change), checked from the next API request and the
-//! next link handshake on (links already open stay open), and `alerts.webhooks` (new alerts
-//! go to the new set; alerts already queued for a removed webhook are still delivered). Every
+//! next link handshake on (links already open stay open), `alerts.webhooks` (new alerts
+//! go to the new set; alerts already queued for a removed webhook are still delivered), and
+//! `[api_tls]`'s certificate and key (read again, for new connections). Every
 //! other setting takes effect only after a restart, among them the listen addresses,
 //! `data_dir`, the TLS certificate and key, `[repository]` and `alerts.dedup_window`; a
 //! reload that finds one changed logs it and says so in the status line.
@@ -17,7 +18,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use px_runtime::http_server::HttpLimits;
+use px_runtime::http_server::{ApiTls, HttpLimits};
 use px_runtime::tokens::TokenEntry;
 use serde::{Deserialize, Serialize};
 
@@ -73,6 +74,10 @@ pub struct Config {
     /// `[http]`: the API's request head deadline, idle timeout and connection cap. Defaults:
     /// 30s, 60s, 1024.
     pub http: HttpLimits,
+    /// `[api_tls]`: the certificate the API and status page serve HTTPS with. Default: the
+    /// control links' `tls_cert_file` and `tls_key_file` (the same host); `plain_http = true`
+    /// serves plain HTTP instead (only behind a TLS-terminating proxy or on loopback).
+    pub api_tls: ApiTls,
 }
 
 impl Default for Config {
@@ -92,6 +97,7 @@ impl Default for Config {
             node_lost_after: DEFAULT_NODE_LOST_AFTER,
             alerts: AlertsConfig::default(),
             http: HttpLimits::default(),
+            api_tls: ApiTls::default(),
         }
     }
 }
@@ -100,17 +106,23 @@ impl Default for Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepositoryConfig {
-    /// apprepo's base URL; Maestros download bundles from it too. Default: `http://127.0.0.1:7070`.
+    /// apprepo's base URL; Maestros download bundles from it too. Default: `https://127.0.0.1:7070`.
     pub url: String,
     /// File holding a `read` token for apprepo (mode 0600). Required.
     pub token_file: PathBuf,
+    /// PEM file of the CA that signed apprepo's API certificate (the cluster CA), trusted
+    /// instead of the system's roots. Default: none (the system's roots, for an apprepo behind
+    /// a proxy with a public certificate).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for RepositoryConfig {
     fn default() -> Self {
         Self {
-            url: "http://127.0.0.1:7070".into(),
+            url: "https://127.0.0.1:7070".into(),
             token_file: PathBuf::new(),
+            ca_file: None,
         }
     }
 }

@@ -35,6 +35,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub logs: Arc<crate::logstore::LogStore>,
     pub runs: Arc<crate::runs::Runs>,
+    /// Whether this listener serves HTTPS itself (the sign-in cookie is then `Secure`).
+    pub https: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use px_runtime::config::ConfigError;
+use px_runtime::http_server::ServerTls;
 use px_runtime::shutdown::{CriticalTasks, TaskEnded};
 use px_runtime::systemd::{Reloaded, Systemd};
 use tokio::net::TcpListener;
@@ -58,6 +59,11 @@ pub struct Checked {
     pub(crate) tokens: auth::Tokens,
     pub(crate) tls: Arc<rustls::ServerConfig>,
     pub(crate) repository_token: String,
+    /// The API's TLS config; `None` when `api_tls.plain_http` says so.
+    pub(crate) api_tls: Option<ServerTls>,
+    /// What Beacon trusts in apprepo's certificate: `repository.ca_file`, else the system's
+    /// roots (`None`).
+    pub(crate) repository_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 pub fn check(config: &Config) -> Result<Checked, ConfigError> {
@@ -109,11 +115,32 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
             ));
         }
     }
+    // The API presents the control links' certificate unless `[api_tls]` names another: both
+    // are this host's.
+    let fallback = (!config.tls_cert_file.as_os_str().is_empty()
+        && !config.tls_key_file.as_os_str().is_empty())
+    .then_some((
+        config.tls_cert_file.as_path(),
+        config.tls_key_file.as_path(),
+    ));
+    let api_tls = config
+        .api_tls
+        .resolve(fallback)
+        .map_err(|m| problems.push(m))
+        .ok()
+        .flatten();
+    let repository_tls = config.repository.ca_file.as_ref().and_then(|ca| {
+        px_runtime::tls::client_config(ca)
+            .map_err(|e| problems.push(format!("repository.ca_file: {e}")))
+            .ok()
+    });
     match (tokens, tls, repository_token) {
         (Some(tokens), Some(tls), Some(repository_token)) if problems.is_empty() => Ok(Checked {
             tokens: Arc::new(tokens),
             tls,
             repository_token,
+            api_tls,
+            repository_tls,
         }),
         _ => Err(ConfigError { problems }),
     }
@@ -139,7 +166,13 @@ impl px_runtime::service::StartFailure for StartError {
 }
 
 /// Settings a reload applies (see `config.rs`); any other change needs a restart.
-const RELOADABLE: &[&str] = &["tokens", "tokens_file", "alerts.webhooks"];
+const RELOADABLE: &[&str] = &[
+    "tokens",
+    "tokens_file",
+    "alerts.webhooks",
+    "api_tls.cert_file",
+    "api_tls.key_file",
+];
 
 /// Runs Beacon on already-bound listeners until `shutdown` is cancelled; without a service
 /// manager (`em up`, tests). If one of its critical tasks (the link server, the HTTP server,
@@ -190,8 +223,12 @@ pub async fn run_with(
         metrics.clone(),
     )?);
     let (reconcile_tx, reconcile_rx) = tokio::sync::mpsc::channel(links::RECONCILE_TRIGGERS);
-    let client = reconcile::RepositoryClient::new(&config.repository.url, checked.repository_token)
-        .map_err(StartError::Other)?;
+    let client = reconcile::RepositoryClient::new(
+        &config.repository.url,
+        checked.repository_token,
+        checked.repository_tls,
+    )
+    .map_err(StartError::Other)?;
     critical.spawn(
         "the reconciler",
         reconcile::run(
@@ -252,13 +289,22 @@ pub async fn run_with(
         link_server.serve(listeners.control, tracker.clone(), shutdown.clone()),
     );
     let http_addr = listeners.http.local_addr()?;
-    tracing::info!(http = %http_addr, control = %control_addr, "beacon listening");
+    let api_tls = checked.api_tls.clone();
+    let https = api_tls.is_some();
+    let scheme = if https {
+        "https"
+    } else {
+        "http (plain, as configured)"
+    };
+    tracing::info!(http = %http_addr, scheme, control = %control_addr, "beacon listening");
+    let reload_tls = api_tls.clone();
     let state = http::AppState {
         hub: hub.clone(),
         tokens: checked.tokens.clone(),
         metrics: metrics.clone(),
         logs: app_logs,
         runs,
+        https,
     };
     let probe_hub = hub.clone();
     systemd.ready(
@@ -278,11 +324,18 @@ pub async fn run_with(
                 tokio::spawn(async move { hub.generation() })
                     .await
                     .map_err(|e| format!("the hub did not answer: {e}"))?;
-                px_runtime::systemd::http_answers(http_addr, "/healthz").await
+                px_runtime::systemd::http_answers(http_addr, "/healthz", https).await
             }) as BoxFuture<'static, Result<(), String>>
         },
         move |new: Config| {
-            let reloaded = reload(&config, &new, &checked.tokens, &open_links, &alerter);
+            let reloaded = reload(
+                &config,
+                &new,
+                &checked.tokens,
+                &open_links,
+                &alerter,
+                reload_tls.as_ref(),
+            );
             std::future::ready(reloaded)
         },
     );
@@ -292,6 +345,7 @@ pub async fn run_with(
         listeners.http,
         http::router(state),
         http_limits,
+        api_tls,
         shutdown.clone(),
     );
     critical.spawn("the http server", server);
@@ -351,8 +405,22 @@ fn reload(
     tokens: &auth::Tokens,
     open_links: &open_links::OpenLinks,
     alerter: &alerts::Alerter,
+    tls: Option<&ServerTls>,
 ) -> Result<Reloaded, String> {
     let checked = check(new).map_err(|e| e.to_string())?;
+    let mut needs_restart = px_runtime::config::restart_needed(running, new, RELOADABLE);
+    let certificate = match (tls, checked.api_tls) {
+        (Some(tls), Some(config)) => {
+            tls.replace(&config);
+            ", the api certificate"
+        }
+        (None, None) => "",
+        // Switching between HTTPS and plain HTTP changes what the listener speaks.
+        _ => {
+            needs_restart.push("api_tls.plain_http".into());
+            ""
+        }
+    };
     let table = Arc::try_unwrap(checked.tokens).unwrap_or_else(|shared| (*shared).clone());
     let count = table.len();
     tokens.replace(table);
@@ -361,11 +429,11 @@ fn reload(
     alerter.set_webhooks(new.alerts.webhooks.clone());
     Ok(Reloaded {
         applied: format!(
-            "{count} token{}, {webhooks} webhook{}, {closed} link{} closed",
+            "{count} token{}, {webhooks} webhook{}, {closed} link{} closed{certificate}",
             if count == 1 { "" } else { "s" },
             if webhooks == 1 { "" } else { "s" },
             if closed == 1 { "" } else { "s" }
         ),
-        needs_restart: px_runtime::config::restart_needed(running, new, RELOADABLE),
+        needs_restart,
     })
 }

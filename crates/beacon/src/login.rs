@@ -2,7 +2,8 @@
 //! cookie that a small sign-in form sets, so that a browser can show `/` as well.
 //!
 //! The cookie is `HttpOnly` (no script reads it), `SameSite=Strict` (no other site's page
-//! sends it), and `Secure` when the request came through a TLS proxy. Only the page reads it:
+//! sends it), and `Secure` when Beacon serves HTTPS or the request came through a TLS proxy.
+//! Only the page reads it:
 //! the API still wants the header, so a cookie can never make a browser change anything.
 
 use axum::body::Bytes;
@@ -52,9 +53,10 @@ pub(crate) async fn login(
         };
         return form(status, Some(&e.to_string()));
     }
-    let secure = headers
-        .get("x-forwarded-proto")
-        .is_some_and(|proto| proto.as_bytes().eq_ignore_ascii_case(b"https"));
+    let secure = state.https
+        || headers
+            .get("x-forwarded-proto")
+            .is_some_and(|proto| proto.as_bytes().eq_ignore_ascii_case(b"https"));
     let cookie = format!(
         "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={COOKIE_MAX_AGE_SECS}{}",
         if secure { "; Secure" } else { "" }

@@ -44,11 +44,18 @@ pub struct RepositoryClient {
 }
 
 impl RepositoryClient {
-    pub fn new(base: &str, token: String) -> Result<Self, String> {
-        let http = reqwest::Client::builder()
-            .timeout(REPOSITORY_TIMEOUT)
-            .build()
-            .map_err(|e| format!("http client: {e}"))?;
+    /// A client of apprepo at `base`, trusting `tls` (the cluster CA) when given, else the
+    /// system's roots.
+    pub fn new(
+        base: &str,
+        token: String,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, String> {
+        let mut http = reqwest::Client::builder().timeout(REPOSITORY_TIMEOUT);
+        if let Some(tls) = tls {
+            http = http.use_preconfigured_tls((*tls).clone());
+        }
+        let http = http.build().map_err(|e| format!("http client: {e}"))?;
         Ok(Self {
             base: base.trim_end_matches('/').to_string(),
             token,

@@ -19,7 +19,7 @@ async fn a_broken_link_listener_stops_beacon_with_an_error() {
     let pki = Arc::new(Pki::new(&["localhost"]).unwrap());
     let cfg = config(dir.path(), &pki, &tokens, &url);
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http_url = format!("http://{}", http.local_addr().unwrap());
+    let http_url = format!("https://localhost:{}", http.local_addr().unwrap().port());
     let control = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     control.set_nonblocking(true).unwrap();
     // Another descriptor of the same socket, to break it under Beacon.
@@ -31,7 +31,7 @@ async fn a_broken_link_listener_stops_beacon_with_an_error() {
         px_beacon::Listeners { http, control },
         shutdown.clone(),
     ));
-    let client = reqwest::Client::new();
+    let client = common::https_client(&pki);
     let healthz = format!("{http_url}/healthz");
     let started = std::time::Instant::now();
     while client.get(&healthz).send().await.is_err() {

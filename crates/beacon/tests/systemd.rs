@@ -41,7 +41,7 @@ fn activated_beacon_is_ready_reports_pings_reloads_its_tokens_and_stops() {
     std::fs::write(
         &config,
         format!(
-            "http_listen = \"127.0.0.1:1\"\ncontrol_listen = \"127.0.0.1:1\"\ndata_dir = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\ntokens_file = \"{}\"\n[repository]\nurl = \"http://127.0.0.1:1\"\ntoken_file = \"{}\"\n",
+            "http_listen = \"127.0.0.1:1\"\ncontrol_listen = \"127.0.0.1:1\"\ndata_dir = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\ntokens_file = \"{}\"\n[api_tls]\nplain_http = true\n[repository]\nurl = \"http://127.0.0.1:1\"\ntoken_file = \"{}\"\n",
             dir.path().join("data").display(),
             pki.cert().display(),
             pki.key().display(),

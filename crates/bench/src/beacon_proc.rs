@@ -46,11 +46,13 @@ impl Tokens {
     }
 }
 
-/// Where Beacon's TLS material is.
+/// Where Beacon's TLS material is: its certificate (for `localhost`), presented on the links
+/// and the API, and the CA that signed it.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 pub struct BeaconProcess {
@@ -160,7 +162,7 @@ impl BeaconProcess {
             http,
             control,
             log,
-            http_client: http_client()?,
+            http_client: http_client(&tls.ca)?,
         })
     }
 
@@ -225,11 +227,15 @@ impl BeaconProcess {
     }
 }
 
-/// The client for Beacon's API: loopback only, so no proxy from the environment applies. No
-/// connection is kept between calls, so Beacon holds no idle HTTP connection of ours while the
-/// benchmark measures it.
-fn http_client() -> Result<reqwest::Client> {
+/// The client for Beacon's API (HTTPS, trusting `ca` alone): loopback only, so no proxy from
+/// the environment applies. No connection is kept between calls, so Beacon holds no idle HTTP
+/// connection of ours while the benchmark measures it.
+fn http_client(ca: &Path) -> Result<reqwest::Client> {
+    let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+    let ca = reqwest::Certificate::from_pem(&pem).context("the benchmark's CA")?;
     reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
         .timeout(HTTP_TIMEOUT)
         .pool_max_idle_per_host(0)
         .no_proxy()
@@ -244,7 +250,8 @@ async fn http_get(
     path: &str,
     bearer: Option<&str>,
 ) -> Result<String> {
-    let url = format!("http://{addr}{path}");
+    // The certificate names `localhost`; the port is the one Beacon bound on 127.0.0.1.
+    let url = format!("https://localhost:{}{path}", addr.port());
     let mut request = client.get(&url);
     if let Some(token) = bearer {
         request = request.bearer_auth(token);

@@ -215,6 +215,7 @@ pub async fn run(options: &Options) -> Result<Report> {
         &TlsFiles {
             cert: pki.cert(),
             key: pki.key(),
+            ca: pki.ca(),
         },
         &tokens,
         &stub.url,

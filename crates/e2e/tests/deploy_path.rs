@@ -45,7 +45,10 @@ async fn an_upload_reaches_a_maestro_through_beacon() {
     let repo_link = generate();
 
     let repo_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let repo_url = format!("http://{}", repo_listener.local_addr().unwrap());
+    let repo_url = format!(
+        "https://localhost:{}",
+        repo_listener.local_addr().unwrap().port()
+    );
     let beacon_http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let beacon_control = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let control_addr = beacon_control.local_addr().unwrap().to_string();
@@ -78,6 +81,11 @@ async fn an_upload_reaches_a_maestro_through_beacon() {
             token_file: link_token_file,
             name: "apprepo".into(),
         }),
+        api_tls: px_runtime::http_server::ApiTls {
+            cert_file: Some(pki.cert()),
+            key_file: Some(pki.key()),
+            plain_http: false,
+        },
         ..Default::default()
     };
     let token = shutdown.clone();
@@ -115,6 +123,7 @@ async fn an_upload_reaches_a_maestro_through_beacon() {
     };
     beacon_config.repository.url = repo_url.clone();
     beacon_config.repository.token_file = read_token_file;
+    beacon_config.repository.ca_file = Some(pki.ca());
     let token = shutdown.clone();
     let listeners = px_beacon::Listeners {
         http: beacon_http,
@@ -163,7 +172,12 @@ async fn an_upload_reaches_a_maestro_through_beacon() {
     ));
 
     // Deploy: create the app and upload a bundle to apprepo.
-    let http = reqwest::Client::new();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(pki.ca()).unwrap()).unwrap();
+    let http = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
     let app_dir = tempfile::tempdir().unwrap();
     px_test_support::write_sample_app(app_dir.path(), "hello").unwrap();
     let mut bundle = Vec::new();

@@ -55,9 +55,17 @@ async fn deploy_and_reconfigure_through_every_service() {
         path
     };
     let repo_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let repo_url = format!("http://{}", repo_listener.local_addr().unwrap());
+    // Both APIs serve HTTPS under the cluster CA, as Ansible installs them; every client
+    // (this test as em, Beacon's reconciler, Maestro's downloads) trusts that CA alone.
+    let repo_url = format!(
+        "https://localhost:{}",
+        repo_listener.local_addr().unwrap().port()
+    );
     let beacon_http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let beacon_url = format!("http://{}", beacon_http.local_addr().unwrap());
+    let beacon_url = format!(
+        "https://localhost:{}",
+        beacon_http.local_addr().unwrap().port()
+    );
     let beacon_control = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let control_addr = beacon_control.local_addr().unwrap().to_string();
     let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -88,6 +96,11 @@ async fn deploy_and_reconfigure_through_every_service() {
             token_file: secret("repo-link", &repo_link),
             name: "apprepo".into(),
         }),
+        api_tls: px_runtime::http_server::ApiTls {
+            cert_file: Some(pki.cert()),
+            key_file: Some(pki.key()),
+            plain_http: false,
+        },
         ..Default::default()
     };
     let mut beacon_config = px_beacon::config::Config {
@@ -119,6 +132,7 @@ async fn deploy_and_reconfigure_through_every_service() {
     };
     beacon_config.repository.url = repo_url.clone();
     beacon_config.repository.token_file = secret("beacon-repo", &repo_read);
+    beacon_config.repository.ca_file = Some(pki.ca());
     let port_base = 43000 + (std::process::id() % 100) as u16 * 20;
     let maestro_config = px_maestro::config::Config {
         node_name: "web-1".into(),
@@ -171,7 +185,12 @@ async fn deploy_and_reconfigure_through_every_service() {
     }));
 
     // `em deploy`, by hand: create the app and upload its bundle.
-    let http = reqwest::Client::new();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(pki.ca()).unwrap()).unwrap();
+    let http = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
     let app_dir = tempfile::tempdir().unwrap();
     px_test_support::write_sample_app(app_dir.path(), "hello").unwrap();
     let mut bundle = Vec::new();

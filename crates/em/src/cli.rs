@@ -18,6 +18,9 @@ pub struct Cli {
     /// Print machine-readable JSON instead of text (where it applies).
     #[arg(long, global = true)]
     pub json: bool,
+    /// Allow http:// to other machines (the token then crosses the network in the clear).
+    #[arg(long, global = true)]
+    pub insecure: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -134,7 +137,7 @@ pub enum Command {
     },
     /// Point em at a cluster; the token is read from stdin or a file, never an argument
     #[command(
-        after_help = "Examples:\n  em login --remote https://apprepo.example.com --beacon https://beacon.example.com < token\n  em login --remote http://10.0.0.5:7070 --token-file ~/px-token"
+        after_help = "Examples:\n  em login --remote https://apprepo.example.com --beacon https://beacon.example.com < token\n  em login --remote https://10.0.0.5:7070 --ca-file cluster-ca.pem --token-file ~/px-token\n\nem refuses http:// to another machine (the token would cross the network in the clear)\nunless given --insecure, which it then remembers for this remote."
     )]
     Login {
         /// apprepo's URL.
@@ -146,6 +149,10 @@ pub enum Command {
         /// Read the token from this file instead of stdin.
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// PEM file of the cluster's CA, trusted instead of the public roots (Ansible installs
+        /// it as /etc/platformx/ca.pem on every host).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
     /// Print shell completions
     #[command(

@@ -1,5 +1,7 @@
-//! Talking to apprepo and Beacon over HTTP, with every failure turned into a sentence that
-//! says what to do; Beacon's Server-Sent Events streams read message by message.
+//! Talking to apprepo and Beacon over HTTPS (trusting the remote's `ca_file` when it names
+//! one; plain HTTP only to this machine or when told `--insecure`), with every failure turned
+//! into a sentence that says what to do; Beacon's Server-Sent Events streams read message by
+//! message.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -22,11 +24,25 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(config: EmConfig) -> Self {
-        Self {
-            http: reqwest::Client::new(),
-            config,
+    /// A client of the platform in `config`: its URLs checked (see [`check_url`]; `insecure`
+    /// is the command line's `--insecure`, which the config's `insecure` key also sets), and
+    /// its HTTPS trusting the config's `ca_file` alone when it names one, else the public roots.
+    pub fn new(config: EmConfig, insecure: bool) -> Result<Self> {
+        let insecure = insecure || config.insecure;
+        check_url("remote", &config.remote, insecure)?;
+        check_url("beacon", &config.beacon, insecure)?;
+        let mut http = reqwest::Client::builder();
+        if let Some(ca_file) = &config.ca_file {
+            // The cluster's own CA alone: it signed apprepo's and Beacon's certificates, and a
+            // public CA has no business vouching for them.
+            let tls = px_runtime::tls::client_config(ca_file)
+                .map_err(|e| Failure::usage(format!("ca_file: {e}")))?;
+            http = http.use_preconfigured_tls((*tls).clone());
         }
+        let http = http
+            .build()
+            .map_err(|e| Failure::failed(format!("cannot set up https: {e}")))?;
+        Ok(Self { http, config })
     }
 
     pub fn repo(&self, path: &str) -> String {
@@ -108,13 +124,47 @@ impl Client {
     }
 }
 
+/// Refuses a URL that would send the token in the clear over a network: `http://` to a host
+/// other than this machine (`localhost`, `127.0.0.0/8`, `::1`), unless `insecure`.
+pub fn check_url(what: &str, url: &str, insecure: bool) -> Result<()> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| Failure::usage(format!("the {what} URL {url:?} is not a URL: {e}")))?;
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if insecure || is_loopback(&parsed) => Ok(()),
+        "http" => Err(Failure::usage(format!(
+            "the {what} URL {url} is plain http to another machine: the token would cross the network in the clear; use https:// (with the cluster's CA: `em login --remote https://... --ca-file ca.pem`), or pass --insecure if this network is trusted"
+        ))),
+        other => Err(Failure::usage(format!(
+            "the {what} URL {url} uses {other}://; em speaks https:// (or http:// to this machine)"
+        ))),
+    }
+}
+
+/// Whether `url`'s host is this machine.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let host = host.trim_matches(['[', ']']);
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Turns a transport error into a failure naming the service and the fix.
 pub fn unreachable(url: &str, error: &reqwest::Error) -> Failure {
+    // reqwest's own message hides the cause (a refused connection, an unknown certificate).
+    let cause = px_runtime::errors::error_chain(error);
+    let hint = if cause.contains("certificate") || cause.contains("UnknownIssuer") {
+        "the remote's certificate is not trusted: name the cluster's CA with `ca_file` in em's config (`em login --ca-file ca.pem`)"
+    } else {
+        "is `em up` running, or is the remote in `em login` right?"
+    };
     Failure::new(
         EXIT_UNREACHABLE,
-        format!(
-            "cannot reach {url} ({error}); is `em up` running, or is the remote in `em login` right?"
-        ),
+        format!("cannot reach {url} ({cause}); {hint}"),
     )
 }
 
@@ -222,11 +272,43 @@ pub fn take_sse<T: DeserializeOwned>(buffer: &mut String) -> Vec<T> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn sse_messages_are_split_and_partial_ones_kept() {
         let mut buffer =
             "id: 1\nevent: e\ndata: 7\n\n: keep-alive\n\ndata: 8\n\ndata: 9".to_string();
         assert_eq!(super::take_sse::<u32>(&mut buffer), [7, 8]);
         assert_eq!(buffer, "data: 9");
+    }
+
+    #[test]
+    fn plain_http_is_allowed_to_this_machine_only_unless_insecure() {
+        for url in [
+            "https://apprepo.example.com",
+            "http://127.0.0.1:7070",
+            "http://127.8.0.1:7070",
+            "http://[::1]:7070",
+            "http://LocalHost:7070",
+        ] {
+            assert!(check_url("remote", url, false).is_ok(), "{url}");
+        }
+        for url in [
+            "http://10.0.0.5:7070",
+            "http://apprepo.example.com",
+            "http://localhost.example.com",
+            "http://[::2]:7070",
+        ] {
+            let refused = check_url("remote", url, false).unwrap_err();
+            assert_eq!(refused.code, crate::failure::EXIT_USAGE, "{url}");
+            assert!(
+                refused.message.contains("--insecure"),
+                "{}",
+                refused.message
+            );
+            assert!(check_url("remote", url, true).is_ok(), "{url}");
+        }
+        assert!(check_url("remote", "ftp://x", true).is_err());
+        assert!(check_url("remote", "not a url", true).is_err());
     }
 }

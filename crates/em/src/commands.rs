@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::StreamExt;
 use px_proto::api::{self, Release};
@@ -366,7 +367,16 @@ pub async fn login(
     remote: String,
     beacon: Option<String>,
     token_file: Option<&Path>,
+    ca_file: Option<std::path::PathBuf>,
 ) -> Result<()> {
+    let insecure = INSECURE.load(Ordering::Relaxed);
+    // Refused before a token is read: a URL that would send it in the clear.
+    crate::client::check_url("remote", &remote, insecure)?;
+    // Kept absolute, so that em finds it from any directory.
+    let ca_file = ca_file
+        .map(|path| std::path::absolute(&path))
+        .transpose()
+        .map_err(|e| Failure::usage(format!("--ca-file: {e}")))?;
     let token = match token_file {
         Some(path) => px_runtime::secrets::read_secret_file(path)
             .map_err(|e| Failure::usage(e.to_string()))?,
@@ -401,20 +411,33 @@ pub async fn login(
         beacon,
         token,
         app_url: None,
+        ca_file,
+        // Remembered: the operator chose plain HTTP for this remote.
+        insecure,
     };
     // Check before saving: the remote answers and takes the token.
-    let client = Client::new(config.clone());
+    let client = Client::new(config.clone(), insecure)?;
     let _: Vec<api::App> = client.get(&client.repo("/v1/apps")).await?;
     let path = settings::save(&config)?;
     println!("logged in to {remote}; settings in {}", path.display());
     Ok(())
 }
 
-/// Loads the settings, or explains how to get some.
+/// Whether the command line said `--insecure`. Set once by `main` before any command runs; a
+/// flag rather than an argument because every command that talks to the platform goes through
+/// [`client`].
+static INSECURE: AtomicBool = AtomicBool::new(false);
+
+/// Records the command line's `--insecure` for [`client`] and [`login`].
+pub fn set_insecure(insecure: bool) {
+    INSECURE.store(insecure, Ordering::Relaxed);
+}
+
+/// Loads the settings, or explains how to get some; their URLs are checked (see
+/// [`crate::client::check_url`]).
 pub fn client() -> Result<Client> {
-    settings::load()
-        .map(Client::new)
-        .map_err(|f| Failure::new(EXIT_NOT_CONFIGURED, f.message))
+    let config = settings::load().map_err(|f| Failure::new(EXIT_NOT_CONFIGURED, f.message))?;
+    Client::new(config, INSECURE.load(Ordering::Relaxed))
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ fn run(cli: Cli) -> failure::Result<()> {
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| Failure::failed(format!("cannot start: {e}")))?;
     let json = cli.json;
+    commands::set_insecure(cli.insecure);
     match cli.command {
         Command::Up {
             data_dir,
@@ -152,7 +153,13 @@ fn run(cli: Cli) -> failure::Result<()> {
             remote,
             beacon,
             token_file,
-        } => runtime.block_on(commands::login(remote, beacon, token_file.as_deref())),
+            ca_file,
+        } => runtime.block_on(commands::login(
+            remote,
+            beacon,
+            token_file.as_deref(),
+            ca_file,
+        )),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "em", &mut std::io::stdout());

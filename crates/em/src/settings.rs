@@ -21,6 +21,15 @@ pub struct EmConfig {
     /// `em deploy` shows the app's domains instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_url: Option<String>,
+    /// PEM file of the CA that signed apprepo's and Beacon's certificates (the cluster's own),
+    /// trusted instead of the public roots. Default: none (the public roots, for a platform
+    /// behind a proxy with a public certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Allow `http://` URLs to other machines (tokens in the clear), as `--insecure` does.
+    /// Default: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
 }
 
 fn home() -> PathBuf {

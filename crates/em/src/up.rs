@@ -1,6 +1,7 @@
 //! `em up`: apprepo, Beacon and Maestro in one process on this machine, wired exactly as a
-//! cluster is (the same services, TLS control links, tokens), with state under one data
-//! directory so the next `em up` comes back with the same apps and releases.
+//! cluster is (the same services, TLS control links, HTTPS APIs under a CA of its own, tokens),
+//! with state under one data directory so the next `em up` comes back with the same apps and
+//! releases.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -79,7 +80,10 @@ fn create_private_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A throwaway CA and Beacon's certificate (for `localhost`), made once per data directory.
+/// A throwaway CA and this machine's certificate (for `localhost` and `127.0.0.1`), made once
+/// per data directory, in an owner-only directory, the key owner-only. Beacon presents it on
+/// its links and API, and apprepo on its API: one host, one certificate, as in a cluster
+/// where apprepo and Beacon share a control host.
 fn pki(data_dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let dir = data_dir.join("pki");
     create_private_dir(&dir)?;
@@ -146,8 +150,9 @@ pub async fn up(options: Up) -> Result<()> {
 
     let secrets = secrets(data)?;
     let (ca, cert, key) = pki(data)?;
-    let repo_url = format!("http://127.0.0.1:{}", port(APPREPO_OFFSET)?);
-    let beacon_url = format!("http://127.0.0.1:{}", port(BEACON_HTTP_OFFSET)?);
+    // HTTPS even on loopback: the same code paths as a cluster, so what works here works there.
+    let repo_url = format!("https://127.0.0.1:{}", port(APPREPO_OFFSET)?);
+    let beacon_url = format!("https://127.0.0.1:{}", port(BEACON_HTTP_OFFSET)?);
     let control_addr = format!("127.0.0.1:{}", port(BEACON_CONTROL_OFFSET)?);
 
     let repo_config = px_repository::config::Config {
@@ -180,6 +185,11 @@ pub async fn up(options: Up) -> Result<()> {
             token_file: secrets.dir.join("repository-link-token"),
             name: "apprepo".into(),
         }),
+        api_tls: px_runtime::http_server::ApiTls {
+            cert_file: Some(cert.clone()),
+            key_file: Some(key.clone()),
+            plain_http: false,
+        },
         ..Default::default()
     };
     let mut beacon_config = px_beacon::config::Config {
@@ -220,6 +230,7 @@ pub async fn up(options: Up) -> Result<()> {
     };
     beacon_config.repository.url = repo_url.clone();
     beacon_config.repository.token_file = secrets.dir.join("read-token");
+    beacon_config.repository.ca_file = Some(ca.clone());
     let maestro_config = px_maestro::config::Config {
         node_name: LOCAL_NODE.into(),
         // The local Maestro builds what is deployed here, as a cluster's build nodes do.
@@ -238,7 +249,7 @@ pub async fn up(options: Up) -> Result<()> {
         beacon: Some(px_maestro::config::BeaconConfig {
             addr: control_addr,
             server_name: Some("localhost".into()),
-            ca_file: ca,
+            ca_file: ca.clone(),
             token_file: secrets.dir.join("maestro-link-token"),
         }),
         build: builder(data).await,
@@ -251,6 +262,8 @@ pub async fn up(options: Up) -> Result<()> {
         beacon: beacon_url.clone(),
         token: secrets.deploy.clone(),
         app_url: Some(app_url.clone()),
+        ca_file: Some(ca.clone()),
+        insecure: false,
     })?;
 
     let shutdown = px_runtime::shutdown::on_signals()?;

@@ -343,7 +343,11 @@ impl Platform {
         config.repository.token_file = token_file;
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let control = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let beacon_url = format!("http://{}", http.local_addr().unwrap());
+        // Beacon's API serves HTTPS with its link certificate (for `localhost`), which em
+        // checks against the CA its config names.
+        let beacon_url = format!("https://localhost:{}", http.local_addr().unwrap().port());
+        let ca_file = home.path().join("ca.pem");
+        std::fs::copy(pki.ca(), &ca_file).unwrap();
         let control_addr = control.local_addr().unwrap().to_string();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
@@ -390,7 +394,10 @@ impl Platform {
         std::fs::create_dir_all(&config_dir).unwrap();
         std::fs::write(
             config_dir.join("config.toml"),
-            format!("remote = \"{repo_url}\"\nbeacon = \"{beacon_url}\"\ntoken = \"{read}\"\n"),
+            format!(
+                "remote = \"{repo_url}\"\nbeacon = \"{beacon_url}\"\ntoken = \"{read}\"\nca_file = \"{}\"\n",
+                ca_file.display()
+            ),
         )
         .unwrap();
         Self {
@@ -440,7 +447,12 @@ impl Platform {
 
     /// Beacon's events so far.
     async fn events(&self) -> Vec<Event> {
-        reqwest::Client::new()
+        let ca = std::fs::read(self.home.path().join("ca.pem")).unwrap();
+        reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .build()
+            .unwrap()
             .get(format!("{}/v1/events?limit=1000", self.beacon_url))
             .bearer_auth(&self.read_token)
             .send()

@@ -299,7 +299,13 @@ async fn em_run_runs_a_command_of_the_release_with_its_config_a_terminal_and_its
 
     // Every run is an event: who, what, how it ended.
     let (beacon, token) = env.beacon();
-    let http = reqwest::Client::new();
+    // Beacon's API serves HTTPS under the CA `em up` made in its data directory.
+    let ca = std::fs::read(env.home.path().join("data/platformx/pki/ca.pem")).unwrap();
+    let http = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
     let start = Instant::now();
     loop {
         let events: Vec<serde_json::Value> = http

@@ -460,17 +460,95 @@ async fn a_taken_port_and_a_wrong_token_are_explained() {
     let token_file = env.home.path().join("token");
     let token = env.home.path().join("data/platformx/secrets/deploy-token");
     std::fs::copy(&token, &token_file).unwrap();
-    let remote = format!("http://127.0.0.1:{}", env.port_base);
-    let out = env.em(&[
-        "login",
-        "--remote",
-        &remote,
-        "--token-file",
-        token_file.to_str().unwrap(),
-    ]);
+    // apprepo serves HTTPS under em up's own CA: without that CA, em refuses the certificate
+    // (before any token is sent) and says how to name the CA.
+    let remote = format!("https://127.0.0.1:{}", env.port_base);
+    let login = |extra: &[&str]| {
+        let mut args = vec![
+            "login",
+            "--remote",
+            &remote,
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        env.em(&args)
+    };
+    let out = login(&[]);
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("certificate") && err.contains("--ca-file"),
+        "{err}"
+    );
+    let ca = env.home.path().join("data/platformx/pki/ca.pem");
+    let out = login(&["--ca-file", ca.to_str().unwrap()]);
     assert!(out.status.success());
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("remote = \"https://"), "{text}");
+    assert!(
+        text.contains(&format!("ca_file = \"{}\"", ca.display())),
+        "{text}"
+    );
     assert!(env.em(&["apps"]).status.success());
     stop(up);
+}
+
+#[test]
+fn em_refuses_plain_http_to_another_machine_unless_told_insecure() {
+    let env = Env::new();
+    let token_file = env.home.path().join("token");
+    px_runtime::secrets::write_secret_file(&token_file, "pxt_x").unwrap();
+    // 192.0.2.1 is TEST-NET-1: nothing answers there, so a login that got past the check
+    // fails as unreachable (exit 4), never as refused for plain http (exit 2).
+    let login = |remote: &str, extra: &[&str]| {
+        let mut args = vec![
+            "login",
+            "--remote",
+            remote,
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        env.em(&args)
+    };
+    let out = login("http://192.0.2.1:7070", &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in the clear") && err.contains("https://") && err.contains("--insecure"),
+        "{err}"
+    );
+    // Loopback is this machine: allowed (and unreachable here, port 9 being closed).
+    let out = login("http://127.0.0.1:9", &[]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let out = login("http://localhost:9", &[]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    // --insecure lets it through; the attempt then fails only as unreachable. 0.0.0.0 is not
+    // loopback to em's check, but connecting to it reaches this machine's closed port 9 at
+    // once, where a real remote would make the test wait on a timeout.
+    let out = login("http://0.0.0.0:9", &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = login(
+        "http://0.0.0.0:9",
+        &["--insecure", "--beacon", "http://127.0.0.1:9"],
+    );
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    // A saved config with a plain http remote elsewhere is refused for every command, and
+    // its `insecure = true` key lets it through as the flag does.
+    let config = env.home.path().join("config/em/config.toml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    let plain =
+        "remote = \"http://0.0.0.0:9\"\nbeacon = \"http://127.0.0.1:9\"\ntoken = \"pxt_x\"\n";
+    std::fs::write(&config, plain).unwrap();
+    let out = env.em(&["apps"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--insecure"));
+    let out = env.em(&["--insecure", "apps"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    std::fs::write(&config, format!("{plain}insecure = true\n")).unwrap();
+    let out = env.em(&["apps"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
 }
 
 /// Collects the JSON bodies POSTed to it, like a chat webhook would.
@@ -1310,6 +1388,17 @@ async fn a_release_phase_runs_before_its_release_and_a_failing_or_hanging_one_ke
 }
 
 /// apprepo's URL and the deploy token, from the config `em up` wrote.
+/// A client of the platform `em up` runs: its APIs serve HTTPS under the CA it made in its
+/// data directory, which this client trusts alone, as em does.
+fn platform_client(env: &Env) -> reqwest::Client {
+    let ca = std::fs::read(env.home.path().join("data/platformx/pki/ca.pem")).unwrap();
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap()
+}
+
 fn repository_access(env: &Env) -> (String, String) {
     let text = std::fs::read_to_string(env.home.path().join("config/em/config.toml")).unwrap();
     let value = |key: &str| {
@@ -1325,7 +1414,7 @@ fn repository_access(env: &Env) -> (String, String) {
 async fn a_release_phase_interrupted_by_a_crash_is_failed_and_not_run_again() {
     let env = Env::new();
     let up = env.up();
-    let http = reqwest::Client::new();
+    let http = platform_client(&env);
     let app_dir = env.home.path().join("phased");
     let app_dir_s = app_dir.to_str().unwrap();
     assert!(env.em(&["init", app_dir_s]).status.success());

@@ -102,6 +102,10 @@ pub struct Config {
     /// File with a `read` token for apprepo, to download bundles. Default: none (bundles
     /// must then be served without auth, which apprepo never does).
     pub repository_token_file: Option<PathBuf>,
+    /// PEM file of the CA that signed apprepo's API certificate, trusted alone for bundle and
+    /// layer downloads and build uploads. Default: `[beacon] ca_file` (the cluster CA, which
+    /// signs apprepo's certificate too); with no `[beacon]` either, the system's roots.
+    pub repository_ca_file: Option<PathBuf>,
     /// The Beacon to link to (`[beacon]`: `addr`, `server_name`, `ca_file`, `token_file`).
     /// Default: none (serve the persisted assignment only).
     pub beacon: Option<BeaconConfig>,
@@ -227,6 +231,7 @@ impl Default for Config {
             min_free_disk: DEFAULT_MIN_FREE_DISK,
             cgroup_limits: false,
             repository_token_file: None,
+            repository_ca_file: None,
             beacon: None,
             build: BuildConfig::default(),
         }

@@ -1,9 +1,12 @@
 //! Calls to apprepo after work a node did for it (a build's layers, finish and failure; a
 //! release phase's claim and end): the repository token, retries with backoff for what is worth
 //! another try, the message of an error answer, and the tail of the work's output that apprepo
-//! keeps. Shared by `builds/` and `supervisor/release_phase.rs`.
+//! keeps. Shared by `builds/` and `supervisor/release_phase.rs`. Also the one way Maestro
+//! makes its HTTP client of apprepo (downloads included), so every call checks apprepo's
+//! certificate the same way.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use px_proto::api::ErrorBody;
@@ -17,6 +20,25 @@ const DELIVERY_BACKOFF: Duration = Duration::from_secs(1);
 /// The longest wait between two tries, should `DELIVERY_ATTEMPTS` grow: half a minute, the
 /// same order as a service's restart.
 const DELIVERY_BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// Idle connections kept to apprepo (and, on the supervisor's client, to each app instance):
+/// downloads and deliveries come in short bursts, and two cover one in flight and the next.
+const MAX_IDLE_PER_HOST: usize = 2;
+
+/// Maestro's HTTP client for apprepo: HTTPS checked against `tls` (the cluster CA) when given,
+/// else against the system's roots.
+pub(crate) fn repository_client(tls: Option<Arc<rustls::ClientConfig>>) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder().pool_max_idle_per_host(MAX_IDLE_PER_HOST);
+    if let Some(tls) = tls {
+        builder = builder.use_preconfigured_tls((*tls).clone());
+    }
+    builder.build().unwrap_or_else(|e| {
+        // Building fails only when the TLS backend cannot start; a default client then
+        // fails each call with the reason, which the release's events show.
+        tracing::error!(error = %e, "the http client of apprepo could not be set up");
+        reqwest::Client::default()
+    })
+}
 
 /// One try at a call to the repository that did not give an answer.
 pub(crate) enum Attempt {

@@ -86,6 +86,8 @@ pub struct Listeners {
 pub struct Checked {
     pub(crate) link: Option<px_link::LinkSettings>,
     pub(crate) repository_token: Option<String>,
+    /// What apprepo's certificate is checked against (`None`: the system's roots).
+    pub(crate) repository_tls: Option<Arc<rustls::ClientConfig>>,
     pub(crate) certs: Option<Arc<proxy::CertStore>>,
 }
 
@@ -124,6 +126,15 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
             .map_err(|e| problems.push(format!("beacon: {e}")))
             .ok()
     });
+    let repository_ca = config
+        .repository_ca_file
+        .as_ref()
+        .or(config.beacon.as_ref().map(|b| &b.ca_file));
+    let repository_tls = repository_ca.and_then(|ca| {
+        px_runtime::tls::client_config(ca)
+            .map_err(|e| problems.push(format!("repository_ca_file: {e}")))
+            .ok()
+    });
     check_build(&config.build, &mut problems);
     let certs = match (&config.https_listen, &config.certs_dir) {
         (Some(_), Some(dir)) => proxy::CertStore::load(dir)
@@ -139,6 +150,7 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
         Ok(Checked {
             link,
             repository_token,
+            repository_tls,
             certs,
         })
     } else {
@@ -254,6 +266,7 @@ pub async fn run_with(
             min_free_disk: config.min_free_disk.0,
             cgroup_limits: config.cgroup_limits,
             repository_token: checked.repository_token.clone(),
+            repository_tls: checked.repository_tls.clone(),
         },
         routes.clone(),
         app_logs.clone(),
@@ -373,6 +386,7 @@ pub async fn run_with(
                 &config.node_name,
                 &config.state_dir,
                 checked.repository_token.clone(),
+                checked.repository_tls.clone(),
             ),
             {
                 let supervisor = supervisor.clone();

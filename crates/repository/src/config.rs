@@ -5,7 +5,9 @@
 //! Reload (SIGHUP, `systemctl reload apprepo`): the file and environment are read again and
 //! must pass the same checks as at start-up, else the reload fails, is logged, and apprepo
 //! keeps running as it was. What a reload applies: `tokens` and `tokens_file` (the file is
-//! read again even when its name did not change), checked from the next request on. Every
+//! read again even when its name did not change), checked from the next request on, and
+//! `[api_tls]`'s certificate and key (read again, for new connections; switching between
+//! HTTPS and plain HTTP needs a restart). Every
 //! other setting takes effect only after a restart, among them `listen`, `data_dir`,
 //! `[storage]`, `[limits]`, `[retention]` and `[beacon]`; a reload that finds one changed logs
 //! it and says so in the status line.
@@ -14,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use px_runtime::http_server::HttpLimits;
+use px_runtime::http_server::{ApiTls, HttpLimits};
 use px_runtime::tokens::TokenEntry;
 use serde::{Deserialize, Serialize};
 
@@ -77,6 +79,10 @@ pub struct Config {
     /// `[http]`: the API's request head deadline, idle timeout and connection cap. Defaults:
     /// 30s, 60s, 1024.
     pub http: HttpLimits,
+    /// `[api_tls]`: `cert_file` and `key_file` the API serves HTTPS with, or `plain_http =
+    /// true` (only behind a TLS-terminating proxy or on loopback). Default: neither, which is
+    /// refused at start, so tokens never cross a network in the clear by omission.
+    pub api_tls: ApiTls,
 }
 
 impl Default for Config {
@@ -92,6 +98,7 @@ impl Default for Config {
             tokens: Vec::new(),
             beacon: None,
             http: HttpLimits::default(),
+            api_tls: ApiTls::default(),
         }
     }
 }

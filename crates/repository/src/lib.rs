@@ -43,6 +43,7 @@ use futures_util::future::BoxFuture;
 use px_link::LinkSettings;
 use px_proto::link::PeerRole;
 use px_runtime::config::ConfigError;
+use px_runtime::http_server::ServerTls;
 use px_runtime::shutdown::{CriticalTasks, TaskEnded};
 use px_runtime::systemd::{Reloaded, Systemd};
 use tokio::net::TcpListener;
@@ -64,6 +65,8 @@ pub struct Checked {
     pub(crate) tokens: auth::Tokens,
     pub(crate) s3_secret: Option<String>,
     pub(crate) beacon: Option<LinkSettings>,
+    /// The API's TLS config; `None` when `api_tls.plain_http` says so.
+    pub(crate) api_tls: Option<ServerTls>,
 }
 
 pub fn check(config: &Config) -> Result<Checked, ConfigError> {
@@ -116,11 +119,18 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
             .map_err(|e| problems.push(format!("beacon: {e}")))
             .ok()
     });
+    let api_tls = config
+        .api_tls
+        .resolve(None)
+        .map_err(|m| problems.push(m))
+        .ok()
+        .flatten();
     match tokens {
         Some(tokens) if problems.is_empty() => Ok(Checked {
             tokens,
             s3_secret,
             beacon,
+            api_tls,
         }),
         _ => Err(ConfigError { problems }),
     }
@@ -146,7 +156,12 @@ impl px_runtime::service::StartFailure for StartError {
 }
 
 /// Settings a reload applies (see `config.rs`); any other change needs a restart.
-const RELOADABLE: &[&str] = &["tokens", "tokens_file"];
+const RELOADABLE: &[&str] = &[
+    "tokens",
+    "tokens_file",
+    "api_tls.cert_file",
+    "api_tls.key_file",
+];
 
 /// How often the storage is checked again for the status systemd shows: S3 bills requests,
 /// and a minute-old answer is fresh enough for a person reading `systemctl status`.
@@ -245,7 +260,15 @@ pub async fn run_with(
         )),
     };
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "apprepo listening");
+    let tls = checked.api_tls.clone();
+    let https = tls.is_some();
+    let scheme = if https {
+        "https"
+    } else {
+        "http (plain, as configured)"
+    };
+    tracing::info!(%addr, scheme, "apprepo listening");
+    let reload_tls = tls.clone();
     systemd.ready(
         &tracker,
         &shutdown,
@@ -264,14 +287,16 @@ pub async fn run_with(
                     .await
                     .map_err(|e| format!("the blocking pool did not answer: {e}"))?;
                 // `/metrics` answers without touching storage or asking for a token.
-                px_runtime::systemd::http_answers(addr, "/metrics").await
+                px_runtime::systemd::http_answers(addr, "/metrics", https).await
             }) as BoxFuture<'static, Result<(), String>>
         },
-        move |new: Config| std::future::ready(reload(&config, &new, &checked.tokens)),
+        move |new: Config| {
+            std::future::ready(reload(&config, &new, &checked.tokens, reload_tls.as_ref()))
+        },
     );
     critical.spawn(
         "the http server",
-        http::serve(listener, state, http_limits, shutdown.clone()),
+        http::serve(listener, state, http_limits, tls, shutdown.clone()),
     );
     shutdown.cancelled().await;
     // Open requests (uploads included) and the tasks get one deadline to finish together.
@@ -340,15 +365,36 @@ fn status_line(
 }
 
 /// A reload: the new configuration must pass [`check`]; its tokens (inline and `tokens_file`)
-/// replace the accepted ones from the next request on; any other changed setting needs a
-/// restart.
-fn reload(running: &Config, new: &Config, tokens: &auth::Tokens) -> Result<Reloaded, String> {
+/// replace the accepted ones from the next request on, and the API's certificate (read again)
+/// the served one from the next connection on; any other changed setting needs a restart.
+fn reload(
+    running: &Config,
+    new: &Config,
+    tokens: &auth::Tokens,
+    tls: Option<&ServerTls>,
+) -> Result<Reloaded, String> {
     let checked = check(new).map_err(|e| e.to_string())?;
     let table = Arc::try_unwrap(checked.tokens).unwrap_or_else(|shared| (*shared).clone());
     let count = table.len();
     tokens.replace(table);
+    let mut needs_restart = px_runtime::config::restart_needed(running, new, RELOADABLE);
+    let certificate = match (tls, checked.api_tls) {
+        (Some(tls), Some(config)) => {
+            tls.replace(&config);
+            ", the api certificate"
+        }
+        (None, None) => "",
+        // Switching between HTTPS and plain HTTP changes what the listener speaks.
+        _ => {
+            needs_restart.push("api_tls.plain_http".into());
+            ""
+        }
+    };
     Ok(Reloaded {
-        applied: format!("{count} token{}", if count == 1 { "" } else { "s" }),
-        needs_restart: px_runtime::config::restart_needed(running, new, RELOADABLE),
+        applied: format!(
+            "{count} token{}{certificate}",
+            if count == 1 { "" } else { "s" }
+        ),
+        needs_restart,
     })
 }

@@ -652,3 +652,73 @@ async fn a_domain_another_app_holds_is_refused_naming_the_holder() {
     assert_eq!(taken.manifest.http.domains, ["shop.example.com"]);
     repo.stop().await;
 }
+
+/// A client that trusts `ca` alone, as `em` with the cluster's `ca_file` does.
+fn trusting(ca: &std::path::Path) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_api_serves_https_to_a_client_trusting_its_ca_and_no_other() {
+    let pki = px_test_support::Pki::new(&["localhost"]).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let (mut config, deploy, _) = common::test_config(data.path());
+    config.api_tls = px_runtime::http_server::ApiTls {
+        cert_file: Some(pki.cert()),
+        key_file: Some(pki.key()),
+        plain_http: false,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(px_repository::run(config, listener, shutdown.clone()));
+    let apps = format!("https://localhost:{port}/v1/apps");
+    let client = trusting(&pki.ca());
+    let mut answered = None;
+    for _ in 0..200 {
+        if let Ok(response) = client.get(&apps).bearer_auth(&deploy).send().await {
+            answered = Some(response.status());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(answered, Some(StatusCode::OK));
+
+    // A client trusting another CA, or only the public roots, is refused in the handshake, before
+    // its token is sent.
+    let other = px_test_support::Pki::new(&["localhost"]).unwrap();
+    for client in [trusting(&other.ca()), reqwest::Client::new()] {
+        let err = client
+            .get(&apps)
+            .bearer_auth(&deploy)
+            .send()
+            .await
+            .unwrap_err();
+        let chain = px_runtime::errors::error_chain(&err);
+        assert!(chain.contains("certificate"), "{chain}");
+    }
+    // Plain HTTP to the HTTPS port gets no HTTP answer.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/v1/apps"))
+        .bearer_auth(&deploy)
+        .send()
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[test]
+fn an_api_with_neither_a_certificate_nor_plain_http_chosen_is_refused_at_start() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut config, _, _) = common::test_config(data.path());
+    config.api_tls = px_runtime::http_server::ApiTls::default();
+    let err = px_repository::check(&config).err().unwrap().to_string();
+    assert!(err.contains("api_tls.cert_file"), "{err}");
+    assert!(err.contains("api_tls.plain_http = true"), "{err}");
+}

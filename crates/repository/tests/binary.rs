@@ -19,7 +19,7 @@ fn write_config(dir: &Path, port: u16, deploy: &str) -> std::path::PathBuf {
     std::fs::write(
         &path,
         format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[[tokens]]\nname = \"ci\"\nrole = \"deploy\"\nsha256 = \"{}\"\n",
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[api_tls]\nplain_http = true\n[[tokens]]\nname = \"ci\"\nrole = \"deploy\"\nsha256 = \"{}\"\n",
             dir.join("data").display(),
             hash(deploy)
         ),

@@ -40,7 +40,7 @@ fn activated_apprepo_is_ready_reports_pings_reloads_its_tokens_and_stops() {
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:1\"\ndata_dir = \"{}\"\ntokens_file = \"{}\"\n",
+            "listen = \"127.0.0.1:1\"\ndata_dir = \"{}\"\ntokens_file = \"{}\"\n[api_tls]\nplain_http = true\n",
             data_dir.display(),
             tokens_file.display(),
         ),

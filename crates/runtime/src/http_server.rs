@@ -1,5 +1,6 @@
-//! The hardened HTTP/1 server that apprepo's and Beacon's APIs run on: a cap on open
-//! connections, a deadline for each request head, an idle timeout, and a graceful stop.
+//! The hardened HTTP/1 server that apprepo's and Beacon's APIs run on: HTTPS unless plain HTTP
+//! is configured on purpose (`[api_tls]`), a cap on open connections, a deadline for each TLS
+//! handshake and request head, an idle timeout, and a graceful stop.
 //!
 //! Why not `axum::serve`: it sets no timer, so a client that sends half a request head holds
 //! its connection (and a task) forever, and it accepts without bound. Maestro's proxy has its
@@ -8,9 +9,10 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -76,6 +78,74 @@ impl Default for HttpLimits {
     }
 }
 
+/// `[api_tls]`: the certificate the API presents, or plain HTTP chosen on purpose.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTls {
+    /// Certificate chain (PEM) the API presents, read again on reload. Default: none.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM, mode 0600). Default: none.
+    pub key_file: Option<PathBuf>,
+    /// Serve plain HTTP: only behind a TLS-terminating proxy on the same host, or on loopback.
+    /// Default: false, so a service without a certificate refuses to start rather than send
+    /// tokens in the clear.
+    pub plain_http: bool,
+}
+
+impl ApiTls {
+    /// The server config the API serves with (`None`: plain HTTP, as configured), or why it
+    /// cannot start. `fallback` is a certificate and key the service already has for this host
+    /// (Beacon's control-link ones), used when `cert_file` and `key_file` are not set.
+    pub fn resolve(&self, fallback: Option<(&Path, &Path)>) -> Result<Option<ServerTls>, String> {
+        let files = match (&self.cert_file, &self.key_file, self.plain_http) {
+            (Some(_), Some(_), true) => {
+                return Err(
+                    "api_tls.plain_http = true and a certificate exclude each other: choose one"
+                        .into(),
+                );
+            }
+            (Some(cert), Some(key), false) => Some((cert.as_path(), key.as_path())),
+            (None, None, true) => None,
+            (None, None, false) => fallback,
+            _ => return Err("api_tls.cert_file and api_tls.key_file go together".into()),
+        };
+        match (files, self.plain_http) {
+            (None, true) => Ok(None),
+            (Some((cert, key)), _) => crate::tls::server_config(cert, key)
+                .map(|config| Some(ServerTls::new(config)))
+                .map_err(|e| format!("api_tls: {e}")),
+            (None, false) => Err(
+                "the API needs api_tls.cert_file and api_tls.key_file (HTTPS), \
+                 or api_tls.plain_http = true behind a TLS-terminating proxy or on loopback"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// The TLS config an HTTPS listener serves with, replaceable while it runs (a reload with a
+/// renewed certificate): each new connection takes the current one.
+#[derive(Clone, Debug)]
+pub struct ServerTls(Arc<RwLock<Arc<rustls::ServerConfig>>>);
+
+impl ServerTls {
+    pub fn new(config: Arc<rustls::ServerConfig>) -> Self {
+        Self(Arc::new(RwLock::new(config)))
+    }
+
+    /// New connections present `new`'s certificate from now on; open ones keep theirs.
+    pub fn replace(&self, new: &ServerTls) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = new.current();
+    }
+
+    fn current(&self) -> Arc<rustls::ServerConfig> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
 /// Why the HTTP server stopped before shutdown.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -88,7 +158,8 @@ pub enum ServeError {
     NoConnections,
 }
 
-/// Serves `service` on `listener` under `limits` until `shutdown`; then stops accepting, lets
+/// Serves `service` on `listener` under `limits`, over TLS with `tls` (plain HTTP when `None`),
+/// until `shutdown`; then stops accepting, lets
 /// each connection finish the request it is answering, and returns once every connection is
 /// closed (callers bound that wait with their drain deadline). Returns
 /// [`ServeError::ListenerBroken`] when the listener will never accept again, so that the
@@ -97,6 +168,7 @@ pub async fn serve<S, B>(
     listener: TcpListener,
     service: S,
     limits: HttpLimits,
+    tls: Option<ServerTls>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError>
 where
@@ -154,8 +226,62 @@ where
         let http1 = http1.clone();
         let service = service.clone();
         let stop = stop.clone();
+        let tls = tls.as_ref().map(ServerTls::current);
         connections.spawn(async move {
-            connection(http1, tcp, peer, service, limits.idle_timeout, stop).await;
+            let activity = Arc::new(Activity::new());
+            let tracked = Tracked {
+                inner: tcp,
+                activity: activity.clone(),
+            };
+            match tls {
+                None => {
+                    let io = TokioIo::new(tracked);
+                    connection(
+                        http1,
+                        io,
+                        peer,
+                        activity,
+                        service,
+                        limits.idle_timeout,
+                        stop,
+                    )
+                    .await;
+                }
+                Some(config) => {
+                    // The handshake is held to the request head's deadline, so a client that
+                    // stalls it (a slow loris one layer down) loses its slot as fast.
+                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                    let handshake =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tracked));
+                    let tls = tokio::select! {
+                        () = stop.cancelled() => None,
+                        done = handshake => match done {
+                            Ok(Ok(tls)) => Some(tls),
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "tls handshake failed");
+                                None
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "tls handshake not done in time");
+                                None
+                            }
+                        },
+                    };
+                    if let Some(tls) = tls {
+                        let io = TokioIo::new(tls);
+                        connection(
+                            http1,
+                            io,
+                            peer,
+                            activity,
+                            service,
+                            limits.idle_timeout,
+                            stop,
+                        )
+                        .await;
+                    }
+                }
+            }
             drop(permit);
         });
     };
@@ -172,14 +298,16 @@ where
 
 /// Serves one connection until it closes, idles out, or shutdown closes it after its current
 /// response.
-async fn connection<S, B>(
+async fn connection<I, S, B>(
     http1: http1::Builder,
-    tcp: TcpStream,
+    io: TokioIo<I>,
     peer: SocketAddr,
+    activity: Arc<Activity>,
     service: S,
     idle: Duration,
     shutdown: CancellationToken,
 ) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: tower_service::Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
@@ -189,7 +317,6 @@ async fn connection<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let activity = Arc::new(Activity::new());
     let per_request = activity.clone();
     let handler = service_fn(move |request: Request<Incoming>| {
         let mut service = service.clone();
@@ -204,10 +331,6 @@ async fn connection<S, B>(
             drop(working);
             response
         }
-    });
-    let io = TokioIo::new(Tracked {
-        inner: tcp,
-        activity: activity.clone(),
     });
     let conn = http1.serve_connection(io, handler).with_upgrades();
     tokio::pin!(conn);
@@ -422,6 +545,7 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
+    use crate::tls::tests::{Pki, make_pki};
 
     /// Answers `ok` after reading the whole body, taking `delay` first.
     #[derive(Clone)]
@@ -457,8 +581,178 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        tokio::spawn(serve(listener, Slow { delay }, limits, shutdown.clone()));
+        tokio::spawn(serve(
+            listener,
+            Slow { delay },
+            limits,
+            None,
+            shutdown.clone(),
+        ));
         (addr, shutdown)
+    }
+
+    /// Starts the server over TLS with `pki`'s certificate.
+    async fn start_tls(limits: HttpLimits, pki: &Pki) -> (SocketAddr, CancellationToken) {
+        let p = |n: &str| pki.dir.path().join(n);
+        let config = crate::tls::server_config(&p("cert.pem"), &p("key.pem")).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let service = Slow {
+            delay: Duration::ZERO,
+        };
+        let tls = Some(ServerTls::new(config));
+        tokio::spawn(serve(listener, service, limits, tls, shutdown.clone()));
+        (addr, shutdown)
+    }
+
+    async fn connect_tls(
+        addr: SocketAddr,
+        ca: &Path,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let connector = tokio_rustls::TlsConnector::from(crate::tls::client_config(ca).unwrap());
+        let tcp = TcpStream::connect(addr).await?;
+        let name = crate::tls::server_name("beacon.test").unwrap();
+        connector.connect(name, tcp).await
+    }
+
+    /// Reads a TLS stream until the peer closes; returns what came and how long it took.
+    async fn read_tls_to_close(
+        tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+    ) -> (String, Duration) {
+        let started = Instant::now();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(20), tls.read_to_end(&mut got)).await;
+        (
+            String::from_utf8_lossy(&got).into_owned(),
+            started.elapsed(),
+        )
+    }
+
+    #[tokio::test]
+    async fn https_answers_a_client_trusting_the_ca_and_another_ca_is_refused() {
+        let pki = make_pki();
+        let (addr, _shutdown) = start_tls(HttpLimits::default(), &pki).await;
+        let mut tls = connect_tls(addr, &pki.dir.path().join("ca.pem"))
+            .await
+            .unwrap();
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let (got, _) = read_tls_to_close(&mut tls).await;
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        assert!(got.ends_with("ok 0\n"), "{got}");
+
+        let other = make_pki();
+        let refused = connect_tls(addr, &other.dir.path().join("ca.pem")).await;
+        let err = refused.err().unwrap().to_string();
+        assert!(err.contains("certificate"), "{err}");
+
+        // A client speaking plain HTTP to the HTTPS port gets no answer in HTTP.
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (got, _) = read_to_close(&mut tcp).await;
+        assert!(!got.contains("ok"), "{got}");
+    }
+
+    #[tokio::test]
+    async fn a_half_sent_request_over_tls_is_cut_at_the_header_deadline() {
+        let pki = make_pki();
+        let header = Duration::from_millis(500);
+        let (addr, _shutdown) = start_tls(limits(header, Duration::from_secs(30), 8), &pki).await;
+        let mut tls = connect_tls(addr, &pki.dir.path().join("ca.pem"))
+            .await
+            .unwrap();
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let (got, took) = read_tls_to_close(&mut tls).await;
+        assert!(!got.contains("ok"), "{got}");
+        assert!(
+            took >= header - Duration::from_millis(50),
+            "closed after {took:?}"
+        );
+        assert!(took < header * 4, "still open after {took:?}");
+    }
+
+    #[tokio::test]
+    async fn the_liveness_probe_speaks_tls_to_an_https_listener() {
+        let pki = make_pki();
+        let (addr, _shutdown) = start_tls(HttpLimits::default(), &pki).await;
+        crate::systemd::http_answers(addr, "/healthz", true)
+            .await
+            .unwrap();
+        let plain = crate::systemd::http_answers(addr, "/healthz", false).await;
+        assert!(plain.is_err(), "{plain:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_tls_handshake_is_cut_at_the_header_deadline() {
+        let pki = make_pki();
+        let header = Duration::from_millis(500);
+        let (addr, _shutdown) = start_tls(limits(header, Duration::from_secs(30), 8), &pki).await;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        // The first bytes of a ClientHello record, and then nothing.
+        tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+            .await
+            .unwrap();
+        let (_, took) = read_to_close(&mut tcp).await;
+        assert!(
+            took >= header - Duration::from_millis(50),
+            "closed after {took:?}"
+        );
+        assert!(took < header * 4, "still open after {took:?}");
+    }
+
+    #[test]
+    fn the_api_serves_plain_http_only_when_told_and_never_with_half_a_certificate() {
+        let pki = make_pki();
+        let p = |n: &str| pki.dir.path().join(n);
+        let err = ApiTls::default().resolve(None).unwrap_err();
+        assert!(err.contains("api_tls.plain_http = true"), "{err}");
+        let plain = ApiTls {
+            plain_http: true,
+            ..ApiTls::default()
+        };
+        assert!(plain.resolve(None).unwrap().is_none());
+        let half = ApiTls {
+            cert_file: Some(p("cert.pem")),
+            ..ApiTls::default()
+        };
+        assert!(half.resolve(None).unwrap_err().contains("go together"));
+        let both = ApiTls {
+            cert_file: Some(p("cert.pem")),
+            key_file: Some(p("key.pem")),
+            plain_http: true,
+        };
+        assert!(
+            both.resolve(None)
+                .unwrap_err()
+                .contains("exclude each other")
+        );
+        let https = ApiTls {
+            plain_http: false,
+            ..both.clone()
+        };
+        assert!(https.resolve(None).unwrap().is_some());
+        // A service's own certificate for this host stands in for an unset pair.
+        let (cert, key) = (p("cert.pem"), p("key.pem"));
+        assert!(
+            ApiTls::default()
+                .resolve(Some((&cert, &key)))
+                .unwrap()
+                .is_some()
+        );
+        assert!(plain.resolve(Some((&cert, &key))).unwrap().is_none());
+        let missing = ApiTls {
+            cert_file: Some(p("none.pem")),
+            key_file: Some(p("key.pem")),
+            plain_http: false,
+        };
+        let err = missing.resolve(None).unwrap_err();
+        assert!(err.contains("none.pem"), "{err}");
     }
 
     /// Reads until the peer closes; returns what came and how long it took.
@@ -586,6 +880,7 @@ mod tests {
                 delay: Duration::ZERO,
             },
             HttpLimits::default(),
+            None,
             shutdown.clone(),
         ));
         let mut tcp = TcpStream::connect(addr).await.unwrap();
@@ -609,6 +904,7 @@ mod tests {
                 delay: Duration::ZERO,
             },
             limits(HEADER_READ_TIMEOUT, IDLE_TIMEOUT, 0),
+            None,
             CancellationToken::new(),
         )
         .await;

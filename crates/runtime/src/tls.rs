@@ -1,5 +1,7 @@
-//! TLS configurations for the control links, on rustls with the ring provider: servers present
-//! a certificate, clients verify it against the cluster's own CA (never the system roots).
+//! TLS configurations for the control links and the HTTP APIs, on rustls with the ring
+//! provider: servers present a certificate, clients verify it against the cluster's own CA
+//! (never the system roots), and a liveness probe of a service's own socket reads no
+//! certificate at all.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -95,21 +97,86 @@ pub fn link_client(
     ))
 }
 
+/// A client config for a service's liveness probe of its own HTTPS listener on this host: it
+/// accepts whatever certificate the listener presents, because the probe asks only whether the
+/// accept loop and the router answer, sends no token, and must keep working while the
+/// certificate is being replaced or has expired (an expired certificate is an operator's alert,
+/// not a reason for systemd to restart the service).
+pub fn self_probe_config() -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The verifier of [`self_probe_config`]: any certificate, signatures still checked.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Parses the name a client expects in the server's certificate.
 pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(name.to_string()).map_err(|_| TlsError::ServerName(name.into()))
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    struct Pki {
-        dir: tempfile::TempDir,
+    /// A CA with one server certificate for `beacon.test`: `ca.pem`, `cert.pem`, `key.pem`.
+    pub(crate) struct Pki {
+        pub(crate) dir: tempfile::TempDir,
     }
 
-    fn make_pki() -> Pki {
+    pub(crate) fn make_pki() -> Pki {
         let dir = tempfile::tempdir().unwrap();
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();

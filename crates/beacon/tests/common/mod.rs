@@ -250,6 +250,19 @@ impl Tokens {
     }
 }
 
+/// An HTTP client that trusts `pki`'s CA alone, as `em` with the cluster's `ca_file` does.
+pub fn https_client(pki: &Pki) -> reqwest::Client {
+    https_client_builder(pki).build().unwrap()
+}
+
+/// [`https_client`]'s builder, for tests that set more.
+pub fn https_client_builder(pki: &Pki) -> reqwest::ClientBuilder {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(pki.ca()).unwrap()).unwrap();
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+}
+
 /// Writes a Beacon config into `dir`.
 pub fn config(dir: &Path, pki: &Pki, tokens: &Tokens, repo_url: &str) -> Config {
     let repo_token_file = dir.join("repo-token");
@@ -320,7 +333,8 @@ impl Beacon {
         let control = tokio::net::TcpListener::bind(("127.0.0.1", control_port))
             .await
             .unwrap();
-        let http_url = format!("http://{}", http.local_addr().unwrap());
+        // Beacon's API serves HTTPS with its control-link certificate (for `localhost`).
+        let http_url = format!("https://localhost:{}", http.local_addr().unwrap().port());
         let control_addr = control.local_addr().unwrap().to_string();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
@@ -330,6 +344,7 @@ impl Beacon {
             watchdog: None,
             reload,
         };
+        let pki_for_client = pki.clone();
         let task = tokio::spawn(async move {
             px_beacon::run_with(
                 run_config,
@@ -351,11 +366,13 @@ impl Beacon {
             config,
             shutdown,
             task: Some(task),
-            http: reqwest::Client::new(),
+            http: https_client(&pki_for_client),
         };
+        // A client of its own, dropped with its kept-alive connection, so that a test counting
+        // connections starts from none.
+        let probe = https_client(&beacon.pki);
         for _ in 0..200 {
-            if beacon
-                .http
+            if probe
                 .get(format!("{}/healthz", beacon.http_url))
                 .send()
                 .await

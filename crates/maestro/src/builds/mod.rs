@@ -61,6 +61,8 @@ pub(crate) struct BuildSettings {
     /// A token with the repository's `build` role: it downloads sources, uploads layers and
     /// finishes builds.
     pub(crate) repository_token: Option<String>,
+    /// What apprepo's certificate is checked against (`None`: the system's roots).
+    pub(crate) repository_tls: Option<Arc<rustls::ClientConfig>>,
     pub(crate) builder: BuilderSettings,
 }
 
@@ -72,6 +74,7 @@ impl BuildSettings {
         node_name: &str,
         state_dir: &Path,
         repository_token: Option<String>,
+        repository_tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Self {
         let dir = state_dir.join(BUILDS_DIR);
         let builder = BuilderSettings {
@@ -108,6 +111,7 @@ impl BuildSettings {
             node_name: node_name.to_string(),
             dir,
             repository_token,
+            repository_tls,
             builder,
         }
     }
@@ -138,10 +142,7 @@ impl Builds {
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(2)
-            .build()
-            .unwrap_or_default();
+        let http = crate::delivery::repository_client(settings.repository_tls.clone());
         let ctx = Arc::new(Ctx {
             settings,
             report,

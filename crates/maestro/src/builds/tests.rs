@@ -133,7 +133,7 @@ impl Node {
             sandbox: SandboxConfig::None,
             ..BuildConfig::default()
         };
-        let settings = BuildSettings::from_config(&config, "node-b", state.path(), None);
+        let settings = BuildSettings::from_config(&config, "node-b", state.path(), None, None);
         let statuses = Arc::new(Mutex::new(Vec::new()));
         let report: ReportStatus = {
             let statuses = statuses.clone();

@@ -70,6 +70,8 @@ pub(crate) struct Settings {
     /// Instances get cgroups of their own (see `limits.rs`).
     pub cgroup_limits: bool,
     pub repository_token: Option<String>,
+    /// What apprepo's certificate is checked against (`None`: the system's roots).
+    pub repository_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// What a one-off run of an app starts from: its serving release, as its instances get it.

@@ -116,10 +116,7 @@ impl Shared {
         if killed > 0 {
             tracing::warn!(killed, "ended instances a previous maestro left running");
         }
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(2)
-            .build()
-            .unwrap_or_default();
+        let http = crate::delivery::repository_client(settings.repository_tls.clone());
         Self {
             store: ReleaseStore::new(&settings, http.clone()),
             ports: Mutex::new(Ports::new(settings.port_range)),

@@ -20,7 +20,7 @@ use px_proto::api::{
     self, App, BundleRef, ConfigChange, CreateApp, Formation, Release, ReleaseCause, Rollback,
 };
 use px_proto::build::BuildQueued;
-use px_runtime::http_server::{HttpLimits, ServeError};
+use px_runtime::http_server::{HttpLimits, ServeError, ServerTls};
 use std::collections::BTreeMap;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -54,7 +54,7 @@ pub struct AppState {
     pub uploads: Arc<Semaphore>,
 }
 
-/// Serves the API on `listener` until `shutdown`, then lets open requests finish, through the
+/// Serves the API on `listener` (over TLS with `tls`, else plain HTTP) until `shutdown`, then lets open requests finish, through the
 /// services' hardened server (`px_runtime::http_server`: a request head deadline, an idle
 /// timeout, a connection cap). A listener that will never accept again ends the server with
 /// [`ServeError::ListenerBroken`], so that apprepo stops (and is restarted) instead of staying
@@ -63,9 +63,10 @@ pub async fn serve(
     listener: TcpListener,
     state: AppState,
     limits: HttpLimits,
+    tls: Option<ServerTls>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    px_runtime::http_server::serve(listener, router(state), limits, shutdown).await
+    px_runtime::http_server::serve(listener, router(state), limits, tls, shutdown).await
 }
 
 pub fn router(state: AppState) -> Router {

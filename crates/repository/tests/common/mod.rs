@@ -52,6 +52,12 @@ pub fn test_config(data: &Path) -> (Config, String, String) {
                 node: None,
             },
         ],
+        // Plain HTTP on loopback, chosen on purpose: these tests are about the API, and
+        // `api_fs.rs` proves the HTTPS listener.
+        api_tls: px_runtime::http_server::ApiTls {
+            plain_http: true,
+            ..Default::default()
+        },
         ..Config::default()
     };
     (config, deploy, read)

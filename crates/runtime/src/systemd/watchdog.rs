@@ -124,10 +124,10 @@ pub(super) async fn run_probes<P, PF>(
 }
 
 /// Whether an HTTP server answers on `addr` (an unspecified address stands for this host): a
-/// `GET path` whose response starts with a status line. Any status counts: a liveness probe
-/// asks whether the accept loop and the router run, not whether the service is healthy.
-pub async fn http_answers(addr: SocketAddr, path: &str) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// `GET path` whose response starts with a status line, over TLS when `tls` (any certificate
+/// accepted: see [`crate::tls::self_probe_config`]). Any status counts: a liveness probe asks
+/// whether the accept loop and the router run, not whether the service is healthy.
+pub async fn http_answers(addr: SocketAddr, path: &str, tls: bool) -> Result<(), String> {
     let mut addr = addr;
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr {
@@ -135,9 +135,27 @@ pub async fn http_answers(addr: SocketAddr, path: &str) -> Result<(), String> {
             SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    let stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    if !tls {
+        return ask(stream, addr, path).await;
+    }
+    let config = crate::tls::self_probe_config().map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("tls handshake with {addr}: {e}"))?;
+    ask(stream, addr, path).await
+}
+
+/// Sends `GET path` on `stream` and checks that a status line comes back.
+async fn ask<S>(mut stream: S, addr: SocketAddr, path: &str) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     stream
         .write_all(request.as_bytes())

@@ -105,6 +105,7 @@ fn store(state_dir: &Path, keep_releases: usize, min_free_disk: u64) -> ReleaseS
         min_free_disk,
         cgroup_limits: false,
         repository_token: Some(TOKEN.into()),
+        repository_tls: None,
     };
     ReleaseStore::new(&settings, reqwest::Client::new())
 }
