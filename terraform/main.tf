@@ -78,6 +78,6 @@ locals {
     bucket         = module.bundles_bucket.bucket_name
     bucket_region  = module.bundles_bucket.bucket_region
     beacon_address = "${local.first_control.private_ip}:${local.ports.beacon_control}"
-    repository_url = "http://${local.first_control.private_ip}:${local.ports.apprepo_api}"
+    repository_url = "https://${local.first_control.private_ip}:${local.ports.apprepo_api}"
   })
 }

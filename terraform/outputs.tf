@@ -18,12 +18,12 @@ output "web_hosts" {
 
 output "apprepo_url" {
   description = "apprepo's API on the first control host, for `em login --remote` (reachable from admin_cidrs only)."
-  value       = "http://${local.first_control.public_ip}:${local.ports.apprepo_api}"
+  value       = "https://${local.first_control.public_ip}:${local.ports.apprepo_api}"
 }
 
 output "beacon_url" {
   description = "Beacon's API and status page, for `em login --beacon` (reachable from admin_cidrs only)."
-  value       = "http://${local.first_control.public_ip}:${local.ports.beacon_api}"
+  value       = "https://${local.first_control.public_ip}:${local.ports.beacon_api}"
 }
 
 output "load_balancer_dns_name" {

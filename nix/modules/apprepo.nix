@@ -35,6 +35,7 @@ in
         {
           listen = "0.0.0.0:7070";
           tokens_file = "/etc/platformx/apprepo-tokens.toml";
+          api_tls.cert_file = "/etc/platformx/apprepo-api.pem"; # key: credentials.apiTlsKey
           beacon = { addr = "control.internal:7443"; ca_file = "/etc/platformx/ca.pem"; };
         }
       '';
@@ -44,7 +45,7 @@ in
           listen = lib.mkOption {
             type = lib.types.str;
             default = "127.0.0.1:7070";
-            description = "Address of the HTTP API (uploads from em, downloads by the Maestros).";
+            description = "Address of the HTTPS API (uploads from em, downloads by the Maestros).";
           };
           data_dir = lib.mkOption {
             type = lib.types.str;
@@ -67,6 +68,7 @@ in
 
     credentials = {
       linkToken = common.secretPath "apprepo's `repository` token for its link to Beacon (`settings.beacon`).";
+      apiTlsKey = common.secretPath "The private key (PEM) of the API's certificate (`settings.api_tls.cert_file`): the API serves HTTPS. Without it, set `settings.api_tls.plain_http = true` (only behind a TLS proxy or on loopback).";
       s3SecretAccessKey = common.secretPath "The S3 secret access key, with `settings.storage.s3.access_key_id`.";
     };
 
@@ -99,6 +101,9 @@ in
           (lib.mkIf (cfg.credentials.s3SecretAccessKey != null) {
             storage.s3.secret_access_key_file = "${credentials}/s3-secret";
           })
+          (lib.mkIf (cfg.credentials.apiTlsKey != null) {
+            api_tls.key_file = "${credentials}/api-tls-key";
+          })
         ];
 
         systemd.services.apprepo = {
@@ -116,6 +121,7 @@ in
               credentials = {
                 link-token = cfg.credentials.linkToken;
                 s3-secret = cfg.credentials.s3SecretAccessKey;
+                api-tls-key = cfg.credentials.apiTlsKey;
               };
             }
             // import ./hardening.nix

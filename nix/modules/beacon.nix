@@ -39,7 +39,7 @@ in
           tls_cert_file = "/etc/platformx/beacon.pem";
           tokens_file = "/etc/platformx/beacon-tokens.toml";
           domain = "example.com";
-          repository.url = "http://apprepo.internal:7070";
+          repository = { url = "https://apprepo.internal:7070"; ca_file = "/etc/platformx/ca.pem"; };
           alerts.webhooks = [ "https://hooks.example.com/platformx" ];
         }
       '';
@@ -83,8 +83,8 @@ in
               freeformType = common.settingsFormat.type;
               options.url = lib.mkOption {
                 type = lib.types.str;
-                default = "http://127.0.0.1:7070";
-                description = "apprepo's base URL as Beacon and the Maestros reach it.";
+                default = "https://127.0.0.1:7070";
+                description = "apprepo's base URL (HTTPS) as Beacon and the Maestros reach it; `ca_file` names the CA that signed apprepo's certificate.";
               };
             };
           };

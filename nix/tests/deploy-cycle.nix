@@ -21,7 +21,9 @@ let
       {
         nativeBuildInputs = [ pkgs.openssl ];
         # Beacon's certificate names the host the others dial.
-        BEACON_NAMES = "control";
+        # apprepo on the same host presents this certificate on its API too; em reaches both
+        # APIs as localhost.
+        BEACON_NAMES = "control,localhost";
         # Each web server's link token is bound to its node name: web1's is
         # maestro-link-token, web2's maestro-web2-link-token.
         MAESTRO_NODES = "web1,web2";
@@ -99,12 +101,15 @@ in
         settings = {
           listen = "0.0.0.0:7070";
           tokens_file = "${secrets}/apprepo-tokens.toml";
+          # HTTPS with the control host's certificate (Beacon's, for `control` and `localhost`).
+          api_tls.cert_file = "${secrets}/beacon.pem";
           beacon = {
             addr = "control:7443";
             ca_file = "${secrets}/ca.pem";
           };
         };
         credentials.linkToken = "/etc/platformx/apprepo-link-token";
+        credentials.apiTlsKey = "/etc/platformx/beacon.key";
       };
       services.platformx.beacon = {
         enable = true;
@@ -115,7 +120,10 @@ in
           tls_cert_file = "${secrets}/beacon.pem";
           tokens_file = "${secrets}/beacon-tokens.toml";
           domain = "example.test";
-          repository.url = "http://control:7070";
+          repository = {
+            url = "https://control:7070";
+            ca_file = "${secrets}/ca.pem";
+          };
         };
         credentials = {
           tlsKey = "/etc/platformx/beacon.key";
@@ -148,7 +156,7 @@ in
         web.wait_for_unit("maestro-http.socket")
         web.wait_for_unit("maestro.service")
 
-    em("login --remote http://localhost:7070 --beacon http://localhost:7080 --token-file /etc/platformx/em-deploy-token")
+    em("login --remote https://localhost:7070 --beacon https://localhost:7080 --ca-file ${secrets}/ca.pem --token-file /etc/platformx/em-deploy-token")
     for web in webs:
         control.wait_until_succeeds(f"HOME=/root em status | grep -E '{web.name} +connected'", timeout=60)
 

@@ -366,9 +366,9 @@ def cmd_present(outputs_json):
     first = instances.get(f"{prefix}-control-1", {}).get("PrivateIpAddress")
     all_vars = inv["all"]["vars"]
     check(all_vars.get("platformx_beacon_address") == f"{first}:{BEACON_CONTROL}"
-          and all_vars.get("platformx_repository_url") == f"http://{first}:{APPREPO_API}",
+          and all_vars.get("platformx_repository_url") == f"https://{first}:{APPREPO_API}",
           "Beacon and apprepo addresses are control-1's private IP", all_vars)
-    check(out["apprepo_url"] == f"http://{instances[control[0]]['PublicIpAddress']}:{APPREPO_API}", "apprepo_url output")
+    check(out["apprepo_url"] == f"https://{instances[control[0]]['PublicIpAddress']}:{APPREPO_API}", "apprepo_url output")
 
 
 # --- ansible: the generated inventory through Ansible itself -----------------------------------

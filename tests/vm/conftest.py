@@ -257,9 +257,11 @@ def _site_vars(cluster: Cluster, staging: Path) -> dict:
         "common_time_sync": False,
         "common_time_sync_install": False,
         "beacon_domain": PLATFORM_DOMAIN,
-        # em runs on the host and reaches control through its forwarded ports.
-        "pki_em_apprepo_url": f"http://127.0.0.1:{control.ports[7070]}",
-        "pki_em_beacon_url": f"http://127.0.0.1:{control.ports[7080]}",
+        # em runs on the host and reaches control through its forwarded ports, over HTTPS:
+        # 127.0.0.1 is control's ansible_host, which both API certificates name, and the em
+        # config the pki role writes trusts the cluster CA (.secrets/ca.pem).
+        "pki_em_apprepo_url": f"https://127.0.0.1:{control.ports[7070]}",
+        "pki_em_beacon_url": f"https://127.0.0.1:{control.ports[7080]}",
         # The build node installs from the host's mirror (no route out), and gets the
         # builder's pinned uv and a Node runtime archive from the controller.
         "maestro_build_python_index": cluster.mirror.python_index,
