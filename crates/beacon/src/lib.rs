@@ -415,9 +415,12 @@ fn reload(
             ", the api certificate"
         }
         (None, None) => "",
-        // Switching between HTTPS and plain HTTP changes what the listener speaks.
+        // Switching between HTTPS and plain HTTP changes what the listener speaks (listed
+        // already when `plain_http` itself changed).
         _ => {
-            needs_restart.push("api_tls.plain_http".into());
+            if !needs_restart.iter().any(|key| key == "api_tls.plain_http") {
+                needs_restart.push("api_tls.plain_http".into());
+            }
             ""
         }
     };
