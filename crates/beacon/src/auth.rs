@@ -81,6 +81,11 @@ pub(crate) fn valid_node_name(name: &str) -> bool {
 #[derive(Debug, Clone)]
 pub(crate) struct Reader {
     pub(crate) name: String,
+    pub(crate) role: Role,
+    /// The apps the token is limited to; `None` for every app.
+    pub(crate) apps: Option<Vec<String>>,
+    /// The token's stored hash, which ties a `maestro` token to the nodes it linked.
+    pub(crate) sha256: String,
 }
 
 impl FromRequestParts<AppState> for Reader {
@@ -112,8 +117,69 @@ impl Reader {
         }
         Ok(Reader {
             name: entry.name.clone(),
+            role: entry.role,
+            apps: entry.apps.clone(),
+            sha256: entry.sha256.clone(),
         })
     }
+
+    /// Whether the caller's token may see and act on `app` (lists keep only these).
+    pub(crate) fn sees(&self, app: &str) -> bool {
+        self.apps
+            .as_ref()
+            .is_none_or(|apps| apps.iter().any(|a| a == app))
+    }
+
+    /// Whether the caller sees an event: one of its apps, or for a token of every app, any.
+    /// A limited token sees no cluster-wide event (a node lost, an alert of no app).
+    pub(crate) fn sees_event(&self, event: &px_proto::beacon::Event) -> bool {
+        match &event.app {
+            Some(app) => self.sees(app),
+            None => self.apps.is_none(),
+        }
+    }
+
+    /// Refuses an app outside the token's list: the check of every route that names an app.
+    pub(crate) fn require_app(&self, app: &str) -> Result<(), ApiError> {
+        if self.sees(app) {
+            Ok(())
+        } else {
+            Err(not_its_app(&self.name, self.apps.as_deref(), app))
+        }
+    }
+
+    /// Refuses a caller that may not change state: only `deploy` tokens restart, run or
+    /// otherwise act on an app.
+    pub(crate) fn require_deploy(&self, app: &str) -> Result<(), ApiError> {
+        if self.role != Role::Deploy {
+            return Err(ApiError::Forbidden(format!(
+                "token {:?} may only read; this needs a deploy token",
+                self.name
+            )));
+        }
+        self.require_app(app)
+    }
+
+    /// Refuses a token limited to some apps where every app would show (the status page,
+    /// `/metrics`, the nodes and repositories of the cluster as a whole).
+    pub(crate) fn require_every_app(&self, what: &str) -> Result<(), ApiError> {
+        match &self.apps {
+            None => Ok(()),
+            Some(apps) => Err(ApiError::Forbidden(format!(
+                "token {:?} is limited to its apps ({}); {what} shows every app",
+                self.name,
+                apps.join(", ")
+            ))),
+        }
+    }
+}
+
+/// The refusal of an app outside a token's list, naming the token and the list.
+pub(crate) fn not_its_app(token: &str, apps: Option<&[String]>, app: &str) -> ApiError {
+    ApiError::Forbidden(format!(
+        "token {token:?} is limited to its apps ({}); it may not act on app {app:?}",
+        apps.unwrap_or_default().join(", ")
+    ))
 }
 
 #[cfg(test)]

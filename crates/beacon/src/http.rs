@@ -18,7 +18,7 @@ use px_proto::link::{AppAssignment, FromBeacon, LogStream};
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
-use crate::auth::{Reader, Tokens};
+use crate::auth::{Reader, Role, Tokens};
 use crate::hub::Hub;
 use crate::logstore::LogFilter;
 use crate::metrics::Metrics;
@@ -107,30 +107,40 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn metrics(_: Reader, State(state): State<AppState>) -> impl IntoResponse {
-    (
+async fn metrics(reader: Reader, State(state): State<AppState>) -> Result<Response, ApiError> {
+    reader.require_every_app("/metrics")?;
+    Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(state.hub.events().last_seq()),
     )
+        .into_response())
 }
 
-async fn nodes(_: Reader, State(state): State<AppState>) -> Json<Vec<Node>> {
-    Json(state.hub.nodes())
+/// The nodes, each with only the instances of apps the caller's token may see.
+async fn nodes(reader: Reader, State(state): State<AppState>) -> Json<Vec<Node>> {
+    let mut nodes = state.hub.nodes();
+    for node in &mut nodes {
+        node.instances.retain(|i| reader.sees(&i.app));
+    }
+    Json(nodes)
 }
 
 async fn repositories(_: Reader, State(state): State<AppState>) -> Json<Vec<Repository>> {
     Json(state.hub.repositories())
 }
 
-async fn apps(_: Reader, State(state): State<AppState>) -> Json<Vec<App>> {
-    Json(state.hub.apps())
+async fn apps(reader: Reader, State(state): State<AppState>) -> Json<Vec<App>> {
+    let mut apps = state.hub.apps();
+    apps.retain(|a| reader.sees(&a.name));
+    Json(apps)
 }
 
 async fn app(
-    _: Reader,
+    reader: Reader,
     State(state): State<AppState>,
     Path(app): Path<String>,
 ) -> Result<Json<App>, ApiError> {
+    reader.require_app(&app)?;
     state
         .hub
         .apps()
@@ -142,10 +152,11 @@ async fn app(
 
 /// The app's recent rollouts with their figures, newest first.
 async fn app_rollouts(
-    _: Reader,
+    reader: Reader,
     State(state): State<AppState>,
     Path(app): Path<String>,
 ) -> Result<Json<Vec<RolloutRecord>>, ApiError> {
+    reader.require_app(&app)?;
     state
         .hub
         .rollouts(&app)
@@ -155,10 +166,11 @@ async fn app_rollouts(
 
 /// `em ps`: every process of the app the nodes report, from their latest reports.
 async fn app_processes(
-    _: Reader,
+    reader: Reader,
     State(state): State<AppState>,
     Path(app): Path<String>,
 ) -> Result<Json<Vec<px_proto::beacon::AppProcess>>, ApiError> {
+    reader.require_app(&app)?;
     state
         .hub
         .app_processes(&app)
@@ -167,15 +179,42 @@ async fn app_processes(
 }
 
 async fn app_config(
-    _: Reader,
+    reader: Reader,
     State(state): State<AppState>,
     Path(app): Path<String>,
 ) -> Result<Json<AppAssignment>, ApiError> {
-    state
+    reader.require_app(&app)?;
+    if reader.role == Role::Maestro && !state.hub.assigned_to_token(&app, &reader.sha256) {
+        return Err(ApiError::Forbidden(format!(
+            "token {:?} is a maestro token; it reads the config of the apps assigned to its node only, and app {app:?} is not",
+            reader.name
+        )));
+    }
+    let mut config = state
         .hub
         .app_config(&app)
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no app {app:?} is deployed")))
+        .ok_or_else(|| ApiError::NotFound(format!("no app {app:?} is deployed")))?;
+    if reader.role == Role::Read {
+        mask_values(&mut config);
+    }
+    Ok(Json(config))
+}
+
+/// What a `read` token sees in place of each environment value: the names tell what an app
+/// is configured with, the values (database passwords, API keys) are for deployers and the
+/// nodes that run the app.
+pub const MASKED_VALUE: &str = "(hidden)";
+
+/// Hides every value of an app's environment, and of its build's.
+fn mask_values(config: &mut AppAssignment) {
+    for value in config.env.values_mut() {
+        *value = MASKED_VALUE.to_string();
+    }
+    if let Some(build) = &mut config.build {
+        for value in build.env.values_mut() {
+            *value = MASKED_VALUE.to_string();
+        }
+    }
 }
 
 async fn restart(
@@ -183,6 +222,8 @@ async fn restart(
     State(state): State<AppState>,
     Path(app): Path<String>,
 ) -> Result<Response, ApiError> {
+    // A restart changes what runs: deploy tokens only, and only on their apps.
+    reader.require_deploy(&app)?;
     let nodes = state
         .hub
         .command(&app, FromBeacon::Restart { app: app.clone() });
@@ -206,30 +247,38 @@ struct EventQuery {
 }
 
 async fn events(
-    _: Reader,
+    reader: Reader,
     State(state): State<AppState>,
     query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
     let Query(q) = query.map_err(|e| {
         ApiError::BadRequest(format!("expected ?after=<seq>&limit=<n>&app=<name>: {e}"))
     })?;
-    Ok(Json(state.hub.events().page(
-        q.after,
-        q.limit.unwrap_or(DEFAULT_PAGE),
-        q.app.as_deref(),
-    )))
+    if let Some(app) = &q.app {
+        reader.require_app(app)?;
+    }
+    let mut page =
+        state
+            .hub
+            .events()
+            .page(q.after, q.limit.unwrap_or(DEFAULT_PAGE), q.app.as_deref());
+    page.retain(|e| reader.sees_event(e));
+    Ok(Json(page))
 }
 
 /// Server-Sent Events: first what the client missed (after `Last-Event-ID` or `?after=`),
 /// then every new event as it is recorded, filtered by `?app=`.
 async fn event_stream(
-    _: Reader,
+    reader: Reader,
     State(state): State<AppState>,
     headers: HeaderMap,
     query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let Query(q) = query
         .map_err(|e| ApiError::BadRequest(format!("expected ?after=<seq>&app=<name>: {e}")))?;
+    if let Some(app) = &q.app {
+        reader.require_app(app)?;
+    }
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -238,35 +287,42 @@ async fn event_stream(
     let log = state.hub.events().clone();
     // Subscribe before reading the backlog, so nothing falls between the two.
     let live = log.subscribe();
-    let backlog = match resume {
+    let mut backlog = match resume {
         Some(after) => log.page(Some(after), crate::events::MAX_PAGE, q.app.as_deref()),
         None => Vec::new(),
     };
+    backlog.retain(|e| reader.sees_event(e));
     let last = backlog.last().map(|e| e.seq).or(resume).unwrap_or(0);
     let app = q.app;
     let stream = futures_util::stream::unfold(
         (backlog.into_iter(), live, last, app),
-        |(mut backlog, mut live, mut last, app)| async move {
-            if let Some(event) = backlog.next() {
-                return Some((Ok(to_sse(&event)), (backlog, live, event.seq, app)));
-            }
-            loop {
-                match live.recv().await {
-                    Ok(event) if event.seq <= last => continue,
-                    Ok(event) if app.as_ref().is_some_and(|a| event.app.as_ref() != Some(a)) => {
-                        last = event.seq;
-                        continue;
-                    }
-                    Ok(event) => {
-                        return Some((Ok(to_sse(&event)), (backlog, live, event.seq, app)));
-                    }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        let note = SseEvent::default().event("lagged").data(format!(
+        move |(mut backlog, mut live, mut last, app)| {
+            let reader = reader.clone();
+            async move {
+                if let Some(event) = backlog.next() {
+                    return Some((Ok(to_sse(&event)), (backlog, live, event.seq, app)));
+                }
+                loop {
+                    match live.recv().await {
+                        Ok(event) if event.seq <= last => continue,
+                        Ok(event)
+                            if app.as_ref().is_some_and(|a| event.app.as_ref() != Some(a))
+                                || !reader.sees_event(&event) =>
+                        {
+                            last = event.seq;
+                            continue;
+                        }
+                        Ok(event) => {
+                            return Some((Ok(to_sse(&event)), (backlog, live, event.seq, app)));
+                        }
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            let note = SseEvent::default().event("lagged").data(format!(
                             "{missed} events were skipped; fetch /v1/events?after={last} to catch up"
                         ));
-                        return Some((Ok(note), (backlog, live, last, app)));
+                            return Some((Ok(note), (backlog, live, last, app)));
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return None,
                     }
-                    Err(broadcast::error::RecvError::Closed) => return None,
                 }
             }
         },
@@ -301,11 +357,12 @@ const LOG_QUERY_HELP: &str =
 pub const DEFAULT_LOG_LINES: usize = 100;
 
 async fn app_logs(
-    _: Reader,
+    reader: Reader,
     State(state): State<AppState>,
     Path(app): Path<String>,
     query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<LogEntry>>, ApiError> {
+    reader.require_app(&app)?;
     let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("{LOG_QUERY_HELP}: {e}")))?;
     Ok(Json(state.logs.recent(
         &app,
@@ -319,11 +376,12 @@ async fn app_logs(
 /// subscribes before it reads the backlog, so a line forwarded in between is sent twice at
 /// worst, never missed.
 async fn app_log_stream(
-    _: Reader,
+    reader: Reader,
     State(state): State<AppState>,
     Path(app): Path<String>,
     query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    reader.require_app(&app)?;
     let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("{LOG_QUERY_HELP}: {e}")))?;
     let filter = q.filter();
     let live = state.logs.subscribe();

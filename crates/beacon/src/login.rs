@@ -27,7 +27,10 @@ const COOKIE_MAX_AGE_SECS: u64 = 12 * 3600;
 pub(crate) async fn status_page(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let token = bearer(&headers).or_else(|| cookie(&headers));
     match token.map(|token| Reader::verify(&state, token)) {
-        Some(Ok(_)) => Html(crate::status::render(&state.hub)).into_response(),
+        Some(Ok(reader)) => match reader.require_every_app("the status page") {
+            Ok(()) => Html(crate::status::render(&state.hub)).into_response(),
+            Err(e) => form(StatusCode::FORBIDDEN, Some(&e.to_string())),
+        },
         Some(Err(e)) => form(StatusCode::UNAUTHORIZED, Some(&e.to_string())),
         None => form(StatusCode::UNAUTHORIZED, None),
     }

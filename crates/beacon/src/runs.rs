@@ -119,8 +119,8 @@ impl Runs {
     }
 }
 
-/// The caller of a run: a deploy token, named for the events.
-fn deployer(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+/// The caller of a run: a deploy token that may act on `app`, named for the events.
+fn deployer(state: &AppState, headers: &HeaderMap, app: &str) -> Result<String, ApiError> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
@@ -135,6 +135,13 @@ fn deployer(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
             entry.name
         )));
     }
+    if !entry.allows_app(app) {
+        return Err(crate::auth::not_its_app(
+            &entry.name,
+            entry.apps.as_deref(),
+            app,
+        ));
+    }
     Ok(entry.name.clone())
 }
 
@@ -144,7 +151,7 @@ pub(crate) async fn run(
     Path(app): Path<String>,
     mut request: Request<Body>,
 ) -> Result<Response, ApiError> {
-    let who = deployer(&state, request.headers())?;
+    let who = deployer(&state, request.headers(), &app)?;
     let upgrade = request
         .headers()
         .get(header::UPGRADE)

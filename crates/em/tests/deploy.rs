@@ -323,18 +323,21 @@ impl Platform {
                     role: px_beacon::auth::Role::Deploy,
                     sha256: hash(&read),
                     node: None,
+                    apps: None,
                 },
                 TokenEntry {
                     name: "local".into(),
                     role: px_beacon::auth::Role::Maestro,
                     sha256: hash(&maestro),
                     node: Some("local".into()),
+                    apps: None,
                 },
                 TokenEntry {
                     name: "apprepo".into(),
                     role: px_beacon::auth::Role::Repository,
                     sha256: hash(&repository),
                     node: None,
+                    apps: None,
                 },
             ],
             ..Default::default()

@@ -50,9 +50,38 @@ impl Role {
 pub(crate) struct Caller {
     pub(crate) name: String,
     pub(crate) role: Role,
+    /// The apps the token is limited to; `None` for every app.
+    pub(crate) apps: Option<Vec<String>>,
 }
 
 impl Caller {
+    /// Refuses the request unless the caller's role includes `needed` and its token may act
+    /// on `app`: the check of every route that names an app.
+    pub(crate) fn require_app(&self, needed: Role, app: &str) -> Result<(), ApiError> {
+        self.require(needed)?;
+        if self.sees(app) {
+            Ok(())
+        } else {
+            Err(self.not_its_app(app))
+        }
+    }
+
+    /// Whether the caller's token may see and act on `app` (lists keep only these).
+    pub(crate) fn sees(&self, app: &str) -> bool {
+        self.apps
+            .as_ref()
+            .is_none_or(|apps| apps.iter().any(|a| a == app))
+    }
+
+    /// The refusal of an app outside the token's list.
+    pub(crate) fn not_its_app(&self, app: &str) -> ApiError {
+        ApiError::Forbidden(format!(
+            "token {:?} is limited to its apps ({}); it may not act on app {app:?}",
+            self.name,
+            self.apps.as_deref().unwrap_or_default().join(", ")
+        ))
+    }
+
     /// Refuses the request unless the caller's role includes `needed`.
     pub(crate) fn require(&self, needed: Role) -> Result<(), ApiError> {
         if self.role.allows(needed) {
@@ -96,6 +125,7 @@ impl FromRequestParts<AppState> for Caller {
         Ok(Caller {
             name: entry.name.clone(),
             role: entry.role,
+            apps: entry.apps.clone(),
         })
     }
 }

@@ -26,7 +26,8 @@ pub fn hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-/// One accepted token, as it is configured: a name for logs and audit, a role, and the hash.
+/// One accepted token, as it is configured: a name for logs and audit, a role, the hash, and
+/// optionally the apps it is limited to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenEntry<R> {
@@ -37,6 +38,19 @@ pub struct TokenEntry<R> {
     /// roles leave it out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The apps this token may act on and see; absent means every app. A CI pipeline's token
+    /// names its one app, so a leak of it cannot touch the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apps: Option<Vec<String>>,
+}
+
+impl<R> TokenEntry<R> {
+    /// Whether this token may act on and see `app`.
+    pub fn allows_app(&self, app: &str) -> bool {
+        self.apps
+            .as_ref()
+            .is_none_or(|apps| apps.iter().any(|a| a == app))
+    }
 }
 
 /// The format of a tokens file: `[[token]]` entries with `name`, `role`, `sha256` and maybe
@@ -183,12 +197,14 @@ mod tests {
                 role: "deploy",
                 sha256: hash(&deploy),
                 node: None,
+                apps: None,
             },
             TokenEntry {
                 name: "maestro".into(),
                 role: "read",
                 sha256: hash(&read),
                 node: None,
+                apps: None,
             },
         ])
         .unwrap();
@@ -216,6 +232,7 @@ mod tests {
             role: "read".to_string(),
             sha256: hash("y"),
             node: None,
+            apps: None,
         }];
         let all = gather(&inline, Some(&file), "make one").unwrap();
         assert_eq!(
@@ -240,6 +257,7 @@ mod tests {
             role: "read",
             sha256: hash(token),
             node: None,
+            apps: None,
         };
         let table = TokenTable::new(vec![entry("old", &old)]).unwrap();
         let copy = table.clone();
@@ -261,6 +279,7 @@ mod tests {
             role: (),
             sha256: "xyz".into(),
             node: None,
+            apps: None,
         }])
         .unwrap_err();
         assert!(err.contains("bad"), "{err}");

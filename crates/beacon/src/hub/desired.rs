@@ -162,6 +162,21 @@ impl Hub {
             .map(|r| self.app_assignment(r, state.formations.get(app), state.created.get(app)))
     }
 
+    /// Whether `app` is in the current assignment of a linked node whose link token has this
+    /// SHA-256: what a `maestro` token may read the config of.
+    pub fn assigned_to_token(&self, app: &str, token_sha256: &str) -> bool {
+        let state = self.lock();
+        state.nodes.values().any(|node| {
+            node.connected
+                && node.token_sha256 == token_sha256
+                && node
+                    .assign_tx
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|a| a.apps.iter().any(|assigned| assigned.app == app))
+        })
+    }
+
     /// Takes each app's creation time, read with the desired state; call it before
     /// [`Hub::set_state`] so the assignments that pass computes carry them.
     pub fn set_app_created(&self, created: BTreeMap<String, String>) {

@@ -82,6 +82,9 @@ struct NodeEntry {
     closed: CancellationToken,
     /// What the node may report on (`scope.rs`).
     scope: scope::Scope,
+    /// The SHA-256 of the token the node linked with (never the token): a `maestro` token
+    /// reads over HTTP only the config of apps assigned to a node it linked.
+    token_sha256: String,
 }
 
 impl NodeEntry {

@@ -102,6 +102,7 @@ impl Hub {
             commands: commands_tx,
             closed: closed.clone(),
             scope: Default::default(),
+            token_sha256: px_runtime::tokens::hash(&hello.token),
         };
         match state.nodes.insert(hello.name.clone(), entry) {
             Some(old) => {

@@ -279,12 +279,14 @@ pub fn config(dir: &Path, pki: &Pki, tokens: &Tokens, repo_url: &str) -> Config 
                 role: Role::Read,
                 sha256: hash(&tokens.read),
                 node: None,
+                apps: None,
             },
             TokenEntry {
                 name: "apprepo".into(),
                 role: Role::Repository,
                 sha256: hash(&tokens.repository),
                 node: None,
+                apps: None,
             },
         ],
         ..Config::default()

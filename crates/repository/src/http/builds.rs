@@ -49,7 +49,9 @@ pub async fn pending(
                 .into(),
         ));
     }
-    Ok(Json(state.builds.pending().await?))
+    let mut pending = state.builds.pending().await?;
+    pending.retain(|build| caller.sees(&build.app));
+    Ok(Json(pending))
 }
 
 pub async fn list(
@@ -57,7 +59,7 @@ pub async fn list(
     State(state): State<AppState>,
     Path(app): Path<String>,
 ) -> Result<Json<Vec<Build>>, ApiError> {
-    caller.require(Role::Read)?;
+    caller.require_app(Role::Read, &app)?;
     Ok(Json(state.builds.list(&app).await?))
 }
 
@@ -66,7 +68,7 @@ pub async fn get(
     State(state): State<AppState>,
     Path((app, number)): Path<(String, String)>,
 ) -> Result<Json<Build>, ApiError> {
-    caller.require(Role::Read)?;
+    caller.require_app(Role::Read, &app)?;
     let number = parse_build_number(&number)?;
     Ok(Json(state.builds.build(&app, number).await?))
 }
@@ -77,7 +79,7 @@ pub async fn log(
     State(state): State<AppState>,
     Path((app, number)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Read)?;
+    caller.require_app(Role::Read, &app)?;
     let number = parse_build_number(&number)?;
     let log = state.builds.log(&app, number).await?;
     Ok((
@@ -98,7 +100,7 @@ pub async fn finish(
     Path((app, number)): Path<(String, String)>,
     body: Result<Json<BuildFinished>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<Release>), ApiError> {
-    caller.require(Role::Build)?;
+    caller.require_app(Role::Build, &app)?;
     let number = parse_build_number(&number)?;
     let Json(finished) = body.map_err(|e| {
         ApiError::BadRequest(format!(
@@ -122,7 +124,7 @@ pub async fn fail(
     Path((app, number)): Path<(String, String)>,
     body: Result<Json<BuildFailed>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Build>, ApiError> {
-    caller.require(Role::Build)?;
+    caller.require_app(Role::Build, &app)?;
     let number = parse_build_number(&number)?;
     let Json(failed) = body.map_err(|e| {
         ApiError::BadRequest(format!(

@@ -150,7 +150,9 @@ async fn list_apps(
     State(state): State<AppState>,
 ) -> Result<Json<Vec<App>>, ApiError> {
     caller.require(Role::Read)?;
-    Ok(Json(state.releases.apps().await?))
+    let mut apps = state.releases.apps().await?;
+    apps.retain(|app| caller.sees(&app.name));
+    Ok(Json(apps))
 }
 
 async fn create_app(
@@ -161,6 +163,8 @@ async fn create_app(
     caller.require(Role::Deploy)?;
     let Json(body) =
         body.map_err(|e| ApiError::BadRequest(format!("expected {{\"name\": \"<app>\"}}: {e}")))?;
+    // A scoped token may create only an app on its list: an app it could not touch after.
+    caller.require_app(Role::Deploy, &body.name)?;
     let app = state.releases.create_app(&body.name, &caller.name).await?;
     tracing::info!(app = %app.name, by = %caller.name, "app created");
     Ok((StatusCode::CREATED, Json(app)))
@@ -171,7 +175,7 @@ async fn get_app(
     State(state): State<AppState>,
     Path(app): Path<String>,
 ) -> Result<Json<App>, ApiError> {
-    caller.require(Role::Read)?;
+    caller.require_app(Role::Read, &app)?;
     Ok(Json(state.releases.app(&app).await?))
 }
 
@@ -180,7 +184,7 @@ async fn list_releases(
     State(state): State<AppState>,
     Path(app): Path<String>,
 ) -> Result<Json<Vec<Release>>, ApiError> {
-    caller.require(Role::Read)?;
+    caller.require_app(Role::Read, &app)?;
     Ok(Json(state.releases.list(&app).await?))
 }
 
@@ -189,7 +193,7 @@ async fn current_release(
     State(state): State<AppState>,
     Path(app): Path<String>,
 ) -> Result<Json<Release>, ApiError> {
-    caller.require(Role::Read)?;
+    caller.require_app(Role::Read, &app)?;
     Ok(Json(state.releases.current(&app).await?))
 }
 
@@ -198,7 +202,7 @@ async fn get_release(
     State(state): State<AppState>,
     Path((app, version)): Path<(String, String)>,
 ) -> Result<Json<Release>, ApiError> {
-    caller.require(Role::Read)?;
+    caller.require_app(Role::Read, &app)?;
     let number = parse_version(&version)?;
     Ok(Json(state.releases.release(&app, number).await?))
 }
@@ -240,7 +244,7 @@ async fn receive_release(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Deploy)?;
+    caller.require_app(Role::Deploy, app)?;
     let declared = header_str(headers, api::HEADER_BUNDLE_SHA256).ok_or_else(|| {
         ApiError::BadRequest(format!(
             "send the bundle's SHA-256 (lowercase hex) in the {} header",
@@ -354,7 +358,7 @@ async fn get_config(
     State(state): State<AppState>,
     Path(app): Path<String>,
 ) -> Result<Json<std::collections::BTreeMap<String, String>>, ApiError> {
-    caller.require(Role::Read)?;
+    caller.require_app(Role::Read, &app)?;
     Ok(Json(state.releases.current(&app).await?.config))
 }
 
@@ -364,7 +368,7 @@ async fn change_config(
     Path(app): Path<String>,
     body: Result<Json<ConfigChange>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<Release>), ApiError> {
-    caller.require(Role::Deploy)?;
+    caller.require_app(Role::Deploy, &app)?;
     let Json(change) = body.map_err(|e| {
         ApiError::BadRequest(format!(
             "expected {{\"set\": {{\"KEY\": \"value\"}}, \"unset\": [\"KEY\"]}}: {e}"
@@ -442,7 +446,7 @@ async fn rollback(
     Path(app): Path<String>,
     body: Option<Json<Rollback>>,
 ) -> Result<(StatusCode, Json<Release>), ApiError> {
-    caller.require(Role::Deploy)?;
+    caller.require_app(Role::Deploy, &app)?;
     let to = body.and_then(|Json(b)| b.to);
     let request = crate::rollback::RollbackRequest {
         app: &app,
@@ -460,7 +464,7 @@ async fn get_formation(
     State(state): State<AppState>,
     Path(app): Path<String>,
 ) -> Result<Json<Formation>, ApiError> {
-    caller.require(Role::Read)?;
+    caller.require_app(Role::Read, &app)?;
     Ok(Json(state.releases.formation(&app).await?))
 }
 
@@ -471,7 +475,7 @@ async fn scale_formation(
     Path(app): Path<String>,
     body: Result<Json<BTreeMap<String, u32>>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Formation>, ApiError> {
-    caller.require(Role::Deploy)?;
+    caller.require_app(Role::Deploy, &app)?;
     let Json(change) = body.map_err(|e| {
         ApiError::BadRequest(format!(
             "expected counts by process type such as {{\"web\": 2, \"worker\": 3}}: {e}"

@@ -21,7 +21,9 @@ pub async fn unended(
     State(state): State<AppState>,
 ) -> Result<Json<Vec<Release>>, ApiError> {
     caller.require(Role::Read)?;
-    Ok(Json(state.releases.unended_phases().await?))
+    let mut unended = state.releases.unended_phases().await?;
+    unended.retain(|release| caller.sees(&release.app));
+    Ok(Json(unended))
 }
 
 /// `POST .../phase/claim`: the release, its phase now running on the caller's node (200), or a
@@ -32,7 +34,7 @@ pub async fn claim(
     Path((app, version)): Path<(String, String)>,
     body: Result<Json<PhaseClaim>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Release>, ApiError> {
-    caller.require(Role::Release)?;
+    caller.require_app(Role::Release, &app)?;
     let version = parse_version(&version)?;
     let Json(claim) = body.map_err(|e| {
         ApiError::BadRequest(format!(
@@ -52,7 +54,7 @@ pub async fn end(
     Path((app, version)): Path<(String, String)>,
     body: Result<Json<PhaseEnded>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Release>, ApiError> {
-    caller.require(Role::Release)?;
+    caller.require_app(Role::Release, &app)?;
     let version = parse_version(&version)?;
     let Json(ended) = body.map_err(|e| {
         ApiError::BadRequest(format!(
@@ -71,7 +73,7 @@ pub async fn log(
     State(state): State<AppState>,
     Path((app, version)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Read)?;
+    caller.require_app(Role::Read, &app)?;
     let version = parse_version(&version)?;
     let log = state.releases.phase_log(&app, version).await?;
     Ok((

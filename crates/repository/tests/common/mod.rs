@@ -44,12 +44,14 @@ pub fn test_config(data: &Path) -> (Config, String, String) {
                 role: Role::Deploy,
                 sha256: hash(&deploy),
                 node: None,
+                apps: None,
             },
             TokenEntry {
                 name: "maestro".into(),
                 role: Role::Read,
                 sha256: hash(&read),
                 node: None,
+                apps: None,
             },
         ],
         // Plain HTTP on loopback, chosen on purpose: these tests are about the API, and
@@ -104,6 +106,7 @@ impl Repo {
             role: Role::Build,
             sha256: hash(&build_token),
             node: None,
+            apps: None,
         });
         adjust(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -333,6 +336,7 @@ trait TakeBytes: std::io::Read + Sized {
 impl<R: std::io::Read> TakeBytes for R {}
 pub mod build_suite;
 pub mod phase_suite;
+pub mod scope_suite;
 pub mod suite;
 
 /// The sample app as a Python app to build: it has a `requirements.txt`.

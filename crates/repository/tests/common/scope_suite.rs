@@ -1,0 +1,177 @@
+//! Scenarios of least privilege every storage backend must pass, run by `scopes_fs.rs` and
+//! `scopes_s3.rs`: tokens limited to some apps, and what each role sees.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use px_proto::api::{App, ErrorBody, Release};
+use px_proto::build::Build;
+use px_repository::auth::Role;
+use px_repository::config::Config;
+use px_runtime::tokens::{TokenEntry, generate, hash};
+use reqwest::StatusCode;
+
+use super::{Repo, sample_bundle};
+
+/// Adds a token of `role` limited to `apps` to a config; returns the secret.
+pub fn add_scoped(config: &mut Config, name: &str, role: Role, apps: &[&str]) -> String {
+    let secret = generate();
+    config.tokens.push(TokenEntry {
+        name: name.into(),
+        role,
+        sha256: hash(&secret),
+        apps: Some(apps.iter().map(|a| a.to_string()).collect()),
+    });
+    secret
+}
+
+/// Asserts a 403 whose message names the token and its limit.
+async fn assert_not_its_app(response: reqwest::Response, what: &str) {
+    assert_eq!(response.status(), StatusCode::FORBIDDEN, "{what}");
+    let body: ErrorBody = response.json().await.unwrap();
+    assert!(
+        body.message.contains("\"ci-shop\"") && body.message.contains("limited to its apps"),
+        "{what}: {}",
+        body.message
+    );
+}
+
+/// A deploy token limited to `shop` deploys, configures and rolls back `shop`, and is refused
+/// on `blog` for every route that names an app; lists show it only `shop`.
+pub async fn a_scoped_token_acts_only_on_its_apps(repo: &Repo, scoped: &str) {
+    repo.create_app("shop").await;
+    repo.create_app("blog").await;
+    let blog_v1 = repo.deploy("blog", &sample_bundle("blog", "one")).await;
+
+    // Its own app: deploy, configure, roll back, read.
+    let r = repo
+        .upload_request("shop", &sample_bundle("shop", "one"), scoped)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().await.unwrap()
+    );
+    let r = repo
+        .http
+        .patch(format!("{}/v1/apps/shop/config", repo.url))
+        .bearer_auth(scoped)
+        .json(&serde_json::json!({ "set": { "MODE": "live" } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().await.unwrap()
+    );
+    let r = repo
+        .http
+        .post(format!("{}/v1/apps/shop/rollback", repo.url))
+        .bearer_auth(scoped)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().await.unwrap()
+    );
+
+    // Another app: every route refuses, naming the token.
+    let r = repo
+        .upload_request("blog", &sample_bundle("blog", "two"), scoped)
+        .send()
+        .await
+        .unwrap();
+    assert_not_its_app(r, "upload").await;
+    for path in [
+        "/v1/apps/blog",
+        "/v1/apps/blog/releases",
+        "/v1/apps/blog/releases/current",
+        "/v1/apps/blog/releases/1",
+        "/v1/apps/blog/config",
+        "/v1/apps/blog/formation",
+        "/v1/apps/blog/builds",
+        "/v1/apps/blog/builds/1",
+        "/v1/apps/blog/builds/1/log",
+        "/v1/apps/blog/releases/1/phase/log",
+    ] {
+        let r = repo.get(path, scoped).send().await.unwrap();
+        assert_not_its_app(r, path).await;
+    }
+    let r = repo
+        .http
+        .patch(format!("{}/v1/apps/blog/config", repo.url))
+        .bearer_auth(scoped)
+        .json(&serde_json::json!({ "set": { "MODE": "stolen" } }))
+        .send()
+        .await
+        .unwrap();
+    assert_not_its_app(r, "config").await;
+    let r = repo
+        .http
+        .post(format!("{}/v1/apps/blog/rollback", repo.url))
+        .bearer_auth(scoped)
+        .send()
+        .await
+        .unwrap();
+    assert_not_its_app(r, "rollback").await;
+    let r = repo
+        .http
+        .put(format!("{}/v1/apps/blog/formation", repo.url))
+        .bearer_auth(scoped)
+        .json(&serde_json::json!({ "web": 3 }))
+        .send()
+        .await
+        .unwrap();
+    assert_not_its_app(r, "scale").await;
+    let r = repo
+        .http
+        .post(format!("{}/v1/apps", repo.url))
+        .bearer_auth(scoped)
+        .json(&serde_json::json!({ "name": "other" }))
+        .send()
+        .await
+        .unwrap();
+    assert_not_its_app(r, "create").await;
+
+    // Nothing of blog changed.
+    let releases: Vec<Release> = repo.releases("blog").await;
+    assert_eq!(releases.len(), 1);
+    assert_eq!(releases[0].version, blog_v1.version);
+    assert!(releases[0].config.is_empty());
+
+    // Lists show only its apps.
+    let apps: Vec<App> = repo
+        .get("/v1/apps", scoped)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = apps.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["shop"]);
+    let pending: Vec<Build> = repo
+        .get("/v1/builds?pending=true", scoped)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(pending.iter().all(|b| b.app == "shop"));
+    let all: Vec<App> = repo
+        .get("/v1/apps", &repo.deploy_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 2, "an unscoped token still sees every app");
+}

@@ -1,0 +1,18 @@
+//! Least privilege on apprepo with the disk backend: tokens limited to some apps, what each
+//! role sees, minted tokens.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::Repo;
+use common::scope_suite::{self, add_scoped};
+use px_repository::auth::Role;
+
+#[tokio::test]
+async fn a_scoped_token_cannot_touch_another_app_and_lists_show_only_its_own() {
+    let mut scoped = String::new();
+    let repo =
+        Repo::start_with(|c| scoped = add_scoped(c, "ci-shop", Role::Deploy, &["shop"])).await;
+    scope_suite::a_scoped_token_acts_only_on_its_apps(&repo, &scoped).await;
+    repo.stop().await;
+}
