@@ -317,6 +317,7 @@ pub(crate) mod tests {
             created_by: "ci".into(),
             build: None,
             phase: None,
+            config_hidden: false,
         }
     }
 

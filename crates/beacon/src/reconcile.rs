@@ -103,6 +103,14 @@ impl RepositoryClient {
         let mut created = BTreeMap::new();
         for app in apps {
             let Some(current) = app.current else { continue };
+            // Assigning hidden values would start every instance with `(hidden)` in place
+            // of its secrets: keep the last known state and say how to fix the token.
+            if current.config_hidden {
+                return Err(format!(
+                    "GET {}/v1/apps: apprepo hides config values from Beacon's token; give that token the `beacon` role in apprepo's tokens",
+                    self.base
+                ));
+            }
             created.insert(app.name.clone(), app.created_at);
             if !app.formation.is_empty() {
                 formations.insert(app.name.clone(), app.formation);

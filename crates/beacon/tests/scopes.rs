@@ -263,3 +263,42 @@ async fn a_maestro_token_reads_config_only_of_the_apps_assigned_to_its_node() {
     .await;
     drop(node);
 }
+
+#[tokio::test]
+async fn a_release_whose_config_values_apprepo_hid_is_never_assigned() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = Tokens::new();
+    let (repo, url) = RepoStub::start(tokens.repo_read.clone()).await;
+    repo.release("shop", 1, "");
+    repo.apps
+        .lock()
+        .unwrap()
+        .get_mut("shop")
+        .unwrap()
+        .hide_config_values();
+    let pki = Arc::new(Pki::new(&["localhost"]).unwrap());
+    let mut config = config(dir.path(), &pki, &tokens, &url);
+    config.reconcile_interval = std::time::Duration::from_millis(100);
+    let beacon = Beacon::start(config, pki, &tokens, 0).await;
+    let node = Peer::link(&beacon, maestro_hello("web-1", &tokens.maestro, 0)).await;
+    // Beacon has read the list (and refused it) a few times by now.
+    let start = std::time::Instant::now();
+    while repo.requests.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(start.elapsed() < WAIT, "Beacon never read the apps");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let apps: Vec<App> = beacon.get("/v1/apps").await;
+    assert!(apps.is_empty(), "{apps:?}");
+    assert!(
+        node.assignments().iter().all(|a| a.apps.is_empty()),
+        "a node was sent (hidden) in place of a secret"
+    );
+    // With the values shown again (the token's role fixed), the app is assigned.
+    repo.release("shop", 1, "");
+    beacon
+        .wait_for("/v1/apps", "shop assigned", |apps: &Vec<App>| {
+            apps.len() == 1
+        })
+        .await;
+    drop(node);
+}

@@ -87,6 +87,7 @@ impl RepoStub {
             created_by: "beacon-loadgen".into(),
             build: None,
             phase: None,
+            config_hidden: false,
         };
         *self
             .state

@@ -70,7 +70,7 @@ async fn an_upload_reaches_a_maestro_through_beacon() {
             },
             TokenEntry {
                 name: "beacon".into(),
-                role: px_repository::auth::Role::Read,
+                role: px_repository::auth::Role::Beacon,
                 sha256: hash(&repo_read),
                 node: None,
                 apps: None,

@@ -85,7 +85,7 @@ async fn deploy_and_reconfigure_through_every_service() {
             },
             TokenEntry {
                 name: "cluster".into(),
-                role: px_repository::auth::Role::Read,
+                role: px_repository::auth::Role::Beacon,
                 sha256: hash(&repo_read),
                 node: None,
                 apps: None,

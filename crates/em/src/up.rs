@@ -168,7 +168,7 @@ pub async fn up(options: Up) -> Result<()> {
             },
             TokenEntry {
                 name: "cluster".into(),
-                role: px_repository::auth::Role::Read,
+                role: px_repository::auth::Role::Beacon,
                 sha256: hash(&secrets.read),
                 node: None,
                 apps: None,

@@ -121,6 +121,7 @@ impl Repo {
                 commands: Vec::new(),
             }),
             phase: None,
+            config_hidden: false,
         };
         releases.push(release.clone());
         release

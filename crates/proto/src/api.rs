@@ -94,6 +94,24 @@ pub struct Release {
     /// one); absent for a release that has none, and for config changes and rollbacks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<ReleasePhase>,
+    /// Whether `config` shows names only, its values hidden because the caller's token may not
+    /// see them (a `read` token). Never stored; Beacon refuses to assign such a release.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub config_hidden: bool,
+}
+
+/// What a token that may not see config values gets in place of each one.
+pub const HIDDEN_CONFIG_VALUE: &str = "(hidden)";
+
+impl Release {
+    /// Hides the config values, keeping their names, and says so in `config_hidden` (a
+    /// release without config vars has nothing to hide and stays as it is).
+    pub fn hide_config_values(&mut self) {
+        for value in self.config.values_mut() {
+            *value = HIDDEN_CONFIG_VALUE.to_string();
+        }
+        self.config_hidden = !self.config.is_empty();
+    }
 }
 
 /// A release's release phase (docs/src/design/processes.md, "The release phase").

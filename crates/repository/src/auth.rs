@@ -26,6 +26,9 @@ pub enum Role {
     Build,
     /// Also claim and end release phases: what a node that runs them needs (a web server).
     Release,
+    /// Read, with config values: what Beacon's reconciler holds, since it hands each node the
+    /// environment of the apps it runs. It changes nothing.
+    Beacon,
 }
 
 impl Role {
@@ -41,7 +44,14 @@ impl Role {
             Role::Deploy => "deploy",
             Role::Build => "build",
             Role::Release => "release",
+            Role::Beacon => "beacon",
         }
+    }
+
+    /// Whether a token of this role sees config values: the people who set them and Beacon,
+    /// which passes them to the nodes. Every other role sees their names only.
+    pub fn sees_config_values(self) -> bool {
+        matches!(self, Role::Deploy | Role::Beacon)
     }
 }
 
@@ -71,6 +81,14 @@ impl Caller {
         self.apps
             .as_ref()
             .is_none_or(|apps| apps.iter().any(|a| a == app))
+    }
+
+    /// Hides a release's config values unless the caller's role may see them.
+    pub(crate) fn shown(&self, mut release: px_proto::api::Release) -> px_proto::api::Release {
+        if !self.role.sees_config_values() {
+            release.hide_config_values();
+        }
+        release
     }
 
     /// The refusal of an app outside the token's list.
@@ -176,6 +194,10 @@ mod tests {
             (Role::Release, Role::Deploy, false),
             (Role::Deploy, Role::Release, false),
             (Role::Read, Role::Release, false),
+            (Role::Beacon, Role::Read, true),
+            (Role::Beacon, Role::Deploy, false),
+            (Role::Beacon, Role::Release, false),
+            (Role::Deploy, Role::Beacon, false),
         ];
         for (role, needed, allowed) in cases {
             assert_eq!(role.allows(needed), allowed, "{role:?} for {needed:?}");

@@ -10,8 +10,8 @@ use px_runtime::systemd::{self, Activation, Systemd};
 use crate::config::{Config, ENV_PREFIX};
 
 pub fn token_new(name: &str, role: &str) -> ExitCode {
-    if !matches!(role, "deploy" | "read" | "build" | "release") {
-        eprintln!("apprepo: --role must be `deploy`, `read`, `build` or `release`");
+    if !matches!(role, "deploy" | "read" | "build" | "release" | "beacon") {
+        eprintln!("apprepo: --role must be `deploy`, `read`, `build`, `release` or `beacon`");
         return ExitCode::from(2);
     }
     let token = px_runtime::tokens::generate();

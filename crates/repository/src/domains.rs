@@ -101,6 +101,7 @@ mod tests {
             created_by: "t".into(),
             build: None,
             phase: None,
+            config_hidden: false,
         };
         assert_eq!(added(Some(&current), &next), ["b.example.com"]);
     }

@@ -511,6 +511,7 @@ impl Releases {
             created_by: by.into(),
             build: parts.build,
             phase: parts.phase,
+            config_hidden: false,
         };
         let bytes =
             serde_json::to_vec_pretty(&release).map_err(|e| ApiError::Internal(e.to_string()))?;

@@ -5,7 +5,7 @@
 mod common;
 
 use common::Repo;
-use common::scope_suite::{self, add_scoped};
+use common::scope_suite::{self, add_scoped, add_unscoped};
 use px_repository::auth::Role;
 
 #[tokio::test]
@@ -14,5 +14,13 @@ async fn a_scoped_token_cannot_touch_another_app_and_lists_show_only_its_own() {
     let repo =
         Repo::start_with(|c| scoped = add_scoped(c, "ci-shop", Role::Deploy, &["shop"])).await;
     scope_suite::a_scoped_token_acts_only_on_its_apps(&repo, &scoped).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn a_read_token_sees_config_names_with_values_hidden() {
+    let mut beacon = String::new();
+    let repo = Repo::start_with(|c| beacon = add_unscoped(c, "beacon", Role::Beacon)).await;
+    scope_suite::a_read_token_sees_config_names_only(&repo, &beacon).await;
     repo.stop().await;
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::scope_suite::{self, add_scoped};
+use common::scope_suite::{self, add_scoped, add_unscoped};
 use common::{BUCKET, Repo};
 use px_repository::auth::Role;
 use px_test_support::S3Server;
@@ -21,5 +21,20 @@ async fn a_scoped_token_cannot_touch_another_app_on_s3() {
     })
     .await;
     scope_suite::a_scoped_token_acts_only_on_its_apps(&repo, &scoped).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn a_read_token_sees_config_names_with_values_hidden_on_s3() {
+    let Some(s3) = S3Server::start(BUCKET) else {
+        return;
+    };
+    let mut beacon = String::new();
+    let repo = Repo::start_with(|c| {
+        common::use_s3(c, &s3);
+        beacon = add_unscoped(c, "beacon", Role::Beacon);
+    })
+    .await;
+    scope_suite::a_read_token_sees_config_names_only(&repo, &beacon).await;
     repo.stop().await;
 }

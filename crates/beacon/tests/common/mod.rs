@@ -158,6 +158,7 @@ impl RepoStub {
             created_by: "ci".into(),
             build: None,
             phase: None,
+            config_hidden: false,
         };
         self.apps.lock().unwrap().insert(app.into(), release);
     }

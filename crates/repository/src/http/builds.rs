@@ -111,9 +111,9 @@ pub async fn finish(
         Finished::Committed(release) => {
             tracing::info!(%app, build = number, version = release.version, by = %caller.name, "build finished into a release");
             state.notifier.release_committed(&release);
-            Ok((StatusCode::CREATED, Json(release)))
+            Ok((StatusCode::CREATED, Json(caller.shown(release))))
         }
-        Finished::AlreadyCommitted(release) => Ok((StatusCode::OK, Json(release))),
+        Finished::AlreadyCommitted(release) => Ok((StatusCode::OK, Json(caller.shown(release)))),
     }
 }
 

@@ -152,6 +152,9 @@ async fn list_apps(
     caller.require(Role::Read)?;
     let mut apps = state.releases.apps().await?;
     apps.retain(|app| caller.sees(&app.name));
+    for app in &mut apps {
+        app.current = app.current.take().map(|r| caller.shown(r));
+    }
     Ok(Json(apps))
 }
 
@@ -176,7 +179,9 @@ async fn get_app(
     Path(app): Path<String>,
 ) -> Result<Json<App>, ApiError> {
     caller.require_app(Role::Read, &app)?;
-    Ok(Json(state.releases.app(&app).await?))
+    let mut found = state.releases.app(&app).await?;
+    found.current = found.current.take().map(|r| caller.shown(r));
+    Ok(Json(found))
 }
 
 async fn list_releases(
@@ -185,7 +190,10 @@ async fn list_releases(
     Path(app): Path<String>,
 ) -> Result<Json<Vec<Release>>, ApiError> {
     caller.require_app(Role::Read, &app)?;
-    Ok(Json(state.releases.list(&app).await?))
+    let releases = state.releases.list(&app).await?;
+    Ok(Json(
+        releases.into_iter().map(|r| caller.shown(r)).collect(),
+    ))
 }
 
 async fn current_release(
@@ -194,7 +202,7 @@ async fn current_release(
     Path(app): Path<String>,
 ) -> Result<Json<Release>, ApiError> {
     caller.require_app(Role::Read, &app)?;
-    Ok(Json(state.releases.current(&app).await?))
+    Ok(Json(caller.shown(state.releases.current(&app).await?)))
 }
 
 async fn get_release(
@@ -204,7 +212,9 @@ async fn get_release(
 ) -> Result<Json<Release>, ApiError> {
     caller.require_app(Role::Read, &app)?;
     let number = parse_version(&version)?;
-    Ok(Json(state.releases.release(&app, number).await?))
+    Ok(Json(
+        caller.shown(state.releases.release(&app, number).await?),
+    ))
 }
 
 /// Accepts `7` and `v7`.
@@ -359,7 +369,9 @@ async fn get_config(
     Path(app): Path<String>,
 ) -> Result<Json<std::collections::BTreeMap<String, String>>, ApiError> {
     caller.require_app(Role::Read, &app)?;
-    Ok(Json(state.releases.current(&app).await?.config))
+    Ok(Json(
+        caller.shown(state.releases.current(&app).await?).config,
+    ))
 }
 
 async fn change_config(

@@ -23,7 +23,7 @@ pub async fn unended(
     caller.require(Role::Read)?;
     let mut unended = state.releases.unended_phases().await?;
     unended.retain(|release| caller.sees(&release.app));
-    Ok(Json(unended))
+    Ok(Json(unended.into_iter().map(|r| caller.shown(r)).collect()))
 }
 
 /// `POST .../phase/claim`: the release, its phase now running on the caller's node (200), or a
@@ -41,9 +41,9 @@ pub async fn claim(
             "expected {{\"node\": \"...\", \"attempt\": \"...\"}}: {e}"
         ))
     })?;
-    Ok(Json(
+    Ok(Json(caller.shown(
         state.releases.claim_phase(&app, version, claim).await?,
-    ))
+    )))
 }
 
 /// `POST .../phase/end`: records how the phase ended and its log; a success makes the release
@@ -64,7 +64,7 @@ pub async fn end(
     let release = state.releases.end_phase(&app, version, ended).await?;
     tracing::info!(%app, version, by = %caller.name, state = ?release.phase.as_ref().map(|p| &p.state), "release phase reported");
     state.notifier.release_committed(&release);
-    Ok(Json(release))
+    Ok(Json(caller.shown(release)))
 }
 
 /// The phase's output as text.

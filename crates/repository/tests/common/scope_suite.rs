@@ -23,6 +23,18 @@ pub fn add_scoped(config: &mut Config, name: &str, role: Role, apps: &[&str]) ->
     secret
 }
 
+/// Adds a token of `role` for every app to a config; returns the secret.
+pub fn add_unscoped(config: &mut Config, name: &str, role: Role) -> String {
+    let secret = generate();
+    config.tokens.push(TokenEntry {
+        name: name.into(),
+        role,
+        sha256: hash(&secret),
+        apps: None,
+    });
+    secret
+}
+
 /// Asserts a 403 whose message names the token and its limit.
 async fn assert_not_its_app(response: reqwest::Response, what: &str) {
     assert_eq!(response.status(), StatusCode::FORBIDDEN, "{what}");
@@ -174,4 +186,73 @@ pub async fn a_scoped_token_acts_only_on_its_apps(repo: &Repo, scoped: &str) {
         .await
         .unwrap();
     assert_eq!(all.len(), 2, "an unscoped token still sees every app");
+}
+
+/// A `read` token sees config names with their values hidden, wherever a release shows (the
+/// config route, release records, the app list); deploy and beacon tokens see the values.
+pub async fn a_read_token_sees_config_names_only(repo: &Repo, beacon: &str) {
+    repo.create_app("shop").await;
+    repo.deploy("shop", &sample_bundle("shop", "one")).await;
+    let r = repo
+        .http
+        .patch(format!("{}/v1/apps/shop/config", repo.url))
+        .bearer_auth(&repo.deploy_token)
+        .json(&serde_json::json!({ "set": { "DATABASE_URL": "postgres://secret" } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let config_of = |token: &str| {
+        let request = repo.get("/v1/apps/shop/config", token);
+        async move {
+            let r = request.send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            r.json::<std::collections::BTreeMap<String, String>>()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        config_of(&repo.read_token).await["DATABASE_URL"],
+        "(hidden)"
+    );
+    assert_eq!(
+        config_of(&repo.build_token).await["DATABASE_URL"],
+        "(hidden)"
+    );
+    assert_eq!(
+        config_of(&repo.deploy_token).await["DATABASE_URL"],
+        "postgres://secret"
+    );
+    assert_eq!(config_of(beacon).await["DATABASE_URL"], "postgres://secret");
+    for path in [
+        "/v1/apps/shop",
+        "/v1/apps",
+        "/v1/apps/shop/releases",
+        "/v1/apps/shop/releases/current",
+        "/v1/apps/shop/releases/2",
+    ] {
+        let text = repo
+            .get(path, &repo.read_token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(!text.contains("postgres://secret"), "{path}: {text}");
+        assert!(
+            text.contains("DATABASE_URL") && text.contains("\"config_hidden\":true"),
+            "{path}: {text}"
+        );
+        let text = repo
+            .get(path, beacon)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(text.contains("postgres://secret"), "{path}: {text}");
+    }
 }

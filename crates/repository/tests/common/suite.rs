@@ -115,8 +115,9 @@ pub async fn deploy_flow(repo: &Repo) {
     assert_eq!(v4.version, 4);
     assert!(!v4.config.contains_key("MODE"));
     assert_eq!(v4.config["DATABASE_URL"], "postgres://db/x");
+    // The deploy token that set them reads the values (a read token sees names only).
     let config: std::collections::BTreeMap<String, String> = repo
-        .get("/v1/apps/hello/config", &repo.read_token)
+        .get("/v1/apps/hello/config", &repo.deploy_token)
         .send()
         .await
         .unwrap()
@@ -172,7 +173,7 @@ pub async fn deploy_flow(repo: &Repo) {
         [7, 6, 5, 4, 3, 2, 1]
     );
     let v3_again: Release = repo
-        .get("/v1/apps/hello/releases/v3", &repo.read_token)
+        .get("/v1/apps/hello/releases/v3", &repo.deploy_token)
         .send()
         .await
         .unwrap()
