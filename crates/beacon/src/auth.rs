@@ -5,6 +5,9 @@ use std::sync::Arc;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use px_proto::link::MAX_PEER_NAME_LEN;
+use std::time::{Duration, UNIX_EPOCH};
+
+use px_proto::api::{MAX_MINTED_TOKENS, MintedRole, TokenGrant};
 use px_runtime::tokens::{TokenEntry, TokenTable};
 use serde::{Deserialize, Serialize};
 
@@ -182,6 +185,38 @@ pub(crate) fn not_its_app(token: &str, apps: Option<&[String]>, app: &str) -> Ap
     ))
 }
 
+/// Accepts the minted tokens a repository sent (`ToBeacon::Tokens`) in place of those it sent
+/// before: each until its expiry, with its role and apps. Returns how many; a list over
+/// [`MAX_MINTED_TOKENS`] or with a malformed hash is refused whole.
+pub(crate) fn accept_grants(tokens: &Tokens, grants: &[TokenGrant]) -> Result<usize, String> {
+    if grants.len() > MAX_MINTED_TOKENS {
+        return Err(format!(
+            "{} minted tokens; at most {MAX_MINTED_TOKENS} are accepted",
+            grants.len()
+        ));
+    }
+    let entries = grants
+        .iter()
+        .map(|grant| {
+            let role = match grant.info.role {
+                MintedRole::Read => Role::Read,
+                MintedRole::Deploy => Role::Deploy,
+            };
+            let entry = TokenEntry {
+                name: grant.info.name.clone(),
+                role,
+                sha256: grant.sha256.clone(),
+                node: None,
+                apps: Some(grant.info.apps.clone()),
+            };
+            let expires = UNIX_EPOCH + Duration::from_secs(grant.info.expires_at);
+            (entry, Some(expires))
+        })
+        .collect();
+    tokens.replace_minted(entries)?;
+    Ok(grants.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +227,7 @@ mod tests {
             role,
             sha256: px_runtime::tokens::hash(name),
             node: node.map(str::to_string),
+            apps: None,
         }
     }
 

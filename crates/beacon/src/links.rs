@@ -277,6 +277,10 @@ impl LinkServer {
                         let _ = self.reconcile.try_send(());
                     }
                     Some(Ok(ToBeacon::Heartbeat(report))) => self.hub.repository_seen(&hello.name, &report),
+                    Some(Ok(ToBeacon::Tokens(list))) => match crate::auth::accept_grants(&self.tokens, &list.grants) {
+                        Ok(count) => tracing::info!(repository = %hello.name, count, "minted tokens updated"),
+                        Err(e) => return Err(format!("repository {}: {e}", hello.name)),
+                    },
                     Some(Ok(other)) => return Err(format!("unexpected {} from a repository", frame_name(&other))),
                 },
             }
@@ -402,5 +406,6 @@ fn frame_name(frame: &ToBeacon) -> &'static str {
         ToBeacon::Event(_) => "event",
         ToBeacon::Logs(_) => "logs",
         ToBeacon::Run(_) => "run",
+        ToBeacon::Tokens(_) => "tokens",
     }
 }

@@ -302,3 +302,70 @@ async fn a_release_whose_config_values_apprepo_hid_is_never_assigned() {
         .await;
     drop(node);
 }
+
+/// A grant for `shop` of a minted deploy token, expiring in `secs` seconds from now (negative
+/// for one already expired).
+fn grant(name: &str, token: &str, secs: i64) -> px_proto::api::TokenGrant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    px_proto::api::TokenGrant {
+        info: px_proto::api::TokenInfo {
+            name: name.into(),
+            role: px_proto::api::MintedRole::Deploy,
+            apps: vec!["shop".into()],
+            created_at: "2026-12-06T00:00:00Z".into(),
+            created_by: "em".into(),
+            expires_at: (now + secs) as u64,
+        },
+        sha256: hash(token),
+    }
+}
+
+#[tokio::test]
+async fn minted_tokens_a_repository_announces_act_on_their_apps_until_revoked_or_expired() {
+    use futures_util::SinkExt;
+    use px_proto::link::{ToBeacon, TokenGrants};
+    let (_dir, tokens, _extra, beacon) = start().await;
+    let (mut link, answer) = common::open_link(
+        &beacon.control_addr,
+        &beacon.pki.ca(),
+        common::repository_hello("apprepo", &tokens.repository),
+    )
+    .await;
+    assert!(matches!(answer, px_proto::link::FromBeacon::Welcome { .. }));
+    let (ci, old) = (generate(), generate());
+    link.send(ToBeacon::Tokens(TokenGrants {
+        grants: vec![grant("ci-shop", &ci, 3600), grant("old", &old, -10)],
+    }))
+    .await
+    .unwrap();
+    let start = std::time::Instant::now();
+    while post(&beacon, "/v1/apps/shop/restart", &ci).await.status() != StatusCode::ACCEPTED {
+        assert!(
+            start.elapsed() < WAIT,
+            "the minted token was never accepted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let message = refused(post(&beacon, "/v1/apps/blog/restart", &ci).await, "blog").await;
+    assert!(message.contains("\"ci-shop\""), "{message}");
+    assert_eq!(
+        get(&beacon, "/v1/apps", &old).await.status(),
+        StatusCode::UNAUTHORIZED,
+        "an expired grant is refused"
+    );
+    // The repository's next list leaves it out: revoked.
+    link.send(ToBeacon::Tokens(TokenGrants { grants: Vec::new() }))
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    while get(&beacon, "/v1/apps", &ci).await.status() != StatusCode::UNAUTHORIZED {
+        assert!(
+            start.elapsed() < WAIT,
+            "the revoked token is still accepted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

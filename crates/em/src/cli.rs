@@ -193,6 +193,40 @@ pub enum Command {
         #[arg(long)]
         app: Option<String>,
     },
+    /// Mint, list and revoke tokens limited to some apps (for CI pipelines)
+    #[command(
+        after_help = "Examples:\n  em tokens create ci-shop --apps shop\n  em tokens create dash --apps shop,blog --role read --expires 7d\n  em tokens list\n  em tokens revoke ci-shop\n\nA token is shown once, when it is made; apprepo keeps only its hash. It works on\napprepo and Beacon, for its apps only, until it expires (30 days unless --expires says,\nat most 365) or is revoked. You can mint only within your own token's role and apps."
+    )]
+    Tokens {
+        #[command(subcommand)]
+        action: TokensAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokensAction {
+    /// Mint a token: NAME --apps a,b [--role deploy|read] [--expires 30d]
+    Create {
+        name: String,
+        /// The apps it may act on, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        apps: Vec<String>,
+        #[arg(long, value_enum, default_value = "deploy")]
+        role: TokenRole,
+        /// How long it lives (30d, 12h); 30 days unless given.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// List the minted tokens you may see (never a secret)
+    List,
+    /// Revoke a minted token: refused at once by apprepo, by Beacon within seconds
+    Revoke { name: String },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenRole {
+    Deploy,
+    Read,
 }
 
 #[derive(Subcommand, Debug)]

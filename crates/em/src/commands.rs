@@ -31,7 +31,7 @@ pub fn app_name(flag: Option<String>) -> Result<String> {
         .name)
 }
 
-fn print_json<T: serde::Serialize>(value: &T) {
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()

@@ -13,6 +13,7 @@ mod release_phase;
 mod run;
 mod safe_text;
 mod settings;
+mod tokens;
 mod up;
 
 use std::path::PathBuf;
@@ -180,6 +181,9 @@ fn run(cli: Cli) -> failure::Result<()> {
         Command::Ps { app } => {
             let app = commands::app_name(app)?;
             runtime.block_on(processes::ps(&commands::client()?, &app, json))
+        }
+        Command::Tokens { action } => {
+            runtime.block_on(tokens::tokens(&commands::client()?, action, json))
         }
     }
 }

@@ -100,6 +100,73 @@ pub struct Release {
     pub config_hidden: bool,
 }
 
+/// The role of a token minted through apprepo (`em tokens create`): what a CI pipeline or a
+/// dashboard needs, never a service's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MintedRole {
+    Read,
+    Deploy,
+}
+
+impl MintedRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MintedRole::Read => "read",
+            MintedRole::Deploy => "deploy",
+        }
+    }
+}
+
+/// Most minted tokens a cluster holds: one per CI pipeline or dashboard is tens to a few
+/// hundred, and every request's token is compared with each of them.
+pub const MAX_MINTED_TOKENS: usize = 256;
+/// Most apps one minted token names: a pipeline deploys a few apps, and the list travels in
+/// every grant Beacon is sent.
+pub const MAX_TOKEN_APPS: usize = 32;
+
+/// `POST /v1/tokens`: mint a token limited to `apps`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MintToken {
+    pub name: String,
+    pub role: MintedRole,
+    /// The apps it may act on; at least one.
+    pub apps: Vec<String>,
+    /// Seconds until it expires; absent for the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_secs: Option<u64>,
+}
+
+/// A minted token as listed: never its secret, nor its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub name: String,
+    pub role: MintedRole,
+    pub apps: Vec<String>,
+    /// RFC 3339 time of the mint.
+    pub created_at: String,
+    /// The name of the token that minted it.
+    pub created_by: String,
+    /// When it stops being accepted, in seconds since the Unix epoch.
+    pub expires_at: u64,
+}
+
+/// The answer to a mint: the token, shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenMinted {
+    pub token: String,
+    pub info: TokenInfo,
+}
+
+/// A minted token as apprepo stores it (`tokens/<name>.json`) and tells Beacon of it: its
+/// hash, never the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenGrant {
+    pub info: TokenInfo,
+    pub sha256: String,
+}
+
 /// What a token that may not see config values gets in place of each one.
 pub const HIDDEN_CONFIG_VALUE: &str = "(hidden)";
 

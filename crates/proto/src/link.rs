@@ -399,6 +399,16 @@ pub enum ToBeacon {
     Logs(LogBatch),
     /// A frame of a one-off run (`em run`), keyed by its run id. Maestro only.
     Run(crate::run::RunFromNode),
+    /// Every token minted through the repository that has not expired (hashes and scopes,
+    /// never secrets), sent on each connect and whenever the list changes; it replaces the
+    /// list sent before. From the repository.
+    Tokens(TokenGrants),
+}
+
+/// The minted tokens Beacon accepts besides its configured ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenGrants {
+    pub grants: Vec<crate::api::TokenGrant>,
 }
 
 /// A frame from Beacon to a peer.

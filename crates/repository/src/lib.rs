@@ -12,6 +12,7 @@ pub(crate) mod error;
 pub(crate) mod formation;
 pub(crate) mod http;
 pub(crate) mod metrics;
+pub(crate) mod minted;
 pub(crate) mod notify;
 pub(crate) mod phases;
 pub(crate) mod releases;
@@ -221,10 +222,16 @@ pub async fn run_with(
     }
     let beacon_addr = checked.beacon.as_ref().map(|b| b.addr.clone());
     let releases = releases::Releases::new(storage.clone(), metrics.clone());
+    let minted = minted::Minted::new(storage.clone(), checked.tokens.clone());
+    if let Err(e) = minted.refresh().await {
+        tracing::warn!(error = %e, "cannot read the minted tokens yet; retrying");
+    }
+    tracker.spawn(minted.clone().keep_fresh(shutdown.clone()));
     let notifier = match checked.beacon {
         Some(settings) => Notifier::start(
             settings,
             releases.clone(),
+            minted.subscribe(),
             metrics.clone(),
             &critical,
             &tracker,
@@ -245,6 +252,7 @@ pub async fn run_with(
     let state = http::AppState {
         builds: builds::Builds::new(releases.clone()),
         releases,
+        minted,
         tokens: checked.tokens.clone(),
         metrics: metrics.clone(),
         notifier,

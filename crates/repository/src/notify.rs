@@ -3,6 +3,9 @@
 //! go through a bounded queue, and when it is full or Beacon is away they are dropped, because
 //! Beacon re-reads the desired state and the pending builds from storage when it reconciles.
 //!
+//! It also carries the minted tokens (hashes and scopes, never secrets): the whole list on
+//! each connect and each change, so Beacon accepts what apprepo accepts.
+//!
 //! The link also carries Beacon's automatic rollbacks (a release over its error budget):
 //! each is committed here, once, and announced like any release.
 
@@ -10,13 +13,13 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use px_link::{Link, LinkError, LinkSettings};
-use px_proto::api::Release;
+use px_proto::api::{Release, TokenGrant};
 use px_proto::build::{Build, BuildRequested};
 use px_proto::link::{
-    DiskReport, FromBeacon, NodeReport, ReleaseCommitted, RollbackOrder, ToBeacon,
+    DiskReport, FromBeacon, NodeReport, ReleaseCommitted, RollbackOrder, ToBeacon, TokenGrants,
 };
 use px_runtime::shutdown::CriticalTasks;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -52,6 +55,7 @@ impl Notifier {
     pub fn start(
         settings: LinkSettings,
         releases: Releases,
+        grants: watch::Receiver<Arc<Vec<TokenGrant>>>,
         metrics: Arc<Metrics>,
         critical: &CriticalTasks,
         tracker: &TaskTracker,
@@ -72,6 +76,7 @@ impl Notifier {
             notices: rx,
             pending: VecDeque::new(),
             rollbacks,
+            grants,
             metrics,
         };
         critical.spawn("the beacon link", px_link::run(settings, client, shutdown));
@@ -162,12 +167,24 @@ struct Client {
     /// Notices not sent yet, kept across a reconnect (at most [`PENDING_MAX`], the newest).
     pending: VecDeque<ToBeacon>,
     rollbacks: Rollbacks,
+    /// The minted tokens Beacon must accept: the whole list on each connect and each change.
+    grants: watch::Receiver<Arc<Vec<TokenGrant>>>,
     metrics: Arc<Metrics>,
+}
+
+impl Client {
+    fn grants_frame(&mut self) -> ToBeacon {
+        ToBeacon::Tokens(TokenGrants {
+            grants: self.grants.borrow_and_update().as_ref().clone(),
+        })
+    }
 }
 
 impl px_link::Client for Client {
     async fn session(&mut self, link: &mut Link) -> Result<(), LinkError> {
         let mut heartbeat = px_link::heartbeats();
+        let frame = self.grants_frame();
+        link.send(frame).await?;
         loop {
             while let Some(notice) = self.pending.pop_front() {
                 if let Err(e) = link.send(notice.clone()).await {
@@ -182,6 +199,14 @@ impl px_link::Client for Client {
                     None => return Ok(()),
                 },
                 _ = heartbeat.tick() => link.send(ToBeacon::Heartbeat(report(&self.metrics))).await?,
+                changed = self.grants.changed() => match changed {
+                    Ok(()) => {
+                        let frame = self.grants_frame();
+                        link.send(frame).await?;
+                    }
+                    // The list's owner is gone: apprepo is stopping.
+                    Err(_) => return Ok(()),
+                },
                 frame = link.recv() => match frame? {
                     FromBeacon::Heartbeat => {}
                     FromBeacon::Rollback(order) => self.rollbacks.carry_out(order),

@@ -77,7 +77,8 @@ async fn committed_releases_reach_beacon_over_tls() {
             .unwrap()
         {
             Some(Ok(ToBeacon::ReleaseCommitted(n))) => break n,
-            Some(Ok(ToBeacon::Heartbeat(_))) => continue,
+            // The minted tokens' list comes on every connect.
+            Some(Ok(ToBeacon::Heartbeat(_) | ToBeacon::Tokens(_))) => continue,
             other => panic!("unexpected {other:?}"),
         }
     };
@@ -97,7 +98,8 @@ async fn committed_releases_reach_beacon_over_tls() {
             .unwrap()
         {
             Some(Ok(ToBeacon::ReleaseCommitted(n))) => break n,
-            Some(Ok(ToBeacon::Heartbeat(_))) => continue,
+            // The minted tokens' list comes on every connect.
+            Some(Ok(ToBeacon::Heartbeat(_) | ToBeacon::Tokens(_))) => continue,
             other => panic!("unexpected {other:?}"),
         }
     };
@@ -145,6 +147,14 @@ async fn uploads_succeed_while_beacon_is_away_and_news_arrives_when_it_returns()
     })
     .await
     .unwrap();
+    // The minted tokens' list comes first on every connect, then the kept notice.
+    let tokens = tokio::time::timeout(Duration::from_secs(10), link.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(tokens, Some(Ok(ToBeacon::Tokens(_)))),
+        "{tokens:?}"
+    );
     let next = tokio::time::timeout(Duration::from_secs(10), link.next())
         .await
         .unwrap();
@@ -222,11 +232,9 @@ async fn a_silent_beacon_is_left_and_linked_again() {
         })
         .await
         .unwrap();
-    // The notifier's first heartbeat says it took the welcome, so its silence deadline is armed.
-    assert!(matches!(
-        silent.next().await,
-        Some(Ok(ToBeacon::Heartbeat(_)))
-    ));
+    // The notifier's first frame (the minted tokens' list) says it took the welcome, so its
+    // silence deadline is armed.
+    assert!(matches!(silent.next().await, Some(Ok(ToBeacon::Tokens(_)))));
     let heard = tokio::time::Instant::now();
     // From here the notifier waits on its own timers only (heartbeats, the silence deadline),
     // so tokio's clock is paused: the runtime, idle, moves it from timer to timer, and the
@@ -311,7 +319,9 @@ async fn beacons_rollback_orders_are_committed_once_and_stale_ones_ignored() {
         {
             // The deploys' own notices come first.
             Some(Ok(ToBeacon::ReleaseCommitted(n))) if n.version > 2 => break n,
-            Some(Ok(ToBeacon::ReleaseCommitted(_) | ToBeacon::Heartbeat(_))) => continue,
+            Some(Ok(
+                ToBeacon::ReleaseCommitted(_) | ToBeacon::Heartbeat(_) | ToBeacon::Tokens(_),
+            )) => continue,
             other => panic!("unexpected {other:?}"),
         }
     };
@@ -363,7 +373,8 @@ async fn builds_waiting_for_a_node_and_their_releases_reach_beacon() {
             .await
             .unwrap()
         {
-            Some(Ok(ToBeacon::Heartbeat(_))) => continue,
+            // The minted tokens' list comes on every connect.
+            Some(Ok(ToBeacon::Heartbeat(_) | ToBeacon::Tokens(_))) => continue,
             Some(Ok(frame)) => break frame,
             other => panic!("unexpected {other:?}"),
         }
@@ -392,5 +403,55 @@ async fn builds_waiting_for_a_node_and_their_releases_reach_beacon() {
             bundle_sha256: build.source.sha256,
         })
     );
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn minted_tokens_reach_beacon_as_hashes_on_connect_on_mint_and_on_revoke() {
+    let pki = Pki::new(&["beacon.test"]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let secrets = tempfile::tempdir().unwrap();
+    let beacon = beacon_config(secrets.path(), &pki, port);
+    let repo = Repo::start_with(|c| c.beacon = Some(beacon)).await;
+    let mut link = accept_link(&listener, &pki).await;
+    let mut next_list = async || loop {
+        match tokio::time::timeout(Duration::from_secs(10), link.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(ToBeacon::Tokens(list))) => break list.grants,
+            Some(Ok(_)) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(next_list().await.is_empty(), "none minted yet");
+    repo.create_app("shop").await;
+    let minted: px_proto::api::TokenMinted = common::scope_suite::mint(
+        &repo,
+        &repo.deploy_token,
+        serde_json::json!({ "name": "ci-shop", "role": "deploy", "apps": ["shop"] }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let grants = next_list().await;
+    assert_eq!(grants.len(), 1);
+    assert_eq!(grants[0].info.apps, ["shop"]);
+    assert_eq!(grants[0].sha256, px_runtime::tokens::hash(&minted.token));
+    assert!(
+        !format!("{grants:?}").contains(&minted.token),
+        "never the secret"
+    );
+    let r = repo
+        .http
+        .delete(format!("{}/v1/tokens/ci-shop", repo.url))
+        .bearer_auth(&repo.deploy_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    assert!(next_list().await.is_empty(), "revoked");
     repo.stop().await;
 }

@@ -24,3 +24,10 @@ async fn a_read_token_sees_config_names_with_values_hidden() {
     scope_suite::a_read_token_sees_config_names_only(&repo, &beacon).await;
     repo.stop().await;
 }
+
+#[tokio::test]
+async fn a_minted_token_deploys_its_app_only_and_is_refused_once_revoked_or_expired() {
+    let repo = Repo::start_fs().await;
+    scope_suite::minted_tokens_act_within_their_scope_until_revoked_or_expired(&repo).await;
+    repo.stop().await;
+}

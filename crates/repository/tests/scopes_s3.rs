@@ -38,3 +38,13 @@ async fn a_read_token_sees_config_names_with_values_hidden_on_s3() {
     scope_suite::a_read_token_sees_config_names_only(&repo, &beacon).await;
     repo.stop().await;
 }
+
+#[tokio::test]
+async fn a_minted_token_on_s3_deploys_its_app_only_and_is_refused_once_revoked_or_expired() {
+    let Some(s3) = S3Server::start(BUCKET) else {
+        return;
+    };
+    let repo = Repo::start_s3(&s3).await;
+    scope_suite::minted_tokens_act_within_their_scope_until_revoked_or_expired(&repo).await;
+    repo.stop().await;
+}

@@ -3,6 +3,7 @@
 //! can guess one from its hash.
 
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::SystemTime;
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -86,69 +87,105 @@ pub fn gather<R: Clone + serde::de::DeserializeOwned>(
     Ok(entries)
 }
 
-/// One accepted token with its decoded digest.
-type Stored<R> = (Arc<TokenEntry<R>>, [u8; 32]);
+/// One accepted token with its decoded digest, and when it stops being accepted.
+#[derive(Debug)]
+struct Stored<R> {
+    entry: Arc<TokenEntry<R>>,
+    digest: [u8; 32],
+    expires: Option<SystemTime>,
+}
 
-/// The tokens a service accepts. The set can be replaced while requests are checked against
-/// it ([`TokenTable::replace`], on a reload): each check sees the old set or the new one whole.
+type Layer<R> = RwLock<Arc<Vec<Stored<R>>>>;
+
+/// The tokens a service accepts, in two layers: the configured ones (replaced whole on a
+/// reload, [`TokenTable::replace`]) and the minted ones (replaced whole when the minted list
+/// changes, [`TokenTable::replace_minted`]), each with an optional expiry. Each check sees the
+/// old or the new set of a layer whole.
 #[derive(Debug)]
 pub struct TokenTable<R> {
-    entries: RwLock<Arc<Vec<Stored<R>>>>,
+    entries: Layer<R>,
+    minted: Layer<R>,
+}
+
+/// Decodes each entry's hash; an entry whose hash is not 64 hex characters is an error naming it.
+fn stored<R>(entries: Vec<(TokenEntry<R>, Option<SystemTime>)>) -> Result<Vec<Stored<R>>, String> {
+    let mut table = Vec::with_capacity(entries.len());
+    for (entry, expires) in entries {
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(&entry.sha256, &mut digest).map_err(|_| {
+            format!(
+                "token {:?}: sha256 must be 64 hex characters (the output of `apprepo token-hash`)",
+                entry.name
+            )
+        })?;
+        table.push(Stored {
+            entry: Arc::new(entry),
+            digest,
+            expires,
+        });
+    }
+    Ok(table)
+}
+
+fn read<R>(layer: &Layer<R>) -> Arc<Vec<Stored<R>>> {
+    layer.read().unwrap_or_else(PoisonError::into_inner).clone()
+}
+
+fn write<R>(layer: &Layer<R>, new: Arc<Vec<Stored<R>>>) {
+    *layer.write().unwrap_or_else(PoisonError::into_inner) = new;
 }
 
 impl<R: Clone> TokenTable<R> {
-    /// Builds the table; an entry whose hash is not 64 hex characters is an error naming it.
+    /// Builds the table of configured tokens; an entry whose hash is not 64 hex characters is
+    /// an error naming it.
     pub fn new(entries: Vec<TokenEntry<R>>) -> Result<Self, String> {
-        let mut table = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let mut digest = [0u8; 32];
-            hex::decode_to_slice(&entry.sha256, &mut digest).map_err(|_| {
-                format!(
-                    "token {:?}: sha256 must be 64 hex characters (the output of `apprepo token-hash`)",
-                    entry.name
-                )
-            })?;
-            table.push((Arc::new(entry), digest));
-        }
+        let table = stored(entries.into_iter().map(|e| (e, None)).collect())?;
         Ok(Self {
             entries: RwLock::new(Arc::new(table)),
+            minted: RwLock::new(Arc::new(Vec::new())),
         })
     }
 
-    /// The entries checked now; cheap (one reference count).
-    fn current(&self) -> Arc<Vec<Stored<R>>> {
-        self.entries
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Accepts `other`'s tokens from now on, and no longer the ones accepted before.
+    /// Accepts `other`'s configured tokens from now on, and no longer the ones configured
+    /// before; the minted ones stay.
     pub fn replace(&self, other: TokenTable<R>) {
-        let new = other.current();
-        *self.entries.write().unwrap_or_else(PoisonError::into_inner) = new;
+        write(&self.entries, read(&other.entries));
     }
 
-    /// How many tokens are accepted.
+    /// Accepts these minted tokens, each until its expiry, in place of the minted ones before.
+    pub fn replace_minted(
+        &self,
+        entries: Vec<(TokenEntry<R>, Option<SystemTime>)>,
+    ) -> Result<(), String> {
+        write(&self.minted, Arc::new(stored(entries)?));
+        Ok(())
+    }
+
+    /// How many configured tokens are accepted.
     pub fn len(&self) -> usize {
-        self.current().len()
+        read(&self.entries).len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.current().is_empty()
+        read(&self.entries).is_empty()
     }
 
-    /// Finds the entry for a presented token. Every entry is compared, in constant time, so
-    /// timing says nothing about which or how many tokens exist.
+    /// Finds the entry for a presented token that has not expired. Every entry is compared, in
+    /// constant time, so timing says nothing about which or how many tokens exist.
     pub fn verify(&self, presented: &str) -> Option<Arc<TokenEntry<R>>> {
         if presented.len() > MAX_TOKEN_LEN {
             return None;
         }
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let now = SystemTime::now();
         let mut found = None;
-        for (entry, stored) in self.current().iter() {
-            if bool::from(stored.ct_eq(&digest)) {
-                found = Some(entry.clone());
+        for layer in [read(&self.entries), read(&self.minted)] {
+            for stored in layer.iter() {
+                if bool::from(stored.digest.ct_eq(&digest))
+                    && stored.expires.is_none_or(|expires| now < expires)
+                {
+                    found = Some(stored.entry.clone());
+                }
             }
         }
         found
@@ -170,13 +207,9 @@ impl<R: Clone> TokenTable<R> {
 impl<R> Clone for TokenTable<R> {
     /// A table with the same tokens, replaced independently of this one.
     fn clone(&self) -> Self {
-        let entries = self
-            .entries
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
         Self {
-            entries: RwLock::new(entries),
+            entries: RwLock::new(read(&self.entries)),
+            minted: RwLock::new(read(&self.minted)),
         }
     }
 }
@@ -270,6 +303,39 @@ mod tests {
         // A clone taken before is a table of its own.
         assert_eq!(copy.verify(&old).unwrap().name, "old");
         assert!(copy.verify(&new).is_none());
+    }
+
+    #[test]
+    fn minted_tokens_are_accepted_until_they_expire_or_are_replaced() {
+        let (configured, minted, expired) = (generate(), generate(), generate());
+        let entry = |name: &str, token: &str| TokenEntry {
+            name: name.into(),
+            role: "deploy",
+            sha256: hash(token),
+            apps: Some(vec!["shop".into()]),
+        };
+        let table = TokenTable::new(vec![entry("file", &configured)]).unwrap();
+        let hour = std::time::Duration::from_secs(3600);
+        table
+            .replace_minted(vec![
+                (entry("ci", &minted), Some(SystemTime::now() + hour)),
+                (entry("old", &expired), Some(SystemTime::now() - hour)),
+            ])
+            .unwrap();
+        assert_eq!(table.verify(&minted).unwrap().name, "ci");
+        assert!(
+            table.verify(&expired).is_none(),
+            "an expired token is refused"
+        );
+        // A reload of the configured tokens keeps the minted ones, and the other way round.
+        table.replace(TokenTable::new(vec![entry("file", &configured)]).unwrap());
+        assert_eq!(table.verify(&minted).unwrap().name, "ci");
+        table.replace_minted(Vec::new()).unwrap();
+        assert!(
+            table.verify(&minted).is_none(),
+            "a revoked token is refused"
+        );
+        assert_eq!(table.verify(&configured).unwrap().name, "file");
     }
 
     #[test]

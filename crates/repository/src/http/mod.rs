@@ -46,6 +46,7 @@ pub struct AppState {
     pub releases: Releases,
     pub builds: Builds,
     pub tokens: Tokens,
+    pub minted: crate::minted::Minted,
     pub metrics: Arc<Metrics>,
     pub notifier: Notifier,
     pub spool_dir: PathBuf,
@@ -116,6 +117,8 @@ pub fn router(state: AppState) -> Router {
             get(phases::log),
         )
         .route("/v1/bundles/{sha256}", get(download_bundle))
+        .route("/v1/tokens", get(list_tokens).post(mint_token))
+        .route("/v1/tokens/{name}", axum::routing::delete(revoke_token))
         .route(
             "/v1/layers/{sha256}",
             put(layers::upload)
@@ -503,6 +506,41 @@ async fn scale_formation(
     tracing::info!(%app, by = %caller.name, "scaled");
     state.notifier.formation_changed(&current);
     Ok(Json(formation))
+}
+
+/// `em tokens list`: the minted tokens within the caller's apps, never a secret.
+async fn list_tokens(
+    caller: Caller,
+    State(state): State<AppState>,
+) -> Result<Json<Vec<api::TokenInfo>>, ApiError> {
+    caller.require(Role::Read)?;
+    Ok(Json(state.minted.list(&caller).await))
+}
+
+/// `em tokens create`: a new token within the caller's role and apps, shown this once.
+async fn mint_token(
+    caller: Caller,
+    State(state): State<AppState>,
+    body: Result<Json<api::MintToken>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<api::TokenMinted>), ApiError> {
+    let Json(request) = body.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "expected {{\"name\": \"ci\", \"role\": \"deploy\", \"apps\": [\"shop\"], \"expires_in_secs\": 86400}}: {e}"
+        ))
+    })?;
+    Ok((
+        StatusCode::CREATED,
+        Json(state.minted.mint(&caller, request).await?),
+    ))
+}
+
+/// `em tokens revoke`: refused here at once, and by Beacon within `TOKEN_REFRESH`.
+async fn revoke_token(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<api::TokenInfo>, ApiError> {
+    Ok(Json(state.minted.revoke(&caller, &name).await?))
 }
 
 async fn download_bundle(

@@ -40,7 +40,7 @@ async fn assert_not_its_app(response: reqwest::Response, what: &str) {
     assert_eq!(response.status(), StatusCode::FORBIDDEN, "{what}");
     let body: ErrorBody = response.json().await.unwrap();
     assert!(
-        body.message.contains("\"ci-shop\"") && body.message.contains("limited to its apps"),
+        body.message.contains("\"ci-shop") && body.message.contains("limited to its apps"),
         "{what}: {}",
         body.message
     );
@@ -255,4 +255,158 @@ pub async fn a_read_token_sees_config_names_only(repo: &Repo, beacon: &str) {
             .unwrap();
         assert!(text.contains("postgres://secret"), "{path}: {text}");
     }
+}
+
+/// Mints through `/v1/tokens` with `token`; returns the response.
+pub async fn mint(repo: &Repo, token: &str, body: serde_json::Value) -> reqwest::Response {
+    repo.http
+        .post(format!("{}/v1/tokens", repo.url))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A minted token deploys its app and is refused on another; it is listed without its secret;
+/// a name is minted once; a scoped or read token cannot mint wider; a revoked or expired token
+/// is refused at once.
+pub async fn minted_tokens_act_within_their_scope_until_revoked_or_expired(repo: &Repo) {
+    repo.create_app("shop").await;
+    repo.create_app("blog").await;
+    let r = mint(
+        repo,
+        &repo.deploy_token,
+        serde_json::json!({ "name": "ci-shop", "role": "deploy", "apps": ["shop"] }),
+    )
+    .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().await.unwrap()
+    );
+    let minted: px_proto::api::TokenMinted = r.json().await.unwrap();
+    assert_eq!(minted.info.created_by, "ci");
+    let ci = minted.token;
+
+    let r = repo
+        .upload_request("shop", &sample_bundle("shop", "one"), &ci)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().await.unwrap()
+    );
+    let release: Release = r.json().await.unwrap();
+    assert_eq!(release.created_by, "ci-shop");
+    let r = repo
+        .upload_request("blog", &sample_bundle("blog", "one"), &ci)
+        .send()
+        .await
+        .unwrap();
+    assert_not_its_app(r, "upload to blog").await;
+
+    // Listed, never with its secret or hash; stored only as a hash.
+    let listed = repo
+        .get("/v1/tokens", &repo.deploy_token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        listed.contains("\"ci-shop\"") && !listed.contains(&ci),
+        "{listed}"
+    );
+    assert!(!listed.contains(&px_runtime::tokens::hash(&ci)), "{listed}");
+
+    // One name, one token.
+    let again = mint(
+        repo,
+        &repo.deploy_token,
+        serde_json::json!({ "name": "ci-shop", "role": "deploy", "apps": ["shop"] }),
+    )
+    .await;
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+
+    // No token mints wider than itself.
+    let wider = mint(
+        repo,
+        &ci,
+        serde_json::json!({ "name": "sneaky", "role": "deploy", "apps": ["shop", "blog"] }),
+    )
+    .await;
+    let message = wider.json::<ErrorBody>().await.unwrap().message;
+    assert!(message.contains("limited to its apps"), "{message}");
+    let narrower = mint(
+        repo,
+        &ci,
+        serde_json::json!({ "name": "ci-shop-read", "role": "read", "apps": ["shop"] }),
+    )
+    .await;
+    assert_eq!(narrower.status(), StatusCode::CREATED);
+    let from_read = mint(
+        repo,
+        &repo.read_token,
+        serde_json::json!({ "name": "up", "role": "deploy", "apps": ["shop"] }),
+    )
+    .await;
+    assert_eq!(from_read.status(), StatusCode::FORBIDDEN);
+    let too_long = mint(
+        repo,
+        &repo.deploy_token,
+        serde_json::json!({ "name": "forever", "role": "deploy", "apps": ["shop"], "expires_in_secs": 400 * 86_400 }),
+    )
+    .await;
+    assert_eq!(too_long.status(), StatusCode::BAD_REQUEST);
+    let bad_name = mint(
+        repo,
+        &repo.deploy_token,
+        serde_json::json!({ "name": "../x", "role": "deploy", "apps": ["shop"] }),
+    )
+    .await;
+    assert_eq!(bad_name.status(), StatusCode::BAD_REQUEST);
+
+    // Revoked: refused at once.
+    let r = repo
+        .http
+        .delete(format!("{}/v1/tokens/ci-shop", repo.url))
+        .bearer_auth(&repo.deploy_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = repo.get("/v1/apps/shop", &ci).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    // Expired: refused from its expiry on, without anyone revoking it.
+    let short: px_proto::api::TokenMinted = mint(
+        repo,
+        &repo.deploy_token,
+        serde_json::json!({ "name": "short", "role": "read", "apps": ["shop"], "expires_in_secs": 1 }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        repo.get("/v1/apps/shop", &short.token)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let r = repo
+        .get("/v1/apps/shop", &short.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }
