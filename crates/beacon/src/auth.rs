@@ -1,12 +1,11 @@
 //! Who may talk to Beacon: bearer tokens with a role, for the HTTP API and the links.
 
 use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use px_proto::link::MAX_PEER_NAME_LEN;
-use std::time::{Duration, UNIX_EPOCH};
-
 use px_proto::api::{MAX_MINTED_TOKENS, MintedRole, TokenGrant};
 use px_runtime::tokens::{TokenEntry, TokenTable};
 use serde::{Deserialize, Serialize};
