@@ -1501,3 +1501,80 @@ async fn a_release_phase_interrupted_by_a_crash_is_failed_and_not_run_again() {
     assert!(page.is_some_and(|p| p.contains("Hello from Platform.X")));
     stop(up);
 }
+
+/// Polls `url` with `token` until it answers `status`.
+async fn wait_status(http: &reqwest::Client, url: &str, token: &str, status: u16) {
+    let start = Instant::now();
+    loop {
+        let got = http
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if got.as_u16() == status {
+            return;
+        }
+        assert!(start.elapsed() < WAIT, "{url} answered {got}, not {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn em_tokens_create_makes_a_token_for_its_app_only_on_apprepo_and_beacon_until_revoked() {
+    let env = Env::new();
+    let up = env.up();
+    let http = reqwest::Client::new();
+    let repo = format!("http://127.0.0.1:{}", env.port_base);
+    let beacon = format!("http://127.0.0.1:{}", env.port_base + 1);
+
+    let out = env.em(&[
+        "tokens",
+        "create",
+        "ci-shop",
+        "--apps",
+        "shop",
+        "--expires",
+        "1d",
+    ]);
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(token.starts_with("pxt_"), "{token}");
+    let listed = String::from_utf8(env.em(&["tokens", "list"]).stdout).unwrap();
+    assert!(
+        listed.contains("ci-shop") && !listed.contains(&token),
+        "{listed}"
+    );
+
+    // apprepo: it creates its app, and is refused another.
+    let create = |name: &str| {
+        http.post(format!("{repo}/v1/apps"))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({ "name": name }))
+            .send()
+    };
+    assert_eq!(create("shop").await.unwrap().status().as_u16(), 201);
+    assert_eq!(create("blog").await.unwrap().status().as_u16(), 403);
+    // Beacon: known once apprepo's list reaches it, and limited to its app.
+    wait_status(&http, &format!("{beacon}/v1/apps"), &token, 200).await;
+    let r = http
+        .post(format!("{beacon}/v1/apps/blog/restart"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+
+    // Revoked: apprepo refuses it at once, Beacon within seconds.
+    assert!(env.em(&["tokens", "revoke", "ci-shop"]).status.success());
+    let r = http
+        .get(format!("{repo}/v1/apps"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    wait_status(&http, &format!("{beacon}/v1/apps"), &token, 401).await;
+    stop(up);
+}
