@@ -5,8 +5,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use px_proto::link::MAX_PEER_NAME_LEN;
 use px_proto::api::{MAX_MINTED_TOKENS, MintedRole, TokenGrant};
+use px_proto::link::MAX_PEER_NAME_LEN;
 use px_runtime::tokens::{TokenEntry, TokenTable};
 use serde::{Deserialize, Serialize};
 

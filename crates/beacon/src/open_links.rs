@@ -111,6 +111,7 @@ mod tests {
             role,
             sha256: px_runtime::tokens::hash(name),
             node: node.map(str::to_string),
+            apps: None,
         }
     }
 

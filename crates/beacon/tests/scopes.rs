@@ -42,6 +42,7 @@ async fn start() -> (tempfile::TempDir, Tokens, Extra, Beacon) {
         role,
         sha256: hash(secret),
         apps: apps.map(|a| a.iter().map(|s| s.to_string()).collect()),
+        node: None,
     };
     config.tokens.extend([
         entry("em-admin", Role::Deploy, &extra.deploy, None),
@@ -231,7 +232,7 @@ async fn a_maestro_token_reads_config_only_of_the_apps_assigned_to_its_node() {
     let (_dir, tokens, _extra, beacon) = start().await;
     // Before its node links, the token reads no config at all.
     let message = refused(
-        get(&beacon, "/v1/apps/shop/config", &tokens.maestro).await,
+        get(&beacon, "/v1/apps/shop/config", tokens.maestro.of("web-1")).await,
         "unlinked",
     )
     .await;
@@ -240,7 +241,7 @@ async fn a_maestro_token_reads_config_only_of_the_apps_assigned_to_its_node() {
     let node = Peer::link(&beacon, maestro_hello("web-1", &tokens.maestro, 0)).await;
     let start = std::time::Instant::now();
     loop {
-        let r = get(&beacon, "/v1/apps/shop/config", &tokens.maestro).await;
+        let r = get(&beacon, "/v1/apps/shop/config", tokens.maestro.of("web-1")).await;
         if r.status() == StatusCode::OK {
             let config: AppAssignment = r.json().await.unwrap();
             assert_eq!(
@@ -257,7 +258,7 @@ async fn a_maestro_token_reads_config_only_of_the_apps_assigned_to_its_node() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     refused(
-        get(&beacon, "/v1/apps/blog/config", &tokens.maestro).await,
+        get(&beacon, "/v1/apps/blog/config", tokens.maestro.of("web-1")).await,
         "blog",
     )
     .await;

@@ -118,6 +118,7 @@ impl Minted {
                     name: grant.info.name.clone(),
                     role,
                     sha256: grant.sha256.clone(),
+                    node: None,
                     apps: Some(grant.info.apps.clone()),
                 };
                 (

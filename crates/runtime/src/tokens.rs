@@ -197,10 +197,15 @@ impl<R: Clone> TokenTable<R> {
     /// after a reload, a token it verified before. Both sides are stored hashes, so the
     /// comparison needs no constant time.
     pub fn entry_by_hash(&self, sha256: &str) -> Option<Arc<TokenEntry<R>>> {
-        self.current()
+        let now = SystemTime::now();
+        [read(&self.entries), read(&self.minted)]
             .iter()
-            .find(|(entry, _)| entry.sha256.eq_ignore_ascii_case(sha256))
-            .map(|(entry, _)| entry.clone())
+            .flat_map(|layer| layer.iter())
+            .find(|stored| {
+                stored.entry.sha256.eq_ignore_ascii_case(sha256)
+                    && stored.expires.is_none_or(|expires| now < expires)
+            })
+            .map(|stored| stored.entry.clone())
     }
 }
 
@@ -313,6 +318,7 @@ mod tests {
             role: "deploy",
             sha256: hash(token),
             apps: Some(vec!["shop".into()]),
+            node: None,
         };
         let table = TokenTable::new(vec![entry("file", &configured)]).unwrap();
         let hour = std::time::Duration::from_secs(3600);

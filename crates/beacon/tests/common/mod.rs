@@ -530,6 +530,7 @@ impl NodeTokens {
                 role: Role::Maestro,
                 sha256: hash(token),
                 node: Some(node.clone()),
+                apps: None,
             })
             .collect()
     }

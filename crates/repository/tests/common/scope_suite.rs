@@ -19,6 +19,7 @@ pub fn add_scoped(config: &mut Config, name: &str, role: Role, apps: &[&str]) ->
         role,
         sha256: hash(&secret),
         apps: Some(apps.iter().map(|a| a.to_string()).collect()),
+        node: None,
     });
     secret
 }
@@ -31,6 +32,7 @@ pub fn add_unscoped(config: &mut Config, name: &str, role: Role) -> String {
         role,
         sha256: hash(&secret),
         apps: None,
+        node: None,
     });
     secret
 }
