@@ -48,26 +48,8 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// namespace's members once its init dies, which takes milliseconds; this bounds a stuck one.
 const EXIT_WAIT: Duration = Duration::from_secs(5);
 
-/// The system directories a build sees, read-only (each only if it exists). On NixOS every
-/// program, library and runtime lives in the Nix store, the other directories holding little
-/// more than links into it, so the store is shown too: every user may read it by design, so a
-/// build sees nothing there that any local user could not.
-const SYSTEM_DIRS: &[&str] = &[
-    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", NIX_STORE,
-];
-/// The few files of `/etc` a build needs: TLS roots, name resolution, user names. On NixOS the
-/// files in `/etc/ssl` are links into `/etc/static` (itself a link into the store).
-const SYSTEM_ETC: &[&str] = &[
-    "/etc/ssl",
-    "/etc/static",
-    "/etc/resolv.conf",
-    "/etc/hosts",
-    "/etc/passwd",
-    "/etc/group",
-    "/etc/nsswitch.conf",
-];
-/// Where Nix keeps every package, on NixOS and wherever Nix is installed.
-const NIX_STORE: &str = "/nix/store";
+// What every sandbox shows of the system is shared with app processes.
+use px_runtime::sandbox::{Bwrap, Identity, NIX_STORE, SYSTEM_ETC};
 
 /// Words in a failed command's last lines that mean an allocation failed (Python, glibc,
 /// C++, Rust, V8), i.e. the memory limit was hit.
@@ -492,106 +474,28 @@ impl Jail {
     }
 
     fn bwrap_args(&self, step: &Step) -> Vec<OsString> {
-        let mut args: Vec<OsString> = Vec::new();
-        let mut push =
-            |words: &[&std::ffi::OsStr]| args.extend(words.iter().map(|w| w.to_os_string()));
-        if !self.root {
-            push(&[
-                "--unshare-user".as_ref(),
-                "--uid".as_ref(),
-                "65534".as_ref(),
-                "--gid".as_ref(),
-                "65534".as_ref(),
-            ]);
-        }
-        push(&[
-            "--unshare-pid".as_ref(),
-            "--unshare-ipc".as_ref(),
-            "--unshare-uts".as_ref(),
-            "--unshare-cgroup-try".as_ref(),
-            "--die-with-parent".as_ref(),
-            "--new-session".as_ref(),
-        ]);
-        // The parents of the system directories below `/` (`/nix` of the Nix store), made
-        // before bubblewrap makes them itself with the builder's umask, which may leave them
-        // closed to the build's user.
-        let mut system_parents: Vec<&Path> = SYSTEM_DIRS
-            .iter()
-            .map(Path::new)
-            .filter(|dir| dir.exists())
-            .flat_map(|dir| dir.ancestors().skip(1))
-            .filter(|p| *p != Path::new("/"))
-            .collect();
-        system_parents.sort_by_key(|p| (p.components().count(), p.to_path_buf()));
-        system_parents.dedup();
-        for parent in system_parents {
-            push(&[
-                "--perms".as_ref(),
-                "0755".as_ref(),
-                "--dir".as_ref(),
-                parent.as_os_str(),
-            ]);
-        }
-        for dir in SYSTEM_DIRS {
-            let path = Path::new(dir);
-            match std::fs::symlink_metadata(path) {
-                Ok(meta) if meta.file_type().is_symlink() => {
-                    if let Ok(target) = std::fs::read_link(path) {
-                        push(&["--symlink".as_ref(), target.as_os_str(), path.as_os_str()]);
-                    }
-                }
-                Ok(_) => push(&["--ro-bind".as_ref(), path.as_os_str(), path.as_os_str()]),
-                Err(_) => {}
+        let identity = if self.root {
+            Identity::Root
+        } else {
+            Identity::Namespace {
+                ids: Some((BUILD_UID, BUILD_GID)),
+                no_nested: false,
             }
-        }
-        push(&[
-            "--proc".as_ref(),
-            "/proc".as_ref(),
-            "--dev".as_ref(),
-            "/dev".as_ref(),
-        ]);
+        };
         // A private /tmp in memory, as large as the disk limit lets the build's files be.
-        let size = self.limits.disk_bytes.to_string();
-        push(&[
-            "--perms".as_ref(),
-            "1777".as_ref(),
-            "--size".as_ref(),
-            size.as_ref(),
-            "--tmpfs".as_ref(),
-            "/tmp".as_ref(),
-        ]);
+        let mut b = Bwrap::base(identity, true, self.limits.disk_bytes);
         let mounts: Vec<(&str, &Path)> = SYSTEM_ETC
             .iter()
             .map(|f| ("--ro-bind-try", Path::new(*f)))
             .chain(self.writable.iter().map(|p| ("--bind", p.as_path())))
             .chain(self.readable.iter().map(|p| ("--ro-bind", p.as_path())))
             .collect();
-        // Every parent of a mount point, made first and traversable by the build's user
-        // (bubblewrap makes the parents it creates itself 0700).
-        let mut parents: Vec<&Path> = mounts
-            .iter()
-            .flat_map(|(_, path)| path.ancestors().skip(1))
-            .filter(|p| {
-                *p != Path::new("/")
-                    && *p != Path::new("/tmp")
-                    && !SYSTEM_DIRS.iter().any(|d| p.starts_with(d))
-            })
-            .collect();
-        parents.sort_by_key(|p| (p.components().count(), p.to_path_buf()));
-        parents.dedup();
-        for parent in parents {
-            push(&[
-                "--perms".as_ref(),
-                "0755".as_ref(),
-                "--dir".as_ref(),
-                parent.as_os_str(),
-            ]);
-        }
+        let paths: Vec<&Path> = mounts.iter().map(|(_, path)| *path).collect();
+        b.parents_of(&paths, &[]);
         for (how, path) in mounts {
-            push(&[how.as_ref(), path.as_os_str(), path.as_os_str()]);
+            b.mount(how, path);
         }
-        push(&["--chdir".as_ref(), step.cwd.as_os_str(), "--".as_ref()]);
-        args
+        b.finish(&step.cwd)
     }
 }
 
@@ -674,17 +578,7 @@ fn join_os(parts: &[OsString], sep: &str) -> OsString {
     out
 }
 
-/// Finds `name` on the builder's `PATH` (the process's, through `px_runtime::host`).
-pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&px_runtime::host::env().path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-}
-
-pub(crate) fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
+pub(crate) use px_runtime::sandbox::{find_on_path, is_executable};
 
 /// Splits output into lines: lossy UTF-8, `\r` dropped, lines over [`MAX_LINE_BYTES`] cut.
 #[derive(Default)]

@@ -259,6 +259,7 @@ pub async fn up(options: Up) -> Result<()> {
             token_file: secrets.dir.join("maestro-link-token"),
         }),
         build: builder(data).await,
+        sandbox: app_sandbox().await,
         ..Default::default()
     };
 
@@ -338,6 +339,34 @@ async fn builder(data: &Path) -> px_maestro::config::BuildConfig {
         sandbox,
         ca_file: operator_ca_file(),
         ..BuildConfig::default()
+    }
+}
+
+/// Each app process in a sandbox of its own when bubblewrap works here (as root: a uid of its
+/// own per app; as an ordinary user: a user namespace mapped to that user), said at start;
+/// otherwise none, said as a warning (docs/src/operating/local.md says what each leaves).
+async fn app_sandbox() -> px_maestro::config::AppSandboxConfig {
+    use px_maestro::config::{AppSandboxConfig, SandboxConfig};
+    let works = tokio::task::spawn_blocking(px_maestro::sandbox::bubblewrap_works)
+        .await
+        .unwrap_or(false);
+    let mode = if works {
+        let who = if rustix::process::geteuid().is_root() {
+            "each app as a user of its own"
+        } else {
+            "all apps as your user, each in namespaces of its own"
+        };
+        println!("Apps run in bubblewrap sandboxes ({who}).");
+        SandboxConfig::Bubblewrap
+    } else {
+        println!(
+            "warning: bubblewrap (bwrap) cannot start a sandbox on this machine, so apps run without one and can read each other's files and this user's; install the `bubblewrap` package (and allow user namespaces) to isolate them"
+        );
+        SandboxConfig::None
+    };
+    AppSandboxConfig {
+        mode,
+        ..AppSandboxConfig::default()
     }
 }
 

@@ -885,13 +885,8 @@ async fn apps_with_dependencies_are_built_and_a_code_only_change_reuses_them() {
     // release phase migrates its database and whose worker processes the notes posted.
     let notes = example_copy(&env, "django-notes");
     let host = "django-notes.localhost";
-    // The test's own database, so no other run of the example shares it.
-    let database = env.home.path().join("notes.sqlite3");
-    replace_in(
-        &notes.join("app.toml"),
-        "/tmp/django-notes.sqlite3",
-        database.to_str().unwrap(),
-    );
+    // The database is in the app's data directory under this test's own `em up` data, so no
+    // other run of the example shares it.
     let (code, output) = deploy(&env, &notes);
     eprintln!("em deploy django-notes v1:\n{output}");
     assert_eq!(code, Some(0), "{output}");

@@ -111,6 +111,35 @@ pub struct Config {
     pub beacon: Option<BeaconConfig>,
     /// Builds on this node (`[build]`). Default: off.
     pub build: BuildConfig,
+    /// How app processes are isolated (`[sandbox]`). Default: bubblewrap.
+    pub sandbox: AppSandboxConfig,
+}
+
+/// `[sandbox]`: how each app process (instance, release phase, one-off run) is isolated from
+/// the others and from the node (docs/src/design/trust.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppSandboxConfig {
+    /// `bubblewrap`: each process in namespaces of its own, seeing only the system's
+    /// read-only parts and its own release, as a user of its own when Maestro is root.
+    /// `none`: only the limits, for hosts without bubblewrap or user namespaces (Maestro
+    /// warns at start). Default: `bubblewrap`.
+    pub mode: SandboxConfig,
+    /// Size of each process's private, in-memory `/tmp`. Default: 256MiB.
+    pub tmp_size: ByteSize,
+    /// How much each process may write into its app directory (new files beside the
+    /// release's, in memory, gone when it exits). Default: 256MiB.
+    pub app_dir_size: ByteSize,
+}
+
+impl Default for AppSandboxConfig {
+    fn default() -> Self {
+        Self {
+            mode: SandboxConfig::Bubblewrap,
+            tmp_size: crate::sandbox::DEFAULT_TMP_SIZE,
+            app_dir_size: crate::sandbox::DEFAULT_APP_DIR_SIZE,
+        }
+    }
 }
 
 /// Default for [`BuildConfig::runtimes_dir`]: software the operator installs, beside the
@@ -174,7 +203,7 @@ pub struct BuildConfig {
     pub npm_registry: Option<String>,
 }
 
-/// `[build] sandbox`.
+/// `[build] sandbox` and `[sandbox] mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SandboxConfig {
@@ -234,6 +263,7 @@ impl Default for Config {
             repository_ca_file: None,
             beacon: None,
             build: BuildConfig::default(),
+            sandbox: AppSandboxConfig::default(),
         }
     }
 }

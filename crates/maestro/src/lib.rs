@@ -17,6 +17,7 @@ mod proxy;
 mod routes;
 mod runs;
 mod runtimes;
+pub mod sandbox;
 mod supervisor;
 
 pub mod bench;
@@ -256,6 +257,23 @@ pub async fn run_with(
         app_events.clone().serve(events_listener, apps_stop.clone()),
     );
     let build_events = events_tx.clone();
+    let app_sandbox = sandbox::AppSandbox::new(
+        config.sandbox.mode,
+        &config.state_dir,
+        config.sandbox.tmp_size,
+        config.sandbox.app_dir_size,
+    )
+    .map_err(std::io::Error::from)?;
+    match app_sandbox.mode() {
+        config::SandboxConfig::Bubblewrap => tracing::info!(
+            tmp_size = %config.sandbox.tmp_size,
+            app_dir_size = %config.sandbox.app_dir_size,
+            "each app process runs in a bubblewrap sandbox of its own"
+        ),
+        config::SandboxConfig::None => tracing::warn!(
+            "app processes run without a sandbox ([sandbox] mode = \"none\"): every app can read what Maestro reads and signal the other apps; use bubblewrap where apps do not all trust each other"
+        ),
+    }
     let supervisor = supervisor::Supervisor::new(
         supervisor::Settings {
             node_name: config.node_name.clone(),
@@ -267,6 +285,7 @@ pub async fn run_with(
             cgroup_limits: config.cgroup_limits,
             repository_token: checked.repository_token.clone(),
             repository_tls: checked.repository_tls.clone(),
+            sandbox: Arc::new(app_sandbox),
         },
         routes.clone(),
         app_logs.clone(),

@@ -75,15 +75,11 @@ impl Enforcer {
         words
     }
 
-    /// Puts a just-started instance (`pid`, the leader of its process group) into a cgroup
-    /// of its own with the app's limits. `None` with rlimits, or when the cgroup could not be
-    /// made (logged: the instance then runs without them).
-    pub(crate) fn place(
-        &self,
-        app: &str,
-        pid: u32,
-        limits: &ResourceLimits,
-    ) -> Option<InstanceCgroup> {
+    /// Makes a cgroup of its own with the app's limits for a process about to start, which
+    /// enters it through [`InstanceCgroup::enter_words`] before anything else runs, so every
+    /// process it forks (bubblewrap's sandbox first) is born inside. `None` with rlimits, or
+    /// when the cgroup could not be made (logged: the process then runs without them).
+    pub(crate) fn prepare(&self, app: &str, limits: &ResourceLimits) -> Option<InstanceCgroup> {
         let Self::Cgroups { dir, next } = self else {
             return None;
         };
@@ -102,12 +98,12 @@ impl Enforcer {
             if let Some(weight) = limits.cpu_weight {
                 std::fs::write(cgroup.join("cpu.weight"), weight.to_string())?;
             }
-            std::fs::write(cgroup.join("cgroup.procs"), pid.to_string())
+            Ok(())
         })();
         match made {
             Ok(()) => Some(InstanceCgroup { dir: cgroup }),
             Err(e) => {
-                tracing::warn!(app, pid, cgroup = %cgroup.display(), error = %e, "cannot give the instance its cgroup; it runs without its limits");
+                tracing::warn!(app, cgroup = %cgroup.display(), error = %e, "cannot give the process its cgroup; it runs without its limits");
                 let _ = std::fs::remove_dir(&cgroup);
                 None
             }
@@ -139,6 +135,20 @@ pub(crate) struct InstanceCgroup {
 }
 
 impl InstanceCgroup {
+    /// Words before a command that move its process into this cgroup and then run the rest:
+    /// a shell writes its own pid into `cgroup.procs` and execs, so the command and all it
+    /// starts are inside before they run (moving the process after it started would leave
+    /// out what it forked meanwhile, such as bubblewrap's sandbox). A failed move fails the
+    /// start rather than running the app without its limits.
+    pub(crate) fn enter_words(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "echo $$ > \"$0\" && exec \"$@\"".into(),
+            self.dir.join("cgroup.procs").into_os_string(),
+        ]
+    }
+
     /// Whether the kernel's OOM killer ended a process of the instance.
     pub(crate) fn oom_killed(&self) -> bool {
         std::fs::read_to_string(self.dir.join("memory.events"))

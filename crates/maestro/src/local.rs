@@ -462,7 +462,11 @@ impl LocalApp {
             extra_env,
         };
         // The app's [limits] as rlimits, as a web server without delegated cgroups gives them.
-        let prefix = Enforcer::Rlimits.command_prefix(&manifest.limits);
+        let prefix: Vec<std::ffi::OsString> = Enforcer::Rlimits
+            .command_prefix(&manifest.limits)
+            .into_iter()
+            .map(Into::into)
+            .collect();
         let mut child = match process::spawn(&launch, &prefix) {
             Ok(child) => child,
             Err(source) => {
@@ -531,6 +535,7 @@ impl LocalApp {
                     registration: started.registration,
                     heartbeat: None,
                     cgroup: None,
+                    sandboxed: false,
                     stop_grace: STOP_GRACE,
                     output: started.output,
                 },

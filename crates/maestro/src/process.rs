@@ -50,11 +50,12 @@ pub struct Launch<'a> {
     pub extra_env: Vec<(String, String)>,
 }
 
-/// Starts an instance, its command after `prefix` (a `prlimit ... --` for its rlimits, or
-/// nothing). Its stdout and stderr are piped for the caller to attach to the logs.
-pub fn spawn(launch: &Launch<'_>, prefix: &[String]) -> std::io::Result<Child> {
+/// Starts an instance, its command after `prefix` (entering its cgroup, a `prlimit ... --` for
+/// its rlimits, its sandbox, or nothing). Its stdout and stderr are piped for the caller to
+/// attach to the logs.
+pub fn spawn(launch: &Launch<'_>, prefix: &[std::ffi::OsString]) -> std::io::Result<Child> {
     let port = launch.port.map(|p| p.to_string());
-    let mut words: Vec<std::ffi::OsString> = prefix.iter().map(Into::into).collect();
+    let mut words: Vec<std::ffi::OsString> = prefix.to_vec();
     match launch.run {
         // `sh -c CMD NAME ARG`: the port is also `$1`, as the AppRunner contract says.
         Some(run) => words.extend(
@@ -108,8 +109,51 @@ pub(crate) fn command(words: &[std::ffi::OsString], launch: &Launch<'_>) -> Comm
 }
 
 /// Sends `signal` to the process group led by `pid`. A group that is already gone is fine.
+///
+/// A sandboxed process's group is led by bubblewrap, which a catchable signal such as SIGTERM
+/// would end at once, and with it (`--die-with-parent`) the app, before its grace: so such a
+/// signal goes to every member of the group but bubblewrap's own processes (the leader and
+/// the sandbox's init), which end by themselves once the app has. SIGKILL goes to the whole
+/// group, which ends the sandbox and everything in it.
 pub(crate) fn signal_group(pid: u32, signal: Signal) {
+    if signal != Signal::SIGKILL && is_bubblewrap(pid) {
+        for member in group_members(pid) {
+            if !is_bubblewrap(member) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(member as i32), signal);
+            }
+        }
+        return;
+    }
     let _ = killpg(Pid::from_raw(pid as i32), signal);
+}
+
+/// Whether `pid` runs bubblewrap (its command name, from `/proc`).
+fn is_bubblewrap(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|comm| comm.trim_end() == "bwrap")
+}
+
+/// The processes of the group `pgid`, from `/proc` (the sandbox's members among them: their
+/// group is the leader's, seen from Maestro's PID namespace).
+fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(listing) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    listing
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                // The command name (in parentheses) may hold spaces; the fields after it do
+                // not: state, parent, process group.
+                stat.rfind(')')
+                    .and_then(|end| stat.get(end + 2..))
+                    .and_then(|rest| rest.split(' ').nth(2))
+                    .and_then(|group| group.parse::<u32>().ok())
+                    == Some(pgid)
+            })
+        })
+        .collect()
 }
 
 /// Stops an instance: SIGTERM to its group, up to `grace` for it to exit, then SIGKILL.
@@ -250,6 +294,24 @@ pub(crate) async fn probe(
         },
     }
 }
+
+/// Bubblewrap's exit status for a command the sandbox ran: a command killed by signal N
+/// comes back as exit code 128 + N (as a shell reports it), here turned back into that
+/// signal, so a crash reads the same inside a sandbox as outside. Bubblewrap killed itself
+/// keeps its own status.
+pub(crate) fn signal_of_sandboxed(status: std::process::ExitStatus) -> std::process::ExitStatus {
+    use std::os::unix::process::ExitStatusExt;
+    match status.code() {
+        // A wait status whose low seven bits are N means "killed by signal N".
+        Some(code) if code > SIGNAL_EXIT_BASE && code < SIGNAL_EXIT_BASE + 64 => {
+            std::process::ExitStatus::from_raw(code - SIGNAL_EXIT_BASE)
+        }
+        _ => status,
+    }
+}
+
+/// What bubblewrap (and shells) add to a signal's number to report it as an exit code.
+const SIGNAL_EXIT_BASE: i32 = 128;
 
 pub fn describe_exit(status: &std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;

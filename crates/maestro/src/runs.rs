@@ -148,13 +148,26 @@ impl Runs {
                 format!("this node already has {MAX_RUNS_PER_NODE} runs"),
             );
         }
-        let prefix = self.supervisor.run_prefix(&target.limits);
-        let spawned = if start.tty {
-            spawn_tty(&start, &target, &prefix)
-        } else {
-            spawn_pipes(&start, &target, &prefix)
-        };
-        let process = match spawned {
+        let spawned = self
+            .supervisor
+            .run_start(&start.app, &target.dir, &target.limits)
+            .and_then(|begin| {
+                let spawned = if start.tty {
+                    spawn_tty(&start, &target, &begin.words)
+                } else {
+                    spawn_pipes(&start, &target, &begin.words)
+                };
+                match spawned {
+                    Ok(process) => Ok((process, begin.cgroup)),
+                    Err(e) => {
+                        if let Some(cgroup) = begin.cgroup {
+                            cgroup.remove();
+                        }
+                        Err(e)
+                    }
+                }
+            });
+        let (process, cgroup) = match spawned {
             Ok(process) => process,
             Err(e) => {
                 let program = start
@@ -169,7 +182,7 @@ impl Runs {
         self.supervisor.track_group(pid, true);
         tracing::info!(app = %start.app, run, pid, tty = start.tty, detach = start.detach, "run started");
         let mut guard = LiveGuard::new(self.live.clone(), Some(self.supervisor.clone()), pid);
-        guard.cgroup = self.supervisor.place_run(&start.app, pid, &target.limits);
+        guard.cgroup = cgroup;
         let _ = self.out.try_send(RunFromNode::Started { run, pid });
         if start.detach {
             tokio::spawn(detached(
@@ -267,18 +280,18 @@ fn launch<'a>(start: &'a RunStart, target: &'a RunTarget) -> Launch<'a> {
     }
 }
 
-fn words(prefix: &[String], start: &RunStart) -> Vec<std::ffi::OsString> {
+fn words(prefix: &[std::ffi::OsString], start: &RunStart) -> Vec<std::ffi::OsString> {
     prefix
         .iter()
-        .chain(start.command.iter())
-        .map(Into::into)
+        .cloned()
+        .chain(start.command.iter().map(Into::into))
         .collect()
 }
 
 fn spawn_pipes(
     start: &RunStart,
     target: &RunTarget,
-    prefix: &[String],
+    prefix: &[std::ffi::OsString],
 ) -> std::io::Result<Process> {
     let mut command = process::command(&words(prefix, start), &launch(start, target));
     let stdin = if start.detach {
@@ -317,7 +330,11 @@ fn winsize(size: WindowSize) -> rustix::termios::Winsize {
 /// Under a new pseudo-terminal: `setsid --ctty` puts the command in a session of its own,
 /// whose controlling terminal is the terminal (no `unsafe` `pre_exec` needed). Its pid leads
 /// the session and the process group, so the group can be signalled as an instance's is.
-fn spawn_tty(start: &RunStart, target: &RunTarget, prefix: &[String]) -> std::io::Result<Process> {
+fn spawn_tty(
+    start: &RunStart,
+    target: &RunTarget,
+    prefix: &[std::ffi::OsString],
+) -> std::io::Result<Process> {
     use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
     let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
     grantpt(&master)?;

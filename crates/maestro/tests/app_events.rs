@@ -356,9 +356,7 @@ async fn get_json(maestro: &Maestro, host: &str, path: &str) -> serde_json::Valu
 }
 
 async fn pid_of(maestro: &Maestro, host: &str) -> u32 {
-    let (status, body) = maestro.get(host, "/pid").await.unwrap();
-    assert_eq!(status, 200, "{host}/pid: {body}");
-    body.parse().unwrap()
+    maestro.pid(host).await
 }
 
 /// Has the app's instance post through `POST /relay`; returns the status and body it got.
@@ -885,10 +883,7 @@ async fn an_instance_whose_heartbeats_stop_is_restarted_and_one_that_never_sent_
         "{silence:?}"
     );
     let new_pid = eventually("beats to serve from a new process", || async {
-        match maestro.get("beats.localhost", "/pid").await {
-            Ok((200, pid)) => pid.parse::<u32>().ok().filter(|p| *p != beats_pid),
-            _ => None,
-        }
+        Some(maestro.pid("beats.localhost").await).filter(|p| *p != beats_pid)
     })
     .await;
     wait_gone(beats_pid).await;

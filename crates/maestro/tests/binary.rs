@@ -13,13 +13,16 @@ use px_proto::link::Assignment;
 
 const BIN: &str = env!("CARGO_BIN_EXE_maestro");
 
+/// The config file. Without the app sandbox: what a killed Maestro leaves running is what this
+/// tests, and a sandboxed app leaves nothing (bubblewrap's `--die-with-parent` ends it with
+/// Maestro), so the leftovers a restart must end come from a node without the sandbox.
 fn write_config(dir: &std::path::Path, http: u16, status: u16) -> std::path::PathBuf {
     let cfg = common::config(dir, None);
     let path = dir.join("maestro.toml");
     std::fs::write(
         &path,
         format!(
-            "node_name = \"web-bin\"\nhttp_listen = \"127.0.0.1:{http}\"\nstatus_listen = \"127.0.0.1:{status}\"\nstate_dir = \"{}\"\nlog_dir = \"{}\"\nport_range = [{}, {}]\nstop_grace = \"2s\"\nrepository_token_file = \"{}\"\n",
+            "node_name = \"web-bin\"\nhttp_listen = \"127.0.0.1:{http}\"\nstatus_listen = \"127.0.0.1:{status}\"\nstate_dir = \"{}\"\nlog_dir = \"{}\"\nport_range = [{}, {}]\nstop_grace = \"2s\"\nrepository_token_file = \"{}\"\n[sandbox]\nmode = \"none\"\n",
             cfg.state_dir.display(),
             cfg.log_dir.display(),
             cfg.port_range.0,

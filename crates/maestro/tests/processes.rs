@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{BundleServer, FakeBeacon, Maestro, assign, config, wait_event, wait_gone};
+use common::{BundleServer, FakeBeacon, Maestro, assign, wait_event, wait_gone};
 use px_proto::link::{AppAssignment, FailureKind, InstanceState, InstanceStatus, NodeEventKind};
 
 /// A worker that says what it does in `$OUT`, one line per step: `<tag> <type>.<n> <what>`.
@@ -33,6 +33,16 @@ log("stopping")
 time.sleep(float(os.environ.get("FINISH", "0")))
 log("exit")
 "#;
+
+/// The test config without the app sandbox: these tests watch each process through a file of
+/// the test's own that the worker writes, and through the pids it reports, which the sandbox
+/// hides by design (its own PID namespace, nothing of the host writable). The sandbox's own
+/// tests (`sandbox.rs`) run workers and web processes inside it.
+fn unsandboxed(dir: &Path, beacon: Option<&FakeBeacon>) -> px_maestro::config::Config {
+    let mut config = common::config(dir, beacon);
+    config.sandbox.mode = px_maestro::config::SandboxConfig::None;
+    config
+}
 
 /// The app `shop` at `release`: the test server as web, and the Procfile's `worker:` line (or
 /// the type `processes` sets up) running `worker.py`, writing to `out` as `tag`.
@@ -118,7 +128,7 @@ async fn a_worker_runs_beside_web_without_a_port_and_is_restarted_after_a_crash(
     let out = dir.path().join("worker.out");
     let bundles = BundleServer::start().await;
     let beacon = FakeBeacon::start().await;
-    let maestro = Maestro::start(config(dir.path(), Some(&beacon))).await;
+    let maestro = Maestro::start(unsandboxed(dir.path(), Some(&beacon))).await;
     let (mut link, _) = beacon.accept().await;
     assign(&mut link, 1, vec![shop(&bundles, 1, "", &out, &[])]).await;
     maestro.wait_body("shop.localhost", "hi").await;
@@ -169,7 +179,7 @@ async fn a_worker_is_replaced_after_web_is_healthy_and_finishes_its_job_within_i
     let out = dir.path().join("worker.out");
     let bundles = BundleServer::start().await;
     let beacon = FakeBeacon::start().await;
-    let maestro = Maestro::start(config(dir.path(), Some(&beacon))).await;
+    let maestro = Maestro::start(unsandboxed(dir.path(), Some(&beacon))).await;
     let (mut link, _) = beacon.accept().await;
     // The node's grace is 2 s; the worker's own 10 s lets it finish a 3 s job.
     let worker = "[processes.worker]\nstop_grace = \"10s\"\n";
@@ -230,7 +240,7 @@ async fn a_worker_that_ignores_sigterm_is_killed_at_its_grace_and_counted() {
     let out = dir.path().join("worker.out");
     let bundles = BundleServer::start().await;
     let beacon = FakeBeacon::start().await;
-    let maestro = Maestro::start(config(dir.path(), Some(&beacon))).await;
+    let maestro = Maestro::start(unsandboxed(dir.path(), Some(&beacon))).await;
     let (mut link, _) = beacon.accept().await;
     let worker = "[processes.worker]\nstop_grace = \"1s\"\n";
     let stubborn = [("IGNORE_TERM", "1")];
@@ -288,7 +298,7 @@ async fn a_stop_first_type_never_runs_two_at_once() {
     let out = dir.path().join("clock.out");
     let bundles = BundleServer::start().await;
     let beacon = FakeBeacon::start().await;
-    let maestro = Maestro::start(config(dir.path(), Some(&beacon))).await;
+    let maestro = Maestro::start(unsandboxed(dir.path(), Some(&beacon))).await;
     let (mut link, _) = beacon.accept().await;
     // A clock, from app.toml alone, that takes a second to wind down.
     let clock = "[processes.clock]\ncommand = \"exec python3 worker.py\"\nreplace = \"stop_first\"\nstop_grace = \"5s\"\n";
@@ -348,7 +358,7 @@ async fn scaling_starts_and_stops_only_what_the_formation_changes() {
     let out = dir.path().join("worker.out");
     let bundles = BundleServer::start().await;
     let beacon = FakeBeacon::start().await;
-    let maestro = Maestro::start(config(dir.path(), Some(&beacon))).await;
+    let maestro = Maestro::start(unsandboxed(dir.path(), Some(&beacon))).await;
     let (mut link, _) = beacon.accept().await;
     let scaled = |web: u32, workers: &[u32]| {
         let mut app = shop(&bundles, 1, "", &out, &[]);

@@ -46,13 +46,7 @@ async fn a_release_switch_under_load_fails_no_request() {
     })
     .await;
     maestro.wait_body("hello.localhost", "one").await;
-    let old_pid: u32 = maestro
-        .get("hello.localhost", "/pid")
-        .await
-        .unwrap()
-        .1
-        .parse()
-        .unwrap();
+    let old_pid: u32 = maestro.pid("hello.localhost").await;
 
     // Steady load while the release switches.
     let stop = Arc::new(AtomicBool::new(false));
@@ -285,20 +279,8 @@ async fn a_crashed_instance_is_restarted_and_other_apps_are_untouched() {
     .await;
     maestro.wait_body("hello.localhost", "hello").await;
     maestro.wait_body("other.localhost", "other").await;
-    let victim: u32 = maestro
-        .get("hello.localhost", "/pid")
-        .await
-        .unwrap()
-        .1
-        .parse()
-        .unwrap();
-    let bystander: u32 = maestro
-        .get("other.localhost", "/pid")
-        .await
-        .unwrap()
-        .1
-        .parse()
-        .unwrap();
+    let victim: u32 = maestro.pid("hello.localhost").await;
+    let bystander: u32 = maestro.pid("other.localhost").await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(victim as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -311,9 +293,7 @@ async fn a_crashed_instance_is_restarted_and_other_apps_are_untouched() {
     // Back, as a new process, after its backoff.
     let start = std::time::Instant::now();
     loop {
-        if let Ok((200, pid)) = maestro.get("hello.localhost", "/pid").await
-            && pid.parse::<u32>().unwrap() != victim
-        {
+        if maestro.pid("hello.localhost").await != victim {
             break;
         }
         assert!(start.elapsed() < common::WAIT, "hello never came back");
@@ -327,16 +307,7 @@ async fn a_crashed_instance_is_restarted_and_other_apps_are_untouched() {
         hello.last_exit.as_ref().and_then(|e| e.kind),
         Some(FailureKind::Signal)
     );
-    assert_eq!(
-        maestro
-            .get("other.localhost", "/pid")
-            .await
-            .unwrap()
-            .1
-            .parse::<u32>()
-            .unwrap(),
-        bystander
-    );
+    assert_eq!(maestro.pid("other.localhost").await, bystander);
     maestro.stop().await;
     wait_gone(bystander).await;
 }
@@ -362,13 +333,7 @@ async fn an_app_that_ignores_sigterm_is_killed_after_the_grace_period() {
     );
     assign(&mut link, 1, vec![stubborn]).await;
     maestro.wait_body("stubborn.localhost", "still here").await;
-    let pid: u32 = maestro
-        .get("stubborn.localhost", "/pid")
-        .await
-        .unwrap()
-        .1
-        .parse()
-        .unwrap();
+    let pid: u32 = maestro.pid("stubborn.localhost").await;
     // Unassigned: stopped with SIGTERM, ignored, then SIGKILL after the 2 s grace.
     let started = std::time::Instant::now();
     assign(&mut link, 2, vec![]).await;
@@ -397,13 +362,7 @@ async fn the_persisted_assignment_is_served_without_beacon_and_reconnects_later(
     )
     .await;
     maestro.wait_body("hello.localhost", "persisted").await;
-    let first_pid: u32 = maestro
-        .get("hello.localhost", "/pid")
-        .await
-        .unwrap()
-        .1
-        .parse()
-        .unwrap();
+    let first_pid: u32 = maestro.pid("hello.localhost").await;
     maestro.stop().await;
     drop(link);
     assert!(!alive(first_pid), "a stopped maestro leaves no app running");

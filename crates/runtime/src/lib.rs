@@ -9,6 +9,7 @@ pub mod errors;
 pub mod fs;
 pub mod host;
 pub mod http_server;
+pub mod sandbox;
 pub mod secrets;
 pub mod service;
 pub mod shutdown;

@@ -34,13 +34,15 @@ TEMPLATES = [
 ]
 
 # SQLite in a file outside the release, so it survives redeploys: the release phase migrates
-# it, the web and worker processes share it. The default suits `em up` on one machine; on a
+# it, the web and worker processes share it. The default, in the app's data directory on its
+# node (PX_DATA_DIR, which only this app's processes see), suits `em up` on one machine; on a
 # cluster, every node needs the same database (`em config set DATABASE_PATH=...` to a shared
-# path), or use a database server.
+# path), or use a database server. Run by hand, without the platform, it is in /tmp.
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
-        "NAME": os.environ.get("DATABASE_PATH", "/tmp/django-notes.sqlite3"),
+        "NAME": os.environ.get("DATABASE_PATH")
+        or os.path.join(os.environ.get("PX_DATA_DIR", "/tmp"), "django-notes.sqlite3"),
         # The web process and the worker write to the same file.
         "OPTIONS": {"timeout": 20},
     }

@@ -103,11 +103,19 @@ pub(super) async fn start(
         port: Some(port),
         extra_env: instance_env(number, &registration.url, heartbeat),
     };
-    let mut child = match process::spawn(
-        &launch,
-        &shared.limits.command_prefix(&target.manifest.limits),
-    ) {
-        Ok(child) => child,
+    let spawned = shared
+        .start_words(app, &release.dir, &target.manifest.limits)
+        .and_then(|start| match process::spawn(&launch, &start.words) {
+            Ok(child) => Ok((child, start.cgroup)),
+            Err(e) => {
+                if let Some(cgroup) = start.cgroup {
+                    cgroup.remove();
+                }
+                Err(e)
+            }
+        });
+    let (mut child, cgroup) = match spawned {
+        Ok(started) => started,
         Err(e) => {
             shared.give_back(port);
             return Err(DeployError::CannotStart(e));
@@ -115,7 +123,6 @@ pub(super) async fn start(
     };
     let pid = child.id().unwrap_or_default();
     shared.record_group(pid);
-    let cgroup = shared.limits.place(app, pid, &target.manifest.limits);
     let mut output = match (child.stdout.take(), child.stderr.take()) {
         (Some(stdout), Some(stderr)) => {
             Some(
@@ -193,6 +200,7 @@ fn hand_to_waiter(
             registration,
             heartbeat: Some(target.manifest.health.heartbeat_interval),
             cgroup,
+            sandboxed: shared.sandboxed(),
             stop_grace: stop_grace_of(
                 &target.manifest,
                 px_proto::procfile::WEB_PROCESS,
@@ -499,6 +507,9 @@ pub(crate) struct Watch {
     /// Output readers the exit waits for (up to [`OUTPUT_DRAIN`]) before it is reported, so
     /// the report can quote the last stderr lines; `None` reports at once.
     pub(crate) output: Option<LogTasks>,
+    /// It runs in bubblewrap, which reports a command killed by signal N as exit code
+    /// 128 + N: read back as that signal.
+    pub(crate) sandboxed: bool,
 }
 
 /// The other end of a waiter task.
@@ -522,6 +533,7 @@ pub(crate) fn spawn_waiter(mut child: Child, watch: Watch) -> Waiter {
         cgroup,
         stop_grace,
         output,
+        sandboxed,
     } = watch;
     tokio::spawn(async move {
         // The secret stays valid exactly as long as the process runs.
@@ -557,6 +569,10 @@ pub(crate) fn spawn_waiter(mut child: Child, watch: Watch) -> Waiter {
             // Its process group was ended; the cgroup empties a moment later.
             tokio::task::spawn_blocking(move || cgroup.remove());
         }
+        let status = match sandboxed {
+            true => status.map(process::signal_of_sandboxed),
+            false => status,
+        };
         let _ = exit_tx.send(Exit {
             status,
             reason,

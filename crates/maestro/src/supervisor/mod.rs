@@ -24,6 +24,7 @@ pub(crate) use release_phase::Source as PhaseSource;
 mod report;
 mod rollout_watch;
 mod shared;
+pub(crate) use shared::Start;
 mod store;
 mod usage;
 
@@ -72,6 +73,8 @@ pub(crate) struct Settings {
     pub repository_token: Option<String>,
     /// What apprepo's certificate is checked against (`None`: the system's roots).
     pub repository_tls: Option<Arc<rustls::ClientConfig>>,
+    /// How app processes are isolated.
+    pub sandbox: Arc<crate::sandbox::AppSandbox>,
 }
 
 /// What a one-off run of an app starts from: its serving release, as its instances get it.
@@ -131,20 +134,15 @@ impl Supervisor {
         runnable.get(app).cloned()
     }
 
-    /// The words before a run's command that apply the app's rlimits (none under cgroups).
-    pub fn run_prefix(&self, limits: &px_proto::manifest::ResourceLimits) -> Vec<String> {
-        self.shared.limits.command_prefix(limits)
-    }
-
-    /// Puts a run's process (the leader of its group) into a cgroup of its own with the app's
-    /// limits, as an instance's: `None` with rlimits (then [`Self::run_prefix`] applies them).
-    pub fn place_run(
+    /// How a run's process starts, as an instance's: the words before its command (its
+    /// cgroup, rlimits, sandbox) and the cgroup it enters.
+    pub fn run_start(
         &self,
         app: &str,
-        pid: u32,
+        dir: &std::path::Path,
         limits: &px_proto::manifest::ResourceLimits,
-    ) -> Option<crate::limits::InstanceCgroup> {
-        self.shared.limits.place(app, pid, limits)
+    ) -> std::io::Result<Start> {
+        self.shared.start_words(app, dir, limits)
     }
 
     /// Records a run's process group, so a Maestro killed with SIGKILL ends it on restart;

@@ -208,8 +208,19 @@ fn start(
         extra_env,
     };
     let limits = settings.limits_over(&target.manifest.limits);
-    let mut child = match process::spawn(&launch, &shared.limits.command_prefix(&limits)) {
-        Ok(child) => child,
+    let spawned = shared
+        .start_words(app, &release.dir, &limits)
+        .and_then(|start| match process::spawn(&launch, &start.words) {
+            Ok(child) => Ok((child, start.cgroup)),
+            Err(e) => {
+                if let Some(cgroup) = start.cgroup {
+                    cgroup.remove();
+                }
+                Err(e)
+            }
+        });
+    let (mut child, cgroup) = match spawned {
+        Ok(started) => started,
         Err(e) => {
             if let Some(port) = port {
                 shared.give_back(port);
@@ -219,7 +230,6 @@ fn start(
     };
     let pid = child.id().unwrap_or_default();
     shared.record_group(pid);
-    let cgroup = shared.limits.place(app, pid, &limits);
     if let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) {
         // The readers run as long as the pipes are open; nothing waits for them.
         let _ = shared.logs.attach_process(
@@ -239,6 +249,7 @@ fn start(
             registration,
             heartbeat: Some(heartbeat),
             cgroup,
+            sandboxed: shared.sandboxed(),
             stop_grace: slot.grace,
             // An exit is reported at once; its event quotes what reached the tail by then.
             output: None,

@@ -291,8 +291,19 @@ async fn execute(shared: &Shared, order: &PhaseOrder, log: &mut LogTail) -> Outc
     let limits = &target.manifest.limits;
     // Subscribed before the process starts, so no line is missed.
     let mut follow = shared.logs.follow();
-    let mut child = match process::spawn(&launch, &shared.limits.command_prefix(limits)) {
-        Ok(child) => child,
+    let spawned = shared
+        .start_words(app, &prepared.dir, limits)
+        .and_then(|start| match process::spawn(&launch, &start.words) {
+            Ok(child) => Ok((child, start.cgroup)),
+            Err(e) => {
+                if let Some(cgroup) = start.cgroup {
+                    cgroup.remove();
+                }
+                Err(e)
+            }
+        });
+    let (mut child, cgroup) = match spawned {
+        Ok(started) => started,
         Err(e) => {
             return Outcome::Failed {
                 reason: format!("cannot start `{}`: {e}", order.command),
@@ -301,7 +312,6 @@ async fn execute(shared: &Shared, order: &PhaseOrder, log: &mut LogTail) -> Outc
     };
     let pid = child.id().unwrap_or_default();
     shared.record_group(pid);
-    let cgroup = shared.limits.place(app, pid, limits);
     let readers = match (child.stdout.take(), child.stderr.take()) {
         (Some(stdout), Some(stderr)) => {
             Some(
@@ -336,7 +346,10 @@ async fn execute(shared: &Shared, order: &PhaseOrder, log: &mut LogTail) -> Outc
             Ok(Ok(status)) => {
                 // The leader is gone; nothing else of its group may stay behind.
                 process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
-                Ok(status)
+                Ok(match shared.sandboxed() {
+                    true => process::signal_of_sandboxed(status),
+                    false => status,
+                })
             }
             Ok(Err(e)) => Err(format!("waiting for it failed: {e}")),
             Err(_) => {

@@ -102,7 +102,51 @@ pub(super) struct Shared {
     pub(super) phases: Mutex<super::release_phase::Taken>,
 }
 
+/// How an app process starts: the words before its command and the cgroup it enters.
+pub(crate) struct Start {
+    /// Into its cgroup, its rlimits, its sandbox.
+    pub words: Vec<std::ffi::OsString>,
+    /// Its cgroup under `cgroup_limits`, to be removed once it is gone.
+    pub cgroup: Option<crate::limits::InstanceCgroup>,
+}
+
 impl Shared {
+    /// How a process of `app` whose release is `dir` starts (see [`Start`]). An error when the
+    /// sandbox cannot hold it (the release, or the app's uid).
+    pub(crate) fn start_words(
+        &self,
+        app: &str,
+        dir: &std::path::Path,
+        limits: &px_proto::manifest::ResourceLimits,
+    ) -> std::io::Result<Start> {
+        let cgroup = self.limits.prepare(app, limits);
+        let mut words = cgroup
+            .as_ref()
+            .map(crate::limits::InstanceCgroup::enter_words)
+            .unwrap_or_default();
+        words.extend(
+            self.limits
+                .command_prefix(limits)
+                .into_iter()
+                .map(Into::into),
+        );
+        match self.settings.sandbox.prefix(app, dir) {
+            Ok(sandbox) => words.extend(sandbox),
+            Err(e) => {
+                if let Some(cgroup) = cgroup {
+                    cgroup.remove();
+                }
+                return Err(e.into());
+            }
+        }
+        Ok(Start { words, cgroup })
+    }
+
+    /// Whether app processes start in bubblewrap.
+    pub(crate) fn sandboxed(&self) -> bool {
+        self.settings.sandbox.mode() == crate::config::SandboxConfig::Bubblewrap
+    }
+
     /// The shared state, first ending any instance a previous Maestro left running.
     pub(super) fn new(
         settings: Settings,

@@ -367,6 +367,35 @@ impl Maestro {
         }
     }
 
+    /// The pid of the process that serves `host` (`<app>.localhost`), as Maestro reports it:
+    /// the leader of the instance's sandbox, whose end is the instance's end. The app itself
+    /// sees another pid inside its own PID namespace, so it cannot tell this one.
+    pub async fn pid(&self, host: &str) -> u32 {
+        let app = host.trim_end_matches(".localhost");
+        let start = std::time::Instant::now();
+        loop {
+            let state = self.state().await;
+            let serving = state
+                .instances
+                .iter()
+                .filter(|i| {
+                    i.app == app
+                        && i.process == px_proto::procfile::WEB_PROCESS
+                        && i.state == px_proto::link::InstanceState::Healthy
+                })
+                .max_by_key(|i| i.release)
+                .and_then(|i| i.pid);
+            if let Some(pid) = serving {
+                return pid;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "{app} has no healthy instance: {state:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn state(&self) -> NodeReport {
         self.http
             .get(format!("{}/v1/state", self.status_url))

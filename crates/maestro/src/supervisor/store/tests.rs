@@ -106,6 +106,7 @@ fn store(state_dir: &Path, keep_releases: usize, min_free_disk: u64) -> ReleaseS
         cgroup_limits: false,
         repository_token: Some(TOKEN.into()),
         repository_tls: None,
+        sandbox: std::sync::Arc::new(crate::sandbox::AppSandbox::none()),
     };
     ReleaseStore::new(&settings, reqwest::Client::new())
 }

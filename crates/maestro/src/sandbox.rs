@@ -1,0 +1,449 @@
+//! Each app process in a sandbox of its own (`[sandbox]`, docs/src/design/trust.md): every
+//! instance, release phase and one-off run starts through bubblewrap, which shows it the
+//! system's read-only directories (`px_runtime::sandbox`, shared with builds), a private
+//! `/proc` of its own PID namespace, a minimal `/dev`, a private sized `/tmp`, and its release:
+//! a sized, writable, in-memory app directory at the release's path with each top-level entry of
+//! the release bound read-only into it. So an app writes new files beside its code (a SQLite
+//! database, caches) and they vanish with the process, while no process can change what its
+//! release holds for another instance or a later restart. Nothing else of the host is there:
+//! not Maestro's state (other releases, `assignment.json`), not `/etc/platformx`, not
+//! `/run/credentials`, not `/sys/fs/cgroup`.
+//!
+//! Each app also has a data directory on the node, `state_dir/data/<app>`, named by
+//! `PX_DATA_DIR`: writable, kept across restarts and releases, and shared by the app's own
+//! processes alone (its release phase migrates the SQLite database its web processes then
+//! read), which is what the host's shared `/tmp` gave apps before each got its own.
+//!
+//! Who the process is: a Maestro running as root (`em up` as root, the tests) runs bubblewrap
+//! without a user namespace and drops the command to the app's own uid with `setpriv`, from a
+//! range of its own, allocated once per app and kept in `state_dir/app-uids.json`; an
+//! unprivileged Maestro (`maestro.service` as `px-maestro`) gets a user namespace mapped to
+//! its own uid outside, in which new user namespaces are refused.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use px_proto::size::ByteSize;
+use px_runtime::sandbox::{Bwrap, Identity, SYSTEM_ETC, find_on_path};
+use serde::{Deserialize, Serialize};
+
+use crate::config::SandboxConfig;
+
+/// The first uid (and gid) handed to apps when Maestro runs as root. It lies in the upper
+/// part of the range systemd sets aside for containers (524288 to 1879048191, see systemd's
+/// `UIDS-GIDS.md`), away from system users, login users and the usual `/etc/subuid` ranges,
+/// which start at 100000 and grow by 65536 per user.
+pub const APP_UID_FIRST: u32 = 1_860_000_000;
+/// How many apps a node can give uids to: far more apps than one node will ever have run.
+pub const APP_UID_COUNT: u32 = 65_536;
+/// Where the per-app uids are kept, under `state_dir`: an app keeps its uid across restarts
+/// of Maestro, so files it leaves nowhere are never handed to another app's uid.
+const UIDS_FILE: &str = "app-uids.json";
+/// The apps' data directories, under `state_dir`.
+const DATA_DIR: &str = "data";
+/// The variable naming an app's data directory.
+pub const DATA_DIR_VAR: &str = "PX_DATA_DIR";
+/// Most top-level entries a release may have: each becomes a bind mount, and so an argument
+/// of the sandbox's command line and a mount in the kernel. Real apps have tens; a bundle's
+/// own entry limit is far higher, so this one is checked when the process starts.
+pub const MAX_TOP_LEVEL_ENTRIES: usize = 1024;
+/// Default size of an app process's private `/tmp`: in memory, and charged to its cgroup's
+/// memory, so its memory limit bounds it too. Uploads and caches of a web app fit.
+pub const DEFAULT_TMP_SIZE: ByteSize = ByteSize::mib(256);
+/// Default size of what an app process may write into its app directory (a SQLite database,
+/// caches): in memory, gone with the process, like a Heroku dyno's filesystem.
+pub const DEFAULT_APP_DIR_SIZE: ByteSize = ByteSize::mib(256);
+
+/// Why an app process cannot be sandboxed.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("the app sandbox is unavailable: {0}")]
+    Unavailable(String),
+    #[error("no free uid for app {0}: all {APP_UID_COUNT} app uids are taken")]
+    UidsExhausted(String),
+    #[error(
+        "the release has {count} top-level entries, more than the {MAX_TOP_LEVEL_ENTRIES} a sandbox holds: move them into a directory"
+    )]
+    TooManyEntries { count: usize },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+impl From<SandboxError> for std::io::Error {
+    fn from(e: SandboxError) -> Self {
+        std::io::Error::other(e)
+    }
+}
+
+/// How this Maestro starts app processes.
+#[derive(Debug)]
+pub(crate) struct AppSandbox {
+    mode: SandboxConfig,
+    bwrap: PathBuf,
+    setpriv: PathBuf,
+    /// Maestro runs as root: no user namespace, `setpriv` to the app's uid.
+    root: bool,
+    tmp_bytes: u64,
+    app_dir_bytes: u64,
+    /// Where the apps' data directories are.
+    data: PathBuf,
+    uids: Mutex<Uids>,
+}
+
+/// The per-app uids and the file that keeps them.
+#[derive(Debug)]
+struct Uids {
+    file: PathBuf,
+    by_app: BTreeMap<String, u32>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct UidsFile {
+    apps: BTreeMap<String, u32>,
+}
+
+impl AppSandbox {
+    /// The sandbox `mode` asks for, its uids kept under `state_dir`. With bubblewrap, the
+    /// tools must be on `PATH`.
+    pub(crate) fn new(
+        mode: SandboxConfig,
+        state_dir: &Path,
+        tmp_size: ByteSize,
+        app_dir_size: ByteSize,
+    ) -> Result<Self, SandboxError> {
+        let file = state_dir.join(UIDS_FILE);
+        let by_app = match std::fs::read(&file) {
+            Ok(bytes) => serde_json::from_slice::<UidsFile>(&bytes)
+                .map_err(|e| SandboxError::Io {
+                    what: format!("reading {}", file.display()),
+                    source: std::io::Error::other(e),
+                })?
+                .apps
+                .into_iter()
+                .filter(|(_, uid)| (APP_UID_FIRST..APP_UID_FIRST + APP_UID_COUNT).contains(uid))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(source) => {
+                return Err(SandboxError::Io {
+                    what: format!("reading {}", file.display()),
+                    source,
+                });
+            }
+        };
+        let (bwrap, setpriv) = match mode {
+            SandboxConfig::Bubblewrap => (
+                find_on_path("bwrap")
+                    .ok_or_else(|| SandboxError::Unavailable("`bwrap` is not on PATH".into()))?,
+                find_on_path("setpriv").unwrap_or_else(|| PathBuf::from("/usr/bin/setpriv")),
+            ),
+            SandboxConfig::None => (PathBuf::new(), PathBuf::new()),
+        };
+        Ok(Self {
+            mode,
+            bwrap,
+            setpriv,
+            root: rustix::process::geteuid().is_root(),
+            tmp_bytes: tmp_size.0,
+            app_dir_bytes: app_dir_size.0,
+            data: state_dir.join(DATA_DIR),
+            uids: Mutex::new(Uids { file, by_app }),
+        })
+    }
+
+    /// No sandbox (tests of other parts, `em dev`).
+    #[cfg(test)]
+    pub(crate) fn none() -> Self {
+        Self {
+            mode: SandboxConfig::None,
+            bwrap: PathBuf::new(),
+            setpriv: PathBuf::new(),
+            root: false,
+            tmp_bytes: 0,
+            app_dir_bytes: 0,
+            data: std::env::temp_dir(),
+            uids: Mutex::new(Uids {
+                file: PathBuf::new(),
+                by_app: BTreeMap::new(),
+            }),
+        }
+    }
+
+    pub(crate) fn mode(&self) -> SandboxConfig {
+        self.mode
+    }
+
+    /// The words before an app process's command: bubblewrap with the mounts of `release`
+    /// and the app's data directory (and `setpriv` to the app's uid when Maestro is root);
+    /// without a sandbox, only `env` naming the data directory.
+    pub(crate) fn prefix(&self, app: &str, release: &Path) -> Result<Vec<OsString>, SandboxError> {
+        let uid = match (self.mode, self.root) {
+            (SandboxConfig::Bubblewrap, true) => Some(self.uid(app)?),
+            _ => None,
+        };
+        let data = self.data_dir(app, uid)?;
+        if self.mode == SandboxConfig::None {
+            let mut set = OsString::from(format!("{DATA_DIR_VAR}="));
+            set.push(&data);
+            return Ok(vec!["env".into(), set]);
+        }
+        let identity = if self.root {
+            Identity::Root
+        } else {
+            Identity::Namespace {
+                ids: None,
+                no_nested: true,
+            }
+        };
+        let mut b = Bwrap::base(identity, false, self.tmp_bytes);
+        let etc: Vec<&Path> = SYSTEM_ETC.iter().map(Path::new).collect();
+        b.parents_of(&etc, &[]);
+        for file in &etc {
+            b.mount("--ro-bind-try", file);
+        }
+        b.parents_of(&[release, &data], &[]);
+        b.mount("--bind", &data);
+        b.push_os(&["--setenv".as_ref(), DATA_DIR_VAR.as_ref(), data.as_os_str()]);
+        // The app directory: writable, in memory, its own. As root, the app's uid must be
+        // able to write it; nothing but this app's processes shares the mount namespace.
+        let perms = if self.root { "1777" } else { "0755" };
+        let size = self.app_dir_bytes.to_string();
+        b.push(&["--perms", perms, "--size", &size]);
+        b.push_os(&["--tmpfs".as_ref(), release.as_os_str()]);
+        for entry in top_level(release)? {
+            let path = release.join(&entry.name);
+            match entry.link {
+                // A link is made again rather than bound: binding would follow it.
+                Some(target) => {
+                    b.push_os(&["--symlink".as_ref(), target.as_os_str(), path.as_os_str()])
+                }
+                None => b.mount("--ro-bind", &path),
+            }
+        }
+        // The app's home is its app directory, as on Heroku; Maestro's own is not there.
+        b.push_os(&["--setenv".as_ref(), "HOME".as_ref(), release.as_os_str()]);
+        b.push(&["--setenv", "TMPDIR", "/tmp"]);
+        let mut words = vec![self.bwrap.clone().into_os_string()];
+        words.extend(b.finish(release));
+        if let Some(uid) = uid {
+            words.push(self.setpriv.clone().into_os_string());
+            words.extend(
+                [
+                    format!("--reuid={uid}"),
+                    format!("--regid={uid}"),
+                    "--clear-groups".into(),
+                    "--inh-caps=-all".into(),
+                    "--bounding-set=-all".into(),
+                    "--no-new-privs".into(),
+                    "--".into(),
+                ]
+                .map(OsString::from),
+            );
+        }
+        Ok(words)
+    }
+
+    /// The data directory of `app`, made when missing: its own (the app's uid's, when it has
+    /// one), closed to everyone else.
+    fn data_dir(&self, app: &str, uid: Option<u32>) -> Result<PathBuf, SandboxError> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.data.join(app);
+        let io = |source| SandboxError::Io {
+            what: format!("making the data directory {}", dir.display()),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        if let Some(uid) = uid {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).map_err(io)?;
+        }
+        Ok(dir)
+    }
+
+    /// The uid of `app`: the one it had, or the lowest free one, recorded before it is used.
+    pub(crate) fn uid(&self, app: &str) -> Result<u32, SandboxError> {
+        let mut uids = self.uids.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(uid) = uids.by_app.get(app) {
+            return Ok(*uid);
+        }
+        let taken: std::collections::BTreeSet<u32> = uids.by_app.values().copied().collect();
+        let uid = (APP_UID_FIRST..APP_UID_FIRST + APP_UID_COUNT)
+            .find(|uid| !taken.contains(uid))
+            .ok_or_else(|| SandboxError::UidsExhausted(app.into()))?;
+        uids.by_app.insert(app.into(), uid);
+        let file = UidsFile {
+            apps: uids.by_app.clone(),
+        };
+        let written = serde_json::to_vec_pretty(&file)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| px_runtime::fs::write_atomic(&uids.file, &bytes));
+        if let Err(source) = written {
+            uids.by_app.remove(app);
+            return Err(SandboxError::Io {
+                what: format!("recording app uids in {}", uids.file.display()),
+                source,
+            });
+        }
+        Ok(uid)
+    }
+}
+
+/// One top-level entry of a release.
+struct Entry {
+    name: OsString,
+    /// Where it points, when it is a symbolic link.
+    link: Option<PathBuf>,
+}
+
+/// The release's top-level entries, at most [`MAX_TOP_LEVEL_ENTRIES`].
+fn top_level(release: &Path) -> Result<Vec<Entry>, SandboxError> {
+    let io = |source| SandboxError::Io {
+        what: format!("listing {}", release.display()),
+        source,
+    };
+    let mut entries = Vec::new();
+    for entry in std::fs::read_dir(release).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        if entries.len() == MAX_TOP_LEVEL_ENTRIES {
+            let count = std::fs::read_dir(release).map_err(io)?.count();
+            return Err(SandboxError::TooManyEntries { count });
+        }
+        let link = match entry.file_type().map_err(io)?.is_symlink() {
+            true => Some(std::fs::read_link(entry.path()).map_err(io)?),
+            false => None,
+        };
+        entries.push(Entry {
+            name: entry.file_name(),
+            link,
+        });
+    }
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(entries)
+}
+
+/// Whether bubblewrap can start an app process on this machine (as this user): what `em up`
+/// asks before choosing its sandbox.
+pub fn bubblewrap_works() -> bool {
+    let Some(bwrap) = find_on_path("bwrap") else {
+        return false;
+    };
+    let identity = if rustix::process::geteuid().is_root() {
+        Identity::Root
+    } else {
+        Identity::Namespace {
+            ids: None,
+            no_nested: true,
+        }
+    };
+    let args = Bwrap::base(identity, false, DEFAULT_TMP_SIZE.0).finish(Path::new("/"));
+    std::process::Command::new(bwrap)
+        .args(args)
+        .arg("true")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn sandbox(dir: &Path) -> AppSandbox {
+        AppSandbox {
+            mode: SandboxConfig::Bubblewrap,
+            bwrap: "bwrap".into(),
+            setpriv: "setpriv".into(),
+            // As root, the sandbox drops to the app's uid (and gives it its data directory).
+            root: rustix::process::geteuid().is_root(),
+            tmp_bytes: 1,
+            app_dir_bytes: 1,
+            data: dir.join(DATA_DIR),
+            uids: Mutex::new(Uids {
+                file: dir.join(UIDS_FILE),
+                by_app: BTreeMap::new(),
+            }),
+        }
+    }
+
+    #[test]
+    fn each_app_gets_its_own_uid_which_it_keeps_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = sandbox(dir.path());
+        let a = first.uid("alpha").unwrap();
+        let b = first.uid("beta").unwrap();
+        assert_ne!(a, b);
+        assert!(a >= APP_UID_FIRST && b >= APP_UID_FIRST);
+        assert_eq!(first.uid("alpha").unwrap(), a);
+        // A restarted Maestro reads them back.
+        let again = AppSandbox::new(
+            SandboxConfig::None,
+            dir.path(),
+            DEFAULT_TMP_SIZE,
+            DEFAULT_APP_DIR_SIZE,
+        )
+        .unwrap();
+        assert_eq!(again.uid("beta").unwrap(), b);
+        assert_eq!(again.uid("alpha").unwrap(), a);
+        assert_ne!(again.uid("gamma").unwrap(), a);
+    }
+
+    #[test]
+    fn a_release_with_too_many_top_level_entries_is_refused_naming_the_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let release = dir.path().join("release");
+        std::fs::create_dir(&release).unwrap();
+        for i in 0..=MAX_TOP_LEVEL_ENTRIES {
+            std::fs::write(release.join(format!("f{i}")), "").unwrap();
+        }
+        let err = sandbox(dir.path()).prefix("alpha", &release).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the release has {} top-level entries, more than the {MAX_TOP_LEVEL_ENTRIES} a sandbox holds: move them into a directory",
+                MAX_TOP_LEVEL_ENTRIES + 1
+            )
+        );
+    }
+
+    #[test]
+    fn release_entries_are_bound_read_only_into_a_sized_app_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let release = dir.path().join("release");
+        std::fs::create_dir_all(release.join("static")).unwrap();
+        std::fs::write(release.join("app.py"), "").unwrap();
+        std::os::unix::fs::symlink("static", release.join("public")).unwrap();
+        let words = sandbox(dir.path()).prefix("alpha", &release).unwrap();
+        let text: Vec<String> = words
+            .iter()
+            .map(|w| w.to_string_lossy().into_owned())
+            .collect();
+        let joined = text.join(" ");
+        let r = release.display();
+        let perms = if rustix::process::geteuid().is_root() {
+            "1777"
+        } else {
+            "0755"
+        };
+        assert!(joined.contains(&format!("--perms {perms} --size 1 --tmpfs {r} --ro-bind {r}/app.py {r}/app.py --symlink static {r}/public --ro-bind {r}/static {r}/static")), "{joined}");
+        // The only writable bind is the app's data directory.
+        let data = dir.path().join(DATA_DIR).join("alpha");
+        assert_eq!(joined.matches("--bind ").count(), 1, "{joined}");
+        assert!(
+            joined.contains(&format!("--bind {0} {0}", data.display())),
+            "{joined}"
+        );
+        if rustix::process::geteuid().is_root() {
+            assert!(
+                joined.contains(&format!("--reuid={APP_UID_FIRST}")),
+                "{joined}"
+            );
+        }
+    }
+}
