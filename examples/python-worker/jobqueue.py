@@ -13,7 +13,11 @@ import os
 import time
 import uuid
 
-ROOT = os.environ.get("JOBS_DIR", "/tmp/python-worker-jobs")
+# The app's data directory on its node, which its web and worker processes share; /tmp when
+# run by hand, without the platform.
+ROOT = os.environ.get("JOBS_DIR") or os.path.join(
+    os.environ.get("PX_DATA_DIR", "/tmp"), "python-worker-jobs"
+)
 NEW, CLAIMED, DONE, TWICE = (os.path.join(ROOT, d) for d in ("new", "claimed", "done", "twice"))
 
 

@@ -432,6 +432,7 @@ MODULE_ORDER = (
     "test_cluster_boots",
     "test_deploy_cycle",
     "test_isolation",
+    "test_hostile_tenant",
     "test_recovery",
     "test_processes",
     "test_builds",

@@ -6,8 +6,7 @@ replaces both workers and loses no job, doing none twice; `em run` runs a comman
 current release on a node that runs the app, with its exit status, and under a terminal its
 Ctrl-C reaches the remote command; a release whose release phase fails never serves.
 
-Each web server keeps its own queue (JOBS_DIR is a local directory): a cluster app would point
-it at shared storage, which these VMs lack; one worker per web server is what makes each queue
+Each web server keeps its own queue (in the app's data directory on that node, PX_DATA_DIR): one worker per web server is what makes each queue
 drain here.
 """
 
@@ -165,9 +164,9 @@ def test_a_worker_app_scales_redeploys_without_losing_a_job_and_runs_one_off_com
 
     # em run: the current release's environment, the command's exit status, and how soon
     # its first byte comes back.
-    first_byte, ran = em_run_first_byte(platform, ["sh", "-c", 'echo "release $PX_RELEASE jobs $JOBS_DIR"'])
+    first_byte, ran = em_run_first_byte(platform, ["sh", "-c", 'echo "release $PX_RELEASE data $PX_DATA_DIR"'])
     vm_timings["em run: start to the first byte of output"] = first_byte
-    assert ran.returncode == 0 and f"release {release} jobs /tmp/python-worker-jobs" in ran.stdout, ran
+    assert ran.returncode == 0 and f"release {release} data /var/lib/platformx/maestro/data/{APP}" in ran.stdout, ran
     failed = platform.em("run", "--app", APP, "--", "sh", "-c", "exit 3", check=False, timeout=RUN_TIMEOUT_S)
     assert failed.returncode == 3, failed
 

@@ -1023,12 +1023,8 @@ async fn a_worker_redeployed_under_load_loses_no_job_and_does_none_twice() {
     let up = env.up();
     let http = reqwest::Client::new();
     let app = example_copy(&env, "python-worker");
-    let jobs_dir = env.home.path().join("jobs");
-    replace_in(
-        &app.join("app.toml"),
-        "JOBS_DIR = \"/tmp/python-worker-jobs\"",
-        &format!("JOBS_DIR = {:?}", jobs_dir.to_str().unwrap()),
-    );
+    // The queue is in the app's data directory, under this test's own `em up` data.
+    let jobs_dir = data_dir(&env, "python-worker").join("python-worker-jobs");
     replace_in(
         &app.join("app.toml"),
         "WORK_SECONDS = \"0.2\"",
@@ -1189,12 +1185,6 @@ async fn scaling_a_worker_touches_only_what_changes_and_em_ps_shows_every_proces
     let up = env.up();
     let http = reqwest::Client::new();
     let app = example_copy(&env, "python-worker");
-    let jobs_dir = env.home.path().join("jobs");
-    replace_in(
-        &app.join("app.toml"),
-        "JOBS_DIR = \"/tmp/python-worker-jobs\"",
-        &format!("JOBS_DIR = {:?}", jobs_dir.to_str().unwrap()),
-    );
     let (code, text) = deploy(&env, &app);
     assert_eq!(code, Some(0), "{text}");
     wait_for_path(&http, &env, "python-worker.localhost", "/healthz", "ok").await;
@@ -1276,6 +1266,37 @@ async fn scaling_a_worker_touches_only_what_changes_and_em_ps_shows_every_proces
 
 /// Whether process `pid` still runs: it exists and is no zombie (one whose parent died waits
 /// for init to reap it, which some containers' init does late).
+/// The data directory `em up` gives `app` (`PX_DATA_DIR`), where its processes may leave files
+/// the test reads: nothing else of the test's directories is in an app's sandbox.
+fn data_dir(env: &Env, app: &str) -> std::path::PathBuf {
+    env.home
+        .path()
+        .join("data/platformx/maestro/state/data")
+        .join(app)
+}
+
+/// The pids (in the test's PID namespace) of the processes running `program` for the app whose
+/// data directory is `data`: found by their command line and environment, since a sandboxed
+/// process sees only its own PID namespace and cannot say its pid here.
+fn app_processes(data: &Path, program: &str) -> Vec<u32> {
+    let marker = format!("PX_DATA_DIR={}", data.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let read = |what| std::fs::read(format!("/proc/{pid}/{what}")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&read("cmdline")).into_owned();
+            let environ = read("environ");
+            cmdline.contains(program)
+                && !cmdline.contains("bwrap")
+                && environ
+                    .split(|b| *b == 0)
+                    .any(|var| var == marker.as_bytes())
+                && process_exists(*pid)
+        })
+        .collect()
+}
+
 fn process_exists(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
@@ -1351,13 +1372,9 @@ async fn a_release_phase_runs_before_its_release_and_a_failing_or_hanging_one_ke
     assert!(page.contains("Platform.X, migrated"), "{page}");
 
     // A phase that hangs past its timeout is stopped, and deploy names the timeout.
-    let pid_file = env.home.path().join("hanging-phase.pid");
     std::fs::write(
         app_dir.join("migrate.py"),
-        format!(
-            "import os, time\nopen({:?}, 'w').write(str(os.getpid()))\nprint('migrating: waiting for a lock', flush=True)\ntime.sleep(600)\n",
-            pid_file.to_str().unwrap()
-        ),
+        "print('migrating: waiting for a lock', flush=True)\nimport time\ntime.sleep(600)\n",
     )
     .unwrap();
     let manifest = std::fs::read_to_string(app_dir.join("app.toml")).unwrap();
@@ -1371,12 +1388,8 @@ async fn a_release_phase_runs_before_its_release_and_a_failing_or_hanging_one_ke
     assert_eq!(code, Some(1), "{output}");
     assert!(output.contains("timeout of 3s"), "{output}");
     assert!(output.contains("v2 still serves"), "{output}");
-    let pid: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(!process_exists(pid), "the hanging phase {pid} is gone");
+    let left = app_processes(&data_dir(&env, "phased"), "migrate.py");
+    assert!(left.is_empty(), "the hanging phase is gone: {left:?}");
     let page = body(&http, &env.url(), "phased.localhost").await.unwrap();
     assert!(page.contains("Platform.X, migrated"), "{page}");
     stop(up);
@@ -1416,9 +1429,10 @@ async fn a_release_phase_interrupted_by_a_crash_is_failed_and_not_run_again() {
     assert!(env.em(&["deploy", app_dir_s]).status.success());
     wait_for(&http, &env.url(), "phased.localhost", "Platform.X").await;
 
-    // A migration that takes long; each run of it leaves a line in `runs`.
-    let runs = env.home.path().join("phase-runs");
-    let pid_file = env.home.path().join("phase.pid");
+    // A migration that takes long; each run of it leaves a line in `runs`, in the app's data
+    // directory.
+    let data = data_dir(&env, "phased");
+    let runs = data.join("phase-runs");
     std::fs::write(
         app_dir.join("Procfile"),
         "web: python3 server.py\nrelease: python3 migrate.py\n",
@@ -1427,9 +1441,7 @@ async fn a_release_phase_interrupted_by_a_crash_is_failed_and_not_run_again() {
     std::fs::write(
         app_dir.join("migrate.py"),
         format!(
-            "import os, time\nopen({runs:?}, 'a').write('run\\n')\nopen({pid:?}, 'w').write(str(os.getpid()))\ntime.sleep(600)\n",
-            runs = runs.to_str().unwrap(),
-            pid = pid_file.to_str().unwrap()
+            "import os, time\nopen(os.path.join(os.environ['PX_DATA_DIR'], 'phase-runs'), 'a').write('run\\n')\ntime.sleep(600)\n",
         ),
     )
     .unwrap();
@@ -1440,15 +1452,13 @@ async fn a_release_phase_interrupted_by_a_crash_is_failed_and_not_run_again() {
         .spawn()
         .unwrap();
     let start = Instant::now();
-    while !pid_file.exists() {
+    let pids = loop {
+        let pids = app_processes(&data, "migrate.py");
+        if runs.exists() && !pids.is_empty() {
+            break pids;
+        }
         assert!(start.elapsed() < WAIT, "the release phase never started");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let pid: u32 = loop {
-        if let Ok(pid) = std::fs::read_to_string(&pid_file).unwrap().trim().parse() {
-            break pid;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     };
 
     // The whole platform dies mid-migration, then comes back.
@@ -1491,7 +1501,9 @@ async fn a_release_phase_interrupted_by_a_crash_is_failed_and_not_run_again() {
         "run\n",
         "the migration ran once"
     );
-    assert!(!process_exists(pid), "the interrupted phase {pid} is gone");
+    for pid in pids {
+        assert!(!process_exists(pid), "the interrupted phase {pid} is gone");
+    }
     let page = body(&http, &env.url(), "phased.localhost").await;
     assert!(page.is_some_and(|p| p.contains("Hello from Platform.X")));
     stop(up);
