@@ -39,7 +39,10 @@ let
   common = import ./common.nix { inherit lib pkgs; };
   credentials = common.credentialsDir "maestro";
   builds = cfg.build.enable;
-  bubblewrap = builds && cfg.settings.build.sandbox == "bubblewrap";
+  # Every app process runs in bubblewrap ([sandbox] mode, docs/src/design/trust.md) unless
+  # the settings say "none", and so does every build command on a node that builds.
+  appSandbox = lib.attrByPath [ "sandbox" "mode" ] "bubblewrap" cfg.settings == "bubblewrap";
+  bubblewrap = appSandbox || (builds && cfg.settings.build.sandbox == "bubblewrap");
   # The pinned uv as the builder's tools directory.
   uvTools = import ../uv.nix { inherit pkgs; };
 
@@ -334,7 +337,7 @@ in
           }
           {
             assertion = bubblewrap -> config.security.allowUserNamespaces;
-            message = "services.platformx.maestro: builds in bubblewrap need user namespaces (security.allowUserNamespaces), or settings.build.sandbox = \"none\"";
+            message = "services.platformx.maestro: app processes and builds in bubblewrap need user namespaces (security.allowUserNamespaces), or settings.sandbox.mode = \"none\" and settings.build.sandbox = \"none\"";
           }
         ]
         ++ map (r: {
@@ -393,7 +396,8 @@ in
           path =
             cfg.runtimes
             ++ [ pkgs.util-linux ]
-            ++ lib.optionals builds (lib.optional bubblewrap pkgs.bubblewrap ++ cfg.build.packages);
+            ++ lib.optional bubblewrap pkgs.bubblewrap
+            ++ lib.optionals builds cfg.build.packages;
           # Each app instance in a cgroup of its own with its [limits] (see Delegate= below).
           environment.PX_MAESTRO_CGROUP_LIMITS = "true";
           serviceConfig =

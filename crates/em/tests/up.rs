@@ -1440,9 +1440,7 @@ async fn a_release_phase_interrupted_by_a_crash_is_failed_and_not_run_again() {
     .unwrap();
     std::fs::write(
         app_dir.join("migrate.py"),
-        format!(
-            "import os, time\nopen(os.path.join(os.environ['PX_DATA_DIR'], 'phase-runs'), 'a').write('run\\n')\ntime.sleep(600)\n",
-        ),
+        "import os, time\nopen(os.path.join(os.environ['PX_DATA_DIR'], 'phase-runs'), 'a').write('run\\n')\ntime.sleep(600)\n",
     )
     .unwrap();
     let mut deploying = env
