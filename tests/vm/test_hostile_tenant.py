@@ -46,7 +46,7 @@ def append(path):
         f.write("# tampered\n")
     return "written"
 
-def http(url, data=None, token=None):
+def call(url, data=None, token=None):
     req = urllib.request.Request(url, data=data, method="POST" if data else "GET")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
@@ -97,12 +97,12 @@ def probe(query):
     events = os.environ["PX_EVENTS_URL"]
     forged = events.rsplit("/", 1)[0] + "/" + "0" * 64
     body = json.dumps({"level": "critical", "message": "forged"}).encode()
-    found["post events as the neighbour"] = attempt(lambda: denied(http(forged, body)))
+    found["post events as the neighbour"] = attempt(lambda: denied(call(forged, body)))
     tokens = [v["value"].strip() for v in found.values() if v.get("ok") and isinstance(v.get("value"), str)]
     for name, url in (("Beacon", BEACON), ("apprepo", APPREPO)):
-        found[f"call {name}'s API with nothing"] = attempt(lambda: denied(http(url)))
+        found[f"call {name}'s API with nothing"] = attempt(lambda: denied(call(url)))
         for token in tokens:
-            found[f"call {name}'s API with what it found"] = attempt(lambda: denied(http(url, token=token)))
+            found[f"call {name}'s API with what it found"] = attempt(lambda: denied(call(url, token=token)))
     pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
     return {"uid": os.getuid(), "pids": pids, "attacks": found}
 
