@@ -112,9 +112,10 @@ pub(crate) fn command(words: &[std::ffi::OsString], launch: &Launch<'_>) -> Comm
 ///
 /// A sandboxed process's group is led by bubblewrap, which a catchable signal such as SIGTERM
 /// would end at once, and with it (`--die-with-parent`) the app, before its grace: so such a
-/// signal goes to every member of the group but bubblewrap's own processes (the leader and
-/// the sandbox's init), which end by themselves once the app has. SIGKILL goes to the whole
-/// group, which ends the sandbox and everything in it.
+/// signal goes to every member of the group and every descendant of the leader (a command
+/// under a terminal has a session of its own inside the sandbox) but bubblewrap's own
+/// processes (the leader and the sandbox's init), which end by themselves once the app has.
+/// SIGKILL goes to the whole group, which ends the sandbox and everything in it.
 pub(crate) fn signal_group(pid: u32, signal: Signal) {
     if signal != Signal::SIGKILL && is_bubblewrap(pid) {
         for member in group_members(pid) {
@@ -133,27 +134,41 @@ fn is_bubblewrap(pid: u32) -> bool {
         .is_ok_and(|comm| comm.trim_end() == "bwrap")
 }
 
-/// The processes of the group `pgid`, from `/proc` (the sandbox's members among them: their
-/// group is the leader's, seen from Maestro's PID namespace).
+/// The processes of the group `pgid` and the descendants of its leader `pgid`, from `/proc`
+/// (the sandbox's members among them, seen from Maestro's PID namespace).
 fn group_members(pgid: u32) -> Vec<u32> {
     let Ok(listing) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    listing
+    // (pid, parent, group) of every process.
+    let table: Vec<(u32, u32, u32)> = listing
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-                // The command name (in parentheses) may hold spaces; the fields after it do
-                // not: state, parent, process group.
-                stat.rfind(')')
-                    .and_then(|end| stat.get(end + 2..))
-                    .and_then(|rest| rest.split(' ').nth(2))
-                    .and_then(|group| group.parse::<u32>().ok())
-                    == Some(pgid)
-            })
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The command name (in parentheses) may hold spaces; the fields after it do not:
+            // state, parent, process group.
+            let mut fields = stat.get(stat.rfind(')')? + 2..)?.split(' ').skip(1);
+            let parent = fields.next()?.parse().ok()?;
+            let group = fields.next()?.parse().ok()?;
+            Some((pid, parent, group))
         })
-        .collect()
+        .collect();
+    let mut members: Vec<u32> = table
+        .iter()
+        .filter(|(_, _, group)| *group == pgid)
+        .map(|(pid, _, _)| *pid)
+        .collect();
+    let mut frontier = vec![pgid];
+    while let Some(parent) = frontier.pop() {
+        for (pid, _, _) in table.iter().filter(|(_, p, _)| *p == parent) {
+            if !members.contains(pid) {
+                members.push(*pid);
+            }
+            frontier.push(*pid);
+        }
+    }
+    members
 }
 
 /// Stops an instance: SIGTERM to its group, up to `grace` for it to exit, then SIGKILL.

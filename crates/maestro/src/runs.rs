@@ -153,7 +153,7 @@ impl Runs {
             .run_start(&start.app, &target.dir, &target.limits)
             .and_then(|begin| {
                 let spawned = if start.tty {
-                    spawn_tty(&start, &target, &begin.words)
+                    spawn_tty(&start, &target, &begin.words, begin.sandboxed)
                 } else {
                     spawn_pipes(&start, &target, &begin.words)
                 };
@@ -329,11 +329,16 @@ fn winsize(size: WindowSize) -> rustix::termios::Winsize {
 
 /// Under a new pseudo-terminal: `setsid --ctty` puts the command in a session of its own,
 /// whose controlling terminal is the terminal (no `unsafe` `pre_exec` needed). Its pid leads
-/// the session and the process group, so the group can be signalled as an instance's is.
+/// the session and the process group, so the group can be signalled as an instance's is. In a
+/// sandbox, `setsid` runs inside it, so the terminal's Ctrl-C reaches the command alone and
+/// not bubblewrap outside (which would die of it and take the command's exit status along);
+/// the sandbox then leads a process group of its own, whose signals reach the command as
+/// [`process::signal_group`] says.
 fn spawn_tty(
     start: &RunStart,
     target: &RunTarget,
     prefix: &[std::ffi::OsString],
+    sandboxed: bool,
 ) -> std::io::Result<Process> {
     use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
     let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
@@ -353,9 +358,21 @@ fn spawn_tty(
         .custom_flags(nix::fcntl::OFlag::O_NOCTTY.bits())
         .open(std::ffi::OsStr::from_bytes_path(name.as_bytes()))?
         .into();
-    let mut all: Vec<std::ffi::OsString> = vec!["setsid".into(), "--ctty".into()];
-    all.extend(words(prefix, start));
+    let setsid: [std::ffi::OsString; 2] = ["setsid".into(), "--ctty".into()];
+    let all: Vec<std::ffi::OsString> = if sandboxed {
+        prefix
+            .iter()
+            .chain(&setsid)
+            .cloned()
+            .chain(start.command.iter().map(Into::into))
+            .collect()
+    } else {
+        setsid.iter().cloned().chain(words(prefix, start)).collect()
+    };
     let mut command = process::command(&all, &launch(start, target));
+    if sandboxed {
+        command.process_group(0);
+    }
     command
         .env("TERM", "xterm-256color")
         .stdin(Stdio::from(slave.try_clone()?))
@@ -672,6 +689,7 @@ mod tests {
             ),
             &target(dir.path()),
             &[],
+            false,
         )
         .unwrap();
         let mut held = attach(process);

@@ -108,6 +108,8 @@ pub(crate) struct Start {
     pub words: Vec<std::ffi::OsString>,
     /// Its cgroup under `cgroup_limits`, to be removed once it is gone.
     pub cgroup: Option<crate::limits::InstanceCgroup>,
+    /// It starts in bubblewrap.
+    pub sandboxed: bool,
 }
 
 impl Shared {
@@ -139,7 +141,11 @@ impl Shared {
                 return Err(e.into());
             }
         }
-        Ok(Start { words, cgroup })
+        Ok(Start {
+            words,
+            cgroup,
+            sandboxed: self.sandboxed(),
+        })
     }
 
     /// Whether app processes start in bubblewrap.
