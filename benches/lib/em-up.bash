@@ -61,6 +61,8 @@ wait_for() {
 # get URL [HOST] [TOKEN]: the body of a GET, with a Host header and a bearer token if given.
 cat > "$work/get.py" <<'PY'
 import sys
+import os
+import ssl
 import urllib.request
 
 url, host, token = (sys.argv[1:] + ["", ""])[:3]
@@ -69,7 +71,12 @@ if host:
     request.add_header("Host", host)
 if token:
     request.add_header("Authorization", f"Bearer {token}")
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# em up serves its APIs over HTTPS with a CA of its own (data/pki/ca.pem), named by
+# PX_BENCH_CA once em up made it.
+handlers = [urllib.request.ProxyHandler({})]
+if os.environ.get("PX_BENCH_CA"):
+    handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=os.environ["PX_BENCH_CA"])))
+opener = urllib.request.build_opener(*handlers)
 sys.stdout.buffer.write(opener.open(request, timeout=30).read())
 PY
 get() { "$py" "$work/get.py" "$@"; }
@@ -105,12 +112,13 @@ PY
 )
 # em's config and em up's data under the work directory.
 export XDG_CONFIG_HOME="$work/config" XDG_DATA_HOME="$work/data" PX_LOG=warn
+export PX_BENCH_CA="$work/data/platformx/pki/ca.pem"
 # The apps get Maestro's PATH: the interpreter itself first, not a version manager's shim.
 PATH="$(dirname "$py"):$PATH"
 data="$XDG_DATA_HOME/platformx"
 # The offsets of crates/em/src/up.rs: apprepo, Beacon's API, Beacon's links, Maestro's status.
-repo_url="http://127.0.0.1:$port_base"
-beacon_url="http://127.0.0.1:$((port_base + 1))"
+repo_url="https://127.0.0.1:$port_base"
+beacon_url="https://127.0.0.1:$((port_base + 1))"
 status_url="http://127.0.0.1:$((port_base + 3))"
 echo "starting em up (apps on port $http_port, services from port $port_base)"
 "$bin/em" up --http-port "$http_port" --port-base "$port_base" > "$work/up.log" 2>&1 &
