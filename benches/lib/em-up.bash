@@ -121,7 +121,9 @@ repo_url="https://127.0.0.1:$port_base"
 beacon_url="https://127.0.0.1:$((port_base + 1))"
 status_url="http://127.0.0.1:$((port_base + 3))"
 echo "starting em up (apps on port $http_port, services from port $port_base)"
-"$bin/em" up --http-port "$http_port" --port-base "$port_base" > "$work/up.log" 2>&1 &
+# EM_UP_ARGS: more words for `em up` (benches/sandbox passes --no-sandbox).
+read -ra up_args <<< "${EM_UP_ARGS:-}"
+"$bin/em" up --http-port "$http_port" --port-base "$port_base" "${up_args[@]}" > "$work/up.log" 2>&1 &
 up_pid=$!
 pids+=("$up_pid")
 up_running() {

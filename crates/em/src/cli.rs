@@ -46,6 +46,10 @@ pub enum Command {
         /// app's error event); repeat for several.
         #[arg(long = "webhook", value_name = "URL")]
         webhooks: Vec<String>,
+        /// Run apps without their sandbox, as your own user: for a machine where bubblewrap
+        /// misbehaves, and to measure what the sandbox costs (benches/sandbox).
+        #[arg(long)]
+        no_sandbox: bool,
     },
     /// Create a new app from a template, or write app.toml for an app that is already there
     #[command(

@@ -49,6 +49,7 @@ fn run(cli: Cli) -> failure::Result<()> {
             http_port,
             port_base,
             webhooks,
+            no_sandbox,
         } => {
             px_runtime::telemetry::init();
             let data_dir = data_dir.unwrap_or_else(settings::default_data_dir);
@@ -57,6 +58,7 @@ fn run(cli: Cli) -> failure::Result<()> {
                 http_port,
                 port_base,
                 webhooks,
+                no_sandbox,
             }))
         }
         Command::Init {

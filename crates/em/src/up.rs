@@ -32,6 +32,8 @@ pub struct Up {
     pub port_base: u16,
     /// Alert webhooks for Beacon.
     pub webhooks: Vec<String>,
+    /// Apps run without their sandbox (`--no-sandbox`).
+    pub no_sandbox: bool,
 }
 
 /// Tokens of the local platform, kept in `data_dir/secrets` (mode 0600) across runs.
@@ -259,7 +261,7 @@ pub async fn up(options: Up) -> Result<()> {
             token_file: secrets.dir.join("maestro-link-token"),
         }),
         build: builder(data).await,
-        sandbox: app_sandbox().await,
+        sandbox: app_sandbox(options.no_sandbox).await,
         ..Default::default()
     };
 
@@ -344,9 +346,18 @@ async fn builder(data: &Path) -> px_maestro::config::BuildConfig {
 
 /// Each app process in a sandbox of its own when bubblewrap works here (as root: a uid of its
 /// own per app; as an ordinary user: a user namespace mapped to that user), said at start;
-/// otherwise none, said as a warning (docs/src/operating/local.md says what each leaves).
-async fn app_sandbox() -> px_maestro::config::AppSandboxConfig {
+/// otherwise none, said as a warning (docs/src/design/trust.md, "On `em up`", says what each leaves).
+async fn app_sandbox(no_sandbox: bool) -> px_maestro::config::AppSandboxConfig {
     use px_maestro::config::{AppSandboxConfig, SandboxConfig};
+    if no_sandbox {
+        println!(
+            "warning: apps run without a sandbox (--no-sandbox): they can read each other's files and this user's"
+        );
+        return AppSandboxConfig {
+            mode: SandboxConfig::None,
+            ..AppSandboxConfig::default()
+        };
+    }
     let works = tokio::task::spawn_blocking(px_maestro::sandbox::bubblewrap_works)
         .await
         .unwrap_or(false);
