@@ -1530,9 +1530,9 @@ async fn wait_status(http: &reqwest::Client, url: &str, token: &str, status: u16
 async fn em_tokens_create_makes_a_token_for_its_app_only_on_apprepo_and_beacon_until_revoked() {
     let env = Env::new();
     let up = env.up();
-    let http = reqwest::Client::new();
-    let repo = format!("http://127.0.0.1:{}", env.port_base);
-    let beacon = format!("http://127.0.0.1:{}", env.port_base + 1);
+    let http = platform_client(&env);
+    let repo = format!("https://127.0.0.1:{}", env.port_base);
+    let beacon = format!("https://127.0.0.1:{}", env.port_base + 1);
 
     let out = env.em(&[
         "tokens",

@@ -240,8 +240,8 @@ impl Hub {
             }
         }
         if publish {
-            let state = self.lock();
-            if self.publish_assignments(&state) {
+            let mut state = self.lock();
+            if self.publish_assignments(&mut state) {
                 tracing::info!(generation = state.durable, apps = state.desired.len(), builds = state.builds.len(), nodes = state.nodes.len(), elapsed = ?started.elapsed(), "desired state changed; assignments queued");
             }
         }
@@ -436,7 +436,7 @@ impl Hub {
 
     /// Sends every node whose report shows another generation its assignment, if the
     /// current generation is on disk; returns whether it was.
-    fn publish_assignments(&self, state: &State) -> bool {
+    fn publish_assignments(&self, state: &mut State) -> bool {
         let generation = state.persisted.generation;
         if state.durable != generation {
             return false;
@@ -457,6 +457,7 @@ impl Hub {
                 phases: Vec::new(),
             })
         });
+        let mut sent = Vec::new();
         for (name, node) in &state.nodes {
             if node.report.generation == generation {
                 continue;
@@ -485,7 +486,17 @@ impl Hub {
                     phases,
                 }),
             };
-            node.assign_tx.send_replace(Some(assignment));
+            node.assign_tx.send_replace(Some(assignment.clone()));
+            sent.push((name.clone(), assignment));
+        }
+        // Each node's scope takes in what it was sent now, not only what it holds at its next
+        // report: something assigned and taken back between two reports stays the node's to
+        // report on for the grace.
+        let now = std::time::Instant::now();
+        for (name, assignment) in sent {
+            if let Some(node) = state.nodes.get_mut(&name) {
+                node.scope.refresh(Some(&assignment), now);
+            }
         }
         true
     }

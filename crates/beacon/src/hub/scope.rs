@@ -44,7 +44,7 @@ pub(super) struct Scope {
 impl Scope {
     /// Takes in `assignment`, the node's for `generation`, unless `current` already reflects
     /// that generation; forgets what departed longer than [`REPORT_GRACE`] ago.
-    fn refresh(&mut self, assignment: Option<&Assignment>, now: Instant) {
+    pub(super) fn refresh(&mut self, assignment: Option<&Assignment>, now: Instant) {
         self.departed
             .retain(|_, left| now.duration_since(*left) < REPORT_GRACE);
         let Some(assignment) = assignment else {
