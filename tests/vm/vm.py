@@ -26,6 +26,8 @@ import image
 # Memory per VM. The guests idle at about 100 MB; the rest is room for the platform and its
 # apps, and costs the host only what a guest touches.
 MEMORY_MB = 1024
+# The CPU model per accelerator (see the -cpu argument below).
+CPU_MODEL = {"tcg": "max", "kvm": "host"}
 # vCPUs per VM. Three TCG guests on two host cores boot fastest with one each (see README).
 CPUS = 1
 # The guest kernel's command line, before the px.* parameters (see image.py): the root disk, the
@@ -220,6 +222,10 @@ class Vm:
             "qemu-system-x86_64",
             "-name", self.name,
             "-accel", self.accel,
+            # The CPU a server has: emulated, the default model lacks AES-NI and PCLMULQDQ, and
+            # TLS then decrypts in software so slowly that one large upload over HTTPS stalls a
+            # one-vCPU control host past its watchdog; "max" has them (and "host" under KVM).
+            "-cpu", CPU_MODEL[self.accel],
             "-m", str(MEMORY_MB),
             "-smp", str(CPUS),
             "-nodefaults", "-no-user-config", "-display", "none",
