@@ -36,8 +36,16 @@ let
   files = pkgs.runCommand "platformx-${name}-files" { } ''
     install -D -m 0644 ${../images + "/${name}.toml"} $out/etc/platformx/${name}.toml
     mkdir -p $out/usr/local/bin
+    # The check's tools by store path (the images carry no PATH of their own): coreutils'
+    # timeout, mktemp, head and tr, and openssl's s_client for https:// URLs.
     substitute ${../images/healthcheck} $out/usr/local/bin/px-healthcheck \
-      --replace-fail '#!/bin/bash' '#!${pkgs.bash}/bin/bash'
+      --replace-fail '#!/bin/bash' '#!${pkgs.bash}/bin/bash' \
+      --replace-fail 'set -euo pipefail' 'set -euo pipefail; PATH=${
+        lib.makeBinPath [
+          pkgs.coreutils
+          pkgs.openssl
+        ]
+      }'
     chmod 0755 $out/usr/local/bin/px-healthcheck
   '';
   # Docker's durations are nanoseconds.
