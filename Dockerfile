@@ -81,9 +81,9 @@ COPY dist/bin/ /out/
 FROM ${BINARIES} AS binaries
 
 # --- init: the cluster's secrets for compose ----------------------------------------------------
-# Runs once as root before the services (images/compose.yaml): makes the CA, Beacon's key and
-# certificate, the tokens and the tokens files in /run/secrets, each owned by the uid of the
-# service that reads it; keeps whatever already exists.
+# Runs once as root before the services (images/compose.yaml): makes the CA, Beacon's and
+# apprepo's keys and certificates, the tokens and the tokens files in /run/secrets, each owned
+# by the uid of the service that reads it; keeps whatever already exists.
 FROM ${DEBIAN_IMAGE} AS init
 RUN set -eux; \
     apt-get update; \
@@ -105,10 +105,12 @@ LABEL org.opencontainers.image.title="Platform.X compose init" \
 # --- apprepo ----------------------------------------------------------------------------------
 FROM ${DEBIAN_IMAGE} AS apprepo
 # ca-certificates: with the S3 backend, apprepo verifies the S3 endpoint against the system
-# roots. The data directory belongs to the service user (mode 0700, as StateDirectory= makes it).
+# roots. openssl: the HEALTHCHECK's TLS client (ca-certificates depends on it already; named so
+# the check does not rest on that). The data directory belongs to the service user (mode 0700,
+# as StateDirectory= makes it).
 RUN set -eux; \
     apt-get update; \
-    apt-get install -y --no-install-recommends ca-certificates; \
+    apt-get install -y --no-install-recommends ca-certificates openssl; \
     rm -rf /var/lib/apt/lists/*; \
     groupadd --gid 10001 px-apprepo; \
     useradd --no-log-init --uid 10001 --gid px-apprepo --home-dir /var/lib/platformx/apprepo \
@@ -117,7 +119,7 @@ RUN set -eux; \
 COPY images/healthcheck /usr/local/bin/px-healthcheck
 COPY images/apprepo.toml /etc/platformx/apprepo.toml
 COPY --from=binaries /out/apprepo /usr/bin/apprepo
-ENV PX_HEALTHCHECK_URL=http://127.0.0.1:7070/healthz
+ENV PX_HEALTHCHECK_URL=https://127.0.0.1:7070/healthz
 USER 10001:10001
 WORKDIR /var/lib/platformx/apprepo
 EXPOSE 7070
@@ -142,9 +144,13 @@ LABEL org.opencontainers.image.title="Platform.X apprepo" \
 
 # --- Beacon -----------------------------------------------------------------------------------
 FROM ${DEBIAN_IMAGE} AS beacon
-# Beacon needs no package: webhooks verify against roots built into the binary, and control
-# links against the cluster CA.
+# Beacon itself needs no package: webhooks verify against roots built into the binary, control
+# links and apprepo's API against the cluster CA. openssl is the HEALTHCHECK's TLS client, as
+# the API serves HTTPS (images/healthcheck says why it is the simplest one).
 RUN set -eux; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends openssl; \
+    rm -rf /var/lib/apt/lists/*; \
     groupadd --gid 10002 px-beacon; \
     useradd --no-log-init --uid 10002 --gid px-beacon --home-dir /var/lib/platformx/beacon \
       --no-create-home --shell /usr/sbin/nologin px-beacon; \
@@ -152,10 +158,10 @@ RUN set -eux; \
 COPY images/healthcheck /usr/local/bin/px-healthcheck
 COPY images/beacon.toml /etc/platformx/beacon.toml
 COPY --from=binaries /out/beacon /usr/bin/beacon
-ENV PX_HEALTHCHECK_URL=http://127.0.0.1:7080/healthz
+ENV PX_HEALTHCHECK_URL=https://127.0.0.1:7080/healthz
 USER 10002:10002
 WORKDIR /var/lib/platformx/beacon
-# 7080: API and status page; 7443: TLS control links from Maestros and apprepo.
+# 7080: API and status page (HTTPS); 7443: TLS control links from Maestros and apprepo.
 EXPOSE 7080 7443
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \

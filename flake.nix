@@ -76,7 +76,7 @@
             package = binaries.apprepo;
             uid = 10001;
             ports = [ 7070 ];
-            healthUrl = "http://127.0.0.1:7070/healthz";
+            healthUrl = "https://127.0.0.1:7070/healthz";
             contents = [ pkgs.cacert ];
           };
           beacon-image = image {
@@ -87,7 +87,7 @@
               7080
               7443
             ];
-            healthUrl = "http://127.0.0.1:7080/healthz";
+            healthUrl = "https://127.0.0.1:7080/healthz";
           };
           maestro-image = image {
             name = "maestro";
