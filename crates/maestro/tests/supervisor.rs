@@ -135,7 +135,9 @@ async fn a_release_that_never_becomes_healthy_leaves_the_old_one_serving() {
         vec![bundles.python_app("hello", 1, "one", "")],
     )
     .await;
-    maestro.wait_body("hello.localhost", "one").await;
+    maestro
+        .wait_body_answering(&mut link, "hello.localhost", "one")
+        .await;
 
     // Crashes at start, with something on stderr.
     let crashing = bundles.app(

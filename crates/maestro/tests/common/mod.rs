@@ -367,6 +367,26 @@ impl Maestro {
         }
     }
 
+    /// [`Maestro::wait_body`] while answering `link`'s heartbeats as Beacon does: an app slow to
+    /// start on a loaded machine must not leave the link silent past Maestro's deadline, or
+    /// Maestro links again and what it says next never reaches `link`.
+    pub async fn wait_body_answering(&self, link: &mut BeaconLink, host: &str, body: &str) {
+        let served = self.wait_body(host, body);
+        tokio::pin!(served);
+        loop {
+            tokio::select! {
+                () = &mut served => return,
+                frame = link.next() => match frame {
+                    Some(Ok(ToBeacon::Heartbeat(_))) => {
+                        link.send(FromBeacon::Heartbeat).await.unwrap();
+                    }
+                    Some(Ok(_)) => {}
+                    other => panic!("the link ended while waiting for {host}: {other:?}"),
+                },
+            }
+        }
+    }
+
     /// The pid of the process that serves `host` (`<app>.localhost`), as Maestro reports it:
     /// the leader of the instance's sandbox, whose end is the instance's end. The app itself
     /// sees another pid inside its own PID namespace, so it cannot tell this one.
