@@ -1,7 +1,8 @@
 # services.platformx.beacon: Beacon under systemd, with the settings of systemd/beacon.service.
 # Every key of beacon.toml goes under `settings` (README.md, crates/beacon/src/config.rs); the
 # TLS key and the repository token are given as paths under `credentials` and reach Beacon
-# through LoadCredential=.
+# through LoadCredential=. `acme` renders the `[acme]` section (certificates for the apps from
+# an ACME CA) only when its directory URL is set.
 self:
 {
   config,
@@ -73,8 +74,9 @@ in
           };
           domain = lib.mkOption {
             type = lib.types.str;
-            default = "localhost";
-            description = "Apps without domains of their own are served as <app>.<domain>.";
+            default = cfg.domain;
+            defaultText = lib.literalExpression "config.services.platformx.beacon.domain";
+            description = "Apps without domains of their own are served as <app>.<domain>; set `domain` above.";
           };
           repository = lib.mkOption {
             default = { };
@@ -89,6 +91,48 @@ in
             };
           };
         };
+      };
+    };
+
+    domain = lib.mkOption {
+      type = lib.types.strMatching "[a-z0-9]([a-z0-9.-]{0,187}[a-z0-9])?";
+      default = "localhost";
+      example = "apps.example.com";
+      description = ''
+        The cluster's domain: apps without domains of their own are served as <app>.<domain>
+        (sets `settings.domain`). Point a wildcard DNS record for it at the web servers. At most
+        189 characters, so <app>.<domain> fits DNS's 253; "localhost" only suits one machine.
+      '';
+    };
+
+    acme = {
+      directoryUrl = lib.mkOption {
+        type = lib.types.nullOr (lib.types.strMatching "https://[^/?# ]+.*");
+        default = null;
+        example = "https://acme-v02.api.letsencrypt.org/directory";
+        description = ''
+          Directory URL of the ACME CA Beacon orders the apps' certificates from: Let's Encrypt
+          production is https://acme-v02.api.letsencrypt.org/directory, its staging (untrusted
+          certificates, for trying things out) https://acme-staging-v02.api.letsencrypt.org/directory.
+          Set, it renders `settings.acme` (`[acme]` in beacon.toml); null (the default): no ACME.
+          The web servers then need HTTPS on (services.platformx.maestro.https.enable).
+        '';
+      };
+      email = lib.mkOption {
+        type = lib.types.nullOr (lib.types.strMatching "[^@ ]+@[^@ ]+[.][^@ ]+");
+        default = null;
+        example = "ops@example.com";
+        description = "The ACME account's contact address (`[acme] email`); null: none.";
+      };
+      caFile = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "/etc/platformx/acme-ca.pem";
+        description = ''
+          A CA bundle (PEM) that signs the ACME server's own certificate, for a private ACME
+          server (Pebble, step-ca) (`[acme] ca_file`); null: the system's trust store. Public
+          material: it may be in the store.
+        '';
       };
     };
 
@@ -123,6 +167,14 @@ in
           (lib.mkIf (cfg.credentials.tlsKey != null) { tls_key_file = "${credentials}/tls-key"; })
           (lib.mkIf (cfg.credentials.repositoryToken != null) {
             repository.token_file = "${credentials}/repo-token";
+          })
+          # Only with a directory URL: a Beacon without ACME support refuses an unknown section.
+          (lib.mkIf (cfg.acme.directoryUrl != null) {
+            acme = {
+              directory_url = cfg.acme.directoryUrl;
+            }
+            // lib.optionalAttrs (cfg.acme.email != null) { inherit (cfg.acme) email; }
+            // lib.optionalAttrs (cfg.acme.caFile != null) { ca_file = cfg.acme.caFile; };
           })
         ];
 
