@@ -1,6 +1,7 @@
 # main.tf: a Platform.X cluster on AWS. The network, the firewall rules, the bundles bucket
-# with the control hosts' role, the hosts, and optionally a load balancer, each a module under
-# modules/. Ansible then configures the hosts from the inventory in outputs.tf.
+# with the control hosts' role, the hosts, and optionally a load balancer and the cluster's DNS
+# records, each a module under modules/. Ansible then configures the hosts from the inventory
+# in outputs.tf, which carries the domain and the ACME settings to Beacon.
 
 module "network" {
   source = "./modules/network"
@@ -61,6 +62,21 @@ module "load_balancer" {
   web_instance_ids  = module.instances.web_instance_ids
 }
 
+module "dns" {
+  source = "./modules/dns"
+  count  = var.create_dns_records ? 1 : 0
+
+  zone_id        = var.route53_zone_id
+  domain         = var.domain
+  ttl            = var.dns_ttl
+  web_public_ips = [for h in module.instances.web_hosts : h.public_ip]
+  api_public_ip  = local.first_control.public_ip
+  load_balancer = var.enable_load_balancer ? {
+    dns_name = module.load_balancer[0].dns_name
+    zone_id  = module.load_balancer[0].zone_id
+  } : null
+}
+
 locals {
   ports = module.security_groups.ports
   # Beacon runs on the first control host only (there is one Beacon per cluster), and that
@@ -79,5 +95,21 @@ locals {
     bucket_region  = module.bundles_bucket.bucket_region
     beacon_address = "${local.first_control.private_ip}:${local.ports.beacon_control}"
     repository_url = "https://${local.first_control.private_ip}:${local.ports.apprepo_api}"
+    domain         = var.domain
+    acme = {
+      directory_url = var.acme_directory_url
+      email         = var.acme_email
+    }
+    # With DNS records, em reaches the APIs by name: the certificates the pki role makes must
+    # carry those names, and em's config uses them.
+    api_names = var.create_dns_records ? module.dns[0].api_names : null
+    em_urls   = local.em_urls
   })
+
+  # The URLs em uses: the APIs' DNS names with create_dns_records, else the first control
+  # host's public address.
+  em_urls = {
+    apprepo = "https://${var.create_dns_records ? module.dns[0].api_names.apprepo : local.first_control.public_ip}:${local.ports.apprepo_api}"
+    beacon  = "https://${var.create_dns_records ? module.dns[0].api_names.beacon : local.first_control.public_ip}:${local.ports.beacon_api}"
+  }
 }

@@ -17,18 +17,41 @@ output "web_hosts" {
 }
 
 output "apprepo_url" {
-  description = "apprepo's API on the first control host, for `em login --remote` (reachable from admin_cidrs only)."
-  value       = "https://${local.first_control.public_ip}:${local.ports.apprepo_api}"
+  description = "apprepo's API on the first control host, for `em login --remote` (reachable from admin_cidrs only): apprepo.<domain> with create_dns_records, else the host's public IP."
+  value       = local.em_urls.apprepo
 }
 
 output "beacon_url" {
-  description = "Beacon's API and status page, for `em login --beacon` (reachable from admin_cidrs only)."
-  value       = "https://${local.first_control.public_ip}:${local.ports.beacon_api}"
+  description = "Beacon's API and status page, for `em login --beacon` (reachable from admin_cidrs only): beacon.<domain> with create_dns_records, else the host's public IP."
+  value       = local.em_urls.beacon
+}
+
+output "domain" {
+  description = "The cluster's domain: apps are served as <app>.<domain>."
+  value       = var.domain
+}
+
+output "dns_records" {
+  description = "The names create_dns_records made (null without it): apps (*.<domain> and <domain>) and apis (beacon, apprepo)."
+  value = var.create_dns_records ? {
+    apps = module.dns[0].app_names
+    apis = module.dns[0].api_names
+  } : null
 }
 
 output "load_balancer_dns_name" {
-  description = "DNS name of the load balancer in front of the web servers (null without enable_load_balancer): point the apps' domains here."
+  description = "DNS name of the Network Load Balancer in front of the web servers (null without enable_load_balancer): without create_dns_records, point *.<domain> here (CNAME or Route 53 alias)."
   value       = var.enable_load_balancer ? module.load_balancer[0].dns_name : null
+}
+
+output "load_balancer_zone_id" {
+  description = "The load balancer's Route 53 hosted zone id, for alias records made elsewhere (null without enable_load_balancer)."
+  value       = var.enable_load_balancer ? module.load_balancer[0].zone_id : null
+}
+
+output "acme_directory_url" {
+  description = "The ACME directory Beacon orders certificates from (empty: ACME off)."
+  value       = var.acme_directory_url
 }
 
 output "bundles_bucket" {

@@ -1,5 +1,6 @@
 # variables.tf: everything a user may set, with the defaults a small cluster starts from.
-# Only `ssh_public_key` has no default; `admin_cidrs` is worth setting too (see README.md).
+# Only `domain` and `ssh_public_key` have no default; `admin_cidrs` is worth setting too (see
+# README.md).
 
 # --- Where and what it is called -------------------------------------------------------------
 
@@ -29,6 +30,78 @@ variable "tags" {
   description = "Extra tags for every resource (Project, Cluster and ManagedBy are always set)."
   type        = map(string)
   default     = {}
+}
+
+# --- Domain, DNS and certificates -------------------------------------------------------------
+
+variable "domain" {
+  description = "The cluster's domain: apps are served as <app>.<domain> (Beacon's `domain`), and with create_dns_records the APIs as beacon.<domain> and apprepo.<domain>. A DNS name you control, e.g. apps.example.com."
+  type        = string
+
+  validation {
+    # At most 189 characters: <app>.<domain> with the longest app name (63) fits DNS's 253.
+    condition = (
+      length(var.domain) <= 189 &&
+      can(regex("^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", var.domain))
+    )
+    error_message = "domain must be a lowercase DNS name of at least two labels and at most 189 characters, such as apps.example.com (no trailing dot, no wildcard, no IP address)."
+  }
+
+  validation {
+    # The special-use names of RFC 6761 and 6762, and .internal: no public CA certifies them.
+    condition     = !can(regex("(^|\\.)(local(host|domain)?|internal|invalid|test|example)$", var.domain))
+    error_message = "domain must be under a public top-level domain: special-use names (.local, .test, .example, .invalid, .internal, the loopback name) cannot get certificates from a public CA."
+  }
+}
+
+variable "create_dns_records" {
+  description = "Create the cluster's DNS records in the Route 53 hosted zone route53_zone_id: *.<domain> and <domain> to the load balancer (or, without one, to every web server's public IP), beacon.<domain> and apprepo.<domain> to the first control host."
+  type        = bool
+  default     = false
+}
+
+variable "route53_zone_id" {
+  description = "The public Route 53 hosted zone that holds domain (the zone of domain itself or of a parent), for create_dns_records."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.route53_zone_id == null || can(regex("^[A-Z0-9]{1,32}$", var.route53_zone_id))
+    error_message = "route53_zone_id must be a Route 53 hosted zone id: up to 32 capital letters and digits, such as Z0123456789ABCDEFGHIJ."
+  }
+}
+
+variable "dns_ttl" {
+  description = "TTL in seconds of the A records made without a load balancer (alias records to the load balancer have none of their own)."
+  type        = number
+  default     = 300
+
+  validation {
+    condition     = var.dns_ttl >= 30 && var.dns_ttl <= 86400 && floor(var.dns_ttl) == var.dns_ttl
+    error_message = "dns_ttl must be a whole number of seconds from 30 to 86400."
+  }
+}
+
+variable "acme_directory_url" {
+  description = "Directory URL of the ACME CA that Beacon orders the apps' certificates from. Default: Let's Encrypt production; Let's Encrypt staging (untrusted certificates, generous rate limits) is https://acme-staging-v02.api.letsencrypt.org/directory. Empty: no ACME, Maestro serves HTTP only (or the certificates you install)."
+  type        = string
+  default     = "https://acme-v02.api.letsencrypt.org/directory"
+
+  validation {
+    condition     = var.acme_directory_url == "" || (length(var.acme_directory_url) <= 2048 && can(regex("^https://[^\\s/?#]+(/[^\\s]*)?$", var.acme_directory_url)))
+    error_message = "acme_directory_url must be an https:// URL of at most 2048 characters (an ACME directory), or empty to turn ACME off."
+  }
+}
+
+variable "acme_email" {
+  description = "Contact address of the ACME account (the CA may write about problems with it). Empty: an account without contact."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.acme_email == "" || (length(var.acme_email) <= 254 && can(regex("^[^@\\s]+@[a-z0-9-]+(\\.[a-z0-9-]+)+$", lower(var.acme_email))))
+    error_message = "acme_email must be one email address such as ops@example.com (at most 254 characters), or empty."
+  }
 }
 
 # --- Network ----------------------------------------------------------------------------------
@@ -217,7 +290,7 @@ variable "bundles_force_destroy" {
 # --- Load balancer ----------------------------------------------------------------------------
 
 variable "enable_load_balancer" {
-  description = "Put an Application Load Balancer in front of the web servers on port 80 (about 20 USD a month more; see README.md). Without it, point DNS at the web servers' addresses."
+  description = "Put a Network Load Balancer in front of the web servers, passing TCP 80 and 443 through to Maestro, which terminates TLS (about 20 USD a month more; see README.md). Without it, DNS points at the web servers' addresses."
   type        = bool
   default     = false
 }

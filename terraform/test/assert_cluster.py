@@ -1,13 +1,17 @@
 """Assertions of terraform/check, run with the venv's Python (boto3 and PyYAML).
 
   assert_cluster.py defaults PLAN_JSON     the plan of the user-facing defaults
+  assert_cluster.py make-zones FILE        creates Route 53 zones in moto as a user's would be;
+                                           writes their ids to FILE (public, private, other)
+  assert_cluster.py dns-direct PLAN_JSON   the plan of DNS records without a load balancer
   assert_cluster.py make-vpc FILE          creates a VPC in moto as a user's existing one would
                                            be; writes its ids to FILE, one per line
   assert_cluster.py existing PLAN_JSON FILE   the plan into that VPC
-  assert_cluster.py present OUTPUTS_JSON   what the apply made, read back from moto with boto3
+  assert_cluster.py present OUTPUTS_JSON FILE   what the apply made, read back from moto with
+                                           boto3 (FILE: make-zones' ids)
   assert_cluster.py ansible OUTPUTS_JSON   the generated inventory, as ansible/site.yml sees it
   assert_cluster.py clean PLAN_JSON        a second plan after the apply changes nothing
-  assert_cluster.py gone OUTPUTS_JSON      after the destroy, nothing of the cluster is left
+  assert_cluster.py gone OUTPUTS_JSON FILE after the destroy, nothing of the cluster is left
 
 The cluster under test is described by moto.tfvars.json beside this file, which the check also
 hands to Terraform, so the expectations and the configuration cannot drift apart. The moto
@@ -24,6 +28,8 @@ from pathlib import Path
 
 import boto3
 import yaml
+
+import assert_edge as edge
 
 HERE = Path(__file__).resolve().parent
 TFVARS = json.loads((HERE / "moto.tfvars.json").read_text())
@@ -103,6 +109,7 @@ def cmd_defaults(plan_json):
         "IMDSv2 required",
     )
     check(not planned(plan, "aws_lb"), "no load balancer")
+    edge.plan_defaults(check, plan)
 
     rules = [r["change"]["after"] for r in planned(plan, "aws_vpc_security_group_ingress_rule")]
     check(not [r for r in rules if r["from_port"] == 22], "no SSH rule without admin_cidrs")
@@ -127,6 +134,18 @@ def cmd_defaults(plan_json):
     tags_all = vpc.get("tags_all") or {}
     check(tags_all.get("Project") == "platformx" and tags_all.get("Cluster") == "platformx",
           "default tags Project=platformx, Cluster=platformx", tags_all)
+
+
+# --- DNS: hosted zones, and records without a load balancer ----------------------------------
+
+def cmd_make_zones(ids_file):
+    edge.make_zones(check, client("route53"), client("ec2"), TFVARS["region"], ids_file)
+
+
+def cmd_dns_direct(plan_json):
+    plan = json.loads(Path(plan_json).read_text())
+    print("DNS records without a load balancer (plan with create_dns_records and route53_zone_id):")
+    edge.plan_without_load_balancer(check, plan, os.environ["TF_VAR_domain"])
 
 
 # --- existing: a user's own VPC and subnets ---------------------------------------------------
@@ -177,7 +196,7 @@ def cmd_existing(plan_json, ids_file):
 
 # --- present: what moto holds after the apply --------------------------------------------------
 
-def cmd_present(outputs_json):
+def cmd_present(outputs_json, zones_file):
     out = {k: v["value"] for k, v in json.loads(Path(outputs_json).read_text()).items()}
     prefix = TFVARS["name_prefix"]
     admin = sorted(TFVARS["admin_cidrs"])
@@ -279,9 +298,8 @@ def cmd_present(outputs_json):
     ssh_sources = sorted(src for port, _, src in control_in + web_in if port == 22)
     check(ssh_sources == sorted(admin * 2), "SSH only from admin_cidrs", ssh_sources)
     lb_in, lb_rules = ingress(sgs["lb"])
-    check(lb_in == [(80, 80, "0.0.0.0/0")], "load balancer: 80 from anywhere", lb_in)
     lb_out = [(r["FromPort"], r.get("ReferencedGroupInfo", {}).get("GroupId", "").split("/")[-1]) for r in lb_rules if r["IsEgress"]]
-    check(lb_out == [(80, sgs["web"])], "load balancer: out to the web servers' port 80 only", lb_out)
+    edge.load_balancer_rules(check, lb_in, lb_out, sgs["web"])
     for name, gid in sgs.items():
         group = ec2.describe_security_groups(GroupIds=[gid])["SecurityGroups"][0]
         check(group["VpcId"] == vpc_id and has_cluster_tags(tags_of(group.get("Tags"))), f"{name} group in the VPC, tagged")
@@ -319,31 +337,12 @@ def cmd_present(outputs_json):
     check(len(web_subnets) == 2, "web servers spread over both subnets")
 
     print("load balancer:")
-    lbs = [lb for lb in elb.describe_load_balancers()["LoadBalancers"] if lb["LoadBalancerName"] == f"{prefix}-web"]
-    check(len(lbs) == 1, "one ALB")
-    if lbs:
-        lb = lbs[0]
-        # `internal = false` sends no Scheme, which AWS takes as internet-facing; moto then
-        # stores none, so a missing Scheme is read as the default.
-        check(lb.get("Scheme", "internet-facing") == "internet-facing" and lb["Type"] == "application",
-              "internet-facing application LB", (lb.get("Scheme"), lb["Type"]))
-        check(lb["DNSName"] == out["load_balancer_dns_name"], "its DNS name is the output")
-        check(lb["SecurityGroups"] == [sgs["lb"]], "in the load balancer group")
-        check(sorted(z["SubnetId"] for z in lb["AvailabilityZones"]) == sorted(out["subnet_ids"]), "in both subnets")
-        lb_tags = tags_of(elb.describe_tags(ResourceArns=[lb["LoadBalancerArn"]])["TagDescriptions"][0]["Tags"])
-        check(has_cluster_tags(lb_tags), "ALB tagged", lb_tags)
-        listeners = elb.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"]
-        check([(li["Port"], li["Protocol"], li["DefaultActions"][0]["Type"]) for li in listeners] == [(80, "HTTP", "forward")],
-              "one listener: HTTP 80, forward")
-        tgs = elb.describe_target_groups(LoadBalancerArn=lb["LoadBalancerArn"])["TargetGroups"]
-        check(len(tgs) == 1, "one target group")
-        if tgs:
-            tg = tgs[0]
-            check((tg["Port"], tg["Protocol"], tg["HealthCheckPath"], tg["Matcher"].get("HttpCode")) == (80, "HTTP", "/", "200-499"),
-                  "targets port 80; health check GET / expecting 200-499",
-                  (tg["Port"], tg["Protocol"], tg["HealthCheckPath"], tg["Matcher"]))
-            targets = sorted(t["Target"]["Id"] for t in elb.describe_target_health(TargetGroupArn=tg["TargetGroupArn"])["TargetHealthDescriptions"])
-            check(targets == sorted(instances[n]["InstanceId"] for n in web), "every web server, and only they, are targets", targets)
+    lb = edge.load_balancer(check, elb, out, sgs, [instances[n]["InstanceId"] for n in web], has_cluster_tags)
+
+    print("DNS records:")
+    zone_id = Path(zones_file).read_text().split()[0]
+    if lb:
+        edge.dns_records(check, client("route53"), out, TFVARS, zone_id, instances[control[0]]["PublicIpAddress"], lb)
 
     print("Ansible inventory:")
     inv = yaml.safe_load(out["ansible_inventory"])
@@ -365,10 +364,10 @@ def cmd_present(outputs_json):
     check(repo_vars == {"platformx_s3_bucket": bucket, "platformx_s3_region": TFVARS["region"]}, "repository vars: bucket and region", repo_vars)
     first = instances.get(f"{prefix}-control-1", {}).get("PrivateIpAddress")
     all_vars = inv["all"]["vars"]
+    edge.inventory_vars(check, all_vars, TFVARS)
     check(all_vars.get("platformx_beacon_address") == f"{first}:{BEACON_CONTROL}"
           and all_vars.get("platformx_repository_url") == f"https://{first}:{APPREPO_API}",
           "Beacon and apprepo addresses are control-1's private IP", all_vars)
-    check(out["apprepo_url"] == f"https://{instances[control[0]]['PublicIpAddress']}:{APPREPO_API}", "apprepo_url output")
 
 
 # --- ansible: the generated inventory through Ansible itself -----------------------------------
@@ -484,7 +483,7 @@ def cmd_clean(plan_json):
 
 # --- gone: after the destroy --------------------------------------------------------------------
 
-def cmd_gone(outputs_json):
+def cmd_gone(outputs_json, zones_file):
     out = {k: v["value"] for k, v in json.loads(Path(outputs_json).read_text()).items()}
     prefix = TFVARS["name_prefix"]
     s3, ec2, iam, elb = client("s3"), client("ec2"), client("iam"), client("elbv2")
@@ -508,11 +507,16 @@ def cmd_gone(outputs_json):
                 if p["InstanceProfileName"].startswith(f"{prefix}-")]
     check(not profiles, "instance profile gone", profiles)
     check(not elb.describe_load_balancers()["LoadBalancers"], "load balancer gone")
-    check(not elb.describe_target_groups()["TargetGroups"], "target group gone")
+    check(not elb.describe_target_groups()["TargetGroups"], "target groups gone")
+    zone_id = Path(zones_file).read_text().split()[0]
+    left = [r["Name"] for r in client("route53").list_resource_record_sets(HostedZoneId=zone_id)["ResourceRecordSets"]
+            if r["Type"] not in ("NS", "SOA")]
+    check(not left, "DNS records gone, the hosted zone kept", left)
 
 
 def main():
-    commands = {"defaults": 1, "make-vpc": 1, "existing": 2, "present": 1, "ansible": 1, "clean": 1, "gone": 1}
+    commands = {"defaults": 1, "make-zones": 1, "dns-direct": 1, "make-vpc": 1, "existing": 2, "present": 2, "ansible": 1,
+                "clean": 1, "gone": 2}
     if len(sys.argv) < 2 or commands.get(sys.argv[1]) != len(sys.argv) - 2:
         sys.exit(__doc__)
     try:

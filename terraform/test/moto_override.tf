@@ -14,11 +14,12 @@ provider "aws" {
 
   # Every service the configuration calls; a service missing here would go to real AWS.
   endpoints {
-    ec2   = var.moto_endpoint
-    elbv2 = var.moto_endpoint
-    iam   = var.moto_endpoint
-    kms   = var.moto_endpoint
-    s3    = var.moto_endpoint
-    sts   = var.moto_endpoint
+    ec2     = var.moto_endpoint
+    elbv2   = var.moto_endpoint
+    iam     = var.moto_endpoint
+    kms     = var.moto_endpoint
+    route53 = var.moto_endpoint
+    s3      = var.moto_endpoint
+    sts     = var.moto_endpoint
   }
 }

@@ -8,7 +8,12 @@ output "zone_id" {
   value       = aws_lb.web.zone_id
 }
 
-output "target_group_arn" {
-  description = "The web servers' target group."
-  value       = aws_lb_target_group.web.arn
+output "target_group_arns" {
+  description = "The web servers' target groups, by the port they pass: http (80) and https (443)."
+  value       = { for name, tg in aws_lb_target_group.web : name => tg.arn }
+}
+
+output "ports" {
+  description = "The ports passed through to the web servers, by name."
+  value       = local.ports
 }

@@ -1,5 +1,5 @@
 variable "name_prefix" {
-  description = "Prefix of resource names (at most 28 characters: ALB names have at most 32)."
+  description = "Prefix of resource names (at most 24 characters: target group names, <prefix>-web-https, have at most 32)."
   type        = string
 }
 

@@ -4,7 +4,10 @@
 #                  22 from admin_cidrs
 #   control hosts  7070 (apprepo API) and 7080 (Beacon API) from the VPC and admin_cidrs;
 #                  7443 (Beacon control links, TLS) from the VPC; 22 from admin_cidrs
-#   load balancer  80 from anywhere, out to the VPC on 80 only
+#   load balancer  80, 443 from anywhere, out to the web servers' 80 and 443 only
+#
+# The load balancer passes TCP through and keeps the client's address, so the web servers
+# see clients, not the load balancer: their 80 and 443 stay open to anywhere.
 #
 # The ports are the services' defaults (crates/*/src/config.rs); the services themselves bind
 # loopback by default, so Ansible must set them to listen on the host's addresses.
@@ -18,6 +21,8 @@ locals {
   beacon_control_port = 7443
   # Maestro `status_listen`: /healthz, /metrics, /v1/state, for monitoring inside the VPC.
   maestro_status_port = 7090
+  # Maestro's proxy: plain HTTP (and ACME's HTTP-01 challenges) and HTTPS (TLS-ALPN-01 too).
+  proxy_ports = { http = 80, https = 443 }
 
   control_rules = merge(
     {
@@ -32,8 +37,8 @@ locals {
 
   web_rules = merge(
     {
-      "http-from-anywhere"      = { port = 80, cidr = "0.0.0.0/0", what = "HTTP to Maestro's proxy" }
-      "https-from-anywhere"     = { port = 443, cidr = "0.0.0.0/0", what = "HTTPS to Maestro's proxy" }
+      "http-from-anywhere"      = { port = local.proxy_ports.http, cidr = "0.0.0.0/0", what = "HTTP to Maestro's proxy" }
+      "https-from-anywhere"     = { port = local.proxy_ports.https, cidr = "0.0.0.0/0", what = "HTTPS to Maestro's proxy" }
       "maestro-status-from-vpc" = { port = local.maestro_status_port, cidr = var.vpc_cidr, what = "Maestro status from the VPC" }
     },
     { for c in var.admin_cidrs : "ssh-from-${c}" => { port = 22, cidr = c, what = "SSH from an admin" } },
@@ -92,7 +97,8 @@ resource "aws_vpc_security_group_egress_rule" "all" {
   tags              = { Name = "${var.name_prefix}-${each.key}-egress" }
 }
 
-# The load balancer's own group: HTTP in from anywhere, out only to the web servers' port 80.
+# The load balancer's own group: 80 and 443 in from anywhere, out only to the web servers' same
+# ports (its health checks leave through port 80 too).
 resource "aws_security_group" "load_balancer" {
   count = var.enable_load_balancer ? 1 : 0
 
@@ -102,26 +108,26 @@ resource "aws_security_group" "load_balancer" {
   tags        = { Name = "${var.name_prefix}-lb" }
 }
 
-resource "aws_vpc_security_group_ingress_rule" "load_balancer_http" {
-  count = var.enable_load_balancer ? 1 : 0
+resource "aws_vpc_security_group_ingress_rule" "load_balancer" {
+  for_each = { for name, port in local.proxy_ports : name => port if var.enable_load_balancer }
 
   security_group_id = aws_security_group.load_balancer[0].id
-  description       = "HTTP from anywhere"
+  description       = "${upper(each.key)} from anywhere"
   ip_protocol       = "tcp"
-  from_port         = 80
-  to_port           = 80
+  from_port         = each.value
+  to_port           = each.value
   cidr_ipv4         = "0.0.0.0/0"
-  tags              = { Name = "${var.name_prefix}-lb-http-from-anywhere" }
+  tags              = { Name = "${var.name_prefix}-lb-${each.key}-from-anywhere" }
 }
 
 resource "aws_vpc_security_group_egress_rule" "load_balancer_to_web" {
-  count = var.enable_load_balancer ? 1 : 0
+  for_each = { for name, port in local.proxy_ports : name => port if var.enable_load_balancer }
 
   security_group_id            = aws_security_group.load_balancer[0].id
-  description                  = "HTTP to the web servers"
+  description                  = "${upper(each.key)} to the web servers"
   ip_protocol                  = "tcp"
-  from_port                    = 80
-  to_port                      = 80
+  from_port                    = each.value
+  to_port                      = each.value
   referenced_security_group_id = aws_security_group.web.id
-  tags                         = { Name = "${var.name_prefix}-lb-to-web" }
+  tags                         = { Name = "${var.name_prefix}-lb-${each.key}-to-web" }
 }
