@@ -10,7 +10,7 @@ data "aws_availability_zones" "available" {
   count = local.create ? 1 : 0
   state = "available"
 
-  # Local Zones and Wavelength Zones lack instance types and ALB support; keep to real AZs.
+  # Local Zones and Wavelength Zones lack instance types and load balancer support; keep to real AZs.
   filter {
     name   = "opt-in-status"
     values = ["opt-in-not-required"]
