@@ -24,6 +24,7 @@ locals {
 }
 
 resource "aws_lb" "web" {
+  #checkov:skip=CKV2_AWS_20:a network load balancer passes TCP 80 through; Maestro itself redirects HTTP to HTTPS
   name               = "${var.name_prefix}-web"
   load_balancer_type = "network"
   internal           = false
