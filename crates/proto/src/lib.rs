@@ -7,6 +7,7 @@ pub mod beacon;
 pub mod build;
 pub mod codec;
 pub mod detect;
+pub mod hsts;
 pub mod link;
 pub mod manifest;
 pub mod names;

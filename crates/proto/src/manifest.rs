@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::hsts::Hsts;
 use crate::names;
 use crate::process::ProcessSettings;
 use crate::rate::Rate;
@@ -304,6 +305,18 @@ pub struct HttpSettings {
     /// `max_request_body` is then at most [`MAX_BUFFERED_REQUEST_BODY`].
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub buffer_requests: bool,
+    /// Answer plain HTTP for the app's hosts with a 308 to HTTPS once Maestro has a
+    /// certificate for the host (its own or a wildcard, not only the default one). On by
+    /// default; an app that must stay reachable over plain HTTP turns it off.
+    #[serde(
+        default = "default_https_redirect",
+        skip_serializing_if = "is_default_https_redirect"
+    )]
+    pub https_redirect: bool,
+    /// `Strict-Transport-Security` on the app's HTTPS answers; none unless asked for, since
+    /// a browser that saw it refuses plain HTTP for the host until it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsts: Option<Hsts>,
 }
 
 impl Default for HttpSettings {
@@ -313,8 +326,18 @@ impl Default for HttpSettings {
             static_dirs: BTreeMap::new(),
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
             buffer_requests: false,
+            https_redirect: true,
+            hsts: None,
         }
     }
+}
+
+fn default_https_redirect() -> bool {
+    true
+}
+
+fn is_default_https_redirect(redirect: &bool) -> bool {
+    *redirect
 }
 
 fn default_max_request_body() -> ByteSize {
@@ -463,6 +486,10 @@ impl AppManifest {
                     "must be at most {MAX_BUFFERED_REQUEST_BODY} with buffer_requests = true, since buffered bodies are held in memory; lower it or stop buffering"
                 ),
             ));
+        }
+        if let Some(hsts) = &self.http.hsts {
+            hsts.check()
+                .map_err(|m| ManifestError::field("http.hsts.max_age", m))?;
         }
         validate_limits(&self.limits, "limits")?;
         crate::process::validate_all(self.processes.iter())?;
@@ -690,10 +717,31 @@ collectstatic = false
         assert_eq!(m.deploy.max_error_rate, None);
         assert_eq!(m.http.max_request_body, DEFAULT_MAX_REQUEST_BODY);
         assert!(!m.http.buffer_requests);
+        assert!(m.http.https_redirect);
+        assert_eq!(m.http.hsts, None);
         // Defaults are left out when the manifest travels, so nodes that predate a section
         // still read manifests that do not use it.
         let travelling = serde_json::to_string(&m).unwrap();
         assert!(!travelling.contains("deploy") && !travelling.contains("max_request_body"));
+        assert!(!travelling.contains("https_redirect") && !travelling.contains("hsts"));
+    }
+
+    #[test]
+    fn https_redirect_and_hsts_are_read_and_travel() {
+        let m = AppManifest::parse(
+            "name = \"x\"\n[http]\nhttps_redirect = false\nhsts = { max_age = \"365days\", include_subdomains = true }",
+        )
+        .unwrap();
+        assert!(!m.http.https_redirect);
+        let hsts = m.http.hsts.unwrap();
+        assert_eq!(hsts.max_age, Duration::from_secs(365 * 86_400));
+        assert!(hsts.include_subdomains);
+        let travelled: AppManifest =
+            serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(travelled, m);
+        let short =
+            AppManifest::parse("name = \"x\"\n[http]\nhsts = { max_age = \"1h\" }").unwrap();
+        assert_eq!(short.http.hsts.unwrap().header_value(), "max-age=3600");
     }
 
     fn error_of(text: &str) -> ManifestError {
@@ -763,6 +811,19 @@ collectstatic = false
                 "name = \"x\"\n[http]\nmax_request_body = \"20 parsecs\"",
                 "http.max_request_body",
             ),
+            (
+                "name = \"x\"\n[http]\nhttps_redirect = \"no\"",
+                "http.https_redirect",
+            ),
+            (
+                "name = \"x\"\n[http]\nhsts = { max_age = \"100y\" }",
+                "http.hsts.max_age",
+            ),
+            (
+                "name = \"x\"\n[http]\nhsts = { max_age = \"1y\", preload = true }",
+                "http.hsts.preload",
+            ),
+            ("name = \"x\"\n[http]\nhsts = {}", "http.hsts"),
             (
                 "name = \"x\"\n[http]\nmax_request_body = \"11GiB\"",
                 "http.max_request_body",
