@@ -66,7 +66,9 @@ pub struct Config {
     /// Certificates per domain (`<domain>.crt` + `<domain>.key`), read again on each reload.
     /// Default: none.
     pub certs_dir: Option<PathBuf>,
-    /// Redirect plain HTTP to HTTPS. Default: false.
+    /// Redirect plain HTTP to HTTPS for every host, even one served only by the default
+    /// certificate. Default: false, which still redirects the hosts that have a certificate of
+    /// their own unless their app says `[http] https_redirect = false`.
     pub https_redirect: bool,
     /// Local `/healthz` and `/metrics`, unless systemd passes a socket named `status`.
     /// Default: `127.0.0.1:7090`.

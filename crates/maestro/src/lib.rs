@@ -45,10 +45,13 @@ pub mod internals {
     pub use crate::link::save_assignment;
     pub use crate::process::{Launch, instance_path, spawn, stop, wait_healthy};
     pub use crate::proxy::drain::SSE_RETRY_MS;
+    pub use crate::proxy::protocol::H2_MAX_CONCURRENT_STREAMS;
     pub use crate::proxy::server::ACCEPT_BALANCE_SLACK;
     pub use crate::proxy::tls::CertStore;
     pub use crate::proxy::{AccessLog, Proxy, ProxyError, ProxyMetrics, ProxySettings};
-    pub use crate::routes::{AppRoute, Backend, BodyPolicy, DrainOutcome, RouteTable, Routes};
+    pub use crate::routes::{
+        AppRoute, Backend, BodyPolicy, DrainOutcome, HttpsPolicy, RouteTable, Routes,
+    };
 }
 
 use std::collections::BTreeSet;

@@ -57,7 +57,7 @@ use crate::limits::Enforcer;
 use crate::logs::{AppLogs, LogLine, LogTasks, Rotation};
 use crate::process::{self, Launch};
 use crate::proxy::{AccessLog, Proxy, ProxyMetrics, ProxySettings};
-use crate::routes::{AppRoute, Backend, BodyPolicy, RouteTable, Routes};
+use crate::routes::{AppRoute, Backend, BodyPolicy, HttpsPolicy, RouteTable, Routes};
 use crate::runtimes;
 use crate::supervisor::{
     EVENT_QUEUE, Exit, FAILED_STDERR_LINES, Waiter, Watch, drain, instance_env, spawn_waiter,
@@ -606,7 +606,8 @@ impl LocalApp {
                 backend.into_iter().cloned().collect(),
                 self.loaded.static_dirs.clone(),
             )
-            .with_bodies(BodyPolicy::of(&manifest.http)),
+            .with_bodies(BodyPolicy::of(&manifest.http))
+            .with_https(HttpsPolicy::of(&manifest.http)),
         );
         let mut table = RouteTable::default();
         for host in [

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use hyper::header::HeaderValue;
 use hyper::http::uri::Authority;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -234,7 +235,38 @@ pub struct AppRoute {
     /// release, served by the proxy itself. Longest prefix wins.
     pub(crate) static_dirs: Vec<(String, PathBuf)>,
     pub(crate) bodies: BodyPolicy,
+    pub(crate) https: HttpsPolicy,
     next: AtomicUsize,
+}
+
+/// What the proxy does about HTTPS for one app (`[http]` of its manifest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpsPolicy {
+    /// Answer plain HTTP with a 308 to HTTPS for the app's hosts that have a certificate.
+    pub redirect: bool,
+    /// The `Strict-Transport-Security` value added to the app's HTTPS answers, when asked for.
+    pub hsts: Option<HeaderValue>,
+}
+
+impl Default for HttpsPolicy {
+    fn default() -> Self {
+        Self {
+            redirect: true,
+            hsts: None,
+        }
+    }
+}
+
+impl HttpsPolicy {
+    pub(crate) fn of(http: &px_proto::manifest::HttpSettings) -> Self {
+        Self {
+            redirect: http.https_redirect,
+            // The value is digits and ASCII words, always a valid header value.
+            hsts: http
+                .hsts
+                .and_then(|hsts| HeaderValue::try_from(hsts.header_value()).ok()),
+        }
+    }
 }
 
 /// How the proxy takes an app's request bodies (`[http]` of its manifest).
@@ -277,6 +309,7 @@ impl AppRoute {
             backends,
             static_dirs,
             bodies: BodyPolicy::default(),
+            https: HttpsPolicy::default(),
             next: AtomicUsize::new(0),
         }
     }
@@ -284,6 +317,12 @@ impl AppRoute {
     /// The route with `bodies` instead of the default body policy.
     pub fn with_bodies(mut self, bodies: BodyPolicy) -> Self {
         self.bodies = bodies;
+        self
+    }
+
+    /// The route with `https` instead of the default (redirect, no HSTS).
+    pub fn with_https(mut self, https: HttpsPolicy) -> Self {
+        self.https = https;
         self
     }
 

@@ -29,11 +29,14 @@ pub struct AccessRecord {
     pub request_id: String,
     /// The app the host routes to; `None` for an unknown host.
     pub app: Option<String>,
+    /// The HTTP version the client spoke: `HTTP/1.1`, `HTTP/2.0` (or `HTTP/1.0`).
+    pub protocol: &'static str,
 }
 
 impl AccessRecord {
     /// One line, fields separated by spaces: RFC 3339 time, host, method, path, status, bytes,
-    /// duration in seconds, upstream (`-` when none), request id, app (`-` when none). Fields a
+    /// duration in seconds, upstream (`-` when none), request id, app (`-` when none), protocol
+    /// (last, so that tools reading the earlier fields by position keep working). Fields a
     /// client chooses are quoted with `"` and `\` escaped and control or non-ASCII bytes as
     /// `\xHH`, so a line can never be split or forged.
     pub fn to_line(&self) -> String {
@@ -64,6 +67,8 @@ impl AccessRecord {
             Some(app) => quoted(&mut line, app),
             None => line.push('-'),
         }
+        line.push(' ');
+        line.push_str(self.protocol);
         line
     }
 }
@@ -146,6 +151,7 @@ mod tests {
             upstream: Some("127.0.0.1:4000".parse().unwrap()),
             request_id: "0123456789abcdef".into(),
             app: Some("hello".into()),
+            protocol: "HTTP/2.0",
         }
     }
 
@@ -154,14 +160,17 @@ mod tests {
         let line = record().to_line();
         assert_eq!(
             line,
-            "2023-11-14T22:13:20.123Z \"hello.localhost\" \"GET\" \"/a b\\\"\\x0a?x=1\" 200 12 0.001500 127.0.0.1:4000 \"0123456789abcdef\" \"hello\""
+            "2023-11-14T22:13:20.123Z \"hello.localhost\" \"GET\" \"/a b\\\"\\x0a?x=1\" 200 12 0.001500 127.0.0.1:4000 \"0123456789abcdef\" \"hello\" HTTP/2.0"
         );
         let none = AccessRecord {
             upstream: None,
             app: None,
             ..record()
         };
-        assert!(none.to_line().contains(" - \"0123456789abcdef\" -"));
+        assert!(
+            none.to_line()
+                .ends_with(" - \"0123456789abcdef\" - HTTP/2.0")
+        );
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
-//! One request: find the app by host, answer redirects, static files and failures itself, or
-//! forward to an instance (retrying a bodiless GET/HEAD once), pass upgrades through, and
-//! record the outcome in metrics and the access log.
+//! One request: find the app by host, answer redirects to HTTPS, static files and failures
+//! itself, or forward to an instance over HTTP/1.1 whatever the client spoke (retrying a
+//! bodiless GET/HEAD once), pass upgrades through, add the app's HSTS header to HTTPS
+//! answers, and record the outcome in metrics and the access log.
 
 use std::convert::Infallible;
 use std::error::Error as _;
@@ -10,7 +11,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{
-    CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, HeaderValue, LOCATION, TRANSFER_ENCODING,
+    CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, HeaderValue, STRICT_TRANSPORT_SECURITY,
+    TRANSFER_ENCODING,
 };
 use hyper::http::uri::{PathAndQuery, Scheme};
 use hyper::upgrade::OnUpgrade;
@@ -27,7 +29,9 @@ use super::body::{
 };
 use super::drain;
 use super::headers::{self, X_REQUEST_ID};
+use super::https;
 use super::pages::{Failure, page};
+use super::protocol::version_name;
 use super::server::Conn;
 use super::static_files;
 use crate::routes::{AppRoute, Backend, InFlight};
@@ -49,6 +53,8 @@ struct Exchange<'a> {
     request_id: HeaderValue,
     host: &'a str,
     pending: Option<Box<PendingRecord>>,
+    /// The app's `Strict-Transport-Security` value, on the HTTPS listener only.
+    hsts: Option<HeaderValue>,
 }
 
 impl Exchange<'_> {
@@ -69,6 +75,11 @@ impl Exchange<'_> {
         response
             .headers_mut()
             .insert(&X_REQUEST_ID, self.request_id);
+        if let Some(hsts) = self.hsts {
+            response
+                .headers_mut()
+                .insert(STRICT_TRANSPORT_SECURITY, hsts);
+        }
         self.conn
             .worker
             .proxy
@@ -89,10 +100,11 @@ impl Exchange<'_> {
 
 async fn respond(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
-    conn.activity.touch();
+    conn.activity.request();
     let proxy = &conn.worker.proxy;
     let settings = &proxy.settings;
     let request_id = headers::request_id(req.headers(), settings.trusted_forwarded);
+    proxy.metrics.record_version(req.version());
 
     // RFC 9112 §3.2.2: for an absolute-form target, its authority is the host.
     if let Some(authority) = req.uri().authority()
@@ -125,6 +137,7 @@ async fn respond(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<Proxy
                 upstream: None,
                 request_id: request_id.to_str().unwrap_or("").to_string(),
                 app: route.as_ref().map(|r| r.app.clone()),
+                protocol: version_name(req.version()),
             },
             started,
             log: proxy.access.clone(),
@@ -136,7 +149,15 @@ async fn respond(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<Proxy
         request_id,
         host,
         pending,
+        hsts: route
+            .as_ref()
+            .filter(|_| conn.worker.https)
+            .and_then(|route| route.https.hsts.clone()),
     };
+
+    // ---- The proxy's own answers that plain HTTP must reach as they are (ACME's HTTP-01
+    // challenges under `https::ACME_CHALLENGE_PREFIX`) go above this line, before the redirect to
+    // HTTPS below. ----
 
     let Some(route) = route else {
         let response = page(Failure::UnknownHost, host, "", exchange.request_id());
@@ -148,8 +169,8 @@ async fn respond(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<Proxy
         let response = page(Failure::BadRequest, host, app, exchange.request_id());
         return exchange.finish(response, app, None, None);
     }
-    if settings.https_redirect && !conn.worker.https {
-        let response = redirect_to_https(host, req.uri());
+    if !conn.worker.https && https::redirects(proxy, &route, host, req.uri().path()) {
+        let response = https::redirect(host, req.uri());
         return exchange.finish(response, app, None, None);
     }
     if let Some((dir, rest)) = static_files::matching(&route.static_dirs, req.uri().path()) {
@@ -162,22 +183,6 @@ async fn respond(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<Proxy
         return exchange.finish(response, app, None, None);
     }
     forward(exchange, &route, req, host_value.as_ref()).await
-}
-
-/// `https://host/path?query`, without the port of the plain listener.
-fn redirect_to_https(host: &str, uri: &Uri) -> Response<ProxyBody> {
-    let host = host
-        .rsplit_once(':')
-        .filter(|(name, port)| !name.ends_with(':') && port.bytes().all(|b| b.is_ascii_digit()))
-        .map_or(host, |(name, _)| name);
-    let target = uri.path_and_query().map_or("/", PathAndQuery::as_str);
-    let mut response = Response::new(ProxyBody::empty());
-    // 308 rather than 301: the method and body are kept.
-    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
-    if let Ok(location) = HeaderValue::try_from(format!("https://{host}{target}")) {
-        response.headers_mut().insert(LOCATION, location);
-    }
-    response
 }
 
 /// Sends the request to an instance of `route` and answers with what it says.

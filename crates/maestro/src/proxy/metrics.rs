@@ -7,6 +7,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use hyper::Version;
+
+use super::protocol::{VERSION_NAMES, version_index};
+
 /// Upper bounds (seconds) of the latency histogram buckets: Prometheus' default buckets, which
 /// span a fast static hit (a few ms) to a slow app page (10 s); slower ones land in `+Inf`.
 pub const LATENCY_BUCKETS: [f64; 11] = [
@@ -32,6 +36,8 @@ pub struct ProxyMetrics {
     apps: RwLock<HashMap<String, Arc<AppStats>>>,
     /// Open connections of each listener (`http`, `https`) by worker thread, in start order.
     listeners: Mutex<Vec<(&'static str, Arc<WorkerConnections>)>>,
+    /// Requests by the HTTP version the client spoke, indexed as [`VERSION_NAMES`].
+    versions: [AtomicU64; VERSION_NAMES.len()],
 }
 
 impl ProxyMetrics {
@@ -73,6 +79,19 @@ impl ProxyMetrics {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Counts one request the client sent in `version`.
+    pub(crate) fn record_version(&self, version: Version) {
+        self.versions[version_index(version)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests counted so far in the version HTTP names `name` (`HTTP/2.0`), for tests.
+    pub fn requests_in(&self, name: &str) -> u64 {
+        VERSION_NAMES
+            .iter()
+            .position(|known| *known == name)
+            .map_or(0, |i| self.versions[i].load(Ordering::Relaxed))
     }
 
     /// Counts one response of `app` with `status`, answered after `elapsed`.
@@ -164,6 +183,17 @@ impl ProxyMetrics {
                 out,
                 "maestro_request_duration_seconds_count{{app=\"{app}\"}} {}",
                 stats.count.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str(
+            "# HELP maestro_requests_by_protocol_total Requests the proxy received, by the HTTP version the client spoke.\n\
+             # TYPE maestro_requests_by_protocol_total counter\n",
+        );
+        for (name, count) in VERSION_NAMES.iter().zip(&self.versions) {
+            let _ = writeln!(
+                out,
+                "maestro_requests_by_protocol_total{{protocol=\"{name}\"}} {}",
+                count.load(Ordering::Relaxed)
             );
         }
         out.push_str(
@@ -284,6 +314,19 @@ mod tests {
             text.contains("maestro_request_duration_seconds_bucket{app=\"hello\",le=\"+Inf\"} 3")
         );
         assert!(text.contains("maestro_request_duration_seconds_count{app=\"hello\"} 3"));
+    }
+
+    #[test]
+    fn requests_are_counted_by_protocol() {
+        let m = ProxyMetrics::default();
+        m.record_version(Version::HTTP_2);
+        m.record_version(Version::HTTP_2);
+        m.record_version(Version::HTTP_11);
+        assert_eq!(m.requests_in("HTTP/2.0"), 2);
+        assert_eq!(m.requests_in("HTTP/1.0"), 0);
+        let text = m.render();
+        assert!(text.contains("maestro_requests_by_protocol_total{protocol=\"HTTP/2.0\"} 2"));
+        assert!(text.contains("maestro_requests_by_protocol_total{protocol=\"HTTP/1.1\"} 1"));
     }
 
     #[test]

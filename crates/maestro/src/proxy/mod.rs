@@ -7,17 +7,20 @@
 //! pool of connections to instances (see `server.rs` for why).
 
 mod access;
+mod activity;
 mod body;
 pub(crate) mod drain;
 mod handle;
 mod headers;
+mod https;
 mod metrics;
 mod pages;
+pub(crate) mod protocol;
 pub(crate) mod server;
 mod static_files;
 pub(crate) mod tls;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hyper_util::client::legacy::Client;
@@ -115,7 +118,9 @@ pub struct ProxySettings {
     /// gets a 431 and the connection is closed.
     pub max_header_bytes: usize,
     /// On the plain listener, redirect every request for a known host to
-    /// `https://host/path` with a 308 (default false).
+    /// `https://host/path` with a 308 (default false), even a host served only by the default
+    /// certificate. Without it, an app's hosts are redirected once a certificate of their own
+    /// (or a wildcard) is loaded; an app's `[http] https_redirect = false` turns both off.
     pub https_redirect: bool,
     /// Trust `X-Forwarded-*` and `X-Request-Id` from clients, extending them instead of
     /// replacing them (default false): only when Maestro sits behind the operator's own load
@@ -169,6 +174,8 @@ pub struct Proxy {
     settings: ProxySettings,
     metrics: Arc<ProxyMetrics>,
     access: AccessLog,
+    /// The HTTPS listener's certificates, once it serves: which hosts plain HTTP redirects.
+    certs: OnceLock<Arc<CertStore>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -191,7 +198,14 @@ impl Proxy {
             settings,
             metrics,
             access,
+            certs: OnceLock::new(),
         })
+    }
+
+    /// Whether the HTTPS listener serves a certificate of `host`'s own (or a wildcard's)
+    /// rather than only the default one. `host` is a name without a port.
+    pub(crate) fn has_certificate(&self, host: &str) -> bool {
+        self.certs.get().is_some_and(|certs| certs.covers(host))
     }
 
     /// Serves plain HTTP on `listener` until `shutdown`; then stops accepting and lets open
@@ -208,16 +222,21 @@ impl Proxy {
             .map_err(ProxyError::ListenerBroken)
     }
 
-    /// Same over TLS, with certificates chosen by SNI from `certs`.
-    pub async fn serve_https(
+    /// Same over TLS, with certificates chosen by SNI from `certs`. From the call on (before
+    /// the first connection), the plain listener redirects the hosts these certificates cover.
+    pub fn serve_https(
         self: Arc<Self>,
         listener: TcpListener,
         certs: Arc<CertStore>,
         shutdown: CancellationToken,
-    ) -> Result<(), ProxyError> {
+    ) -> impl Future<Output = Result<(), ProxyError>> + Send + 'static {
         let acceptor = tokio_rustls::TlsAcceptor::from(certs.server_config());
-        server::serve(self, listener, Some(acceptor), shutdown)
-            .await
-            .map_err(ProxyError::ListenerBroken)
+        // One HTTPS listener per proxy; a second would serve the same store.
+        let _ = self.certs.set(certs);
+        async move {
+            server::serve(self, listener, Some(acceptor), shutdown)
+                .await
+                .map_err(ProxyError::ListenerBroken)
+        }
     }
 }

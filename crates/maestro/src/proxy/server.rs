@@ -1,7 +1,7 @@
 //! Listening: worker threads, each with its own event loop, accept loop and pool of connections
 //! to instances, handing connections to each other to stay balanced; one task per client
-//! connection (TLS handshake, hyper's HTTP/1 connection, idle watch); and the graceful drain on
-//! shutdown.
+//! connection (TLS handshake, hyper's HTTP/1.1 or HTTP/2 connection as ALPN chose, idle
+//! watch); and the graceful drain on shutdown.
 //!
 //! Why threads of their own rather than tasks on Maestro's work-stealing runtime: a proxied
 //! request hops between the client connection's task and the pooled instance connection's task
@@ -12,26 +12,25 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd as _;
-use std::pin::Pin;
+use std::pin::pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::header::HeaderValue;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use px_runtime::shutdown::accept_error_is_fatal;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use super::activity::{Activity, Tracked};
 use super::metrics::{OpenConnection, WorkerConnections};
-use super::{MAX_CONNECTIONS, MIN_HEADER_BYTES, Proxy, UpstreamClient, handle, upstream_client};
+use super::protocol::{Builders, Graceful, Protocol};
+use super::{MAX_CONNECTIONS, Proxy, UpstreamClient, handle, upstream_client};
 
 /// Pause after a failed `accept` (typically out of file descriptors) so the loop does not spin
 /// while connections close.
@@ -65,7 +64,7 @@ pub(crate) struct Worker {
     /// This worker's connections to instances, so that a request and the instance connection
     /// it uses run on the same thread.
     pub(crate) client: UpstreamClient,
-    http1: http1::Builder,
+    builders: Builders,
     shutdown: CancellationToken,
     /// Cancelled when the drain deadline has passed: whatever still runs is cut (shared by
     /// the listener's workers).
@@ -112,12 +111,6 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), io::Error> {
     let settings = &proxy.settings;
-    let mut http1 = http1::Builder::new();
-    http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .max_header_size(settings.max_header_bytes.max(MIN_HEADER_BYTES))
-        .keep_alive(true);
     let drain = settings.drain;
     let https = tls.is_some();
     // Dropping this future (an aborted task) stops the workers' accept loops as well.
@@ -125,6 +118,7 @@ pub(crate) async fn serve(
     let _stop_on_drop = stop.clone().drop_guard();
     let force = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let builders = Builders::new(settings, tasks.clone(), force.clone());
     let workers = settings.workers.max(1);
     let connections = proxy
         .metrics
@@ -140,7 +134,7 @@ pub(crate) async fn serve(
             proxy: proxy.clone(),
             https,
             client: upstream_client(),
-            http1: http1.clone(),
+            builders: builders.clone(),
             shutdown: stop.clone(),
             force: force.clone(),
             tasks: tasks.clone(),
@@ -388,7 +382,9 @@ fn serve_connection(
     let worker2 = worker.clone();
     match tls {
         None => {
-            worker.tasks.spawn(connection(worker2, tcp, peer, slot));
+            worker
+                .tasks
+                .spawn(connection(worker2, tcp, peer, slot, Protocol::Http1));
         }
         Some(acceptor) => {
             let handshake_timeout = worker.proxy.settings.header_read_timeout;
@@ -399,7 +395,10 @@ fn serve_connection(
                     () = worker2.force.cancelled() => return,
                 };
                 match stream {
-                    Ok(Ok(stream)) => connection(worker2, stream, peer, slot).await,
+                    Ok(Ok(stream)) => {
+                        let protocol = Protocol::negotiated(stream.get_ref().1.alpn_protocol());
+                        connection(worker2, stream, peer, slot, protocol).await;
+                    }
                     Ok(Err(e)) => debug!(%peer, error = %e, "tls handshake failed"),
                     Err(_) => debug!(%peer, "tls handshake timed out"),
                 }
@@ -408,8 +407,9 @@ fn serve_connection(
     }
 }
 
-/// Serves one client connection until it closes, is idle too long, or shutdown ends it.
-async fn connection<IO>(ctx: Arc<Worker>, io: IO, peer: SocketAddr, slot: Slot)
+/// Serves one client connection in `protocol` until it closes, is idle too long, or shutdown
+/// ends it.
+async fn connection<IO>(ctx: Arc<Worker>, io: IO, peer: SocketAddr, slot: Slot, protocol: Protocol)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -427,9 +427,36 @@ where
         inner: io,
         activity: activity.clone(),
     });
-    let conn = ctx.http1.serve_connection(io, service).with_upgrades();
-    tokio::pin!(conn);
+    match protocol {
+        Protocol::Http1 => {
+            let conn = ctx.builders.http1.serve_connection(io, service);
+            drive(&ctx, conn.with_upgrades(), &activity, peer, protocol).await;
+        }
+        Protocol::Http2 => {
+            let conn = ctx.builders.http2.serve_connection(io, service);
+            drive(&ctx, conn, &activity, peer, protocol).await;
+        }
+    }
+}
+
+/// Runs a served connection to its end, closing it gracefully when the drain begins: an idle
+/// HTTP/1.1 connection at once and a busy one after its response (one that has not sent its
+/// first request yet gets [`FIRST_REQUEST_GRACE`] to do so); an HTTP/2 connection at once with
+/// a GOAWAY, which lets every request already sent finish and tells the client to send the
+/// next ones elsewhere. An HTTP/2 connection that sends no request within the header read
+/// timeout is closed, as HTTP/1.1's header timer closes a silent one.
+async fn drive<C: Graceful>(
+    ctx: &Worker,
+    conn: C,
+    activity: &Activity,
+    peer: SocketAddr,
+    protocol: Protocol,
+) {
+    let mut conn = pin!(conn);
     let idle = ctx.proxy.settings.idle_timeout;
+    let first_request = ctx.proxy.settings.header_read_timeout;
+    let mut first_request_due = pin!(tokio::time::sleep(first_request));
+    let mut waiting_for_request = protocol == Protocol::Http2;
     let mut draining = false;
     let mut closing = false;
     loop {
@@ -443,7 +470,7 @@ where
             () = ctx.shutdown.cancelled(), if !draining => {
                 draining = true;
                 // Idle connections close now; busy ones after their current response.
-                if activity.answered() {
+                if protocol == Protocol::Http2 || activity.answered() {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
@@ -453,129 +480,18 @@ where
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
+            () = &mut first_request_due, if waiting_for_request => {
+                if !activity.requested() {
+                    debug!(%peer, "closing an HTTP/2 connection with no request for {first_request:?}");
+                    return;
+                }
+                waiting_for_request = false;
+            }
             () = ctx.force.cancelled() => return,
             () = activity.idle(idle) => {
                 debug!(%peer, "closing a connection idle for {idle:?}");
                 return;
             }
         }
-    }
-}
-
-/// When bytes last moved on a client connection, for the idle timeout.
-#[derive(Debug)]
-pub(crate) struct Activity {
-    epoch: Instant,
-    /// Milliseconds since `epoch` of the last read or write.
-    last_ms: AtomicU64,
-    /// Whether anything was ever written to the client (a response has begun).
-    wrote: std::sync::atomic::AtomicBool,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            epoch: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            wrote: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
-    fn answered(&self) -> bool {
-        self.wrote.load(Ordering::Relaxed)
-    }
-
-    /// Completes once a response has begun on the connection, or after `limit`.
-    async fn first_answer(&self, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while !self.answered() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    pub(crate) fn touch(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn quiet(&self) -> Duration {
-        self.epoch
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
-    }
-
-    /// Completes once nothing has moved for `limit`.
-    pub(crate) async fn idle(&self, limit: Duration) {
-        loop {
-            let quiet = self.quiet();
-            if quiet >= limit {
-                return;
-            }
-            tokio::time::sleep(limit - quiet).await;
-        }
-    }
-}
-
-/// A client stream that notes when bytes move through it.
-struct Tracked<T> {
-    inner: T,
-    activity: Arc<Activity>,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.touch();
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-            this.activity.wrote.store(true, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-            this.activity.wrote.store(true, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

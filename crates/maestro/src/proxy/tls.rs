@@ -33,19 +33,20 @@ impl CertSet {
     }
 
     fn find(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        if let Some(name) = name {
-            let name = name.trim_end_matches('.').to_ascii_lowercase();
-            if let Some(key) = self.exact.get(&name) {
-                return Some(key.clone());
-            }
-            // A wildcard covers exactly one label (RFC 6125 §6.4.3).
-            if let Some((_, parent)) = name.split_once('.')
-                && let Some(key) = self.wildcard.get(parent)
-            {
-                return Some(key.clone());
-            }
+        name.and_then(|name| self.named(name))
+            .or_else(|| self.default.clone())
+    }
+
+    /// The certificate issued for `name` itself or for a wildcard covering it; never the
+    /// default.
+    fn named(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(key) = self.exact.get(&name) {
+            return Some(key.clone());
         }
-        self.default.clone()
+        // A wildcard covers exactly one label (RFC 6125 §6.4.3).
+        let (_, parent) = name.split_once('.')?;
+        self.wildcard.get(parent).cloned()
     }
 }
 
@@ -86,8 +87,8 @@ impl CertStore {
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
-        // The proxy speaks HTTP/1.1 only; saying so lets clients skip trying h2.
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // HTTP/2 first, then HTTP/1.1; each connection is served in what it chose.
+        config.alpn_protocols = super::protocol::alpn_protocols();
         Ok(Arc::new(Self {
             dir: dir.to_path_buf(),
             provider,
@@ -112,6 +113,18 @@ impl CertStore {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .len()
+    }
+
+    /// Whether a certificate for `name` is loaded, its own or a wildcard's, not counting the
+    /// default: the proxy redirects plain HTTP to HTTPS only for such names, since a browser
+    /// would refuse the default certificate for any other.
+    pub fn covers(&self, name: &str) -> bool {
+        self.resolver
+            .set
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .named(name)
+            .is_some()
     }
 
     /// Whether no certificate is loaded (every handshake would then fail).

@@ -18,7 +18,7 @@ use super::processes::{self, Slot};
 use super::rollout_watch;
 use super::shared::Shared;
 use super::store::PreparedRelease;
-use crate::routes::{AppRoute, BodyPolicy, ReleaseStats};
+use crate::routes::{AppRoute, BodyPolicy, HttpsPolicy, ReleaseStats};
 use crate::runtimes;
 
 /// Stderr lines sent with a failed deploy.
@@ -262,7 +262,8 @@ impl AppTask {
             })
             .collect();
         let route = AppRoute::new(&self.app, running.assignment.release, backends, static_dirs)
-            .with_bodies(BodyPolicy::of(&running.assignment.manifest.http));
+            .with_bodies(BodyPolicy::of(&running.assignment.manifest.http))
+            .with_https(HttpsPolicy::of(&running.assignment.manifest.http));
         self.shared.serve(
             &self.app,
             running.assignment.domains.clone(),
