@@ -109,13 +109,14 @@ pub struct ProxySettings {
     /// This covers stalled bodies and upgraded connections; keep it above `request_timeout`.
     /// A keep-alive connection waiting for its next request is closed after
     /// `header_read_timeout` already, since hyper's header timer runs from the end of the
-    /// previous response.
+    /// previous response; an idle HTTP/2 connection after this (as nginx's `keepalive_timeout`).
     pub idle_timeout: Duration,
     /// A client must send a complete request head within this (slow loris), default 10 s;
-    /// also the limit for a TLS handshake.
+    /// also the limit for a TLS handshake, and for an HTTP/2 connection's first request.
     pub header_read_timeout: Duration,
     /// Largest request head accepted (default 64 KiB, at least 8 KiB); beyond it the client
-    /// gets a 431 and the connection is closed.
+    /// gets a 431 and the connection is closed. Over HTTP/2, the largest header list: beyond
+    /// it that request gets a 431 and the connection goes on.
     pub max_header_bytes: usize,
     /// On the plain listener, redirect every request for a known host to
     /// `https://host/path` with a 308 (default false), even a host served only by the default
