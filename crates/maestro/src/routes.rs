@@ -378,6 +378,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn https_policy_follows_the_manifest() {
+        let defaults = px_proto::manifest::AppManifest::parse("name = \"x\"").unwrap();
+        assert_eq!(HttpsPolicy::of(&defaults.http), HttpsPolicy::default());
+        assert!(HttpsPolicy::default().redirect);
+        let asked = px_proto::manifest::AppManifest::parse(
+            "name = \"x\"\n[http]\nhttps_redirect = false\nhsts = { max_age = \"2h\", include_subdomains = true }",
+        )
+        .unwrap();
+        let policy = HttpsPolicy::of(&asked.http);
+        assert!(!policy.redirect);
+        assert_eq!(policy.hsts.unwrap(), "max-age=7200; includeSubDomains");
+    }
+
+    #[test]
     fn lookup_ignores_case_port_and_trailing_dot() {
         let mut table = RouteTable::default();
         table.by_host.insert(

@@ -778,3 +778,39 @@ async fn hsts_is_added_to_the_https_answers_of_apps_that_ask_for_it() {
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("strict-transport-security").is_none());
 }
+
+#[tokio::test]
+async fn an_app_that_turned_the_redirect_off_is_not_redirected_even_when_the_operator_redirects_all()
+ {
+    let app = Upstream::start("app").await;
+    let off = Arc::new(
+        px_maestro::internals::AppRoute::new("off", 1, vec![backend("off", &app)], vec![])
+            .with_https(HttpsPolicy {
+                redirect: false,
+                hsts: None,
+            }),
+    );
+    let on = route("app", vec![backend("app", &app)], vec![]);
+    let proxy = Harness::start(
+        table(&[("off.localhost", off), ("app.localhost", on)]),
+        ProxySettings {
+            https_redirect: true,
+            ..ProxySettings::default()
+        },
+    )
+    .await;
+    let client = proxy.client(&["off.localhost", "app.localhost"]);
+    let r = client
+        .get(proxy.url("app.localhost", "/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 308);
+    let r = client
+        .get(proxy.url("off.localhost", "/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "hello from app");
+}
