@@ -814,3 +814,78 @@ async fn an_app_that_turned_the_redirect_off_is_not_redirected_even_when_the_ope
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "hello from app");
 }
+
+/// The browser on this machine, as Beacon's status page test finds it: absent, the test is
+/// skipped unless `PX_REQUIRE_CHROMIUM` says it must run (scripts/install-test-tools installs it).
+fn chromium() -> Option<String> {
+    for name in ["chromium", "chromium-browser"] {
+        if let Ok(out) = std::process::Command::new("which").arg(name).output()
+            && out.status.success()
+        {
+            return Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        }
+    }
+    assert!(
+        std::env::var_os("PX_REQUIRE_CHROMIUM").is_none(),
+        "PX_REQUIRE_CHROMIUM is set but chromium is not installed (apt-get install chromium)"
+    );
+    eprintln!("SKIPPING the HTTP/2 browser test: chromium not found");
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_loads_a_page_over_http2() {
+    let Some(browser) = chromium() else { return };
+    let app = Upstream::start("app").await;
+    let pki = Pki::new(&["app.test"]).unwrap();
+    let certs = cert_dir(&pki, &["app.test"]);
+    let (access, mut records) = AccessLog::new(16);
+    let proxy = Both::start(
+        one("app.test", &app),
+        certs.path(),
+        ProxySettings::default(),
+        access,
+    )
+    .await;
+    let profile = tempfile::tempdir().unwrap();
+    let output = tokio::process::Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            // The certificate is signed by the test's own CA, which this profile does not
+            // hold; what the test looks at is the protocol and the page.
+            "--ignore-certificate-errors",
+            "--host-resolver-rules=MAP app.test 127.0.0.1",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(format!("https://app.test:{}/page", proxy.https.port()))
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), output)
+        .await
+        .expect("chromium did not finish within a minute")
+        .unwrap();
+    let dom = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        dom.contains("hello from app"),
+        "page: {dom}\nchromium: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let record = loop {
+        let record = tokio::time::timeout(PATIENCE, records.recv())
+            .await
+            .expect("the page's request was never logged")
+            .unwrap();
+        if record.path == "/page" {
+            break record;
+        }
+    };
+    assert_eq!((record.status, record.protocol), (200, "HTTP/2.0"));
+}
