@@ -131,6 +131,7 @@ async fn apps(
             created_by: release.created_by.clone(),
             current: Some(release),
             formation: Default::default(),
+            domains: Vec::new(),
         })
         .into_iter()
         .collect();

@@ -501,6 +501,7 @@ async fn serve_repo(repo: Repo) -> String {
                         created_by: "em".into(),
                         current: releases.last().cloned(),
                         formation: Default::default(),
+                        domains: Vec::new(),
                     })
                     .collect();
                 axum::Json(apps)

@@ -27,6 +27,10 @@ pub struct App {
     /// defaults come from the current release (`px_proto::process::formation`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub formation: BTreeMap<String, u32>,
+    /// Host names added with `em domains add` (docs/src/reference/cli.md), lowercase and
+    /// sorted: served beside the current release's `[http] domains`, and no release.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
 }
 
 /// Body of `POST /v1/apps`.
@@ -297,6 +301,69 @@ pub struct FormationEntry {
     pub count: u32,
     /// Set with `em scale` (otherwise the release's default).
     pub explicit: bool,
+}
+
+/// Body of `POST /v1/apps/{app}/domains` (`em domains add`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddDomain {
+    pub domain: String,
+}
+
+/// Body of `GET /v1/apps/{app}/domains`, and the answer to adding or removing one: every
+/// host name the app is served on that apprepo knows of, manifest's first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Domains {
+    pub app: String,
+    pub domains: Vec<DomainEntry>,
+}
+
+/// One host name of [`Domains`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainEntry {
+    pub domain: String,
+    pub source: DomainSource,
+    /// The name's certificate from ACME, once the repository tracks them; `None` until then,
+    /// and for a name with no certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<DomainCertificate>,
+}
+
+/// Where a host name of an app comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DomainSource {
+    /// The current release's `[http] domains` in app.toml: changed by a deploy.
+    Manifest,
+    /// Added with `em domains add`: changed without a release.
+    Added,
+    /// `<app>.<cluster domain>`, from Beacon's `domain` setting (never stored by apprepo).
+    Cluster,
+}
+
+impl DomainSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainSource::Manifest => "manifest",
+            DomainSource::Added => "added",
+            DomainSource::Cluster => "cluster",
+        }
+    }
+}
+
+/// A certificate's state as `em domains list` shows it: the fields of the ACME certificate
+/// listing (domain aside), so that listing can fill it in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainCertificate {
+    /// `pending`, `valid`, `failed`, ...
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// RFC 3339 expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// Every error answer: a stable machine code and a sentence saying what to fix.

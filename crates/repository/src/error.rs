@@ -19,14 +19,15 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     BadRequest(String),
-    /// Another app's current release names the domain (docs/src/design/trust.md).
+    /// Another app holds the domain, in its current release or added with `em domains add`
+    /// (`how` says which; docs/src/design/trust.md).
     #[error(
-        "domain {domain:?} belongs to app {holder:?} (its release v{version}); remove it from this app's [http] domains, or from {holder:?} first"
+        "domain {domain:?} belongs to app {holder:?} ({how}); use another name, or remove it from {holder:?} first"
     )]
     DomainTaken {
         domain: String,
         holder: String,
-        version: u64,
+        how: String,
     },
     #[error(
         "bundle is larger than the limit of {max} bytes; shrink it (see .emignore) or raise `limits.max_bundle_bytes`"

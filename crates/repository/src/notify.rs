@@ -92,7 +92,7 @@ impl Notifier {
         }));
     }
 
-    /// Queues the notice that `current`'s app was scaled, without waiting: the notice of its
+    /// Queues the notice that `current`'s app was scaled or its domains changed, without waiting: the notice of its
     /// current release again, since what Beacon does with either is read the desired state
     /// (formations included) at once, so the change reaches the nodes in well under a second.
     pub fn formation_changed(&self, current: &Release) {

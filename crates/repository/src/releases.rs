@@ -232,6 +232,7 @@ impl Releases {
                 created_by: record.created_by,
                 current: None,
                 formation: BTreeMap::new(),
+                domains: Vec::new(),
             }),
             Err(StorageError::AlreadyExists(_)) => {
                 Err(ApiError::Conflict(format!("app {name:?} already exists")))
@@ -359,12 +360,14 @@ impl Releases {
         let newest = self.newest(app, record.latest).await?;
         let current = self.live(app, newest).await?;
         let formation = self.explicit_formation(app).await?;
+        let domains = self.added_domains(app).await?;
         Ok(App {
             name: record.name,
             created_at: record.created_at,
             created_by: record.created_by,
             current,
             formation,
+            domains,
         })
     }
 
@@ -469,6 +472,12 @@ impl Releases {
         self.commit_locks.lock(app).await
     }
 
+    /// Takes this process's domain claim lock (`domains.rs`): held from the check that a name
+    /// is free until the release or record that claims it is written.
+    pub(crate) async fn lock_domain_claims(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.domain_claims.clone().lock_owned().await
+    }
+
     /// Where a commit attempt starts: the app's pointer and its newest release.
     pub(crate) async fn head(&self, app: &str) -> Result<Head, ApiError> {
         let (record, pointer_version) = self.record(app).await?;
@@ -528,7 +537,7 @@ impl Releases {
         let _claim = if added.is_empty() {
             None
         } else {
-            let claim = self.domain_claims.clone().lock_owned().await;
+            let claim = self.lock_domain_claims().await;
             self.check_domains(app, &added).await?;
             Some(claim)
         };

@@ -7,7 +7,7 @@ mod common;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use common::{Raw, Repo, bomb_bundle, raw_bundle, sample_bundle, sha256_hex, suite};
+use common::{Raw, Repo, bomb_bundle, domain_suite, raw_bundle, sample_bundle, sha256_hex, suite};
 use px_proto::api::ErrorBody;
 use reqwest::StatusCode;
 
@@ -721,4 +721,36 @@ fn an_api_with_neither_a_certificate_nor_plain_http_chosen_is_refused_at_start()
     let err = px_repository::check(&config).err().unwrap().to_string();
     assert!(err.contains("api_tls.cert_file"), "{err}");
     assert!(err.contains("api_tls.plain_http = true"), "{err}");
+}
+
+#[tokio::test]
+async fn domains_are_added_and_removed_without_a_release() {
+    let repo = Repo::start_fs().await;
+    domain_suite::added_domains(&repo).await;
+    let stored = repo.data.path().join("storage/apps/shop/domains.json");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(stored).unwrap()).unwrap();
+    assert_eq!(record["domains"], serde_json::json!(["api.shop.example"]));
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn an_app_adds_at_most_max_domains_names() {
+    let repo = Repo::start_fs().await;
+    domain_suite::the_added_names_have_a_limit(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn an_added_name_belongs_to_one_app() {
+    let repo = Repo::start_fs().await;
+    domain_suite::a_name_belongs_to_one_app(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_domain_adds_lose_none() {
+    let repo = Repo::start_fs().await;
+    domain_suite::concurrent_adds(&repo).await;
+    repo.stop().await;
 }

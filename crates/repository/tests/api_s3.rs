@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{BUCKET, Repo, sample_bundle, sha256_hex, suite};
+use common::{BUCKET, Repo, domain_suite, sample_bundle, sha256_hex, suite};
 use px_proto::api::{ErrorBody, Release};
 use px_test_support::{S3_ACCESS_KEY, S3_SECRET_KEY, S3Server};
 use reqwest::StatusCode;
@@ -372,5 +372,23 @@ async fn concurrent_scales_on_s3_lose_no_change() {
     let Some(s3) = server() else { return };
     let repo = Repo::start_s3(&s3).await;
     suite::concurrent_scales(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn domains_on_s3_are_added_and_removed_without_a_release() {
+    let Some(s3) = server() else { return };
+    let repo = Repo::start_s3(&s3).await;
+    domain_suite::added_domains(&repo).await;
+    domain_suite::the_added_names_have_a_limit(&repo).await;
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn an_added_name_on_s3_belongs_to_one_app() {
+    let Some(s3) = server() else { return };
+    let repo = Repo::start_s3(&s3).await;
+    domain_suite::a_name_belongs_to_one_app(&repo).await;
+    domain_suite::concurrent_adds(&repo).await;
     repo.stop().await;
 }

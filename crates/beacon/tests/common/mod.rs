@@ -124,6 +124,7 @@ impl RepoStub {
                                 created_by: "ci".into(),
                                 current: Some(r.clone()),
                                 formation: Default::default(),
+                                domains: Vec::new(),
                             })
                             .collect();
                         Ok(axum::Json(apps))

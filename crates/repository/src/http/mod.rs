@@ -1,8 +1,9 @@
 //! The `/v1` HTTP API (docs/src/reference/apprepo.md), `/healthz` and `/metrics`, and the
 //! server that serves them ([`serve`]). Apps, releases, config and bundles are here; builds in
-//! `builds.rs`, layers in `layers.rs`.
+//! `builds.rs`, layers in `layers.rs`, added domains in `domains.rs`.
 
 mod builds;
+mod domains;
 mod layers;
 mod phases;
 
@@ -90,6 +91,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/apps/{app}/formation",
             get(get_formation).put(scale_formation),
+        )
+        .route(
+            "/v1/apps/{app}/domains",
+            get(domains::list).post(domains::add),
+        )
+        .route(
+            "/v1/apps/{app}/domains/{domain}",
+            axum::routing::delete(domains::remove),
         )
         .route("/v1/apps/{app}/builds", get(builds::list))
         .route("/v1/apps/{app}/builds/{number}", get(builds::get))

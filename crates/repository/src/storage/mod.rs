@@ -3,7 +3,7 @@
 //! (docs/src/design/storage.md): `bundles/sha256/<digest>` and `layers/sha256/<digest>`
 //! (immutable, content-addressed), `apps/<app>/releases/<n>.json` and the build records under
 //! `apps/<app>/builds/` (immutable, created only if absent), `apps/<app>/app.json` and
-//! `apps/<app>/formation.json` (replaced by compare-and-swap). Only retention (`retention.rs`) deletes: old release and build
+//! `apps/<app>/formation.json` and `apps/<app>/domains.json` (replaced by compare-and-swap). Only retention (`retention.rs`) deletes: old release and build
 //! records, and bundles and layers no record points to.
 
 use std::path::Path;

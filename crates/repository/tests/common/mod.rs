@@ -335,6 +335,7 @@ trait TakeBytes: std::io::Read + Sized {
 }
 impl<R: std::io::Read> TakeBytes for R {}
 pub mod build_suite;
+pub mod domain_suite;
 pub mod phase_suite;
 pub mod scope_suite;
 pub mod suite;

@@ -109,6 +109,7 @@ pub async fn a_scoped_token_acts_only_on_its_apps(repo: &Repo, scoped: &str) {
         "/v1/apps/blog/releases/1",
         "/v1/apps/blog/config",
         "/v1/apps/blog/formation",
+        "/v1/apps/blog/domains",
         "/v1/apps/blog/builds",
         "/v1/apps/blog/builds/1",
         "/v1/apps/blog/builds/1/log",
@@ -143,6 +144,26 @@ pub async fn a_scoped_token_acts_only_on_its_apps(repo: &Repo, scoped: &str) {
         .await
         .unwrap();
     assert_not_its_app(r, "scale").await;
+    let r = repo
+        .http
+        .post(format!("{}/v1/apps/blog/domains", repo.url))
+        .bearer_auth(scoped)
+        .json(&serde_json::json!({ "domain": "blog.example.com" }))
+        .send()
+        .await
+        .unwrap();
+    assert_not_its_app(r, "add a domain").await;
+    let r = repo
+        .http
+        .delete(format!(
+            "{}/v1/apps/blog/domains/blog.example.com",
+            repo.url
+        ))
+        .bearer_auth(scoped)
+        .send()
+        .await
+        .unwrap();
+    assert_not_its_app(r, "remove a domain").await;
     let r = repo
         .http
         .post(format!("{}/v1/apps", repo.url))
