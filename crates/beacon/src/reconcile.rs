@@ -1,7 +1,8 @@
-//! The reconciler: reads the desired state (every app's current release and formation) and the pending
-//! builds from the repository on start-up, on every notice and on an interval, and hands them
-//! to the hub; then reads the result of each build that left the pending list, for its event.
-//! When the repository is away, the hub keeps the last known state and the reconciler retries.
+//! The reconciler: reads the desired state (every app's current release, formation and added
+//! domains) and the pending builds from the repository on start-up, on every notice and on an
+//! interval, and hands them to the hub; then reads the result of each build that left the
+//! pending list, for its event. When the repository is away, the hub keeps the last known
+//! state and the reconciler retries.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,15 +14,16 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::{Formations, Hub};
+use crate::hub::{AddedDomains, Formations, Hub};
 use crate::metrics::Metrics;
 use crate::placement::BuildKey;
 
 /// What one read of the repository's apps gives: each app's current release, its formation,
-/// and its creation time.
+/// its added domains and its creation time.
 type Desired = (
     BTreeMap<String, Release>,
     Formations,
+    AddedDomains,
     BTreeMap<String, String>,
 );
 
@@ -91,8 +93,8 @@ impl RepositoryClient {
             .map_err(|e| format!("GET {url}: {e}"))
     }
 
-    /// Every app's current release, the counts its formation sets (`em scale`), and when
-    /// each app was created.
+    /// Every app's current release, the counts its formation sets (`em scale`), the names
+    /// added to it (`em domains add`), and when each app was created.
     pub async fn desired(&self) -> Result<Desired, String> {
         let apps: Vec<App> = self
             .get("/v1/apps")
@@ -100,6 +102,7 @@ impl RepositoryClient {
             .ok_or_else(|| format!("GET {}/v1/apps: 404 Not Found", self.base))?;
         let mut releases = BTreeMap::new();
         let mut formations = Formations::new();
+        let mut added_domains = AddedDomains::new();
         let mut created = BTreeMap::new();
         for app in apps {
             let Some(current) = app.current else { continue };
@@ -115,9 +118,12 @@ impl RepositoryClient {
             if !app.formation.is_empty() {
                 formations.insert(app.name.clone(), app.formation);
             }
+            if !app.domains.is_empty() {
+                added_domains.insert(app.name.clone(), app.domains);
+            }
             releases.insert(app.name, current);
         }
-        Ok((releases, formations, created))
+        Ok((releases, formations, added_domains, created))
     }
 
     /// Every build waiting to be built, across apps. A repository from before builds answers
@@ -177,7 +183,7 @@ pub async fn run(
     loop {
         metrics.reconciles.inc();
         let wait = match client.desired().await {
-            Ok((desired, formations, created)) => {
+            Ok((desired, formations, added_domains, created)) => {
                 failures = 0;
                 // Without the builds, the apps are still worth taking; the hub keeps the
                 // builds it knows until a later read succeeds.
@@ -192,7 +198,9 @@ pub async fn run(
                     .inspect_err(|error| tracing::warn!(%error, "cannot read the unended release phases; keeping the last known ones"))
                     .ok();
                 hub.set_app_created(created);
-                let ended = hub.set_state(desired, formations, builds).await;
+                let ended = hub
+                    .set_state(desired, formations, added_domains, builds)
+                    .await;
                 hub.set_phases(phases).await;
                 if !ended.is_empty() {
                     hub.build_results(client.results(ended).await).await;

@@ -1,7 +1,8 @@
 //! Processes of other types than web (a Procfile's `worker:`, `[processes.<type>]`) run by a real
 //! Maestro beside the web instances: restarted after a crash, replaced after web is healthy
 //! with their grace honoured, killed and counted when they ignore SIGTERM, and a `stop_first`
-//! type never running twice at once. A new formation starts and stops only what it changes.
+//! type never running twice at once. A new formation starts and stops only what it changes,
+//! and new host names change only the routes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -413,4 +414,50 @@ async fn scaling_starts_and_stops_only_what_the_formation_changes() {
     assert_eq!(lines.matches("worker.1 start").count(), 1, "{lines}");
     maestro.stop().await;
     wait_gone(first["worker.1"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_host_name_is_routed_without_restarting_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("worker.out");
+    let bundles = BundleServer::start().await;
+    let beacon = FakeBeacon::start().await;
+    let maestro = Maestro::start(unsandboxed(dir.path(), Some(&beacon))).await;
+    let (mut link, _) = beacon.accept().await;
+    let served_on = |domains: &[&str]| {
+        let mut app = shop(&bundles, 1, "", &out, &[]);
+        app.processes.insert("worker".into(), vec![1]);
+        app.domains = domains.iter().map(|d| (*d).to_string()).collect();
+        app
+    };
+    assign(&mut link, 1, vec![served_on(&["shop.localhost"])]).await;
+    maestro.wait_body("shop.localhost", "hi").await;
+    let first = wait_pids(&maestro, |p| p.len() == 2).await;
+    assert_eq!(maestro.get("shop.example.com", "/").await.unwrap().0, 404);
+
+    // `em domains add shop.example.com`: the same release with one more name.
+    assign(
+        &mut link,
+        2,
+        vec![served_on(&["shop.localhost", "shop.example.com"])],
+    )
+    .await;
+    maestro.wait_body("shop.example.com", "hi").await;
+    maestro.wait_body("shop.localhost", "hi").await;
+    assert_eq!(wait_pids(&maestro, |p| p.len() == 2).await, first);
+
+    // Removed again: the name answers 404 and still nothing restarted.
+    assign(&mut link, 3, vec![served_on(&["shop.localhost"])]).await;
+    let start = Instant::now();
+    while maestro.get("shop.example.com", "/").await.unwrap().0 != 404 {
+        assert!(
+            start.elapsed() < common::WAIT,
+            "shop.example.com is still routed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(wait_pids(&maestro, |p| p.len() == 2).await, first);
+    let lines = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(lines.matches("worker.1 start").count(), 1, "{lines}");
+    maestro.stop().await;
 }

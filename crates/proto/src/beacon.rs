@@ -242,6 +242,10 @@ pub struct App {
     /// The rollout's verdict once its watch is over or its error budget spent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<String>,
+    /// The host names the app is served on, as its assignment names them (the manifest's,
+    /// those added with `em domains add`, and `<app>.<cluster domain>` when served).
+    #[serde(default)]
+    pub domains: Vec<String>,
 }
 
 /// One process of an app as `GET /v1/apps/{app}/processes` lists it (`em ps`): the node that

@@ -13,13 +13,14 @@ use px_proto::build::{AssignedBuild, AssignedLayer, Build};
 use px_proto::link::{AppAssignment, Assignment};
 
 use super::persist::Persisted;
-use super::{Changes, Effect, Formations, Hub, Rollout, State, effect};
+use super::{AddedDomains, Changes, Effect, Formations, Hub, Rollout, State, effect};
 use crate::placement::{BuildKey, Fit, places};
 
 /// What the persisted generation numbers: `app@version` of every desired release,
 /// `build <app> <n> <node>` of every placed build, `process <app> <type> <n> <node>` of
-/// every placed process (a build or a process that moves is a new assignment) and
-/// `web <app> <n>` of every web count set with `em scale`.
+/// every placed process (a build or a process that moves is a new assignment),
+/// `web <app> <n>` of every web count set with `em scale` and `domains <app> <names>` of
+/// every app's added names.
 fn fingerprint(state: &State) -> Vec<String> {
     let mut fingerprint: Vec<String> = state
         .desired
@@ -30,6 +31,7 @@ fn fingerprint(state: &State) -> Vec<String> {
     fingerprint.extend(super::processes::fingerprint(&state.processes));
     fingerprint.extend(super::processes::web_fingerprint(state));
     fingerprint.extend(super::release_phases::fingerprint(&state.phases));
+    fingerprint.extend(super::domains::fingerprint(&state.added_domains));
     fingerprint
 }
 
@@ -72,9 +74,7 @@ impl Hub {
             .desired
             .values()
             .filter(|r| places(r, fit))
-            .map(|r| {
-                self.app_assignment(r, state.formations.get(&r.app), state.created.get(&r.app))
-            })
+            .map(|r| self.app_assignment(r, state))
             .collect();
         Self::add_processes(state, node, &mut apps);
         apps
@@ -101,19 +101,16 @@ impl Hub {
             .then(|| self.assignment_for(state, node, fit))
     }
 
-    /// The assignment of `release`, with the web count of its `formation` when one is set and
-    /// its app's creation time when known.
-    pub(super) fn app_assignment(
-        &self,
-        release: &Release,
-        formation: Option<&BTreeMap<String, u32>>,
-        created: Option<&String>,
-    ) -> AppAssignment {
-        let domains = if release.manifest.http.domains.is_empty() {
-            vec![format!("{}.{}", release.app, self.settings.domain)]
-        } else {
-            release.manifest.http.domains.clone()
-        };
+    /// The assignment of `release`, with the web count of its app's formation when one is set,
+    /// every name it is served on (`domains.rs`) and its app's creation time when known.
+    pub(super) fn app_assignment(&self, release: &Release, state: &State) -> AppAssignment {
+        let formation = state.formations.get(&release.app);
+        let created = state.created.get(&release.app);
+        let domains = super::domains::served(
+            release,
+            state.added_domains.get(&release.app),
+            &self.settings.domain,
+        );
         AppAssignment {
             app: release.app.clone(),
             release: release.version,
@@ -159,7 +156,7 @@ impl Hub {
         state
             .desired
             .get(app)
-            .map(|r| self.app_assignment(r, state.formations.get(app), state.created.get(app)))
+            .map(|r| self.app_assignment(r, &state))
     }
 
     /// Whether `app` is in the current assignment of a linked node whose link token has this
@@ -186,7 +183,8 @@ impl Hub {
     /// [`Hub::set_state`] without the builds, as the hub's own tests drive it.
     #[cfg(test)]
     pub async fn set_desired(&self, desired: BTreeMap<String, Release>) {
-        self.set_state(desired, Formations::new(), None).await;
+        self.set_state(desired, Formations::new(), AddedDomains::new(), None)
+            .await;
     }
 
     /// Takes the desired state read from the repository, and the pending builds when they
@@ -199,10 +197,11 @@ impl Hub {
         &self,
         desired: BTreeMap<String, Release>,
         formations: Formations,
+        added_domains: AddedDomains,
         builds: Option<Vec<Build>>,
     ) -> Vec<BuildKey> {
         self.update(|hub, state, effects| {
-            hub.update_desired(state, desired, formations, builds, effects)
+            hub.update_desired(state, desired, formations, added_domains, builds, effects)
         })
         .await
     }
@@ -284,6 +283,7 @@ impl Hub {
         state: &mut State,
         desired: BTreeMap<String, Release>,
         formations: Formations,
+        added_domains: AddedDomains,
         builds: Option<Vec<Build>>,
         effects: &mut Vec<Effect>,
     ) -> (Vec<BuildKey>, bool) {
@@ -306,12 +306,15 @@ impl Hub {
         // A new formation is no rollout: only the counts of running types change.
         let scaled = state.formations != formations;
         state.formations = formations;
+        // Nor is a change of added names: only the nodes' route tables change.
+        let rerouted = state.added_domains != added_domains;
+        state.added_domains = added_domains;
         let departed = builds
             .map(|builds| self.take_pending(state, builds))
             .unwrap_or_default();
         let moved = self.place_builds(state, effects) | self.place_processes(state);
         // A build that left the list leaves its node's assignment too.
-        let changed = desired_changed || scaled || moved || !departed.is_empty();
+        let changed = desired_changed || scaled || rerouted || moved || !departed.is_empty();
         if changed {
             Self::renumber(state);
         }

@@ -9,6 +9,7 @@
 //! hub applies.
 //!
 //! - `desired.rs`: the desired state, the generation and each node's assignment;
+//! - `domains.rs`: the host names an app is served on (manifest, added, the cluster's);
 //! - `builds.rs`: pending builds, where each runs, and their events;
 //! - `processes.rs`: the formation (`em scale`'s counts over the defaults) and where each
 //!   non-web process runs;
@@ -21,6 +22,7 @@
 
 mod builds;
 mod desired;
+mod domains;
 mod nodes;
 mod persist;
 mod processes;
@@ -31,6 +33,7 @@ mod runs;
 mod scope;
 mod views;
 
+pub use self::domains::AddedDomains;
 pub(crate) use self::runs::{RunNode, RunPlaceError};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -128,6 +131,8 @@ struct State {
     desired: BTreeMap<String, Release>,
     /// The counts set with `em scale`, read with `desired`.
     formations: Formations,
+    /// The names added with `em domains add`, read with `desired`.
+    added_domains: AddedDomains,
     /// Each app's creation time (apprepo's `created_at`), read with `desired`: the age of its
     /// claim on its domains, which decides a host two apps name (`AppAssignment::app_created_at`).
     created: BTreeMap<String, String>,
@@ -265,6 +270,7 @@ impl Hub {
             state: Mutex::new(State {
                 desired: BTreeMap::new(),
                 formations: Formations::new(),
+                added_domains: AddedDomains::new(),
                 created: BTreeMap::new(),
                 desired_known: false,
                 durable: persisted.generation,

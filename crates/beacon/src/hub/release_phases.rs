@@ -210,11 +210,7 @@ impl Hub {
             .filter_map(|entry| {
                 let phase = entry.release.phase.as_ref()?;
                 Some(PhaseOrder {
-                    release: self.app_assignment(
-                        &entry.release,
-                        state.formations.get(&entry.release.app),
-                        state.created.get(&entry.release.app),
-                    ),
+                    release: self.app_assignment(&entry.release, state),
                     command: phase.command.clone(),
                     timeout_secs: phase.timeout_secs,
                 })

@@ -414,7 +414,8 @@ async fn a_formation_sets_web_per_node_and_other_types_across_the_cluster() {
         let counts = pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         [("shop".to_string(), counts)].into()
     };
-    hub.set_state(shop.clone(), Formations::new(), None).await;
+    hub.set_state(shop.clone(), Formations::new(), AddedDomains::new(), None)
+        .await;
     let first = hub.generation();
     assert_eq!(instances_of(&mut web1, "shop"), 1);
     assert_eq!(
@@ -424,8 +425,13 @@ async fn a_formation_sets_web_per_node_and_other_types_across_the_cluster() {
     assert_eq!(processes_of(&mut web2, "shop"), []);
 
     // worker=3: the running one stays, two more spread; web=2 on every web server.
-    hub.set_state(shop.clone(), scaled(&[("web", 2), ("worker", 3)]), None)
-        .await;
+    hub.set_state(
+        shop.clone(),
+        scaled(&[("web", 2), ("worker", 3)]),
+        AddedDomains::new(),
+        None,
+    )
+    .await;
     assert!(
         hub.generation() > first,
         "a new formation is a new generation"
@@ -444,20 +450,31 @@ async fn a_formation_sets_web_per_node_and_other_types_across_the_cluster() {
 
     // The same formation read again changes nothing.
     let generation = hub.generation();
-    hub.set_state(shop.clone(), scaled(&[("web", 2), ("worker", 3)]), None)
-        .await;
+    hub.set_state(
+        shop.clone(),
+        scaled(&[("web", 2), ("worker", 3)]),
+        AddedDomains::new(),
+        None,
+    )
+    .await;
     assert_eq!(hub.generation(), generation);
 
     // worker=1: the highest numbers go, worker.1 stays on its node.
-    hub.set_state(shop.clone(), scaled(&[("web", 2), ("worker", 1)]), None)
-        .await;
+    hub.set_state(
+        shop.clone(),
+        scaled(&[("web", 2), ("worker", 1)]),
+        AddedDomains::new(),
+        None,
+    )
+    .await;
     assert_eq!(
         processes_of(&mut web1, "shop"),
         [("worker".into(), vec![1])]
     );
     assert_eq!(processes_of(&mut web2, "shop"), []);
     // web back to the manifest's count once the formation names it no more.
-    hub.set_state(shop, scaled(&[("worker", 1)]), None).await;
+    hub.set_state(shop, scaled(&[("worker", 1)]), AddedDomains::new(), None)
+        .await;
     assert_eq!(instances_of(&mut web1, "shop"), 1);
 }
 
@@ -482,4 +499,60 @@ async fn a_node_lost_for_a_day_is_forgotten_and_a_connected_one_never() {
             "the connected node stays however long"
         );
     }
+}
+
+/// The hosts of `app` in the node's latest assignment.
+fn domains_of(node: &mut Attached, app: &str) -> Vec<String> {
+    node.assignments
+        .borrow_and_update()
+        .clone()
+        .unwrap()
+        .apps
+        .iter()
+        .find(|a| a.app == app)
+        .unwrap()
+        .domains
+        .clone()
+}
+
+#[tokio::test]
+async fn an_added_domain_reaches_the_nodes_in_a_new_generation_of_the_same_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(dir.path());
+    let mut web1 = hub.attach(&hello("web-1", 0)).await;
+    let shop = desired(&[release("shop", 1, "")]);
+    hub.set_state(shop.clone(), Formations::new(), AddedDomains::new(), None)
+        .await;
+    let first = hub.generation();
+    assert_eq!(domains_of(&mut web1, "shop"), ["shop.localhost"]);
+    let before = web1.assignments.borrow().clone().unwrap();
+
+    let added: AddedDomains = [("shop".to_string(), vec!["shop.example.com".to_string()])].into();
+    hub.set_state(shop.clone(), Formations::new(), added.clone(), None)
+        .await;
+    assert!(
+        hub.generation() > first,
+        "an added domain is a new generation"
+    );
+    let after = web1.assignments.borrow().clone().unwrap();
+    let (was, now) = (&before.apps[0], &after.apps[0]);
+    assert_eq!(now.domains, ["shop.example.com", "shop.localhost"]);
+    // The same release, the same bundle and instances: Maestro changes only its routes.
+    assert_eq!(
+        (now.release, &now.bundle_sha256, now.instances),
+        (was.release, &was.bundle_sha256, was.instances)
+    );
+    assert_eq!(
+        hub.apps()[0].domains,
+        ["shop.example.com", "shop.localhost"]
+    );
+
+    // Read again, nothing changes; removed, the name leaves the assignment.
+    let generation = hub.generation();
+    hub.set_state(shop.clone(), Formations::new(), added, None)
+        .await;
+    assert_eq!(hub.generation(), generation);
+    hub.set_state(shop, Formations::new(), AddedDomains::new(), None)
+        .await;
+    assert_eq!(domains_of(&mut web1, "shop"), ["shop.localhost"]);
 }

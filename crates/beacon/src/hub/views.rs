@@ -92,6 +92,11 @@ impl Hub {
                     rollout_seconds: rollout.and_then(|r| r.seconds),
                     figures: rollout.map(|r| r.figures).unwrap_or_default(),
                     outcome: rollout.and_then(|r| r.outcome.clone()),
+                    domains: super::domains::served(
+                        release,
+                        state.added_domains.get(&release.app),
+                        &self.settings.domain,
+                    ),
                 }
             })
             .collect()

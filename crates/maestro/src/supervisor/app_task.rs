@@ -86,16 +86,18 @@ impl AppTask {
                     && let Some(run) = running.as_mut()
                     && processes::same_but_scale(&run.assignment, target)
                 {
-                    // Only the formation changed (`em scale`, or processes moved between
-                    // nodes): web instances are added or removed and other processes started
-                    // or stopped, and nothing that keeps running is touched.
+                    // Only the formation or the host names changed (`em scale`, processes
+                    // moved between nodes, `em domains`): web instances are added or removed,
+                    // other processes started or stopped, routes changed, and nothing that
+                    // keeps running is touched.
                     self.scale_web(run, target, &mut pending).await;
                     let slots = std::mem::take(&mut run.processes);
                     run.processes = processes::reconcile(&self.shared, target, &run.release, slots);
-                    let reclaimed = run.assignment.app_created_at != target.app_created_at;
+                    // The claim's age decides hosts another app names too.
+                    let rerouted = run.assignment.app_created_at != target.app_created_at
+                        || run.assignment.domains != target.domains;
                     run.assignment = target.clone();
-                    if reclaimed {
-                        // The claim's age decides hosts another app names too.
+                    if rerouted {
                         self.publish(run);
                     }
                     self.report(running.as_ref());

@@ -32,7 +32,7 @@ impl Conflict {
     pub(super) fn message(&self) -> String {
         let losers: Vec<String> = self.losers.iter().map(|app| format!("{app:?}")).collect();
         format!(
-            "host {:?} is also named by {}; it stays routed to {:?}, created first; remove it from the other app's [http] domains",
+            "host {:?} is also named by {}; it stays routed to {:?}, created first; remove it from the other app's [http] domains or its added names (`em domains remove`)",
             self.host,
             losers.join(", "),
             self.winner

@@ -617,7 +617,8 @@ pub(super) async fn stop_all(shared: &Arc<Shared>, slots: Vec<Slot>) {
 }
 
 /// Whether `a` and `b` assign the same release the same way, differing only in the formation:
-/// how many web instances run here, or which processes of other types; or in the app's
+/// how many web instances run here, or which processes of other types; in the host names it
+/// is served on (`em domains add`, which changes only the route table); or in the app's
 /// creation time, which only ranks its claim on its domains (a Beacon that starts sending it
 /// must not redeploy every app).
 pub(super) fn same_but_scale(a: &AppAssignment, b: &AppAssignment) -> bool {
@@ -625,6 +626,7 @@ pub(super) fn same_but_scale(a: &AppAssignment, b: &AppAssignment) -> bool {
         && AppAssignment {
             processes: b.processes.clone(),
             instances: b.instances,
+            domains: b.domains.clone(),
             app_created_at: b.app_created_at.clone(),
             ..a.clone()
         } == *b
