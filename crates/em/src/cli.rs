@@ -197,6 +197,14 @@ pub enum Command {
         #[arg(long)]
         app: Option<String>,
     },
+    /// Add, remove and list the host names an app is served on (no new release)
+    #[command(
+        after_help = "Examples:\n  em domains list\n  em domains add shop.example.com\n  em domains remove shop.example.com --app shop\n\nAn added name is served within seconds, with no deploy and no restart; point its DNS\nat the web servers. A name another app holds is refused, naming that app (exit 5).\nNames in app.toml's [http] domains change with a deploy; `list` shows where each\nname comes from: manifest, added, or cluster (<app>.<cluster domain>)."
+    )]
+    Domains {
+        #[command(subcommand)]
+        action: DomainsAction,
+    },
     /// Mint, list and revoke tokens limited to some apps (for CI pipelines)
     #[command(
         after_help = "Examples:\n  em tokens create ci-shop --apps shop\n  em tokens create dash --apps shop,blog --role read --expires 7d\n  em tokens list\n  em tokens revoke ci-shop\n\nA token is shown once, when it is made; apprepo keeps only its hash. It works on\napprepo and Beacon, for its apps only, until it expires (30 days unless --expires says,\nat most 365) or is revoked. You can mint only within your own token's role and apps."
@@ -225,6 +233,28 @@ pub enum TokensAction {
     List,
     /// Revoke a minted token: refused at once by apprepo, by Beacon within seconds
     Revoke { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DomainsAction {
+    /// Serve the app on a host name too: NAME
+    Add {
+        #[arg(long)]
+        app: Option<String>,
+        /// The host name, such as shop.example.com.
+        name: String,
+    },
+    /// Stop serving an added host name: NAME
+    Remove {
+        #[arg(long)]
+        app: Option<String>,
+        name: String,
+    },
+    /// List the app's host names with where each comes from
+    List {
+        #[arg(long)]
+        app: Option<String>,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

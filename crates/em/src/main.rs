@@ -6,6 +6,7 @@ mod client;
 mod commands;
 mod deploy;
 mod dev;
+mod domains;
 mod failure;
 mod init;
 mod processes;
@@ -183,6 +184,9 @@ fn run(cli: Cli) -> failure::Result<()> {
         Command::Ps { app } => {
             let app = commands::app_name(app)?;
             runtime.block_on(processes::ps(&commands::client()?, &app, json))
+        }
+        Command::Domains { action } => {
+            runtime.block_on(domains::domains(&commands::client, action, json))
         }
         Command::Tokens { action } => {
             runtime.block_on(tokens::tokens(&commands::client()?, action, json))

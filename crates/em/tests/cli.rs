@@ -37,6 +37,7 @@ fn help_texts() {
         ("help-run", vec!["run", "--help"]),
         ("help-scale", vec!["scale", "--help"]),
         ("help-ps", vec!["ps", "--help"]),
+        ("help-domains", vec!["domains", "--help"]),
     ] {
         let out = em(home.path(), &args);
         assert!(out.status.success(), "{name}");

@@ -1583,3 +1583,109 @@ async fn em_tokens_create_makes_a_token_for_its_app_only_on_apprepo_and_beacon_u
     wait_status(&http, &format!("{beacon}/v1/apps"), &token, 401).await;
     stop(up);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_added_domain_is_served_without_a_deploy_and_no_other_app_can_take_it() {
+    let env = Env::new();
+    let up = env.up();
+    let http = reqwest::Client::new();
+    for name in ["python-hello", "static-site"] {
+        let (code, text) = deploy(&env, &example_copy(&env, name));
+        assert_eq!(code, Some(0), "{text}");
+    }
+    let url = env.url();
+    wait_for(
+        &http,
+        &url,
+        "python-hello.localhost",
+        "Hello from Platform.X",
+    )
+    .await;
+    let first = wait_ps(&env, "python-hello", |r| running_exactly(r, &["web.1"])).await;
+    assert!(body(&http, &url, "hello.example.com").await.is_none());
+
+    // Written as a person might: any case, a final dot.
+    let out = env.em(&[
+        "domains",
+        "add",
+        "Hello.Example.com.",
+        "--app",
+        "python-hello",
+    ]);
+    assert!(out.status.success());
+    wait_for(&http, &url, "hello.example.com", "Hello from Platform.X").await;
+    // The cluster's name stays served, by the same instance: nothing was deployed or restarted.
+    wait_for(
+        &http,
+        &url,
+        "python-hello.localhost",
+        "Hello from Platform.X",
+    )
+    .await;
+    let now = wait_ps(&env, "python-hello", |r| running_exactly(r, &["web.1"])).await;
+    let (before, after) = (&first["web.1"].status, &now["web.1"].status);
+    assert_eq!(
+        (before.release, before.pid, &before.started_at),
+        (after.release, after.pid, &after.started_at)
+    );
+    let list =
+        String::from_utf8_lossy(&env.em(&["domains", "list", "--app", "python-hello"]).stdout)
+            .to_string();
+    let rows: Vec<Vec<&str>> = list
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            vec!["DOMAIN", "SOURCE", "CERTIFICATE"],
+            vec!["hello.example.com", "added", "-"],
+            vec!["python-hello.localhost", "cluster", "-"],
+        ],
+        "{list}"
+    );
+
+    // Another app cannot take it: em says who holds it and exits 5.
+    let out = env
+        .command(&[
+            "domains",
+            "add",
+            "hello.example.com",
+            "--app",
+            "static-site",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("\"hello.example.com\" belongs to app \"python-hello\""),
+        "{err}"
+    );
+
+    // Removed: the name is no longer served, the app still is.
+    assert!(
+        env.em(&[
+            "domains",
+            "remove",
+            "hello.example.com",
+            "--app",
+            "python-hello"
+        ])
+        .status
+        .success()
+    );
+    let start = Instant::now();
+    while body(&http, &url, "hello.example.com").await.is_some() {
+        assert!(start.elapsed() < WAIT, "hello.example.com is still served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_for(
+        &http,
+        &url,
+        "python-hello.localhost",
+        "Hello from Platform.X",
+    )
+    .await;
+    stop(up);
+}
