@@ -104,6 +104,25 @@ async fn committed_releases_reach_beacon_over_tls() {
         }
     };
     assert_eq!(notice, expected);
+
+    // So do an added domain and a removed one: each is a notice of the current release.
+    for change in [
+        repo.add_domain("hello", "hello.example.com").await,
+        repo.remove_domain("hello", "hello.example.com").await,
+    ] {
+        assert!(change.status().is_success(), "{}", change.status());
+        let notice = loop {
+            match tokio::time::timeout(Duration::from_secs(10), link.next())
+                .await
+                .unwrap()
+            {
+                Some(Ok(ToBeacon::ReleaseCommitted(n))) => break n,
+                Some(Ok(ToBeacon::Heartbeat(_) | ToBeacon::Tokens(_))) => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(notice, expected);
+    }
     repo.stop().await;
 }
 
