@@ -3,7 +3,10 @@
 //! state, no release), and `<app>.<cluster domain>`. The cluster's name stays served once an
 //! app has names of its own, as Heroku keeps `*.herokuapp.com`, except on a cluster left at
 //! `localhost` (`em up`), where it is served only to an app whose manifest names none, as
-//! before added names existed.
+//! before added names existed. A name directly under the cluster domain, `<x>.<cluster
+//! domain>`, belongs to the app called `x` alone: another app's manifest or added names of that
+//! form are not served, so no app can take a neighbour's cluster name (apprepo, which does not
+//! know the cluster domain, cannot refuse them).
 
 use std::collections::BTreeMap;
 
@@ -16,7 +19,7 @@ pub type AddedDomains = BTreeMap<String, Vec<String>>;
 pub const LOCAL_CLUSTER_DOMAIN: &str = "localhost";
 
 /// Every name `release` is served on, each once: the manifest's, then the added ones, then
-/// the cluster's when served.
+/// the cluster's when served; never another app's cluster name.
 pub fn served(release: &Release, added: Option<&Vec<String>>, cluster_domain: &str) -> Vec<String> {
     let manifest = &release.manifest.http.domains;
     let cluster = (manifest.is_empty() || cluster_domain != LOCAL_CLUSTER_DOMAIN)
@@ -26,6 +29,7 @@ pub fn served(release: &Release, added: Option<&Vec<String>>, cluster_domain: &s
         .iter()
         .cloned()
         .chain(added.into_iter().flatten().cloned())
+        .filter(|name| !is_others_cluster_name(name, &release.app, cluster_domain))
         .chain(cluster)
     {
         if !names.iter().any(|n| n.eq_ignore_ascii_case(&name)) {
@@ -33,6 +37,17 @@ pub fn served(release: &Release, added: Option<&Vec<String>>, cluster_domain: &s
         }
     }
     names
+}
+
+/// Whether `name` is `<x>.<cluster domain>` for an `x` other than `app`: the cluster name of
+/// the app called `x`, whether or not it exists yet.
+fn is_others_cluster_name(name: &str, app: &str, cluster_domain: &str) -> bool {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let suffix = format!(".{}", cluster_domain.to_ascii_lowercase());
+    match name.strip_suffix(&suffix) {
+        Some(label) => !label.contains('.') && label != app,
+        None => false,
+    }
 }
 
 /// What the persisted generation numbers of the added names: `domains <app> <a,b>` for each
@@ -96,6 +111,28 @@ mod tests {
         assert_eq!(
             served(&release("shop", &[]), Some(&added), "localhost"),
             ["shop.test", "shop.localhost"]
+        );
+    }
+
+    #[test]
+    fn no_app_is_served_on_another_apps_cluster_name() {
+        let added = vec![
+            "blog.apps.example.net".to_string(),
+            "www.shop.apps.example.net".to_string(),
+        ];
+        assert_eq!(
+            served(
+                &release("shop", &["blog.apps.example.net"]),
+                Some(&added),
+                "apps.example.net"
+            ),
+            ["www.shop.apps.example.net", "shop.apps.example.net"]
+        );
+        // On `em up` too: `blog.localhost` is the blog's.
+        let added = vec!["blog.localhost".to_string()];
+        assert_eq!(
+            served(&release("shop", &[]), Some(&added), "localhost"),
+            ["shop.localhost"]
         );
     }
 
