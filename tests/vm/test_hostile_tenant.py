@@ -3,7 +3,9 @@ on a real web server under maestro.service, every attack on the platform and its
 Maestro's credentials, keys and state, the neighbour's environment and files; write them and its
 own release; signal the neighbour; raise its own limits through cgroupfs; post events as the
 neighbour; reach Beacon's and apprepo's ports with what it found). Each attempt fails, and the
-neighbour serves throughout. Runs after test_isolation.py (the neighbour is test_deploy_cycle's
+neighbour serves throughout. Each app's processes run as a uid of their own, neither px-maestro's
+nor the other app's, and the tenant holds no capability, read on the VM from outside and by the
+tenant itself. Runs after test_isolation.py (the neighbour is test_deploy_cycle's
 app), and the tenant stays deployed, as the hog does, for the scenarios after it; also prints `systemd-analyze security maestro.service` as the VM scores it."""
 
 from __future__ import annotations
@@ -104,7 +106,12 @@ def probe(query):
         for token in tokens:
             found[f"call {name}'s API with what it found"] = attempt(lambda: denied(call(url, token=token)))
     pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
-    return {"uid": os.getuid(), "pids": pids, "attacks": found}
+    caps = {
+        line.split(":")[0]: int(line.split(":")[1], 16)
+        for line in open("/proc/self/status")
+        if line.startswith(("CapInh:", "CapPrm:", "CapEff:", "CapAmb:"))
+    }
+    return {"uid": os.getuid(), "pids": pids, "caps": caps, "attacks": found}
 
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -142,6 +149,34 @@ def neighbour(web) -> dict:
     """The neighbour's instance on `web` as its Maestro reports it (pid outside the sandbox)."""
     state = json.loads(web.ssh("curl -sf http://127.0.0.1:7090/v1/state").stdout)
     return next(i for i in state["instances"] if i["app"] == APP and i["state"] == "healthy")
+
+
+def sandbox_processes(web, leader: int) -> dict[int, dict]:
+    """Every process of the sandbox led by `leader` (bubblewrap, its init, the app and what it
+    started), read on the VM from outside: pid → its real uid and capability sets."""
+    table = [line.split() for line in web.ssh("ps -eo pid=,ppid=").stdout.splitlines()]
+    tree = {leader}
+    grew = True
+    while grew:
+        below = {int(pid) for pid, ppid in table if int(ppid) in tree}
+        grew = not below <= tree
+        tree |= below
+    found = {}
+    for pid in sorted(tree):
+        status = web.ssh(f"cat /proc/{pid}/status", check=False).stdout
+        if not status:
+            continue  # gone meanwhile
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        found[pid] = {
+            "uid": int(fields["Uid"].split()[0]),
+            "caps": {name: int(fields[name], 16) for name in ("CapInh", "CapPrm", "CapEff", "CapAmb")},
+        }
+    return found
+
+
+def instance(web, app: str) -> dict:
+    state = json.loads(web.ssh("curl -sf http://127.0.0.1:7090/v1/state").stdout)
+    return next(i for i in state["instances"] if i["app"] == app and i["state"] == "healthy")
 
 
 def test_a_hostile_tenant_reaches_nothing_and_its_neighbour_serves_throughout(platform, tmp_path):
@@ -187,6 +222,28 @@ def test_a_hostile_tenant_reaches_nothing_and_its_neighbour_serves_throughout(pl
             assert name in report["attacks"], name
         assert report["uid"] != 0
         assert victim["pid"] not in report["pids"] and len(report["pids"]) <= 3, report["pids"]
+        # The tenant holds no capability, in any set, as it reads its own status.
+        assert report["caps"] == {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapAmb": 0}, report["caps"]
+
+        # From outside: each app's processes are a uid of its own, neither px-maestro's nor
+        # the other app's, and none of them holds a capability.
+        maestro_uid = int(web.ssh("id -u px-maestro").stdout)
+        uids = json.loads(web.ssh("cat /var/lib/platformx/maestro/app-uids.json").stdout)["apps"]
+        seen = {}
+        for app, leader in ((TENANT, instance(web, TENANT)["pid"]), (APP, victim["pid"])):
+            processes = sandbox_processes(web, leader)
+            print(app, json.dumps(processes))
+            assert len(processes) >= 2, (app, processes)
+            assert {p["uid"] for p in processes.values()} == {uids[app]}, (app, processes)
+            assert all(set(p["caps"].values()) == {0} for p in processes.values()), (app, processes)
+            assert web.ssh(f"ps -o uid= -p {leader}").stdout.strip() == str(uids[app])
+            seen[app] = uids[app]
+        assert maestro_uid not in seen.values() and 0 not in seen.values(), (maestro_uid, seen)
+        assert seen[TENANT] != seen[APP], seen
+        # Maestro's state stays closed to them: only traversable, its files 0600.
+        assert web.ssh("stat -c %a /var/lib/platformx/maestro").stdout.strip() == "711"
+        for name in ("assignment.json", "app-uids.json"):
+            assert web.ssh(f"stat -c %a /var/lib/platformx/maestro/{name}").stdout.strip() == "600"
 
         # Nothing changed for the neighbour: its files, its process, its answers.
         assert web.ssh(f"sha256sum {release}/app.toml").stdout == before

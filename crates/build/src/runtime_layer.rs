@@ -357,7 +357,9 @@ async fn compile_stdlib(
         return;
     };
     let host = px_runtime::host::env();
-    let mut command = tokio::process::Command::new(dir.join("bin/python3"));
+    // Without the builder's ambient capabilities (Maestro's, under maestro.service).
+    let mut command =
+        tokio::process::Command::from(px_runtime::caps::command(dir.join("bin/python3")));
     command
         .args([
             "-I",

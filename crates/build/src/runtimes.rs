@@ -3,7 +3,6 @@
 //! satisfying version, no fallback).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use px_proto::runtime::Version;
@@ -243,7 +242,8 @@ fn probe_path(kind: RuntimeKind) -> Option<Runtime> {
 /// [`PROBE_TIMEOUT`].
 fn run_with_timeout(program: &Path, args: &[&str]) -> Option<String> {
     let host = px_runtime::host::env();
-    let mut child = Command::new(program)
+    // Without the builder's ambient capabilities (Maestro's, under maestro.service).
+    let mut child = px_runtime::caps::command(program)
         .args(args)
         .env_clear()
         .env("PATH", &host.path)

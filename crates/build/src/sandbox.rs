@@ -444,6 +444,12 @@ impl Jail {
             .arg(format!("--nproc={0}:{0}", limits.processes))
             .arg(format!("--fsize={0}:{0}", limits.disk_bytes))
             .arg("--");
+        // A builder that is not root leaves its ambient capabilities (Maestro's, under
+        // maestro.service) behind before bubblewrap or the bare command runs; root's are
+        // dropped by the `setpriv` inside the sandbox.
+        if !self.root {
+            command.args(px_runtime::caps::drop_words());
+        }
         if self.sandbox == Sandbox::Bubblewrap {
             command.arg(&self.bwrap).args(self.bwrap_args(step));
             if self.root {

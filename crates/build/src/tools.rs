@@ -46,7 +46,8 @@ pub async fn ensure_uv(
         .tempdir_in(tools_dir)
         .map_err(|e| failed(format!("creating a temporary directory: {e}")))?;
     let host = px_runtime::host::env();
-    let mut command = tokio::process::Command::new(python);
+    // Without the builder's ambient capabilities (Maestro's, under maestro.service).
+    let mut command = tokio::process::Command::from(px_runtime::caps::command(python));
     command
         .args([
             "-m",

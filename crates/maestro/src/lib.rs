@@ -269,6 +269,7 @@ pub async fn run_with(
     .map_err(std::io::Error::from)?;
     match app_sandbox.mode() {
         config::SandboxConfig::Bubblewrap => tracing::info!(
+            users = ?app_sandbox.users(),
             tmp_size = %config.sandbox.tmp_size,
             app_dir_size = %config.sandbox.app_dir_size,
             "each app process runs in a bubblewrap sandbox of its own"

@@ -37,7 +37,8 @@ pub(crate) fn find(command: &str, path: &OsStr) -> Option<PathBuf> {
 /// it started cannot hold the check up by keeping its output open.
 pub(crate) async fn version_of(exe: &Path, path: &OsStr) -> Option<Version> {
     use tokio::io::AsyncReadExt;
-    let mut command = tokio::process::Command::new(exe);
+    // Maestro's ambient capabilities stay behind: this is an operator's program, not an app's.
+    let mut command = tokio::process::Command::from(px_runtime::caps::command(exe));
     command
         .arg("--version")
         .env_clear()

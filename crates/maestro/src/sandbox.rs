@@ -14,11 +14,15 @@
 //! processes alone (its release phase migrates the SQLite database its web processes then
 //! read), which is what the host's shared `/tmp` gave apps before each got its own.
 //!
-//! Who the process is: a Maestro running as root (`em up` as root, the tests) runs bubblewrap
-//! without a user namespace and drops the command to the app's own uid with `setpriv`, from a
-//! range of its own, allocated once per app and kept in `state_dir/app-uids.json`; an
-//! unprivileged Maestro (`maestro.service` as `px-maestro`) gets a user namespace mapped to
-//! its own uid outside, in which new user namespaces are refused.
+//! Who the process is: a uid of its own per app, from a range of its own, allocated once per
+//! app and kept in `state_dir/app-uids.json`, wherever Maestro can switch users ([`Users`]).
+//! A Maestro running as root (`em up` as root, the tests) runs bubblewrap without a user
+//! namespace and drops the command to the app's uid with `setpriv` inside it. The production
+//! Maestro (`maestro.service` as `px-maestro`, holding `CAP_SETUID`, `CAP_SETGID`, `CAP_CHOWN`
+//! and `CAP_KILL` as ambient capabilities) switches first: `setpriv` takes the app's uid and
+//! empties every capability set it may, then bubblewrap runs as the app, unprivileged, in a
+//! user namespace in which new user namespaces are refused. A Maestro that can do neither
+//! (`em up` as an ordinary user) gives every app a user namespace mapped to its own uid.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -31,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::SandboxConfig;
 
-/// The first uid (and gid) handed to apps when Maestro runs as root. It lies in the upper
+/// The first uid (and gid) handed to apps when Maestro can switch users. It lies in the upper
 /// part of the range systemd sets aside for containers (524288 to 1879048191, see systemd's
 /// `UIDS-GIDS.md`), away from system users, login users and the usual `/etc/subuid` ranges,
 /// which start at 100000 and grow by 65536 per user.
@@ -43,6 +47,14 @@ pub const APP_UID_COUNT: u32 = 65_536;
 const UIDS_FILE: &str = "app-uids.json";
 /// The apps' data directories, under `state_dir`.
 const DATA_DIR: &str = "data";
+/// The apps' releases, under `state_dir` (`apps/<app>/releases/<n>`, the release store's).
+const APPS_DIR: &str = "apps";
+/// Search permission for group and others: what Maestro's state directory, `apps/` and
+/// `data/` give, so an app's uid can walk to its own release and data directory by name
+/// while reading no directory listing and no file of Maestro's (those stay 0600/0700).
+const TRAVERSE: u32 = 0o011;
+/// The mode of `apps/<app>`, whose group is the app's: only Maestro and the app's uid get in.
+const APP_DIR_MODE: u32 = 0o710;
 /// The variable naming an app's data directory.
 pub const DATA_DIR_VAR: &str = "PX_DATA_DIR";
 /// Most top-level entries a release may have: each becomes a bind mount, and so an argument
@@ -86,13 +98,41 @@ pub(crate) struct AppSandbox {
     mode: SandboxConfig,
     bwrap: PathBuf,
     setpriv: PathBuf,
-    /// Maestro runs as root: no user namespace, `setpriv` to the app's uid.
-    root: bool,
+    /// Who app processes are.
+    users: Users,
+    /// Maestro's state directory, which holds the apps' releases under `apps/<app>`.
+    state_dir: PathBuf,
     tmp_bytes: u64,
     app_dir_bytes: u64,
     /// Where the apps' data directories are.
     data: PathBuf,
     uids: Mutex<Uids>,
+}
+
+/// Who app processes are, from what Maestro can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Users {
+    /// Maestro is root: bubblewrap without a user namespace, then `setpriv` to the app's uid.
+    Root,
+    /// Maestro holds `CAP_SETUID`, `CAP_SETGID`, `CAP_CHOWN` and `CAP_KILL` (`maestro.service`):
+    /// `setpriv` to the app's uid, dropping every capability, then bubblewrap in an
+    /// unprivileged user namespace.
+    Capable,
+    /// Neither: every app in a user namespace mapped to Maestro's own uid.
+    Shared,
+}
+
+impl Users {
+    /// What this process can do.
+    fn detect() -> Self {
+        if rustix::process::geteuid().is_root() {
+            Self::Root
+        } else if px_runtime::caps::can_switch_users() {
+            Self::Capable
+        } else {
+            Self::Shared
+        }
+    }
 }
 
 /// The per-app uids and the file that keeps them.
@@ -147,7 +187,8 @@ impl AppSandbox {
             mode,
             bwrap,
             setpriv,
-            root: rustix::process::geteuid().is_root(),
+            users: Users::detect(),
+            state_dir: state_dir.to_path_buf(),
             tmp_bytes: tmp_size.0,
             app_dir_bytes: app_dir_size.0,
             data: state_dir.join(DATA_DIR),
@@ -162,7 +203,8 @@ impl AppSandbox {
             mode: SandboxConfig::None,
             bwrap: PathBuf::new(),
             setpriv: PathBuf::new(),
-            root: false,
+            users: Users::Shared,
+            state_dir: std::env::temp_dir(),
             tmp_bytes: 0,
             app_dir_bytes: 0,
             data: std::env::temp_dir(),
@@ -177,21 +219,42 @@ impl AppSandbox {
         self.mode
     }
 
+    /// Who app processes are.
+    pub(crate) fn users(&self) -> Users {
+        self.users
+    }
+
     /// The words before an app process's command: bubblewrap with the mounts of `release`
-    /// and the app's data directory (and `setpriv` to the app's uid when Maestro is root);
-    /// without a sandbox, only `env` naming the data directory.
+    /// and the app's data directory, and `setpriv` to the app's uid where Maestro can switch
+    /// users (before bubblewrap when Maestro is not root, after it when it is); without a
+    /// sandbox, only `env` naming the data directory. No app process keeps a capability of
+    /// Maestro's.
     pub(crate) fn prefix(&self, app: &str, release: &Path) -> Result<Vec<OsString>, SandboxError> {
-        let uid = match (self.mode, self.root) {
-            (SandboxConfig::Bubblewrap, true) => Some(self.uid(app)?),
+        let uid = match (self.mode, self.users) {
+            (SandboxConfig::Bubblewrap, Users::Root | Users::Capable) => Some(self.uid(app)?),
             _ => None,
         };
         let data = self.data_dir(app, uid)?;
         if self.mode == SandboxConfig::None {
             let mut set = OsString::from(format!("{DATA_DIR_VAR}="));
             set.push(&data);
-            return Ok(vec!["env".into(), set]);
+            let mut words = px_runtime::caps::drop_words();
+            words.extend(["env".into(), set]);
+            return Ok(words);
         }
-        let identity = if self.root {
+        let mut words = Vec::new();
+        match (self.users, uid) {
+            (Users::Capable, Some(uid)) => {
+                self.open_release_to(app, release, uid)?;
+                words.push(self.setpriv.clone().into_os_string());
+                words.extend(switch_args(uid, self.users));
+            }
+            // Whatever ambient capability a Maestro that cannot switch holds stays behind.
+            (Users::Shared, _) => words.extend(px_runtime::caps::drop_words()),
+            _ => {}
+        }
+        let root = self.users == Users::Root;
+        let identity = if root {
             Identity::Root
         } else {
             Identity::Namespace {
@@ -209,8 +272,9 @@ impl AppSandbox {
         b.mount("--bind", &data);
         b.push_os(&["--setenv".as_ref(), DATA_DIR_VAR.as_ref(), data.as_os_str()]);
         // The app directory: writable, in memory, its own. As root, the app's uid must be
-        // able to write it; nothing but this app's processes shares the mount namespace.
-        let perms = if self.root { "1777" } else { "0755" };
+        // able to write it; nothing but this app's processes shares the mount namespace. In
+        // a user namespace the mount is the app's own user's already.
+        let perms = if root { "1777" } else { "0755" };
         let size = self.app_dir_bytes.to_string();
         b.push(&["--perms", perms, "--size", &size]);
         b.push_os(&["--tmpfs".as_ref(), release.as_os_str()]);
@@ -227,36 +291,83 @@ impl AppSandbox {
         // The app's home is its app directory, as on Heroku; Maestro's own is not there.
         b.push_os(&["--setenv".as_ref(), "HOME".as_ref(), release.as_os_str()]);
         b.push(&["--setenv", "TMPDIR", "/tmp"]);
-        let mut words = vec![self.bwrap.clone().into_os_string()];
+        words.push(self.bwrap.clone().into_os_string());
         words.extend(b.finish(release));
-        if let Some(uid) = uid {
+        if let (Users::Root, Some(uid)) = (self.users, uid) {
             words.push(self.setpriv.clone().into_os_string());
-            words.extend(
-                [
-                    format!("--reuid={uid}"),
-                    format!("--regid={uid}"),
-                    "--clear-groups".into(),
-                    "--inh-caps=-all".into(),
-                    "--bounding-set=-all".into(),
-                    "--no-new-privs".into(),
-                    "--".into(),
-                ]
-                .map(OsString::from),
-            );
+            words.extend(switch_args(uid, self.users));
         }
         Ok(words)
     }
 
+    /// Lets the app's uid reach its release when bubblewrap runs as that uid: Maestro's state
+    /// directory and `apps/` only traversable by others (0711: nothing listed, nothing read),
+    /// `apps/<app>` traversable by the app's group alone (0710), so no other app's uid gets
+    /// to this app's releases, and the directories below it down to the release traversable.
+    /// What a release holds is world-readable already (bundles and layers are unpacked 0644
+    /// and 0755).
+    fn open_release_to(&self, app: &str, release: &Path, uid: u32) -> Result<(), SandboxError> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let apps = self.state_dir.join(APPS_DIR);
+        let own = apps.join(app);
+        if !release.starts_with(&own) {
+            return Ok(());
+        }
+        let io = |path: &Path| {
+            let what = format!("opening {} to the app's uid", path.display());
+            move |source| SandboxError::Io { what, source }
+        };
+        // Below `apps/<app>`, `releases/` (made 0700 under Maestro's umask) down to the
+        // release itself need search permission too; the gate above them is the group's.
+        let below: Vec<&Path> = release.ancestors().take_while(|dir| *dir != own).collect();
+        for dir in [self.state_dir.as_path(), apps.as_path()]
+            .into_iter()
+            .chain(below)
+        {
+            let mode = std::fs::metadata(dir).map_err(io(dir))?.mode() & 0o7777;
+            if mode & TRAVERSE != TRAVERSE {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | TRAVERSE))
+                    .map_err(io(dir))?;
+            }
+        }
+        let meta = std::fs::metadata(&own).map_err(io(&own))?;
+        if meta.gid() != uid {
+            std::os::unix::fs::chown(&own, None, Some(uid)).map_err(io(&own))?;
+        }
+        if meta.mode() & 0o7777 != APP_DIR_MODE {
+            std::fs::set_permissions(&own, std::fs::Permissions::from_mode(APP_DIR_MODE))
+                .map_err(io(&own))?;
+        }
+        Ok(())
+    }
+
     /// The data directory of `app`, made when missing: its own (the app's uid's, when it has
-    /// one), closed to everyone else.
+    /// one), closed to everyone else. Its parent is only traversable by others, so each app's
+    /// uid reaches its own directory and lists none.
     fn data_dir(&self, app: &str, uid: Option<u32>) -> Result<PathBuf, SandboxError> {
-        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let dir = self.data.join(app);
         let io = |source| SandboxError::Io {
             what: format!("making the data directory {}", dir.display()),
             source,
         };
         std::fs::create_dir_all(&dir).map_err(io)?;
+        if self.users == Users::Capable {
+            let mode = std::fs::metadata(&self.data).map_err(io)?.mode() & 0o7777;
+            if mode & TRAVERSE != TRAVERSE {
+                std::fs::set_permissions(
+                    &self.data,
+                    std::fs::Permissions::from_mode(mode | TRAVERSE),
+                )
+                .map_err(io)?;
+            }
+        }
+        // Once the app's, its mode is the app's own business (and a Maestro that is not root
+        // may no longer change it).
+        let owner = std::fs::metadata(&dir).map_err(io)?.uid();
+        if uid.is_some_and(|uid| owner == uid) {
+            return Ok(dir);
+        }
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         if let Some(uid) = uid {
             std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).map_err(io)?;
@@ -290,6 +401,25 @@ impl AppSandbox {
         }
         Ok(uid)
     }
+}
+
+/// `setpriv`'s arguments that make the command `uid` (and group `uid`, no other groups) with
+/// no capability it could keep (ambient and inheritable sets emptied; an unprivileged exec
+/// keeps nothing else) and no way to gain one (no new privileges). The bounding set stays as
+/// the unit left it: emptying it needs `CAP_SETPCAP`, and with nothing inheritable and no new
+/// privileges no exec can raise a capability from it. Root, which can, empties it too.
+fn switch_args(uid: u32, users: Users) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        format!("--reuid={uid}").into(),
+        format!("--regid={uid}").into(),
+        "--clear-groups".into(),
+    ];
+    args.extend(px_runtime::caps::DROP_ARGS.iter().map(OsString::from));
+    if users == Users::Root {
+        args.push("--bounding-set=-all".into());
+    }
+    args.extend(["--no-new-privs".into(), "--".into()]);
+    args
 }
 
 /// One top-level entry of a release.
@@ -361,7 +491,8 @@ mod tests {
             bwrap: "bwrap".into(),
             setpriv: "setpriv".into(),
             // As root, the sandbox drops to the app's uid (and gives it its data directory).
-            root: rustix::process::geteuid().is_root(),
+            users: Users::detect(),
+            state_dir: dir.to_path_buf(),
             tmp_bytes: 1,
             app_dir_bytes: 1,
             data: dir.join(DATA_DIR),

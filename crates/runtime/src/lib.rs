@@ -4,6 +4,7 @@
 //! (signals, environment), so services stay testable through their `run` functions.
 
 pub mod backoff;
+pub mod caps;
 pub mod config;
 pub mod errors;
 pub mod fs;
