@@ -213,9 +213,16 @@ def restarts(web) -> int:
     return int(web.ssh("systemctl show -p NRestarts --value maestro").stdout.strip())
 
 
+def app_uid(web, app: str = APP) -> int:
+    """The uid `app`'s processes run as on `web` (Maestro's `app-uids.json`)."""
+    uids = json.loads(web.ssh("cat /var/lib/platformx/maestro/app-uids.json").stdout)
+    return int(uids["apps"][app])
+
+
 def app_pids(web) -> set[int]:
-    """The processes of the deployed app (its Python servers) in the VM."""
-    out = web.ssh("pgrep -u px-maestro -f 'server.py' || true").stdout
+    """The processes of the deployed app (its Python servers) in the VM, which run as the app's
+    own uid."""
+    out = web.ssh(f"pgrep -u {app_uid(web)} -f 'server.py' || true").stdout
     return {int(pid) for pid in out.split()}
 
 

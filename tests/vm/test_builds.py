@@ -28,7 +28,16 @@ from pathlib import Path
 import pytest
 
 import mirror
-from appcheck import REQUESTS_PER_STEP, SERVE_TIMEOUT_S, WEB_SERVERS, Poller, get, wait_for_nodes, wait_until
+from appcheck import (
+    REQUESTS_PER_STEP,
+    SERVE_TIMEOUT_S,
+    WEB_SERVERS,
+    Poller,
+    app_uid,
+    get,
+    wait_for_nodes,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BUILDER = "web-1"
@@ -207,8 +216,10 @@ def test_django_notes_builds_on_the_build_node_and_both_web_servers_serve_it(
 
     # gunicorn runs on the release's own Python.
     # The Procfile's command runs under `sh -c`; gunicorn is the Python process it starts.
-    pids = server.ssh("pgrep -u px-maestro -f '/bin/gunicorn mysite.wsgi' || true").stdout.split()
-    assert pids, server.ssh("ps -u px-maestro -o pid,args").stdout
+    # It runs as the app's own uid.
+    uid = app_uid(server, "django-notes")
+    pids = server.ssh(f"pgrep -u {uid} -f '/bin/gunicorn mysite.wsgi' || true").stdout.split()
+    assert pids, server.ssh("ps -eo pid,uid,args").stdout
     for pid in pids:
         exe = server.ssh(f"readlink /proc/{pid}/exe").stdout.strip()
         assert exe.startswith(f"{here}/.px/runtime/bin/python3"), (pid, exe)

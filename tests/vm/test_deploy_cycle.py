@@ -13,6 +13,7 @@ from appcheck import (
     REQUESTS_PER_STEP,
     SERVE_TIMEOUT_S,
     WEB_SERVERS,
+    app_uid,
     deploy,
     make_app,
     pollers,
@@ -83,7 +84,9 @@ def test_deploy_switches_both_web_servers_without_a_failed_request(platform, tmp
         # Once a web server has switched, every new request goes to v2.
         first_v2 = poller.seen.index(2)
         assert 1 not in poller.seen[first_v2:], f"{poller.name} served v1 after v2: {poller.seen}"
-    # The app runs on each web server as px-maestro, Maestro's user.
+    # The app runs on each web server as a uid of its own, not as px-maestro, Maestro's user.
     for name in WEB_SERVERS:
-        procs = cluster[name].ssh("ps -u px-maestro -o args=").stdout
+        web = cluster[name]
+        procs = web.ssh(f"ps -u {app_uid(web)} -o args=").stdout
         assert "server.py" in procs, (name, procs)
+        assert "server.py" not in web.ssh("ps -u px-maestro -o args=").stdout, name
