@@ -370,7 +370,9 @@ impl AppSandbox {
         }
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         if let Some(uid) = uid {
-            std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).map_err(io)?;
+            // Everything in it too: what the app wrote while it ran as Maestro's user (before
+            // it had a uid of its own) stays its own to read and change.
+            chown_tree(&dir, uid).map_err(io)?;
         }
         Ok(dir)
     }
@@ -420,6 +422,26 @@ fn switch_args(uid: u32, users: Users) -> Vec<OsString> {
     }
     args.extend(["--no-new-privs".into(), "--".into()]);
     args
+}
+
+/// Gives `path` and everything below it to `uid` (and group `uid`), links not followed. The
+/// tree is listed first and given away deepest first: a directory given away (0700) could no
+/// longer be listed or walked through by a Maestro that is not root.
+fn chown_tree(path: &Path, uid: u32) -> std::io::Result<()> {
+    let mut listed = Vec::new();
+    let mut pending = vec![path.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        if std::fs::symlink_metadata(&path)?.is_dir() {
+            for entry in std::fs::read_dir(&path)? {
+                pending.push(entry?.path());
+            }
+        }
+        listed.push(path);
+    }
+    for path in listed.iter().rev() {
+        std::os::unix::fs::lchown(path, Some(uid), Some(uid))?;
+    }
+    Ok(())
 }
 
 /// One top-level entry of a release.

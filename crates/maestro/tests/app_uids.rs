@@ -203,9 +203,16 @@ async fn a_maestro_holding_setuid_runs_each_app_as_its_own_uid_without_capabilit
         phases: Vec::new(),
     };
     px_maestro::internals::save_assignment(&state_dir, &assignment).unwrap();
+    // A file alpha wrote in its data directory while it ran as Maestro's user.
+    let earlier = state_dir.join("data/alpha/earlier.db");
+    std::fs::create_dir_all(earlier.parent().unwrap()).unwrap();
+    std::fs::write(&earlier, "alpha's").unwrap();
     // As a previous Maestro under the unit's UMask=0077 would have left them.
     for (path, mode) in [
         (state_dir.join("assignment.json"), 0o600),
+        (earlier.clone(), 0o600),
+        (state_dir.join("data/alpha"), 0o700),
+        (state_dir.join("data"), 0o700),
         (state_dir.clone(), 0o700),
     ] {
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
@@ -295,6 +302,11 @@ async fn a_maestro_holding_setuid_runs_each_app_as_its_own_uid_without_capabilit
     }
     let data = std::fs::metadata(state_dir.join("data/alpha")).unwrap();
     assert_eq!((data.uid(), data.mode() & 0o777), (uids[0], 0o700));
+    assert_eq!(
+        std::fs::metadata(&earlier).unwrap().uid(),
+        uids[0],
+        "what alpha wrote before it had a uid of its own is its own"
+    );
     let releases = std::fs::metadata(state_dir.join("apps/alpha")).unwrap();
     assert_eq!(
         (releases.uid(), releases.gid(), releases.mode() & 0o777),
