@@ -73,6 +73,13 @@ pub enum EventKind {
     PhaseFailed,
     /// Two apps name the same host; it is routed to the app created first.
     DomainConflict,
+    /// The ACME CA issued a certificate for a host name (first or renewed).
+    CertificateIssued,
+    /// An ACME order for a host name failed (the CA's reason in `detail`), or the local
+    /// budget refused to send it.
+    CertificateFailed,
+    /// A certificate from ACME is close to its expiry and no renewal succeeded yet.
+    CertificateExpiring,
 }
 
 impl EventKind {
@@ -83,7 +90,9 @@ impl EventKind {
             | EventKind::BuildFailed
             | EventKind::PhaseFailed
             | EventKind::DeployFailed
-            | EventKind::DeployRolledBack => Level::Error,
+            | EventKind::DeployRolledBack
+            | EventKind::CertificateFailed
+            | EventKind::CertificateExpiring => Level::Error,
             EventKind::InstanceCrashed
             | EventKind::InstanceUnhealthy
             | EventKind::RepositoryUnreachable

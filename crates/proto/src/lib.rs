@@ -2,6 +2,7 @@
 //! root files (`detect`, `procfile`), the HTTP API types and the framed messages of the TCP
 //! control links. Nothing here does I/O.
 
+pub mod acme;
 pub mod api;
 pub mod beacon;
 pub mod build;

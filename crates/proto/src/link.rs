@@ -440,6 +440,12 @@ pub enum FromBeacon {
     Rollback(RollbackOrder),
     /// A frame of a one-off run (`em run`), keyed by its run id. To a Maestro.
     Run(crate::run::NodeRunFrame),
+    /// Every ACME challenge the cluster answers now; replaces the set sent before. To a
+    /// Maestro, on each connect and whenever the set changes.
+    AcmeChallenges(crate::acme::AcmeChallenges),
+    /// Every certificate ACME issued for the cluster; replaces the set sent before. To a
+    /// Maestro, on each connect and whenever one is issued or renewed.
+    AcmeCertificates(crate::acme::AcmeCertVersions),
 }
 
 /// An automatic rollback Beacon asks the repository for.

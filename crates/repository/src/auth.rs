@@ -48,6 +48,12 @@ impl Role {
         }
     }
 
+    /// Whether a token of this role reads a certificate's private key: Beacon, which orders
+    /// them, and the web servers (`release` and `build` are node roles), which serve them.
+    pub fn reads_certificate_keys(self) -> bool {
+        matches!(self, Role::Beacon | Role::Release | Role::Build)
+    }
+
     /// Whether a token of this role sees config values: the people who set them and Beacon,
     /// which passes them to the nodes. Every other role sees their names only.
     pub fn sees_config_values(self) -> bool {

@@ -3,6 +3,7 @@
 //! the layers they make, serves bundles and layers to Maestros, and tells Beacon when a release
 //! is committed or a build waits. [`run`] is the whole service; `main.rs` only wires it up.
 
+pub(crate) mod acme;
 pub mod auth;
 pub(crate) mod builds;
 pub mod cli;

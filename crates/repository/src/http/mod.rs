@@ -2,6 +2,7 @@
 //! server that serves them ([`serve`]). Apps, releases, config and bundles are here; builds in
 //! `builds.rs`, layers in `layers.rs`, added domains in `domains.rs`.
 
+mod acme;
 mod builds;
 mod domains;
 mod layers;
@@ -133,6 +134,19 @@ pub fn router(state: AppState) -> Router {
             put(layers::upload)
                 .get(layers::download_layer)
                 .head(layers::exists),
+        )
+        .route(
+            "/v1/acme/account",
+            get(acme::get_account)
+                .put(acme::put_account)
+                .layer(DefaultBodyLimit::max(px_proto::acme::MAX_ACME_RECORD_BYTES)),
+        )
+        .route("/v1/acme/certs", get(acme::list_certs))
+        .route(
+            "/v1/acme/certs/{domain}",
+            get(acme::get_cert)
+                .put(acme::put_cert)
+                .layer(DefaultBodyLimit::max(px_proto::acme::MAX_ACME_RECORD_BYTES)),
         )
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
         .with_state(state)

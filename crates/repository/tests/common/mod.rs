@@ -334,6 +334,7 @@ trait TakeBytes: std::io::Read + Sized {
     }
 }
 impl<R: std::io::Read> TakeBytes for R {}
+pub mod acme_suite;
 pub mod build_suite;
 pub mod domain_suite;
 pub mod phase_suite;
