@@ -78,6 +78,9 @@ pub struct Config {
     /// control links' `tls_cert_file` and `tls_key_file` (the same host); `plain_http = true`
     /// serves plain HTTP instead (only behind a TLS-terminating proxy or on loopback).
     pub api_tls: ApiTls,
+    /// `[acme]`: certificates from an ACME CA for every host name an app serves. Off until
+    /// `acme.directory_url` is set.
+    pub acme: AcmeConfig,
 }
 
 impl Default for Config {
@@ -98,6 +101,7 @@ impl Default for Config {
             alerts: AlertsConfig::default(),
             http: HttpLimits::default(),
             api_tls: ApiTls::default(),
+            acme: AcmeConfig::default(),
         }
     }
 }
@@ -145,4 +149,41 @@ impl Default for AlertsConfig {
             dedup_window: Duration::from_secs(600),
         }
     }
+}
+
+/// Let's Encrypt's production directory, named in the docs and messages.
+pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// How the CA checks that Beacon's cluster serves a host name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChallengeKind {
+    /// `GET http://<name>/.well-known/acme-challenge/<token>` on port 80, answered by every
+    /// Maestro's proxy.
+    #[default]
+    #[serde(rename = "http-01")]
+    Http01,
+    /// A TLS handshake on port 443 asking for `acme-tls/1`, answered by every Maestro's TLS
+    /// listener with a challenge certificate (RFC 8737).
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+}
+
+/// `[acme]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// The CA's directory URL, e.g. Let's Encrypt's production
+    /// `https://acme-v02.api.letsencrypt.org/directory` or staging
+    /// `https://acme-staging-v02.api.letsencrypt.org/directory`. Default: none (ACME is off).
+    pub directory_url: Option<String>,
+    /// Contact address given to the CA for the account (expiry notices). Default: none.
+    pub email: Option<String>,
+    /// PEM file of the CA that signed the ACME server's certificate (a private CA such as
+    /// Pebble), trusted instead of the system's roots. Default: none.
+    pub ca_file: Option<PathBuf>,
+    /// `http-01` or `tls-alpn-01`. Default: `http-01`.
+    pub challenge: ChallengeKind,
+    /// The CA's certificate profile (e.g. Let's Encrypt's `shortlived`). Default: none (the
+    /// CA's default).
+    pub profile: Option<String>,
 }

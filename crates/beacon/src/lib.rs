@@ -3,6 +3,7 @@
 //! rollouts, records events, alerts sysadmins, and serves an HTTP API and a status page.
 //! [`run`] is the whole service; `main.rs` only wires it up.
 
+pub(crate) mod acme;
 pub mod admission;
 pub(crate) mod alert_budget;
 pub(crate) mod alerts;
@@ -64,6 +65,8 @@ pub struct Checked {
     /// What Beacon trusts in apprepo's certificate: `repository.ca_file`, else the system's
     /// roots (`None`).
     pub(crate) repository_tls: Option<Arc<rustls::ClientConfig>>,
+    /// `[acme]` checked; `None` while `acme.directory_url` is unset (ACME off).
+    pub(crate) acme: Option<acme::AcmeSettings>,
 }
 
 pub fn check(config: &Config) -> Result<Checked, ConfigError> {
@@ -134,6 +137,7 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
             .map_err(|e| problems.push(format!("repository.ca_file: {e}")))
             .ok()
     });
+    let acme = check_acme(&config.acme, &config.repository.url, &mut problems);
     match (tokens, tls, repository_token) {
         (Some(tokens), Some(tls), Some(repository_token)) if problems.is_empty() => Ok(Checked {
             tokens: Arc::new(tokens),
@@ -141,10 +145,62 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
             repository_token,
             api_tls,
             repository_tls,
+            acme,
         }),
         _ => Err(ConfigError { problems }),
     }
 }
+
+/// Checks `[acme]`: off without `directory_url`; an https URL, a readable `ca_file`, a plain
+/// email address and profile name otherwise.
+fn check_acme(
+    config: &config::AcmeConfig,
+    repository_url: &str,
+    problems: &mut Vec<String>,
+) -> Option<acme::AcmeSettings> {
+    let directory_url = config.directory_url.as_ref()?;
+    let before = problems.len();
+    if !directory_url.starts_with("https://") {
+        problems.push(format!(
+            "acme.directory_url {directory_url:?} must start with https:// (e.g. {})",
+            config::LETS_ENCRYPT_DIRECTORY
+        ));
+    }
+    if let Some(email) = &config.email
+        && (!email.contains('@') || email.chars().any(|c| c.is_whitespace() || c == ','))
+    {
+        problems.push(format!("acme.email {email:?} is not one email address"));
+    }
+    if let Some(profile) = &config.profile
+        && (profile.is_empty()
+            || profile.len() > MAX_ACME_PROFILE_LEN
+            || !profile
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+    {
+        problems.push(format!(
+            "acme.profile {profile:?} must be 1 to {MAX_ACME_PROFILE_LEN} letters, digits, '-' or '_' (e.g. shortlived)"
+        ));
+    }
+    let ca_tls = config.ca_file.as_ref().and_then(|ca| {
+        px_runtime::tls::client_config(ca)
+            .map_err(|e| problems.push(format!("acme.ca_file: {e}")))
+            .ok()
+    });
+    (problems.len() == before).then(|| acme::AcmeSettings {
+        directory_url: directory_url.clone(),
+        repository_url: repository_url.to_string(),
+        email: config.email.clone(),
+        challenge: config.challenge,
+        profile: config.profile.clone(),
+        ca_tls,
+        limits: acme::budget::Limits::LETS_ENCRYPT,
+        publish_delay: acme::DEFAULT_PUBLISH_DELAY,
+    })
+}
+
+/// Longest `acme.profile`: CA profile names are short words (`classic`, `shortlived`).
+const MAX_ACME_PROFILE_LEN: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -229,6 +285,18 @@ pub async fn run_with(
         checked.repository_tls,
     )
     .map_err(StartError::Other)?;
+    let challenges = acme::Challenges::default();
+    if let Some(settings) = checked.acme {
+        tracing::info!(directory = %settings.directory_url, challenge = ?settings.challenge, "acme on: ordering certificates for every app's host names");
+        tracker.spawn(acme::run(
+            settings,
+            acme::Store(client.clone()),
+            hub.clone(),
+            challenges.clone(),
+            alerter.clone(),
+            shutdown.clone(),
+        ));
+    }
     critical.spawn(
         "the reconciler",
         reconcile::run(
@@ -282,6 +350,7 @@ pub async fn run_with(
         runs: runs.clone(),
         admission: admission::Admission::new(),
         open: open_links.clone(),
+        challenges,
     });
     let control_addr = listeners.control.local_addr()?;
     critical.spawn(

@@ -49,6 +49,8 @@ pub struct LinkServer {
     pub admission: Arc<Admission>,
     /// The established links and their tokens, checked again on a reload.
     pub open: Arc<OpenLinks>,
+    /// The ACME challenges every Maestro answers, sent on each link (`crate::acme`).
+    pub challenges: crate::acme::Challenges,
 }
 
 /// Why the link server stopped before shutdown.
@@ -298,7 +300,19 @@ impl LinkServer {
         let mut attached = self.hub.attach(hello).await;
         let conn = attached.conn;
         tracing::info!(%node, "maestro linked");
+        let mut challenges = self.challenges.subscribe();
+        let mut certificates = self.challenges.subscribe_certs();
         let result = async {
+            let current = certificates.borrow_and_update().clone();
+            if !current.certs.is_empty() {
+                link.send(FromBeacon::AcmeCertificates((*current).clone())).await.map_err(|e| e.to_string())?;
+            }
+            // The current challenge set first (a node that linked mid-order answers too), then
+            // every change; an empty set is not sent to a node that never had one.
+            let current = challenges.borrow_and_update().clone();
+            if *current != px_proto::acme::AcmeChallenges::default() {
+                link.send(FromBeacon::AcmeChallenges((*current).clone())).await.map_err(|e| e.to_string())?;
+            }
             let initial = attached.assignments.borrow_and_update().clone();
             if let Some(assignment) = initial {
                 let generation = assignment.generation;
@@ -327,6 +341,18 @@ impl LinkServer {
                             link.send(FromBeacon::Assign((*assignment).clone())).await.map_err(|e| e.to_string())?;
                             self.metrics.assignments_sent.inc();
                             self.hub.assigned(node, conn, generation);
+                        }
+                    }
+                    changed = challenges.changed() => {
+                        if changed.is_ok() {
+                            let current = challenges.borrow_and_update().clone();
+                            link.send(FromBeacon::AcmeChallenges((*current).clone())).await.map_err(|e| e.to_string())?;
+                        }
+                    }
+                    changed = certificates.changed() => {
+                        if changed.is_ok() {
+                            let current = certificates.borrow_and_update().clone();
+                            link.send(FromBeacon::AcmeCertificates((*current).clone())).await.map_err(|e| e.to_string())?;
                         }
                     }
                     command = attached.commands.recv() => match command {

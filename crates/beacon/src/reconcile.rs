@@ -39,6 +39,7 @@ pub const MAX_RESULTS_PER_RECONCILE: usize = 64;
 /// Longest error body quoted from the repository.
 const QUOTED_BODY_CHARS: usize = 300;
 
+#[derive(Clone)]
 pub struct RepositoryClient {
     base: String,
     token: String,
@@ -66,7 +67,7 @@ impl RepositoryClient {
     }
 
     /// GETs `path` as JSON; `None` when the repository answers 404.
-    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, String> {
+    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, String> {
         let url = format!("{}{path}", self.base);
         let response = self
             .http
@@ -91,6 +92,32 @@ impl RepositoryClient {
             .await
             .map(Some)
             .map_err(|e| format!("GET {url}: {e}"))
+    }
+
+    /// PUTs `body` as JSON to `path`; the repository's status when it is a success.
+    pub(crate) async fn put<T: serde::Serialize>(
+        &self,
+        path: &str,
+        body: &T,
+    ) -> Result<reqwest::StatusCode, String> {
+        let url = format!("{}{path}", self.base);
+        let response = self
+            .http
+            .put(&url)
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| format!("PUT {url}: {e}"))?;
+        let status = response.status();
+        if status.is_success() || status == reqwest::StatusCode::CONFLICT {
+            return Ok(status);
+        }
+        let body = response.text().await.unwrap_or_default();
+        Err(format!(
+            "PUT {url}: {status}: {}",
+            body.chars().take(QUOTED_BODY_CHARS).collect::<String>()
+        ))
     }
 
     /// Every app's current release, the counts its formation sets (`em scale`), the names

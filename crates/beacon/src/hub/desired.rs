@@ -101,6 +101,24 @@ impl Hub {
             .then(|| self.assignment_for(state, node, fit))
     }
 
+    /// Every host name an app's desired release is served on (`domains.rs`), lowercase: what
+    /// Beacon orders certificates for.
+    pub fn served_domains(&self) -> std::collections::BTreeSet<String> {
+        let state = self.lock();
+        state
+            .desired
+            .values()
+            .flat_map(|release| {
+                super::domains::served(
+                    release,
+                    state.added_domains.get(&release.app),
+                    &self.settings.domain,
+                )
+            })
+            .map(|domain| domain.to_ascii_lowercase())
+            .collect()
+    }
+
     /// The assignment of `release`, with the web count of its app's formation when one is set,
     /// every name it is served on (`domains.rs`) and its app's creation time when known.
     pub(super) fn app_assignment(&self, release: &Release, state: &State) -> AppAssignment {
