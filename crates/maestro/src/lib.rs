@@ -6,6 +6,7 @@
 //! delivers their layers to apprepo (`builds.rs`). [`run`] is the whole service; `main.rs`
 //! only wires it up. [`local`] runs one app from a local directory the same way, for `em dev`.
 
+mod acme_certs;
 mod app_events;
 mod builds;
 mod delivery;
@@ -48,7 +49,9 @@ pub mod internals {
     pub use crate::proxy::protocol::H2_MAX_CONCURRENT_STREAMS;
     pub use crate::proxy::server::ACCEPT_BALANCE_SLACK;
     pub use crate::proxy::tls::CertStore;
-    pub use crate::proxy::{AccessLog, Proxy, ProxyError, ProxyMetrics, ProxySettings};
+    pub use crate::proxy::{
+        AccessLog, AcmeAnswers, Proxy, ProxyError, ProxyMetrics, ProxySettings,
+    };
     pub use crate::routes::{
         AppRoute, Backend, BodyPolicy, DrainOutcome, HttpsPolicy, RouteTable, Routes,
     };
@@ -328,6 +331,8 @@ pub async fn run_with(
         ..Default::default()
     };
     let proxy = proxy::Proxy::new(routes, settings, metrics.clone(), access);
+    // Certificates ACME issued earlier serve from the first handshake, before any link.
+    let acme_held = acme_certs::load_kept(&config.state_dir, proxy.acme());
     let proxy_stop = CancellationToken::new();
     let http_addr = listeners.http.local_addr()?;
     // The proxy's listeners, waited for apart from the other tasks: the apps stop only once
@@ -421,6 +426,16 @@ pub async fn run_with(
             shutdown.clone(),
         );
         let (runs, run_frames) = runs::Runs::new(supervisor.clone(), app_logs.clone());
+        let (acme_certs_tx, acme_certs_rx) = tokio::sync::watch::channel(Default::default());
+        tracker.spawn(acme_certs::run(
+            acme_certs_rx,
+            delivery::repository_client(checked.repository_tls.clone()),
+            checked.repository_token.clone(),
+            config.state_dir.clone(),
+            proxy.acme().clone(),
+            acme_held,
+            shutdown.clone(),
+        ));
         let client = link::Client {
             supervisor: supervisor.clone(),
             runs,
@@ -432,6 +447,8 @@ pub async fn run_with(
             state_dir: config.state_dir.clone(),
             labels: config.labels.clone(),
             runtimes,
+            acme: proxy.acme().clone(),
+            acme_certs: acme_certs_tx,
         };
         critical.spawn(
             "the beacon link",

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use px_link::{Link, LinkError};
+use px_proto::acme::{MAX_ACME_CHALLENGES, MAX_ANNOUNCED_CERTS};
 use px_proto::link::{Assignment, FromBeacon, Hello, LogBatch, LogLine, NodeEvent, ToBeacon};
 use px_proto::run::RunFromNode;
 use tokio::sync::broadcast::error::RecvError;
@@ -51,6 +52,10 @@ pub struct Client {
     pub labels: BTreeMap<String, String>,
     /// Runtimes found on this host (`python3` → `3.11.7`), for Beacon's placement.
     pub runtimes: BTreeMap<String, String>,
+    /// The proxy's ACME challenge answers, replaced by each set Beacon sends.
+    pub acme: Arc<crate::proxy::AcmeAnswers>,
+    /// The certificates Beacon names, for the task that fetches them (`acme_certs.rs`).
+    pub acme_certs: watch::Sender<Arc<px_proto::acme::AcmeCertVersions>>,
 }
 
 /// Reads the persisted assignment, if any.
@@ -231,6 +236,21 @@ impl Client {
                     }
                     FromBeacon::Heartbeat => {}
                     FromBeacon::Run(frame) => self.runs.handle(frame),
+                    FromBeacon::AcmeChallenges(set) => {
+                        if set.http01.len() > MAX_ACME_CHALLENGES || set.tls_alpn01.len() > MAX_ACME_CHALLENGES {
+                            tracing::warn!("beacon sent more than {MAX_ACME_CHALLENGES} ACME challenges of a kind; ignored");
+                        } else {
+                            tracing::debug!(http01 = set.http01.len(), tls_alpn01 = set.tls_alpn01.len(), "acme challenges from beacon");
+                            self.acme.set_challenges(&set);
+                        }
+                    }
+                    FromBeacon::AcmeCertificates(versions) => {
+                        if versions.certs.len() > MAX_ANNOUNCED_CERTS {
+                            tracing::warn!("beacon named more than {MAX_ANNOUNCED_CERTS} certificates; ignored");
+                        } else {
+                            self.acme_certs.send_replace(Arc::new(versions));
+                        }
+                    }
                     other => tracing::debug!(?other, "unexpected frame from beacon"),
                 },
             }

@@ -155,10 +155,19 @@ async fn respond(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<Proxy
             .and_then(|route| route.https.hsts.clone()),
     };
 
-    // ---- The proxy's own answers that plain HTTP must reach as they are (ACME's HTTP-01
-    // challenges under `https::ACME_CHALLENGE_PREFIX`) go above this line, before the redirect to
-    // HTTPS below. ----
-
+    // The CA's HTTP-01 check comes first, for any host and before any redirect: the name may
+    // not route yet, and the CA follows no redirect to a listener that has no certificate.
+    if let Some(token) = req.uri().path().strip_prefix(super::acme::HTTP01_PREFIX)
+        && matches!(*req.method(), Method::GET | Method::HEAD)
+        && let Some(key_authorization) = proxy.acme.http01(token)
+    {
+        let mut response = Response::new(ProxyBody::full(key_authorization.into()));
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let app = route.as_ref().map_or("", |r| r.app.as_str()).to_string();
+        return exchange.finish(response, &app, None, None);
+    }
     let Some(route) = route else {
         let response = page(Failure::UnknownHost, host, "", exchange.request_id());
         return exchange.finish(response, "", None, None);

@@ -8,6 +8,7 @@
 
 mod access;
 mod activity;
+pub(crate) mod acme;
 mod body;
 pub(crate) mod drain;
 mod handle;
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use access::AccessLog;
 pub(crate) use access::AccessRecord;
+pub use acme::AcmeAnswers;
 pub use metrics::ProxyMetrics;
 pub(crate) use tls::CertStore;
 
@@ -177,6 +179,8 @@ pub struct Proxy {
     access: AccessLog,
     /// The HTTPS listener's certificates, once it serves: which hosts plain HTTP redirects.
     certs: OnceLock<Arc<CertStore>>,
+    /// ACME challenge answers and issued certificates, set from Beacon's link.
+    acme: Arc<AcmeAnswers>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -200,6 +204,7 @@ impl Proxy {
             metrics,
             access,
             certs: OnceLock::new(),
+            acme: Arc::new(AcmeAnswers::default()),
         })
     }
 
@@ -207,6 +212,11 @@ impl Proxy {
     /// rather than only the default one. `host` is a name without a port.
     pub(crate) fn has_certificate(&self, host: &str) -> bool {
         self.certs.get().is_some_and(|certs| certs.covers(host))
+    }
+
+    /// Where the link puts ACME's challenge answers and issued certificates.
+    pub fn acme(&self) -> &Arc<AcmeAnswers> {
+        &self.acme
     }
 
     /// Serves plain HTTP on `listener` until `shutdown`; then stops accepting and lets open
@@ -231,6 +241,7 @@ impl Proxy {
         certs: Arc<CertStore>,
         shutdown: CancellationToken,
     ) -> impl Future<Output = Result<(), ProxyError>> + Send + 'static {
+        certs.attach_acme(self.acme.clone());
         let acceptor = tokio_rustls::TlsAcceptor::from(certs.server_config());
         // One HTTPS listener per proxy; a second would serve the same store.
         let _ = self.certs.set(certs);

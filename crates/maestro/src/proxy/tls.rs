@@ -12,6 +12,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use super::ProxyError;
+use super::acme::{ACME_TLS_ALPN, AcmeAnswers};
 
 /// File stem of the certificate served when no other matches (or the client sent no SNI).
 const DEFAULT_STEM: &str = "_default";
@@ -32,9 +33,18 @@ impl CertSet {
         self.exact.len() + self.wildcard.len() + usize::from(self.default.is_some())
     }
 
-    fn find(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        name.and_then(|name| self.named(name))
-            .or_else(|| self.default.clone())
+    /// The operator's exact or wildcard certificate for `name`, else ACME's, else the default:
+    /// an operator's file for a name always wins over one from ACME.
+    fn find(&self, name: Option<&str>, acme: Option<&AcmeAnswers>) -> Option<Arc<CertifiedKey>> {
+        if let Some(key) = name.and_then(|name| self.named(name)) {
+            return Some(key);
+        }
+        if let (Some(name), Some(acme)) = (name, acme)
+            && let Some(key) = acme.issued(name)
+        {
+            return Some(key);
+        }
+        self.default.clone()
     }
 
     /// The certificate issued for `name` itself or for a wildcard covering it; never the
@@ -55,12 +65,26 @@ impl CertSet {
 #[derive(Debug)]
 struct Resolver {
     set: RwLock<Arc<CertSet>>,
+    /// The proxy's ACME answers and issued certificates, once the HTTPS listener serves.
+    acme: RwLock<Option<Arc<AcmeAnswers>>>,
 }
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let acme = self.acme.read().unwrap_or_else(|p| p.into_inner()).clone();
+        // A TLS-ALPN-01 validation offers `acme-tls/1` alone (RFC 8737 §3) and gets the
+        // challenge certificate; no other client ever sees it.
+        let only_acme = hello
+            .alpn()
+            .map(|mut protocols| {
+                protocols.next() == Some(ACME_TLS_ALPN) && protocols.next().is_none()
+            })
+            .unwrap_or(false);
+        if only_acme {
+            return acme.and_then(|a| hello.server_name().and_then(|name| a.tls_alpn01(name)));
+        }
         let set = self.set.read().unwrap_or_else(|p| p.into_inner()).clone();
-        set.find(hello.server_name())
+        set.find(hello.server_name(), acme.as_deref())
     }
 }
 
@@ -82,13 +106,16 @@ impl CertStore {
         let set = read_dir(dir, &provider)?;
         let resolver = Arc::new(Resolver {
             set: RwLock::new(Arc::new(set)),
+            acme: RwLock::new(None),
         });
         let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
         // HTTP/2 first, then HTTP/1.1; each connection is served in what it chose.
+        // `acme-tls/1` is chosen only by a TLS-ALPN-01 validation, which offers nothing else.
         config.alpn_protocols = super::protocol::alpn_protocols();
+        config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
         Ok(Arc::new(Self {
             dir: dir.to_path_buf(),
             provider,
@@ -115,21 +142,39 @@ impl CertStore {
             .len()
     }
 
-    /// Whether a certificate for `name` is loaded, its own or a wildcard's, not counting the
-    /// default: the proxy redirects plain HTTP to HTTPS only for such names, since a browser
-    /// would refuse the default certificate for any other.
+    /// Whether a certificate for `name` is loaded, its own or a wildcard's from `certs_dir` or
+    /// one issued by ACME, not counting the default: the proxy redirects plain HTTP to HTTPS
+    /// only for such names, since a browser would refuse the default certificate for any other.
     pub fn covers(&self, name: &str) -> bool {
-        self.resolver
+        let named = self
+            .resolver
             .set
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .named(name)
-            .is_some()
+            .is_some();
+        named
+            || self
+                .resolver
+                .acme
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|acme| acme.issued(name).is_some())
     }
 
     /// Whether no certificate is loaded (every handshake would then fail).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Serves ACME's challenge and issued certificates beside the directory's.
+    pub(crate) fn attach_acme(&self, acme: Arc<AcmeAnswers>) {
+        *self
+            .resolver
+            .acme
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(acme);
     }
 
     /// The server configuration choosing certificates from this store.

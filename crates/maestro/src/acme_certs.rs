@@ -1,0 +1,150 @@
+//! The certificates Beacon's ACME CA issued, on this node (docs/src/design/acme.md): Beacon
+//! names each one (host name, serial, apprepo URL) on the link; this task fetches each one the
+//! node does not hold from apprepo with the repository token, keeps it under
+//! `state_dir/acme/` (a 0700 directory, 0600 files), and hands it to the proxy's TLS resolver.
+//! At start-up the kept ones are served before Beacon or apprepo answer.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use px_proto::acme::{AcmeCert, AcmeCertVersions};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::delivery::{Attempt, authorized, message_of};
+use crate::proxy::AcmeAnswers;
+
+/// The directory under `state_dir` holding the certificates.
+pub const ACME_DIR: &str = "acme";
+/// How often certificates that could not be fetched are tried again.
+const RETRY: Duration = Duration::from_secs(10);
+
+fn cert_path(dir: &Path, domain: &str) -> PathBuf {
+    dir.join(format!("{domain}.json"))
+}
+
+/// Serves every kept certificate; returns each host name with its serial. A file that does
+/// not parse is skipped (and logged): Beacon names its certificate again and it is fetched.
+pub fn load_kept(state_dir: &Path, answers: &AcmeAnswers) -> BTreeMap<String, String> {
+    let dir = state_dir.join(ACME_DIR);
+    let mut held = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return held;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let record = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<AcmeCert>(&b).map_err(|e| e.to_string()));
+        match record.and_then(|r| {
+            answers
+                .set_issued(&r.domain, &r.chain_pem, &r.key_pem)
+                .map(|()| r)
+        }) {
+            Ok(record) => {
+                held.insert(record.domain, record.serial);
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "kept certificate unreadable; fetching it again")
+            }
+        }
+    }
+    if !held.is_empty() {
+        tracing::info!(count = held.len(), "serving the kept ACME certificates");
+    }
+    held
+}
+
+/// Fetches the certificates Beacon names until `shutdown`.
+pub async fn run(
+    mut wanted: watch::Receiver<Arc<AcmeCertVersions>>,
+    http: reqwest::Client,
+    token: Option<String>,
+    state_dir: PathBuf,
+    answers: Arc<AcmeAnswers>,
+    mut held: BTreeMap<String, String>,
+    shutdown: CancellationToken,
+) {
+    let dir = state_dir.join(ACME_DIR);
+    let mut retry = tokio::time::interval(RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let current = wanted.borrow_and_update().clone();
+        for (domain, version) in &current.certs {
+            if held.get(domain) == Some(&version.serial) {
+                continue;
+            }
+            match fetch(&http, token.as_deref(), &version.url, domain).await {
+                Ok(record) if record.serial == version.serial => {
+                    if let Err(e) = keep(&dir, &record, &answers).await {
+                        tracing::warn!(%domain, error = %e, "acme certificate not kept; retrying");
+                        continue;
+                    }
+                    tracing::info!(%domain, serial = %record.serial, "serving the ACME certificate");
+                    held.insert(domain.clone(), record.serial);
+                }
+                // Beacon stored a newer one since it named this one: the next set names it.
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(%domain, error = %e, "acme certificate not fetched; retrying")
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = wanted.changed() => if changed.is_err() { return },
+            _ = retry.tick() => {}
+        }
+    }
+}
+
+async fn fetch(
+    http: &reqwest::Client,
+    token: Option<&str>,
+    url: &str,
+    domain: &str,
+) -> Result<AcmeCert, String> {
+    let (status, body) = authorized(token, http.get(url))
+        .await
+        .map_err(|a| match a {
+            Attempt::Retry(m) | Attempt::Stop(m) => m,
+        })?;
+    if !status.is_success() {
+        return Err(format!("GET {url}: {status}: {}", message_of(&body)));
+    }
+    let record: AcmeCert = serde_json::from_slice(&body)
+        .map_err(|e| format!("GET {url}: not a certificate record: {e}"))?;
+    if record.domain != domain {
+        return Err(format!(
+            "GET {url} answered the record of {:?}",
+            record.domain
+        ));
+    }
+    Ok(record)
+}
+
+/// Serves the record and keeps it, readable by Maestro alone.
+async fn keep(dir: &Path, record: &AcmeCert, answers: &AcmeAnswers) -> Result<(), String> {
+    answers.set_issued(&record.domain, &record.chain_pem, &record.key_pem)?;
+    let bytes = serde_json::to_vec_pretty(record).map_err(|e| e.to_string())?;
+    let dir = dir.to_path_buf();
+    let path = cert_path(&dir, &record.domain);
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        px_runtime::fs::write_atomic(&path, &bytes)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}

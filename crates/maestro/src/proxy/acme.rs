@@ -1,0 +1,165 @@
+//! What the proxy serves for ACME (docs/src/design/acme.md): the challenge answers Beacon
+//! sends on the link (HTTP-01 key authorizations, TLS-ALPN-01 certificates) and the
+//! certificates Beacon's CA issued, which the TLS resolver serves beside `certs_dir`'s files.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use px_proto::acme::{AcmeChallenges, ChallengeCert};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+
+/// Where the CA asks for an HTTP-01 answer (RFC 8555 §8.3).
+pub(crate) const HTTP01_PREFIX: &str = "/.well-known/acme-challenge/";
+/// The ALPN protocol of a TLS-ALPN-01 validation (RFC 8737 §6.2).
+pub(crate) const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+#[derive(Default)]
+struct Answers {
+    http01: HashMap<String, String>,
+    tls_alpn01: HashMap<String, Arc<CertifiedKey>>,
+    issued: HashMap<String, Arc<CertifiedKey>>,
+}
+
+/// The current answers and issued certificates, swapped whole on each change.
+pub struct AcmeAnswers {
+    provider: Arc<CryptoProvider>,
+    answers: RwLock<Arc<Answers>>,
+}
+
+impl std::fmt::Debug for AcmeAnswers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcmeAnswers").finish_non_exhaustive()
+    }
+}
+
+impl Default for AcmeAnswers {
+    fn default() -> Self {
+        Self {
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            answers: RwLock::default(),
+        }
+    }
+}
+
+/// Parses a PEM chain and its key into what rustls serves; checks that they match.
+pub(crate) fn certified_key(
+    chain_pem: &str,
+    key_pem: &str,
+    provider: &CryptoProvider,
+) -> Result<Arc<CertifiedKey>, String> {
+    let (certs, key) = parse(chain_pem, key_pem)?;
+    CertifiedKey::from_der(certs, key, provider)
+        .map(Arc::new)
+        .map_err(|e| format!("the certificate does not match its key: {e}"))
+}
+
+/// A TLS-ALPN-01 challenge certificate: not checked against its key, since the check parses
+/// the certificate and refuses its critical acmeIdentifier extension (RFC 8737 §3), which
+/// only the CA's validator reads.
+fn challenge_key(
+    cert_pem: &str,
+    key_pem: &str,
+    provider: &CryptoProvider,
+) -> Result<Arc<CertifiedKey>, String> {
+    let (certs, key) = parse(cert_pem, key_pem)?;
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("the key is not usable: {e}"))?;
+    Ok(Arc::new(CertifiedKey::new(certs, signing)))
+}
+
+fn parse(
+    chain_pem: &str,
+    key_pem: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let certs = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the certificate is not PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("no certificate in the chain".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| format!("the key is not PEM: {e}"))?;
+    Ok((certs, key))
+}
+
+impl AcmeAnswers {
+    fn read(&self) -> Arc<Answers> {
+        self.answers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn swap(&self, change: impl FnOnce(&mut Answers)) {
+        let mut guard = self.answers.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = Answers {
+            http01: guard.http01.clone(),
+            tls_alpn01: guard.tls_alpn01.clone(),
+            issued: guard.issued.clone(),
+        };
+        change(&mut next);
+        *guard = Arc::new(next);
+    }
+
+    /// Replaces the challenge answers with Beacon's current set. A TLS-ALPN-01 certificate
+    /// that does not parse is left out (and logged): its validation fails, the rest answer.
+    pub fn set_challenges(&self, set: &AcmeChallenges) {
+        let tls_alpn01: HashMap<String, Arc<CertifiedKey>> = set
+            .tls_alpn01
+            .iter()
+            .filter_map(|(domain, ChallengeCert { cert_pem, key_pem })| {
+                match challenge_key(cert_pem, key_pem, &self.provider) {
+                    Ok(key) => Some((domain.to_ascii_lowercase(), key)),
+                    Err(e) => {
+                        tracing::warn!(%domain, error = %e, "tls-alpn-01 challenge certificate refused");
+                        None
+                    }
+                }
+            })
+            .collect();
+        let http01 = set
+            .http01
+            .iter()
+            .map(|(t, k)| (t.clone(), k.clone()))
+            .collect();
+        self.swap(|answers| {
+            answers.http01 = http01;
+            answers.tls_alpn01 = tls_alpn01;
+        });
+    }
+
+    /// Serves `chain_pem` for `domain` from the next handshake on.
+    pub fn set_issued(&self, domain: &str, chain_pem: &str, key_pem: &str) -> Result<(), String> {
+        let key = certified_key(chain_pem, key_pem, &self.provider)?;
+        self.swap(|answers| {
+            answers.issued.insert(domain.to_ascii_lowercase(), key);
+        });
+        Ok(())
+    }
+
+    /// The key authorization for an HTTP-01 token, if one is pending.
+    pub(crate) fn http01(&self, token: &str) -> Option<String> {
+        self.read().http01.get(token).cloned()
+    }
+
+    /// The TLS-ALPN-01 challenge certificate for `domain`, if one is pending.
+    pub(crate) fn tls_alpn01(&self, domain: &str) -> Option<Arc<CertifiedKey>> {
+        self.read()
+            .tls_alpn01
+            .get(&domain.trim_end_matches('.').to_ascii_lowercase())
+            .cloned()
+    }
+
+    /// The issued certificate for `domain`, if the CA issued one.
+    pub(crate) fn issued(&self, domain: &str) -> Option<Arc<CertifiedKey>> {
+        self.read()
+            .issued
+            .get(&domain.trim_end_matches('.').to_ascii_lowercase())
+            .cloned()
+    }
+}
