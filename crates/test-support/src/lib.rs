@@ -1,7 +1,8 @@
 //! Helpers for Platform.X integration tests: a real S3-compatible server (s3s-fs) started per
-//! test on loopback, throwaway certificates, sample apps, free ports, and systemd played by
-//! its own tools (`systemd`).
+//! test on loopback, throwaway certificates, sample apps, free ports, systemd played by its
+//! own tools (`systemd`), and Pebble, the ACME test server (`pebble`).
 
+pub mod pebble;
 pub mod systemd;
 
 use std::net::TcpListener;

@@ -1,0 +1,129 @@
+//! Pebble, the ACME test server, with pebble-challtestsrv as its DNS server answering every
+//! name with 127.0.0.1, so any test host name validates against this machine. Pebble sends its
+//! HTTP-01 and TLS-ALPN-01 checks to the ports a test names (the proxy's).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::{Pki, free_port, wait_for_port};
+
+/// Set by `scripts/test`: tests that need Pebble fail instead of skipping when it is missing.
+pub const REQUIRE_PEBBLE_ENV: &str = "PX_REQUIRE_PEBBLE";
+
+/// A running Pebble and its DNS server, stopped on drop.
+pub struct Pebble {
+    /// The CA of Pebble's own HTTPS listener (directory and management API).
+    pub listener_pki: Pki,
+    pub port: u16,
+    pub management_port: u16,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+fn find(binary: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(binary))
+            .find(|p| p.is_file())
+    })
+}
+
+impl Pebble {
+    /// Starts Pebble validating HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port` of
+    /// 127.0.0.1, or returns `None` (after saying so loudly) when it is not installed and
+    /// [`REQUIRE_PEBBLE_ENV`] is not set.
+    pub fn start(http_port: u16, tls_port: u16) -> Option<Self> {
+        let (Some(pebble), Some(challtestsrv)) = (find("pebble"), find("pebble-challtestsrv"))
+        else {
+            if std::env::var_os(REQUIRE_PEBBLE_ENV).is_some() {
+                panic!(
+                    "{REQUIRE_PEBBLE_ENV} is set but pebble was not found; install it with scripts/install-test-tools"
+                );
+            }
+            eprintln!(
+                "SKIPPING ACME test: pebble not found (run scripts/install-test-tools, or set {REQUIRE_PEBBLE_ENV}=1 to make this fail)"
+            );
+            return None;
+        };
+        Some(
+            Self::spawn(&pebble, &challtestsrv, http_port, tls_port)
+                .unwrap_or_else(|e| panic!("starting pebble: {e:#}")),
+        )
+    }
+
+    fn spawn(pebble: &Path, challtestsrv: &Path, http_port: u16, tls_port: u16) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let listener_pki = Pki::new(&["127.0.0.1", "localhost"])?;
+        let (port, management_port, dns_port, dns_management_port) =
+            (free_port(), free_port(), free_port(), free_port());
+        let config = dir.path().join("pebble.json");
+        std::fs::write(
+            &config,
+            format!(
+                r#"{{"pebble":{{"listenAddress":"127.0.0.1:{port}","managementListenAddress":"127.0.0.1:{management_port}","certificate":"{}","privateKey":"{}","httpPort":{http_port},"tlsPort":{tls_port},"ocspResponderURL":"","externalAccountBindingRequired":false}}}}"#,
+                listener_pki.cert().display(),
+                listener_pki.key().display()
+            ),
+        )?;
+        let mut children = Vec::new();
+        children.push(
+            Command::new(challtestsrv)
+                .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+                .args(["-dns01", &format!("127.0.0.1:{dns_port}")])
+                .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+                .args(["-management", &format!("127.0.0.1:{dns_management_port}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("spawning pebble-challtestsrv")?,
+        );
+        let mut this = Self {
+            listener_pki,
+            port,
+            management_port,
+            children,
+            _dir: dir,
+        };
+        wait_for_port(dns_port, Duration::from_secs(20))?;
+        this.children.push(
+            Command::new(pebble)
+                .arg("-config")
+                .arg(&config)
+                .args(["-dnsserver", &format!("127.0.0.1:{dns_port}")])
+                // No random sleep before validating, and no nonce rejected on purpose: the tests
+                // check what Beacon does, not how it rides out Pebble's chaos.
+                .env("PEBBLE_VA_NOSLEEP", "1")
+                .env("PEBBLE_WFE_NONCEREJECT", "0")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("spawning pebble")?,
+        );
+        wait_for_port(port, Duration::from_secs(20))?;
+        wait_for_port(management_port, Duration::from_secs(20))?;
+        Ok(this)
+    }
+
+    /// The ACME directory URL.
+    pub fn directory_url(&self) -> String {
+        format!("https://127.0.0.1:{}/dir", self.port)
+    }
+
+    /// Where the root that signs issued certificates is served (PEM), over HTTPS under
+    /// [`Pebble::listener_pki`]'s CA.
+    pub fn root_url(&self) -> String {
+        format!("https://127.0.0.1:{}/roots/0", self.management_port)
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
