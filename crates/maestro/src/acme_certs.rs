@@ -148,3 +148,43 @@ async fn keep(dir: &Path, record: &AcmeCert, answers: &AcmeAnswers) -> Result<()
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::os::unix::fs::PermissionsExt;
+
+    use px_proto::acme::CertState;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_kept_certificate_is_private_and_serves_again_after_a_restart() {
+        let state = tempfile::tempdir().unwrap();
+        let pki = px_test_support::Pki::new(&["shop.example.com"]).unwrap();
+        let record = AcmeCert {
+            domain: "shop.example.com".into(),
+            state: CertState::Issued,
+            chain_pem: std::fs::read_to_string(pki.cert()).unwrap(),
+            key_pem: std::fs::read_to_string(pki.key()).unwrap(),
+            issuer: "test CA".into(),
+            not_before: String::new(),
+            not_after: String::new(),
+            renew_at: String::new(),
+            last_error: String::new(),
+            serial: "0a".into(),
+        };
+        let dir = state.path().join(ACME_DIR);
+        keep(&dir, &record, &AcmeAnswers::default()).await.unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&cert_path(&dir, "shop.example.com")), 0o600);
+
+        // A new process: the kept certificate serves before any link or apprepo answers.
+        let answers = AcmeAnswers::default();
+        let held = load_kept(state.path(), &answers);
+        assert_eq!(held.get("shop.example.com").map(String::as_str), Some("0a"));
+        assert!(answers.issued("shop.example.com").is_some());
+        assert!(answers.issued("other.example.com").is_none());
+    }
+}

@@ -49,7 +49,9 @@ pub(crate) const MAX_ORDERS_IN_FLIGHT: usize = 4;
 const TICK: Duration = Duration::from_secs(1);
 /// How long after a failed order (or one the budget refused) the name is tried again.
 pub(crate) const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(15 * 60);
-/// Waits between attempts at loading or creating the account while the CA or apprepo is away.
+/// Waits between attempts at loading or creating the account while the CA or apprepo is away,
+/// and before reading apprepo's records again after a read failed (so a wrong token or an
+/// apprepo away is logged every few seconds, not on every pass).
 const ACCOUNT_RETRY: Duration = Duration::from_secs(10);
 /// How long Maestros get to take up a published challenge before the CA checks it: a link
 /// frame arrives in milliseconds; this leaves room for a loaded node.
@@ -95,6 +97,8 @@ struct Manager {
     budget: Budget,
     /// Names warned about as close to expiry, with the serial warned about: once each.
     warned: BTreeSet<(String, String)>,
+    /// No record is read from apprepo before this, after a read failed.
+    reads_paused_until: Option<Instant>,
 }
 
 /// Runs until `shutdown`: loads or creates the account, then keeps a certificate for every
@@ -131,6 +135,7 @@ pub(crate) async fn run(
         known: BTreeMap::new(),
         in_flight: BTreeSet::new(),
         warned: BTreeSet::new(),
+        reads_paused_until: None,
     };
     let mut orders: JoinSet<Finished> = JoinSet::new();
     let mut tick = tokio::time::interval(TICK);
@@ -235,12 +240,19 @@ impl Manager {
                 continue;
             }
             if !self.known.contains_key(&domain) {
+                if self
+                    .reads_paused_until
+                    .is_some_and(|until| Instant::now() < until)
+                {
+                    continue;
+                }
                 match self.store.cert(&domain).await {
                     Ok(record) => {
                         self.known.insert(domain.clone(), record);
                     }
                     Err(e) => {
-                        tracing::warn!(%domain, error = %e, "acme: cannot read the stored certificate; retrying");
+                        tracing::warn!(%domain, error = %e, "acme: cannot read the stored certificate; retrying in {ACCOUNT_RETRY:?}");
+                        self.reads_paused_until = Some(Instant::now() + ACCOUNT_RETRY);
                         continue;
                     }
                 }
