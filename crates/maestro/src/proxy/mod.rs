@@ -7,8 +7,8 @@
 //! pool of connections to instances (see `server.rs` for why).
 
 mod access;
-mod activity;
 pub(crate) mod acme;
+mod activity;
 mod body;
 pub(crate) mod drain;
 mod handle;
