@@ -1,8 +1,10 @@
 //! `em domains`: the host names an app is served on. Adding and removing go through apprepo
 //! (`/v1/apps/{app}/domains`, no release); `list` joins apprepo's names (manifest, added) with
-//! what Beacon serves the app on, which adds `<app>.<cluster domain>`.
+//! what Beacon serves the app on, which adds `<app>.<cluster domain>`, and with the state of
+//! each name's certificate from ACME (apprepo's `/v1/acme/certs`).
 
-use px_proto::api::{AddDomain, DomainEntry, DomainSource, Domains};
+use px_proto::acme::AcmeCertSummary;
+use px_proto::api::{AddDomain, DomainCertificate, DomainEntry, DomainSource, Domains};
 
 use crate::cli::DomainsAction;
 use crate::client::Client;
@@ -76,6 +78,12 @@ pub async fn domains(
                 &mut domains,
                 served.as_ref().map_or(&[][..], |a| &a.domains),
             );
+            // Without ACME (or an apprepo that predates it) the column stays empty.
+            let certs: Vec<AcmeCertSummary> = client
+                .get(&client.repo("/v1/acme/certs"))
+                .await
+                .unwrap_or_default();
+            add_certificates(&mut domains, &certs);
             if json {
                 print_json(&domains);
             } else {
@@ -99,7 +107,26 @@ fn add_served(domains: &mut Domains, served: &[String]) {
     }
 }
 
-/// The names as aligned columns: `shop.example.com  added  -`.
+/// Each name's certificate, when ACME holds a record of it.
+fn add_certificates(domains: &mut Domains, certs: &[AcmeCertSummary]) {
+    let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    for entry in &mut domains.domains {
+        if let Some(cert) = certs
+            .iter()
+            .find(|c| c.domain.eq_ignore_ascii_case(&entry.domain))
+        {
+            entry.certificate = Some(DomainCertificate {
+                state: cert.state.as_str().to_string(),
+                issuer: some(&cert.issuer),
+                not_after: some(&cert.not_after),
+                last_error: some(&cert.last_error),
+            });
+        }
+    }
+}
+
+/// The names as aligned columns (`shop.example.com  added  issued  2027-03-01  R11`), then
+/// the CA's reason for each certificate whose last order failed.
 fn table(domains: &Domains) -> String {
     if domains.domains.is_empty() {
         return format!(
@@ -107,21 +134,31 @@ fn table(domains: &Domains) -> String {
             domains.app
         );
     }
-    let rows: Vec<[String; 3]> = domains
+    let dash = || "-".to_string();
+    let rows: Vec<[String; 5]> = domains
         .domains
         .iter()
         .map(|e| {
+            let cert = e.certificate.as_ref();
             [
                 e.domain.clone(),
                 e.source.as_str().to_string(),
-                e.certificate
-                    .as_ref()
-                    .map_or("-".to_string(), |c| c.state.clone()),
+                cert.map_or_else(dash, |c| c.state.clone()),
+                // The date of an RFC 3339 time is enough to plan by.
+                cert.and_then(|c| c.not_after.as_deref())
+                    .map_or_else(dash, |t| t.chars().take(10).collect()),
+                cert.and_then(|c| c.issuer.clone()).unwrap_or_else(dash),
             ]
         })
         .collect();
-    let header = ["DOMAIN".to_string(), "SOURCE".into(), "CERTIFICATE".into()];
-    let widths: Vec<usize> = (0..3)
+    let header = [
+        "DOMAIN".to_string(),
+        "SOURCE".into(),
+        "CERTIFICATE".into(),
+        "EXPIRES".into(),
+        "ISSUER".into(),
+    ];
+    let widths: Vec<usize> = (0..4)
         .map(|i| {
             rows.iter()
                 .chain(std::iter::once(&header))
@@ -130,19 +167,33 @@ fn table(domains: &Domains) -> String {
                 .unwrap_or(0)
         })
         .collect();
-    std::iter::once(&header)
+    let mut text: String = std::iter::once(&header)
         .chain(&rows)
         .map(|r| {
             format!(
-                "{:<w0$}  {:<w1$}  {}\n",
+                "{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}\n",
                 r[0],
                 r[1],
                 r[2],
+                r[3],
+                r[4],
                 w0 = widths[0],
-                w1 = widths[1]
+                w1 = widths[1],
+                w2 = widths[2],
+                w3 = widths[3]
             )
         })
-        .collect()
+        .collect();
+    for e in &domains.domains {
+        if let Some(reason) = e.certificate.as_ref().and_then(|c| c.last_error.as_deref()) {
+            text.push_str(&format!(
+                "{}: the last order failed: {}\n",
+                e.domain,
+                crate::safe_text::line(reason)
+            ));
+        }
+    }
+    text
 }
 
 #[cfg(test)]
@@ -186,10 +237,64 @@ mod tests {
         );
         assert_eq!(
             table(&domains),
-            "DOMAIN                 SOURCE    CERTIFICATE\n\
-             shop.example.com       manifest  -\n\
-             www.example.com        added     -\n\
-             shop.apps.example.net  cluster   -\n"
+            "DOMAIN                 SOURCE    CERTIFICATE  EXPIRES  ISSUER\n\
+             shop.example.com       manifest  -            -        -\n\
+             www.example.com        added     -            -        -\n\
+             shop.apps.example.net  cluster   -            -        -\n"
+        );
+    }
+
+    #[test]
+    fn the_list_shows_each_certificate_with_its_expiry_issuer_and_the_cas_reason() {
+        let mut domains = Domains {
+            app: "shop".into(),
+            domains: vec![
+                entry("shop.example.com", DomainSource::Manifest),
+                entry("www.example.com", DomainSource::Added),
+                entry("new.example.com", DomainSource::Added),
+            ],
+        };
+        let cert =
+            |domain: &str, state, not_after: &str, issuer: &str, error: &str| AcmeCertSummary {
+                domain: domain.into(),
+                state,
+                issuer: issuer.into(),
+                not_after: not_after.into(),
+                last_error: error.into(),
+            };
+        add_certificates(
+            &mut domains,
+            &[
+                cert(
+                    "Shop.Example.com",
+                    px_proto::acme::CertState::Issued,
+                    "2027-03-01T10:00:00Z",
+                    "R11",
+                    "",
+                ),
+                cert(
+                    "www.example.com",
+                    px_proto::acme::CertState::Failed,
+                    "",
+                    "",
+                    "DNS problem: NXDOMAIN looking up A for www.example.com\x1b[2J",
+                ),
+                cert(
+                    "other.example.org",
+                    px_proto::acme::CertState::Issued,
+                    "2027-01-01T00:00:00Z",
+                    "R10",
+                    "",
+                ),
+            ],
+        );
+        assert_eq!(
+            table(&domains),
+            "DOMAIN            SOURCE    CERTIFICATE  EXPIRES     ISSUER\n\
+             shop.example.com  manifest  issued       2027-03-01  R11\n\
+             www.example.com   added     failed       -           -\n\
+             new.example.com   added     -            -           -\n\
+             www.example.com: the last order failed: DNS problem: NXDOMAIN looking up A for www.example.com\\x1b[2J\n"
         );
     }
 }

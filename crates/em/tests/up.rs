@@ -1638,9 +1638,9 @@ async fn an_added_domain_is_served_without_a_deploy_and_no_other_app_can_take_it
     assert_eq!(
         rows,
         [
-            vec!["DOMAIN", "SOURCE", "CERTIFICATE"],
-            vec!["hello.example.com", "added", "-"],
-            vec!["python-hello.localhost", "cluster", "-"],
+            vec!["DOMAIN", "SOURCE", "CERTIFICATE", "EXPIRES", "ISSUER"],
+            vec!["hello.example.com", "added", "-", "-", "-"],
+            vec!["python-hello.localhost", "cluster", "-", "-", "-"],
         ],
         "{list}"
     );
