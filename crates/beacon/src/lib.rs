@@ -11,6 +11,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub(crate) mod events;
+pub(crate) mod frames;
 pub(crate) mod http;
 pub(crate) mod hub;
 pub(crate) mod judge;

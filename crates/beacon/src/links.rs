@@ -5,8 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use px_proto::codec::{FrameCodec, MAX_FRAME_BYTES};
+use px_proto::codec::MAX_FRAME_BYTES;
 use px_proto::link::{
     FromBeacon, HEARTBEAT_DEADLINE, HEARTBEAT_INTERVAL, Hello, MAX_HELLO_BYTES, MAX_NODE_LABELS,
     MAX_REPORTED_INSTANCES, PROTOCOL_VERSION, PeerRole, ToBeacon,
@@ -14,12 +13,12 @@ use px_proto::link::{
 use px_runtime::tokens::TokenEntry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
-use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::{Admission, PREAUTH_DEADLINE, Unverified};
 use crate::auth::{Role, Tokens};
+use crate::frames::{FrameLink, Outgoing};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::open_links::OpenLinks;
@@ -34,7 +33,7 @@ pub const RECONCILE_TRIGGERS: usize = 64;
 /// more than any node builds, and bounds what one report makes Beacon hold.
 pub const MAX_REPORTED_BUILDS: usize = MAX_REPORTED_INSTANCES;
 
-type Link = Framed<tokio_rustls::server::TlsStream<TcpStream>, FrameCodec<ToBeacon, FromBeacon>>;
+type Link = FrameLink<tokio_rustls::server::TlsStream<TcpStream>, ToBeacon, FromBeacon>;
 
 pub struct LinkServer {
     pub hub: Arc<Hub>,
@@ -123,17 +122,20 @@ impl LinkServer {
         shutdown: CancellationToken,
     ) -> Result<(), String> {
         let _ = tcp.set_nodelay(true);
-        let (mut link, hello, entry) = tokio::time::timeout(PREAUTH_DEADLINE, self.handshake(tcp))
+        // The futures of the handshake, the attach and a report are boxed for the time they
+        // run: inline, the largest of them would size the task of every link for its life.
+        let handshake = Box::pin(self.handshake(tcp));
+        let (mut link, hello, entry) = tokio::time::timeout(PREAUTH_DEADLINE, handshake)
             .await
             .map_err(|_| {
-                format!(
-                    "no verified hello within {}s of connecting",
-                    PREAUTH_DEADLINE.as_secs()
-                )
-            })??;
+            format!(
+                "no verified hello within {}s of connecting",
+                PREAUTH_DEADLINE.as_secs()
+            )
+        })??;
         // Proved: the slot goes back, and the link may carry frames of any allowed size.
         drop(unverified);
-        link.codec_mut().set_max(MAX_FRAME_BYTES);
+        link.set_max(MAX_FRAME_BYTES);
         let registered = self.open.register(&hello.name, &entry);
         self.metrics.links_accepted.inc();
         let revoked = &registered.revoked;
@@ -160,7 +162,7 @@ impl LinkServer {
             .accept(tcp)
             .await
             .map_err(|e| format!("tls: {e}"))?;
-        let mut link = Framed::new(tls, FrameCodec::with_max(MAX_HELLO_BYTES));
+        let mut link = FrameLink::new(tls, MAX_HELLO_BYTES);
         let hello = match link.next().await {
             Some(Ok(ToBeacon::Hello(hello))) => hello,
             Some(Ok(other)) => {
@@ -210,7 +212,7 @@ impl LinkServer {
             )
             .await);
         }
-        link.send(FromBeacon::Welcome {
+        link.send(&FromBeacon::Welcome {
             protocol: PROTOCOL_VERSION,
             beacon: self.name.clone(),
         })
@@ -253,7 +255,7 @@ impl LinkServer {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = revoked.cancelled() => return Err(format!("repository {}: its token is no longer accepted", hello.name)),
                 _ = &mut silence => return Err(format!("repository {} silent past the deadline", hello.name)),
-                _ = heartbeat.tick() => link.send(FromBeacon::Heartbeat).await.map_err(|e| e.to_string())?,
+                _ = heartbeat.tick() => link.send(&FromBeacon::Heartbeat).await.map_err(|e| e.to_string())?,
                 r = rollbacks.changed() => {
                     if r.is_err() {
                         return Ok(());
@@ -261,7 +263,7 @@ impl LinkServer {
                     let orders = rollbacks.borrow_and_update().clone();
                     for order in orders.iter() {
                         tracing::info!(app = %order.app, from = order.from, "asking the repository for a rollback");
-                        link.send(FromBeacon::Rollback(order.clone())).await.map_err(|e| e.to_string())?;
+                        link.send(&FromBeacon::Rollback(order.clone())).await.map_err(|e| e.to_string())?;
                     }
                 }
                 frame = link.next() => match frame.inspect(|_| silence.as_mut().reset(tokio::time::Instant::now() + HEARTBEAT_DEADLINE)) {
@@ -297,7 +299,7 @@ impl LinkServer {
         shutdown: CancellationToken,
     ) -> Result<(), String> {
         let node = hello.name.as_str();
-        let mut attached = self.hub.attach(hello).await;
+        let mut attached = Box::pin(self.hub.attach(hello)).await;
         let conn = attached.conn;
         tracing::info!(%node, "maestro linked");
         let mut challenges = self.challenges.subscribe();
@@ -305,20 +307,17 @@ impl LinkServer {
         let result = async {
             let current = certificates.borrow_and_update().clone();
             if !current.certs.is_empty() {
-                link.send(FromBeacon::AcmeCertificates((*current).clone())).await.map_err(|e| e.to_string())?;
+                link.send(&FromBeacon::AcmeCertificates((*current).clone())).await.map_err(|e| e.to_string())?;
             }
             // The current challenge set first (a node that linked mid-order answers too), then
             // every change; an empty set is not sent to a node that never had one.
             let current = challenges.borrow_and_update().clone();
             if *current != px_proto::acme::AcmeChallenges::default() {
-                link.send(FromBeacon::AcmeChallenges((*current).clone())).await.map_err(|e| e.to_string())?;
+                link.send(&FromBeacon::AcmeChallenges((*current).clone())).await.map_err(|e| e.to_string())?;
             }
             let initial = attached.assignments.borrow_and_update().clone();
             if let Some(assignment) = initial {
-                let generation = assignment.generation;
-                link.send(FromBeacon::Assign((*assignment).clone())).await.map_err(|e| e.to_string())?;
-                self.metrics.assignments_sent.inc();
-                self.hub.assigned(node, conn, generation);
+                self.send_assignment(link, node, conn, &assignment).await?;
             }
             let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
             heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -330,33 +329,30 @@ impl LinkServer {
                     _ = revoked.cancelled() => return Err(format!("node {node}: its token is no longer accepted")),
                     _ = &mut silence => return Err(format!("node {node} silent past the deadline")),
                     _ = attached.closed.cancelled() => return Err(format!("node {node} replaced or lost")),
-                    _ = heartbeat.tick() => link.send(FromBeacon::Heartbeat).await.map_err(|e| e.to_string())?,
+                    _ = heartbeat.tick() => link.send(&FromBeacon::Heartbeat).await.map_err(|e| e.to_string())?,
                     changed = attached.assignments.changed() => {
                         if changed.is_err() {
                             return Ok(());
                         }
                         let latest = attached.assignments.borrow_and_update().clone();
                         if let Some(assignment) = latest {
-                            let generation = assignment.generation;
-                            link.send(FromBeacon::Assign((*assignment).clone())).await.map_err(|e| e.to_string())?;
-                            self.metrics.assignments_sent.inc();
-                            self.hub.assigned(node, conn, generation);
+                            self.send_assignment(link, node, conn, &assignment).await?;
                         }
                     }
                     changed = challenges.changed() => {
                         if changed.is_ok() {
                             let current = challenges.borrow_and_update().clone();
-                            link.send(FromBeacon::AcmeChallenges((*current).clone())).await.map_err(|e| e.to_string())?;
+                            link.send(&FromBeacon::AcmeChallenges((*current).clone())).await.map_err(|e| e.to_string())?;
                         }
                     }
                     changed = certificates.changed() => {
                         if changed.is_ok() {
                             let current = certificates.borrow_and_update().clone();
-                            link.send(FromBeacon::AcmeCertificates((*current).clone())).await.map_err(|e| e.to_string())?;
+                            link.send(&FromBeacon::AcmeCertificates((*current).clone())).await.map_err(|e| e.to_string())?;
                         }
                     }
                     command = attached.commands.recv() => match command {
-                        Some(command) => link.send(command).await.map_err(|e| e.to_string())?,
+                        Some(command) => link.send(&command).await.map_err(|e| e.to_string())?,
                         None => return Ok(()),
                     },
                     frame = link.next() => match frame.inspect(|_| silence.as_mut().reset(tokio::time::Instant::now() + HEARTBEAT_DEADLINE)) {
@@ -370,19 +366,19 @@ impl LinkServer {
                                 return Err(format!("node {node} reported too many builds"));
                             }
                             self.metrics.heartbeats.inc();
-                            self.hub.seen(node, conn, Some(report)).await;
+                            Box::pin(self.hub.seen(node, conn, Some(report))).await;
                         }
                         Some(Ok(ToBeacon::Logs(mut batch))) => {
                             if batch.lines.len() > px_proto::link::MAX_LOG_BATCH {
                                 return Err(format!("node {node} sent more than {} log lines in one frame", px_proto::link::MAX_LOG_BATCH));
                             }
-                            self.hub.seen(node, conn, None).await;
+                            Box::pin(self.hub.seen(node, conn, None)).await;
                             // Only lines about what this node was given are kept.
                             self.hub.keep_own_logs(node, conn, &mut batch);
                             self.logs.push(node, batch);
                         }
                         Some(Ok(ToBeacon::Event(event))) => {
-                            self.hub.seen(node, conn, None).await;
+                            Box::pin(self.hub.seen(node, conn, None)).await;
                             if self.hub.own_event(node, conn, &event) {
                                 self.hub.node_event(node, event);
                             }
@@ -397,6 +393,24 @@ impl LinkServer {
         self.runs.node_gone(node, conn);
         self.hub.detach(node, conn);
         result
+    }
+
+    /// Sends `node` (its link `conn`) an assignment, as the frame encoded once for every link
+    /// it goes to, and records that it was sent.
+    async fn send_assignment(
+        &self,
+        link: &mut Link,
+        node: &str,
+        conn: u64,
+        assignment: &Outgoing,
+    ) -> Result<(), String> {
+        let frame = assignment
+            .frame()
+            .map_err(|e| format!("assignment for node {node}: {e}"))?;
+        link.send_encoded(frame).await.map_err(|e| e.to_string())?;
+        self.metrics.assignments_sent.inc();
+        self.hub.assigned(node, conn, assignment.generation);
+        Ok(())
     }
 }
 
@@ -415,7 +429,7 @@ pub(crate) fn token_admits(entry: &TokenEntry<Role>, name: &str) -> Result<(), S
 
 async fn reject(link: &mut Link, reason: String) -> String {
     let _ = link
-        .send(FromBeacon::Rejected {
+        .send(&FromBeacon::Rejected {
             reason: reason.clone(),
         })
         .await;

@@ -187,7 +187,7 @@ pub(crate) async fn run(
     };
     if node
         .commands
-        .send(FromBeacon::Run(NodeRunFrame::Start(start)))
+        .send(Box::new(FromBeacon::Run(NodeRunFrame::Start(start))))
         .await
         .is_err()
     {
@@ -284,7 +284,7 @@ struct Run {
     app: String,
     release: u64,
     node: String,
-    commands: mpsc::Sender<FromBeacon>,
+    commands: mpsc::Sender<crate::hub::Command>,
     who: String,
     what: String,
     started: Instant,
@@ -296,7 +296,7 @@ type EmConnection =
 impl Run {
     async fn to_node(&self, frame: NodeRunFrame) -> Result<(), ()> {
         self.commands
-            .send(FromBeacon::Run(frame))
+            .send(Box::new(FromBeacon::Run(frame)))
             .await
             .map_err(|_| ())
     }

@@ -14,6 +14,7 @@ use px_proto::link::{AppAssignment, Assignment};
 
 use super::persist::Persisted;
 use super::{AddedDomains, Changes, Effect, Formations, Hub, Rollout, State, effect};
+use crate::frames::Outgoing;
 use crate::placement::{BuildKey, Fit, places};
 
 /// What the persisted generation numbers: `app@version` of every desired release,
@@ -54,18 +55,13 @@ fn web_count(release: &Release, formation: Option<&BTreeMap<String, u32>>) -> u3
 impl Hub {
     /// The assignment for `node` at the current generation: the apps it should run and the
     /// builds placed on it.
-    pub(super) fn assignment_for(
-        &self,
-        state: &State,
-        node: &str,
-        fit: &Fit<'_>,
-    ) -> Arc<Assignment> {
-        Arc::new(Assignment {
+    pub(super) fn assignment_for(&self, state: &State, node: &str, fit: &Fit<'_>) -> Assignment {
+        Assignment {
             generation: state.persisted.generation,
             apps: self.apps_for(state, node, fit),
             builds: self.build_orders(state, node),
             phases: self.phase_orders(state, node),
-        })
+        }
     }
 
     /// The apps `node` runs, each with the processes of non-web types placed on it.
@@ -88,17 +84,23 @@ impl Hub {
     }
 
     /// What `node` should be sent when it attaches: its assignment, if the current generation
-    /// is on disk and the node's report shows another one.
+    /// is on disk and the node's report shows another one. The one published to every node
+    /// when it is the same, so that thousands of nodes hold one copy.
     pub(super) fn attach_assignment(
         &self,
         state: &State,
         node: &str,
         fit: &Fit<'_>,
-    ) -> Option<Arc<Assignment>> {
+    ) -> Option<Arc<Outgoing>> {
         let generation = state.persisted.generation;
         let reported = fit.report.map_or(0, |r| r.generation);
-        (state.desired_known && state.durable == generation && reported != generation)
-            .then(|| self.assignment_for(state, node, fit))
+        (state.desired_known && state.durable == generation && reported != generation).then(|| {
+            let assignment = self.assignment_for(state, node, fit);
+            match &state.shared {
+                Some(shared) if shared.assignment == assignment => shared.clone(),
+                _ => Arc::new(Outgoing::new(assignment)),
+            }
+        })
     }
 
     /// Every host name an app's desired release is served on (`domains.rs`), lowercase: what
@@ -471,12 +473,12 @@ impl Hub {
         // Computed for no node in particular: the processes of non-web types are added per
         // node, only to the nodes they are placed on.
         let shared = everywhere.then(|| {
-            Arc::new(Assignment {
+            Arc::new(Outgoing::new(Assignment {
                 generation,
                 apps: self.apps_for(state, "", &Fit::BARE),
                 builds: Vec::new(),
                 phases: Vec::new(),
-            })
+            }))
         });
         let mut sent = Vec::new();
         for (name, node) in &state.nodes {
@@ -493,19 +495,19 @@ impl Hub {
                 Some(shared) => {
                     let mut apps = shared.apps.clone();
                     Self::add_processes(state, name, &mut apps);
-                    Arc::new(Assignment {
+                    Arc::new(Outgoing::new(Assignment {
                         generation,
                         apps,
                         builds,
                         phases,
-                    })
+                    }))
                 }
-                None => Arc::new(Assignment {
+                None => Arc::new(Outgoing::new(Assignment {
                     generation,
                     apps: self.apps_for(state, name, &node.fit()),
                     builds,
                     phases,
-                }),
+                })),
             };
             node.assign_tx.send_replace(Some(assignment.clone()));
             sent.push((name.clone(), assignment));
@@ -516,9 +518,10 @@ impl Hub {
         let now = std::time::Instant::now();
         for (name, assignment) in sent {
             if let Some(node) = state.nodes.get_mut(&name) {
-                node.scope.refresh(Some(&assignment), now);
+                node.scope.refresh(Some(&assignment.assignment), now);
             }
         }
+        state.shared = shared;
         true
     }
 }

@@ -43,12 +43,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use px_proto::api::Release;
 use px_proto::beacon::{EventKind, RolloutRecord, RolloutState};
-use px_proto::link::{Assignment, DeployFigures, FromBeacon, NodeReport, RollbackOrder};
+use px_proto::link::{DeployFigures, FromBeacon, NodeReport, RollbackOrder};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::alerts::{Alert, Alerter};
 use crate::events::{EventDraft, EventLog};
+use crate::frames::Outgoing;
 use crate::metrics::Metrics;
 use crate::placement::{BuildKey, Fit, ProcessPlacement};
 
@@ -59,6 +60,11 @@ pub type Formations = BTreeMap<String, BTreeMap<String, u32>>;
 /// Commands (restart, stop) queued per link; a node that cannot take this many is too slow
 /// and gets the next ones dropped (the operator can repeat them).
 pub const COMMAND_QUEUE: usize = 16;
+
+/// A command queued for a link, boxed: tokio's channel allocates its slots in blocks of 32
+/// when it is made, whatever its bound, so a queue of frames held inline costs every link
+/// 32 frames' room (3 KiB) while it idles; boxed, 32 pointers.
+pub type Command = Box<FromBeacon>;
 
 pub struct HubSettings {
     pub domain: String,
@@ -80,8 +86,8 @@ struct NodeEntry {
     last_seen_wall: SystemTime,
     report: NodeReport,
     assigned_generation: u64,
-    assign_tx: watch::Sender<Option<Arc<Assignment>>>,
-    commands: mpsc::Sender<FromBeacon>,
+    assign_tx: watch::Sender<Option<Arc<Outgoing>>>,
+    commands: mpsc::Sender<Command>,
     closed: CancellationToken,
     /// What the node may report on (`scope.rs`).
     scope: scope::Scope,
@@ -138,6 +144,10 @@ struct State {
     created: BTreeMap<String, String>,
     /// Whether `desired` has been read from the repository since start-up.
     desired_known: bool,
+    /// The assignment last published to every node that has nothing of its own (the same
+    /// apps everywhere): a node that attaches later with the same assignment shares it, and
+    /// its encoded frame, instead of holding a copy.
+    shared: Option<Arc<Outgoing>>,
     /// The generation of `desired` and its fingerprint, as they are (or are about to be) on
     /// disk.
     persisted: persist::Persisted,
@@ -273,6 +283,7 @@ impl Hub {
                 added_domains: AddedDomains::new(),
                 created: BTreeMap::new(),
                 desired_known: false,
+                shared: None,
                 durable: persisted.generation,
                 persisted,
                 nodes: BTreeMap::new(),

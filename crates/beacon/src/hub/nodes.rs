@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use px_proto::beacon::{EventKind, Level, RolloutState};
-use px_proto::link::{Assignment, FromBeacon, Hello, NodeEvent, NodeEventKind, NodeReport};
+use px_proto::link::{FromBeacon, Hello, NodeEvent, NodeEventKind, NodeReport};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+
+use crate::frames::Outgoing;
 
 use super::{COMMAND_QUEUE, Changes, Effect, Hub, NodeEntry, State, effect};
 
@@ -25,8 +27,8 @@ use crate::placement;
 /// What a link task gets when its node attaches.
 pub struct Attached {
     pub conn: u64,
-    pub assignments: watch::Receiver<Option<Arc<Assignment>>>,
-    pub commands: mpsc::Receiver<FromBeacon>,
+    pub assignments: watch::Receiver<Option<Arc<Outgoing>>>,
+    pub commands: mpsc::Receiver<super::Command>,
     /// Cancelled when a newer connection of the same node replaces this one.
     pub closed: CancellationToken,
 }
@@ -442,7 +444,7 @@ impl Hub {
         let mut sent = 0;
         for name in Self::eligible(&state, release) {
             if let Some(node) = state.nodes.get(name).filter(|n| n.connected)
-                && node.commands.try_send(command.clone()).is_ok()
+                && node.commands.try_send(Box::new(command.clone())).is_ok()
             {
                 sent += 1;
             }

@@ -1,7 +1,6 @@
 //! Where a one-off command (`em run`) may run: the linked nodes that run the app's current
 //! release, each with the queue that reaches its link.
 
-use px_proto::link::FromBeacon;
 use tokio::sync::mpsc;
 
 use super::Hub;
@@ -12,7 +11,7 @@ pub struct RunNode {
     pub name: String,
     /// The link connection the run is bound to: a replaced connection ends the run.
     pub conn: u64,
-    pub commands: mpsc::Sender<FromBeacon>,
+    pub commands: mpsc::Sender<super::Command>,
 }
 
 /// Why no node can take a run of an app.

@@ -168,7 +168,7 @@ impl Hub {
         let fresh = (entry.scope.generation != Some(state.persisted.generation))
             .then(|| self.assignment_for(state, node, &entry.fit()));
         let entry = state.nodes.get_mut(node)?;
-        entry.scope.refresh(fresh.as_deref(), now);
+        entry.scope.refresh(fresh.as_ref(), now);
         Some(&mut entry.scope)
     }
 
