@@ -556,3 +556,28 @@ async fn an_added_domain_reaches_the_nodes_in_a_new_generation_of_the_same_relea
         .await;
     assert_eq!(domains_of(&mut web1, "shop"), ["shop.localhost"]);
 }
+
+#[tokio::test]
+async fn nodes_with_the_same_assignment_share_one_copy_and_one_encoded_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(dir.path());
+    let mut web1 = hub.attach(&hello("web-1", 0)).await;
+    let mut web2 = hub.attach(&hello("web-2", 0)).await;
+    hub.set_desired(desired(&[release("hello", 1, "")])).await;
+    // A node that attaches after the publication gets the same assignment, and shares it.
+    let mut web3 = hub.attach(&hello("web-3", 0)).await;
+    let sent: Vec<_> = [&mut web1, &mut web2, &mut web3]
+        .into_iter()
+        .map(|link| link.assignments.borrow_and_update().clone().unwrap())
+        .collect();
+    assert_eq!((sent[0].generation, sent[0].apps[0].release), (1, 1));
+    assert!(sent.iter().all(|a| Arc::ptr_eq(a, &sent[0])), "one copy");
+    let frame = sent[2].frame().unwrap();
+    assert_eq!(
+        frame.as_ptr(),
+        sent[0].frame().unwrap().as_ptr(),
+        "encoded once"
+    );
+    let body: px_proto::link::FromBeacon = serde_json::from_slice(&frame[4..]).unwrap();
+    assert_eq!(body, FromBeacon::Assign(sent[0].assignment.clone()));
+}
