@@ -62,6 +62,17 @@ table nginx maestro "$plain_modes"
 echo
 echo "HTTPS (HTTP/1.1 with wrk, HTTP/2 with h2load), through the real maestro's TLS listener:"
 table nginx-tls maestro-tls "$tls_modes"
+# tls_of OUT: the TLS version and cipher h2load negotiated.
+tls_of() { awk -F': ' '/^TLS Protocol:/ { p = $2 } /^Cipher:/ { c = $2 } END { print p, c }' "$1"; }
+echo "h2load negotiated: maestro $(tls_of "$work/load-j-maestro-tls"), nginx $(tls_of "$work/load-j-nginx-tls")."
+printf 'nginx'"'"'s access log (TLS version, requests on a resumed session):'
+for c in "${cases[@]}"; do
+  IFS='|' read -r id _ _ _ _ mode <<< "$c"
+  if ! plain_case "$mode"; then printf ' (%s) %s;' "$id" "${tls_seen[$id]}"; fi
+done
+echo
+echo "wrk resumes the TLS session on each new connection, so (i) is mostly abbreviated handshakes;"
+echo "h2load never resumes, so (k) is full handshakes. Maestro (rustls) keeps sessions too."
 echo
 echo "HTTP, through proxy-only ($(head -1 "$work/proxy-only-file/stdout" | sed 's/^proxy-only: //')):"
 table nginx proxy-only "$plain_modes"
