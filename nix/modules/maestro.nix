@@ -437,20 +437,46 @@ in
               # bubblewrap builds its sandbox with mount, umount2 and pivot_root (@mount), and
               # drops its capabilities in there with capset; ~@privileged takes both away.
               # Without them it exits at once ("Failed to make / slave", "capset failed").
+              # `setpriv` (and bubblewrap inside its namespaces) sets its user and groups
+              # (@setuid), and Maestro gives each app its data directory, `apps/<app>` and,
+              # for a build, its build tree (@chown), as in systemd/maestro.service.
               ++ lib.optionals bubblewrap [
                 "@mount"
                 "capset"
+                "@setuid"
+                "@chown"
               ];
             }
             // lib.optionalAttrs bubblewrap {
-              # Each build command starts in new user, mount, PID, IPC, UTS and cgroup
-              # namespaces (crates/build/src/sandbox.rs); the network one stays the node's, as
-              # installers need the registries. The kernel gives capabilities inside a new user
-              # namespace whatever this unit's empty bounding set, so bubblewrap needs no
-              # privilege of this unit's. ProtectKernelTunables=, ProtectKernelLogs= and
-              # ProtectProc= stay: bubblewrap mounts a /proc of its own for its PID namespace
-              # all the same (checked in a VM with systemd 252 and Linux 6.1: these settings
-              # and bubblewrap 0.8 as Maestro's user run the builder's hostile-build tests).
+              # Each app process, and each build command, runs as a uid of its own outside its
+              # sandbox too (`state_dir/app-uids.json`, docs/src/design/trust.md), as under
+              # systemd/maestro.service: Maestro holds these four capabilities, and no others,
+              # as ambient ones, so that they reach the `setpriv` that takes the app's uid and
+              # empties every capability set before bubblewrap; every other program Maestro
+              # starts drops them (px_runtime::caps). CAP_SETUID and CAP_SETGID switch users,
+              # CAP_CHOWN gives an app its data directory and a build its tree (and takes the
+              # tree back), CAP_KILL stops processes of other uids.
+              AmbientCapabilities = "CAP_SETUID CAP_SETGID CAP_CHOWN CAP_KILL";
+              CapabilityBoundingSet = "CAP_SETUID CAP_SETGID CAP_CHOWN CAP_KILL";
+              # Traversable by the apps' uids (nothing listed, nothing read: what Maestro keeps
+              # there is 0600/0700 under UMask=0077), which reach their own release and data
+              # directory by name.
+              StateDirectoryMode = "0711";
+              # Not "invisible": the app processes are other users now, which Maestro follows
+              # through /proc. Inside its sandbox an app's /proc shows its own PID namespace.
+              ProtectProc = "default";
+              # The kernel lets a user namespace mount a new /proc only while every /proc mount
+              # it can see is fully visible; these two cover parts of /proc, so they stay off,
+              # as in systemd/maestro.service.
+              ProtectKernelTunables = false;
+              ProtectKernelLogs = false;
+            }
+            // lib.optionalAttrs bubblewrap {
+              # Each app process and build command starts in new user, mount, PID, IPC, UTS
+              # and cgroup namespaces (crates/runtime/src/sandbox.rs); the network one stays
+              # the node's, as apps listen on loopback ports and installers need the
+              # registries. The kernel gives capabilities inside a new user namespace whatever
+              # this unit's bounding set, so bubblewrap needs no privilege of this unit's.
               RestrictNamespaces = "user mnt pid ipc uts cgroup";
             }
             // lib.optionalAttrs (cfg.settings.build.cache_dir != null) {

@@ -13,6 +13,7 @@ mod detect;
 mod error;
 mod fsutil;
 mod node;
+mod owner;
 mod pipeline;
 mod python;
 mod runtime_layer;
@@ -87,7 +88,8 @@ pub struct RuntimeSources {
 /// How build commands are isolated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sandbox {
-    /// bubblewrap: a user namespace as `nobody`, a PID namespace, only the build directory,
+    /// bubblewrap: `nobody` in a user namespace (the build's uid outside it, see
+    /// [`BuildRequest::uid`]), a PID namespace, only the build directory,
     /// the app's cache, the runtime and the system's read-only parts visible.
     Bubblewrap,
     /// No isolation, only the limits: for machines without bubblewrap (`em up` on a laptop).
@@ -131,6 +133,11 @@ pub struct BuildRequest<'a> {
     /// The unpacked upload; only read.
     pub source_dir: &'a Path,
     pub manifest: &'a AppManifest,
+    /// The uid (and gid) the build's commands run as outside their sandbox, where the builder
+    /// can switch users (it is root, or holds `CAP_SETUID`, `CAP_SETGID` and `CAP_CHOWN`):
+    /// Maestro gives the app's own. `None`: `nobody` for a builder running as root, the
+    /// builder's own uid otherwise. Ignored without a sandbox.
+    pub uid: Option<u32>,
 }
 
 /// What a build made.

@@ -124,9 +124,10 @@ pub async fn build(
             app_cache.join("npm"),
         ],
         env,
+        req.uid,
     )
     .await?;
-    jail.allow_read(&app_cache.join("deps"));
+    jail.lend_read(&app_cache.join("deps"));
     if let Some(ca) = &settings.ca_file {
         jail.allow_read(ca);
     }

@@ -5,10 +5,10 @@
 //! The sandbox shows a command the system's read-only parts, the build directory and the
 //! app's cache read-write, and the runtime, the tools and the CA file read-only; nothing else
 //! of the host (not `/etc/platformx`, `/run/credentials`, `/root`, `/home`, Maestro's state).
-//! A builder running as root runs bubblewrap without a user namespace and drops to `nobody`
-//! with `setpriv` inside it, so the process limit counts `nobody`'s processes (the kernel
-//! exempts root's, even from inside a user namespace); one running unprivileged gets a user
-//! namespace mapped to `nobody`.
+//! Who a command is outside the sandbox is `owner`'s: the build's uid where the builder can
+//! switch users (`setpriv` inside bubblewrap as root, before it otherwise), so the process
+//! limit counts that uid's processes (the kernel exempts root's, even from inside a user
+//! namespace); otherwise a user namespace mapped from the builder's uid to `nobody`.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -20,11 +20,15 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::owner::{self, NOBODY, RunAs};
 use crate::{BuildError, BuildLimits, Sandbox, fsutil};
 
-/// The unprivileged user builds run as: `nobody`, which owns nothing on a system.
-pub(crate) const BUILD_UID: u32 = 65534;
-pub(crate) const BUILD_GID: u32 = 65534;
+/// Who a build's commands are inside a user namespace: `nobody`, which owns nothing.
+const INSIDE_ID: u32 = NOBODY;
+/// The umask of a command run as a uid of its own: what it writes stays readable to the
+/// builder, which watches the build's disk use, behind the gate of its lent tree
+/// ([`owner::give_tree`]).
+const SWITCHED_UMASK: &str = "022";
 
 /// Lines kept from a command's output for its error message and for reading the installer's
 /// verdict (an unknown package, an out-of-date lockfile): installers put those last.
@@ -123,9 +127,13 @@ pub(crate) struct Jail {
     bwrap: PathBuf,
     prlimit: PathBuf,
     setpriv: PathBuf,
-    /// Whether the builder runs as root (then bubblewrap runs without a user namespace and
-    /// the command drops to `nobody` through `setpriv`).
-    root: bool,
+    /// Who the commands are outside the sandbox.
+    run_as: RunAs,
+    /// With [`RunAs::Switch`], the trees given to the uid for each command and taken back
+    /// after it: the writable ones and the app's kept dependencies.
+    lent: Vec<PathBuf>,
+    /// With [`RunAs::Switch`], the read-only trees already made readable to the uid.
+    shared: Vec<PathBuf>,
 }
 
 /// Why the loop over a running command ended.
@@ -138,14 +146,15 @@ enum Ending {
 
 impl Jail {
     /// A jail over `writable` (the build directory and the app's cache), whose deadline starts
-    /// now. With bubblewrap, checks that it can start a sandbox at all.
+    /// now, its commands run as `uid` where the builder can switch users.
     pub(crate) async fn new(
         sandbox: Sandbox,
         limits: &BuildLimits,
         writable: Vec<PathBuf>,
         env: Vec<(String, OsString)>,
+        uid: Option<u32>,
     ) -> Result<Self, BuildError> {
-        let root = rustix::process::geteuid().is_root();
+        let run_as = RunAs::choose(sandbox, uid)?;
         let find = |name: &str| find_on_path(name);
         let prlimit = find("prlimit").ok_or_else(|| BuildError::SandboxUnavailable {
             reason: "`prlimit` (util-linux) is not on PATH".into(),
@@ -159,9 +168,9 @@ impl Jail {
             ),
             Sandbox::None => (PathBuf::new(), PathBuf::new()),
         };
-        if root && sandbox == Sandbox::Bubblewrap {
+        if let RunAs::Root { uid } = run_as {
             for dir in &writable {
-                fsutil::chown_tree(dir, BUILD_UID, BUILD_GID)?;
+                fsutil::chown_tree(dir, uid, uid)?;
             }
         }
         let disk_baseline = {
@@ -172,6 +181,10 @@ impl Jail {
             })
             .await
             .unwrap_or(0)
+        };
+        let lent = match run_as {
+            RunAs::Switch { .. } => writable.clone(),
+            _ => Vec::new(),
         };
         Ok(Self {
             sandbox,
@@ -185,17 +198,31 @@ impl Jail {
             bwrap,
             prlimit,
             setpriv,
-            root,
+            lent,
+            run_as,
+            shared: Vec::new(),
         })
     }
 
     /// Gives a tree the builder made after the jail to the build's user, so commands can
-    /// write to it (only when the builder runs as root in bubblewrap; otherwise it is theirs).
+    /// write to it (when the builder runs as root in bubblewrap; a builder that switches
+    /// users lends the whole build directory for each command, and without either the tree
+    /// is the commands' own).
     pub(crate) fn hand_over(&self, path: &Path) -> Result<(), BuildError> {
-        if self.root && self.sandbox == Sandbox::Bubblewrap {
-            fsutil::chown_tree(path, BUILD_UID, BUILD_GID)?;
+        if let RunAs::Root { uid } = self.run_as {
+            fsutil::chown_tree(path, uid, uid)?;
         }
         Ok(())
+    }
+
+    /// Shows `path` to every later command, read-only, lent to the build's uid with each
+    /// command like the writable trees (the app's own kept dependency trees, which the uid
+    /// could not read otherwise).
+    pub(crate) fn lend_read(&mut self, path: &Path) {
+        self.allow_read(path);
+        if matches!(self.run_as, RunAs::Switch { .. }) && !self.lent.iter().any(|p| p == path) {
+            self.lent.push(path.to_path_buf());
+        }
     }
 
     /// Shows `path` to every later command, read-only.
@@ -208,6 +235,7 @@ impl Jail {
     /// Stops showing `path` (a temporary tree that was moved away).
     pub(crate) fn forget(&mut self, path: &Path) {
         self.readable.retain(|p| p != path);
+        self.shared.retain(|p| p != path);
     }
 
     /// Checks that a sandbox starts, so a missing or broken bubblewrap fails the build with
@@ -243,6 +271,47 @@ impl Jail {
     /// with failures that the limits explain (an allocation, a fork, a file size) turned into
     /// that limit's error.
     pub(crate) async fn run(
+        &mut self,
+        step: &Step,
+        output: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<Finished, BuildError> {
+        let RunAs::Switch { uid } = self.run_as else {
+            return self.run_command(step, output).await;
+        };
+        self.lend(uid).await?;
+        let ran = self.run_command(step, output).await;
+        // Taken back however the command ended, so the builder packs, checks or removes what
+        // it left; a failure to take it back is the build's error before the command's.
+        let lent = self.lent.clone();
+        blocking(move || lent.iter().try_for_each(|path| owner::take_back(path))).await?;
+        ran
+    }
+
+    /// Gives the lent trees to `uid` and opens the way to every tree the command is shown.
+    async fn lend(&mut self, uid: u32) -> Result<(), BuildError> {
+        let lent = self.lent.clone();
+        let share: Vec<PathBuf> = self
+            .readable
+            .iter()
+            .filter(|path| !self.lent.contains(path) && !self.shared.contains(path))
+            .cloned()
+            .collect();
+        self.shared.extend(share.iter().cloned());
+        blocking(move || {
+            for path in &lent {
+                owner::open_ancestors(path)?;
+                owner::give_tree(path, uid)?;
+            }
+            for path in &share {
+                owner::open_ancestors(path)?;
+                owner::share_tree(path)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn run_command(
         &mut self,
         step: &Step,
         output: &mut (dyn FnMut(&str) + Send),
@@ -445,27 +514,40 @@ impl Jail {
             .arg(format!("--fsize={0}:{0}", limits.disk_bytes))
             .arg("--");
         // A builder that is not root leaves its ambient capabilities (Maestro's, under
-        // maestro.service) behind before bubblewrap or the bare command runs; root's are
-        // dropped by the `setpriv` inside the sandbox.
-        if !self.root {
-            command.args(px_runtime::caps::drop_words());
+        // maestro.service) behind before bubblewrap or the bare command runs: the `setpriv`
+        // that switches to the build's uid empties every set it may, as does the one inside
+        // the sandbox that root's commands go through.
+        match self.run_as {
+            RunAs::Root { .. } => {}
+            RunAs::Switch { uid } => {
+                command.arg(&self.setpriv).args(switch_args(uid, false));
+            }
+            RunAs::Own => {
+                command.args(px_runtime::caps::drop_words());
+            }
         }
         if self.sandbox == Sandbox::Bubblewrap {
             command.arg(&self.bwrap).args(self.bwrap_args(step));
-            if self.root {
-                command.arg(&self.setpriv).args([
-                    format!("--reuid={BUILD_UID}"),
-                    format!("--regid={BUILD_GID}"),
-                    "--clear-groups".into(),
-                    "--inh-caps=-all".into(),
-                    "--bounding-set=-all".into(),
-                    "--no-new-privs".into(),
-                    "--".into(),
-                ]);
+        }
+        match self.run_as {
+            RunAs::Root { uid } if self.sandbox == Sandbox::Bubblewrap => {
+                command.arg(&self.setpriv).args(switch_args(uid, true));
             }
+            RunAs::Switch { .. } => {
+                // bubblewrap has no umask option; a shell sets it and becomes the program.
+                let umask = format!("umask {SWITCHED_UMASK} && exec \"$0\" \"$@\"");
+                command.args(["/bin/sh", "-c", &umask]);
+            }
+            _ => {}
         }
         command.arg(&step.program).args(&step.args);
-        command.current_dir(&step.cwd).env_clear();
+        // A switched command's directory is its uid's, where the builder may not enter:
+        // bubblewrap moves there inside the sandbox.
+        match self.run_as {
+            RunAs::Switch { .. } => command.current_dir("/"),
+            _ => command.current_dir(&step.cwd),
+        };
+        command.env_clear();
         command.env(
             "PATH",
             build_path(&step.path, &px_runtime::host::env().path),
@@ -480,13 +562,12 @@ impl Jail {
     }
 
     fn bwrap_args(&self, step: &Step) -> Vec<OsString> {
-        let identity = if self.root {
-            Identity::Root
-        } else {
-            Identity::Namespace {
-                ids: Some((BUILD_UID, BUILD_GID)),
+        let identity = match self.run_as {
+            RunAs::Root { .. } => Identity::Root,
+            RunAs::Switch { .. } | RunAs::Own => Identity::Namespace {
+                ids: Some((INSIDE_ID, INSIDE_ID)),
                 no_nested: false,
-            }
+            },
         };
         // A private /tmp in memory, as large as the disk limit lets the build's files be.
         let mut b = Bwrap::base(identity, true, self.limits.disk_bytes);
@@ -503,6 +584,35 @@ impl Jail {
         }
         b.finish(&step.cwd)
     }
+}
+
+/// `setpriv`'s arguments that make a command `uid` (and group `uid`, no other group) holding
+/// no capability; `bounding` empties the bounding set too, which only root may.
+fn switch_args(uid: u32, bounding: bool) -> Vec<String> {
+    let mut args = vec![
+        format!("--reuid={uid}"),
+        format!("--regid={uid}"),
+        "--clear-groups".into(),
+    ];
+    args.extend(
+        px_runtime::caps::DROP_ARGS
+            .iter()
+            .map(|arg| arg.to_string()),
+    );
+    if bounding {
+        args.push("--bounding-set=-all".into());
+    }
+    args.extend(["--no-new-privs".into(), "--".into()]);
+    args
+}
+
+/// Runs file work off the async threads.
+async fn blocking(
+    work: impl FnOnce() -> Result<(), BuildError> + Send + 'static,
+) -> Result<(), BuildError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| BuildError::io("handing trees to the build's uid", std::io::Error::other(e)))?
 }
 
 /// The processes of process group `pgid`, from `/proc`.

@@ -269,7 +269,8 @@ pub async fn run_with(
         config.sandbox.tmp_size,
         config.sandbox.app_dir_size,
     )
-    .map_err(std::io::Error::from)?;
+    .map_err(std::io::Error::from)
+    .map(Arc::new)?;
     match app_sandbox.mode() {
         config::SandboxConfig::Bubblewrap => tracing::info!(
             users = ?app_sandbox.users(),
@@ -292,7 +293,7 @@ pub async fn run_with(
             cgroup_limits: config.cgroup_limits,
             repository_token: checked.repository_token.clone(),
             repository_tls: checked.repository_tls.clone(),
-            sandbox: Arc::new(app_sandbox),
+            sandbox: app_sandbox.clone(),
         },
         routes.clone(),
         app_logs.clone(),
@@ -408,14 +409,16 @@ pub async fn run_with(
                 );
             }
         }
+        let mut build_settings = builds::BuildSettings::from_config(
+            &config.build,
+            &config.node_name,
+            &config.state_dir,
+            checked.repository_token.clone(),
+            checked.repository_tls.clone(),
+        );
+        build_settings.app_uids = Some(app_sandbox.clone());
         let builds = builds::Builds::start(
-            builds::BuildSettings::from_config(
-                &config.build,
-                &config.node_name,
-                &config.state_dir,
-                checked.repository_token.clone(),
-                checked.repository_tls.clone(),
-            ),
+            build_settings,
             {
                 let supervisor = supervisor.clone();
                 Arc::new(move |status| supervisor.report_build(status))

@@ -377,6 +377,17 @@ impl AppSandbox {
         Ok(dir)
     }
 
+    /// The uid `app`'s builds run as outside their sandbox: the app's own, wherever Maestro
+    /// can switch users (a build makes that app's release, which runs as that uid anyway);
+    /// `None` where it cannot (`em up` as an ordinary user), so builds run as the builder's
+    /// default.
+    pub(crate) fn build_uid(&self, app: &str) -> Result<Option<u32>, SandboxError> {
+        match self.users {
+            Users::Root | Users::Capable => self.uid(app).map(Some),
+            Users::Shared => Ok(None),
+        }
+    }
+
     /// The uid of `app`: the one it had, or the lowest free one, recorded before it is used.
     pub(crate) fn uid(&self, app: &str) -> Result<u32, SandboxError> {
         let mut uids = self.uids.lock().unwrap_or_else(|p| p.into_inner());

@@ -75,6 +75,7 @@ pub async fn run_build(
                 build: number,
                 source_dir: source,
                 manifest: &manifest,
+                uid: None,
             },
             settings,
             &mut output,

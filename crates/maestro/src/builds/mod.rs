@@ -64,6 +64,10 @@ pub(crate) struct BuildSettings {
     /// What apprepo's certificate is checked against (`None`: the system's roots).
     pub(crate) repository_tls: Option<Arc<rustls::ClientConfig>>,
     pub(crate) builder: BuilderSettings,
+    /// Where the apps' uids come from: a build runs as its app's uid outside its sandbox
+    /// wherever the app sandbox gives apps uids of their own; `None` (and a Maestro that
+    /// cannot switch users): as the builder's default.
+    pub(crate) app_uids: Option<Arc<crate::sandbox::AppSandbox>>,
 }
 
 impl BuildSettings {
@@ -113,6 +117,7 @@ impl BuildSettings {
             repository_token,
             repository_tls,
             builder,
+            app_uids: None,
         }
     }
 }
@@ -406,11 +411,19 @@ async fn build_and_deliver(ctx: &Ctx, order: &BuildOrder, log: &mut LogTail) -> 
         log.push(line);
         logs.record_build(&app, order.build, line);
     };
+    let uid = match &ctx.settings.app_uids {
+        Some(sandbox) => match sandbox.build_uid(&order.app) {
+            Ok(uid) => uid,
+            Err(e) => return failed(e.to_string()),
+        },
+        None => None,
+    };
     let request = BuildRequest {
         app: &order.app,
         build: order.build,
         source_dir: &source,
         manifest: &order.manifest,
+        uid,
     };
     let built = match px_build::build(&request, &ctx.settings.builder, &mut output).await {
         Ok(built) => built,
