@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::{assemble, manifest, settings, write_tree};
 use px_build::BuildRequest;
+use px_proto::build::LayerKind;
 use px_runtime::caps::CapSets;
 
 /// Set in the environment of this program started again: the directory to build in.
@@ -40,7 +41,8 @@ const WATCH_FOR: Duration = Duration::from_secs(60);
 
 fn main() {
     if let Some(dir) = std::env::var_os(CHILD_VAR) {
-        for line in build_both(Path::new(&dir)) {
+        let dir = Path::new(&dir);
+        for line in build_both(dir).into_iter().chain(build_python(dir)) {
             println!("{line}");
         }
         return;
@@ -130,6 +132,82 @@ fn build_both(dir: &Path) -> Vec<String> {
     lines
 }
 
+/// Builds the uv-locked fixture (`six` pinned) twice as [`APP_UIDS`]`[0]` under `dir`, the
+/// second time from the app's kept dependencies: what the builder shares with the uid (the
+/// runtime's copy, the pinned uv) and lends it (the caches) must do for a real install. One
+/// line: `PY` with whether the second release holds `six` and took it from the kept
+/// dependencies, or why a build failed.
+fn build_python(dir: &Path) -> Vec<String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let app = "build-test-uid-py";
+    let source = dir.join("source-py");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/uvlock");
+    std::fs::create_dir_all(&source).unwrap();
+    for file in ["app.py", "pyproject.toml", "uv.lock", ".python-version"] {
+        std::fs::copy(fixture.join(file), source.join(file)).unwrap();
+    }
+    write_tree(
+        &source,
+        &[(
+            "app.toml",
+            &format!("name = \"{app}\"\nrun = \"python3 app.py\"\n"),
+        )],
+    );
+    let mut settings = settings(&dir.join("work-py"), app);
+    settings.cache_dir = dir.join("cache");
+    settings.tools_dir = dir.join("tools");
+    let manifest = manifest(&source);
+    let mut last = String::new();
+    for build in 1..=2 {
+        let mut output = Vec::new();
+        let built = runtime.block_on(px_build::build(
+            &BuildRequest {
+                app,
+                build,
+                source_dir: &source,
+                manifest: &manifest,
+                uid: Some(APP_UIDS[0]),
+            },
+            &settings,
+            &mut |line: &str| output.push(line.to_string()),
+        ));
+        let built = match built {
+            Ok(built) => built,
+            Err(e) => return vec![format!("PY build {build} failed: {e}: {output:?}")],
+        };
+        let release = dir.join(format!("release-py-{build}"));
+        assemble(&built, &release);
+        // Not run here: bubblewrap refuses to start under a user holding capabilities.
+        let six = find(&release, "six.py").is_some();
+        let reused = built
+            .layers
+            .iter()
+            .any(|layer| layer.kind == LayerKind::Dependencies && layer.reused);
+        last = format!("PY six installed: {six}, reused: {reused}");
+    }
+    vec![last]
+}
+
+/// The first file called `name` under `dir`.
+fn find(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if entry.file_name() == name {
+            return Some(path);
+        }
+        if entry.file_type().is_ok_and(|kind| kind.is_dir())
+            && let Some(found) = find(&path, name)
+        {
+            return Some(found);
+        }
+    }
+    None
+}
+
 /// Checks what each build's command was: its uid outside any namespace is the one it was
 /// given (neither the builder's nor the other app's), it holds no capability, and what it
 /// left closed to others was packed.
@@ -199,6 +277,12 @@ fn a_builder_holding_maestros_capabilities_runs_each_build_as_its_uid_without_ca
     );
     let lines: Vec<String> = stdout.lines().map(str::to_string).collect();
     check(&lines, BUILDER_UID);
+    let python = lines.iter().find(|line| line.starts_with("PY "));
+    assert_eq!(
+        python.map(String::as_str),
+        Some("PY six installed: true, reused: true"),
+        "{stdout}"
+    );
 }
 
 /// Gives `path` and everything under it to `uid`.
