@@ -13,6 +13,7 @@ use px_proto::link::LogStream;
 
 use super::*;
 use crate::logs::Rotation;
+use crate::sandbox::AppSandbox;
 
 /// How long a test waits for a build of a few files without a sandbox; they take well
 /// under a second.
@@ -113,6 +114,12 @@ struct Node {
 
 impl Node {
     async fn start(enabled: bool) -> Self {
+        Self::start_with(enabled, None).await
+    }
+
+    /// A runner whose builds run in bubblewrap as their apps' uids from `app_uids`, when
+    /// given; without a sandbox otherwise.
+    async fn start_with(enabled: bool, app_uids: Option<Arc<AppSandbox>>) -> Self {
         let repo = Repo::default();
         let router = axum::Router::new()
             .route("/v1/bundles/{sha}", get(blob))
@@ -130,10 +137,15 @@ impl Node {
             enabled,
             // No runtime anywhere: these apps need none, and one that asks fails.
             runtimes_dir: state.path().join("runtimes"),
-            sandbox: SandboxConfig::None,
+            sandbox: if app_uids.is_some() {
+                SandboxConfig::Bubblewrap
+            } else {
+                SandboxConfig::None
+            },
             ..BuildConfig::default()
         };
-        let settings = BuildSettings::from_config(&config, "node-b", state.path(), None, None);
+        let mut settings = BuildSettings::from_config(&config, "node-b", state.path(), None, None);
+        settings.app_uids = app_uids;
         let statuses = Arc::new(Mutex::new(Vec::new()));
         let report: ReportStatus = {
             let statuses = statuses.clone();
@@ -331,6 +343,37 @@ async fn a_build_uploads_only_what_the_repository_lacks_and_becomes_its_release(
         "{log}"
     );
     assert_eq!(node.runs_of("site", 3), 1, "build 3 ran once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_runs_as_its_apps_own_uid_where_maestro_gives_apps_uids() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to switch users");
+        return;
+    }
+    let uids_dir = tempfile::tempdir().unwrap();
+    let sandbox = AppSandbox::new(
+        SandboxConfig::Bubblewrap,
+        uids_dir.path(),
+        crate::sandbox::DEFAULT_TMP_SIZE,
+        crate::sandbox::DEFAULT_APP_DIR_SIZE,
+    )
+    .unwrap();
+    let other = sandbox.uid("neighbour").unwrap();
+    let own = sandbox.uid("site").unwrap();
+    let node = Node::start_with(true, Some(Arc::new(sandbox))).await;
+    let manifest = "name = \"site\"\nrun = \"true\"\n\n[build]\ncommand = \"echo uid=$(id -u)\"\n";
+    let order = node.order("site", 1, &[("app.toml", manifest)]);
+
+    node.builds.apply(std::slice::from_ref(&order));
+    let status = node.ended("site", 1).await;
+
+    assert_eq!(status.progress, BuildProgress::Succeeded, "{status:?}");
+    let log = node.repo.finishes.lock().unwrap()[0].log.clone();
+    // A root Maestro's build command runs without a user namespace: `id` shows the real uid.
+    assert!(log.contains(&format!("uid={own}\n")), "{log}");
+    assert_ne!(own, other);
+    assert!(!log.contains("uid=0\n"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
