@@ -186,5 +186,12 @@ in
         # interpreter is the release's .px/runtime, whose libraries are in the closure web2 holds.
         exe = web2.succeed("readlink /proc/$(pgrep -n -f 'server.py')/exe").strip()
         assert "/.px/runtime/bin/python3" in exe, exe
+        # Each web server runs the app as the app's own uid (app-uids.json), not Maestro's:
+        # the module grants Maestro the capabilities maestro.service does.
+        for web in webs:
+            uid = web.succeed("stat -c %u /proc/$(pgrep -n -f 'server.py')").strip()
+            assert uid != web.succeed("id -u px-maestro").strip(), uid
+            uids = web.succeed("cat /var/lib/platformx/maestro/app-uids.json")
+            assert f'"python-hello": {uid}' in uids, (uid, uids)
   '';
 }
