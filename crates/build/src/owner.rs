@@ -33,6 +33,8 @@ const SHARED_READ: u32 = 0o044;
 const SHARED_EXEC: u32 = 0o011;
 /// What the owner needs on a directory taken back to list, walk and empty it.
 const OWNER_DIR: u32 = 0o700;
+/// Write permission for group and others, taken from every directory taken back.
+const OTHERS_WRITE: u32 = 0o022;
 /// The mode of a lent tree's top: its uid's, open to the builder's group, closed to others.
 const GATE: u32 = 0o750;
 
@@ -76,9 +78,10 @@ impl RunAs {
 /// builder's group, 0750. So only the builder (through the group) and the uid get in, and the
 /// builder still reads what the command writes there (commands run with umask 022), to watch
 /// the build's disk use. The tree is listed before it is given away: a directory given away
-/// could no longer be listed by a builder that is not root.
-pub(crate) fn give_tree(path: &Path, uid: u32) -> Result<(), BuildError> {
-    share_tree(path)?;
+/// could no longer be listed by a builder that is not root. What is under `withheld` stays
+/// the builder's as it is (the layers' archives, hard links into the shared cache).
+pub(crate) fn give_tree(path: &Path, uid: u32, withheld: &[PathBuf]) -> Result<(), BuildError> {
+    share_tree_but(path, withheld)?;
     let meta = fs::symlink_metadata(path).context(|| format!("reading {}", path.display()))?;
     if meta.is_dir() {
         let gate = (meta.mode() & 0o7777 & !0o007) | GATE;
@@ -88,6 +91,9 @@ pub(crate) fn give_tree(path: &Path, uid: u32) -> Result<(), BuildError> {
     let mut listed = Vec::new();
     let mut pending = vec![path.to_path_buf()];
     while let Some(path) = pending.pop() {
+        if withheld.contains(&path) {
+            continue;
+        }
         let meta = fs::symlink_metadata(&path).context(|| format!("reading {}", path.display()))?;
         if meta.is_dir() {
             for entry in fs::read_dir(&path).context(|| format!("listing {}", path.display()))? {
@@ -112,7 +118,11 @@ pub(crate) fn give_tree(path: &Path, uid: u32) -> Result<(), BuildError> {
 /// Takes `path` and everything below it back from the build's uid, for the builder's own uid
 /// and group, links not followed. Top down: each directory is the builder's again, and so
 /// listable, before it is listed; one the build left without search permission for its owner
-/// gets it back (0700 at least), so the builder can pack and remove it.
+/// gets it back (0700 at least), so the builder can pack and remove it. Each directory also
+/// loses write permission for group and others before it is listed, so no process of the uid
+/// (an instance of the app that got out of its sandbox) can swap an entry for a link to
+/// elsewhere while the walk goes on below it: every directory above an entry being taken
+/// back is the builder's alone to change.
 pub(crate) fn take_back(path: &Path) -> Result<(), BuildError> {
     let uid = rustix::process::geteuid().as_raw();
     let gid = rustix::process::getegid().as_raw();
@@ -129,9 +139,10 @@ pub(crate) fn take_back(path: &Path) -> Result<(), BuildError> {
         }
         if meta.is_dir() {
             let mode = meta.mode() & 0o7777;
-            if mode & OWNER_DIR != OWNER_DIR {
-                fs::set_permissions(&path, fs::Permissions::from_mode(mode | OWNER_DIR))
-                    .context(|| format!("opening {} to the builder", path.display()))?;
+            let wanted = (mode | OWNER_DIR) & !OTHERS_WRITE;
+            if mode != wanted {
+                fs::set_permissions(&path, fs::Permissions::from_mode(wanted))
+                    .context(|| format!("closing {} to the build's uid", path.display()))?;
             }
             for entry in fs::read_dir(&path).context(|| format!("listing {}", path.display()))? {
                 pending.push(
@@ -166,9 +177,17 @@ pub(crate) fn open_ancestors(path: &Path) -> Result<(), BuildError> {
 /// where its owner may), links not followed: for the platform's shared trees that hold
 /// nothing secret. What others own is left as it is.
 pub(crate) fn share_tree(path: &Path) -> Result<(), BuildError> {
+    share_tree_but(path, &[])
+}
+
+/// [`share_tree`], leaving what is under `withheld` as it is.
+fn share_tree_but(path: &Path, withheld: &[PathBuf]) -> Result<(), BuildError> {
     let own = rustix::process::geteuid().as_raw();
     let mut pending: Vec<PathBuf> = vec![path.to_path_buf()];
     while let Some(path) = pending.pop() {
+        if withheld.contains(&path) {
+            continue;
+        }
         let meta = fs::symlink_metadata(&path).context(|| format!("reading {}", path.display()))?;
         if meta.is_symlink() {
             continue;
@@ -226,14 +245,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tree = dir.path().join("tree");
         fs::create_dir_all(tree.join("closed/inner")).unwrap();
+        fs::create_dir_all(tree.join("open")).unwrap();
         fs::write(tree.join("closed/inner/file"), "x").unwrap();
         fs::set_permissions(tree.join("closed"), fs::Permissions::from_mode(0o000)).unwrap();
+        fs::set_permissions(tree.join("open"), fs::Permissions::from_mode(0o777)).unwrap();
         take_back(&tree).unwrap();
-        let mode = fs::metadata(tree.join("closed")).unwrap().mode() & 0o7777;
-        assert_eq!(mode, 0o700);
+        let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&tree.join("closed")), 0o700);
+        assert_eq!(
+            mode(&tree.join("open")),
+            0o755,
+            "no longer writable by the build's uid"
+        );
         assert!(tree.join("closed/inner/file").exists());
         if rustix::process::geteuid().is_root() {
-            give_tree(&tree, NOBODY).unwrap();
+            fs::create_dir(tree.join("kept")).unwrap();
+            give_tree(&tree, NOBODY, &[tree.join("kept")]).unwrap();
+            assert_eq!(
+                fs::metadata(tree.join("kept")).unwrap().uid(),
+                0,
+                "withheld"
+            );
             let file = fs::metadata(tree.join("closed/inner/file")).unwrap();
             assert_eq!((file.uid(), file.gid()), (NOBODY, NOBODY));
             let top = fs::metadata(&tree).unwrap();

@@ -128,6 +128,7 @@ pub async fn build(
     )
     .await?;
     jail.lend_read(&app_cache.join("deps"));
+    jail.withhold(&dirs.layers);
     if let Some(ca) = &settings.ca_file {
         jail.allow_read(ca);
     }

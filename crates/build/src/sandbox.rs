@@ -134,6 +134,8 @@ pub(crate) struct Jail {
     lent: Vec<PathBuf>,
     /// With [`RunAs::Switch`], the read-only trees already made readable to the uid.
     shared: Vec<PathBuf>,
+    /// Trees inside the lent ones that stay the builder's ([`Jail::withhold`]).
+    withheld: Vec<PathBuf>,
 }
 
 /// Why the loop over a running command ended.
@@ -201,6 +203,7 @@ impl Jail {
             lent,
             run_as,
             shared: Vec::new(),
+            withheld: Vec::new(),
         })
     }
 
@@ -213,6 +216,13 @@ impl Jail {
             fsutil::chown_tree(path, uid, uid)?;
         }
         Ok(())
+    }
+
+    /// Keeps `path`, inside a lent tree, the builder's: what commands must not change, such as
+    /// the layers' archives, which are hard links into the shared cache (giving one to the
+    /// uid would give it the cached file).
+    pub(crate) fn withhold(&mut self, path: &Path) {
+        self.withheld.push(path.to_path_buf());
     }
 
     /// Shows `path` to every later command, read-only, lent to the build's uid with each
@@ -290,6 +300,7 @@ impl Jail {
     /// Gives the lent trees to `uid` and opens the way to every tree the command is shown.
     async fn lend(&mut self, uid: u32) -> Result<(), BuildError> {
         let lent = self.lent.clone();
+        let withheld = self.withheld.clone();
         let share: Vec<PathBuf> = self
             .readable
             .iter()
@@ -300,7 +311,7 @@ impl Jail {
         blocking(move || {
             for path in &lent {
                 owner::open_ancestors(path)?;
-                owner::give_tree(path, uid)?;
+                owner::give_tree(path, uid, &withheld)?;
             }
             for path in &share {
                 owner::open_ancestors(path)?;
