@@ -212,6 +212,35 @@ fn share_tree_but(path: &Path, withheld: &[PathBuf]) -> Result<(), BuildError> {
     Ok(())
 }
 
+/// `setpriv`'s arguments that make a command `uid` (and group `uid`, no other group) holding
+/// no capability; `bounding` empties the bounding set too, which only root may.
+pub(crate) fn switch_args(uid: u32, bounding: bool) -> Vec<String> {
+    let mut args = vec![
+        format!("--reuid={uid}"),
+        format!("--regid={uid}"),
+        "--clear-groups".into(),
+    ];
+    args.extend(
+        px_runtime::caps::DROP_ARGS
+            .iter()
+            .map(|arg| arg.to_string()),
+    );
+    if bounding {
+        args.push("--bounding-set=-all".into());
+    }
+    args.extend(["--no-new-privs".into(), "--".into()]);
+    args
+}
+
+/// Runs file work off the async threads.
+pub(crate) async fn blocking(
+    work: impl FnOnce() -> Result<(), BuildError> + Send + 'static,
+) -> Result<(), BuildError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| BuildError::io("handing trees to the build's uid", std::io::Error::other(e)))?
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

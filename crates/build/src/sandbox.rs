@@ -20,7 +20,9 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::owner::{self, NOBODY, RunAs};
+use crate::lines::Lines;
+use crate::owner::{self, NOBODY, RunAs, blocking, switch_args};
+use crate::reap::{children_of, group_members, wait_gone};
 use crate::{BuildError, BuildLimits, Sandbox, fsutil};
 
 /// Who a build's commands are inside a user namespace: `nobody`, which owns nothing.
@@ -34,10 +36,6 @@ const SWITCHED_UMASK: &str = "022";
 /// verdict (an unknown package, an out-of-date lockfile): installers put those last.
 pub(crate) const TAIL_LINES: usize = 40;
 
-/// Longest output line forwarded whole; longer ones are cut, so a line without a newline
-/// cannot grow a buffer without end.
-const MAX_LINE_BYTES: usize = 8 * 1024;
-
 /// How often the build's disk use is measured. A walk of a large `node_modules` takes tens
 /// of milliseconds; once a second keeps that small while a runaway writer is caught within
 /// about a second's worth of writing (and `RLIMIT_FSIZE` caps any single file meanwhile).
@@ -47,10 +45,6 @@ const DISK_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Anything still holding the pipe after that (a background process without a sandbox to end
 /// it) is killed with its process group.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
-
-/// How long a killed command's processes may take to be gone: the kernel ends a PID
-/// namespace's members once its init dies, which takes milliseconds; this bounds a stuck one.
-const EXIT_WAIT: Duration = Duration::from_secs(5);
 
 // What every sandbox shows of the system is shared with app processes.
 use px_runtime::sandbox::{Bwrap, Identity, NIX_STORE, SYSTEM_ETC};
@@ -597,86 +591,6 @@ impl Jail {
     }
 }
 
-/// `setpriv`'s arguments that make a command `uid` (and group `uid`, no other group) holding
-/// no capability; `bounding` empties the bounding set too, which only root may.
-fn switch_args(uid: u32, bounding: bool) -> Vec<String> {
-    let mut args = vec![
-        format!("--reuid={uid}"),
-        format!("--regid={uid}"),
-        "--clear-groups".into(),
-    ];
-    args.extend(
-        px_runtime::caps::DROP_ARGS
-            .iter()
-            .map(|arg| arg.to_string()),
-    );
-    if bounding {
-        args.push("--bounding-set=-all".into());
-    }
-    args.extend(["--no-new-privs".into(), "--".into()]);
-    args
-}
-
-/// Runs file work off the async threads.
-async fn blocking(
-    work: impl FnOnce() -> Result<(), BuildError> + Send + 'static,
-) -> Result<(), BuildError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| BuildError::io("handing trees to the build's uid", std::io::Error::other(e)))?
-}
-
-/// The processes of process group `pgid`, from `/proc`.
-fn group_members(pgid: u32) -> Vec<u32> {
-    let Ok(listing) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    listing
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| stat_fields(*pid).is_some_and(|(_, _, pgrp)| pgrp == pgid))
-        .collect()
-}
-
-/// The children of `pid` (bwrap's is the sandbox's init, in another session).
-fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(listing) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    listing
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|child| stat_fields(*child).is_some_and(|(_, ppid, _)| ppid == pid))
-        .collect()
-}
-
-/// A process's state, parent and process group from `/proc/<pid>/stat`.
-fn stat_fields(pid: u32) -> Option<(char, u32, u32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (in parentheses) may hold spaces; the fields after it do not.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut fields = rest.split(' ');
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    let pgrp = fields.next()?.parse().ok()?;
-    Some((state, ppid, pgrp))
-}
-
-/// Waits until none of `pids` runs any more (gone, or a zombie waiting for its reaper), at
-/// most [`EXIT_WAIT`].
-async fn wait_gone(pids: &[u32]) {
-    let until = Instant::now() + EXIT_WAIT;
-    while Instant::now() < until {
-        let running = pids
-            .iter()
-            .any(|pid| stat_fields(*pid).is_some_and(|(state, _, _)| state != 'Z' && state != 'X'));
-        if !running {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// A build command's `PATH`: the step's own directories, then the directories every Unix has,
 /// then the entries of the builder's own `PATH` that are in the Nix store. On NixOS the
 /// system's programs (a shell's `true`, `make` for a `[build] command`) are in no directory of
@@ -707,54 +621,6 @@ fn join_os(parts: &[OsString], sep: &str) -> OsString {
 
 pub(crate) use px_runtime::sandbox::{find_on_path, is_executable};
 
-/// Splits output into lines: lossy UTF-8, `\r` dropped, lines over [`MAX_LINE_BYTES`] cut.
-#[derive(Default)]
-struct Lines {
-    pending: Vec<u8>,
-    /// The current line was already cut; the rest of it up to its newline is dropped.
-    cut: bool,
-}
-
-impl Lines {
-    fn push(&mut self, mut data: &[u8], emit: &mut dyn FnMut(&str)) {
-        while !data.is_empty() {
-            let newline = data.iter().position(|b| *b == b'\n');
-            let (chunk, rest, ends) = match newline {
-                Some(i) => (&data[..i], &data[i + 1..], true),
-                None => (data, &[][..], false),
-            };
-            if !self.cut {
-                let room = MAX_LINE_BYTES - self.pending.len();
-                self.pending
-                    .extend_from_slice(&chunk[..chunk.len().min(room)]);
-                if self.pending.len() == MAX_LINE_BYTES && (chunk.len() > room || !ends) {
-                    self.flush(emit);
-                    self.cut = true;
-                }
-            }
-            if ends {
-                if !self.cut {
-                    self.flush(emit);
-                }
-                self.cut = false;
-            }
-            data = rest;
-        }
-    }
-
-    fn flush(&mut self, emit: &mut dyn FnMut(&str)) {
-        let text = String::from_utf8_lossy(&self.pending);
-        emit(text.trim_end_matches('\r'));
-        self.pending.clear();
-    }
-
-    fn finish(&mut self, emit: &mut dyn FnMut(&str)) {
-        if !self.pending.is_empty() {
-            self.flush(emit);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -780,27 +646,5 @@ mod tests {
             std::ffi::OsStr::new("/usr/local/bin:/usr/bin:/root/.pyenv/shims"),
         );
         assert_eq!(path, px_runtime::host::DEFAULT_PATH);
-    }
-
-    #[test]
-    fn lines_are_split_and_long_ones_cut() {
-        let mut got = Vec::new();
-        let mut lines = Lines::default();
-        lines.push(b"one\r\ntw", &mut |l| got.push(l.to_string()));
-        lines.push(b"o\n", &mut |l| got.push(l.to_string()));
-        let long = vec![b'x'; MAX_LINE_BYTES * 3];
-        lines.push(&long, &mut |l| got.push(l.to_string()));
-        lines.push(b"\nlast", &mut |l| got.push(l.to_string()));
-        lines.finish(&mut |l| got.push(l.to_string()));
-        assert_eq!(
-            got.len(),
-            4,
-            "{:?}",
-            got.iter().map(String::len).collect::<Vec<_>>()
-        );
-        assert_eq!(got[0], "one");
-        assert_eq!(got[1], "two");
-        assert_eq!(got[2].len(), MAX_LINE_BYTES);
-        assert_eq!(got[3], "last");
     }
 }
