@@ -283,6 +283,34 @@ fn a_builder_holding_maestros_capabilities_runs_each_build_as_its_uid_without_ca
         Some("PY six installed: true, reused: true"),
         "{stdout}"
     );
+    // Between builds the app's kept dependencies are the builder's again, and another app's
+    // uid cannot read them.
+    let deps = dir.path().join("cache/apps/build-test-uid-py/deps");
+    let six = find(&deps, "six.py").expect("six in the kept dependencies");
+    let meta = std::fs::metadata(&deps).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.uid(), meta.mode() & 0o007), (BUILDER_UID, 0));
+    let neighbour = Command::new("setpriv")
+        .args([
+            format!("--reuid={}", APP_UIDS[1]),
+            format!("--regid={}", APP_UIDS[1]),
+            "--clear-groups".into(),
+            "--".into(),
+            "cat".into(),
+        ])
+        .arg(&six)
+        .output()
+        .unwrap();
+    assert!(
+        !neighbour.status.success(),
+        "another app's uid read {}",
+        six.display()
+    );
+    assert!(
+        String::from_utf8_lossy(&neighbour.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&neighbour.stderr)
+    );
 }
 
 /// Gives `path` and everything under it to `uid`.
