@@ -169,27 +169,57 @@ mod tests {
         assert_eq!(parse_rss("Name:\tkthreadd\n"), None);
     }
 
+    /// A spinning child in a process group of its own, killed when dropped (also when an
+    /// assertion fails first).
+    struct Spinner(std::process::Child);
+
+    impl Drop for Spinner {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     #[test]
     fn a_busy_group_shows_its_memory_and_cpu() {
-        // This test's own process group, with a thread spinning for a while.
-        let me = rustix::process::getpgrp().as_raw_nonzero().get() as u32;
+        // A group of its own: the test binary's group also holds other tests' children, whose
+        // exits would make its tick sum go down between samples.
+        use std::os::unix::process::CommandExt;
+        let spinner = Spinner(
+            std::process::Command::new("python3")
+                .args(["-c", "while True: pass"])
+                .process_group(0)
+                .spawn()
+                .expect("python3 starts"),
+        );
+        let leader = spinner.0.id();
+        // Right after exec the new process may not have its memory yet.
+        let deadline = Instant::now() + Duration::from_secs(10);
         let meter = Meter::default();
-        let first = meter.measure(&[me]);
-        assert!(first[&me].memory_bytes.unwrap_or(0) > 1024 * 1024);
+        let first = loop {
+            let rss = scan(&HashSet::from([leader]))
+                .get(&leader)
+                .and_then(|g| g.rss_bytes)
+                .unwrap_or(0);
+            if rss > 1024 * 1024 {
+                break meter.measure(&[leader]);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the spinner never grew past 1 MiB"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(first[&leader].memory_bytes.unwrap_or(0) > 1024 * 1024);
         assert_eq!(
-            first[&me].cpu_permille, None,
+            first[&leader].cpu_permille, None,
             "no share before a second sample"
         );
-        let until = Instant::now() + MIN_SAMPLE_INTERVAL + Duration::from_millis(300);
-        let mut spins = 0u64;
-        while Instant::now() < until {
-            spins = spins.wrapping_add(1);
-        }
-        assert!(spins > 0);
-        let second = meter.measure(&[me]);
-        let cpu = second[&me].cpu_permille.unwrap();
-        // A spinning thread uses a whole core on an idle machine; a loaded one still gives it
+        std::thread::sleep(MIN_SAMPLE_INTERVAL + Duration::from_millis(300));
+        let second = meter.measure(&[leader]);
+        let cpu = second[&leader].cpu_permille.unwrap();
+        // A spinning process uses a whole core on an idle machine; a loaded one still gives it
         // far more than this.
-        assert!(cpu > 50, "a spinning thread used {cpu}‰ of a core");
+        assert!(cpu > 50, "a spinning process used {cpu}‰ of a core");
     }
 }
