@@ -1,0 +1,393 @@
+//! An ACME stack for end-to-end tests: apprepo, Beacon with `[acme]` pointed at a real Pebble
+//! and (optionally) a Maestro with an HTTPS listener, all in this process; Pebble's DNS answers
+//! every name with 127.0.0.1 and its validations go to the proxy's ports.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use px_beacon::config::ChallengeKind;
+use px_proto::acme::{AcmeCert, AcmeCertSummary};
+use px_proto::beacon::{Event, EventKind};
+use px_runtime::tokens::{TokenEntry, generate, hash};
+use px_test_support::Pki;
+use px_test_support::pebble::Pebble;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(120);
+pub const DOMAIN: &str = "shop.example.com";
+
+pub fn token<R>(name: &str, role: R, secret: &str) -> TokenEntry<R> {
+    TokenEntry {
+        name: name.into(),
+        role,
+        sha256: hash(secret),
+        node: None,
+        apps: None,
+    }
+}
+
+pub async fn bind() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+/// apprepo, Beacon with `[acme]` and (optionally) a Maestro with an HTTPS listener.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub _pki: Pki,
+    pub pebble: Pebble,
+    pub http: reqwest::Client,
+    pub deploy: String,
+    pub beacon_repo_token: String,
+    pub repo_url: String,
+    pub beacon_url: String,
+    pub https_port: u16,
+    pub beacon_config: px_beacon::config::Config,
+    pub beacon_addrs: (std::net::SocketAddr, std::net::SocketAddr),
+    pub beacon_stop: CancellationToken,
+    pub beacon_task: Option<JoinHandle<()>>,
+    pub shutdown: CancellationToken,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+impl Stack {
+    /// Starts the stack, or `None` when Pebble is missing (and not required). With
+    /// `answering` false, no Maestro runs and Pebble's checks go to a port nobody serves.
+    pub async fn start(challenge: ChallengeKind, answering: bool) -> Option<Self> {
+        // The services' logs on stderr when asked for (`PX_LOG=debug cargo test ...`).
+        if std::env::var_os("PX_LOG").is_some() {
+            px_runtime::telemetry::init();
+        }
+        let proxy_http = bind().await;
+        let proxy_https = bind().await;
+        let proxy_http_port = proxy_http.local_addr().unwrap().port();
+        let https_port = proxy_https.local_addr().unwrap().port();
+        let pebble_http_port = if answering {
+            proxy_http_port
+        } else {
+            px_test_support::free_port()
+        };
+        let pebble = Pebble::start(pebble_http_port, https_port)?;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(&["localhost"]).unwrap();
+        let (deploy, beacon_repo, node_repo, maestro_link, repo_link) =
+            (generate(), generate(), generate(), generate(), generate());
+        let secret = |name: &str, value: &str| {
+            let path = dir.path().join(name);
+            px_runtime::secrets::write_secret_file(&path, value).unwrap();
+            path
+        };
+        let repo_listener = bind().await;
+        let repo_url = format!(
+            "https://localhost:{}",
+            repo_listener.local_addr().unwrap().port()
+        );
+        let beacon_http = bind().await;
+        let beacon_control = bind().await;
+        let beacon_addrs = (
+            beacon_http.local_addr().unwrap(),
+            beacon_control.local_addr().unwrap(),
+        );
+        let beacon_url = format!("https://localhost:{}", beacon_addrs.0.port());
+        let control_addr = beacon_addrs.1.to_string();
+        let shutdown = CancellationToken::new();
+        let repo_config = px_repository::config::Config {
+            data_dir: dir.path().join("apprepo"),
+            tokens: vec![
+                token("dev", px_repository::auth::Role::Deploy, &deploy),
+                token("beacon", px_repository::auth::Role::Beacon, &beacon_repo),
+                // A web server's token: it reads certificates with their keys, nothing secret else.
+                token("web-1", px_repository::auth::Role::Release, &node_repo),
+            ],
+            beacon: Some(px_repository::config::BeaconConfig {
+                addr: control_addr.clone(),
+                server_name: Some("localhost".into()),
+                ca_file: pki.ca(),
+                token_file: secret("repo-link", &repo_link),
+                name: "apprepo".into(),
+            }),
+            api_tls: px_runtime::http_server::ApiTls {
+                cert_file: Some(pki.cert()),
+                key_file: Some(pki.key()),
+                plain_http: false,
+            },
+            ..Default::default()
+        };
+        let mut beacon_config = px_beacon::config::Config {
+            data_dir: dir.path().join("beacon"),
+            tls_cert_file: pki.cert(),
+            tls_key_file: pki.key(),
+            tokens: vec![
+                TokenEntry {
+                    node: Some("web-1".into()),
+                    ..token("web", px_beacon::auth::Role::Maestro, &maestro_link)
+                },
+                token("apprepo", px_beacon::auth::Role::Repository, &repo_link),
+                token("dev", px_beacon::auth::Role::Deploy, &deploy),
+            ],
+            reconcile_interval: Duration::from_secs(3600),
+            ..Default::default()
+        };
+        beacon_config.repository.url = repo_url.clone();
+        beacon_config.repository.token_file = secret("beacon-repo", &beacon_repo);
+        beacon_config.repository.ca_file = Some(pki.ca());
+        beacon_config.acme = px_beacon::config::AcmeConfig {
+            directory_url: Some(pebble.directory_url()),
+            email: Some("ops@example.com".into()),
+            ca_file: Some(pebble.listener_pki.ca()),
+            challenge,
+            profile: None,
+        };
+        let mut tasks = Vec::new();
+        let t = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            px_repository::run(repo_config, repo_listener, t)
+                .await
+                .unwrap()
+        }));
+        if answering {
+            let certs_dir = dir.path().join("certs");
+            std::fs::create_dir_all(&certs_dir).unwrap();
+            let port_base = 44000 + (std::process::id() % 100) as u16 * 20;
+            let maestro_config = px_maestro::config::Config {
+                node_name: "web-1".into(),
+                state_dir: dir.path().join("maestro/state"),
+                log_dir: dir.path().join("maestro/logs"),
+                port_range: (port_base, port_base + 19),
+                stop_grace: Duration::from_secs(3),
+                https_listen: Some(proxy_https.local_addr().unwrap()),
+                certs_dir: Some(certs_dir),
+                repository_token_file: Some(secret("maestro-repo", &node_repo)),
+                repository_ca_file: Some(pki.ca()),
+                beacon: Some(px_maestro::config::BeaconConfig {
+                    addr: control_addr.clone(),
+                    server_name: Some("localhost".into()),
+                    ca_file: pki.ca(),
+                    token_file: secret("maestro-link", &maestro_link),
+                }),
+                ..Default::default()
+            };
+            let status = bind().await;
+            let t = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                px_maestro::run(
+                    maestro_config,
+                    px_maestro::Listeners {
+                        http: proxy_http,
+                        https: Some(proxy_https),
+                        status,
+                    },
+                    t,
+                )
+                .await
+                .unwrap()
+            }));
+        }
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(pki.ca()).unwrap()).unwrap();
+        let http = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .build()
+            .unwrap();
+        let mut stack = Self {
+            dir,
+            _pki: pki,
+            pebble,
+            http,
+            deploy,
+            beacon_repo_token: beacon_repo,
+            repo_url,
+            beacon_url,
+            https_port,
+            beacon_config,
+            beacon_addrs,
+            beacon_stop: CancellationToken::new(),
+            beacon_task: None,
+            shutdown,
+            tasks,
+        };
+        stack
+            .start_beacon(Some((beacon_http, beacon_control)))
+            .await;
+        Some(stack)
+    }
+
+    /// Starts Beacon on the given listeners, or on new ones at the same addresses.
+    pub async fn start_beacon(&mut self, listeners: Option<(TcpListener, TcpListener)>) {
+        let (http, control) = match listeners {
+            Some(bound) => bound,
+            None => (
+                TcpListener::bind(self.beacon_addrs.0).await.unwrap(),
+                TcpListener::bind(self.beacon_addrs.1).await.unwrap(),
+            ),
+        };
+        self.beacon_stop = self.shutdown.child_token();
+        let (config, stop) = (self.beacon_config.clone(), self.beacon_stop.clone());
+        self.beacon_task = Some(tokio::spawn(async move {
+            px_beacon::run(config, px_beacon::Listeners { http, control }, stop)
+                .await
+                .unwrap()
+        }));
+    }
+
+    pub async fn restart_beacon(&mut self) {
+        self.beacon_stop.cancel();
+        if let Some(task) = self.beacon_task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        self.start_beacon(None).await;
+    }
+
+    /// `em deploy` by hand: an app whose manifest names [`DOMAIN`].
+    pub async fn deploy_shop(&self) {
+        let app_dir = tempfile::tempdir().unwrap();
+        px_test_support::write_sample_app(app_dir.path(), "shop").unwrap();
+        std::fs::write(
+            app_dir.path().join("app.toml"),
+            format!(
+                "name = \"shop\"\nrun = \"python3 server.py\"\n[health]\npath = \"/healthz\"\n[http]\ndomains = [\"{DOMAIN}\"]\n[env]\nGREETING = \"hello\"\n"
+            ),
+        )
+        .unwrap();
+        let mut bundle = Vec::new();
+        px_bundle::pack_dir(app_dir.path(), &mut bundle).unwrap();
+        let start = Instant::now();
+        loop {
+            match self
+                .http
+                .post(format!("{}/v1/apps", self.repo_url))
+                .bearer_auth(&self.deploy)
+                .json(&serde_json::json!({"name": "shop"}))
+                .send()
+                .await
+            {
+                Ok(r) if r.status() == 201 => break,
+                _ if start.elapsed() < WAIT => tokio::time::sleep(Duration::from_millis(50)).await,
+                other => panic!("apprepo never came up: {other:?}"),
+            }
+        }
+        let r = self
+            .http
+            .post(format!("{}/v1/apps/shop/releases", self.repo_url))
+            .bearer_auth(&self.deploy)
+            .header(
+                px_proto::api::HEADER_BUNDLE_SHA256,
+                hex::encode(Sha256::digest(&bundle)),
+            )
+            .body(bundle)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+
+    /// A client that trusts Pebble's root alone and finds [`DOMAIN`] on the proxy's port.
+    pub async fn pebble_client(&self) -> reqwest::Client {
+        let listener_ca =
+            reqwest::Certificate::from_pem(&std::fs::read(self.pebble.listener_pki.ca()).unwrap())
+                .unwrap();
+        let management = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(listener_ca)
+            .build()
+            .unwrap();
+        let root = management
+            .get(self.pebble.root_url())
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&root).unwrap())
+            .resolve(DOMAIN, ([127, 0, 0, 1], self.https_port).into())
+            .build()
+            .unwrap()
+    }
+
+    /// Waits until `https://DOMAIN/` answers `body` under a certificate Pebble issued.
+    pub async fn wait_https(&self, body: &str) {
+        let url = format!("https://{DOMAIN}:{}/", self.https_port);
+        let start = Instant::now();
+        loop {
+            // Pebble's root, read again each time: it exists once Pebble runs.
+            let client = self.pebble_client().await;
+            let last = match client.get(&url).send().await {
+                Ok(r) if r.status() == 200 => {
+                    let text = r.text().await.unwrap();
+                    if text == body {
+                        return;
+                    }
+                    format!("answered {text:?}")
+                }
+                Ok(r) => format!("status {}", r.status()),
+                Err(e) => format!("{e:?}"),
+            };
+            assert!(
+                start.elapsed() < WAIT,
+                "{url} never answered {body:?} under Pebble's certificate; last: {last}; certificates: {:?}",
+                self.certs().await
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// `GET /v1/acme/certs`, as `em domains list` reads it.
+    pub async fn certs(&self) -> Vec<AcmeCertSummary> {
+        self.http
+            .get(format!("{}/v1/acme/certs", self.repo_url))
+            .bearer_auth(&self.deploy)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn stored(&self) -> AcmeCert {
+        self.http
+            .get(format!("{}/v1/acme/certs/{DOMAIN}", self.repo_url))
+            .bearer_auth(&self.beacon_repo_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn events(&self, kind: EventKind) -> Vec<Event> {
+        let events: Vec<Event> = match self
+            .http
+            .get(format!("{}/v1/events?limit=1000", self.beacon_url))
+            .bearer_auth(&self.deploy)
+            .send()
+            .await
+        {
+            Ok(r) if r.status() == 200 => r.json().await.unwrap(),
+            _ => Vec::new(),
+        };
+        events.into_iter().filter(|e| e.kind == kind).collect()
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.beacon_task.take() {
+            self.tasks.push(task);
+        }
+        for task in self.tasks {
+            tokio::time::timeout(Duration::from_secs(60), task)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+}

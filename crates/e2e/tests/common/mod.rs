@@ -1,0 +1,3 @@
+//! What several end-to-end test files share.
+
+pub mod acme_stack;
