@@ -118,7 +118,11 @@ async fn wait_process(
         {
             return row.clone();
         }
-        assert!(start.elapsed() < common::WAIT, "no such {kind}: {state:?}");
+        assert!(
+            start.elapsed() < common::WAIT,
+            "no such {kind}: {state:?}\nlogs:{}",
+            maestro.log_tails()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -327,6 +327,30 @@ impl Maestro {
         }
     }
 
+    /// The last lines of every log file Maestro wrote (the apps' output), for a failure's
+    /// message: a test that times out then says what the processes said.
+    pub fn log_tails(&self) -> String {
+        const LINES: usize = 20;
+        let mut out = String::new();
+        let mut stack = vec![self.log_dir.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if let Ok(text) = std::fs::read_to_string(&path) {
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(LINES)..].join("\n");
+                    out.push_str(&format!("\n--- {}:\n{tail}", path.display()));
+                }
+            }
+        }
+        out
+    }
+
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
