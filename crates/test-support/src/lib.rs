@@ -1,7 +1,9 @@
 //! Helpers for Platform.X integration tests: a real S3-compatible server (s3s-fs) started per
 //! test on loopback, throwaway certificates, sample apps, free ports, systemd played by its
-//! own tools (`systemd`), and Pebble, the ACME test server (`pebble`).
+//! own tools (`systemd`), Pebble, the ACME test server (`pebble`), and headless Chromium behind
+//! ChromeDriver, trusting only the roots a test names (`browser`).
 
+pub mod browser;
 pub mod pebble;
 pub mod systemd;
 
