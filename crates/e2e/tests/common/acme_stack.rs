@@ -339,6 +339,82 @@ impl Stack {
         }
     }
 
+    /// `em deploy` by hand of the app in `app_dir` (its own `app.toml`), as app `name`.
+    pub async fn deploy_app(&self, name: &str, app_dir: &std::path::Path) {
+        let mut bundle = Vec::new();
+        px_bundle::pack_dir(app_dir, &mut bundle).unwrap();
+        let start = Instant::now();
+        loop {
+            match self
+                .http
+                .post(format!("{}/v1/apps", self.repo_url))
+                .bearer_auth(&self.deploy)
+                .json(&serde_json::json!({ "name": name }))
+                .send()
+                .await
+            {
+                Ok(r) if r.status() == 201 => break,
+                _ if start.elapsed() < WAIT => tokio::time::sleep(Duration::from_millis(50)).await,
+                other => panic!("apprepo never came up: {other:?}"),
+            }
+        }
+        let r = self
+            .http
+            .post(format!("{}/v1/apps/{name}/releases", self.repo_url))
+            .bearer_auth(&self.deploy)
+            .header(
+                px_proto::api::HEADER_BUNDLE_SHA256,
+                hex::encode(Sha256::digest(&bundle)),
+            )
+            .body(bundle)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    }
+
+    /// Pebble's root (PEM): the CA every certificate it issues chains to.
+    pub async fn pebble_root(&self) -> Vec<u8> {
+        let listener_ca =
+            reqwest::Certificate::from_pem(&std::fs::read(self.pebble.listener_pki.ca()).unwrap())
+                .unwrap();
+        let management = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(listener_ca)
+            .build()
+            .unwrap();
+        let r = management.get(self.pebble.root_url()).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap().to_vec()
+    }
+
+    /// Waits until `https://DOMAIN{path}` answers 200 with a body holding `needle`, under a
+    /// certificate Pebble issued.
+    pub async fn wait_https_holding(&self, path: &str, needle: &str) {
+        let url = format!("https://{DOMAIN}:{}{path}", self.https_port);
+        let start = Instant::now();
+        loop {
+            let client = self.pebble_client().await;
+            let last = match client.get(&url).send().await {
+                Ok(r) if r.status() == 200 => {
+                    let text = r.text().await.unwrap();
+                    if text.contains(needle) {
+                        return;
+                    }
+                    format!("answered {text:?}")
+                }
+                Ok(r) => format!("status {}", r.status()),
+                Err(e) => format!("{e:?}"),
+            };
+            assert!(
+                start.elapsed() < WAIT,
+                "{url} never answered with {needle:?} under Pebble's certificate; last: {last}; certificates: {:?}",
+                self.certs().await
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// `GET /v1/acme/certs`, as `em domains list` reads it.
     pub async fn certs(&self) -> Vec<AcmeCertSummary> {
         self.http

@@ -1,3 +1,4 @@
 //! What several end-to-end test files share.
 
 pub mod acme_stack;
+pub mod webdriver;
