@@ -1,7 +1,7 @@
 //! A real browser (headless Chromium, driven through ChromeDriver) loads an app over HTTPS
 //! under the certificate Beacon ordered from a real ACME server (Pebble) for the app's domain:
 //! the page over HTTP/2, its stylesheet, script and image as Maestro serves them, and a
-//! WebSocket through the proxy. The browser trusts Pebble's root alone, and refuses the same
+//! WebSocket through the proxy (an HTTP/1.1 upgrade, answered 101, echoing over `wss://`). The browser trusts Pebble's root alone, and refuses the same
 //! name under a certificate from another CA.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -135,6 +135,14 @@ async fn a_browser_loads_an_app_over_https_and_http2_under_an_acme_certificate_w
         "the WebSocket over wss:// did not echo: {seen:#}"
     );
     assert!(browser.text().await.contains(ECHO));
+    // The browser's own record of the socket: an upgrade answered 101 Switching Protocols,
+    // through the proxy to the app.
+    let handshakes = browser.websocket_handshakes().await;
+    println!("WebSocket handshakes: {handshakes:?}");
+    assert_eq!(
+        handshakes,
+        [(format!("wss://{DOMAIN}:{}/ws", stack.https_port), 101)]
+    );
 
     // The same browser, the same name, a certificate Pebble did not issue: Chromium shows its
     // certificate error page, and nothing of the page runs.

@@ -31,6 +31,8 @@ impl<'a> Session<'a> {
             .unwrap();
         let capabilities = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
+            // DevTools' network events, read back by `websocket_handshakes`.
+            "goog:loggingPrefs": {"performance": "ALL"},
             "goog:chromeOptions": {
                 "binary": driver.chromium,
                 "args": [
@@ -123,6 +125,44 @@ impl<'a> Session<'a> {
             .as_str()
             .unwrap_or_default()
             .to_string()
+    }
+
+    /// Every WebSocket handshake the browser's network log holds since the last read: the
+    /// socket's URL and the status its handshake was answered with (101 for an HTTP/1.1
+    /// upgrade), as DevTools' Network panel shows them.
+    pub async fn websocket_handshakes(&self) -> Vec<(String, u64)> {
+        let entries = self
+            .call("POST", "/se/log", json!({"type": "performance"}))
+            .await
+            .unwrap();
+        let events: Vec<Value> = entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| serde_json::from_str::<Value>(e["message"].as_str().unwrap()).unwrap())
+            .map(|m| m["message"].clone())
+            .collect();
+        let url_of = |id: &Value| {
+            events
+                .iter()
+                .find(|e| {
+                    e["method"] == "Network.webSocketCreated" && &e["params"]["requestId"] == id
+                })
+                .and_then(|e| e["params"]["url"].as_str())
+                .unwrap_or("(unknown)")
+                .to_string()
+        };
+        events
+            .iter()
+            .filter(|e| e["method"] == "Network.webSocketHandshakeResponseReceived")
+            .map(|e| {
+                let params = &e["params"];
+                (
+                    url_of(&params["requestId"]),
+                    params["response"]["status"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
     }
 
     pub async fn close(self) {
