@@ -2,7 +2,8 @@
 //!
 //! Under systemd, the sockets passed as `http`, `https` and `status` (`FileDescriptorName=`)
 //! replace `http_listen`, `https_listen` and `status_listen`; an `https` socket turns HTTPS
-//! on (with `certs_dir`) even without `https_listen`.
+//! on even without `https_listen`. HTTPS serves `certs_dir`'s files and the certificates ACME
+//! issues (Beacon's `[acme]`); without `certs_dir`, ACME's alone.
 //!
 //! Reload (SIGHUP, `systemctl reload maestro`): the file and environment are read again and
 //! must pass the same checks as at start-up, else the reload fails, is logged, and Maestro
@@ -60,16 +61,20 @@ pub struct Config {
     /// Plain HTTP proxy address, unless systemd passes a socket named `http`. Default:
     /// `127.0.0.1:8080`.
     pub http_listen: SocketAddr,
-    /// HTTPS proxy address, unless systemd passes a socket named `https`; needs `certs_dir`.
-    /// Default: none.
+    /// HTTPS proxy address, unless systemd passes a socket named `https`. It serves
+    /// `certs_dir`'s certificates and those ACME issues. Default: none.
     pub https_listen: Option<SocketAddr>,
     /// Certificates per domain (`<domain>.crt` + `<domain>.key`), read again on each reload.
-    /// Default: none.
+    /// Default: none (HTTPS then serves only the certificates ACME issues).
     pub certs_dir: Option<PathBuf>,
     /// Redirect plain HTTP to HTTPS for every host, even one served only by the default
     /// certificate. Default: false, which still redirects the hosts that have a certificate of
     /// their own unless their app says `[http] https_redirect = false`.
     pub https_redirect: bool,
+    /// The port clients reach the HTTPS listener on, written into redirects from plain HTTP
+    /// when it is not 443 (`em up` sets its `--https-port`). Default: none (443, left out of
+    /// the URL).
+    pub https_redirect_port: Option<u16>,
     /// Local `/healthz` and `/metrics`, unless systemd passes a socket named `status`.
     /// Default: `127.0.0.1:7090`.
     pub status_listen: SocketAddr,
@@ -251,6 +256,7 @@ impl Default for Config {
             https_listen: None,
             certs_dir: None,
             https_redirect: false,
+            https_redirect_port: None,
             status_listen: DEFAULT_STATUS_LISTEN.parse().unwrap(),
             events_listen: DEFAULT_EVENTS_LISTEN.parse().unwrap(),
             state_dir: DEFAULT_STATE_DIR.into(),
@@ -304,6 +310,39 @@ mod tests {
         // What the file does not name keeps its default.
         assert_eq!(config.build.disk_limit, BuildConfig::default().disk_limit);
         assert_eq!(config.build.runtimes_dir, Path::new(DEFAULT_RUNTIMES_DIR));
+    }
+
+    #[test]
+    fn https_without_certs_dir_serves_the_names_acme_issued_alone() {
+        let config = load("https_listen = \"127.0.0.1:8443\"\n").unwrap();
+        assert_eq!(config.certs_dir, None);
+        let certs = crate::check(&config).ok().unwrap().certs.unwrap();
+        assert!(certs.is_empty());
+        let acme = std::sync::Arc::new(crate::proxy::AcmeAnswers::default());
+        certs.attach_acme(acme.clone());
+        assert!(!certs.covers("shop.example.com"));
+        let pki = px_test_support::Pki::new(&["shop.example.com"]).unwrap();
+        acme.set_issued(
+            "shop.example.com",
+            &std::fs::read_to_string(pki.cert()).unwrap(),
+            &std::fs::read_to_string(pki.key()).unwrap(),
+        )
+        .unwrap();
+        assert!(certs.covers("shop.example.com"));
+        assert!(!certs.covers("other.example.com"));
+        // Nothing to read again on a reload, and nothing lost.
+        assert_eq!(certs.reload().unwrap(), 0);
+        assert!(certs.covers("shop.example.com"));
+
+        // A certs_dir that is named must exist.
+        let mut config = config;
+        config.certs_dir = Some("/nonexistent/certs".into());
+        let problems = crate::check(&config).err().unwrap().problems.join("\n");
+        assert!(
+            problems
+                .contains("certs_dir: cannot read the certificate directory /nonexistent/certs"),
+            "{problems}"
+        );
     }
 
     #[test]

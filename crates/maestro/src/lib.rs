@@ -143,16 +143,11 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
             .ok()
     });
     check_build(&config.build, &mut problems);
-    let certs = match (&config.https_listen, &config.certs_dir) {
-        (Some(_), Some(dir)) => proxy::CertStore::load(dir)
-            .map_err(|e| problems.push(format!("certs_dir: {e}")))
-            .ok(),
-        (Some(_), None) => {
-            problems.push("https_listen needs certs_dir".into());
-            None
-        }
-        _ => None,
-    };
+    let certs = config.https_listen.and_then(|_| {
+        cert_store(config)
+            .map_err(|e| problems.push(e.to_string()))
+            .ok()
+    });
     if problems.is_empty() {
         Ok(Checked {
             link,
@@ -200,6 +195,16 @@ fn check_build(build: &config::BuildConfig, problems: &mut Vec<String>) {
     }
 }
 
+/// The HTTPS listener's certificates: `certs_dir`'s files, or with no `certs_dir` only those
+/// ACME issues (Beacon's `[acme]`), as on `em up`.
+fn cert_store(config: &Config) -> Result<Arc<proxy::CertStore>, String> {
+    match &config.certs_dir {
+        Some(dir) => proxy::CertStore::load(dir),
+        None => proxy::CertStore::acme_only(),
+    }
+    .map_err(|e| format!("certs_dir: {e}"))
+}
+
 /// Settings a reload applies (see `config.rs`): none, since TLS certificates are read again
 /// from `certs_dir` on every reload whether or not a setting changed.
 const RELOADABLE: &[&str] = &[];
@@ -228,12 +233,7 @@ pub async fn run_with(
     let mut checked = check(&config)?;
     // A socket systemd passed as `https` turns HTTPS on even without `https_listen`.
     if listeners.https.is_some() && checked.certs.is_none() {
-        let dir = config.certs_dir.as_ref().ok_or_else(|| {
-            ConfigError::one("systemd passed an https socket, which needs certs_dir")
-        })?;
-        checked.certs = Some(
-            proxy::CertStore::load(dir).map_err(|e| ConfigError::one(format!("certs_dir: {e}")))?,
-        );
+        checked.certs = Some(cert_store(&config).map_err(ConfigError::one)?);
     }
     tokio::fs::create_dir_all(&config.state_dir).await?;
     tokio::fs::create_dir_all(&config.log_dir).await?;
@@ -328,6 +328,7 @@ pub async fn run_with(
     let metrics = Arc::new(proxy::ProxyMetrics::default());
     let settings = proxy::ProxySettings {
         https_redirect: config.https_redirect,
+        https_redirect_port: config.https_redirect_port,
         drain: config.drain_deadline,
         ..Default::default()
     };
@@ -577,6 +578,9 @@ async fn reload(
 ) -> Result<Reloaded, String> {
     check(&new).map_err(|e| e.to_string())?;
     let applied = match certs {
+        Some(_) if running.certs_dir.is_none() => {
+            "nothing to read again (no certs_dir; ACME's certificates come from Beacon)".into()
+        }
         Some(certs) => {
             let count = tokio::task::spawn_blocking(move || certs.reload())
                 .await

@@ -179,7 +179,7 @@ async fn respond(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<Proxy
         return exchange.finish(response, app, None, None);
     }
     if !conn.worker.https && https::redirects(proxy, &route, host, req.uri().path()) {
-        let response = https::redirect(host, req.uri());
+        let response = https::redirect(host, proxy.settings.https_redirect_port, req.uri());
         return exchange.finish(response, app, None, None);
     }
     if let Some((dir, rest)) = static_files::matching(&route.static_dirs, req.uri().path()) {

@@ -29,9 +29,14 @@ fn host_name(host: &str) -> &str {
         .map_or(host, |(name, _)| name)
 }
 
-/// `https://host/path?query`, without the port of the plain listener.
-pub(crate) fn redirect(host: &str, uri: &Uri) -> Response<ProxyBody> {
+/// `https://host/path?query`, without the port of the plain listener, with `port` when the
+/// HTTPS listener is reached on another port than 443.
+pub(crate) fn redirect(host: &str, port: Option<u16>, uri: &Uri) -> Response<ProxyBody> {
     let host = host_name(host);
+    let host = match port {
+        Some(port) if port != 443 => format!("{host}:{port}"),
+        _ => host.to_string(),
+    };
     let target = uri.path_and_query().map_or("/", PathAndQuery::as_str);
     let mut response = Response::new(ProxyBody::empty());
     // 308 rather than 301: the method and body are kept.
@@ -53,8 +58,16 @@ mod tests {
         assert_eq!(host_name("[::1]:80"), "[::1]");
         assert_eq!(host_name("[::1]"), "[::1]");
         let uri: Uri = "/a/b?c=d%2F".parse().unwrap();
-        let response = redirect("app.test:8080", &uri);
+        let response = redirect("app.test:8080", None, &uri);
         assert_eq!(response.status(), StatusCode::PERMANENT_REDIRECT);
         assert_eq!(response.headers()[LOCATION], "https://app.test/a/b?c=d%2F");
+        // An HTTPS listener on another port (`em up`'s) is named; 443 never is.
+        let response = redirect("app.test:8080", Some(8443), &uri);
+        assert_eq!(
+            response.headers()[LOCATION],
+            "https://app.test:8443/a/b?c=d%2F"
+        );
+        let response = redirect("[::1]:8080", Some(443), &uri);
+        assert_eq!(response.headers()[LOCATION], "https://[::1]/a/b?c=d%2F");
     }
 }

@@ -125,6 +125,10 @@ pub struct ProxySettings {
     /// certificate. Without it, an app's hosts are redirected once a certificate of their own
     /// (or a wildcard) is loaded; an app's `[http] https_redirect = false` turns both off.
     pub https_redirect: bool,
+    /// The port written into those redirects (`https://host:PORT/path`) when clients reach
+    /// the HTTPS listener on another port than 443, as on `em up` (default none: 443, left
+    /// out of the URL).
+    pub https_redirect_port: Option<u16>,
     /// Trust `X-Forwarded-*` and `X-Request-Id` from clients, extending them instead of
     /// replacing them (default false): only when Maestro sits behind the operator's own load
     /// balancer.
@@ -146,6 +150,7 @@ impl Default for ProxySettings {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             https_redirect: false,
+            https_redirect_port: None,
             trusted_forwarded: false,
             drain: DEFAULT_DRAIN,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,

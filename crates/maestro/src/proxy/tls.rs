@@ -1,5 +1,5 @@
-//! TLS termination: certificates per domain from a directory, chosen by SNI, reloadable while
-//! serving.
+//! TLS termination: certificates per domain from a directory (or none, when ACME issues them
+//! all), chosen by SNI, reloadable while serving.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -90,10 +90,11 @@ impl ResolvesServerCert for Resolver {
 
 /// Certificates per domain from a directory: `<dir>/<domain>.crt` + `<dir>/<domain>.key` (PEM),
 /// an optional `_default.crt`/`.key` for anything else, and `_wildcard.example.com.crt`/`.key`
-/// for `*.example.com`. [`CertStore::reload`] re-reads the directory (on SIGHUP).
+/// for `*.example.com`. [`CertStore::reload`] re-reads the directory (on SIGHUP). A store
+/// without a directory ([`CertStore::acme_only`]) serves only what ACME issued.
 #[derive(Debug)]
 pub struct CertStore {
-    dir: PathBuf,
+    dir: Option<PathBuf>,
     provider: Arc<CryptoProvider>,
     resolver: Arc<Resolver>,
     config: Arc<rustls::ServerConfig>,
@@ -102,8 +103,21 @@ pub struct CertStore {
 impl CertStore {
     /// Reads every certificate in `dir`; any unreadable or mismatched pair is an error.
     pub fn load(dir: &Path) -> Result<Arc<Self>, ProxyError> {
+        Self::new(Some(dir))
+    }
+
+    /// A store with no files of the operator's: it serves the certificates ACME issued (and
+    /// its challenge certificates), and a handshake for any other name fails.
+    pub fn acme_only() -> Result<Arc<Self>, ProxyError> {
+        Self::new(None)
+    }
+
+    fn new(dir: Option<&Path>) -> Result<Arc<Self>, ProxyError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let set = read_dir(dir, &provider)?;
+        let set = match dir {
+            Some(dir) => read_dir(dir, &provider)?,
+            None => CertSet::default(),
+        };
         let resolver = Arc::new(Resolver {
             set: RwLock::new(Arc::new(set)),
             acme: RwLock::new(None),
@@ -117,7 +131,7 @@ impl CertStore {
         config.alpn_protocols = super::protocol::alpn_protocols();
         config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
         Ok(Arc::new(Self {
-            dir: dir.to_path_buf(),
+            dir: dir.map(Path::to_path_buf),
             provider,
             resolver,
             config: Arc::new(config),
@@ -125,9 +139,13 @@ impl CertStore {
     }
 
     /// Re-reads the directory and serves its certificates from the next handshake on; returns
-    /// how many there are. On error the certificates in use stay as they were.
+    /// how many there are. On error the certificates in use stay as they were. Without a
+    /// directory there is nothing to read (ACME's certificates come over Beacon's link).
     pub fn reload(&self) -> Result<usize, ProxyError> {
-        let set = read_dir(&self.dir, &self.provider)?;
+        let Some(dir) = &self.dir else {
+            return Ok(0);
+        };
+        let set = read_dir(dir, &self.provider)?;
         let count = set.len();
         *self.resolver.set.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
         Ok(count)
