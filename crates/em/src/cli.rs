@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -29,28 +29,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the whole platform (apprepo, Beacon, Maestro) on this machine
     #[command(
-        after_help = "Examples:\n  em up\n  em up --http-port 9090 --data-dir /tmp/px\n\nApps are served at http://<app>.localhost:<http-port>/. Ctrl-C stops everything,\napps included; the next `em up` brings the same apps and releases back."
+        after_help = "Examples:\n  em up\n  em up --http-port 9090 --data-dir /tmp/px\n  em up --acme-directory https://acme-staging-v02.api.letsencrypt.org/directory --acme-email you@example.com\n  em up --acme-directory https://127.0.0.1:14000/dir --acme-ca-file pebble-ca.pem\n\nApps are served at http://<app>.localhost:<http-port>/. Ctrl-C stops everything,\napps included; the next `em up` brings the same apps and releases back.\n\nHTTPS: with an ACME directory (given once, remembered in the data directory), every\nname `em domains add` gives an app gets a certificate from that CA, served on\n--https-port over HTTP/2 and HTTP/1.1; plain HTTP to the name then redirects there.\nLet's Encrypt: https://acme-v02.api.letsencrypt.org/directory (production),\nhttps://acme-staging-v02.api.letsencrypt.org/directory (staging). Its checks come to\nport 80 (http-01) or 443 (tls-alpn-01) of the address the name points at."
     )]
-    Up {
-        /// Where the platform keeps its state (default: $XDG_DATA_HOME/platformx).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Port of the proxy that serves the apps.
-        #[arg(long, default_value_t = 8080)]
-        http_port: u16,
-        /// First of four ports for the platform's own services (apprepo, Beacon API, Beacon
-        /// links, Maestro status).
-        #[arg(long, default_value_t = 7070)]
-        port_base: u16,
-        /// URL that receives a JSON POST for every alert (a crash loop, a failed deploy, an
-        /// app's error event); repeat for several.
-        #[arg(long = "webhook", value_name = "URL")]
-        webhooks: Vec<String>,
-        /// Run apps without their sandbox, as your own user: for a machine where bubblewrap
-        /// misbehaves, and to measure what the sandbox costs (benches/sandbox).
-        #[arg(long)]
-        no_sandbox: bool,
-    },
+    Up(UpArgs),
     /// Create a new app from a template, or write app.toml for an app that is already there
     #[command(
         after_help = "Examples:\n  em init hello\n  em init site --template static\n  em init api --name my-api --template node\n  cd my-django-app && em init   # app.toml for the app already there\n\nIn a directory that holds an app (a Procfile, requirements.txt, package.json, ...),\nem init writes only app.toml, saying what it found; it exits 6 when it cannot tell\nhow the app starts, with a `run` to fill in."
@@ -213,6 +194,61 @@ pub enum Command {
         #[command(subcommand)]
         action: TokensAction,
     },
+}
+
+/// `em up`'s flags.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Where the platform keeps its state (default: $XDG_DATA_HOME/platformx).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Port of the proxy that serves the apps.
+    #[arg(long, default_value_t = 8080)]
+    pub http_port: u16,
+    /// Port of the HTTPS proxy (HTTP/2 and HTTP/1.1) [default: 8443]; on only with ACME,
+    /// whose certificates it serves.
+    #[arg(long)]
+    pub https_port: Option<u16>,
+    /// First of four ports for the platform's own services (apprepo, Beacon API, Beacon
+    /// links, Maestro status).
+    #[arg(long, default_value_t = 7070)]
+    pub port_base: u16,
+    /// URL that receives a JSON POST for every alert (a crash loop, a failed deploy, an
+    /// app's error event); repeat for several.
+    #[arg(long = "webhook", value_name = "URL")]
+    pub webhooks: Vec<String>,
+    /// Run apps without their sandbox, as your own user: for a machine where bubblewrap
+    /// misbehaves, and to measure what the sandbox costs (benches/sandbox).
+    #[arg(long)]
+    pub no_sandbox: bool,
+    /// The ACME CA's directory URL: certificates for every app's host names (Let's Encrypt's
+    /// staging or production directory, or a private CA's). Remembered, with the other
+    /// --acme-* flags, until given again or --no-acme.
+    #[arg(long, value_name = "URL")]
+    pub acme_directory: Option<String>,
+    /// Contact address given to the CA (expiry notices).
+    #[arg(long, value_name = "EMAIL")]
+    pub acme_email: Option<String>,
+    /// PEM file of the CA that signed the ACME server's own certificate (a private CA such as
+    /// Pebble's), trusted instead of the system's roots.
+    #[arg(long, value_name = "PATH")]
+    pub acme_ca_file: Option<PathBuf>,
+    /// How the CA checks that this machine serves a name: a request to --http-port, or a TLS
+    /// handshake on --https-port (ports 80 and 443 for a public CA) [default: http-01].
+    #[arg(long, value_enum)]
+    pub acme_challenge: Option<AcmeChallenge>,
+    /// Forget the remembered ACME settings: no more certificates, and no HTTPS listener.
+    #[arg(long, conflicts_with_all = ["acme_directory", "acme_email", "acme_ca_file", "acme_challenge", "https_port"])]
+    pub no_acme: bool,
+}
+
+/// `--acme-challenge`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    #[value(name = "http-01")]
+    Http01,
+    #[value(name = "tls-alpn-01")]
+    TlsAlpn01,
 }
 
 #[derive(Subcommand, Debug)]

@@ -16,6 +16,7 @@ mod safe_text;
 mod settings;
 mod tokens;
 mod up;
+mod up_https;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,22 +46,9 @@ fn run(cli: Cli) -> failure::Result<()> {
     let json = cli.json;
     commands::set_insecure(cli.insecure);
     match cli.command {
-        Command::Up {
-            data_dir,
-            http_port,
-            port_base,
-            webhooks,
-            no_sandbox,
-        } => {
+        Command::Up(args) => {
             px_runtime::telemetry::init();
-            let data_dir = data_dir.unwrap_or_else(settings::default_data_dir);
-            runtime.block_on(up::up(up::Up {
-                data_dir,
-                http_port,
-                port_base,
-                webhooks,
-                no_sandbox,
-            }))
+            runtime.block_on(up::up(args))
         }
         Command::Init {
             dir,

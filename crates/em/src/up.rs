@@ -12,8 +12,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::cli::UpArgs;
 use crate::failure::{Failure, Result};
 use crate::settings::{self, EmConfig};
+use crate::up_https::{self, Https};
 
 /// Ports of the platform's own services, counted from `--port-base`.
 pub const APPREPO_OFFSET: u16 = 0;
@@ -25,16 +27,6 @@ const LOCAL_NODE: &str = "local";
 /// A tokens file in the data directory whose entries Beacon accepts besides its own, if it
 /// exists (read at start).
 const EXTRA_BEACON_TOKENS: &str = "beacon-tokens.toml";
-
-pub struct Up {
-    pub data_dir: PathBuf,
-    pub http_port: u16,
-    pub port_base: u16,
-    /// Alert webhooks for Beacon.
-    pub webhooks: Vec<String>,
-    /// Apps run without their sandbox (`--no-sandbox`).
-    pub no_sandbox: bool,
-}
 
 /// Tokens of the local platform, kept in `data_dir/secrets` (mode 0600) across runs.
 struct Secrets {
@@ -130,9 +122,13 @@ async fn bind(port: u16, what: &str, flag: &str) -> Result<TcpListener> {
     })
 }
 
-pub async fn up(options: Up) -> Result<()> {
-    let data = &options.data_dir;
+pub async fn up(options: UpArgs) -> Result<()> {
+    let data = &options
+        .data_dir
+        .clone()
+        .unwrap_or_else(settings::default_data_dir);
     create_private_dir(data)?;
+    let https = up_https::resolve(data, &options)?;
     let base = options.port_base;
     let port = |offset: u16| {
         base.checked_add(offset)
@@ -149,6 +145,10 @@ pub async fn up(options: Up) -> Result<()> {
     )
     .await?;
     let proxy = bind(options.http_port, "the app proxy", "--http-port").await?;
+    let proxy_https = match &https {
+        Some(https) => Some(bind(https.port, "the HTTPS app proxy", "--https-port").await?),
+        None => None,
+    };
 
     let secrets = secrets(data)?;
     let (ca, cert, key) = pki(data)?;
@@ -230,6 +230,12 @@ pub async fn up(options: Up) -> Result<()> {
             },
         ],
         domain: "localhost".into(),
+        // Certificates for the names apps are given (`em domains add`, manifests); never for
+        // `<app>.localhost`, which no CA issues for.
+        acme: https
+            .as_ref()
+            .map(|https| https.acme.beacon_config())
+            .unwrap_or_default(),
         alerts: px_beacon::config::AlertsConfig {
             webhooks: options.webhooks.clone(),
             ..Default::default()
@@ -247,6 +253,9 @@ pub async fn up(options: Up) -> Result<()> {
             "true".to_string(),
         )]),
         http_listen: proxy.local_addr()?,
+        // No certs_dir: the HTTPS listener serves the certificates ACME issues.
+        https_listen: proxy_https.as_ref().map(|l| l.local_addr()).transpose()?,
+        https_redirect_port: https.as_ref().map(|https| https.port),
         status_listen: maestro_status.local_addr()?,
         state_dir: data.join("maestro/state"),
         log_dir: data.join("maestro/logs"),
@@ -293,14 +302,15 @@ pub async fn up(options: Up) -> Result<()> {
         maestro_config,
         px_maestro::Listeners {
             http: proxy,
-            https: None,
+            https: proxy_https,
             status: maestro_status,
         },
         shutdown.clone(),
     ));
     println!(
-        "Platform.X is up on this machine.\n\n  apps:        {}\n  status page: {beacon_url}/\n  apprepo:     {repo_url}\n  data:        {}\n  em config:   {}\n\nDeploy something:  em deploy examples/python-hello\nStop everything:   Ctrl-C",
+        "Platform.X is up on this machine.\n\n  apps:        {}\n{}  status page: {beacon_url}/\n  apprepo:     {repo_url}\n  data:        {}\n  em config:   {}\n\nDeploy something:  em deploy examples/python-hello\nStop everything:   Ctrl-C",
         app_url.replace("{app}", "<app>"),
+        https.as_ref().map_or_else(String::new, Https::banner_line),
         data.display(),
         config_path.display()
     );

@@ -13,6 +13,9 @@ use crate::{Pki, free_port, wait_for_port};
 /// Set by `scripts/test`: tests that need Pebble fail instead of skipping when it is missing.
 pub const REQUIRE_PEBBLE_ENV: &str = "PX_REQUIRE_PEBBLE";
 
+/// Pebble's output, in its directory: what it was asked and what it issued.
+const LOG_FILE: &str = "pebble.log";
+
 /// A running Pebble and its DNS server, stopped on drop.
 pub struct Pebble {
     /// The CA of Pebble's own HTTPS listener (directory and management API).
@@ -20,7 +23,7 @@ pub struct Pebble {
     pub port: u16,
     pub management_port: u16,
     children: Vec<Child>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn find(binary: &str) -> Option<PathBuf> {
@@ -85,9 +88,10 @@ impl Pebble {
             port,
             management_port,
             children,
-            _dir: dir,
+            dir,
         };
         wait_for_port(dns_port, Duration::from_secs(20))?;
+        let log = std::fs::File::create(this.dir.path().join(LOG_FILE))?;
         this.children.push(
             Command::new(pebble)
                 .arg("-config")
@@ -97,8 +101,8 @@ impl Pebble {
                 // check what Beacon does, not how it rides out Pebble's chaos.
                 .env("PEBBLE_VA_NOSLEEP", "1")
                 .env("PEBBLE_WFE_NONCEREJECT", "0")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
                 .spawn()
                 .context("spawning pebble")?,
         );
@@ -110,6 +114,19 @@ impl Pebble {
     /// The ACME directory URL.
     pub fn directory_url(&self) -> String {
         format!("https://127.0.0.1:{}/dir", self.port)
+    }
+
+    /// Pebble's log so far (its WFE logs every request it serves, e.g. `POST /order-plz`).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(LOG_FILE)).unwrap_or_default()
+    }
+
+    /// How many new orders Pebble has been sent (RFC 8555 §7.4's `newOrder`).
+    pub fn orders(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|line| line.contains("POST /order-plz"))
+            .count()
     }
 
     /// Where the root that signs issued certificates is served (PEM), over HTTPS under
