@@ -280,3 +280,76 @@ fn em_up_gets_a_certificate_from_acme_serves_it_over_http2_and_http11_and_keeps_
     assert_eq!(pebble.orders(), orders, "{}", pebble.log());
     stop(up);
 }
+
+#[test]
+fn em_up_answers_tls_alpn_01_on_its_https_port() {
+    let env = Env::new();
+    // Pebble's HTTP-01 checks would go to a port nobody serves: only the TLS-ALPN-01 check on
+    // em up's HTTPS port can succeed.
+    let Some(pebble) = Pebble::start(px_test_support::free_port(), env.https_port) else {
+        return;
+    };
+    let up = env.up(&[
+        "--acme-directory",
+        &pebble.directory_url(),
+        "--acme-ca-file",
+        pebble.listener_pki.ca().to_str().unwrap(),
+        "--acme-challenge",
+        "tls-alpn-01",
+    ]);
+    let app_dir = env.home.path().join("shop");
+    let app_dir = app_dir.to_str().unwrap();
+    env.em(&["init", app_dir, "--template", "python"]);
+    env.em(&["deploy", app_dir]);
+    env.em(&["domains", "add", DOMAIN, "--app", "shop"]);
+    let root = pebble_root(&pebble, env.home.path());
+    let start = Instant::now();
+    loop {
+        let got = get_https(&env, &root, "--http2");
+        if got.ok {
+            assert!(
+                got.stdout.contains("Hello from Platform.X"),
+                "{}",
+                got.stdout
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "https://{DOMAIN}/ never served under Pebble's certificate: {}",
+            got.stderr
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop(up);
+}
+
+#[test]
+fn a_taken_https_port_is_named_before_anything_starts() {
+    let env = Env::new();
+    let taken = std::net::TcpListener::bind(("127.0.0.1", env.https_port)).unwrap();
+    let out = env
+        .command(&[
+            "up",
+            "--http-port",
+            &env.http_port.to_string(),
+            "--port-base",
+            &env.port_base.to_string(),
+            "--https-port",
+            &env.https_port.to_string(),
+            "--acme-directory",
+            "https://127.0.0.1:14000/dir",
+        ])
+        .output()
+        .unwrap();
+    drop(taken);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "port {} (the HTTPS app proxy) is taken; is another `em up` running? Stop it, or pass --https-port to use other ports",
+            env.https_port
+        )),
+        "{err}"
+    );
+}
