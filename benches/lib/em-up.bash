@@ -1,7 +1,7 @@
 # benches/lib/em-up.bash: what a benchmark on `em up` needs, sourced by benches/processes: the
 # binaries of BENCH_PROFILE, a work directory cleaned on exit, timing and waiting helpers, and
 # `em up` started on free ports with em's config and data under the work directory.
-# The sourcing script sets `bench` (its name, for messages) first. Sets: py, bin, work, pids,
+# The sourcing script sets `bench` (its name, for messages) first, and may define `before_up`. Sets: py, bin, work, pids,
 # port_base, http_port, repo_url, beacon_url, status_url, token, data; defines die, now,
 # wait_for, get, stop_pid, copy_app.
 # The variables are for the sourcing script:
@@ -120,6 +120,9 @@ data="$XDG_DATA_HOME/platformx"
 repo_url="https://127.0.0.1:$port_base"
 beacon_url="https://127.0.0.1:$((port_base + 1))"
 status_url="http://127.0.0.1:$((port_base + 3))"
+# A sourcing script may define before_up: run once the ports are chosen, before em up starts
+# (benches/acme starts Pebble there, which must know em up's HTTP port, and sets EM_UP_ARGS).
+if declare -F before_up > /dev/null; then before_up; fi
 echo "starting em up (apps on port $http_port, services from port $port_base)"
 # EM_UP_ARGS: more words for `em up` (benches/sandbox passes --no-sandbox).
 read -ra up_args <<< "${EM_UP_ARGS:-}"
