@@ -67,23 +67,19 @@ impl Env {
         out
     }
 
-    /// Starts `em up` with `extra` flags and waits until it has written the em config (its
-    /// ports are bound by then; the services are starting).
+    /// Starts `em up` on the test's ports with `extra` flags and waits until it has written
+    /// the em config (its ports are bound by then; the services are starting).
     fn up(&self, extra: &[&str]) -> Child {
         let (http, https, base) = (
             self.http_port.to_string(),
             self.https_port.to_string(),
             self.port_base.to_string(),
         );
-        let mut args = vec![
-            "up",
-            "--http-port",
-            &http,
-            "--https-port",
-            &https,
-            "--port-base",
-            &base,
-        ];
+        let mut args = vec!["up", "--http-port", &http, "--port-base", &base];
+        // `--no-acme` turns HTTPS off, and refuses an HTTPS port.
+        if !extra.contains(&"--no-acme") {
+            args.extend(["--https-port", &https]);
+        }
         args.extend_from_slice(extra);
         let config = self.home.path().join("config/em/config.toml");
         let _ = std::fs::remove_file(&config);
@@ -278,6 +274,36 @@ fn em_up_gets_a_certificate_from_acme_serves_it_over_http2_and_http11_and_keeps_
     }
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(pebble.orders(), orders, "{}", pebble.log());
+    stop(up);
+
+    // With ACME forgotten there is no HTTPS listener, so plain HTTP serves the name again
+    // instead of sending browsers to a port nobody answers.
+    let up = env.up(&["--no-acme"]);
+    let http = format!("{DOMAIN}:{}:127.0.0.1", env.http_port);
+    let url = format!("http://{DOMAIN}:{}/", env.http_port);
+    let start = Instant::now();
+    let plain = loop {
+        let got = curl(&["--resolve", &http, "--write-out", "\n%{http_code}", &url]);
+        if got.stdout.ends_with("\n200") {
+            break got;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "{url}: {} {}",
+            got.stdout,
+            got.stderr
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        plain.stdout.contains("Hello from Platform.X"),
+        "{}",
+        plain.stdout
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", env.https_port)).is_err(),
+        "the HTTPS port still answers"
+    );
     stop(up);
 }
 
