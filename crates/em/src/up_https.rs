@@ -87,7 +87,11 @@ pub fn resolve(data_dir: &Path, args: &UpArgs) -> Result<Option<Https>> {
         }
         return Ok(None);
     }
-    let remembered = read(&path)?;
+    // Settings given afresh replace a remembered file even when it no longer parses.
+    let remembered = match read(&path) {
+        Err(_) if args.acme_directory.is_some() => None,
+        read => read?,
+    };
     let mut settings = match (&args.acme_directory, &remembered) {
         (Some(url), _) => AcmeSettings {
             directory_url: url.trim().to_string(),
@@ -125,13 +129,19 @@ pub fn resolve(data_dir: &Path, args: &UpArgs) -> Result<Option<Https>> {
         settings.challenge = challenge.into();
     }
     check(&settings)?;
+    let port = args.https_port.unwrap_or(DEFAULT_HTTPS_PORT);
+    if port == 0 {
+        return Err(Failure::usage(
+            "--https-port must be a port from 1 to 65535: browsers are sent there",
+        ));
+    }
     if remembered.as_ref() != Some(&settings) {
         let text = toml::to_string(&settings)
             .map_err(|e| Failure::failed(format!("cannot write {}: {e}", path.display())))?;
         px_runtime::fs::write_atomic(&path, text.as_bytes())?;
     }
     Ok(Some(Https {
-        port: args.https_port.unwrap_or(DEFAULT_HTTPS_PORT),
+        port,
         acme: settings,
     }))
 }
@@ -318,6 +328,29 @@ mod tests {
                 .contains("give --acme-directory again, or --no-acme"),
             "{}",
             failure.message
+        );
+        let failure = resolve(
+            data.path(),
+            &args(&[
+                "--acme-directory",
+                "https://ca.example/dir",
+                "--https-port",
+                "0",
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(failure.code, EXIT_USAGE);
+        assert!(
+            failure
+                .message
+                .starts_with("--https-port must be a port from 1 to 65535")
+        );
+        // Settings given afresh replace the broken file.
+        let fresh = args(&["--acme-directory", "https://ca.example/dir"]);
+        let given = resolve(data.path(), &fresh).unwrap().unwrap();
+        assert_eq!(
+            read(&data.path().join(ACME_FILE)).unwrap(),
+            Some(given.acme)
         );
     }
 }

@@ -334,15 +334,17 @@ mod tests {
         assert_eq!(certs.reload().unwrap(), 0);
         assert!(certs.covers("shop.example.com"));
 
-        // A certs_dir that is named must exist.
+        // A certs_dir that is named must exist; a redirect to port 0 goes nowhere.
         let mut config = config;
         config.certs_dir = Some("/nonexistent/certs".into());
+        config.https_redirect_port = Some(0);
         let problems = crate::check(&config).err().unwrap().problems.join("\n");
-        assert!(
-            problems
-                .contains("certs_dir: cannot read the certificate directory /nonexistent/certs"),
-            "{problems}"
-        );
+        for part in [
+            "certs_dir: cannot read the certificate directory /nonexistent/certs",
+            "https_redirect_port must be a port from 1 to 65535",
+        ] {
+            assert!(problems.contains(part), "{problems}");
+        }
     }
 
     #[test]

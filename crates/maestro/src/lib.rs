@@ -143,6 +143,9 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
             .ok()
     });
     check_build(&config.build, &mut problems);
+    if config.https_redirect_port == Some(0) {
+        problems.push("https_redirect_port must be a port from 1 to 65535".into());
+    }
     let certs = config.https_listen.and_then(|_| {
         cert_store(config)
             .map_err(|e| problems.push(e.to_string()))
