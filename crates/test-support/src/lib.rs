@@ -1,10 +1,12 @@
 //! Helpers for Platform.X integration tests: a real S3-compatible server (s3s-fs) started per
 //! test on loopback, throwaway certificates, sample apps, free ports, systemd played by its
-//! own tools (`systemd`), Pebble, the ACME test server (`pebble`), and headless Chromium behind
-//! ChromeDriver, trusting only the roots a test names (`browser`).
+//! own tools (`systemd`), Pebble, the ACME test server (`pebble`), headless Chromium behind
+//! ChromeDriver, trusting only the roots a test names (`browser`), and SeaweedFS, an S3 server
+//! that honours conditional writes (`seaweed`).
 
 pub mod browser;
 pub mod pebble;
+pub mod seaweed;
 pub mod systemd;
 
 use std::net::TcpListener;
