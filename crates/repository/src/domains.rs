@@ -6,7 +6,8 @@
 //! A name belongs to one app: adding one (by a release or `em domains add`) that another app
 //! holds, in its current release or its added names, is refused naming the holder, so the
 //! route table never has to choose. Both checks run under the `domain_claims` lock until the
-//! name is written, so two claims through this apprepo cannot both take a free name.
+//! name is written, so two claims through this apprepo cannot both take a free name, and each
+//! new name is claimed in the storage first (`claims.rs`), so two apprepos cannot either.
 
 use bytes::Bytes;
 use px_proto::api::{DomainEntry, DomainSource, Domains, Release};
@@ -143,7 +144,12 @@ impl Releases {
         if found.domains.iter().any(|d| d == domain) {
             return Ok((view(app, found.current.as_ref(), &found.domains), false));
         }
-        self.check_domains(app, &[domain.to_string()]).await?;
+        let names = [domain.to_ascii_lowercase()];
+        // The scan names the holder precisely; the claim then keeps another apprepo's request
+        // from taking the name between this check and the write.
+        self.check_domains(app, &names).await?;
+        let claims = self.claim_domains(app, &names).await?;
+        claims.still_fresh()?;
         let domains = self.change_domains(app, domain, Change::Add).await?;
         Ok((view(app, found.current.as_ref(), &domains), true))
     }
@@ -171,9 +177,18 @@ impl Releases {
                 ))
             });
         }
-        let domains = self
-            .change_domains(app, &domain.to_ascii_lowercase(), Change::Remove)
-            .await?;
+        let name = domain.to_ascii_lowercase();
+        let domains = self.change_domains(app, &name, Change::Remove).await?;
+        let in_release = found.current.as_ref().is_some_and(|r| {
+            r.manifest
+                .http
+                .domains
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(&name))
+        });
+        if !in_release {
+            self.release_domain_claim(app, &name).await;
+        }
         Ok(view(app, found.current.as_ref(), &domains))
     }
 

@@ -6,6 +6,7 @@
 pub(crate) mod acme;
 pub mod auth;
 pub(crate) mod builds;
+pub(crate) mod claims;
 pub mod cli;
 pub mod config;
 pub(crate) mod domains;

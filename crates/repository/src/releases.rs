@@ -539,6 +539,7 @@ impl Releases {
         } else {
             let claim = self.lock_domain_claims().await;
             self.check_domains(app, &added).await?;
+            self.claim_domains(app, &added).await?.still_fresh()?;
             Some(claim)
         };
         let shared = self.hold(&needed).await?;
@@ -574,6 +575,18 @@ impl Releases {
         tracing::info!(%app, version = number, bundle = %release.bundle.sha256, by, phase = release.phase.is_some(), "release committed");
         // A newer release: the unclaimed phases below it can never serve.
         self.supersede_phases_below(app, number).await;
+        // Names the previous release served and this one does not are free for other apps
+        // at once (unless added with `em domains add`, which keeps them).
+        let dropped = current
+            .as_ref()
+            .map(|previous| crate::domains::added(Some(&release), &previous.manifest))
+            .unwrap_or_default();
+        if !dropped.is_empty() {
+            let kept = self.added_domains(app).await.unwrap_or_default();
+            for domain in dropped.iter().filter(|d| !kept.contains(d)) {
+                self.release_domain_claim(app, domain).await;
+            }
+        }
         Ok(Some(release))
     }
 }

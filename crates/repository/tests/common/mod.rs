@@ -67,6 +67,12 @@ pub fn test_config(data: &Path) -> (Config, String, String) {
 
 /// Points a config at an S3 server, writing the secret key file it needs.
 pub fn use_s3(config: &mut Config, s3: &S3Server) {
+    use_s3_endpoint(config, s3.endpoint());
+}
+
+/// Points a config at the S3 server at `endpoint` (s3s-fs or SeaweedFS, both with the test
+/// keys), writing the secret key file it needs.
+pub fn use_s3_endpoint(config: &mut Config, endpoint: String) {
     let secret_file = config.data_dir.join("s3-secret");
     std::fs::create_dir_all(&config.data_dir).unwrap();
     px_runtime::secrets::write_secret_file(&secret_file, S3_SECRET_KEY).unwrap();
@@ -75,7 +81,7 @@ pub fn use_s3(config: &mut Config, s3: &S3Server) {
         s3: Some(S3Config {
             bucket: BUCKET.into(),
             region: "us-east-1".into(),
-            endpoint: Some(s3.endpoint()),
+            endpoint: Some(endpoint),
             path_style: true,
             prefix: String::new(),
             access_key_id: Some(S3_ACCESS_KEY.into()),
