@@ -178,7 +178,7 @@ in
     };
 
     https = {
-      enable = lib.mkEnableOption "HTTPS on maestro-https.socket, with `settings.certs_dir` (<domain>.crt and .key)";
+      enable = lib.mkEnableOption "HTTPS on maestro-https.socket: the certificates Beacon's ACME issues, and those of `settings.certs_dir` (<domain>.crt and .key) when set";
       port = lib.mkOption {
         type = lib.types.port;
         default = 443;
@@ -322,10 +322,6 @@ in
           {
             assertion = cfg.settings ? beacon -> cfg.settings.beacon ? token_file;
             message = "services.platformx.maestro: settings.beacon needs credentials.linkToken";
-          }
-          {
-            assertion = cfg.https.enable -> cfg.settings ? certs_dir;
-            message = "services.platformx.maestro: https.enable needs settings.certs_dir";
           }
           {
             assertion = builds -> cfg.credentials.buildToken != null;
