@@ -2,7 +2,8 @@
 //! names each one (host name, serial, apprepo URL) on the link; this task fetches each one the
 //! node does not hold from apprepo with the repository token, keeps it under
 //! `state_dir/acme/` (a 0700 directory, 0600 files), and hands it to the proxy's TLS resolver.
-//! At start-up the kept ones are served before Beacon or apprepo answer.
+//! At start-up the kept ones are served before Beacon or apprepo answer. A certificate Beacon
+//! no longer names (its app deleted, its name removed) is no longer served, nor kept.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -73,8 +74,22 @@ pub async fn run(
     let dir = state_dir.join(ACME_DIR);
     let mut retry = tokio::time::interval(RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The channel's first value is a placeholder, not Beacon's word: until Beacon names its
+    // set, nothing kept is dropped.
+    let mut heard = wanted.has_changed().unwrap_or(false);
     loop {
         let current = wanted.borrow_and_update().clone();
+        if heard {
+            let gone: Vec<String> = held
+                .keys()
+                .filter(|domain| !current.certs.contains_key(*domain))
+                .cloned()
+                .collect();
+            for domain in gone {
+                forget(&dir, &domain, &answers).await;
+                held.remove(&domain);
+            }
+        }
         for (domain, version) in &current.certs {
             if held.get(domain) == Some(&version.serial) {
                 continue;
@@ -97,7 +112,12 @@ pub async fn run(
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            changed = wanted.changed() => if changed.is_err() { return },
+            changed = wanted.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                heard = true;
+            }
             _ = retry.tick() => {}
         }
     }
@@ -126,6 +146,17 @@ async fn fetch(
         ));
     }
     Ok(record)
+}
+
+/// Stops serving `domain`'s certificate and removes the kept copy.
+async fn forget(dir: &Path, domain: &str, answers: &AcmeAnswers) {
+    answers.remove_issued(domain);
+    match tokio::fs::remove_file(cert_path(dir, domain)).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(%domain, error = %e, "cannot remove the kept certificate"),
+    }
+    tracing::info!(%domain, "no longer serving the ACME certificate: beacon no longer names it");
 }
 
 /// Serves the record and keeps it, readable by Maestro alone.
@@ -186,5 +217,54 @@ mod tests {
         assert_eq!(held.get("shop.example.com").map(String::as_str), Some("0a"));
         assert!(answers.issued("shop.example.com").is_some());
         assert!(answers.issued("other.example.com").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_certificate_beacon_no_longer_names_is_no_longer_served_nor_kept() {
+        let state = tempfile::tempdir().unwrap();
+        let pki = px_test_support::Pki::new(&["shop.example.com"]).unwrap();
+        let record = AcmeCert {
+            domain: "shop.example.com".into(),
+            state: CertState::Issued,
+            chain_pem: std::fs::read_to_string(pki.cert()).unwrap(),
+            key_pem: std::fs::read_to_string(pki.key()).unwrap(),
+            issuer: "test CA".into(),
+            not_before: String::new(),
+            not_after: String::new(),
+            renew_at: String::new(),
+            last_error: String::new(),
+            serial: "0a".into(),
+        };
+        let dir = state.path().join(ACME_DIR);
+        keep(&dir, &record, &AcmeAnswers::default()).await.unwrap();
+        let answers = Arc::new(AcmeAnswers::default());
+        let held = load_kept(state.path(), &answers);
+        let (tx, rx) = watch::channel(Arc::new(AcmeCertVersions::default()));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(
+            rx,
+            reqwest::Client::new(),
+            None,
+            state.path().to_path_buf(),
+            answers.clone(),
+            held,
+            shutdown.clone(),
+        ));
+        // Beacon has named nothing yet: the kept certificate serves on.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(answers.issued("shop.example.com").is_some());
+        // Beacon names a set without it (the app was deleted).
+        tx.send_replace(Arc::new(AcmeCertVersions::default()));
+        let path = cert_path(&dir, "shop.example.com");
+        for _ in 0..100 {
+            if answers.issued("shop.example.com").is_none() && !path.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(answers.issued("shop.example.com").is_none());
+        assert!(!path.exists(), "the kept copy is removed");
+        shutdown.cancel();
+        task.await.unwrap();
     }
 }

@@ -1,9 +1,10 @@
 //! What the proxy serves for ACME (docs/src/design/acme.md): the challenge answers Beacon
 //! sends on the link (HTTP-01 key authorizations, TLS-ALPN-01 certificates) and the
-//! certificates Beacon's CA issued, which the TLS resolver serves beside `certs_dir`'s files.
+//! certificates Beacon's CA issued, which the TLS resolver folds into the set it serves beside
+//! `certs_dir`'s files (told of each change through [`AcmeAnswers::on_issued_change`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use px_proto::acme::{AcmeChallenges, ChallengeCert};
 use rustls::crypto::CryptoProvider;
@@ -16,17 +17,25 @@ pub(crate) const HTTP01_PREFIX: &str = "/.well-known/acme-challenge/";
 /// The ALPN protocol of a TLS-ALPN-01 validation (RFC 8737 §6.2).
 pub(crate) const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
+/// The issued certificates by lowercase host name, shared whole with the TLS resolver.
+pub(crate) type IssuedCerts = Arc<HashMap<String, Arc<CertifiedKey>>>;
+/// What is told of each change of the issued certificates.
+type IssuedHook = Box<dyn Fn(&IssuedCerts) + Send + Sync>;
+
 #[derive(Default)]
 struct Answers {
     http01: HashMap<String, String>,
     tls_alpn01: HashMap<String, Arc<CertifiedKey>>,
-    issued: HashMap<String, Arc<CertifiedKey>>,
+    issued: IssuedCerts,
 }
 
 /// The current answers and issued certificates, swapped whole on each change.
 pub struct AcmeAnswers {
     provider: Arc<CryptoProvider>,
     answers: RwLock<Arc<Answers>>,
+    /// The TLS resolver's hook, once the HTTPS listener serves; called under the write lock
+    /// of `answers`, so it sees the changes in the order they were made.
+    on_issued: Mutex<Option<IssuedHook>>,
 }
 
 impl std::fmt::Debug for AcmeAnswers {
@@ -40,6 +49,7 @@ impl Default for AcmeAnswers {
         Self {
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             answers: RwLock::default(),
+            on_issued: Mutex::new(None),
         }
     }
 }
@@ -103,7 +113,25 @@ impl AcmeAnswers {
             issued: guard.issued.clone(),
         };
         change(&mut next);
+        let issued_changed = !Arc::ptr_eq(&next.issued, &guard.issued);
         *guard = Arc::new(next);
+        if issued_changed
+            && let Some(hook) = self
+                .on_issued
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+        {
+            hook(&guard.issued);
+        }
+    }
+
+    /// Calls `hook` with the issued certificates now, then after each change (the TLS
+    /// resolver rebuilds the one set a handshake reads).
+    pub(crate) fn on_issued_change(&self, hook: IssuedHook) {
+        let guard = self.answers.write().unwrap_or_else(|p| p.into_inner());
+        hook(&guard.issued);
+        *self.on_issued.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
     }
 
     /// Replaces the challenge answers with Beacon's current set. A TLS-ALPN-01 certificate
@@ -137,9 +165,25 @@ impl AcmeAnswers {
     pub fn set_issued(&self, domain: &str, chain_pem: &str, key_pem: &str) -> Result<(), String> {
         let key = certified_key(chain_pem, key_pem, &self.provider)?;
         self.swap(|answers| {
-            answers.issued.insert(domain.to_ascii_lowercase(), key);
+            let mut issued = (*answers.issued).clone();
+            issued.insert(domain.to_ascii_lowercase(), key);
+            answers.issued = Arc::new(issued);
         });
         Ok(())
+    }
+
+    /// Stops serving `domain`'s issued certificate from the next handshake on (its app was
+    /// deleted or the name removed).
+    pub fn remove_issued(&self, domain: &str) {
+        let domain = domain.to_ascii_lowercase();
+        if !self.read().issued.contains_key(&domain) {
+            return;
+        }
+        self.swap(|answers| {
+            let mut issued = (*answers.issued).clone();
+            issued.remove(&domain);
+            answers.issued = Arc::new(issued);
+        });
     }
 
     /// The key authorization for an HTTP-01 token, if one is pending.
@@ -155,7 +199,9 @@ impl AcmeAnswers {
             .cloned()
     }
 
-    /// The issued certificate for `domain`, if the CA issued one.
+    /// The issued certificate for `domain`, if the CA issued one (the resolver reads its own
+    /// folded set; tests read this).
+    #[cfg(test)]
     pub(crate) fn issued(&self, domain: &str) -> Option<Arc<CertifiedKey>> {
         self.read()
             .issued

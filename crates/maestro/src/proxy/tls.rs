@@ -1,9 +1,10 @@
 //! TLS termination: certificates per domain from a directory (or none, when ACME issues them
-//! all), chosen by SNI, reloadable while serving.
+//! all) and from ACME, chosen by SNI, reloadable while serving. Both are folded into one set,
+//! rebuilt when either changes, so a handshake reads one `Arc` under one lock.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
@@ -12,7 +13,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use super::ProxyError;
-use super::acme::{ACME_TLS_ALPN, AcmeAnswers};
+use super::acme::{ACME_TLS_ALPN, AcmeAnswers, IssuedCerts};
 
 /// File stem of the certificate served when no other matches (or the client sent no SNI).
 const DEFAULT_STEM: &str = "_default";
@@ -21,36 +22,55 @@ const WILDCARD_PREFIX: &str = "_wildcard.";
 
 /// The certificates of one reading of the directory.
 #[derive(Debug, Default)]
-struct CertSet {
+struct DirCerts {
     exact: HashMap<String, Arc<CertifiedKey>>,
     /// Keyed by the parent domain: `example.com` for `*.example.com`.
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     default: Option<Arc<CertifiedKey>>,
 }
 
-impl CertSet {
-    fn len(&self) -> usize {
-        self.exact.len() + self.wildcard.len() + usize::from(self.default.is_some())
-    }
+/// What a handshake chooses from: the directory's certificates and ACME's issued ones.
+#[derive(Debug, Default)]
+struct CertSet {
+    dir: Arc<DirCerts>,
+    acme: IssuedCerts,
+}
 
+impl CertSet {
     /// The operator's exact or wildcard certificate for `name`, else ACME's, else the default:
     /// an operator's file for a name always wins over one from ACME.
-    fn find(&self, name: Option<&str>, acme: Option<&AcmeAnswers>) -> Option<Arc<CertifiedKey>> {
-        if let Some(key) = name.and_then(|name| self.named(name)) {
-            return Some(key);
+    fn find(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        if let Some(name) = name {
+            if let Some(key) = self.dir.named(name) {
+                return Some(key);
+            }
+            if let Some(key) = self.acme.get(&normalized(name)) {
+                return Some(key.clone());
+            }
         }
-        if let (Some(name), Some(acme)) = (name, acme)
-            && let Some(key) = acme.issued(name)
-        {
-            return Some(key);
-        }
-        self.default.clone()
+        self.dir.default.clone()
+    }
+
+    /// Whether a certificate of `name`'s own (or a wildcard's) is in the set.
+    fn covers(&self, name: &str) -> bool {
+        self.dir.named(name).is_some() || self.acme.contains_key(&normalized(name))
+    }
+}
+
+/// A host name as the sets key it: lowercase, without a final dot.
+fn normalized(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl DirCerts {
+    fn len(&self) -> usize {
+        self.exact.len() + self.wildcard.len() + usize::from(self.default.is_some())
     }
 
     /// The certificate issued for `name` itself or for a wildcard covering it; never the
     /// default.
     fn named(&self, name: &str) -> Option<Arc<CertifiedKey>> {
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let name = normalized(name);
         if let Some(key) = self.exact.get(&name) {
             return Some(key.clone());
         }
@@ -60,18 +80,34 @@ impl CertSet {
     }
 }
 
-/// The SNI resolver rustls calls on each handshake; the set behind it is swapped whole on
-/// reload.
+/// The SNI resolver rustls calls on each handshake; the set behind it is swapped whole when
+/// the directory is read again or ACME's certificates change.
 #[derive(Debug)]
 struct Resolver {
     set: RwLock<Arc<CertSet>>,
-    /// The proxy's ACME answers and issued certificates, once the HTTPS listener serves.
-    acme: RwLock<Option<Arc<AcmeAnswers>>>,
+    /// The proxy's ACME challenge answers, once the HTTPS listener serves.
+    acme: OnceLock<Arc<AcmeAnswers>>,
+}
+
+impl Resolver {
+    fn current(&self) -> Arc<CertSet> {
+        self.set.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Swaps in a set with one part replaced; writers take the write lock, so a reload and
+    /// an ACME change at once both land.
+    fn replace(&self, dir: Option<Arc<DirCerts>>, acme: Option<IssuedCerts>) {
+        let mut guard = self.set.write().unwrap_or_else(|p| p.into_inner());
+        let next = CertSet {
+            dir: dir.unwrap_or_else(|| guard.dir.clone()),
+            acme: acme.unwrap_or_else(|| guard.acme.clone()),
+        };
+        *guard = Arc::new(next);
+    }
 }
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let acme = self.acme.read().unwrap_or_else(|p| p.into_inner()).clone();
         // A TLS-ALPN-01 validation offers `acme-tls/1` alone (RFC 8737 §3) and gets the
         // challenge certificate; no other client ever sees it.
         let only_acme = hello
@@ -81,10 +117,12 @@ impl ResolvesServerCert for Resolver {
             })
             .unwrap_or(false);
         if only_acme {
-            return acme.and_then(|a| hello.server_name().and_then(|name| a.tls_alpn01(name)));
+            return self
+                .acme
+                .get()
+                .and_then(|a| hello.server_name().and_then(|name| a.tls_alpn01(name)));
         }
-        let set = self.set.read().unwrap_or_else(|p| p.into_inner()).clone();
-        set.find(hello.server_name(), acme.as_deref())
+        self.current().find(hello.server_name())
     }
 }
 
@@ -114,13 +152,16 @@ impl CertStore {
 
     fn new(dir: Option<&Path>) -> Result<Arc<Self>, ProxyError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let set = match dir {
+        let dir_certs = match dir {
             Some(dir) => read_dir(dir, &provider)?,
-            None => CertSet::default(),
+            None => DirCerts::default(),
         };
         let resolver = Arc::new(Resolver {
-            set: RwLock::new(Arc::new(set)),
-            acme: RwLock::new(None),
+            set: RwLock::new(Arc::new(CertSet {
+                dir: Arc::new(dir_certs),
+                acme: IssuedCerts::default(),
+            })),
+            acme: OnceLock::new(),
         });
         let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?
@@ -145,40 +186,23 @@ impl CertStore {
         let Some(dir) = &self.dir else {
             return Ok(0);
         };
-        let set = read_dir(dir, &self.provider)?;
-        let count = set.len();
-        *self.resolver.set.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+        let dir_certs = read_dir(dir, &self.provider)?;
+        let count = dir_certs.len();
+        self.resolver.replace(Some(Arc::new(dir_certs)), None);
         Ok(count)
     }
 
-    /// How many certificates are loaded (the default and wildcards included).
+    /// How many certificates are loaded from the directory (the default and wildcards
+    /// included).
     pub fn len(&self) -> usize {
-        self.resolver
-            .set
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.resolver.current().dir.len()
     }
 
     /// Whether a certificate for `name` is loaded, its own or a wildcard's from `certs_dir` or
     /// one issued by ACME, not counting the default: the proxy redirects plain HTTP to HTTPS
     /// only for such names, since a browser would refuse the default certificate for any other.
     pub fn covers(&self, name: &str) -> bool {
-        let named = self
-            .resolver
-            .set
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .named(name)
-            .is_some();
-        named
-            || self
-                .resolver
-                .acme
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-                .is_some_and(|acme| acme.issued(name).is_some())
+        self.resolver.current().covers(name)
     }
 
     /// Whether no certificate is loaded (every handshake would then fail).
@@ -186,13 +210,19 @@ impl CertStore {
         self.len() == 0
     }
 
-    /// Serves ACME's challenge and issued certificates beside the directory's.
+    /// Serves ACME's challenge and issued certificates beside the directory's: the issued
+    /// ones are folded into the set now and again after each change. A store serves one
+    /// proxy's answers; a second call is ignored.
     pub(crate) fn attach_acme(&self, acme: Arc<AcmeAnswers>) {
-        *self
-            .resolver
-            .acme
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Some(acme);
+        if self.resolver.acme.set(acme.clone()).is_err() {
+            return;
+        }
+        let resolver = Arc::downgrade(&self.resolver);
+        acme.on_issued_change(Box::new(move |issued| {
+            if let Some(resolver) = resolver.upgrade() {
+                resolver.replace(None, Some(issued.clone()));
+            }
+        }));
     }
 
     /// The server configuration choosing certificates from this store.
@@ -201,12 +231,12 @@ impl CertStore {
     }
 }
 
-fn read_dir(dir: &Path, provider: &CryptoProvider) -> Result<CertSet, ProxyError> {
+fn read_dir(dir: &Path, provider: &CryptoProvider) -> Result<DirCerts, ProxyError> {
     let dir_error = |source| ProxyError::CertDir {
         path: dir.display().to_string(),
         source,
     };
-    let mut set = CertSet::default();
+    let mut set = DirCerts::default();
     for entry in std::fs::read_dir(dir).map_err(dir_error)? {
         let path = entry.map_err(dir_error)?.path();
         let Some(stem) = path
