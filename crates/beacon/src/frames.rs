@@ -7,7 +7,8 @@
 //! whole life (grown, never shrunk, after a large frame); at 10 000 links that alone was most of
 //! Beacon's memory. Here the read buffer is released whenever it holds no partial frame, an
 //! idle read waits on a small buffer inside the task, and a frame is written straight from
-//! its encoding. The wire format is [`FrameCodec`]'s, whose decoder this reuses.
+//! its encoding. The wire format is [`FrameCodec`]'s, whose decoder this reuses. The ACME sets
+//! ([`Shared`]) are likewise encoded once for every link.
 
 use std::sync::OnceLock;
 
@@ -168,6 +169,36 @@ impl Outgoing {
     }
 }
 
+/// A frame every Maestro link sends alike (the ACME sets): encoded once, by the first link
+/// that sends it, and shared by all, as [`Outgoing`] shares an assignment.
+#[derive(Debug)]
+pub struct Shared<T> {
+    pub value: T,
+    wrap: fn(T) -> FromBeacon,
+    frame: OnceLock<Result<Bytes, String>>,
+}
+
+impl<T: Clone> Shared<T> {
+    /// `value`, sent as the frame `wrap` makes of it.
+    pub fn new(value: T, wrap: fn(T) -> FromBeacon) -> Self {
+        Self {
+            value,
+            wrap,
+            frame: OnceLock::new(),
+        }
+    }
+
+    /// The frame, within [`MAX_FRAME_BYTES`]; encoded on the first call.
+    pub fn frame(&self) -> Result<&Bytes, String> {
+        self.frame
+            .get_or_init(|| {
+                encode(&(self.wrap)(self.value.clone()), MAX_FRAME_BYTES).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+}
+
 impl std::ops::Deref for Outgoing {
     type Target = Assignment;
 
@@ -265,6 +296,26 @@ mod tests {
         drop(a);
         let err = beacon.next().await.unwrap().unwrap_err();
         assert!(err.to_string().contains("inside a frame"), "{err}");
+    }
+
+    #[test]
+    fn a_shared_frame_is_encoded_once_for_every_link() {
+        let shared = Shared::new(
+            px_proto::acme::AcmeCertVersions::default(),
+            FromBeacon::AcmeCertificates,
+        );
+        let first = shared.frame().unwrap().clone();
+        assert_eq!(
+            first.as_ptr(),
+            shared.frame().unwrap().as_ptr(),
+            "encoded once"
+        );
+        let mut codec = FrameCodec::<FromBeacon, ToBeacon>::new();
+        let decoded = codec
+            .decode(&mut BytesMut::from(&first[..]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(decoded, FromBeacon::AcmeCertificates(shared.value.clone()));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admission::{Admission, PREAUTH_DEADLINE, Unverified};
 use crate::auth::{Role, Tokens};
-use crate::frames::{FrameLink, Outgoing};
+use crate::frames::{FrameLink, Outgoing, Shared};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::open_links::OpenLinks;
@@ -305,15 +305,17 @@ impl LinkServer {
         let mut challenges = self.challenges.subscribe();
         let mut certificates = self.challenges.subscribe_certs();
         let result = async {
+            // The certificates once the ACME task has named them all (an empty set too: a
+            // node then drops what it kept of names no longer served).
             let current = certificates.borrow_and_update().clone();
-            if !current.certs.is_empty() {
-                link.send(&FromBeacon::AcmeCertificates((*current).clone())).await.map_err(|e| e.to_string())?;
+            if let Some(current) = current {
+                send_shared(link, &current).await?;
             }
             // The current challenge set first (a node that linked mid-order answers too), then
             // every change; an empty set is not sent to a node that never had one.
             let current = challenges.borrow_and_update().clone();
-            if *current != px_proto::acme::AcmeChallenges::default() {
-                link.send(&FromBeacon::AcmeChallenges((*current).clone())).await.map_err(|e| e.to_string())?;
+            if current.value != px_proto::acme::AcmeChallenges::default() {
+                send_shared(link, &current).await?;
             }
             let initial = attached.assignments.borrow_and_update().clone();
             if let Some(assignment) = initial {
@@ -342,13 +344,15 @@ impl LinkServer {
                     changed = challenges.changed() => {
                         if changed.is_ok() {
                             let current = challenges.borrow_and_update().clone();
-                            link.send(&FromBeacon::AcmeChallenges((*current).clone())).await.map_err(|e| e.to_string())?;
+                            send_shared(link, &current).await?;
                         }
                     }
                     changed = certificates.changed() => {
                         if changed.is_ok() {
                             let current = certificates.borrow_and_update().clone();
-                            link.send(&FromBeacon::AcmeCertificates((*current).clone())).await.map_err(|e| e.to_string())?;
+                            if let Some(current) = current {
+                                send_shared(link, &current).await?;
+                            }
                         }
                     }
                     command = attached.commands.recv() => match command {
@@ -412,6 +416,12 @@ impl LinkServer {
         self.hub.assigned(node, conn, assignment.generation);
         Ok(())
     }
+}
+
+/// Sends a set every Maestro link sends alike, as the frame encoded once for all of them.
+async fn send_shared<T: Clone>(link: &mut Link, shared: &Shared<T>) -> Result<(), String> {
+    let frame = shared.frame()?;
+    link.send_encoded(frame).await.map_err(|e| e.to_string())
 }
 
 /// Whether `entry`'s token may link as `name`: a `maestro` token only as its own node. The

@@ -1,25 +1,39 @@
 //! What every Maestro link gets from ACME, each set published whole (level-triggered: a
 //! Maestro that connects late, or lost a frame, gets the current sets): the challenges the
-//! cluster answers now, and the certificates issued.
+//! cluster answers now, and the certificates issued. Each set is encoded as a frame once, for
+//! every link ([`Shared`]).
 
 use std::sync::Arc;
 
 use px_proto::acme::{AcmeCertVersions, AcmeChallenges, ChallengeCert};
+use px_proto::link::FromBeacon;
 use tokio::sync::watch;
+
+use crate::frames::Shared;
+
+/// The challenge set as links send it.
+pub(crate) type SharedChallenges = Arc<Shared<AcmeChallenges>>;
+/// The certificate set as links send it; `None` until the ACME task has named every
+/// certificate of the routed names once, so that a link never tells a Maestro to drop a
+/// certificate Beacon has not read yet.
+pub(crate) type SharedCerts = Option<Arc<Shared<AcmeCertVersions>>>;
 
 /// The current sets; orders add their challenge and take it away when the CA has checked it,
 /// and the ACME task names every certificate it holds.
 #[derive(Clone)]
 pub(crate) struct Challenges {
-    tx: Arc<watch::Sender<Arc<AcmeChallenges>>>,
-    certs: Arc<watch::Sender<Arc<AcmeCertVersions>>>,
+    tx: Arc<watch::Sender<SharedChallenges>>,
+    certs: Arc<watch::Sender<SharedCerts>>,
 }
 
 impl Default for Challenges {
     fn default() -> Self {
         Self {
-            tx: Arc::new(watch::Sender::new(Arc::new(AcmeChallenges::default()))),
-            certs: Arc::new(watch::Sender::new(Arc::new(AcmeCertVersions::default()))),
+            tx: Arc::new(watch::Sender::new(Arc::new(Shared::new(
+                AcmeChallenges::default(),
+                FromBeacon::AcmeChallenges,
+            )))),
+            certs: Arc::new(watch::Sender::new(None)),
         }
     }
 }
@@ -49,34 +63,41 @@ impl Drop for Published {
 
 impl Challenges {
     /// A receiver for one link: it sees the current set first, then every change.
-    pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<AcmeChallenges>> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<SharedChallenges> {
         self.tx.subscribe()
     }
 
     /// A receiver of the issued certificates for one link.
-    pub(crate) fn subscribe_certs(&self) -> watch::Receiver<Arc<AcmeCertVersions>> {
+    pub(crate) fn subscribe_certs(&self) -> watch::Receiver<SharedCerts> {
         self.certs.subscribe()
     }
 
     /// Names the certificates held now; links hear of it only when the set changed.
     pub(crate) fn set_certs(&self, versions: AcmeCertVersions) {
         self.certs.send_if_modified(|current| {
-            if **current == versions {
+            if current.as_ref().is_some_and(|c| c.value == versions) {
                 return false;
             }
-            *current = Arc::new(versions);
+            *current = Some(Arc::new(Shared::new(
+                versions,
+                FromBeacon::AcmeCertificates,
+            )));
             true
         });
     }
 
     /// The set now (tests).
     #[cfg(test)]
-    pub(crate) fn current(&self) -> Arc<AcmeChallenges> {
-        self.tx.borrow().clone()
+    pub(crate) fn current(&self) -> AcmeChallenges {
+        self.tx.borrow().value.clone()
     }
 
     fn modify(&self, change: impl FnOnce(&mut AcmeChallenges)) {
-        self.tx.send_modify(|set| change(Arc::make_mut(set)));
+        self.tx.send_modify(|set| {
+            let mut next = set.value.clone();
+            change(&mut next);
+            *set = Arc::new(Shared::new(next, FromBeacon::AcmeChallenges));
+        });
     }
 
     /// Publishes an HTTP-01 answer until the returned guard is dropped.
@@ -117,6 +138,7 @@ mod tests {
         assert!(link.has_changed().unwrap());
         assert_eq!(
             link.borrow_and_update()
+                .value
                 .http01
                 .get("tok")
                 .map(String::as_str),
@@ -125,5 +147,24 @@ mod tests {
         drop(published);
         assert!(link.has_changed().unwrap());
         assert!(challenges.current().http01.is_empty());
+    }
+
+    #[test]
+    fn no_certificate_set_reaches_a_link_before_the_first_announcement_and_then_only_changes() {
+        let challenges = Challenges::default();
+        let mut link = challenges.subscribe_certs();
+        assert!(link.borrow_and_update().is_none());
+        challenges.set_certs(AcmeCertVersions::default());
+        assert!(
+            link.has_changed().unwrap(),
+            "an empty set, once announced, is sent"
+        );
+        let first = link.borrow_and_update().clone().unwrap();
+        challenges.set_certs(AcmeCertVersions::default());
+        assert!(
+            !link.has_changed().unwrap(),
+            "the same set is not sent again"
+        );
+        assert!(first.frame().is_ok());
     }
 }
