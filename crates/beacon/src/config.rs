@@ -169,7 +169,7 @@ pub enum ChallengeKind {
 }
 
 /// `[acme]`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AcmeConfig {
     /// The CA's directory URL, e.g. Let's Encrypt's production
@@ -186,4 +186,31 @@ pub struct AcmeConfig {
     /// The CA's certificate profile (e.g. Let's Encrypt's `shortlived`). Default: none (the
     /// CA's default).
     pub profile: Option<String>,
+    /// How long after a failed order a name is ordered again; each further failure in a row
+    /// doubles the wait, up to 6 hours, and a certificate still in use is tried at least a
+    /// few times before it expires. Default: 15m (Let's Encrypt allows 5 failed validations of
+    /// a name per hour).
+    #[serde(default = "default_retry_after_failure", with = "humantime_serde")]
+    pub retry_after_failure: Duration,
+}
+
+/// Let's Encrypt allows 5 failed validations per name and hour: a first retry after 15 minutes
+/// keeps well inside that while a sysadmin fixes DNS or the firewall.
+pub const DEFAULT_RETRY_AFTER_FAILURE: Duration = Duration::from_secs(15 * 60);
+
+fn default_retry_after_failure() -> Duration {
+    DEFAULT_RETRY_AFTER_FAILURE
+}
+
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        Self {
+            directory_url: None,
+            email: None,
+            ca_file: None,
+            challenge: ChallengeKind::default(),
+            profile: None,
+            retry_after_failure: DEFAULT_RETRY_AFTER_FAILURE,
+        }
+    }
 }

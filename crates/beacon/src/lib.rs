@@ -183,6 +183,14 @@ fn check_acme(
             "acme.profile {profile:?} must be 1 to {MAX_ACME_PROFILE_LEN} letters, digits, '-' or '_' (e.g. shortlived)"
         ));
     }
+    if !(MIN_ACME_RETRY..=MAX_ACME_RETRY).contains(&config.retry_after_failure) {
+        problems.push(format!(
+            "acme.retry_after_failure {} must be between {} and {} (e.g. 15m)",
+            humantime::format_duration(config.retry_after_failure),
+            humantime::format_duration(MIN_ACME_RETRY),
+            humantime::format_duration(MAX_ACME_RETRY),
+        ));
+    }
     let ca_tls = config.ca_file.as_ref().and_then(|ca| {
         px_runtime::tls::client_config(ca)
             .map_err(|e| problems.push(format!("acme.ca_file: {e}")))
@@ -197,8 +205,16 @@ fn check_acme(
         ca_tls,
         limits: acme::budget::Limits::LETS_ENCRYPT,
         publish_delay: acme::DEFAULT_PUBLISH_DELAY,
+        retry_after_failure: config.retry_after_failure,
     })
 }
+
+/// Shortest `acme.retry_after_failure`: a second, for tests against a local CA; a real CA's
+/// failure limits are kept by the budget (`acme/budget.rs`) whatever this says.
+const MIN_ACME_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+/// Longest `acme.retry_after_failure`: a day, past which a certificate in use could expire
+/// between two tries.
+const MAX_ACME_RETRY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Longest `acme.profile`: CA profile names are short words (`classic`, `shortlived`).
 const MAX_ACME_PROFILE_LEN: usize = 64;

@@ -3,7 +3,8 @@
 //! host names the hub routes, orders a certificate for each one that has none (or is due for
 //! renewal), a bounded number at a time and one at a time per name, publishes each order's
 //! challenge to every Maestro, and stores what the CA issued in apprepo, where every Maestro
-//! fetches it.
+//! fetches it. A name no longer routed (its app deleted, the name removed) is neither ordered
+//! nor renewed, and drops out of the set the Maestros serve.
 //!
 //! - `client.rs`: the HTTPS client the ACME library uses;
 //! - `store.rs`: the account and certificate records in apprepo;
@@ -47,8 +48,6 @@ pub(crate) const MAX_ORDERS_IN_FLIGHT: usize = 4;
 /// How often the routed names are compared with the certificates held: cheap (it reads
 /// apprepo only for names not seen before), and a new app's name is ordered within it.
 const TICK: Duration = Duration::from_secs(1);
-/// How long after a failed order (or one the budget refused) the name is tried again.
-pub(crate) const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(15 * 60);
 /// Waits between attempts at loading or creating the account while the CA or apprepo is away,
 /// and before reading apprepo's records again after a read failed (so a wrong token or an
 /// apprepo away is logged every few seconds, not on every pass).
@@ -69,6 +68,9 @@ pub(crate) struct AcmeSettings {
     pub(crate) ca_tls: Option<Arc<rustls::ClientConfig>>,
     pub(crate) limits: budget::Limits,
     pub(crate) publish_delay: Duration,
+    /// The first wait after a failed order (`acme.retry_after_failure`), doubled for each
+    /// failure in a row (`renewal::retry_after`).
+    pub(crate) retry_after_failure: Duration,
 }
 
 /// Host names no public CA issues for (RFC 6761's `localhost`, single labels): never ordered.
@@ -99,6 +101,14 @@ struct Manager {
     warned: BTreeSet<(String, String)>,
     /// No record is read from apprepo before this, after a read failed.
     reads_paused_until: Option<Instant>,
+    /// Failed orders in a row per name, for the back-off; forgotten on issue (and by a
+    /// restarted Beacon, which starts at the first wait again).
+    failures: BTreeMap<String, u32>,
+    /// The routed names as of the last pass.
+    served: Arc<BTreeSet<String>>,
+    /// Whether the last pass read the record of every routed name: only then is the set of
+    /// certificates announced, since a Maestro drops the certificates a set does not name.
+    complete: bool,
 }
 
 /// Runs until `shutdown`: loads or creates the account, then keeps a certificate for every
@@ -136,6 +146,9 @@ pub(crate) async fn run(
         in_flight: BTreeSet::new(),
         warned: BTreeSet::new(),
         reads_paused_until: None,
+        failures: BTreeMap::new(),
+        served: Arc::new(BTreeSet::new()),
+        complete: false,
     };
     let mut orders: JoinSet<Finished> = JoinSet::new();
     let mut tick = tokio::time::interval(TICK);
@@ -234,8 +247,19 @@ fn cut(message: &str) -> String {
 impl Manager {
     /// One pass over the routed names: read what is new, warn of expiry, start what is due.
     async fn pass(&mut self, orders: &mut JoinSet<Finished>) {
+        // Before the desired state is read, no name is known to be routed or not.
+        let Some(served) = self.hub.served_domains() else {
+            return;
+        };
         let now = SystemTime::now();
-        for domain in self.hub.served_domains() {
+        let mut complete = true;
+        // What Beacon knew of names no longer routed is forgotten: they are not renewed, and
+        // the next announcement leaves them out.
+        self.known.retain(|domain, _| served.contains(domain));
+        self.failures.retain(|domain, _| served.contains(domain));
+        self.warned.retain(|(domain, _)| served.contains(domain));
+        self.served = served.clone();
+        for domain in served.iter().cloned() {
             if !orderable(&domain) {
                 continue;
             }
@@ -244,6 +268,7 @@ impl Manager {
                     .reads_paused_until
                     .is_some_and(|until| Instant::now() < until)
                 {
+                    complete = false;
                     continue;
                 }
                 match self.store.cert(&domain).await {
@@ -253,6 +278,7 @@ impl Manager {
                     Err(e) => {
                         tracing::warn!(%domain, error = %e, "acme: cannot read the stored certificate; retrying in {ACCOUNT_RETRY:?}");
                         self.reads_paused_until = Some(Instant::now() + ACCOUNT_RETRY);
+                        complete = false;
                         continue;
                     }
                 }
@@ -275,15 +301,21 @@ impl Manager {
             }
             self.start(orders, domain, record).await;
         }
+        self.complete = complete;
         self.announce();
     }
 
-    /// Names every held certificate to the Maestro links (sent only when the set changed).
+    /// Names every held certificate of a routed name to the Maestro links (sent only when the
+    /// set changed, and only once every routed name's record was read).
     fn announce(&self) {
+        if !self.complete {
+            return;
+        }
         let base = self.settings.repository_url.trim_end_matches('/');
         let certs = self
             .known
             .iter()
+            .filter(|(domain, _)| self.served.contains(*domain))
             .filter_map(|(domain, record)| {
                 let record = record.as_ref().filter(|r| !r.chain_pem.is_empty())?;
                 Some((
@@ -381,6 +413,7 @@ impl Manager {
 
     async fn issued(&mut self, domain: &str, issued: Issued) {
         self.budget.issued(domain, Instant::now());
+        self.failures.remove(domain);
         let renew_at = renewal::renew_at(&self.account, &issued).await;
         let record = AcmeCert {
             domain: domain.to_string(),
@@ -422,7 +455,15 @@ impl Manager {
     /// Records a failed (or refused) order: the previous certificate, if any, is kept and
     /// still served; the reason becomes an event and an alert; the name is tried again later.
     async fn failed(&mut self, domain: &str, previous: Option<AcmeCert>, reason: &str) {
-        let retry = SystemTime::now() + RETRY_AFTER_FAILURE;
+        let now = SystemTime::now();
+        let failures = self.failures.entry(domain.to_string()).or_default();
+        *failures = failures.saturating_add(1);
+        let in_use = previous
+            .as_ref()
+            .filter(|p| !p.chain_pem.is_empty())
+            .and_then(|p| parse_time(&p.not_after));
+        let retry =
+            now + renewal::retry_after(self.settings.retry_after_failure, *failures, in_use, now);
         let mut record = previous.unwrap_or_else(|| AcmeCert {
             domain: domain.to_string(),
             state: CertState::Failed,

@@ -1,6 +1,7 @@
 //! When a certificate is renewed and when it counts as close to expiry: the CA's renewal
 //! window (ACME Renewal Information, RFC 9773) where it offers one, else two thirds into the
-//! lifetime, with jitter so a cluster's certificates do not all renew in the same second.
+//! lifetime, with jitter so a cluster's certificates do not all renew in the same second; and
+//! how long a name that failed waits before it is ordered again.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -13,13 +14,45 @@ use super::order::{Issued, certificate_id};
 /// A certificate this close to its expiry, not renewed yet, raises an alert...
 pub(crate) const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 /// ...or, for a short-lived one (Let's Encrypt's `shortlived` profile lasts 6 days), once a
-/// third of its lifetime is left.
-const EXPIRY_WARNING_SHARE: u32 = 3;
+/// sixth of its lifetime is left: half of the third left at renewal time, so a renewal that
+/// succeeds on its first tries never warns, and one that keeps failing warns with days left.
+const EXPIRY_WARNING_SHARE: u32 = 6;
 /// Without renewal information, renew this far into the lifetime (two thirds)...
 const RENEW_NUMERATOR: u32 = 2;
 const RENEW_DENOMINATOR: u32 = 3;
 /// ...give or take up to this share of the lifetime (1/50: about a day of a 90-day one).
 const JITTER_SHARE: u32 = 50;
+
+/// Longest wait between two orders of a name that keeps failing, whatever
+/// `acme.retry_after_failure` says: a fixed DNS record or firewall is noticed within hours.
+pub(crate) const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(6 * 3600);
+/// A certificate still in use gets at least this many tries in the time it has left.
+const TRIES_BEFORE_EXPIRY: u32 = 4;
+/// Shortest wait after a failure, however little time a certificate has left.
+const MIN_RETRY: Duration = Duration::from_secs(1);
+/// Doublings of the wait stop here (2^16 times the first wait is past any cap).
+const MAX_DOUBLINGS: u32 = 16;
+
+/// How long a name waits after its `failures`-th failure in a row (1 for the first): `base`,
+/// doubled for each failure before, at most [`MAX_RETRY_BACKOFF`] (or `base` when it is
+/// longer); and while a certificate valid until `not_after` is still served, at most a
+/// [`TRIES_BEFORE_EXPIRY`]th of the time it has left, so that a short-lived one is tried again
+/// before it expires.
+pub(crate) fn retry_after(
+    base: Duration,
+    failures: u32,
+    not_after: Option<SystemTime>,
+    now: SystemTime,
+) -> Duration {
+    let doublings = failures.saturating_sub(1).min(MAX_DOUBLINGS);
+    let mut wait = base
+        .saturating_mul(1 << doublings)
+        .min(MAX_RETRY_BACKOFF.max(base));
+    if let Some(left) = not_after.and_then(|at| at.duration_since(now).ok()) {
+        wait = wait.min(left / TRIES_BEFORE_EXPIRY).max(MIN_RETRY);
+    }
+    wait
+}
 
 /// Whether a name's record calls for an order now.
 pub(crate) fn due(record: Option<&AcmeCert>, now: SystemTime) -> bool {
@@ -79,14 +112,51 @@ mod tests {
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
     #[test]
-    fn a_90_day_certificate_warns_at_7_days_and_a_6_day_one_at_2() {
+    fn a_90_day_certificate_warns_at_7_days_and_a_6_day_one_at_1() {
         let start = UNIX_EPOCH + 1000 * DAY;
         let long = start + 90 * DAY;
         assert!(!expiring(start, long, long - 8 * DAY));
         assert!(expiring(start, long, long - 6 * DAY));
         let short = start + 6 * DAY;
-        assert!(!expiring(start, short, short - 3 * DAY));
-        assert!(expiring(start, short, short - DAY));
+        assert!(!expiring(start, short, short - 2 * DAY));
+        assert!(expiring(start, short, short - DAY / 2));
+    }
+
+    #[test]
+    fn no_certificate_warns_before_its_latest_renewal_time() {
+        // Whatever the lifetime, from 30 seconds to 90 days, the latest jittered renewal time
+        // leaves more than the warning threshold: only a renewal that failed warns.
+        let start = UNIX_EPOCH + 1000 * DAY;
+        for lifetime in [
+            Duration::from_secs(30),
+            Duration::from_secs(3600),
+            6 * DAY,
+            90 * DAY,
+        ] {
+            let end = start + lifetime;
+            let latest =
+                start + lifetime * RENEW_NUMERATOR / RENEW_DENOMINATOR + lifetime / JITTER_SHARE;
+            assert!(!expiring(start, end, latest), "{lifetime:?}");
+            assert!(expiring(start, end, end - lifetime / 20), "{lifetime:?}");
+        }
+    }
+
+    #[test]
+    fn a_failing_name_waits_twice_as_long_each_time_and_a_served_one_gets_tries_before_expiry() {
+        let now = UNIX_EPOCH + 1000 * DAY;
+        let base = Duration::from_secs(15 * 60);
+        assert_eq!(retry_after(base, 1, None, now), base);
+        assert_eq!(retry_after(base, 2, None, now), 2 * base);
+        assert_eq!(retry_after(base, 3, None, now), 4 * base);
+        assert_eq!(retry_after(base, 100, None, now), MAX_RETRY_BACKOFF);
+        // A certificate with 10 seconds left is tried again within its time.
+        let soon = now + Duration::from_secs(10);
+        assert_eq!(
+            retry_after(base, 1, Some(soon), now),
+            Duration::from_millis(2500)
+        );
+        // One that has expired waits as if none were served.
+        assert_eq!(retry_after(base, 2, Some(now - DAY), now), 2 * base);
     }
 
     #[test]

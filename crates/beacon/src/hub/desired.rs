@@ -104,10 +104,22 @@ impl Hub {
     }
 
     /// Every host name an app's desired release is served on (`domains.rs`), lowercase: what
-    /// Beacon orders certificates for.
-    pub fn served_domains(&self) -> std::collections::BTreeSet<String> {
-        let state = self.lock();
-        state
+    /// Beacon orders certificates for. `None` until the desired state has been read, so that
+    /// no name counts as removed before it was known. Computed when a generation is published,
+    /// not on each call.
+    pub fn served_domains(&self) -> Option<Arc<std::collections::BTreeSet<String>>> {
+        self.served.borrow().clone()
+    }
+
+    /// Computes [`Hub::served_domains`] again when the generation moved since the last time:
+    /// every change of the desired releases or the added names numbers a new one.
+    fn refresh_served_domains(&self, state: &mut State) {
+        let generation = state.persisted.generation;
+        if !state.desired_known || state.served_for == Some(generation) {
+            return;
+        }
+        state.served_for = Some(generation);
+        let served: std::collections::BTreeSet<String> = state
             .desired
             .values()
             .flat_map(|release| {
@@ -118,7 +130,14 @@ impl Hub {
                 )
             })
             .map(|domain| domain.to_ascii_lowercase())
-            .collect()
+            .collect();
+        self.served.send_if_modified(|current| {
+            if current.as_deref() == Some(&served) {
+                return false;
+            }
+            *current = Some(Arc::new(served));
+            true
+        });
     }
 
     /// The assignment of `release`, with the web count of its app's formation when one is set,
@@ -460,6 +479,7 @@ impl Hub {
     /// Sends every node whose report shows another generation its assignment, if the
     /// current generation is on disk; returns whether it was.
     fn publish_assignments(&self, state: &mut State) -> bool {
+        self.refresh_served_domains(state);
         let generation = state.persisted.generation;
         if state.durable != generation {
             return false;

@@ -144,6 +144,8 @@ struct State {
     created: BTreeMap<String, String>,
     /// Whether `desired` has been read from the repository since start-up.
     desired_known: bool,
+    /// The generation [`Hub::served_domains`] was computed for; `None` before the first.
+    served_for: Option<u64>,
     /// The assignment last published to every node that has nothing of its own (the same
     /// apps everywhere): a node that attaches later with the same assignment shares it, and
     /// its encoded frame, instead of holding a copy.
@@ -253,6 +255,9 @@ pub struct Hub {
     store: persist::Store,
     /// The pending rollbacks, for the repository links to send (whole, on every change).
     rollback_orders: watch::Sender<Arc<Vec<RollbackOrder>>>,
+    /// Every host name the desired state serves, computed when a generation is published
+    /// (`desired.rs`); `None` until the desired state has been read.
+    served: watch::Sender<Option<Arc<BTreeSet<String>>>>,
     settings: HubSettings,
     events: Arc<EventLog>,
     alerts: Alerter,
@@ -277,12 +282,14 @@ impl Hub {
         let phase_hints = release_phases::placements_in(&persisted.desired);
         Ok(Self {
             rollback_orders: watch::channel(Arc::new(Vec::new())).0,
+            served: watch::channel(None).0,
             state: Mutex::new(State {
                 desired: BTreeMap::new(),
                 formations: Formations::new(),
                 added_domains: AddedDomains::new(),
                 created: BTreeMap::new(),
                 desired_known: false,
+                served_for: None,
                 shared: None,
                 durable: persisted.generation,
                 persisted,

@@ -520,11 +520,16 @@ async fn an_added_domain_reaches_the_nodes_in_a_new_generation_of_the_same_relea
     let dir = tempfile::tempdir().unwrap();
     let hub = open(dir.path());
     let mut web1 = hub.attach(&hello("web-1", 0)).await;
+    // Before the desired state is read, no name is known to be served or not.
+    assert!(hub.served_domains().is_none());
     let shop = desired(&[release("shop", 1, "")]);
     hub.set_state(shop.clone(), Formations::new(), AddedDomains::new(), None)
         .await;
     let first = hub.generation();
     assert_eq!(domains_of(&mut web1, "shop"), ["shop.localhost"]);
+    let served =
+        |hub: &Hub| -> Vec<String> { hub.served_domains().unwrap().iter().cloned().collect() };
+    assert_eq!(served(&hub), ["shop.localhost"]);
     let before = web1.assignments.borrow().clone().unwrap();
 
     let added: AddedDomains = [("shop".to_string(), vec!["shop.example.com".to_string()])].into();
@@ -546,6 +551,7 @@ async fn an_added_domain_reaches_the_nodes_in_a_new_generation_of_the_same_relea
         hub.apps()[0].domains,
         ["shop.example.com", "shop.localhost"]
     );
+    assert_eq!(served(&hub), ["shop.example.com", "shop.localhost"]);
 
     // Read again, nothing changes; removed, the name leaves the assignment.
     let generation = hub.generation();
@@ -555,6 +561,15 @@ async fn an_added_domain_reaches_the_nodes_in_a_new_generation_of_the_same_relea
     hub.set_state(shop, Formations::new(), AddedDomains::new(), None)
         .await;
     assert_eq!(domains_of(&mut web1, "shop"), ["shop.localhost"]);
+    assert_eq!(
+        served(&hub),
+        ["shop.localhost"],
+        "the removed name is not served"
+    );
+    // An app deleted: none of its names is served.
+    hub.set_state(desired(&[]), Formations::new(), AddedDomains::new(), None)
+        .await;
+    assert!(served(&hub).is_empty());
 }
 
 #[tokio::test]
