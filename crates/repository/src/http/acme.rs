@@ -2,6 +2,8 @@
 //! account and the certificates; web servers read a certificate with its key; any reader lists
 //! the certificates without keys.
 
+use std::collections::BTreeSet;
+
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -45,14 +47,46 @@ pub async fn put_account(
     Ok(StatusCode::CREATED)
 }
 
-/// `GET /v1/acme/certs`: every certificate without its key, for any reader.
+/// `GET /v1/acme/certs`: every certificate without its key, for any reader; a token limited
+/// to some apps sees the certificates of its apps' names alone (their current release's and
+/// the added ones).
 pub async fn list_certs(
     caller: Caller,
     State(state): State<AppState>,
 ) -> Result<Json<Vec<AcmeCertSummary>>, ApiError> {
     caller.require(Role::Read)?;
     let certs = state.releases.acme_certs().await?;
-    Ok(Json(certs.iter().map(AcmeCert::summary).collect()))
+    let visible = match &caller.apps {
+        None => None,
+        Some(apps) => {
+            let mut names = BTreeSet::new();
+            for app in apps {
+                match state.releases.domains(app).await {
+                    Ok(domains) => names.extend(
+                        domains
+                            .domains
+                            .into_iter()
+                            .map(|entry| entry.domain.to_ascii_lowercase()),
+                    ),
+                    // An app named in the token but not created (or deleted) has no names.
+                    Err(ApiError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Some(names)
+        }
+    };
+    Ok(Json(
+        certs
+            .iter()
+            .filter(|cert| {
+                visible
+                    .as_ref()
+                    .is_none_or(|names| names.contains(&cert.domain.to_ascii_lowercase()))
+            })
+            .map(AcmeCert::summary)
+            .collect(),
+    ))
 }
 
 /// `GET /v1/acme/certs/{domain}`: one certificate with its key, for Beacon and the web

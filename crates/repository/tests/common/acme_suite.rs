@@ -168,3 +168,46 @@ pub async fn certificates_reach_web_servers_and_readers_see_no_keys(repo: &Repo,
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
+
+/// A reader limited to `shop` lists the certificate of `shop`'s added name alone, not
+/// `blog`'s; an unlimited reader lists both.
+pub async fn a_scoped_reader_lists_only_its_apps_certificates(
+    repo: &Repo,
+    beacon: &str,
+    scoped_reader: &str,
+) {
+    for (app, domain) in [("shop", "shop.example.com"), ("blog", "blog.example.com")] {
+        repo.create_app(app).await;
+        let r = repo
+            .http
+            .post(format!("{}/v1/apps/{app}/domains", repo.url))
+            .bearer_auth(&repo.deploy_token)
+            .json(&serde_json::json!({ "domain": domain }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        assert_eq!(
+            put_cert(repo, &issued(domain, "0a"), beacon).await.status(),
+            StatusCode::OK
+        );
+    }
+    let list = |token: String| async move {
+        let r = repo.get("/v1/acme/certs", &token).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let mut names: Vec<String> = r
+            .json::<Vec<AcmeCertSummary>>()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.domain)
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(list(scoped_reader.to_string()).await, ["shop.example.com"]);
+    assert_eq!(
+        list(repo.read_token.clone()).await,
+        ["blog.example.com", "shop.example.com"]
+    );
+}
