@@ -78,18 +78,33 @@ async fn an_app_domain_serves_https_under_an_acme_certificate_from_tls_alpn_01()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_failed_validation_becomes_an_event_and_a_record_with_pebbles_reason() {
-    let Some(stack) = Stack::start(ChallengeKind::Http01, false).await else {
+async fn a_failed_validation_becomes_an_event_an_alert_and_a_record_with_pebbles_reason_and_is_retried()
+ {
+    let Some(stack) = Stack::start_with(
+        ChallengeKind::Http01,
+        false,
+        StackOptions {
+            retry_after_failure: Some(Duration::from_secs(1)),
+            alert_webhook: true,
+            ..Default::default()
+        },
+    )
+    .await
+    else {
         return;
     };
     stack.deploy_shop().await;
+    // The name is ordered again after a failure: a second failure follows the first.
     let start = Instant::now();
     let failed = loop {
         let failed = stack.events(EventKind::CertificateFailed).await;
-        if !failed.is_empty() {
+        if failed.len() >= 2 {
             break failed;
         }
-        assert!(start.elapsed() < WAIT, "no certificate_failed event");
+        assert!(
+            start.elapsed() < WAIT,
+            "fewer than two certificate_failed events: {failed:?}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let detail = failed[0].detail.clone().unwrap_or_default();
@@ -102,6 +117,28 @@ async fn a_failed_validation_becomes_an_event_and_a_record_with_pebbles_reason()
     let listed = stack.certs().await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0].state, CertState::Failed);
-    assert_eq!(listed[0].last_error, detail);
+    assert!(
+        listed[0]
+            .last_error
+            .contains("urn:ietf:params:acme:error:connection"),
+        "{listed:?}"
+    );
+    // The sysadmin is alerted with Pebble's reason.
+    let start = Instant::now();
+    while stack.alerts_with("not issued").is_empty() {
+        assert!(
+            start.elapsed() < WAIT,
+            "no alert reached the webhook: {:?}",
+            stack.alerts.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let alert = &stack.alerts_with("not issued")[0];
+    let text = alert["text"].as_str().unwrap();
+    assert!(text.contains(DOMAIN), "{alert}");
+    assert!(
+        text.contains("urn:ietf:params:acme:error:connection"),
+        "{alert}"
+    );
     stack.stop().await;
 }

@@ -16,6 +16,14 @@ pub const REQUIRE_PEBBLE_ENV: &str = "PX_REQUIRE_PEBBLE";
 /// Pebble's output, in its directory: what it was asked and what it issued.
 const LOG_FILE: &str = "pebble.log";
 
+/// How a test wants Pebble to issue; the default is Pebble's own (5-year certificates).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PebbleOptions {
+    /// How long an issued certificate is valid (Pebble's `certificateValidityPeriod`, whole
+    /// seconds): short, so a test sees a certificate renewed before it expires.
+    pub certificate_validity: Option<Duration>,
+}
+
 /// A running Pebble and its DNS server, stopped on drop.
 pub struct Pebble {
     /// The CA of Pebble's own HTTPS listener (directory and management API).
@@ -39,6 +47,11 @@ impl Pebble {
     /// 127.0.0.1, or returns `None` (after saying so loudly) when it is not installed and
     /// [`REQUIRE_PEBBLE_ENV`] is not set.
     pub fn start(http_port: u16, tls_port: u16) -> Option<Self> {
+        Self::start_with(http_port, tls_port, PebbleOptions::default())
+    }
+
+    /// [`Pebble::start`] issuing as `options` says.
+    pub fn start_with(http_port: u16, tls_port: u16, options: PebbleOptions) -> Option<Self> {
         let (Some(pebble), Some(challtestsrv)) = (find("pebble"), find("pebble-challtestsrv"))
         else {
             if std::env::var_os(REQUIRE_PEBBLE_ENV).is_some() {
@@ -52,21 +65,32 @@ impl Pebble {
             return None;
         };
         Some(
-            Self::spawn(&pebble, &challtestsrv, http_port, tls_port)
+            Self::spawn(&pebble, &challtestsrv, http_port, tls_port, options)
                 .unwrap_or_else(|e| panic!("starting pebble: {e:#}")),
         )
     }
 
-    fn spawn(pebble: &Path, challtestsrv: &Path, http_port: u16, tls_port: u16) -> Result<Self> {
+    fn spawn(
+        pebble: &Path,
+        challtestsrv: &Path,
+        http_port: u16,
+        tls_port: u16,
+        options: PebbleOptions,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let listener_pki = Pki::new(&["127.0.0.1", "localhost"])?;
         let (port, management_port, dns_port, dns_management_port) =
             (free_port(), free_port(), free_port(), free_port());
         let config = dir.path().join("pebble.json");
+        // Pebble 2.4 (Debian's) reads the validity in seconds; unset, it issues for 5 years.
+        let validity = options
+            .certificate_validity
+            .map(|v| format!(r#","certificateValidityPeriod":{}"#, v.as_secs().max(1)))
+            .unwrap_or_default();
         std::fs::write(
             &config,
             format!(
-                r#"{{"pebble":{{"listenAddress":"127.0.0.1:{port}","managementListenAddress":"127.0.0.1:{management_port}","certificate":"{}","privateKey":"{}","httpPort":{http_port},"tlsPort":{tls_port},"ocspResponderURL":"","externalAccountBindingRequired":false}}}}"#,
+                r#"{{"pebble":{{"listenAddress":"127.0.0.1:{port}","managementListenAddress":"127.0.0.1:{management_port}","certificate":"{}","privateKey":"{}","httpPort":{http_port},"tlsPort":{tls_port},"ocspResponderURL":"","externalAccountBindingRequired":false{validity}}}}}"#,
                 listener_pki.cert().display(),
                 listener_pki.key().display()
             ),
@@ -101,6 +125,9 @@ impl Pebble {
                 // check what Beacon does, not how it rides out Pebble's chaos.
                 .env("PEBBLE_VA_NOSLEEP", "1")
                 .env("PEBBLE_WFE_NONCEREJECT", "0")
+                // Every order is validated afresh (Pebble reuses half of its valid
+                // authorizations by default): a renewal proves the cluster still answers.
+                .env("PEBBLE_AUTHZREUSE", "0")
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .spawn()

@@ -1,8 +1,10 @@
 //! An ACME stack for end-to-end tests: apprepo, Beacon with `[acme]` pointed at a real Pebble
 //! and (optionally) a Maestro with an HTTPS listener, all in this process; Pebble's DNS answers
-//! every name with 127.0.0.1 and its validations go to the proxy's ports.
+//! every name with 127.0.0.1 and its validations go to the proxy's ports. [`StackOptions`]
+//! adds short-lived certificates, a quick retry, an alert receiver and a second web server.
 #![allow(dead_code)]
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use px_beacon::config::ChallengeKind;
@@ -10,8 +12,9 @@ use px_proto::acme::{AcmeCert, AcmeCertSummary};
 use px_proto::beacon::{Event, EventKind};
 use px_runtime::tokens::{TokenEntry, generate, hash};
 use px_test_support::Pki;
-use px_test_support::pebble::Pebble;
+use px_test_support::pebble::{Pebble, PebbleOptions};
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +36,69 @@ pub async fn bind() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").await.unwrap()
 }
 
+/// What a test changes of the stack; the default is [`Stack::start`]'s.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StackOptions {
+    /// How long Pebble's certificates are valid (default: Pebble's 5 years).
+    pub certificate_validity: Option<Duration>,
+    /// `acme.retry_after_failure` (default: Beacon's).
+    pub retry_after_failure: Option<Duration>,
+    /// Beacon's alerts go to a webhook the test reads ([`Stack::alerts`]).
+    pub alert_webhook: bool,
+}
+
+/// The alerts a webhook received, as JSON bodies.
+pub type Alerts = Arc<Mutex<Vec<serde_json::Value>>>;
+
+/// Largest alert body the test receiver reads.
+const MAX_ALERT_BYTES: usize = 64 * 1024;
+
+/// A webhook receiver answering 200 to every POST and keeping its JSON body; returns its URL.
+async fn alert_receiver(received: Alerts, shutdown: CancellationToken) -> String {
+    let listener = bind().await;
+    let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let mut socket = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted { Ok((s, _)) => s, Err(_) => return },
+            };
+            let received = received.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Headers, then as many body bytes as content-length says.
+                let body = loop {
+                    let n = socket.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 || buf.len() > MAX_ALERT_BYTES {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + length {
+                        break buf[end + 4..end + 4 + length].to_vec();
+                    }
+                };
+                if let Ok(alert) = serde_json::from_slice(&body) {
+                    received.lock().unwrap().push(alert);
+                }
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    url
+}
+
 /// apprepo, Beacon with `[acme]` and (optionally) a Maestro with an HTTPS listener.
 pub struct Stack {
     pub dir: tempfile::TempDir,
@@ -50,12 +116,30 @@ pub struct Stack {
     pub beacon_task: Option<JoinHandle<()>>,
     pub shutdown: CancellationToken,
     pub tasks: Vec<JoinHandle<()>>,
+    /// Stops the first web server alone ([`Stack::stop_web`]).
+    pub web_stop: CancellationToken,
+    /// What the alert webhook received, with [`StackOptions::alert_webhook`].
+    pub alerts: Alerts,
+    /// What a second web server ([`Stack::start_second_web`]) needs.
+    pub control_addr: String,
+    pub ca_file: std::path::PathBuf,
+    pub node_repo_token: String,
+    pub second_link_token: String,
 }
 
 impl Stack {
     /// Starts the stack, or `None` when Pebble is missing (and not required). With
     /// `answering` false, no Maestro runs and Pebble's checks go to a port nobody serves.
     pub async fn start(challenge: ChallengeKind, answering: bool) -> Option<Self> {
+        Self::start_with(challenge, answering, StackOptions::default()).await
+    }
+
+    /// [`Stack::start`] changed as `options` say.
+    pub async fn start_with(
+        challenge: ChallengeKind,
+        answering: bool,
+        options: StackOptions,
+    ) -> Option<Self> {
         // The services' logs on stderr when asked for (`PX_LOG=debug cargo test ...`).
         if std::env::var_os("PX_LOG").is_some() {
             px_runtime::telemetry::init();
@@ -69,11 +153,18 @@ impl Stack {
         } else {
             px_test_support::free_port()
         };
-        let pebble = Pebble::start(pebble_http_port, https_port)?;
+        let pebble = Pebble::start_with(
+            pebble_http_port,
+            https_port,
+            PebbleOptions {
+                certificate_validity: options.certificate_validity,
+            },
+        )?;
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new(&["localhost"]).unwrap();
         let (deploy, beacon_repo, node_repo, maestro_link, repo_link) =
             (generate(), generate(), generate(), generate(), generate());
+        let second_link = generate();
         let secret = |name: &str, value: &str| {
             let path = dir.path().join(name);
             px_runtime::secrets::write_secret_file(&path, value).unwrap();
@@ -126,6 +217,10 @@ impl Stack {
                 },
                 token("apprepo", px_beacon::auth::Role::Repository, &repo_link),
                 token("dev", px_beacon::auth::Role::Deploy, &deploy),
+                TokenEntry {
+                    node: Some("web-2".into()),
+                    ..token("web-2", px_beacon::auth::Role::Maestro, &second_link)
+                },
             ],
             reconcile_interval: Duration::from_secs(3600),
             ..Default::default()
@@ -139,7 +234,17 @@ impl Stack {
             ca_file: Some(pebble.listener_pki.ca()),
             challenge,
             profile: None,
+            ..Default::default()
         };
+        if let Some(retry) = options.retry_after_failure {
+            beacon_config.acme.retry_after_failure = retry;
+        }
+        let alerts = Alerts::default();
+        if options.alert_webhook {
+            let url = alert_receiver(alerts.clone(), shutdown.clone()).await;
+            beacon_config.alerts.webhooks = vec![url];
+        }
+        let web_stop = shutdown.child_token();
         let mut tasks = Vec::new();
         let t = shutdown.clone();
         tasks.push(tokio::spawn(async move {
@@ -170,7 +275,7 @@ impl Stack {
                 ..Default::default()
             };
             let status = bind().await;
-            let t = shutdown.clone();
+            let t = web_stop.clone();
             tasks.push(tokio::spawn(async move {
                 px_maestro::run(
                     maestro_config,
@@ -191,6 +296,7 @@ impl Stack {
             .add_root_certificate(ca)
             .build()
             .unwrap();
+        let ca_file = pki.ca();
         let mut stack = Self {
             dir,
             _pki: pki,
@@ -207,6 +313,12 @@ impl Stack {
             beacon_task: None,
             shutdown,
             tasks,
+            web_stop,
+            alerts,
+            control_addr,
+            ca_file,
+            node_repo_token: node_repo,
+            second_link_token: second_link,
         };
         stack
             .start_beacon(Some((beacon_http, beacon_control)))
@@ -288,6 +400,12 @@ impl Stack {
 
     /// A client that trusts Pebble's root alone and finds [`DOMAIN`] on the proxy's port.
     pub async fn pebble_client(&self) -> reqwest::Client {
+        self.pebble_client_for(DOMAIN, self.https_port).await
+    }
+
+    /// A client that trusts Pebble's root alone, finds `domain` on 127.0.0.1:`port` and
+    /// keeps the server's certificate of each response ([`served_leaf`]).
+    pub async fn pebble_client_for(&self, domain: &str, port: u16) -> reqwest::Client {
         let listener_ca =
             reqwest::Certificate::from_pem(&std::fs::read(self.pebble.listener_pki.ca()).unwrap())
                 .unwrap();
@@ -307,9 +425,107 @@ impl Stack {
         reqwest::Client::builder()
             .tls_built_in_root_certs(false)
             .add_root_certificate(reqwest::Certificate::from_pem(&root).unwrap())
-            .resolve(DOMAIN, ([127, 0, 0, 1], self.https_port).into())
+            .resolve(domain, ([127, 0, 0, 1], port).into())
+            .tls_info(true)
             .build()
             .unwrap()
+    }
+
+    /// Waits until `https://domain/` on 127.0.0.1:`port` answers `body` under a certificate
+    /// Pebble issued; returns the leaf certificate it was served under (DER).
+    pub async fn wait_https_at(&self, domain: &str, port: u16, body: &str) -> Vec<u8> {
+        let url = format!("https://{domain}:{port}/");
+        let start = Instant::now();
+        loop {
+            let client = self.pebble_client_for(domain, port).await;
+            let last = match client.get(&url).send().await {
+                Ok(r) if r.status() == 200 => {
+                    let leaf = served_leaf(&r);
+                    let text = r.text().await.unwrap();
+                    if text == body {
+                        return leaf;
+                    }
+                    format!("answered {text:?}")
+                }
+                Ok(r) => format!("status {}", r.status()),
+                Err(e) => format!("{e:?}"),
+            };
+            assert!(
+                start.elapsed() < WAIT,
+                "{url} never answered {body:?} under Pebble's certificate; last: {last}; certificates: {:?}",
+                self.certs().await
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Stops the first web server (its listeners close; Pebble's checks then fail).
+    pub fn stop_web(&self) {
+        self.web_stop.cancel();
+    }
+
+    /// Starts a second web server (`web-2`) with its own proxy ports, linked to Beacon;
+    /// returns its HTTPS port.
+    pub async fn start_second_web(&mut self) -> u16 {
+        let proxy_http = bind().await;
+        let proxy_https = bind().await;
+        let https_port = proxy_https.local_addr().unwrap().port();
+        let root = self.dir.path().join("web-2");
+        let secret = |name: &str, value: &str| {
+            let path = root.join(name);
+            std::fs::create_dir_all(&root).unwrap();
+            px_runtime::secrets::write_secret_file(&path, value).unwrap();
+            path
+        };
+        let certs_dir = root.join("certs");
+        std::fs::create_dir_all(&certs_dir).unwrap();
+        // Beside the first web server's range (see `start_with`).
+        let port_base = 46000 + (std::process::id() % 100) as u16 * 20;
+        let config = px_maestro::config::Config {
+            node_name: "web-2".into(),
+            state_dir: root.join("state"),
+            log_dir: root.join("logs"),
+            port_range: (port_base, port_base + 19),
+            stop_grace: Duration::from_secs(3),
+            https_listen: Some(proxy_https.local_addr().unwrap()),
+            certs_dir: Some(certs_dir),
+            repository_token_file: Some(secret("repo", &self.node_repo_token)),
+            repository_ca_file: Some(self.ca_file.clone()),
+            beacon: Some(px_maestro::config::BeaconConfig {
+                addr: self.control_addr.clone(),
+                server_name: Some("localhost".into()),
+                ca_file: self.ca_file.clone(),
+                token_file: secret("link", &self.second_link_token),
+            }),
+            ..Default::default()
+        };
+        let status = bind().await;
+        let t = self.shutdown.clone();
+        self.tasks.push(tokio::spawn(async move {
+            px_maestro::run(
+                config,
+                px_maestro::Listeners {
+                    http: proxy_http,
+                    https: Some(proxy_https),
+                    status,
+                },
+                t,
+            )
+            .await
+            .unwrap()
+        }));
+        https_port
+    }
+
+    /// The alerts received so far whose text contains `needle`.
+    pub fn alerts_with(&self, needle: &str) -> Vec<serde_json::Value> {
+        self.alerts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| a["text"].as_str().is_some_and(|t| t.contains(needle)))
+            .cloned()
+            .collect()
     }
 
     /// Waits until `https://DOMAIN/` answers `body` under a certificate Pebble issued.
@@ -440,6 +656,13 @@ impl Stack {
             .unwrap()
     }
 
+    /// The leaf certificate of the record apprepo keeps for [`DOMAIN`] (DER).
+    pub async fn stored_leaf(&self) -> (AcmeCert, Vec<u8>) {
+        let stored = self.stored().await;
+        let leaf = leaf_of(&stored.chain_pem);
+        (stored, leaf)
+    }
+
     pub async fn events(&self, kind: EventKind) -> Vec<Event> {
         let events: Vec<Event> = match self
             .http
@@ -466,4 +689,25 @@ impl Stack {
                 .unwrap();
         }
     }
+}
+
+/// The certificate a response was served under (DER); the client keeps it with `tls_info`.
+pub fn served_leaf(response: &reqwest::Response) -> Vec<u8> {
+    response
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|info| info.peer_certificate())
+        .expect("the client keeps the server's certificate")
+        .to_vec()
+}
+
+/// The first certificate of a PEM chain (DER).
+pub fn leaf_of(chain_pem: &str) -> Vec<u8> {
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()
+        .expect("a certificate in the chain")
+        .expect("a PEM certificate")
+        .to_vec()
 }
