@@ -96,7 +96,7 @@ fn check_config_takes_acme_settings_from_the_file_and_the_environment_and_names_
     };
 
     let good = format!(
-        "[acme]\ndirectory_url = \"https://acme-staging-v02.api.letsencrypt.org/directory\"\nemail = \"ops@example.com\"\nca_file = \"{}\"\nchallenge = \"tls-alpn-01\"\nprofile = \"shortlived\"\n",
+        "[acme]\ndirectory_url = \"https://acme-staging-v02.api.letsencrypt.org/directory\"\nemail = \"ops@example.com\"\nca_file = \"{}\"\nchallenge = \"tls-alpn-01\"\nprofile = \"shortlived\"\nretry_after_failure = \"5m\"\n",
         pki.ca().display()
     );
     let out = check(&good, &[]);
@@ -109,7 +109,10 @@ fn check_config_takes_acme_settings_from_the_file_and_the_environment_and_names_
     // Each bad value is named with what to do, from the file or from the environment.
     let out = check(
         "[acme]\ndirectory_url = \"http://acme.example.com/directory\"\nemail = \"not an address\"\nprofile = \"short lived\"\n",
-        &[("PX_BEACON_ACME__CA_FILE", "/nonexistent/acme-ca.pem")],
+        &[
+            ("PX_BEACON_ACME__CA_FILE", "/nonexistent/acme-ca.pem"),
+            ("PX_BEACON_ACME__RETRY_AFTER_FAILURE", "2d"),
+        ],
     );
     assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -119,6 +122,7 @@ fn check_config_takes_acme_settings_from_the_file_and_the_environment_and_names_
         "acme.email",
         "acme.profile",
         "acme.ca_file",
+        "acme.retry_after_failure",
     ] {
         assert!(err.contains(needle), "{needle} missing from: {err}");
     }
