@@ -281,3 +281,52 @@ fn load_pair(
         .map_err(|e| cert_error(cert_path, format!("does not match its key: {e}")))?;
     Ok(Arc::new(certified))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn pem(pki: &px_test_support::Pki) -> (String, String) {
+        (
+            std::fs::read_to_string(pki.cert()).unwrap(),
+            std::fs::read_to_string(pki.key()).unwrap(),
+        )
+    }
+
+    #[test]
+    fn acme_certificates_join_and_leave_the_one_set_and_a_reload_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let operator = px_test_support::Pki::new(&["files.example.com"]).unwrap();
+        std::fs::copy(operator.cert(), dir.path().join("files.example.com.crt")).unwrap();
+        std::fs::copy(operator.key(), dir.path().join("files.example.com.key")).unwrap();
+        let store = CertStore::load(dir.path()).unwrap();
+        let acme = Arc::new(AcmeAnswers::default());
+        let issued = px_test_support::Pki::new(&["shop.example.com"]).unwrap();
+        let (chain, key) = pem(&issued);
+        // Issued before the listener serves: folded in when attached.
+        acme.set_issued("shop.example.com", &chain, &key).unwrap();
+        assert!(!store.covers("shop.example.com"));
+        store.attach_acme(acme.clone());
+        assert!(store.covers("shop.example.com"));
+        assert!(store.covers("SHOP.example.com."));
+        assert!(store.covers("files.example.com"));
+
+        // Issued while serving, then kept across a reload of the directory.
+        acme.set_issued("blog.example.com", &chain, &key).unwrap();
+        assert!(store.covers("blog.example.com"));
+        assert_eq!(store.reload().unwrap(), 1);
+        assert!(store.covers("blog.example.com") && store.covers("files.example.com"));
+
+        // Dropped (its name no longer routed): no longer chosen.
+        acme.remove_issued("blog.example.com");
+        assert!(!store.covers("blog.example.com"));
+        assert!(store.covers("shop.example.com"));
+        let set = store.resolver.current();
+        assert!(
+            set.find(Some("blog.example.com")).is_none(),
+            "no default here"
+        );
+        assert!(set.find(Some("shop.example.com")).is_some());
+    }
+}
