@@ -37,3 +37,25 @@ async fn certificates_on_s3_reach_web_servers_and_readers_see_no_keys() {
     acme_suite::certificates_reach_web_servers_and_readers_see_no_keys(&repo, &beacon).await;
     repo.stop().await;
 }
+
+#[tokio::test]
+async fn a_scoped_reader_lists_only_its_apps_certificates_on_s3() {
+    let Some(s3) = S3Server::start(BUCKET) else {
+        return;
+    };
+    let (mut beacon, mut scoped) = (String::new(), String::new());
+    let repo = Repo::start_with(|c| {
+        common::use_s3(c, &s3);
+        common::no_periodic_retention(c);
+        beacon = acme_suite::add_beacon_token(c);
+        scoped = common::scope_suite::add_scoped(
+            c,
+            "ci-shop",
+            px_repository::auth::Role::Read,
+            &["shop"],
+        );
+    })
+    .await;
+    acme_suite::a_scoped_reader_lists_only_its_apps_certificates(&repo, &beacon, &scoped).await;
+    repo.stop().await;
+}
