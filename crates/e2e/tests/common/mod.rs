@@ -2,3 +2,4 @@
 
 pub mod acme_stack;
 pub mod webdriver;
+pub mod webhook;
