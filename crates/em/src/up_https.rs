@@ -42,7 +42,7 @@ impl AcmeSettings {
             email: self.email.clone(),
             ca_file: self.ca_file.clone(),
             challenge: self.challenge,
-            profile: None,
+            ..AcmeConfig::default()
         }
     }
 }
