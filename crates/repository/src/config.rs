@@ -48,6 +48,8 @@ pub(crate) const DEFAULT_BUNDLE_GRACE: Duration = Duration::from_secs(3600);
 /// Default time between sweeps: garbage only costs disk, so there is no hurry, and each sweep
 /// reads every release record (S3 bills requests).
 pub(crate) const DEFAULT_RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+/// How long a sweep waits between marking and deleting (`retention.condemn_wait`).
+pub(crate) const DEFAULT_CONDEMN_WAIT: Duration = Duration::from_secs(60);
 /// Fewest releases `keep_releases` may keep: the current one and the one before it, which a
 /// rollback with no target goes to.
 pub(crate) const MIN_KEEP_RELEASES: usize = 2;
@@ -203,6 +205,11 @@ pub struct RetentionConfig {
     /// Time between sweeps; the first runs shortly after start. Default: 1h.
     #[serde(with = "humantime_duration")]
     pub interval: Duration,
+    /// How long a sweep waits between marking the bundles and layers it means to delete and
+    /// deleting them, so that a commit through another apprepo sharing the storage keeps
+    /// them or is refused (at least the 30 s a commit may take). Default: 1m.
+    #[serde(with = "humantime_duration")]
+    pub condemn_wait: Duration,
 }
 
 impl Default for RetentionConfig {
@@ -213,6 +220,7 @@ impl Default for RetentionConfig {
             keep_for: DEFAULT_KEEP_FOR,
             bundle_grace: DEFAULT_BUNDLE_GRACE,
             interval: DEFAULT_RETENTION_INTERVAL,
+            condemn_wait: DEFAULT_CONDEMN_WAIT,
         }
     }
 }
@@ -229,6 +237,13 @@ impl RetentionConfig {
         }
         if self.interval.is_zero() {
             problems.push("retention.interval must be above 0, e.g. \"1h\"".into());
+        }
+        if self.condemn_wait <= crate::condemned::COMMIT_WINDOW {
+            problems.push(format!(
+                "retention.condemn_wait is {} but must be above {} (the longest a commit may take), e.g. \"1m\"",
+                humantime::format_duration(self.condemn_wait),
+                humantime::format_duration(crate::condemned::COMMIT_WINDOW)
+            ));
         }
         problems
     }

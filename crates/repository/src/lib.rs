@@ -7,6 +7,7 @@ pub(crate) mod acme;
 pub mod auth;
 pub(crate) mod builds;
 pub(crate) mod claims;
+pub(crate) mod condemned;
 pub mod cli;
 pub mod config;
 pub(crate) mod domains;

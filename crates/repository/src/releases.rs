@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use px_proto::api::{App, BundleRef, Release, ReleaseCause, ReleasePhase};
@@ -23,6 +23,7 @@ use px_proto::build::BuildOutput;
 use px_proto::manifest::AppManifest;
 use serde::{Deserialize, Serialize};
 
+use crate::condemned::{COMMIT_WINDOW, DELETE_WITHIN, RESCUE_SETTLE};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::storage::{Blob, Storage, StorageError};
@@ -134,6 +135,10 @@ pub(crate) struct Collection<'a> {
 impl Collection<'_> {
     /// Deletes the bundle or layer unless a release was committed to it since the collection
     /// began; returns whether it was deleted.
+    ///
+    /// Across apprepos, it deletes only an object still marked (`condemned.rs`), starting the
+    /// delete within [`DELETE_WITHIN`] of seeing the mark: a commit elsewhere that took the
+    /// mark away keeps it.
     pub(crate) async fn delete_blob(&self, blob: Blob, sha256: &str) -> Result<bool, StorageError> {
         let _exclusive = self.releases.collection_lock.write().await;
         let committed = self
@@ -146,8 +151,19 @@ impl Collection<'_> {
         if committed {
             return Ok(false);
         }
+        let looked = Instant::now();
+        if !self
+            .releases
+            .count_storage_error(self.releases.is_condemned(blob, sha256).await)?
+            || looked.elapsed() >= DELETE_WITHIN
+        {
+            return Ok(false);
+        }
         self.releases
             .count_storage_error(self.releases.storage.delete(&blob.key(sha256)).await)?;
+        if let Err(e) = self.releases.unmark(blob, sha256).await {
+            tracing::debug!(%sha256, error = %e, "mark of a deleted object left behind");
+        }
         Ok(true)
     }
 }
@@ -159,6 +175,27 @@ impl Drop for Collection<'_> {
             .committed_during_collection
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+    }
+}
+
+/// What [`Releases::hold`] returns: held until the record naming the objects is created.
+pub(crate) struct Held<'a> {
+    _shared: tokio::sync::RwLockReadGuard<'a, ()>,
+    /// When the objects' marks were looked at.
+    checked: Instant,
+}
+
+impl Held<'_> {
+    /// Refuses to create the record when the check is older than [`COMMIT_WINDOW`]: a sweep
+    /// on another apprepo may have marked and, after its wait, deleted an object since.
+    pub(crate) fn in_time(&self) -> Result<(), ApiError> {
+        if self.checked.elapsed() < COMMIT_WINDOW {
+            Ok(())
+        } else {
+            Err(ApiError::Conflict(
+                "the check that the bundle and layers are stored took too long to be trusted; retry".into(),
+            ))
+        }
     }
 }
 
@@ -433,15 +470,23 @@ impl Releases {
 
     /// Makes sure a collection has not just deleted these bundles and layers, and tells a
     /// running one that they are referenced now. The caller creates the record that names them
-    /// (a release, a pending build) while it holds the guard returned, so that a collection
-    /// either listed that record or spares what it names. An upload that found its bundle
-    /// already stored skipped storing it, and the bundle may be old and unreferenced; so may a
-    /// rollback's layers.
-    pub(crate) async fn hold(
-        &self,
-        needed: &[(Blob, &str)],
-    ) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, ApiError> {
+    /// (a release, a pending build) while it holds the guard returned, and checks
+    /// [`Held::in_time`] just before: a collection either listed that record or spares what
+    /// it names. An upload that found its bundle already stored skipped storing it, and the
+    /// bundle may be old and unreferenced; so may a rollback's layers.
+    ///
+    /// A sweep on another apprepo marks what it means to delete (`condemned.rs`): a mark is
+    /// taken away, and the check waits [`RESCUE_SETTLE`] so a delete already started shows.
+    pub(crate) async fn hold(&self, needed: &[(Blob, &str)]) -> Result<Held<'_>, ApiError> {
         let shared = self.collection_lock.read().await;
+        let checked = Instant::now();
+        let mut rescued = false;
+        for (blob, sha256) in needed {
+            rescued |= self.count_storage_error(self.unmark(*blob, sha256).await)?;
+        }
+        if rescued {
+            tokio::time::sleep(RESCUE_SETTLE).await;
+        }
         for (blob, sha256) in needed {
             if self
                 .count_storage_error(self.storage.blob_size(*blob, sha256).await)?
@@ -462,7 +507,10 @@ impl Releases {
         {
             set.extend(needed.iter().map(|(_, sha256)| sha256.to_string()));
         }
-        Ok(shared)
+        Ok(Held {
+            _shared: shared,
+            checked,
+        })
     }
 
     /// Takes this process's commit lock of `app`; [`Releases::commit`] holds it throughout, and
@@ -543,6 +591,7 @@ impl Releases {
             Some(claim)
         };
         let shared = self.hold(&needed).await?;
+        shared.in_time()?;
         let created = self.count_storage_error(
             self.storage
                 .create(&release_key(app, number), bytes.into())

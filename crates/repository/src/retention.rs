@@ -2,6 +2,10 @@
 //! longer keeps, then build records no kept release names, then bundles and layers no
 //! remaining record points to.
 //!
+//! Phase three (`retention/blobs.rs`) marks what it means to delete and waits before deleting
+//! it, so that it is safe against commits through other apprepos sharing the storage
+//! (`condemned.rs`).
+//!
 //! The phases run in this order so that an object is only judged unreferenced after the
 //! records that will go are gone, and only from a complete listing: if any release or build
 //! record cannot be listed or read, no bundle or layer is deleted in that sweep. Both backends
@@ -20,8 +24,9 @@ use tokio_util::sync::CancellationToken;
 use crate::builds::Builds;
 use crate::config::RetentionConfig;
 use crate::error::ApiError;
-use crate::releases::{Collection, Releases};
-use crate::storage::Blob;
+use crate::releases::Releases;
+
+mod blobs;
 
 /// Wait before the first sweep: long enough that start-up (storage check, readiness, Beacon's
 /// first reconcile reading every app) is not slowed by a sweep's listing, short enough that
@@ -39,6 +44,9 @@ pub struct Policy {
     /// Unreferenced bundles and layers younger than this are kept (their release may be
     /// committing).
     pub bundle_grace: Duration,
+    /// How long a sweep waits between marking what it means to delete and deleting it
+    /// (`condemned.rs`); zero only where one apprepo uses the storage.
+    pub condemn_wait: Duration,
 }
 
 impl From<&RetentionConfig> for Policy {
@@ -47,6 +55,7 @@ impl From<&RetentionConfig> for Policy {
             keep_releases: config.keep_releases,
             keep_for: config.keep_for,
             bundle_grace: config.bundle_grace,
+            condemn_wait: config.condemn_wait,
         }
     }
 }
@@ -93,7 +102,7 @@ pub async fn sweep(releases: &Releases, policy: &Policy, now: SystemTime) -> Swe
             .errors
             .push(format!("listing apps: {}", describe(&e))),
     }
-    collect_blobs(releases, &builds, policy, now, &known, &mut report).await;
+    blobs::collect_blobs(releases, &builds, policy, now, &known, &mut report).await;
 
     let metrics = releases.metrics();
     metrics.retention_sweeps.inc();
@@ -329,146 +338,6 @@ async fn collect_app_builds(
     Ok(())
 }
 
-/// Every bundle and layer a stored record points to: the bundles and layers of every release
-/// record, and the sources of pending builds, in every app directory (even one without
-/// `app.json`: its records still name objects). Any failure fails it.
-async fn referenced(
-    releases: &Releases,
-    builds: &Builds,
-    known: &mut Known,
-) -> Result<(HashSet<String>, HashSet<String>), ApiError> {
-    let mut bundles = HashSet::new();
-    let mut layers = HashSet::new();
-    for app in releases.app_names().await? {
-        for names in remaining(releases, &app, known).await? {
-            bundles.insert(names.bundle);
-            layers.extend(names.layers);
-        }
-        let listing = builds.listing(&app).await?;
-        for number in listing.pending() {
-            if let Some(source) = builds.source_of(&app, number).await? {
-                bundles.insert(source);
-            }
-        }
-    }
-    Ok((bundles, layers))
-}
-
-/// Phase three: deletes the bundles and layers that no record points to and that are older
-/// than the grace, unless a release was committed to one meanwhile.
-async fn collect_blobs(
-    releases: &Releases,
-    builds: &Builds,
-    policy: &Policy,
-    now: SystemTime,
-    known: &Known,
-    report: &mut SweepReport,
-) {
-    // Before the listing, so commits that the listing misses are noted by the collection.
-    let collection = releases.begin_collection().await;
-    let mut known = known.clone();
-    let (bundles, layers) = match referenced(releases, builds, &mut known).await {
-        Ok(referenced) => referenced,
-        Err(e) => {
-            report.errors.push(format!(
-                "listing release and build records failed, so no bundle or layer was collected: {}",
-                describe(&e)
-            ));
-            return;
-        }
-    };
-    if let Some(swept) = collect_blob(
-        releases,
-        &collection,
-        Blob::Bundle,
-        &bundles,
-        policy,
-        now,
-        report,
-    )
-    .await
-    {
-        report.bundles_swept = true;
-        report.bundles_deleted = swept.deleted;
-        report.bytes_freed = swept.bytes_freed;
-        report.bundles_kept = swept.kept;
-        report.bytes_kept = swept.bytes_kept;
-    }
-    if let Some(swept) = collect_blob(
-        releases,
-        &collection,
-        Blob::Layer,
-        &layers,
-        policy,
-        now,
-        report,
-    )
-    .await
-    {
-        report.layers_swept = true;
-        report.layers_deleted = swept.deleted;
-        report.layer_bytes_freed = swept.bytes_freed;
-        report.layers_kept = swept.kept;
-        report.layer_bytes_kept = swept.bytes_kept;
-    }
-}
-
-/// What collecting one kind of object did.
-#[derive(Default)]
-struct Swept {
-    deleted: u64,
-    bytes_freed: u64,
-    kept: u64,
-    bytes_kept: u64,
-}
-
-/// Deletes the objects of kind `blob` not in `referenced` and older than the grace; `None`
-/// when they could not be listed.
-async fn collect_blob(
-    releases: &Releases,
-    collection: &Collection<'_>,
-    blob: Blob,
-    referenced: &HashSet<String>,
-    policy: &Policy,
-    now: SystemTime,
-    report: &mut SweepReport,
-) -> Option<Swept> {
-    let stored = match releases.storage().list_blobs(blob).await {
-        Ok(stored) => stored,
-        Err(e) => {
-            report.errors.push(format!("listing {}s: {e}", blob.noun()));
-            return None;
-        }
-    };
-    let mut swept = Swept::default();
-    for entry in stored {
-        let age = now.duration_since(entry.modified).unwrap_or_default();
-        let keep = referenced.contains(&entry.sha256) || age < policy.bundle_grace;
-        let deleted = if keep {
-            false
-        } else {
-            match collection.delete_blob(blob, &entry.sha256).await {
-                Ok(deleted) => deleted,
-                Err(e) => {
-                    report
-                        .errors
-                        .push(format!("deleting {} {}: {e}", blob.noun(), entry.sha256));
-                    false
-                }
-            }
-        };
-        if deleted {
-            swept.deleted += 1;
-            swept.bytes_freed += entry.size;
-            tracing::info!(kind = blob.noun(), sha256 = %entry.sha256, size = entry.size, age = %humantime::format_duration(age), "unreferenced object collected");
-        } else {
-            swept.kept += 1;
-            swept.bytes_kept += entry.size;
-        }
-    }
-    Some(swept)
-}
-
 /// An error as an operator needs it: [`ApiError::Internal`] shows clients a generic sentence,
 /// but its message says what is wrong.
 fn describe(e: &ApiError) -> String {
@@ -527,8 +396,8 @@ mod tests {
     use super::*;
     use crate::metrics::Metrics;
     use crate::releases::Draft;
-    use crate::storage::Storage;
     use crate::storage::fs::FsStorage;
+    use crate::storage::{Blob, Storage};
 
     async fn store_bundle(storage: &FsStorage, dir: &std::path::Path, sha256: &str) {
         let spool = dir.join(format!("spool-{sha256}"));
@@ -566,7 +435,11 @@ mod tests {
         releases.create_app("app", "test").await.unwrap();
 
         let collection = releases.begin_collection().await;
-        // Here the sweep lists the release records (none), then a commit takes `a`.
+        // Here the sweep lists the release records (none) and marks both, then a commit
+        // takes `a`.
+        for sha256 in ["a".repeat(64), "b".repeat(64)] {
+            releases.condemn(Blob::Bundle, &sha256).await.unwrap();
+        }
         releases
             .commit("app", "test", |_| Ok(draft(&"a".repeat(64))))
             .await
@@ -601,6 +474,7 @@ mod tests {
                 keep_releases: 2,
                 keep_for: Duration::ZERO,
                 bundle_grace: Duration::ZERO,
+                condemn_wait: Duration::ZERO,
             },
             SystemTime::now(),
         )

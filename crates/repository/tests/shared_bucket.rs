@@ -1,15 +1,20 @@
 //! Two apprepos over one bucket, as a cluster with several control hosts runs them: each has
 //! its own in-memory locks (nothing in the crate is process-wide), so every guarantee between
 //! them rests on the storage's conditional writes. Run against SeaweedFS, which honours
-//! `If-None-Match` and `If-Match` as AWS S3 does (s3s-fs does not check them atomically).
+//! `If-None-Match` and `If-Match` as AWS S3 does (s3s-fs does not check them atomically). A
+//! sweep runs on one of them through a second handle on the storage, as another apprepo's
+//! periodic sweep would.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::time::{Duration, Instant, SystemTime};
+
 use common::domain_suite::bundle_with_domains;
-use common::{Repo, no_periodic_retention, sample_bundle, use_s3_endpoint};
+use common::{Repo, no_periodic_retention, sample_bundle, sha256_hex, use_s3_endpoint};
 use futures_util::future::join_all;
 use px_proto::api::Release;
+use px_repository::internals::{Policy, sweep};
 use px_test_support::seaweed::SeaweedServer;
 use reqwest::StatusCode;
 
@@ -186,6 +191,51 @@ async fn a_name_claimed_through_two_apprepos_at_once_goes_to_one_app() {
         StatusCode::CREATED
     );
     assert_eq!(holders(&a, given).await, [other]);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sweep_on_one_apprepo_spares_an_old_bundle_another_commits_during_its_wait() {
+    let Some(s3) = SeaweedServer::start(BUCKET) else {
+        return;
+    };
+    let (a, b) = two_repos(&s3).await;
+    a.create_app("shop").await;
+    let old = sample_bundle("shop", "old");
+    a.deploy("shop", &old).await;
+    for i in 0..3 {
+        a.deploy("shop", &sample_bundle("shop", &format!("new {i}")))
+            .await;
+    }
+    // b sweeps, keeping two releases: v1 and v2 go, and their bundles are marked; while the
+    // sweep waits, the old bundle is deployed again through a (stored already, so the
+    // upload only commits a release naming it).
+    let (sweeper, _) = b.sweeper().await;
+    let policy = Policy {
+        keep_releases: 2,
+        keep_for: Duration::ZERO,
+        bundle_grace: Duration::ZERO,
+        condemn_wait: Duration::from_secs(4),
+    };
+    let sweeping =
+        tokio::spawn(async move { sweep(&sweeper, &policy, SystemTime::now()).await });
+    let mark = format!("condemned/bundles/{}", sha256_hex(&old));
+    let (watcher, _) = a.sweeper().await;
+    let start = Instant::now();
+    while watcher.storage().read(&mark).await.unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(30), "the sweep never marked the old bundle");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = a.deploy("shop", &old).await;
+    let report = sweeping.await.unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
+    // The release committed during the wait kept its bundle; v2's, which nothing named any
+    // more, was collected.
+    assert_eq!(again.bundle.sha256, sha256_hex(&old));
+    assert_eq!(a.download(&sha256_hex(&old)).await, (StatusCode::OK, old.clone()));
+    assert_eq!(report.bundles_deleted, 1, "{report:?}");
+    assert!(watcher.storage().read(&mark).await.unwrap().is_none(), "the mark is gone");
     a.stop().await;
     b.stop().await;
 }

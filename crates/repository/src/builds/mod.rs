@@ -360,6 +360,7 @@ impl Builds {
                 .releases
                 .hold(&[(Blob::Bundle, source.sha256.as_str())])
                 .await?;
+            held.in_time()?;
             let created = self
                 .create(&record_key(app, number), to_json(&record)?)
                 .await?;

@@ -627,6 +627,7 @@ fn policy(keep_releases: usize) -> Policy {
         keep_releases,
         keep_for: Duration::ZERO,
         bundle_grace: HOUR,
+        condemn_wait: Duration::ZERO,
     }
 }
 

@@ -283,6 +283,7 @@ fn policy(keep_releases: usize, keep_for: Duration, bundle_grace: Duration) -> P
         keep_releases,
         keep_for,
         bundle_grace,
+        condemn_wait: Duration::ZERO,
     }
 }
 
