@@ -74,8 +74,16 @@ impl Releases {
     }
 
     /// Whether the object is marked.
-    pub(crate) async fn is_condemned(&self, blob: Blob, sha256: &str) -> Result<bool, StorageError> {
-        Ok(self.storage().read(&mark_key(blob, sha256)).await?.is_some())
+    pub(crate) async fn is_condemned(
+        &self,
+        blob: Blob,
+        sha256: &str,
+    ) -> Result<bool, StorageError> {
+        Ok(self
+            .storage()
+            .read(&mark_key(blob, sha256))
+            .await?
+            .is_some())
     }
 
     /// Removes the object's mark; whether there was one (a commit rescuing it, or a sweep

@@ -340,12 +340,17 @@ mod tests {
         let bad = RetentionConfig {
             keep_releases: 1,
             interval: Duration::ZERO,
+            condemn_wait: Duration::from_secs(30),
             ..RetentionConfig::default()
         };
         let problems = bad.problems();
-        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(
             problems[0].contains("retention.keep_releases"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[2].contains("retention.condemn_wait is 30s but must be above 30s"),
             "{problems:?}"
         );
     }

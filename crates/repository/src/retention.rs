@@ -14,7 +14,7 @@
 //! [`Storage::list_blobs`]: crate::storage::Storage::list_blobs
 //! [`Storage::delete`]: crate::storage::Storage::delete
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
 
 use px_proto::api::{Release, ReleaseCause};

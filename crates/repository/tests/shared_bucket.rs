@@ -218,13 +218,15 @@ async fn a_sweep_on_one_apprepo_spares_an_old_bundle_another_commits_during_its_
         bundle_grace: Duration::ZERO,
         condemn_wait: Duration::from_secs(4),
     };
-    let sweeping =
-        tokio::spawn(async move { sweep(&sweeper, &policy, SystemTime::now()).await });
+    let sweeping = tokio::spawn(async move { sweep(&sweeper, &policy, SystemTime::now()).await });
     let mark = format!("condemned/bundles/{}", sha256_hex(&old));
     let (watcher, _) = a.sweeper().await;
     let start = Instant::now();
     while watcher.storage().read(&mark).await.unwrap().is_none() {
-        assert!(start.elapsed() < Duration::from_secs(30), "the sweep never marked the old bundle");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the sweep never marked the old bundle"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let again = a.deploy("shop", &old).await;
@@ -233,9 +235,15 @@ async fn a_sweep_on_one_apprepo_spares_an_old_bundle_another_commits_during_its_
     // The release committed during the wait kept its bundle; v2's, which nothing named any
     // more, was collected.
     assert_eq!(again.bundle.sha256, sha256_hex(&old));
-    assert_eq!(a.download(&sha256_hex(&old)).await, (StatusCode::OK, old.clone()));
+    assert_eq!(
+        a.download(&sha256_hex(&old)).await,
+        (StatusCode::OK, old.clone())
+    );
     assert_eq!(report.bundles_deleted, 1, "{report:?}");
-    assert!(watcher.storage().read(&mark).await.unwrap().is_none(), "the mark is gone");
+    assert!(
+        watcher.storage().read(&mark).await.unwrap().is_none(),
+        "the mark is gone"
+    );
     a.stop().await;
     b.stop().await;
 }
