@@ -14,6 +14,7 @@ use tokio::io::AsyncReadExt as _;
 
 use super::access::{AccessLog, AccessRecord};
 use super::drain;
+use super::upstream::Lease;
 use crate::routes::{Backend, InFlight, LongLived};
 
 /// Bytes read from a static file per frame: large enough that a big file streams in few
@@ -190,6 +191,8 @@ pub struct ProxyBody {
     kind: Kind,
     guard: Option<InFlight>,
     pending: Option<Box<PendingRecord>>,
+    /// The instance connection the answer came on, pooled again once it has been read whole.
+    lease: Option<Lease>,
     sent: u64,
 }
 
@@ -199,6 +202,7 @@ impl ProxyBody {
             kind,
             guard: None,
             pending: None,
+            lease: None,
             sent: 0,
         }
     }
@@ -246,9 +250,24 @@ impl ProxyBody {
         self.pending = Some(pending);
     }
 
-    /// Releases the guard and writes the access record: the response is over.
-    fn finish(&mut self) {
+    /// Gives `lease` back to its pool when the instance's answer has been read to its end;
+    /// closes that connection when the body ends any other way.
+    pub(crate) fn give_back_at_end(&mut self, lease: Lease) {
+        self.lease = Some(lease);
+    }
+
+    /// Releases the guard and the instance connection (pooled again when the instance's answer
+    /// was read whole: `ended`), and writes the access record: the response is over.
+    fn finish(&mut self, ended: bool) {
         self.guard = None;
+        // A stream of events may have been ended by the proxy (a drain) rather than by the
+        // instance: its connection is never reused.
+        if let Some(lease) = self.lease.take()
+            && ended
+            && !matches!(self.kind, Kind::EventStream(_))
+        {
+            lease.give_back();
+        }
         if let Some(pending) = self.pending.take() {
             let PendingRecord {
                 mut record,
@@ -264,7 +283,9 @@ impl ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
-        self.finish();
+        // An answer with no body (to a HEAD, a 204 or a 304) is never polled: it has ended.
+        let ended = self.is_end_stream();
+        self.finish(ended);
     }
 }
 
@@ -318,10 +339,11 @@ impl Body for ProxyBody {
                     this.sent += data.len() as u64;
                 }
                 if this.is_end_stream() {
-                    this.finish();
+                    this.finish(true);
                 }
             }
-            Some(Err(_)) | None => this.finish(),
+            Some(Err(_)) => this.finish(false),
+            None => this.finish(true),
         }
         Poll::Ready(polled)
     }

@@ -14,7 +14,7 @@ use hyper::header::{
     CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, HeaderValue, STRICT_TRANSPORT_SECURITY,
     TRANSFER_ENCODING,
 };
-use hyper::http::uri::{PathAndQuery, Scheme};
+use hyper::http::uri::PathAndQuery;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
@@ -34,6 +34,7 @@ use super::pages::{Failure, page};
 use super::protocol::version_name;
 use super::server::Conn;
 use super::static_files;
+use super::upstream::{Lease, UpstreamError};
 use crate::routes::{AppRoute, Backend, InFlight};
 
 /// Bytes read from an instance per read on an upgraded connection.
@@ -293,26 +294,28 @@ async fn forward(
 
     loop {
         let addr = backend.addr;
-        let Some(uri) = upstream_uri(&backend, path_and_query.clone()) else {
-            let response = page(
-                Failure::BadRequest,
-                exchange.host,
-                app,
-                exchange.request_id(),
-            );
-            return exchange.finish(response, app, Some(addr), None);
-        };
         let mut upstream = Request::new(body);
         *upstream.method_mut() = method.clone();
-        *upstream.uri_mut() = uri;
+        // The origin form, as it goes on the wire; an HTTP/1.0 client may have sent no `Host`,
+        // and the instance gets its own address then.
+        *upstream.uri_mut() = Uri::from(path_and_query.clone());
+        if !headers.contains_key(HOST)
+            && let Some(authority) = backend.authority()
+            && let Ok(value) = HeaderValue::from_str(authority.as_str())
+        {
+            headers.insert(HOST, value);
+        }
         *upstream.headers_mut() = headers;
         let guard = backend.begin();
-        let failure = match tokio::time::timeout_at(deadline, conn.worker.client.request(upstream))
-            .await
+        let failure = match tokio::time::timeout_at(
+            deadline,
+            conn.worker.upstream.send(addr, upstream),
+        )
+        .await
         {
-            Ok(Ok(response)) => {
+            Ok(Ok((response, lease))) => {
                 backend.stats.record(response.status().as_u16());
-                return answer(exchange, app, response, client_upgrade, guard, addr);
+                return answer(exchange, app, response, client_upgrade, guard, lease, addr);
             }
             Err(_) => {
                 warn!(app, backend = %addr, "instance did not answer within {:?}", settings.request_timeout);
@@ -382,6 +385,7 @@ fn answer(
     mut response: Response<Incoming>,
     client_upgrade: Option<OnUpgrade>,
     guard: InFlight,
+    lease: Lease,
     addr: SocketAddr,
 ) -> Response<ProxyBody> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -403,7 +407,7 @@ fn answer(
         exchange.conn.worker.tasks.spawn(tunnel(
             client,
             upstream,
-            guard,
+            (guard, lease),
             exchange.conn.clone(),
             websocket,
         ));
@@ -423,11 +427,12 @@ fn answer(
                 .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
         });
     // A stream with a length cannot end early with an event of its own.
-    let body = if event_stream && !parts.headers.contains_key(CONTENT_LENGTH) {
+    let mut body = if event_stream && !parts.headers.contains_key(CONTENT_LENGTH) {
         ProxyBody::event_stream(body, guard.backend())
     } else {
         ProxyBody::upstream(body)
     };
+    body.give_back_at_end(lease);
     let response = Response::from_parts(parts, body);
     exchange.finish(response, app, Some(addr), Some(guard))
 }
@@ -440,12 +445,14 @@ fn answer(
 async fn tunnel(
     client: OnUpgrade,
     upstream: OnUpgrade,
-    guard: InFlight,
+    (guard, lease): (InFlight, Lease),
     conn: Arc<Conn>,
     websocket: bool,
 ) {
     let backend = guard.backend().clone();
     let _guard = guard;
+    // The instance connection is the tunnel's now, never to be pooled again.
+    let _lease = lease;
     let long_lived = backend.long_lived();
     let idle = conn.worker.proxy.settings.idle_timeout;
     let (client, upstream) = match tokio::try_join!(client, upstream) {
@@ -517,44 +524,39 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// `http://<instance><path?query>`: the absolute form the pooled client needs to pick a
-/// connection (it sends the origin form on the wire).
-fn upstream_uri(backend: &Backend, path_and_query: PathAndQuery) -> Option<Uri> {
-    let mut parts = hyper::http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(backend.authority()?.clone());
-    parts.path_and_query = Some(path_and_query);
-    Uri::from_parts(parts).ok()
-}
-
 /// What a failed exchange with an instance means for the client.
-fn classify(error: &hyper_util::client::legacy::Error) -> Failure {
-    let mut source = error.source();
+fn classify(error: &UpstreamError) -> Failure {
+    let hyper = match error {
+        UpstreamError::Connect(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+            return Failure::Timeout;
+        }
+        UpstreamError::Connect(_) => return Failure::Unreachable,
+        UpstreamError::Http(hyper) => hyper,
+    };
+    let mut source = hyper.source();
     while let Some(cause) = source {
         if cause.is::<BodyTooLarge>() {
             return Failure::BodyTooLarge;
         }
         source = cause.source();
     }
-    let mut source = error.source();
+    if hyper.is_user() && hyper.source().is_some() {
+        // A user error with a cause is the request body stream failing: the client went away
+        // or sent a broken chunked body.
+        return Failure::BodyAborted;
+    }
+    if hyper.is_timeout() {
+        return Failure::Timeout;
+    }
+    if hyper.is_parse() {
+        return Failure::BadAnswer;
+    }
+    let mut source = hyper.source();
     while let Some(cause) = source {
         if let Some(io) = cause.downcast_ref::<std::io::Error>()
             && io.kind() == std::io::ErrorKind::TimedOut
         {
             return Failure::Timeout;
-        }
-        if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
-            if hyper.is_user() && hyper.source().is_some() {
-                // A user error with a cause is the request body stream failing: the client
-                // went away or sent a broken chunked body.
-                return Failure::BodyAborted;
-            }
-            if hyper.is_timeout() {
-                return Failure::Timeout;
-            }
-            if hyper.is_parse() {
-                return Failure::BadAnswer;
-            }
         }
         source = cause.source();
     }

@@ -4,7 +4,7 @@
 //! The hot path per request is one read of the route table (an `Arc` clone), a header rewrite,
 //! and a pooled keep-alive connection to the instance; bodies stream both ways, never buffered.
 //! Each listener runs [`ProxySettings::workers`] threads, each with its own event loop and
-//! pool of connections to instances (see `server.rs` for why).
+//! pool of connections to instances (see `server.rs` for why, and `upstream.rs`).
 
 mod access;
 pub(crate) mod acme;
@@ -20,13 +20,11 @@ pub(crate) mod protocol;
 pub(crate) mod server;
 mod static_files;
 pub(crate) mod tls;
+mod upstream;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -37,7 +35,6 @@ pub use metrics::ProxyMetrics;
 pub(crate) use tls::CertStore;
 
 use crate::routes::Routes;
-use body::UpstreamBody;
 
 /// Default for [`ProxySettings::request_timeout`]: as nginx's `proxy_read_timeout`, long enough
 /// for a slow report page, short enough that a hung instance shows up as 504s quickly.
@@ -73,23 +70,6 @@ pub(crate) const UPSTREAM_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Idle pooled connections kept per instance: enough for the concurrency of a busy app
 /// between bursts, bounded so a spike does not leave thousands of sockets open.
 pub(crate) const UPSTREAM_MAX_IDLE_PER_INSTANCE: usize = 1024;
-
-/// The client for instances: one per worker thread, with its pool of keep-alive connections.
-pub(crate) type UpstreamClient = Client<HttpConnector, UpstreamBody>;
-
-/// A client for instances with the proxy's connect timeout and pool limits. Its connections'
-/// tasks run on the runtime that first uses it, so each worker thread builds its own.
-pub(crate) fn upstream_client() -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    // Small requests and responses must not wait for Nagle's delayed ACK dance.
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(UPSTREAM_POOL_IDLE_TIMEOUT)
-        .pool_max_idle_per_host(UPSTREAM_MAX_IDLE_PER_INSTANCE)
-        .pool_timer(TokioTimer::new())
-        .build(connector)
-}
 
 /// Default for [`ProxySettings::workers`]: one per core the process may run on, as nginx's
 /// `worker_processes auto`.

@@ -30,7 +30,8 @@ use tracing::{debug, info, warn};
 use super::activity::{Activity, Tracked};
 use super::metrics::{OpenConnection, WorkerConnections};
 use super::protocol::{Builders, Graceful, Protocol};
-use super::{MAX_CONNECTIONS, Proxy, UpstreamClient, handle, upstream_client};
+use super::upstream::UpstreamPool;
+use super::{MAX_CONNECTIONS, Proxy, handle};
 
 /// Pause after a failed `accept` (typically out of file descriptors) so the loop does not spin
 /// while connections close.
@@ -63,7 +64,7 @@ pub(crate) struct Worker {
     pub(crate) https: bool,
     /// This worker's connections to instances, so that a request and the instance connection
     /// it uses run on the same thread.
-    pub(crate) client: UpstreamClient,
+    pub(crate) upstream: Arc<UpstreamPool>,
     builders: Builders,
     shutdown: CancellationToken,
     /// Cancelled when the drain deadline has passed: whatever still runs is cut (shared by
@@ -133,7 +134,7 @@ pub(crate) async fn serve(
             handoffs: handoffs.clone(),
             proxy: proxy.clone(),
             https,
-            client: upstream_client(),
+            upstream: Arc::new(UpstreamPool::default()),
             builders: builders.clone(),
             shutdown: stop.clone(),
             force: force.clone(),
