@@ -69,9 +69,12 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    /// Puts the connection back for the next request to `addr`.
+    /// Puts the connection back for the next request to `addr` if it is ready for one. It is
+    /// not when the instance answered before reading the whole request body, which may still
+    /// be coming from a slow client: a request taking that connection would wait for it, so it
+    /// closes instead.
     pub(crate) fn give_back(self) {
-        if self.sender.is_closed() {
+        if !self.sender.is_ready() {
             return;
         }
         if let Some(pool) = self.pool.upgrade() {
@@ -91,7 +94,7 @@ impl UpstreamPool {
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
         let mut reused_failed = false;
         loop {
-            let (mut sender, reused) = match self.take(addr).await {
+            let (mut sender, reused) = match self.take(addr) {
                 Some(sender) if !reused_failed => (sender, true),
                 _ => (self.connect(addr).await?, false),
             };
@@ -118,22 +121,15 @@ impl UpstreamPool {
 
     /// The most recently used idle connection to `addr` that is still open and ready, young
     /// enough that the instance has not begun closing it.
-    async fn take(&self, addr: SocketAddr) -> Option<SendRequest<UpstreamBody>> {
-        loop {
-            let idle = {
-                let mut pools = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-                pools.get_mut(&addr)?.pop()?
-            };
-            let Idle { mut sender, since } = idle;
-            if since.elapsed() >= UPSTREAM_POOL_IDLE_TIMEOUT || sender.is_closed() {
-                continue;
-            }
-            // Given back at the end of its answer, the connection is ready once its task has
-            // run again; one that closed meanwhile is skipped.
-            if sender.is_ready() || sender.ready().await.is_ok() {
+    fn take(&self, addr: SocketAddr) -> Option<SendRequest<UpstreamBody>> {
+        let mut pools = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let idle = pools.get_mut(&addr)?;
+        while let Some(Idle { sender, since }) = idle.pop() {
+            if since.elapsed() < UPSTREAM_POOL_IDLE_TIMEOUT && sender.is_ready() {
                 return Some(sender);
             }
         }
+        None
     }
 
     fn put(&self, addr: SocketAddr, sender: SendRequest<UpstreamBody>) {
