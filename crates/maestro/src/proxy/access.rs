@@ -173,6 +173,16 @@ mod tests {
         );
     }
 
+    #[test]
+    fn quoted_fields_escape_quotes_backslashes_controls_and_non_ascii_bytes() {
+        let mut out = String::new();
+        quoted(&mut out, "a\u{e9}b\\c\"\td\u{1F600}");
+        assert_eq!(out, "\"a\\xc3\\xa9b\\\\c\\\"\\x09d\\xf0\\x9f\\x98\\x80\"");
+        out.clear();
+        quoted(&mut out, "");
+        assert_eq!(out, "\"\"");
+    }
+
     #[tokio::test]
     async fn full_channel_drops_and_counts() {
         let (log, mut rx) = AccessLog::new(1);
