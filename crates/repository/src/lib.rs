@@ -21,6 +21,7 @@ pub(crate) mod phases;
 pub(crate) mod releases;
 pub(crate) mod retention;
 pub(crate) mod rollback;
+pub(crate) mod spool;
 pub(crate) mod storage;
 pub(crate) mod upload;
 

@@ -1,17 +1,16 @@
 //! Receiving a bundle or a layer: the request body streams into a spool file, hashed on the
-//! way by the writer's blocking thread, and at the same time into the inspector on another, so
+//! way by the writer's blocking thread (`spool.rs`), and at the same time into the inspector on another, so
 //! the archive is read once and the three stages (network, disk, inspection) overlap. Nothing
 //! becomes visible until the caller stores it; on any error the spool file is deleted when the
 //! [`Spooled`] value drops.
 
-use std::io::{Read, Write as _};
+use std::io::Read;
 use std::path::Path;
 
 use axum::body::Body;
 use bytes::{Buf, Bytes};
 use futures_util::StreamExt;
 use px_bundle::{BundleError, BundleInfo, Limits};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
@@ -48,7 +47,7 @@ async fn spool(
         })?;
     let (file, path) = named.into_parts();
     let (to_disk, chunks) = mpsc::channel(SPOOL_QUEUE_CHUNKS);
-    let writer = tokio::task::spawn_blocking(move || write_and_hash(file, chunks));
+    let writer = tokio::task::spawn_blocking(move || crate::spool::write_and_hash(file, chunks));
     let mut size: u64 = 0;
     let mut inspector = Some(inspector);
     let mut stream = body.into_data_stream();
@@ -100,21 +99,6 @@ async fn spool(
         sha256: actual,
         size,
     })
-}
-
-/// Writes every chunk to `file` as it comes, hashing it, then syncs the file: the spool
-/// writer's blocking thread. Returns the SHA-256 of what was written.
-fn write_and_hash(
-    mut file: std::fs::File,
-    mut chunks: mpsc::Receiver<Bytes>,
-) -> std::io::Result<String> {
-    let mut hasher = Sha256::new();
-    while let Some(chunk) = chunks.blocking_recv() {
-        hasher.update(&chunk);
-        file.write_all(&chunk)?;
-    }
-    file.sync_all()?;
-    Ok(hex::encode(hasher.finalize()))
 }
 
 /// Receives a bundle: streams `body` into a spool file in `dir`, refusing it past `max_bytes`
