@@ -163,11 +163,8 @@ async fn sigkill_mid_upload_leaves_no_partial_release() {
     );
 
     let mut child = spawn(&config, port);
-    assert_eq!(
-        std::fs::read_dir(&spool).unwrap().count(),
-        0,
-        "start-up clears partial uploads"
-    );
+    // The port opens (bound by `main`) before start-up has cleared the spool; the first answer
+    // comes after.
     let r = http
         .get(format!("{url}/v1/apps/hello/releases"))
         .bearer_auth(&deploy)
@@ -176,6 +173,11 @@ async fn sigkill_mid_upload_leaves_no_partial_release() {
         .unwrap();
     let releases: Vec<px_proto::api::Release> = r.json().await.unwrap();
     assert!(releases.is_empty(), "no partial release: {releases:?}");
+    assert_eq!(
+        std::fs::read_dir(&spool).unwrap().count(),
+        0,
+        "start-up clears partial uploads"
+    );
     let r = http
         .post(format!("{url}/v1/apps/hello/releases"))
         .bearer_auth(&deploy)
