@@ -157,18 +157,3 @@ async fn retention_on_s3_collects_layers_and_builds() {
     );
     repo.stop().await;
 }
-
-#[tokio::test]
-async fn two_repositories_on_s3_finishing_one_build_commit_one_release() {
-    let Some(s3) = server() else { return };
-    let first = start(&s3).await;
-    let second = Repo::start_with(|c| {
-        common::use_s3(c, &s3);
-        common::no_periodic_retention(c);
-        c.tokens = first.config.tokens.clone();
-    })
-    .await;
-    build_suite::two_repositories_finish_one_build(&first, &second).await;
-    second.stop().await;
-    first.stop().await;
-}

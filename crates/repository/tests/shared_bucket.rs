@@ -10,6 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime};
 
+use common::build_suite;
 use common::domain_suite::bundle_with_domains;
 use common::{Repo, no_periodic_retention, sample_bundle, sha256_hex, use_s3_endpoint};
 use futures_util::future::join_all;
@@ -246,4 +247,17 @@ async fn a_sweep_on_one_apprepo_spares_an_old_bundle_another_commits_during_its_
     );
     a.stop().await;
     b.stop().await;
+}
+
+/// Here rather than beside the other build tests on s3s-fs: the build's claim is a
+/// create-only write, which s3s-fs checks and then writes, so two finishes could both win.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_apprepos_finishing_one_build_commit_one_release() {
+    let Some(s3) = SeaweedServer::start(BUCKET) else {
+        return;
+    };
+    let (a, b) = two_repos(&s3).await;
+    build_suite::two_repositories_finish_one_build(&a, &b).await;
+    b.stop().await;
+    a.stop().await;
 }
