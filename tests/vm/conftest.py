@@ -26,11 +26,11 @@ import vm
 # The cluster: name, private IP, and the guest ports forwarded to the host (each to a free host
 # port, see Vm.ports). control runs apprepo (7070, its API) and Beacon (7080, its HTTP API and
 # status page; 7443, the Maestros' TLS links), the ports of ansible/roles/platformx; the web
-# servers run Maestro (HTTP, status). SCRATCH_PORT is added to every VM.
+# servers run Maestro (HTTP, HTTPS once ACME is on, status). SCRATCH_PORT is added to every VM.
 CLUSTER = (
     ("control", "10.77.0.10", (7070, 7080, 7443)),
-    ("web-1", "10.77.0.11", (80, 7090)),
-    ("web-2", "10.77.0.12", (80, 7090)),
+    ("web-1", "10.77.0.11", (80, 443, 7090)),
+    ("web-2", "10.77.0.12", (80, 443, 7090)),
 )
 # Forwarded on every VM for a test's own throwaway server; the platform never listens there.
 SCRATCH_PORT = 8999
@@ -60,7 +60,11 @@ REQUIRED_TOOLS = (
     "mkfs.ext4",
     "ssh",
     "ssh-keygen",
+    "openssl",
     ANSIBLE_PLAYBOOK,
+    # Copied into the control VM by the ACME scenario (test_acme.py).
+    "/usr/bin/pebble",
+    "/usr/bin/pebble-challtestsrv",
 )
 
 # The repository (for ansible/ and systemd/) and the Cargo build the platform comes from.
@@ -145,9 +149,11 @@ class Cluster:
         *args: str,
         timeout: float = ANSIBLE_TIMEOUT_S,
         env: dict[str, str] | None = None,
+        log: Path | None = None,
     ):
         """Runs `ansible-playbook -i <inventory> playbook args...`; a failure raises with the
-        end of its output. `env` adds environment variables (ANSIBLE_CONFIG, ...)."""
+        failed tasks' messages and the end of its output. `env` adds environment variables
+        (ANSIBLE_CONFIG, ...); `log`, when given, receives the whole output, failed or not."""
         command = [ANSIBLE_PLAYBOOK, "-i", str(self.inventory), str(playbook), *args]
         proc = subprocess.run(
             command,
@@ -166,8 +172,14 @@ class Cluster:
                 **(env or {}),
             },
         )
+        if log is not None:
+            log.write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
-            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-ANSIBLE_OUTPUT_TAIL_LINES:])
+            lines = (proc.stdout + proc.stderr).splitlines()
+            # The failed tasks' own messages, which a long per-task timing table at the end
+            # of the output would push out of the tail.
+            failures = [line for line in lines if line.startswith(("fatal:", "failed:"))]
+            tail = "\n".join([*failures, *lines[-ANSIBLE_OUTPUT_TAIL_LINES:]])
             raise AssertionError(f"{shlex.join(command)} exited with {proc.returncode}\n{tail}")
         return proc
 
@@ -190,12 +202,34 @@ class Platform:
     """Platform.X as site.yml installed it on the cluster, and the host's `em` configured for
     it (through control's forwarded ports)."""
 
-    def __init__(self, cluster: Cluster, em: Path, em_config_home: Path, timings: dict):
+    def __init__(
+        self,
+        cluster: Cluster,
+        em: Path,
+        em_config_home: Path,
+        timings: dict,
+        site_vars: dict,
+    ):
         self.cluster = cluster
         self.em_binary = em
         self.em_config_home = em_config_home  # XDG_CONFIG_HOME holding em/config.toml
         self.domain = PLATFORM_DOMAIN
         self.timings = timings
+        self.site_vars = site_vars  # the extra variables site.yml ran with
+
+    def site_yml(self, name: str, **more_vars) -> str:
+        """Runs site.yml again, as an operator who changed the inventory: the variables it ran
+        with plus `more_vars`. Its output is kept as site-<name>.log; returns it."""
+        extra_vars = self.cluster.workdir / f"site-vars-{name}.json"
+        extra_vars.write_text(json.dumps({**self.site_vars, **more_vars}, indent=2) + "\n")
+        proc = self.cluster.ansible_playbook(
+            SITE_PLAYBOOK,
+            "-e",
+            f"@{extra_vars}",
+            env=_site_env(),
+            log=self.cluster.workdir / f"site-{name}.log",
+        )
+        return proc.stdout
 
     def em(self, *args: str, timeout: float = EM_TIMEOUT_S, check: bool = True):
         """Runs the host's em with the cluster's config; a failure raises with its output."""
@@ -276,6 +310,15 @@ def _site_vars(cluster: Cluster, staging: Path) -> dict:
     }
 
 
+def _site_env() -> dict[str, str]:
+    return {
+        "ANSIBLE_CONFIG": str(ANSIBLE_CONFIG),
+        # Each task's time at the end of the output (kept in site-<n>.log).
+        "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks",
+        "PROFILE_TASKS_TASK_OUTPUT_LIMIT": "100",
+    }
+
+
 @pytest.fixture(scope="session")
 def platform(request: pytest.FixtureRequest, cluster: Cluster) -> Platform:
     """Runs the real ansible/site.yml on the cluster twice (the second run must change
@@ -284,14 +327,10 @@ def platform(request: pytest.FixtureRequest, cluster: Cluster) -> Platform:
     debug = _built_binaries()
     staging = cluster.workdir / "bin"
     _stage_binaries(debug, staging)
+    site_vars = _site_vars(cluster, staging)
     extra_vars = cluster.workdir / "site-vars.json"
-    extra_vars.write_text(json.dumps(_site_vars(cluster, staging), indent=2) + "\n")
-    env = {
-        "ANSIBLE_CONFIG": str(ANSIBLE_CONFIG),
-        # Each task's time at the end of the output (kept in site-<n>.log).
-        "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks",
-        "PROFILE_TASKS_TASK_OUTPUT_LIMIT": "100",
-    }
+    extra_vars.write_text(json.dumps(site_vars, indent=2) + "\n")
+    env = _site_env()
     timings = {}
     for run in ("first", "second"):
         started = time.monotonic()
@@ -312,7 +351,7 @@ def platform(request: pytest.FixtureRequest, cluster: Cluster) -> Platform:
     em_config = em_config_home / "em" / "config.toml"
     shutil.copyfile(cluster.workdir / ".secrets" / "em-config.toml", em_config)
     em_config.chmod(0o600)
-    return Platform(cluster, debug / "em", em_config_home, timings)
+    return Platform(cluster, debug / "em", em_config_home, timings, site_vars)
 
 
 def write_inventory(path: Path, vms: dict[str, vm.Vm]) -> None:
@@ -427,7 +466,8 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 
 # The scenarios' order: each starts from the state the one before left (README.md). The build
-# scenario comes last, so the scenarios before it run with the cluster they were written for.
+# scenario comes after the others, so they run with the cluster they were written for; the ACME
+# scenario last, as it turns HTTPS on across the cluster (site.yml with the ACME variables).
 MODULE_ORDER = (
     "test_cluster_boots",
     "test_deploy_cycle",
@@ -436,6 +476,7 @@ MODULE_ORDER = (
     "test_recovery",
     "test_processes",
     "test_builds",
+    "test_acme",
 )
 
 

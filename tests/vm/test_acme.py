@@ -1,0 +1,375 @@
+"""Certificates from a real ACME CA on the VM cluster: Pebble runs on control, site.yml is run
+again with the ACME variables as an operator would, and both web servers serve the app's
+certificate over HTTPS; a web server that lost its certificates serves them again within
+seconds of starting, and restarted services order nothing they already hold.
+
+Pebble and pebble-challtestsrv (its DNS server) are the host's Debian binaries, copied into
+control: the cached image stays as it is. The DNS server answers every name with web-1's LAN
+address, and the app's added domain with web-2's, so Pebble validates against both web
+servers over the LAN, as a real CA would reach them through DNS.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from appcheck import (
+    APP,
+    RESTART_TIMEOUT_S,
+    WEB_SERVERS,
+    current_release,
+    release_in,
+    wait_for_nodes,
+    wait_until,
+)
+
+# The name added to the app with `em domains add`, which the DNS server answers with web-2's
+# address; and the one added after the restarts (answered with web-1's, the default).
+DOMAIN = "shop.example.com"
+LATER_DOMAIN = "www.shop.example.com"
+ACME_EMAIL = "ops@example.com"
+# Where Pebble lives on control, its ports there (the directory and management API over
+# HTTPS, its DNS server and that server's management API over plain HTTP).
+PEBBLE_DIR = "/opt/pebble"
+PEBBLE_PORT = 14000
+PEBBLE_MANAGEMENT_PORT = 15000
+DNS_PORT = 8053
+DNS_MANAGEMENT_PORT = 8055
+# The transient units Pebble and its DNS server run as (systemd-run), so their output is in
+# control's journal.
+PEBBLE_UNIT = "px-test-pebble"
+DNS_UNIT = "px-test-pebble-dns"
+# The LAN addresses the DNS server gives: every name web-1's, DOMAIN web-2's.
+DEFAULT_ADDRESS = "10.77.0.11"
+DOMAIN_ADDRESS = "10.77.0.12"
+# Days Pebble's own listener certificate (made here with openssl) is valid.
+LISTENER_CERT_DAYS = 2
+# One openssl or curl command on the host.
+HOST_COMMAND_TIMEOUT_S = 60
+# Until Pebble's ports answer after it was started (the guest is emulated).
+PEBBLE_START_TIMEOUT_S = 60
+# From site.yml turning ACME on (or a name added) to every name's certificate issued and
+# served: Beacon's account, the orders (each waits up to 90 s for validation), the Maestros
+# fetching the certificates, all under emulation.
+ISSUE_TIMEOUT_S = 240
+# One HTTPS request from the host, through qemu's forwarding.
+REQUEST_TIMEOUT_S = 15
+# Pebble's log line for each new order (its wfe), counted to tell whether an order was sent.
+ORDER_LOG_LINE = "Added order"
+_ISSUER = re.compile(r"^\*\s+issuer: (.*)$", re.M)
+
+
+@dataclass
+class Acme:
+    """Pebble on control, and the root of the certificates it issues (fetched from its
+    management interface), which the host's clients trust."""
+
+    root: Path
+    listener_ca: Path
+
+
+def host(*command: str) -> str:
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=HOST_COMMAND_TIMEOUT_S, check=False
+    )
+    assert proc.returncode == 0, f"{command} exited with {proc.returncode}: {proc.stderr}"
+    return proc.stdout
+
+
+def copy_file(machine, source: Path, dest: str, mode: str) -> None:
+    """Copies a host file into a VM over its SSH connection."""
+    with open(source, "rb") as data:
+        proc = subprocess.run(
+            machine.ssh_command(
+                f"mkdir -p $(dirname {dest}) && cat > {dest}.part && chmod {mode} {dest}.part"
+                f" && mv {dest}.part {dest}"
+            ),
+            stdin=data,
+            capture_output=True,
+            timeout=HOST_COMMAND_TIMEOUT_S,
+            check=False,
+        )
+    assert proc.returncode == 0, f"copying {source} to {machine.name}:{dest}: {proc.stderr!r}"
+
+
+def make_listener_pki(workdir: Path) -> tuple[Path, Path, Path]:
+    """A CA and, under it, the certificate of Pebble's own HTTPS listener for control's names
+    (what Beacon's [acme] ca_file names). Returns (CA, certificate, key)."""
+    ca, ca_key = workdir / "pebble-listener-ca.pem", workdir / "pebble-listener-ca.key"
+    cert, key, csr = workdir / "pebble.pem", workdir / "pebble.key", workdir / "pebble.csr"
+    ext = workdir / "pebble.ext"
+    ext.write_text(
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth\n"
+        "subjectAltName=DNS:control,IP:10.77.0.10,IP:127.0.0.1\n"
+    )
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+    days = str(LISTENER_CERT_DAYS)
+    host("openssl", "req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca),
+         "-days", days, "-subj", "/CN=Pebble listener CA (VM tier)")  # fmt: skip
+    host("openssl", "req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=control")
+    host("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+         "-CAcreateserial", "-days", days, "-extfile", str(ext), "-out", str(cert))  # fmt: skip
+    return ca, cert, key
+
+
+def start_pebble(control, workdir: Path) -> Path:
+    """Copies Pebble into control and starts it with its DNS server; returns the listener CA."""
+    ca, cert, key = make_listener_pki(workdir)
+    config = workdir / "pebble.json"
+    config.write_text(
+        json.dumps({
+            "pebble": {
+                "listenAddress": f"0.0.0.0:{PEBBLE_PORT}",
+                "managementListenAddress": f"127.0.0.1:{PEBBLE_MANAGEMENT_PORT}",
+                "certificate": f"{PEBBLE_DIR}/pebble.pem",
+                "privateKey": f"{PEBBLE_DIR}/pebble.key",
+                # Where the CA's validations go on the address DNS gives: Maestro's ports.
+                "httpPort": 80,
+                "tlsPort": 443,
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": False,
+            }
+        })
+    )  # fmt: skip
+    for binary in ("pebble", "pebble-challtestsrv"):
+        copy_file(control, Path("/usr/bin") / binary, f"{PEBBLE_DIR}/{binary}", "0755")
+    copy_file(control, config, f"{PEBBLE_DIR}/pebble.json", "0644")
+    copy_file(control, cert, f"{PEBBLE_DIR}/pebble.pem", "0644")
+    copy_file(control, key, f"{PEBBLE_DIR}/pebble.key", "0600")
+    copy_file(control, ca, f"{PEBBLE_DIR}/listener-ca.pem", "0644")
+    control.ssh(
+        f"systemd-run --unit={DNS_UNIT} {PEBBLE_DIR}/pebble-challtestsrv"
+        f" -defaultIPv4 {DEFAULT_ADDRESS} -defaultIPv6 ''"
+        f" -dns01 127.0.0.1:{DNS_PORT} -http01 '' -https01 '' -tlsalpn01 ''"
+        f" -management 127.0.0.1:{DNS_MANAGEMENT_PORT}"
+    )
+    # No random sleep before validating, no nonce refused on purpose: the scenario checks the
+    # platform, not how it rides out Pebble's chaos.
+    control.ssh(
+        f"systemd-run --unit={PEBBLE_UNIT} --setenv=PEBBLE_VA_NOSLEEP=1"
+        f" --setenv=PEBBLE_WFE_NONCEREJECT=0 {PEBBLE_DIR}/pebble"
+        f" -config {PEBBLE_DIR}/pebble.json -dnsserver 127.0.0.1:{DNS_PORT}"
+    )
+    wait_until(
+        "Pebble's DNS server answers its management API",
+        lambda: control.ssh(
+            f"curl -sS --fail -d '{json.dumps({'host': DOMAIN, 'addresses': [DOMAIN_ADDRESS]})}'"
+            f" http://127.0.0.1:{DNS_MANAGEMENT_PORT}/add-a",
+            check=False,
+        ).returncode
+        == 0,
+        PEBBLE_START_TIMEOUT_S,
+    )
+    return ca
+
+
+def pebble_root(control) -> str:
+    """The root Pebble signs with, from its management interface (under the listener CA)."""
+    pem = control.ssh(
+        f"curl -sS --fail --cacert {PEBBLE_DIR}/listener-ca.pem"
+        f" https://127.0.0.1:{PEBBLE_MANAGEMENT_PORT}/roots/0"
+    ).stdout
+    assert pem.startswith("-----BEGIN CERTIFICATE-----"), pem
+    return pem
+
+
+def orders_sent(control) -> int:
+    """New orders Pebble has received since it started (its log says each)."""
+    log = control.ssh(f"journalctl -u {PEBBLE_UNIT} -o cat --no-pager").stdout
+    return log.count(ORDER_LOG_LINE)
+
+
+@dataclass
+class Answer:
+    http_version: str
+    status: int
+    body: str
+    issuer: str
+
+
+def https_get(web, root: Path, name: str, http: str) -> Answer:
+    """`curl --http2` or `--http1.1` to https://<name>/ on a web server's forwarded HTTPS
+    port, trusting Pebble's root alone; fails on any TLS or connection error."""
+    port = web.ports[443]
+    proc = subprocess.run(
+        [
+            "curl", "-sS", "-v", f"--{http}", "--max-time", str(REQUEST_TIMEOUT_S),
+            "--resolve", f"{name}:{port}:127.0.0.1", "--cacert", str(root),
+            "-w", "\n%{http_version} %{http_code}", f"https://{name}:{port}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=REQUEST_TIMEOUT_S + 5,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{web.name} {name} over {http}: {proc.stderr[-1500:]}"
+    body, _, last = proc.stdout.rpartition("\n")
+    version, status = last.split()
+    issuer = _ISSUER.search(proc.stderr)
+    return Answer(version, int(status), body, issuer.group(1) if issuer else "")
+
+
+def served_serial(web, root: Path, name: str) -> int:
+    """The serial number of the certificate a web server presents for `name`."""
+    context = ssl.create_default_context(cafile=str(root))
+    with socket.create_connection(("127.0.0.1", web.ports[443]), REQUEST_TIMEOUT_S) as raw:
+        with context.wrap_socket(raw, server_hostname=name) as tls:
+            return int(tls.getpeercert()["serialNumber"], 16)
+
+
+def serves_https(web, root: Path, name: str, release: int) -> bool:
+    answer = https_get(web, root, name, "http1.1")
+    return answer.status == 200 and release_in(answer.body) == release
+
+
+def domains(platform) -> dict[str, dict]:
+    """`em domains list --json` for the app: name -> its entry (source, certificate)."""
+    listed = json.loads(platform.em("--json", "domains", "list", "--app", APP).stdout)
+    return {entry["domain"]: entry for entry in listed["domains"]}
+
+
+def all_issued(platform) -> dict[str, dict] | None:
+    listed = domains(platform)
+    issued = all(
+        (entry.get("certificate") or {}).get("state") == "issued" for entry in listed.values()
+    )
+    return listed if issued else None
+
+
+@pytest.fixture(scope="module")
+def acme(platform, tmp_path_factory: pytest.TempPathFactory, vm_timings) -> Acme:
+    """Pebble on control, and the platform configured for it through site.yml's ACME
+    variables (directory URL, CA file, email)."""
+    cluster = platform.cluster
+    current_release(platform)  # skips when nothing is deployed
+    workdir = tmp_path_factory.mktemp("acme")
+    control = cluster["control"]
+    listener_ca = start_pebble(control, workdir)
+    root = workdir / "pebble-root.pem"
+    root.write_text(wait_until("Pebble's root", lambda: pebble_root(control), PEBBLE_START_TIMEOUT_S))
+    started = time.monotonic()
+    platform.site_yml(
+        "acme",
+        px_acme_directory_url=f"https://control:{PEBBLE_PORT}/dir",
+        px_acme_ca_file=str(listener_ca),
+        px_acme_email=ACME_EMAIL,
+    )
+    vm_timings["site.yml with the ACME variables"] = time.monotonic() - started
+    return Acme(root, listener_ca)
+
+
+def test_an_added_domain_gets_a_pebble_certificate_that_both_web_servers_serve(
+    platform, acme, vm_timings
+):
+    """site.yml with px_acme_*: Beacon's [acme] names control's Pebble and its CA file, each
+    web server listens on 443. `em domains add` gets the name a certificate, which both web
+    servers serve over HTTP/2 and HTTP/1.1 under Pebble's root; `em domains list` shows every
+    name of the app issued by Pebble."""
+    cluster = platform.cluster
+    release = current_release(platform)
+    control = cluster["control"]
+    beacon_toml = control.ssh("cat /etc/platformx/beacon.toml").stdout
+    assert f'directory_url = "https://control:{PEBBLE_PORT}/dir"' in beacon_toml, beacon_toml
+    assert 'ca_file = "/etc/platformx/acme-ca.pem"' in beacon_toml, beacon_toml
+    assert control.ssh("cat /etc/platformx/acme-ca.pem").stdout == acme.listener_ca.read_text()
+    for name in WEB_SERVERS:
+        state = cluster[name].ssh("systemctl is-active maestro-https.socket").stdout.strip()
+        assert state == "active", (name, state)
+
+    started = time.monotonic()
+    platform.em("domains", "add", DOMAIN, "--app", APP)
+    for name in WEB_SERVERS:
+        web = cluster[name]
+        wait_until(
+            f"{name} serves {DOMAIN} over HTTPS",
+            lambda web=web: serves_https(web, acme.root, DOMAIN, release),
+            ISSUE_TIMEOUT_S,
+        )
+    vm_timings["em domains add to both web servers serving HTTPS"] = time.monotonic() - started
+
+    for name in WEB_SERVERS:
+        for http, version in (("http2", "2"), ("http1.1", "1.1")):
+            answer = https_get(cluster[name], acme.root, DOMAIN, http)
+            print(f"{name} {DOMAIN} {http}: {answer.http_version} {answer.status}, {answer.issuer}")
+            assert answer.http_version == version, (name, http, answer)
+            assert answer.status == 200 and release_in(answer.body) == release, (name, answer)
+            assert "Pebble" in answer.issuer, (name, answer.issuer)
+
+    listed = wait_until("every name of the app issued", lambda: all_issued(platform), ISSUE_TIMEOUT_S)
+    print(platform.em("domains", "list", "--app", APP).stdout)
+    assert listed[DOMAIN]["source"] == "added", listed
+    assert f"{APP}.{platform.domain}" in listed, listed
+    for name, entry in listed.items():
+        assert "Pebble" in entry["certificate"].get("issuer", ""), (name, entry)
+    # Pebble validated the added name against web-2, the others against web-1; each order
+    # once.
+    print(f"orders Pebble received: {orders_sent(control)}")
+    assert orders_sent(control) >= len(listed)
+
+
+def test_a_web_server_that_lost_its_certificates_serves_them_within_seconds(
+    platform, acme, vm_timings
+):
+    """Maestro on web-2 stopped, its ACME state (state_dir/acme) removed, started again: it
+    fetches the certificates from apprepo and serves the name over HTTPS; the seconds from
+    start to serving go to the summary."""
+    cluster = platform.cluster
+    release = current_release(platform)
+    web = cluster["web-2"]
+    acme_state = "/var/lib/platformx/maestro/acme"
+    assert web.ssh(f"ls {acme_state}").stdout.split() != [], "web-2 kept no certificate"
+    web.ssh("systemctl stop maestro")
+    web.ssh(f"rm -rf {acme_state}")
+    started = time.monotonic()
+    web.ssh("systemctl start maestro")
+    wait_until(
+        f"web-2 serves {DOMAIN} over HTTPS after a start with no certificates",
+        lambda: serves_https(web, acme.root, DOMAIN, release),
+        RESTART_TIMEOUT_S,
+        interval=0.2,
+    )
+    seconds = time.monotonic() - started
+    vm_timings["web-2 with no certificates, start to serving HTTPS"] = seconds
+    print(f"web-2 started with no certificates and served {DOMAIN} after {seconds:.1f} s")
+    assert f"{DOMAIN}.json" in web.ssh(f"ls {acme_state}").stdout.split()
+    assert "Pebble" in https_get(web, acme.root, DOMAIN, "http2").issuer
+
+
+def test_restarted_beacon_and_maestro_order_nothing_they_hold(platform, acme):
+    """Beacon and web-1's Maestro restarted: both web servers serve the same certificate
+    (serial) as before, and the one new order Pebble receives afterwards is for a name added
+    after the restarts, which shows Beacon's ordering ran and left the issued names alone."""
+    cluster = platform.cluster
+    release = current_release(platform)
+    control = cluster["control"]
+    serials = {name: served_serial(cluster[name], acme.root, DOMAIN) for name in WEB_SERVERS}
+    orders_before = orders_sent(control)
+
+    control.ssh("systemctl restart beacon")
+    cluster["web-1"].ssh("systemctl restart maestro")
+    wait_for_nodes(platform)
+    platform.em("domains", "add", LATER_DOMAIN, "--app", APP)
+    for name in WEB_SERVERS:
+        web = cluster[name]
+        wait_until(
+            f"{name} serves {LATER_DOMAIN} over HTTPS",
+            lambda web=web: serves_https(web, acme.root, LATER_DOMAIN, release),
+            ISSUE_TIMEOUT_S,
+        )
+    orders_after = orders_sent(control)
+    print(f"orders Pebble received: {orders_before} before the restarts, {orders_after} after")
+    assert orders_after == orders_before + 1, (orders_before, orders_after)
+    for name in WEB_SERVERS:
+        assert served_serial(cluster[name], acme.root, DOMAIN) == serials[name], name
+        assert serves_https(cluster[name], acme.root, DOMAIN, release), name
