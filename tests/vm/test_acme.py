@@ -75,6 +75,7 @@ class Acme:
 
     root: Path
     listener_ca: Path
+    release: int  # the app's release both web servers serve
 
 
 def host(*command: str) -> str:
@@ -252,7 +253,7 @@ def acme(platform, tmp_path_factory: pytest.TempPathFactory, vm_timings) -> Acme
     """Pebble on control, and the platform configured for it through site.yml's ACME
     variables (directory URL, CA file, email)."""
     cluster = platform.cluster
-    current_release(platform)  # skips when nothing is deployed
+    release = current_release(platform)  # skips when nothing is deployed
     workdir = tmp_path_factory.mktemp("acme")
     control = cluster["control"]
     listener_ca = start_pebble(control, workdir)
@@ -266,7 +267,9 @@ def acme(platform, tmp_path_factory: pytest.TempPathFactory, vm_timings) -> Acme
         px_acme_email=ACME_EMAIL,
     )
     vm_timings["site.yml with the ACME variables"] = time.monotonic() - started
-    return Acme(root, listener_ca)
+    # site.yml restarted Maestro: the tests wait for HTTPS answers, as plain HTTP redirects to
+    # HTTPS once a web server holds the name's certificate.
+    return Acme(root, listener_ca, release)
 
 
 def test_an_added_domain_gets_a_pebble_certificate_that_both_web_servers_serve(
@@ -277,7 +280,7 @@ def test_an_added_domain_gets_a_pebble_certificate_that_both_web_servers_serve(
     servers serve over HTTP/2 and HTTP/1.1 under Pebble's root; `em domains list` shows every
     name of the app issued by Pebble."""
     cluster = platform.cluster
-    release = current_release(platform)
+    release = acme.release
     control = cluster["control"]
     beacon_toml = control.ssh("cat /etc/platformx/beacon.toml").stdout
     assert f'directory_url = "https://control:{PEBBLE_PORT}/dir"' in beacon_toml, beacon_toml
@@ -325,7 +328,7 @@ def test_a_web_server_that_lost_its_certificates_serves_them_within_seconds(
     fetches the certificates from apprepo and serves the name over HTTPS; the seconds from
     start to serving go to the summary."""
     cluster = platform.cluster
-    release = current_release(platform)
+    release = acme.release
     web = cluster["web-2"]
     acme_state = "/var/lib/platformx/maestro/acme"
     assert web.ssh(f"ls {acme_state}").stdout.split() != [], "web-2 kept no certificate"
@@ -351,7 +354,7 @@ def test_restarted_beacon_and_maestro_order_nothing_they_hold(platform, acme):
     (serial) as before, and the one new order Pebble receives afterwards is for a name added
     after the restarts, which shows Beacon's ordering ran and left the issued names alone."""
     cluster = platform.cluster
-    release = current_release(platform)
+    release = acme.release
     control = cluster["control"]
     serials = {name: served_serial(cluster[name], acme.root, DOMAIN) for name in WEB_SERVERS}
     orders_before = orders_sent(control)
