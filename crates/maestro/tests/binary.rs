@@ -146,7 +146,7 @@ fn check_config_names_the_problems() {
     );
     std::fs::write(
         &config,
-        "port_range = [30000, 20000]\nhttps_listen = \"127.0.0.1:8443\"\n",
+        "port_range = [30000, 20000]\nhttps_listen = \"127.0.0.1:8443\"\nhttps_redirect_port = 0\n",
     )
     .unwrap();
     let out = Command::new(BIN)
@@ -158,7 +158,7 @@ fn check_config_names_the_problems() {
     assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("port_range") && err.contains("certs_dir"),
+        err.contains("port_range") && err.contains("https_redirect_port"),
         "{err}"
     );
 }
