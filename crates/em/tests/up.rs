@@ -32,9 +32,16 @@ impl Env {
                 break base;
             }
         };
+        // The kernel hands out free ports near each other: the proxy's stays out of the four.
+        let http_port = loop {
+            let port = px_test_support::free_port();
+            if !(port_base..port_base + 4).contains(&port) {
+                break port;
+            }
+        };
         Self {
             home: tempfile::tempdir().unwrap(),
-            http_port: px_test_support::free_port(),
+            http_port,
             port_base,
         }
     }

@@ -37,10 +37,21 @@ impl Env {
                 break base;
             }
         };
+        // The kernel hands out free ports near each other, so the proxy's two are kept out of
+        // the services' four and apart from each other.
+        let reserved = port_base..port_base + 4;
+        let other_port = |taken: &[u16]| loop {
+            let port = px_test_support::free_port();
+            if !reserved.contains(&port) && !taken.contains(&port) {
+                break port;
+            }
+        };
+        let http_port = other_port(&[]);
+        let https_port = other_port(&[http_port]);
         Self {
             home: tempfile::tempdir().unwrap(),
-            http_port: px_test_support::free_port(),
-            https_port: px_test_support::free_port(),
+            http_port,
+            https_port,
             port_base,
         }
     }
@@ -83,15 +94,27 @@ impl Env {
         args.extend_from_slice(extra);
         let config = self.home.path().join("config/em/config.toml");
         let _ = std::fs::remove_file(&config);
-        let child = self
+        let log = self.home.path().join("em-up.log");
+        let mut child = self
             .command(&args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         let start = Instant::now();
         while !config.exists() {
-            assert!(start.elapsed() < WAIT, "em up never wrote its config");
+            let said = || std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "em up {args:?} ended ({status}) before writing its config:\n{}",
+                    said()
+                );
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "em up never wrote its config:\n{}",
+                said()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         child
