@@ -11,6 +11,9 @@ use reqwest::StatusCode;
 
 use super::{Repo, sample_bundle};
 
+/// The lifetime of the token the expiry scenario mints.
+const SHORT_TOKEN_SECS: u64 = 5;
+
 /// Adds a token of `role` limited to `apps` to a config; returns the secret.
 pub fn add_scoped(config: &mut Config, name: &str, role: Role, apps: &[&str]) -> String {
     let secret = generate();
@@ -407,11 +410,12 @@ pub async fn minted_tokens_act_within_their_scope_until_revoked_or_expired(repo:
     let r = repo.get("/v1/apps/shop", &ci).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 
-    // Expired: refused from its expiry on, without anyone revoking it.
+    // Expired: refused from its expiry on, without anyone revoking it. Five seconds, so the
+    // first use comes before it even on a loaded machine (a second was not always enough).
     let short: px_proto::api::TokenMinted = mint(
         repo,
         &repo.deploy_token,
-        serde_json::json!({ "name": "short", "role": "read", "apps": ["shop"], "expires_in_secs": 1 }),
+        serde_json::json!({ "name": "short", "role": "read", "apps": ["shop"], "expires_in_secs": SHORT_TOKEN_SECS }),
     )
     .await
     .json()
@@ -425,7 +429,10 @@ pub async fn minted_tokens_act_within_their_scope_until_revoked_or_expired(repo:
             .status(),
         StatusCode::OK
     );
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(
+        SHORT_TOKEN_SECS * 1000 + 1100,
+    ))
+    .await;
     let r = repo
         .get("/v1/apps/shop", &short.token)
         .send()
