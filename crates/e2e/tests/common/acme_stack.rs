@@ -315,36 +315,7 @@ impl Stack {
             ),
         )
         .unwrap();
-        let mut bundle = Vec::new();
-        px_bundle::pack_dir(app_dir.path(), &mut bundle).unwrap();
-        let start = Instant::now();
-        loop {
-            match self
-                .http
-                .post(format!("{}/v1/apps", self.repo_url))
-                .bearer_auth(&self.deploy)
-                .json(&serde_json::json!({"name": "shop"}))
-                .send()
-                .await
-            {
-                Ok(r) if r.status() == 201 => break,
-                _ if start.elapsed() < WAIT => tokio::time::sleep(Duration::from_millis(50)).await,
-                other => panic!("apprepo never came up: {other:?}"),
-            }
-        }
-        let r = self
-            .http
-            .post(format!("{}/v1/apps/shop/releases", self.repo_url))
-            .bearer_auth(&self.deploy)
-            .header(
-                px_proto::api::HEADER_BUNDLE_SHA256,
-                hex::encode(Sha256::digest(&bundle)),
-            )
-            .body(bundle)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
+        self.deploy_app("shop", app_dir.path()).await;
     }
 
     /// A client that trusts Pebble's root alone and finds [`DOMAIN`] on the proxy's port.
