@@ -77,7 +77,8 @@ async fn an_upload_reaches_a_maestro_through_beacon() {
             },
         ],
         beacon: Some(px_repository::config::BeaconConfig {
-            addr: control_addr.clone(),
+            addr: Some(control_addr.clone()),
+            addrs: Vec::new(),
             server_name: Some("localhost".into()),
             ca_file: pki.ca(),
             token_file: link_token_file,

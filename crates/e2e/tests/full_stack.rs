@@ -92,7 +92,8 @@ async fn deploy_and_reconfigure_through_every_service() {
             },
         ],
         beacon: Some(px_repository::config::BeaconConfig {
-            addr: control_addr.clone(),
+            addr: Some(control_addr.clone()),
+            addrs: Vec::new(),
             server_name: Some("localhost".into()),
             ca_file: pki.ca(),
             token_file: secret("repo-link", &repo_link),
@@ -147,7 +148,8 @@ async fn deploy_and_reconfigure_through_every_service() {
         stop_grace: Duration::from_secs(3),
         repository_token_file: Some(secret("maestro-repo", &repo_read)),
         beacon: Some(px_maestro::config::BeaconConfig {
-            addr: control_addr.clone(),
+            addr: Some(control_addr.clone()),
+            addrs: Vec::new(),
             server_name: Some("localhost".into()),
             ca_file: pki.ca(),
             token_file: secret("maestro-link", &maestro_token),

@@ -184,7 +184,8 @@ pub async fn up(options: UpArgs) -> Result<()> {
             },
         ],
         beacon: Some(px_repository::config::BeaconConfig {
-            addr: control_addr.clone(),
+            addr: Some(control_addr.clone()),
+            addrs: Vec::new(),
             server_name: Some("localhost".into()),
             ca_file: ca.clone(),
             token_file: secrets.dir.join("repository-link-token"),
@@ -264,7 +265,8 @@ pub async fn up(options: UpArgs) -> Result<()> {
         drain_deadline: Duration::from_secs(10),
         repository_token_file: Some(secrets.dir.join("build-token")),
         beacon: Some(px_maestro::config::BeaconConfig {
-            addr: control_addr,
+            addr: Some(control_addr),
+            addrs: Vec::new(),
             server_name: Some("localhost".into()),
             ca_file: ca.clone(),
             token_file: secrets.dir.join("maestro-link-token"),

@@ -1,7 +1,8 @@
 //! The client side of the Beacon control link, shared by the two services that connect to
 //! Beacon (Maestro and apprepo; Beacon is the server): the `[beacon]` config table and its
 //! resolution, connecting over TCP and TLS, the `Hello`/`Welcome` handshake, and the
-//! reconnect loop with jittered exponential backoff. What a service does on an established
+//! reconnect loop that tries every configured Beacon in turn (only the active one accepts
+//! links) with jittered exponential backoff between failed rounds. What a service does on an established
 //! link is its own [`Client`].
 
 mod config;
@@ -14,10 +15,11 @@ use std::time::Duration;
 use px_proto::link::Hello;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::config::{BeaconConfig, LinkSettings, ResolveError};
-pub use crate::link::{Link, LinkError, connect, heartbeats};
+pub use crate::config::{BeaconAddr, BeaconConfig, LinkSettings, MAX_BEACON_ADDRS, ResolveError};
+pub use crate::link::{CONNECT_TIMEOUT, Link, LinkError, connect, heartbeats};
 
-/// First wait before connecting again after a failure; each failure in a row doubles it (with
+/// First wait before connecting again after a round in which no Beacon took the link; each
+/// failed round in a row doubles it (with
 /// ±50% jitter, so a fleet does not reconnect in step after a Beacon restart).
 pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// Longest wait between attempts: a Beacon back from an outage is found within half a minute,
@@ -52,33 +54,56 @@ pub trait Client: Send {
 
 /// Keeps `client` linked to Beacon until `shutdown` (or until the client has nothing more to
 /// send): connects, runs [`Client::session`] and, whenever the link fails or cannot be made,
-/// waits a jittered, doubling backoff before connecting again. `settings.linked` says whether
-/// a link is up.
+/// connects again. A round tries every configured Beacon in turn, starting from the one that
+/// last took the link and moving on at once when one refuses the connection or fails the
+/// handshake (a standby Beacon does not listen, and one stepping down closes its links), so a
+/// client follows a failover within one round; only once a whole round failed does it wait a
+/// jittered, doubling backoff. `settings.linked` says whether a link is up.
 pub async fn run<C: Client>(settings: LinkSettings, mut client: C, shutdown: CancellationToken) {
-    let mut failures = 0u32;
+    let count = settings.beacons.len();
+    let mut failed_rounds = 0u32;
+    // The Beacon a round starts with: the one that last took the link, which is the active
+    // one unless it has just stepped down.
+    let mut first = 0;
     loop {
-        let mut hello = settings.hello();
-        client.introduce(&mut hello);
-        let connected = tokio::select! {
-            () = shutdown.cancelled() => return,
-            connected = connect(&settings, hello) => connected,
-        };
-        let mut link = match connected {
-            Ok(link) => {
-                failures = 0;
-                link
-            }
-            Err(reason) => {
-                let wait = px_runtime::backoff::jittered(BACKOFF_MIN, BACKOFF_MAX, failures);
-                failures = failures.saturating_add(1);
-                tracing::warn!(addr = %settings.addr, %reason, retry_in = ?wait, "beacon link down{}", C::MEANWHILE);
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(wait) => continue,
-                    () = client.unlinked() => return,
+        let mut last_failure = None;
+        let mut linked = None;
+        for offset in 0..count {
+            let index = (first + offset) % count;
+            let beacon = &settings.beacons[index];
+            let mut hello = settings.hello();
+            client.introduce(&mut hello);
+            let connected = tokio::select! {
+                () = shutdown.cancelled() => return,
+                connected = connect(&settings, beacon, hello) => connected,
+            };
+            match connected {
+                Ok(link) => {
+                    linked = Some((index, link));
+                    break;
+                }
+                Err(reason) => {
+                    if offset + 1 < count {
+                        tracing::info!(addr = %beacon.addr, %reason, "beacon did not take the link; trying the next");
+                    }
+                    last_failure = Some((beacon.addr.as_str(), reason));
                 }
             }
+        }
+        let Some((index, mut link)) = linked else {
+            let wait = px_runtime::backoff::jittered(BACKOFF_MIN, BACKOFF_MAX, failed_rounds);
+            failed_rounds = failed_rounds.saturating_add(1);
+            if let Some((addr, reason)) = last_failure {
+                tracing::warn!(%addr, %reason, retry_in = ?wait, "beacon link down{}", C::MEANWHILE);
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => continue,
+                () = client.unlinked() => return,
+            }
         };
+        first = index;
+        failed_rounds = 0;
         settings.linked.store(true, Ordering::Relaxed);
         let ended = tokio::select! {
             () = shutdown.cancelled() => {
@@ -91,7 +116,8 @@ pub async fn run<C: Client>(settings: LinkSettings, mut client: C, shutdown: Can
         match ended {
             Ok(()) => return,
             Err(error) => {
-                tracing::warn!(addr = %settings.addr, %error, "beacon link lost; reconnecting{}", C::MEANWHILE);
+                let addr = &settings.beacons[index].addr;
+                tracing::warn!(%addr, %error, "beacon link lost; reconnecting{}", C::MEANWHILE);
             }
         }
     }

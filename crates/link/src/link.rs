@@ -14,13 +14,20 @@ use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 use tokio_rustls::client::TlsStream;
 use tokio_util::codec::Framed;
 
-use crate::LinkSettings;
+use crate::{BeaconAddr, LinkSettings};
+
+/// How long the TCP connect to one Beacon may take, within [`HANDSHAKE_TIMEOUT`]. Inside one
+/// network a connect takes milliseconds; a host that leaves it unanswered is stopped or cut
+/// off, and the next Beacon should be tried well before the handshake's whole allowance.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Why a link could not be made, or ended.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("connect: {0}")]
     Connect(std::io::Error),
+    #[error("connect: no answer within {CONNECT_TIMEOUT:?}")]
+    ConnectTimeout,
     #[error("tls: {0}")]
     Tls(std::io::Error),
     #[error("hello: {0}")]
@@ -87,9 +94,14 @@ pub fn heartbeats() -> Interval {
     ticks
 }
 
-/// Connects, says `hello` and waits for Beacon's `Welcome`, all within [`HANDSHAKE_TIMEOUT`].
-pub async fn connect(settings: &LinkSettings, hello: Hello) -> Result<Link, LinkError> {
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(settings, hello))
+/// Connects to `beacon`, says `hello` and waits for Beacon's `Welcome`, all within
+/// [`HANDSHAKE_TIMEOUT`].
+pub async fn connect(
+    settings: &LinkSettings,
+    beacon: &BeaconAddr,
+    hello: Hello,
+) -> Result<Link, LinkError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(settings, beacon, hello))
         .await
         .unwrap_or(Err(LinkError::HandshakeTimeout))
 }
@@ -111,17 +123,23 @@ fn fit_hello(mut hello: Hello) -> Hello {
     hello
 }
 
-async fn handshake(settings: &LinkSettings, hello: Hello) -> Result<Link, LinkError> {
-    let tcp = TcpStream::connect(&settings.addr)
+async fn handshake(
+    settings: &LinkSettings,
+    beacon: &BeaconAddr,
+    hello: Hello,
+) -> Result<Link, LinkError> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&beacon.addr))
         .await
+        .map_err(|_| LinkError::ConnectTimeout)?
         .map_err(LinkError::Connect)?;
     // Frames are small and each is a whole message: Nagle's delay would only add latency. A
     // socket that refuses the option still works, so the link goes on without it.
     let _ = tcp.set_nodelay(true);
     let tls = tokio_rustls::TlsConnector::from(settings.tls.clone())
-        .connect(settings.server_name.clone(), tcp)
+        .connect(beacon.server_name.clone(), tcp)
         .await
         .map_err(LinkError::Tls)?;
+    let addr = &beacon.addr;
     let mut frames = Framed::new(tls, FrameCodec::new());
     frames
         .send(ToBeacon::Hello(fit_hello(hello)))
@@ -129,7 +147,7 @@ async fn handshake(settings: &LinkSettings, hello: Hello) -> Result<Link, LinkEr
         .map_err(LinkError::Hello)?;
     match frames.next().await {
         Some(Ok(FromBeacon::Welcome { protocol, beacon })) => {
-            tracing::info!(%beacon, protocol, addr = %settings.addr, "linked to beacon");
+            tracing::info!(%beacon, protocol, addr = %addr, "linked to beacon");
             Ok(Link {
                 frames,
                 silence: Box::pin(tokio::time::sleep(HEARTBEAT_DEADLINE)),

@@ -34,7 +34,7 @@ type BeaconSide = Framed<
 
 /// Beacon's end: a listener with a certificate for `beacon.test`.
 struct Beacon {
-    pki: Pki,
+    pki: Arc<Pki>,
     listener: TcpListener,
     _secrets: tempfile::TempDir,
     settings: Option<LinkSettings>,
@@ -42,25 +42,30 @@ struct Beacon {
 
 impl Beacon {
     async fn start() -> Self {
-        let pki = Pki::new(&["beacon.test"]).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pki = Arc::new(Pki::new(&["beacon.test"]).unwrap());
+        Self::start_at("127.0.0.1:0", pki).await
+    }
+
+    /// A Beacon on `addr` with a certificate from `pki`, the cluster CA every Beacon's
+    /// certificate comes from; its client settings name it alone.
+    async fn start_at(addr: &str, pki: Arc<Pki>) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let secrets = tempfile::tempdir().unwrap();
-        let token_file = secrets.path().join("token");
-        px_runtime::secrets::write_secret_file(&token_file, TOKEN).unwrap();
-        let settings = BeaconConfig {
-            addr: listener.local_addr().unwrap().to_string(),
-            server_name: Some("beacon.test".into()),
-            ca_file: pki.ca(),
-            token_file,
-        }
-        .resolve(PeerRole::Maestro, "web-1")
-        .unwrap();
+        let settings = settings_for(
+            &pki,
+            secrets.path(),
+            vec![listener.local_addr().unwrap().to_string()],
+        );
         Self {
             pki,
             listener,
             _secrets: secrets,
             settings: Some(settings),
         }
+    }
+
+    fn addr(&self) -> String {
+        self.listener.local_addr().unwrap().to_string()
     }
 
     /// The client's settings (once).
@@ -95,6 +100,21 @@ impl Beacon {
         .unwrap();
         (link, hello)
     }
+}
+
+/// A client's settings for the Beacons at `addrs`, whose certificates `pki` issued.
+fn settings_for(pki: &Pki, secrets: &std::path::Path, addrs: Vec<String>) -> LinkSettings {
+    let token_file = secrets.join("token");
+    px_runtime::secrets::write_secret_file(&token_file, TOKEN).unwrap();
+    BeaconConfig {
+        addr: None,
+        addrs,
+        server_name: Some("beacon.test".into()),
+        ca_file: pki.ca(),
+        token_file,
+    }
+    .resolve(PeerRole::Maestro, "web-1")
+    .unwrap()
 }
 
 /// A service on the link: numbers its connects in the `Hello`, sends one heartbeat when
@@ -259,7 +279,7 @@ async fn a_silent_beacon_ends_the_link_at_the_heartbeat_deadline() {
     let settings = beacon.settings();
     let started = tokio::time::Instant::now();
     let (link, beacon_side) = tokio::join!(
-        px_link::connect(&settings, settings.hello()),
+        px_link::connect(&settings, &settings.beacons[0], settings.hello()),
         beacon.welcome()
     );
     let mut link = link.unwrap();
@@ -299,11 +319,14 @@ async fn a_beacon_that_never_answers_the_handshake_is_given_up_at_the_timeout() 
     // would then wait for it forever.)
     let started = tokio::time::Instant::now();
     let handshake = async {
-        tokio::join!(px_link::connect(&settings, settings.hello()), async {
-            let accepted = beacon.listener.accept().await.unwrap();
-            tokio::time::pause();
-            accepted
-        })
+        tokio::join!(
+            px_link::connect(&settings, &settings.beacons[0], settings.hello()),
+            async {
+                let accepted = beacon.listener.accept().await.unwrap();
+                tokio::time::pause();
+                accepted
+            }
+        )
     };
     let (timed_out, _held) = tokio::time::timeout(HANDSHAKE_TIMEOUT + WAIT, handshake)
         .await
@@ -329,43 +352,127 @@ async fn handshake_failures_say_what_went_wrong() {
     let settings = beacon.settings();
     let hello = || settings.hello();
 
-    let (refused, _) = tokio::join!(px_link::connect(&settings, hello()), async {
-        let (mut link, _) = beacon.accept().await;
-        link.send(FromBeacon::Rejected {
-            reason: "unknown token".into(),
-        })
-        .await
-        .unwrap();
-        link
-    });
+    let (refused, _) = tokio::join!(
+        px_link::connect(&settings, &settings.beacons[0], hello()),
+        async {
+            let (mut link, _) = beacon.accept().await;
+            link.send(FromBeacon::Rejected {
+                reason: "unknown token".into(),
+            })
+            .await
+            .unwrap();
+            link
+        }
+    );
     assert_eq!(
         refused.err().unwrap().to_string(),
         "beacon refused the link: unknown token"
     );
 
-    let (closed, _) = tokio::join!(px_link::connect(&settings, hello()), async {
-        let (mut link, _) = beacon.accept().await;
-        link.close().await.unwrap();
-    });
+    let (closed, _) = tokio::join!(
+        px_link::connect(&settings, &settings.beacons[0], hello()),
+        async {
+            let (mut link, _) = beacon.accept().await;
+            link.close().await.unwrap();
+        }
+    );
     assert_eq!(
         closed.err().unwrap().to_string(),
         "beacon closed the link during the handshake"
     );
 
-    let (unexpected, _) = tokio::join!(px_link::connect(&settings, hello()), async {
-        let (mut link, _) = beacon.accept().await;
-        link.send(FromBeacon::Heartbeat).await.unwrap();
-        link
-    });
+    let (unexpected, _) = tokio::join!(
+        px_link::connect(&settings, &settings.beacons[0], hello()),
+        async {
+            let (mut link, _) = beacon.accept().await;
+            link.send(FromBeacon::Heartbeat).await.unwrap();
+            link
+        }
+    );
     assert_eq!(
         unexpected.err().unwrap().to_string(),
         "expected welcome, got Heartbeat"
     );
 
     drop(beacon.listener);
-    let unreachable = px_link::connect(&settings, hello()).await.err().unwrap();
+    let unreachable = px_link::connect(&settings, &settings.beacons[0], hello())
+        .await
+        .err()
+        .unwrap();
     assert!(
         unreachable.to_string().starts_with("connect: "),
         "{unreachable}"
     );
+}
+
+#[tokio::test]
+async fn the_client_links_to_whichever_beacon_accepts_and_follows_a_failover() {
+    let pki = Arc::new(Pki::new(&["beacon.test"]).unwrap());
+    // The first Beacon's port is closed (a standby does not listen); the second is active.
+    let first_addr = {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        held.local_addr().unwrap().to_string()
+    };
+    let second = Beacon::start_at("127.0.0.1:0", Arc::clone(&pki)).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let settings = settings_for(
+        &pki,
+        secrets.path(),
+        vec![first_addr.clone(), second.addr()],
+    );
+    let linked = Arc::clone(&settings.linked);
+    let (service, _tx, _) = Service::new();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(px_link::run(settings, service, shutdown.clone()));
+
+    let (link, hello) = second.welcome().await;
+    assert_eq!(
+        hello.labels["connect"], "2",
+        "the refused first address was tried, then the second in the same round"
+    );
+    eventually("linked", || linked.load(Ordering::Relaxed)).await;
+
+    // The second steps down (its link and listener closed) and the first takes over.
+    drop(link);
+    drop(second);
+    let first = Beacon::start_at(&first_addr, Arc::clone(&pki)).await;
+    let (mut link, _) = first.welcome().await;
+    assert!(matches!(
+        link.next().await,
+        Some(Ok(ToBeacon::Heartbeat(_)))
+    ));
+    eventually("linked again", || linked.load(Ordering::Relaxed)).await;
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, run).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_beacon_that_refuses_the_link_is_passed_over_for_the_next_and_the_round_starts_from_the_one_that_took_it()
+ {
+    let pki = Arc::new(Pki::new(&["beacon.test"]).unwrap());
+    let first = Beacon::start_at("127.0.0.1:0", Arc::clone(&pki)).await;
+    let second = Beacon::start_at("127.0.0.1:0", Arc::clone(&pki)).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let settings = settings_for(&pki, secrets.path(), vec![first.addr(), second.addr()]);
+    let (service, _tx, _) = Service::new();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(px_link::run(settings, service, shutdown.clone()));
+
+    let (mut refused, hello) = first.accept().await;
+    assert_eq!(hello.labels["connect"], "1");
+    refused
+        .send(FromBeacon::Rejected {
+            reason: "standing by".into(),
+        })
+        .await
+        .unwrap();
+    let (link, hello) = second.welcome().await;
+    assert_eq!(hello.labels["connect"], "2");
+
+    // The link drops: the next round starts from the second, which took the link last.
+    drop(link);
+    let (_link, hello) = second.welcome().await;
+    assert_eq!(hello.labels["connect"], "3");
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, run).await.unwrap().unwrap();
 }

@@ -113,7 +113,8 @@ pub struct Config {
     /// layer downloads and build uploads. Default: `[beacon] ca_file` (the cluster CA, which
     /// signs apprepo's certificate too); with no `[beacon]` either, the system's roots.
     pub repository_ca_file: Option<PathBuf>,
-    /// The Beacon to link to (`[beacon]`: `addr`, `server_name`, `ca_file`, `token_file`).
+    /// The Beacons to link to (`[beacon]`: `addr` or `addrs`, `server_name`, `ca_file`,
+    /// `token_file`); Maestro links to whichever is active.
     /// Default: none (serve the persisted assignment only).
     pub beacon: Option<BeaconConfig>,
     /// Builds on this node (`[build]`). Default: off.

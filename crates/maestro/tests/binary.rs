@@ -162,3 +162,26 @@ fn check_config_names_the_problems() {
         "{err}"
     );
 }
+
+#[test]
+fn check_config_refuses_a_beacon_table_with_both_addr_and_addrs() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 1, 2);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "[beacon]\naddr = \"10.0.0.2:7443\"\naddrs = [\"10.0.0.2:7443\", \"10.0.0.3:7443\"]\nca_file = \"/ca.pem\"\ntoken_file = \"/token\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("beacon: give `addr` (one Beacon) or `addrs` (every Beacon), not both"),
+        "{err}"
+    );
+}

@@ -274,9 +274,14 @@ mod humantime_duration {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BeaconConfig {
-    /// Beacon's control address, `host:port`. No default.
-    pub addr: String,
-    /// Name in Beacon's certificate. Default: the host part of `addr`.
+    /// One Beacon's control address, `host:port`. Give this or `addrs`, not both. No default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    /// Every Beacon's control address, `host:port` (at most [`px_link::MAX_BEACON_ADDRS`]):
+    /// notifications go to whichever is active. Give this or `addr`, not both. No default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addrs: Vec<String>,
+    /// Name every Beacon's certificate carries. Default: the host part of each address.
     #[serde(default)]
     pub server_name: Option<String>,
     /// PEM file of the CA that signed Beacon's certificate. No default.
@@ -293,6 +298,7 @@ impl BeaconConfig {
     pub(crate) fn link(&self) -> px_link::BeaconConfig {
         px_link::BeaconConfig {
             addr: self.addr.clone(),
+            addrs: self.addrs.clone(),
             server_name: self.server_name.clone(),
             ca_file: self.ca_file.clone(),
             token_file: self.token_file.clone(),

@@ -224,7 +224,7 @@ pub async fn run_with(
             shutdown.clone(),
         ));
     }
-    let beacon_addr = checked.beacon.as_ref().map(|b| b.addr.clone());
+    let beacon_addr = checked.beacon.as_ref().map(LinkSettings::addrs);
     let releases = releases::Releases::new(storage.clone(), metrics.clone());
     let minted = minted::Minted::new(storage.clone(), checked.tokens.clone());
     if let Err(e) = minted.refresh().await {

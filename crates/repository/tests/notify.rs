@@ -29,7 +29,8 @@ fn beacon_config(dir: &std::path::Path, pki: &Pki, port: u16) -> BeaconConfig {
     let token_file = dir.join("beacon-token");
     px_runtime::secrets::write_secret_file(&token_file, LINK_TOKEN).unwrap();
     BeaconConfig {
-        addr: format!("127.0.0.1:{port}"),
+        addr: Some(format!("127.0.0.1:{port}")),
+        addrs: Vec::new(),
         server_name: Some("beacon.test".into()),
         ca_file: pki.ca(),
         token_file,
@@ -123,6 +124,45 @@ async fn committed_releases_reach_beacon_over_tls() {
         };
         assert_eq!(notice, expected);
     }
+    repo.stop().await;
+}
+
+#[tokio::test]
+async fn release_notifications_reach_the_active_beacon_on_the_second_address() {
+    let pki = Pki::new(&["beacon.test"]).unwrap();
+    // The first control host's Beacon is down (nothing listens there); the second's is active.
+    let dead = px_test_support::free_port();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let active = listener.local_addr().unwrap().to_string();
+    let secrets = tempfile::tempdir().unwrap();
+    let beacon = BeaconConfig {
+        addr: None,
+        addrs: vec![format!("127.0.0.1:{dead}"), active],
+        ..beacon_config(secrets.path(), &pki, dead)
+    };
+    let repo = Repo::start_with(|c| c.beacon = Some(beacon)).await;
+    let mut link = accept_link(&listener, &pki).await;
+
+    repo.create_app("hello").await;
+    let release = repo.deploy("hello", &sample_bundle("hello", "x")).await;
+    let notice = loop {
+        match tokio::time::timeout(Duration::from_secs(10), link.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(ToBeacon::ReleaseCommitted(n))) => break n,
+            Some(Ok(ToBeacon::Heartbeat(_) | ToBeacon::Tokens(_))) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(
+        notice,
+        ReleaseCommitted {
+            app: "hello".into(),
+            version: release.version,
+            bundle_sha256: release.bundle.sha256,
+        }
+    );
     repo.stop().await;
 }
 

@@ -142,7 +142,8 @@ impl Stack {
                 token("web-1", px_repository::auth::Role::Release, &node_repo),
             ],
             beacon: Some(px_repository::config::BeaconConfig {
-                addr: control_addr.clone(),
+                addr: Some(control_addr.clone()),
+                addrs: Vec::new(),
                 server_name: Some("localhost".into()),
                 ca_file: pki.ca(),
                 token_file: secret("repo-link", &repo_link),
@@ -216,7 +217,8 @@ impl Stack {
                 repository_token_file: Some(secret("maestro-repo", &node_repo)),
                 repository_ca_file: Some(pki.ca()),
                 beacon: Some(px_maestro::config::BeaconConfig {
-                    addr: control_addr.clone(),
+                    addr: Some(control_addr.clone()),
+                    addrs: Vec::new(),
                     server_name: Some("localhost".into()),
                     ca_file: pki.ca(),
                     token_file: secret("maestro-link", &maestro_link),
@@ -412,7 +414,8 @@ impl Stack {
             repository_token_file: Some(secret("repo", &self.node_repo_token)),
             repository_ca_file: Some(self.ca_file.clone()),
             beacon: Some(px_maestro::config::BeaconConfig {
-                addr: self.control_addr.clone(),
+                addr: Some(self.control_addr.clone()),
+                addrs: Vec::new(),
                 server_name: Some("localhost".into()),
                 ca_file: self.ca_file.clone(),
                 token_file: secret("link", &self.second_link_token),

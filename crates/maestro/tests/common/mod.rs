@@ -182,7 +182,13 @@ pub type BeaconLink = Framed<
 impl FakeBeacon {
     pub async fn start() -> Self {
         let pki = Arc::new(Pki::new(&["localhost"]).unwrap());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at("127.0.0.1:0", pki).await
+    }
+
+    /// A Beacon on `addr` whose certificate `pki` issued, as another control host of the same
+    /// cluster (whose CA signs every Beacon's certificate) would run it.
+    pub async fn start_at(addr: &str, pki: Arc<Pki>) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let acceptor = tokio_rustls::TlsAcceptor::from(
             px_runtime::tls::server_config(&pki.cert(), &pki.key()).unwrap(),
@@ -274,7 +280,8 @@ pub fn config(dir: &Path, beacon: Option<&FakeBeacon>) -> Config {
         drain_deadline: Duration::from_secs(10),
         repository_token_file: Some(token_file),
         beacon: beacon.map(|b| BeaconConfig {
-            addr: b.addr.clone(),
+            addr: Some(b.addr.clone()),
+            addrs: Vec::new(),
             server_name: Some("localhost".into()),
             ca_file: b.pki.ca(),
             token_file: link_token,
