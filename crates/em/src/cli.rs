@@ -122,15 +122,16 @@ pub enum Command {
     },
     /// Point em at a cluster; the token is read from stdin or a file, never an argument
     #[command(
-        after_help = "Examples:\n  em login --remote https://apprepo.example.com --beacon https://beacon.example.com < token\n  em login --remote https://10.0.0.5:7070 --ca-file cluster-ca.pem --token-file ~/px-token\n\nem refuses http:// to another machine (the token would cross the network in the clear)\nunless given --insecure, which it then remembers for this remote."
+        after_help = "Examples:\n  em login --remote https://apprepo.example.com --beacon https://beacon.example.com < token\n  em login --remote https://apprepo.example.com --beacon https://control-1.example.com:7071 --beacon https://control-2.example.com:7071 < token\n  em login --remote https://10.0.0.5:7070 --ca-file cluster-ca.pem --token-file ~/px-token\n\nem refuses http:// to another machine (the token would cross the network in the clear)\nunless given --insecure, which it then remembers for this remote."
     )]
     Login {
         /// apprepo's URL.
         #[arg(long)]
         remote: String,
-        /// Beacon's API URL (default: the remote's host, port 7071).
+        /// Beacon's API URL (default: the remote's host, port 7071); once for each Beacon when
+        /// the cluster runs several (em follows the active one).
         #[arg(long)]
-        beacon: Option<String>,
+        beacon: Vec<String>,
         /// Read the token from this file instead of stdin.
         #[arg(long)]
         token_file: Option<PathBuf>,

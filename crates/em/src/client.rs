@@ -1,13 +1,12 @@
 //! Talking to apprepo and Beacon over HTTPS (trusting the remote's `ca_file` when it names
 //! one; plain HTTP only to this machine or when told `--insecure`), with every failure turned
-//! into a sentence that says what to do; Beacon's Server-Sent Events streams read message by
-//! message.
+//! into a sentence that says what to do. Beacon calls follow the active Beacon
+//! ([`crate::beacons`]); its Server-Sent Events streams are read by [`crate::feed`].
 
-use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use futures_util::stream::BoxStream;
 use px_proto::api::ErrorBody;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -17,10 +16,27 @@ use crate::settings::EmConfig;
 
 /// How long a plain API call may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a TCP connect may take before em gives up on that host (and tries the next
+/// Beacon): a reachable host answers within a round trip; one that stays silent this long is
+/// down or cut off.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+pub use crate::feed::{Feed, take_sse};
+
+#[derive(Clone)]
 pub struct Client {
+    /// For apprepo: redirects followed as reqwest does.
     pub http: reqwest::Client,
+    /// For Beacon: redirects are followed by [`crate::beacons`], which decides where the token
+    /// may go.
+    pub(crate) beacon_http: reqwest::Client,
     pub config: EmConfig,
+    /// Every Beacon API base URL, without a trailing slash, in the configured order.
+    pub(crate) beacons: Arc<[String]>,
+    /// The Beacon that answered last: the next call starts there.
+    pub(crate) active: Arc<AtomicUsize>,
+    /// Plain HTTP to other machines allowed (`--insecure`), redirects included.
+    pub(crate) insecure: bool,
 }
 
 impl Client {
@@ -30,38 +46,60 @@ impl Client {
     pub fn new(config: EmConfig, insecure: bool) -> Result<Self> {
         let insecure = insecure || config.insecure;
         check_url("remote", &config.remote, insecure)?;
-        check_url("beacon", &config.beacon, insecure)?;
-        let mut http = reqwest::Client::builder();
-        if let Some(ca_file) = &config.ca_file {
+        let beacons: Arc<[String]> = config
+            .beacon_urls()?
+            .into_iter()
+            .map(|url| {
+                check_url("beacon", url, insecure)?;
+                Ok(url.trim_end_matches('/').to_owned())
+            })
+            .collect::<Result<_>>()?;
+        let tls = match &config.ca_file {
             // The cluster's own CA alone: it signed apprepo's and Beacon's certificates, and a
             // public CA has no business vouching for them.
-            let tls = px_runtime::tls::client_config(ca_file)
-                .map_err(|e| Failure::usage(format!("ca_file: {e}")))?;
-            http = http.use_preconfigured_tls((*tls).clone());
-        }
-        let http = http
-            .build()
-            .map_err(|e| Failure::failed(format!("cannot set up https: {e}")))?;
-        Ok(Self { http, config })
+            Some(ca_file) => Some(
+                px_runtime::tls::client_config(ca_file)
+                    .map_err(|e| Failure::usage(format!("ca_file: {e}")))?,
+            ),
+            None => None,
+        };
+        let build = |redirects: reqwest::redirect::Policy| {
+            let mut http = reqwest::Client::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .redirect(redirects);
+            if let Some(tls) = &tls {
+                http = http.use_preconfigured_tls((**tls).clone());
+            }
+            http.build()
+                .map_err(|e| Failure::failed(format!("cannot set up https: {e}")))
+        };
+        Ok(Self {
+            http: build(reqwest::redirect::Policy::default())?,
+            beacon_http: build(reqwest::redirect::Policy::none())?,
+            config,
+            beacons,
+            active: Arc::default(),
+            insecure,
+        })
     }
 
     pub fn repo(&self, path: &str) -> String {
         format!("{}{path}", self.config.remote.trim_end_matches('/'))
     }
 
+    /// `path` on the Beacon that answered last; the calls below go to whichever Beacon
+    /// answers (see [`crate::beacons`]).
     pub fn beacon(&self, path: &str) -> String {
-        format!("{}{path}", self.config.beacon.trim_end_matches('/'))
+        let active = self.active.load(std::sync::atomic::Ordering::Relaxed);
+        let base = self.beacons.get(active).or(self.beacons.first());
+        format!("{}{path}", base.map_or("", String::as_str))
     }
 
     pub async fn get<T: DeserializeOwned>(&self, url: &str) -> Result<T> {
         let response = self
-            .http
-            .get(url)
-            .bearer_auth(&self.config.token)
-            .timeout(CALL_TIMEOUT)
-            .send()
-            .await;
-        decode(url, response).await
+            .send(url, |http, url| http.get(url).timeout(CALL_TIMEOUT))
+            .await?;
+        decode(url, Ok(response)).await
     }
 
     /// Opens a Server-Sent Events stream from Beacon.
@@ -70,13 +108,26 @@ impl Client {
         url: &str,
     ) -> Result<impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin + use<>>
     {
+        self.open_stream_after(url, None).await
+    }
+
+    /// Opens a Server-Sent Events stream from Beacon, resuming after the event `last_id` when
+    /// given (`Last-Event-ID`: Beacon first sends what came after it).
+    pub async fn open_stream_after(
+        &self,
+        url: &str,
+        last_id: Option<&str>,
+    ) -> Result<impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin + use<>>
+    {
         let response = self
-            .http
-            .get(url)
-            .bearer_auth(&self.config.token)
-            .send()
-            .await
-            .map_err(|e| unreachable(&self.config.beacon, &e))?;
+            .send(url, |http, url| {
+                let request = http.get(url);
+                match last_id {
+                    Some(id) => request.header("last-event-id", id),
+                    None => request,
+                }
+            })
+            .await?;
         if !response.status().is_success() {
             let status = response.status();
             return Err(refusal(status, response.text().await.unwrap_or_default()));
@@ -87,13 +138,8 @@ impl Client {
     /// GETs a text body (a build log).
     pub async fn get_text(&self, url: &str) -> Result<String> {
         let response = self
-            .http
-            .get(url)
-            .bearer_auth(&self.config.token)
-            .timeout(CALL_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| unreachable(url, &e))?;
+            .send(url, |http, url| http.get(url).timeout(CALL_TIMEOUT))
+            .await?;
         let status = response.status();
         let body = response
             .text()
@@ -113,14 +159,13 @@ impl Client {
         body: &B,
     ) -> Result<T> {
         let response = self
-            .http
-            .request(method, url)
-            .bearer_auth(&self.config.token)
-            .json(body)
-            .timeout(CALL_TIMEOUT)
-            .send()
-            .await;
-        decode(url, response).await
+            .send(url, |http, url| {
+                http.request(method.clone(), url)
+                    .json(body)
+                    .timeout(CALL_TIMEOUT)
+            })
+            .await?;
+        decode(url, Ok(response)).await
     }
 }
 
@@ -202,85 +247,9 @@ pub fn refusal(status: reqwest::StatusCode, body: String) -> Failure {
     }
 }
 
-/// A Server-Sent Events stream from Beacon, read one message at a time as `T`.
-pub struct Feed<T> {
-    stream: BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-    buffer: String,
-    ready: VecDeque<T>,
-}
-
-/// Why a [`Feed`] ended.
-#[derive(Debug)]
-pub enum FeedEnd {
-    /// The connection failed.
-    Lost(reqwest::Error),
-    /// Beacon closed the stream.
-    Closed,
-}
-
-impl std::fmt::Display for FeedEnd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Lost(e) => write!(f, "lost ({e})"),
-            Self::Closed => f.write_str("closed by Beacon"),
-        }
-    }
-}
-
-impl<T: DeserializeOwned> Feed<T> {
-    /// Opens the stream at `url`.
-    pub async fn open(client: &Client, url: &str) -> Result<Self> {
-        Ok(Self {
-            stream: client.open_stream(url).await?.boxed(),
-            buffer: String::new(),
-            ready: VecDeque::new(),
-        })
-    }
-
-    /// The next message. Safe to cancel (in `select!`): a message is taken only when returned.
-    pub async fn next(&mut self) -> std::result::Result<T, FeedEnd> {
-        loop {
-            if let Some(message) = self.ready.pop_front() {
-                return Ok(message);
-            }
-            match self.stream.next().await {
-                Some(Ok(chunk)) => {
-                    self.buffer.push_str(&String::from_utf8_lossy(&chunk));
-                    self.ready.extend(take_sse::<T>(&mut self.buffer));
-                }
-                Some(Err(e)) => return Err(FeedEnd::Lost(e)),
-                None => return Err(FeedEnd::Closed),
-            }
-        }
-    }
-}
-
-/// Takes every complete Server-Sent Events message out of `buffer` and parses its `data:` line
-/// as `T` (messages without one, or that do not parse, are skipped); a partial message stays.
-pub fn take_sse<T: DeserializeOwned>(buffer: &mut String) -> Vec<T> {
-    let mut parsed = Vec::new();
-    while let Some(end) = buffer.find("\n\n") {
-        let message: String = buffer.drain(..end + 2).collect();
-        if let Some(data) = message.lines().find_map(|l| l.strip_prefix("data:"))
-            && let Ok(value) = serde_json::from_str(data.trim())
-        {
-            parsed.push(value);
-        }
-    }
-    parsed
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sse_messages_are_split_and_partial_ones_kept() {
-        let mut buffer =
-            "id: 1\nevent: e\ndata: 7\n\n: keep-alive\n\ndata: 8\n\ndata: 9".to_string();
-        assert_eq!(super::take_sse::<u32>(&mut buffer), [7, 8]);
-        assert_eq!(buffer, "data: 9");
-    }
 
     #[test]
     fn plain_http_is_allowed_to_this_machine_only_unless_insecure() {

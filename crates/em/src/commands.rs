@@ -365,7 +365,7 @@ pub async fn logs(
 
 pub async fn login(
     remote: String,
-    beacon: Option<String>,
+    beacon: Vec<String>,
     token_file: Option<&Path>,
     ca_file: Option<std::path::PathBuf>,
 ) -> Result<()> {
@@ -393,28 +393,29 @@ pub async fn login(
             "no token given; pipe it in (`em login --remote URL < token`) or pass --token-file",
         ));
     }
-    let beacon = match beacon {
-        Some(b) => b,
-        None => {
-            let url = reqwest::Url::parse(&remote)
-                .map_err(|e| Failure::usage(format!("--remote {remote:?} is not a URL: {e}")))?;
-            let port = url.port_or_known_default().unwrap_or(7070) + 1;
-            format!(
-                "{}://{}:{port}",
-                url.scheme(),
-                url.host_str().unwrap_or("localhost")
-            )
-        }
+    let beacons = if beacon.is_empty() {
+        let url = reqwest::Url::parse(&remote)
+            .map_err(|e| Failure::usage(format!("--remote {remote:?} is not a URL: {e}")))?;
+        let port = url.port_or_known_default().unwrap_or(7070) + 1;
+        vec![format!(
+            "{}://{}:{port}",
+            url.scheme(),
+            url.host_str().unwrap_or("localhost")
+        )]
+    } else {
+        beacon
     };
-    let config = EmConfig {
+    let mut config = EmConfig {
         remote: remote.clone(),
-        beacon,
+        beacon: None,
+        beacons: Vec::new(),
         token,
         app_url: None,
         ca_file,
         // Remembered: the operator chose plain HTTP for this remote.
         insecure,
     };
+    config.set_beacon_urls(beacons);
     // Check before saving: the remote answers and takes the token.
     let client = Client::new(config.clone(), insecure)?;
     let _: Vec<api::App> = client.get(&client.repo("/v1/apps")).await?;

@@ -191,7 +191,7 @@ pub async fn deploy(client: &Client, options: Options<'_>) -> Result<()> {
     // Follow from before the upload, so no event and no line of a build's output is missed.
     let mut events = if options.wait {
         let url = client.beacon(&format!("/v1/events/stream?app={app}"));
-        Some(Feed::<Event>::open(client, &url).await.map_err(|f| {
+        Some(Feed::<Event>::follow(client, &url).await.map_err(|f| {
             if f.code == EXIT_UNREACHABLE {
                 Failure::new(
                     f.code,

@@ -1,6 +1,7 @@
 //! The `em` binary: parse the command line and run the command; failures print one paragraph
 //! naming the problem and the fix, and exit with a code from [`failure`].
 
+mod beacons;
 mod cli;
 mod client;
 mod commands;
@@ -8,6 +9,7 @@ mod deploy;
 mod dev;
 mod domains;
 mod failure;
+mod feed;
 mod init;
 mod processes;
 mod release_phase;

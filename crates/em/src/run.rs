@@ -16,7 +16,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 
-use crate::client::{Client, refusal, unreachable};
+use crate::client::{Client, refusal};
 use crate::failure::{Failure, Result};
 
 /// Chunks of stdin read ahead of the connection: the reader thread waits when they are not
@@ -101,17 +101,18 @@ pub async fn run(client: &Client, app: &str, command: Vec<String>, detach: bool)
         detach,
     };
     let url = client.beacon(&format!("/v1/apps/{app}/run"));
-    let mut builder = client
-        .http
-        .post(&url)
-        .bearer_auth(&client.config.token)
-        .json(&request);
-    if !detach {
-        builder = builder
-            .header(header::CONNECTION, "upgrade")
-            .header(header::UPGRADE, RUN_UPGRADE);
-    }
-    let response = builder.send().await.map_err(|e| unreachable(&url, &e))?;
+    let response = client
+        .send(&url, |http, url| {
+            let builder = http.post(url).json(&request);
+            if detach {
+                builder
+            } else {
+                builder
+                    .header(header::CONNECTION, "upgrade")
+                    .header(header::UPGRADE, RUN_UPGRADE)
+            }
+        })
+        .await?;
     let status = response.status();
     if detach {
         if !status.is_success() {

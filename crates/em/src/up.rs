@@ -279,7 +279,8 @@ pub async fn up(options: UpArgs) -> Result<()> {
     let app_url = format!("http://{{app}}.localhost:{}/", options.http_port);
     let config_path = settings::save(&EmConfig {
         remote: repo_url.clone(),
-        beacon: beacon_url.clone(),
+        beacon: Some(beacon_url.clone()),
+        beacons: Vec::new(),
         token: secrets.deploy.clone(),
         app_url: Some(app_url.clone()),
         ca_file: Some(ca.clone()),
