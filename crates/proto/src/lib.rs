@@ -9,6 +9,7 @@ pub mod build;
 pub mod codec;
 pub mod detect;
 pub mod hsts;
+pub mod lease;
 pub mod link;
 pub mod manifest;
 pub mod names;

@@ -14,6 +14,7 @@ pub(crate) mod domains;
 pub(crate) mod error;
 pub(crate) mod formation;
 pub(crate) mod http;
+pub(crate) mod lease;
 pub(crate) mod metrics;
 pub(crate) mod minted;
 pub(crate) mod notify;

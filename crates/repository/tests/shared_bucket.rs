@@ -10,9 +10,9 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use common::build_suite;
 use common::domain_suite::bundle_with_domains;
 use common::{Repo, no_periodic_retention, sample_bundle, sha256_hex, use_s3_endpoint};
+use common::{acme_suite, build_suite, lease_suite};
 use futures_util::future::join_all;
 use px_proto::api::Release;
 use px_repository::internals::{Policy, sweep};
@@ -260,4 +260,39 @@ async fn two_apprepos_finishing_one_build_commit_one_release() {
     build_suite::two_repositories_finish_one_build(&a, &b).await;
     b.stop().await;
     a.stop().await;
+}
+
+/// Two apprepos on `s3`'s bucket sharing tokens, with a `beacon` token for the lease routes.
+async fn two_repos_for_beacons(s3: &SeaweedServer) -> (Repo, Repo, String) {
+    let mut beacon = String::new();
+    let first = Repo::start_with(|c| {
+        use_s3_endpoint(c, s3.endpoint());
+        c.storage.s3.as_mut().unwrap().bucket = BUCKET.into();
+        no_periodic_retention(c);
+        beacon = acme_suite::add_beacon_token(c);
+    })
+    .await;
+    let tokens = first.config.tokens.clone();
+    let mut second = Repo::start_with(|c| {
+        use_s3_endpoint(c, s3.endpoint());
+        c.storage.s3.as_mut().unwrap().bucket = BUCKET.into();
+        no_periodic_retention(c);
+        c.tokens = tokens;
+    })
+    .await;
+    second.deploy_token = first.deploy_token.clone();
+    second.read_token = first.read_token.clone();
+    (first, second, beacon)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_claimed_through_two_apprepos_has_one_holder_and_passes_on_after_expiry() {
+    let Some(s3) = SeaweedServer::start(BUCKET) else {
+        return;
+    };
+    let (a, b, beacon) = two_repos_for_beacons(&s3).await;
+    lease_suite::racing_claimants_get_one_lease(&a, &b, &beacon).await;
+    lease_suite::one_holder_at_a_time_and_the_next_after_expiry(&a, &b, &beacon).await;
+    a.stop().await;
+    b.stop().await;
 }

@@ -1,11 +1,12 @@
 //! The `/v1` HTTP API (docs/src/reference/apprepo.md), `/healthz` and `/metrics`, and the
 //! server that serves them ([`serve`]). Apps, releases, config and bundles are here; builds in
-//! `builds.rs`, layers in `layers.rs`, added domains in `domains.rs`.
+//! `builds.rs`, layers in `layers.rs`, added domains in `domains.rs`, leases in `leases.rs`.
 
 mod acme;
 mod builds;
 mod domains;
 mod layers;
+mod leases;
 mod phases;
 
 use std::path::PathBuf;
@@ -147,6 +148,14 @@ pub fn router(state: AppState) -> Router {
             get(acme::get_cert)
                 .put(acme::put_cert)
                 .layer(DefaultBodyLimit::max(px_proto::acme::MAX_ACME_RECORD_BYTES)),
+        )
+        .route(
+            "/v1/leases/{name}",
+            get(leases::get)
+                .put(leases::put)
+                .layer(DefaultBodyLimit::max(
+                    px_proto::lease::MAX_LEASE_REQUEST_BYTES,
+                )),
         )
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
         .with_state(state)

@@ -343,6 +343,7 @@ impl<R: std::io::Read> TakeBytes for R {}
 pub mod acme_suite;
 pub mod build_suite;
 pub mod domain_suite;
+pub mod lease_suite;
 pub mod phase_suite;
 pub mod scope_suite;
 pub mod suite;
