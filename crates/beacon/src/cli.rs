@@ -18,7 +18,23 @@ pub fn serve(config: Config, file: Option<PathBuf>) -> ExitCode {
         let mut activation = Activation::from_env().map_err(std::io::Error::from)?;
         let listeners = crate::Listeners {
             http: systemd::listener(&mut activation, "api", config.http_listen).await?,
-            control: systemd::listener(&mut activation, "control", config.control_listen).await?,
+            control: if config.lease.enabled {
+                // With a lease, Beacon binds `control_listen` itself once it is active (a
+                // standby must refuse links); `run` still takes a listener, so it gets one on
+                // an ephemeral loopback port, which it releases at once.
+                if activation
+                    .take("control")
+                    .map_err(std::io::Error::from)?
+                    .is_some()
+                {
+                    tracing::warn!(
+                        "systemd passed a `control` socket, but with [lease] Beacon binds control_listen itself once active; remove it from the socket unit"
+                    );
+                }
+                tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?
+            } else {
+                systemd::listener(&mut activation, "control", config.control_listen).await?
+            },
         };
         // Any socket systemd passed that Beacon does not take is closed here, with a warning.
         drop(activation);

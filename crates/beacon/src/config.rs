@@ -81,6 +81,9 @@ pub struct Config {
     /// `[acme]`: certificates from an ACME CA for every host name an app serves. Off until
     /// `acme.directory_url` is set.
     pub acme: AcmeConfig,
+    /// `[lease]`: several Beacons over one apprepo, one active at a time. Off by default (one
+    /// Beacon, active from the start).
+    pub lease: LeaseConfig,
 }
 
 impl Default for Config {
@@ -102,6 +105,7 @@ impl Default for Config {
             http: HttpLimits::default(),
             api_tls: ApiTls::default(),
             acme: AcmeConfig::default(),
+            lease: LeaseConfig::default(),
         }
     }
 }
@@ -211,6 +215,40 @@ impl Default for AcmeConfig {
             challenge: ChallengeKind::default(),
             profile: None,
             retry_after_failure: DEFAULT_RETRY_AFTER_FAILURE,
+        }
+    }
+}
+
+/// How long the lease lasts unless renewed: a failover takes about this long after the active
+/// Beacon's host stops (the goal is under 10 s), while a renewal every 2 s leaves room for two
+/// to fail on a slow network before the holder steps down.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(6);
+
+/// `[lease]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// Whether this Beacon competes for the `beacon` lease in apprepo's storage: it starts as
+    /// a standby and becomes active (binds `control_listen`, reads the desired state, runs
+    /// rollouts, alerts and ACME) only while it holds the lease. Needs a `beacon` token in
+    /// `repository.token_file`. Default: false.
+    pub enabled: bool,
+    /// How long the lease lasts unless renewed; it is renewed every third of it. 1s to 5m.
+    /// Default: 6s.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// This Beacon's API URL as the others and clients reach it (e.g.
+    /// `https://10.0.1.5:7080`): where a standby redirects API calls while this one is
+    /// active. Required when `enabled`.
+    pub api_url: Option<String>,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ttl: DEFAULT_LEASE_TTL,
+            api_url: None,
         }
     }
 }

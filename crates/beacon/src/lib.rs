@@ -4,6 +4,7 @@
 //! [`run`] is the whole service; `main.rs` only wires it up.
 
 pub(crate) mod acme;
+pub(crate) mod active;
 pub mod admission;
 pub(crate) mod alert_budget;
 pub(crate) mod alerts;
@@ -12,9 +13,11 @@ pub mod cli;
 pub mod config;
 pub(crate) mod events;
 pub(crate) mod frames;
+pub(crate) mod front;
 pub(crate) mod http;
 pub(crate) mod hub;
 pub(crate) mod judge;
+pub(crate) mod lease;
 pub(crate) mod links;
 pub(crate) mod login;
 pub(crate) mod logstore;
@@ -25,8 +28,8 @@ pub(crate) mod reconcile;
 pub(crate) mod runs;
 pub(crate) mod status;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -40,17 +43,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 
-/// How often lost nodes are looked for and changed rollouts evaluated: short enough that a
-/// finished rollout shows within a quarter second, long enough that the pass over all nodes
-/// stays a small share of one core at 10 000 links.
-const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
-/// How often the kept log lines of apps that no longer exist are dropped: a deleted app's
-/// lines stay readable for about this long, and the pass over the store stays rare.
-const LOG_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// How long open requests and links get to finish at shutdown.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
-/// The already-bound sockets Beacon serves on.
+/// The already-bound sockets Beacon serves on. With `[lease]`, `control` is released at once
+/// (a standby accepts no links) and Beacon binds `control_listen` itself once it is active.
 pub struct Listeners {
     pub http: TcpListener,
     pub control: TcpListener,
@@ -139,6 +136,7 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
             .ok()
     });
     let acme = check_acme(&config.acme, &config.repository.url, &mut problems);
+    check_lease(&config.lease, &mut problems);
     match (tokens, tls, repository_token) {
         (Some(tokens), Some(tls), Some(repository_token)) if problems.is_empty() => Ok(Checked {
             tokens: Arc::new(tokens),
@@ -149,6 +147,33 @@ pub fn check(config: &Config) -> Result<Checked, ConfigError> {
             acme,
         }),
         _ => Err(ConfigError { problems }),
+    }
+}
+
+/// Checks `[lease]`: a TTL within apprepo's bounds, and the URL this Beacon advertises.
+fn check_lease(config: &config::LeaseConfig, problems: &mut Vec<String>) {
+    let (min, max) = (
+        Duration::from_millis(px_proto::lease::MIN_LEASE_TTL_MS),
+        Duration::from_millis(px_proto::lease::MAX_LEASE_TTL_MS),
+    );
+    if !(min..=max).contains(&config.ttl) {
+        problems.push(format!(
+            "lease.ttl {} must be between {} and {} (e.g. 6s)",
+            humantime::format_duration(config.ttl),
+            humantime::format_duration(min),
+            humantime::format_duration(max),
+        ));
+    }
+    match (&config.api_url, config.enabled) {
+        (Some(url), _) => {
+            if let Err(m) = px_proto::lease::check_api_url(url) {
+                problems.push(format!("lease.{m}"));
+            }
+        }
+        (None, true) => problems.push(
+            "lease.api_url is required with lease.enabled: the URL of this Beacon's API that clients reach it at (e.g. https://10.0.1.5:7080)".into(),
+        ),
+        (None, false) => {}
     }
 }
 
@@ -259,22 +284,22 @@ pub async fn run(
     run_with(config, listeners, shutdown, Systemd::none()).await
 }
 
-/// [`run`], telling `systemd` when Beacon is ready (listeners open, event log and persisted
-/// generation loaded), how many nodes and apps it has, that it is alive, and answering its
-/// reload requests.
+/// [`run`], telling `systemd` when Beacon is ready (listeners open, event log loaded), how
+/// many nodes and apps it has, that it is alive, and answering its reload requests. With
+/// `[lease]`, Beacon starts as a standby: its HTTP API redirects to the active Beacon, its
+/// control port is closed, and it becomes active once it holds the lease; if it cannot keep
+/// the lease it returns [`StartError::TaskEnded`] naming the lease keeper.
 pub async fn run_with(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
     systemd: Systemd<Config>,
 ) -> Result<(), StartError> {
-    let checked = check(&config)?;
+    let mut checked = check(&config)?;
     let http_limits = config.http;
     tokio::fs::create_dir_all(&config.data_dir).await?;
-    let metrics = Arc::new(metrics::Metrics::default());
     let tracker = TaskTracker::new();
-    let critical = CriticalTasks::new(&tracker, &shutdown);
-    let events = Arc::new(events::EventLog::open(&config.data_dir)?);
+    let metrics = Arc::new(metrics::Metrics::default());
     let alerter = alerts::Alerter::start(
         alerts::AlertSettings {
             webhooks: config.alerts.webhooks.clone(),
@@ -284,140 +309,98 @@ pub async fn run_with(
         &tracker,
         shutdown.clone(),
     );
-    let hub = Arc::new(hub::Hub::new(
-        hub::HubSettings {
-            domain: config.domain.clone(),
-            repository_url: config.repository.url.clone(),
-            node_lost_after: config.node_lost_after,
-            data_dir: config.data_dir.clone(),
-        },
-        events,
-        alerter.clone(),
-        metrics.clone(),
-    )?);
-    let (reconcile_tx, reconcile_rx) = tokio::sync::mpsc::channel(links::RECONCILE_TRIGGERS);
-    let client = reconcile::RepositoryClient::new(
-        &config.repository.url,
-        checked.repository_token,
-        checked.repository_tls,
-    )
-    .map_err(StartError::Other)?;
-    let challenges = acme::Challenges::default();
-    if let Some(settings) = checked.acme {
-        tracing::info!(directory = %settings.directory_url, challenge = ?settings.challenge, "acme on: ordering certificates for every app's host names");
-        tracker.spawn(acme::run(
-            settings,
-            acme::Store(client.clone()),
-            hub.clone(),
-            challenges.clone(),
-            alerter.clone(),
-            shutdown.clone(),
-        ));
-    }
-    critical.spawn(
-        "the reconciler",
-        reconcile::run(
-            client,
-            hub.clone(),
-            metrics.clone(),
-            config.reconcile_interval,
-            reconcile_rx,
-            shutdown.clone(),
-        ),
-    );
-    let app_logs = Arc::new(logstore::LogStore::default());
-    let sweeper_hub = hub.clone();
-    let sweeper_logs = app_logs.clone();
-    let sweeper_shutdown = shutdown.clone();
-    // When the sweeper last finished a pass, for the watchdog's liveness probe.
-    let swept = Arc::new(AtomicU64::new(0));
-    let sweeper_swept = swept.clone();
-    let epoch = Instant::now();
-    critical.spawn("the sweeper", async move {
-        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut prune = tokio::time::interval(LOG_PRUNE_INTERVAL);
-        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = sweeper_shutdown.cancelled() => return,
-                _ = tick.tick() => {
-                    sweeper_hub.sweep().await;
-                    sweeper_swept.store(millis_since(epoch), Ordering::Relaxed);
-                }
-                _ = prune.tick() => {
-                    // Until the desired state is read, every app is unknown: keep them all.
-                    if sweeper_hub.desired_known() {
-                        sweeper_logs.retain_apps(|app| sweeper_hub.app_exists(app));
-                    }
-                }
-            }
-        }
-    });
-    let runs = Arc::new(runs::Runs::default());
-    let open_links = Arc::new(open_links::OpenLinks::default());
-    let link_server = Arc::new(links::LinkServer {
-        hub: hub.clone(),
-        tokens: checked.tokens.clone(),
-        tls: tokio_rustls::TlsAcceptor::from(checked.tls),
+    let parts = active::Parts {
+        critical: CriticalTasks::new(&tracker, &shutdown),
+        tracker: tracker.clone(),
+        shutdown: shutdown.clone(),
         metrics: metrics.clone(),
-        reconcile: reconcile_tx,
-        logs: app_logs.clone(),
-        name: "beacon".into(),
-        runs: runs.clone(),
-        admission: admission::Admission::new(),
-        open: open_links.clone(),
-        challenges,
-    });
-    let control_addr = listeners.control.local_addr()?;
-    critical.spawn(
-        "the link server",
-        link_server.serve(listeners.control, tracker.clone(), shutdown.clone()),
-    );
+        events: Arc::new(events::EventLog::open(&config.data_dir)?),
+        alerter: alerter.clone(),
+        client: reconcile::RepositoryClient::new(
+            &config.repository.url,
+            checked.repository_token.clone(),
+            checked.repository_tls.clone(),
+        )
+        .map_err(StartError::Other)?,
+        app_logs: Arc::new(logstore::LogStore::default()),
+        runs: Arc::new(runs::Runs::default()),
+        open_links: Arc::new(open_links::OpenLinks::default()),
+        swept: Arc::new(AtomicU64::new(0)),
+        epoch: Instant::now(),
+    };
+    let critical = parts.critical.clone();
+    // The HTTP listener serves from the start: a standby answers with redirects.
+    let standing = Arc::new(lease::Standing::standby());
+    let api = Arc::new(OnceLock::new());
     let http_addr = listeners.http.local_addr()?;
     let api_tls = checked.api_tls.clone();
     let https = api_tls.is_some();
+    let front = front::Front {
+        standing: standing.clone(),
+        api: api.clone(),
+        metrics: metrics.clone(),
+        own_url: config.lease.api_url.clone(),
+    };
+    critical.spawn(
+        "the http server",
+        // The hardened server: a request head deadline, an idle timeout and a connection cap
+        // (`px_runtime::http_server`), where `axum::serve` has none of them.
+        px_runtime::http_server::serve(
+            listeners.http,
+            front::router(front),
+            http_limits,
+            api_tls.clone(),
+            shutdown.clone(),
+        ),
+    );
     let scheme = if https {
         "https"
     } else {
         "http (plain, as configured)"
     };
-    tracing::info!(http = %http_addr, scheme, control = %control_addr, "beacon listening");
+    tracing::info!(http = %http_addr, scheme, "beacon listening");
+    let active_hub: Arc<OnceLock<Arc<hub::Hub>>> = Arc::new(OnceLock::new());
+    let status_hub = active_hub.clone();
+    let status_standing = standing.clone();
+    let status_metrics = metrics.clone();
+    let probe_hub = active_hub.clone();
+    let swept = parts.swept.clone();
+    let epoch = parts.epoch;
     let reload_tls = api_tls.clone();
-    let state = http::AppState {
-        hub: hub.clone(),
-        tokens: checked.tokens.clone(),
-        metrics: metrics.clone(),
-        logs: app_logs,
-        runs,
-        https,
-    };
-    let probe_hub = hub.clone();
+    let reload_tokens = checked.tokens.clone();
+    let open_links = parts.open_links.clone();
+    let running = config.clone();
     systemd.ready(
         &tracker,
         &shutdown,
-        move || status_line(&hub, &metrics),
+        move || match status_hub.get() {
+            Some(hub) => status_line(hub, &status_metrics),
+            None => standby_line(&status_standing),
+        },
         move || {
-            let hub = probe_hub.clone();
+            let hub = probe_hub.get().cloned();
             let swept = swept.clone();
             Box::pin(async move {
-                let since_sweep = millis_since(epoch).saturating_sub(swept.load(Ordering::Relaxed));
-                if Duration::from_millis(since_sweep) > SWEEPER_SILENCE {
-                    return Err(format!(
-                        "the sweeper has not finished a pass for {since_sweep} ms"
-                    ));
+                if let Some(hub) = hub {
+                    let since_sweep =
+                        millis_since(epoch).saturating_sub(swept.load(Ordering::Relaxed));
+                    if Duration::from_millis(since_sweep) > SWEEPER_SILENCE {
+                        return Err(format!(
+                            "the sweeper has not finished a pass for {since_sweep} ms"
+                        ));
+                    }
+                    tokio::spawn(async move { hub.generation() })
+                        .await
+                        .map_err(|e| format!("the hub did not answer: {e}"))?;
                 }
-                tokio::spawn(async move { hub.generation() })
-                    .await
-                    .map_err(|e| format!("the hub did not answer: {e}"))?;
                 px_runtime::systemd::http_answers(http_addr, "/healthz", https).await
             }) as BoxFuture<'static, Result<(), String>>
         },
         move |new: Config| {
             let reloaded = reload(
-                &config,
+                &running,
                 &new,
-                &checked.tokens,
+                &reload_tokens,
                 &open_links,
                 &alerter,
                 reload_tls.as_ref(),
@@ -425,16 +408,26 @@ pub async fn run_with(
             std::future::ready(reloaded)
         },
     );
-    // The hardened server: a request head deadline, an idle timeout and a connection cap
-    // (`px_runtime::http_server`), where `axum::serve` has none of them.
-    let server = px_runtime::http_server::serve(
-        listeners.http,
-        http::router(state),
-        http_limits,
-        api_tls,
-        shutdown.clone(),
-    );
-    critical.spawn("the http server", server);
+    let activated = if config.lease.enabled {
+        await_lease(&config, &parts, &standing, listeners.control).await?
+    } else {
+        standing.activate_alone(&metrics);
+        Some((listeners.control, 0))
+    };
+    if let Some((control, generation_floor)) = activated {
+        let acme = checked.acme.take();
+        let (hub, router) = active::start(
+            &config,
+            &checked,
+            &parts,
+            control,
+            generation_floor,
+            https,
+            acme,
+        )?;
+        let _ = api.set(router);
+        let _ = active_hub.set(hub);
+    }
     shutdown.cancelled().await;
     // Open requests and links, and the tasks, get one deadline to finish together.
     tracker.close();
@@ -456,11 +449,53 @@ pub async fn run_with(
     }
 }
 
+/// Stands by until this Beacon holds the lease, then starts the lease keeper and binds
+/// `control_listen` (closed meanwhile, so Maestros are refused there and move on to the
+/// active Beacon; `control`, the listener `run` was given, is released at once). Returns the
+/// listener and the generation floor of the lease's epoch; `None` when shutdown came first.
+async fn await_lease(
+    config: &Config,
+    parts: &active::Parts,
+    standing: &Arc<lease::Standing>,
+    control: TcpListener,
+) -> Result<Option<(TcpListener, u64)>, StartError> {
+    drop(control);
+    let holder = lease::holder_id(&config.data_dir)?;
+    let api_url = config.lease.api_url.clone().unwrap_or_default();
+    let keeper = lease::LeaseClient::new(parts.client.clone(), holder, config.lease.ttl, api_url);
+    tracing::info!(holder = %keeper.holder(), ttl = ?config.lease.ttl, "standing by until this Beacon holds the lease");
+    let Some((lease, granted_from)) = keeper.acquire(standing, &parts.shutdown).await else {
+        return Ok(None);
+    };
+    let control = TcpListener::bind(config.control_listen).await?;
+    standing.activate(&lease, &parts.metrics);
+    tracing::info!(holder = %lease.holder, epoch = lease.epoch, "this Beacon holds the lease: active");
+    let keeper_standing = standing.clone();
+    let keeper_shutdown = parts.shutdown.clone();
+    parts.critical.spawn("the lease keeper", async move {
+        keeper
+            .keep(granted_from, &keeper_standing, keeper_shutdown)
+            .await
+    });
+    Ok(Some((control, lease::generation_floor(lease.epoch))))
+}
+
+/// A standby's STATUS= line, e.g. `standby; active Beacon at https://10.0.1.5:7080 (epoch 3)`.
+fn standby_line(standing: &lease::Standing) -> String {
+    match standing.active_url() {
+        Some(url) => format!(
+            "standby; active Beacon at {url} (epoch {})",
+            standing.epoch()
+        ),
+        None => "standby; no active Beacon known yet".into(),
+    }
+}
+
 /// Longest the sweeper may go without finishing a pass before the liveness probe fails: many
 /// times its interval, so only a sweeper that is stuck (not merely late under load) fails it.
 const SWEEPER_SILENCE: Duration = Duration::from_secs(10);
 
-fn millis_since(epoch: Instant) -> u64 {
+pub(crate) fn millis_since(epoch: Instant) -> u64 {
     u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 

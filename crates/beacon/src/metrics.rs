@@ -46,6 +46,10 @@ impl Sum {
 
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// 1 while this Beacon is the active one (always, without `[lease]`), 0 on a standby.
+    pub lease_active: Gauge,
+    /// The lease's epoch as this Beacon last saw it (0 without `[lease]`).
+    pub lease_epoch: Gauge,
     pub nodes_connected: Gauge,
     pub links_accepted: Counter,
     pub links_rejected: Counter,
@@ -64,8 +68,24 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn render(&self, events: u64) -> String {
+    /// The lease's rows alone: all a standby has to show.
+    pub fn render_lease(&self) -> String {
         let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP beacon_lease_active 1 on the active Beacon, 0 on a standby.\n# TYPE beacon_lease_active gauge\nbeacon_lease_active {}",
+            self.lease_active.get()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP beacon_lease_epoch The lease's epoch as this Beacon last saw it.\n# TYPE beacon_lease_epoch gauge\nbeacon_lease_epoch {}",
+            self.lease_epoch.get()
+        );
+        out
+    }
+
+    pub fn render(&self, events: u64) -> String {
+        let mut out = self.render_lease();
         let mut row = |name: &str, kind: &str, help: &str, value: String| {
             let _ = writeln!(
                 out,

@@ -120,6 +120,41 @@ impl RepositoryClient {
         ))
     }
 
+    /// PUTs `body` as JSON to `path` within `timeout`, for an answer that carries a body
+    /// both on success and on 409 (a lease claim): the status and the body's bytes.
+    pub(crate) async fn put_answered<T: serde::Serialize>(
+        &self,
+        path: &str,
+        body: &T,
+        timeout: Duration,
+    ) -> Result<(reqwest::StatusCode, bytes::Bytes), String> {
+        let url = format!("{}{path}", self.base);
+        let response = self
+            .http
+            .put(&url)
+            .bearer_auth(&self.token)
+            .timeout(timeout)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| format!("PUT {url}: {e}"))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| format!("PUT {url}: {e}"))?;
+        if status.is_success() || status == reqwest::StatusCode::CONFLICT {
+            return Ok((status, bytes));
+        }
+        Err(format!(
+            "PUT {url}: {status}: {}",
+            String::from_utf8_lossy(&bytes)
+                .chars()
+                .take(QUOTED_BODY_CHARS)
+                .collect::<String>()
+        ))
+    }
+
     /// Every app's current release, the counts its formation sets (`em scale`), the names
     /// added to it (`em domains add`), and when each app was created.
     pub async fn desired(&self) -> Result<Desired, String> {

@@ -59,6 +59,25 @@ pub struct LeaseHeld {
     pub lease: Lease,
 }
 
+/// Whether a Beacon is the active one or a standby.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BeaconRole {
+    Active,
+    Standby,
+}
+
+/// `GET /v1/health` on a Beacon: its role, and where the active one is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BeaconHealth {
+    pub role: BeaconRole,
+    /// The active Beacon's API URL as the lease names it; `None` while no active one is known,
+    /// and without a lease (a single Beacon).
+    pub active_url: Option<String>,
+    /// The lease's epoch as this Beacon last saw it (0 without a lease).
+    pub epoch: u64,
+}
+
 /// Checks a lease name: a lowercase DNS label. Returns what to fix.
 pub fn check_lease_name(name: &str) -> Result<(), String> {
     crate::names::check_app_name(name).map_err(|m| m.replace("\"hello\"", "\"beacon\""))

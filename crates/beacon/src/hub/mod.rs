@@ -71,6 +71,9 @@ pub struct HubSettings {
     pub repository_url: String,
     pub node_lost_after: Duration,
     pub data_dir: PathBuf,
+    /// The generation this Beacon numbers above, whatever it persisted: `epoch << 32` for a
+    /// Beacon that became active under the lease's `epoch` (`lease.rs`), 0 without a lease.
+    pub generation_floor: u64,
 }
 
 struct NodeEntry {
@@ -276,10 +279,23 @@ impl Hub {
         alerts: Alerter,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
-        let (store, persisted, history) = persist::Store::open(&settings.data_dir)?;
+        let (store, mut persisted, history) = persist::Store::open(&settings.data_dir)?;
+        let on_disk = persisted.generation;
         let placement_hints = builds::placements_in(&persisted.desired);
         let processes = processes::placed_in(&persisted.desired);
         let phase_hints = release_phases::placements_in(&persisted.desired);
+        // Another Beacon may have been active since this one persisted its generation: start
+        // above anything it could have sent. Forgetting the fingerprint makes the first read
+        // number a new generation (floor + 1), written to disk before any node is sent it.
+        if persisted.generation < settings.generation_floor {
+            tracing::info!(
+                persisted = persisted.generation,
+                floor = settings.generation_floor,
+                "generations continue above the lease's epoch"
+            );
+            persisted.generation = settings.generation_floor;
+            persisted.desired.clear();
+        }
         Ok(Self {
             rollback_orders: watch::channel(Arc::new(Vec::new())).0,
             served: watch::channel(None).0,
@@ -291,7 +307,7 @@ impl Hub {
                 desired_known: false,
                 served_for: None,
                 shared: None,
-                durable: persisted.generation,
+                durable: on_disk,
                 persisted,
                 nodes: BTreeMap::new(),
                 rollouts: BTreeMap::new(),

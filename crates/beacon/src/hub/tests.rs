@@ -17,6 +17,12 @@ use crate::placement::tests::{release, running};
 
 /// A hub on `dir`, as `run` makes one.
 fn open(dir: &Path) -> Hub {
+    open_above(dir, 0)
+}
+
+/// A hub on `dir` that numbers generations above `generation_floor`, as an active Beacon
+/// under a lease makes one.
+fn open_above(dir: &Path, generation_floor: u64) -> Hub {
     let events = Arc::new(EventLog::open(dir).unwrap());
     let alerts = Alerter::start(
         AlertSettings::default(),
@@ -29,6 +35,7 @@ fn open(dir: &Path) -> Hub {
             repository_url: "http://repository".into(),
             node_lost_after: Duration::from_secs(60),
             data_dir: dir.to_path_buf(),
+            generation_floor,
         },
         events,
         alerts,
@@ -125,6 +132,34 @@ async fn a_restarted_hub_starts_at_or_above_every_generation_it_sent() {
         .await;
     assert_eq!(restarted.generation(), last + 1);
     assert_eq!(on_disk(dir.path()), last + 1);
+}
+
+/// A Beacon that becomes active under a later epoch numbers its first generation above the
+/// epoch's floor, even for the desired state it persisted: a standby that took over sends
+/// nodes a generation above anything the Beacon before it sent, and writes it first.
+#[tokio::test]
+async fn a_hub_under_a_later_epoch_starts_above_its_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(dir.path());
+    hub.set_desired(desired(&[release("hello", 1, "")])).await;
+    assert_eq!(hub.generation(), 1);
+    drop(hub);
+    let floor = crate::lease::generation_floor(3);
+    let active = open_above(dir.path(), floor);
+    assert_eq!(
+        active.generation(),
+        1,
+        "nothing above the floor is on disk yet"
+    );
+    active
+        .set_desired(desired(&[release("hello", 1, "")]))
+        .await;
+    assert_eq!(active.generation(), floor + 1);
+    assert_eq!(on_disk(dir.path()), floor + 1);
+    active
+        .set_desired(desired(&[release("hello", 2, "")]))
+        .await;
+    assert_eq!(active.generation(), floor + 2);
 }
 
 #[tokio::test]
