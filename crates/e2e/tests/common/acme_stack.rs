@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(120);
 pub const DOMAIN: &str = "shop.example.com";
+/// The bucket apprepo stores in with [`StackOptions::seaweed`].
+pub const SEAWEED_BUCKET: &str = "px-control";
 
 pub fn token<R>(name: &str, role: R, secret: &str) -> TokenEntry<R> {
     TokenEntry {
@@ -46,6 +48,12 @@ pub struct StackOptions {
     pub retry_after_failure: Option<Duration>,
     /// Beacon's alerts go to a webhook the test reads ([`Stack::alerts`]).
     pub alert_webhook: bool,
+    /// apprepo keeps its storage in a SeaweedFS bucket (which honours conditional writes)
+    /// instead of on disk, as several control hosts share it.
+    pub seaweed: bool,
+    /// Beacon competes for the lease (`[lease]`), so that a standby
+    /// ([`Stack::start_standby_beacon`]) can take over from it.
+    pub lease: bool,
 }
 
 /// apprepo, Beacon with `[acme]` and (optionally) a Maestro with an HTTPS listener.
@@ -74,6 +82,10 @@ pub struct Stack {
     pub ca_file: std::path::PathBuf,
     pub node_repo_token: String,
     pub second_link_token: String,
+    /// The S3 server apprepo stores in, with [`StackOptions::seaweed`].
+    pub seaweed: Option<px_test_support::seaweed::SeaweedServer>,
+    /// A standby Beacon ([`Stack::start_standby_beacon`]): its URL, its stop and its task.
+    pub standby: Option<(String, CancellationToken, JoinHandle<()>)>,
 }
 
 impl Stack {
@@ -109,6 +121,13 @@ impl Stack {
                 certificate_validity: options.certificate_validity,
             },
         )?;
+        let seaweed = if options.seaweed {
+            Some(px_test_support::seaweed::SeaweedServer::start(
+                SEAWEED_BUCKET,
+            )?)
+        } else {
+            None
+        };
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new(&["localhost"]).unwrap();
         let (deploy, beacon_repo, node_repo, maestro_link, repo_link) =
@@ -133,7 +152,7 @@ impl Stack {
         let beacon_url = format!("https://localhost:{}", beacon_addrs.0.port());
         let control_addr = beacon_addrs.1.to_string();
         let shutdown = CancellationToken::new();
-        let repo_config = px_repository::config::Config {
+        let mut repo_config = px_repository::config::Config {
             data_dir: dir.path().join("apprepo"),
             tokens: vec![
                 token("dev", px_repository::auth::Role::Deploy, &deploy),
@@ -156,6 +175,21 @@ impl Stack {
             },
             ..Default::default()
         };
+        if let Some(s3) = &seaweed {
+            let secret_file = secret("s3-secret", px_test_support::S3_SECRET_KEY);
+            repo_config.storage = px_repository::config::StorageConfig {
+                backend: px_repository::config::Backend::S3,
+                s3: Some(px_repository::config::S3Config {
+                    bucket: SEAWEED_BUCKET.into(),
+                    region: "us-east-1".into(),
+                    endpoint: Some(s3.endpoint()),
+                    path_style: true,
+                    prefix: String::new(),
+                    access_key_id: Some(px_test_support::S3_ACCESS_KEY.into()),
+                    secret_access_key_file: Some(secret_file),
+                }),
+            };
+        }
         let mut beacon_config = px_beacon::config::Config {
             data_dir: dir.path().join("beacon"),
             tls_cert_file: pki.cert(),
@@ -186,6 +220,16 @@ impl Stack {
             profile: None,
             ..Default::default()
         };
+        if options.lease {
+            beacon_config.lease = px_beacon::config::LeaseConfig {
+                enabled: true,
+                api_url: Some(beacon_url.clone()),
+                ..Default::default()
+            };
+            // Only the active Beacon binds it: the standby binds the same address once it
+            // takes over, so Maestros and apprepo reconnect to where they were.
+            beacon_config.control_listen = beacon_addrs.1;
+        }
         if let Some(retry) = options.retry_after_failure {
             beacon_config.acme.retry_after_failure = retry;
         }
@@ -270,6 +314,8 @@ impl Stack {
             ca_file,
             node_repo_token: node_repo,
             second_link_token: second_link,
+            seaweed,
+            standby: None,
         };
         stack
             .start_beacon(Some((beacon_http, beacon_control)))
@@ -293,6 +339,39 @@ impl Stack {
                 .await
                 .unwrap()
         }));
+    }
+
+    /// Starts a second Beacon as the first is configured (`[lease]` on), with its own data
+    /// directory and API address: it stands by while the first holds the lease. Returns its
+    /// API URL.
+    pub async fn start_standby_beacon(&mut self) -> String {
+        let http = bind().await;
+        let url = format!("https://localhost:{}", http.local_addr().unwrap().port());
+        let mut config = self.beacon_config.clone();
+        config.data_dir = self.dir.path().join("beacon-2");
+        config.lease.api_url = Some(url.clone());
+        // `run` releases it at once: with a lease Beacon binds `control_listen` when active.
+        let control = bind().await;
+        let stop = self.shutdown.child_token();
+        let task_stop = stop.clone();
+        let task = tokio::spawn(async move {
+            px_beacon::run(config, px_beacon::Listeners { http, control }, task_stop)
+                .await
+                .unwrap()
+        });
+        self.standby = Some((url.clone(), stop, task));
+        url
+    }
+
+    /// Stops the first Beacon, as its host going away would, and waits for it to end.
+    pub async fn stop_beacon(&mut self) {
+        self.beacon_stop.cancel();
+        if let Some(task) = self.beacon_task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .unwrap()
+                .unwrap();
+        }
     }
 
     pub async fn restart_beacon(&mut self) {
@@ -603,6 +682,9 @@ impl Stack {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.beacon_task.take() {
+            self.tasks.push(task);
+        }
+        if let Some((_, _, task)) = self.standby.take() {
             self.tasks.push(task);
         }
         for task in self.tasks {

@@ -1,0 +1,214 @@
+//! Several Beacons, one active (docs/src/design/control-hosts.md): apprepo on SeaweedFS, two
+//! Beacons competing for the lease, and a Maestro. The standby redirects its API to the
+//! active Beacon; when the active one stops in the middle of a deploy's rollout, the standby
+//! takes the lease, finishes the rollout with a higher generation, and no release is lost.
+//! Prints the failover time (from the stop to the standby active, and to the new release
+//! served); it asserts only a generous bound.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::acme_stack::{DOMAIN, Stack, StackOptions, WAIT};
+use px_beacon::config::ChallengeKind;
+use px_proto::api::Release;
+use px_proto::beacon::Node;
+use px_proto::lease::{BeaconHealth, BeaconRole};
+use sha2::{Digest, Sha256};
+
+/// A client that trusts the cluster CA and does not follow redirects, to see them.
+fn no_redirects(stack: &Stack) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&stack.ca_file).unwrap()).unwrap();
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+async fn health(http: &reqwest::Client, url: &str) -> Option<BeaconHealth> {
+    let r = http.get(format!("{url}/v1/health")).send().await.ok()?;
+    r.json().await.ok()
+}
+
+/// Waits until the Beacon at `url` says it is active; how long that took.
+async fn wait_active(http: &reqwest::Client, url: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = http.get(format!("{url}/v1/health/active")).send().await
+            && r.status() == 200
+        {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < WAIT, "{url} never became active");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Uploads the shop again with another greeting: a new release, rolled out to the Maestro.
+async fn deploy_greeting(stack: &Stack, greeting: &str) -> Release {
+    let app_dir = tempfile::tempdir().unwrap();
+    px_test_support::write_sample_app(app_dir.path(), "shop").unwrap();
+    std::fs::write(
+        app_dir.path().join("app.toml"),
+        format!(
+            "name = \"shop\"\nrun = \"python3 server.py\"\n[health]\npath = \"/healthz\"\n[http]\ndomains = [\"{DOMAIN}\"]\n[env]\nGREETING = \"{greeting}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut bundle = Vec::new();
+    px_bundle::pack_dir(app_dir.path(), &mut bundle).unwrap();
+    let r = stack
+        .http
+        .post(format!("{}/v1/apps/shop/releases", stack.repo_url))
+        .bearer_auth(&stack.deploy)
+        .header(
+            px_proto::api::HEADER_BUNDLE_SHA256,
+            hex::encode(Sha256::digest(&bundle)),
+        )
+        .body(bundle)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    r.json().await.unwrap()
+}
+
+async fn node(stack: &Stack, beacon_url: &str) -> Node {
+    let nodes: Vec<Node> = stack
+        .http
+        .get(format!("{beacon_url}/v1/nodes"))
+        .bearer_auth(&stack.deploy)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    nodes.into_iter().find(|n| n.name == "web-1").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_standby_finishes_a_rollout_the_stopped_active_beacon_started() {
+    let options = StackOptions {
+        seaweed: true,
+        lease: true,
+        ..Default::default()
+    };
+    let Some(mut stack) = Stack::start_with(ChallengeKind::Http01, true, options).await else {
+        return;
+    };
+    let plain = no_redirects(&stack);
+    let active_url = stack.beacon_url.clone();
+    wait_active(&plain, &active_url).await;
+    let standby_url = stack.start_standby_beacon().await;
+
+    // The standby knows the active Beacon, and sends API calls there.
+    let start = Instant::now();
+    let seen = loop {
+        match health(&plain, &standby_url).await {
+            Some(h) if h.active_url.is_some() => break h,
+            _ => {
+                assert!(
+                    start.elapsed() < WAIT,
+                    "the standby never learned of the active Beacon"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(seen.role, BeaconRole::Standby);
+    assert_eq!(seen.active_url.as_deref(), Some(active_url.as_str()));
+    let check = plain
+        .get(format!("{standby_url}/v1/health/active"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(check.status(), 503, "a load balancer skips the standby");
+    let redirected = plain
+        .get(format!("{standby_url}/v1/apps?x=1"))
+        .bearer_auth(&stack.deploy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(redirected.status(), 307);
+    assert_eq!(
+        redirected.headers()["location"].to_str().unwrap(),
+        format!("{active_url}/v1/apps?x=1")
+    );
+    let metrics = plain
+        .get(format!("{standby_url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("beacon_lease_active 0"), "{metrics}");
+    // Following it (with the token again: a client drops it on a redirect to another origin,
+    // so `em` sends it anew) reads the active Beacon's answer.
+    let location = redirected.headers()["location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let apps = plain
+        .get(location)
+        .bearer_auth(&stack.deploy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(apps.status(), 200);
+
+    stack.deploy_shop().await;
+    stack.wait_https("hello").await;
+    let before = node(&stack, &active_url).await.applied_generation;
+    assert!(
+        before >= 1 << 32,
+        "the first active Beacon numbers from epoch 1: {before}"
+    );
+
+    // A second deploy, and the active Beacon stops while it rolls out.
+    let release = deploy_greeting(&stack, "hola").await;
+    let stopped = Instant::now();
+    stack.stop_beacon().await;
+    let took_over = stopped
+        .elapsed()
+        .max(wait_active(&plain, &standby_url).await);
+    let took_over = took_over.max(stopped.elapsed());
+    stack.wait_https("hola").await;
+    let deployed = stopped.elapsed();
+    println!(
+        "failover: standby active {:.2} s after the active Beacon stopped; new release served after {:.2} s",
+        took_over.as_secs_f64(),
+        deployed.as_secs_f64()
+    );
+    assert!(
+        deployed < Duration::from_secs(90),
+        "the rollout took {deployed:?} to finish through the standby"
+    );
+
+    let now_active = health(&plain, &standby_url).await.unwrap();
+    assert_eq!(now_active.role, BeaconRole::Active);
+    assert_eq!(now_active.epoch, 2, "the lease changed holders once");
+    let after = node(&stack, &standby_url).await.applied_generation;
+    assert!(
+        after > before && after > 2 << 32,
+        "the Maestro applied {after}, after {before}: the new Beacon's generations are above the old one's"
+    );
+    let releases: Vec<Release> = stack
+        .http
+        .get(format!("{}/v1/apps/shop/releases", stack.repo_url))
+        .bearer_auth(&stack.deploy)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut versions: Vec<u64> = releases.iter().map(|r| r.version).collect();
+    versions.sort_unstable();
+    assert_eq!(versions, vec![1, release.version], "no release was lost");
+    stack.stop().await;
+}
