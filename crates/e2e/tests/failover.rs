@@ -1,6 +1,6 @@
 //! Several Beacons, one active (docs/src/design/control-hosts.md): apprepo on SeaweedFS, two
-//! Beacons competing for the lease, and a Maestro. The standby redirects its API to the
-//! active Beacon; when the active one stops in the middle of a deploy's rollout, the standby
+//! Beacons competing for the lease, and a Maestro and apprepo that list both Beacons' control
+//! addresses. The standby refuses links and redirects its API to the active Beacon; when the active one stops in the middle of a deploy's rollout, the standby
 //! takes the lease, finishes the rollout with a higher generation, and no release is lost.
 //! Prints the failover time (from the stop to the standby active, and to the new release
 //! served); it asserts only a generous bound.
@@ -121,6 +121,13 @@ async fn the_standby_finishes_a_rollout_the_stopped_active_beacon_started() {
     };
     assert_eq!(seen.role, BeaconRole::Standby);
     assert_eq!(seen.active_url.as_deref(), Some(active_url.as_str()));
+    let standby_control = stack.standby_control.unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(standby_control)
+            .await
+            .is_err(),
+        "a standby's control port is closed, so link clients move on to the active Beacon"
+    );
     let check = plain
         .get(format!("{standby_url}/v1/health/active"))
         .send()
@@ -189,6 +196,12 @@ async fn the_standby_finishes_a_rollout_the_stopped_active_beacon_started() {
         "the rollout took {deployed:?} to finish through the standby"
     );
 
+    assert!(
+        tokio::net::TcpStream::connect(standby_control)
+            .await
+            .is_ok(),
+        "the new active Beacon accepts links"
+    );
     let now_active = health(&plain, &standby_url).await.unwrap();
     assert_eq!(now_active.role, BeaconRole::Active);
     assert_eq!(now_active.epoch, 2, "the lease changed holders once");

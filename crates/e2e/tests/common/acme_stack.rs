@@ -86,6 +86,8 @@ pub struct Stack {
     pub seaweed: Option<px_test_support::seaweed::SeaweedServer>,
     /// A standby Beacon ([`Stack::start_standby_beacon`]): its URL, its stop and its task.
     pub standby: Option<(String, CancellationToken, JoinHandle<()>)>,
+    /// The standby's control address, listed to the link clients, with [`StackOptions::lease`].
+    pub standby_control: Option<std::net::SocketAddr>,
 }
 
 impl Stack {
@@ -151,6 +153,15 @@ impl Stack {
         );
         let beacon_url = format!("https://localhost:{}", beacon_addrs.0.port());
         let control_addr = beacon_addrs.1.to_string();
+        // With a lease, a standby Beacon ([`Stack::start_standby_beacon`]) gets a control
+        // address of its own, and the link clients list both.
+        let standby_control: Option<std::net::SocketAddr> = options
+            .lease
+            .then(|| std::net::SocketAddr::from(([127, 0, 0, 1], px_test_support::free_port())));
+        let (link_addr, link_addrs) = match standby_control {
+            Some(standby) => (None, vec![control_addr.clone(), standby.to_string()]),
+            None => (Some(control_addr.clone()), Vec::new()),
+        };
         let shutdown = CancellationToken::new();
         let mut repo_config = px_repository::config::Config {
             data_dir: dir.path().join("apprepo"),
@@ -161,8 +172,8 @@ impl Stack {
                 token("web-1", px_repository::auth::Role::Release, &node_repo),
             ],
             beacon: Some(px_repository::config::BeaconConfig {
-                addr: Some(control_addr.clone()),
-                addrs: Vec::new(),
+                addr: link_addr.clone(),
+                addrs: link_addrs.clone(),
                 server_name: Some("localhost".into()),
                 ca_file: pki.ca(),
                 token_file: secret("repo-link", &repo_link),
@@ -226,8 +237,7 @@ impl Stack {
                 api_url: Some(beacon_url.clone()),
                 ..Default::default()
             };
-            // Only the active Beacon binds it: the standby binds the same address once it
-            // takes over, so Maestros and apprepo reconnect to where they were.
+            // With a lease Beacon binds `control_listen` itself, once it is active.
             beacon_config.control_listen = beacon_addrs.1;
         }
         if let Some(retry) = options.retry_after_failure {
@@ -261,8 +271,8 @@ impl Stack {
                 repository_token_file: Some(secret("maestro-repo", &node_repo)),
                 repository_ca_file: Some(pki.ca()),
                 beacon: Some(px_maestro::config::BeaconConfig {
-                    addr: Some(control_addr.clone()),
-                    addrs: Vec::new(),
+                    addr: link_addr.clone(),
+                    addrs: link_addrs.clone(),
                     server_name: Some("localhost".into()),
                     ca_file: pki.ca(),
                     token_file: secret("maestro-link", &maestro_link),
@@ -316,6 +326,7 @@ impl Stack {
             second_link_token: second_link,
             seaweed,
             standby: None,
+            standby_control,
         };
         stack
             .start_beacon(Some((beacon_http, beacon_control)))
@@ -342,14 +353,17 @@ impl Stack {
     }
 
     /// Starts a second Beacon as the first is configured (`[lease]` on), with its own data
-    /// directory and API address: it stands by while the first holds the lease. Returns its
-    /// API URL.
+    /// directory, API and control addresses (the latter listed to the Maestro and apprepo): it
+    /// stands by while the first holds the lease. Returns its API URL.
     pub async fn start_standby_beacon(&mut self) -> String {
         let http = bind().await;
         let url = format!("https://localhost:{}", http.local_addr().unwrap().port());
         let mut config = self.beacon_config.clone();
         config.data_dir = self.dir.path().join("beacon-2");
         config.lease.api_url = Some(url.clone());
+        config.control_listen = self
+            .standby_control
+            .expect("a standby needs StackOptions::lease");
         // `run` releases it at once: with a lease Beacon binds `control_listen` when active.
         let control = bind().await;
         let stop = self.shutdown.child_token();
