@@ -44,7 +44,25 @@ pub struct RepoStub {
     pub phases: Arc<Mutex<Vec<Release>>>,
     pub down: Arc<std::sync::atomic::AtomicBool>,
     pub requests: Arc<std::sync::atomic::AtomicU64>,
+    /// How `PUT /v1/leases/beacon` answers (apprepo's lease route; the real one is tested
+    /// with apprepo in `crates/e2e/tests/failover.rs`).
+    pub lease: Arc<Mutex<LeaseMode>>,
 }
+
+/// How the stand-in answers lease claims.
+#[derive(Debug, Clone, Default)]
+pub enum LeaseMode {
+    /// Grants every claim, with this epoch.
+    #[default]
+    Grant,
+    /// Another Beacon, at this API URL, holds it (409).
+    HeldBy(String),
+    /// apprepo cannot be reached for it (503).
+    Down,
+}
+
+/// What the stand-in's lease epoch is.
+pub const STUB_LEASE_EPOCH: u64 = 7;
 
 impl RepoStub {
     pub async fn start(token: String) -> (Self, String) {
@@ -53,7 +71,44 @@ impl RepoStub {
         let pending = stub.builds.clone();
         let builds = stub.builds.clone();
         let phases = stub.phases.clone();
+        let lease = stub.lease.clone();
         let app = axum::Router::new()
+            .route(
+                "/v1/leases/beacon",
+                axum::routing::put(
+                    move |axum::Json(claim): axum::Json<px_proto::lease::LeaseClaim>| {
+                        let mode = lease.lock().unwrap().clone();
+                        async move {
+                            use axum::response::IntoResponse;
+                            let granted =
+                                |holder: String, api_url: String| px_proto::lease::Lease {
+                                    holder,
+                                    epoch: STUB_LEASE_EPOCH,
+                                    expires_at: String::new(),
+                                    expires_at_unix_ms: 0,
+                                    api_url,
+                                };
+                            match mode {
+                                LeaseMode::Grant => {
+                                    axum::Json(granted(claim.holder, claim.api_url)).into_response()
+                                }
+                                LeaseMode::HeldBy(url) => (
+                                    axum::http::StatusCode::CONFLICT,
+                                    axum::Json(px_proto::lease::LeaseHeld {
+                                        code: "lease_held".into(),
+                                        message: "held".into(),
+                                        lease: granted("other".into(), url),
+                                    }),
+                                )
+                                    .into_response(),
+                                LeaseMode::Down => {
+                                    axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response()
+                                }
+                            }
+                        }
+                    },
+                ),
+            )
             .route(
                 "/v1/phases",
                 get(move || {
