@@ -360,6 +360,18 @@ pub async fn run_with(
     };
     tracing::info!(http = %http_addr, scheme, "beacon listening");
     let active_hub: Arc<OnceLock<Arc<hub::Hub>>> = Arc::new(OnceLock::new());
+    // Without a lease this Beacon is the only one: active before it says it is ready. With
+    // one, the control listener it was given is released at once: a standby takes no links.
+    if config.lease.enabled {
+        drop(listeners.control);
+    } else {
+        standing.activate_alone(&metrics);
+        let acme = checked.acme.take();
+        let (hub, router) =
+            active::start(&config, &checked, &parts, listeners.control, 0, https, acme)?;
+        let _ = api.set(router);
+        let _ = active_hub.set(hub);
+    }
     let status_hub = active_hub.clone();
     let status_standing = standing.clone();
     let status_metrics = metrics.clone();
@@ -408,23 +420,11 @@ pub async fn run_with(
             std::future::ready(reloaded)
         },
     );
-    let activated = if config.lease.enabled {
-        await_lease(&config, &parts, &standing, listeners.control).await?
-    } else {
-        standing.activate_alone(&metrics);
-        Some((listeners.control, 0))
-    };
-    if let Some((control, generation_floor)) = activated {
+    if config.lease.enabled
+        && let Some((control, floor)) = await_lease(&config, &parts, &standing).await?
+    {
         let acme = checked.acme.take();
-        let (hub, router) = active::start(
-            &config,
-            &checked,
-            &parts,
-            control,
-            generation_floor,
-            https,
-            acme,
-        )?;
+        let (hub, router) = active::start(&config, &checked, &parts, control, floor, https, acme)?;
         let _ = api.set(router);
         let _ = active_hub.set(hub);
     }
@@ -451,15 +451,13 @@ pub async fn run_with(
 
 /// Stands by until this Beacon holds the lease, then starts the lease keeper and binds
 /// `control_listen` (closed meanwhile, so Maestros are refused there and move on to the
-/// active Beacon; `control`, the listener `run` was given, is released at once). Returns the
-/// listener and the generation floor of the lease's epoch; `None` when shutdown came first.
+/// active Beacon). Returns the listener and the generation floor of the lease's epoch; `None`
+/// when shutdown came first.
 async fn await_lease(
     config: &Config,
     parts: &active::Parts,
     standing: &Arc<lease::Standing>,
-    control: TcpListener,
 ) -> Result<Option<(TcpListener, u64)>, StartError> {
-    drop(control);
     let holder = lease::holder_id(&config.data_dir)?;
     let api_url = config.lease.api_url.clone().unwrap_or_default();
     let keeper = lease::LeaseClient::new(parts.client.clone(), holder, config.lease.ttl, api_url);
