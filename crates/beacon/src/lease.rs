@@ -86,13 +86,6 @@ impl Standing {
 /// This host's holder id, from [`HOLDER_FILE`] or made (host name and a random suffix) and
 /// kept there on the first start.
 pub fn holder_id(data_dir: &Path) -> std::io::Result<String> {
-    let path = data_dir.join(HOLDER_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
     let host: String = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap_or_default()
         .trim()
@@ -100,11 +93,34 @@ pub fn holder_id(data_dir: &Path) -> std::io::Result<String> {
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
         .take(MAX_HOST_PART)
         .collect();
-    let host = if host.is_empty() {
-        "beacon".into()
-    } else {
-        host
-    };
+    holder_id_on(data_dir, if host.is_empty() { "beacon" } else { &host })
+}
+
+/// [`holder_id`] on the host named `host`. A kept id made on another host is not reused: a
+/// data directory copied to a second control host (a cloned disk image) must not make two
+/// Beacons one holder, which apprepo would grant the lease to both.
+fn holder_id_on(data_dir: &Path, host: &str) -> std::io::Result<String> {
+    let path = data_dir.join(HOLDER_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let kept = text.trim();
+            if kept
+                .rsplit_once(':')
+                .is_some_and(|(made_on, _)| made_on == host)
+            {
+                return Ok(kept.to_string());
+            }
+            if !kept.is_empty() {
+                tracing::warn!(
+                    kept,
+                    host,
+                    "the lease holder id was made on another host; making a new one"
+                );
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     let id = format!("{host}:{:016x}", rand::random::<u64>());
     px_runtime::fs::write_atomic(&path, id.as_bytes())?;
     Ok(id)
@@ -264,6 +280,17 @@ mod tests {
         assert_eq!(holder_id(dir.path()).unwrap(), first);
         let other = tempfile::tempdir().unwrap();
         assert_ne!(holder_id(other.path()).unwrap(), first);
+    }
+
+    #[test]
+    fn a_holder_id_copied_to_another_host_is_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = holder_id_on(dir.path(), "control-1").unwrap();
+        assert!(first.starts_with("control-1:"));
+        assert_eq!(holder_id_on(dir.path(), "control-1").unwrap(), first);
+        let copied = holder_id_on(dir.path(), "control-2").unwrap();
+        assert!(copied.starts_with("control-2:"), "{copied}");
+        assert_eq!(holder_id_on(dir.path(), "control-2").unwrap(), copied);
     }
 
     #[test]
