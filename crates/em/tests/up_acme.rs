@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use px_test_support::pebble::Pebble;
+use px_test_support::pebble::{Pebble, PebbleOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_em");
 /// Far longer than an order takes against Pebble (about a second here).
@@ -401,4 +401,73 @@ fn a_taken_https_port_is_named_before_anything_starts() {
         )),
         "{err}"
     );
+}
+
+/// How long Pebble's certificates last in the renewal test: renewal comes at two thirds
+/// (Pebble offers no renewal information), so the test sees it within a minute.
+const SHORT_VALIDITY: Duration = Duration::from_secs(60);
+
+#[test]
+fn em_up_renews_a_short_lived_certificate_before_it_expires_without_a_failed_request() {
+    let env = Env::new();
+    let Some(pebble) = Pebble::start_with(
+        env.http_port,
+        env.https_port,
+        PebbleOptions {
+            certificate_validity: Some(SHORT_VALIDITY),
+        },
+    ) else {
+        return;
+    };
+    let up = env.up(&[
+        "--acme-directory",
+        &pebble.directory_url(),
+        "--acme-ca-file",
+        pebble.listener_pki.ca().to_str().unwrap(),
+    ]);
+    let app_dir = env.home.path().join("shop");
+    let app_dir = app_dir.to_str().unwrap();
+    env.em(&["init", app_dir, "--template", "python"]);
+    env.em(&["deploy", app_dir]);
+    env.em(&["domains", "add", DOMAIN, "--app", "shop"]);
+    let root = pebble_root(&pebble, env.home.path());
+    let start = Instant::now();
+    let first = loop {
+        let got = get_https(&env, &root, "--http2");
+        if got.ok {
+            break serial(&got);
+        }
+        assert!(start.elapsed() < WAIT, "never served: {}", got.stderr);
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // From the first certificate on, every request succeeds under a valid certificate (curl
+    // refuses an expired one) until another serial is served: renewed before it expired.
+    let served = Instant::now();
+    let mut requests = 0;
+    let renewed = loop {
+        let got = get_https(&env, &root, "--http2");
+        requests += 1;
+        assert!(
+            got.ok,
+            "request {requests}, {:?} after the first certificate, failed: {}",
+            served.elapsed(),
+            got.stderr
+        );
+        let now = serial(&got);
+        if now != first {
+            break now;
+        }
+        assert!(
+            served.elapsed() < SHORT_VALIDITY + WAIT,
+            "{first} was never renewed; Pebble: {}",
+            pebble.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    eprintln!(
+        "renewed {:?} after the first certificate was served ({requests} requests, none failed): {first} -> {renewed}",
+        served.elapsed()
+    );
+    assert_eq!(pebble.orders(), 2, "{}", pebble.log());
+    stop(up);
 }
