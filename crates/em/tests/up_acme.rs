@@ -18,6 +18,10 @@ const WAIT: Duration = Duration::from_secs(120);
 /// starts its apps is answered within Maestro's restore wait.
 const CURL_MAX_SECONDS: &str = "60";
 const DOMAIN: &str = "shop.example.test";
+/// A name added after the restarts, to show the restarted Beacon orders what it lacks.
+const LATER_DOMAIN: &str = "www.shop.example.test";
+/// How many times `em up` is stopped and started with a certificate stored.
+const RESTARTS: usize = 3;
 
 struct Env {
     home: tempfile::TempDir,
@@ -157,8 +161,13 @@ fn curl(args: &[&str]) -> Curl {
 /// (`--http2` or `--http1.1`): the body, then the HTTP version and the certificate chain
 /// (`%{certs}`), one field a line.
 fn get_https(env: &Env, root: &Path, protocol: &str) -> Curl {
-    let resolve = format!("{DOMAIN}:{}:127.0.0.1", env.https_port);
-    let url = format!("https://{DOMAIN}:{}/", env.https_port);
+    get_https_for(env, root, DOMAIN, protocol)
+}
+
+/// [`get_https`] for `name`.
+fn get_https_for(env: &Env, root: &Path, name: &str, protocol: &str) -> Curl {
+    let resolve = format!("{name}:{}:127.0.0.1", env.https_port);
+    let url = format!("https://{name}:{}/", env.https_port);
     curl(&[
         protocol,
         "--verbose",
@@ -197,8 +206,8 @@ fn serial(curl: &Curl) -> String {
 }
 
 #[test]
-fn em_up_gets_a_certificate_from_acme_serves_it_over_http2_and_http11_and_keeps_it_across_a_restart()
- {
+fn em_up_gets_a_certificate_from_acme_serves_it_over_http2_and_http11_and_keeps_it_across_restarts()
+{
     let env = Env::new();
     let Some(pebble) = Pebble::start(env.http_port, env.https_port) else {
         return;
@@ -274,29 +283,61 @@ fn em_up_gets_a_certificate_from_acme_serves_it_over_http2_and_http11_and_keeps_
         format!("308 https://{DOMAIN}:{}/notes?page=2", env.https_port)
     );
 
-    // Stopped and started again with no ACME flag (they are remembered): the same certificate
-    // serves at once, and Pebble is sent no new order.
+    // Stopped and started again, several times, with no ACME flag (they are remembered): the
+    // same certificate serves at once after each start, and Pebble is sent no new order.
     let orders = pebble.orders();
     assert_eq!(orders, 1, "{}", pebble.log());
-    stop(up);
-    let up = env.up(&[]);
-    let again = get_https(&env, &root, "--http2");
-    assert!(again.ok, "{}", again.stderr);
-    assert_eq!(serial(&again), issued_serial);
-    // Beacon has read the app again, and made several passes over its names (one a second).
+    let mut up = up;
+    for restart in 1..=RESTARTS {
+        stop(up);
+        up = env.up(&[]);
+        let again = get_https(&env, &root, "--http2");
+        assert!(again.ok, "after restart {restart}: {}", again.stderr);
+        assert_eq!(serial(&again), issued_serial, "after restart {restart}");
+        // Beacon has read the app again, so its ACME passes see the name.
+        let start = Instant::now();
+        while !String::from_utf8(env.em(&["domains", "list", "--app", "shop"]).stdout)
+            .unwrap()
+            .contains("shop.localhost")
+        {
+            assert!(
+                start.elapsed() < WAIT,
+                "the Beacon of restart {restart} never served shop"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(
+            pebble.orders(),
+            orders,
+            "after restart {restart}: {}",
+            pebble.log()
+        );
+    }
+    // A name added after the restarts is ordered and served: the restarted Beacon's passes
+    // over the app's names ran, and the one order they sent is the new name's.
+    env.em(&["domains", "add", LATER_DOMAIN, "--app", "shop"]);
     let start = Instant::now();
-    while !String::from_utf8(env.em(&["domains", "list", "--app", "shop"]).stdout)
-        .unwrap()
-        .contains("shop.localhost")
-    {
+    loop {
+        let got = get_https_for(&env, &root, LATER_DOMAIN, "--http2");
+        if got.ok {
+            assert!(
+                got.stdout.contains("Hello from Platform.X"),
+                "{}",
+                got.stdout
+            );
+            break;
+        }
         assert!(
             start.elapsed() < WAIT,
-            "the restarted Beacon never served shop"
+            "https://{LATER_DOMAIN}/ never served after the restarts: {}",
+            got.stderr
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(pebble.orders(), orders, "{}", pebble.log());
+    assert_eq!(pebble.orders(), orders + 1, "{}", pebble.log());
+    let still = get_https(&env, &root, "--http2");
+    assert!(still.ok, "{}", still.stderr);
+    assert_eq!(serial(&still), issued_serial);
     stop(up);
 
     // With ACME forgotten there is no HTTPS listener, so plain HTTP serves the name again
