@@ -142,3 +142,50 @@ async fn a_failed_validation_becomes_an_event_an_alert_and_a_record_with_pebbles
     );
     stack.stop().await;
 }
+
+/// The cluster's domain in [`an_apps_name_under_the_cluster_domain_gets_a_certificate_too`]:
+/// Pebble's DNS answers its names with 127.0.0.1, as a wildcard record pointing at the web
+/// servers would.
+const CLUSTER_DOMAIN: &str = "apps.example.test";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_apps_name_under_the_cluster_domain_gets_a_certificate_too() {
+    let Some(stack) = Stack::start_with(
+        ChallengeKind::Http01,
+        true,
+        StackOptions {
+            cluster_domain: Some(CLUSTER_DOMAIN),
+            ..Default::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    stack.deploy_shop().await;
+    let cluster_name = format!("shop.{CLUSTER_DOMAIN}");
+    // Both the manifest's name and `<app>.<cluster domain>` are served under Pebble's
+    // certificates, each its own.
+    let cluster_leaf = stack
+        .wait_https_at(&cluster_name, stack.https_port, "hello")
+        .await;
+    let domain_leaf = stack.wait_https_at(DOMAIN, stack.https_port, "hello").await;
+    assert_ne!(cluster_leaf, domain_leaf);
+    let start = Instant::now();
+    let listed = loop {
+        let listed = stack.certs().await;
+        if listed.len() == 2 && listed.iter().all(|c| c.state == CertState::Issued) {
+            break listed;
+        }
+        assert!(start.elapsed() < WAIT, "{listed:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let mut names: Vec<&str> = listed.iter().map(|c| c.domain.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, [cluster_name.as_str(), DOMAIN], "{listed:?}");
+    assert!(
+        listed.iter().all(|c| c.issuer.contains("Pebble")),
+        "{listed:?}"
+    );
+    stack.stop().await;
+}

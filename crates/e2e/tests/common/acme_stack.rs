@@ -54,6 +54,9 @@ pub struct StackOptions {
     /// Beacon competes for the lease (`[lease]`), so that a standby
     /// ([`Stack::start_standby_beacon`]) can take over from it.
     pub lease: bool,
+    /// Beacon's `domain`, under which each app is served as `<app>.<domain>` (default:
+    /// Beacon's, `localhost`, which no CA issues for).
+    pub cluster_domain: Option<&'static str>,
 }
 
 /// apprepo, Beacon with `[acme]` and (optionally) a Maestro with an HTTPS listener.
@@ -239,6 +242,9 @@ impl Stack {
             };
             // With a lease Beacon binds `control_listen` itself, once it is active.
             beacon_config.control_listen = beacon_addrs.1;
+        }
+        if let Some(domain) = options.cluster_domain {
+            beacon_config.domain = domain.into();
         }
         if let Some(retry) = options.retry_after_failure {
             beacon_config.acme.retry_after_failure = retry;
