@@ -1,7 +1,10 @@
 """Certificates from a real ACME CA on the VM cluster: Pebble runs on control, site.yml is run
 again with the ACME variables as an operator would, and both web servers serve the app's
 certificate over HTTPS; a web server that lost its certificates serves them again within
-seconds of starting, and restarted services order nothing they already hold.
+seconds of starting, and services restarted several times order nothing they already hold.
+Last, the cluster moves to a second Pebble that issues short-lived certificates (as an operator
+moves to another CA): a name's certificate from it is renewed before it expires and both web
+servers serve the new one. The first Pebble's orders are counted apart from the second's.
 
 Pebble and pebble-challtestsrv (its DNS server) are the host's Debian binaries, copied into
 control: the cached image stays as it is. The DNS server answers every name with web-1's LAN
@@ -36,6 +39,8 @@ from appcheck import (
 # address; and the one added after the restarts (answered with web-1's, the default).
 DOMAIN = "shop.example.com"
 LATER_DOMAIN = "www.shop.example.com"
+# The name whose certificate comes from the short-lived Pebble (answered with web-1's address).
+SHORT_DOMAIN = "short.shop.example.com"
 ACME_EMAIL = "ops@example.com"
 # Where Pebble lives on control, its ports there (the directory and management API over
 # HTTPS, its DNS server and that server's management API over plain HTTP).
@@ -44,9 +49,17 @@ PEBBLE_PORT = 14000
 PEBBLE_MANAGEMENT_PORT = 15000
 DNS_PORT = 8053
 DNS_MANAGEMENT_PORT = 8055
+# The second Pebble's ports (it issues short-lived certificates, and shares the DNS server).
+SHORT_PEBBLE_PORT = 14001
+SHORT_PEBBLE_MANAGEMENT_PORT = 15001
+# How long the second Pebble's certificates are valid (its certificateValidityPeriod): renewal
+# comes two thirds in (Pebble offers no renewal information), leaving a third, 30 s, for the
+# order and both web servers fetching the new certificate under emulation.
+SHORT_VALIDITY_S = 90
 # The transient units Pebble and its DNS server run as (systemd-run), so their output is in
 # control's journal.
 PEBBLE_UNIT = "px-test-pebble"
+SHORT_PEBBLE_UNIT = "px-test-pebble-short"
 DNS_UNIT = "px-test-pebble-dns"
 # The LAN addresses the DNS server gives: every name web-1's, DOMAIN web-2's.
 DEFAULT_ADDRESS = "10.77.0.11"
@@ -65,6 +78,14 @@ ISSUE_TIMEOUT_S = 240
 REQUEST_TIMEOUT_S = 15
 # Pebble's log line for each new order (its wfe), counted to tell whether an order was sent.
 ORDER_LOG_LINE = "Added order"
+# How many times the restart test restarts Beacon and both Maestros.
+RESTARTS = 3
+# Beacon's configuration on control, as site.yml writes it.
+BEACON_TOML = "/etc/platformx/beacon.toml"
+# Where apprepo keeps the ACME account on control (the fs storage backend the tier runs).
+ACCOUNT_FILE = "/var/lib/platformx/apprepo/storage/acme/account.json"
+# Between two looks at the certificates the web servers present while waiting for renewal.
+RENEWAL_POLL_S = 1.0
 _ISSUER = re.compile(r"^\*\s+issuer: (.*)$", re.M)
 
 
@@ -124,25 +145,51 @@ def make_listener_pki(workdir: Path) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
+def pebble_config(port: int, management_port: int, validity_s: int | None = None) -> str:
+    """Pebble's configuration on control: its listener under the listener certificate, its
+    validations sent to Maestro's ports; `validity_s` shortens the certificates it issues."""
+    config = {
+        "listenAddress": f"0.0.0.0:{port}",
+        "managementListenAddress": f"127.0.0.1:{management_port}",
+        "certificate": f"{PEBBLE_DIR}/pebble.pem",
+        "privateKey": f"{PEBBLE_DIR}/pebble.key",
+        # Where the CA's validations go on the address DNS gives: Maestro's ports.
+        "httpPort": 80,
+        "tlsPort": 443,
+        "ocspResponderURL": "",
+        "externalAccountBindingRequired": False,
+    }
+    if validity_s is not None:
+        config["certificateValidityPeriod"] = validity_s
+    return json.dumps({"pebble": config})
+
+
+def run_pebble(control, unit: str, config: str, port: int, management_port: int) -> None:
+    """Starts Pebble on control as `unit` with the configuration file `config` (a path there),
+    resolving names with the DNS server, and waits for its ports."""
+    # No random sleep before validating, no nonce refused on purpose: the scenario checks the
+    # platform, not how it rides out Pebble's chaos.
+    control.ssh(
+        f"systemd-run --unit={unit} --setenv=PEBBLE_VA_NOSLEEP=1"
+        f" --setenv=PEBBLE_WFE_NONCEREJECT=0 {PEBBLE_DIR}/pebble"
+        f" -config {config} -dnsserver 127.0.0.1:{DNS_PORT}"
+    )
+    for listening in (port, management_port):
+        wait_until(
+            f"{unit} listens on {listening}",
+            lambda listening=listening: control.ssh(
+                f"curl -sk -o /dev/null https://127.0.0.1:{listening}/", check=False
+            ).returncode
+            == 0,
+            PEBBLE_START_TIMEOUT_S,
+        )
+
+
 def start_pebble(control, workdir: Path) -> Path:
     """Copies Pebble into control and starts it with its DNS server; returns the listener CA."""
     ca, cert, key = make_listener_pki(workdir)
     config = workdir / "pebble.json"
-    config.write_text(
-        json.dumps({
-            "pebble": {
-                "listenAddress": f"0.0.0.0:{PEBBLE_PORT}",
-                "managementListenAddress": f"127.0.0.1:{PEBBLE_MANAGEMENT_PORT}",
-                "certificate": f"{PEBBLE_DIR}/pebble.pem",
-                "privateKey": f"{PEBBLE_DIR}/pebble.key",
-                # Where the CA's validations go on the address DNS gives: Maestro's ports.
-                "httpPort": 80,
-                "tlsPort": 443,
-                "ocspResponderURL": "",
-                "externalAccountBindingRequired": False,
-            }
-        })
-    )  # fmt: skip
+    config.write_text(pebble_config(PEBBLE_PORT, PEBBLE_MANAGEMENT_PORT))
     for binary in ("pebble", "pebble-challtestsrv"):
         copy_file(control, Path("/usr/bin") / binary, f"{PEBBLE_DIR}/{binary}", "0755")
     copy_file(control, config, f"{PEBBLE_DIR}/pebble.json", "0644")
@@ -155,12 +202,8 @@ def start_pebble(control, workdir: Path) -> Path:
         f" -dns01 127.0.0.1:{DNS_PORT} -http01 '' -https01 '' -tlsalpn01 ''"
         f" -management 127.0.0.1:{DNS_MANAGEMENT_PORT}"
     )
-    # No random sleep before validating, no nonce refused on purpose: the scenario checks the
-    # platform, not how it rides out Pebble's chaos.
-    control.ssh(
-        f"systemd-run --unit={PEBBLE_UNIT} --setenv=PEBBLE_VA_NOSLEEP=1"
-        f" --setenv=PEBBLE_WFE_NONCEREJECT=0 {PEBBLE_DIR}/pebble"
-        f" -config {PEBBLE_DIR}/pebble.json -dnsserver 127.0.0.1:{DNS_PORT}"
+    run_pebble(
+        control, PEBBLE_UNIT, f"{PEBBLE_DIR}/pebble.json", PEBBLE_PORT, PEBBLE_MANAGEMENT_PORT
     )
     wait_until(
         "Pebble's DNS server answers its management API",
@@ -175,19 +218,20 @@ def start_pebble(control, workdir: Path) -> Path:
     return ca
 
 
-def pebble_root(control) -> str:
+def pebble_root(control, management_port: int = PEBBLE_MANAGEMENT_PORT) -> str:
     """The root Pebble signs with, from its management interface (under the listener CA)."""
     pem = control.ssh(
         f"curl -sS --fail --cacert {PEBBLE_DIR}/listener-ca.pem"
-        f" https://127.0.0.1:{PEBBLE_MANAGEMENT_PORT}/roots/0"
+        f" https://127.0.0.1:{management_port}/roots/0"
     ).stdout
     assert pem.startswith("-----BEGIN CERTIFICATE-----"), pem
     return pem
 
 
-def orders_sent(control) -> int:
-    """New orders Pebble has received since it started (its log says each)."""
-    log = control.ssh(f"journalctl -u {PEBBLE_UNIT} -o cat --no-pager").stdout
+def orders_sent(control, unit: str = PEBBLE_UNIT) -> int:
+    """New orders the Pebble running as `unit` has received since it started (its log says
+    each)."""
+    log = control.ssh(f"journalctl -u {unit} -o cat --no-pager").stdout
     return log.count(ORDER_LOG_LINE)
 
 
@@ -222,7 +266,8 @@ def https_get(web, root: Path, name: str, http: str) -> Answer:
 
 
 def served_serial(web, root: Path, name: str) -> int:
-    """The serial number of the certificate a web server presents for `name`."""
+    """The serial number of the certificate a web server presents for `name`; fails when it
+    is not valid under `root` now (an expired one included)."""
     context = ssl.create_default_context(cafile=str(root))
     with socket.create_connection(("127.0.0.1", web.ports[443]), REQUEST_TIMEOUT_S) as raw:
         with context.wrap_socket(raw, server_hostname=name) as tls:
@@ -350,18 +395,30 @@ def test_a_web_server_that_lost_its_certificates_serves_them_within_seconds(
 
 
 def test_restarted_beacon_and_maestro_order_nothing_they_hold(platform, acme):
-    """Beacon and web-1's Maestro restarted: both web servers serve the same certificate
-    (serial) as before, and the one new order Pebble receives afterwards is for a name added
-    after the restarts, which shows Beacon's ordering ran and left the issued names alone."""
+    """Beacon and both Maestros restarted several times: both web servers serve the same
+    certificate (serial) as before after each round, and the one new order Pebble receives
+    afterwards is for a name added after the restarts, which shows Beacon's ordering ran and
+    left the issued names alone."""
     cluster = platform.cluster
     release = acme.release
     control = cluster["control"]
     serials = {name: served_serial(cluster[name], acme.root, DOMAIN) for name in WEB_SERVERS}
     orders_before = orders_sent(control)
 
-    control.ssh("systemctl restart beacon")
-    cluster["web-1"].ssh("systemctl restart maestro")
-    wait_for_nodes(platform)
+    for restart in range(1, RESTARTS + 1):
+        control.ssh("systemctl restart beacon")
+        for name in WEB_SERVERS:
+            cluster[name].ssh("systemctl restart maestro")
+        wait_for_nodes(platform)
+        for name in WEB_SERVERS:
+            web = cluster[name]
+            wait_until(
+                f"{name} serves {DOMAIN} over HTTPS after restart {restart}",
+                lambda web=web: serves_https(web, acme.root, DOMAIN, release),
+                RESTART_TIMEOUT_S,
+            )
+            assert served_serial(web, acme.root, DOMAIN) == serials[name], (name, restart)
+        assert orders_sent(control) == orders_before, restart
     platform.em("domains", "add", LATER_DOMAIN, "--app", APP)
     for name in WEB_SERVERS:
         web = cluster[name]
@@ -371,8 +428,94 @@ def test_restarted_beacon_and_maestro_order_nothing_they_hold(platform, acme):
             ISSUE_TIMEOUT_S,
         )
     orders_after = orders_sent(control)
-    print(f"orders Pebble received: {orders_before} before the restarts, {orders_after} after")
+    print(
+        f"orders Pebble received: {orders_before} before {RESTARTS} restarts, {orders_after} after"
+    )
     assert orders_after == orders_before + 1, (orders_before, orders_after)
     for name in WEB_SERVERS:
         assert served_serial(cluster[name], acme.root, DOMAIN) == serials[name], name
+        assert serves_https(cluster[name], acme.root, DOMAIN, release), name
+
+
+def test_a_short_lived_certificate_is_renewed_before_it_expires_and_both_web_servers_serve_it(
+    platform, acme, tmp_path_factory: pytest.TempPathFactory, vm_timings
+):
+    """The cluster moves to a second Pebble issuing 90-second certificates, as an operator
+    moves to another CA: the account stored for the first removed from apprepo's storage (an
+    account is valid at its own CA only), Beacon's directory_url changed and Beacon restarted.
+    A name added then gets a certificate from it, which is renewed two thirds into its
+    lifetime: both web servers present a valid certificate at every look until both present
+    the new serial. The names issued by the first Pebble are not ordered again."""
+    cluster = platform.cluster
+    release = acme.release
+    control = cluster["control"]
+    workdir = tmp_path_factory.mktemp("acme-short")
+    config = workdir / "pebble-short.json"
+    config.write_text(
+        pebble_config(SHORT_PEBBLE_PORT, SHORT_PEBBLE_MANAGEMENT_PORT, SHORT_VALIDITY_S)
+    )
+    copy_file(control, config, f"{PEBBLE_DIR}/pebble-short.json", "0644")
+    run_pebble(
+        control,
+        SHORT_PEBBLE_UNIT,
+        f"{PEBBLE_DIR}/pebble-short.json",
+        SHORT_PEBBLE_PORT,
+        SHORT_PEBBLE_MANAGEMENT_PORT,
+    )
+    root = workdir / "pebble-short-root.pem"
+    root.write_text(pebble_root(control, SHORT_PEBBLE_MANAGEMENT_PORT))
+    first_pebble_orders = orders_sent(control)
+
+    # What site.yml does with a new px_acme_directory_url (the same CA file trusts both
+    # Pebbles' listeners), without a whole run's minutes: Beacon's directory_url replaced and
+    # Beacon restarted, once the first CA's account is gone.
+    first_url = f'directory_url = "https://control:{PEBBLE_PORT}/dir"'
+    short_url = f'directory_url = "https://control:{SHORT_PEBBLE_PORT}/dir"'
+    control.ssh(
+        f"grep -qF '{first_url}' {BEACON_TOML}"
+        f" && sed -i 's|{first_url}|{short_url}|' {BEACON_TOML}"
+        f" && rm {ACCOUNT_FILE} && systemctl restart beacon"
+    )
+    assert short_url in control.ssh(f"cat {BEACON_TOML}").stdout
+    wait_for_nodes(platform)
+    platform.em("domains", "add", SHORT_DOMAIN, "--app", APP)
+    for name in WEB_SERVERS:
+        web = cluster[name]
+        wait_until(
+            f"{name} serves {SHORT_DOMAIN} over HTTPS",
+            lambda web=web: serves_https(web, root, SHORT_DOMAIN, release),
+            ISSUE_TIMEOUT_S,
+        )
+    first = {name: served_serial(cluster[name], root, SHORT_DOMAIN) for name in WEB_SERVERS}
+    assert len(set(first.values())) == 1, first
+
+    # From now on every look at either web server gets a certificate valid under the second
+    # Pebble's root (an expired one fails the handshake) until both present another serial.
+    served = time.monotonic()
+    looks = 0
+    renewed: dict[str, int] = {}
+    while len(renewed) < len(WEB_SERVERS):
+        for name in WEB_SERVERS:
+            serial = served_serial(cluster[name], root, SHORT_DOMAIN)
+            looks += 1
+            if serial != first[name]:
+                renewed[name] = serial
+        elapsed = time.monotonic() - served
+        assert elapsed < SHORT_VALIDITY_S + ISSUE_TIMEOUT_S, (
+            f"{SHORT_DOMAIN} not renewed on {set(WEB_SERVERS) - set(renewed)} after {elapsed:.0f} s"
+        )
+        time.sleep(RENEWAL_POLL_S)
+    vm_timings["short-lived certificate, first served to renewed on both"] = (
+        time.monotonic() - served
+    )
+    print(f"{SHORT_DOMAIN}: {first} renewed to {renewed} ({looks} looks, none failed)")
+    assert len(set(renewed.values())) == 1, renewed
+    for name in WEB_SERVERS:
+        assert serves_https(cluster[name], root, SHORT_DOMAIN, release), name
+    short_orders = orders_sent(control, SHORT_PEBBLE_UNIT)
+    print(f"orders the second Pebble received: {short_orders}")
+    assert short_orders >= 2, short_orders
+    # The names the first Pebble issued are held, not ordered again from the second.
+    assert orders_sent(control) == first_pebble_orders
+    for name in WEB_SERVERS:
         assert serves_https(cluster[name], acme.root, DOMAIN, release), name
