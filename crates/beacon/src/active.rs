@@ -41,9 +41,9 @@ pub(crate) struct Parts {
     pub epoch: Instant,
 }
 
-/// Starts the active machinery: a hub numbering generations above `generation_floor`, the
-/// reconciler, ACME (with `acme`), the sweeper and the link server on `control`; returns the hub and the
-/// API's router.
+/// Starts the active machinery: a hub numbering generations (and the event log its events)
+/// above `generation_floor`, the reconciler, ACME (with `acme`), the sweeper and the link server
+/// on `control`; returns the hub and the API's router.
 pub(crate) fn start(
     config: &Config,
     checked: &Checked,
@@ -60,6 +60,8 @@ pub(crate) fn start(
         metrics,
         ..
     } = parts;
+    // Events are numbered from the same floor as generations (see EventLog::raise_floor).
+    parts.events.raise_floor(generation_floor);
     let hub = Arc::new(hub::Hub::new(
         hub::HubSettings {
             domain: config.domain.clone(),

@@ -208,6 +208,23 @@ impl EventLog {
         self.events.subscribe()
     }
 
+    /// Numbers the next events above `floor` when the log is below it. A Beacon that becomes
+    /// active under a later lease epoch passes that epoch's generation floor: every seq its
+    /// predecessor could have given is below it, so a follower that resumes here with the old
+    /// Beacon's `Last-Event-ID` is sent what this one recorded since, not nothing until the
+    /// numbers catch up.
+    pub fn raise_floor(&self, floor: u64) {
+        let mut inner = self.lock();
+        if inner.last_seq < floor {
+            tracing::info!(
+                last_seq = inner.last_seq,
+                floor,
+                "events continue above the lease's epoch"
+            );
+            inner.last_seq = floor;
+        }
+    }
+
     /// Seq of the newest event (0 before the first one).
     pub fn last_seq(&self) -> u64 {
         self.lock().last_seq
@@ -409,6 +426,35 @@ mod tests {
             app: app.map(str::to_owned),
             ..EventDraft::new(kind, message)
         }
+    }
+
+    #[test]
+    fn events_after_a_raised_floor_follow_a_resume_from_the_previous_beacons_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let floor = crate::lease::generation_floor(2);
+        {
+            let log = EventLog::open(dir.path()).unwrap();
+            log.record(draft(EventKind::NodeJoined, None, "before the takeover"));
+            log.raise_floor(floor);
+            let after = log.record(draft(EventKind::NodeJoined, None, "after the takeover"));
+            assert_eq!(after.seq, floor + 1);
+            // A follower of the previous Beacon (epoch 1) resumes from a seq of its own numbers.
+            let resumed = log.page(Some(crate::lease::generation_floor(1) + 40), 100, None);
+            assert_eq!(seqs(&resumed), [floor + 1]);
+            // A lower floor changes nothing.
+            log.raise_floor(1);
+            assert_eq!(
+                log.record(draft(EventKind::NodeJoined, None, "next")).seq,
+                floor + 2
+            );
+        }
+        let reopened = EventLog::open(dir.path()).unwrap();
+        assert_eq!(
+            reopened
+                .record(draft(EventKind::NodeJoined, None, "after a restart"))
+                .seq,
+            floor + 3
+        );
     }
 
     fn seqs(events: &[Event]) -> Vec<u64> {

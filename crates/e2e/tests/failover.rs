@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::acme_stack::{DOMAIN, Stack, StackOptions, WAIT};
 use px_beacon::config::ChallengeKind;
 use px_proto::api::Release;
-use px_proto::beacon::Node;
+use px_proto::beacon::{Event, Node};
 use px_proto::lease::{BeaconHealth, BeaconRole};
 use sha2::{Digest, Sha256};
 
@@ -74,6 +74,21 @@ async fn deploy_greeting(stack: &Stack, greeting: &str) -> Release {
         .unwrap();
     assert_eq!(r.status(), 201);
     r.json().await.unwrap()
+}
+
+/// The events the Beacon at `beacon_url` serves after `after` (all it keeps with `None`).
+async fn events(stack: &Stack, beacon_url: &str, after: Option<u64>) -> Vec<Event> {
+    let query = after.map(|a| format!("?after={a}")).unwrap_or_default();
+    stack
+        .http
+        .get(format!("{beacon_url}/v1/events{query}"))
+        .bearer_auth(&stack.deploy)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 async fn node(stack: &Stack, beacon_url: &str) -> Node {
@@ -178,6 +193,10 @@ async fn the_standby_finishes_a_rollout_the_stopped_active_beacon_started() {
 
     // A second deploy, and the active Beacon stops while it rolls out.
     let release = deploy_greeting(&stack, "hola").await;
+    let last_seen = events(&stack, &active_url, None)
+        .await
+        .last()
+        .map(|e| e.seq);
     let stopped = Instant::now();
     stack.stop_beacon().await;
     let took_over = stopped
@@ -210,6 +229,16 @@ async fn the_standby_finishes_a_rollout_the_stopped_active_beacon_started() {
         after > before && after > 2 << 32,
         "the Maestro applied {after}, after {before}: the new Beacon's generations are above the old one's"
     );
+    // A follower of the old Beacon's events (em deploy) resumes on the new one from the last
+    // event it saw, and is sent what the new Beacon recorded since (the Maestro linking again,
+    // at least), numbered above everything the old one gave.
+    let last_seen = last_seen.expect("the old Beacon recorded the first deploy's events");
+    let resumed = events(&stack, &standby_url, Some(last_seen)).await;
+    assert!(
+        !resumed.is_empty(),
+        "a follower resuming after event {last_seen} is sent nothing by the new Beacon"
+    );
+    assert!(resumed.iter().all(|e| e.seq > last_seen && e.seq > 2 << 32));
     let releases: Vec<Release> = stack
         .http
         .get(format!("{}/v1/apps/shop/releases", stack.repo_url))
