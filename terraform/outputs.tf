@@ -7,7 +7,7 @@ output "ansible_inventory" {
 }
 
 output "control_hosts" {
-  description = "Control hosts (apprepo; Beacon on the first): name, instance id, public and private IPv4."
+  description = "Control hosts (apprepo and Beacon on each): name, instance id, public and private IPv4."
   value       = module.instances.control_hosts
 }
 
@@ -17,13 +17,23 @@ output "web_hosts" {
 }
 
 output "apprepo_url" {
-  description = "apprepo's API on the first control host, for `em login --remote` (reachable from admin_cidrs only): apprepo.<domain> with create_dns_records, else the host's public IP."
+  description = "apprepo's API, for `em login --remote` (reachable from admin_cidrs only): apprepo.<domain> with create_dns_records, else the control API load balancer with several control hosts, else the control host's public IP."
   value       = local.em_urls.apprepo
 }
 
 output "beacon_url" {
-  description = "Beacon's API and status page, for `em login --beacon` (reachable from admin_cidrs only): beacon.<domain> with create_dns_records, else the host's public IP."
+  description = "The active Beacon's API and status page, for `em login --beacon` (reachable from admin_cidrs only): beacon.<domain> with create_dns_records, else the control API load balancer (which routes to the active Beacon) with several control hosts, else the control host's public IP."
   value       = local.em_urls.beacon
+}
+
+output "beacon_urls" {
+  description = "Every URL em may reach a Beacon at: beacon_url first, then with several control hosts each one's own Beacon (a standby redirects em to the active one)."
+  value       = local.em_urls.beacons
+}
+
+output "api_load_balancer_dns_name" {
+  description = "DNS name of the load balancer in front of the control hosts' APIs (apprepo on 7070, the active Beacon on 7080), made with two or more control hosts (null with one)."
+  value       = local.api_lb_name
 }
 
 output "domain" {
@@ -79,11 +89,12 @@ output "subnet_ids" {
 }
 
 output "security_group_ids" {
-  description = "Security groups: control, web and (with a load balancer) lb."
+  description = "Security groups: control, web, lb (with a load balancer, else null) and api_lb (with several control hosts, else null)."
   value = {
     control = module.security_groups.control_security_group_id
     web     = module.security_groups.web_security_group_id
     lb      = module.security_groups.load_balancer_security_group_id
+    api_lb  = module.security_groups.api_load_balancer_security_group_id
   }
 }
 

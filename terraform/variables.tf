@@ -178,7 +178,7 @@ variable "ami_id" {
 }
 
 variable "control_count" {
-  description = "Control hosts: each runs apprepo; the first also runs Beacon (there is one Beacon per cluster)."
+  description = "Control hosts, each running apprepo and Beacon, spread over the subnets' availability zones. Two or more give failover: one Beacon is active and the others take over within seconds when it is lost, every apprepo serves, and a load balancer in front of their APIs sends em to them (about 20 USD a month more). One is the smallest cluster, with no failover."
   type        = number
   default     = 1
 

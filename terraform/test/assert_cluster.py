@@ -297,6 +297,9 @@ def cmd_present(outputs_json, zones_file):
     check(web_in == want, "web: 80/443 from anywhere; 7090 from the VPC; 22 from admin_cidrs; nothing else", web_in)
     ssh_sources = sorted(src for port, _, src in control_in + web_in if port == 22)
     check(ssh_sources == sorted(admin * 2), "SSH only from admin_cidrs", ssh_sources)
+    api_in, api_rules = ingress(sgs["api_lb"])
+    api_out = [(r["FromPort"], r.get("ReferencedGroupInfo", {}).get("GroupId", "").split("/")[-1]) for r in api_rules if r["IsEgress"]]
+    edge.api_load_balancer_rules(check, api_in, api_out, sgs["control"], admin)
     lb_in, lb_rules = ingress(sgs["lb"])
     lb_out = [(r["FromPort"], r.get("ReferencedGroupInfo", {}).get("GroupId", "").split("/")[-1]) for r in lb_rules if r["IsEgress"]]
     edge.load_balancer_rules(check, lb_in, lb_out, sgs["web"])
@@ -335,6 +338,13 @@ def cmd_present(outputs_json, zones_file):
               (vol["Size"], vol["VolumeType"], vol["Encrypted"]))
     web_subnets = {instances[n]["SubnetId"] for n in web}
     check(len(web_subnets) == 2, "web servers spread over both subnets")
+    control_azs = sorted(instances[n]["Placement"]["AvailabilityZone"] for n in control)
+    check(len(set(control_azs)) == 2, "control hosts in two availability zones", control_azs)
+
+    print("control API load balancer:")
+    api_lb = edge.api_load_balancer(check, elb, out, [instances[n] for n in control], has_cluster_tags)
+    want_urls = [out["beacon_url"]] + [f"https://{instances[n]['PublicIpAddress']}:{BEACON_API}" for n in control]
+    check(out["beacon_urls"] == want_urls, "beacon_urls: beacon_url, then every control host's Beacon", out["beacon_urls"])
 
     print("load balancer:")
     lb = edge.load_balancer(check, elb, out, sgs, [instances[n]["InstanceId"] for n in web], has_cluster_tags)
@@ -342,14 +352,14 @@ def cmd_present(outputs_json, zones_file):
     print("DNS records:")
     zone_id = Path(zones_file).read_text().split()[0]
     if lb:
-        edge.dns_records(check, client("route53"), out, TFVARS, zone_id, instances[control[0]]["PublicIpAddress"], lb)
+        edge.dns_records(check, client("route53"), out, TFVARS, zone_id, lb, api_lb)
 
     print("Ansible inventory:")
     inv = yaml.safe_load(out["ansible_inventory"])
     groups = inv["all"]["children"]
     check(sorted(groups) == ["beacon", "builders", "repository", "webservers"], "groups repository, beacon, webservers, builders", sorted(groups))
     check(sorted(groups["repository"]["hosts"]) == control, "repository: every control host")
-    check(sorted(groups["beacon"]["hosts"]) == [f"{prefix}-control-1"], "beacon: the first control host only")
+    check(sorted(groups["beacon"]["hosts"]) == control, "beacon: every control host")
     check(sorted(groups["webservers"]["hosts"]) == web, "webservers: every web server")
     # The builders group only names its hosts: their addresses are the web servers'.
     check(groups["builders"]["hosts"] == {web[0]: {}}, "builders: the first web server, by name only", groups["builders"]["hosts"])
@@ -364,7 +374,7 @@ def cmd_present(outputs_json, zones_file):
     check(repo_vars == {"platformx_s3_bucket": bucket, "platformx_s3_region": TFVARS["region"]}, "repository vars: bucket and region", repo_vars)
     first = instances.get(f"{prefix}-control-1", {}).get("PrivateIpAddress")
     all_vars = inv["all"]["vars"]
-    edge.inventory_vars(check, all_vars, TFVARS)
+    edge.inventory_vars(check, all_vars, TFVARS, out["api_load_balancer_dns_name"])
     check(all_vars.get("platformx_beacon_address") == f"{first}:{BEACON_CONTROL}"
           and all_vars.get("platformx_repository_url") == f"https://{first}:{APPREPO_API}",
           "Beacon and apprepo addresses are control-1's private IP", all_vars)
@@ -424,7 +434,7 @@ def cmd_ansible(outputs_json):
         "Make the cluster's secrets on the controller": control + web,
         "Prepare every Platform.X host": control + web,
         "Run apprepo on the repository hosts": control,
-        "Run Beacon on the beacon host": control[:1],
+        "Run Beacon on the beacon hosts": control,
         "Fill the runtimes directory on the build nodes": web[:1],
         "Run Maestro on every web server and build node": web,
     }

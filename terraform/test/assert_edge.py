@@ -12,6 +12,14 @@ from pathlib import Path
 PROXY_PORTS = {"http": 80, "https": 443}
 HEALTH_CHECK = ("HTTP", "80", "/", "200-499")
 API_LABELS = {"beacon": "beacon", "apprepo": "apprepo"}
+# The control API load balancer (several control hosts): each API's port, and the health check
+# that decides where it routes: every apprepo that answers /healthz, only the Beacon whose
+# /v1/health/active answers 200 (the active one; a standby answers 503).
+API_PORTS = {"apprepo": 7070, "beacon": 7080}
+API_HEALTH_CHECKS = {
+    "apprepo": ("HTTPS", "7070", "/healthz", "200"),
+    "beacon": ("HTTPS", "7080", "/v1/health/active", "200"),
+}
 # The zones make-zones creates in moto: the one the test domains are in, a private one for the
 # same name, and one that holds none of them.
 PUBLIC_ZONE = "example.com"
@@ -99,14 +107,58 @@ def load_balancer(check, elb, out, sgs, web_instance_ids, tags_ok):
     return lb
 
 
+def api_load_balancer(check, elb, out, control_instances, tags_ok):
+    """The control API load balancer: apprepo's and Beacon's APIs on every control host, Beacon
+    routed only to the active one. Returns it as elbv2 describes it (None if missing)."""
+    lbs = [lb for lb in elb.describe_load_balancers()["LoadBalancers"] if lb["DNSName"] == out["api_load_balancer_dns_name"]]
+    check(len(lbs) == 1, "one API load balancer, its DNS name the output api_load_balancer_dns_name", out.get("api_load_balancer_dns_name"))
+    if not lbs:
+        return None
+    lb = lbs[0]
+    check(lb.get("Scheme", "internet-facing") == "internet-facing" and lb["Type"] == "network",
+          "API load balancer: internet-facing network LB", (lb.get("Scheme"), lb["Type"]))
+    check(lb.get("SecurityGroups") == [out["security_group_ids"]["api_lb"]], "in the API load balancer group", lb.get("SecurityGroups"))
+    zones = sorted((z["ZoneName"], z["SubnetId"]) for z in lb["AvailabilityZones"])
+    check(len({z for z, _ in zones}) == 2 and sorted(s for _, s in zones) == sorted(out["subnet_ids"]),
+          "API load balancer in both subnets, two AZs", zones)
+    lb_tags = {t["Key"]: t["Value"] for t in elb.describe_tags(ResourceArns=[lb["LoadBalancerArn"]])["TagDescriptions"][0]["Tags"]}
+    check(tags_ok(lb_tags), "API load balancer tagged", lb_tags)
+    listeners = elb.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"]
+    seen = sorted((li["Port"], li["Protocol"]) for li in listeners)
+    check(seen == sorted((p, "TCP") for p in API_PORTS.values()), "API listeners TCP 7070 and 7080 (TLS passes through to the services)", seen)
+    check(not any(li.get("Certificates") for li in listeners), "no API listener holds a certificate")
+    tgs = {tg["TargetGroupArn"]: tg for tg in elb.describe_target_groups(LoadBalancerArn=lb["LoadBalancerArn"])["TargetGroups"]}
+    forwards = {li["Port"]: li["DefaultActions"][0]["TargetGroupArn"] for li in listeners}
+    control_ids = sorted(i["InstanceId"] for i in control_instances)
+    for api, port in API_PORTS.items():
+        tg = tgs.get(forwards.get(port))
+        if not check(tg is not None, f"listener {port} forwards to {api}'s target group"):
+            continue
+        health = (tg["HealthCheckProtocol"], tg["HealthCheckPort"], tg.get("HealthCheckPath"), tg.get("Matcher", {}).get("HttpCode"))
+        check(health == API_HEALTH_CHECKS[api], f"{api} target group: health check {' '.join(API_HEALTH_CHECKS[api])}", health)
+        targets = sorted((t["Target"]["Id"], t["Target"]["Port"])
+                         for t in elb.describe_target_health(TargetGroupArn=tg["TargetGroupArn"])["TargetHealthDescriptions"])
+        check(targets == [(i, port) for i in control_ids], f"{api} target group: every control host on port {port}", targets)
+    return lb
+
+
+def api_load_balancer_rules(check, api_in, api_out, control_group, admin_cidrs):
+    """The API load balancer's group: 7070 and 7080 from admin_cidrs, out to the control hosts' only."""
+    want = sorted((p, p, c) for c in admin_cidrs for p in API_PORTS.values())
+    check(api_in == want, "API load balancer: 7070 and 7080 from admin_cidrs only", api_in)
+    check(sorted(api_out) == sorted((p, control_group) for p in API_PORTS.values()),
+          "API load balancer: out to the control hosts' 7070 and 7080 only", api_out)
+
+
 def load_balancer_rules(check, lb_in, lb_out, web_group):
     """The load balancer's group: 80 and 443 in from anywhere, out to the web servers' only."""
     check(lb_in == [(80, 80, "0.0.0.0/0"), (443, 443, "0.0.0.0/0")], "load balancer: 80 and 443 from anywhere", lb_in)
     check(sorted(lb_out) == [(80, web_group), (443, web_group)], "load balancer: out to the web servers' 80 and 443 only", lb_out)
 
 
-def dns_records(check, route53, out, tfvars, zone_id, control_public_ip, lb):
-    """The records create_dns_records made, read back from Route 53."""
+def dns_records(check, route53, out, tfvars, zone_id, lb, api_lb):
+    """The records create_dns_records made, read back from Route 53 (a cluster with several
+    control hosts, so the API names follow the API load balancer)."""
     domain = tfvars["domain"]
     sets = route53.list_resource_record_sets(HostedZoneId=zone_id)["ResourceRecordSets"]
     records = {r["Name"].rstrip(".").replace("\\052", "*"): r for r in sets if r["Type"] == "A"}
@@ -118,8 +170,10 @@ def dns_records(check, route53, out, tfvars, zone_id, control_public_ip, lb):
     for service, label in API_LABELS.items():
         name = f"{label}.{domain}"
         r = records.get(name, {})
-        check([v["Value"] for v in r.get("ResourceRecords", [])] == [control_public_ip] and r.get("TTL") == DNS_TTL,
-              f"{name}: A {control_public_ip} (the first control host), TTL {DNS_TTL}", r)
+        target = r.get("AliasTarget", {})
+        check(api_lb is not None and target.get("DNSName", "").rstrip(".").lower() == api_lb["DNSName"].lower()
+              and target.get("HostedZoneId") == api_lb["CanonicalHostedZoneId"],
+              f"{name}: alias to the API load balancer", r)
     want = {"apps": sorted([f"*.{domain}", domain]), "apis": {s: f"{label}.{domain}" for s, label in API_LABELS.items()}}
     got = dict(out["dns_records"], apps=sorted(out["dns_records"]["apps"]))
     check(got == want, "dns_records output names them", out["dns_records"])
@@ -128,20 +182,25 @@ def dns_records(check, route53, out, tfvars, zone_id, control_public_ip, lb):
     check(out["domain"] == domain, "domain output", out["domain"])
 
 
-def inventory_vars(check, all_vars, tfvars):
-    """What the inventory tells the roles about the domain, ACME and the API names."""
+def inventory_vars(check, all_vars, tfvars, api_lb_name):
+    """What the inventory tells the roles about the domain, ACME and the API names (the
+    certificates name the API load balancer too: em may reach it by that name)."""
     domain = tfvars["domain"]
     want = {
         "px_beacon_domain": domain,
         "px_acme_directory_url": tfvars["acme_directory_url"],
         "px_acme_email": tfvars["acme_email"],
-        "pki_beacon_extra_names": [f"beacon.{domain}"],
-        "pki_apprepo_extra_names": [f"apprepo.{domain}"],
+        "pki_beacon_extra_names": [f"beacon.{domain}", api_lb_name],
+        "pki_apprepo_extra_names": [f"apprepo.{domain}", api_lb_name],
         "pki_em_beacon_url": f"https://beacon.{domain}:7080",
         "pki_em_apprepo_url": f"https://apprepo.{domain}:7070",
     }
     got = {k: all_vars.get(k) for k in want}
     check(got == want, "inventory: Beacon's domain, the ACME settings, the API names for the certificates and em", got)
+
+
+def outputs_value(plan, name):
+    return plan["planned_values"]["outputs"].get(name, {}).get("value")
 
 
 def plan_defaults(check, plan):
@@ -150,5 +209,7 @@ def plan_defaults(check, plan):
     check(variables["acme_directory_url"] == "https://acme-v02.api.letsencrypt.org/directory",
           "ACME directory defaults to Let's Encrypt production", variables["acme_directory_url"])
     check(variables["create_dns_records"] is False and not planned(plan, "aws_route53_record"), "no DNS records by default")
+    check(len(planned(plan, "aws_lb")) == 0 and outputs_value(plan, "api_load_balancer_dns_name") is None,
+          "one control host: no API load balancer")
     outputs = plan["planned_values"]["outputs"]
     check(outputs["domain"]["value"] == variables["domain"], "the domain output is the variable", outputs["domain"])

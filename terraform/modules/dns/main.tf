@@ -3,8 +3,10 @@
 #   *.<domain>, <domain>                 the apps (Maestro on the web servers): an alias to the
 #                                        load balancer, or without one an A record holding every
 #                                        web server's public IP (round robin)
-#   beacon.<domain>, apprepo.<domain>    the APIs: an A record to the first control host, where
-#                                        Beacon and the apprepo em talks to run
+#   beacon.<domain>, apprepo.<domain>    the APIs: with several control hosts an alias to the
+#                                        control API load balancer (which routes Beacon's name
+#                                        to the active Beacon), else an A record to the one
+#                                        control host
 #
 # A record of its own wins over the wildcard, so the API names stay the control host's even
 # though *.<domain> covers them (an app named beacon or apprepo is not reachable under the
@@ -68,9 +70,24 @@ resource "aws_route53_record" "apps_direct" {
   records = var.web_public_ips
 }
 
+# Several control hosts: the API names follow the control API load balancer.
+resource "aws_route53_record" "api_alias" {
+  for_each = { for service, name in local.api_names : service => name if var.api_load_balancer != null }
+
+  zone_id = data.aws_route53_zone.cluster.zone_id
+  name    = each.value
+  type    = "A"
+
+  alias {
+    name                   = var.api_load_balancer.dns_name
+    zone_id                = var.api_load_balancer.zone_id
+    evaluate_target_health = true
+  }
+}
+
 resource "aws_route53_record" "api" {
-  #checkov:skip=CKV2_AWS_23:the record holds the first control host's public IP, which checkov cannot trace to its instance
-  for_each = local.api_names
+  #checkov:skip=CKV2_AWS_23:the record holds the control host's public IP, which checkov cannot trace to its instance
+  for_each = { for service, name in local.api_names : service => name if var.api_load_balancer == null }
 
   zone_id = data.aws_route53_zone.cluster.zone_id
   name    = each.value

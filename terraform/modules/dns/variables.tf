@@ -29,8 +29,17 @@ variable "web_public_ips" {
 }
 
 variable "api_public_ip" {
-  description = "The public IPv4 address of the control host serving Beacon's and apprepo's APIs."
+  description = "The public IPv4 address of the control host serving Beacon's and apprepo's APIs, used without an API load balancer."
   type        = string
+}
+
+variable "api_load_balancer" {
+  description = "The control API load balancer (dns_name, zone_id) of a cluster with several control hosts, or null to point the API names at api_public_ip."
+  type = object({
+    dns_name = string
+    zone_id  = string
+  })
+  default = null
 }
 
 variable "api_labels" {

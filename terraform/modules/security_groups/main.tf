@@ -5,6 +5,8 @@
 #   control hosts  7070 (apprepo API) and 7080 (Beacon API) from the VPC and admin_cidrs;
 #                  7443 (Beacon control links, TLS) from the VPC; 22 from admin_cidrs
 #   load balancer  80, 443 from anywhere, out to the web servers' 80 and 443 only
+#   API load balancer (several control hosts)  7070, 7080 from admin_cidrs, out to the
+#                  control hosts' 7070 and 7080 only
 #
 # The load balancer passes TCP through and keeps the client's address, so the web servers
 # see clients, not the load balancer: their 80 and 443 stay open to anywhere.
@@ -130,4 +132,44 @@ resource "aws_vpc_security_group_egress_rule" "load_balancer_to_web" {
   to_port                      = each.value
   referenced_security_group_id = aws_security_group.web.id
   tags                         = { Name = "${var.name_prefix}-lb-${each.key}-to-web" }
+}
+
+# The control API load balancer's group (several control hosts): apprepo's and Beacon's APIs in
+# from admin_cidrs, out only to the control hosts' same ports (its health checks too). It keeps
+# the client's address, so the control hosts' own admin_cidrs rules admit what it passes, and
+# their VPC rules its health checks.
+resource "aws_security_group" "api_load_balancer" {
+  count = var.enable_api_load_balancer ? 1 : 0
+
+  name        = "${var.name_prefix}-api-lb"
+  description = "Platform.X load balancer in front of the control APIs"
+  vpc_id      = var.vpc_id
+  tags        = { Name = "${var.name_prefix}-api-lb" }
+}
+
+resource "aws_vpc_security_group_ingress_rule" "api_load_balancer" {
+  for_each = var.enable_api_load_balancer ? merge(
+    { for c in var.admin_cidrs : "apprepo-api-from-${c}" => { port = local.apprepo_api_port, cidr = c, what = "apprepo API from an admin" } },
+    { for c in var.admin_cidrs : "beacon-api-from-${c}" => { port = local.beacon_api_port, cidr = c, what = "Beacon API from an admin" } },
+  ) : {}
+
+  security_group_id = aws_security_group.api_load_balancer[0].id
+  description       = each.value.what
+  ip_protocol       = "tcp"
+  from_port         = each.value.port
+  to_port           = each.value.port
+  cidr_ipv4         = each.value.cidr
+  tags              = { Name = "${var.name_prefix}-api-lb-${each.key}" }
+}
+
+resource "aws_vpc_security_group_egress_rule" "api_load_balancer_to_control" {
+  for_each = var.enable_api_load_balancer ? { apprepo = local.apprepo_api_port, beacon = local.beacon_api_port } : {}
+
+  security_group_id            = aws_security_group.api_load_balancer[0].id
+  description                  = "${each.key} API on the control hosts"
+  ip_protocol                  = "tcp"
+  from_port                    = each.value
+  to_port                      = each.value
+  referenced_security_group_id = aws_security_group.control.id
+  tags                         = { Name = "${var.name_prefix}-api-lb-to-${each.key}" }
 }

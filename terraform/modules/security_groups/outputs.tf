@@ -13,6 +13,11 @@ output "load_balancer_security_group_id" {
   value       = var.enable_load_balancer ? aws_security_group.load_balancer[0].id : null
 }
 
+output "api_load_balancer_security_group_id" {
+  description = "Group of the control API load balancer (null without one)."
+  value       = var.enable_api_load_balancer ? aws_security_group.api_load_balancer[0].id : null
+}
+
 output "ports" {
   description = "The service ports the rules open."
   value = {

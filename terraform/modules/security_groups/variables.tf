@@ -24,3 +24,9 @@ variable "enable_load_balancer" {
   type        = bool
   default     = false
 }
+
+variable "enable_api_load_balancer" {
+  description = "Also create the control API load balancer's group."
+  type        = bool
+  default     = false
+}
