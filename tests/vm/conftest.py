@@ -21,6 +21,7 @@ import pytest
 
 import image
 import mirror
+import seaweed
 import vm
 
 # The cluster: name, private IP, and the guest ports forwarded to the host (each to a free host
@@ -34,6 +35,9 @@ CLUSTER = (
 )
 # Forwarded on every VM for a test's own throwaway server; the platform never listens there.
 SCRATCH_PORT = 8999
+# The control VMs: each reaches the host's S3 server (SeaweedFS, which only the failover
+# scenario starts) through a guestfwd rule, as a control host reaches its bucket.
+CONTROL_VMS = ("control",)
 # Ansible groups, as ansible/site.yml expects them. web-1 also builds, as a small cluster's
 # web server does; web-2 only serves.
 GROUPS = {
@@ -128,10 +132,17 @@ class Cluster:
         inventory: Path,
         package_mirror: mirror.Mirror,
         mirror_log: Path,
+        lan: vm.Lan,
+        s3_port: int,
     ):
         self.vms = vms
         self.workdir = workdir  # overlays, console logs, inventory
         self.inventory = inventory
+        # The private LAN, for a scenario's own VM (test_failover.py's second control host).
+        self.lan = lan
+        # The host port the control VMs' S3 guestfwd relays to (seaweed.py): a scenario that
+        # needs S3 starts SeaweedFS there.
+        self.s3_port = s3_port
         self.scratch_port = SCRATCH_PORT  # forwarded on every VM, see Vm.ports
         # The package mirror the build nodes reach (mirror.py), and its access log.
         self.mirror = package_mirror
@@ -354,12 +365,22 @@ def platform(request: pytest.FixtureRequest, cluster: Cluster) -> Platform:
     return Platform(cluster, debug / "em", em_config_home, timings, site_vars)
 
 
-def write_inventory(path: Path, vms: dict[str, vm.Vm]) -> None:
+def write_inventory(
+    path: Path,
+    vms: dict[str, vm.Vm],
+    groups: dict[str, tuple[str, ...]] = GROUPS,
+    host_vars: dict[str, dict[str, str]] | None = None,
+) -> None:
+    """The Ansible inventory of `vms` in `groups`, with more variables per host (`host_vars`)."""
     key = next(iter(vms.values())).image.ssh_key
+    more = host_vars or {}
     lines = [
         "# Ansible inventory of this run's VMs, written by tests/vm/conftest.py.",
         *(
-            f"{name} ansible_port={machine.ssh_port} private_ip={machine.ip}"
+            " ".join([
+                f"{name} ansible_port={machine.ssh_port} private_ip={machine.ip}",
+                *(f"{var}={value}" for var, value in more.get(name, {}).items()),
+            ])  # fmt: skip
             for name, machine in vms.items()
         ),
         "",
@@ -373,7 +394,7 @@ def write_inventory(path: Path, vms: dict[str, vm.Vm]) -> None:
         # first: a third less time per task on these slow guests.
         "ansible_pipelining=true",
     ]
-    for group, members in GROUPS.items():
+    for group, members in groups.items():
         lines += ["", f"[{group}]", *members]
     path.write_text("\n".join(lines) + "\n")
 
@@ -427,6 +448,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
     lan = vm.Lan()
     hosts = {name: ip for name, ip, _ in CLUSTER}
+    s3_port = vm.free_port()
     vms = {
         name: vm.Vm(
             name,
@@ -437,7 +459,8 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
             hosts=hosts,
             guest_ports=(*ports, SCRATCH_PORT),
             guest_forwards=(
-                (package_mirror.guestfwd(mirror_log),) if name in GROUPS["builders"] else ()
+                *((package_mirror.guestfwd(mirror_log),) if name in GROUPS["builders"] else ()),
+                *((seaweed.guestfwd(s3_port),) if name in CONTROL_VMS else ()),
             ),
             accel=accel,
             keep=keep,
@@ -458,7 +481,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         inventory = workdir / "inventory.ini"
         write_inventory(inventory, vms)
         write_ssh_config(workdir / "ssh_config", vms)
-        yield Cluster(vms, workdir, inventory, package_mirror, mirror_log)
+        yield Cluster(vms, workdir, inventory, package_mirror, mirror_log, lan, s3_port)
     finally:
         if not keep:
             for machine in vms.values():
@@ -467,7 +490,9 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 # The scenarios' order: each starts from the state the one before left (README.md). The build
 # scenario comes after the others, so they run with the cluster they were written for; the ACME
-# scenario last, as it turns HTTPS on across the cluster (site.yml with the ACME variables).
+# scenario after them, as it turns HTTPS on across the cluster (site.yml with the ACME
+# variables); the failover scenario last, as it moves apprepo to S3 (the apps deployed before
+# are no longer in its storage) and adds a control VM of its own.
 MODULE_ORDER = (
     "test_cluster_boots",
     "test_deploy_cycle",
@@ -477,6 +502,7 @@ MODULE_ORDER = (
     "test_processes",
     "test_builds",
     "test_acme",
+    "test_failover",
 )
 
 
