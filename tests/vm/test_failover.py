@@ -361,7 +361,7 @@ def test_the_lost_host_comes_back_as_a_standby_and_nothing_is_duplicated(platfor
             assert releases(controls.em_via(name)) == [3, 2, 1], name
         status, _, body = controls.call(active, f"/v1/events?app={APP}&limit=1000")
         assert status == 200, body
-        finished = [e["release"] for e in json.loads(body) if e["kind"] == "deploy_finished"]
+        finished = [e.get("release") for e in json.loads(body) if e.get("kind") == "deploy_finished"]
         assert len(finished) == len(set(finished)) and 3 in finished, finished
         for poller in polling:
             wait_until(f"{poller.name} answers v3", lambda p=poller: p.count(3) >= REQUESTS_PER_STEP, SERVE_TIMEOUT_S)
