@@ -366,8 +366,22 @@ def test_the_lost_host_comes_back_as_a_standby_and_nothing_is_duplicated(platfor
             lambda: (answer := controls.call(active, f"/v1/events?app={APP}&limit=1000"))[0] == 200 and answer,
             ACTIVE_TIMEOUT_S,
         )
-        finished = [e.get("release") for e in json.loads(body) if e.get("kind") == "deploy_finished"]
-        assert len(finished) == len(set(finished)) and 3 in finished, finished
+        events = json.loads(body)
+        finished = [e.get("release") for e in events if e.get("kind") == "deploy_finished"]
+        # What the Beacons did meanwhile, for a failure's message: each one's restarts and the
+        # app's deploy events as the active one holds them.
+        restarts = {
+            name: controls.vms[name].ssh("systemctl show -p NRestarts --value beacon").stdout.strip()
+            for name in CONTROLS
+        }
+        deploys = [
+            (e.get("seq"), e.get("at"), e.get("kind"), e.get("release"), e.get("node"), e.get("message"))
+            for e in events
+            if str(e.get("kind", "")).startswith("deploy_")
+        ]
+        assert len(finished) == len(set(finished)) and 3 in finished, (
+            f"deploy_finished per release: {finished}; Beacon restarts: {restarts}; deploy events: {deploys}"
+        )
         for poller in polling:
             wait_until(f"{poller.name} answers v3", lambda p=poller: p.count(3) >= REQUESTS_PER_STEP, SERVE_TIMEOUT_S)
     for poller in polling:
