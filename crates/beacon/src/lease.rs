@@ -2,7 +2,7 @@
 //! lease in apprepo's storage, taken through `PUT /v1/leases/beacon`. A standby asks for it
 //! every third of its TTL and learns the active Beacon's URL from each refusal; the holder
 //! renews it as often, and steps down (by ending the process) before it could lapse, so two
-//! active Beacons never overlap.
+//! active Beacons never overlap. A holder that stops cleanly releases it.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -246,6 +246,27 @@ impl LeaseClient {
                     ));
                 }
                 Err(error) => tracing::warn!(%error, "cannot renew the lease; retrying"),
+            }
+        }
+    }
+}
+
+impl LeaseClient {
+    /// Gives the lease up, once this Beacon has stopped acting (its links closed, its tasks
+    /// drained), so a standby's next claim takes it at once rather than after the TTL. Best
+    /// effort within `timeout`: if apprepo does not answer, the lease lapses as after a crash.
+    pub async fn release(&self, timeout: Duration) {
+        let path = format!("/v1/leases/{BEACON_LEASE}?holder={}", self.claim.holder);
+        match self.client.delete(&path, timeout).await {
+            Ok(reqwest::StatusCode::OK) => {
+                tracing::info!(holder = %self.claim.holder, "lease released for a standby to take")
+            }
+            Ok(reqwest::StatusCode::CONFLICT) => {
+                tracing::info!("lease not released: another Beacon holds it already")
+            }
+            Ok(_) => tracing::info!("lease not released: it had lapsed already"),
+            Err(error) => {
+                tracing::warn!(%error, "lease not released; a standby takes it once it lapses")
             }
         }
     }

@@ -420,13 +420,15 @@ pub async fn run_with(
             std::future::ready(reloaded)
         },
     );
+    let mut held_lease = None;
     if config.lease.enabled
-        && let Some((control, floor)) = await_lease(&config, &parts, &standing).await?
+        && let Some((control, floor, keeper)) = await_lease(&config, &parts, &standing).await?
     {
         let acme = checked.acme.take();
         let (hub, router) = active::start(&config, &checked, &parts, control, floor, https, acme)?;
         let _ = api.set(router);
         let _ = active_hub.set(hub);
+        held_lease = Some(keeper);
     }
     shutdown.cancelled().await;
     // Open requests and links, and the tasks, get one deadline to finish together.
@@ -436,6 +438,13 @@ pub async fn run_with(
         .is_err()
     {
         tracing::warn!("drain deadline passed; closing remaining connections");
+    }
+    // Only now, with the links closed, may a standby take over; not after a step-down (the
+    // lease is another's or lapsing).
+    if let Some(keeper) = held_lease
+        && critical.ended().is_none()
+    {
+        keeper.release(LEASE_RELEASE_TIMEOUT).await;
     }
     match critical.ended() {
         Some(ended) => {
@@ -449,18 +458,26 @@ pub async fn run_with(
     }
 }
 
+/// Longest a stopping Beacon waits for apprepo to take its lease back.
+const LEASE_RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Stands by until this Beacon holds the lease, then starts the lease keeper and binds
 /// `control_listen` (closed meanwhile, so Maestros are refused there and move on to the
-/// active Beacon). Returns the listener and the generation floor of the lease's epoch; `None`
-/// when shutdown came first.
+/// active Beacon). Returns the listener, the generation floor of the lease's epoch and the
+/// keeper (to release the lease on a clean stop); `None` when shutdown came first.
 async fn await_lease(
     config: &Config,
     parts: &active::Parts,
     standing: &Arc<lease::Standing>,
-) -> Result<Option<(TcpListener, u64)>, StartError> {
+) -> Result<Option<(TcpListener, u64, Arc<lease::LeaseClient>)>, StartError> {
     let holder = lease::holder_id(&config.data_dir)?;
     let api_url = config.lease.api_url.clone().unwrap_or_default();
-    let keeper = lease::LeaseClient::new(parts.client.clone(), holder, config.lease.ttl, api_url);
+    let keeper = Arc::new(lease::LeaseClient::new(
+        parts.client.clone(),
+        holder,
+        config.lease.ttl,
+        api_url,
+    ));
     tracing::info!(holder = %keeper.holder(), ttl = ?config.lease.ttl, "standing by until this Beacon holds the lease");
     let Some((lease, granted_from)) = keeper.acquire(standing, &parts.shutdown).await else {
         return Ok(None);
@@ -470,12 +487,17 @@ async fn await_lease(
     tracing::info!(holder = %lease.holder, epoch = lease.epoch, "this Beacon holds the lease: active");
     let keeper_standing = standing.clone();
     let keeper_shutdown = parts.shutdown.clone();
+    let renewing = keeper.clone();
     parts.critical.spawn("the lease keeper", async move {
-        keeper
+        renewing
             .keep(granted_from, &keeper_standing, keeper_shutdown)
             .await
     });
-    Ok(Some((control, lease::generation_floor(lease.epoch))))
+    Ok(Some((
+        control,
+        lease::generation_floor(lease.epoch),
+        keeper,
+    )))
 }
 
 /// A standby's STATUS= line, e.g. `standby; active Beacon at https://10.0.1.5:7080 (epoch 3)`.

@@ -155,6 +155,32 @@ impl RepositoryClient {
         ))
     }
 
+    /// DELETEs `path` within `timeout`: the repository's status when it is a success or 409.
+    pub(crate) async fn delete(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<reqwest::StatusCode, String> {
+        let url = format!("{}{path}", self.base);
+        let response = self
+            .http
+            .delete(&url)
+            .bearer_auth(&self.token)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| format!("DELETE {url}: {e}"))?;
+        let status = response.status();
+        if status.is_success() || status == reqwest::StatusCode::CONFLICT {
+            return Ok(status);
+        }
+        let body = response.text().await.unwrap_or_default();
+        Err(format!(
+            "DELETE {url}: {status}: {}",
+            body.chars().take(QUOTED_BODY_CHARS).collect::<String>()
+        ))
+    }
+
     /// Every app's current release, the counts its formation sets (`em scale`), the names
     /// added to it (`em domains add`), and when each app was created.
     pub async fn desired(&self) -> Result<Desired, String> {

@@ -1,7 +1,9 @@
 //! Several Beacons, one active (docs/src/design/control-hosts.md): apprepo on SeaweedFS, two
 //! Beacons competing for the lease, and a Maestro and apprepo that list both Beacons' control
-//! addresses. The standby refuses links and redirects its API to the active Beacon; when the active one stops in the middle of a deploy's rollout, the standby
-//! takes the lease, finishes the rollout with a higher generation, and no release is lost.
+//! addresses. The standby refuses links and redirects its API to the active Beacon; when the
+//! active one stops in the middle of a deploy's rollout (cleanly, so it releases the lease), the
+//! standby takes the lease, finishes the rollout with a higher generation, and no release is
+//! lost.
 //! Prints the failover time (from the stop to the standby active, and to the new release
 //! served); it asserts only a generous bound.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,7 +16,7 @@ use common::acme_stack::{DOMAIN, Stack, StackOptions, WAIT};
 use px_beacon::config::ChallengeKind;
 use px_proto::api::Release;
 use px_proto::beacon::{Event, Node};
-use px_proto::lease::{BeaconHealth, BeaconRole};
+use px_proto::lease::{BeaconHealth, BeaconRole, Lease};
 use sha2::{Digest, Sha256};
 
 /// A client that trusts the cluster CA and does not follow redirects, to see them.
@@ -89,6 +91,27 @@ async fn events(stack: &Stack, beacon_url: &str, after: Option<u64>) -> Vec<Even
         .json()
         .await
         .unwrap()
+}
+
+/// The `beacon` lease as apprepo stores it.
+async fn lease(stack: &Stack) -> Lease {
+    stack
+        .http
+        .get(format!("{}/v1/leases/beacon", stack.repo_url))
+        .bearer_auth(&stack.deploy)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn unix_ms_now() -> u64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    u64::try_from(since.as_millis()).unwrap()
 }
 
 async fn node(stack: &Stack, beacon_url: &str) -> Node {
@@ -197,8 +220,16 @@ async fn the_standby_finishes_a_rollout_the_stopped_active_beacon_started() {
         .await
         .last()
         .map(|e| e.seq);
+    let held = lease(&stack).await;
     let stopped = Instant::now();
     stack.stop_beacon().await;
+    // A Beacon that stops cleanly gives its lease up once its links are closed: apprepo holds
+    // it expired (or the standby has taken it already), not for the rest of its TTL.
+    let after_stop = lease(&stack).await;
+    assert!(
+        after_stop.holder != held.holder || after_stop.expires_at_unix_ms <= unix_ms_now(),
+        "the stopped Beacon kept its lease: {after_stop:?}"
+    );
     let took_over = stopped
         .elapsed()
         .max(wait_active(&plain, &standby_url).await);

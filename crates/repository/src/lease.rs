@@ -21,6 +21,17 @@ fn lease_key(name: &str) -> String {
     format!("{LEASES_PREFIX}{name}.json")
 }
 
+/// What a release came to.
+#[derive(Debug)]
+pub enum ReleaseOutcome {
+    /// The releaser held the lease; it is stored expired now, so the next claim takes it.
+    Released(Lease),
+    /// Nothing of the releaser's to release: no one took the lease, or it had lapsed already.
+    NotHeld,
+    /// Another holder has it and it has not expired: left as it is.
+    HeldByAnother(Lease),
+}
+
 /// What a claim came to.
 #[derive(Debug)]
 pub enum ClaimOutcome {
@@ -109,6 +120,47 @@ impl Releases {
         }
         Err(ApiError::Conflict(format!(
             "{key} changed {MAX_WRITE_ATTEMPTS} times while being claimed; retry"
+        )))
+    }
+
+    /// Gives the lease up for `holder`, who is stopping: the record is replaced, if unchanged,
+    /// by one that expired now (same holder and epoch), so a standby's next claim is granted
+    /// at once with the next epoch instead of after the TTL. Only the holder can release it.
+    pub(crate) async fn release_lease(
+        &self,
+        name: &str,
+        holder: &str,
+    ) -> Result<ReleaseOutcome, ApiError> {
+        check_name(name)?;
+        let key = lease_key(name);
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            let Some(stored) = self.count_storage_error(self.storage().read(&key).await)? else {
+                return Ok(ReleaseOutcome::NotHeld);
+            };
+            let mut lease: Lease = serde_json::from_slice(&stored.bytes)
+                .map_err(|e| ApiError::Internal(format!("{key} is not valid JSON: {e}")))?;
+            let now = SystemTime::now();
+            if lease.expires_at_unix_ms <= unix_ms(now) {
+                return Ok(ReleaseOutcome::NotHeld);
+            }
+            if lease.holder != holder {
+                return Ok(ReleaseOutcome::HeldByAnother(lease));
+            }
+            lease.expires_at = humantime::format_rfc3339_millis(now).to_string();
+            lease.expires_at_unix_ms = unix_ms(now);
+            let bytes: Bytes = serde_json::to_vec_pretty(&lease)
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .into();
+            match self
+                .count_storage_error(self.storage().replace(&key, bytes, &stored.version).await)
+            {
+                Ok(()) => return Ok(ReleaseOutcome::Released(lease)),
+                Err(StorageError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::Conflict(format!(
+            "{key} changed {MAX_WRITE_ATTEMPTS} times while being released; retry"
         )))
     }
 }

@@ -30,3 +30,11 @@ async fn claims_are_checked() {
     lease_suite::claims_are_checked(&repo, &beacon).await;
     repo.stop().await;
 }
+
+#[tokio::test]
+async fn a_released_lease_goes_to_the_next_claimant_at_once() {
+    let mut beacon = String::new();
+    let repo = Repo::start_with(|c| beacon = acme_suite::add_beacon_token(c)).await;
+    lease_suite::a_released_lease_goes_to_the_next_claimant_at_once(&repo, &repo, &beacon).await;
+    repo.stop().await;
+}

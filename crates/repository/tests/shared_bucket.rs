@@ -286,13 +286,15 @@ async fn two_repos_for_beacons(s3: &SeaweedServer) -> (Repo, Repo, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_lease_claimed_through_two_apprepos_has_one_holder_and_passes_on_after_expiry() {
+async fn a_lease_claimed_through_two_apprepos_has_one_holder_and_passes_on_after_expiry_or_release()
+{
     let Some(s3) = SeaweedServer::start(BUCKET) else {
         return;
     };
     let (a, b, beacon) = two_repos_for_beacons(&s3).await;
     lease_suite::racing_claimants_get_one_lease(&a, &b, &beacon).await;
     lease_suite::one_holder_at_a_time_and_the_next_after_expiry(&a, &b, &beacon).await;
+    lease_suite::a_released_lease_goes_to_the_next_claimant_at_once(&a, &b, &beacon).await;
     a.stop().await;
     b.stop().await;
 }

@@ -1,8 +1,9 @@
 //! The lease routes (docs/src/reference/apprepo.md, "Leases"): any reader reads a lease;
-//! Beacon takes or renews one, and learns who holds it when it may not.
+//! Beacon takes or renews one, learns who holds it when it may not, and gives it up when it
+//! stops.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use px_proto::api::ErrorBody;
@@ -11,7 +12,7 @@ use px_proto::lease::{Lease, LeaseClaim, LeaseHeld, MAX_LEASE_REQUEST_BYTES};
 use super::AppState;
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
-use crate::lease::ClaimOutcome;
+use crate::lease::{ClaimOutcome, ReleaseOutcome};
 
 /// `GET /v1/leases/{name}`: the lease as stored (expired or not), for any reader; 404 if no
 /// one ever took it.
@@ -65,6 +66,44 @@ pub async fn put(
                 message: format!(
                     "lease {name:?} is held by {:?} (epoch {}) until {}",
                     lease.holder, lease.epoch, lease.expires_at
+                ),
+                lease,
+            };
+            Ok((StatusCode::CONFLICT, Json(body)).into_response())
+        }
+    }
+}
+
+/// `?holder=` of a release.
+#[derive(serde::Deserialize)]
+pub struct ReleaseQuery {
+    holder: String,
+}
+
+/// `DELETE /v1/leases/{name}?holder=<id>`: the holder gives the lease up (200 with the record,
+/// expired now); 204 when there is nothing of its own to give up (no lease, or it lapsed); 409
+/// with the current lease when another holder has it. Beacon only.
+pub async fn delete(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    query: Result<Query<ReleaseQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Beacon)?;
+    let Query(ReleaseQuery { holder }) =
+        query.map_err(|e| ApiError::BadRequest(format!("expected ?holder=<id>: {e}")))?;
+    match state.releases.release_lease(&name, &holder).await? {
+        ReleaseOutcome::Released(lease) => {
+            tracing::info!(%name, %holder, epoch = lease.epoch, "lease released by its holder");
+            Ok((StatusCode::OK, Json(lease)).into_response())
+        }
+        ReleaseOutcome::NotHeld => Ok(StatusCode::NO_CONTENT.into_response()),
+        ReleaseOutcome::HeldByAnother(lease) => {
+            let body = LeaseHeld {
+                code: "lease_held".into(),
+                message: format!(
+                    "lease {name:?} is held by {:?} (epoch {}), not {holder:?}: it is not yours to release",
+                    lease.holder, lease.epoch
                 ),
                 lease,
             };

@@ -153,6 +153,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/leases/{name}",
             get(leases::get)
                 .put(leases::put)
+                .delete(leases::delete)
                 .layer(DefaultBodyLimit::max(
                     px_proto::lease::MAX_LEASE_REQUEST_BYTES,
                 )),

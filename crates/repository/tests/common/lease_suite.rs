@@ -159,3 +159,88 @@ pub async fn claims_are_checked(repo: &Repo, token: &str) {
         .unwrap();
     assert_eq!(none.status(), StatusCode::NOT_FOUND, "no claim was granted");
 }
+
+async fn release(repo: &Repo, token: &str, name: &str, holder: &str) -> reqwest::Response {
+    repo.http
+        .delete(format!("{}/v1/leases/{name}?holder={holder}", repo.url))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A holder that stops gives its lease up: `one` holds it for the longest TTL through `a`,
+/// `two` may not release it, `one` does (through `b`), and `two`'s next claim is granted at
+/// once with the next epoch, long before the TTL `one` asked for. Releasing what is not held
+/// (any more) changes nothing.
+pub async fn a_released_lease_goes_to_the_next_claimant_at_once(a: &Repo, b: &Repo, token: &str) {
+    let first = granted_for(a, token, "handover", "one", LONG_TTL_MS).await;
+    let refused = release(b, token, "handover", "two").await;
+    assert_eq!(
+        refused.status(),
+        StatusCode::CONFLICT,
+        "only the holder releases"
+    );
+    let body: LeaseHeld = refused.json().await.unwrap();
+    assert_eq!(
+        body.lease, first,
+        "the refused release left the lease as it was"
+    );
+    held(a, token, "handover", "two").await;
+
+    let released = release(b, token, "handover", "one").await;
+    assert_eq!(released.status(), StatusCode::OK);
+    let released: Lease = released.json().await.unwrap();
+    assert_eq!(
+        (released.holder.as_str(), released.epoch),
+        ("one", first.epoch)
+    );
+    assert!(
+        released.expires_at_unix_ms < first.expires_at_unix_ms,
+        "a released lease is stored expired: {released:?}"
+    );
+    let taken = granted_for(a, token, "handover", "two", LONG_TTL_MS).await;
+    assert_eq!(
+        taken.epoch,
+        first.epoch + 1,
+        "the next holder gets the next epoch"
+    );
+
+    let late = release(a, token, "handover", "one").await;
+    assert_eq!(
+        late.status(),
+        StatusCode::CONFLICT,
+        "one holds it no longer"
+    );
+    assert_eq!(
+        release(b, token, "handover", "two").await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        release(b, token, "handover", "two").await.status(),
+        StatusCode::NO_CONTENT,
+        "nothing left to release"
+    );
+    assert_eq!(
+        release(a, token, "never-taken", "one").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let refused = a
+        .http
+        .delete(format!("{}/v1/leases/handover?holder=two", a.url))
+        .bearer_auth(&a.deploy_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN, "Beacon's alone");
+}
+
+async fn granted_for(repo: &Repo, token: &str, name: &str, holder: &str, ttl_ms: u64) -> Lease {
+    let response = claim_for(repo, token, name, holder, ttl_ms).await;
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "{holder} should hold {name}"
+    );
+    response.json().await.unwrap()
+}
