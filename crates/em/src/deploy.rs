@@ -307,9 +307,12 @@ pub async fn deploy(client: &Client, options: Options<'_>) -> Result<()> {
         );
         return Ok(());
     };
-    // A release with a release phase goes live only once the phase succeeded.
+    // A release with a release phase goes live only once the phase succeeded. The phase may
+    // have ended already (a migration that fails at once, run before em read the release
+    // after its build): the watch asks apprepo first, so it reports that end at once rather
+    // than waiting on a rollout that will never come.
     let mut early = early;
-    if let Some(phase) = release.phase.as_ref().filter(|p| !p.ended()) {
+    if let Some(phase) = release.phase.as_ref() {
         let timeout = Duration::from_secs(phase.timeout_secs);
         let mut watch =
             crate::release_phase::PhaseWatch::open(client, &app, &release, options.json).await;
