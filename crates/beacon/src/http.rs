@@ -25,8 +25,10 @@ use crate::metrics::Metrics;
 
 /// Events per page when the client does not say.
 pub const DEFAULT_PAGE: usize = 100;
-/// How often the SSE stream sends a keep-alive comment, so proxies do not cut it.
-pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How often the SSE stream sends a keep-alive comment: so proxies do not cut it, and so `em`,
+/// which gives up on a followed stream silent for three of them, notices a Beacon whose host
+/// vanished (no FIN, no RST) within seconds, as link peers do from Beacon's heartbeats.
+pub const SSE_KEEP_ALIVE: Duration = px_proto::link::BEACON_HEARTBEAT_INTERVAL;
 
 #[derive(Clone)]
 pub struct AppState {

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use px_proto::codec::MAX_FRAME_BYTES;
 use px_proto::link::{
-    FromBeacon, HEARTBEAT_DEADLINE, HEARTBEAT_INTERVAL, Hello, MAX_HELLO_BYTES, MAX_NODE_LABELS,
-    MAX_REPORTED_INSTANCES, PROTOCOL_VERSION, PeerRole, ToBeacon,
+    BEACON_HEARTBEAT_INTERVAL, FromBeacon, HEARTBEAT_DEADLINE, Hello, MAX_HELLO_BYTES,
+    MAX_NODE_LABELS, MAX_REPORTED_INSTANCES, PROTOCOL_VERSION, PeerRole, ToBeacon,
 };
 use px_runtime::tokens::TokenEntry;
 use tokio::net::{TcpListener, TcpStream};
@@ -34,6 +34,28 @@ pub const RECONCILE_TRIGGERS: usize = 64;
 pub const MAX_REPORTED_BUILDS: usize = MAX_REPORTED_INSTANCES;
 
 type Link = FrameLink<tokio_rustls::server::TlsStream<TcpStream>, ToBeacon, FromBeacon>;
+
+/// Beacon's heartbeat as it goes on the wire, encoded once for every link and every beat: at
+/// 10,000 links and one beat every [`BEACON_HEARTBEAT_INTERVAL`], each beat costs one write of
+/// a few bytes and nothing else.
+static HEARTBEAT_FRAME: std::sync::LazyLock<Result<bytes::Bytes, String>> =
+    std::sync::LazyLock::new(|| {
+        crate::frames::encode(&FromBeacon::Heartbeat, MAX_FRAME_BYTES).map_err(|e| e.to_string())
+    });
+
+/// Sends `link` Beacon's heartbeat.
+async fn send_heartbeat(link: &mut Link) -> Result<(), String> {
+    let frame = HEARTBEAT_FRAME.as_ref().map_err(Clone::clone)?;
+    link.send_encoded(frame).await.map_err(|e| e.to_string())
+}
+
+/// The ticks of Beacon's heartbeats on one link: the first at once, delayed rather than bunched
+/// after a stall.
+fn heartbeats() -> tokio::time::Interval {
+    let mut ticks = tokio::time::interval(BEACON_HEARTBEAT_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
+}
 
 pub struct LinkServer {
     pub hub: Arc<Hub>,
@@ -215,6 +237,7 @@ impl LinkServer {
         link.send(&FromBeacon::Welcome {
             protocol: PROTOCOL_VERSION,
             beacon: self.name.clone(),
+            heartbeat_ms: Some(px_proto::link::beacon_heartbeat_ms()),
         })
         .await
         .map_err(|e| format!("welcome: {e}"))?;
@@ -246,8 +269,7 @@ impl LinkServer {
         // one it already carried out.
         let mut rollbacks = self.hub.rollback_orders();
         rollbacks.mark_changed();
-        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heartbeat = heartbeats();
         let silence = tokio::time::sleep(HEARTBEAT_DEADLINE);
         tokio::pin!(silence);
         loop {
@@ -255,7 +277,7 @@ impl LinkServer {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = revoked.cancelled() => return Err(format!("repository {}: its token is no longer accepted", hello.name)),
                 _ = &mut silence => return Err(format!("repository {} silent past the deadline", hello.name)),
-                _ = heartbeat.tick() => link.send(&FromBeacon::Heartbeat).await.map_err(|e| e.to_string())?,
+                _ = heartbeat.tick() => send_heartbeat(link).await?,
                 r = rollbacks.changed() => {
                     if r.is_err() {
                         return Ok(());
@@ -321,8 +343,7 @@ impl LinkServer {
             if let Some(assignment) = initial {
                 self.send_assignment(link, node, conn, &assignment).await?;
             }
-            let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
-            heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut heartbeat = heartbeats();
             let silence = tokio::time::sleep(HEARTBEAT_DEADLINE);
             tokio::pin!(silence);
             loop {
@@ -331,7 +352,7 @@ impl LinkServer {
                     _ = revoked.cancelled() => return Err(format!("node {node}: its token is no longer accepted")),
                     _ = &mut silence => return Err(format!("node {node} silent past the deadline")),
                     _ = attached.closed.cancelled() => return Err(format!("node {node} replaced or lost")),
-                    _ = heartbeat.tick() => link.send(&FromBeacon::Heartbeat).await.map_err(|e| e.to_string())?,
+                    _ = heartbeat.tick() => send_heartbeat(link).await?,
                     changed = attached.assignments.changed() => {
                         if changed.is_err() {
                             return Ok(());

@@ -64,6 +64,18 @@ impl Client {
         }
     }
 
+    /// Makes the next call start at the Beacon after the one that answered last: that one fell
+    /// silent (a followed stream got nothing, not even a keep-alive), so its host may be gone,
+    /// and a call to it would only wait for a timeout while another has taken over.
+    pub(crate) fn pass_over_active_beacon(&self) {
+        let count = self.beacons.len().max(1);
+        let _ = self
+            .active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |index| {
+                Some((index + 1) % count)
+            });
+    }
+
     /// Sends to `url` and follows `307`/`308` redirects, at most [`MAX_BEACON_REDIRECTS`]. The
     /// token goes along only to the hosts of the configured Beacon URLs: a redirect is the
     /// server's say, and the operator's list is where the token was meant to go, so a redirect

@@ -1,5 +1,6 @@
 //! Beacon's Server-Sent Events streams, read message by message; a followed stream (a deploy's
-//! events) that drops is opened again, on whichever Beacon answers, from the last event seen.
+//! events) that drops, or falls silent (its Beacon's host vanished), is opened again, on
+//! whichever Beacon answers, from the last event seen.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -20,6 +21,15 @@ pub const RESUME_WINDOW: Duration = Duration::from_secs(60);
 const RESUME_BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// Longest wait between two attempts, so a Beacon that took over is found within seconds.
 const RESUME_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A followed stream on which nothing (not even Beacon's keep-alive comment, sent every
+/// `BEACON_HEARTBEAT_INTERVAL`, 2 s) arrives for this long is lost: its Beacon's host vanished
+/// without closing the connection (power lost, network cut). It is reopened from the next
+/// Beacon on. Three keep-alives, as a Maestro gives up on a silent Beacon after three heartbeats.
+pub const STREAM_SILENCE_DEADLINE: Duration = Duration::from_secs(6);
+/// How long one attempt to reopen a followed stream may take until Beacon's answer: a
+/// connection kept from an earlier call to a host that has since vanished would otherwise
+/// wait for ever. A Beacon answers a stream's request at once.
+pub const REOPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A Server-Sent Events stream from Beacon, read one message at a time as `T`.
 pub struct Feed<T> {
@@ -27,6 +37,10 @@ pub struct Feed<T> {
     stream: Option<BoxStream<'static, reqwest::Result<bytes::Bytes>>>,
     buffer: String,
     ready: VecDeque<T>,
+    /// When a followed stream counts as silent unless something arrives first: an instant
+    /// rather than a timeout per read, so that a caller's `select!` that drops [`Feed::next`]
+    /// now and then does not restart it.
+    silent_at: tokio::time::Instant,
     /// For a followed stream: how to reopen it.
     resume: Option<Resume>,
 }
@@ -53,6 +67,8 @@ pub enum FeedEnd {
     Lost(reqwest::Error),
     /// Beacon closed the stream.
     Closed,
+    /// Nothing came for [`STREAM_SILENCE_DEADLINE`].
+    Silent,
     /// A followed stream ended (as said first) and could not be opened again within
     /// [`RESUME_WINDOW`] (for the reason said second).
     NotResumed(Box<FeedEnd>, String),
@@ -63,6 +79,11 @@ impl std::fmt::Display for FeedEnd {
         match self {
             Self::Lost(e) => write!(f, "lost ({e})"),
             Self::Closed => f.write_str("closed by Beacon"),
+            Self::Silent => write!(
+                f,
+                "silent for {}s (no keep-alive)",
+                STREAM_SILENCE_DEADLINE.as_secs()
+            ),
             Self::NotResumed(end, why) => write!(
                 f,
                 "{end}, and could not be opened again within {}s ({why})",
@@ -79,6 +100,7 @@ impl<T: DeserializeOwned> Feed<T> {
             stream: Some(client.open_stream(url).await?.boxed()),
             buffer: String::new(),
             ready: VecDeque::new(),
+            silent_at: tokio::time::Instant::now() + STREAM_SILENCE_DEADLINE,
             resume: None,
         })
     }
@@ -111,8 +133,24 @@ impl<T: DeserializeOwned> Feed<T> {
                 self.reopen().await?;
                 continue;
             };
-            let end = match stream.next().await {
+            // Only a followed stream has somewhere else to go once its Beacon falls silent.
+            let next = match self.resume {
+                Some(_) => tokio::time::timeout_at(self.silent_at, stream.next()).await,
+                None => Ok(stream.next().await),
+            };
+            let Ok(next) = next else {
+                self.stream = None;
+                self.buffer.clear();
+                if let Some(resume) = self.resume.as_mut() {
+                    // The silent Beacon is tried last: a request to it would only wait.
+                    resume.client.pass_over_active_beacon();
+                    resume.lost = Some((Instant::now(), FeedEnd::Silent));
+                }
+                continue;
+            };
+            let end = match next {
                 Some(Ok(chunk)) => {
+                    self.silent_at = tokio::time::Instant::now() + STREAM_SILENCE_DEADLINE;
                     self.buffer.push_str(&String::from_utf8_lossy(&chunk));
                     let last_id = self.resume.as_mut().map(|r| &mut r.last_id);
                     self.ready
@@ -141,13 +179,23 @@ impl<T: DeserializeOwned> Feed<T> {
         if let Some(at) = resume.retry_at {
             tokio::time::sleep_until(at).await;
         }
-        match resume
-            .client
-            .open_stream_after(&resume.url, resume.last_id.as_deref())
-            .await
-        {
+        let attempt = tokio::time::timeout(
+            REOPEN_TIMEOUT,
+            resume
+                .client
+                .open_stream_after(&resume.url, resume.last_id.as_deref()),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::failure::Failure::failed(format!(
+                "no answer within {}s",
+                REOPEN_TIMEOUT.as_secs()
+            )))
+        });
+        match attempt {
             Ok(stream) => {
                 self.stream = Some(stream.boxed());
+                self.silent_at = tokio::time::Instant::now() + STREAM_SILENCE_DEADLINE;
                 resume.lost = None;
                 resume.attempts = 0;
                 resume.retry_at = None;

@@ -106,3 +106,38 @@ async fn a_stream_opened_without_following_ends_with_its_connection() {
     assert!(matches!(feed.next().await, Err(FeedEnd::Closed)));
     assert_eq!(*served.lock().unwrap(), 1);
 }
+
+#[tokio::test]
+async fn a_followed_stream_that_falls_silent_is_reopened_on_the_next_beacon() {
+    // The first Beacon sends one event and then nothing, not even a keep-alive, while its
+    // connection stays open: its host vanished. The second has taken over.
+    let first = Server::start(|_| {
+        let first_event = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+            "id: 1\nevent: event\ndata: 10\n\n",
+        )]);
+        let body =
+            axum::body::Body::from_stream(first_event.chain(futures_util::stream::pending()));
+        ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response()
+    })
+    .await;
+    let second = Server::start(|_| sse(&[(2, 20)])).await;
+    let client = client(&[&first.url, &second.url]);
+    let mut feed = Feed::<u32>::follow(&client, &client.beacon("/v1/events/stream?app=shop"))
+        .await
+        .unwrap();
+    assert_eq!(feed.next().await.unwrap(), 10);
+    let next = tokio::time::timeout(STREAM_SILENCE_DEADLINE + REOPEN_TIMEOUT, feed.next())
+        .await
+        .expect("the silent stream was never given up");
+    assert_eq!(next.unwrap(), 20);
+    assert_eq!(
+        first.hits().len(),
+        1,
+        "the silent Beacon was not asked again"
+    );
+    let reopened = second.hits();
+    assert_eq!(reopened.len(), 1, "{reopened:?}");
+    assert_eq!(reopened[0].last_event_id.as_deref(), Some("1"));
+    assert!(client.beacon("/").starts_with(&second.url));
+    assert_eq!(FeedEnd::Silent.to_string(), "silent for 6s (no keep-alive)");
+}

@@ -58,7 +58,9 @@ pub trait Client: Send {
 /// last took the link and moving on at once when one refuses the connection or fails the
 /// handshake (a standby Beacon does not listen, and one stepping down closes its links), so a
 /// client follows a failover within one round; only once a whole round failed does it wait a
-/// jittered, doubling backoff. `settings.linked` says whether a link is up.
+/// jittered, doubling backoff. A Beacon that fell silent (its host vanished: no FIN, no RST)
+/// is tried last in the next round, as a connect to it would only wait for its timeout.
+/// `settings.linked` says whether a link is up.
 pub async fn run<C: Client>(settings: LinkSettings, mut client: C, shutdown: CancellationToken) {
     let count = settings.beacons.len();
     let mut failed_rounds = 0u32;
@@ -118,6 +120,9 @@ pub async fn run<C: Client>(settings: LinkSettings, mut client: C, shutdown: Can
             Err(error) => {
                 let addr = &settings.beacons[index].addr;
                 tracing::warn!(%addr, %error, "beacon link lost; reconnecting{}", C::MEANWHILE);
+                if matches!(error, LinkError::Silent(_)) {
+                    first = (index + 1) % count;
+                }
             }
         }
     }

@@ -6,8 +6,8 @@ use std::pin::Pin;
 use futures_util::{SinkExt, StreamExt};
 use px_proto::codec::{FrameCodec, FrameError};
 use px_proto::link::{
-    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, HEARTBEAT_INTERVAL, Hello, MAX_HELLO_BYTES,
-    ToBeacon,
+    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, Hello, MAX_HELLO_BYTES, ToBeacon,
+    beacon_silence_deadline,
 };
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
@@ -47,15 +47,20 @@ pub enum LinkError {
     Frame(#[from] FrameError),
     #[error("beacon closed the link")]
     Closed,
-    #[error("beacon silent past the heartbeat deadline")]
-    Silent,
+    /// Nothing came from Beacon for the deadline its `Welcome` set: its host may be gone
+    /// without closing anything (power lost, kernel hung, network cut).
+    #[error("beacon silent for {}s, past its heartbeat deadline", .0.as_secs_f32())]
+    Silent(std::time::Duration),
 }
 
-/// A link Beacon welcomed. Beacon heartbeats too, so a link on which nothing arrives for
-/// [`HEARTBEAT_DEADLINE`] is dead even if TCP says otherwise: [`Link::recv`] says so.
+/// A link Beacon welcomed. Beacon heartbeats too, as often as its `Welcome` said, so a link on
+/// which nothing arrives for [`Link::silence_deadline`] is dead even if TCP says otherwise:
+/// [`Link::recv`] says so.
 pub struct Link {
     frames: Framed<TlsStream<TcpStream>, FrameCodec<FromBeacon, ToBeacon>>,
     silence: Pin<Box<Sleep>>,
+    /// [`beacon_silence_deadline`] of what the `Welcome` announced.
+    deadline: std::time::Duration,
 }
 
 impl Link {
@@ -64,13 +69,19 @@ impl Link {
         Ok(self.frames.send(frame).await?)
     }
 
+    /// How long Beacon may stay silent before [`Link::recv`] gives up on it: three of the
+    /// heartbeats its `Welcome` announced (6 s), or 15 s for a Beacon that announced none.
+    pub fn silence_deadline(&self) -> std::time::Duration {
+        self.deadline
+    }
+
     /// The next frame from Beacon; an error once the link failed, closed, or was silent past
-    /// [`HEARTBEAT_DEADLINE`]. Cancel-safe: a `select!` may drop it and call it again.
+    /// [`Link::silence_deadline`]. Cancel-safe: a `select!` may drop it and call it again.
     pub async fn recv(&mut self) -> Result<FromBeacon, LinkError> {
         tokio::select! {
-            () = &mut self.silence => Err(LinkError::Silent),
+            () = &mut self.silence => Err(LinkError::Silent(self.deadline)),
             frame = self.frames.next() => {
-                self.silence.as_mut().reset(Instant::now() + HEARTBEAT_DEADLINE);
+                self.silence.as_mut().reset(Instant::now() + self.deadline);
                 match frame {
                     Some(Ok(frame)) => Ok(frame),
                     Some(Err(e)) => Err(e.into()),
@@ -146,11 +157,17 @@ async fn handshake(
         .await
         .map_err(LinkError::Hello)?;
     match frames.next().await {
-        Some(Ok(FromBeacon::Welcome { protocol, beacon })) => {
-            tracing::info!(%beacon, protocol, addr = %addr, "linked to beacon");
+        Some(Ok(FromBeacon::Welcome {
+            protocol,
+            beacon,
+            heartbeat_ms,
+        })) => {
+            let deadline = beacon_silence_deadline(heartbeat_ms);
+            tracing::info!(%beacon, protocol, addr = %addr, silence_deadline = ?deadline, "linked to beacon");
             Ok(Link {
                 frames,
-                silence: Box::pin(tokio::time::sleep(HEARTBEAT_DEADLINE)),
+                silence: Box::pin(tokio::time::sleep(deadline)),
+                deadline,
             })
         }
         Some(Ok(FromBeacon::Rejected { reason })) => Err(LinkError::Rejected(reason)),

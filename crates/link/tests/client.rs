@@ -10,8 +10,9 @@ use futures_util::{SinkExt, StreamExt};
 use px_link::{BeaconConfig, Link, LinkError, LinkSettings};
 use px_proto::codec::FrameCodec;
 use px_proto::link::{
-    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, Hello, NodeReport, PROTOCOL_VERSION,
-    PeerRole, ToBeacon,
+    BEACON_HEARTBEAT_INTERVAL, FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, Hello,
+    MISSED_BEACON_HEARTBEATS, NodeReport, PROTOCOL_VERSION, PeerRole, ToBeacon,
+    beacon_heartbeat_ms,
 };
 use px_test_support::Pki;
 use tokio::net::TcpListener;
@@ -89,12 +90,20 @@ impl Beacon {
         (link, hello)
     }
 
-    /// Accepts the next link and welcomes it.
+    /// Accepts the next link and welcomes it as a Beacon that predates heartbeat announcements
+    /// (so the client keeps the 15 s deadline): these tests send Beacon's heartbeats only when
+    /// they say so.
     async fn welcome(&self) -> (BeaconSide, Hello) {
+        self.welcome_announcing(None).await
+    }
+
+    /// Accepts the next link and welcomes it, announcing heartbeats every `heartbeat_ms`.
+    async fn welcome_announcing(&self, heartbeat_ms: Option<u64>) -> (BeaconSide, Hello) {
         let (mut link, hello) = self.accept().await;
         link.send(FromBeacon::Welcome {
             protocol: PROTOCOL_VERSION,
             beacon: "test".into(),
+            heartbeat_ms,
         })
         .await
         .unwrap();
@@ -273,39 +282,105 @@ async fn while_unlinked_the_service_keeps_working_and_may_end_the_run() {
     assert!(!linked.load(Ordering::Relaxed));
 }
 
-#[tokio::test]
-async fn a_silent_beacon_ends_the_link_at_the_heartbeat_deadline() {
+/// Links to a Beacon that welcomes the client announcing `heartbeat_ms`, then says nothing
+/// while holding the connection open; checks the link gives up exactly `deadline` after the
+/// welcome, and says so.
+async fn silent_beacon_is_given_up_after(heartbeat_ms: Option<u64>, deadline: Duration) {
     let mut beacon = Beacon::start().await;
     let settings = beacon.settings();
     let started = tokio::time::Instant::now();
     let (link, beacon_side) = tokio::join!(
         px_link::connect(&settings, &settings.beacons[0], settings.hello()),
-        beacon.welcome()
+        beacon.welcome_announcing(heartbeat_ms)
     );
     let mut link = link.unwrap();
     let linked = tokio::time::Instant::now();
+    assert_eq!(link.silence_deadline(), deadline);
     // Beacon stays connected and says nothing, so the link waits on nothing but its own silence
     // deadline, armed at the welcome. With tokio's clock paused, the runtime, idle, moves the
     // clock straight to that deadline: the test takes no time, and the clock reads exactly when
     // the link gave up. The handshake above ran on the real clock, as a paused one would also
     // move to the handshake timeout whenever both ends wait on the socket.
     tokio::time::pause();
-    let err = tokio::time::timeout(HEARTBEAT_DEADLINE + WAIT, link.recv())
+    let err = tokio::time::timeout(deadline + WAIT, link.recv())
         .await
         .expect("the link never noticed the silence")
         .err()
         .unwrap();
-    assert!(matches!(err, LinkError::Silent), "{err}");
-    assert_eq!(err.to_string(), "beacon silent past the heartbeat deadline");
+    assert!(
+        matches!(err, LinkError::Silent(d) if d == deadline),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "beacon silent for {}s, past its heartbeat deadline",
+            deadline.as_secs()
+        )
+    );
     // Not before the deadline counted from before the connect, nor after it counted from once
     // the link was up.
     let (since_connect, since_linked) = (started.elapsed(), linked.elapsed());
-    assert!(since_connect >= HEARTBEAT_DEADLINE, "{since_connect:?}");
-    assert!(
-        since_linked <= HEARTBEAT_DEADLINE + TIMER_SLACK,
-        "{since_linked:?}"
-    );
+    assert!(since_connect >= deadline, "{since_connect:?}");
+    assert!(since_linked <= deadline + TIMER_SLACK, "{since_linked:?}");
     drop(beacon_side);
+}
+
+#[tokio::test]
+async fn a_silent_beacon_ends_the_link_after_three_of_the_heartbeats_it_announced() {
+    let deadline = BEACON_HEARTBEAT_INTERVAL * MISSED_BEACON_HEARTBEATS;
+    assert_eq!(deadline, Duration::from_secs(6));
+    silent_beacon_is_given_up_after(Some(beacon_heartbeat_ms()), deadline).await;
+}
+
+#[tokio::test]
+async fn a_silent_beacon_that_announced_no_heartbeats_ends_the_link_at_the_old_deadline() {
+    silent_beacon_is_given_up_after(None, HEARTBEAT_DEADLINE).await;
+}
+
+#[tokio::test]
+async fn a_beacon_that_goes_silent_without_closing_is_left_for_the_next_one() {
+    let pki = Arc::new(Pki::new(&["beacon.test"]).unwrap());
+    let first = Beacon::start_at("127.0.0.1:0", Arc::clone(&pki)).await;
+    let second = Beacon::start_at("127.0.0.1:0", Arc::clone(&pki)).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let settings = settings_for(&pki, secrets.path(), vec![first.addr(), second.addr()]);
+    let linked = Arc::clone(&settings.linked);
+    let (service, _tx, _) = Service::new();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(px_link::run(settings, service, shutdown.clone()));
+
+    // The first Beacon welcomes the client, announcing its heartbeats, takes one heartbeat,
+    // and then its host vanishes: nothing more comes, and nothing closes the connection (the
+    // test holds it open, and its listener still accepts).
+    let (mut frozen, hello) = first.welcome_announcing(Some(beacon_heartbeat_ms())).await;
+    assert_eq!(hello.labels["connect"], "1");
+    assert!(matches!(
+        frozen.next().await,
+        Some(Ok(ToBeacon::Heartbeat(_)))
+    ));
+    eventually("linked", || linked.load(Ordering::Relaxed)).await;
+
+    // Once three announced heartbeats are missed, the client links to the second Beacon, in
+    // the very next attempt: the silent one is tried last, not first.
+    let deadline = BEACON_HEARTBEAT_INTERVAL * MISSED_BEACON_HEARTBEATS;
+    let (mut link, hello) = tokio::time::timeout(deadline + WAIT, second.welcome())
+        .await
+        .expect("the client never left the silent beacon");
+    assert_eq!(
+        hello.labels["connect"], "2",
+        "the next attempt went to the next beacon"
+    );
+    assert!(matches!(
+        link.next().await,
+        Some(Ok(ToBeacon::Heartbeat(_)))
+    ));
+    // The client dropped the silent link on its side: what the frozen host reads once it runs
+    // again is the end of the connection.
+    let end = tokio::time::timeout(WAIT, frozen.next()).await.unwrap();
+    assert!(!matches!(end, Some(Ok(_))), "{end:?}");
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, run).await.unwrap().unwrap();
 }
 
 #[tokio::test]

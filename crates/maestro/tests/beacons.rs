@@ -2,7 +2,9 @@
 //! first address dead, it links to the second; that Beacon gone and another up on the first
 //! address (a failover: a standby does not listen until it is active), it follows, and tells
 //! the new Beacon what it applied. Beacons are played by TLS listeners speaking the real link
-//! protocol, with certificates from one cluster CA.
+//! protocol, with certificates from one cluster CA. A Beacon that falls silent without closing
+//! (its host vanished) is left for the next one once three of its announced heartbeats are
+//! missed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -67,5 +69,40 @@ async fn a_maestro_links_to_whichever_beacon_is_active_and_follows_a_failover() 
         "the maestro tells the new active beacon what it applied"
     );
     wait_generation(&mut link, 3).await;
+    maestro.stop().await;
+}
+
+#[tokio::test]
+async fn a_maestro_leaves_a_beacon_that_falls_silent_without_closing_for_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Arc::new(Pki::new(&["localhost"]).unwrap());
+    // The first Beacon is active and announces heartbeats every 2 s; the second stands by on
+    // its own address (here: listening, as it will once it has taken over).
+    let mut first = FakeBeacon::start_at("127.0.0.1:0", Arc::clone(&pki)).await;
+    first.heartbeat_ms = Some(px_proto::link::beacon_heartbeat_ms());
+    let second = FakeBeacon::start_at("127.0.0.1:0", Arc::clone(&pki)).await;
+    let mut config = config(dir.path(), Some(&first));
+    let beacon = config.beacon.as_mut().unwrap();
+    beacon.addr = None;
+    beacon.addrs = vec![first.addr.clone(), second.addr.clone()];
+    let maestro = Maestro::start(config).await;
+
+    let (mut frozen, _) = first.accept().await;
+    assign(&mut frozen, 3, Vec::new()).await;
+    wait_generation(&mut frozen, 3).await;
+
+    // The first control host vanishes: its Beacon says nothing more and closes nothing (the
+    // test holds the connection open and reads nothing from it). After three missed
+    // heartbeats the Maestro links to the second Beacon, telling it what it applied.
+    let deadline = px_proto::link::beacon_silence_deadline(first.heartbeat_ms);
+    let (mut link, report) = tokio::time::timeout(deadline + WAIT, second.accept())
+        .await
+        .expect("the maestro never left the silent beacon");
+    assert_eq!(
+        report.generation, 3,
+        "the maestro tells the new active beacon what it applied"
+    );
+    wait_generation(&mut link, 3).await;
+    drop(frozen);
     maestro.stop().await;
 }

@@ -23,10 +23,24 @@ use crate::manifest::AppManifest;
 
 /// Version of the link protocol; a peer with another version is refused with a reason.
 pub const PROTOCOL_VERSION: u32 = 1;
-/// How often each side sends a heartbeat on an otherwise quiet link.
+/// How often a peer (Maestro, repository) sends Beacon a heartbeat carrying its report. Beacon
+/// reads and records every one of them, for 10,000 links: this interval sets its steady CPU.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
-/// A link silent for this long is dead: three missed heartbeats.
+/// Beacon drops a peer silent for this long: three missed heartbeats. Also the deadline a peer
+/// keeps on a Beacon whose [`FromBeacon::Welcome`] announces no `heartbeat_ms` (one that predates
+/// it beats every [`HEARTBEAT_INTERVAL`]).
 pub const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(15);
+/// How often Beacon sends each link its heartbeat, a frame of a few bytes encoded once for every
+/// link, and announces so in its `Welcome`. More often than a peer's own: a peer notices a
+/// Beacon whose host vanished (power lost, kernel hung, network cut: no FIN, no RST) only by
+/// its silence, and the sooner it does, the sooner it links to the Beacon that takes over.
+pub const BEACON_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+/// A peer gives up on a Beacon that missed this many of the heartbeats it announced.
+pub const MISSED_BEACON_HEARTBEATS: u32 = 3;
+/// The shortest and longest Beacon heartbeat interval a peer accepts from a `Welcome`: a
+/// shorter one is counted as this floor (a few lost beats on a loaded host must not end a
+/// link), a longer one as [`HEARTBEAT_INTERVAL`] (never a deadline past [`HEARTBEAT_DEADLINE`]).
+pub const MIN_BEACON_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a peer has to complete the handshake after connecting.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest peer name accepted in a `Hello`.
@@ -42,6 +56,24 @@ pub const MAX_REPORTED_RUNTIMES: usize = 64;
 /// (`codec` test `the_largest_hello_without_state_fits_before_authentication`); a `Hello` whose
 /// `state` would take it over this is sent without it, and the first heartbeat brings the state.
 pub const MAX_HELLO_BYTES: usize = 16 * 1024;
+
+/// What Beacon announces in its `Welcome` as `heartbeat_ms`.
+pub fn beacon_heartbeat_ms() -> u64 {
+    u64::try_from(BEACON_HEARTBEAT_INTERVAL.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// How long a peer waits on a silent Beacon that announced `heartbeat_ms` in its `Welcome`
+/// before giving up on it: [`MISSED_BEACON_HEARTBEATS`] beats, the interval taken within
+/// [`MIN_BEACON_HEARTBEAT_INTERVAL`] and [`HEARTBEAT_INTERVAL`]; [`HEARTBEAT_DEADLINE`] for a
+/// Beacon that announced none.
+pub fn beacon_silence_deadline(heartbeat_ms: Option<u64>) -> Duration {
+    match heartbeat_ms {
+        None => HEARTBEAT_DEADLINE,
+        Some(ms) => Duration::from_millis(ms)
+            .clamp(MIN_BEACON_HEARTBEAT_INTERVAL, HEARTBEAT_INTERVAL)
+            .saturating_mul(MISSED_BEACON_HEARTBEATS),
+    }
+}
 
 /// What kind of peer opens a link to Beacon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -418,6 +450,12 @@ pub enum FromBeacon {
     Welcome {
         protocol: u32,
         beacon: String,
+        /// How often this Beacon sends the link a heartbeat, in milliseconds
+        /// ([`BEACON_HEARTBEAT_INTERVAL`]); the peer gives up on it after
+        /// [`MISSED_BEACON_HEARTBEATS`] of them ([`beacon_silence_deadline`]). Absent from a
+        /// Beacon that predates it, which beats every [`HEARTBEAT_INTERVAL`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        heartbeat_ms: Option<u64>,
     },
     /// The handshake failed; the peer should log `reason` and back off.
     Rejected {
@@ -550,6 +588,43 @@ mod tests {
         assert!(
             matches!(hello, ToBeacon::Hello(Hello { labels, state: None, .. }) if labels.is_empty())
         );
+    }
+
+    #[test]
+    fn a_welcome_announces_beacon_heartbeats_and_one_without_them_still_reads() {
+        let welcome = FromBeacon::Welcome {
+            protocol: PROTOCOL_VERSION,
+            beacon: "b".into(),
+            heartbeat_ms: Some(beacon_heartbeat_ms()),
+        };
+        assert_eq!(
+            serde_json::to_value(&welcome).unwrap(),
+            serde_json::json!({"type": "welcome", "protocol": 1, "beacon": "b", "heartbeat_ms": 2000})
+        );
+        // What a Beacon that predates the announcement sends.
+        let old: FromBeacon = serde_json::from_value(
+            serde_json::json!({"type": "welcome", "protocol": 1, "beacon": "b"}),
+        )
+        .unwrap();
+        assert!(matches!(
+            old,
+            FromBeacon::Welcome {
+                heartbeat_ms: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_peer_gives_up_on_a_beacon_after_three_announced_heartbeats_within_bounds() {
+        assert_eq!(
+            beacon_silence_deadline(Some(beacon_heartbeat_ms())),
+            Duration::from_secs(6)
+        );
+        assert_eq!(beacon_silence_deadline(None), HEARTBEAT_DEADLINE);
+        // A Beacon announcing beats too fast or too slow is held to the bounds.
+        assert_eq!(beacon_silence_deadline(Some(0)), Duration::from_secs(3));
+        assert_eq!(beacon_silence_deadline(Some(u64::MAX)), HEARTBEAT_DEADLINE);
     }
 
     #[test]

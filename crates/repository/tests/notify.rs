@@ -12,8 +12,8 @@ use px_proto::api::ReleaseCause;
 use px_proto::build::{BuildFinished, BuildRequested};
 use px_proto::codec::FrameCodec;
 use px_proto::link::{
-    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, PROTOCOL_VERSION, PeerRole,
-    ReleaseCommitted, RollbackOrder, ToBeacon,
+    FromBeacon, HANDSHAKE_TIMEOUT, PROTOCOL_VERSION, PeerRole, ReleaseCommitted, RollbackOrder,
+    ToBeacon, beacon_heartbeat_ms, beacon_silence_deadline,
 };
 use px_repository::config::BeaconConfig;
 use px_test_support::Pki;
@@ -66,6 +66,8 @@ async fn committed_releases_reach_beacon_over_tls() {
     link.send(FromBeacon::Welcome {
         protocol: PROTOCOL_VERSION,
         beacon: "test".into(),
+        // As a Beacon that predates heartbeat announcements: the test does not send any.
+        heartbeat_ms: None,
     })
     .await
     .unwrap();
@@ -203,6 +205,8 @@ async fn uploads_succeed_while_beacon_is_away_and_news_arrives_when_it_returns()
     link.send(FromBeacon::Welcome {
         protocol: PROTOCOL_VERSION,
         beacon: "test".into(),
+        // As a Beacon that predates heartbeat announcements: the test does not send any.
+        heartbeat_ms: None,
     })
     .await
     .unwrap();
@@ -263,8 +267,10 @@ async fn a_rejected_link_is_retried_without_affecting_uploads() {
 
 #[tokio::test]
 async fn a_silent_beacon_is_left_and_linked_again() {
-    // A Beacon that welcomes the repository and then never speaks: after the heartbeat deadline
-    // the notifier gives the link up and connects again.
+    // A Beacon that welcomes the repository, announcing its heartbeats, and then never speaks
+    // (its host vanished, without closing the connection): after three missed heartbeats the
+    // notifier gives the link up and connects again.
+    let deadline = beacon_silence_deadline(Some(beacon_heartbeat_ms()));
     let pki = Pki::new(&["beacon.test"]).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -288,6 +294,7 @@ async fn a_silent_beacon_is_left_and_linked_again() {
         .send(FromBeacon::Welcome {
             protocol: PROTOCOL_VERSION,
             beacon: "test".into(),
+            heartbeat_ms: Some(beacon_heartbeat_ms()),
         })
         .await
         .unwrap();
@@ -297,10 +304,10 @@ async fn a_silent_beacon_is_left_and_linked_again() {
     let heard = tokio::time::Instant::now();
     // From here the notifier waits on its own timers only (heartbeats, the silence deadline),
     // so tokio's clock is paused: the runtime, idle, moves it from timer to timer, and the
-    // fifteen seconds of silence take no time. The handshake above ran on the real clock, as a
+    // six seconds of silence take no time. The handshake above ran on the real clock, as a
     // paused one would also move to the handshake timeout whenever both ends wait on the socket.
     tokio::time::pause();
-    let guard = HEARTBEAT_DEADLINE + Duration::from_secs(15);
+    let guard = deadline + Duration::from_secs(15);
     let second = tokio::time::timeout(guard, listener.accept()).await;
     assert!(
         second.is_ok(),
@@ -310,9 +317,9 @@ async fn a_silent_beacon_is_left_and_linked_again() {
     // paused clock moves on to the next timer at each one, here at the latest the new
     // connection's handshake timeout: so the accept comes within that of the deadline.
     let (since_welcome, since_heard) = (welcomed.elapsed(), heard.elapsed());
-    assert!(since_welcome >= HEARTBEAT_DEADLINE, "{since_welcome:?}");
+    assert!(since_welcome >= deadline, "{since_welcome:?}");
     assert!(
-        since_heard <= HEARTBEAT_DEADLINE + HANDSHAKE_TIMEOUT + TIMER_SLACK,
+        since_heard <= deadline + HANDSHAKE_TIMEOUT + TIMER_SLACK,
         "{since_heard:?}"
     );
     drop(silent);
@@ -339,6 +346,8 @@ async fn accept_link(
     link.send(FromBeacon::Welcome {
         protocol: PROTOCOL_VERSION,
         beacon: "test".into(),
+        // As a Beacon that predates heartbeat announcements: the test does not send any.
+        heartbeat_ms: None,
     })
     .await
     .unwrap();

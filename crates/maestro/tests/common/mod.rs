@@ -172,6 +172,10 @@ pub struct FakeBeacon {
     pub pki: Arc<Pki>,
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
+    /// What its `Welcome` announces: none by default, as a Beacon that predates heartbeat
+    /// announcements (so a Maestro keeps the 15 s deadline), since the tests answer the
+    /// Maestro's heartbeats but send none of their own between them.
+    pub heartbeat_ms: Option<u64>,
 }
 
 pub type BeaconLink = Framed<
@@ -198,6 +202,7 @@ impl FakeBeacon {
             pki,
             listener,
             acceptor,
+            heartbeat_ms: None,
         }
     }
 
@@ -215,6 +220,7 @@ impl FakeBeacon {
         link.send(FromBeacon::Welcome {
             protocol: PROTOCOL_VERSION,
             beacon: "fake".into(),
+            heartbeat_ms: self.heartbeat_ms,
         })
         .await
         .unwrap();
