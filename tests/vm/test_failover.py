@@ -1,14 +1,17 @@
 """Losing a control host: two control VMs, each running apprepo and Beacon over one S3 server
 (SeaweedFS on the host, reached through the control VMs' guestfwd rule, seaweed.py), one
-Beacon active and the other standing by. The active one's Beacon and apprepo die in the middle
-of a rollout; the rollout completes through the other, an upload goes through the other
-apprepo, and once they come back nothing is duplicated. Runs last (conftest.MODULE_ORDER): it
-moves apprepo's storage to S3, so the apps deployed before are gone from it, and it boots a
-second control VM of its own for this module only.
+Beacon active and the other standing by. The active one's host vanishes in the middle of a
+rollout; the rollout completes through the other, an upload goes through the other apprepo,
+and once the host is back its Beacon steps down and nothing is duplicated. Runs last
+(conftest.MODULE_ORDER): it moves apprepo's storage to S3, so the apps deployed before are gone
+from it, and it boots a second control VM of its own for this module only.
 
-The control host is "lost" by SIGKILL to its Beacon and apprepo with their restarts turned
-off, not by stopping its VM: a stopped VM's forwarded ports, which em and the Beacons' API URLs
-use from the host, would change when it is powered on again (vm.Vm.start picks new ones).
+The control host vanishes as power loss, a hung kernel or a cut network makes one vanish: its
+VM's CPUs are stopped (qemu's `stop`, vm.Vm.pause), so its peers get silence, no FIN and no
+RST, and must notice it by the missing heartbeats. qemu keeps running, so `cont` brings the
+same guest back with the same forwarded ports (which em and the Beacons' API URLs use from the
+host), its clocks having stood still: to it, no time passed, and only its lease's renewal
+tells it another Beacon took over.
 """
 
 from __future__ import annotations
@@ -56,10 +59,13 @@ COMMIT_TIMEOUT_S = 180
 RELINK_TIMEOUT_S = 120
 # One HTTPS call from the host to a control VM's API.
 API_TIMEOUT_S = 15
-# A runtime drop-in that keeps a killed service down: the lost host does not come back by
-# itself in the middle of the scenario.
-NO_RESTART_DROP_IN = "/run/systemd/system/{unit}.service.d/lost.conf"
-LOST_UNITS = ("beacon", "apprepo")
+# From the lost host's return until its Beacon has found its lease taken and stands by: its
+# next renewal (a third of the 6 s TTL), its exit, and systemd starting it again, under emulation.
+STEP_DOWN_TIMEOUT_S = 120
+# What the returning Beacon logs when it finds the lease another's (crates/beacon/src/lease.rs).
+STEPPING_DOWN = "stepping down"
+# What a Beacon logs when it takes a Maestro's link (crates/beacon/src/links.rs): an active one.
+MAESTRO_LINKED = "maestro linked"
 
 _MARKER = re.compile(rf"{APP} release (\d+)\b")
 
@@ -97,6 +103,9 @@ class ControlPlane:
         self.ca_file = secrets / "ca.pem"
         self.token = (secrets / "tokens" / "em-deploy").read_text().strip()
         self.tls = ssl.create_default_context(cafile=str(self.ca_file))
+        # The control VM paused by the scenario, until it resumes it, and where its journal
+        # ended just before.
+        self.paused: tuple[str, str] | None = None
 
     def beacon_url(self, name: str) -> str:
         return f"https://127.0.0.1:{self.vms[name].ports[7080]}"
@@ -206,6 +215,9 @@ def two_controls(platform, tmp_path_factory, vm_timings):
         wait_for_nodes(controls.em_via("control"))
         yield controls
     finally:
+        # A host left paused by a failed test runs again, so the session's VMs end as they began.
+        if first.running:
+            first.resume()
         second.kill()
         s3.stop()
 
@@ -241,21 +253,15 @@ def serves(platform, name: str, version: int) -> bool:
     return status == 200 and release_in(body) == version
 
 
-def lose(machine: vm.Vm) -> None:
-    """Beacon and apprepo die at once (SIGKILL: no lease released, no link closed politely)
-    and stay down."""
-    script = ["set -e"]
-    for unit in LOST_UNITS:
-        drop_in = NO_RESTART_DROP_IN.format(unit=unit)
-        script += [f"mkdir -p {Path(drop_in).parent}", f"printf '[Service]\\nRestart=no\\n' > {drop_in}"]
-    script += ["systemctl daemon-reload", f"systemctl kill --signal=SIGKILL {' '.join(LOST_UNITS)}"]
-    machine.ssh("\n".join(script))
+def beacon_log_since(machine: vm.Vm, cursor: str) -> str:
+    """Beacon's journal on `machine` after the journal cursor `cursor`."""
+    return machine.ssh(f"journalctl -u beacon --no-pager -o cat --after-cursor='{cursor}'").stdout
 
 
-def bring_back(machine: vm.Vm) -> None:
-    script = [f"rm -f {' '.join(NO_RESTART_DROP_IN.format(unit=u) for u in LOST_UNITS)}", "systemctl daemon-reload"]
-    script += [f"systemctl reset-failed {' '.join(LOST_UNITS)} || true", "systemctl start apprepo beacon"]
-    machine.ssh("\n".join(script))
+def journal_cursor(machine: vm.Vm) -> str:
+    """Where `machine`'s journal ends now."""
+    out = machine.ssh("journalctl -n 0 --show-cursor --no-pager").stdout
+    return out.strip().rsplit("-- cursor: ", 1)[-1].strip()
 
 
 def test_both_control_hosts_run_apprepo_and_beacon_one_active(platform, two_controls, tmp_path):
@@ -286,10 +292,11 @@ def test_both_control_hosts_run_apprepo_and_beacon_one_active(platform, two_cont
 def test_the_rollout_completes_through_the_other_beacon_and_uploads_go_through_the_other_apprepo(
     platform, two_controls, tmp_path, vm_timings
 ):
-    """em deploy v2; once its release is committed, the active control host's Beacon and
-    apprepo die. The other Beacon takes the lease, the Maestros link to it, and the rollout
-    completes: em deploy exits 0 and both web servers serve v2, with no failed request. Then
-    em deploy v3 uploads through the other apprepo. The failover times go to the summary."""
+    """em deploy v2; once its release is committed, the active control host vanishes (its VM
+    paused). The other Beacon takes the lease, the Maestros notice the silence and link to it,
+    and the rollout completes: em deploy exits 0 and both web servers serve v2, with no failed
+    request. Then, the host still gone, em deploy v3 uploads through the other apprepo. The
+    failover times go to the summary."""
     controls = two_controls
     active = wait_until("an active Beacon", controls.the_active, ACTIVE_TIMEOUT_S)
     other = next(name for name in CONTROLS if name != active)
@@ -311,8 +318,12 @@ def test_the_rollout_completes_through_the_other_beacon_and_uploads_go_through_t
         try:
             wait_until("release 2 committed", lambda: 2 in releases(through_other), COMMIT_TIMEOUT_S)
             assert not all(serves(platform, name, 2) for name in WEB_SERVERS), "the rollout was over before the loss"
+            # Where its Beacon's log after the pause starts: read now, as a paused host answers
+            # nothing, and once it is back its Beacon may step down before a read would.
+            cursor = journal_cursor(controls.vms[active])
             lost_at = time.monotonic()
-            lose(controls.vms[active])
+            controls.vms[active].pause()
+            controls.paused = (active, cursor)
             wait_until(f"{other}'s Beacon active", lambda: controls.active_status(other) == 200, ACTIVE_TIMEOUT_S)
             took_over = time.monotonic() - lost_at
             for name in WEB_SERVERS:
@@ -323,10 +334,13 @@ def test_the_rollout_completes_through_the_other_beacon_and_uploads_go_through_t
         finally:
             if em_deploy.poll() is None:
                 em_deploy.kill()
-        vm_timings["failover: control host lost to the other Beacon active"] = took_over
-        vm_timings["failover: control host lost to both web servers serving v2"] = served
-        vm_timings["failover: control host lost to em deploy v2 done"] = deployed
-        print(f"failover: other Beacon active after {took_over:.1f} s, v2 served after {served:.1f} s, em deploy done after {deployed:.1f} s")
+        vm_timings["failover: control host paused to the other Beacon active"] = took_over
+        vm_timings["failover: control host paused to both web servers serving v2"] = served
+        vm_timings["failover: control host paused to em deploy v2 done"] = deployed
+        print(
+            f"failover (control host paused): other Beacon active after {took_over:.1f} s, "
+            f"v2 served after {served:.1f} s, em deploy done after {deployed:.1f} s"
+        )
         assert em_deploy.returncode == 0, f"em deploy v2 exited {em_deploy.returncode}\n{out}\n{err}"
         second = json.loads(out.strip().splitlines()[-1])
         assert second["release"] == 2 and second["rolled_out"] is True, second
@@ -346,17 +360,26 @@ def test_the_rollout_completes_through_the_other_beacon_and_uploads_go_through_t
 
 
 def test_the_lost_host_comes_back_as_a_standby_and_nothing_is_duplicated(platform, two_controls):
-    """The lost Beacon and apprepo start again: that Beacon stands by (503) while the other stays
-    active; the app's releases are 3, 2, 1, each once, through either apprepo; the active
-    Beacon's log finished each rollout at most once; both web servers serve v3 throughout."""
+    """The paused host runs again, its clocks having stood still: its Beacon, which believed
+    itself active, finds at its next renewal that the lease is another's, steps down (it logs
+    so, takes no Maestro's link, and comes back as a standby: 503) while the other stays active;
+    the app's releases are 3, 2, 1, each once, through either apprepo; the active Beacon's log
+    finished each rollout at most once; both web servers serve v3 throughout."""
     controls = two_controls
-    active = wait_until("an active Beacon", controls.the_active, ACTIVE_TIMEOUT_S)
-    lost = next(name for name in CONTROLS if name != active)
+    assert controls.paused is not None, "the previous test paused no control host"
+    lost, cursor = controls.paused
+    active = next(name for name in CONTROLS if name != lost)
+    assert controls.active_status(active) == 200, f"{active}'s Beacon is not the active one"
     with ExitStack() as running:
         polling = [running.enter_context(poller) for poller in pollers(platform)]
-        bring_back(controls.vms[lost])
-        wait_until(f"{lost}'s Beacon standing by", lambda: controls.active_status(lost) == 503, ACTIVE_TIMEOUT_S)
+        controls.vms[lost].resume()
+        controls.paused = None
+        wait_until(f"{lost}'s Beacon standing by", lambda: controls.active_status(lost) == 503, STEP_DOWN_TIMEOUT_S)
         assert controls.the_active() == active, "the lease moved when the lost host came back"
+        returned = beacon_log_since(controls.vms[lost], cursor)
+        print(f"{lost}'s Beacon after its return:\n{returned}")
+        assert STEPPING_DOWN in returned, f"the returning Beacon never stepped down:\n{returned}"
+        assert MAESTRO_LINKED not in returned, f"the returning Beacon took a Maestro's link:\n{returned}"
         for name in CONTROLS:
             assert releases(controls.em_via(name)) == [3, 2, 1], name
         # Through qemu's port forwarding, a connection is now and then reset under load: the

@@ -11,6 +11,7 @@ seen: the image writes `image.READY_MARKER` there once multi-user.target is reac
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import random
 import re
@@ -65,6 +66,10 @@ PORT_RETRIES = 3
 CONSOLE_TAIL_LINES = 50
 # Lines of a failed command's output and errors kept in SshError's message.
 SSH_ERROR_TAIL_LINES = 30
+# One QMP command (pause, resume) on the VM's monitor socket, greeting included.
+QMP_TIMEOUT_S = 10
+# Longest QMP message read: a greeting, a command's answer or an event is far smaller.
+QMP_MAX_LINE = 64 * 1024
 
 # How long an idle shared SSH connection stays open (see SSH_OPTIONS).
 SSH_CONTROL_PERSIST_S = 600
@@ -168,6 +173,9 @@ class Vm:
         self.accel = accel
         self.keep = keep  # True: leave qemu running when the test run ends
         self.disk = workdir / f"{name}.qcow2"
+        # qemu's QMP socket, through which the test pauses and resumes the guest's CPUs. A Unix
+        # socket path must stay under 108 bytes, which a deep workdir may not: it goes in /tmp.
+        self.qmp_socket = Path("/tmp") / f"px-vm-qmp-{os.getpid()}-{name}"
         self.console_log = workdir / f"{name}.console.log"
         self.qemu_log = workdir / f"{name}.qemu.log"
         self.ssh_port = 0
@@ -242,6 +250,7 @@ class Vm:
             "-netdev", self.lan.netdev("lan"),
             "-device", f"virtio-net-pci,netdev=lan,mac={mac},addr=0x4",
             "-device", "virtio-rng-pci,addr=0x5",
+            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
         ]  # fmt: skip
 
     @property
@@ -305,6 +314,45 @@ class Vm:
             self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
+
+    def pause(self) -> None:
+        """Stops the guest's CPUs (QMP `stop`): the host vanishes as a power loss or a hung kernel
+        makes it vanish. Its peers see silence, no FIN and no RST; qemu itself runs on, so its
+        forwarded ports stay where they are (a connection to one is accepted by qemu and then
+        gets no answer) and `resume` brings the guest back as it was."""
+        self._qmp("stop")
+
+    def resume(self) -> None:
+        """Lets a paused guest run again (QMP `cont`; harmless on a running one). Its clocks
+        stood still meanwhile: for the guest, no time passed."""
+        self._qmp("cont")
+
+    def _qmp(self, command: str) -> None:
+        """Runs one QMP command without arguments, raising VmError unless qemu says it is done."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(QMP_TIMEOUT_S)
+                sock.connect(str(self.qmp_socket))
+                replies = sock.makefile("rb")
+
+                def answer() -> dict:
+                    # Events (`STOP`, `RESUME`) may come before the command's own answer.
+                    while True:
+                        line = replies.readline(QMP_MAX_LINE)
+                        if not line:
+                            raise VmError(f"{self.name}: qemu closed its QMP socket")
+                        message = json.loads(line)
+                        if "return" in message or "error" in message:
+                            return message
+
+                replies.readline(QMP_MAX_LINE)  # the greeting
+                for execute in ("qmp_capabilities", command):
+                    sock.sendall(json.dumps({"execute": execute}).encode() + b"\n")
+                    reply = answer()
+                    if "error" in reply:
+                        raise VmError(f"{self.name}: QMP {execute}: {reply['error']}")
+        except OSError as err:
+            raise VmError(f"{self.name}: QMP {command}: {err}") from err
 
     def kill(self) -> None:
         """Pulls the plug: SIGKILL to qemu. What the guest had not written to disk is lost."""
