@@ -2,7 +2,7 @@
 # and where the bundles are.
 
 output "ansible_inventory" {
-  description = "YAML Ansible inventory (groups repository, beacon, webservers, builders). Save it with: terraform output -raw ansible_inventory > ../ansible/inventories/aws/hosts.yml"
+  description = "YAML Ansible inventory (groups repository, beacon, webservers, builders). With provision = true the apply writes it to provision_dir/hosts.yml and configures the hosts with it; otherwise save it with: terraform output -raw ansible_inventory > ../ansible/inventories/aws/hosts.yml"
   value       = local.ansible_inventory
 }
 
@@ -101,4 +101,17 @@ output "security_group_ids" {
 output "ami_id" {
   description = "The AMI new hosts are created from."
   value       = module.instances.ami_id
+}
+
+output "provision_dir" {
+  description = "Where the provisioning keeps the inventory, the hosts' known_hosts and the cluster's secrets (.secrets/: CA, tokens, em's config): back it up, it is not in the Terraform state. Null with provision = false."
+  value       = var.provision ? local.provision_dir : null
+}
+
+output "em_setup" {
+  description = "How to point em at the cluster once the apply has configured it (provision = true); with provision = false, see ansible/README.md."
+  value = var.provision ? join("\n", [
+    "install -D -m 0600 ${local.provision_dir}/.secrets/em-config.toml ~/.config/em/config.toml",
+    "em status",
+  ]) : "provision = false: configure the hosts with scripts/provision or ansible/site.yml (ansible/README.md), then install the em-config.toml it writes"
 }

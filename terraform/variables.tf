@@ -294,3 +294,45 @@ variable "enable_load_balancer" {
   type        = bool
   default     = false
 }
+
+# --- Provisioning: Terraform configures the hosts (provision.tf) --------------------------------
+
+variable "provision" {
+  description = "Configure the hosts at the end of the apply: scripts/provision runs ansible/site.yml over SSH with the inventory Terraform rendered and the hosts' keys from their console output (see provision.tf). Off: Terraform only makes the machines, and the ansible_inventory output is for running Ansible yourself."
+  type        = bool
+  default     = true
+}
+
+variable "release_tarball" {
+  description = "Release tarball (from scripts/dist) on the machine running Terraform, installed on every host. Empty: the binaries in ../target/release (cargo build --release). Changing it (or the file) rolls the web servers to the new release one at a time."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.release_tarball == "" || can(regex("\\.(tar\\.gz|tgz|tar\\.xz)$", var.release_tarball))
+    error_message = "release_tarball must name a .tar.gz, .tgz or .tar.xz release tarball from scripts/dist, or be empty."
+  }
+}
+
+variable "ssh_private_key_file" {
+  description = "Private key of ssh_public_key, for Ansible's SSH logins as admin. Empty: ssh-agent and ~/.ssh, as ssh finds them."
+  type        = string
+  default     = ""
+}
+
+variable "provision_web_serial" {
+  description = "Web servers configured at a time by the provisioning run: a count (default 1: a new release restarts one Maestro at a time while the others serve) or a percentage such as 50%."
+  type        = string
+  default     = "1"
+
+  validation {
+    condition     = can(regex("^([1-9][0-9]{0,3}|[1-9][0-9]?%|100%)$", var.provision_web_serial))
+    error_message = "provision_web_serial must be a count from 1 to 9999 or a percentage from 1% to 100%."
+  }
+}
+
+variable "provision_command" {
+  description = "The program the provisioning step runs, as a list (the arguments of scripts/provision follow it). Empty: scripts/provision beside this directory. For wrappers and tests; a real cluster leaves it empty."
+  type        = list(string)
+  default     = []
+}

@@ -11,6 +11,8 @@
                                            boto3 (FILE: make-zones' ids)
   assert_cluster.py ansible OUTPUTS_JSON   the generated inventory, as ansible/site.yml sees it
   assert_cluster.py clean PLAN_JSON        a second plan after the apply changes nothing
+  assert_cluster.py provisioned RECORD COUNT RELEASE   the provisioning stand-in's runs
+  assert_cluster.py new-release PLAN_JSON  a plan after the release changed replaces only it
   assert_cluster.py gone OUTPUTS_JSON FILE after the destroy, nothing of the cluster is left
 
 The cluster under test is described by moto.tfvars.json beside this file, which the check also
@@ -30,6 +32,7 @@ import boto3
 import yaml
 
 import assert_edge as edge
+import assert_provision as provision
 
 HERE = Path(__file__).resolve().parent
 TFVARS = json.loads((HERE / "moto.tfvars.json").read_text())
@@ -98,6 +101,7 @@ def cmd_defaults(plan_json):
     instances = planned(plan, "aws_instance")
     roles = sorted(r["change"]["after"]["tags"]["PlatformxRole"] for r in instances)
     check(roles == ["control", "web", "web"], "one control host and two web servers", roles)
+    provision.defaults(check, plan)
     check(all(r["change"]["after"]["instance_type"] == "t3.small" for r in instances), "instances are t3.small")
     check(
         all(r["change"]["after"]["root_block_device"][0]["volume_size"] == 20
@@ -368,8 +372,9 @@ def cmd_present(outputs_json, zones_file):
             continue
         for name, hv in group["hosts"].items():
             inst = instances.get(name, {})
-            check(hv == {"ansible_host": inst.get("PublicIpAddress"), "ansible_user": "admin", "private_ip": inst.get("PrivateIpAddress")},
-                  f"{name}: public and private IP of the instance, user admin", hv)
+            check(hv == {"ansible_host": inst.get("PublicIpAddress"), "ansible_user": "admin", "private_ip": inst.get("PrivateIpAddress"),
+                         "px_instance_id": inst.get("InstanceId")},
+                  f"{name}: public and private IP of the instance, user admin, its instance id (for its host keys)", hv)
     repo_vars = groups["repository"].get("vars", {})
     check(repo_vars == {"platformx_s3_bucket": bucket, "platformx_s3_region": TFVARS["region"]}, "repository vars: bucket and region", repo_vars)
     first = instances.get(f"{prefix}-control-1", {}).get("PrivateIpAddress")
@@ -449,8 +454,14 @@ def cmd_ansible(outputs_json):
     for group in inv["all"]["children"].values():
         set_vars |= set(group.get("vars", {}))
     role_text = "\n".join(p.read_text() for p in ROLES.rglob("*") if p.is_file() and p.suffix in (".yml", ".j2"))
+    # scripts/provision reads the host-key variables (px_aws_region, px_instance_id) itself.
+    provision_text = (REPO / "ansible" / "provision.py").read_text()
     for name in sorted(set_vars | {"private_ip"}):
-        check(re.search(rf"\b{re.escape(name)}\b", role_text) is not None, f"a role reads {name}")
+        if name.startswith("px_aws_"):
+            check(re.search(rf"\b{re.escape(name)}\b", provision_text) is not None, f"scripts/provision reads {name}")
+        else:
+            check(re.search(rf"\b{re.escape(name)}\b", role_text) is not None, f"a role reads {name}")
+    check(inv["all"]["vars"].get("px_aws_region") == TFVARS["region"], "px_aws_region is the cluster's region", inv["all"]["vars"].get("px_aws_region"))
     bucket = out["bundles_bucket"]["name"]
     for name in control:
         check(hostvars[name].get("platformx_s3_bucket") == bucket,
@@ -491,6 +502,16 @@ def cmd_clean(plan_json):
     check(not real, "no changes after apply" + (f" (besides {len(quirks)} known moto read-back quirks)" if quirks else ""), real)
 
 
+def cmd_provisioned(record_file, count, release):
+    print("provisioning:")
+    provision.runs(check, record_file, count, TFVARS, release)
+
+
+def cmd_new_release(plan_json):
+    print("plan after a new release:")
+    provision.only_provision_replaced(check, json.loads(Path(plan_json).read_text()), moto_quirk)
+
+
 # --- gone: after the destroy --------------------------------------------------------------------
 
 def cmd_gone(outputs_json, zones_file):
@@ -526,7 +547,7 @@ def cmd_gone(outputs_json, zones_file):
 
 def main():
     commands = {"defaults": 1, "make-zones": 1, "dns-direct": 1, "make-vpc": 1, "existing": 2, "present": 2, "ansible": 1,
-                "clean": 1, "gone": 2}
+                "clean": 1, "provisioned": 3, "new-release": 1, "gone": 2}
     if len(sys.argv) < 2 or commands.get(sys.argv[1]) != len(sys.argv) - 2:
         sys.exit(__doc__)
     try:
