@@ -48,14 +48,20 @@ GROUPS = {
 }
 # One ansible-playbook run (a whole site.yml on three emulated machines included).
 ANSIBLE_TIMEOUT_S = 20 * 60
+# The VMs printed their host keys before they were ready: the consoles have them at once.
+PROVISION_HOST_KEYS_TIMEOUT_S = 30
 # Ansible's connection timeout (its `timeout` setting) for the VMs.
 ANSIBLE_CONNECT_TIMEOUT_S = 60
 # Lines of ansible-playbook's output kept in a failure's message.
 ANSIBLE_OUTPUT_TAIL_LINES = 60
 
 # Debian's ansible-playbook (ansible-core 2.14, what the roles are written for), by absolute
-# path: a pip-installed Ansible earlier on the PATH is another version.
+# path: a pip-installed Ansible earlier on the PATH is another version. The `platform` fixture
+# provisions through scripts/provision instead (its own pinned ansible-core 2.14), as
+# `terraform apply` does; the scenarios' later site.yml runs use this one.
 ANSIBLE_PLAYBOOK = "/usr/bin/ansible-playbook"
+# What `terraform apply` runs to configure the hosts (terraform/provision.tf).
+PROVISION = Path(__file__).resolve().parents[2] / "scripts" / "provision"
 # What the tier runs on the host; tests/vm/install-tools installs them.
 REQUIRED_TOOLS = (
     "qemu-system-x86_64",
@@ -210,8 +216,8 @@ def play_recap(output: str) -> dict[str, dict[str, int]]:
 
 
 class Platform:
-    """Platform.X as site.yml installed it on the cluster, and the host's `em` configured for
-    it (through control's forwarded ports)."""
+    """Platform.X as scripts/provision installed it on the cluster, and the host's `em`
+    configured for it (through control's forwarded ports)."""
 
     def __init__(
         self,
@@ -222,6 +228,8 @@ class Platform:
         site_vars: dict,
     ):
         self.cluster = cluster
+        # The known_hosts scripts/provision wrote from the consoles, beside its inventory.
+        self.known_hosts = cluster.workdir / "known_hosts"
         self.em_binary = em
         self.em_config_home = em_config_home  # XDG_CONFIG_HOME holding em/config.toml
         self.domain = PLATFORM_DOMAIN
@@ -330,10 +338,46 @@ def _site_env() -> dict[str, str]:
     }
 
 
+def provision(cluster: Cluster, inventory: Path, staging: Path, extra_vars: Path, web_serial: str):
+    """Runs scripts/provision as terraform/provision.tf does, with the VMs' console logs as the
+    host keys' source and the local build as the release; a failure raises with the end of its
+    output."""
+    command = [
+        str(PROVISION),
+        "--inventory", str(inventory),
+        "--bin-dir", str(staging),
+        "--private-key", str(next(iter(cluster)).image.ssh_key),
+        "--extra-vars", str(extra_vars),
+        "--web-serial", web_serial,
+        "--host-keys-timeout", str(PROVISION_HOST_KEYS_TIMEOUT_S),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        command,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=ANSIBLE_TIMEOUT_S,
+        env={
+            **os.environ,
+            "ANSIBLE_TIMEOUT": str(ANSIBLE_CONNECT_TIMEOUT_S),
+            **_strategy_env(),
+            **_site_env(),
+        },
+    )
+    if proc.returncode != 0:
+        lines = (proc.stdout + proc.stderr).splitlines()
+        failures = [line for line in lines if line.startswith(("fatal:", "failed:"))]
+        tail = "\n".join([*failures, *lines[-ANSIBLE_OUTPUT_TAIL_LINES:]])
+        raise AssertionError(f"{shlex.join(command)} exited with {proc.returncode}\n{tail}")
+    return proc
+
+
 @pytest.fixture(scope="session")
 def platform(request: pytest.FixtureRequest, cluster: Cluster) -> Platform:
-    """Runs the real ansible/site.yml on the cluster twice (the second run must change
-    nothing) and configures the host's em for it. The times go to the run's summary."""
+    """Provisions the cluster through scripts/provision, the script `terraform apply` runs,
+    with an inventory in the shape Terraform renders and the host keys from the VMs' console
+    logs, twice (the second run must change nothing), and configures the host's em with the
+    config it wrote. The times go to the run's summary."""
     report = request.config.stash.setdefault(_report, {})
     debug = _built_binaries()
     staging = cluster.workdir / "bin"
@@ -341,14 +385,17 @@ def platform(request: pytest.FixtureRequest, cluster: Cluster) -> Platform:
     site_vars = _site_vars(cluster, staging)
     extra_vars = cluster.workdir / "site-vars.json"
     extra_vars.write_text(json.dumps(site_vars, indent=2) + "\n")
-    env = _site_env()
+    inventory = cluster.workdir / "hosts.yml"
+    write_provision_inventory(inventory, cluster.vms)
     timings = {}
-    for run in ("first", "second"):
+    # The first run installs everything at once (the CI budget); the second goes one web
+    # server at a time, as an upgrade does.
+    for run, web_serial in (("first", "100%"), ("second", "1")):
         started = time.monotonic()
         try:
-            proc = cluster.ansible_playbook(SITE_PLAYBOOK, "-e", f"@{extra_vars}", env=env)
+            proc = provision(cluster, inventory, staging, extra_vars, web_serial)
         finally:
-            timings[f"site.yml {run} run"] = time.monotonic() - started
+            timings[f"scripts/provision {run} run"] = time.monotonic() - started
             report["platform"] = timings
         (cluster.workdir / f"site-{run}.log").write_text(proc.stdout + proc.stderr)
         recap = play_recap(proc.stdout)
@@ -363,6 +410,44 @@ def platform(request: pytest.FixtureRequest, cluster: Cluster) -> Platform:
     shutil.copyfile(cluster.workdir / ".secrets" / "em-config.toml", em_config)
     em_config.chmod(0o600)
     return Platform(cluster, debug / "em", em_config_home, timings, site_vars)
+
+
+def write_provision_inventory(path: Path, vms: dict[str, vm.Vm], groups: dict[str, tuple[str, ...]] = GROUPS) -> None:
+    """The VMs' inventory in the shape terraform/templates/inventory.yml.tftpl renders, with
+    each VM's console log (px_console_log) where Terraform names the EC2 instance
+    (px_instance_id): scripts/provision reads the host keys from either."""
+    control = vms["control"]
+
+    def host(machine: vm.Vm) -> dict:
+        return {
+            "ansible_host": "127.0.0.1",
+            "ansible_port": machine.ssh_port,
+            "ansible_user": "root",
+            "private_ip": machine.ip,
+            "px_console_log": str(machine.console_log),
+        }
+
+    children = {
+        group: {"hosts": {name: ({} if group == "builders" else host(vms[name])) for name in members}}
+        for group, members in groups.items()
+    }
+    inventory = {
+        "all": {
+            "vars": {
+                "platformx_beacon_address": f"{control.ip}:7443",
+                "platformx_repository_url": f"https://{control.ip}:7070",
+                "px_beacon_domain": PLATFORM_DOMAIN,
+                "px_acme_directory_url": "",
+                "px_acme_email": "",
+                "ansible_python_interpreter": "/usr/bin/python3",
+                "ansible_pipelining": True,
+            },
+            "children": children,
+        }
+    }
+    header = "# Inventory of this run's VMs in Terraform's shape, written by tests/vm/conftest.py.\n"
+    path.write_text(header + json.dumps(inventory, indent=2) + "\n")
+    path.chmod(0o600)
 
 
 def write_inventory(

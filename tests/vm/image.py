@@ -21,6 +21,11 @@ The guest side of the harness is baked in here:
 - `px-net.service` applies `px.*` kernel parameters before the network is up: `px.ip=CIDR` on
   eth1 (the private LAN), `px.hostname=NAME` into /etc/hostname, `px.hosts=NAME:IP,...` into
   /etc/hosts. eth0 is qemu's user-mode NIC, which carries SSH and the forwarded ports.
+- `px-host-keys.service` makes the VM's own SSH host key (ed25519) on its first boot, before
+  sshd starts, and at every boot prints it to the serial console as cloud-init prints an EC2
+  host's keys (`-----BEGIN SSH HOST KEY KEYS-----`): scripts/provision reads it from the
+  console log, as it reads an EC2 host's from its console output. The image itself holds no
+  host key, so each VM has its own.
 - `px-ready.service` writes `PX-VM-READY` to the serial console once multi-user.target is
   reached: the harness waits for that line.
 - Boot speed: the initrd is the harness's own (busybox and the virtio drivers, not Debian's
@@ -255,8 +260,39 @@ ExecStart=/bin/sh -c 'echo "{READY_MARKER} $(hostname)" > /dev/ttyS0'
 WantedBy=multi-user.target
 """
 
-SSHD_CONFIG = """\
+# Where cloud-init's block of host keys starts and ends on the console (scripts/provision
+# looks for these lines).
+HOST_KEYS_BEGIN = "-----BEGIN SSH HOST KEY KEYS-----"
+HOST_KEYS_END = "-----END SSH HOST KEY KEYS-----"
+HOST_KEY = "/etc/ssh/ssh_host_ed25519_key"
+# ed25519 only: made in milliseconds, where an RSA key would take seconds under emulation.
+PX_HOST_KEYS_SCRIPT = f"""#!/bin/sh
+# px-host-keys: this VM's own SSH host key, made on its first boot and printed on the serial
+# console as cloud-init prints an EC2 host's (see tests/vm/image.py).
+set -eu
+[ -s {HOST_KEY} ] || ssh-keygen -q -t ed25519 -N '' -C "root@$(hostname)" -f {HOST_KEY}
+{{ echo "{HOST_KEYS_BEGIN}"; cat {HOST_KEY}.pub; echo "{HOST_KEYS_END}"; }} > /dev/ttyS0
+"""
+
+PX_HOST_KEYS_UNIT = """\
+[Unit]
+Description=Platform.X test VM SSH host key, printed on the serial console
+After=local-fs.target px-net.service
+Before=ssh.service px-ready.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/px-host-keys
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+SSHD_CONFIG = f"""\
 # The test harness logs in as root with its own key, and only so.
+# The one host key, each VM's own (px-host-keys.service).
+HostKey {HOST_KEY}
 PermitRootLogin prohibit-password
 PasswordAuthentication no
 KbdInteractiveAuthentication no
@@ -452,6 +488,11 @@ def configure(rootfs: Path, out: Path) -> str:
     _write(rootfs / "usr/local/sbin/px-net", PX_NET_SCRIPT, 0o755)
     _write(rootfs / "etc/systemd/system/px-net.service", PX_NET_UNIT)
     _write(rootfs / "etc/systemd/system/px-ready.service", PX_READY_UNIT)
+    _write(rootfs / "usr/local/sbin/px-host-keys", PX_HOST_KEYS_SCRIPT, 0o755)
+    _write(rootfs / "etc/systemd/system/px-host-keys.service", PX_HOST_KEYS_UNIT)
+    # The keys openssh-server's installation made would be every VM's: each makes its own.
+    for key in glob.glob(str(rootfs / "etc/ssh/ssh_host_*")):
+        os.remove(key)
     _write(rootfs / "etc/fstab", "/dev/vda / ext4 rw,noatime 0 0\n")
     _write(rootfs / "etc/hostname", "px-vm\n")
     # Empty: each VM makes its own machine ID on its first boot. D-Bus's copy would be used
@@ -467,7 +508,7 @@ def configure(rootfs: Path, out: Path) -> str:
         (rootfs / name).unlink(missing_ok=True)
         (rootfs / name).symlink_to("/dev/null")
     chroot = ("chroot", rootfs)
-    _run(*chroot, "systemctl", "enable", "px-net.service", "px-ready.service")
+    _run(*chroot, "systemctl", "enable", "px-net.service", "px-host-keys.service", "px-ready.service")
     _run(*chroot, "systemctl", "mask", *MASKED_UNITS)
     _run(*chroot, "systemctl", "set-default", "multi-user.target")
 

@@ -1,8 +1,10 @@
-"""Smoke test of the VM harness: three systemd machines boot, see each other, and stay apart."""
+"""Smoke test of the VM harness: three systemd machines boot, see each other, and stay apart;
+then scripts/provision, the script `terraform apply` runs, configures them as it would EC2 hosts."""
 
 from __future__ import annotations
 
 import itertools
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -10,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from appcheck import wait_for_nodes
 
 # A throwaway HTTP server in a guest starts listening within this (Python's start-up under
 # emulation is the slow part).
@@ -17,6 +20,8 @@ HTTP_READY_TIMEOUT_S = 60
 HTTP_RETRY_INTERVAL_S = 0.5
 # One ping on the LAN.
 PING_TIMEOUT_S = 5
+# One SSH login to a VM from the host.
+SSH_CHECK_TIMEOUT_S = 60
 
 
 def test_systemd_is_pid_1_and_every_unit_started(cluster):
@@ -91,3 +96,51 @@ def test_a_rebooted_vm_comes_back_with_its_disk(cluster):
 
 def test_ansible_manages_every_vm(cluster):
     cluster.ansible_playbook(Path(__file__).with_name("smoke-playbook.yml"))
+
+
+def _ssh_with_known_hosts(machine, known_hosts: Path) -> subprocess.CompletedProcess:
+    """`ssh` to the VM trusting only `known_hosts`, as scripts/provision's Ansible does."""
+    return subprocess.run(
+        [
+            "ssh", "-i", str(machine.image.ssh_key), "-p", str(machine.ssh_port),
+            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
+            "root@127.0.0.1", "true",
+        ],  # fmt: skip
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=SSH_CHECK_TIMEOUT_S,
+    )
+
+
+def test_provisioning_trusts_each_vm_by_the_host_key_its_console_printed(platform, tmp_path):
+    """scripts/provision (the `platform` fixture, as `terraform apply` runs it) wrote a
+    known_hosts from the consoles: each VM's own key, which SSH accepts, and a known_hosts
+    naming another VM's key for a VM is refused."""
+    cluster = platform.cluster
+    lines = [line for line in platform.known_hosts.read_text().splitlines() if line and not line.startswith("#")]
+    assert oct(platform.known_hosts.stat().st_mode & 0o777) == "0o600"
+    by_pattern = {line.split()[0]: " ".join(line.split()[1:3]) for line in lines}
+    keys = {}
+    for machine in cluster:
+        served = " ".join(machine.ssh("cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[:2])
+        keys[machine.name] = served
+        assert by_pattern.get(f"[127.0.0.1]:{machine.ssh_port}") == served, machine.name
+        proc = _ssh_with_known_hosts(machine, platform.known_hosts)
+        assert proc.returncode == 0, proc.stderr
+    assert len(set(keys.values())) == len(keys), "the VMs share a host key"
+
+    # web-1's entry with web-2's key: SSH (and so Ansible) refuses web-1.
+    web1, web2 = cluster["web-1"], cluster["web-2"]
+    forged = tmp_path / "known_hosts"
+    forged.write_text(f"[127.0.0.1]:{web1.ssh_port} {keys['web-2']}\n")
+    proc = _ssh_with_known_hosts(web1, forged)
+    assert proc.returncode != 0 and "Host key verification failed" in proc.stderr, proc.stderr
+    assert keys[web2.name] != keys[web1.name]
+
+
+def test_provisioning_ends_with_a_cluster_em_reaches(platform):
+    """The em config scripts/provision's run wrote reaches Beacon: `em status` shows both web
+    servers' Maestros linked."""
+    wait_for_nodes(platform)
