@@ -21,15 +21,53 @@
 # secrets from /run/secrets.
 # HEALTHCHECK is part of the Docker image format: with buildah or podman, build with
 # `--format docker` to keep it. images/README.md says how to run them.
+#
+# Reproducible: two builds of one commit give the same image digest when given the same
+# SOURCE_DATE_EPOCH (the commit's time: `git log -1 --format=%ct`) as a build argument and as
+# the image's time (buildah/podman `--timestamp`, BuildKit `rewrite-timestamp=true`;
+# images/README.md). For that, the base images are pinned by digest, every Debian package an
+# image adds is pinned to a version below, and each install removes what would differ between
+# two builds (apt's lists and logs, dpkg's and debconf's `-old` copies, ldconfig's aux-cache).
+# scripts/check-images builds the Maestro image twice (PX_IMAGES_REPRODUCE=all: every image)
+# and requires the same image both times.
 
-ARG RUST_VERSION=1.94
-ARG DEBIAN_IMAGE=debian:bookworm-slim
+# Base images, by digest (a tag moves; a digest names one image). Updating: images/README.md.
+# rust:1.94.0-bookworm, the multi-architecture index (1.94: the workspace's rust-version).
+ARG RUST_IMAGE=docker.io/library/rust@sha256:365468470075493dc4583f47387001854321c5a8583ea9604b297e67f01c5a4f
+# debian:bookworm-20260824-slim (Debian 12, the archive as of 2026-08-24), the
+# multi-architecture index.
+ARG DEBIAN_IMAGE=docker.io/library/debian@sha256:88200866dfff7ea7f5cbcb6ec7c8a701889efe6fe859fe64d6990e4b07ea4171
 ARG BINARIES=build
+
+# Debian packages, `name=version`: each image's list names the packages it wants first, then
+# every dependency they pull in that the base image lacks, so nothing an image adds floats
+# with the mirror (scripts/check-images checks that each list is exactly what its image adds,
+# and that a package has one version in all lists). Bookworm's versions (with its -updates and
+# -security suites) on 2026-12-07; images/README.md says how to update them.
+ARG INIT_PACKAGES="openssl=3.0.22-1~deb12u2 libssl3=3.0.22-1~deb12u2"
+ARG APPREPO_PACKAGES="ca-certificates=20250419~deb12u2 openssl=3.0.22-1~deb12u2 \
+libssl3=3.0.22-1~deb12u2"
+ARG BEACON_PACKAGES="openssl=3.0.22-1~deb12u2 libssl3=3.0.22-1~deb12u2"
+ARG MAESTRO_PACKAGES="bubblewrap=0.8.0-2+deb12u1 ca-certificates=20250419~deb12u2 \
+python3=3.11.2-1+b1 python3-pip-whl=23.0.1+dfsg-1 tini=0.19.0-1+b3 \
+libexpat1=2.5.0-1+deb12u5 libgssapi-krb5-2=1.20.1-2+deb12u5 libk5crypto3=1.20.1-2+deb12u5 \
+libkeyutils1=1.6.3-2 libkrb5-3=1.20.1-2+deb12u5 libkrb5support0=1.20.1-2+deb12u5 \
+libncursesw6=6.4-4 libnsl2=1.3.0-2 libpython3-stdlib=3.11.2-1+b1 \
+libpython3.11-minimal=3.11.2-6+deb12u9 libpython3.11-stdlib=3.11.2-6+deb12u9 \
+libreadline8=8.2-1.3 libsqlite3-0=3.40.1-2+deb12u2 libssl3=3.0.22-1~deb12u2 \
+libtirpc-common=1.3.3+ds-1 libtirpc3=1.3.3+ds-1 media-types=10.0.0 openssl=3.0.22-1~deb12u2 \
+python3-minimal=3.11.2-1+b1 python3.11=3.11.2-6+deb12u9 python3.11-minimal=3.11.2-6+deb12u9 \
+readline-common=8.2-1.3"
+# A snapshot.debian.org time stamp (`20261207T000000Z`): apt then installs from the archive as
+# it was at that time, so an old commit still builds after the mirror has dropped its versions
+# (each install below points the base image's debian.sources there). Empty: the base image's
+# own sources (the live mirror).
+ARG DEBIAN_SNAPSHOT=
 
 # --- Binaries, compiled here ----------------------------------------------------------------
 # The workspace's rust-version (Cargo.toml), on the Debian release the runtime images use, so
 # the binaries link against the same glibc.
-FROM rust:${RUST_VERSION}-bookworm AS build
+FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 # Dependencies first: the manifests with empty sources build every dependency into a layer that
 # only a Cargo.toml or Cargo.lock change invalidates.
@@ -85,10 +123,19 @@ FROM ${BINARIES} AS binaries
 # apprepo's keys and certificates, the tokens and the tokens files in /run/secrets, each owned
 # by the uid of the service that reads it; keeps whatever already exists.
 FROM ${DEBIAN_IMAGE} AS init
+ARG INIT_PACKAGES
+ARG DEBIAN_SNAPSHOT
+ARG SOURCE_DATE_EPOCH
 RUN set -eux; \
+    if [ -n "$DEBIAN_SNAPSHOT" ]; then \
+      sed -i "s|^URIs: .*/\(debian\(-security\)\?\)$|URIs: http://snapshot.debian.org/archive/\1/$DEBIAN_SNAPSHOT|" \
+        /etc/apt/sources.list.d/debian.sources; \
+      echo 'Acquire::Check-Valid-Until "false";' >/etc/apt/apt.conf.d/snapshot; \
+    fi; \
     apt-get update; \
-    apt-get install -y --no-install-recommends openssl; \
-    rm -rf /var/lib/apt/lists/*
+    apt-get install -y --no-install-recommends $INIT_PACKAGES; \
+    rm -rf /var/lib/apt/lists/* /var/log/apt/* /var/log/dpkg.log /var/log/alternatives.log \
+      /var/cache/debconf/*-old /var/lib/dpkg/*-old /var/cache/ldconfig/aux-cache
 COPY images/init-secrets /usr/local/bin/px-init-secrets
 ENTRYPOINT ["/usr/local/bin/px-init-secrets"]
 CMD ["/run/secrets"]
@@ -104,14 +151,23 @@ LABEL org.opencontainers.image.title="Platform.X compose init" \
 
 # --- apprepo ----------------------------------------------------------------------------------
 FROM ${DEBIAN_IMAGE} AS apprepo
+ARG APPREPO_PACKAGES
+ARG DEBIAN_SNAPSHOT
+ARG SOURCE_DATE_EPOCH
 # ca-certificates: with the S3 backend, apprepo verifies the S3 endpoint against the system
 # roots. openssl: the HEALTHCHECK's TLS client (ca-certificates depends on it already; named so
 # the check does not rest on that). The data directory belongs to the service user (mode 0700,
 # as StateDirectory= makes it).
 RUN set -eux; \
+    if [ -n "$DEBIAN_SNAPSHOT" ]; then \
+      sed -i "s|^URIs: .*/\(debian\(-security\)\?\)$|URIs: http://snapshot.debian.org/archive/\1/$DEBIAN_SNAPSHOT|" \
+        /etc/apt/sources.list.d/debian.sources; \
+      echo 'Acquire::Check-Valid-Until "false";' >/etc/apt/apt.conf.d/snapshot; \
+    fi; \
     apt-get update; \
-    apt-get install -y --no-install-recommends ca-certificates openssl; \
-    rm -rf /var/lib/apt/lists/*; \
+    apt-get install -y --no-install-recommends $APPREPO_PACKAGES; \
+    rm -rf /var/lib/apt/lists/* /var/log/apt/* /var/log/dpkg.log /var/log/alternatives.log \
+      /var/cache/debconf/*-old /var/lib/dpkg/*-old /var/cache/ldconfig/aux-cache; \
     groupadd --gid 10001 px-apprepo; \
     useradd --no-log-init --uid 10001 --gid px-apprepo --home-dir /var/lib/platformx/apprepo \
       --no-create-home --shell /usr/sbin/nologin px-apprepo; \
@@ -144,13 +200,22 @@ LABEL org.opencontainers.image.title="Platform.X apprepo" \
 
 # --- Beacon -----------------------------------------------------------------------------------
 FROM ${DEBIAN_IMAGE} AS beacon
+ARG BEACON_PACKAGES
+ARG DEBIAN_SNAPSHOT
+ARG SOURCE_DATE_EPOCH
 # Beacon itself needs no package: webhooks verify against roots built into the binary, control
 # links and apprepo's API against the cluster CA. openssl is the HEALTHCHECK's TLS client, as
 # the API serves HTTPS (images/healthcheck says why it is the simplest one).
 RUN set -eux; \
+    if [ -n "$DEBIAN_SNAPSHOT" ]; then \
+      sed -i "s|^URIs: .*/\(debian\(-security\)\?\)$|URIs: http://snapshot.debian.org/archive/\1/$DEBIAN_SNAPSHOT|" \
+        /etc/apt/sources.list.d/debian.sources; \
+      echo 'Acquire::Check-Valid-Until "false";' >/etc/apt/apt.conf.d/snapshot; \
+    fi; \
     apt-get update; \
-    apt-get install -y --no-install-recommends openssl; \
-    rm -rf /var/lib/apt/lists/*; \
+    apt-get install -y --no-install-recommends $BEACON_PACKAGES; \
+    rm -rf /var/lib/apt/lists/* /var/log/apt/* /var/log/dpkg.log /var/log/alternatives.log \
+      /var/cache/debconf/*-old /var/lib/dpkg/*-old /var/cache/ldconfig/aux-cache; \
     groupadd --gid 10002 px-beacon; \
     useradd --no-log-init --uid 10002 --gid px-beacon --home-dir /var/lib/platformx/beacon \
       --no-create-home --shell /usr/sbin/nologin px-beacon; \
@@ -179,6 +244,9 @@ LABEL org.opencontainers.image.title="Platform.X Beacon" \
 
 # --- Maestro ----------------------------------------------------------------------------------
 FROM ${DEBIAN_IMAGE} AS maestro
+ARG MAESTRO_PACKAGES
+ARG DEBIAN_SNAPSHOT
+ARG SOURCE_DATE_EPOCH
 # What apps get: /bin/sh (an app's `run` is `sh -c "<run>"`, and dash is in every Debian
 # image), python3 with its standard library (the python examples and `em init --template
 # python` need nothing else) and the system CA roots for apps that call out over HTTPS. Other
@@ -196,10 +264,15 @@ FROM ${DEBIAN_IMAGE} AS maestro
 # of it (python3-pip-whl, 1.7 MB), named by a .pth file in a directory of the runtime that
 # builds never copy, so no release carries it.
 RUN set -eux; \
+    if [ -n "$DEBIAN_SNAPSHOT" ]; then \
+      sed -i "s|^URIs: .*/\(debian\(-security\)\?\)$|URIs: http://snapshot.debian.org/archive/\1/$DEBIAN_SNAPSHOT|" \
+        /etc/apt/sources.list.d/debian.sources; \
+      echo 'Acquire::Check-Valid-Until "false";' >/etc/apt/apt.conf.d/snapshot; \
+    fi; \
     apt-get update; \
-    apt-get install -y --no-install-recommends bubblewrap ca-certificates python3 \
-      python3-pip-whl tini; \
-    rm -rf /var/lib/apt/lists/*; \
+    apt-get install -y --no-install-recommends $MAESTRO_PACKAGES; \
+    rm -rf /var/lib/apt/lists/* /var/log/apt/* /var/log/dpkg.log /var/log/alternatives.log \
+      /var/cache/debconf/*-old /var/lib/dpkg/*-old /var/cache/ldconfig/aux-cache; \
     groupadd --gid 10003 px-maestro; \
     useradd --no-log-init --uid 10003 --gid px-maestro --home-dir /var/lib/platformx/maestro \
       --no-create-home --shell /usr/sbin/nologin px-maestro; \
