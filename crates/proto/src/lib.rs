@@ -5,6 +5,7 @@
 pub mod acme;
 pub mod api;
 pub mod beacon;
+pub mod beacon_state;
 pub mod build;
 pub mod codec;
 pub mod detect;

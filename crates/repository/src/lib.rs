@@ -5,6 +5,7 @@
 
 pub(crate) mod acme;
 pub mod auth;
+pub(crate) mod beacon_state;
 pub(crate) mod builds;
 pub(crate) mod claims;
 pub mod cli;

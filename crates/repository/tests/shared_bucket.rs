@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::domain_suite::bundle_with_domains;
 use common::{Repo, no_periodic_retention, sample_bundle, sha256_hex, use_s3_endpoint};
-use common::{acme_suite, build_suite, lease_suite};
+use common::{acme_suite, build_suite, lease_suite, state_suite};
 use futures_util::future::join_all;
 use px_proto::api::Release;
 use px_repository::internals::{Policy, sweep};
@@ -295,6 +295,24 @@ async fn a_lease_claimed_through_two_apprepos_has_one_holder_and_passes_on_after
     lease_suite::racing_claimants_get_one_lease(&a, &b, &beacon).await;
     lease_suite::one_holder_at_a_time_and_the_next_after_expiry(&a, &b, &beacon).await;
     lease_suite::a_released_lease_goes_to_the_next_claimant_at_once(&a, &b, &beacon).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn beacon_state_through_two_apprepos_is_fenced_by_the_lease_and_bounded() {
+    let Some(s3) = SeaweedServer::start(BUCKET) else {
+        return;
+    };
+    let (a, b, beacon) = two_repos_for_beacons(&s3).await;
+    state_suite::only_the_lease_holder_at_its_epoch_writes(&a, &b, &beacon).await;
+    a.stop().await;
+    b.stop().await;
+    let Some(s3) = SeaweedServer::start(BUCKET) else {
+        return;
+    };
+    let (a, b, beacon) = two_repos_for_beacons(&s3).await;
+    state_suite::documents_are_bounded_and_old_chunks_pruned(&a, &beacon).await;
     a.stop().await;
     b.stop().await;
 }

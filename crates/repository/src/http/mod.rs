@@ -1,8 +1,10 @@
 //! The `/v1` HTTP API (docs/src/reference/apprepo.md), `/healthz` and `/metrics`, and the
 //! server that serves them ([`serve`]). Apps, releases, config and bundles are here; builds in
-//! `builds.rs`, layers in `layers.rs`, added domains in `domains.rs`, leases in `leases.rs`.
+//! `builds.rs`, layers in `layers.rs`, added domains in `domains.rs`, leases in `leases.rs`, Beacon's state documents in
+//! `beacon_state.rs`.
 
 mod acme;
+mod beacon_state;
 mod builds;
 mod domains;
 mod layers;
@@ -156,6 +158,15 @@ pub fn router(state: AppState) -> Router {
                 .delete(leases::delete)
                 .layer(DefaultBodyLimit::max(
                     px_proto::lease::MAX_LEASE_REQUEST_BYTES,
+                )),
+        )
+        .route("/v1/beacon-state", get(beacon_state::list))
+        .route(
+            "/v1/beacon-state/{name}",
+            get(beacon_state::get)
+                .put(beacon_state::put)
+                .layer(DefaultBodyLimit::max(
+                    px_proto::beacon_state::MAX_STATE_DOCUMENT_BYTES,
                 )),
         )
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))

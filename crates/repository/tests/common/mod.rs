@@ -346,6 +346,7 @@ pub mod domain_suite;
 pub mod lease_suite;
 pub mod phase_suite;
 pub mod scope_suite;
+pub mod state_suite;
 pub mod suite;
 
 /// The sample app as a Python app to build: it has a `requirements.txt`.
