@@ -41,6 +41,15 @@ pub(crate) struct Parts {
     pub epoch: Instant,
 }
 
+/// What this Beacon is active under: without a lease, floor 0 and nothing shared.
+#[derive(Default)]
+pub(crate) struct Under {
+    /// The lease epoch's generation floor (`lease::generation_floor`).
+    pub generation_floor: u64,
+    /// Where the hub hands each rollout history it writes, for the shared storage.
+    pub shared_histories: Option<Arc<crate::shared_state::PendingHistories>>,
+}
+
 /// Starts the active machinery: a hub numbering generations (and the event log its events)
 /// above `generation_floor`, the reconciler, ACME (with `acme`), the sweeper and the link server
 /// on `control`; returns the hub and the API's router.
@@ -49,10 +58,14 @@ pub(crate) fn start(
     checked: &Checked,
     parts: &Parts,
     control: TcpListener,
-    generation_floor: u64,
+    under: Under,
     https: bool,
     acme: Option<acme::AcmeSettings>,
 ) -> Result<(Arc<hub::Hub>, axum::Router), StartError> {
+    let Under {
+        generation_floor,
+        shared_histories,
+    } = under;
     let Parts {
         tracker,
         critical,
@@ -69,6 +82,7 @@ pub(crate) fn start(
             node_lost_after: config.node_lost_after,
             data_dir: config.data_dir.clone(),
             generation_floor,
+            shared_histories,
         },
         parts.events.clone(),
         parts.alerter.clone(),

@@ -26,6 +26,7 @@ pub(crate) mod open_links;
 pub(crate) mod placement;
 pub(crate) mod reconcile;
 pub(crate) mod runs;
+pub(crate) mod shared_state;
 pub(crate) mod status;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -367,8 +368,15 @@ pub async fn run_with(
     } else {
         standing.activate_alone(&metrics);
         let acme = checked.acme.take();
-        let (hub, router) =
-            active::start(&config, &checked, &parts, listeners.control, 0, https, acme)?;
+        let (hub, router) = active::start(
+            &config,
+            &checked,
+            &parts,
+            listeners.control,
+            active::Under::default(),
+            https,
+            acme,
+        )?;
         let _ = api.set(router);
         let _ = active_hub.set(hub);
     }
@@ -424,8 +432,36 @@ pub async fn run_with(
     if config.lease.enabled
         && let Some((control, floor, keeper)) = await_lease(&config, &parts, &standing).await?
     {
+        // What the previous active Beacon kept, read before this one acts on anything.
+        let shared = shared_state::SharedState::new(
+            parts.client.clone(),
+            keeper.holder().into(),
+            standing.epoch(),
+        );
+        shared
+            .load(&config.data_dir, &parts.events, &parts.alerter)
+            .await;
+        let histories = Arc::new(shared_state::PendingHistories::default());
         let acme = checked.acme.take();
-        let (hub, router) = active::start(&config, &checked, &parts, control, floor, https, acme)?;
+        let (hub, router) = active::start(
+            &config,
+            &checked,
+            &parts,
+            control,
+            active::Under {
+                generation_floor: floor,
+                shared_histories: Some(histories.clone()),
+            },
+            https,
+            acme,
+        )?;
+        tracker.spawn(shared.run(
+            floor,
+            parts.events.clone(),
+            parts.alerter.clone(),
+            histories,
+            shutdown.clone(),
+        ));
         let _ = api.set(router);
         let _ = active_hub.set(hub);
         held_lease = Some(keeper);

@@ -382,27 +382,33 @@ impl Hub {
                     Self::remember(state, &release.app, old);
                 }
                 let mut rollout = Rollout::new(release.version, previous);
-                // After a restart, a rollout already judged keeps its verdict.
-                if let Some(known) = state
+                // After a restart or a takeover (the history then comes from the shared
+                // storage), a rollout already finished or judged keeps its state and verdict.
+                let known = state
                     .history
                     .get(&release.app)
-                    .and_then(|h| h.iter().find(|r| r.release == release.version))
-                {
+                    .and_then(|h| h.iter().find(|r| r.release == release.version));
+                if let Some(known) = known {
                     rollout.previous = known.previous.or(previous);
                     rollout.figures = known.figures;
                     rollout.verified = known.verified;
                     rollout.outcome = known.outcome.clone();
-                    if known.state == RolloutState::RolledBack {
-                        rollout.state = RolloutState::RolledBack;
+                    rollout.seconds = known.rollout_seconds;
+                    if matches!(
+                        known.state,
+                        RolloutState::RolledBack | RolloutState::RolledOut | RolloutState::Failed
+                    ) {
+                        rollout.state = known.state;
                     }
                 }
+                let was_known = known.is_some();
                 state.rollouts.insert(release.app.clone(), rollout);
-                if !(first_read
-                    && state
-                        .persisted
-                        .desired
-                        .contains(&format!("{}@{}", release.app, release.version)))
-                {
+                let started_before = state
+                    .persisted
+                    .desired
+                    .contains(&format!("{}@{}", release.app, release.version))
+                    || was_known;
+                if !(first_read && started_before) {
                     effects.push(effect(
                         EventKind::DeployStarted,
                         None,

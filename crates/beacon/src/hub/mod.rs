@@ -30,6 +30,8 @@ mod release_phases;
 mod repositories;
 mod rollouts;
 mod runs;
+
+pub(crate) use persist::ROLLOUTS_DIR;
 mod scope;
 mod views;
 
@@ -74,6 +76,8 @@ pub struct HubSettings {
     /// The generation this Beacon numbers above, whatever it persisted: `epoch << 32` for a
     /// Beacon that became active under the lease's `epoch` (`lease.rs`), 0 without a lease.
     pub generation_floor: u64,
+    /// With a lease: where rollout histories go for the shared storage (`shared_state.rs`).
+    pub shared_histories: Option<Arc<crate::shared_state::PendingHistories>>,
 }
 
 struct NodeEntry {
@@ -279,7 +283,8 @@ impl Hub {
         alerts: Alerter,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
-        let (store, mut persisted, history) = persist::Store::open(&settings.data_dir)?;
+        let (store, mut persisted, history) =
+            persist::Store::open(&settings.data_dir, settings.shared_histories.clone())?;
         let on_disk = persisted.generation;
         let placement_hints = builds::placements_in(&persisted.desired);
         let processes = processes::placed_in(&persisted.desired);

@@ -35,10 +35,12 @@ use std::sync::{Arc, Mutex};
 use px_proto::beacon::RolloutRecord;
 use serde::{Deserialize, Serialize};
 
+use crate::shared_state::PendingHistories;
+
 /// File, in the data directory, that keeps the generation across restarts.
 const GENERATION_FILE: &str = "generation.json";
 /// Directory, in the data directory, of each app's rollout history (`<app>.json`).
-const ROLLOUTS_DIR: &str = "rollouts";
+pub const ROLLOUTS_DIR: &str = "rollouts";
 /// Rollouts remembered per app for `em releases`.
 pub const MAX_ROLLOUT_HISTORY: usize = 20;
 
@@ -65,6 +67,8 @@ pub(super) struct Store {
     /// The number of the last history snapshot written, per app. Held while writing, so the
     /// check and the write are one step.
     histories_written: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// With a lease: where each newer history also goes, for the shared storage's writer.
+    shared: Option<Arc<PendingHistories>>,
 }
 
 impl Store {
@@ -73,6 +77,7 @@ impl Store {
     /// parse is logged and read as 0 too, since refusing to start would not bring it back.
     pub fn open(
         data_dir: &Path,
+        shared: Option<Arc<PendingHistories>>,
     ) -> io::Result<(Self, Persisted, BTreeMap<String, VecDeque<RolloutRecord>>)> {
         let path = data_dir.join(GENERATION_FILE);
         let persisted = match std::fs::read(&path) {
@@ -98,6 +103,7 @@ impl Store {
         let store = Self {
             data_dir: data_dir.to_path_buf(),
             histories_written: Arc::default(),
+            shared,
         };
         Ok((store, persisted, history))
     }
@@ -116,6 +122,7 @@ impl Store {
             .join(ROLLOUTS_DIR)
             .join(format!("{}.json", snapshot.app));
         let written = self.histories_written.clone();
+        let shared = self.shared.clone();
         let target = path.clone();
         let result = tokio::task::spawn_blocking(move || {
             let mut written = written.lock().unwrap_or_else(|p| p.into_inner());
@@ -124,6 +131,12 @@ impl Store {
                 .is_some_and(|last| *last >= snapshot.seq)
             {
                 return Ok(());
+            }
+            if let Some(shared) = shared {
+                shared
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(snapshot.app.clone(), snapshot.records.clone());
             }
             let bytes = serde_json::to_vec(&snapshot.records).map_err(io::Error::other)?;
             px_runtime::fs::write_atomic(&target, &bytes)?;

@@ -109,6 +109,9 @@ impl Hub {
                     Some(version),
                     judge::rolled_out_message(app, version, eligible.len(), seconds),
                 ));
+                // Kept now, not only once judged: a Beacon that takes over (or restarts)
+                // within the watch knows the release rolled out, and does not say so again.
+                Self::remember(state, app, version);
             }
             Step::RollingOut => rollout.state = RolloutState::RollingOut,
             Step::Settled => {}

@@ -36,6 +36,7 @@ fn open_above(dir: &Path, generation_floor: u64) -> Hub {
             node_lost_after: Duration::from_secs(60),
             data_dir: dir.to_path_buf(),
             generation_floor,
+            shared_histories: None,
         },
         events,
         alerts,
@@ -266,7 +267,7 @@ fn record(release: u64) -> RolloutRecord {
 #[tokio::test]
 async fn an_older_history_snapshot_never_replaces_a_newer_one() {
     let dir = tempfile::tempdir().unwrap();
-    let (store, _, _) = Store::open(dir.path()).unwrap();
+    let (store, _, _) = Store::open(dir.path(), None).unwrap();
     let snapshot = |seq: u64, releases: &[u64]| HistorySnapshot {
         app: "hello".into(),
         seq,
@@ -275,11 +276,11 @@ async fn an_older_history_snapshot_never_replaces_a_newer_one() {
     store.write_history(snapshot(2, &[2, 1])).await;
     // Taken before the one above, handed to the writer after it.
     store.write_history(snapshot(1, &[1])).await;
-    let (_, _, history) = Store::open(dir.path()).unwrap();
+    let (_, _, history) = Store::open(dir.path(), None).unwrap();
     let releases: Vec<u64> = history["hello"].iter().map(|r| r.release).collect();
     assert_eq!(releases, [2, 1]);
     store.write_history(snapshot(3, &[3, 2, 1])).await;
-    let (_, _, history) = Store::open(dir.path()).unwrap();
+    let (_, _, history) = Store::open(dir.path(), None).unwrap();
     assert_eq!(history["hello"].len(), 3);
 }
 

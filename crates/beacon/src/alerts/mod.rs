@@ -23,6 +23,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::alert_budget::{AppBudget, Verdict, with_suppressed};
 
+mod shared;
+
 /// Alerts waiting per webhook. `raise` never blocks; when a webhook's queue is full the alert
 /// is dropped for it and counted. Dedup keeps real traffic far below this; 256 covers a whole
 /// cluster failing at once while a receiver is briefly slow.
@@ -136,6 +138,8 @@ struct Inner {
     /// Each app's token bucket, so an app cannot alert without bound by varying its message.
     budget: Mutex<AppBudget>,
     counters: Arc<Counters>,
+    /// Goes up each time `last_raised` changes, so the shared state is written only then.
+    dedup_changes: AtomicU64,
 }
 
 /// Starts delivery tasks; `client` is `None` when it could not be built (alerts are then
@@ -252,6 +256,7 @@ impl Alerter {
                 last_raised: Mutex::new(HashMap::new()),
                 budget: Mutex::new(AppBudget::default()),
                 counters,
+                dedup_changes: AtomicU64::new(0),
             }),
         }
     }
@@ -323,6 +328,7 @@ impl Alerter {
         }
         if accepted {
             remember(&mut last_raised, &alert.key, now, inner.dedup_window);
+            inner.dedup_changes.fetch_add(1, Ordering::Release);
         }
     }
 
