@@ -23,6 +23,15 @@ fn open(dir: &Path) -> Hub {
 /// A hub on `dir` that numbers generations above `generation_floor`, as an active Beacon
 /// under a lease makes one.
 fn open_above(dir: &Path, generation_floor: u64) -> Hub {
+    open_sharing(dir, generation_floor, None)
+}
+
+/// [`open_above`], handing rollout histories to `shared` as under a lease.
+fn open_sharing(
+    dir: &Path,
+    generation_floor: u64,
+    shared: Option<Arc<crate::shared_state::PendingHistories>>,
+) -> Hub {
     let events = Arc::new(EventLog::open(dir).unwrap());
     let alerts = Alerter::start(
         AlertSettings::default(),
@@ -36,7 +45,7 @@ fn open_above(dir: &Path, generation_floor: u64) -> Hub {
             node_lost_after: Duration::from_secs(60),
             data_dir: dir.to_path_buf(),
             generation_floor,
-            shared_histories: None,
+            shared_histories: shared,
         },
         events,
         alerts,
@@ -631,4 +640,59 @@ async fn nodes_with_the_same_assignment_share_one_copy_and_one_encoded_frame() {
     );
     let body: px_proto::link::FromBeacon = serde_json::from_slice(&frame[4..]).unwrap();
     assert_eq!(body, FromBeacon::Assign(sent[0].assignment.clone()));
+}
+
+#[tokio::test]
+async fn a_hub_taking_over_a_finished_rollout_records_it_neither_started_nor_finished_again() {
+    let first_dir = tempfile::tempdir().unwrap();
+    let shared = Arc::new(crate::shared_state::PendingHistories::default());
+    let first = open_sharing(
+        first_dir.path(),
+        crate::lease::generation_floor(1),
+        Some(shared.clone()),
+    );
+    let web1 = first.attach(&hello("web-1", 0)).await;
+    let v1 = release("hello", 1, "");
+    first.set_desired(desired(std::slice::from_ref(&v1))).await;
+    let mut report = running("hello", 1, InstanceState::Healthy);
+    report.generation = first.generation();
+    first.seen("web-1", web1.conn, Some(report.clone())).await;
+    let kinds = |hub: &Hub| -> Vec<EventKind> {
+        hub.events()
+            .page(None, 100, Some("hello"))
+            .iter()
+            .map(|e| e.kind)
+            .collect()
+    };
+    assert_eq!(
+        kinds(&first),
+        [EventKind::DeployStarted, EventKind::DeployFinished]
+    );
+    // Rolled out, still in its watch: kept for the shared storage already.
+    let history = shared.lock().unwrap().get("hello").cloned().unwrap();
+    assert_eq!(history[0].state, RolloutState::RolledOut);
+
+    // Another Beacon takes over: the history is written into its data directory, as
+    // `SharedState::load` does, before its hub starts.
+    let second_dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(second_dir.path().join(ROLLOUTS_DIR)).unwrap();
+    std::fs::write(
+        second_dir.path().join(ROLLOUTS_DIR).join("hello.json"),
+        serde_json::to_vec(&history).unwrap(),
+    )
+    .unwrap();
+    let second = open_above(second_dir.path(), crate::lease::generation_floor(2));
+    let web1 = second.attach(&hello("web-1", report.generation)).await;
+    second.set_desired(desired(&[v1])).await;
+    report.generation = second.generation();
+    second.seen("web-1", web1.conn, Some(report)).await;
+    assert_eq!(
+        kinds(&second),
+        Vec::<EventKind>::new(),
+        "nothing recorded again"
+    );
+    assert_eq!(
+        second.rollouts("hello").unwrap()[0].state,
+        RolloutState::RolledOut
+    );
 }
