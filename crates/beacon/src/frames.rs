@@ -10,7 +10,7 @@
 //! its encoding. The wire format is [`FrameCodec`]'s, whose decoder this reuses. The ACME sets
 //! ([`Shared`]) are likewise encoded once for every link.
 
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use px_proto::codec::{FrameCodec, FrameError, MAX_FRAME_BYTES};
@@ -135,6 +135,15 @@ pub fn encode<T: Serialize>(frame: &T, max: usize) -> Result<Bytes, FrameError> 
     let prefix = u32::try_from(len).map_err(|_| FrameError::TooLarge { len, max })?;
     out[..LENGTH_BYTES].copy_from_slice(&prefix.to_be_bytes());
     Ok(out.freeze())
+}
+
+static HEARTBEAT: LazyLock<Result<Bytes, String>> =
+    LazyLock::new(|| encode(&FromBeacon::Heartbeat, MAX_FRAME_BYTES).map_err(|e| e.to_string()));
+
+/// Beacon's heartbeat frame, the same bytes on every link: encoded once, not 2,000 times a
+/// second at 10 000 links.
+pub fn heartbeat_frame() -> Result<&'static Bytes, String> {
+    HEARTBEAT.as_ref().map_err(Clone::clone)
 }
 
 /// An assignment as the hub publishes it: shared by every node whose assignment is the same,
@@ -296,6 +305,14 @@ mod tests {
         drop(a);
         let err = beacon.next().await.unwrap().unwrap_err();
         assert!(err.to_string().contains("inside a frame"), "{err}");
+    }
+
+    #[test]
+    fn the_heartbeat_frame_is_the_codecs_heartbeat() {
+        let mut codec = FrameCodec::<ToBeacon, FromBeacon>::new();
+        let mut expected = BytesMut::new();
+        codec.encode(FromBeacon::Heartbeat, &mut expected).unwrap();
+        assert_eq!(*heartbeat_frame().unwrap(), expected.freeze());
     }
 
     #[test]

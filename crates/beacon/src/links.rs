@@ -18,8 +18,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::admission::{Admission, PREAUTH_DEADLINE, Unverified};
 use crate::auth::{Role, Tokens};
-use crate::frames::{FrameLink, Outgoing, Shared};
+use crate::frames::{FrameLink, Outgoing, Shared, heartbeat_frame};
 use crate::hub::Hub;
+use crate::link_tls::ServerTls;
 use crate::metrics::Metrics;
 use crate::open_links::OpenLinks;
 
@@ -33,20 +34,15 @@ pub const RECONCILE_TRIGGERS: usize = 64;
 /// more than any node builds, and bounds what one report makes Beacon hold.
 pub const MAX_REPORTED_BUILDS: usize = MAX_REPORTED_INSTANCES;
 
-type Link = FrameLink<tokio_rustls::server::TlsStream<TcpStream>, ToBeacon, FromBeacon>;
-
-/// Beacon's heartbeat as it goes on the wire, encoded once for every link and every beat: at
-/// 10,000 links and one beat every [`BEACON_HEARTBEAT_INTERVAL`], each beat costs one write of
-/// a few bytes and nothing else.
-static HEARTBEAT_FRAME: std::sync::LazyLock<Result<bytes::Bytes, String>> =
-    std::sync::LazyLock::new(|| {
-        crate::frames::encode(&FromBeacon::Heartbeat, MAX_FRAME_BYTES).map_err(|e| e.to_string())
-    });
+/// rustls's unbuffered connection under the frames: an idle link holds no TLS buffer
+/// (`crate::link_tls`).
+type Link = FrameLink<ServerTls<TcpStream>, ToBeacon, FromBeacon>;
 
 /// Sends `link` Beacon's heartbeat.
 async fn send_heartbeat(link: &mut Link) -> Result<(), String> {
-    let frame = HEARTBEAT_FRAME.as_ref().map_err(Clone::clone)?;
-    link.send_encoded(frame).await.map_err(|e| e.to_string())
+    // Encoded once for every link and every beat (`frames::heartbeat_frame`): at 10,000 links
+    // and one beat every `BEACON_HEARTBEAT_INTERVAL`, each beat is one write of a few bytes.
+    link.send_encoded(heartbeat_frame()?).await.map_err(|e| e.to_string())
 }
 
 /// The ticks of Beacon's heartbeats on one link: the first at once, delayed rather than bunched
@@ -179,9 +175,7 @@ impl LinkServer {
         &self,
         tcp: TcpStream,
     ) -> Result<(Link, Hello, Arc<TokenEntry<Role>>), String> {
-        let tls = self
-            .tls
-            .accept(tcp)
+        let tls = ServerTls::accept(tcp, self.tls.config().clone())
             .await
             .map_err(|e| format!("tls: {e}"))?;
         let mut link = FrameLink::new(tls, MAX_HELLO_BYTES);
