@@ -33,6 +33,26 @@ pub struct Attached {
     pub closed: CancellationToken,
 }
 
+/// The apps of the instances in a node's `report` or its `previous` one whose instances or
+/// rollout figures differ between the two.
+fn changed_apps<'a>(report: &'a NodeReport, previous: &'a NodeReport) -> BTreeSet<String> {
+    let differs = |app: &str| {
+        let instances = |r: &'a NodeReport| r.instances.iter().filter(move |i| i.app == app);
+        let figures = |r: &'a NodeReport| r.rollouts.iter().filter(move |f| f.app == app);
+        !instances(report).eq(instances(previous)) || !figures(report).eq(figures(previous))
+    };
+    report
+        .instances
+        .iter()
+        .chain(previous.instances.iter())
+        .map(|i| i.app.as_str())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter(|app| differs(app))
+        .map(str::to_string)
+        .collect()
+}
+
 impl Hub {
     /// Registers a Maestro that completed its handshake, replacing an older link of the same
     /// name. Its assignment is queued unless its report shows it already applied it. A node
@@ -212,30 +232,15 @@ impl Hub {
         }
         if let Some(report) = report {
             // Only apps whose instances on this node changed need their rollout looked at;
-            // most heartbeats change nothing.
-            let apps: BTreeSet<String> = report
-                .instances
-                .iter()
-                .map(|i| i.app.clone())
-                .chain(entry.report.instances.iter().map(|i| i.app.clone()))
-                .filter(|app| {
-                    let of = |r: &NodeReport| {
-                        r.instances
-                            .iter()
-                            .filter(|i| &i.app == app)
-                            .cloned()
-                            .collect::<Vec<_>>()
-                    };
-                    let figures = |r: &NodeReport| {
-                        r.rollouts
-                            .iter()
-                            .filter(|f| &f.app == app)
-                            .cloned()
-                            .collect::<Vec<_>>()
-                    };
-                    of(&report) != of(&entry.report) || figures(&report) != figures(&entry.report)
-                })
-                .collect();
+            // most heartbeats change nothing, and those are told by one comparison, with
+            // nothing copied.
+            let apps: BTreeSet<String> = if report.instances == entry.report.instances
+                && report.rollouts == entry.report.rollouts
+            {
+                BTreeSet::new()
+            } else {
+                changed_apps(&report, &entry.report)
+            };
             // A node whose report may complete a rollout has it evaluated now: the last
             // node's switch ends `em deploy` without waiting for the sweep. Checking that is
             // cheap (this node against the last evaluation's counts); the full evaluation, one
@@ -348,14 +353,16 @@ impl Hub {
         let mut state = self.lock();
         let deadline = self.settings.node_lost_after;
         let mut lost = Vec::new();
+        // One clock read for the pass, not one per node.
+        let now = Instant::now();
         for (name, node) in state.nodes.iter_mut() {
-            if !node.lost && node.last_seen.elapsed() > deadline {
+            if !node.lost && now.saturating_duration_since(node.last_seen) > deadline {
                 node.lost = true;
                 node.closed.cancel();
                 lost.push(name.clone());
             }
         }
-        Self::forget_departed_nodes(&mut state, Instant::now());
+        Self::forget_departed_nodes(&mut state, now);
         for name in &lost {
             effects.push(
                 effect(
