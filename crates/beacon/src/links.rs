@@ -42,7 +42,9 @@ type Link = FrameLink<ServerTls<TcpStream>, ToBeacon, FromBeacon>;
 async fn send_heartbeat(link: &mut Link) -> Result<(), String> {
     // Encoded once for every link and every beat (`frames::heartbeat_frame`): at 10,000 links
     // and one beat every `BEACON_HEARTBEAT_INTERVAL`, each beat is one write of a few bytes.
-    link.send_encoded(heartbeat_frame()?).await.map_err(|e| e.to_string())
+    link.send_encoded(heartbeat_frame()?)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// The ticks of Beacon's heartbeats on one link: the first at once, delayed rather than bunched
