@@ -567,13 +567,20 @@ async fn releases_committed_in_quick_succession_supersede_the_older_ones_once_ea
         })
         .await;
     assert_eq!(apps[0].healthy_nodes, 1);
-    let events = s.beacon.events().await;
-    assert!(
-        events.iter().any(|e| e.kind == EventKind::DeployFinished
-            && e.release == Some(4)
-            && e.node.is_none()),
-        "{events:?}"
-    );
+    // The event is recorded just after the rollout's state flips (effects are applied once the
+    // hub's lock is released), so it is waited for rather than read once.
+    let events: Vec<Event> = s
+        .beacon
+        .wait_for(
+            "/v1/events?limit=1000",
+            "v4's deploy finished",
+            |events: &Vec<Event>| {
+                events.iter().any(|e| {
+                    e.kind == EventKind::DeployFinished && e.release == Some(4) && e.node.is_none()
+                })
+            },
+        )
+        .await;
     assert_eq!(superseded(&events).len(), 3, "{events:?}");
 
     // A release that served everywhere is not superseded by the next one.
