@@ -567,8 +567,8 @@ async fn releases_committed_in_quick_succession_supersede_the_older_ones_once_ea
         })
         .await;
     assert_eq!(apps[0].healthy_nodes, 1);
-    // The event is recorded just after the rollout's state flips (effects are applied once the
-    // hub's lock is released), so it is waited for rather than read once.
+    // The event is recorded just after the rollout's state flips (once the hub's lock is
+    // released and the rollout's history is durable), so it is waited for rather than read once.
     let events: Vec<Event> = s
         .beacon
         .wait_for(
