@@ -158,7 +158,7 @@ log_dir = "$mae_dir/log"
 repository_token_file = "$mae_dir/read-token"
 EOF
 # Maestro's PATH reaches the app: nginx lives in /usr/sbin.
-PX_LOG=warn PATH="$PATH:/usr/sbin" "$bin/maestro" --config "$mae_dir/maestro.toml" 2> "$mae_dir/stderr" &
+PX_LOG=warn PATH="$PATH:/usr/sbin" "$maestro_bin" --config "$mae_dir/maestro.toml" 2> "$mae_dir/stderr" &
 mae_pid=$!
 pids+=("$mae_pid")
 # Maestro opens its proxy once the persisted app serves (or failed), so the port opening is not

@@ -17,7 +17,7 @@ status_listen = "127.0.0.1:$m_status"
 state_dir = "$mdir/state"
 log_dir = "$mdir/log"
 EOF
-"$bin/maestro" --config "$mdir/maestro.toml" 2> "$mdir/stderr" &
+"$maestro_bin" --config "$mdir/maestro.toml" 2> "$mdir/stderr" &
 m_pid=$!
 pids+=("$m_pid")
 wait_port "$m_http"
@@ -65,7 +65,7 @@ for _ in range(runs):
 print(f"{min(times):.1f} {statistics.median(times):.1f} {max(times):.1f}")
 EOF
 }
-read -r mc_min mc_med mc_max < <(cold "$m_http" "$bin/maestro" --config "$mdir/maestro.toml")
+read -r mc_min mc_med mc_max < <(cold "$m_http" "$maestro_bin" --config "$mdir/maestro.toml")
 cold_port=$(free_port)
 read -r pc_min pc_med pc_max < <(cold "$cold_port" "$bin/proxy-only" --listen "127.0.0.1:$cold_port" \
   --upstream "127.0.0.1:$up_port" --host "$host" --threads "$threads")

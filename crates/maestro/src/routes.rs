@@ -223,7 +223,8 @@ impl Drop for LongLived {
 /// How one app is served.
 #[derive(Debug)]
 pub struct AppRoute {
-    pub(crate) app: String,
+    /// Shared with each access record of a request to the app, rather than copied into it.
+    pub(crate) app: Arc<str>,
     #[expect(
         dead_code,
         reason = "read by Debug only, so that a route in a log or a failed test says which release it serves"
@@ -304,7 +305,7 @@ impl AppRoute {
         static_dirs: Vec<(String, PathBuf)>,
     ) -> Self {
         Self {
-            app: app.to_string(),
+            app: Arc::from(app),
             release,
             backends,
             static_dirs,

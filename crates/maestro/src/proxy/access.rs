@@ -7,18 +7,24 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use hyper::header::HeaderValue;
+use hyper::{Method, Uri};
 use tokio::sync::mpsc;
 
-/// One request as the access log records it.
+/// One request as the access log records it. The fields a client chose are the request's own
+/// header values and target, shared rather than copied: building a record allocates nothing
+/// per field, and the text is made once, by the formatter, off the request's thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessRecord {
     /// When the request arrived.
     pub at: SystemTime,
-    /// The `Host` the client asked for, as sent.
-    pub host: String,
-    pub method: String,
-    /// Path and query, as sent.
-    pub path: String,
+    /// The `Host` the client asked for, as sent; empty when it sent none, or one that is not
+    /// visible ASCII.
+    pub host: HeaderValue,
+    pub method: Method,
+    /// The request target's path and query, as sent (the whole target when it has none, as a
+    /// `CONNECT`'s authority).
+    pub path: Uri,
     pub status: u16,
     /// Response body bytes sent to the client.
     pub bytes: u64,
@@ -26,9 +32,9 @@ pub struct AccessRecord {
     pub duration: Duration,
     /// The instance that answered; `None` when the proxy answered itself.
     pub upstream: Option<SocketAddr>,
-    pub request_id: String,
+    pub request_id: HeaderValue,
     /// The app the host routes to; `None` for an unknown host.
-    pub app: Option<String>,
+    pub app: Option<Arc<str>>,
     /// The HTTP version the client spoke: `HTTP/1.1`, `HTTP/2.0` (or `HTTP/1.0`).
     pub protocol: &'static str,
 }
@@ -40,13 +46,18 @@ impl AccessRecord {
     /// client chooses are quoted with `"` and `\` escaped and control or non-ASCII bytes as
     /// `\xHH`, so a line can never be split or forged.
     pub fn to_line(&self) -> String {
-        let mut line = String::with_capacity(96 + self.path.len() + self.host.len());
+        let host = self.host.as_bytes();
+        let path = match self.path.path_and_query() {
+            Some(pq) => std::borrow::Cow::Borrowed(pq.as_str()),
+            None => std::borrow::Cow::Owned(self.path.to_string()),
+        };
+        let mut line = String::with_capacity(96 + path.len() + host.len());
         let _ = write!(line, "{} ", humantime::format_rfc3339_millis(self.at));
-        quoted(&mut line, &self.host);
+        quoted(&mut line, host);
         line.push(' ');
-        quoted(&mut line, &self.method);
+        quoted(&mut line, self.method.as_str().as_bytes());
         line.push(' ');
-        quoted(&mut line, &self.path);
+        quoted(&mut line, path.as_bytes());
         let _ = write!(
             line,
             " {} {} {:.6} ",
@@ -61,10 +72,10 @@ impl AccessRecord {
             None => line.push('-'),
         }
         line.push(' ');
-        quoted(&mut line, &self.request_id);
+        quoted(&mut line, self.request_id.as_bytes());
         line.push(' ');
         match &self.app {
-            Some(app) => quoted(&mut line, app),
+            Some(app) => quoted(&mut line, app.as_bytes()),
             None => line.push('-'),
         }
         line.push(' ');
@@ -73,9 +84,9 @@ impl AccessRecord {
     }
 }
 
-fn quoted(out: &mut String, value: &str) {
+fn quoted(out: &mut String, value: &[u8]) {
     out.push('"');
-    for b in value.bytes() {
+    for &b in value {
         match b {
             b'"' => out.push_str("\\\""),
             b'\\' => out.push_str("\\\\"),
@@ -142,14 +153,14 @@ mod tests {
     fn record() -> AccessRecord {
         AccessRecord {
             at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
-            host: "hello.localhost".into(),
-            method: "GET".into(),
-            path: "/a b\"\n?x=1".into(),
+            host: HeaderValue::from_static("hello.localhost"),
+            method: Method::GET,
+            path: Uri::from_static("/a\"b\\?x=1"),
             status: 200,
             bytes: 12,
             duration: Duration::from_micros(1500),
             upstream: Some("127.0.0.1:4000".parse().unwrap()),
-            request_id: "0123456789abcdef".into(),
+            request_id: HeaderValue::from_static("0123456789abcdef"),
             app: Some("hello".into()),
             protocol: "HTTP/2.0",
         }
@@ -160,7 +171,7 @@ mod tests {
         let line = record().to_line();
         assert_eq!(
             line,
-            "2023-11-14T22:13:20.123Z \"hello.localhost\" \"GET\" \"/a b\\\"\\x0a?x=1\" 200 12 0.001500 127.0.0.1:4000 \"0123456789abcdef\" \"hello\" HTTP/2.0"
+            "2023-11-14T22:13:20.123Z \"hello.localhost\" \"GET\" \"/a\\\"b\\\\?x=1\" 200 12 0.001500 127.0.0.1:4000 \"0123456789abcdef\" \"hello\" HTTP/2.0"
         );
         let none = AccessRecord {
             upstream: None,
@@ -176,10 +187,10 @@ mod tests {
     #[test]
     fn quoted_fields_escape_quotes_backslashes_controls_and_non_ascii_bytes() {
         let mut out = String::new();
-        quoted(&mut out, "a\u{e9}b\\c\"\td\u{1F600}");
+        quoted(&mut out, "a\u{e9}b\\c\"\td\u{1F600}".as_bytes());
         assert_eq!(out, "\"a\\xc3\\xa9b\\\\c\\\"\\x09d\\xf0\\x9f\\x98\\x80\"");
         out.clear();
-        quoted(&mut out, "");
+        quoted(&mut out, b"");
         assert_eq!(out, "\"\"");
     }
 

@@ -126,17 +126,21 @@ async fn respond(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<Proxy
         Box::new(PendingRecord {
             record: AccessRecord {
                 at: SystemTime::now(),
-                host: host.to_string(),
-                method: req.method().to_string(),
+                host: host_value
+                    .clone()
+                    .filter(|_| !host.is_empty())
+                    .unwrap_or_else(|| HeaderValue::from_static("")),
+                method: req.method().clone(),
+                // The origin form, as HTTP/1.1 sends it, whatever form the client used.
                 path: req
                     .uri()
                     .path_and_query()
-                    .map_or_else(|| req.uri().to_string(), |pq| pq.as_str().to_string()),
+                    .map_or_else(|| req.uri().clone(), |pq| Uri::from(pq.clone())),
                 status: 0,
                 bytes: 0,
                 duration: Duration::ZERO,
                 upstream: None,
-                request_id: request_id.to_str().unwrap_or("").to_string(),
+                request_id: request_id.clone(),
                 app: route.as_ref().map(|r| r.app.clone()),
                 protocol: version_name(req.version()),
             },
@@ -166,14 +170,14 @@ async fn respond(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<Proxy
         response
             .headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        let app = route.as_ref().map_or("", |r| r.app.as_str()).to_string();
+        let app = route.as_ref().map_or("", |r| &*r.app).to_string();
         return exchange.finish(response, &app, None, None);
     }
     let Some(route) = route else {
         let response = page(Failure::UnknownHost, host, "", exchange.request_id());
         return exchange.finish(response, "", None, None);
     };
-    let app = route.app.as_str();
+    let app = &*route.app;
     // Only origin-form targets reach an app: no CONNECT tunnels, no `OPTIONS *`.
     if req.method() == Method::CONNECT || !req.uri().path().starts_with('/') {
         let response = page(Failure::BadRequest, host, app, exchange.request_id());
@@ -205,7 +209,7 @@ async fn forward(
     let conn = exchange.conn;
     let proxy = &conn.worker.proxy;
     let settings = &proxy.settings;
-    let app = route.app.as_str();
+    let app = &*route.app;
     let Some(mut backend) = route.pick() else {
         let response = page(
             Failure::NoInstance,

@@ -110,7 +110,7 @@ mod tests {
     fn owner(table: &RouteTable, host: &str) -> String {
         table
             .lookup(host)
-            .map(|r| r.app.clone())
+            .map(|r| r.app.to_string())
             .unwrap_or_default()
     }
 
