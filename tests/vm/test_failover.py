@@ -316,7 +316,15 @@ def test_the_rollout_completes_through_the_other_beacon_and_uploads_go_through_t
             env={**os.environ, "XDG_CONFIG_HOME": str(through_active.em_config_home), "NO_COLOR": "1"},
         )
         try:
-            wait_until("release 2 committed", lambda: 2 in releases(through_other), COMMIT_TIMEOUT_S)
+            def committed() -> bool:
+                # An em deploy that ended before its release was committed will not commit it:
+                # say why at once rather than after the whole wait.
+                if em_deploy.poll() is not None:
+                    out, err = em_deploy.communicate()
+                    pytest.fail(f"em deploy v2 exited {em_deploy.returncode} before its release was committed\n{out}\n{err}")
+                return 2 in releases(through_other)
+
+            wait_until("release 2 committed", committed, COMMIT_TIMEOUT_S)
             assert not all(serves(platform, name, 2) for name in WEB_SERVERS), "the rollout was over before the loss"
             # Where its Beacon's log after the pause starts: read now, as a paused host answers
             # nothing, and once it is back its Beacon may step down before a read would.
