@@ -346,29 +346,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerTls<S> {
     }
 }
 
-/// Appends a handshake record rustls has ready to `out`, sized as rustls asks.
-fn append_encoded<D>(out: &mut Vec<u8>, data: &mut EncodeTlsData<'_, D>) -> io::Result<()> {
+/// Appends to `out` what `write` puts into the room it is given: first `room` bytes, then as
+/// many as `write`'s error says it needs (`required`), until it fits. Every rustls unbuffered
+/// encoder reports too small a buffer this way.
+fn append_growing<E: std::error::Error + Send + Sync + 'static>(
+    out: &mut Vec<u8>,
+    mut room: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
+    required: impl Fn(&E) -> Option<usize>,
+) -> io::Result<()> {
     let start = out.len();
-    // An empty room first: rustls says the size without copying.
-    let mut room = 0;
     loop {
         out.resize(start + room, 0);
-        match data.encode(&mut out[start..]) {
+        match write(&mut out[start..]) {
             Ok(n) => {
                 out.truncate(start + n);
                 return Ok(());
             }
-            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size }))
-                if required_size > room =>
-            {
-                room = required_size;
-            }
-            Err(e) => {
-                out.truncate(start);
-                return Err(io::Error::other(e));
-            }
+            Err(e) => match required(&e) {
+                Some(needed) if needed > room => room = needed,
+                _ => {
+                    out.truncate(start);
+                    return Err(io::Error::other(e));
+                }
+            },
         }
     }
+}
+
+/// The size an encryption needs when the buffer was too small.
+fn encrypt_needs(e: &EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Some(*required_size)
+        }
+        _ => None,
+    }
+}
+
+/// Appends a handshake record rustls has ready to `out`, sized as rustls asks.
+fn append_encoded<D>(out: &mut Vec<u8>, data: &mut EncodeTlsData<'_, D>) -> io::Result<()> {
+    // An empty room first: rustls says the size without copying.
+    append_growing(
+        out,
+        0,
+        |buf| data.encode(buf),
+        |e| match e {
+            EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => {
+                Some(*required_size)
+            }
+            _ => None,
+        },
+    )
 }
 
 /// Appends `data` encrypted to `out`.
@@ -377,51 +406,19 @@ fn append_encrypted<D>(
     traffic: &mut WriteTraffic<'_, D>,
     data: &[u8],
 ) -> io::Result<()> {
-    let start = out.len();
     let records = data.len().div_ceil(RECORD_PLAINTEXT_BYTES).max(1);
-    let mut room = data.len() + records * RECORD_OVERHEAD_BYTES;
-    loop {
-        out.resize(start + room, 0);
-        match traffic.encrypt(data, &mut out[start..]) {
-            Ok(n) => {
-                out.truncate(start + n);
-                return Ok(());
-            }
-            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size }))
-                if required_size > room =>
-            {
-                room = required_size;
-            }
-            Err(e) => {
-                out.truncate(start);
-                return Err(io::Error::other(e));
-            }
-        }
-    }
+    let room = data.len() + records * RECORD_OVERHEAD_BYTES;
+    append_growing(out, room, |buf| traffic.encrypt(data, buf), encrypt_needs)
 }
 
 /// Appends our close_notify alert to `out`.
 fn append_close_notify<D>(out: &mut Vec<u8>, traffic: &mut WriteTraffic<'_, D>) -> io::Result<()> {
-    let start = out.len();
-    let mut room = RECORD_OVERHEAD_BYTES;
-    loop {
-        out.resize(start + room, 0);
-        match traffic.queue_close_notify(&mut out[start..]) {
-            Ok(n) => {
-                out.truncate(start + n);
-                return Ok(());
-            }
-            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size }))
-                if required_size > room =>
-            {
-                room = required_size;
-            }
-            Err(e) => {
-                out.truncate(start);
-                return Err(io::Error::other(e));
-            }
-        }
-    }
+    append_growing(
+        out,
+        RECORD_OVERHEAD_BYTES,
+        |buf| traffic.queue_close_notify(buf),
+        encrypt_needs,
+    )
 }
 
 #[cfg(test)]
