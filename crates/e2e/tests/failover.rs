@@ -82,29 +82,15 @@ async fn deploy_greeting(stack: &Stack, greeting: &str) -> Release {
 async fn events(stack: &Stack, beacon_url: &str, after: Option<u64>) -> Vec<Event> {
     let query = after.map(|a| format!("?after={a}")).unwrap_or_default();
     stack
-        .http
-        .get(format!("{beacon_url}/v1/events{query}"))
-        .bearer_auth(&stack.deploy)
-        .send()
+        .get_json(format!("{beacon_url}/v1/events{query}"))
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 /// The `beacon` lease as apprepo stores it.
 async fn lease(stack: &Stack) -> Lease {
     stack
-        .http
-        .get(format!("{}/v1/leases/beacon", stack.repo_url))
-        .bearer_auth(&stack.deploy)
-        .send()
+        .get_json(format!("{}/v1/leases/beacon", stack.repo_url))
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 fn unix_ms_now() -> u64 {
@@ -115,16 +101,7 @@ fn unix_ms_now() -> u64 {
 }
 
 async fn node(stack: &Stack, beacon_url: &str) -> Node {
-    let nodes: Vec<Node> = stack
-        .http
-        .get(format!("{beacon_url}/v1/nodes"))
-        .bearer_auth(&stack.deploy)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let nodes: Vec<Node> = stack.get_json(format!("{beacon_url}/v1/nodes")).await;
     nodes.into_iter().find(|n| n.name == "web-1").unwrap()
 }
 
@@ -271,15 +248,8 @@ async fn the_standby_finishes_a_rollout_the_stopped_active_beacon_started() {
     );
     assert!(resumed.iter().all(|e| e.seq > last_seen && e.seq > 2 << 32));
     let releases: Vec<Release> = stack
-        .http
-        .get(format!("{}/v1/apps/shop/releases", stack.repo_url))
-        .bearer_auth(&stack.deploy)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(format!("{}/v1/apps/shop/releases", stack.repo_url))
+        .await;
     let mut versions: Vec<u64> = releases.iter().map(|r| r.version).collect();
     versions.sort_unstable();
     assert_eq!(versions, vec![1, release.version], "no release was lost");

@@ -62,15 +62,8 @@ async fn all_events(stack: &Stack, beacon_url: &str) -> Vec<Event> {
             .map(|e| format!("?after={}&limit=1000", e.seq))
             .unwrap_or_else(|| "?limit=1000".into());
         let page: Vec<Event> = stack
-            .http
-            .get(format!("{beacon_url}/v1/events{query}"))
-            .bearer_auth(&stack.deploy)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .get_json(format!("{beacon_url}/v1/events{query}"))
+            .await;
         if page.is_empty() {
             return all;
         }

@@ -653,10 +653,10 @@ impl Stack {
         }
     }
 
-    /// `GET /v1/acme/certs`, as `em domains list` reads it.
-    pub async fn certs(&self) -> Vec<AcmeCertSummary> {
+    /// `GET url` with the deploy token, its JSON answer.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, url: String) -> T {
         self.http
-            .get(format!("{}/v1/acme/certs", self.repo_url))
+            .get(url)
             .bearer_auth(&self.deploy)
             .send()
             .await
@@ -664,6 +664,12 @@ impl Stack {
             .json()
             .await
             .unwrap()
+    }
+
+    /// `GET /v1/acme/certs`, as `em domains list` reads it.
+    pub async fn certs(&self) -> Vec<AcmeCertSummary> {
+        self.get_json(format!("{}/v1/acme/certs", self.repo_url))
+            .await
     }
 
     pub async fn stored(&self) -> AcmeCert {
