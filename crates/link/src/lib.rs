@@ -26,6 +26,16 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// while thousands of clients cost it at most one attempt each per 15 to 45 seconds.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// How long after a Beacon fell silent the rounds leave it out (when other Beacons are
+/// configured): its host may be gone for good, and a connect to it only waits for
+/// [`CONNECT_TIMEOUT`], while the Beacon taking over opens its port within a lease's TTL
+/// (6 s by default). Afterwards it is tried again, last in each round.
+pub const SILENT_BEACON_SKIPPED_FOR: Duration = Duration::from_secs(30);
+/// Longest wait between rounds while a silent Beacon is left out (before the ±50% jitter): the
+/// next active Beacon is found within a second and a half of opening its port. Each failed round costs the Beacons a refused
+/// connect (no TLS), so even a large fleet trying once a second is cheap.
+pub const FAILOVER_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// What a service does with its link to Beacon.
 pub trait Client: Send {
     /// Said after "beacon link down" and "beacon link lost; reconnecting" in the logs: what
@@ -59,19 +69,28 @@ pub trait Client: Send {
 /// handshake (a standby Beacon does not listen, and one stepping down closes its links), so a
 /// client follows a failover within one round; only once a whole round failed does it wait a
 /// jittered, doubling backoff. A Beacon that fell silent (its host vanished: no FIN, no RST)
-/// is tried last in the next round, as a connect to it would only wait for its timeout.
-/// `settings.linked` says whether a link is up.
+/// is left out of the rounds for [`SILENT_BEACON_SKIPPED_FOR`], as a connect to it would only
+/// wait for its timeout, and the backoff meanwhile stays under [`FAILOVER_BACKOFF_MAX`], so
+/// the client links to the Beacon taking over within 1.5 s of its opening its port; a
+/// client that knows no other Beacon keeps trying the silent one. `settings.linked` says
+/// whether a link is up.
 pub async fn run<C: Client>(settings: LinkSettings, mut client: C, shutdown: CancellationToken) {
     let count = settings.beacons.len();
     let mut failed_rounds = 0u32;
     // The Beacon a round starts with: the one that last took the link, which is the active
     // one unless it has just stepped down.
     let mut first = 0;
+    // The Beacon that fell silent, and when: left out of the rounds for a while.
+    let mut silent: Option<(usize, tokio::time::Instant)> = None;
     loop {
         let mut last_failure = None;
         let mut linked = None;
+        silent = silent.filter(|(_, since)| since.elapsed() < SILENT_BEACON_SKIPPED_FOR);
         for offset in 0..count {
             let index = (first + offset) % count;
+            if silent.is_some_and(|(left_out, _)| left_out == index) {
+                continue;
+            }
             let beacon = &settings.beacons[index];
             let mut hello = settings.hello();
             client.introduce(&mut hello);
@@ -93,7 +112,12 @@ pub async fn run<C: Client>(settings: LinkSettings, mut client: C, shutdown: Can
             }
         }
         let Some((index, mut link)) = linked else {
-            let wait = px_runtime::backoff::jittered(BACKOFF_MIN, BACKOFF_MAX, failed_rounds);
+            let cap = if silent.is_some() {
+                FAILOVER_BACKOFF_MAX
+            } else {
+                BACKOFF_MAX
+            };
+            let wait = px_runtime::backoff::jittered(BACKOFF_MIN, cap, failed_rounds);
             failed_rounds = failed_rounds.saturating_add(1);
             if let Some((addr, reason)) = last_failure {
                 tracing::warn!(%addr, %reason, retry_in = ?wait, "beacon link down{}", C::MEANWHILE);
@@ -120,8 +144,9 @@ pub async fn run<C: Client>(settings: LinkSettings, mut client: C, shutdown: Can
             Err(error) => {
                 let addr = &settings.beacons[index].addr;
                 tracing::warn!(%addr, %error, "beacon link lost; reconnecting{}", C::MEANWHILE);
-                if matches!(error, LinkError::Silent(_)) {
+                if matches!(error, LinkError::Silent(_)) && count > 1 {
                     first = (index + 1) % count;
+                    silent = Some((index, tokio::time::Instant::now()));
                 }
             }
         }

@@ -362,7 +362,7 @@ async fn a_beacon_that_goes_silent_without_closing_is_left_for_the_next_one() {
     eventually("linked", || linked.load(Ordering::Relaxed)).await;
 
     // Once three announced heartbeats are missed, the client links to the second Beacon, in
-    // the very next attempt: the silent one is tried last, not first.
+    // the very next attempt: the silent one is left out.
     let deadline = BEACON_HEARTBEAT_INTERVAL * MISSED_BEACON_HEARTBEATS;
     let (mut link, hello) = tokio::time::timeout(deadline + WAIT, second.welcome())
         .await
@@ -379,6 +379,49 @@ async fn a_beacon_that_goes_silent_without_closing_is_left_for_the_next_one() {
     // again is the end of the connection.
     let end = tokio::time::timeout(WAIT, frozen.next()).await.unwrap();
     assert!(!matches!(end, Some(Ok(_))), "{end:?}");
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, run).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn after_a_beacon_falls_silent_the_client_waits_for_the_next_one_without_trying_it_again() {
+    let pki = Arc::new(Pki::new(&["beacon.test"]).unwrap());
+    let first = Beacon::start_at("127.0.0.1:0", Arc::clone(&pki)).await;
+    // The Beacon that takes over has not opened its port yet (a standby does not listen).
+    let next_addr = {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        held.local_addr().unwrap().to_string()
+    };
+    let secrets = tempfile::tempdir().unwrap();
+    let settings = settings_for(&pki, secrets.path(), vec![first.addr(), next_addr.clone()]);
+    let (service, _tx, _) = Service::new();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(px_link::run(settings, service, shutdown.clone()));
+
+    let (frozen, hello) = first.welcome_announcing(Some(beacon_heartbeat_ms())).await;
+    assert_eq!(hello.labels["connect"], "1");
+    // Silent from here on; the lease takes a while to lapse, so the next Beacon opens its port
+    // some seconds after the client gave up on the first: long enough that a doubling backoff
+    // would wait several seconds more.
+    let deadline = BEACON_HEARTBEAT_INTERVAL * MISSED_BEACON_HEARTBEATS;
+    tokio::time::sleep(deadline + Duration::from_secs(6)).await;
+    let opened = std::time::Instant::now();
+    let next = Beacon::start_at(&next_addr, Arc::clone(&pki)).await;
+    let (_link, _) = tokio::time::timeout(WAIT, next.welcome())
+        .await
+        .expect("the client never linked to the next beacon");
+    let waited = opened.elapsed();
+    assert!(
+        waited < px_link::FAILOVER_BACKOFF_MAX * 3,
+        "linked {waited:?} after the next beacon opened its port"
+    );
+    // Meanwhile the silent Beacon got no connection: each would have waited for its timeout.
+    let tried = tokio::time::timeout(Duration::from_millis(200), first.listener.accept()).await;
+    assert!(
+        tried.is_err(),
+        "the silent beacon was tried again: {tried:?}"
+    );
+    drop(frozen);
     shutdown.cancel();
     tokio::time::timeout(WAIT, run).await.unwrap().unwrap();
 }
