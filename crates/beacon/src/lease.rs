@@ -23,6 +23,8 @@ pub const HOLDER_FILE: &str = "lease-holder";
 /// `epoch << GENERATION_EPOCH_SHIFT`, above anything an earlier holder (a lower epoch) sent,
 /// and one holder would need four billion desired-state changes to reach the next epoch's.
 pub const GENERATION_EPOCH_SHIFT: u32 = 32;
+/// How long after a refused lease's expiry a standby claims it: apprepo must see it lapsed.
+const CLAIM_AFTER_LAPSE: Duration = Duration::from_millis(50);
 /// Longest host name part of a holder id; the rest is a random suffix.
 const MAX_HOST_PART: usize = 64;
 
@@ -81,6 +83,13 @@ impl Standing {
         metrics.lease_active.set(1);
         metrics.lease_epoch.set(lease.epoch);
     }
+}
+
+/// Milliseconds since the Unix epoch by this host's clock (0 before it).
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// This host's holder id, from [`HOLDER_FILE`] or made (host name and a random suffix) and
@@ -178,9 +187,10 @@ impl LeaseClient {
             .map_err(|e| format!("PUT {path}: {status} without a lease: {e}"))
     }
 
-    /// Asks for the lease until it is granted, every [`Self::period`]; each refusal tells
-    /// `standing` which Beacon is active. Returns the lease and when the claim that got it
-    /// was sent (its TTL runs from no earlier); `None` when `shutdown` comes first.
+    /// Asks for the lease until it is granted, every [`Self::period`] or sooner when the
+    /// refused lease lapses sooner ([`next_claim_in`]); each refusal tells `standing`
+    /// which Beacon is active. Returns the lease and when the claim that got it was sent (its
+    /// TTL runs from no earlier); `None` when `shutdown` comes first.
     pub async fn acquire(
         &self,
         standing: &Standing,
@@ -189,7 +199,7 @@ impl LeaseClient {
         let mut last_holder = String::new();
         loop {
             let sent = Instant::now();
-            match self.claim(self.period()).await {
+            let wait = match self.claim(self.period()).await {
                 Ok(Answer::Granted(lease)) => return Some((lease, sent)),
                 Ok(Answer::Held(lease)) => {
                     if lease.holder != last_holder {
@@ -197,14 +207,16 @@ impl LeaseClient {
                         last_holder = lease.holder.clone();
                     }
                     standing.saw(&lease);
+                    next_claim_in(self.period(), &lease, unix_ms_now())
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "standing by: cannot reach apprepo for the lease")
+                    tracing::warn!(%error, "standing by: cannot reach apprepo for the lease");
+                    self.period()
                 }
-            }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return None,
-                _ = tokio::time::sleep(self.period()) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }
@@ -272,6 +284,17 @@ impl LeaseClient {
     }
 }
 
+/// When a standby refused `held` asks again, at `now_unix_ms` by its own clock, claiming every
+/// `period` otherwise: just after the lease lapses, if that comes sooner. A holder that renews
+/// keeps pushing its expiry out, so this costs no more claims than the period does; a holder
+/// that vanished stops renewing, and its lease is taken as soon as it lapses rather than up to
+/// a period later. Never sooner than a quarter of the period, so a clock ahead of apprepo's
+/// (which the expiry is reckoned by) cannot make a standby ask in a loop.
+fn next_claim_in(period: Duration, held: &Lease, now_unix_ms: u64) -> Duration {
+    let until_lapse = Duration::from_millis(held.expires_at_unix_ms.saturating_sub(now_unix_ms));
+    (until_lapse + CLAIM_AFTER_LAPSE).clamp(period / 4, period)
+}
+
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
@@ -301,6 +324,28 @@ mod tests {
         assert_eq!(holder_id(dir.path()).unwrap(), first);
         let other = tempfile::tempdir().unwrap();
         assert_ne!(holder_id(other.path()).unwrap(), first);
+    }
+
+    #[test]
+    fn a_standby_claims_just_after_the_refused_lease_lapses_within_a_period() {
+        let period = Duration::from_secs(2);
+        let held = |expires_at_unix_ms| Lease {
+            holder: "control-1:1".into(),
+            epoch: 1,
+            expires_at: String::new(),
+            expires_at_unix_ms,
+            api_url: "https://a".into(),
+        };
+        let now = 1_000_000;
+        // Renewed a moment ago: lapses in 6 s, so the next claim is a period away.
+        assert_eq!(next_claim_in(period, &held(now + 6000), now), period);
+        // Its holder stopped renewing 5 s ago: the claim comes just after the lapse.
+        assert_eq!(
+            next_claim_in(period, &held(now + 1000), now),
+            Duration::from_millis(1000) + CLAIM_AFTER_LAPSE
+        );
+        // Lapsed by this host's clock but refused (apprepo's clock is behind): not a loop.
+        assert_eq!(next_claim_in(period, &held(now - 3000), now), period / 4);
     }
 
     #[test]
