@@ -14,11 +14,17 @@ use crate::failure::{Failure, Result};
 /// and a takeover between the two requests may add one more; past that the Beacons disagree
 /// on which is active, and waiting for them is better than going round.
 pub const MAX_BEACON_REDIRECTS: usize = 3;
+/// How long after a followed stream found a Beacon silent (its host vanished) a standby's
+/// redirect to it is not followed: the standby still names it active until its lease lapses
+/// (seconds), and a call sent there would only wait for a timeout. Meanwhile the call counts
+/// as answered by a standby that knows no active Beacon, and em tries again shortly.
+pub const SILENT_BEACON_PASSED_OVER_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Client {
     /// Sends the request `request` makes (from the HTTP client to use and a URL) to `url`,
     /// with the token. A Beacon URL (one starting with a configured Beacon's base) is sent to
-    /// each Beacon in turn until one answers, following redirects (see [`Client::follow`]);
+    /// each Beacon in turn until one answers, following redirects (see [`Client::follow`]),
+    /// but for one a followed stream found silent lately ([`SILENT_BEACON_PASSED_OVER_FOR`]);
     /// any other URL is sent as it is.
     pub(crate) async fn send(
         &self,
@@ -39,10 +45,25 @@ impl Client {
         for offset in 0..count {
             let index = (first + offset) % count;
             let url = format!("{}{path}", self.beacons[index]);
+            // Its host may be gone: a call there would only wait for a timeout.
+            if self.fell_silent(&url) {
+                continue;
+            }
             match self.follow(url.clone(), &request).await? {
                 // A standby that knows no active Beacon yet: another may be the active one.
                 Ok(response) if response.status() == StatusCode::SERVICE_UNAVAILABLE => {
-                    unavailable = Some(response);
+                    unavailable = Some(Ok(response));
+                }
+                // A standby that still names the Beacon that fell silent: not followed.
+                Ok(response) if response.status().is_redirection() => {
+                    unavailable = Some(Err(Failure::failed(format!(
+                        "the standby Beacon at {url} still names as active the Beacon that fell silent ({}); no other Beacon has taken over yet: try again in a few seconds",
+                        response
+                            .headers()
+                            .get(reqwest::header::LOCATION)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("?")
+                    ))));
                 }
                 Ok(response) => {
                     // The Beacon that answered: the one a redirect led to, when it is one of
@@ -58,7 +79,7 @@ impl Client {
             }
         }
         match (unavailable, unreached) {
-            (Some(response), _) => Ok(response),
+            (Some(answer), _) => answer,
             (None, Some(failure)) => Err(failure),
             (None, None) => Err(Failure::usage("em's config names no Beacon")),
         }
@@ -67,13 +88,28 @@ impl Client {
     /// Makes the next call start at the Beacon after the one that answered last: that one fell
     /// silent (a followed stream got nothing, not even a keep-alive), so its host may be gone,
     /// and a call to it would only wait for a timeout while another has taken over.
+    /// A standby's redirect to the silent one is not followed for a while either
+    /// ([`SILENT_BEACON_PASSED_OVER_FOR`]).
     pub(crate) fn pass_over_active_beacon(&self) {
         let count = self.beacons.len().max(1);
-        let _ = self
-            .active
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |index| {
-                Some((index + 1) % count)
-            });
+        if let Ok(silent) =
+            self.active
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |index| {
+                    Some((index + 1) % count)
+                })
+            && count > 1
+        {
+            *self.silent.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((silent, std::time::Instant::now()));
+        }
+    }
+
+    /// Whether `url` is on the Beacon a followed stream recently found silent.
+    fn fell_silent(&self, url: &str) -> bool {
+        let silent = *self.silent.lock().unwrap_or_else(|p| p.into_inner());
+        silent.is_some_and(|(index, since)| {
+            since.elapsed() < SILENT_BEACON_PASSED_OVER_FOR && self.beacon_index(url) == Some(index)
+        })
     }
 
     /// Sends to `url` and follows `307`/`308` redirects, at most [`MAX_BEACON_REDIRECTS`]. The
@@ -81,7 +117,9 @@ impl Client {
     /// server's say, and the operator's list is where the token was meant to go, so a redirect
     /// elsewhere (a misconfigured or hostile host) is refused rather than handed the token.
     /// (reqwest's own policy cannot do this: it drops the token on every cross-host redirect,
-    /// and a standby always redirects to another host.) The outer error ends the call; the
+    /// and a standby always redirects to another host.) A redirect to a Beacon that fell
+    /// silent ([`SILENT_BEACON_PASSED_OVER_FOR`]) is not followed: the redirect itself is the
+    /// answer. The outer error ends the call; the
     /// inner one is a transport error the caller may answer by trying the next Beacon.
     async fn follow(
         &self,
@@ -103,7 +141,11 @@ impl Client {
             ) {
                 return Ok(Ok(response));
             }
-            url = self.redirect_target(&url, &response)?;
+            let target = self.redirect_target(&url, &response)?;
+            if self.fell_silent(&target) {
+                return Ok(Ok(response));
+            }
+            url = target;
         }
         Err(Failure::failed(format!(
             "the Beacons redirected em more than {MAX_BEACON_REDIRECTS} times, last to {url}; they do not agree on which one is active yet: try again in a few seconds"

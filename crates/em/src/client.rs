@@ -35,6 +35,9 @@ pub struct Client {
     pub(crate) beacons: Arc<[String]>,
     /// The Beacon that answered last: the next call starts there.
     pub(crate) active: Arc<AtomicUsize>,
+    /// The Beacon a followed stream found silent, and when (see
+    /// [`crate::beacons::SILENT_BEACON_PASSED_OVER_FOR`]).
+    pub(crate) silent: Arc<std::sync::Mutex<Option<(usize, std::time::Instant)>>>,
     /// Plain HTTP to other machines allowed (`--insecure`), redirects included.
     pub(crate) insecure: bool,
 }
@@ -79,6 +82,7 @@ impl Client {
             config,
             beacons,
             active: Arc::default(),
+            silent: Arc::default(),
             insecure,
         })
     }

@@ -141,3 +141,50 @@ async fn a_followed_stream_that_falls_silent_is_reopened_on_the_next_beacon() {
     assert!(client.beacon("/").starts_with(&second.url));
     assert_eq!(FeedEnd::Silent.to_string(), "silent for 6s (no keep-alive)");
 }
+
+#[tokio::test]
+async fn a_standby_still_naming_the_silent_beacon_is_not_followed_there_and_asked_again() {
+    // The first Beacon's host vanished after one event. The second is a standby whose lease
+    // claim has not gone through yet: it still redirects to the first, and only its second
+    // answer is its own stream, once it has taken over.
+    let first = Server::start(|_| {
+        let first_event = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+            "id: 1\nevent: event\ndata: 10\n\n",
+        )]);
+        let body =
+            axum::body::Body::from_stream(first_event.chain(futures_util::stream::pending()));
+        ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response()
+    })
+    .await;
+    let first_url = first.url.clone();
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let second = Server::start(move |path| {
+        if asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+            redirect(&format!("{first_url}{path}"))
+        } else {
+            sse(&[(2, 20)])
+        }
+    })
+    .await;
+    let client = client(&[&first.url, &second.url]);
+    let mut feed = Feed::<u32>::follow(&client, &client.beacon("/v1/events/stream?app=shop"))
+        .await
+        .unwrap();
+    assert_eq!(feed.next().await.unwrap(), 10);
+    // Two attempts to reopen: the redirect, then (after the first backoff, under a second)
+    // the second Beacon's own stream; following the redirect would have met the silent
+    // Beacon's stream again, or waited for the reopen timeout.
+    let next = tokio::time::timeout(
+        STREAM_SILENCE_DEADLINE + Duration::from_secs(3),
+        feed.next(),
+    )
+    .await
+    .expect("the stream was not reopened on the Beacon that took over");
+    assert_eq!(next.unwrap(), 20);
+    assert_eq!(
+        first.hits().len(),
+        1,
+        "the redirect to the silent Beacon was followed"
+    );
+    assert_eq!(second.hits().len(), 2);
+}
