@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::acme_stack::{DOMAIN, Stack, StackOptions, WAIT};
+use common::acme_stack::{Stack, StackOptions, WAIT};
 use px_beacon::config::ChallengeKind;
 use px_proto::beacon::{Event, EventKind};
 
@@ -41,15 +41,8 @@ http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever(
 
 async fn deploy_reporting_shop(stack: &Stack) {
     let app_dir = tempfile::tempdir().unwrap();
-    px_test_support::write_sample_app(app_dir.path(), "shop").unwrap();
+    Stack::write_shop(app_dir.path(), "hello");
     std::fs::write(app_dir.path().join("server.py"), REPORTING_SERVER_PY).unwrap();
-    std::fs::write(
-        app_dir.path().join("app.toml"),
-        format!(
-            "name = \"shop\"\nrun = \"python3 server.py\"\n[health]\npath = \"/healthz\"\n[http]\ndomains = [\"{DOMAIN}\"]\n[env]\nGREETING = \"hello\"\n"
-        ),
-    )
-    .unwrap();
     stack.deploy_app("shop", app_dir.path()).await;
 }
 

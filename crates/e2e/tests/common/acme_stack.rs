@@ -13,6 +13,7 @@ use px_runtime::tokens::{TokenEntry, generate, hash};
 use px_test_support::Pki;
 use px_test_support::pebble::{Pebble, PebbleOptions};
 
+use super::relay::Relay;
 pub use super::webhook::Alerts;
 use super::webhook::alert_receiver;
 use sha2::{Digest, Sha256};
@@ -54,6 +55,10 @@ pub struct StackOptions {
     /// Beacon competes for the lease (`[lease]`), so that a standby
     /// ([`Stack::start_standby_beacon`]) can take over from it.
     pub lease: bool,
+    /// The first Beacon reaches apprepo, and the Maestro and apprepo reach it, through relays
+    /// that [`Stack::cut_off_beacon`] cuts without closing anything: a control host whose
+    /// network is cut or that froze. With [`StackOptions::lease`].
+    pub cuttable_beacon: bool,
     /// Beacon's `domain`, under which each app is served as `<app>.<domain>` (default:
     /// Beacon's, `localhost`, which no CA issues for).
     pub cluster_domain: Option<&'static str>,
@@ -91,6 +96,8 @@ pub struct Stack {
     pub standby: Option<(String, CancellationToken, JoinHandle<()>)>,
     /// The standby's control address, listed to the link clients, with [`StackOptions::lease`].
     pub standby_control: Option<std::net::SocketAddr>,
+    /// The relays to and from the first Beacon, with [`StackOptions::cuttable_beacon`].
+    pub beacon_relays: Vec<super::relay::Relay>,
 }
 
 impl Stack {
@@ -161,11 +168,29 @@ impl Stack {
         let standby_control: Option<std::net::SocketAddr> = options
             .lease
             .then(|| std::net::SocketAddr::from(([127, 0, 0, 1], px_test_support::free_port())));
+        let shutdown = CancellationToken::new();
+        // A cuttable first Beacon is reached through a relay, and reaches apprepo through one.
+        let mut beacon_relays = Vec::new();
+        let (first_control, first_repo_url) = if options.cuttable_beacon {
+            assert!(
+                options.lease,
+                "a cuttable Beacon needs a standby to take over"
+            );
+            let control = Relay::start(beacon_addrs.1, shutdown.clone()).await;
+            let repo = Relay::start(repo_listener.local_addr().unwrap(), shutdown.clone()).await;
+            let urls = (
+                control.addr.to_string(),
+                format!("https://localhost:{}", repo.addr.port()),
+            );
+            beacon_relays.extend([control, repo]);
+            urls
+        } else {
+            (control_addr.clone(), repo_url.clone())
+        };
         let (link_addr, link_addrs) = match standby_control {
-            Some(standby) => (None, vec![control_addr.clone(), standby.to_string()]),
+            Some(standby) => (None, vec![first_control, standby.to_string()]),
             None => (Some(control_addr.clone()), Vec::new()),
         };
-        let shutdown = CancellationToken::new();
         let mut repo_config = px_repository::config::Config {
             data_dir: dir.path().join("apprepo"),
             tokens: vec![
@@ -223,7 +248,7 @@ impl Stack {
             reconcile_interval: Duration::from_secs(3600),
             ..Default::default()
         };
-        beacon_config.repository.url = repo_url.clone();
+        beacon_config.repository.url = first_repo_url;
         beacon_config.repository.token_file = secret("beacon-repo", &beacon_repo);
         beacon_config.repository.ca_file = Some(pki.ca());
         beacon_config.acme = px_beacon::config::AcmeConfig {
@@ -265,7 +290,7 @@ impl Stack {
         if answering {
             let certs_dir = dir.path().join("certs");
             std::fs::create_dir_all(&certs_dir).unwrap();
-            let port_base = 44000 + (std::process::id() % 100) as u16 * 20;
+            let port_base = instance_ports(44000);
             let maestro_config = px_maestro::config::Config {
                 node_name: "web-1".into(),
                 state_dir: dir.path().join("maestro/state"),
@@ -333,6 +358,7 @@ impl Stack {
             seaweed,
             standby: None,
             standby_control,
+            beacon_relays,
         };
         stack
             .start_beacon(Some((beacon_http, beacon_control)))
@@ -366,6 +392,7 @@ impl Stack {
         let url = format!("https://localhost:{}", http.local_addr().unwrap().port());
         let mut config = self.beacon_config.clone();
         config.data_dir = self.dir.path().join("beacon-2");
+        config.repository.url = self.repo_url.clone();
         config.lease.api_url = Some(url.clone());
         config.control_listen = self
             .standby_control
@@ -381,6 +408,20 @@ impl Stack {
         });
         self.standby = Some((url.clone(), stop, task));
         url
+    }
+
+    /// Cuts the first Beacon off ([`StackOptions::cuttable_beacon`]): from now on nothing
+    /// reaches it or comes from it, and no connection closes. Returns its task, which ends
+    /// once it steps down (it can no longer renew its lease).
+    pub fn cut_off_beacon(&mut self) -> JoinHandle<()> {
+        assert!(
+            !self.beacon_relays.is_empty(),
+            "needs StackOptions::cuttable_beacon"
+        );
+        for relay in &self.beacon_relays {
+            relay.cut();
+        }
+        self.beacon_task.take().expect("the first Beacon runs")
     }
 
     /// Stops the first Beacon, as its host going away would, and waits for it to end.
@@ -408,15 +449,20 @@ impl Stack {
     /// `em deploy` by hand: an app whose manifest names [`DOMAIN`].
     pub async fn deploy_shop(&self) {
         let app_dir = tempfile::tempdir().unwrap();
-        px_test_support::write_sample_app(app_dir.path(), "shop").unwrap();
+        Self::write_shop(app_dir.path(), "hello");
+        self.deploy_app("shop", app_dir.path()).await;
+    }
+
+    /// Writes the shop into `app_dir`: the sample app under [`DOMAIN`], answering `greeting`.
+    pub fn write_shop(app_dir: &std::path::Path, greeting: &str) {
+        px_test_support::write_sample_app(app_dir, "shop").unwrap();
         std::fs::write(
-            app_dir.path().join("app.toml"),
+            app_dir.join("app.toml"),
             format!(
-                "name = \"shop\"\nrun = \"python3 server.py\"\n[health]\npath = \"/healthz\"\n[http]\ndomains = [\"{DOMAIN}\"]\n[env]\nGREETING = \"hello\"\n"
+                "name = \"shop\"\nrun = \"python3 server.py\"\n[health]\npath = \"/healthz\"\n[http]\ndomains = [\"{DOMAIN}\"]\n[env]\nGREETING = \"{greeting}\"\n"
             ),
         )
         .unwrap();
-        self.deploy_app("shop", app_dir.path()).await;
     }
 
     /// A client that trusts Pebble's root alone and finds [`DOMAIN`] on the proxy's port.
@@ -501,7 +547,7 @@ impl Stack {
         let certs_dir = root.join("certs");
         std::fs::create_dir_all(&certs_dir).unwrap();
         // Beside the first web server's range (see `start_with`).
-        let port_base = 46000 + (std::process::id() % 100) as u16 * 20;
+        let port_base = instance_ports(46000);
         let config = px_maestro::config::Config {
             node_name: "web-2".into(),
             state_dir: root.join("state"),
@@ -596,6 +642,18 @@ impl Stack {
                 other => panic!("apprepo never came up: {other:?}"),
             }
         }
+        self.upload_bundle(name, bundle).await;
+    }
+
+    /// Uploads `app_dir` as a new release of the existing app `name` (what `em deploy` does
+    /// once the app exists); the release apprepo committed.
+    pub async fn upload(&self, name: &str, app_dir: &std::path::Path) -> px_proto::api::Release {
+        let mut bundle = Vec::new();
+        px_bundle::pack_dir(app_dir, &mut bundle).unwrap();
+        self.upload_bundle(name, bundle).await
+    }
+
+    async fn upload_bundle(&self, name: &str, bundle: Vec<u8>) -> px_proto::api::Release {
         let r = self
             .http
             .post(format!("{}/v1/apps/{name}/releases", self.repo_url))
@@ -609,6 +667,7 @@ impl Stack {
             .await
             .unwrap();
         assert_eq!(r.status(), 201, "{:?}", r.text().await);
+        r.json().await.unwrap()
     }
 
     /// Pebble's root (PEM): the CA every certificate it issues chains to.
@@ -720,6 +779,16 @@ impl Stack {
                 .unwrap();
         }
     }
+}
+
+/// The first of 20 ports for a Maestro's instances, in the 2000 from `base`: its own slice for
+/// each of the first four stacks of a test process (a test file runs its tests at once), and
+/// apart from other processes' as far as their ids differ.
+fn instance_ports(base: u16) -> u16 {
+    static STACKS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let stack = STACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 4;
+    let process = (std::process::id() % 25) as u16;
+    base + (process * 4 + stack) * 20
 }
 
 /// The certificate a response was served under (DER); the client keeps it with `tls_info`.
