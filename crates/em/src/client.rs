@@ -21,7 +21,7 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// down or cut off.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub use crate::feed::{Feed, take_sse};
+pub use crate::feed::Feed;
 
 #[derive(Clone)]
 pub struct Client {

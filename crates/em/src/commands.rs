@@ -6,13 +6,12 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use futures_util::StreamExt;
 use px_proto::api::{self, Release};
 use px_proto::beacon::{App, LogEntry, Node, NodeHealth, RolloutRecord, RolloutState};
 use px_proto::manifest::{AppManifest, MANIFEST_FILE};
 
 use crate::cli::ConfigChange;
-use crate::client::{Client, take_sse};
+use crate::client::{Client, Feed};
 use crate::failure::{EXIT_NOT_CONFIGURED, EXIT_REFUSED, Failure, Result};
 use crate::settings::{self, EmConfig};
 
@@ -341,24 +340,22 @@ pub async fn logs(
         }
         return Ok(());
     }
+    // Followed across a failover: reopened on the Beacon that takes over, without the backlog
+    // again (lines written while no Beacon relayed them stay in the web servers' log files).
     let url = client.beacon(&format!("/v1/apps/{app}/logs/stream?lines={lines}"));
-    let mut stream = client.open_stream(&url).await?;
-    let mut buffer = String::new();
+    let reopen_url = client.beacon(&format!("/v1/apps/{app}/logs/stream?lines=0"));
+    let mut feed = Feed::<LogEntry>::follow_from(client, &url, &reopen_url).await?;
     // Ctrl-C (or SIGTERM) ends following, through the one signal handler `px_runtime` installs.
     let interrupted = px_runtime::shutdown::on_signals()
         .map_err(|e| Failure::failed(format!("cannot watch for Ctrl-C: {e}")))?;
     loop {
-        let chunk = tokio::select! {
+        let entry = tokio::select! {
             _ = interrupted.cancelled() => return Ok(()),
-            chunk = stream.next() => chunk,
+            entry = feed.next() => entry,
         };
-        match chunk {
-            Some(Ok(bytes)) => buffer.push_str(&String::from_utf8_lossy(&bytes)),
-            Some(Err(e)) => return Err(Failure::failed(format!("lost the log stream: {e}"))),
-            None => return Ok(()),
-        }
-        for entry in take_sse::<LogEntry>(&mut buffer) {
-            print_log(&entry, json);
+        match entry {
+            Ok(entry) => print_log(&entry, json),
+            Err(end) => return Err(Failure::failed(format!("lost the log stream: {end}"))),
         }
     }
 }

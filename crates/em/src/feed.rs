@@ -109,10 +109,17 @@ impl<T: DeserializeOwned> Feed<T> {
     /// its streams), it is opened again on whichever Beacon answers, after the last event
     /// read, for up to [`RESUME_WINDOW`].
     pub async fn follow(client: &Client, url: &str) -> Result<Self> {
+        Self::follow_from(client, url, url).await
+    }
+
+    /// [`Feed::follow`], reopened at `reopen_url` rather than `url`: for a stream whose first
+    /// request asks for a backlog (`em logs -f`'s last lines) that a reopened one must not
+    /// repeat.
+    pub async fn follow_from(client: &Client, url: &str, reopen_url: &str) -> Result<Self> {
         Ok(Self {
             resume: Some(Resume {
                 client: client.clone(),
-                url: url.to_owned(),
+                url: reopen_url.to_owned(),
                 last_id: None,
                 lost: None,
                 attempts: 0,
@@ -226,11 +233,7 @@ impl<T: DeserializeOwned> Feed<T> {
 
 /// Takes every complete Server-Sent Events message out of `buffer` and parses its `data:` line
 /// as `T` (messages without one, or that do not parse, are skipped); a partial message stays.
-pub fn take_sse<T: DeserializeOwned>(buffer: &mut String) -> Vec<T> {
-    take_sse_after(buffer, None)
-}
-
-/// [`take_sse`], also keeping in `last_id` the `id:` of the last message taken that had one.
+/// Keeps in `last_id`, when given, the `id:` of the last message taken that had one.
 fn take_sse_after<T: DeserializeOwned>(
     buffer: &mut String,
     mut last_id: Option<&mut Option<String>>,

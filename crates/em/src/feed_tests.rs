@@ -24,7 +24,7 @@ fn sse(events: &[(u64, u32)]) -> axum::response::Response {
 #[test]
 fn sse_messages_are_split_and_partial_ones_kept() {
     let mut buffer = "id: 1\nevent: e\ndata: 7\n\n: keep-alive\n\ndata: 8\n\ndata: 9".to_string();
-    assert_eq!(take_sse::<u32>(&mut buffer), [7, 8]);
+    assert_eq!(take_sse_after::<u32>(&mut buffer, None), [7, 8]);
     assert_eq!(buffer, "data: 9");
 }
 
@@ -187,4 +187,36 @@ async fn a_standby_still_naming_the_silent_beacon_is_not_followed_there_and_aske
         "the redirect to the silent Beacon was followed"
     );
     assert_eq!(second.hits().len(), 2);
+}
+
+#[tokio::test]
+async fn a_stream_followed_from_a_backlog_is_reopened_without_it() {
+    // `em logs -f`: the first request asks for the last lines, a reopened one for none, so a
+    // failover does not print the backlog twice.
+    let first = Server::start(|_| {
+        let line = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+            "event: log\ndata: 10\n\n",
+        )]);
+        let body = axum::body::Body::from_stream(line.chain(futures_util::stream::pending()));
+        ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response()
+    })
+    .await;
+    let second = Server::start(|_| sse(&[(2, 20)])).await;
+    let client = client(&[&first.url, &second.url]);
+    let mut feed = Feed::<u32>::follow_from(
+        &client,
+        &client.beacon("/v1/apps/shop/logs/stream?lines=100"),
+        &client.beacon("/v1/apps/shop/logs/stream?lines=0"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(feed.next().await.unwrap(), 10);
+    let next = tokio::time::timeout(STREAM_SILENCE_DEADLINE + REOPEN_TIMEOUT, feed.next())
+        .await
+        .expect("the silent stream was never given up");
+    assert_eq!(next.unwrap(), 20);
+    assert_eq!(first.hits()[0].path, "/v1/apps/shop/logs/stream?lines=100");
+    let reopened = second.hits();
+    assert_eq!(reopened.len(), 1, "{reopened:?}");
+    assert_eq!(reopened[0].path, "/v1/apps/shop/logs/stream?lines=0");
 }
