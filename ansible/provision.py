@@ -9,8 +9,9 @@ scripts/provision, which makes the venv this runs in).
    own, the only one Ansible uses, with strict checking: no trust on first use. Machines with
    neither come with a known_hosts the operator checked (`--known-hosts`).
 2. `ansible/site.yml` with `ansible/ansible.cfg`, the inventory (the domain and ACME settings
-   are in it) and the release: a tarball (`--release-tarball`, from scripts/dist) or a
-   directory of binaries (`--bin-dir`). The web servers' play goes `--web-serial` hosts at a
+   are in it) and the release: a published version (`--release-version` and `--release-url`,
+   which the roles fetch once and check against its `.sha256`), a tarball
+   (`--release-tarball`, from scripts/dist) or a directory of binaries (`--bin-dir`). The web servers' play goes `--web-serial` hosts at a
    time, so an upgrade never restarts every Maestro at once.
 3. The em config the pki role wrote (`<inventory dir>/.secrets/em-config.toml`), and the
    commands that point em at the cluster.
@@ -59,6 +60,10 @@ ANSIBLE_TIMEOUT_S = 60 * 60
 # one Maestro at a time while the others serve.
 DEFAULT_WEB_SERIAL = "1"
 WEB_SERIAL = re.compile(r"^([1-9][0-9]{0,3}|[1-9][0-9]?%|100%)$")
+# A published release's version: it names a directory of the controller's cache and a file
+# under --release-url, so nothing that could leave either (no slash, no leading dot).
+RELEASE_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")
+RELEASE_URL = re.compile(r"^(https?|file)://\S+$")
 
 
 class ProvisionError(Exception):
@@ -74,6 +79,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     release = parser.add_mutually_exclusive_group(required=True)
     release.add_argument("--release-tarball", type=Path, help="release tarball from scripts/dist")
     release.add_argument("--bin-dir", type=Path, help="directory holding apprepo, beacon and maestro")
+    release.add_argument(
+        "--release-version",
+        help="a published release's version (e.g. 1.2.0), fetched from --release-url and checked against its .sha256",
+    )
+    parser.add_argument(
+        "--release-url",
+        help="where scripts/dist's tarballs are published (https://, http:// or file://): "
+        "<url>/platformx-<version>-x86_64-unknown-linux-gnu.tar.gz and its .sha256",
+    )
     parser.add_argument(
         "--known-hosts",
         type=Path,
@@ -93,6 +107,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--host-keys-timeout", type=float, default=HOST_KEYS_TIMEOUT_S, help="seconds to wait for a host's keys"
     )
     args = parser.parse_args(argv)
+    if args.release_version is not None:
+        if not RELEASE_VERSION.match(args.release_version):
+            parser.error(
+                f"--release-version {args.release_version!r} is not a version: up to 64 letters, digits, "
+                "dots, dashes, pluses and underscores, such as 1.2.0"
+            )
+        if args.release_url is None:
+            parser.error("--release-version needs --release-url, where the release tarballs are published")
+        if not RELEASE_URL.match(args.release_url):
+            parser.error(f"--release-url must be an https://, http:// or file:// URL, not {args.release_url!r}")
+    elif args.release_url is not None:
+        parser.error("--release-url is only used with --release-version")
     if not WEB_SERIAL.match(args.web_serial):
         parser.error(f"--web-serial must be a count from 1 to 9999 or a percentage from 1% to 100%, not {args.web_serial!r}")
     return args
@@ -270,15 +296,26 @@ def main(argv: list[str]) -> int:
     write_known_hosts(known_hosts, lines, args.known_hosts)
     print(f"provision: {known_hosts}: keys of {len(hosts)} hosts ({time.monotonic() - started:.0f} s)", flush=True)
 
-    if args.release_tarball is not None:
+    if args.release_version is not None:
+        # The roles fetch it (once, on this machine) and check it against its .sha256.
+        release = {
+            "platformx_release_version": args.release_version,
+            "platformx_release_url": args.release_url,
+            "platformx_release_tarball": "",
+        }
+    elif args.release_tarball is not None:
         if not args.release_tarball.is_file():
             raise ProvisionError(f"--release-tarball {args.release_tarball} is not a file")
-        release = {"platformx_release_tarball": str(args.release_tarball.resolve())}
+        release = {"platformx_release_tarball": str(args.release_tarball.resolve()), "platformx_release_version": ""}
     else:
         missing = [b for b in ("apprepo", "beacon", "maestro") if not (args.bin_dir / b).is_file()]
         if missing:
             raise ProvisionError(f"--bin-dir {args.bin_dir} lacks {', '.join(missing)}")
-        release = {"platformx_bin_dir": str(args.bin_dir.resolve()), "platformx_release_tarball": ""}
+        release = {
+            "platformx_bin_dir": str(args.bin_dir.resolve()),
+            "platformx_release_tarball": "",
+            "platformx_release_version": "",
+        }
     release["platformx_web_serial"] = args.web_serial
     release_vars = workdir / "provision-vars.json"
     release_vars.write_text(json.dumps(release, indent=2) + "\n")

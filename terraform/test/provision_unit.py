@@ -1,9 +1,12 @@
 """test/provision_unit.py: scripts/provision's host-key handling on console outputs shaped as
 EC2 gives them (cloud-init's block among boot messages, carriage returns, prefixes), run by
-terraform/check with its venv's Python. Prints every check and `provision: N passed, N failed`.
+terraform/check with its venv's Python, and its options for the release (a version with its URL,
+a tarball or a directory, one of them). Prints every check and `provision: N passed, N failed`.
 """
 
+import contextlib
 import importlib.util
+import io
 import sys
 import tempfile
 from argparse import Namespace
@@ -83,6 +86,35 @@ with tempfile.TemporaryDirectory() as tmp:
         check(False, "a console without keys times out")
     except provision.ProvisionError as err:
         check("no SSH host keys after 1 s" in str(err), "a console without keys times out with a clear message", err)
+
+
+
+def refused(argv, message, what):
+    """parse_args exits (argparse's usage error) with `message` on standard error."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            provision.parse_args(argv)
+        check(False, what, "accepted")
+    except SystemExit:
+        check(message in err.getvalue(), what, err.getvalue().strip().splitlines()[-1:])
+
+
+inv = ["--inventory", "hosts.yml"]
+args = provision.parse_args([*inv, "--release-version", "1.2.0", "--release-url", "https://releases.example.com/px/"])
+check((args.release_version, args.release_url, args.release_tarball, args.bin_dir)
+      == ("1.2.0", "https://releases.example.com/px/", None, None), "a release by version and URL", args)
+check(provision.parse_args([*inv, "--release-version", "1.2.0", "--release-url", "file:///srv/releases"]).release_url
+      == "file:///srv/releases", "a file:// release URL")
+refused([*inv, "--release-version", "1.2.0"], "--release-version needs --release-url", "a version without a URL is refused")
+refused([*inv, "--release-version", "../1.2.0", "--release-url", "https://r.example.com"], "is not a version",
+        "a version that would leave its directory is refused")
+refused([*inv, "--release-version", "1.2.0", "--release-url", "ftp://r.example.com"], "--release-url must be an https://",
+        "an ftp:// URL is refused")
+refused([*inv, "--release-version", "1.2.0", "--release-url", "https://r.example.com", "--release-tarball", "x.tar.gz"],
+        "not allowed with argument", "a version and a tarball together are refused")
+refused([*inv, "--bin-dir", "target/release", "--release-url", "https://r.example.com"],
+        "--release-url is only used with --release-version", "a URL without a version is refused")
 
 print(f"provision: {passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
