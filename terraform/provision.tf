@@ -10,7 +10,8 @@
 #
 # terraform_data is Terraform's own resource (no provider to download). It is replaced, and so
 # the provisioning runs again, when the inventory (hosts, addresses, domain, ACME settings),
-# the release or the web servers' batch size change; an apply that changes none of them runs
+# the release (a tarball's content, or the version and URL of a published one) or the web
+# servers' batch size change; an apply that changes none of them runs
 # nothing. The inventory is written with mode 0600 under the root module's directory, beside the
 # cluster's secrets and the known_hosts the script writes: keep that directory (see
 # docs/src/operating/from-zero.md, "Back up").
@@ -21,17 +22,24 @@ locals {
   provision_inventory = "${local.provision_dir}/hosts.yml"
   release_bin_dir     = abspath("${path.module}/../target/release")
   release_binaries    = [for name in ["apprepo", "beacon", "maestro"] : "${local.release_bin_dir}/${name}"]
-  # What the hosts run: the tarball (by its content, so a rebuilt file with the same name
-  # counts as new), or the local build's binaries (missing ones are reported by the script).
-  # pathexpand: a `~/...` path works as in a shell.
+  # What the hosts run: a published version (by its version and URL: a version's tarball
+  # never changes, and scripts/provision checks it against its .sha256), the tarball (by its
+  # content, so a rebuilt file with the same name counts as new), or the local build's
+  # binaries (missing ones are reported by the script). pathexpand: a `~/...` path works as in
+  # a shell.
   release_tarball = var.release_tarball != "" ? abspath(pathexpand(var.release_tarball)) : ""
-  release_fingerprint = local.release_tarball != "" ? "${local.release_tarball} ${filesha256(local.release_tarball)}" : join(" ", [
-    for file in local.release_binaries : fileexists(file) ? filesha256(file) : "missing"
-  ])
+  release_fingerprint = var.release_version != "" ? "version ${var.release_version} ${var.release_url}" : (
+    local.release_tarball != "" ? "${local.release_tarball} ${filesha256(local.release_tarball)}" : join(" ", [
+      for file in local.release_binaries : fileexists(file) ? filesha256(file) : "missing"
+    ])
+  )
+  release_args = var.release_version != "" ? ["--release-version", var.release_version, "--release-url", var.release_url] : (
+    local.release_tarball != "" ? ["--release-tarball", local.release_tarball] : ["--bin-dir", local.release_bin_dir]
+  )
   provision_command = length(var.provision_command) > 0 ? var.provision_command : [abspath("${path.module}/../scripts/provision")]
   provision_args = concat(
     ["--inventory", local.provision_inventory, "--web-serial", var.provision_web_serial],
-    local.release_tarball != "" ? ["--release-tarball", local.release_tarball] : ["--bin-dir", local.release_bin_dir],
+    local.release_args,
     var.ssh_private_key_file != "" ? ["--private-key", abspath(pathexpand(var.ssh_private_key_file))] : [],
   )
   # One shell word per argument: single quotes, each quote inside written as '\''.
@@ -45,6 +53,18 @@ resource "terraform_data" "provision" {
     inventory  = sha256(local.ansible_inventory)
     release    = local.release_fingerprint
     web_serial = var.provision_web_serial
+  }
+
+  lifecycle {
+    # Checked here rather than in the variables: Terraform 1.5 validates each variable alone.
+    precondition {
+      condition     = var.release_version == "" || var.release_tarball == ""
+      error_message = "release_version and release_tarball are both set: install a published version or a local tarball, not both (unset one of them)."
+    }
+    precondition {
+      condition     = var.release_version == "" || var.release_url != ""
+      error_message = "release_version is set but release_url is not: name where the release tarballs of scripts/dist are published."
+    }
   }
 
   provisioner "local-exec" {

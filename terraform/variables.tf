@@ -304,13 +304,35 @@ variable "provision" {
 }
 
 variable "release_tarball" {
-  description = "Release tarball (from scripts/dist) on the machine running Terraform, installed on every host. Empty: the binaries in ../target/release (cargo build --release). Changing it (or the file) rolls the web servers to the new release one at a time."
+  description = "Release tarball (from scripts/dist) on the machine running Terraform, installed on every host. Empty: release_version, else the binaries in ../target/release (cargo build --release). Changing it (or the file) rolls the web servers to the new release one at a time."
   type        = string
   default     = ""
 
   validation {
     condition     = var.release_tarball == "" || can(regex("\\.(tar\\.gz|tgz|tar\\.xz)$", var.release_tarball))
     error_message = "release_tarball must name a .tar.gz, .tgz or .tar.xz release tarball from scripts/dist, or be empty."
+  }
+}
+
+variable "release_version" {
+  description = "A published release's version (e.g. 1.2.0), installed on every host: its tarball, release_url/platformx-<version>-x86_64-unknown-linux-gnu.tar.gz, is fetched once onto the machine running Terraform and checked against the .sha256 published beside it. Not with release_tarball. Changing it rolls the hosts to that version, the web servers one at a time."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.release_version == "" || can(regex("^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$", var.release_version))
+    error_message = "release_version must be a version such as 1.2.0 (up to 64 letters, digits, dots, dashes, pluses and underscores), or be empty."
+  }
+}
+
+variable "release_url" {
+  description = "Where the release tarballs of scripts/dist and their .sha256 files are published (https://, http:// or file://), for release_version."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.release_url == "" || can(regex("^(https?|file)://[^[:space:]]+$", var.release_url))
+    error_message = "release_url must be an https://, http:// or file:// URL, or be empty."
   }
 }
 

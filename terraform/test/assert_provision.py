@@ -21,7 +21,8 @@ def defaults(check, plan):
 
 
 def runs(check, record_file, count, tfvars, release):
-    """The stand-in ran `count` times in all; its last run saw every host and `release` as it is now."""
+    """The stand-in ran `count` times in all; its last run saw every host and `release` as it is now
+    (a tarball's path, or `version <version> <url>` for a published release)."""
     lines = Path(record_file).read_text().splitlines() if Path(record_file).exists() else []
     check(len(lines) == int(count), f"the provisioning ran {count} time(s) in all", len(lines))
     if not lines:
@@ -31,6 +32,11 @@ def runs(check, record_file, count, tfvars, release):
     hosts = sorted([f"{prefix}-control-{i}" for i in range(1, tfvars["control_count"] + 1)]
                    + [f"{prefix}-web-{i}" for i in range(1, tfvars["web_count"] + 1)])
     check(last["hosts"] == hosts, "it was given every host, each with its instance id and console output", last["hosts"])
+    if release.startswith("version "):
+        # A published release: its version and URL, which the roles fetch.
+        check(last["release"] == release and last["release_sha256"] is None,
+              f"it was given the published release ({release})", last)
+        return
     sha = hashlib.sha256(Path(release).read_bytes()).hexdigest()
     check(last["release"] == release and last["release_sha256"] == sha, "it was given the release as it is now", last)
 

@@ -9,7 +9,8 @@ own code where it can run here:
   test/moto.tfvars.json (its path in PX_TFVARS);
 - the host keys' source: scripts/provision's EC2 console reader fetches each instance's console
   output from moto (at MOTO_ENDPOINT) with the region the inventory names;
-- the release (PX_EXPECT_RELEASE) and the web servers' batch size.
+- the release (PX_EXPECT_RELEASE: a tarball's path, or `version <version> <url>` for a
+  published one given as --release-version and --release-url) and the web servers' batch size.
 Each run appends one JSON line to PX_PROVISION_RECORD (so the check counts the runs: one per
 apply that replaced the provisioning) and exits non-zero on the first mismatch, which fails the
 apply as a failed site.yml would.
@@ -83,20 +84,25 @@ def main() -> None:
         if consoles[name] == 0:
             fail(f"no console output for {name} ({instance_id})")
 
-    if str(args.release_tarball) != os.environ["PX_EXPECT_RELEASE"]:
-        fail(f"release {args.release_tarball}, expected {os.environ['PX_EXPECT_RELEASE']}")
+    # A published version is given as its version and URL; a tarball as its path.
+    if args.release_version is not None:
+        release = f"version {args.release_version} {args.release_url}"
+    else:
+        release = str(args.release_tarball)
+    if release != os.environ["PX_EXPECT_RELEASE"]:
+        fail(f"release {release}, expected {os.environ['PX_EXPECT_RELEASE']}")
     if args.web_serial != "1":
         fail(f"web servers {args.web_serial} at a time, expected 1")
 
     record = {
         "hosts": sorted(hosts),
-        "release": str(args.release_tarball),
-        "release_sha256": provision_sha256(args.release_tarball),
+        "release": release,
+        "release_sha256": provision_sha256(args.release_tarball) if args.release_tarball else None,
         "console_bytes": consoles,
     }
     with open(os.environ["PX_PROVISION_RECORD"], "a") as out:
         out.write(json.dumps(record) + "\n")
-    print(f"provision stand-in: {len(hosts)} hosts, release {args.release_tarball}: as expected")
+    print(f"provision stand-in: {len(hosts)} hosts, release {release}: as expected")
 
 
 def provision_sha256(path: Path) -> str:
