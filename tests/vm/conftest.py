@@ -338,14 +338,15 @@ def _site_env() -> dict[str, str]:
     }
 
 
-def provision(cluster: Cluster, inventory: Path, staging: Path, extra_vars: Path, web_serial: str):
+def provision(cluster: Cluster, inventory: Path, release: list[str], extra_vars: Path, web_serial: str):
     """Runs scripts/provision as terraform/provision.tf does, with the VMs' console logs as the
-    host keys' source and the local build as the release; a failure raises with the end of its
-    output."""
+    host keys' source and `release` as its release options (`--bin-dir DIR` for the local
+    build, `--release-version V --release-url URL` for a published one); a failure raises with
+    the end of its output."""
     command = [
         str(PROVISION),
         "--inventory", str(inventory),
-        "--bin-dir", str(staging),
+        *release,
         "--private-key", str(next(iter(cluster)).image.ssh_key),
         "--extra-vars", str(extra_vars),
         "--web-serial", web_serial,
@@ -393,7 +394,7 @@ def platform(request: pytest.FixtureRequest, cluster: Cluster) -> Platform:
     for run, web_serial in (("first", "100%"), ("second", "1")):
         started = time.monotonic()
         try:
-            proc = provision(cluster, inventory, staging, extra_vars, web_serial)
+            proc = provision(cluster, inventory, ["--bin-dir", str(staging)], extra_vars, web_serial)
         finally:
             timings[f"scripts/provision {run} run"] = time.monotonic() - started
             report["platform"] = timings
@@ -573,7 +574,9 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
                 machine.kill()
 
 
-# The scenarios' order: each starts from the state the one before left (README.md). The build
+# The scenarios' order: each starts from the state the one before left (README.md). The
+# release upgrade comes right after the first deploys, on the cluster as provisioned, and
+# leaves it on the upgraded release (the site.yml runs after it install that one). The build
 # scenario comes after the others, so they run with the cluster they were written for; the ACME
 # scenario after them, as it turns HTTPS on across the cluster (site.yml with the ACME
 # variables); the failover scenario last, as it moves apprepo to S3 (the apps deployed before
@@ -581,6 +584,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 MODULE_ORDER = (
     "test_cluster_boots",
     "test_deploy_cycle",
+    "test_release_upgrade",
     "test_isolation",
     "test_hostile_tenant",
     "test_recovery",
@@ -624,6 +628,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         write(f"{what} (strategy {ansible_strategy()}): {seconds:.1f} s")
     for what, seconds in report.get("timings", {}).items():
         write(f"{what}: {seconds:.1f} s")
+    for what, value in report.get("figures", {}).items():
+        write(f"{what}: {value}")
     if exitstatus != 0:
         for machine in vms:
             write(
@@ -647,3 +653,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 def vm_timings(request: pytest.FixtureRequest) -> dict[str, float]:
     """What -> seconds, printed in the run's summary (a test's own measurements)."""
     return request.config.stash.setdefault(_report, {}).setdefault("timings", {})
+
+
+@pytest.fixture(scope="session")
+def vm_figures(request: pytest.FixtureRequest) -> dict[str, object]:
+    """What -> a figure other than seconds (a count), printed as is in the run's summary after
+    the timings."""
+    return request.config.stash.setdefault(_report, {}).setdefault("figures", {})
