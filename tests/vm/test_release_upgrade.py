@@ -226,7 +226,8 @@ def test_a_release_installed_by_version_rolls_to_the_next_without_a_failed_reque
         print(f"scripts/provision --release-version {version}: {seconds:.1f} s; "
               + "; ".join(poller.summary() for poller in polling))  # fmt: skip
         vm_timings[f"{what} ({version}, scripts/provision, web servers one at a time)"] = seconds
-        vm_figures[f"{what} ({version}): failed requests"] = len(failures)
+        polled = sum(len(poller.seen) + len(poller.failures) for poller in polling)
+        vm_figures[f"{what} ({version}): failed requests"] = f"{len(failures)} of {polled} polled"
 
         recap = play_recap(proc.stdout)
         assert set(recap) == set(BINARIES), proc.stdout[-3000:]
