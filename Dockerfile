@@ -224,6 +224,8 @@ COPY images/healthcheck /usr/local/bin/px-healthcheck
 COPY images/beacon.toml /etc/platformx/beacon.toml
 COPY --from=binaries /out/beacon /usr/bin/beacon
 ENV PX_HEALTHCHECK_URL=https://127.0.0.1:7080/healthz
+# One malloc arena, as systemd/beacon.service sets it: 20 MiB less for 10,000 links.
+ENV MALLOC_ARENA_MAX=1
 USER 10002:10002
 WORKDIR /var/lib/platformx/beacon
 # 7080: API and status page (HTTPS); 7443: TLS control links from Maestros and apprepo.
