@@ -13,6 +13,14 @@ use super::*;
 use crate::beacons::tests::{Server, client, redirect};
 
 /// An SSE body of the events `(id, value)`, ending after the last.
+/// An event stream that sends `message` and then nothing, not even a keep-alive, while its
+/// connection stays open: what a Beacon whose host vanished leaves a follower with.
+fn silent_after(message: &'static str) -> axum::response::Response {
+    let first = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(message)]);
+    let body = axum::body::Body::from_stream(first.chain(futures_util::stream::pending()));
+    ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response()
+}
+
 fn sse(events: &[(u64, u32)]) -> axum::response::Response {
     let body: String = events
         .iter()
@@ -111,15 +119,7 @@ async fn a_stream_opened_without_following_ends_with_its_connection() {
 async fn a_followed_stream_that_falls_silent_is_reopened_on_the_next_beacon() {
     // The first Beacon sends one event and then nothing, not even a keep-alive, while its
     // connection stays open: its host vanished. The second has taken over.
-    let first = Server::start(|_| {
-        let first_event = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
-            "id: 1\nevent: event\ndata: 10\n\n",
-        )]);
-        let body =
-            axum::body::Body::from_stream(first_event.chain(futures_util::stream::pending()));
-        ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response()
-    })
-    .await;
+    let first = Server::start(|_| silent_after("id: 1\nevent: event\ndata: 10\n\n")).await;
     let second = Server::start(|_| sse(&[(2, 20)])).await;
     let client = client(&[&first.url, &second.url]);
     let mut feed = Feed::<u32>::follow(&client, &client.beacon("/v1/events/stream?app=shop"))
@@ -147,15 +147,7 @@ async fn a_standby_still_naming_the_silent_beacon_is_not_followed_there_and_aske
     // The first Beacon's host vanished after one event. The second is a standby whose lease
     // claim has not gone through yet: it still redirects to the first, and only its second
     // answer is its own stream, once it has taken over.
-    let first = Server::start(|_| {
-        let first_event = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
-            "id: 1\nevent: event\ndata: 10\n\n",
-        )]);
-        let body =
-            axum::body::Body::from_stream(first_event.chain(futures_util::stream::pending()));
-        ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response()
-    })
-    .await;
+    let first = Server::start(|_| silent_after("id: 1\nevent: event\ndata: 10\n\n")).await;
     let first_url = first.url.clone();
     let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let second = Server::start(move |path| {
@@ -193,14 +185,7 @@ async fn a_standby_still_naming_the_silent_beacon_is_not_followed_there_and_aske
 async fn a_stream_followed_from_a_backlog_is_reopened_without_it() {
     // `em logs -f`: the first request asks for the last lines, a reopened one for none, so a
     // failover does not print the backlog twice.
-    let first = Server::start(|_| {
-        let line = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
-            "event: log\ndata: 10\n\n",
-        )]);
-        let body = axum::body::Body::from_stream(line.chain(futures_util::stream::pending()));
-        ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response()
-    })
-    .await;
+    let first = Server::start(|_| silent_after("event: log\ndata: 10\n\n")).await;
     let second = Server::start(|_| sse(&[(2, 20)])).await;
     let client = client(&[&first.url, &second.url]);
     let mut feed = Feed::<u32>::follow_from(
