@@ -79,6 +79,17 @@ fn unix_ms_now() -> u64 {
     u64::try_from(since.as_millis()).unwrap()
 }
 
+/// apprepo lists the shop's first release and `last`, and nothing else: the failover lost no
+/// release and made none twice.
+async fn assert_no_release_lost(stack: &Stack, last: &Release) {
+    let releases: Vec<Release> = stack
+        .get_json(format!("{}/v1/apps/shop/releases", stack.repo_url))
+        .await;
+    let mut versions: Vec<u64> = releases.iter().map(|r| r.version).collect();
+    versions.sort_unstable();
+    assert_eq!(versions, vec![1, last.version], "no release was lost");
+}
+
 async fn node(stack: &Stack, beacon_url: &str) -> Node {
     let nodes: Vec<Node> = stack.get_json(format!("{beacon_url}/v1/nodes")).await;
     nodes.into_iter().find(|n| n.name == "web-1").unwrap()
@@ -226,12 +237,7 @@ async fn the_standby_finishes_a_rollout_the_stopped_active_beacon_started() {
         "a follower resuming after event {last_seen} is sent nothing by the new Beacon"
     );
     assert!(resumed.iter().all(|e| e.seq > last_seen && e.seq > 2 << 32));
-    let releases: Vec<Release> = stack
-        .get_json(format!("{}/v1/apps/shop/releases", stack.repo_url))
-        .await;
-    let mut versions: Vec<u64> = releases.iter().map(|r| r.version).collect();
-    versions.sort_unstable();
-    assert_eq!(versions, vec![1, release.version], "no release was lost");
+    assert_no_release_lost(&stack, &release).await;
     stack.stop().await;
 }
 
@@ -286,11 +292,6 @@ async fn the_standby_finishes_a_rollout_whose_active_beacon_was_cut_off_without_
     let reason = ended.expect_err("a Beacon that cannot renew ends with an error");
     assert!(reason.is_panic(), "{reason:?}");
 
-    let releases: Vec<Release> = stack
-        .get_json(format!("{}/v1/apps/shop/releases", stack.repo_url))
-        .await;
-    let mut versions: Vec<u64> = releases.iter().map(|r| r.version).collect();
-    versions.sort_unstable();
-    assert_eq!(versions, vec![1, release.version], "no release was lost");
+    assert_no_release_lost(&stack, &release).await;
     stack.stop().await;
 }
