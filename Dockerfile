@@ -25,12 +25,13 @@
 # Reproducible: two builds of one commit give the same image ID when given the same
 # SOURCE_DATE_EPOCH (the commit's time: `git log -1 --format=%ct`) as a build argument and as
 # the image's time (buildah/podman `--timestamp`, BuildKit `rewrite-timestamp=true`;
-# images/README.md), a buildah before 1.41 followed by images/normalise-image (which removes
-# the build container's ID and host name it writes into the config). For that, the base images
-# are pinned by digest, every Debian package an image adds is pinned to a version below, and
-# each install removes what would differ between two builds (apt's lists and logs, dpkg's and
-# debconf's `-old` copies, ldconfig's aux-cache). scripts/check-images builds the Maestro image
-# twice (PX_IMAGES_REPRODUCE=all: every image) and requires the same image ID both times.
+# images/README.md); with a buildah before 1.41, then normalised by images/normalise-image
+# (which removes the build container's ID and host name it writes into the config). For that,
+# the base images are pinned by digest, every Debian package an image adds is pinned to a
+# version below, and each install removes what would differ between two builds (apt's lists
+# and logs, dpkg's and debconf's `-old` copies, ldconfig's aux-cache). scripts/check-images
+# builds the Maestro image twice (PX_IMAGES_REPRODUCE=all: every image) and requires the same
+# image ID both times.
 
 # Base images, by digest (a tag moves; a digest names one image). Updating: images/README.md.
 # rust:1.94.0-bookworm, the multi-architecture index (1.94: the workspace's rust-version).
