@@ -19,7 +19,8 @@ use tokio_util::task::TaskTracker;
 use crate::admission::{Admission, PREAUTH_DEADLINE, Unverified};
 use crate::auth::{Role, Tokens};
 use crate::frames::{FrameLink, Outgoing, Shared, heartbeat_frame};
-use crate::hub::Hub;
+use crate::hub::{Attached, Hub};
+use crate::link_clock::{Due, LinkClock};
 use crate::link_tls::ServerTls;
 use crate::metrics::Metrics;
 use crate::open_links::OpenLinks;
@@ -47,12 +48,20 @@ async fn send_heartbeat(link: &mut Link) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// The ticks of Beacon's heartbeats on one link: the first at once, delayed rather than bunched
-/// after a stall.
-fn heartbeats() -> tokio::time::Interval {
-    let mut ticks = tokio::time::interval(BEACON_HEARTBEAT_INTERVAL);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks
+/// The deadlines of a link opened now: Beacon's heartbeats (the first at once) and the peer's
+/// allowed silence, on one timer (`crate::link_clock`).
+fn link_clock() -> LinkClock {
+    LinkClock::new(
+        tokio::time::Instant::now(),
+        BEACON_HEARTBEAT_INTERVAL,
+        HEARTBEAT_DEADLINE,
+    )
+}
+
+/// The peer's name from its `Hello`, the rest of which is dropped: a link keeps only this for
+/// its life, not the labels, runtimes, token and first report it was attached with.
+fn peer_name(hello: Box<Hello>) -> Box<str> {
+    hello.name.into_boxed_str()
 }
 
 pub struct LinkServer {
@@ -156,16 +165,19 @@ impl LinkServer {
         // Proved: the slot goes back, and the link may carry frames of any allowed size.
         drop(unverified);
         link.set_max(MAX_FRAME_BYTES);
-        let registered = self.open.register(&hello.name, &entry);
+        let registered = self.open.register(&hello.name, entry);
         self.metrics.links_accepted.inc();
         let revoked = &registered.revoked;
         match hello.role {
             PeerRole::Repository => {
-                self.repository_link(&mut link, &hello, revoked, shutdown)
+                let name = peer_name(hello);
+                self.repository_link(&mut link, &name, revoked, shutdown)
                     .await
             }
             PeerRole::Maestro => {
-                self.maestro_link(&mut link, &hello, revoked, shutdown)
+                let attached = Box::pin(self.hub.attach(&hello)).await;
+                let node = peer_name(hello);
+                self.maestro_link(&mut link, &node, attached, revoked, shutdown)
                     .await
             }
         }
@@ -176,7 +188,7 @@ impl LinkServer {
     async fn handshake(
         &self,
         tcp: TcpStream,
-    ) -> Result<(Link, Hello, Arc<TokenEntry<Role>>), String> {
+    ) -> Result<(Link, Box<Hello>, Arc<TokenEntry<Role>>), String> {
         let tls = ServerTls::accept(tcp, self.tls.config().clone())
             .await
             .map_err(|e| format!("tls: {e}"))?;
@@ -237,27 +249,27 @@ impl LinkServer {
         })
         .await
         .map_err(|e| format!("welcome: {e}"))?;
-        Ok((link, hello, entry))
+        Ok((link, Box::new(hello), entry))
     }
 
     async fn repository_link(
         &self,
         link: &mut Link,
-        hello: &Hello,
+        name: &str,
         revoked: &CancellationToken,
         shutdown: CancellationToken,
     ) -> Result<(), String> {
-        tracing::info!(peer = %hello.name, "repository linked");
-        self.hub.repository_link(&hello.name, true);
-        let result = self.repository_frames(link, hello, revoked, shutdown).await;
-        self.hub.repository_link(&hello.name, false);
+        tracing::info!(peer = %name, "repository linked");
+        self.hub.repository_link(name, true);
+        let result = self.repository_frames(link, name, revoked, shutdown).await;
+        self.hub.repository_link(name, false);
         result
     }
 
     async fn repository_frames(
         &self,
         link: &mut Link,
-        hello: &Hello,
+        name: &str,
         revoked: &CancellationToken,
         shutdown: CancellationToken,
     ) -> Result<(), String> {
@@ -265,15 +277,21 @@ impl LinkServer {
         // one it already carried out.
         let mut rollbacks = self.hub.rollback_orders();
         rollbacks.mark_changed();
-        let mut heartbeat = heartbeats();
-        let silence = tokio::time::sleep(HEARTBEAT_DEADLINE);
-        tokio::pin!(silence);
+        let mut clock = link_clock();
+        let timer = tokio::time::sleep_until(clock.wake_at());
+        tokio::pin!(timer);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = revoked.cancelled() => return Err(format!("repository {}: its token is no longer accepted", hello.name)),
-                _ = &mut silence => return Err(format!("repository {} silent past the deadline", hello.name)),
-                _ = heartbeat.tick() => send_heartbeat(link).await?,
+                _ = revoked.cancelled() => return Err(format!("repository {name}: its token is no longer accepted")),
+                _ = &mut timer => {
+                    match clock.due(tokio::time::Instant::now()) {
+                        Due::Silent => return Err(format!("repository {name} silent past the deadline")),
+                        Due::Beat => send_heartbeat(link).await?,
+                        Due::Nothing => {}
+                    }
+                    timer.as_mut().reset(clock.wake_at());
+                }
                 r = rollbacks.changed() => {
                     if r.is_err() {
                         return Ok(());
@@ -284,9 +302,9 @@ impl LinkServer {
                         link.send(&FromBeacon::Rollback(order.clone())).await.map_err(|e| e.to_string())?;
                     }
                 }
-                frame = link.next() => match frame.inspect(|_| silence.as_mut().reset(tokio::time::Instant::now() + HEARTBEAT_DEADLINE)) {
+                frame = link.next() => match frame.inspect(|_| clock.heard(tokio::time::Instant::now())) {
                     None => return Ok(()),
-                    Some(Err(e)) => return Err(format!("bad frame from repository {}: {e}", hello.name)),
+                    Some(Err(e)) => return Err(format!("bad frame from repository {name}: {e}")),
                     Some(Ok(ToBeacon::ReleaseCommitted(notice))) => {
                         self.metrics.releases_notified.inc();
                         tracing::info!(app = %notice.app, version = notice.version, "release committed");
@@ -298,10 +316,10 @@ impl LinkServer {
                         // The reconcile reads the pending builds with the apps, as above.
                         let _ = self.reconcile.try_send(());
                     }
-                    Some(Ok(ToBeacon::Heartbeat(report))) => self.hub.repository_seen(&hello.name, &report),
+                    Some(Ok(ToBeacon::Heartbeat(report))) => self.hub.repository_seen(name, &report),
                     Some(Ok(ToBeacon::Tokens(list))) => match crate::auth::accept_grants(&self.tokens, &list.grants) {
-                        Ok(count) => tracing::info!(repository = %hello.name, count, "minted tokens updated"),
-                        Err(e) => return Err(format!("repository {}: {e}", hello.name)),
+                        Ok(count) => tracing::info!(repository = %name, count, "minted tokens updated"),
+                        Err(e) => return Err(format!("repository {name}: {e}")),
                     },
                     Some(Ok(other)) => return Err(format!("unexpected {} from a repository", frame_name(&other))),
                 },
@@ -309,15 +327,16 @@ impl LinkServer {
         }
     }
 
+    /// The frames of the Maestro `node`, attached to the hub as `attached`, until the link ends;
+    /// detaches it then.
     async fn maestro_link(
         &self,
         link: &mut Link,
-        hello: &Hello,
+        node: &str,
+        mut attached: Attached,
         revoked: &CancellationToken,
         shutdown: CancellationToken,
     ) -> Result<(), String> {
-        let node = hello.name.as_str();
-        let mut attached = Box::pin(self.hub.attach(hello)).await;
         let conn = attached.conn;
         tracing::info!(%node, "maestro linked");
         let mut challenges = self.challenges.subscribe();
@@ -339,16 +358,22 @@ impl LinkServer {
             if let Some(assignment) = initial {
                 self.send_assignment(link, node, conn, &assignment).await?;
             }
-            let mut heartbeat = heartbeats();
-            let silence = tokio::time::sleep(HEARTBEAT_DEADLINE);
-            tokio::pin!(silence);
+            let mut clock = link_clock();
+            let timer = tokio::time::sleep_until(clock.wake_at());
+            tokio::pin!(timer);
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = revoked.cancelled() => return Err(format!("node {node}: its token is no longer accepted")),
-                    _ = &mut silence => return Err(format!("node {node} silent past the deadline")),
                     _ = attached.closed.cancelled() => return Err(format!("node {node} replaced or lost")),
-                    _ = heartbeat.tick() => send_heartbeat(link).await?,
+                    _ = &mut timer => {
+                        match clock.due(tokio::time::Instant::now()) {
+                            Due::Silent => return Err(format!("node {node} silent past the deadline")),
+                            Due::Beat => send_heartbeat(link).await?,
+                            Due::Nothing => {}
+                        }
+                        timer.as_mut().reset(clock.wake_at());
+                    }
                     changed = attached.assignments.changed() => {
                         if changed.is_err() {
                             return Ok(());
@@ -376,7 +401,7 @@ impl LinkServer {
                         Some(command) => link.send(&command).await.map_err(|e| e.to_string())?,
                         None => return Ok(()),
                     },
-                    frame = link.next() => match frame.inspect(|_| silence.as_mut().reset(tokio::time::Instant::now() + HEARTBEAT_DEADLINE)) {
+                    frame = link.next() => match frame.inspect(|_| clock.heard(tokio::time::Instant::now())) {
                         None => return Ok(()),
                         Some(Err(e)) => return Err(format!("bad frame from node {node}: {e}")),
                         Some(Ok(ToBeacon::Heartbeat(report))) => {

@@ -21,10 +21,9 @@ pub struct OpenLinks {
 struct OpenLink {
     /// The node or repository name its `Hello` gave.
     peer: String,
-    /// The token's name, role and hash as verified at the handshake.
-    token: String,
-    role: Role,
-    sha256: String,
+    /// The token's entry as verified at the handshake, shared with the token table that
+    /// verified it rather than copied for every link.
+    entry: Arc<TokenEntry<Role>>,
     revoked: CancellationToken,
 }
 
@@ -38,16 +37,14 @@ pub struct Registered {
 
 impl OpenLinks {
     /// Registers the link of `peer`, verified with `entry`.
-    pub fn register(self: &Arc<Self>, peer: &str, entry: &TokenEntry<Role>) -> Registered {
+    pub fn register(self: &Arc<Self>, peer: &str, entry: Arc<TokenEntry<Role>>) -> Registered {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let revoked = CancellationToken::new();
         self.lock().insert(
             id,
             OpenLink {
                 peer: peer.to_string(),
-                token: entry.name.clone(),
-                role: entry.role,
-                sha256: entry.sha256.clone(),
+                entry,
                 revoked: revoked.clone(),
             },
         );
@@ -67,7 +64,7 @@ impl OpenLinks {
                 continue;
             };
             if !link.revoked.is_cancelled() {
-                tracing::warn!(peer = %link.peer, token = %link.token, %reason, "closing a link after a reload");
+                tracing::warn!(peer = %link.peer, token = %link.entry.name, %reason, "closing a link after a reload");
                 link.revoked.cancel();
                 closed += 1;
             }
@@ -82,10 +79,10 @@ impl OpenLinks {
 
 /// Whether the token `link` proved still admits it under `tokens`.
 fn still_admitted(link: &OpenLink, tokens: &TokenTable<Role>) -> Result<(), String> {
-    let Some(entry) = tokens.entry_by_hash(&link.sha256) else {
-        return Err(format!("token {:?} is no longer accepted", link.token));
+    let Some(entry) = tokens.entry_by_hash(&link.entry.sha256) else {
+        return Err(format!("token {:?} is no longer accepted", link.entry.name));
     };
-    if entry.role != link.role {
+    if entry.role != link.entry.role {
         return Err(format!(
             "token {:?} is now a {} token",
             entry.name,
@@ -118,10 +115,10 @@ mod tests {
     #[test]
     fn a_recheck_closes_the_links_whose_token_went_or_moved_and_keeps_the_rest() {
         let links = Arc::new(OpenLinks::default());
-        let web1 = links.register("web-1", &entry("a", Role::Maestro, Some("web-1")));
-        let web2 = links.register("web-2", &entry("b", Role::Maestro, Some("web-2")));
-        let web3 = links.register("web-3", &entry("c", Role::Maestro, Some("web-3")));
-        let repo = links.register("apprepo", &entry("r", Role::Repository, None));
+        let web1 = links.register("web-1", Arc::new(entry("a", Role::Maestro, Some("web-1"))));
+        let web2 = links.register("web-2", Arc::new(entry("b", Role::Maestro, Some("web-2"))));
+        let web3 = links.register("web-3", Arc::new(entry("c", Role::Maestro, Some("web-3"))));
+        let repo = links.register("apprepo", Arc::new(entry("r", Role::Repository, None)));
         let tokens = TokenTable::new(vec![
             entry("a", Role::Maestro, Some("web-1")),
             // b is gone; c now belongs to another node.

@@ -36,6 +36,7 @@ mod scope;
 mod views;
 
 pub use self::domains::AddedDomains;
+pub(crate) use self::nodes::Attached;
 pub(crate) use self::runs::{RunNode, RunPlaceError};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -163,7 +164,9 @@ struct State {
     /// The newest generation known to be on disk. Nodes are only ever sent this one: an
     /// assignment is published when `durable` reaches `persisted.generation`.
     durable: u64,
-    nodes: BTreeMap<String, NodeEntry>,
+    /// Boxed: a map node holds eleven entries and is often half full, so entries held inline
+    /// would cost every node the room of about two records.
+    nodes: BTreeMap<String, Box<NodeEntry>>,
     rollouts: BTreeMap<String, Rollout>,
     next_conn: u64,
     repository_reachable: bool,

@@ -126,7 +126,7 @@ impl Hub {
             scope: Default::default(),
             token_sha256: px_runtime::tokens::hash(&hello.token),
         };
-        match state.nodes.insert(hello.name.clone(), entry) {
+        match state.nodes.insert(hello.name.clone(), Box::new(entry)) {
             Some(old) => {
                 if old.connected {
                     tracing::warn!(node = %hello.name, "a new link replaces this node's previous one");
