@@ -165,7 +165,7 @@ impl LinkServer {
         // Proved: the slot goes back, and the link may carry frames of any allowed size.
         drop(unverified);
         link.set_max(MAX_FRAME_BYTES);
-        let registered = self.open.register(&hello.name, entry);
+        let registered = self.open.register(&hello.name, entry, &shutdown);
         self.metrics.links_accepted.inc();
         let revoked = &registered.revoked;
         match hello.role {
@@ -175,7 +175,7 @@ impl LinkServer {
                     .await
             }
             PeerRole::Maestro => {
-                let attached = Box::pin(self.hub.attach(&hello)).await;
+                let attached = Box::pin(self.hub.attach_within(&hello, revoked)).await;
                 let node = peer_name(hello);
                 self.maestro_link(&mut link, &node, attached, revoked, shutdown)
                     .await
@@ -282,8 +282,13 @@ impl LinkServer {
         tokio::pin!(timer);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                _ = revoked.cancelled() => return Err(format!("repository {name}: its token is no longer accepted")),
+                // `revoked` is a child of `shutdown`: one wait for both.
+                _ = revoked.cancelled() => {
+                    if shutdown.is_cancelled() {
+                        return Ok(());
+                    }
+                    return Err(format!("repository {name}: its token is no longer accepted"));
+                }
                 _ = &mut timer => {
                     match clock.due(tokio::time::Instant::now()) {
                         Due::Silent => return Err(format!("repository {name} silent past the deadline")),
@@ -363,9 +368,17 @@ impl LinkServer {
             tokio::pin!(timer);
             loop {
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = revoked.cancelled() => return Err(format!("node {node}: its token is no longer accepted")),
-                    _ = attached.closed.cancelled() => return Err(format!("node {node} replaced or lost")),
+                    // `closed` is a child of `revoked`, a child of `shutdown`: one wait for the
+                    // three, each of which a select would register and drop on every wake-up.
+                    _ = attached.closed.cancelled() => {
+                        if shutdown.is_cancelled() {
+                            return Ok(());
+                        }
+                        if revoked.is_cancelled() {
+                            return Err(format!("node {node}: its token is no longer accepted"));
+                        }
+                        return Err(format!("node {node} replaced or lost"));
+                    }
                     _ = &mut timer => {
                         match clock.due(tokio::time::Instant::now()) {
                             Due::Silent => return Err(format!("node {node} silent past the deadline")),

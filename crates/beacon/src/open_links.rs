@@ -36,10 +36,16 @@ pub struct Registered {
 }
 
 impl OpenLinks {
-    /// Registers the link of `peer`, verified with `entry`.
-    pub fn register(self: &Arc<Self>, peer: &str, entry: Arc<TokenEntry<Role>>) -> Registered {
+    /// Registers the link of `peer`, verified with `entry`. Its `revoked` token is a child of
+    /// `within` (Beacon's shutdown), so the link task may wait on it alone for both.
+    pub fn register(
+        self: &Arc<Self>,
+        peer: &str,
+        entry: Arc<TokenEntry<Role>>,
+        within: &CancellationToken,
+    ) -> Registered {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let revoked = CancellationToken::new();
+        let revoked = within.child_token();
         self.lock().insert(
             id,
             OpenLink {
@@ -115,10 +121,27 @@ mod tests {
     #[test]
     fn a_recheck_closes_the_links_whose_token_went_or_moved_and_keeps_the_rest() {
         let links = Arc::new(OpenLinks::default());
-        let web1 = links.register("web-1", Arc::new(entry("a", Role::Maestro, Some("web-1"))));
-        let web2 = links.register("web-2", Arc::new(entry("b", Role::Maestro, Some("web-2"))));
-        let web3 = links.register("web-3", Arc::new(entry("c", Role::Maestro, Some("web-3"))));
-        let repo = links.register("apprepo", Arc::new(entry("r", Role::Repository, None)));
+        let root = CancellationToken::new();
+        let web1 = links.register(
+            "web-1",
+            Arc::new(entry("a", Role::Maestro, Some("web-1"))),
+            &root,
+        );
+        let web2 = links.register(
+            "web-2",
+            Arc::new(entry("b", Role::Maestro, Some("web-2"))),
+            &root,
+        );
+        let web3 = links.register(
+            "web-3",
+            Arc::new(entry("c", Role::Maestro, Some("web-3"))),
+            &root,
+        );
+        let repo = links.register(
+            "apprepo",
+            Arc::new(entry("r", Role::Repository, None)),
+            &root,
+        );
         let tokens = TokenTable::new(vec![
             entry("a", Role::Maestro, Some("web-1")),
             // b is gone; c now belongs to another node.
@@ -133,5 +156,7 @@ mod tests {
         assert!(!repo.revoked.is_cancelled());
         drop(web2);
         assert_eq!(links.lock().len(), 3);
+        root.cancel();
+        assert!(web1.revoked.is_cancelled(), "a shutdown ends every link");
     }
 }

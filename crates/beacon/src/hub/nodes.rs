@@ -29,7 +29,8 @@ pub struct Attached {
     pub conn: u64,
     pub assignments: watch::Receiver<Option<Arc<Outgoing>>>,
     pub commands: mpsc::Receiver<super::Command>,
-    /// Cancelled when a newer connection of the same node replaces this one.
+    /// Cancelled when a newer connection of the same node replaces this one, when the sweep
+    /// finds the node lost, and with the token it was attached within.
     pub closed: CancellationToken,
 }
 
@@ -54,23 +55,33 @@ fn changed_apps<'a>(report: &'a NodeReport, previous: &'a NodeReport) -> BTreeSe
 }
 
 impl Hub {
+    /// [`Hub::attach_within`] a token of its own, as tests attach nodes.
+    #[cfg(test)]
+    pub async fn attach(&self, hello: &Hello) -> Attached {
+        self.attach_within(hello, &CancellationToken::new()).await
+    }
+
     /// Registers a Maestro that completed its handshake, replacing an older link of the same
     /// name. Its assignment is queued unless its report shows it already applied it. A node
     /// that may build, reports builds, or had builds placed on it may change where builds run,
     /// and one that had processes, or comes while a process waits for a node, where processes
     /// run: it attaches through [`Hub::update`], so a build or process that moves is numbered
     /// and written before any node is sent it.
-    pub async fn attach(&self, hello: &Hello) -> Attached {
+    ///
+    /// The link's `closed` token is a child of `link`: a link task that makes `link` the token
+    /// of everything else that ends it (shutdown, a revoked token) waits on one token instead
+    /// of several.
+    pub async fn attach_within(&self, hello: &Hello, link: &CancellationToken) -> Attached {
         if self.may_move_builds(hello) {
             return self
-                .update(|hub, state, effects| hub.attach_in(state, hello, effects, true))
+                .update(|hub, state, effects| hub.attach_in(state, hello, link, effects, true))
                 .await;
         }
         let changes;
         let attached = {
             let mut effects = Vec::new();
             let mut state = self.lock();
-            let (attached, _) = self.attach_in(&mut state, hello, &mut effects, false);
+            let (attached, _) = self.attach_in(&mut state, hello, link, &mut effects, false);
             changes = Changes::of(&mut state, effects);
             attached
         };
@@ -99,6 +110,7 @@ impl Hub {
         &self,
         state: &mut State,
         hello: &Hello,
+        link: &CancellationToken,
         effects: &mut Vec<Effect>,
         place: bool,
     ) -> (Attached, bool) {
@@ -106,7 +118,7 @@ impl Hub {
         state.next_conn += 1;
         let report = hello.state.clone().unwrap_or_default();
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
-        let closed = CancellationToken::new();
+        let closed = link.child_token();
         let (assign_tx, assign_rx) = watch::channel(None);
         let now = Instant::now();
         let entry = NodeEntry {
