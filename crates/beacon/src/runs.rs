@@ -284,7 +284,7 @@ struct Run {
     app: String,
     release: u64,
     node: String,
-    commands: mpsc::Sender<crate::hub::Command>,
+    commands: crate::hub::CommandSender,
     who: String,
     what: String,
     started: Instant,
@@ -496,7 +496,7 @@ mod tests {
         RunNode {
             name: name.into(),
             conn: 1,
-            commands: mpsc::channel(1).0,
+            commands: crate::hub::command_queue(1).0,
         }
     }
 

@@ -21,6 +21,7 @@
 //! - `persist.rs`: the generation and rollout history on disk.
 
 mod builds;
+mod commands;
 mod desired;
 mod domains;
 mod nodes;
@@ -35,6 +36,7 @@ pub(crate) use persist::ROLLOUTS_DIR;
 mod scope;
 mod views;
 
+pub(crate) use self::commands::{CommandSender, command_queue};
 pub use self::domains::AddedDomains;
 pub(crate) use self::nodes::Attached;
 pub(crate) use self::runs::{RunNode, RunPlaceError};
@@ -47,7 +49,7 @@ use std::time::{Duration, Instant, SystemTime};
 use px_proto::api::Release;
 use px_proto::beacon::{EventKind, RolloutRecord, RolloutState};
 use px_proto::link::{DeployFigures, FromBeacon, NodeReport, RollbackOrder};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::alerts::{Alert, Alerter};
@@ -64,9 +66,7 @@ pub type Formations = BTreeMap<String, BTreeMap<String, u32>>;
 /// and gets the next ones dropped (the operator can repeat them).
 pub const COMMAND_QUEUE: usize = 16;
 
-/// A command queued for a link, boxed: tokio's channel allocates its slots in blocks of 32
-/// when it is made, whatever its bound, so a queue of frames held inline costs every link
-/// 32 frames' room (3 KiB) while it idles; boxed, 32 pointers.
+/// A command queued for a link, boxed: a queue holds pointers, not frames (`commands.rs`).
 pub type Command = Box<FromBeacon>;
 
 pub struct HubSettings {
@@ -95,7 +95,7 @@ struct NodeEntry {
     report: NodeReport,
     assigned_generation: u64,
     assign_tx: watch::Sender<Option<Arc<Outgoing>>>,
-    commands: mpsc::Sender<Command>,
+    commands: CommandSender,
     closed: CancellationToken,
     /// What the node may report on (`scope.rs`).
     scope: scope::Scope,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use px_proto::beacon::{EventKind, Level, RolloutState};
 use px_proto::link::{FromBeacon, Hello, NodeEvent, NodeEventKind, NodeReport};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::frames::Outgoing;
@@ -28,7 +28,7 @@ use crate::placement;
 pub struct Attached {
     pub conn: u64,
     pub assignments: watch::Receiver<Option<Arc<Outgoing>>>,
-    pub commands: mpsc::Receiver<super::Command>,
+    pub commands: super::commands::CommandReceiver,
     /// Cancelled when a newer connection of the same node replaces this one, when the sweep
     /// finds the node lost, and with the token it was attached within.
     pub closed: CancellationToken,
@@ -117,7 +117,7 @@ impl Hub {
         let conn = state.next_conn;
         state.next_conn += 1;
         let report = hello.state.clone().unwrap_or_default();
-        let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+        let (commands_tx, commands_rx) = super::command_queue(COMMAND_QUEUE);
         let closed = link.child_token();
         let (assign_tx, assign_rx) = watch::channel(None);
         let now = Instant::now();

@@ -1,9 +1,7 @@
 //! Where a one-off command (`em run`) may run: the linked nodes that run the app's current
 //! release, each with the queue that reaches its link.
 
-use tokio::sync::mpsc;
-
-use super::Hub;
+use super::{CommandSender, Hub};
 
 /// A node that can take a run.
 #[derive(Debug, Clone)]
@@ -11,7 +9,7 @@ pub struct RunNode {
     pub name: String,
     /// The link connection the run is bound to: a replaced connection ends the run.
     pub conn: u64,
-    pub commands: mpsc::Sender<super::Command>,
+    pub commands: CommandSender,
 }
 
 /// Why no node can take a run of an app.
