@@ -24,6 +24,7 @@ mod builds;
 mod commands;
 mod desired;
 mod domains;
+mod latest;
 mod nodes;
 mod persist;
 mod processes;
@@ -94,7 +95,7 @@ struct NodeEntry {
     last_seen_wall: SystemTime,
     report: NodeReport,
     assigned_generation: u64,
-    assign_tx: watch::Sender<Option<Arc<Outgoing>>>,
+    assign_tx: latest::LatestSender<Option<Arc<Outgoing>>>,
     commands: CommandSender,
     closed: CancellationToken,
     /// What the node may report on (`scope.rs`).

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use px_proto::beacon::{EventKind, Level, RolloutState};
 use px_proto::link::{FromBeacon, Hello, NodeEvent, NodeEventKind, NodeReport};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::frames::Outgoing;
@@ -27,7 +26,7 @@ use crate::placement;
 /// What a link task gets when its node attaches.
 pub struct Attached {
     pub conn: u64,
-    pub assignments: watch::Receiver<Option<Arc<Outgoing>>>,
+    pub assignments: super::latest::LatestReceiver<Option<Arc<Outgoing>>>,
     pub commands: super::commands::CommandReceiver,
     /// Cancelled when a newer connection of the same node replaces this one, when the sweep
     /// finds the node lost, and with the token it was attached within.
@@ -119,7 +118,7 @@ impl Hub {
         let report = hello.state.clone().unwrap_or_default();
         let (commands_tx, commands_rx) = super::command_queue(COMMAND_QUEUE);
         let closed = link.child_token();
-        let (assign_tx, assign_rx) = watch::channel(None);
+        let (assign_tx, assign_rx) = super::latest::latest(None);
         let now = Instant::now();
         let entry = NodeEntry {
             labels: hello.labels.clone(),
