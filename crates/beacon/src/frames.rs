@@ -6,8 +6,8 @@
 //! `tokio_util`'s `Framed` keeps an 8 KiB read and an 8 KiB write buffer per connection for its
 //! whole life (grown, never shrunk, after a large frame); at 10 000 links that alone was most of
 //! Beacon's memory. Here the read buffer is released whenever it holds no partial frame, an
-//! idle read waits on a small buffer inside the task, and a frame is written straight from
-//! its encoding. The wire format is [`FrameCodec`]'s, whose decoder this reuses. The ACME sets
+//! idle read takes a little into a buffer on the stack of the poll that reads, and a frame is
+//! written straight from its encoding. The wire format is [`FrameCodec`]'s, whose decoder this reuses. The ACME sets
 //! ([`Shared`]) are likewise encoded once for every link.
 
 use std::mem::MaybeUninit;

@@ -14,6 +14,7 @@
 //! - `processes.rs`: the formation (`em scale`'s counts over the defaults) and where each
 //!   non-web process runs;
 //! - `nodes.rs`: the node registry (attach, reports, events, detach, the sweep);
+//! - `commands.rs`, `latest.rs`: a link's command queue and its node's latest assignment;
 //! - `scope.rs`: what each node may report on (its assignment's apps and builds);
 //! - `rollouts.rs`: rollout tracking, applying verdicts, rollback orders, the history;
 //! - `repositories.rs`: the repository's links and reachability;
