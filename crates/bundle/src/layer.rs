@@ -4,13 +4,13 @@
 //! one through the same entry checker and atomic rename as bundles.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::IoContext;
 use crate::pack::{check_sorted, write_archive};
-use crate::unpack::{read_archive, unpack_atomically};
+use crate::unpack::{buffered, read_archive, unpack_atomically};
 use crate::{BundleError, Limits};
 
 /// Media type of a layer: the bundle format (a tar archive inside a zstd frame).
@@ -58,8 +58,9 @@ pub fn pack_layer<W: Write>(dir: &Path, out: W) -> Result<LayerSummary, BundleEr
 }
 
 /// Reads a layer stream and checks every entry exactly as [`unpack_layer`] would, writing
-/// nothing. On success the stream has been read to its end.
-pub fn inspect_layer<R: Read>(reader: R, limits: &Limits) -> Result<LayerInfo, BundleError> {
+/// nothing. Takes a buffered reader, as [`inspect`](crate::inspect) does. On success the stream
+/// has been read to its end.
+pub fn inspect_layer<R: BufRead>(reader: R, limits: &Limits) -> Result<LayerInfo, BundleError> {
     let reading = read_archive(reader, limits, None)?;
     Ok(LayerInfo {
         entries: reading.checker.entries(),
@@ -75,7 +76,7 @@ pub fn unpack_layer<R: Read>(
     limits: &Limits,
 ) -> Result<LayerInfo, BundleError> {
     unpack_atomically(dest, |temp| {
-        let reading = read_archive(reader, limits, Some(temp))?;
+        let reading = read_archive(buffered(reader), limits, Some(temp))?;
         Ok(LayerInfo {
             entries: reading.checker.entries(),
             unpacked_bytes: reading.checker.bytes(),

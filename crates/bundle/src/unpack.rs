@@ -4,7 +4,7 @@
 //! detection cannot make an app of (see `check::check_detection` for why `unpack` does not).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -57,9 +57,11 @@ pub const MAX_BIN_COMMANDS: usize = 256;
 /// detection makes of the root files. For the repository, which must refuse bad bundles at
 /// upload time.
 ///
-/// On success the stream has been read to its end, so a [`HashingReader`](crate::HashingReader)
-/// around `reader` has seen every byte.
-pub fn inspect<R: Read>(reader: R, limits: &Limits) -> Result<BundleInfo, BundleError> {
+/// Takes a buffered reader, whose buffer the decoder reads from directly: a caller that already
+/// holds the bytes in memory (the repository's upload blocks) spares a copy; wrap any other
+/// reader in a [`std::io::BufReader`]. On success the stream has been read to its end, so a
+/// [`HashingReader`](crate::HashingReader) under `reader` has seen every byte.
+pub fn inspect<R: BufRead>(reader: R, limits: &Limits) -> Result<BundleInfo, BundleError> {
     let info = read_bundle(reader, limits, None)?;
     check::check_detection(&info.manifest, &info.root_files)?;
     Ok(info)
@@ -78,7 +80,15 @@ pub fn inspect<R: Read>(reader: R, limits: &Limits) -> Result<BundleInfo, Bundle
 /// Files get mode 0o755 when the bundle marks them executable and 0o644 otherwise,
 /// directories 0o755, whatever the process umask.
 pub fn unpack<R: Read>(reader: R, dest: &Path, limits: &Limits) -> Result<BundleInfo, BundleError> {
-    unpack_atomically(dest, |temp| read_bundle(reader, limits, Some(temp)))
+    unpack_atomically(dest, |temp| {
+        read_bundle(buffered(reader), limits, Some(temp))
+    })
+}
+
+/// `reader` behind a buffer of the size the decoder reads best in (zstd's recommended input
+/// size, 128 KiB), as `zstd::Decoder::new` would make.
+pub(crate) fn buffered<R: Read>(reader: R) -> io::BufReader<R> {
+    io::BufReader::with_capacity(zstd::zstd_safe::DCtx::in_size(), reader)
 }
 
 /// Runs `write` on a fresh temporary directory beside `dest` and renames it to `dest` once
@@ -175,10 +185,23 @@ struct Source<R>(R);
 impl<R: Read> Read for Source<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         // The kind is kept so `Interrupted` is still retried by the layers above.
-        self.0
-            .read(buf)
-            .map_err(|e| io::Error::new(e.kind(), SourceError(e)))
+        self.0.read(buf).map_err(source_error)
     }
+}
+
+impl<R: BufRead> BufRead for Source<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.0.fill_buf().map_err(source_error)
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.0.consume(n);
+    }
+}
+
+/// Marks an error as the source's, keeping its kind.
+fn source_error(e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), SourceError(e))
 }
 
 /// Classifies an error met while reading the stream.
@@ -217,7 +240,7 @@ pub(crate) struct Reading<'a> {
     buffer: Vec<u8>,
 }
 
-fn read_bundle<R: Read>(
+fn read_bundle<R: BufRead>(
     reader: R,
     limits: &Limits,
     root: Option<&Path>,
@@ -240,12 +263,12 @@ fn read_bundle<R: Read>(
 
 /// Reads the whole archive, checking every entry (and writing it below `root` when given),
 /// with no rule about what the root holds: what bundles and layers have in common.
-pub(crate) fn read_archive<'a, R: Read>(
+pub(crate) fn read_archive<'a, R: BufRead>(
     reader: R,
     limits: &Limits,
     root: Option<&'a Path>,
 ) -> Result<Reading<'a>, BundleError> {
-    let mut decoder = zstd::Decoder::new(Source(reader)).map_err(read_error)?;
+    let mut decoder = zstd::Decoder::with_buffer(Source(reader)).map_err(read_error)?;
     decoder
         .window_log_max(ZSTD_WINDOW_LOG_MAX)
         .map_err(read_error)?;
@@ -631,7 +654,7 @@ mod tests {
                 Err(io::Error::other("connection reset"))
             }
         }
-        let e = inspect(Failing, &Limits::default()).unwrap_err();
+        let e = inspect(io::BufReader::new(Failing), &Limits::default()).unwrap_err();
         assert!(matches!(e, BundleError::Io { .. }), "{e:?}");
         assert!(!e.is_client_error());
         let e = inspect(&b"definitely not zstd"[..], &Limits::default()).unwrap_err();

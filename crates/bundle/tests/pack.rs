@@ -227,7 +227,7 @@ fn inspect_accepts_what_pack_produced() {
     let (summary, manifest) = pack_dir(dir.path(), &mut bundle).unwrap();
     assert_eq!(manifest.name, "hello");
     let mut reader = HashingReader::new(&bundle[..]);
-    let info = inspect(&mut reader, &Limits::default()).unwrap();
+    let info = inspect(std::io::BufReader::new(&mut reader), &Limits::default()).unwrap();
     assert_eq!(info.manifest, manifest);
     assert_eq!(info.entries, summary.entries);
     assert_eq!(info.unpacked_bytes, summary.unpacked_bytes);

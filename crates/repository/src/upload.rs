@@ -1,26 +1,19 @@
-//! Receiving a bundle or a layer: the request body streams into a spool file, hashed on the
-//! way by the writer's blocking thread (`spool.rs`), and at the same time into the inspector on another, so
-//! the archive is read once and the three stages (network, disk, inspection) overlap. Nothing
-//! becomes visible until the caller stores it; on any error the spool file is deleted when the
-//! [`Spooled`] value drops.
+//! Receiving a bundle or a layer: the request task copies the body into large blocks as it
+//! arrives, and each block is hashed, written to a spool file and read by the inspector, each on
+//! a blocking thread of its own (`spool.rs`), so the archive is read once and the stages
+//! (network, hashing, disk, inspection) overlap. Nothing becomes visible until the caller
+//! stores it; on any error the spool file is deleted when the [`Spooled`] value drops.
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::Path;
 
 use axum::body::Body;
-use bytes::{Buf, Bytes};
 use futures_util::StreamExt;
 use px_bundle::{BundleError, BundleInfo, Limits};
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
-
-/// Body chunks on their way to the inspector: when it is slower than the network, receiving
-/// waits for it rather than holding the bundle in memory. hyper hands over chunks of up to
-/// about 400 KiB on a fast link, so this holds at most a few MiB.
-pub const INSPECT_QUEUE_CHUNKS: usize = 16;
-/// Body chunks on their way to the spool file's writer, bounded for the same reason.
-pub const SPOOL_QUEUE_CHUNKS: usize = 16;
+use crate::spool::{SPOOL_BLOCKS, SharedBlock, Spooler};
 
 /// A fully received bundle whose digest matched.
 pub struct Spooled {
@@ -30,14 +23,15 @@ pub struct Spooled {
 }
 
 /// Streams `body` into a new file in `dir`, refusing it past `max_bytes` or when its SHA-256 is
-/// not `declared`, and sends each chunk to `inspector` while it listens. Hashing and writing
-/// run on a blocking thread of their own, so receiving the next chunk never waits for them.
+/// not `declared`, and hands each block to `inspector` while it listens. Hashing and writing
+/// run on blocking threads of their own, so receiving the next chunk waits for them only when
+/// the upload's blocks are all in use.
 async fn spool(
     body: Body,
     dir: &Path,
     declared: &str,
     max_bytes: u64,
-    inspector: mpsc::Sender<Bytes>,
+    inspector: mpsc::Sender<SharedBlock>,
 ) -> Result<Spooled, ApiError> {
     let named = tempfile::Builder::new()
         .prefix("upload-")
@@ -46,10 +40,8 @@ async fn spool(
             ApiError::Internal(format!("creating spool file in {}: {e}", dir.display()))
         })?;
     let (file, path) = named.into_parts();
-    let (to_disk, chunks) = mpsc::channel(SPOOL_QUEUE_CHUNKS);
-    let writer = tokio::task::spawn_blocking(move || crate::spool::write_and_hash(file, chunks));
+    let mut spooler = Spooler::start(file, inspector);
     let mut size: u64 = 0;
-    let mut inspector = Some(inspector);
     let mut stream = body.into_data_stream();
     let received = async {
         while let Some(chunk) = stream.next().await {
@@ -62,32 +54,23 @@ async fn spool(
             if size > max_bytes {
                 return Err(ApiError::TooLarge { max: max_bytes });
             }
-            // An inspector that has stopped (it found an error, or the bundle's end) reads no
-            // more.
-            if let Some(tx) = &inspector
-                && tx.send(chunk.clone()).await.is_err()
-            {
-                inspector = None;
-            }
-            // A writer that has stopped failed: its error is reported below.
-            if to_disk.send(chunk).await.is_err() {
+            // A writer or hasher that has stopped failed: `finish` reports why.
+            if !spooler.push(&chunk).await {
                 break;
             }
         }
         Ok(())
     }
     .await;
-    drop(to_disk);
-    let written = writer
-        .await
-        .map_err(|e| ApiError::Internal(format!("spool writer task: {e}")))?;
+    let written = spooler.finish().await;
     received?;
     if size == 0 {
         return Err(ApiError::BadRequest(
             "the upload is empty; send the bundle as the request body".into(),
         ));
     }
-    let actual = written.map_err(|e| ApiError::Internal(format!("writing spool file: {e}")))?;
+    let (actual, _) =
+        written.map_err(|e| ApiError::Internal(format!("writing spool file: {e}")))?;
     if actual != declared {
         return Err(ApiError::DigestMismatch {
             declared: declared.into(),
@@ -136,22 +119,23 @@ pub async fn receive_layer(
 
 /// Checks a layer's entries as it streams in, with the bundle format's entry checker (no
 /// manifest: a layer is what a build produced).
-fn inspect_layer(reader: ChunkReader, limits: &Limits) -> Result<(), BundleError> {
+fn inspect_layer(reader: BlockReader, limits: &Limits) -> Result<(), BundleError> {
     px_bundle::inspect_layer(reader, limits).map(|_| ())
 }
 
-/// Spools `body` while `inspect` reads the same chunks on a blocking thread of its own.
+/// Spools `body` while `inspect` reads the same blocks on a blocking thread of its own.
 async fn receive_with<T: Send + 'static>(
     body: Body,
     dir: &Path,
     declared: &str,
     max_bytes: u64,
     what: &str,
-    inspect: impl FnOnce(ChunkReader) -> Result<T, BundleError> + Send + 'static,
+    inspect: impl FnOnce(BlockReader) -> Result<T, BundleError> + Send + 'static,
 ) -> Result<(Spooled, T), ApiError> {
-    let (chunks, rx) = mpsc::channel(INSPECT_QUEUE_CHUNKS);
-    let inspector = tokio::task::spawn_blocking(move || inspect(ChunkReader::new(rx)));
-    let spooled = spool(body, dir, declared, max_bytes, chunks).await;
+    // The upload's block pool bounds what is in flight, so this queue never makes receiving wait.
+    let (blocks, rx) = mpsc::channel(SPOOL_BLOCKS);
+    let inspector = tokio::task::spawn_blocking(move || inspect(BlockReader::new(rx)));
+    let spooled = spool(body, dir, declared, max_bytes, blocks).await;
     let inspected = inspector
         .await
         .map_err(|e| ApiError::Internal(format!("inspect task: {e}")))?;
@@ -160,33 +144,58 @@ async fn receive_with<T: Send + 'static>(
     Ok((spooled, info))
 }
 
-/// The bundle inspector's input: the body's chunks, in order, until the sender is gone.
-struct ChunkReader {
-    rx: mpsc::Receiver<Bytes>,
-    chunk: Bytes,
+/// The bundle inspector's input: the body's blocks, in order, until the sender is gone. The
+/// decoder reads straight from each block (`BufRead`), with no copy into a buffer of its own.
+struct BlockReader {
+    rx: mpsc::Receiver<SharedBlock>,
+    block: Option<SharedBlock>,
+    /// Bytes of `block` already read.
+    read: usize,
 }
 
-impl ChunkReader {
-    fn new(rx: mpsc::Receiver<Bytes>) -> Self {
+impl BlockReader {
+    fn new(rx: mpsc::Receiver<SharedBlock>) -> Self {
         Self {
             rx,
-            chunk: Bytes::new(),
+            block: None,
+            read: 0,
         }
     }
 }
 
-impl Read for ChunkReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.chunk.is_empty() {
+impl BufRead for BlockReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        while self
+            .block
+            .as_ref()
+            .is_none_or(|block| self.read == block.body().len())
+        {
+            // Dropped first, so a block read to its end goes back to the pool while we wait.
+            self.block = None;
+            self.read = 0;
             match self.rx.blocking_recv() {
-                Some(chunk) => self.chunk = chunk,
+                Some(block) => self.block = Some(block),
                 // The whole body was sent (or receiving failed, and the spool's error wins).
-                None => return Ok(0),
+                None => return Ok(&[]),
             }
         }
-        let n = buf.len().min(self.chunk.len());
-        buf[..n].copy_from_slice(&self.chunk[..n]);
-        self.chunk.advance(n);
+        Ok(self
+            .block
+            .as_ref()
+            .map_or(&[], |block| &block.body()[self.read..]))
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.read += n;
+    }
+}
+
+impl Read for BlockReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = buf.len().min(available.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
         Ok(n)
     }
 }
