@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use px_proto::build::{AssignedBuild, RELEASE_DIR_PLACEHOLDER};
 use px_proto::link::AppAssignment;
@@ -44,6 +44,11 @@ pub(crate) struct ReleaseStore {
     kept: Mutex<BTreeMap<String, Weight>>,
     /// Bytes of the unpacked layers, measured after the last collection.
     layer_bytes: Mutex<u64>,
+    /// Per app, held shared while one of its releases is prepared and exclusively while its
+    /// prune clears what is not a release. The app's task and a release phase's run both
+    /// prepare releases, so a prune may meet a download or an unpack in progress; it then
+    /// leaves those entries to the next prune rather than delete a file being written.
+    preparing: Mutex<BTreeMap<String, Arc<tokio::sync::RwLock<()>>>>,
 }
 
 /// What a tree of files weighs.
@@ -176,7 +181,18 @@ impl ReleaseStore {
             layers: Layers::new(&settings.state_dir),
             kept: Mutex::new(BTreeMap::new()),
             layer_bytes: Mutex::new(0),
+            preparing: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The lock between `app`'s preparations and its prune's clearing.
+    fn preparing_lock(&self, app: &str) -> Arc<tokio::sync::RwLock<()>> {
+        self.preparing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(app.to_string())
+            .or_default()
+            .clone()
     }
 
     /// `state_dir/apps/<app>/releases`: one directory per release, by number.
@@ -196,6 +212,7 @@ impl ReleaseStore {
         if dir.is_dir() {
             return Ok(prepared);
         }
+        let _preparing = self.preparing_lock(&target.app).read_owned().await;
         tokio::fs::create_dir_all(&releases)
             .await
             .map_err(|source| DeployError::Storage {
@@ -325,14 +342,19 @@ impl ReleaseStore {
         let releases = self.releases_dir(app);
         let keep = self.keep_releases;
         let owner = app.to_string();
+        // With a download or unpack of this app's in progress (a release phase's, while the
+        // app's task prunes), the entries that are not releases wait for a prune without one;
+        // holding the lock, no preparation starts until this one has cleared them.
+        let clearing = self.preparing_lock(app).try_write_owned().ok();
         let measured = tokio::task::spawn_blocking(move || {
             let mut numbers = Vec::new();
             for entry in std::fs::read_dir(&releases).into_iter().flatten().flatten() {
                 let name = entry.file_name();
                 match name.to_str().and_then(|n| n.parse::<u64>().ok()) {
                     Some(number) => numbers.push(number),
-                    // This app's task is the only one preparing its releases, and it is here:
-                    // anything else is what a killed Maestro left half-made.
+                    None if clearing.is_none() => {}
+                    // With no release of this app being prepared, anything else is what a
+                    // killed Maestro (or a failed preparation) left half-made.
                     None => {
                         let path = entry.path();
                         let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));

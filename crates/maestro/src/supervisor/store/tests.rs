@@ -338,6 +338,27 @@ async fn pruning_keeps_the_newest_releases_and_the_serving_one() {
     assert_eq!(store.kept_bytes().get("blog"), Some(&other_bytes));
 }
 
+#[tokio::test]
+async fn a_prune_leaves_a_download_in_progress_and_clears_it_once_none_is() {
+    let repository = Repository::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let store = store(state.path(), 2, 0);
+    let (v1, _) = repository.release("shop", 1, "one");
+    store.prepare(&v1).await.unwrap();
+    let releases = state.path().join("apps/shop/releases");
+
+    // A release phase downloads v2 (holding what `prepare` holds) while the app's task prunes.
+    let downloading = store.preparing_lock("shop").read_owned().await;
+    std::fs::write(releases.join(".download-2"), b"half of v2").unwrap();
+    store.prune("shop", 1).await;
+    assert_eq!(entries(state.path(), "shop"), [".download-2", "1"]);
+
+    // What a preparation that is gone left (a killed Maestro): the next prune clears it.
+    drop(downloading);
+    store.prune("shop", 1).await;
+    assert_eq!(entries(state.path(), "shop"), ["1"]);
+}
+
 // Built releases: layers.
 
 use std::os::unix::fs::PermissionsExt;
