@@ -18,22 +18,7 @@ impl Stack {
     /// A client that trusts Pebble's root alone, finds `domain` on 127.0.0.1:`port` and
     /// keeps the server's certificate of each response ([`served_leaf`]).
     pub async fn pebble_client_for(&self, domain: &str, port: u16) -> reqwest::Client {
-        let listener_ca =
-            reqwest::Certificate::from_pem(&std::fs::read(self.pebble.listener_pki.ca()).unwrap())
-                .unwrap();
-        let management = reqwest::Client::builder()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(listener_ca)
-            .build()
-            .unwrap();
-        let root = management
-            .get(self.pebble.root_url())
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let root = self.pebble_root().await;
         reqwest::Client::builder()
             .tls_built_in_root_certs(false)
             .add_root_certificate(reqwest::Certificate::from_pem(&root).unwrap())
@@ -84,29 +69,8 @@ impl Stack {
 
     /// Waits until `https://DOMAIN/` answers `body` under a certificate Pebble issued.
     pub async fn wait_https(&self, body: &str) {
-        let url = format!("https://{DOMAIN}:{}/", self.https_port);
-        let start = Instant::now();
-        loop {
-            // Pebble's root, read again each time: it exists once Pebble runs.
-            let client = self.pebble_client().await;
-            let last = match client.get(&url).send().await {
-                Ok(r) if r.status() == 200 => {
-                    let text = r.text().await.unwrap();
-                    if text == body {
-                        return;
-                    }
-                    format!("answered {text:?}")
-                }
-                Ok(r) => format!("status {}", r.status()),
-                Err(e) => format!("{e:?}"),
-            };
-            assert!(
-                start.elapsed() < WAIT,
-                "{url} never answered {body:?} under Pebble's certificate; last: {last}; certificates: {:?}",
-                self.certs().await
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        self.wait_https_until("/", &format!("{body:?}"), |text| text == body)
+            .await;
     }
 
     /// Pebble's root (PEM): the CA every certificate it issues chains to.
@@ -127,14 +91,24 @@ impl Stack {
     /// Waits until `https://DOMAIN{path}` answers 200 with a body holding `needle`, under a
     /// certificate Pebble issued.
     pub async fn wait_https_holding(&self, path: &str, needle: &str) {
+        self.wait_https_until(path, &format!("with {needle:?}"), |text| {
+            text.contains(needle)
+        })
+        .await;
+    }
+
+    /// Waits until `https://DOMAIN{path}` answers 200 with a body `wanted` accepts, under a
+    /// certificate Pebble issued; `what` says what was awaited when it never comes.
+    async fn wait_https_until(&self, path: &str, what: &str, wanted: impl Fn(&str) -> bool) {
         let url = format!("https://{DOMAIN}:{}{path}", self.https_port);
         let start = Instant::now();
         loop {
+            // Pebble's root, read again each time: it exists once Pebble runs.
             let client = self.pebble_client().await;
             let last = match client.get(&url).send().await {
                 Ok(r) if r.status() == 200 => {
                     let text = r.text().await.unwrap();
-                    if text.contains(needle) {
+                    if wanted(&text) {
                         return;
                     }
                     format!("answered {text:?}")
@@ -144,7 +118,7 @@ impl Stack {
             };
             assert!(
                 start.elapsed() < WAIT,
-                "{url} never answered with {needle:?} under Pebble's certificate; last: {last}; certificates: {:?}",
+                "{url} never answered {what} under Pebble's certificate; last: {last}; certificates: {:?}",
                 self.certs().await
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
