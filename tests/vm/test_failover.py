@@ -8,7 +8,7 @@ from it, and it boots a second control VM of its own for this module only.
 
 The control host vanishes as power loss, a hung kernel or a cut network makes one vanish: its
 VM's CPUs are stopped (qemu's `stop`, vm.Vm.pause), so its peers get silence, no FIN and no
-RST, and must notice it by the missing heartbeats. qemu keeps running, so `cont` brings the
+RST, and must notice it by their unanswered heartbeats. qemu keeps running, so `cont` brings the
 same guest back with the same forwarded ports (which em and the Beacons' API URLs use from the
 host), its clocks having stood still: to it, no time passed, and only its lease's renewal
 tells it another Beacon took over.

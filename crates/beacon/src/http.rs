@@ -27,8 +27,9 @@ use crate::metrics::Metrics;
 pub const DEFAULT_PAGE: usize = 100;
 /// How often the SSE stream sends a keep-alive comment: so proxies do not cut it, and so `em`,
 /// which gives up on a followed stream silent for three of them, notices a Beacon whose host
-/// vanished (no FIN, no RST) within seconds, as link peers do from Beacon's heartbeats.
-pub const SSE_KEEP_ALIVE: Duration = px_proto::link::BEACON_HEARTBEAT_INTERVAL;
+/// vanished (no FIN, no RST) within seconds, as link peers do from its heartbeat answers. A
+/// few streams at a time, unlike links: a beat of their own costs nothing that shows.
+pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct AppState {

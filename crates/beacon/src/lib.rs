@@ -18,7 +18,7 @@ pub(crate) mod http;
 pub(crate) mod hub;
 pub(crate) mod judge;
 pub(crate) mod lease;
-pub(crate) mod link_clock;
+pub(crate) mod link_silence;
 pub(crate) mod link_tls;
 pub(crate) mod links;
 pub(crate) mod login;

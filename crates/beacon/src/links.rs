@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use px_proto::codec::MAX_FRAME_BYTES;
 use px_proto::link::{
-    BEACON_HEARTBEAT_INTERVAL, FromBeacon, HEARTBEAT_DEADLINE, Hello, MAX_HELLO_BYTES,
-    MAX_NODE_LABELS, MAX_REPORTED_INSTANCES, PROTOCOL_VERSION, PeerRole, ToBeacon,
+    FromBeacon, HEARTBEAT_DEADLINE, Hello, MAX_HELLO_BYTES, MAX_NODE_LABELS,
+    MAX_REPORTED_INSTANCES, PROTOCOL_VERSION, PeerRole, ToBeacon,
 };
 use px_runtime::tokens::TokenEntry;
 use tokio::net::{TcpListener, TcpStream};
@@ -20,7 +20,7 @@ use crate::admission::{Admission, PREAUTH_DEADLINE, Unverified};
 use crate::auth::{Role, Tokens};
 use crate::frames::{FrameLink, Outgoing, Shared, heartbeat_frame};
 use crate::hub::{Attached, Hub};
-use crate::link_clock::{Due, LinkClock};
+use crate::link_silence::Silence;
 use crate::link_tls::ServerTls;
 use crate::metrics::Metrics;
 use crate::open_links::OpenLinks;
@@ -39,23 +39,20 @@ pub const MAX_REPORTED_BUILDS: usize = MAX_REPORTED_INSTANCES;
 /// (`crate::link_tls`).
 type Link = FrameLink<ServerTls<TcpStream>, ToBeacon, FromBeacon>;
 
-/// Sends `link` Beacon's heartbeat.
-async fn send_heartbeat(link: &mut Link) -> Result<(), String> {
-    // Encoded once for every link and every beat (`frames::heartbeat_frame`): at 10,000 links
-    // and one beat every `BEACON_HEARTBEAT_INTERVAL`, each beat is one write of a few bytes.
+/// Answers the peer's heartbeat with Beacon's own, before anything else is done with it, so a
+/// slow report does not hold the answer the peer waits for
+/// (`px_proto::link::HEARTBEAT_ANSWER_DEADLINE`).
+async fn answer_heartbeat(link: &mut Link) -> Result<(), String> {
+    // Encoded once for every link and every answer (`frames::heartbeat_frame`): one write of a
+    // few bytes, in the wake-up that read the heartbeat.
     link.send_encoded(heartbeat_frame()?)
         .await
         .map_err(|e| e.to_string())
 }
 
-/// The deadlines of a link opened now: Beacon's heartbeats (the first at once) and the peer's
-/// allowed silence, on one timer (`crate::link_clock`).
-fn link_clock() -> LinkClock {
-    LinkClock::new(
-        tokio::time::Instant::now(),
-        BEACON_HEARTBEAT_INTERVAL,
-        HEARTBEAT_DEADLINE,
-    )
+/// The peer's allowed silence on a link opened now, on one timer (`crate::link_silence`).
+fn peer_silence() -> Silence {
+    Silence::new(tokio::time::Instant::now(), HEARTBEAT_DEADLINE)
 }
 
 /// The peer's name from its `Hello`, the rest of which is dropped: a link keeps only this for
@@ -246,6 +243,7 @@ impl LinkServer {
             protocol: PROTOCOL_VERSION,
             beacon: self.name.clone(),
             heartbeat_ms: Some(px_proto::link::beacon_heartbeat_ms()),
+            answers_heartbeats: true,
         })
         .await
         .map_err(|e| format!("welcome: {e}"))?;
@@ -277,8 +275,8 @@ impl LinkServer {
         // one it already carried out.
         let mut rollbacks = self.hub.rollback_orders();
         rollbacks.mark_changed();
-        let mut clock = link_clock();
-        let timer = tokio::time::sleep_until(clock.wake_at());
+        let mut silence = peer_silence();
+        let timer = tokio::time::sleep_until(silence.ends_at());
         tokio::pin!(timer);
         loop {
             tokio::select! {
@@ -290,12 +288,10 @@ impl LinkServer {
                     return Err(format!("repository {name}: its token is no longer accepted"));
                 }
                 _ = &mut timer => {
-                    match clock.due(tokio::time::Instant::now()) {
-                        Due::Silent => return Err(format!("repository {name} silent past the deadline")),
-                        Due::Beat => send_heartbeat(link).await?,
-                        Due::Nothing => {}
+                    if silence.is_over(tokio::time::Instant::now()) {
+                        return Err(format!("repository {name} silent past the deadline"));
                     }
-                    timer.as_mut().reset(clock.wake_at());
+                    timer.as_mut().reset(silence.ends_at());
                 }
                 r = rollbacks.changed() => {
                     if r.is_err() {
@@ -307,7 +303,7 @@ impl LinkServer {
                         link.send(&FromBeacon::Rollback(order.clone())).await.map_err(|e| e.to_string())?;
                     }
                 }
-                frame = link.next() => match frame.inspect(|_| clock.heard(tokio::time::Instant::now())) {
+                frame = link.next() => match frame.inspect(|_| silence.heard(tokio::time::Instant::now())) {
                     None => return Ok(()),
                     Some(Err(e)) => return Err(format!("bad frame from repository {name}: {e}")),
                     Some(Ok(ToBeacon::ReleaseCommitted(notice))) => {
@@ -321,7 +317,10 @@ impl LinkServer {
                         // The reconcile reads the pending builds with the apps, as above.
                         let _ = self.reconcile.try_send(());
                     }
-                    Some(Ok(ToBeacon::Heartbeat(report))) => self.hub.repository_seen(name, &report),
+                    Some(Ok(ToBeacon::Heartbeat(report))) => {
+                        answer_heartbeat(link).await?;
+                        self.hub.repository_seen(name, &report);
+                    }
                     Some(Ok(ToBeacon::Tokens(list))) => match crate::auth::accept_grants(&self.tokens, &list.grants) {
                         Ok(count) => tracing::info!(repository = %name, count, "minted tokens updated"),
                         Err(e) => return Err(format!("repository {name}: {e}")),
@@ -363,8 +362,8 @@ impl LinkServer {
             if let Some(assignment) = initial {
                 self.send_assignment(link, node, conn, &assignment).await?;
             }
-            let mut clock = link_clock();
-            let timer = tokio::time::sleep_until(clock.wake_at());
+            let mut silence = peer_silence();
+            let timer = tokio::time::sleep_until(silence.ends_at());
             tokio::pin!(timer);
             loop {
                 tokio::select! {
@@ -380,12 +379,10 @@ impl LinkServer {
                         return Err(format!("node {node} replaced or lost"));
                     }
                     _ = &mut timer => {
-                        match clock.due(tokio::time::Instant::now()) {
-                            Due::Silent => return Err(format!("node {node} silent past the deadline")),
-                            Due::Beat => send_heartbeat(link).await?,
-                            Due::Nothing => {}
+                        if silence.is_over(tokio::time::Instant::now()) {
+                            return Err(format!("node {node} silent past the deadline"));
                         }
-                        timer.as_mut().reset(clock.wake_at());
+                        timer.as_mut().reset(silence.ends_at());
                     }
                     changed = attached.assignments.changed() => {
                         if changed.is_err() {
@@ -414,10 +411,11 @@ impl LinkServer {
                         Some(command) => link.send(&command).await.map_err(|e| e.to_string())?,
                         None => return Ok(()),
                     },
-                    frame = link.next() => match frame.inspect(|_| clock.heard(tokio::time::Instant::now())) {
+                    frame = link.next() => match frame.inspect(|_| silence.heard(tokio::time::Instant::now())) {
                         None => return Ok(()),
                         Some(Err(e)) => return Err(format!("bad frame from node {node}: {e}")),
                         Some(Ok(ToBeacon::Heartbeat(report))) => {
+                            answer_heartbeat(link).await?;
                             if report.instances.len() > MAX_REPORTED_INSTANCES {
                                 return Err(format!("node {node} reported too many instances"));
                             }

@@ -148,6 +148,59 @@ async fn a_maestro_gets_its_assignment_and_the_rollout_completes() {
 }
 
 #[tokio::test]
+async fn beacon_answers_each_heartbeat_at_once_and_beats_on_no_timer_of_its_own() {
+    let s = setup(|_| {}).await;
+    let (mut link, answer) = open_link(
+        &s.beacon.control_addr,
+        &s.beacon.pki.ca(),
+        maestro_hello("web-1", &s.tokens.maestro, 0),
+    )
+    .await;
+    let FromBeacon::Welcome {
+        heartbeat_ms,
+        answers_heartbeats,
+        ..
+    } = answer
+    else {
+        panic!("{answer:?}")
+    };
+    assert!(answers_heartbeats);
+    assert_eq!(heartbeat_ms, Some(px_proto::link::beacon_heartbeat_ms()));
+    let assignment = next_assign(&mut link).await;
+    // A silent peer is sent nothing: a Beacon that beat on its own did so every 2 s, which at
+    // 10,000 links was most of its steady work.
+    // (Other frames, such as the ACME task's certificate set, may come meanwhile.)
+    let quiet_until = tokio::time::Instant::now() + Duration::from_millis(2500);
+    while let Ok(frame) = tokio::time::timeout_at(quiet_until, link.next()).await {
+        assert!(
+            !matches!(frame, Some(Ok(FromBeacon::Heartbeat)) | None | Some(Err(_))),
+            "beacon sent {frame:?} to a silent peer"
+        );
+    }
+    for _ in 0..3 {
+        link.send(ToBeacon::Heartbeat(healthy(
+            "hello",
+            1,
+            assignment.generation,
+        )))
+        .await
+        .unwrap();
+        let answered = tokio::time::timeout(WAIT, async {
+            loop {
+                match link.next().await {
+                    Some(Ok(FromBeacon::Heartbeat)) => return,
+                    Some(Ok(_)) => continue,
+                    other => panic!("link ended: {other:?}"),
+                }
+            }
+        })
+        .await;
+        assert!(answered.is_ok(), "beacon did not answer a heartbeat");
+    }
+    s.beacon.stop().await;
+}
+
+#[tokio::test]
 async fn a_release_notice_reaches_every_maestro_without_waiting_for_reconciliation() {
     // Reconciliation is slow here, so only the notice can explain a prompt assignment.
     let s = setup(|c| c.reconcile_interval = Duration::from_secs(3600)).await;

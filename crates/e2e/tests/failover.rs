@@ -243,7 +243,7 @@ async fn the_standby_finishes_a_rollout_the_stopped_active_beacon_started() {
 
 /// The active Beacon's host vanishes in the middle of a rollout: the network is cut, so no
 /// connection closes and the lease is not released. The link clients notice Beacon's silence
-/// (three missed heartbeats), the lease lapses and the standby takes it as it lapses, and the
+/// (a heartbeat left unanswered), the lease lapses and the standby takes it as it lapses, and the
 /// rollout finishes through it. Prints the seconds from the cut to the standby active and to
 /// the new release served (the failover goal is under 10 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

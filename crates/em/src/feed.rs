@@ -22,9 +22,9 @@ const RESUME_BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// Longest wait between two attempts, so a Beacon that took over is found within seconds.
 const RESUME_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// A followed stream on which nothing (not even Beacon's keep-alive comment, sent every
-/// `BEACON_HEARTBEAT_INTERVAL`, 2 s) arrives for this long is lost: its Beacon's host vanished
-/// without closing the connection (power lost, network cut). It is reopened from the next
-/// Beacon on. Three keep-alives, as a Maestro gives up on a silent Beacon after three heartbeats.
+/// `SSE_KEEP_ALIVE`, 2 s) arrives for this long is lost: its Beacon's host vanished without
+/// closing the connection (power lost, network cut). It is reopened from the next Beacon on.
+/// Three keep-alives, so that a few late ones on a loaded host do not end the stream.
 pub const STREAM_SILENCE_DEADLINE: Duration = Duration::from_secs(6);
 /// How long one attempt to reopen a followed stream may take until Beacon's answer: a
 /// connection kept from an earlier call to a host that has since vanished would otherwise

@@ -6,8 +6,8 @@ use std::pin::Pin;
 use futures_util::{SinkExt, StreamExt};
 use px_proto::codec::{FrameCodec, FrameError};
 use px_proto::link::{
-    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, Hello, MAX_HELLO_BYTES, ToBeacon,
-    beacon_silence_deadline,
+    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_ANSWER_DEADLINE, HEARTBEAT_INTERVAL, Hello,
+    MAX_HELLO_BYTES, ToBeacon, beacon_silence_deadline,
 };
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
@@ -47,45 +47,85 @@ pub enum LinkError {
     Frame(#[from] FrameError),
     #[error("beacon closed the link")]
     Closed,
-    /// Nothing came from Beacon for the deadline its `Welcome` set: its host may be gone
+    /// Nothing came from Beacon for the deadline its `Welcome` set, or, from a Beacon that
+    /// answers heartbeats, for [`HEARTBEAT_ANSWER_DEADLINE`] after one: its host may be gone
     /// without closing anything (power lost, kernel hung, network cut).
     #[error("beacon silent for {}s, past its heartbeat deadline", .0.as_secs_f32())]
     Silent(std::time::Duration),
 }
 
-/// A link Beacon welcomed. Beacon heartbeats too, as often as its `Welcome` said, so a link on
-/// which nothing arrives for [`Link::silence_deadline`] is dead even if TCP says otherwise:
-/// [`Link::recv`] says so.
+/// A link Beacon welcomed. Beacon answers every heartbeat (or, before it did, beat on its own as
+/// often as its `Welcome` said), so a link on which nothing arrives for
+/// [`Link::silence_deadline`], or within [`HEARTBEAT_ANSWER_DEADLINE`] of a heartbeat sent, is
+/// dead even if TCP says otherwise: [`Link::recv`] says so.
 pub struct Link {
     frames: Framed<TlsStream<TcpStream>, FrameCodec<FromBeacon, ToBeacon>>,
-    silence: Pin<Box<Sleep>>,
+    /// Fires at the earlier of the two deadlines below; moved lazily, by [`Link::recv`].
+    timer: Pin<Box<Sleep>>,
+    /// When the last frame came from Beacon.
+    heard: Instant,
     /// [`beacon_silence_deadline`] of what the `Welcome` announced.
     deadline: std::time::Duration,
+    /// Whether the `Welcome` said Beacon answers every heartbeat.
+    answers: bool,
+    /// When Beacon's answer to the oldest heartbeat not answered yet is due.
+    answer_by: Option<Instant>,
 }
 
 impl Link {
-    /// Sends one frame.
+    /// Sends one frame; a heartbeat to a Beacon that answers them starts waiting for the answer.
     pub async fn send(&mut self, frame: ToBeacon) -> Result<(), LinkError> {
-        Ok(self.frames.send(frame).await?)
+        let heartbeat = matches!(frame, ToBeacon::Heartbeat(_));
+        self.frames.send(frame).await?;
+        if heartbeat && self.answers && self.answer_by.is_none() {
+            self.answer_by = Some(Instant::now() + HEARTBEAT_ANSWER_DEADLINE);
+        }
+        Ok(())
     }
 
     /// How long Beacon may stay silent before [`Link::recv`] gives up on it: three of the
-    /// heartbeats its `Welcome` announced (6 s), or 15 s for a Beacon that announced none.
+    /// heartbeats its `Welcome` announced (15 s), or 15 s for a Beacon that announced none.
     pub fn silence_deadline(&self) -> std::time::Duration {
         self.deadline
     }
 
+    /// How long after a heartbeat Beacon's answer may take, when it answers them.
+    pub fn answer_deadline(&self) -> Option<std::time::Duration> {
+        self.answers.then_some(HEARTBEAT_ANSWER_DEADLINE)
+    }
+
     /// The next frame from Beacon; an error once the link failed, closed, or was silent past
-    /// [`Link::silence_deadline`]. Cancel-safe: a `select!` may drop it and call it again.
+    /// [`Link::silence_deadline`] or a heartbeat's [`Link::answer_deadline`]. Cancel-safe: a
+    /// `select!` may drop it and call it again.
     pub async fn recv(&mut self) -> Result<FromBeacon, LinkError> {
-        tokio::select! {
-            () = &mut self.silence => Err(LinkError::Silent(self.deadline)),
-            frame = self.frames.next() => {
-                self.silence.as_mut().reset(Instant::now() + self.deadline);
-                match frame {
-                    Some(Ok(frame)) => Ok(frame),
-                    Some(Err(e)) => Err(e.into()),
-                    None => Err(LinkError::Closed),
+        loop {
+            let silent_at = self.heard + self.deadline;
+            let due = self.answer_by.map_or(silent_at, |at| at.min(silent_at));
+            if self.timer.deadline() != due {
+                self.timer.as_mut().reset(due);
+            }
+            tokio::select! {
+                // Frames first: an answer that arrived while this side was busy elsewhere
+                // counts, even when the timer is past due by the time it is read.
+                biased;
+                frame = self.frames.next() => {
+                    // Any frame shows Beacon alive, an answer or not.
+                    self.heard = Instant::now();
+                    self.answer_by = None;
+                    return match frame {
+                        Some(Ok(frame)) => Ok(frame),
+                        Some(Err(e)) => Err(e.into()),
+                        None => Err(LinkError::Closed),
+                    };
+                }
+                () = &mut self.timer => {
+                    let now = Instant::now();
+                    if now >= silent_at {
+                        return Err(LinkError::Silent(self.deadline));
+                    }
+                    if self.answer_by.is_some_and(|at| now >= at) {
+                        return Err(LinkError::Silent(HEARTBEAT_ANSWER_DEADLINE));
+                    }
                 }
             }
         }
@@ -161,13 +201,18 @@ async fn handshake(
             protocol,
             beacon,
             heartbeat_ms,
+            answers_heartbeats,
         })) => {
             let deadline = beacon_silence_deadline(heartbeat_ms);
-            tracing::info!(%beacon, protocol, addr = %addr, silence_deadline = ?deadline, "linked to beacon");
+            tracing::info!(%beacon, protocol, addr = %addr, silence_deadline = ?deadline, answers_heartbeats, "linked to beacon");
+            let heard = Instant::now();
             Ok(Link {
                 frames,
-                silence: Box::pin(tokio::time::sleep(deadline)),
+                timer: Box::pin(tokio::time::sleep_until(heard + deadline)),
+                heard,
                 deadline,
+                answers: answers_heartbeats,
+                answer_by: None,
             })
         }
         Some(Ok(FromBeacon::Rejected { reason })) => Err(LinkError::Rejected(reason)),

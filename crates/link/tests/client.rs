@@ -10,7 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use px_link::{BeaconConfig, Link, LinkError, LinkSettings};
 use px_proto::codec::FrameCodec;
 use px_proto::link::{
-    BEACON_HEARTBEAT_INTERVAL, FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_DEADLINE, Hello,
+    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_ANSWER_DEADLINE, HEARTBEAT_DEADLINE, Hello,
     MISSED_BEACON_HEARTBEATS, NodeReport, PROTOCOL_VERSION, PeerRole, ToBeacon,
     beacon_heartbeat_ms,
 };
@@ -94,16 +94,22 @@ impl Beacon {
     /// (so the client keeps the 15 s deadline): these tests send Beacon's heartbeats only when
     /// they say so.
     async fn welcome(&self) -> (BeaconSide, Hello) {
-        self.welcome_announcing(None).await
+        self.welcome_announcing(None, false).await
     }
 
-    /// Accepts the next link and welcomes it, announcing heartbeats every `heartbeat_ms`.
-    async fn welcome_announcing(&self, heartbeat_ms: Option<u64>) -> (BeaconSide, Hello) {
+    /// Accepts the next link and welcomes it, announcing heartbeats every `heartbeat_ms`, and
+    /// answers to every heartbeat when `answers`.
+    async fn welcome_announcing(
+        &self,
+        heartbeat_ms: Option<u64>,
+        answers: bool,
+    ) -> (BeaconSide, Hello) {
         let (mut link, hello) = self.accept().await;
         link.send(FromBeacon::Welcome {
             protocol: PROTOCOL_VERSION,
             beacon: "test".into(),
             heartbeat_ms,
+            answers_heartbeats: answers,
         })
         .await
         .unwrap();
@@ -291,7 +297,7 @@ async fn silent_beacon_is_given_up_after(heartbeat_ms: Option<u64>, deadline: Du
     let started = tokio::time::Instant::now();
     let (link, beacon_side) = tokio::join!(
         px_link::connect(&settings, &settings.beacons[0], settings.hello()),
-        beacon.welcome_announcing(heartbeat_ms)
+        beacon.welcome_announcing(heartbeat_ms, false)
     );
     let mut link = link.unwrap();
     let linked = tokio::time::Instant::now();
@@ -328,9 +334,68 @@ async fn silent_beacon_is_given_up_after(heartbeat_ms: Option<u64>, deadline: Du
 
 #[tokio::test]
 async fn a_silent_beacon_ends_the_link_after_three_of_the_heartbeats_it_announced() {
-    let deadline = BEACON_HEARTBEAT_INTERVAL * MISSED_BEACON_HEARTBEATS;
+    // As a Beacon that beat every 2 s on its own, before it answered heartbeats, announced.
+    let deadline = Duration::from_secs(2) * MISSED_BEACON_HEARTBEATS;
     assert_eq!(deadline, Duration::from_secs(6));
-    silent_beacon_is_given_up_after(Some(beacon_heartbeat_ms()), deadline).await;
+    silent_beacon_is_given_up_after(Some(2000), deadline).await;
+}
+
+#[tokio::test]
+async fn a_beacon_that_answers_heartbeats_is_given_up_once_one_goes_unanswered() {
+    let mut beacon = Beacon::start().await;
+    let settings = beacon.settings();
+    let (link, beacon_side) = tokio::join!(
+        px_link::connect(&settings, &settings.beacons[0], settings.hello()),
+        beacon.welcome_announcing(Some(beacon_heartbeat_ms()), true)
+    );
+    let (mut link, (mut beacon_side, _)) = (link.unwrap(), beacon_side);
+    assert_eq!(link.answer_deadline(), Some(HEARTBEAT_ANSWER_DEADLINE));
+    assert_eq!(link.silence_deadline(), HEARTBEAT_DEADLINE);
+    // Answered heartbeats keep the link.
+    for _ in 0..2 {
+        link.send(ToBeacon::Heartbeat(NodeReport::default()))
+            .await
+            .unwrap();
+        assert!(matches!(
+            beacon_side.next().await,
+            Some(Ok(ToBeacon::Heartbeat(_)))
+        ));
+        beacon_side.send(FromBeacon::Heartbeat).await.unwrap();
+        let answer = tokio::time::timeout(WAIT, link.recv()).await.unwrap();
+        assert!(matches!(answer, Ok(FromBeacon::Heartbeat)), "{answer:?}");
+    }
+    // The next one is read and never answered: the Beacon's host vanished.
+    link.send(ToBeacon::Heartbeat(NodeReport::default()))
+        .await
+        .unwrap();
+    let sent = tokio::time::Instant::now();
+    assert!(matches!(
+        beacon_side.next().await,
+        Some(Ok(ToBeacon::Heartbeat(_)))
+    ));
+    // On a paused clock, as in `silent_beacon_is_given_up_after`: the clock reads exactly when
+    // the link gave up, well before the 15 s of silence it would allow between heartbeats.
+    tokio::time::pause();
+    let err = tokio::time::timeout(HEARTBEAT_DEADLINE + WAIT, link.recv())
+        .await
+        .expect("the link never noticed the unanswered heartbeat")
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, LinkError::Silent(d) if d == HEARTBEAT_ANSWER_DEADLINE),
+        "{err}"
+    );
+    let waited = sent.elapsed();
+    assert!(waited >= HEARTBEAT_ANSWER_DEADLINE, "{waited:?}");
+    assert!(
+        waited <= HEARTBEAT_ANSWER_DEADLINE + TIMER_SLACK + Duration::from_millis(100),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_beacon_that_answers_heartbeats_may_stay_silent_between_them() {
+    silent_beacon_is_given_up_after(Some(beacon_heartbeat_ms()), HEARTBEAT_DEADLINE).await;
 }
 
 #[tokio::test]
@@ -350,10 +415,12 @@ async fn a_beacon_that_goes_silent_without_closing_is_left_for_the_next_one() {
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(px_link::run(settings, service, shutdown.clone()));
 
-    // The first Beacon welcomes the client, announcing its heartbeats, takes one heartbeat,
-    // and then its host vanishes: nothing more comes, and nothing closes the connection (the
+    // The first Beacon welcomes the client, saying it answers heartbeats, reads one heartbeat,
+    // and then its host vanishes: no answer comes, and nothing closes the connection (the
     // test holds it open, and its listener still accepts).
-    let (mut frozen, hello) = first.welcome_announcing(Some(beacon_heartbeat_ms())).await;
+    let (mut frozen, hello) = first
+        .welcome_announcing(Some(beacon_heartbeat_ms()), true)
+        .await;
     assert_eq!(hello.labels["connect"], "1");
     assert!(matches!(
         frozen.next().await,
@@ -361,9 +428,9 @@ async fn a_beacon_that_goes_silent_without_closing_is_left_for_the_next_one() {
     ));
     eventually("linked", || linked.load(Ordering::Relaxed)).await;
 
-    // Once three announced heartbeats are missed, the client links to the second Beacon, in
-    // the very next attempt: the silent one is left out.
-    let deadline = BEACON_HEARTBEAT_INTERVAL * MISSED_BEACON_HEARTBEATS;
+    // Once that heartbeat goes unanswered, the client links to the second Beacon, in the very
+    // next attempt: the silent one is left out.
+    let deadline = HEARTBEAT_ANSWER_DEADLINE;
     let (mut link, hello) = tokio::time::timeout(deadline + WAIT, second.welcome())
         .await
         .expect("the client never left the silent beacon");
@@ -398,12 +465,14 @@ async fn after_a_beacon_falls_silent_the_client_waits_for_the_next_one_without_t
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(px_link::run(settings, service, shutdown.clone()));
 
-    let (frozen, hello) = first.welcome_announcing(Some(beacon_heartbeat_ms())).await;
+    let (frozen, hello) = first
+        .welcome_announcing(Some(beacon_heartbeat_ms()), true)
+        .await;
     assert_eq!(hello.labels["connect"], "1");
     // Silent from here on; the lease takes a while to lapse, so the next Beacon opens its port
     // some seconds after the client gave up on the first: long enough that a doubling backoff
     // would wait several seconds more.
-    let deadline = BEACON_HEARTBEAT_INTERVAL * MISSED_BEACON_HEARTBEATS;
+    let deadline = HEARTBEAT_ANSWER_DEADLINE;
     tokio::time::sleep(deadline + Duration::from_secs(6)).await;
     let opened = std::time::Instant::now();
     let next = Beacon::start_at(&next_addr, Arc::clone(&pki)).await;

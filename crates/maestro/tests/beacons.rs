@@ -3,8 +3,7 @@
 //! address (a failover: a standby does not listen until it is active), it follows, and tells
 //! the new Beacon what it applied. Beacons are played by TLS listeners speaking the real link
 //! protocol, with certificates from one cluster CA. A Beacon that falls silent without closing
-//! (its host vanished) is left for the next one once three of its announced heartbeats are
-//! missed.
+//! (its host vanished) is left for the next one once it leaves a heartbeat unanswered.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -76,10 +75,11 @@ async fn a_maestro_links_to_whichever_beacon_is_active_and_follows_a_failover() 
 async fn a_maestro_leaves_a_beacon_that_falls_silent_without_closing_for_the_next() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Arc::new(Pki::new(&["localhost"]).unwrap());
-    // The first Beacon is active and announces heartbeats every 2 s; the second stands by on
-    // its own address (here: listening, as it will once it has taken over).
+    // The first Beacon is active and answers heartbeats, as Beacon does; the second stands by
+    // on its own address (here: listening, as it will once it has taken over).
     let mut first = FakeBeacon::start_at("127.0.0.1:0", Arc::clone(&pki)).await;
     first.heartbeat_ms = Some(px_proto::link::beacon_heartbeat_ms());
+    first.answers_heartbeats = true;
     let second = FakeBeacon::start_at("127.0.0.1:0", Arc::clone(&pki)).await;
     let mut config = config(dir.path(), Some(&first));
     let beacon = config.beacon.as_mut().unwrap();
@@ -92,15 +92,22 @@ async fn a_maestro_leaves_a_beacon_that_falls_silent_without_closing_for_the_nex
     wait_generation(&mut frozen, 3).await;
 
     // The first control host vanishes: its Beacon says nothing more and closes nothing (the
-    // test holds the connection open and reads nothing from it). After three missed
-    // heartbeats the Maestro links to the second Beacon, telling it what it applied.
-    let deadline = px_proto::link::beacon_silence_deadline(first.heartbeat_ms);
+    // test holds the connection open and reads nothing from it). Once its next heartbeat goes
+    // unanswered the Maestro links to the second Beacon, telling it what it applied.
+    let deadline = px_proto::link::HEARTBEAT_INTERVAL + px_proto::link::HEARTBEAT_ANSWER_DEADLINE;
+    let frozen_at = tokio::time::Instant::now();
     let (mut link, report) = tokio::time::timeout(deadline + WAIT, second.accept())
         .await
         .expect("the maestro never left the silent beacon");
     assert_eq!(
         report.generation, 3,
         "the maestro tells the new active beacon what it applied"
+    );
+    // Well before the 15 s a Beacon silent between heartbeats would be allowed.
+    let left_after = frozen_at.elapsed();
+    assert!(
+        left_after < px_proto::link::HEARTBEAT_DEADLINE,
+        "left the silent beacon after {left_after:?}"
     );
     wait_generation(&mut link, 3).await;
     drop(frozen);

@@ -12,8 +12,8 @@ use px_proto::api::ReleaseCause;
 use px_proto::build::{BuildFinished, BuildRequested};
 use px_proto::codec::FrameCodec;
 use px_proto::link::{
-    FromBeacon, HANDSHAKE_TIMEOUT, PROTOCOL_VERSION, PeerRole, ReleaseCommitted, RollbackOrder,
-    ToBeacon, beacon_heartbeat_ms, beacon_silence_deadline,
+    FromBeacon, HANDSHAKE_TIMEOUT, HEARTBEAT_ANSWER_DEADLINE, PROTOCOL_VERSION, PeerRole,
+    ReleaseCommitted, RollbackOrder, ToBeacon, beacon_heartbeat_ms,
 };
 use px_repository::config::BeaconConfig;
 use px_test_support::Pki;
@@ -66,8 +66,9 @@ async fn committed_releases_reach_beacon_over_tls() {
     link.send(FromBeacon::Welcome {
         protocol: PROTOCOL_VERSION,
         beacon: "test".into(),
-        // As a Beacon that predates heartbeat announcements: the test does not send any.
+        // As a Beacon that predates heartbeat announcements and answers: the test sends none.
         heartbeat_ms: None,
+        answers_heartbeats: false,
     })
     .await
     .unwrap();
@@ -205,8 +206,9 @@ async fn uploads_succeed_while_beacon_is_away_and_news_arrives_when_it_returns()
     link.send(FromBeacon::Welcome {
         protocol: PROTOCOL_VERSION,
         beacon: "test".into(),
-        // As a Beacon that predates heartbeat announcements: the test does not send any.
+        // As a Beacon that predates heartbeat announcements and answers: the test sends none.
         heartbeat_ms: None,
+        answers_heartbeats: false,
     })
     .await
     .unwrap();
@@ -267,10 +269,10 @@ async fn a_rejected_link_is_retried_without_affecting_uploads() {
 
 #[tokio::test]
 async fn a_silent_beacon_is_left_and_linked_again() {
-    // A Beacon that welcomes the repository, announcing its heartbeats, and then never speaks
-    // (its host vanished, without closing the connection): after three missed heartbeats the
-    // notifier gives the link up and connects again.
-    let deadline = beacon_silence_deadline(Some(beacon_heartbeat_ms()));
+    // A Beacon that welcomes the repository, saying it answers heartbeats, and then never
+    // speaks (its host vanished, without closing the connection): once its first heartbeat
+    // goes unanswered the notifier gives the link up and connects again.
+    let deadline = HEARTBEAT_ANSWER_DEADLINE;
     let pki = Pki::new(&["beacon.test"]).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -295,6 +297,7 @@ async fn a_silent_beacon_is_left_and_linked_again() {
             protocol: PROTOCOL_VERSION,
             beacon: "test".into(),
             heartbeat_ms: Some(beacon_heartbeat_ms()),
+            answers_heartbeats: true,
         })
         .await
         .unwrap();
@@ -304,7 +307,7 @@ async fn a_silent_beacon_is_left_and_linked_again() {
     let heard = tokio::time::Instant::now();
     // From here the notifier waits on its own timers only (heartbeats, the silence deadline),
     // so tokio's clock is paused: the runtime, idle, moves it from timer to timer, and the
-    // six seconds of silence take no time. The handshake above ran on the real clock, as a
+    // seconds of silence take no time. The handshake above ran on the real clock, as a
     // paused one would also move to the handshake timeout whenever both ends wait on the socket.
     tokio::time::pause();
     let guard = deadline + Duration::from_secs(15);
@@ -346,8 +349,9 @@ async fn accept_link(
     link.send(FromBeacon::Welcome {
         protocol: PROTOCOL_VERSION,
         beacon: "test".into(),
-        // As a Beacon that predates heartbeat announcements: the test does not send any.
+        // As a Beacon that predates heartbeat announcements and answers: the test sends none.
         heartbeat_ms: None,
+        answers_heartbeats: false,
     })
     .await
     .unwrap();

@@ -174,8 +174,10 @@ pub struct FakeBeacon {
     acceptor: tokio_rustls::TlsAcceptor,
     /// What its `Welcome` announces: none by default, as a Beacon that predates heartbeat
     /// announcements (so a Maestro keeps the 15 s deadline), since the tests answer the
-    /// Maestro's heartbeats but send none of their own between them.
+    /// Maestro's heartbeats only while they read the link.
     pub heartbeat_ms: Option<u64>,
+    /// Whether its `Welcome` says it answers every heartbeat: no by default, as above.
+    pub answers_heartbeats: bool,
 }
 
 pub type BeaconLink = Framed<
@@ -203,6 +205,7 @@ impl FakeBeacon {
             listener,
             acceptor,
             heartbeat_ms: None,
+            answers_heartbeats: false,
         }
     }
 
@@ -221,6 +224,7 @@ impl FakeBeacon {
             protocol: PROTOCOL_VERSION,
             beacon: "fake".into(),
             heartbeat_ms: self.heartbeat_ms,
+            answers_heartbeats: self.answers_heartbeats,
         })
         .await
         .unwrap();
