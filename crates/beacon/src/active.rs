@@ -15,9 +15,9 @@ use crate::config::Config;
 use crate::{Checked, StartError, acme, admission, alerts, events, http, hub, links, logstore};
 use crate::{metrics, open_links, reconcile, runs};
 
-/// How often lost nodes are looked for and changed rollouts evaluated: short enough that a
-/// finished rollout shows within a quarter second, long enough that the pass over all nodes
-/// stays a small share of one core at 10 000 links.
+/// How often changed rollouts are evaluated (and lost nodes looked for, every
+/// `hub::nodes::NODE_PASS_INTERVAL` of these): short enough that a finished rollout shows within a
+/// quarter second, long enough that the sweep stays a small share of one core at 10 000 links.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the kept log lines of apps that no longer exist are dropped: a deleted app's
 /// lines stay readable for about this long, and the pass over the store stays rare.

@@ -169,6 +169,8 @@ struct State {
     /// Boxed: a map node holds eleven entries and is often half full, so entries held inline
     /// would cost every node the room of about two records.
     nodes: BTreeMap<String, Box<NodeEntry>>,
+    /// When the sweep last passed over every node (`nodes::NODE_PASS_INTERVAL`).
+    nodes_swept_at: Option<Instant>,
     rollouts: BTreeMap<String, Rollout>,
     next_conn: u64,
     repository_reachable: bool,
@@ -320,6 +322,7 @@ impl Hub {
                 durable: on_disk,
                 persisted,
                 nodes: BTreeMap::new(),
+                nodes_swept_at: None,
                 rollouts: BTreeMap::new(),
                 next_conn: 1,
                 repository_reachable: true,
