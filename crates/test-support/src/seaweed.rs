@@ -20,6 +20,66 @@ const START_LIMIT: Duration = Duration::from_secs(60);
 /// How long one readiness probe waits for its answer: the filer holds a write until it finds
 /// a volume for it.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many times a server that exits while starting (a port taken meanwhile) is started again.
+const START_ATTEMPTS: u32 = 3;
+/// Lines of `weed`'s log given with a failure to start.
+const LOG_TAIL_LINES: usize = 20;
+
+/// `weed` exited before it served.
+#[derive(Debug)]
+struct Exited(std::process::ExitStatus);
+
+impl std::fmt::Display for Exited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "weed exited while starting ({})", self.0)
+    }
+}
+
+impl std::error::Error for Exited {}
+
+/// A free port for each of `weed mini`'s servers, by flag. Every port named, so several
+/// servers (one per test) run side by side; each gRPC port would otherwise be its HTTP port +
+/// 10000.
+fn pick_ports() -> Vec<(&'static str, u16)> {
+    [
+        "master.port",
+        "master.port.grpc",
+        "volume.port",
+        "volume.port.grpc",
+        "filer.port",
+        "filer.port.grpc",
+        "s3.port",
+        "s3.port.grpc",
+        "admin.port",
+        "admin.port.grpc",
+    ]
+    .into_iter()
+    .map(|flag| (flag, free_port()))
+    .collect()
+}
+
+/// The file in the log directory that holds `weed`'s standard error.
+const STDERR_FILE: &str = "stderr";
+
+/// The last [`LOG_TAIL_LINES`] of what `weed` wrote to its standard error and of its warnings,
+/// in `logs`.
+fn log_tail(logs: &Path) -> String {
+    let tails: Vec<String> = [STDERR_FILE, "weed.WARNING"]
+        .into_iter()
+        .filter_map(|name| {
+            let text = std::fs::read_to_string(logs.join(name)).ok()?;
+            let lines: Vec<&str> = text.lines().collect();
+            (!lines.is_empty()).then(|| {
+                let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
+                format!("its {name} ends:\n{tail}")
+            })
+        })
+        .collect();
+    if tails.is_empty() {
+        return format!("nothing in its log ({})", logs.display());
+    }
+    tails.join("\n")
+}
 
 fn find_weed() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os(SEAWEEDFS_ENV) {
@@ -58,10 +118,22 @@ impl SeaweedServer {
             );
             return None;
         };
-        Some(Self::spawn(&binary, bucket).unwrap_or_else(|e| panic!("starting SeaweedFS: {e:#}")))
+        let mut attempt = 1;
+        loop {
+            match Self::spawn(&binary, bucket, &pick_ports()) {
+                Ok(server) => return Some(server),
+                // The ports are picked free and then released, so another process may take
+                // one before `weed` binds it; `weed` then exits, and fresh ports are tried.
+                Err(e) if e.is::<Exited>() && attempt < START_ATTEMPTS => {
+                    eprintln!("SeaweedFS: {e:#}; trying again with other ports");
+                    attempt += 1;
+                }
+                Err(e) => panic!("starting SeaweedFS: {e:#}"),
+            }
+        }
     }
 
-    fn spawn(binary: &Path, bucket: &str) -> Result<Self> {
+    fn spawn(binary: &Path, bucket: &str, ports: &[(&str, u16)]) -> Result<Self> {
         let data = tempfile::tempdir()?;
         let dir = data.path();
         std::fs::create_dir_all(dir.join("data"))?;
@@ -70,23 +142,6 @@ impl SeaweedServer {
             r#"{{"identities":[{{"name":"px","credentials":[{{"accessKey":"{S3_ACCESS_KEY}","secretKey":"{S3_SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
         );
         std::fs::write(dir.join("s3.json"), identities)?;
-        // Every port named, so several servers (one per test) run side by side; each gRPC
-        // port would otherwise be its HTTP port + 10000.
-        let ports: Vec<(&str, u16)> = [
-            "master.port",
-            "master.port.grpc",
-            "volume.port",
-            "volume.port.grpc",
-            "filer.port",
-            "filer.port.grpc",
-            "s3.port",
-            "s3.port.grpc",
-            "admin.port",
-            "admin.port.grpc",
-        ]
-        .into_iter()
-        .map(|flag| (flag, free_port()))
-        .collect();
         let port = |name: &str| ports.iter().find(|(f, _)| *f == name).map(|(_, p)| *p);
         let (s3_port, filer_port) = (
             port("s3.port").unwrap_or(0),
@@ -109,10 +164,12 @@ impl SeaweedServer {
             .env("TMPDIR", dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // Where `weed` says why it exits (a port it cannot bind), which its log files do not.
+            .stderr(std::fs::File::create(dir.join("logs").join(STDERR_FILE))?)
             .spawn()
             .with_context(|| format!("spawning {}", binary.display()))?;
-        let server = Self {
+        let logs = dir.join("logs");
+        let mut server = Self {
             _data: data,
             s3_port,
             child,
@@ -135,8 +192,14 @@ impl SeaweedServer {
             {
                 return Ok(server);
             }
+            if let Some(status) = server.child.try_wait()? {
+                return Err(anyhow::Error::new(Exited(status)).context(log_tail(&logs)));
+            }
             if start.elapsed() > START_LIMIT {
-                bail!("SeaweedFS did not serve S3 with bucket {bucket} within {START_LIMIT:?}");
+                bail!(
+                    "SeaweedFS did not serve S3 with bucket {bucket} within {START_LIMIT:?}; {}",
+                    log_tail(&logs)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -170,4 +233,70 @@ fn http_status(port: u16, method: &str, path: &str, body: &[u8]) -> Result<u16> 
     line.get(9..12)
         .and_then(|code| code.parse().ok())
         .with_context(|| format!("not an HTTP answer: {line:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_whose_port_is_taken_is_told_apart_from_a_slow_one_and_says_why() {
+        let Some(weed) = find_weed() else {
+            assert!(
+                std::env::var_os(REQUIRE_S3_ENV).is_none(),
+                "{REQUIRE_S3_ENV} is set but SeaweedFS (weed) was not found"
+            );
+            eprintln!("SKIPPING: weed not found");
+            return;
+        };
+        // Another process took the S3 port after it was picked.
+        let mut ports = pick_ports();
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken_port = taken.local_addr().unwrap().port();
+        for (flag, port) in &mut ports {
+            if *flag == "s3.port" {
+                *port = taken_port;
+            }
+        }
+        let started = Instant::now();
+        let error = SeaweedServer::spawn(&weed, "px-test", &ports)
+            .err()
+            .expect("a server that could not bind its port was taken as started");
+        assert!(error.is::<Exited>(), "{error:#}");
+        let message = format!("{error:#}");
+        assert!(message.contains("weed exited while starting"), "{message}");
+        assert!(message.contains(&taken_port.to_string()), "{message}");
+        assert!(
+            started.elapsed() < START_LIMIT,
+            "the exit was noticed only at the start limit"
+        );
+    }
+
+    #[test]
+    fn the_log_tail_is_the_last_lines_of_stderr_and_the_warnings() {
+        let logs = tempfile::tempdir().unwrap();
+        let lines: Vec<String> = (0..30).map(|i| format!("line {i}")).collect();
+        std::fs::write(logs.path().join("weed.WARNING"), lines.join("\n")).unwrap();
+        std::fs::write(logs.path().join("weed.INFO"), "info only").unwrap();
+        std::fs::write(
+            logs.path().join(STDERR_FILE),
+            "E1207 port 1 is not available",
+        )
+        .unwrap();
+        let tail = log_tail(logs.path());
+        assert!(
+            tail.contains("its stderr ends:\nE1207 port 1 is not available"),
+            "{tail}"
+        );
+        assert!(tail.ends_with("line 29"), "{tail}");
+        assert!(
+            tail.contains(&format!("line {}", 30 - LOG_TAIL_LINES)),
+            "{tail}"
+        );
+        assert!(
+            !tail.contains(&format!("line {}\n", 29 - LOG_TAIL_LINES)),
+            "{tail}"
+        );
+        assert!(!tail.contains("info only"), "{tail}");
+    }
 }
