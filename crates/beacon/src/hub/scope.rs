@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use px_proto::link::{Assignment, LogBatch, LogStream, NodeEvent, NodeReport};
 
 use super::{Hub, State};
+use crate::metrics::Metrics;
 
 /// How long a node may still report on an app or build after it left its assignment: the node
 /// drains and stops the app's instances (its `drain_deadline` and `stop_grace`, a minute or
@@ -92,12 +93,38 @@ impl Scope {
         self.current.binary_search(key).is_ok() || self.departed.contains_key(key)
     }
 
+    /// Whether the scope holds `app`. Asked for every instance of every heartbeat, so the
+    /// current apps are searched by `&str`, with no key built (`Key::App` sorts before every
+    /// `Key::Build`).
     fn app(&self, app: &str) -> bool {
-        self.holds(&Key::App(app.to_string()))
+        let current = self.current.binary_search_by(|key| match key {
+            Key::App(held) => held.as_str().cmp(app),
+            Key::Build(..) => std::cmp::Ordering::Greater,
+        });
+        current.is_ok()
+            || (!self.departed.is_empty() && self.departed.contains_key(&Key::App(app.to_string())))
+    }
+
+    /// Whether this scope reflects the assignment of `generation`.
+    pub(super) fn is_of(&self, generation: u64) -> bool {
+        self.generation == Some(generation)
     }
 
     fn build(&self, app: &str, build: u64) -> bool {
         self.holds(&Key::Build(app.to_string(), build))
+    }
+
+    /// Keeps what `report` says about this scope; the rest is counted and logged as dropped.
+    pub(super) fn keep_own_report(
+        &mut self,
+        node: &str,
+        report: &mut NodeReport,
+        metrics: &Metrics,
+        now: Instant,
+    ) {
+        let dropped = self.keep_report(report);
+        self.note_dropped(node, dropped, "instances, figures or builds", now);
+        metrics.reports_dropped.add(dropped as u64);
     }
 
     /// Keeps what `report` says about this scope; returns how many entries went.
@@ -173,11 +200,19 @@ impl Hub {
         if !state.desired_known {
             return None;
         }
-        let fresh = (entry.scope.generation != Some(state.persisted.generation))
+        let fresh = (!entry.scope.is_of(state.persisted.generation))
             .then(|| self.assignment_for(state, node, &entry.fit()));
         let entry = state.nodes.get_mut(node)?;
         entry.scope.refresh(fresh.as_ref(), now);
         Some(&mut entry.scope)
+    }
+
+    /// The assignment `node`'s scope is to be taken from, if its scope is behind the current
+    /// generation (once per generation per node); `None` if it is not, or cannot be yet.
+    pub(super) fn scope_assignment(&self, state: &State, node: &str) -> Option<Assignment> {
+        let entry = state.nodes.get(node)?;
+        (state.desired_known && !entry.scope.is_of(state.persisted.generation))
+            .then(|| self.assignment_for(state, node, &entry.fit()))
     }
 
     /// Leaves in `report` only what concerns `node`'s scope.
@@ -190,9 +225,7 @@ impl Hub {
     ) {
         let now = Instant::now();
         if let Some(scope) = self.scope_now(state, node, conn, now) {
-            let dropped = scope.keep_report(report);
-            scope.note_dropped(node, dropped, "instances, figures or builds", now);
-            self.metrics.reports_dropped.add(dropped as u64);
+            scope.keep_own_report(node, report, &self.metrics, now);
         }
     }
 
@@ -268,5 +301,28 @@ mod tests {
         assert!(!scope.app("a"), "and not after it");
         assert!(scope.departed.is_empty());
         assert!(scope.app("b"));
+    }
+
+    #[test]
+    fn a_build_of_an_app_does_not_put_the_app_itself_in_scope() {
+        let now = Instant::now();
+        let mut only_build = assignment(2, &[]);
+        let manifest = assignment(2, &["a"]).apps.remove(0).manifest;
+        only_build.builds.push(px_proto::build::BuildOrder {
+            app: "a".into(),
+            build: 7,
+            source_url: String::new(),
+            source_sha256: String::new(),
+            source_size: 0,
+            manifest,
+        });
+        let mut scope = Scope::default();
+        scope.refresh(Some(&assignment(1, &["b", "d"])), now);
+        assert!(scope.app("b") && scope.app("d"));
+        assert!(!scope.app("a") && !scope.app("c") && !scope.app("e"));
+        scope.refresh(Some(&only_build), now);
+        assert!(scope.build("a", 7) && !scope.build("a", 8));
+        assert!(!scope.app("a"), "building an app is not running it");
+        assert!(scope.app("b"), "b departed and is heard for the grace");
     }
 }
