@@ -190,10 +190,11 @@ pub struct AcmeConfig {
     /// The CA's certificate profile (e.g. Let's Encrypt's `shortlived`). Default: none (the
     /// CA's default).
     pub profile: Option<String>,
-    /// How long after a failed order a name is ordered again; each further failure in a row
-    /// doubles the wait, up to 6 hours, and a certificate still in use is tried at least a
-    /// few times before it expires. Default: 15m (Let's Encrypt allows 5 failed validations of
-    /// a name per hour).
+    /// How long after a second failed order in a row a name is ordered again (the first is
+    /// tried again within a minute: most are passing); each further failure in a row doubles
+    /// the wait, up to 6 hours, and a certificate still in use is tried at least a few times
+    /// before it expires. Default: 15m (Let's Encrypt allows 5 failed validations of a name
+    /// per hour).
     #[serde(default = "default_retry_after_failure", with = "humantime_serde")]
     pub retry_after_failure: Duration,
 }

@@ -68,8 +68,8 @@ pub(crate) struct AcmeSettings {
     pub(crate) ca_tls: Option<Arc<rustls::ClientConfig>>,
     pub(crate) limits: budget::Limits,
     pub(crate) publish_delay: Duration,
-    /// The first wait after a failed order (`acme.retry_after_failure`), doubled for each
-    /// failure in a row (`renewal::retry_after`).
+    /// The wait after a second failed order in a row (`acme.retry_after_failure`; the first
+    /// waits at most a minute), doubled for each further one (`renewal::retry_after`).
     pub(crate) retry_after_failure: Duration,
 }
 

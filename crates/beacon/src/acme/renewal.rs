@@ -32,9 +32,17 @@ const TRIES_BEFORE_EXPIRY: u32 = 4;
 const MIN_RETRY: Duration = Duration::from_secs(1);
 /// Doublings of the wait stop here (2^16 times the first wait is past any cap).
 const MAX_DOUBLINGS: u32 = 16;
+/// Longest wait after a name's first failure in a row. A first failure is most often a
+/// passing one: the CA checked while the web servers restarted, or before they had linked
+/// again to a Beacon that had just started (a configuration change turning ACME on restarts
+/// both; so does an upgrade or a failover), and found no answer to the challenge. A second try
+/// a minute later then gets the certificate, instead of a quarter of an hour later; it is one
+/// of the 5 failures an hour a CA allows per name (`budget.rs`).
+pub(crate) const FIRST_RETRY_AFTER_FAILURE: Duration = Duration::from_secs(60);
 
-/// How long a name waits after its `failures`-th failure in a row (1 for the first): `base`,
-/// doubled for each failure before, at most [`MAX_RETRY_BACKOFF`] (or `base` when it is
+/// How long a name waits after its `failures`-th failure in a row (1 for the first): after the
+/// first, `base` or [`FIRST_RETRY_AFTER_FAILURE`] if shorter; after the second, `base`,
+/// doubled for each failure after it, at most [`MAX_RETRY_BACKOFF`] (or `base` when it is
 /// longer); and while a certificate valid until `not_after` is still served, at most a
 /// [`TRIES_BEFORE_EXPIRY`]th of the time it has left, so that a short-lived one is tried again
 /// before it expires.
@@ -44,10 +52,13 @@ pub(crate) fn retry_after(
     not_after: Option<SystemTime>,
     now: SystemTime,
 ) -> Duration {
-    let doublings = failures.saturating_sub(1).min(MAX_DOUBLINGS);
-    let mut wait = base
-        .saturating_mul(1 << doublings)
-        .min(MAX_RETRY_BACKOFF.max(base));
+    let mut wait = if failures <= 1 {
+        base.min(FIRST_RETRY_AFTER_FAILURE)
+    } else {
+        let doublings = (failures - 2).min(MAX_DOUBLINGS);
+        base.saturating_mul(1 << doublings)
+            .min(MAX_RETRY_BACKOFF.max(base))
+    };
     if let Some(left) = not_after.and_then(|at| at.duration_since(now).ok()) {
         wait = wait.min(left / TRIES_BEFORE_EXPIRY).max(MIN_RETRY);
     }
@@ -145,10 +156,17 @@ mod tests {
     fn a_failing_name_waits_twice_as_long_each_time_and_a_served_one_gets_tries_before_expiry() {
         let now = UNIX_EPOCH + 1000 * DAY;
         let base = Duration::from_secs(15 * 60);
-        assert_eq!(retry_after(base, 1, None, now), base);
-        assert_eq!(retry_after(base, 2, None, now), 2 * base);
-        assert_eq!(retry_after(base, 3, None, now), 4 * base);
+        // A first failure is tried again within a minute, then the configured wait, doubled.
+        assert_eq!(retry_after(base, 1, None, now), FIRST_RETRY_AFTER_FAILURE);
+        assert_eq!(retry_after(base, 2, None, now), base);
+        assert_eq!(retry_after(base, 3, None, now), 2 * base);
+        assert_eq!(retry_after(base, 4, None, now), 4 * base);
         assert_eq!(retry_after(base, 100, None, now), MAX_RETRY_BACKOFF);
+        // A configured wait shorter than the first retry's is kept from the first failure on.
+        let short = Duration::from_secs(5);
+        assert_eq!(retry_after(short, 1, None, now), short);
+        assert_eq!(retry_after(short, 2, None, now), short);
+        assert_eq!(retry_after(short, 3, None, now), 2 * short);
         // A certificate with 10 seconds left is tried again within its time.
         let soon = now + Duration::from_secs(10);
         assert_eq!(
@@ -156,7 +174,7 @@ mod tests {
             Duration::from_millis(2500)
         );
         // One that has expired waits as if none were served.
-        assert_eq!(retry_after(base, 2, Some(now - DAY), now), 2 * base);
+        assert_eq!(retry_after(base, 3, Some(now - DAY), now), 2 * base);
     }
 
     #[test]
