@@ -285,12 +285,25 @@ def domains(platform) -> dict[str, dict]:
     return {entry["domain"]: entry for entry in listed["domains"]}
 
 
-def all_issued(platform) -> dict[str, dict] | None:
+@dataclass
+class NotIssued:
+    """What is not issued yet: name -> its certificate entry (state, last error); false, so
+    that a wait that runs out names it instead of saying nothing."""
+
+    pending: dict[str, dict]
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def all_issued(platform) -> dict[str, dict] | NotIssued:
     listed = domains(platform)
-    issued = all(
-        (entry.get("certificate") or {}).get("state") == "issued" for entry in listed.values()
-    )
-    return listed if issued else None
+    pending = {
+        name: entry.get("certificate")
+        for name, entry in listed.items()
+        if (entry.get("certificate") or {}).get("state") != "issued"
+    }
+    return NotIssued(pending) if pending else listed
 
 
 @pytest.fixture(scope="module")
