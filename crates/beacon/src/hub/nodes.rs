@@ -241,7 +241,10 @@ impl Hub {
             let fresh = if entry.scope.is_of(state.persisted.generation) {
                 None
             } else {
-                let fresh = self.scope_assignment(state, node);
+                let fresh = state
+                    .nodes
+                    .get(node)
+                    .and_then(|stale| self.scope_assignment(state, node, stale));
                 let Some(again) = state.nodes.get_mut(node) else {
                     return Changes::of(state, effects);
                 };

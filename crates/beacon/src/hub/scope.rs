@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use px_proto::link::{Assignment, LogBatch, LogStream, NodeEvent, NodeReport};
 
-use super::{Hub, State};
+use super::{Hub, NodeEntry, State};
 use crate::metrics::Metrics;
 
 /// How long a node may still report on an app or build after it left its assignment: the node
@@ -200,18 +200,22 @@ impl Hub {
         if !state.desired_known {
             return None;
         }
-        let fresh = (!entry.scope.is_of(state.persisted.generation))
-            .then(|| self.assignment_for(state, node, &entry.fit()));
+        let fresh = self.scope_assignment(state, node, entry);
         let entry = state.nodes.get_mut(node)?;
         entry.scope.refresh(fresh.as_ref(), now);
         Some(&mut entry.scope)
     }
 
-    /// The assignment `node`'s scope is to be taken from, if its scope is behind the current
-    /// generation (once per generation per node); `None` if it is not, or cannot be yet.
-    pub(super) fn scope_assignment(&self, state: &State, node: &str) -> Option<Assignment> {
-        let entry = state.nodes.get(node)?;
-        (state.desired_known && !entry.scope.is_of(state.persisted.generation))
+    /// The assignment `node`'s scope is to be taken from, if its scope (in `entry`, its
+    /// record) is behind the current generation: once per generation per node. The caller
+    /// checks that Beacon has read the desired state.
+    pub(super) fn scope_assignment(
+        &self,
+        state: &State,
+        node: &str,
+        entry: &NodeEntry,
+    ) -> Option<Assignment> {
+        (!entry.scope.is_of(state.persisted.generation))
             .then(|| self.assignment_for(state, node, &entry.fit()))
     }
 
