@@ -10,7 +10,8 @@ scripts/provision, which makes the venv this runs in).
    neither come with a known_hosts the operator checked (`--known-hosts`).
 2. `ansible/site.yml` with `ansible/ansible.cfg`, the inventory (the domain and ACME settings
    are in it) and the release: a published version (`--release-version` and `--release-url`,
-   which the roles fetch once and check against its `.sha256`), a tarball
+   with `--release-target` for hosts that are not x86_64, which the roles fetch once and check
+   against its `.sha256`), a tarball
    (`--release-tarball`, from scripts/dist) or a directory of binaries (`--bin-dir`). The web servers' play goes `--web-serial` hosts at a
    time, so an upgrade never restarts every Maestro at once.
 3. The em config the pki role wrote (`<inventory dir>/.secrets/em-config.toml`), and the
@@ -64,6 +65,8 @@ WEB_SERIAL = re.compile(r"^([1-9][0-9]{0,3}|[1-9][0-9]?%|100%)$")
 # under --release-url, so nothing that could leave either (no slash, no leading dot).
 RELEASE_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")
 RELEASE_URL = re.compile(r"^(https?|file)://\S+$")
+# The targets scripts/dist makes release tarballs for (its --target).
+RELEASE_TARGETS = ("x86_64-unknown-linux-gnu", "aarch64-unknown-linux-gnu")
 
 
 class ProvisionError(Exception):
@@ -86,7 +89,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--release-url",
         help="where scripts/dist's tarballs are published (https://, http:// or file://): "
-        "<url>/platformx-<version>-x86_64-unknown-linux-gnu.tar.gz and its .sha256",
+        "<url>/platformx-<version>-<target>.tar.gz and its .sha256",
+    )
+    parser.add_argument(
+        "--release-target",
+        choices=RELEASE_TARGETS,
+        help="the hosts' target triple, which names the published tarball (default: the roles' "
+        "platformx_release_target, x86_64-unknown-linux-gnu)",
     )
     parser.add_argument(
         "--known-hosts",
@@ -119,6 +128,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error(f"--release-url must be an https://, http:// or file:// URL, not {args.release_url!r}")
     elif args.release_url is not None:
         parser.error("--release-url is only used with --release-version")
+    if args.release_target is not None and args.release_version is None:
+        parser.error("--release-target is only used with --release-version (a tarball or binaries are of one target already)")
     if not WEB_SERIAL.match(args.web_serial):
         parser.error(f"--web-serial must be a count from 1 to 9999 or a percentage from 1% to 100%, not {args.web_serial!r}")
     return args
@@ -303,6 +314,8 @@ def main(argv: list[str]) -> int:
             "platformx_release_url": args.release_url,
             "platformx_release_tarball": "",
         }
+        if args.release_target is not None:
+            release["platformx_release_target"] = args.release_target
     elif args.release_tarball is not None:
         if not args.release_tarball.is_file():
             raise ProvisionError(f"--release-tarball {args.release_tarball} is not a file")

@@ -41,6 +41,7 @@ module "instances" {
   name_prefix                   = var.name_prefix
   ssh_public_key                = var.ssh_public_key
   ami_id                        = var.ami_id
+  architecture                  = var.architecture
   subnet_ids                    = module.network.subnet_ids
   control_count                 = var.control_count
   web_count                     = var.web_count

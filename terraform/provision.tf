@@ -33,7 +33,9 @@ locals {
       for file in local.release_binaries : fileexists(file) ? filesha256(file) : "missing"
     ])
   )
-  release_args = var.release_version != "" ? ["--release-version", var.release_version, "--release-url", var.release_url] : (
+  # The published tarball of the hosts' architecture (scripts/dist's target triples).
+  release_target = var.architecture == "arm64" ? "aarch64-unknown-linux-gnu" : "x86_64-unknown-linux-gnu"
+  release_args = var.release_version != "" ? ["--release-version", var.release_version, "--release-url", var.release_url, "--release-target", local.release_target] : (
     local.release_tarball != "" ? ["--release-tarball", local.release_tarball] : ["--bin-dir", local.release_bin_dir]
   )
   provision_command = length(var.provision_command) > 0 ? var.provision_command : [abspath("${path.module}/../scripts/provision")]
@@ -52,6 +54,7 @@ resource "terraform_data" "provision" {
   triggers_replace = {
     inventory  = sha256(local.ansible_inventory)
     release    = local.release_fingerprint
+    target     = local.release_target
     web_serial = var.provision_web_serial
   }
 

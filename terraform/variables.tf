@@ -199,6 +199,17 @@ variable "web_count" {
   }
 }
 
+variable "architecture" {
+  description = "The hosts' CPU architecture: x86_64, or arm64 (Graviton; set instance types of that architecture, such as t4g.small). It picks the Debian 12 AMI and, with release_version, the release tarball (aarch64-unknown-linux-gnu for arm64)."
+  type        = string
+  default     = "x86_64"
+
+  validation {
+    condition     = contains(["x86_64", "arm64"], var.architecture)
+    error_message = "architecture must be x86_64 or arm64."
+  }
+}
+
 variable "control_instance_type" {
   description = "EC2 instance type of the control hosts (apprepo and Beacon are small Rust services)."
   type        = string

@@ -1,6 +1,7 @@
 """Assertions of terraform/check, run with the venv's Python (boto3 and PyYAML).
 
   assert_cluster.py defaults PLAN_JSON     the plan of the user-facing defaults
+  assert_cluster.py arm64 PLAN_JSON        the plan for arm64 hosts with a published release
   assert_cluster.py make-zones FILE        creates Route 53 zones in moto as a user's would be;
                                            writes their ids to FILE (public, private, other)
   assert_cluster.py dns-direct PLAN_JSON   the plan of DNS records without a load balancer
@@ -78,14 +79,32 @@ def has_cluster_tags(tags):
     return all(tags.get(k) == v for k, v in want.items())
 
 
-def newest_debian_ami():
+def newest_debian_ami(architecture="x86_64"):
+    debian_arch = {"x86_64": "amd64", "arm64": "arm64"}[architecture]
     candidates = [
         a for a in AMIS
         if a["owner_id"] == DEBIAN_OWNER
-        and a["name"].startswith("debian-12-amd64-")
-        and a["architecture"] == "x86_64"
+        and a["name"].startswith(f"debian-12-{debian_arch}-")
+        and a["architecture"] == architecture
     ]
     return max(candidates, key=lambda a: a["creation_date"])["ami_id"]
+
+
+# --- arm64: Graviton hosts and the aarch64 release ------------------------------------------------
+
+def cmd_arm64(plan_json):
+    plan = json.loads(Path(plan_json).read_text())
+    print("arm64 (plan with architecture = arm64, t4g instances and a published release):")
+    instances = planned(plan, "aws_instance")
+    ami = newest_debian_ami("arm64")
+    check(len(instances) == 3 and {r["change"]["after"]["ami"] for r in instances} == {ami},
+          f"every host from the newest Debian 12 arm64 AMI ({ami})",
+          sorted({r["change"]["after"]["ami"] for r in instances}))
+    check(all(r["change"]["after"]["instance_type"] == "t4g.small" for r in instances), "instances are t4g.small")
+    steps = [rc["change"]["after"] for rc in plan["resource_changes"] if rc["address"] == provision.PROVISION]
+    check(len(steps) == 1 and steps[0]["triggers_replace"]["target"] == "aarch64-unknown-linux-gnu",
+          "the hosts are given the aarch64 release tarball (--release-target aarch64-unknown-linux-gnu)",
+          [s.get("triggers_replace") for s in steps])
 
 
 # --- defaults: the plan a user gets with nothing but an SSH key --------------------------------
@@ -546,7 +565,7 @@ def cmd_gone(outputs_json, zones_file):
 
 
 def main():
-    commands = {"defaults": 1, "make-zones": 1, "dns-direct": 1, "make-vpc": 1, "existing": 2, "present": 2, "ansible": 1,
+    commands = {"defaults": 1, "arm64": 1, "make-zones": 1, "dns-direct": 1, "make-vpc": 1, "existing": 2, "present": 2, "ansible": 1,
                 "clean": 1, "provisioned": 3, "new-release": 1, "gone": 2}
     if len(sys.argv) < 2 or commands.get(sys.argv[1]) != len(sys.argv) - 2:
         sys.exit(__doc__)

@@ -91,6 +91,9 @@ def main() -> None:
         release = str(args.release_tarball)
     if release != os.environ["PX_EXPECT_RELEASE"]:
         fail(f"release {release}, expected {os.environ['PX_EXPECT_RELEASE']}")
+    # The published tarball of the hosts' architecture (terraform's `architecture`, x86_64 here).
+    if args.release_version is not None and args.release_target != "x86_64-unknown-linux-gnu":
+        fail(f"release target {args.release_target}, expected x86_64-unknown-linux-gnu (the hosts' architecture)")
     if args.web_serial != "1":
         fail(f"web servers {args.web_serial} at a time, expected 1")
 

@@ -115,6 +115,14 @@ refused([*inv, "--release-version", "1.2.0", "--release-url", "https://r.example
         "not allowed with argument", "a version and a tarball together are refused")
 refused([*inv, "--bin-dir", "target/release", "--release-url", "https://r.example.com"],
         "--release-url is only used with --release-version", "a URL without a version is refused")
+check(args.release_target is None, "no target: the roles' default (x86_64)", args.release_target)
+arm = provision.parse_args([*inv, "--release-version", "1.2.0", "--release-url", "https://r.example.com",
+                            "--release-target", "aarch64-unknown-linux-gnu"])
+check(arm.release_target == "aarch64-unknown-linux-gnu", "a release for aarch64 hosts", arm.release_target)
+refused([*inv, "--release-version", "1.2.0", "--release-url", "https://r.example.com", "--release-target", "arm64"],
+        "invalid choice", "a target scripts/dist makes no tarball for is refused")
+refused([*inv, "--release-tarball", "x.tar.gz", "--release-target", "aarch64-unknown-linux-gnu"],
+        "--release-target is only used with --release-version", "a target with a tarball is refused")
 
 print(f"provision: {passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

@@ -1,7 +1,7 @@
 # modules/instances: the SSH key pair, the AMI, and the control hosts and web servers.
 
-# The newest official Debian 12 image (the Debian cloud team's account); its login user is
-# `admin`.
+# The newest official Debian 12 image of the hosts' architecture (the Debian cloud team's
+# account, which names them debian-12-amd64-* and debian-12-arm64-*); its login user is `admin`.
 data "aws_ami" "debian" {
   count = var.ami_id == null ? 1 : 0
 
@@ -10,12 +10,12 @@ data "aws_ami" "debian" {
 
   filter {
     name   = "name"
-    values = ["debian-12-amd64-*"]
+    values = ["debian-12-${var.architecture == "arm64" ? "arm64" : "amd64"}-*"]
   }
 
   filter {
     name   = "architecture"
-    values = ["x86_64"]
+    values = [var.architecture]
   }
 
   filter {

@@ -14,6 +14,11 @@ variable "ami_id" {
   default     = null
 }
 
+variable "architecture" {
+  description = "x86_64 or arm64: the Debian 12 AMI looked up when ami_id is not set."
+  type        = string
+}
+
 variable "subnet_ids" {
   description = "Subnets to spread the hosts over."
   type        = list(string)
